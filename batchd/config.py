@@ -1,0 +1,236 @@
+"""Configuration: provider profiles with their limits, read by pydantic-settings.
+
+Every setting comes from, in order of precedence: keyword overrides (the CLI), the
+environment (`BATCHD_*`), then one TOML file. Limits are per provider, never constants:
+the same protocol is served by DashScope, OpenAI and others with different caps.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from batchd.errors import ConfigError
+
+MB = 1024 * 1024
+GB = 1024 * MB
+
+ProviderName = Literal["dashscope", "dashscope-intl", "openai", "custom"]
+
+ENDPOINT_CHAT = "/v1/chat/completions"
+ENDPOINT_EMBEDDINGS = "/v1/embeddings"
+ENDPOINT_TEST = "/v1/chat/ds-test"
+TEST_MODEL = "batch-test-model"
+
+
+class ModelLimits(BaseModel):
+    """Limits that one model adds on top of the provider's (e.g. the test model)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_running: int | None = Field(default=None, ge=1)
+    max_requests_per_file: int | None = Field(default=None, ge=1)
+    max_file_bytes: int | None = Field(default=None, ge=1)
+    # When set, the model may only be used on these endpoints.
+    endpoints: tuple[str, ...] | None = None
+    # When set, these endpoints may only be used by this model.
+    exclusive_endpoints: tuple[str, ...] = ()
+
+
+class ProviderLimits(BaseModel):
+    """The caps one provider account has (SPEC.md), all overridable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    running_batches: int = Field(default=1000, ge=1)
+    create_per_minute: int = Field(default=1000, ge=1)
+    retrieve_per_minute: int = Field(default=1000, ge=1)
+    cancel_per_minute: int = Field(default=1000, ge=1)
+    list_per_minute: int = Field(default=100, ge=1)
+    upload_per_second: float = Field(default=3.0, gt=0)
+    file_calls_per_second: float = Field(default=10.0, gt=0)
+    max_requests_per_file: int = Field(default=50_000, ge=1)
+    max_file_bytes: int = Field(default=500 * MB, ge=1)
+    max_line_bytes: int = Field(default=6 * MB, ge=1)
+    max_stored_files: int = Field(default=10_000, ge=1)
+    max_stored_bytes: int = Field(default=100 * GB, ge=1)
+    min_completion_window_h: int = Field(default=24, ge=1)
+    max_completion_window_h: int = Field(default=336, ge=1)
+    endpoints: tuple[str, ...] = (ENDPOINT_CHAT, ENDPOINT_EMBEDDINGS, ENDPOINT_TEST)
+    models: dict[str, ModelLimits] = Field(
+        default_factory=lambda: {
+            TEST_MODEL: ModelLimits(
+                max_running=2,
+                max_requests_per_file=100,
+                max_file_bytes=1 * MB,
+                endpoints=(ENDPOINT_TEST,),
+                exclusive_endpoints=(ENDPOINT_TEST,),
+            )
+        }
+    )
+
+    def for_model(self, model: str) -> ModelLimits:
+        return self.models.get(model, ModelLimits())
+
+    def requests_limit(self, model: str) -> int:
+        own = self.for_model(model).max_requests_per_file
+        return min(self.max_requests_per_file, own) if own else self.max_requests_per_file
+
+    def bytes_limit(self, model: str) -> int:
+        own = self.for_model(model).max_file_bytes
+        return min(self.max_file_bytes, own) if own else self.max_file_bytes
+
+
+class ProviderProfile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    base_url: str
+    limits: ProviderLimits = Field(default_factory=ProviderLimits)
+
+
+_OPENAI_LIMITS = ProviderLimits(
+    # OpenAI counts its limits in enqueued tokens rather than running batches; these are
+    # conservative defaults that an operator overrides from their own account page.
+    running_batches=1000,
+    max_requests_per_file=50_000,
+    max_file_bytes=200 * MB,
+    min_completion_window_h=24,
+    max_completion_window_h=24,
+    endpoints=(ENDPOINT_CHAT, ENDPOINT_EMBEDDINGS, "/v1/responses", "/v1/completions"),
+    models={},
+)
+
+PROFILES: dict[str, ProviderProfile] = {
+    "dashscope": ProviderProfile(
+        name="dashscope", base_url="https://dashscope.aliyuncs.com/compatible-mode/v1"
+    ),
+    "dashscope-intl": ProviderProfile(
+        name="dashscope-intl",
+        base_url="https://dashscope-intl.aliyuncs.com/compatible-mode/v1",
+    ),
+    "openai": ProviderProfile(
+        name="openai", base_url="https://api.openai.com/v1", limits=_OPENAI_LIMITS
+    ),
+    "custom": ProviderProfile(name="custom", base_url="http://127.0.0.1:8765/v1"),
+}
+
+
+def merge_limits(base: ProviderLimits, overrides: dict[str, Any]) -> ProviderLimits:
+    """Apply a partial table of overrides (from TOML or env) to a profile's limits."""
+    if not overrides:
+        return base
+    data = base.model_dump()
+    models = dict(base.models)
+    for name, table in (overrides.get("models") or {}).items():
+        current = models.get(name, ModelLimits()).model_dump()
+        current.update(table)
+        models[name] = ModelLimits.model_validate(current)
+    data.update({k: v for k, v in overrides.items() if k != "models"})
+    data["models"] = models
+    return ProviderLimits.model_validate(data)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML configuration file, with an error that names the file and the problem."""
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"configuration file {path} cannot be read: {exc}") from None
+
+
+class FileSettings(BaseSettings):
+    """Base for settings read from one table of a TOML file plus the environment.
+
+    Subclasses name their table in `toml_table`; `load()` reads the file once and places
+    its table below the environment in precedence.
+    """
+
+    toml_table: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def load(cls, config_file: Path | None = None, **overrides: Any) -> Self:
+        table: dict[str, Any] = {}
+        if config_file is not None:
+            table = read_toml(Path(config_file))
+            for key in cls.toml_table:
+                value = table.get(key, {})
+                if not isinstance(value, dict):
+                    raise ConfigError(f"configuration file {config_file}: [{key}] must be a table")
+                table = value
+        token = _TOML_DATA.set(table)
+        try:
+            return cls(**{k: v for k, v in overrides.items() if v is not None})
+        finally:
+            _TOML_DATA.reset(token)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = InitSettingsSource(settings_cls, init_kwargs=_TOML_DATA.get())
+        return (init_settings, env_settings, toml)
+
+
+# The TOML table being loaded; a context variable so that concurrent loads cannot mix.
+_TOML_DATA: ContextVar[dict[str, Any]] = ContextVar("batchd_toml_data", default={})  # noqa: B039
+
+
+class LogSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    # "auto": readable lines on a terminal, JSON lines otherwise (journald, files).
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Settings(FileSettings):
+    """The daemon's settings (`batchd run`, `batchd validate`, ...)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="BATCHD_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    provider: ProviderName = "dashscope"
+    base_url: str | None = None
+    limits: dict[str, Any] = Field(default_factory=dict)
+    log: LogSettings = Field(default_factory=LogSettings)
+    # The validator stops listing problems after this many (it still counts them all).
+    max_reported_errors: int = Field(default=100, ge=1)
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> Self:
+        try:
+            merge_limits(PROFILES[self.provider].limits, self.limits)
+        except ValueError as exc:
+            raise ValueError(f"[limits]: {exc}") from exc
+        return self
+
+    @property
+    def profile(self) -> ProviderProfile:
+        base = PROFILES[self.provider]
+        return ProviderProfile(
+            name=base.name,
+            base_url=self.base_url or base.base_url,
+            limits=merge_limits(base.limits, self.limits),
+        )
