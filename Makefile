@@ -29,6 +29,9 @@ pytest: $(STAMP)
 soak: $(STAMP)
 	$(BIN)/pytest -q -m soak --timeout=3600
 
+demo: $(STAMP)
+	$(BIN)/batchd demo --root demo
+
 emulator: $(STAMP)
 	$(BIN)/batchd emulator --host 127.0.0.1 --port 8765 --api-key sk-emulator
 

@@ -23,6 +23,8 @@ EXIT_UNREACHABLE = 3
 COMMAND_MODULES = (
     "batchd.commands.inputs",
     "batchd.commands.emulator",
+    "batchd.commands.daemon",
+    "batchd.commands.demo",
 )
 
 

@@ -204,6 +204,92 @@ class LogSettings(BaseModel):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+class PathSettings(BaseModel):
+    """Folders; each defaults to a child of `root` and may be set on its own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    root: Path = Path("/var/lib/batchd")
+    inbox: Path | None = None
+    spool: Path | None = None
+    outbox: Path | None = None
+    state: Path | None = None
+    # The control socket's folder (systemd's RuntimeDirectory); `root/run` when unset.
+    runtime: Path | None = None
+
+    def folder(self, name: Literal["inbox", "spool", "outbox", "state", "runtime"]) -> Path:
+        own: Path | None = getattr(self, name)
+        return own if own is not None else self.root / ("run" if name == "runtime" else name)
+
+
+class IntakeSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # A dropped file is claimed once its size and mtime have not changed for this long.
+    settle_s: float = Field(default=2.0, ge=0)
+    # A file whose last line has no newline waits this long before it is judged as is.
+    unterminated_settle_s: float = Field(default=60.0, ge=0)
+    # Safety-net rescan of the inbox, in case inotify events were missed.
+    rescan_interval_s: float = Field(default=10.0, gt=0)
+    # inotify through watchfiles; off means the rescan alone finds new files.
+    watch: bool = True
+    suffixes: tuple[str, ...] = (".jsonl", ".csv")
+
+
+class JobSettings(BaseModel):
+    """Defaults for every job; a sidecar NAME.meta.json may override them per file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    completion_window: str = "24h"
+    # Plan files over the request or byte limit into parts (off: such files are rejected).
+    split: bool = True
+    # One part per model when a file mixes models (off: mixed files are rejected).
+    group_by_model: bool = False
+    # Model and endpoint for CSV inputs (custom_id, content) without a sidecar.
+    csv_model: str | None = None
+    csv_system_prompt: str | None = None
+    # Copy the input into its outbox folder.
+    keep_input: bool = True
+    # Delete the remote input, output and error files once a job is published.
+    delete_remote_files: bool = True
+    # Resubmit retryable failures and never-run requests as follow-up parts, at most N
+    # times (0 = never: a retry costs money).
+    resubmit_failed: int = Field(default=0, ge=0)
+
+
+class PollSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # First look at a batch this soon after it is created.
+    first_poll_s: float = Field(default=30.0, gt=0)
+    # Then about this often (the service advises about once a minute), with jitter.
+    interval_s: float = Field(default=60.0, gt=0)
+    jitter: float = Field(default=0.1, ge=0, le=0.5)
+    # With at least this many batches due, list pages answer for all of them at once.
+    list_threshold: int = Field(default=3, ge=1)
+    # A batch still unfinished this long after its completion window is reported lost.
+    lost_margin_s: float = Field(default=6 * 3600.0, ge=0)
+
+
+class ApiSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    timeout_s: float = Field(default=60.0, gt=0)
+    max_attempts: int = Field(default=6, ge=1)
+    backoff_base_s: float = Field(default=0.5, gt=0)
+    backoff_cap_s: float = Field(default=60.0, gt=0)
+    # Length of the window the per-minute caps count over (60 on every real service;
+    # shorter only against the emulator, to test in seconds what takes minutes).
+    rate_window_s: float = Field(default=60.0, gt=0)
+    # Share of each cap batchd allows itself (below 1.0 when other clients share the key).
+    cap_share: float = Field(default=1.0, gt=0, le=1.0)
+    # Uploads and creates in flight at once.
+    concurrency: int = Field(default=8, ge=1)
+    # While the account is unusable (bad key, arrears), probe it this often.
+    account_probe_s: float = Field(default=60.0, gt=0)
+
+
 class Settings(FileSettings):
     """The daemon's settings (`batchd run`, `batchd validate`, ...)."""
 
@@ -215,6 +301,13 @@ class Settings(FileSettings):
     base_url: str | None = None
     limits: dict[str, Any] = Field(default_factory=dict)
     log: LogSettings = Field(default_factory=LogSettings)
+    paths: PathSettings = Field(default_factory=PathSettings)
+    intake: IntakeSettings = Field(default_factory=IntakeSettings)
+    jobs: JobSettings = Field(default_factory=JobSettings)
+    poll: PollSettings = Field(default_factory=PollSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    # Stop and park a job after it was caught mid-step by this many crashes.
+    max_job_crashes: int = Field(default=3, ge=1)
     # The validator stops listing problems after this many (it still counts them all).
     max_reported_errors: int = Field(default=100, ge=1)
 

@@ -1,0 +1,509 @@
+"""Collect results and publish each job into the outbox in one atomic step.
+
+Collect: every ended part's output and error files are streamed to the spool (temp name,
+fsync, rename) and their line counts checked against `request_counts`.
+
+Publish: a hidden temp folder `outbox/.NAME.tmp-JOB` receives `result.jsonl` (successes
+in input order, the service's lines byte for byte), `error.jsonl` (failures, each with
+its `input_line`; requests that never ran get their own error code), `result.csv`,
+`summary.json` and the input; each file is fsynced, then the folder is renamed to
+`outbox/NAME` and the outbox fsynced. The name is committed before the rename, so a
+crash on either side of it is settled by looking at the folder's `summary.json`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from batchd import csvio
+from batchd.api import AccountError, ApiError, BatchApi
+from batchd.failpoints import failpoint
+from batchd.intake import fsync_dir
+from batchd.logs import get_logger
+from batchd.models import PART_SETTLED, Job, JobState, Outcome, Part, PartState, RemoteStatus
+from batchd.store import Store
+
+log = get_logger(__name__)
+
+NEVER_RUN = {
+    RemoteStatus.EXPIRED: ("batch_expired", "the batch expired before this request ran"),
+    RemoteStatus.CANCELLED: ("batch_cancelled", "the batch was cancelled before this request ran"),
+    RemoteStatus.FAILED: ("batch_failed", "the service rejected the batch"),
+    "lost": ("batch_lost", "the batch did not end within its completion window"),
+}
+
+
+def output_path(part: Part, kind: str) -> Path:
+    return Path(part.path).with_name(f"part-{part.seq:03d}.{kind}.jsonl")
+
+
+def count_lines(path: Path) -> int:
+    count = 0
+    with path.open("rb") as fh:
+        for line in fh:
+            if line.strip():
+                count += 1
+    return count
+
+
+class Collector:
+    """Downloads the files of ended parts; moves finished jobs on to publishing."""
+
+    def __init__(self, store: Store, api: BatchApi, *, on_ready: Callable[[], None]) -> None:
+        self.store = store
+        self.api = api
+        self.on_ready = on_ready
+
+    async def run_once(self) -> bool:
+        moved = False
+        for part in await self.store.parts_in([PartState.ENDED], limit=100):
+            try:
+                moved |= await self.collect(part)
+            except AccountError:
+                return moved
+            except ApiError as err:
+                log.warning("download_failed", job_id=part.job_id, part=part.seq, error=str(err))
+        moved |= await self.finish_jobs()
+        return moved
+
+    async def collect(self, part: Part) -> bool:
+        warnings: list[str] = []
+        for kind, file_id in (("output", part.output_file_id), ("error", part.error_file_id)):
+            if not file_id:
+                continue
+            dest = output_path(part, kind)
+            size = await self.api.download_file(file_id, dest)
+            failpoint("download.after_request")
+            lines = await asyncio.to_thread(count_lines, dest)
+            expected = (part.request_counts or {}).get(
+                "completed" if kind == "output" else "failed"
+            )
+            if isinstance(expected, int) and expected != lines:
+                warnings.append(f"{kind} file has {lines} lines, request_counts says {expected}")
+            log.info(
+                "file_downloaded",
+                job_id=part.job_id,
+                part=part.seq,
+                file_id=file_id,
+                kind=kind,
+                bytes=size,
+                lines=lines,
+            )
+        await self.store.update_part(
+            part.id,
+            PartState.ENDED,
+            state=PartState.COLLECTED,
+            error="; ".join(warnings) or part.error,
+        )
+        return True
+
+    async def finish_jobs(self) -> bool:
+        moved = False
+        for job in await self.store.jobs([JobState.RUNNING]):
+            parts = await self.store.parts_of(job.id)
+            settled = bool(parts) and all(p.state in PART_SETTLED for p in parts)
+            if settled and await self.store.update_job(
+                job.id, JobState.RUNNING, state=JobState.PUBLISHING
+            ):
+                log.info("job_collected", job_id=job.id, parts=len(parts))
+                moved = True
+        if moved:
+            self.on_ready()
+        return moved
+
+
+@dataclass(slots=True)
+class MergeStats:
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+    never_run: int = 0
+    usage: dict[str, int] = field(
+        default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    )
+
+
+def _add_usage(stats: MergeStats, line: bytes) -> None:
+    try:
+        obj = orjson.loads(line)
+        body = obj["response"]["body"]
+        if isinstance(body, str):
+            body = orjson.loads(body)
+        usage = body.get("usage") or {}
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return
+    for key in stats.usage:
+        value = usage.get(key)
+        if isinstance(value, int):
+            stats.usage[key] += value
+
+
+def _index(path: Path, slot: int, index: dict[str, tuple[int, int]]) -> None:
+    """custom_id -> (file slot, byte offset) of every line of a result file."""
+    offset = 0
+    with path.open("rb") as fh:
+        for line in fh:
+            if line.strip():
+                try:
+                    cid = orjson.loads(line).get("custom_id")
+                except (orjson.JSONDecodeError, AttributeError):
+                    cid = None
+                if isinstance(cid, str) and cid not in index:
+                    index[cid] = (slot, offset)
+            offset += len(line)
+
+
+def _input_lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
+    """(line number, custom_id, model) of every request of a validated input."""
+    with path.open("rb") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = orjson.loads(line)
+                cid, model = obj.get("custom_id"), (obj.get("body") or {}).get("model")
+            except (orjson.JSONDecodeError, AttributeError):
+                cid, model = None, None
+            yield (
+                number,
+                cid if isinstance(cid, str) else None,
+                model if isinstance(model, str) else None,
+            )
+
+
+def with_input_line(line: bytes, number: int) -> bytes:
+    """PURE: the service's error line with `"input_line": N` added, its bytes otherwise kept."""
+    body = line.rstrip(b"\r\n").rstrip()
+    if body.endswith(b"}"):
+        return body[:-1] + b',"input_line":' + str(number).encode() + b"}\n"
+    return orjson.dumps({"input_line": number, "raw": body.decode("utf-8", "replace")}) + b"\n"
+
+
+def merge(job_input: Path, parts: list[Part], result: Path, errors: Path) -> MergeStats:
+    """Write successes and failures in input order; requests that never ran get an error."""
+    # The index holds one entry per request of the job (about 100 bytes each).
+    index: dict[str, tuple[int, int]] = {}
+    files: list[Path] = []
+    for part in parts:
+        for kind in ("output", "error"):
+            path = output_path(part, kind)
+            if part.state == PartState.COLLECTED and path.exists():
+                files.append(path)
+                _index(path, len(files) - 1, index)
+    stats = MergeStats()
+    handles = [p.open("rb") for p in files]
+    reasons = {p.seq: _never_run_reason(p) for p in parts}
+    try:
+        with result.open("wb") as res, errors.open("wb") as err:
+            for number, cid, model in _input_lines(job_input):
+                stats.total += 1
+                hit = index.get(cid) if cid is not None else None
+                if hit is not None:
+                    fh = handles[hit[0]]
+                    fh.seek(hit[1])
+                    line = fh.readline()
+                    if b'"error":null' in line.replace(b" ", b"") or _is_success(line):
+                        res.write(line if line.endswith(b"\n") else line + b"\n")
+                        stats.completed += 1
+                        _add_usage(stats, line)
+                    else:
+                        err.write(with_input_line(line, number))
+                        stats.failed += 1
+                    continue
+                stats.failed += 1
+                stats.never_run += 1
+                code, message = reasons[part_for(parts, number, model).seq]
+                err.write(
+                    orjson.dumps(
+                        {
+                            "id": None,
+                            "custom_id": cid,
+                            "response": None,
+                            "error": {
+                                "code": code or "result_missing",
+                                "message": message
+                                or "the service returned no result for this request",
+                            },
+                            "input_line": number,
+                        }
+                    )
+                    + b"\n"
+                )
+            for out in (res, err):
+                out.flush()
+                os.fsync(out.fileno())
+    finally:
+        for fh in handles:
+            fh.close()
+    return stats
+
+
+def _is_success(line: bytes) -> bool:
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return False
+    if not isinstance(obj, dict) or obj.get("error"):
+        return False
+    response = obj.get("response")
+    return isinstance(response, dict) and response.get("status_code") in (200, None)
+
+
+def part_for(parts: list[Part], line: int, model: str | None) -> Part:
+    """PURE: the part an input line went to. Parts hold consecutive lines of the input
+    (or, grouped by model, consecutive lines of one model), in `seq` order."""
+    same_model = [p for p in parts if p.model == model] or parts
+    best = same_model[0]
+    for part in same_model:
+        if part.first_line <= line:
+            best = part
+    return best
+
+
+def _never_run_reason(part: Part) -> tuple[str, str]:
+    if part.state == PartState.FAILED:
+        return "not_submitted", f"the part could not be submitted: {part.error}"
+    if part.state == PartState.CANCELLED:
+        return NEVER_RUN[RemoteStatus.CANCELLED]
+    code, message = NEVER_RUN.get(part.remote_status or "", ("result_missing", ""))
+    if part.remote_status == RemoteStatus.FAILED and part.remote_errors:
+        message = f"{message}: {orjson.dumps(part.remote_errors).decode()[:1000]}"
+    return code, message
+
+
+def decide_outcome(job: Job, parts: list[Part], stats: MergeStats) -> Outcome:
+    """PURE: the job's final status from its parts and merged counts."""
+    if stats.total > 0 and stats.completed == stats.total:
+        return Outcome.COMPLETED
+    statuses = {p.remote_status for p in parts}
+    if job.cancel_requested or RemoteStatus.CANCELLED in statuses:
+        return Outcome.CANCELLED
+    if RemoteStatus.EXPIRED in statuses:
+        return Outcome.EXPIRED
+    if stats.completed == 0:
+        return Outcome.FAILED
+    return Outcome.PARTIAL
+
+
+class Publisher:
+    """Publishes jobs in PUBLISHING into the outbox, then queues remote clean-up."""
+
+    def __init__(
+        self,
+        store: Store,
+        outbox: Path,
+        *,
+        keep_input: bool,
+        delete_remote_files: bool,
+        on_published: Callable[[], None],
+    ) -> None:
+        self.store = store
+        self.outbox = outbox
+        self.keep_input = keep_input
+        self.delete_remote_files = delete_remote_files
+        self.on_published = on_published
+        self.failures = 0
+
+    async def run_once(self) -> bool:
+        moved = False
+        for job in await self.store.jobs([JobState.PUBLISHING], limit=50):
+            try:
+                moved |= await self.publish(job)
+            except OSError as exc:
+                # ENOSPC, EIO...: nothing partial is visible; try again on a later pass.
+                self.failures += 1
+                log.error("publish_failed", job_id=job.id, error=str(exc))
+        return moved
+
+    def _final_dir(self, job: Job, taken: set[str]) -> Path:
+        if job.outbox_path:
+            return Path(job.outbox_path)
+        name, n = job.name, 1
+        while name in taken or (self.outbox / name).exists():
+            n += 1
+            name = f"{job.name}-{n}"
+        return self.outbox / name
+
+    async def publish(self, job: Job) -> bool:
+        parts = await self.store.parts_of(job.id)
+        final = self._final_dir(job, await self.store.used_names())
+        if job.outbox_path is None:
+            await self.store.update_job(job.id, JobState.PUBLISHING, outbox_path=str(final))
+        if _published_by(final, job.id):
+            return await self._done(job, parts, final, None)
+        tmp = self.outbox / f".{final.name}.tmp-{job.id}"
+        await self.store.update_job(job.id, JobState.PUBLISHING, crash_count=job.crash_count + 1)
+        try:
+            summary = await asyncio.to_thread(self._build, job, parts, tmp)
+        except BaseException:
+            await asyncio.to_thread(shutil.rmtree, tmp, True)
+            raise
+        failpoint("publish.before_rename")
+        await asyncio.to_thread(os.rename, tmp, final)
+        failpoint("publish.after_rename")
+        await asyncio.to_thread(fsync_dir, self.outbox)
+        return await self._done(job, parts, final, summary)
+
+    async def _done(
+        self, job: Job, parts: list[Part], final: Path, summary: dict[str, Any] | None
+    ) -> bool:
+        if summary is None:
+            summary = orjson.loads((final / "summary.json").read_bytes())
+        outcome = str(summary.get("status"))
+        await self.store.update_job(
+            job.id,
+            JobState.PUBLISHING,
+            state=JobState.PUBLISHED,
+            outcome=outcome,
+            crash_count=0,
+            outbox_path=str(final),
+        )
+        if self.delete_remote_files:
+            ids = [f for p in parts for f in (p.remote_file_id, p.output_file_id, p.error_file_id)]
+            await self.store.add_garbage(ids, f"job {job.id} published", time.time())
+        await asyncio.to_thread(shutil.rmtree, Path(job.spool_path).parent, True)
+        log.info(
+            "job_published",
+            job_id=job.id,
+            outbox=str(final),
+            status=outcome,
+            request_counts=summary.get("request_counts"),
+        )
+        self.on_published()
+        return True
+
+    def _build(self, job: Job, parts: list[Part], tmp: Path) -> dict[str, Any]:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        spool_input = Path(job.spool_path)
+        jsonl_input = spool_input.with_name("input.jsonl")
+        if job.report is not None and not job.report.get("valid", True):
+            stats = _write_rejection(job.report, tmp / "result.jsonl", tmp / "error.jsonl")
+            outcome: Outcome = Outcome.REJECTED
+        else:
+            stats = merge(jsonl_input, parts, tmp / "result.jsonl", tmp / "error.jsonl")
+            outcome = decide_outcome(job, parts, stats)
+        write_results_csv([tmp / "result.jsonl", tmp / "error.jsonl"], tmp / "result.csv")
+        if self.keep_input and spool_input.exists():
+            dest = tmp / f"input{spool_input.suffix}"
+            try:
+                os.link(spool_input, dest)
+            except OSError:
+                shutil.copyfile(spool_input, dest)
+            _fsync_file(dest)
+        summary = build_summary(job, parts, stats, outcome)
+        (tmp / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+        _fsync_file(tmp / "summary.json")
+        if job.report is not None:
+            (tmp / "report.json").write_bytes(orjson.dumps(job.report, option=orjson.OPT_INDENT_2))
+            _fsync_file(tmp / "report.json")
+        fsync_dir(tmp)
+        return summary
+
+
+def write_results_csv(sources: list[Path], target: Path) -> None:
+    """The seed's CSV columns over every result and error line, UTF-8 with a BOM (Excel)."""
+    with target.open("w", encoding="utf-8-sig", newline="") as out:
+        with ExitStack() as stack:
+            files = [stack.enter_context(p.open("rb")) for p in sources]
+            csvio.jsonl_to_csv(chain.from_iterable(files), out)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _write_rejection(report: dict[str, Any], result: Path, errors: Path) -> MergeStats:
+    result.write_bytes(b"")
+    with errors.open("wb") as fh:
+        for item in report.get("errors") or []:
+            fh.write(
+                orjson.dumps(
+                    {
+                        "input_line": item.get("line"),
+                        "error": {"code": item.get("code"), "message": item.get("message")},
+                    }
+                )
+                + b"\n"
+            )
+    _fsync_file(result)
+    _fsync_file(errors)
+    total = int(report.get("requests") or 0)
+    return MergeStats(total=total, failed=total)
+
+
+def build_summary(
+    job: Job, parts: list[Part], stats: MergeStats, outcome: Outcome
+) -> dict[str, Any]:
+    return {
+        "job_id": job.id,
+        "name": job.name,
+        "input": {
+            "name": job.inbox_name,
+            "sha256": job.sha256,
+            "bytes": job.bytes,
+            "kind": job.kind,
+        },
+        "status": str(outcome),
+        "request_counts": {
+            "total": stats.total,
+            "completed": stats.completed,
+            "failed": stats.failed,
+        },
+        "never_run": stats.never_run,
+        "usage": stats.usage,
+        "error": job.error,
+        "parts": [
+            {
+                "seq": p.seq,
+                "requests": p.requests,
+                "model": p.model,
+                "endpoint": p.endpoint,
+                "state": str(p.state),
+                "batch_id": p.batch_id,
+                "status": p.remote_status,
+                "input_file_id": p.remote_file_id,
+                "output_file_id": p.output_file_id,
+                "error_file_id": p.error_file_id,
+                "request_counts": p.request_counts,
+                "errors": p.remote_errors,
+                "note": p.error,
+            }
+            for p in parts
+        ],
+        "timings": {
+            "claimed_at": job.created_at,
+            "batches_created_at": [p.created_remote_at for p in parts],
+            "batches_ended_at": [p.ended_at for p in parts],
+            "published_at": time.time(),
+        },
+    }
+
+
+def _published_by(final: Path, job_id: str) -> bool:
+    try:
+        summary = orjson.loads((final / "summary.json").read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return False
+    return isinstance(summary, dict) and summary.get("job_id") == job_id
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+    finally:
+        os.close(fd)

@@ -1,0 +1,370 @@
+"""The daemon: wires the stages as named, supervised tasks; start-up recovery; stop.
+
+Each stage is a loop that runs one step, then waits for "new work", "interval elapsed"
+or "stop", whichever comes first. A stage that raises unexpectedly stops the daemon with
+exit code 1 (systemd restarts it; recovery settles whatever the crash interrupted). Stop
+is an event: stages finish their current step within a grace period, then are cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from batchd import __version__
+from batchd.api import AccountError, ApiError, BatchApi, RetryPolicy
+from batchd.collect import Collector, Publisher
+from batchd.config import Settings
+from batchd.errors import ConfigError
+from batchd.intake import Intake
+from batchd.limits import CallClass, RateLimiter
+from batchd.logs import get_logger, register_secret
+from batchd.models import JobState, Part
+from batchd.poll import Poller, window_hours
+from batchd.prepare import Preparer
+from batchd.store import Store
+from batchd.submit import AccountState, Submitter
+
+log = get_logger(__name__)
+
+KEY_VARIABLES = ("BATCHD_API_KEY", "DASHSCOPE_API_KEY")
+CREDENTIAL_NAMES = ("api_key", "batchd-api-key")
+
+
+def load_api_key(environ: dict[str, str] | None = None) -> str:
+    """The API key from the environment or a systemd credential, never from the TOML."""
+    env = dict(os.environ) if environ is None else environ
+    for name in KEY_VARIABLES:
+        value = env.get(name, "").strip()
+        if value:
+            return value
+    cred_dir = env.get("CREDENTIALS_DIRECTORY")
+    if cred_dir:
+        for name in CREDENTIAL_NAMES:
+            path = Path(cred_dir) / name
+            if path.is_file():
+                value = path.read_text(encoding="utf-8").strip()
+                if value:
+                    return value
+    raise ConfigError(
+        "no API key: set BATCHD_API_KEY or DASHSCOPE_API_KEY, or give systemd a credential"
+        " named api_key (LoadCredential=api_key:/etc/batchd/api_key)"
+    )
+
+
+@dataclass(slots=True)
+class Wake:
+    """One event per stage: set when there may be new work for it."""
+
+    events: dict[str, asyncio.Event] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> asyncio.Event:
+        return self.events.setdefault(name, asyncio.Event())
+
+    def poke(self, name: str) -> Callable[[], None]:
+        return lambda: self[name].set()
+
+
+class Daemon:
+    def __init__(self, settings: Settings, api_key: str) -> None:
+        register_secret(api_key)
+        self.settings = settings
+        self.profile = settings.profile
+        self.limits = self.profile.limits
+        paths = settings.paths
+        self.inbox = paths.folder("inbox")
+        self.spool = paths.folder("spool")
+        self.outbox = paths.folder("outbox")
+        self.state_dir = paths.folder("state")
+        self.runtime_dir = paths.folder("runtime")
+        self._api_key = api_key
+        self.stopping = asyncio.Event()
+        self.draining = False
+        self.wake = Wake()
+        self.account = AccountState()
+        self.started_at = time.time()
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.store: Store
+        self.api: BatchApi
+        self.exit_code = 0
+
+    def __repr__(self) -> str:
+        return f"Daemon(provider={self.profile.name!r}, root={self.settings.paths.root!s})"
+
+    # -- wiring -------------------------------------------------------------------------
+
+    def _limiter(self) -> RateLimiter:
+        api = self.settings.api
+        window = api.rate_window_s
+        share = api.cap_share
+
+        def per_window(per_minute: int) -> tuple[int, float]:
+            return max(1, int(per_minute * share * window / 60.0)), window
+
+        def per_second(rate: float) -> tuple[int, float]:
+            # A per-second cap counted over one second.
+            return max(1, int(rate * share)), 1.0
+
+        lim = self.limits
+        return RateLimiter(
+            {
+                CallClass.CREATE: per_window(lim.create_per_minute),
+                CallClass.RETRIEVE: per_window(lim.retrieve_per_minute),
+                CallClass.CANCEL: per_window(lim.cancel_per_minute),
+                CallClass.LIST: per_window(lim.list_per_minute),
+                CallClass.UPLOAD: per_second(lim.upload_per_second),
+                CallClass.FILES: per_second(lim.file_calls_per_second),
+            },
+            margin_s=1.0,
+        )
+
+    def _lost_after_s(self, part: Part) -> float:
+        return window_hours(self.settings.jobs.completion_window) * 3600.0 + (
+            self.settings.poll.lost_margin_s
+        )
+
+    async def _open(self) -> None:
+        for folder in (self.inbox, self.spool, self.outbox, self.state_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.store = await Store.open(self.state_dir / "batchd.sqlite3")
+        api = self.settings.api
+        self.api = BatchApi(
+            self.profile.base_url,
+            self._api_key,
+            self._limiter(),
+            retry=RetryPolicy(api.max_attempts, api.backoff_base_s, api.backoff_cap_s),
+            timeout_s=api.timeout_s,
+        )
+        s = self.settings
+        self.intake = Intake(
+            self.store,
+            self.inbox,
+            self.spool,
+            settle_s=s.intake.settle_s,
+            unterminated_settle_s=s.intake.unterminated_settle_s,
+            suffixes=s.intake.suffixes,
+            on_claimed=self.wake.poke("prepare"),
+        )
+        self.preparer = Preparer(
+            self.store, s, on_ready=self.wake.poke("submit"), on_rejected=self.wake.poke("publish")
+        )
+        self.submitter = Submitter(
+            self.store,
+            self.api,
+            self.limits,
+            self.account,
+            completion_window=s.jobs.completion_window,
+            first_poll_s=s.poll.first_poll_s,
+            concurrency=s.api.concurrency,
+            on_created=self.wake.poke("poll"),
+        )
+        self.poller = Poller(
+            self.store,
+            self.api,
+            self.account,
+            interval_s=s.poll.interval_s,
+            jitter=s.poll.jitter,
+            list_threshold=s.poll.list_threshold,
+            lost_after_s=self._lost_after_s,
+            on_ended=self.wake.poke("collect"),
+        )
+        self.collector = Collector(self.store, self.api, on_ready=self.wake.poke("publish"))
+        self.publisher = Publisher(
+            self.store,
+            self.outbox,
+            keep_input=s.jobs.keep_input,
+            delete_remote_files=s.jobs.delete_remote_files,
+            on_published=self._after_publish,
+        )
+
+    def _after_publish(self) -> None:
+        self.wake["cleanup"].set()
+        self.wake["submit"].set()
+
+    async def recover(self) -> None:
+        """Settle every row a crash caught between an intent and its result."""
+        await self.intake.recover_claims()
+        parked = 0
+        for job in await self.store.jobs([JobState.CLAIMED, JobState.PUBLISHING]):
+            if job.crash_count >= self.settings.max_job_crashes:
+                await self.store.update_job(
+                    job.id,
+                    job.state,
+                    state=JobState.PARKED,
+                    error=f"parked after {job.crash_count} crashes while working on it",
+                )
+                log.error("job_parked", job_id=job.id, crashes=job.crash_count)
+                parked += 1
+        # Parts caught in UPLOADING or CREATING are settled by the submitter's first pass
+        # (it looks for the remote file or batch before doing anything again).
+        counts = await self.store.part_counts()
+        log.info("recovered", parked=parked, parts=counts)
+
+    # -- stages -------------------------------------------------------------------------
+
+    async def _stage(
+        self, name: str, step: Callable[[], Awaitable[bool]], interval_s: float
+    ) -> None:
+        event = self.wake[name]
+        while not self.stopping.is_set():
+            event.clear()
+            busy = await step()
+            if busy:
+                await asyncio.sleep(0)
+                continue
+            waiters = [
+                asyncio.ensure_future(event.wait()),
+                asyncio.ensure_future(self.stopping.wait()),
+            ]
+            try:
+                await asyncio.wait(waiters, timeout=interval_s, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waiters:
+                    w.cancel()
+
+    async def _intake_step(self) -> bool:
+        if self.draining:
+            return False
+        return bool(await self.intake.run_once())
+
+    async def _watch(self) -> None:
+        """inotify through watchfiles: pokes the intake stage on any change in the inbox."""
+        if not self.settings.intake.watch:
+            return
+        import watchfiles
+
+        async for _changes in watchfiles.awatch(
+            self.inbox, stop_event=self.stopping, debounce=50, step=50, recursive=False
+        ):
+            self.wake["intake"].set()
+
+    async def _submit_step(self) -> bool:
+        for job in await self.store.jobs([JobState.RUNNING]):
+            if job.cancel_requested:
+                await self.submitter.cancel_job(job)
+        return await self.submitter.run_once()
+
+    async def _cleanup_step(self) -> bool:
+        moved = False
+        for file_id in await self.store.garbage(limit=50):
+            try:
+                await self.api.delete_file(file_id)
+            except AccountError as err:
+                self.account.pause(str(err))
+                return moved
+            except ApiError as err:
+                log.warning("remote_delete_failed", file_id=file_id, error=str(err))
+                return moved
+            await self.store.drop_garbage(file_id)
+            moved = True
+        return moved
+
+    async def _account_probe(self) -> bool:
+        if self.account.paused_reason is None:
+            return False
+        try:
+            await self.api.list_batches(limit="1")
+        except ApiError as err:
+            self.account.paused_reason = str(err)
+            return False
+        self.account.resume()
+        self.wake["submit"].set()
+        return False
+
+    async def _drain_watch(self) -> bool:
+        if not self.draining:
+            return False
+        counts = await self.store.job_counts()
+        active = sum(
+            n for state, n in counts.items() if state not in (JobState.PUBLISHED, JobState.PARKED)
+        )
+        if active == 0:
+            log.info("drained")
+            self.stopping.set()
+        return False
+
+    async def run(self, on_ready: Callable[[], None] | None = None) -> int:
+        """Open, recover, run every stage until stop; returns the exit code."""
+        await self._open()
+        try:
+            await self.recover()
+            s = self.settings
+            stages: dict[str, Awaitable[None]] = {
+                "intake": self._stage("intake", self._intake_step, s.intake.rescan_interval_s),
+                "watch": self._watch(),
+                "prepare": self._stage("prepare", self.preparer.run_once, 5.0),
+                "submit": self._stage("submit", self._submit_step, 2.0),
+                "poll": self._stage("poll", self.poller.run_once, 1.0),
+                "collect": self._stage("collect", self.collector.run_once, 5.0),
+                "publish": self._stage("publish", self.publisher.run_once, 5.0),
+                "cleanup": self._stage("cleanup", self._cleanup_step, 30.0),
+                "account": self._stage("account", self._account_probe, s.api.account_probe_s),
+                "drain": self._stage("drain", self._drain_watch, 1.0),
+            }
+            for name, coro in stages.items():
+                self.tasks[name] = asyncio.create_task(coro, name=f"batchd.{name}")  # type: ignore[arg-type]
+                self.tasks[name].add_done_callback(self._stage_done)
+            log.info(
+                "daemon_started",
+                version=__version__,
+                provider=self.profile.name,
+                base_url=self.profile.base_url,
+                root=str(s.paths.root),
+            )
+            if on_ready is not None:
+                on_ready()
+            await self.stopping.wait()
+            await self._stop_tasks()
+        finally:
+            await self.api.close()
+            await self.store.close()
+        log.info("daemon_stopped", exit_code=self.exit_code)
+        return self.exit_code
+
+    def _stage_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or self.stopping.is_set():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("stage_crashed", stage=task.get_name(), error=repr(exc), exc_info=exc)
+            self.exit_code = 1
+            self.stopping.set()
+
+    async def _stop_tasks(self, grace_s: float = 20.0) -> None:
+        for event in self.wake.events.values():
+            event.set()
+        pending = [t for t in self.tasks.values() if not t.done()]
+        if pending:
+            _done, still = await asyncio.wait(pending, timeout=grace_s)
+            for task in still:
+                task.cancel()
+            await asyncio.gather(*still, return_exceptions=True)
+        for task in self.tasks.values():
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                self.exit_code = 1
+
+    def request_stop(self) -> None:
+        log.info("stop_requested")
+        self.stopping.set()
+
+    def status(self) -> dict[str, Any]:
+        return {"version": __version__, "uptime_s": time.time() - self.started_at}
+
+
+def run_daemon(settings: Settings, api_key: str) -> int:
+    """Run the daemon until SIGTERM/SIGINT (graceful) and return its exit code."""
+
+    async def main() -> int:
+        daemon = Daemon(settings, api_key)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, daemon.request_stop)
+        return await daemon.run()
+
+    return asyncio.run(main())

@@ -1,0 +1,179 @@
+"""Job and part states, remote batch statuses, and the records the store returns.
+
+Local states (what batchd has done) are kept apart from remote statuses (what the
+service says). An unknown remote status is never treated as finished.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import orjson
+
+
+class JobState(StrEnum):
+    CLAIMING = "claiming"  # row written, rename into the spool not yet confirmed
+    CLAIMED = "claimed"  # input in the spool, not yet validated
+    RUNNING = "running"  # validated and planned into parts; parts in flight
+    PUBLISHING = "publishing"  # every part settled; outbox folder being written
+    PUBLISHED = "published"  # outbox folder in place (terminal)
+    PARKED = "parked"  # crashed the daemon too often; left for an operator (terminal)
+
+
+JOB_TERMINAL = frozenset({JobState.PUBLISHED, JobState.PARKED})
+
+
+class PartState(StrEnum):
+    PENDING = "pending"  # part file ready, nothing sent
+    UPLOADING = "uploading"  # intent: upload may have happened
+    UPLOADED = "uploaded"  # remote file id recorded
+    CREATING = "creating"  # intent: create may have happened
+    RUNNING = "running"  # remote batch id recorded, batch not ended
+    ENDED = "ended"  # remote batch reached a terminal status
+    COLLECTED = "collected"  # output and error files on local disk
+    CANCELLED = "cancelled"  # cancelled before it was ever created
+    FAILED = "failed"  # could not be submitted (permanent error)
+
+
+PART_SETTLED = frozenset({PartState.COLLECTED, PartState.CANCELLED, PartState.FAILED})
+# Parts that hold (or may hold) one of the account's running-batch slots.
+PART_HOLDS_SLOT = frozenset({PartState.CREATING, PartState.RUNNING})
+
+
+class RemoteStatus(StrEnum):
+    VALIDATING = "validating"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+
+REMOTE_TERMINAL = frozenset(
+    {RemoteStatus.COMPLETED, RemoteStatus.FAILED, RemoteStatus.EXPIRED, RemoteStatus.CANCELLED}
+)
+
+
+def remote_is_terminal(status: str | None) -> bool:
+    """True only for the four statuses that end a batch; unknown ones are not final."""
+    return status in REMOTE_TERMINAL
+
+
+class Outcome(StrEnum):
+    """The final status of a job, written to `summary.json`."""
+
+    COMPLETED = "completed"  # every request answered successfully
+    PARTIAL = "partial"  # some requests succeeded, some failed or never ran
+    FAILED = "failed"  # no request succeeded
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+    REJECTED = "rejected"  # the input failed local validation; nothing was sent
+
+
+def _loads(value: Any) -> Any:
+    if value is None or value == "":
+        return None
+    return orjson.loads(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    id: str
+    name: str
+    inbox_name: str
+    spool_path: str
+    kind: str
+    state: JobState
+    outcome: str | None
+    sha256: str | None
+    bytes: int | None
+    options: dict[str, Any]
+    report: dict[str, Any] | None
+    error: str | None
+    outbox_path: str | None
+    cancel_requested: bool
+    crash_count: int
+    created_at: float
+    updated_at: float
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Job:
+        return cls(
+            id=row["id"],
+            name=row["name"],
+            inbox_name=row["inbox_name"],
+            spool_path=row["spool_path"],
+            kind=row["kind"],
+            state=JobState(row["state"]),
+            outcome=row["outcome"],
+            sha256=row["sha256"],
+            bytes=row["bytes"],
+            options=_loads(row["options"]) or {},
+            report=_loads(row["report"]),
+            error=row["error"],
+            outbox_path=row["outbox_path"],
+            cancel_requested=bool(row["cancel_requested"]),
+            crash_count=row["crash_count"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    id: int
+    job_id: str
+    seq: int
+    path: str
+    first_line: int
+    requests: int
+    bytes: int
+    model: str
+    endpoint: str
+    state: PartState
+    upload_name: str
+    remote_file_id: str | None
+    batch_id: str | None
+    remote_status: str | None
+    request_counts: dict[str, int] | None
+    output_file_id: str | None
+    error_file_id: str | None
+    remote_errors: Any
+    next_poll_at: float | None
+    created_remote_at: float | None
+    ended_at: float | None
+    attempts: int
+    error: str | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Part:
+        return cls(
+            id=row["id"],
+            job_id=row["job_id"],
+            seq=row["seq"],
+            path=row["path"],
+            first_line=row["first_line"],
+            requests=row["requests"],
+            bytes=row["bytes"],
+            model=row["model"],
+            endpoint=row["endpoint"],
+            state=PartState(row["state"]),
+            upload_name=row["upload_name"],
+            remote_file_id=row["remote_file_id"],
+            batch_id=row["batch_id"],
+            remote_status=row["remote_status"],
+            request_counts=_loads(row["request_counts"]),
+            output_file_id=row["output_file_id"],
+            error_file_id=row["error_file_id"],
+            remote_errors=_loads(row["remote_errors"]),
+            next_poll_at=row["next_poll_at"],
+            created_remote_at=row["created_remote_at"],
+            ended_at=row["ended_at"],
+            attempts=row["attempts"],
+            error=row["error"],
+        )

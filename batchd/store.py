@@ -1,0 +1,370 @@
+"""The SQLite store: schema, migrations and every query, named in one place.
+
+State changes are compare-and-set (`UPDATE ... WHERE id=? AND state=?`) and report
+whether they took effect, so two stages can never both move the same row. Every write
+is committed before the call returns: a committed intent precedes each remote call that
+is not idempotent, and a committed result follows it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import orjson
+
+from batchd.models import PART_HOLDS_SLOT, Job, JobState, Part, PartState
+
+_JOB_COLUMNS = frozenset(
+    {
+        "state",
+        "outcome",
+        "sha256",
+        "bytes",
+        "options",
+        "report",
+        "error",
+        "outbox_path",
+        "cancel_requested",
+        "crash_count",
+        "spool_path",
+        "name",
+    }
+)
+_PART_COLUMNS = frozenset(
+    {
+        "state",
+        "remote_file_id",
+        "batch_id",
+        "remote_status",
+        "request_counts",
+        "output_file_id",
+        "error_file_id",
+        "remote_errors",
+        "next_poll_at",
+        "created_remote_at",
+        "ended_at",
+        "attempts",
+        "error",
+    }
+)
+_JSON_COLUMNS = frozenset({"options", "report", "request_counts", "remote_errors"})
+
+
+def _migrations() -> list[tuple[int, str]]:
+    folder = resources.files("batchd") / "sql"
+    found = []
+    for entry in folder.iterdir():
+        name = entry.name
+        if name.endswith(".sql") and name[:3].isdigit():
+            found.append((int(name[:3]), entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+def _encode(column: str, value: Any) -> Any:
+    if column in _JSON_COLUMNS and value is not None and not isinstance(value, str):
+        return orjson.dumps(value).decode()
+    if isinstance(value, bool):
+        return int(value)
+    return value
+
+
+def _assignments(allowed: frozenset[str], fields: dict[str, Any]) -> tuple[str, list[Any]]:
+    unknown = set(fields) - allowed
+    if unknown:
+        raise ValueError(f"not updatable columns: {sorted(unknown)}")
+    names = sorted(fields)
+    sql = ", ".join(f"{name} = ?" for name in names)
+    return sql, [_encode(name, fields[name]) for name in names]
+
+
+class Store:
+    """One connection to the daemon's database (WAL, busy timeout, foreign keys)."""
+
+    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+        self._db = db
+        self.path = path
+
+    @classmethod
+    async def open(cls, path: Path) -> Store:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(path, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=FULL")
+        await db.execute("PRAGMA busy_timeout=10000")
+        await db.execute("PRAGMA foreign_keys=ON")
+        store = cls(db, path)
+        await store._migrate()
+        return store
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def _migrate(self) -> None:
+        async with self._db.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        version = int(row[0]) if row else 0
+        for number, script in _migrations():
+            if number <= version:
+                continue
+            await self._db.executescript(
+                f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;"
+            )
+
+    async def integrity_check(self) -> str:
+        async with self._db.execute("PRAGMA integrity_check") as cur:
+            row = await cur.fetchone()
+        return str(row[0]) if row else "no answer"
+
+    # -- jobs ---------------------------------------------------------------------------
+
+    async def insert_job(
+        self,
+        *,
+        job_id: str,
+        name: str,
+        inbox_name: str,
+        inode: int,
+        dev: int,
+        spool_path: str,
+        kind: str,
+        options: dict[str, Any],
+        now: float,
+    ) -> None:
+        await self._db.execute(
+            "INSERT INTO jobs (id, name, inbox_name, inbox_inode, inbox_dev, spool_path, kind,"
+            " state, options, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                job_id,
+                name,
+                inbox_name,
+                inode,
+                dev,
+                spool_path,
+                kind,
+                JobState.CLAIMING,
+                orjson.dumps(options).decode(),
+                now,
+                now,
+            ),
+        )
+
+    async def claiming_jobs(self) -> list[tuple[Job, int, int]]:
+        """Jobs whose claim a crash may have cut short, with the inode they expect."""
+        async with self._db.execute(
+            "SELECT * FROM jobs WHERE state = ?", (JobState.CLAIMING,)
+        ) as cur:
+            rows = await cur.fetchall()
+        return [(Job.from_row(r), r["inbox_inode"], r["inbox_dev"]) for r in rows]
+
+    async def job_for_inode(self, dev: int, inode: int) -> Job | None:
+        async with self._db.execute(
+            "SELECT * FROM jobs WHERE inbox_dev = ? AND inbox_inode = ? AND state = ?",
+            (dev, inode, JobState.CLAIMING),
+        ) as cur:
+            row = await cur.fetchone()
+        return Job.from_row(row) if row else None
+
+    async def update_job(self, job_id: str, expect: JobState | None = None, **fields: Any) -> bool:
+        """Set fields of a job; with `expect`, only if it is still in that state."""
+        fields["updated_at"] = fields.get("updated_at", time.time())
+        sql, args = _assignments(_JOB_COLUMNS | {"updated_at"}, fields)
+        where = "id = ?"
+        args.append(job_id)
+        if expect is not None:
+            where += " AND state = ?"
+            args.append(expect)
+        cur = await self._db.execute(f"UPDATE jobs SET {sql} WHERE {where}", args)  # noqa: S608
+        return cur.rowcount == 1
+
+    async def delete_job(self, job_id: str) -> None:
+        await self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+
+    async def get_job(self, job_id: str) -> Job | None:
+        async with self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)) as cur:
+            row = await cur.fetchone()
+        return Job.from_row(row) if row else None
+
+    async def jobs(
+        self,
+        states: Iterable[JobState] | None = None,
+        *,
+        name: str | None = None,
+        limit: int = 1000,
+        offset: int = 0,
+    ) -> list[Job]:
+        clauses: list[str] = []
+        args: list[Any] = []
+        if states is not None:
+            wanted = list(states)
+            clauses.append(f"state IN ({', '.join('?' * len(wanted))})")
+            args.extend(wanted)
+        if name:
+            clauses.append("instr(name, ?) > 0")
+            args.append(name)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        args.extend([limit, offset])
+        async with self._db.execute(
+            f"SELECT * FROM jobs {where} ORDER BY created_at, id LIMIT ? OFFSET ?",  # noqa: S608
+            args,
+        ) as cur:
+            rows = await cur.fetchall()
+        return [Job.from_row(r) for r in rows]
+
+    async def job_counts(self) -> dict[str, int]:
+        async with self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state") as cur:
+            rows = await cur.fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    async def outcome_counts(self) -> dict[str, int]:
+        async with self._db.execute(
+            "SELECT outcome, COUNT(*) FROM jobs WHERE outcome IS NOT NULL GROUP BY outcome"
+        ) as cur:
+            rows = await cur.fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    async def used_names(self) -> set[str]:
+        async with self._db.execute(
+            "SELECT outbox_path FROM jobs WHERE outbox_path IS NOT NULL"
+        ) as cur:
+            rows = await cur.fetchall()
+        return {Path(r[0]).name for r in rows}
+
+    # -- parts --------------------------------------------------------------------------
+
+    async def plan_parts(self, job_id: str, parts: Sequence[dict[str, Any]], now: float) -> bool:
+        """Record a job's parts and move it to RUNNING in one transaction."""
+        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            cur = await self._db.execute(
+                "UPDATE jobs SET state = ?, updated_at = ? WHERE id = ? AND state = ?",
+                (JobState.RUNNING, now, job_id, JobState.CLAIMED),
+            )
+            if cur.rowcount != 1:
+                await self._db.execute("ROLLBACK")
+                return False
+            await self._db.executemany(
+                "INSERT INTO parts (job_id, seq, path, first_line, requests, bytes, model,"
+                " endpoint, state, upload_name) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        job_id,
+                        p["seq"],
+                        p["path"],
+                        p["first_line"],
+                        p["requests"],
+                        p["bytes"],
+                        p["model"],
+                        p["endpoint"],
+                        PartState.PENDING,
+                        p["upload_name"],
+                    )
+                    for p in parts
+                ],
+            )
+            await self._db.execute("COMMIT")
+        except BaseException:
+            await self._db.execute("ROLLBACK")
+            raise
+        return True
+
+    async def update_part(
+        self, part_id: int, expect: PartState | None = None, **fields: Any
+    ) -> bool:
+        """Set fields of a part; with `expect`, only if it is still in that state."""
+        sql, args = _assignments(_PART_COLUMNS, fields)
+        where = "id = ?"
+        args.append(part_id)
+        if expect is not None:
+            where += " AND state = ?"
+            args.append(expect)
+        cur = await self._db.execute(f"UPDATE parts SET {sql} WHERE {where}", args)  # noqa: S608
+        return cur.rowcount == 1
+
+    async def get_part(self, part_id: int) -> Part | None:
+        async with self._db.execute("SELECT * FROM parts WHERE id = ?", (part_id,)) as cur:
+            row = await cur.fetchone()
+        return Part.from_row(row) if row else None
+
+    async def parts_of(self, job_id: str) -> list[Part]:
+        async with self._db.execute(
+            "SELECT * FROM parts WHERE job_id = ? ORDER BY seq", (job_id,)
+        ) as cur:
+            rows = await cur.fetchall()
+        return [Part.from_row(r) for r in rows]
+
+    async def parts_in(self, states: Iterable[PartState], limit: int = 100_000) -> list[Part]:
+        """Parts in the given states, oldest job first (fair order for submission)."""
+        wanted = list(states)
+        marks = ", ".join("?" * len(wanted))
+        async with self._db.execute(
+            f"SELECT parts.* FROM parts JOIN jobs ON jobs.id = parts.job_id"  # noqa: S608
+            f" WHERE parts.state IN ({marks}) AND jobs.state = ?"
+            f" ORDER BY jobs.created_at, parts.job_id, parts.seq LIMIT ?",
+            [*wanted, JobState.RUNNING, limit],
+        ) as cur:
+            rows = await cur.fetchall()
+        return [Part.from_row(r) for r in rows]
+
+    async def due_parts(self, now: float, limit: int = 100_000) -> list[Part]:
+        async with self._db.execute(
+            "SELECT * FROM parts WHERE state = ? AND next_poll_at <= ?"
+            " ORDER BY next_poll_at LIMIT ?",
+            (PartState.RUNNING, now, limit),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [Part.from_row(r) for r in rows]
+
+    async def next_poll_at(self) -> float | None:
+        async with self._db.execute(
+            "SELECT MIN(next_poll_at) FROM parts WHERE state = ?", (PartState.RUNNING,)
+        ) as cur:
+            row = await cur.fetchone()
+        return float(row[0]) if row and row[0] is not None else None
+
+    async def slot_holders(self) -> tuple[int, dict[str, int]]:
+        """Remote batches that are (or may be) unfinished: in total and per model."""
+        marks = ", ".join("?" * len(PART_HOLDS_SLOT))
+        async with self._db.execute(
+            f"SELECT model, COUNT(*) FROM parts WHERE state IN ({marks}) GROUP BY model",  # noqa: S608
+            list(PART_HOLDS_SLOT),
+        ) as cur:
+            rows = await cur.fetchall()
+        by_model = {r[0]: r[1] for r in rows}
+        return sum(by_model.values()), by_model
+
+    async def part_counts(self) -> dict[str, int]:
+        async with self._db.execute("SELECT state, COUNT(*) FROM parts GROUP BY state") as cur:
+            rows = await cur.fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    async def remote_file_ids_in_use(self) -> set[str]:
+        async with self._db.execute(
+            "SELECT remote_file_id FROM parts WHERE remote_file_id IS NOT NULL"
+        ) as cur:
+            rows = await cur.fetchall()
+        return {r[0] for r in rows}
+
+    # -- remote garbage -----------------------------------------------------------------
+
+    async def add_garbage(self, file_ids: Iterable[str | None], reason: str, now: float) -> None:
+        await self._db.executemany(
+            "INSERT OR IGNORE INTO remote_garbage (file_id, reason, created_at) VALUES (?, ?, ?)",
+            [(f, reason, now) for f in file_ids if f],
+        )
+
+    async def garbage(self, limit: int = 100) -> list[str]:
+        async with self._db.execute(
+            "SELECT file_id FROM remote_garbage ORDER BY created_at LIMIT ?", (limit,)
+        ) as cur:
+            rows = await cur.fetchall()
+        return [r[0] for r in rows]
+
+    async def drop_garbage(self, file_id: str) -> None:
+        await self._db.execute("DELETE FROM remote_garbage WHERE file_id = ?", (file_id,))

@@ -1,0 +1,122 @@
+"""Run the real daemon in-process against an in-process emulator, over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from batchd.config import Settings
+from batchd.daemon import Daemon
+from batchd.emulator import Emulator
+
+KEY = "sk-emulator-test-key"
+
+
+def daemon_settings(root: Path, emulator: Emulator, **overrides: Any) -> Settings:
+    """Settings tuned for tests: fast intake and polling, the emulator as provider."""
+    values: dict[str, Any] = {
+        "provider": "custom",
+        "base_url": emulator.base_url,
+        "paths": {"root": root},
+        "intake": {"settle_s": 0.05, "rescan_interval_s": 0.1, "watch": False},
+        "poll": {"first_poll_s": 0.05, "interval_s": 0.1, "jitter": 0.0},
+        "api": {"backoff_base_s": 0.02, "backoff_cap_s": 0.2, "timeout_s": 10.0},
+        "log": {"level": "warning"},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(values.get(key), dict):
+            values[key] = {**values[key], **value}
+        else:
+            values[key] = value
+    return Settings.load(None, **values)
+
+
+@asynccontextmanager
+async def running(settings: Settings, key: str = KEY) -> AsyncIterator[Daemon]:
+    daemon = Daemon(settings, key)
+    ready = asyncio.Event()
+    task = asyncio.create_task(daemon.run(on_ready=ready.set))
+    waiter = asyncio.create_task(ready.wait())
+    done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        waiter.cancel()
+        task.result()
+        raise AssertionError("daemon stopped before it was ready")
+    try:
+        yield daemon
+    finally:
+        daemon.request_stop()
+        code = await asyncio.wait_for(task, 30)
+        assert code == 0, f"daemon exited {code}"
+
+
+def drop(inbox: Path, name: str, content: bytes) -> Path:
+    """Drop a file the way a careful user does: temp name, then rename."""
+    inbox.mkdir(parents=True, exist_ok=True)
+    tmp = inbox / f".{name}.tmp"
+    tmp.write_bytes(content)
+    past = time.time() - 10
+    os.utime(tmp, (past, past))
+    final = inbox / name
+    tmp.rename(final)
+    return final
+
+
+async def wait_published(
+    outbox: Path,
+    count: int,
+    emulator: Emulator | None = None,
+    timeout_s: float = 30.0,
+    advance_s: float = 60.0,
+) -> list[Path]:
+    """Wait until `count` job folders are in the outbox, moving the service clock on."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = (
+            sorted(p for p in outbox.iterdir() if not p.name.startswith("."))
+            if outbox.exists()
+            else []
+        )
+        if len(found) >= count:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{len(found)} of {count} jobs published in {timeout_s} s")
+        if emulator is not None:
+            emulator.advance(advance_s)
+        await asyncio.sleep(0.05)
+
+
+def summary(folder: Path) -> dict[str, Any]:
+    data: dict[str, Any] = orjson.loads((folder / "summary.json").read_bytes())
+    return data
+
+
+def jsonl(path: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+
+
+def requests(
+    n: int, model: str = "qwen-plus", url: str = "/v1/chat/completions", prefix: str = "r"
+) -> bytes:
+    lines = [
+        orjson.dumps(
+            {
+                "custom_id": f"{prefix}{i}",
+                "method": "POST",
+                "url": url,
+                "body": {
+                    "model": model,
+                    "messages": [{"role": "user", "content": f"question {i}"}],
+                },
+            }
+        )
+        for i in range(n)
+    ]
+    return b"\n".join(lines) + b"\n"

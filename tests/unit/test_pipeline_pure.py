@@ -1,0 +1,92 @@
+"""Pure decisions of the pipeline stages, with plain values."""
+
+from __future__ import annotations
+
+import os
+
+import orjson
+import pytest
+
+from batchd.collect import with_input_line
+from batchd.config import ProviderLimits
+from batchd.intake import Seen, input_kind, is_ignored_name, printable, settled
+from batchd.models import remote_is_terminal
+from batchd.poll import window_hours
+from batchd.submit import batch_fields, free_slots
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        ".x.jsonl",
+        "x.jsonl.tmp",
+        "x.part",
+        "x.partial",
+        "x.crdownload",
+        "x.jsonl~",
+        "~syncthing~x.jsonl.tmp",
+        ".syncthing.x.jsonl.tmp",
+        ".x.jsonl.Ab12Cd",
+        "x.meta.json",
+    ],
+)
+def test_temp_and_hidden_names_are_ignored(name: str) -> None:
+    assert is_ignored_name(name)
+
+
+def test_real_inputs_are_recognised_by_suffix() -> None:
+    assert not is_ignored_name("reviews.jsonl")
+    assert input_kind("reviews.JSONL", (".jsonl", ".csv")) == "jsonl"
+    assert input_kind("a.csv", (".jsonl", ".csv")) == "csv"
+    assert input_kind(".jsonl", (".jsonl",)) is None
+    assert input_kind("notes.txt", (".jsonl", ".csv")) is None
+
+
+def test_odd_names_are_logged_escaped() -> None:
+    assert printable("a\nb") == "a\\nb"
+    assert "\\x" in printable(os.fsdecode(b"bad\xff.jsonl"))
+
+
+def test_a_file_is_settled_only_when_unchanged_for_the_settle_time() -> None:
+    st = os.stat_result((0o100644, 5, 1, 1, 0, 0, 10, 0, 100, 100))
+    seen = Seen(ino=5, size=10, mtime_ns=st.st_mtime_ns, since=50.0)
+    assert not settled(seen, st, now=51.0, wall_now=200.0, settle_s=2.0)
+    assert settled(seen, st, now=52.0, wall_now=200.0, settle_s=2.0)
+    # Recently modified (mtime close to now) is not settled, whatever the scan says.
+    assert not settled(seen, st, now=52.0, wall_now=101.0, settle_s=2.0)
+    grown = Seen(ino=5, size=9, mtime_ns=st.st_mtime_ns, since=0.0)
+    assert not settled(grown, st, now=52.0, wall_now=200.0, settle_s=2.0)
+
+
+def test_free_slots_respects_the_account_and_model_caps() -> None:
+    limits = ProviderLimits(running_batches=10)
+    assert free_slots(limits, 3, {"qwen-plus": 3}, "qwen-plus") == 7
+    assert free_slots(limits, 3, {"batch-test-model": 2}, "batch-test-model") == 0
+    assert free_slots(limits, 10, {}, "qwen-plus") == 0
+    assert free_slots(limits, 12, {}, "qwen-plus") == 0
+
+
+def test_unknown_remote_statuses_are_never_final() -> None:
+    for status in ("completed", "failed", "expired", "cancelled"):
+        assert remote_is_terminal(status)
+    for status in ("validating", "in_progress", "finalizing", "cancelling", "paused", None, ""):
+        assert not remote_is_terminal(status)
+
+
+def test_batch_fields_tolerate_nulls_and_gaps() -> None:
+    fields = batch_fields({"status": "in_progress", "request_counts": None})
+    assert fields["remote_status"] == "in_progress" and fields["request_counts"] is None
+    assert batch_fields({})["remote_status"] is None
+
+
+def test_completion_window_hours() -> None:
+    assert window_hours("24h") == 24
+    assert window_hours("14d") == 336
+    assert window_hours("soon") == 336
+
+
+def test_error_lines_keep_the_service_bytes_and_gain_the_input_line() -> None:
+    line = b'{"id":"x","custom_id":"7","response":null,"error":{"code":"E","message":"m"}}\n'
+    out = with_input_line(line, 12)
+    assert out.startswith(line[:-2])
+    assert orjson.loads(out)["input_line"] == 12
