@@ -120,3 +120,47 @@ def requests(
         for i in range(n)
     ]
     return b"\n".join(lines) + b"\n"
+
+
+def daemon_env(emulator: Emulator, root: Path, **extra: str) -> dict[str, str]:
+    """Environment for a `batchd run` subprocess with the test settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BATCHD_", "DASHSCOPE_"))}
+    env.update(
+        {
+            "BATCHD_API_KEY": KEY,
+            "BATCHD_PROVIDER": "custom",
+            "BATCHD_BASE_URL": emulator.base_url,
+            "BATCHD_PATHS__ROOT": str(root),
+            "BATCHD_INTAKE__SETTLE_S": "0.05",
+            "BATCHD_INTAKE__RESCAN_INTERVAL_S": "0.1",
+            "BATCHD_INTAKE__WATCH": "false",
+            "BATCHD_POLL__FIRST_POLL_S": "0.05",
+            "BATCHD_POLL__INTERVAL_S": "0.1",
+            "BATCHD_POLL__JITTER": "0",
+            "BATCHD_API__BACKOFF_BASE_S": "0.02",
+            "BATCHD_API__BACKOFF_CAP_S": "0.2",
+            "BATCHD_LOG__LEVEL": "warning",
+            "BATCHD_LOG__FORMAT": "json",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+async def start_subprocess(env: dict[str, str], log_path: Path) -> asyncio.subprocess.Process:
+    import sys
+
+    log_file = log_path.open("ab")
+    try:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "batchd", "run", env=env, stdout=log_file, stderr=log_file
+        )
+    finally:
+        log_file.close()
+
+
+async def wait_outbox_quiet(
+    outbox: Path, count: int, emulator: Emulator, timeout_s: float = 30.0
+) -> list[Path]:
+    """`wait_published`, for a daemon in another process."""
+    return await wait_published(outbox, count, emulator, timeout_s)
