@@ -1,0 +1,112 @@
+"""Settings of the shipped emulator, read by the same machinery as the daemon's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import SettingsConfigDict
+
+from batchd.config import FileSettings, LogSettings, ProviderLimits
+
+# Call classes: each has its own rate cap and its own line in the stats.
+CALL_CLASSES = ("create", "retrieve", "cancel", "list", "upload", "files", "download")
+
+
+class FaultSettings(BaseModel):
+    """Faults the emulator injects, each off by default; all draws come from `seed`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Share of API calls answered 500 InternalError before doing anything.
+    error_5xx_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    # Extra latency added to every API call, in seconds (uniform between min and max).
+    latency_min_s: float = Field(default=0.0, ge=0.0)
+    latency_max_s: float = Field(default=0.0, ge=0.0)
+    # Share of API calls whose connection is dropped before any answer.
+    drop_connection_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    # Share of batch creates that take effect but whose answer is lost (connection dropped).
+    lost_create_response_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    # Share of API calls answered 429 Throttling regardless of the caps (a 429 storm).
+    throttle_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    # Call classes the faults above apply to; empty means every class.
+    classes: tuple[str, ...] = ()
+    seed: int = 0
+
+
+class EmulatorSettings(FileSettings):
+    """Settings of `batchd emulator` (TOML table `[emulator]`, env `BATCHD_EMULATOR_*`)."""
+
+    toml_table: ClassVar[tuple[str, ...]] = ("emulator",)
+    model_config = SettingsConfigDict(
+        env_prefix="BATCHD_EMULATOR_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8765, ge=0, le=65535)
+    api_key: SecretStr | None = None
+    # The service's clock runs this many times faster than wall time.
+    time_scale: float = Field(default=1.0, gt=0)
+    # Where uploaded and result files are kept; a temporary directory when unset.
+    data_dir: Path | None = None
+    limits: ProviderLimits = Field(default_factory=ProviderLimits)
+    log: LogSettings = Field(default_factory=LogSettings)
+    # Length of the sliding window the per-minute caps are counted over, in wall seconds.
+    rate_window_s: float = Field(default=60.0, gt=0)
+    # Length of the window the per-second file caps are counted over, in wall seconds:
+    # the cap per window is the per-second rate times this, at least 1.
+    file_rate_window_s: float = Field(default=1.0, gt=0)
+    # Service-time durations (seconds, before time_scale) shaped like the real service:
+    # a two-line job takes about two and a half minutes, 50,000 lines about seven hours.
+    validating_s: float = Field(default=20.0, ge=0)
+    in_progress_base_s: float = Field(default=120.0, ge=0)
+    per_request_s: float = Field(default=0.5, ge=0)
+    finalizing_s: float = Field(default=10.0, ge=0)
+    cancelling_s: float = Field(default=5.0, ge=0)
+    # Share of requests that fail into the error file (deterministic per custom_id and seed).
+    request_failure_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    # The service promises no order in result files; by default lines are shuffled
+    # (deterministically) so that a client relying on input order is caught.
+    shuffle_output: bool = True
+    # Models the account may use; the models named in `limits.models` are always known.
+    models: tuple[str, ...] = (
+        "qwen3-max",
+        "qwen-max",
+        "qwen-max-latest",
+        "qwen-plus",
+        "qwen-plus-latest",
+        "qwen-flash",
+        "qwen-turbo",
+        "qwen-turbo-latest",
+        "qwen-long",
+        "qwen-long-latest",
+        "qwq-plus",
+        "qwq-32b-preview",
+        "qwen3-235b-a22b",
+        "deepseek-r1",
+        "deepseek-v3",
+        "text-embedding-v1",
+        "text-embedding-v2",
+        "text-embedding-v3",
+        "text-embedding-v4",
+        "gpt-4o-mini",
+        "text-embedding-3-small",
+    )
+    # Models that always think (enable_thinking does not apply to them).
+    thinking_models: tuple[str, ...] = ("qwq-plus", "qwq-32b-preview", "deepseek-r1")
+    # Vector length per embedding model; a request's `dimensions` overrides it.
+    embedding_dimensions: dict[str, int] = Field(
+        default_factory=lambda: {
+            "text-embedding-v1": 1536,
+            "text-embedding-v2": 1536,
+            "text-embedding-v3": 1024,
+            "text-embedding-v4": 1024,
+            "text-embedding-3-small": 1536,
+        }
+    )
+    faults: FaultSettings = Field(default_factory=FaultSettings)
+    seed: int = 0

@@ -1,0 +1,342 @@
+"""The emulated account: files on disk, batches in memory, and the figures stats report."""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import hashlib
+import math
+import os
+import random
+import shutil
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from batchd.emulator import errors
+from batchd.emulator.checks import Scan
+from batchd.emulator.clock import ServiceClock
+from batchd.emulator.config import EmulatorSettings
+from batchd.emulator.lifecycle import (
+    CANCELLABLE,
+    Phase,
+    Status,
+    Timeline,
+    derive,
+    ends_at,
+)
+from batchd.emulator.results import Answerer
+
+OUTPUT_PREFIX = "file-batch_output-"
+INPUT_PREFIX = "file-batch-"
+_NOT_RUN = {
+    Status.EXPIRED: (
+        "batch_expired",
+        "This request could not be executed before the completion window expired.",
+    ),
+    Status.CANCELLED: (
+        "batch_cancelled",
+        "This request was not executed: the batch was cancelled.",
+    ),
+}
+
+
+@dataclass
+class StoredFile:
+    id: str
+    filename: str
+    bytes: int
+    created_at: int
+    purpose: str
+    path: Path
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "bytes": self.bytes,
+            "created_at": self.created_at,
+            "filename": self.filename,
+            "object": "file",
+            "purpose": self.purpose,
+            "status": "processed",
+            "status_details": None,
+        }
+
+
+@dataclass
+class Batch:
+    id: str
+    endpoint: str
+    input_file_id: str
+    completion_window: str
+    metadata: dict[str, str] | None
+    timeline: Timeline
+    scan: Scan
+    input_path: Path
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    settled: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def phase(self, now: float) -> Phase:
+        return derive(self.timeline, now)
+
+
+def _ts(value: float | None) -> int | None:
+    return None if value is None else math.floor(value)
+
+
+class Store:
+    """All state of one emulated account."""
+
+    def __init__(self, settings: EmulatorSettings, clock: ServiceClock, data_dir: Path) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.files_dir = data_dir / "files"
+        self.tmp_dir = data_dir / "tmp"
+        for folder in (self.files_dir, self.tmp_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.files: dict[str, StoredFile] = {}
+        self.batches: dict[str, Batch] = {}
+        # Unfinished batches: id -> (when it ends, its model).
+        self._active: dict[str, tuple[float, str | None]] = {}
+        self._ids = 0
+        self.max_unfinished = 0
+        self.created_per_input_file: Counter[str] = Counter()
+
+    # ---- ids and paths
+
+    def new_id(self, prefix: str) -> str:
+        self._ids += 1
+        text = f"{self.settings.seed}:{prefix}:{self._ids}"
+        return prefix + str(uuid.UUID(bytes=hashlib.sha256(text.encode()).digest()[:16]))
+
+    def temp_path(self) -> Path:
+        return self.tmp_dir / f"{uuid.uuid4().hex}.part"
+
+    # ---- files
+
+    def stored_bytes(self) -> int:
+        return sum(f.bytes for f in self.files.values())
+
+    def check_storage(self, extra_bytes: int = 0, extra_files: int = 0) -> None:
+        limits = self.settings.limits
+        if len(self.files) + extra_files > limits.max_stored_files:
+            raise errors.quota(f"the account already stores {limits.max_stored_files} files")
+        if self.stored_bytes() + extra_bytes > limits.max_stored_bytes:
+            raise errors.quota(f"the account's storage of {limits.max_stored_bytes} bytes is full")
+
+    def add_file(self, temp: Path, filename: str, size: int, purpose: str) -> StoredFile:
+        prefix = OUTPUT_PREFIX if purpose == "batch_output" else INPUT_PREFIX
+        file_id = self.new_id(prefix)
+        path = self.files_dir / f"{file_id}.jsonl"
+        os.replace(temp, path)
+        stored = StoredFile(file_id, filename, size, _ts(self.clock.now()) or 0, purpose, path)
+        self.files[file_id] = stored
+        return stored
+
+    def get_file(self, file_id: str) -> StoredFile:
+        stored = self.files.get(file_id)
+        if stored is None:
+            raise errors.not_found("file", file_id)
+        return stored
+
+    def delete_file(self, file_id: str) -> None:
+        stored = self.get_file(file_id)
+        del self.files[file_id]
+        stored.path.unlink(missing_ok=True)
+
+    # ---- the running cap
+
+    def unfinished(self, now: float) -> dict[str, tuple[float, str | None]]:
+        """Batches not yet ended at `now` (validating, in_progress, finalizing, cancelling)."""
+        for batch_id in [b for b, (end, _) in self._active.items() if end <= now]:
+            del self._active[batch_id]
+        return self._active
+
+    def check_running_cap(self, model: str | None, now: float) -> None:
+        active = self.unfinished(now)
+        cap = self.settings.limits.running_batches
+        if len(active) >= cap:
+            wait = self.clock.wall_seconds(min(end for end, _ in active.values()) - now)
+            raise errors.quota(
+                f"{len(active)} batches are unfinished; at most {cap} may run at once", wait
+            )
+        own = self.settings.limits.models.get(model or "")
+        if own is not None and own.max_running is not None:
+            mine = [end for end, m in active.values() if m == model]
+            if len(mine) >= own.max_running:
+                wait = self.clock.wall_seconds(min(mine) - now)
+                raise errors.quota(
+                    f"{len(mine)} batches of {model} are unfinished; "
+                    f"at most {own.max_running} may run at once",
+                    wait,
+                )
+
+    # ---- batches
+
+    def create_batch(
+        self,
+        input_file: StoredFile,
+        endpoint: str,
+        completion_window: str,
+        window_s: float,
+        metadata: dict[str, str] | None,
+        scan: Scan,
+    ) -> Batch:
+        """Record a new batch; the caller has checked the caps with no await since."""
+        s = self.settings
+        now = self.clock.now()
+        batch_id = self.new_id("batch_")
+        link = self.tmp_dir / f"{batch_id}.input.jsonl"
+        # The batch keeps its own link to the input, so deleting the file does not stop it.
+        try:
+            os.link(input_file.path, link)
+        except OSError:
+            shutil.copyfile(input_file.path, link)
+        timeline = Timeline(
+            created_at=now,
+            total=scan.total if scan.valid else 0,
+            valid=scan.valid,
+            validating_s=s.validating_s,
+            run_s=s.in_progress_base_s + s.per_request_s * scan.total,
+            finalizing_s=s.finalizing_s,
+            cancelling_s=s.cancelling_s,
+            window_s=window_s,
+        )
+        batch = Batch(
+            batch_id, endpoint, input_file.id, completion_window, metadata, timeline, scan, link
+        )
+        self.batches[batch_id] = batch
+        self._active[batch_id] = (ends_at(timeline), scan.model)
+        self.max_unfinished = max(self.max_unfinished, len(self.unfinished(now)))
+        self.created_per_input_file[input_file.id] += 1
+        return batch
+
+    def get_batch(self, batch_id: str) -> Batch:
+        batch = self.batches.get(batch_id)
+        if batch is None:
+            raise errors.not_found("batch", batch_id)
+        return batch
+
+    def cancel(self, batch: Batch) -> None:
+        now = self.clock.now()
+        status = batch.phase(now).status
+        if status in (Status.CANCELLING, Status.CANCELLED):
+            return
+        if status not in CANCELLABLE:
+            raise errors.invalid(f"batch {batch.id} is {status}; it can no longer be cancelled")
+        batch.timeline = batch.timeline.cancelled(now)
+        self._active[batch.id] = (ends_at(batch.timeline), batch.scan.model)
+
+    async def settle(self, batch: Batch, phase: Phase) -> None:
+        """Write the result files of a batch that has ended, once."""
+        if batch.settled or not phase.terminal:
+            return
+        if phase.status is Status.FAILED:
+            batch.input_path.unlink(missing_ok=True)
+            batch.settled = True
+            return
+        async with batch.lock:
+            if batch.settled:
+                return
+            output, error = await asyncio.to_thread(self._write_results, batch, phase)
+            for kind, (temp, size) in (("output", output), ("error", error)):
+                if size == 0:
+                    temp.unlink(missing_ok=True)
+                    continue
+                stored = self.add_file(temp, f"{batch.id}_{kind}.jsonl", size, "batch_output")
+                if kind == "output":
+                    batch.output_file_id = stored.id
+                else:
+                    batch.error_file_id = stored.id
+            batch.settled = True
+
+    async def settle_all(self) -> None:
+        now = self.clock.now()
+        for batch in list(self.batches.values()):
+            if not batch.settled:
+                await self.settle(batch, batch.phase(now))
+
+    def _write_results(self, batch: Batch, phase: Phase) -> tuple[tuple[Path, int], ...]:
+        s = self.settings
+        answer = Answerer(
+            batch_id=batch.id,
+            seed=s.seed,
+            created=math.floor(phase.events.get("in_progress_at", batch.timeline.created_at)),
+            thinking_models=frozenset(s.thinking_models),
+            embedding_dimensions=dict(s.embedding_dimensions),
+        )
+        failing = set(batch.scan.failing)
+        not_run = _NOT_RUN.get(phase.status)
+        ok: list[bytes] = []
+        bad: list[bytes] = []
+        with batch.input_path.open("rb") as fh:
+            for index, raw in enumerate(fh):
+                request = orjson.loads(raw)
+                custom_id = request["custom_id"]
+                if index >= phase.executed:
+                    assert not_run is not None
+                    bad.append(answer.not_run(custom_id, *not_run))
+                elif index in failing:
+                    bad.append(answer.failure(custom_id))
+                else:
+                    ok.append(answer.success(custom_id, request["body"], batch.endpoint))
+        written = []
+        for lines in (ok, bad):
+            if s.shuffle_output:
+                random.Random(f"{s.seed}:order:{batch.id}").shuffle(lines)
+            temp = self.temp_path()
+            with temp.open("wb") as out:
+                out.writelines(lines)
+            written.append((temp, sum(len(line) for line in lines)))
+        batch.input_path.unlink(missing_ok=True)
+        return tuple(written)
+
+    def batch_json(self, batch: Batch, phase: Phase) -> dict[str, Any]:
+        t = batch.timeline
+        if phase.status in (Status.VALIDATING, Status.FAILED):
+            counts = {"total": 0, "completed": 0, "failed": 0}
+        else:
+            failed = bisect.bisect_left(batch.scan.failing, phase.executed)
+            counts = {
+                "total": t.total,
+                "completed": phase.executed - failed,
+                "failed": failed + phase.not_run,
+            }
+        errors_field = None
+        if phase.status is Status.FAILED:
+            errors_field = {"object": "list", "data": batch.scan.errors}
+        ev = phase.events
+        return {
+            "id": batch.id,
+            "object": "batch",
+            "endpoint": batch.endpoint,
+            "errors": errors_field,
+            "input_file_id": batch.input_file_id,
+            "completion_window": batch.completion_window,
+            "status": phase.status.value,
+            "output_file_id": batch.output_file_id,
+            "error_file_id": batch.error_file_id,
+            "created_at": _ts(t.created_at),
+            "in_progress_at": _ts(ev.get("in_progress_at")),
+            "expires_at": _ts(phase.expires_at),
+            "finalizing_at": _ts(ev.get("finalizing_at")),
+            "completed_at": _ts(ev.get("completed_at")),
+            "failed_at": _ts(ev.get("failed_at")),
+            "expired_at": _ts(ev.get("expired_at")),
+            "cancelling_at": _ts(ev.get("cancelling_at")),
+            "cancelled_at": _ts(ev.get("cancelled_at")),
+            "request_counts": counts,
+            "metadata": batch.metadata or {},
+        }
+
+    async def render(self, batch: Batch) -> dict[str, Any]:
+        """The Batch object as the service returns it now, result files written if due."""
+        phase = batch.phase(self.clock.now())
+        await self.settle(batch, phase)
+        return self.batch_json(batch, phase)
