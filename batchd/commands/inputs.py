@@ -1,0 +1,259 @@
+"""Commands that work on input and result files, without the daemon.
+
+- `batchd validate FILE...`: check files against the provider's rules; exit 0 when all
+  are valid, 1 when any is not (a missing or unreadable file counts as not valid, with
+  the rule `unreadable`), 2 on a usage error.
+- `batchd split FILE --out DIR`: write the parts a file is planned into.
+- `batchd csv2jsonl IN.csv [-o OUT.jsonl] --model M`: CSV rows to batch requests.
+- `batchd jsonl2csv IN.jsonl [-o OUT.csv]`: results to the guide's CSV (Excel-ready).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from batchd import csvio
+from batchd.config import ProviderLimits, Settings
+from batchd.errors import UsageError
+from batchd.validate import Problem, Report, part_file_names, validate_file, write_parts
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+
+
+def register(subparsers: Any) -> None:
+    """Add validate, split, csv2jsonl and jsonl2csv to the `batchd` parser."""
+    validate = subparsers.add_parser(
+        "validate",
+        help="check JSONL batch input files",
+        description="Check every line of JSONL batch input files against the provider's "
+        "rules and limits. Problems print as `path:line: code: message`.",
+    )
+    validate.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    validate.add_argument("--json", action="store_true", help="one JSON object per file")
+    _add_config_options(validate)
+    validate.add_argument(
+        "--no-split",
+        action="store_true",
+        help="a file over the request or byte limit is an error instead of planned into parts",
+    )
+    validate.add_argument(
+        "--group-by-model", action="store_true", help="accept mixed models, one part per model"
+    )
+    validate.add_argument(
+        "--max-errors",
+        type=_positive_int,
+        metavar="N",
+        help="list at most N problems per file (default: max_reported_errors)",
+    )
+    validate.set_defaults(handler=run_validate)
+
+    split = subparsers.add_parser(
+        "split",
+        help="split a JSONL file into batch-sized parts",
+        description="Validate FILE and write its parts as NAME.part-001.jsonl, ... into "
+        "DIR. Nothing is written when the file fits in one batch.",
+    )
+    split.add_argument("file", type=Path, metavar="FILE")
+    split.add_argument("--out", "-o", type=Path, required=True, metavar="DIR")
+    split.add_argument("--group-by-model", action="store_true", help="one part (or more) per model")
+    split.add_argument(
+        "--max-requests", type=_positive_int, metavar="N", help="at most N requests per part"
+    )
+    split.add_argument(
+        "--max-bytes", type=_positive_int, metavar="N", help="at most N bytes per part"
+    )
+    split.add_argument("--fsync", action="store_true", help="fsync each part file")
+    _add_config_options(split)
+    split.set_defaults(handler=run_split)
+
+    to_jsonl = subparsers.add_parser(
+        "csv2jsonl",
+        help="turn a CSV of custom_id,content into a JSONL batch file",
+        description="Each CSV row (custom_id, content; header optional; UTF-8 with or "
+        "without BOM) becomes one request. The output is written only if every row is good.",
+    )
+    to_jsonl.add_argument("source", type=Path, metavar="IN.csv")
+    to_jsonl.add_argument("-o", "--output", type=Path, metavar="OUT.jsonl")
+    to_jsonl.add_argument("--model", required=True)
+    to_jsonl.add_argument(
+        "--endpoint",
+        help="url of every request (default: from the model: /v1/embeddings for "
+        "embedding models, /v1/chat/ds-test for batch-test-model, else /v1/chat/completions)",
+    )
+    to_jsonl.add_argument("--system-prompt", help="a system message before each content")
+    to_jsonl.add_argument("--encoding", default="utf-8-sig", help="CSV encoding (e.g. gbk)")
+    to_jsonl.set_defaults(handler=run_csv2jsonl)
+
+    to_csv = subparsers.add_parser(
+        "jsonl2csv",
+        help="turn a result JSONL file into CSV",
+        description="Columns: " + ", ".join(csvio.RESULT_COLUMNS) + ". UTF-8 with a BOM "
+        "so that Excel shows non-ASCII text.",
+    )
+    to_csv.add_argument("source", type=Path, metavar="IN.jsonl")
+    to_csv.add_argument("-o", "--output", type=Path, metavar="OUT.csv")
+    to_csv.set_defaults(handler=run_jsonl2csv)
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, metavar="FILE", help="batchd TOML configuration")
+    parser.add_argument(
+        "--provider",
+        choices=("dashscope", "dashscope-intl", "openai", "custom"),
+        help="provider profile whose limits apply (default: from the configuration)",
+    )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings.load(args.config, provider=args.provider)
+
+
+def _unreadable(path: Path, exc: OSError) -> Report:
+    reason = exc.strerror or str(exc)
+    return Report(
+        path=str(path),
+        errors=[Problem(None, "unreadable", f"cannot read the file: {reason}")],
+        error_count=1,
+    )
+
+
+def _summary(report: Report) -> str:
+    if not report.valid:
+        return f"{report.path}: invalid, {report.error_count} problem(s)"
+    models = ", ".join(report.models)
+    endpoints = ", ".join(report.endpoints)
+    parts = len(report.parts)
+    plan = "1 batch" if parts == 1 else f"{parts} parts"
+    return (
+        f"{report.path}: ok, {report.requests} requests, {report.bytes} bytes, "
+        f"model {models}, url {endpoints}, {plan}"
+    )
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    """`batchd validate`: exit 0 if every file is valid, 1 if any is not."""
+    settings = _settings(args)
+    limits = settings.profile.limits
+    max_errors = args.max_errors or settings.max_reported_errors
+    all_valid = True
+    for path in args.files:
+        try:
+            report = validate_file(
+                path,
+                limits,
+                split=not args.no_split,
+                group_by_model=args.group_by_model,
+                max_errors=max_errors,
+            )
+        except OSError as exc:
+            report = _unreadable(path, exc)
+        all_valid = all_valid and report.valid
+        if args.json:
+            sys.stdout.write(orjson.dumps(report.to_dict()).decode() + "\n")
+        else:
+            for line in report.render():
+                print(line)
+            print(_summary(report))
+    return EXIT_OK if all_valid else EXIT_FAILED
+
+
+def run_split(args: argparse.Namespace) -> int:
+    """`batchd split`: validate, then write the planned parts (if more than one)."""
+    settings = _settings(args)
+    limits = settings.profile.limits
+    overrides = {
+        key: value
+        for key, value in (
+            ("max_requests_per_file", args.max_requests),
+            ("max_file_bytes", args.max_bytes),
+        )
+        if value is not None
+    }
+    if overrides:
+        limits = ProviderLimits.model_validate({**limits.model_dump(), **overrides})
+    try:
+        report = validate_file(
+            args.file,
+            limits,
+            group_by_model=args.group_by_model,
+            max_errors=settings.max_reported_errors,
+        )
+    except OSError as exc:
+        raise UsageError(f"cannot read {args.file}: {exc.strerror or exc}") from None
+    if not report.valid:
+        for line in report.render():
+            print(line)
+        print(_summary(report))
+        return EXIT_FAILED
+    written = write_parts(report, args.file, args.out, fsync=args.fsync)
+    if not written:
+        print(f"{args.file}: fits in one batch ({report.requests} requests); nothing written")
+        return EXIT_OK
+    names = part_file_names(args.file, len(report.parts))
+    for part, name in zip(report.parts, names, strict=True):
+        print(
+            f"{args.out / name}: lines {part.first_line}-{part.last_line}, "
+            f"{part.requests} requests, {part.bytes} bytes, model {part.model}"
+        )
+    return EXIT_OK
+
+
+def _report_conversion(source: Path, result: csvio.Conversion, target: Path) -> int:
+    for problem in result.errors:
+        print(problem.render(str(source)), file=sys.stderr)
+    hidden = result.error_count - len(result.errors)
+    if hidden > 0:
+        print(f"{source}: ... and {hidden} more problems not listed", file=sys.stderr)
+    if not result.ok:
+        print(f"{source}: {result.error_count} problem(s); {target} not written", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{target}: {result.rows} rows")
+    return EXIT_OK
+
+
+def run_csv2jsonl(args: argparse.Namespace) -> int:
+    """`batchd csv2jsonl`: rows of custom_id,content to a JSONL batch input file."""
+    target = args.output or args.source.with_suffix(".jsonl")
+    if target.resolve() == args.source.resolve():
+        raise UsageError("the output would overwrite the input; name it with -o")
+    if not args.source.is_file():
+        raise UsageError(f"{args.source} is not a readable file")
+    try:
+        result = csvio.csv_file_to_jsonl(
+            args.source,
+            target,
+            model=args.model,
+            endpoint=args.endpoint,
+            system_prompt=args.system_prompt,
+            encoding=args.encoding,
+        )
+    except (ValueError, LookupError) as exc:
+        raise UsageError(str(exc)) from None
+    return _report_conversion(args.source, result, target)
+
+
+def run_jsonl2csv(args: argparse.Namespace) -> int:
+    """`batchd jsonl2csv`: a result JSONL file to CSV with the guide's columns."""
+    target = args.output or args.source.with_suffix(".csv")
+    if target.resolve() == args.source.resolve():
+        raise UsageError("the output would overwrite the input; name it with -o")
+    if not args.source.is_file():
+        raise UsageError(f"{args.source} is not a readable file")
+    result = csvio.jsonl_file_to_csv(args.source, target)
+    return _report_conversion(args.source, result, target)

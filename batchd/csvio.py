@@ -1,0 +1,320 @@
+"""CSV <-> JSONL, the two conversions the service's guide offers, done streaming.
+
+PURE: no network, no store. `csv_to_jsonl` turns rows of (custom_id, content) into batch
+requests; `jsonl_to_csv` turns result (or error) lines into the guide's CSV columns,
+UTF-8 with a BOM so that Excel shows non-ASCII text correctly. Both read and write one
+row at a time; the `*_file` wrappers write their output atomically (temp + rename) and
+only when the whole input converted cleanly.
+
+Decisions:
+- A CSV header is recognised when its first row names the columns `custom_id` and
+  `content` (any case, any order, other columns ignored); without a header the file must
+  have exactly two columns, so that an unquoted comma in the content is caught rather
+  than silently cutting the text. Blank rows are skipped.
+- Bad rows (wrong column count, empty custom_id or content, duplicate custom_id) are
+  reported by row number (1-based, the header counted) and no output is written.
+- The default endpoint follows the model: `batch-test-model` -> /v1/chat/ds-test, a
+  model whose name contains "embedding" -> /v1/embeddings (body `input`), any other
+  -> /v1/chat/completions (body `messages`).
+- Result lines: the error code and message are read from `error.code`/`error.message`
+  (the service's fields), falling back to `error.error_code`/`error.error_message` and
+  then `response.body.error`; `response.body` may arrive as a JSON string; missing
+  fields and nulls become empty cells; `usage` is compact JSON.
+
+Problem codes (`line` is the CSV row or JSONL line, None for the whole file):
+  bad_row              CSV: wrong number of columns, or a named column missing
+  empty_custom_id      CSV: the custom_id cell is empty
+  empty_content        CSV: the content cell is empty
+  duplicate_custom_id  CSV: custom_id already used on an earlier row
+  not_text             CSV: the file is not in the given encoding
+  bad_csv              CSV: the csv module cannot parse the file
+  invalid_json         results: a line is not JSON
+  not_an_object        results: a line is JSON but not an object
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any, TextIO
+
+import orjson
+
+from batchd.config import ENDPOINT_CHAT, ENDPOINT_EMBEDDINGS, ENDPOINT_TEST, TEST_MODEL
+from batchd.validate import Problem, atomic_output
+
+RESULT_COLUMNS = (
+    "custom_id",
+    "model",
+    "request_id",
+    "status_code",
+    "error_code",
+    "error_message",
+    "created",
+    "content",
+    "usage",
+)
+
+_HEADER_ID = "custom_id"
+_HEADER_CONTENT = "content"
+
+
+@dataclass(slots=True)
+class Conversion:
+    """What a conversion did: rows written, and the problems that stopped it."""
+
+    rows: int = 0
+    errors: list[Problem] = field(default_factory=list)
+    error_count: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.error_count == 0
+
+    def problem(self, row: int | None, code: str, message: str, max_errors: int) -> None:
+        self.error_count += 1
+        if len(self.errors) < max_errors:
+            self.errors.append(Problem(row, code, message))
+
+
+def default_endpoint(model: str) -> str:
+    """The endpoint a model's requests go to when none is given."""
+    if model == TEST_MODEL:
+        return ENDPOINT_TEST
+    if "embedding" in model.lower():
+        return ENDPOINT_EMBEDDINGS
+    return ENDPOINT_CHAT
+
+
+def build_request(
+    custom_id: str, content: str, *, model: str, endpoint: str, system_prompt: str | None
+) -> dict[str, Any]:
+    """One batch request line for `content`, shaped for its endpoint."""
+    body: dict[str, Any] = {"model": model}
+    if endpoint == ENDPOINT_EMBEDDINGS:
+        body["input"] = content
+    else:
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        messages.append({"role": "user", "content": content})
+        body["messages"] = messages
+    return {"custom_id": custom_id, "method": "POST", "url": endpoint, "body": body}
+
+
+def _header_columns(row: list[str]) -> tuple[int, int] | None:
+    names = [cell.strip().lower() for cell in row]
+    if _HEADER_ID in names and _HEADER_CONTENT in names:
+        return names.index(_HEADER_ID), names.index(_HEADER_CONTENT)
+    return None
+
+
+def csv_to_jsonl(
+    rows: Iterable[list[str]],
+    out: IO[bytes],
+    *,
+    model: str,
+    endpoint: str | None = None,
+    system_prompt: str | None = None,
+    max_errors: int = 100,
+) -> Conversion:
+    """Write one request line to `out` per CSV row of (custom_id, content).
+
+    `rows` is a `csv.reader` (or any iterable of rows). Output is compact JSON with
+    non-ASCII kept. Rows are numbered from 1, a header row included.
+    """
+    url = endpoint or default_endpoint(model)
+    if system_prompt and url == ENDPOINT_EMBEDDINGS:
+        raise ValueError("a system prompt does not apply to the embeddings endpoint")
+    result = Conversion()
+    seen: set[str] = set()
+    columns: tuple[int, int] | None = None
+    for number, row in enumerate(rows, start=1):
+        if not row or all(not cell.strip() for cell in row):
+            continue
+        if number == 1:
+            columns = _header_columns(row)
+            if columns is not None:
+                continue
+        if columns is None and len(row) != 2:
+            result.problem(
+                number,
+                "bad_row",
+                f"{len(row)} columns; expected custom_id,content "
+                "(quote content that contains commas)",
+                max_errors,
+            )
+            continue
+        id_at, content_at = columns or (0, 1)
+        if max(id_at, content_at) >= len(row):
+            result.problem(number, "bad_row", "missing custom_id or content column", max_errors)
+            continue
+        custom_id, content = row[id_at].strip(), row[content_at]
+        if not custom_id:
+            result.problem(number, "empty_custom_id", "custom_id is empty", max_errors)
+            continue
+        if not content.strip():
+            result.problem(number, "empty_content", "content is empty", max_errors)
+            continue
+        if custom_id in seen:
+            result.problem(
+                number,
+                "duplicate_custom_id",
+                f"custom_id {custom_id!r} is already used on an earlier row",
+                max_errors,
+            )
+            continue
+        seen.add(custom_id)
+        request = build_request(
+            custom_id, content, model=model, endpoint=url, system_prompt=system_prompt
+        )
+        out.write(orjson.dumps(request) + b"\n")
+        result.rows += 1
+    return result
+
+
+def _dig(obj: Any, *path: str | int) -> Any:
+    for step in path:
+        if isinstance(step, int):
+            if not isinstance(obj, list) or len(obj) <= step:
+                return None
+            obj = obj[step]
+        else:
+            if not isinstance(obj, dict):
+                return None
+            obj = obj.get(step)
+    return obj
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    return orjson.dumps(value).decode()
+
+
+def result_row(result: dict[str, Any]) -> list[str]:
+    """The CSV cells (RESULT_COLUMNS) of one result or error line."""
+    response = result.get("response")
+    body = _dig(response, "body")
+    if isinstance(body, str | bytes):
+        try:
+            body = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            body = None
+    error = result.get("error")
+    code = _dig(error, "code") or _dig(error, "error_code") or _dig(body, "error", "code")
+    message = (
+        _dig(error, "message") or _dig(error, "error_message") or _dig(body, "error", "message")
+    )
+    return [
+        _cell(result.get("custom_id")),
+        _cell(_dig(body, "model")),
+        _cell(_dig(response, "request_id")),
+        _cell(_dig(response, "status_code")),
+        _cell(code),
+        _cell(message),
+        _cell(_dig(body, "created")),
+        _cell(_dig(body, "choices", 0, "message", "content")),
+        _cell(_dig(body, "usage")),
+    ]
+
+
+def jsonl_to_csv(lines: Iterable[bytes], out: TextIO, *, max_errors: int = 100) -> Conversion:
+    """Write the CSV header and one row per result line; blank lines are skipped.
+
+    `out` should be opened with encoding "utf-8-sig" (Excel's BOM) and newline="".
+    """
+    writer = csv.writer(out)
+    writer.writerow(RESULT_COLUMNS)
+    result = Conversion()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            parsed = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            result.problem(number, "invalid_json", f"{exc.msg} at column {exc.colno}", max_errors)
+            continue
+        if not isinstance(parsed, dict):
+            result.problem(number, "not_an_object", "a result line must be an object", max_errors)
+            continue
+        writer.writerow(result_row(parsed))
+        result.rows += 1
+    return result
+
+
+def _text_rows(path: str | os.PathLike[str], encoding: str) -> Iterator[list[str]]:
+    with open(path, encoding=encoding, newline="") as stream:
+        yield from csv.reader(stream)
+
+
+def csv_file_to_jsonl(
+    source: str | os.PathLike[str],
+    target: str | os.PathLike[str],
+    *,
+    model: str,
+    endpoint: str | None = None,
+    system_prompt: str | None = None,
+    encoding: str = "utf-8-sig",
+    max_errors: int = 100,
+) -> Conversion:
+    """Convert a CSV file to a JSONL batch input file, written atomically, and only
+    when every row converted. A file that is not in `encoding` is reported, not raised."""
+    try:
+        with atomic_output(target) as out:
+            result = csv_to_jsonl(
+                _text_rows(source, encoding),
+                out,
+                model=model,
+                endpoint=endpoint,
+                system_prompt=system_prompt,
+                max_errors=max_errors,
+            )
+            if not result.ok:
+                raise _Abandon(result)
+    except _Abandon as abandon:
+        return abandon.result
+    except UnicodeDecodeError as exc:
+        failed = Conversion()
+        failed.problem(
+            None, "not_text", f"not {encoding} text ({exc.reason} at byte {exc.start})", max_errors
+        )
+        return failed
+    except csv.Error as exc:
+        failed = Conversion()
+        failed.problem(None, "bad_csv", str(exc), max_errors)
+        return failed
+    return result
+
+
+def jsonl_file_to_csv(
+    source: str | os.PathLike[str], target: str | os.PathLike[str], *, max_errors: int = 100
+) -> Conversion:
+    """Convert a result (or error) JSONL file to the guide's CSV, UTF-8 with a BOM,
+    written atomically, and only when every line converted."""
+    try:
+        with atomic_output(target) as raw, open(source, "rb") as lines:
+            text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+            result = jsonl_to_csv(lines, text, max_errors=max_errors)
+            text.flush()
+            text.detach()
+            if not result.ok:
+                raise _Abandon(result)
+    except _Abandon as abandon:
+        return abandon.result
+    return result
+
+
+class _Abandon(Exception):
+    """A conversion found bad rows; the partial output is thrown away."""
+
+    def __init__(self, result: Conversion) -> None:
+        super().__init__("conversion abandoned")
+        self.result = result

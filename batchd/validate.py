@@ -1,0 +1,842 @@
+"""Streaming validation of a JSONL batch input file, and planning it into parts.
+
+PURE: no network, no store, no event loop. The daemon runs `validate_file` in a thread;
+`batchd validate` and `batchd split` call it directly. One pass over the bytes, reading
+line by line with a bounded buffer, so memory stays flat whatever the file size: the
+largest buffer is one line (at most `max_line_bytes`), plus the set of custom_ids seen
+(about 60-100 bytes per id: 50,000 ids take ~5 MB, 1,000,000 ids ~90 MB).
+
+Every limit comes from the provider profile (`ProviderLimits`), never from a constant.
+Two bounds are our own safety limits rather than the service's: nesting deeper than
+`MAX_DEPTH` and integers outside the signed 64-bit range are rejected.
+
+Decisions on points the service leaves open:
+- A last line without a trailing newline is accepted when it is valid JSON; when it is
+  not, it is reported as `truncated_last_line` (a partial copy).
+- CRLF line endings are accepted (CR is JSON whitespace); a file of CR-only line endings
+  is a file-level error. Empty or whitespace-only lines, trailing ones included, are
+  errors: the service counts lines.
+- A line's length is counted without its line ending; a file's and a part's bytes are
+  counted with them, as uploaded.
+- `enable_thinking` must be set the same way on every line of one model; absent counts
+  as its own setting, since the default differs between models.
+- Uniqueness of custom_id is checked across the whole file, not only within each part:
+  results of all parts are merged back by custom_id.
+
+Rule codes (stable; `line` is null for file-level rules):
+
+file level:
+  empty_file              the file has no bytes
+  utf16                   the file is UTF-16 (or UTF-32) text, not UTF-8
+  binary_file             the file is binary (NUL bytes, or a compressed/archive format)
+  cr_line_endings         lines end with CR only (old Mac style); use LF or CRLF
+  too_many_requests       more requests than the model's per-file limit (splitting off)
+  file_too_large          more bytes than the model's per-file limit (splitting off)
+line level, the JSON text:
+  bom                     the line starts with a UTF-8 byte order mark
+  invalid_utf8            the bytes are not valid UTF-8 (encoded surrogates included)
+  lone_surrogate          a \\uD800-\\uDFFF escape without its pair
+  invalid_json            not one JSON value (syntax error, trailing content, ...)
+  nan_or_infinity         NaN, Infinity or -Infinity, which JSON does not allow
+  number_too_large        an integer outside the signed 64-bit range, or a number
+                          that overflows a double
+  too_deep                objects/arrays nested deeper than MAX_DEPTH
+  duplicate_key           the same key twice in one object, at any depth
+  not_an_object           the line is JSON but not an object
+  empty_line              an empty or whitespace-only line
+  line_too_long           longer than max_line_bytes, or larger than the model's whole
+                          per-file byte limit (it fits in no part)
+  truncated_last_line     the last line has no newline and is not valid JSON
+line level, the request:
+  missing_custom_id       no custom_id
+  invalid_custom_id       custom_id is not a non-empty string
+  duplicate_custom_id     custom_id already used on an earlier line
+  invalid_method          method missing or not "POST"
+  invalid_url             url missing, not a string, or not an endpoint of the provider
+  mixed_url               url differs from the first line's (of the same model when
+                          grouping by model)
+  model_endpoint_mismatch a model on an endpoint it may not use (batch-test-model only
+                          on /v1/chat/ds-test, and that endpoint only for it)
+  missing_body            no body
+  invalid_body            body is not an object
+  missing_model           no body.model
+  invalid_model           body.model is not a non-empty string
+  mixed_model             body.model differs from the first line's (not grouping)
+  missing_messages        chat endpoint without body.messages
+  invalid_messages        body.messages is not a non-empty list of objects
+  missing_input           embeddings (or responses) endpoint without body.input
+  invalid_input           body.input is not a non-empty string or list
+  missing_prompt          completions endpoint without body.prompt
+  invalid_prompt          body.prompt is not a non-empty string or list
+  invalid_thinking        body.enable_thinking is not true or false
+  mixed_thinking          body.enable_thinking differs from the first line of the model
+`batchd validate` adds `unreadable` (file level) for a file it cannot open or read;
+`validate_file` itself raises OSError then, since a read error says nothing of content.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, BinaryIO
+
+import orjson
+
+from batchd.config import ProviderLimits
+
+# Our own bounds (not the service's): deeper nesting or larger integers are rejected.
+MAX_DEPTH = 256
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+
+_SNIFF_BYTES = 64 * 1024
+_COPY_CHUNK = 1024 * 1024
+_BOM = b"\xef\xbb\xbf"
+
+# `"` then optional JSON whitespace then `:`. Every key of an object produces exactly one
+# match; string contents can only add matches (an escaped quote before a colon), never
+# hide one. So if the matches equal the keys orjson kept, no key was dropped as a duplicate.
+_KEY_TOKEN = re.compile(rb'"[ \t\r\n]*:')
+
+# Which body field each endpoint needs, and whether a list value must hold objects.
+_BODY_FIELD: dict[str, str] = {
+    "/v1/chat/completions": "messages",
+    "/v1/chat/ds-test": "messages",
+    "/v1/embeddings": "input",
+    "/v1/responses": "input",
+    "/v1/completions": "prompt",
+}
+
+_BINARY_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x1f\x8b", "gzip"),
+    (b"PK\x03\x04", "zip (xlsx, docx, ...)"),
+    (b"\x28\xb5\x2f\xfd", "zstd"),
+    (b"BZh", "bzip2"),
+    (b"\xfd7zXZ\x00", "xz"),
+    (b"%PDF-", "PDF"),
+    (b"SQLite format 3\x00", "SQLite"),
+)
+
+_ABSENT = object()
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One broken rule: where (`line` is None for the whole file), which rule, and why."""
+
+    line: int | None
+    code: str
+    message: str
+
+    def render(self, path: str) -> str:
+        """`path:line: code: message`, the shape compilers use (grep- and editor-friendly)."""
+        where = f"{path}:{self.line}" if self.line is not None else path
+        return f"{where}: {self.code}: {self.message}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"line": self.line, "code": self.code, "message": self.message}
+
+
+@dataclass(slots=True)
+class Part:
+    """One planned batch: which lines of the source, where their bytes are, and its model.
+
+    `ranges` are the byte ranges [start, end) of the source to copy, in order: a single
+    range when the part is a contiguous run of lines, several when grouping by model
+    picked lines out of a mixed file. `first_line`/`last_line` are 1-based and inclusive.
+    """
+
+    index: int
+    model: str
+    endpoint: str
+    first_line: int
+    last_line: int
+    requests: int = 0
+    bytes: int = 0
+    ranges: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def start(self) -> int:
+        return self.ranges[0][0]
+
+    @property
+    def end(self) -> int:
+        return self.ranges[-1][1]
+
+    @property
+    def contiguous(self) -> bool:
+        return len(self.ranges) == 1
+
+    def add(self, line: int, start: int, size: int) -> None:
+        self.last_line = line
+        self.requests += 1
+        self.bytes += size
+        if self.ranges and self.ranges[-1][1] == start:
+            self.ranges[-1] = (self.ranges[-1][0], start + size)
+        else:
+            self.ranges.append((start, start + size))
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "index": self.index,
+            "model": self.model,
+            "endpoint": self.endpoint,
+            "first_line": self.first_line,
+            "last_line": self.last_line,
+            "requests": self.requests,
+            "bytes": self.bytes,
+            "start": self.start,
+            "end": self.end,
+        }
+        if not self.contiguous:
+            data["ranges"] = [list(r) for r in self.ranges]
+        return data
+
+
+@dataclass(slots=True)
+class Report:
+    """The verdict on one file.
+
+    `errors` holds at most `max_errors` problems, in line order, while `error_count`
+    counts every one. `parts` is the plan for a valid file (one part when no split is
+    needed) and empty for an invalid one.
+    """
+
+    path: str
+    valid: bool = False
+    requests: int = 0
+    bytes: int = 0
+    models: list[str] = field(default_factory=list)
+    endpoints: list[str] = field(default_factory=list)
+    parts: list[Part] = field(default_factory=list)
+    errors: list[Problem] = field(default_factory=list)
+    error_count: int = 0
+
+    @property
+    def model(self) -> str | None:
+        """The file's model when it has exactly one."""
+        return self.models[0] if len(self.models) == 1 else None
+
+    @property
+    def endpoint(self) -> str | None:
+        """The file's endpoint when it has exactly one."""
+        return self.endpoints[0] if len(self.endpoints) == 1 else None
+
+    @property
+    def needs_split(self) -> bool:
+        return len(self.parts) > 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `batchd validate --json` shape."""
+        return {
+            "path": self.path,
+            "valid": self.valid,
+            "requests": self.requests,
+            "bytes": self.bytes,
+            "model": self.model,
+            "models": list(self.models),
+            "endpoint": self.endpoint,
+            "parts": [p.to_dict() for p in self.parts],
+            "errors": [e.to_dict() for e in self.errors],
+            "error_count": self.error_count,
+        }
+
+    def render(self) -> list[str]:
+        """Readable lines: one per reported problem, `path:line: code: message`."""
+        lines = [e.render(self.path) for e in self.errors]
+        hidden = self.error_count - len(self.errors)
+        if hidden > 0:
+            lines.append(f"{self.path}: ... and {hidden} more problems not listed")
+        return lines
+
+
+class _TooDeep(Exception):
+    pass
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+class _NumberTooLarge(Exception):
+    def __init__(self, literal: str) -> None:
+        super().__init__(literal)
+        self.literal = literal
+
+
+class _NotAConstant(Exception):
+    def __init__(self, literal: str) -> None:
+        super().__init__(literal)
+        self.literal = literal
+
+
+def _count_keys(container: Any, depth: int, suspects: list[int]) -> int:
+    """Keys in every object of a parsed document; flags numbers that may be too large.
+
+    Recursion is bounded by MAX_DEPTH, far below Python's own limit.
+    """
+    if depth > MAX_DEPTH:
+        raise _TooDeep
+    if type(container) is dict:
+        keys = len(container)
+        values: Any = container.values()
+    else:
+        keys = 0
+        values = container
+    for value in values:
+        kind = type(value)
+        if kind is str:
+            continue
+        if kind is dict or kind is list:
+            keys += _count_keys(value, depth + 1, suspects)
+        elif kind is int:
+            if value > INT64_MAX or value < INT64_MIN:
+                suspects.append(1)
+        elif kind is float and (value >= 2.0**63 or value <= -(2.0**63)) and value.is_integer():
+            # orjson turns an integer literal beyond 64 bits into a float silently.
+            suspects.append(1)
+    return keys
+
+
+def _pairs_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return result
+
+
+def _checked_int(literal: str) -> int:
+    value = int(literal)
+    if value > INT64_MAX or value < INT64_MIN:
+        raise _NumberTooLarge(literal)
+    return value
+
+
+def _no_constant(literal: str) -> Any:
+    raise _NotAConstant(literal)
+
+
+def _strict_parse(text: str) -> tuple[str, str] | None:
+    """Parse with the stdlib, hooked to catch what orjson lets through or cannot name."""
+    try:
+        json.loads(
+            text,
+            object_pairs_hook=_pairs_without_duplicates,
+            parse_int=_checked_int,
+            parse_constant=_no_constant,
+        )
+    except _DuplicateKey as exc:
+        return "duplicate_key", f"key {exc.key!r} appears twice in one object"
+    except _NumberTooLarge as exc:
+        shown = exc.literal if len(exc.literal) <= 40 else exc.literal[:37] + "..."
+        return "number_too_large", f"integer {shown} does not fit in 64 bits"
+    except _NotAConstant as exc:
+        return "nan_or_infinity", f"{exc.literal} is not allowed in JSON"
+    except RecursionError:
+        return "too_deep", f"nesting deeper than {MAX_DEPTH} levels"
+    except json.JSONDecodeError as exc:
+        return "invalid_json", f"{exc.msg} at column {exc.colno}"
+    return None
+
+
+def _classify_parse_error(content: bytes, error: orjson.JSONDecodeError) -> tuple[str, str]:
+    """Name the rule behind an orjson failure (the slow path: only for bad lines)."""
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad = content[exc.start : exc.start + 1].hex()
+        return "invalid_utf8", f"byte 0x{bad} at column {exc.start + 1} is not valid UTF-8"
+    reason = str(error)
+    if "depth limit exceeded" in reason:
+        return "too_deep", f"nesting deeper than {MAX_DEPTH} levels"
+    if "infinity when parsed" in reason:
+        return "number_too_large", "a number overflows a double"
+    if "surrogate" in reason:
+        return "lone_surrogate", f"unpaired UTF-16 surrogate escape at column {error.colno}"
+    verdict = _strict_parse(text)
+    if verdict is not None and verdict[0] != "invalid_json":
+        return verdict
+    return "invalid_json", f"{error.msg} at column {error.colno}"
+
+
+def _sniff(head: bytes) -> Problem | None:
+    """File-level problems visible in the first bytes: not UTF-8 JSONL text at all."""
+    if not head:
+        return Problem(None, "empty_file", "the file is empty")
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return Problem(None, "utf16", "the file is UTF-16 text (BOM found); save it as UTF-8")
+    for magic, kind in _BINARY_MAGIC:
+        if head.startswith(magic):
+            return Problem(None, "binary_file", f"the file is {kind} data, not JSONL text")
+    if b"\x00" in head:
+        even, odd = head[0::2], head[1::2]
+        if even.count(0) > len(even) * 0.4 or odd.count(0) > len(odd) * 0.4:
+            return Problem(None, "utf16", "the file looks like UTF-16 text; save it as UTF-8")
+        return Problem(None, "binary_file", "the file is binary (NUL bytes), not JSONL text")
+    if b"\n" not in head and b"\r" in head.rstrip(b"\r\t "):
+        return Problem(
+            None, "cr_line_endings", "lines end with CR only; use LF (or CRLF) line endings"
+        )
+    return None
+
+
+class _Checker:
+    """The state of one validation pass: what earlier lines fixed, errors, the plan."""
+
+    def __init__(
+        self, path: str, limits: ProviderLimits, split: bool, group_by_model: bool, max_errors: int
+    ) -> None:
+        self.limits = limits
+        self.split = split
+        self.group = group_by_model and split
+        self.max_errors = max_errors
+        self.report = Report(path=path)
+        self.ids: set[str] = set()
+        # model -> (url, first line); model -> (enable_thinking or _ABSENT, first line)
+        self.url_of: dict[str | None, tuple[str, int]] = {}
+        self.thinking_of: dict[str, tuple[object, int]] = {}
+        self.first_model: tuple[str, int] | None = None
+        self.models_seen: set[str] = set()
+        self.exclusive: dict[str, set[str]] = {}
+        for name, model_limits in limits.models.items():
+            for endpoint in model_limits.exclusive_endpoints:
+                self.exclusive.setdefault(endpoint, set()).add(name)
+        self.open_parts: dict[str | None, Part] = {}
+        self.parts: list[Part] = []
+        # (url, model, enable_thinking) of the last line that broke no rule.
+        self.clean: tuple[str, str, object] | None = None
+        # model -> (max requests, max bytes) per file, resolved once.
+        self.caps: dict[str, tuple[int, int]] = {}
+
+    def problem(self, line: int | None, code: str, message: str) -> None:
+        report = self.report
+        report.error_count += 1
+        if line is None:
+            # File-level problems are few and the most telling: always listed, first.
+            report.errors.insert(0, Problem(line, code, message))
+            del report.errors[self.max_errors :]
+        elif len(report.errors) < self.max_errors:
+            report.errors.append(Problem(line, code, message))
+
+    def check_request(self, n: int, obj: dict[str, Any], start: int, size: int) -> None:
+        """The request rules of one parsed line; plans the line into a part when clean."""
+        errors_before = self.report.error_count
+        custom_id = obj.get("custom_id", _ABSENT)
+        if custom_id is _ABSENT:
+            self.problem(n, "missing_custom_id", "custom_id is missing")
+        elif type(custom_id) is not str or not custom_id:
+            self.problem(n, "invalid_custom_id", "custom_id must be a non-empty string")
+        elif custom_id in self.ids:
+            self.problem(
+                n, "duplicate_custom_id", f"custom_id {custom_id!r} is already used earlier"
+            )
+        else:
+            self.ids.add(custom_id)
+        method = obj.get("method")
+        if method != "POST":
+            shown = "missing" if method is None else repr(method)
+            self.problem(n, "invalid_method", f'method is {shown}; it must be "POST"')
+        url = obj.get("url")
+        body = obj.get("body", _ABSENT)
+        if type(body) is dict:
+            model = body.get("model")
+            thinking = body.get("enable_thinking", _ABSENT)
+            clean = self.clean
+            # Fast path: the url, model and thinking setting of the last clean line passed
+            # every rule that depends on them alone, or on what earlier lines fixed.
+            if clean is not None and url == clean[0] and model == clean[1] and thinking is clean[2]:
+                self._check_body_field(n, body, clean[0])
+                if self.report.error_count == errors_before:
+                    self._plan(n, clean[1], clean[0], start, size)
+                return
+        if type(url) is not str:
+            self.problem(n, "invalid_url", "url is missing or not a string")
+            url = None
+        elif url not in self.limits.endpoints:
+            allowed = ", ".join(self.limits.endpoints)
+            self.problem(n, "invalid_url", f"url {url!r} is not one of this provider's: {allowed}")
+            url = None
+        model = self._check_body(n, body, url)
+        if url is not None:
+            self._check_url(n, url, model)
+        if model is not None and url is not None and self.report.error_count == errors_before:
+            self.clean = (url, model, body.get("enable_thinking", _ABSENT))
+            self._plan(n, model, url, start, size)
+
+    def _check_body(self, n: int, body: Any, url: str | None) -> str | None:
+        if body is _ABSENT:
+            self.problem(n, "missing_body", "body is missing")
+            return None
+        if type(body) is not dict:
+            self.problem(n, "invalid_body", "body must be an object")
+            return None
+        given = body.get("model", _ABSENT)
+        model: str | None = None
+        if given is _ABSENT:
+            self.problem(n, "missing_model", "body.model is missing")
+        elif type(given) is not str or not given:
+            self.problem(n, "invalid_model", "body.model must be a non-empty string")
+        else:
+            model = given
+            self._check_model(n, model)
+        if url is not None:
+            self._check_body_field(n, body, url)
+        thinking = body.get("enable_thinking", _ABSENT)
+        if thinking is not _ABSENT and type(thinking) is not bool:
+            self.problem(n, "invalid_thinking", "body.enable_thinking must be true or false")
+        elif model is not None:
+            first = self.thinking_of.setdefault(model, (thinking, n))
+            if first[0] is not thinking:
+                self.problem(
+                    n,
+                    "mixed_thinking",
+                    f"enable_thinking is {_show_thinking(thinking)} here but "
+                    f"{_show_thinking(first[0])} on line {first[1]}; one setting per model",
+                )
+        return model
+
+    def _check_body_field(self, n: int, body: dict[str, Any], url: str) -> None:
+        needed = _BODY_FIELD.get(url)
+        if needed is None:
+            return
+        value = body.get(needed, _ABSENT)
+        if value is _ABSENT:
+            self.problem(n, f"missing_{needed}", f"body.{needed} is missing (needed on {url})")
+        elif needed == "messages":
+            if type(value) is not list or not value or not _all_objects(value):
+                self.problem(
+                    n, "invalid_messages", "body.messages must be a non-empty list of objects"
+                )
+        elif not (type(value) in (str, list) and value):
+            self.problem(
+                n, f"invalid_{needed}", f"body.{needed} must be a non-empty string or list"
+            )
+
+    def _check_model(self, n: int, model: str) -> None:
+        if model not in self.models_seen:
+            self.models_seen.add(model)
+            self.report.models.append(model)
+        if self.first_model is None:
+            self.first_model = (model, n)
+        elif model != self.first_model[0] and not self.group:
+            first, line = self.first_model
+            self.problem(
+                n,
+                "mixed_model",
+                f"model {model!r} differs from {first!r} on line {line}; "
+                "a batch has one model (or group the file by model)",
+            )
+
+    def _check_url(self, n: int, url: str, model: str | None) -> None:
+        key = model if self.group else None
+        if key is None and self.group:
+            return
+        first = self.url_of.get(key)
+        if first is None:
+            self.url_of[key] = (url, n)
+            if url not in self.report.endpoints:
+                self.report.endpoints.append(url)
+        elif first[0] != url:
+            self.problem(
+                n,
+                "mixed_url",
+                f"url {url!r} differs from {first[0]!r} on line {first[1]}; "
+                "every line of a batch uses one url",
+            )
+        if model is None:
+            return
+        allowed = self.limits.for_model(model).endpoints
+        if allowed is not None and url not in allowed:
+            self.problem(
+                n,
+                "model_endpoint_mismatch",
+                f"model {model!r} may only use {', '.join(allowed)}, not {url!r}",
+            )
+        owners = self.exclusive.get(url)
+        if owners and model not in owners:
+            self.problem(
+                n,
+                "model_endpoint_mismatch",
+                f"url {url!r} is reserved for {', '.join(sorted(owners))}, not {model!r}",
+            )
+
+    def _plan(self, n: int, model: str, url: str, start: int, size: int) -> None:
+        caps = self.caps.get(model)
+        if caps is None:
+            caps = self.caps[model] = (
+                self.limits.requests_limit(model),
+                self.limits.bytes_limit(model),
+            )
+        max_requests, max_bytes = caps
+        if size > max_bytes:
+            self.problem(
+                n,
+                "line_too_long",
+                f"line is {size} bytes, more than a whole {model} file may be ({max_bytes})",
+            )
+            return
+        key = model if self.group else None
+        part = self.open_parts.get(key)
+        if part is not None and (part.requests >= max_requests or part.bytes + size > max_bytes):
+            self.parts.append(part)
+            part = None
+        if part is None:
+            part = Part(index=0, model=model, endpoint=url, first_line=n, last_line=n)
+            self.open_parts[key] = part
+        part.add(n, start, size)
+
+    def finish(self) -> Report:
+        report = self.report
+        parts = self.parts + list(self.open_parts.values())
+        if not self.split and self.first_model is not None and report.requests:
+            model = self.first_model[0]
+            max_requests = self.limits.requests_limit(model)
+            max_bytes = self.limits.bytes_limit(model)
+            if report.requests > max_requests:
+                self.problem(
+                    None,
+                    "too_many_requests",
+                    f"{report.requests} requests; a {model} batch may have at most "
+                    f"{max_requests} (splitting is off)",
+                )
+            if report.bytes > max_bytes:
+                self.problem(
+                    None,
+                    "file_too_large",
+                    f"{report.bytes} bytes; a {model} batch file may be at most "
+                    f"{max_bytes} bytes (splitting is off)",
+                )
+        report.valid = report.error_count == 0
+        if report.valid:
+            parts.sort(key=lambda p: p.first_line)
+            for index, part in enumerate(parts, start=1):
+                part.index = index
+            report.parts = parts
+        return report
+
+
+def _all_objects(items: list[Any]) -> bool:
+    return all(type(item) is dict for item in items)
+
+
+def _show_thinking(value: object) -> str:
+    return "absent" if value is _ABSENT else str(value).lower()
+
+
+def validate_stream(
+    stream: BinaryIO,
+    *,
+    path: str,
+    limits: ProviderLimits,
+    split: bool = True,
+    group_by_model: bool = False,
+    max_errors: int = 100,
+) -> Report:
+    """Validate a seekable binary stream positioned at its start; see `validate_file`."""
+    checker = _Checker(path, limits, split, group_by_model, max_errors)
+    report = checker.report
+    head = stream.read(_SNIFF_BYTES)
+    stream.seek(0)
+    file_problem = _sniff(head)
+    if file_problem is not None:
+        checker.problem(file_problem.line, file_problem.code, file_problem.message)
+        report.bytes = stream.seek(0, os.SEEK_END)
+        return checker.finish()
+
+    max_line = limits.max_line_bytes
+    cap = max_line + 2  # room for a CRLF after a line of exactly max_line bytes
+    readline = stream.readline
+    loads = orjson.loads
+    count_keys = _count_keys
+    key_tokens = _KEY_TOKEN.findall
+    decode_error = orjson.JSONDecodeError
+    offset = 0
+    n = 0
+    while True:
+        raw = readline(cap)
+        if not raw:
+            break
+        n += 1
+        start = offset
+        size = len(raw)
+        last_without_newline = False
+        if raw[-1] != 10:  # no LF: the line is longer than the cap, or the file's last
+            if size == cap:
+                while True:
+                    more = readline(_COPY_CHUNK)
+                    size += len(more)
+                    if not more or more[-1] == 10:
+                        last_without_newline = not more
+                        break
+            else:
+                last_without_newline = True
+        offset += size
+        length = _content_length(raw, size, last_without_newline)
+        if length > max_line:
+            checker.problem(
+                n, "line_too_long", f"line is {length} bytes; the limit is {max_line} bytes"
+            )
+            report.requests += 1
+            continue
+        content = raw.rstrip(b"\r\n")
+        if not content or content.isspace():
+            checker.problem(n, "empty_line", "empty line; every line must be one request")
+            continue
+        report.requests += 1
+        if content.startswith(_BOM):
+            checker.problem(n, "bom", "the line starts with a UTF-8 byte order mark; remove it")
+            content = content[3:]
+        try:
+            obj = loads(content)
+        except decode_error as exc:
+            if last_without_newline:
+                checker.problem(
+                    n,
+                    "truncated_last_line",
+                    "the last line has no newline and is not complete JSON (a partial copy?)",
+                )
+            else:
+                code, message = _classify_parse_error(content, exc)
+                checker.problem(n, code, message)
+            continue
+        if type(obj) is not dict:
+            kind = type(obj).__name__ if obj is not None else "null"
+            checker.problem(n, "not_an_object", f"the line is a JSON {kind}, not an object")
+            continue
+        suspects: list[int] = []
+        try:
+            keys = count_keys(obj, 1, suspects)
+        except _TooDeep:
+            checker.problem(n, "too_deep", f"nesting deeper than {MAX_DEPTH} levels")
+            continue
+        # A key is followed by one colon outside strings, so if the colons equal the
+        # keys kept there was no duplicate; else count the key tokens themselves.
+        if suspects or (content.count(b":") != keys and len(key_tokens(content)) != keys):
+            verdict = _strict_parse(content.decode("utf-8"))
+            if verdict is not None:
+                checker.problem(n, *verdict)
+                continue
+        checker.check_request(n, obj, start, size)
+    report.bytes = offset
+    return checker.finish()
+
+
+def _content_length(raw: bytes, size: int, last_without_newline: bool) -> int:
+    """A line's length without its line ending (LF or CRLF)."""
+    if last_without_newline:
+        return size
+    if size <= len(raw) and raw.endswith(b"\r\n"):
+        return size - 2
+    return size - 1
+
+
+def validate_file(
+    path: str | os.PathLike[str],
+    limits: ProviderLimits,
+    *,
+    split: bool = True,
+    group_by_model: bool = False,
+    max_errors: int = 100,
+) -> Report:
+    """Check every line of a JSONL batch input file against the provider's rules.
+
+    One streaming pass; memory is bounded by one line plus the custom_id set. With
+    `split` (the default) a file over the request or byte limit of its model is planned
+    into parts that each are within both; without it, being over a limit is an error.
+    `group_by_model` (only with `split`) accepts a file that mixes models and plans one
+    or more parts per model. Reading errors (missing file, EIO) raise OSError: they say
+    nothing about the file's content.
+    """
+    with open(path, "rb", buffering=_COPY_CHUNK) as stream:
+        return validate_stream(
+            stream,
+            path=str(path),
+            limits=limits,
+            split=split,
+            group_by_model=group_by_model,
+            max_errors=max_errors,
+        )
+
+
+def part_file_names(source: str | os.PathLike[str], count: int) -> list[str]:
+    """Predictable names for the parts of `source`: `NAME.part-001.jsonl`, ..."""
+    name = Path(source).name
+    stem = name[: -len(".jsonl")] if name.endswith(".jsonl") else Path(name).stem
+    width = max(3, len(str(count)))
+    return [f"{stem}.part-{i:0{width}d}.jsonl" for i in range(1, count + 1)]
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike[str], *, fsync: bool = False) -> Iterator[IO[bytes]]:
+    """Write `path` through a hidden temporary file beside it, renamed into place only
+    when the block finishes without an error; readers never see a partial file."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as out:
+            yield out
+            if fsync:
+                out.flush()
+                os.fsync(out.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if fsync:
+        dir_fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def write_parts(
+    report: Report,
+    source: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    fsync: bool = False,
+) -> list[Path]:
+    """Write the planned parts of a valid report as files in `out_dir`, copying byte
+    ranges of `source` (streaming, never the whole file in memory).
+
+    Writes nothing and returns [] when no split is needed (one part: use the source as
+    is). Each file appears atomically. Raises ValueError for an invalid report or when
+    the source's size no longer matches the report.
+    """
+    if not report.valid:
+        raise ValueError(f"{report.path} is not valid; it has no parts to write")
+    if not report.needs_split:
+        return []
+    if os.path.getsize(source) != report.bytes:
+        raise ValueError(f"{source} changed since it was validated")
+    directory = Path(out_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    names = part_file_names(source, len(report.parts))
+    with open(source, "rb") as src:
+        for part, name in zip(report.parts, names, strict=True):
+            target = directory / name
+            with atomic_output(target, fsync=fsync) as out:
+                for start, end in part.ranges:
+                    src.seek(start)
+                    remaining = end - start
+                    while remaining:
+                        chunk = src.read(min(remaining, _COPY_CHUNK))
+                        if not chunk:
+                            raise ValueError(f"{source} changed since it was validated")
+                        out.write(chunk)
+                        remaining -= len(chunk)
+            written.append(target)
+    return written

@@ -1,0 +1,104 @@
+"""`batchd validate`, `split`, `csv2jsonl`, `jsonl2csv` through the real command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from batchd.cli import main
+
+CORPUS = Path(__file__).parent.parent / "corpus"
+GOOD = CORPUS / "good_chat.jsonl"
+BAD = CORPUS / "custom_id_duplicate.jsonl"
+
+
+def test_validate_exits_0_when_every_file_is_valid(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(GOOD), str(CORPUS / "good_crlf.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert f"{GOOD}: ok, 3 requests" in out
+
+
+def test_validate_exits_1_and_prints_path_line_code(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(GOOD), str(BAD)]) == 1
+    assert f"{BAD}:3: duplicate_custom_id: " in capsys.readouterr().out
+
+
+def test_validate_json_prints_one_object_per_file(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", "--json", str(GOOD), str(BAD)]) == 1
+    first, second = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    keys = {"path", "valid", "requests", "bytes", "model", "endpoint", "parts", "errors"}
+    assert keys | {"error_count"} <= set(first)
+    assert first["valid"] is True and len(first["parts"]) == 1
+    assert second["valid"] is False and second["error_count"] == 1
+    assert second["errors"][0]["line"] == 3 and second["errors"][0]["code"] == "duplicate_custom_id"
+
+
+def test_a_missing_file_is_reported_as_not_valid(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "missing.jsonl"
+    assert main(["validate", "--json", str(missing)]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["errors"][0]["code"] == "unreadable" and report["errors"][0]["line"] is None
+
+
+def test_no_split_and_max_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    over = CORPUS / "test_model_101_split.jsonl"
+    assert main(["validate", str(over)]) == 0
+    assert "2 parts" in capsys.readouterr().out
+    assert main(["validate", "--no-split", str(over)]) == 1
+    assert "too_many_requests" in capsys.readouterr().out
+    assert (
+        main(["validate", "--json", "--max-errors", "1", str(CORPUS / "not_an_object.jsonl")]) == 1
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert len(report["errors"]) == 1 and report["error_count"] == 4
+
+
+def test_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", "--config", str(tmp_path / "none.toml"), str(GOOD)]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", "--max-errors", "0", str(GOOD)])
+    assert exit_info.value.code == 2
+    capsys.readouterr()
+
+
+def test_config_limits_apply(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "batchd.toml"
+    config.write_text("[limits]\nmax_line_bytes = 100\n")
+    assert main(["validate", "--config", str(config), str(GOOD)]) == 1
+    assert "line_too_long" in capsys.readouterr().out
+
+
+def test_split_writes_parts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = CORPUS / "test_model_101_split.jsonl"
+    out = tmp_path / "parts"
+    assert main(["split", str(source), "--out", str(out)]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["test_model_101_split.part-001.jsonl", "test_model_101_split.part-002.jsonl"]
+    assert b"".join((out / n).read_bytes() for n in names) == source.read_bytes()
+    assert main(["split", str(GOOD), "--out", str(tmp_path / "none")]) == 0
+    assert "nothing written" in capsys.readouterr().out
+    assert main(["split", str(GOOD), "--max-requests", "2", "--out", str(tmp_path / "two")]) == 0
+    assert len(list((tmp_path / "two").iterdir())) == 2
+    assert main(["split", str(BAD), "--out", str(tmp_path / "bad")]) == 1
+
+
+def test_csv2jsonl_and_jsonl2csv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "input.csv"
+    source.write_text("custom_id,content\n1,hello\n2,world\n")
+    assert main(["csv2jsonl", str(source), "--model", "batch-test-model"]) == 0
+    converted = tmp_path / "input.jsonl"
+    assert main(["validate", str(converted)]) == 0
+    first = json.loads(converted.read_bytes().splitlines()[0])
+    assert first["url"] == "/v1/chat/ds-test"
+    result = tmp_path / "result.jsonl"
+    result.write_text('{"custom_id":"1","response":{"status_code":200,"body":{"model":"m"}}}\n')
+    assert main(["jsonl2csv", str(result), "-o", str(tmp_path / "out.csv")]) == 0
+    assert (tmp_path / "out.csv").read_bytes().startswith(b"\xef\xbb\xbfcustom_id,model")
+    source.write_text("1,a\n1,b\n")
+    assert main(["csv2jsonl", str(source), "-o", str(tmp_path / "dup.jsonl"), "--model", "m"]) == 1
+    assert ":2: duplicate_custom_id" in capsys.readouterr().err
+    assert main(["csv2jsonl", str(tmp_path / "nope.csv"), "--model", "m"]) == 2

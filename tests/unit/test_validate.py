@@ -1,0 +1,237 @@
+"""The validator's limits, reading edge cases, report shape and part files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batchd.config import MB, PROFILES, ProviderLimits, merge_limits
+from batchd.validate import Report, part_file_names, validate_file, write_parts
+
+DASHSCOPE = PROFILES["dashscope"].limits
+
+
+def request(custom_id: str, content: str = "Hello", **body: Any) -> dict[str, Any]:
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": body.pop("url", "/v1/chat/completions"),
+        "body": {
+            "model": body.pop("model", "qwen-plus"),
+            "messages": [{"role": "user", "content": content}],
+            **body,
+        },
+    }
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def write(tmp_path: Path, lines: list[bytes], name: str = "in.jsonl", end: bytes = b"\n") -> Path:
+    path = tmp_path / name
+    path.write_bytes(b"".join(line + end for line in lines))
+    return path
+
+
+def limits(**overrides: Any) -> ProviderLimits:
+    return merge_limits(DASHSCOPE, overrides)
+
+
+def codes(report: Report) -> list[tuple[int | None, str]]:
+    return [(e.line, e.code) for e in report.errors]
+
+
+def padded(custom_id: str, size: int) -> bytes:
+    """A valid request line of exactly `size` bytes (without its newline)."""
+    base = encode(request(custom_id, ""))
+    line = encode(request(custom_id, "x" * (size - len(base))))
+    assert len(line) == size
+    return line
+
+
+@pytest.mark.parametrize("end", [b"\n", b"\r\n"])
+def test_line_at_max_line_bytes_passes_and_one_more_fails(tmp_path: Path, end: bytes) -> None:
+    path = write(tmp_path, [padded("1", 300), padded("2", 301), padded("3", 300)], end=end)
+    report = validate_file(path, limits(max_line_bytes=300))
+    assert codes(report) == [(2, "line_too_long")]
+    assert report.requests == 3 and report.bytes == path.stat().st_size
+
+
+def test_a_very_long_line_is_skipped_in_bounded_chunks_and_counting_goes_on(
+    tmp_path: Path,
+) -> None:
+    path = write(tmp_path, [padded("1", 150), padded("2", 50_000), padded("3", 150)])
+    report = validate_file(path, limits(max_line_bytes=1000))
+    assert codes(report) == [(2, "line_too_long")]
+    assert "50000 bytes" in report.errors[0].message
+    assert report.bytes == path.stat().st_size
+
+
+def test_a_long_last_line_without_newline_is_too_long(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(padded("1", 150) + b"\n" + padded("2", 5000))
+    assert codes(validate_file(path, limits(max_line_bytes=1000))) == [(2, "line_too_long")]
+
+
+def test_requests_at_the_limit_pass_and_one_more_fails_without_splitting(tmp_path: Path) -> None:
+    lines = [encode(request(str(i))) for i in range(5)]
+    at_limit = validate_file(
+        write(tmp_path, lines[:4]), limits(max_requests_per_file=4), split=False
+    )
+    assert at_limit.valid and len(at_limit.parts) == 1
+    over = validate_file(write(tmp_path, lines), limits(max_requests_per_file=4), split=False)
+    assert codes(over) == [(None, "too_many_requests")]
+    assert "5 requests" in over.errors[0].message and over.parts == []
+
+
+def test_bytes_at_the_limit_pass_and_one_more_fails_without_splitting(tmp_path: Path) -> None:
+    lines = [padded("1", 149), padded("2", 149)]  # 300 bytes with newlines
+    assert validate_file(write(tmp_path, lines), limits(max_file_bytes=300), split=False).valid
+    report = validate_file(write(tmp_path, lines), limits(max_file_bytes=299), split=False)
+    assert codes(report) == [(None, "file_too_large")]
+
+
+def test_the_test_models_own_byte_limit_applies(tmp_path: Path) -> None:
+    size = 1 * MB // 4
+    lines = [
+        padded(str(i), size - 1)
+        .replace(b"qwen-plus", b"batch-test-model", 1)
+        .replace(b"/v1/chat/completions", b"/v1/chat/ds-test", 1)
+        for i in range(4)
+    ]
+    path = write(tmp_path, lines)
+    report = validate_file(path, DASHSCOPE, split=False)
+    assert path.stat().st_size > 1 * MB
+    assert codes(report) == [(None, "file_too_large")]
+    split = validate_file(path, DASHSCOPE)
+    assert split.valid and [p.requests for p in split.parts] == [3, 1]
+
+
+def test_a_line_bigger_than_the_models_whole_file_limit_fits_no_part(tmp_path: Path) -> None:
+    line = encode(request("1", "x" * (1 * MB), model="batch-test-model", url="/v1/chat/ds-test"))
+    report = validate_file(write(tmp_path, [line]), DASHSCOPE)
+    assert codes(report) == [(1, "line_too_long")]
+
+
+def test_listing_stops_at_max_errors_but_counting_does_not(tmp_path: Path) -> None:
+    path = write(tmp_path, [b"[]"] * 500)
+    report = validate_file(path, DASHSCOPE, max_errors=10)
+    assert len(report.errors) == 10 and report.error_count == 500
+    assert report.render()[-1].endswith("490 more problems not listed")
+
+
+def test_a_file_level_problem_is_listed_even_when_the_list_is_full(tmp_path: Path) -> None:
+    lines = [encode(request("1"))] * 20
+    report = validate_file(
+        write(tmp_path, lines), limits(max_requests_per_file=5), split=False, max_errors=3
+    )
+    assert report.errors[0].code == "too_many_requests"
+    assert len(report.errors) == 3 and report.error_count == 20
+
+
+def test_report_json_shape(tmp_path: Path) -> None:
+    path = write(tmp_path, [encode(request(str(i))) for i in range(3)])
+    data = validate_file(path, DASHSCOPE).to_dict()
+    assert {
+        "path",
+        "valid",
+        "requests",
+        "bytes",
+        "model",
+        "endpoint",
+        "parts",
+        "errors",
+        "error_count",
+    } <= set(data)
+    assert data["model"] == "qwen-plus" and data["endpoint"] == "/v1/chat/completions"
+    assert data["parts"] == [
+        {
+            "index": 1,
+            "model": "qwen-plus",
+            "endpoint": "/v1/chat/completions",
+            "first_line": 1,
+            "last_line": 3,
+            "requests": 3,
+            "bytes": path.stat().st_size,
+            "start": 0,
+            "end": path.stat().st_size,
+        }
+    ]
+    json.dumps(data)
+
+
+def test_over_limit_file_is_split_into_parts_that_each_validate_clean(tmp_path: Path) -> None:
+    lines = [padded(str(i), 150 + (i * 37) % 120) for i in range(103)]
+    source = write(tmp_path, lines, name="reviews.jsonl")
+    small = limits(max_requests_per_file=10, max_file_bytes=2500)
+    report = validate_file(source, small)
+    assert report.valid and report.needs_split
+    out = tmp_path / "parts"
+    written = write_parts(report, source, out)
+    assert [p.name for p in written] == part_file_names(source, len(report.parts))
+    assert written[0].name == "reviews.part-001.jsonl"
+    joined = b""
+    for part, path in zip(report.parts, written, strict=True):
+        again = validate_file(path, small, split=False)
+        assert again.valid, again.render()
+        assert again.requests == part.requests <= 10 and again.bytes == part.bytes <= 2500
+        joined += path.read_bytes()
+    assert joined == source.read_bytes()
+    assert report.parts[0].first_line == 1 and report.parts[-1].last_line == 103
+
+
+def test_a_file_that_fits_in_one_batch_writes_no_parts(tmp_path: Path) -> None:
+    source = write(tmp_path, [encode(request("1"))])
+    report = validate_file(source, DASHSCOPE)
+    assert write_parts(report, source, tmp_path / "parts") == []
+    assert not (tmp_path / "parts").exists()
+
+
+def test_grouping_by_model_writes_one_part_per_model_in_line_order(tmp_path: Path) -> None:
+    models = ["qwen-plus", "qwen-max", "qwen-plus", "text-embedding-v4", "qwen-max"]
+    lines = []
+    for i, model in enumerate(models, start=1):
+        if model.startswith("text-embedding"):
+            obj = {
+                "custom_id": str(i),
+                "method": "POST",
+                "url": "/v1/embeddings",
+                "body": {"model": model, "input": "x"},
+            }
+        else:
+            obj = request(str(i), model=model)
+        lines.append(encode(obj))
+    source = write(tmp_path, lines, name="mixed.jsonl")
+    assert codes(validate_file(source, DASHSCOPE))[0] == (2, "mixed_model")
+    report = validate_file(source, DASHSCOPE, group_by_model=True)
+    assert report.valid and report.model is None
+    assert report.models == ["qwen-plus", "qwen-max", "text-embedding-v4"]
+    assert [(p.model, p.first_line, p.last_line, p.requests) for p in report.parts] == [
+        ("qwen-plus", 1, 3, 2),
+        ("qwen-max", 2, 5, 2),
+        ("text-embedding-v4", 4, 4, 1),
+    ]
+    written = write_parts(report, source, tmp_path / "out")
+    for part, path in zip(report.parts, written, strict=True):
+        assert validate_file(path, DASHSCOPE, split=False).valid
+        assert path.read_bytes().splitlines() == [
+            lines[n - 1] for n in range(1, len(lines) + 1) if models[n - 1] == part.model
+        ]
+
+
+def test_write_parts_refuses_a_source_that_changed(tmp_path: Path) -> None:
+    source = write(tmp_path, [encode(request(str(i))) for i in range(4)])
+    report = validate_file(source, limits(max_requests_per_file=2))
+    with source.open("ab") as extra:
+        extra.write(encode(request("9")) + b"\n")
+    with pytest.raises(ValueError, match="changed"):
+        write_parts(report, source, tmp_path / "parts")
+
+
+def test_a_missing_file_raises_oserror(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        validate_file(tmp_path / "nope.jsonl", DASHSCOPE)
