@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "batchd.commands.emulator",
     "batchd.commands.daemon",
     "batchd.commands.demo",
+    "batchd.commands.control",
 )
 
 

@@ -362,6 +362,7 @@ class Publisher:
         if summary is None:
             summary = orjson.loads((final / "summary.json").read_bytes())
         outcome = str(summary.get("status"))
+        counts = summary.get("request_counts") or {}
         await self.store.update_job(
             job.id,
             JobState.PUBLISHING,
@@ -369,6 +370,9 @@ class Publisher:
             outcome=outcome,
             crash_count=0,
             outbox_path=str(final),
+            completed=int(counts.get("completed") or 0),
+            failed=int(counts.get("failed") or 0),
+            usage=summary.get("usage"),
         )
         if self.delete_remote_files:
             ids = [f for p in parts for f in (p.remote_file_id, p.output_file_id, p.error_file_id)]
@@ -396,13 +400,16 @@ class Publisher:
             stats = merge(jsonl_input, parts, tmp / "result.jsonl", tmp / "error.jsonl")
             outcome = decide_outcome(job, parts, stats)
         write_results_csv([tmp / "result.jsonl", tmp / "error.jsonl"], tmp / "result.csv")
-        if self.keep_input and spool_input.exists():
-            dest = tmp / f"input{spool_input.suffix}"
-            try:
-                os.link(spool_input, dest)
-            except OSError:
-                shutil.copyfile(spool_input, dest)
-            _fsync_file(dest)
+        if self.keep_input:
+            # A CSV input is kept with the JSONL it became, which `batchd retry` reuses.
+            for source in {spool_input, jsonl_input}:
+                if source.exists():
+                    dest = tmp / source.name
+                    try:
+                        os.link(source, dest)
+                    except OSError:
+                        shutil.copyfile(source, dest)
+                    _fsync_file(dest)
         summary = build_summary(job, parts, stats, outcome)
         (tmp / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
         _fsync_file(tmp / "summary.json")

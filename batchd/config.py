@@ -290,6 +290,15 @@ class ApiSettings(BaseModel):
     account_probe_s: float = Field(default=60.0, gt=0)
 
 
+class ControlSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # The control socket; `<runtime>/control.sock` when unset.
+    socket: Path | None = None
+    # Members of this group may use the socket (besides root and the daemon's own user).
+    group: str | None = None
+
+
 class Settings(FileSettings):
     """The daemon's settings (`batchd run`, `batchd validate`, ...)."""
 
@@ -306,6 +315,7 @@ class Settings(FileSettings):
     jobs: JobSettings = Field(default_factory=JobSettings)
     poll: PollSettings = Field(default_factory=PollSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
+    control: ControlSettings = Field(default_factory=ControlSettings)
     # Stop and park a job after it was caught mid-step by this many crashes.
     max_job_crashes: int = Field(default=3, ge=1)
     # The validator stops listing problems after this many (it still counts them all).
@@ -318,6 +328,10 @@ class Settings(FileSettings):
         except ValueError as exc:
             raise ValueError(f"[limits]: {exc}") from exc
         return self
+
+    @property
+    def socket_path(self) -> Path:
+        return self.control.socket or self.paths.folder("runtime") / "control.sock"
 
     @property
     def profile(self) -> ProviderProfile:

@@ -9,6 +9,7 @@ is an event: stages finish their current step within a grace period, then are ca
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import signal
 import time
@@ -17,18 +18,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from batchd import __version__
 from batchd.api import AccountError, ApiError, BatchApi, RetryPolicy
 from batchd.collect import Collector, Publisher
 from batchd.config import Settings
-from batchd.errors import ConfigError
+from batchd.control import ControlServer, event_from
+from batchd.errors import BatchdError, ConfigError
 from batchd.failpoints import failpoint
 from batchd.intake import Intake
 from batchd.limits import CallClass, RateLimiter
 from batchd.logs import get_logger, register_secret
-from batchd.models import JOB_TERMINAL, Job, JobState, Part
+from batchd.models import JOB_TERMINAL, Job, JobState, Part, PartState
 from batchd.poll import Poller, window_hours
 from batchd.prepare import Preparer
+from batchd.protocol import (
+    ActionResponse,
+    Caps,
+    Event,
+    JobInfo,
+    JobList,
+    PartInfo,
+    StatusResponse,
+)
 from batchd.store import Store
 from batchd.submit import AccountState, Submitter
 
@@ -238,8 +251,6 @@ class Daemon:
 
     async def _watch(self) -> None:
         """inotify through watchfiles: pokes the intake stage on any change in the inbox."""
-        if not self.settings.intake.watch:
-            return
         import watchfiles
 
         async for _changes in watchfiles.awatch(
@@ -295,13 +306,15 @@ class Daemon:
 
     async def run(self, on_ready: Callable[[], None] | None = None) -> int:
         """Open, recover, run every stage until stop; returns the exit code."""
+        lock = self._lock_state()
         await self._open()
+        self.control = ControlServer(self, self.settings.socket_path, self.settings.control.group)
         try:
+            await self.control.start()
             await self.recover()
             s = self.settings
             stages: dict[str, Awaitable[None]] = {
                 "intake": self._stage("intake", self._intake_step, s.intake.rescan_interval_s),
-                "watch": self._watch(),
                 "prepare": self._stage("prepare", self.preparer.run_once, 5.0),
                 "submit": self._stage("submit", self._submit_step, 2.0),
                 "poll": self._stage("poll", self.poller.run_once, 1.0),
@@ -311,6 +324,8 @@ class Daemon:
                 "account": self._stage("account", self._account_probe, s.api.account_probe_s),
                 "drain": self._stage("drain", self._drain_watch, 1.0),
             }
+            if s.intake.watch:
+                stages["watch"] = self._watch()
             for name, coro in stages.items():
                 self.tasks[name] = asyncio.create_task(coro, name=f"batchd.{name}")  # type: ignore[arg-type]
                 self.tasks[name].add_done_callback(self._stage_done)
@@ -326,10 +341,23 @@ class Daemon:
             await self.stopping.wait()
             await self._stop_tasks()
         finally:
+            await self.control.stop()
             await self.api.close()
             await self.store.close()
+            os.close(lock)
         log.info("daemon_stopped", exit_code=self.exit_code)
         return self.exit_code
+
+    def _lock_state(self) -> int:
+        """One daemon per state folder: a second one would double every remote call."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.state_dir / "batchd.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise BatchdError(f"another batchd is already running on {self.state_dir}") from None
+        return fd
 
     def _stage_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or self.stopping.is_set():
@@ -368,8 +396,246 @@ class Daemon:
         log.info("stop_requested")
         self.stopping.set()
 
-    def status(self) -> dict[str, Any]:
-        return {"version": __version__, "uptime_s": time.time() - self.started_at}
+    def start_drain(self) -> None:
+        """Finish what runs, take nothing new, then exit."""
+        if not self.draining:
+            log.info("drain_requested")
+        self.draining = True
+        self.wake["drain"].set()
+
+    # -- what the control socket asks -------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        stages_alive = all(not t.done() for t in self.tasks.values()) if self.tasks else False
+        return stages_alive and self.account.paused_reason is None
+
+    async def status(self) -> StatusResponse:
+        total, by_model = await self.store.slot_holders()
+        return StatusResponse(
+            version=__version__,
+            pid=os.getpid(),
+            uptime_s=round(time.time() - self.started_at, 3),
+            provider=self.profile.name,
+            base_url=self.profile.base_url,
+            root=str(self.settings.paths.root),
+            intake_paused=self.intake.paused,
+            draining=self.draining,
+            account_paused=self.account.paused_reason,
+            jobs_by_state=await self.store.job_counts(),
+            jobs_by_outcome=await self.store.outcome_counts(),
+            parts_by_state=await self.store.part_counts(),
+            caps=Caps(
+                running_batches=total,
+                running_cap=self.limits.running_batches,
+                running_by_model=by_model,
+            ),
+            bucket_levels=self.api.limiter.levels(),
+            api_calls={str(k): v for k, v in self.api.calls.items()},
+            throttled={str(k): v for k, v in self.api.limiter.throttled.items()},
+            last_errors={str(k): v for k, v in self.api.last_error.items()},
+            healthy=self.healthy,
+        )
+
+    async def job_info(self, job_id: str, *, detail: bool = False) -> JobInfo | None:
+        job = await self.store.get_job(job_id)
+        if job is None:
+            return None
+        return await self._job_info(job, detail)
+
+    async def _job_info(self, job: Job, detail: bool) -> JobInfo:
+        parts = await self.store.parts_of(job.id) if detail else None
+        requests = (job.report or {}).get("requests")
+        completed, failed = job.completed, job.failed
+        if job.state != JobState.PUBLISHED:
+            all_parts = parts if parts is not None else await self.store.parts_of(job.id)
+            completed = sum((p.request_counts or {}).get("completed", 0) for p in all_parts)
+            failed = sum((p.request_counts or {}).get("failed", 0) for p in all_parts)
+        return JobInfo(
+            id=job.id,
+            name=job.name,
+            inbox_name=job.inbox_name,
+            kind=job.kind,
+            state=job.state,
+            outcome=job.outcome,
+            requests=requests if isinstance(requests, int) else None,
+            completed=completed,
+            failed=failed,
+            bytes=job.bytes,
+            sha256=job.sha256,
+            cancel_requested=job.cancel_requested,
+            error=job.error,
+            outbox_path=job.outbox_path,
+            created_at=job.created_at,
+            updated_at=job.updated_at,
+            parts=[_part_info(p) for p in parts] if parts is not None else None,
+            report=job.report if detail else None,
+        )
+
+    async def list_jobs(
+        self, states: list[str] | None, name: str | None, limit: int, offset: int
+    ) -> JobList:
+        try:
+            wanted = [JobState(s) for s in states] if states else None
+        except ValueError:
+            known = ", ".join(s.value for s in JobState)
+            raise ValueError(f"unknown state in {states}; states are: {known}") from None
+        jobs = await self.store.jobs(wanted, name=name, limit=limit, offset=offset)
+        return JobList(
+            jobs=[await self._job_info(j, False) for j in jobs],
+            total=await self.store.count_jobs(wanted, name),
+            limit=limit,
+            offset=offset,
+        )
+
+    async def cancel_action(self, job_id: str) -> ActionResponse | None:
+        job = await self.store.get_job(job_id)
+        if job is None:
+            return None
+        if job.state in JOB_TERMINAL:
+            return ActionResponse(
+                ok=False,
+                message=f"job {job_id} is already {job.state}",
+                job=await self._job_info(job, False),
+            )
+        await self.cancel_job(job_id)
+        return ActionResponse(
+            ok=True,
+            message="cancelling: parts not yet created are dropped, running batches cancelled",
+            job=await self.job_info(job_id),
+        )
+
+    async def retry_action(self, job_id: str) -> ActionResponse | None:
+        """Rerun what failed or never ran: parked jobs are requeued, parts that could not
+        be submitted are submitted again, and a published job's failed requests become a
+        new input `NAME-retry.jsonl` in the inbox (with the job's options)."""
+        job = await self.store.get_job(job_id)
+        if job is None:
+            return None
+        if job.state == JobState.PARKED:
+            if not Path(job.spool_path).exists():
+                return ActionResponse(ok=False, message="the parked job's input is gone")
+            await self.store.update_job(
+                job_id, JobState.PARKED, state=JobState.CLAIMED, crash_count=0, error=None
+            )
+            self.wake["prepare"].set()
+            return ActionResponse(ok=True, message="requeued", job=await self.job_info(job_id))
+        if job.state == JobState.RUNNING:
+            again = 0
+            for part in await self.store.parts_of(job_id):
+                if part.state == PartState.FAILED and await self.store.update_part(
+                    part.id, PartState.FAILED, state=PartState.PENDING, error=None
+                ):
+                    again += 1
+            self.wake["submit"].set()
+            if not again:
+                return ActionResponse(ok=False, message="nothing has failed (yet) in this job")
+            return ActionResponse(ok=True, message=f"{again} part(s) will be submitted again")
+        if job.state == JobState.PUBLISHED and job.outcome != "rejected" and job.outbox_path:
+            created = await asyncio.to_thread(
+                write_retry_input, job, Path(job.outbox_path), self.inbox
+            )
+            if created is None:
+                return ActionResponse(ok=False, message="no failed requests, or input not kept")
+            self.wake["intake"].set()
+            return ActionResponse(ok=True, message=f"failed requests resubmitted as {created}")
+        return ActionResponse(
+            ok=False,
+            message=f"job is {job.outcome or job.state}: nothing to retry"
+            + (" (fix the input and drop it again)" if job.outcome == "rejected" else ""),
+        )
+
+    async def metrics_snapshot(self) -> dict[str, Any]:
+        totals = await self.store.totals()
+        total, _ = await self.store.slot_holders()
+        oldest = totals["oldest_active_at"]
+        return {
+            "jobs_by_state": await self.store.job_counts(),
+            "jobs_by_outcome": await self.store.outcome_counts(),
+            "requests": {"completed": totals["completed"], "failed": totals["failed"]},
+            "api_calls": {str(k): v for k, v in self.api.calls.items()},
+            "throttled": {str(k): v for k, v in self.api.limiter.throttled.items()},
+            "bucket_levels": self.api.limiter.levels(),
+            "running": total,
+            "running_cap": self.limits.running_batches,
+            "queue_age_s": max(0.0, time.time() - oldest) if oldest else 0.0,
+            "tokens": {
+                "prompt": totals["prompt_tokens"],
+                "completion": totals["completion_tokens"],
+            },
+        }
+
+    async def describe_event(self, raw: dict[str, Any]) -> Event | None:
+        if raw.get("type") == "job":
+            return event_from(raw, str(raw.get("id")), None)
+        if raw.get("type") == "part":
+            part = await self.store.get_part(int(raw.get("id") or 0))
+            if part is None:
+                return None
+            event = event_from(raw, part.job_id, part.seq)
+            event.requests = part.requests
+            if event.request_counts is None:
+                event.request_counts = part.request_counts
+            return event
+        return None
+
+
+def _part_info(p: Part) -> PartInfo:
+    return PartInfo(
+        seq=p.seq,
+        state=p.state,
+        requests=p.requests,
+        bytes=p.bytes,
+        model=p.model,
+        endpoint=p.endpoint,
+        first_line=p.first_line,
+        remote_file_id=p.remote_file_id,
+        batch_id=p.batch_id,
+        remote_status=p.remote_status,
+        request_counts=p.request_counts,
+        output_file_id=p.output_file_id,
+        error_file_id=p.error_file_id,
+        created_remote_at=p.created_remote_at,
+        ended_at=p.ended_at,
+        error=p.error,
+    )
+
+
+def write_retry_input(job: Job, folder: Path, inbox: Path) -> str | None:
+    """Copy the input lines listed in a published job's error.jsonl into a new inbox file
+    (temp name, then rename), with the job's options as its sidecar."""
+    source = folder / "input.jsonl"
+    errors = folder / "error.jsonl"
+    if not source.exists() or not errors.exists():
+        return None
+    wanted: set[int] = set()
+    with errors.open("rb") as fh:
+        for line in fh:
+            try:
+                number = orjson.loads(line).get("input_line")
+            except (orjson.JSONDecodeError, AttributeError):
+                continue
+            if isinstance(number, int):
+                wanted.add(number)
+    if not wanted:
+        return None
+    name = f"{job.name}-retry"
+    n = 1
+    while (inbox / f"{name}.jsonl").exists():
+        n += 1
+        name = f"{job.name}-retry{n}"
+    if job.options:
+        (inbox / f"{name}.meta.json").write_bytes(orjson.dumps(job.options))
+    tmp = inbox / f".{name}.jsonl.tmp"
+    with source.open("rb") as src, tmp.open("wb") as out:
+        for number, line in enumerate(src, start=1):
+            if number in wanted:
+                out.write(line if line.endswith(b"\n") else line + b"\n")
+        out.flush()
+        os.fsync(out.fileno())
+    os.rename(tmp, inbox / f"{name}.jsonl")
+    log.info("retry_input_written", job_id=job.id, name=f"{name}.jsonl", requests=len(wanted))
+    return f"{name}.jsonl"
 
 
 def run_daemon(settings: Settings, api_key: str) -> int:

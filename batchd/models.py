@@ -100,6 +100,9 @@ class Job:
     crash_count: int
     created_at: float
     updated_at: float
+    completed: int
+    failed: int
+    usage: dict[str, int] | None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -121,6 +124,9 @@ class Job:
             crash_count=row["crash_count"],
             created_at=row["created_at"],
             updated_at=row["updated_at"],
+            completed=row["completed"],
+            failed=row["failed"],
+            usage=_loads(row["usage"]),
         )
 
 

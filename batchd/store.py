@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,9 @@ _JOB_COLUMNS = frozenset(
         "crash_count",
         "spool_path",
         "name",
+        "completed",
+        "failed",
+        "usage",
     }
 )
 _PART_COLUMNS = frozenset(
@@ -53,7 +56,16 @@ _PART_COLUMNS = frozenset(
         "error",
     }
 )
-_JSON_COLUMNS = frozenset({"options", "report", "request_counts", "remote_errors"})
+_EVENT_FIELDS = (
+    "state",
+    "outcome",
+    "remote_status",
+    "request_counts",
+    "batch_id",
+    "cancel_requested",
+    "error",
+)
+_JSON_COLUMNS = frozenset({"options", "report", "request_counts", "remote_errors", "usage"})
 
 
 def _migrations() -> list[tuple[int, str]]:
@@ -74,6 +86,19 @@ def _encode(column: str, value: Any) -> Any:
     return value
 
 
+def _job_filter(states: Iterable[JobState] | None, name: str | None) -> tuple[str, list[Any]]:
+    clauses: list[str] = []
+    args: list[Any] = []
+    if states is not None:
+        wanted = list(states)
+        clauses.append(f"state IN ({', '.join('?' * len(wanted))})")
+        args.extend(wanted)
+    if name:
+        clauses.append("instr(name, ?) > 0")
+        args.append(name)
+    return (f"WHERE {' AND '.join(clauses)}" if clauses else ""), args
+
+
 def _assignments(allowed: frozenset[str], fields: dict[str, Any]) -> tuple[str, list[Any]]:
     unknown = set(fields) - allowed
     if unknown:
@@ -89,6 +114,18 @@ class Store:
     def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
         self._db = db
         self.path = path
+        # Called after each committed change of a job's or part's state or progress
+        # (the control socket's event stream listens here).
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
+
+    def _emit(self, kind: str, row_id: Any, fields: dict[str, Any]) -> None:
+        if not self.listeners:
+            return
+        watched = {k: fields[k] for k in _EVENT_FIELDS if k in fields}
+        if watched:
+            event = {"type": kind, "id": row_id, "at": time.time(), **watched}
+            for listener in self.listeners:
+                listener(event)
 
     @classmethod
     async def open(cls, path: Path) -> Store:
@@ -181,6 +218,8 @@ class Store:
             where += " AND state = ?"
             args.append(expect)
         cur = await self._db.execute(f"UPDATE jobs SET {sql} WHERE {where}", args)  # noqa: S608
+        if cur.rowcount == 1:
+            self._emit("job", job_id, fields)
         return cur.rowcount == 1
 
     async def delete_job(self, job_id: str) -> None:
@@ -199,16 +238,7 @@ class Store:
         limit: int = 1000,
         offset: int = 0,
     ) -> list[Job]:
-        clauses: list[str] = []
-        args: list[Any] = []
-        if states is not None:
-            wanted = list(states)
-            clauses.append(f"state IN ({', '.join('?' * len(wanted))})")
-            args.extend(wanted)
-        if name:
-            clauses.append("instr(name, ?) > 0")
-            args.append(name)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        where, args = _job_filter(states, name)
         args.extend([limit, offset])
         async with self._db.execute(
             f"SELECT * FROM jobs {where} ORDER BY created_at, id LIMIT ? OFFSET ?",  # noqa: S608
@@ -221,6 +251,33 @@ class Store:
         async with self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state") as cur:
             rows = await cur.fetchall()
         return {r[0]: r[1] for r in rows}
+
+    async def totals(self) -> dict[str, int]:
+        """Requests and tokens of every published job, summed."""
+        async with self._db.execute(
+            "SELECT COALESCE(SUM(completed), 0), COALESCE(SUM(failed), 0),"
+            " COALESCE(SUM(json_extract(usage, '$.prompt_tokens')), 0),"
+            " COALESCE(SUM(json_extract(usage, '$.completion_tokens')), 0),"
+            " MIN(CASE WHEN state NOT IN (?, ?) THEN created_at END) FROM jobs",
+            (JobState.PUBLISHED, JobState.PARKED),
+        ) as cur:
+            row = await cur.fetchone()
+        assert row is not None
+        return {
+            "completed": int(row[0]),
+            "failed": int(row[1]),
+            "prompt_tokens": int(row[2]),
+            "completion_tokens": int(row[3]),
+            "oldest_active_at": row[4] or 0,
+        }
+
+    async def count_jobs(
+        self, states: Iterable[JobState] | None = None, name: str | None = None
+    ) -> int:
+        where, args = _job_filter(states, name)
+        async with self._db.execute(f"SELECT COUNT(*) FROM jobs {where}", args) as cur:  # noqa: S608
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
 
     async def outcome_counts(self) -> dict[str, int]:
         async with self._db.execute(
@@ -285,6 +342,8 @@ class Store:
             where += " AND state = ?"
             args.append(expect)
         cur = await self._db.execute(f"UPDATE parts SET {sql} WHERE {where}", args)  # noqa: S608
+        if cur.rowcount == 1:
+            self._emit("part", part_id, fields)
         return cur.rowcount == 1
 
     async def get_part(self, part_id: int) -> Part | None:

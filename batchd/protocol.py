@@ -1,0 +1,122 @@
+"""The control socket's request and response models, shared by the server and the CLI.
+
+Every answer is JSON. Errors are `{"error": {"code": ..., "message": ...}}` with HTTP
+400 (bad input), 403 (peer not allowed), 404 (unknown job) or 409 (not possible now).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+API_PREFIX = "/v1"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class ErrorBody(_Model):
+    code: str
+    message: str
+
+
+class ErrorResponse(_Model):
+    error: ErrorBody
+
+
+class Caps(_Model):
+    running_batches: int
+    running_cap: int
+    running_by_model: dict[str, int] = Field(default_factory=dict)
+
+
+class StatusResponse(_Model):
+    version: str
+    pid: int
+    uptime_s: float
+    provider: str
+    base_url: str
+    root: str
+    intake_paused: bool
+    draining: bool
+    account_paused: str | None
+    jobs_by_state: dict[str, int]
+    jobs_by_outcome: dict[str, int]
+    parts_by_state: dict[str, int]
+    caps: Caps
+    bucket_levels: dict[str, int]
+    api_calls: dict[str, int]
+    throttled: dict[str, int]
+    last_errors: dict[str, str]
+    healthy: bool
+
+
+class PartInfo(_Model):
+    seq: int
+    state: str
+    requests: int
+    bytes: int
+    model: str
+    endpoint: str
+    first_line: int
+    remote_file_id: str | None
+    batch_id: str | None
+    remote_status: str | None
+    request_counts: dict[str, int] | None
+    output_file_id: str | None
+    error_file_id: str | None
+    created_remote_at: float | None
+    ended_at: float | None
+    error: str | None
+
+
+class JobInfo(_Model):
+    id: str
+    name: str
+    inbox_name: str
+    kind: str
+    state: str
+    outcome: str | None
+    requests: int | None
+    completed: int
+    failed: int
+    bytes: int | None
+    sha256: str | None
+    cancel_requested: bool
+    error: str | None
+    outbox_path: str | None
+    created_at: float
+    updated_at: float
+    parts: list[PartInfo] | None = None
+    report: dict[str, Any] | None = None
+
+
+class JobList(_Model):
+    jobs: list[JobInfo]
+    total: int
+    limit: int
+    offset: int
+
+
+class ActionResponse(_Model):
+    ok: bool
+    message: str
+    job: JobInfo | None = None
+
+
+class Event(_Model):
+    """One line of `GET /v1/events` (newline-delimited JSON)."""
+
+    type: str  # job | part | hello
+    at: float
+    job_id: str | None = None
+    part: int | None = None
+    state: str | None = None
+    outcome: str | None = None
+    remote_status: str | None = None
+    request_counts: dict[str, int] | None = None
+    batch_id: str | None = None
+    requests: int | None = None
+    error: str | None = None
