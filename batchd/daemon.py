@@ -141,9 +141,8 @@ class Daemon:
         )
 
     def _lost_after_s(self, part: Part) -> float:
-        return window_hours(self.settings.jobs.completion_window) * 3600.0 + (
-            self.settings.poll.lost_margin_s
-        )
+        window = part.completion_window or self.settings.jobs.completion_window
+        return window_hours(window) * 3600.0 + self.settings.poll.lost_margin_s
 
     async def _open(self) -> None:
         for folder in (self.inbox, self.spool, self.outbox, self.state_dir):

@@ -155,6 +155,7 @@ class Part:
     ended_at: float | None
     attempts: int
     error: str | None
+    completion_window: str | None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Part:
@@ -182,4 +183,5 @@ class Part:
             ended_at=row["ended_at"],
             attempts=row["attempts"],
             error=row["error"],
+            completion_window=row["completion_window"],
         )

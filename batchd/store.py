@@ -54,6 +54,7 @@ _PART_COLUMNS = frozenset(
         "ended_at",
         "attempts",
         "error",
+        "completion_window",
     }
 )
 _EVENT_FIELDS = (
@@ -365,7 +366,8 @@ class Store:
         async with self._db.execute(
             f"SELECT parts.* FROM parts JOIN jobs ON jobs.id = parts.job_id"  # noqa: S608
             f" WHERE parts.state IN ({marks}) AND jobs.state = ?"
-            f" ORDER BY jobs.created_at, parts.job_id, parts.seq LIMIT ?",
+            " ORDER BY COALESCE(json_extract(jobs.options, '$.priority'), 0) DESC,"
+            " jobs.created_at, parts.job_id, parts.seq LIMIT ?",
             [*wanted, JobState.RUNNING, limit],
         ) as cur:
             rows = await cur.fetchall()

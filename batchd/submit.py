@@ -228,10 +228,12 @@ class Submitter:
         job = await self._job(part.job_id)
         if job is None or job.cancel_requested:
             return False
-        if not await self.store.update_part(part.id, PartState.UPLOADED, state=PartState.CREATING):
+        window = str(job.options.get("completion_window") or self.completion_window)
+        if not await self.store.update_part(
+            part.id, PartState.UPLOADED, state=PartState.CREATING, completion_window=window
+        ):
             return False
         assert part.remote_file_id is not None
-        window = str(job.options.get("completion_window") or self.completion_window)
         metadata = {
             "ds_name": str(job.options.get("ds_name") or job.name)[:100],
             "batchd_part": f"{part.job_id}-{part.seq}",

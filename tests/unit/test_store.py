@@ -1,0 +1,85 @@
+"""The store: migrations, compare-and-set transitions, fair and prioritised order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from batchd.models import JobState, PartState
+from batchd.store import Store
+
+
+async def _job(store: Store, job_id: str, now: float, options: dict[str, object]) -> None:
+    await store.insert_job(
+        job_id=job_id,
+        name=job_id,
+        inbox_name=f"{job_id}.jsonl",
+        inode=1,
+        dev=1,
+        spool_path=f"/spool/{job_id}/input.jsonl",
+        kind="jsonl",
+        options=options,
+        now=now,
+    )
+    assert await store.update_job(job_id, JobState.CLAIMING, state=JobState.CLAIMED)
+    part = {
+        "seq": 1,
+        "path": "p",
+        "first_line": 1,
+        "requests": 1,
+        "bytes": 10,
+        "model": "qwen-plus",
+        "endpoint": "/v1/chat/completions",
+        "upload_name": "u",
+    }
+    assert await store.plan_parts(job_id, [part], now)
+
+
+async def test_migrations_bring_a_new_database_to_the_latest_version(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "db.sqlite3")
+    try:
+        async with store._db.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        assert row is not None and row[0] >= 3
+        assert await store.integrity_check() == "ok"
+    finally:
+        await store.close()
+    again = await Store.open(tmp_path / "db.sqlite3")  # reopening migrates nothing twice
+    await again.close()
+
+
+async def test_transitions_are_compare_and_set(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "db.sqlite3")
+    try:
+        await _job(store, "a", 1.0, {})
+        (part,) = await store.parts_of("a")
+        assert await store.update_part(part.id, PartState.PENDING, state=PartState.UPLOADING)
+        # A second stage holding the old state cannot move the row again.
+        assert not await store.update_part(part.id, PartState.PENDING, state=PartState.UPLOADING)
+        assert not await store.plan_parts("a", [], 2.0)  # the job is no longer CLAIMED
+    finally:
+        await store.close()
+
+
+async def test_parts_go_out_by_priority_then_age(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "db.sqlite3")
+    try:
+        await _job(store, "old", 1.0, {})
+        await _job(store, "new-urgent", 3.0, {"priority": 5})
+        await _job(store, "newer", 4.0, {})
+        order = [p.job_id for p in await store.parts_in([PartState.PENDING])]
+        assert order == ["new-urgent", "old", "newer"]
+    finally:
+        await store.close()
+
+
+async def test_slot_holders_count_creating_and_running_per_model(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "db.sqlite3")
+    try:
+        for name in ("a", "b", "c"):
+            await _job(store, name, 1.0, {})
+        parts = await store.parts_in([PartState.PENDING])
+        await store.update_part(parts[0].id, state=PartState.CREATING)
+        await store.update_part(parts[1].id, state=PartState.RUNNING)
+        assert await store.slot_holders() == (2, {"qwen-plus": 2})
+    finally:
+        await store.close()
