@@ -29,6 +29,7 @@ import orjson
 
 from batchd import csvio
 from batchd.api import AccountError, ApiError, BatchApi
+from batchd.config import ProviderLimits
 from batchd.failpoints import failpoint
 from batchd.intake import fsync_dir
 from batchd.logs import get_logger
@@ -59,12 +60,25 @@ def count_lines(path: Path) -> int:
 
 
 class Collector:
-    """Downloads the files of ended parts; moves finished jobs on to publishing."""
+    """Downloads the files of ended parts; moves finished jobs on to publishing, or
+    (with `resubmit_failed`) plans a follow-up part for their retryable failures."""
 
-    def __init__(self, store: Store, api: BatchApi, *, on_ready: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        api: BatchApi,
+        *,
+        limits: ProviderLimits,
+        resubmit_failed: int,
+        on_ready: Callable[[], None],
+        on_follow_up: Callable[[], None],
+    ) -> None:
         self.store = store
         self.api = api
+        self.limits = limits
+        self.resubmit_failed = resubmit_failed
         self.on_ready = on_ready
+        self.on_follow_up = on_follow_up
 
     async def run_once(self) -> bool:
         moved = False
@@ -114,6 +128,8 @@ class Collector:
         for job in await self.store.jobs([JobState.RUNNING]):
             parts = await self.store.parts_of(job.id)
             settled = bool(parts) and all(p.state in PART_SETTLED for p in parts)
+            if settled and await self._follow_up(job, parts):
+                continue
             if settled and await self.store.update_job(
                 job.id, JobState.RUNNING, state=JobState.PUBLISHING
             ):
@@ -122,6 +138,84 @@ class Collector:
         if moved:
             self.on_ready()
         return moved
+
+    async def _follow_up(self, job: Job, parts: list[Part]) -> bool:
+        """Resubmit retryable failures as new parts, at most `resubmit_failed` rounds."""
+        round_ = max(p.round for p in parts) + 1
+        if job.cancel_requested or round_ > self.resubmit_failed:
+            return False
+        source = Path(job.spool_path).with_name("input.jsonl")
+        planned = await asyncio.to_thread(
+            plan_follow_up, source, parts, self.limits, round_, job.id
+        )
+        if not planned:
+            return False
+        await self.store.add_parts(job.id, planned, round_)
+        log.info(
+            "follow_up_planned",
+            job_id=job.id,
+            round=round_,
+            parts=len(planned),
+            requests=sum(p["requests"] for p in planned),
+        )
+        self.on_follow_up()
+        return True
+
+
+def plan_follow_up(
+    source: Path, parts: list[Part], limits: ProviderLimits, round_: int, job_id: str
+) -> list[dict[str, Any]]:
+    """Write the input lines of retryable failures into follow-up part files, one model
+    per part and each within the model's limits; returns the part records."""
+    wanted = {m.number for m in merged(source, parts) if retryable_failure(m)}
+    if not wanted:
+        return []
+    seq = max(p.seq for p in parts)
+    planned: list[dict[str, Any]] = []
+    open_parts: dict[str, tuple[dict[str, Any], Any]] = {}
+
+    def close(model: str) -> None:
+        record, fh = open_parts.pop(model)
+        fh.flush()
+        os.fsync(fh.fileno())
+        fh.close()
+        planned.append(record)
+
+    with source.open("rb") as src:
+        for number, line in enumerate(src, start=1):
+            if number not in wanted:
+                continue
+            line = _terminated(line)
+            request = orjson.loads(line)
+            model = str(request["body"]["model"])
+            current = open_parts.get(model)
+            if current is not None and (
+                current[0]["requests"] + 1 > limits.requests_limit(model)
+                or current[0]["bytes"] + len(line) > limits.bytes_limit(model)
+            ):
+                close(model)
+                current = None
+            if current is None:
+                seq += 1
+                path = source.with_name(f"followup-{round_}-{seq:03d}.jsonl")
+                record: dict[str, Any] = {
+                    "seq": seq,
+                    "path": str(path),
+                    "first_line": number,
+                    "requests": 0,
+                    "bytes": 0,
+                    "model": model,
+                    "endpoint": str(request["url"]),
+                    "upload_name": f"batchd-{job_id}-p{seq:03d}.jsonl",
+                }
+                current = (record, path.open("wb"))
+                open_parts[model] = current
+            current[1].write(line)
+            current[0]["requests"] += 1
+            current[0]["bytes"] += len(line)
+    for model in list(open_parts):
+        close(model)
+    return sorted(planned, key=lambda r: int(r["seq"]))
 
 
 @dataclass(slots=True)
@@ -135,14 +229,15 @@ class MergeStats:
     )
 
 
-def _add_usage(stats: MergeStats, line: bytes) -> None:
-    try:
-        obj = orjson.loads(line)
-        body = obj["response"]["body"]
-        if isinstance(body, str):
+def _add_usage(stats: MergeStats, answer: dict[str, Any]) -> None:
+    body = (answer.get("response") or {}).get("body")
+    if isinstance(body, str):
+        try:
             body = orjson.loads(body)
-        usage = body.get("usage") or {}
-    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+        except orjson.JSONDecodeError:
+            return
+    usage = body.get("usage") if isinstance(body, dict) else None
+    if not isinstance(usage, dict):
         return
     for key in stats.usage:
         value = usage.get(key)
@@ -160,7 +255,7 @@ def _index(path: Path, slot: int, index: dict[str, tuple[int, int]]) -> None:
                     cid = orjson.loads(line).get("custom_id")
                 except (orjson.JSONDecodeError, AttributeError):
                     cid = None
-                if isinstance(cid, str) and cid not in index:
+                if isinstance(cid, str):
                     index[cid] = (slot, offset)
             offset += len(line)
 
@@ -191,74 +286,131 @@ def with_input_line(line: bytes, number: int) -> bytes:
     return orjson.dumps({"input_line": number, "raw": body.decode("utf-8", "replace")}) + b"\n"
 
 
-def merge(job_input: Path, parts: list[Part], result: Path, errors: Path) -> MergeStats:
-    """Write successes and failures in input order; requests that never ran get an error."""
-    # The index holds one entry per request of the job (about 100 bytes each).
+@dataclass(frozen=True, slots=True)
+class Merged:
+    """One request of the job after every part: its input line and final answer."""
+
+    number: int
+    custom_id: str | None
+    model: str | None
+    ok: bool
+    line: bytes  # the service's line (successes as sent; failures with input_line)
+    answer: dict[str, Any] | None  # the parsed line; None for a request that never ran
+
+
+def merged(job_input: Path, parts: list[Part]) -> Iterator[Merged]:
+    """Every request in input order with its final answer across all parts.
+
+    A success in any part wins over failures; among failures the latest part's wins (a
+    follow-up part retries earlier failures). A request with no answer at all gets an
+    error line of its own saying why it never ran.
+    """
+    # One entry per request of the job (about 100 bytes each).
     index: dict[str, tuple[int, int]] = {}
     files: list[Path] = []
-    for part in parts:
-        for kind in ("output", "error"):
+    collected = [p for p in parts if p.state == PartState.COLLECTED]
+    for kind in ("error", "output"):
+        for part in collected:
             path = output_path(part, kind)
-            if part.state == PartState.COLLECTED and path.exists():
+            if path.exists():
                 files.append(path)
                 _index(path, len(files) - 1, index)
-    stats = MergeStats()
     handles = [p.open("rb") for p in files]
     reasons = {p.seq: _never_run_reason(p) for p in parts}
+    originals = [p for p in parts if p.round == 0] or parts
     try:
-        with result.open("wb") as res, errors.open("wb") as err:
-            for number, cid, model in _input_lines(job_input):
-                stats.total += 1
-                hit = index.get(cid) if cid is not None else None
-                if hit is not None:
-                    fh = handles[hit[0]]
-                    fh.seek(hit[1])
-                    line = fh.readline()
-                    if b'"error":null' in line.replace(b" ", b"") or _is_success(line):
-                        res.write(line if line.endswith(b"\n") else line + b"\n")
-                        stats.completed += 1
-                        _add_usage(stats, line)
-                    else:
-                        err.write(with_input_line(line, number))
-                        stats.failed += 1
-                    continue
-                stats.failed += 1
-                stats.never_run += 1
-                code, message = reasons[part_for(parts, number, model).seq]
-                err.write(
-                    orjson.dumps(
-                        {
-                            "id": None,
-                            "custom_id": cid,
-                            "response": None,
-                            "error": {
-                                "code": code or "result_missing",
-                                "message": message
-                                or "the service returned no result for this request",
-                            },
-                            "input_line": number,
-                        }
-                    )
-                    + b"\n"
-                )
-            for out in (res, err):
-                out.flush()
-                os.fsync(out.fileno())
+        for number, cid, model in _input_lines(job_input):
+            hit = index.get(cid) if cid is not None else None
+            if hit is not None:
+                fh = handles[hit[0]]
+                fh.seek(hit[1])
+                raw = fh.readline()
+                answer = _parse(raw)
+                if answer is not None and _is_success(answer):
+                    yield Merged(number, cid, model, True, _terminated(raw), answer)
+                else:
+                    yield Merged(number, cid, model, False, with_input_line(raw, number), answer)
+                continue
+            code, message = reasons[part_for(originals, number, model).seq]
+            line = orjson.dumps(
+                {
+                    "id": None,
+                    "custom_id": cid,
+                    "response": None,
+                    "error": {
+                        "code": code or "result_missing",
+                        "message": message or "the service returned no result for this request",
+                    },
+                    "input_line": number,
+                }
+            )
+            yield Merged(number, cid, model, False, line + b"\n", None)
     finally:
         for fh in handles:
             fh.close()
+
+
+def merge(job_input: Path, parts: list[Part], result: Path, errors: Path) -> MergeStats:
+    """Write successes and failures in input order into `result` and `errors`."""
+    stats = MergeStats()
+    with result.open("wb") as res, errors.open("wb") as err:
+        for item in merged(job_input, parts):
+            stats.total += 1
+            if item.ok:
+                res.write(item.line)
+                stats.completed += 1
+                if item.answer is not None:
+                    _add_usage(stats, item.answer)
+            else:
+                err.write(item.line)
+                stats.failed += 1
+                if item.answer is None:
+                    stats.never_run += 1
+        for out in (res, err):
+            out.flush()
+            os.fsync(out.fileno())
     return stats
 
 
-def _is_success(line: bytes) -> bool:
+def _terminated(line: bytes) -> bytes:
+    return line if line.endswith(b"\n") else line + b"\n"
+
+
+def _parse(line: bytes) -> dict[str, Any] | None:
     try:
         obj = orjson.loads(line)
     except orjson.JSONDecodeError:
-        return False
-    if not isinstance(obj, dict) or obj.get("error"):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _is_success(obj: dict[str, Any]) -> bool:
+    if obj.get("error"):
         return False
     response = obj.get("response")
     return isinstance(response, dict) and response.get("status_code") in (200, None)
+
+
+RETRYABLE_NEVER_RUN = frozenset({"batch_expired", "batch_lost", "result_missing"})
+_RETRYABLE_WORDS = ("throttl", "internal", "timeout", "unavailable", "overload", "rate_limit")
+
+
+def retryable_failure(item: Merged) -> bool:
+    """PURE: is this failure worth paying for again? Expired, lost or missing requests,
+    and service-side errors (429, 5xx, throttling, timeouts) are; bad requests,
+    cancellations and rejected batches are not."""
+    if item.ok:
+        return False
+    answer = item.answer or _parse(item.line) or {}
+    error = answer.get("error") if isinstance(answer.get("error"), dict) else {}
+    code = str((error or {}).get("code") or "")
+    if code in RETRYABLE_NEVER_RUN:
+        return True
+    response = answer.get("response")
+    status = response.get("status_code") if isinstance(response, dict) else None
+    if isinstance(status, int) and (status in (408, 429) or status >= 500):
+        return True
+    return any(word in code.lower() for word in _RETRYABLE_WORDS)
 
 
 def part_for(parts: list[Part], line: int, model: str | None) -> Part:
@@ -473,6 +625,7 @@ def build_summary(
         "parts": [
             {
                 "seq": p.seq,
+                "round": p.round,
                 "requests": p.requests,
                 "model": p.model,
                 "endpoint": p.endpoint,

@@ -189,7 +189,14 @@ class Daemon:
             lost_after_s=self._lost_after_s,
             on_ended=self.wake.poke("collect"),
         )
-        self.collector = Collector(self.store, self.api, on_ready=self.wake.poke("publish"))
+        self.collector = Collector(
+            self.store,
+            self.api,
+            limits=self.limits,
+            resubmit_failed=s.jobs.resubmit_failed,
+            on_ready=self.wake.poke("publish"),
+            on_follow_up=self.wake.poke("submit"),
+        )
         self.publisher = Publisher(
             self.store,
             self.outbox,

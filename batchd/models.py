@@ -156,6 +156,7 @@ class Part:
     attempts: int
     error: str | None
     completion_window: str | None
+    round: int
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Part:
@@ -184,4 +185,5 @@ class Part:
             attempts=row["attempts"],
             error=row["error"],
             completion_window=row["completion_window"],
+            round=row["round"],
         )

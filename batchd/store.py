@@ -307,30 +307,46 @@ class Store:
             if cur.rowcount != 1:
                 await self._db.execute("ROLLBACK")
                 return False
-            await self._db.executemany(
-                "INSERT INTO parts (job_id, seq, path, first_line, requests, bytes, model,"
-                " endpoint, state, upload_name) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        job_id,
-                        p["seq"],
-                        p["path"],
-                        p["first_line"],
-                        p["requests"],
-                        p["bytes"],
-                        p["model"],
-                        p["endpoint"],
-                        PartState.PENDING,
-                        p["upload_name"],
-                    )
-                    for p in parts
-                ],
-            )
+            await self._insert_parts(job_id, parts, 0)
             await self._db.execute("COMMIT")
         except BaseException:
             await self._db.execute("ROLLBACK")
             raise
         return True
+
+    async def _insert_parts(
+        self, job_id: str, parts: Sequence[dict[str, Any]], round_: int
+    ) -> None:
+        await self._db.executemany(
+            "INSERT INTO parts (job_id, seq, path, first_line, requests, bytes, model,"
+            " endpoint, state, upload_name, round) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    job_id,
+                    p["seq"],
+                    p["path"],
+                    p["first_line"],
+                    p["requests"],
+                    p["bytes"],
+                    p["model"],
+                    p["endpoint"],
+                    PartState.PENDING,
+                    p["upload_name"],
+                    round_,
+                )
+                for p in parts
+            ],
+        )
+
+    async def add_parts(self, job_id: str, parts: Sequence[dict[str, Any]], round_: int) -> None:
+        """Add follow-up parts to a running job (one transaction)."""
+        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            await self._insert_parts(job_id, parts, round_)
+            await self._db.execute("COMMIT")
+        except BaseException:
+            await self._db.execute("ROLLBACK")
+            raise
 
     async def update_part(
         self, part_id: int, expect: PartState | None = None, **fields: Any

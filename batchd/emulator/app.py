@@ -358,7 +358,9 @@ async def create_batch(request: web.Request) -> web.StreamResponse:
     input_file = store.files.get(input_file_id)
     if input_file is None or input_file.purpose != "batch":
         raise errors.invalid(f"input file {input_file_id!r} does not exist", "input_file_id")
-    scan = await asyncio.to_thread(scan_input, input_file.path, endpoint, state.rules)
+    scan = await asyncio.to_thread(
+        scan_input, input_file.path, endpoint, state.rules, input_file_id
+    )
     # The file may have been deleted while it was read; from here on nothing awaits until
     # the batch is recorded, so the caps checked are the caps applied.
     if store.files.get(input_file_id) is not input_file:

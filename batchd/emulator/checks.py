@@ -50,11 +50,13 @@ class Scan:
             self.errors.append({"code": code, "message": message, "param": param, "line": line})
 
 
-def request_fails(custom_id: str, rate: float, seed: int) -> bool:
-    """Whether the service fails this request: a fixed draw per custom_id and seed."""
+def request_fails(custom_id: str, rate: float, seed: int, salt: str = "") -> bool:
+    """Whether the service fails this request: a fixed draw per custom_id, seed and input
+    file (`salt`), so the same request sent again in another batch gets a fresh draw, as
+    a transient failure would."""
     if rate <= 0:
         return False
-    return random.Random(f"{seed}:fail:{custom_id}").random() < rate
+    return random.Random(f"{seed}:fail:{salt}:{custom_id}").random() < rate
 
 
 def _lines(fh: BinaryIO, max_line_bytes: int) -> Any:
@@ -80,7 +82,8 @@ def _model_limit(limits: ProviderLimits, model: str, name: str) -> Any:
 
 
 class _LineCheck:
-    def __init__(self, endpoint: str, rules: Rules, scan: Scan) -> None:
+    def __init__(self, endpoint: str, rules: Rules, scan: Scan, salt: str = "") -> None:
+        self.salt = salt
         self.endpoint = endpoint
         self.rules = rules
         self.scan = scan
@@ -118,7 +121,7 @@ class _LineCheck:
             scan.add("invalid_request", "body must be an object", number, "body")
             return
         self._check_body(number, body)
-        if request_fails(custom_id, self.rules.request_failure_rate, self.rules.seed):
+        if request_fails(custom_id, self.rules.request_failure_rate, self.rules.seed, self.salt):
             scan.failing.append(scan.total)
         scan.total += 1
 
@@ -176,10 +179,11 @@ class _LineCheck:
             )
 
 
-def scan_input(path: Path, endpoint: str, rules: Rules) -> Scan:
-    """Check an input file against the service's rules in one streaming pass."""
+def scan_input(path: Path, endpoint: str, rules: Rules, salt: str = "") -> Scan:
+    """Check an input file against the service's rules in one streaming pass; `salt`
+    (the input file id) varies which requests fail from one file to the next."""
     scan = Scan()
-    check = _LineCheck(endpoint, rules, scan)
+    check = _LineCheck(endpoint, rules, scan, salt)
     lines = 0
     with path.open("rb") as fh:
         for number, raw in _lines(fh, rules.limits.max_line_bytes):

@@ -256,3 +256,37 @@ async def test_mixed_models_are_rejected_unless_grouping_is_on(
         "b1",
         "b2",
     ]
+
+
+async def test_retryable_failures_are_resubmitted_as_follow_up_parts_when_asked(
+    start_emulator: StartEmulator, tmp_path: Path
+) -> None:
+    emulator = await start_emulator(time_scale=3000, request_failure_rate=0.5)
+    settings = daemon_settings(
+        tmp_path / "root", emulator, jobs={"resubmit_failed": 2, "delete_remote_files": False}
+    )
+    content = requests(60)
+    async with running(settings):
+        drop(settings.paths.folder("inbox"), "again.jsonl", content)
+        (folder,) = await wait_published(settings.paths.folder("outbox"), 1, emulator)
+    s = summary(folder)
+    rounds = [p["round"] for p in s["parts"]]
+    assert rounds[0] == 0 and max(rounds) >= 1
+    first = s["parts"][0]["request_counts"]
+    counts = s["request_counts"]
+    assert counts["total"] == 60 and counts["completed"] + counts["failed"] == 60
+    assert counts["completed"] > first["completed"]  # the follow-ups won some back
+    # Only retryable failures were paid for again: content rejections never.
+    retried = sum(p["requests"] for p in s["parts"] if p["round"] == 1)
+    first_errors = [
+        orjson.loads(x) for x in await served(emulator, {"parts": s["parts"][:1]}, "error")
+    ]
+    retryable = [e for e in first_errors if e["response"]["status_code"] in (429, 500)]
+    assert retried == len(retryable)
+    final = jsonl(folder / "error.jsonl")
+    assert all(e["error"]["code"] != "DataInspectionFailed" or e["input_line"] for e in final)
+    # Every request is answered exactly once in the outbox, in input order.
+    lines = [r["custom_id"] for r in jsonl(folder / "result.jsonl")] + [
+        e["custom_id"] for e in final
+    ]
+    assert sorted(lines) == sorted(f"r{i}" for i in range(60))
