@@ -209,7 +209,14 @@ def result_row(result: dict[str, Any]) -> list[str]:
         except orjson.JSONDecodeError:
             body = None
     error = result.get("error")
-    code = _dig(error, "code") or _dig(error, "error_code") or _dig(body, "error", "code")
+    # Some servers send only `error.type`; it is the best code there is.
+    code = (
+        _dig(error, "code")
+        or _dig(error, "error_code")
+        or _dig(body, "error", "code")
+        or _dig(error, "type")
+        or _dig(body, "error", "type")
+    )
     message = (
         _dig(error, "message") or _dig(error, "error_message") or _dig(body, "error", "message")
     )
