@@ -29,7 +29,7 @@ from batchd.errors import BatchdError, ConfigError
 from batchd.failpoints import failpoint
 from batchd.intake import Intake
 from batchd.limits import CallClass, RateLimiter
-from batchd.logs import get_logger, register_secret
+from batchd.logs import configure, get_logger, register_secret
 from batchd.models import JOB_TERMINAL, Job, JobState, Part, PartState
 from batchd.poll import Poller, window_hours
 from batchd.prepare import Preparer
@@ -398,6 +398,72 @@ class Daemon:
         self.wake["submit"].set()
         return await self.store.get_job(job_id)
 
+    def request_reload(self, load: Callable[[], Settings]) -> None:
+        """Re-read the configuration; apply what can change without a restart."""
+        try:
+            new = load()
+        except (ConfigError, ValueError) as exc:
+            log.error("reload_failed", error=str(exc))
+            return
+        changed = self.apply_settings(new)
+        log.info(
+            "configuration_reloaded",
+            applied=changed["applied"],
+            needs_restart=changed["needs_restart"],
+        )
+
+    def apply_settings(self, new: Settings) -> dict[str, list[str]]:
+        """Apply live-changeable settings; name the ones that need a restart."""
+        old = self.settings
+        applied: list[str] = []
+        needs_restart: list[str] = []
+        for key in ("provider", "base_url", "limits", "paths", "control", "api"):
+            if getattr(old, key) != getattr(new, key):
+                needs_restart.append(key)
+        if old.log != new.log:
+            configure(new.log.level, new.log.format)
+            applied.append("log")
+        if old.intake != new.intake:
+            if old.intake.watch != new.intake.watch or old.intake.suffixes != new.intake.suffixes:
+                needs_restart.append("intake.watch/suffixes")
+            self.intake.settle_s = new.intake.settle_s
+            self.intake.unterminated_settle_s = new.intake.unterminated_settle_s
+            applied.append("intake")
+        if old.poll != new.poll:
+            self.poller.interval_s = new.poll.interval_s
+            self.poller.jitter = new.poll.jitter
+            self.poller.list_threshold = new.poll.list_threshold
+            self.submitter.first_poll_s = new.poll.first_poll_s
+            applied.append("poll")
+        if old.jobs != new.jobs:
+            self.submitter.completion_window = new.jobs.completion_window
+            self.publisher.keep_input = new.jobs.keep_input
+            self.publisher.delete_remote_files = new.jobs.delete_remote_files
+            self.collector.resubmit_failed = new.jobs.resubmit_failed
+            applied.append("jobs")
+        if old.max_reported_errors != new.max_reported_errors:
+            applied.append("max_reported_errors")
+        if old.max_job_crashes != new.max_job_crashes:
+            applied.append("max_job_crashes")
+        # Keep what cannot change live as it was, so status stays true to what runs.
+        self.settings = new.model_copy(
+            update={
+                key: getattr(old, key)
+                for key in ("provider", "base_url", "limits", "paths", "control", "api")
+            }
+        )
+        self.preparer.settings = self.settings
+        if old.intake.watch != new.intake.watch or old.intake.suffixes != new.intake.suffixes:
+            self.settings = self.settings.model_copy(
+                update={
+                    "intake": new.intake.model_copy(
+                        update={"watch": old.intake.watch, "suffixes": old.intake.suffixes}
+                    )
+                }
+            )
+        self.wake["intake"].set()
+        return {"applied": applied, "needs_restart": needs_restart}
+
     def request_stop(self) -> None:
         log.info("stop_requested")
         self.stopping.set()
@@ -644,14 +710,19 @@ def write_retry_input(job: Job, folder: Path, inbox: Path) -> str | None:
     return f"{name}.jsonl"
 
 
-def run_daemon(settings: Settings, api_key: str) -> int:
-    """Run the daemon until SIGTERM/SIGINT (graceful) and return its exit code."""
+def run_daemon(
+    settings: Settings, api_key: str, reload: Callable[[], Settings] | None = None
+) -> int:
+    """Run the daemon until SIGTERM/SIGINT (graceful) and return its exit code. SIGHUP
+    re-reads the configuration through `reload` and applies what can change live."""
 
     async def main() -> int:
         daemon = Daemon(settings, api_key)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, daemon.request_stop)
+        if reload is not None:
+            loop.add_signal_handler(signal.SIGHUP, lambda: daemon.request_reload(reload))
         return await daemon.run()
 
     return asyncio.run(main())

@@ -28,7 +28,7 @@ def _run(args: argparse.Namespace) -> int:
 
     settings = load_settings(args)
     configure(settings.log.level, settings.log.format)
-    return run_daemon(settings, load_api_key())
+    return run_daemon(settings, load_api_key(), reload=lambda: load_settings(args))
 
 
 def register(sub: Any) -> None:
