@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test lint typecheck pytest soak bench demo emulator clean
+.PHONY: test lint typecheck pytest soak bench demo emulator install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ demo: $(STAMP)
 
 emulator: $(STAMP)
 	$(BIN)/batchd emulator --host 127.0.0.1 --port 8765 --api-key sk-emulator
+
+# Install as a systemd service (as root): venv in /opt/batchd, units, /etc/batchd, sysusers,
+# tmpfiles. Stage without touching the system: make install DESTDIR=/tmp/stage NO_VENV=1
+# [INSTANCES="cn intl"]
+install:
+	DESTDIR="$(DESTDIR)" PYTHON="$(PYTHON)" sh systemd/install.sh $(if $(NO_VENV),--no-venv) $(foreach i,$(INSTANCES),--instance $(i))
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

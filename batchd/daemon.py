@@ -30,7 +30,8 @@ from batchd.failpoints import failpoint
 from batchd.intake import Intake
 from batchd.limits import CallClass, RateLimiter
 from batchd.logs import configure, get_logger, register_secret
-from batchd.models import JOB_TERMINAL, Job, JobState, Part, PartState
+from batchd.models import JOB_TERMINAL, PART_QUEUED, Job, JobState, Part, PartState
+from batchd.notify import Notifier, status_loop, status_text, watchdog_loop
 from batchd.poll import Poller, window_hours
 from batchd.prepare import Preparer
 from batchd.protocol import (
@@ -86,8 +87,11 @@ class Wake:
 
 
 class Daemon:
-    def __init__(self, settings: Settings, api_key: str) -> None:
+    def __init__(
+        self, settings: Settings, api_key: str, *, notifier: Notifier | None = None
+    ) -> None:
         register_secret(api_key)
+        self.notifier = notifier or Notifier(None)
         self.settings = settings
         self.profile = settings.profile
         self.limits = self.profile.limits
@@ -317,6 +321,7 @@ class Daemon:
         self.control = ControlServer(self, self.settings.socket_path, self.settings.control.group)
         try:
             await self.control.start()
+            self.notifier.status("recovering")
             await self.recover()
             s = self.settings
             stages: dict[str, Awaitable[None]] = {
@@ -345,6 +350,7 @@ class Daemon:
             if on_ready is not None:
                 on_ready()
             await self.stopping.wait()
+            self.notifier.stopping()
             await self._stop_tasks()
         finally:
             await self.control.stop()
@@ -617,6 +623,21 @@ class Daemon:
             + (" (fix the input and drop it again)" if job.outcome == "rejected" else ""),
         )
 
+    async def status_line(self) -> str:
+        """The one line systemd shows in `systemctl status` (STATUS=)."""
+        jobs = await self.store.job_counts()
+        parts = await self.store.part_counts()
+        running, _ = await self.store.slot_holders()
+        return status_text(
+            jobs_active=sum(n for s, n in jobs.items() if s not in JOB_TERMINAL),
+            parts_queued=sum(parts.get(s, 0) for s in PART_QUEUED),
+            running=running,
+            running_cap=self.limits.running_batches,
+            intake_paused=self.intake.paused,
+            draining=self.draining,
+            account_paused=self.account.paused_reason,
+        )
+
     async def metrics_snapshot(self) -> dict[str, Any]:
         totals = await self.store.totals()
         total, _ = await self.store.slot_holders()
@@ -717,12 +738,39 @@ def run_daemon(
     re-reads the configuration through `reload` and applies what can change live."""
 
     async def main() -> int:
-        daemon = Daemon(settings, api_key)
+        notifier = Notifier.from_env()
+        daemon = Daemon(settings, api_key, notifier=notifier)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, daemon.request_stop)
         if reload is not None:
-            loop.add_signal_handler(signal.SIGHUP, lambda: daemon.request_reload(reload))
-        return await daemon.run()
+            load = reload
+
+            def on_hup() -> None:
+                notifier.reloading()
+                daemon.request_reload(load)
+                notifier.ready(status="configuration reloaded")
+
+            loop.add_signal_handler(signal.SIGHUP, on_hup)
+
+        done = asyncio.Event()
+        # Pings start before the store opens: recovery awaits, so the loop keeps pinging
+        # through it; a blocked loop stops them, which is the point.
+        side = [asyncio.create_task(watchdog_loop(notifier, done), name="batchd.watchdog")]
+
+        def on_ready() -> None:
+            # Called once the store is open, recovery done and the control socket listens.
+            notifier.ready()
+            side.append(
+                asyncio.create_task(
+                    status_loop(notifier, done, daemon.status_line), name="batchd.status"
+                )
+            )
+
+        try:
+            return await daemon.run(on_ready=on_ready)
+        finally:
+            done.set()
+            await asyncio.gather(*side, return_exceptions=True)
 
     return asyncio.run(main())

@@ -39,6 +39,10 @@ class PartState(StrEnum):
 
 
 PART_SETTLED = frozenset({PartState.COLLECTED, PartState.CANCELLED, PartState.FAILED})
+# Parts waiting for the caps: not yet created on the service.
+PART_QUEUED = frozenset(
+    {PartState.PENDING, PartState.UPLOADING, PartState.UPLOADED, PartState.CREATING}
+)
 # Parts that hold (or may hold) one of the account's running-batch slots.
 PART_HOLDS_SLOT = frozenset({PartState.CREATING, PartState.RUNNING})
 
