@@ -12,7 +12,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -162,9 +162,12 @@ class FileSettings(BaseSettings):
     """
 
     toml_table: ClassVar[tuple[str, ...]] = ()
+    # Top-level tables of the shared file that belong to other programs' settings.
+    foreign_tables: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def load(cls, config_file: Path | None = None, **overrides: Any) -> Self:
+        """Read the TOML table and the environment; errors name the file and the key."""
         table: dict[str, Any] = {}
         if config_file is not None:
             table = read_toml(Path(config_file))
@@ -173,9 +176,22 @@ class FileSettings(BaseSettings):
                 if not isinstance(value, dict):
                     raise ConfigError(f"configuration file {config_file}: [{key}] must be a table")
                 table = value
+            table = {k: v for k, v in table.items() if k not in cls.foreign_tables}
+            if "api_key" in table:
+                raise ConfigError(
+                    f"configuration file {config_file}: the API key is never read from the"
+                    " configuration file; set BATCHD_API_KEY (or DASHSCOPE_API_KEY) or give"
+                    " systemd a credential named api_key"
+                )
         token = _TOML_DATA.set(table)
         try:
             return cls(**{k: v for k, v in overrides.items() if v is not None})
+        except ValidationError as exc:
+            where = f"configuration file {config_file}" if config_file else "configuration"
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+            )
+            raise ConfigError(f"{where} (or BATCHD_* environment): {problems}") from None
         finally:
             _TOML_DATA.reset(token)
 
@@ -301,6 +317,8 @@ class ControlSettings(BaseModel):
 
 class Settings(FileSettings):
     """The daemon's settings (`batchd run`, `batchd validate`, ...)."""
+
+    foreign_tables: ClassVar[tuple[str, ...]] = ("emulator",)
 
     model_config = SettingsConfigDict(
         env_prefix="BATCHD_", env_nested_delimiter="__", extra="forbid", validate_default=True

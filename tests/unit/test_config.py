@@ -1,0 +1,96 @@
+"""Configuration: the shipped file, precedence, the API key's sources, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from batchd.cli import main
+from batchd.config import Settings
+from batchd.daemon import load_api_key
+from batchd.emulator.config import EmulatorSettings
+from batchd.errors import ConfigError
+
+SHIPPED = Path(__file__).parents[2] / "config" / "batchd.toml"
+
+
+def _keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        annotation: Any = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.extend(_keys(annotation, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def test_the_shipped_config_loads_and_documents_every_key() -> None:
+    settings = Settings.load(SHIPPED)
+    assert settings.provider == "dashscope"
+    assert EmulatorSettings.load(SHIPPED).port == 8765
+    text = SHIPPED.read_text()
+    for key in _keys(Settings):
+        variable = "BATCHD_" + key.upper().replace(".", "__")
+        assert variable in text, f"{key} ({variable}) is not documented in {SHIPPED.name}"
+
+
+def test_environment_wins_over_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[jobs]\ncompletion_window = "48h"\n[poll]\ninterval_s = 30\n')
+    monkeypatch.setenv("BATCHD_POLL__INTERVAL_S", "5")
+    settings = Settings.load(config)
+    assert settings.jobs.completion_window == "48h"
+    assert settings.poll.interval_s == 5
+
+
+def test_limits_override_the_profile_per_key_and_per_model(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(
+        "[limits]\nrunning_batches = 10\n[limits.models.batch-test-model]\nmax_running = 1\n"
+    )
+    limits = Settings.load(config).profile.limits
+    assert limits.running_batches == 10 and limits.list_per_minute == 100
+    test_model = limits.for_model("batch-test-model")
+    assert test_model.max_running == 1 and test_model.max_requests_per_file == 100
+
+
+def test_an_api_key_in_the_file_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('api_key = "sk-oops"\n')
+    with pytest.raises(ConfigError, match="never read from the configuration file"):
+        Settings.load(config)
+
+
+def test_bad_values_name_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("[poll]\ninterval_s = -1\n")
+    with pytest.raises(ConfigError, match=r"poll\.interval_s"):
+        Settings.load(config)
+    config.write_text("provider = 'nowhere'\n")
+    with pytest.raises(ConfigError, match="provider"):
+        Settings.load(config)
+    config.write_text("[jobs\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        Settings.load(config)
+
+
+def test_api_key_sources_in_order(tmp_path: Path) -> None:
+    assert load_api_key({"BATCHD_API_KEY": "a", "DASHSCOPE_API_KEY": "b"}) == "a"
+    assert load_api_key({"DASHSCOPE_API_KEY": "b"}) == "b"
+    (tmp_path / "api_key").write_text("sk-from-credential\n")
+    assert load_api_key({"CREDENTIALS_DIRECTORY": str(tmp_path)}) == "sk-from-credential"
+    with pytest.raises(ConfigError, match="no API key"):
+        load_api_key({})
+
+
+def test_run_without_a_key_fails_with_a_clear_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in ("BATCHD_API_KEY", "DASHSCOPE_API_KEY", "CREDENTIALS_DIRECTORY"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["run", "--root", str(tmp_path)]) == 2
+    assert "no API key" in capsys.readouterr().err
