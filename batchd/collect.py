@@ -33,7 +33,7 @@ from batchd.config import ProviderLimits
 from batchd.failpoints import failpoint
 from batchd.intake import fsync_dir
 from batchd.logs import get_logger
-from batchd.models import PART_SETTLED, Job, JobState, Outcome, Part, PartState, RemoteStatus
+from batchd.models import Job, JobState, Outcome, Part, PartState, RemoteStatus
 from batchd.store import Store
 
 log = get_logger(__name__)
@@ -125,14 +125,11 @@ class Collector:
 
     async def finish_jobs(self) -> bool:
         moved = False
-        for job in await self.store.jobs([JobState.RUNNING]):
+        for job in await self.store.settled_jobs():
             parts = await self.store.parts_of(job.id)
-            settled = bool(parts) and all(p.state in PART_SETTLED for p in parts)
-            if settled and await self._follow_up(job, parts):
+            if await self._follow_up(job, parts):
                 continue
-            if settled and await self.store.update_job(
-                job.id, JobState.RUNNING, state=JobState.PUBLISHING
-            ):
+            if await self.store.update_job(job.id, JobState.RUNNING, state=JobState.PUBLISHING):
                 log.info("job_collected", job_id=job.id, parts=len(parts))
                 moved = True
         if moved:

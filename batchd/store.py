@@ -18,7 +18,7 @@ from typing import Any
 import aiosqlite
 import orjson
 
-from batchd.models import PART_HOLDS_SLOT, Job, JobState, Part, PartState
+from batchd.models import PART_HOLDS_SLOT, PART_SETTLED, Job, JobState, Part, PartState
 
 _JOB_COLUMNS = frozenset(
     {
@@ -388,6 +388,21 @@ class Store:
         ) as cur:
             rows = await cur.fetchall()
         return [Part.from_row(r) for r in rows]
+
+    async def settled_jobs(self) -> list[Job]:
+        """Running jobs whose every part has settled (one query, whatever the job count)."""
+        marks = ", ".join("?" * len(PART_SETTLED))
+        query = (
+            "SELECT * FROM jobs WHERE state = ? AND EXISTS (SELECT 1 FROM parts WHERE"  # noqa: S608
+            " parts.job_id = jobs.id) AND NOT EXISTS (SELECT 1 FROM parts WHERE"
+            f" parts.job_id = jobs.id AND parts.state NOT IN ({marks}))"
+        )
+        async with self._db.execute(
+            query,
+            [JobState.RUNNING, *PART_SETTLED],
+        ) as cur:
+            rows = await cur.fetchall()
+        return [Job.from_row(r) for r in rows]
 
     async def due_parts(self, now: float, limit: int = 100_000) -> list[Part]:
         async with self._db.execute(
