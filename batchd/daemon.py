@@ -169,6 +169,7 @@ class Daemon:
             unterminated_settle_s=s.intake.unterminated_settle_s,
             suffixes=s.intake.suffixes,
             on_claimed=self.wake.poke("prepare"),
+            on_pending=self.wake.poke("intake"),
         )
         self.preparer = Preparer(
             self.store, s, on_ready=self.wake.poke("submit"), on_rejected=self.wake.poke("publish")

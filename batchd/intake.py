@@ -11,6 +11,7 @@ settled by `recover_claims`: the row's inode says where the file is.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import secrets
@@ -87,6 +88,13 @@ def settled(seen: Seen, st: os.stat_result, now: float, wall_now: float, settle_
     return same and now - seen.since >= settle_s and wall_now - st.st_mtime >= settle_s
 
 
+def settles_at(
+    seen: Seen, st: os.stat_result, now: float, wall_now: float, settle_s: float
+) -> float:
+    """PURE: the loop time from which `settled` holds if the entry stays as it is."""
+    return max(seen.since + settle_s, now + st.st_mtime + settle_s - wall_now)
+
+
 class Intake:
     """Finds settled files in the inbox and claims them into the spool."""
 
@@ -100,6 +108,7 @@ class Intake:
         unterminated_settle_s: float,
         suffixes: tuple[str, ...],
         on_claimed: Callable[[], None],
+        on_pending: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
@@ -109,7 +118,12 @@ class Intake:
         self.unterminated_settle_s = unterminated_settle_s
         self.suffixes = suffixes
         self.on_claimed = on_claimed
+        # Called when an entry seen but not yet settled may have settled: inotify says
+        # nothing more about a file at rest, so without it that file waits for a rescan.
+        self.on_pending = on_pending
         self.clock = clock
+        self.next_due: float | None = None  # loop time the next pending entry may settle
+        self._timer: asyncio.TimerHandle | None = None
         self.paused = False
         self._seen: dict[str, Seen] = {}
         self._refused: set[tuple[str, int]] = set()
@@ -123,11 +137,13 @@ class Intake:
     def scan(self) -> list[tuple[str, os.stat_result]]:
         """PURE-ish: one pass over the inbox; returns the entries ready to claim."""
         ready: list[tuple[str, os.stat_result]] = []
+        due: list[float] = []
         now, wall_now = self.clock(), time.time()
         present: set[str] = set()
         dir_fd = os.open(self.inbox, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        entries = os.scandir(dir_fd)
         try:
-            for entry in os.scandir(dir_fd):
+            for entry in entries:
                 name = entry.name
                 if is_ignored_name(name):
                     continue
@@ -152,8 +168,10 @@ class Intake:
                     st.st_mtime_ns,
                 ):
                     self._seen[name] = Seen(st.st_ino, st.st_size, st.st_mtime_ns, now)
+                    due.append(settles_at(self._seen[name], st, now, wall_now, self.settle_s))
                     continue
                 if not settled(seen, st, now, wall_now, self.settle_s):
+                    due.append(settles_at(seen, st, now, wall_now, self.settle_s))
                     continue
                 # A copy still being written under its final name ends mid-line; give the
                 # writer longer before judging the file as it is.
@@ -161,18 +179,22 @@ class Intake:
                 if unterminated and not settled(
                     seen, st, now, wall_now, self.unterminated_settle_s
                 ):
+                    due.append(settles_at(seen, st, now, wall_now, self.unterminated_settle_s))
                     continue
                 ready.append((name, st))
         finally:
+            entries.close()
             os.close(dir_fd)
         for gone in set(self._seen) - present:
             del self._seen[gone]
+        self.next_due = min(due, default=None)
         return ready
 
     async def run_once(self) -> int:
         if self.paused:
             return 0
         ready = await asyncio.to_thread(self.scan)
+        self._look_again_when_due()
         claimed = 0
         for name, st in ready:
             if await self.claim(name, st):
@@ -180,6 +202,14 @@ class Intake:
         if claimed:
             self.on_claimed()
         return claimed
+
+    def _look_again_when_due(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.on_pending is not None and self.next_due is not None:
+            delay = max(0.0, self.next_due - self.clock()) + 0.01
+            self._timer = asyncio.get_running_loop().call_later(delay, self.on_pending)
 
     async def claim(self, name: str, st: os.stat_result) -> bool:
         """Move one settled file into the spool and record it, crash-safely."""
@@ -196,7 +226,7 @@ class Intake:
         await self.store.insert_job(
             job_id=job_id,
             name=_safe_stem(stem),
-            inbox_name=name,
+            inbox_name=_storable(name),
             inode=st.st_ino,
             dev=st.st_dev,
             spool_path=str(target),
@@ -210,6 +240,9 @@ class Intake:
         except OSError as exc:
             log.warning("claim_failed", name=printable(name), error=str(exc))
             await self.store.delete_job(job_id)
+            # Only if empty: whatever a failed rename-back left in it is not ours to delete.
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(os.rmdir, job_dir)
             return False
         failpoint("intake.after_rename")
         await self.store.update_job(job_id, JobState.CLAIMING, state=JobState.CLAIMED)
@@ -282,12 +315,23 @@ class Intake:
                 # Swapped between our open and the rename: put it back and refuse.
                 os.rename(target, name, dst_dir_fd=inbox_fd)
                 raise OSError(errno.ESTALE, "entry replaced during claim")
-            for suffix in SIDECAR_SUFFIXES:
-                try:
-                    os.rename(f"{stem}{suffix}", job_dir / f"meta{suffix}", src_dir_fd=inbox_fd)
-                except FileNotFoundError:
-                    pass
-            os.fsync(inbox_fd)
+            try:
+                for suffix in SIDECAR_SUFFIXES:
+                    try:
+                        os.rename(f"{stem}{suffix}", job_dir / f"meta{suffix}", src_dir_fd=inbox_fd)
+                    except OSError as exc:
+                        # No such sidecar (a name too long for one cannot exist either).
+                        if exc.errno not in (errno.ENOENT, errno.ENAMETOOLONG):
+                            raise
+                os.fsync(inbox_fd)
+            except OSError:
+                # The caller forgets this claim: the input must go back where the user
+                # left it, or it would sit in the spool with no job to own it.
+                for suffix in SIDECAR_SUFFIXES:
+                    with contextlib.suppress(OSError):
+                        os.rename(job_dir / f"meta{suffix}", f"{stem}{suffix}", dst_dir_fd=inbox_fd)
+                os.rename(target, name, dst_dir_fd=inbox_fd)
+                raise
         finally:
             os.close(inbox_fd)
         fsync_dir(job_dir)
@@ -314,7 +358,14 @@ def _ends_with_newline(dir_fd: int, name: str, st: os.stat_result) -> bool:
     except OSError:
         return False
     try:
+        # The name may have been swapped since the scan's stat (a FIFO, a hard link to
+        # another file): read nothing but the inode that was scanned.
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(now.st_mode):
+            return False
         return os.pread(fd, 1, st.st_size - 1) == b"\n"
+    except OSError:
+        return False
     finally:
         os.close(fd)
 
@@ -333,13 +384,20 @@ def _kind_of(mode: int) -> str:
     return "not a regular file"
 
 
+def _storable(name: str) -> str:
+    """The inbox name as valid UTF-8 text (undecodable bytes as `\\xNN`), for records."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _safe_stem(stem: str) -> str:
-    """The outbox folder name: the input's stem, made safe for any filesystem."""
+    """The outbox folder name: the input's stem, made safe for any filesystem and shell:
+    no leading `-` or `.`, at most 100 bytes (room for the temp name, `.NAME.tmp-JOB`)."""
     cleaned = "".join(
         c if (c.isalnum() or c in "-_.") and c.isprintable() else "_"
         for c in stem.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    ).strip(".")
-    return (cleaned or "job")[:100]
+    )
+    cleaned = cleaned.encode()[:100].decode("utf-8", "ignore").lstrip("-.").rstrip(".")
+    return cleaned or "job"
 
 
 def fsync_dir(path: Path) -> None:
