@@ -512,6 +512,14 @@ class Publisher:
             summary = orjson.loads((final / "summary.json").read_bytes())
         outcome = str(summary.get("status"))
         counts = summary.get("request_counts") or {}
+        # Crash hazard: the remote clean-up is queued and the spool removed *before* the
+        # job is marked published. Once published it is never looked at again, so a kill
+        # between the two would leave its remote files and spool folder behind for good;
+        # in this order a kill only repeats these idempotent steps on the next pass.
+        if self.delete_remote_files:
+            ids = [f for p in parts for f in (p.remote_file_id, p.output_file_id, p.error_file_id)]
+            await self.store.add_garbage(ids, f"job {job.id} published", time.time())
+        await asyncio.to_thread(shutil.rmtree, Path(job.spool_path).parent, True)
         await self.store.update_job(
             job.id,
             JobState.PUBLISHING,
@@ -523,10 +531,6 @@ class Publisher:
             failed=int(counts.get("failed") or 0),
             usage=summary.get("usage"),
         )
-        if self.delete_remote_files:
-            ids = [f for p in parts for f in (p.remote_file_id, p.output_file_id, p.error_file_id)]
-            await self.store.add_garbage(ids, f"job {job.id} published", time.time())
-        await asyncio.to_thread(shutil.rmtree, Path(job.spool_path).parent, True)
         log.info(
             "job_published",
             job_id=job.id,

@@ -1,0 +1,495 @@
+"""A kill -9 loop over the whole pipeline (TESTING.md B.8).
+
+Inputs are dropped into the inbox while the daemon (`python -m batchd run`, a real
+process) is killed with SIGKILL at random moments and restarted each time; a last clean
+run finishes the work. Then every invariant is checked:
+
+- every input ends in exactly one terminal state: one outbox folder per input, none
+  twice, every request once in result.jsonl or error.jsonl, no hidden temp folder left;
+- at most one remote batch per part (the emulator counts creates per input file);
+- no orphan remote file once clean-up ran (the emulator stores no file);
+- no partial folder ever visible in the outbox (a watcher samples it during the run);
+- the outbox's result lines are byte for byte the emulator's output lines, and its error
+  lines the emulator's error lines plus their `input_line`;
+- `PRAGMA integrity_check` is ok after every kill.
+
+The figures (kills, duplicates, lost, orphans, mean recovery time) are printed; the soak
+variant also writes them to tests/bench/soak-figures.json.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import re
+import signal
+import sqlite3
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from batchd.emulator import Emulator
+from tests.conftest import StartEmulator
+from tests.integration.daemon_harness import daemon_env, drop, requests, start_subprocess
+
+MAX_REQUESTS_PER_FILE = 10
+FIGURES_FILE = Path(__file__).parent.parent / "bench" / "soak-figures.json"
+_INPUT_LINE = re.compile(rb',"input_line":(\d+)}\n\Z')
+
+
+@dataclass
+class Plan:
+    """How hard to push: kills, inputs, the wall-time bound and the seed."""
+
+    kills: int
+    inputs: int
+    time_limit_s: float
+    seed: int
+    min_delay_s: float = 0.02
+    max_delay_s: float = 1.0
+
+
+@dataclass
+class Figures:
+    seed: int
+    kills: int = 0
+    restarts: int = 0
+    inputs: int = 0
+    parts: int = 0
+    requests: int = 0
+    failed_requests: int = 0
+    duplicates: int = 0
+    lost: int = 0
+    orphans: int = 0
+    partial_seen: int = 0
+    integrity_failures: int = 0
+    unexpected_exits: int = 0
+    recovery_s: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    @property
+    def mean_recovery_s(self) -> float | None:
+        if not self.recovery_s:
+            return None
+        return round(sum(self.recovery_s) / len(self.recovery_s), 3)
+
+    def summary(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("recovery_s")
+        data["recovery_samples"] = len(self.recovery_s)
+        data["mean_recovery_s"] = self.mean_recovery_s
+        data["max_recovery_s"] = round(max(self.recovery_s), 3) if self.recovery_s else None
+        data["wall_s"] = round(self.wall_s, 1)
+        return data
+
+
+# -- inputs ---------------------------------------------------------------------------
+
+
+def embedding_requests(n: int, prefix: str) -> bytes:
+    lines = [
+        orjson.dumps(
+            {
+                "custom_id": f"{prefix}{i}",
+                "method": "POST",
+                "url": "/v1/embeddings",
+                "body": {"model": "text-embedding-v3", "input": f"text {i}", "dimensions": 4},
+            }
+        )
+        for i in range(n)
+    ]
+    return b"\n".join(lines) + b"\n"
+
+
+def make_inputs(count: int) -> dict[str, bytes]:
+    """Inputs of four kinds: split into parts, one part, embeddings, and invalid."""
+    inputs: dict[str, bytes] = {}
+    for i in range(count):
+        kind = i % 4
+        if kind == 0:
+            # Over max_requests_per_file: split into three parts.
+            inputs[f"split{i:03d}.jsonl"] = requests(25, prefix=f"s{i}-")
+        elif kind == 1:
+            inputs[f"small{i:03d}.jsonl"] = requests(4, prefix=f"m{i}-")
+        elif kind == 2:
+            inputs[f"embed{i:03d}.jsonl"] = embedding_requests(12, prefix=f"e{i}-")
+        else:
+            # Rejected by the daemon's own validator: never sent, still published.
+            inputs[f"bad{i:03d}.jsonl"] = requests(2, prefix=f"b{i}-") + b"not json\n"
+    return inputs
+
+
+def custom_ids(content: bytes) -> list[str]:
+    ids = []
+    for line in content.splitlines():
+        with contextlib.suppress(orjson.JSONDecodeError):
+            obj = orjson.loads(line)
+            if isinstance(obj, dict):
+                ids.append(obj["custom_id"])
+    return ids
+
+
+# -- observers ------------------------------------------------------------------------
+
+
+def record_output_files(emulator: Emulator) -> dict[str, bytes]:
+    """The bytes of every result file the emulator writes, kept before any deletion.
+
+    A seam on the fake service (not on batchd): the daemon deletes remote files after
+    publishing, and the byte comparison needs what the service served.
+    """
+    store = emulator.state.store
+    served: dict[str, bytes] = {}
+    add_file = store.add_file
+
+    def recording_add_file(temp: Path, filename: str, size: int, purpose: str) -> Any:
+        stored = add_file(temp, filename, size, purpose)
+        if purpose == "batch_output":
+            served[stored.id] = stored.path.read_bytes()
+        return stored
+
+    store.add_file = recording_add_file  # type: ignore[method-assign]
+    return served
+
+
+class OutboxWatcher:
+    """Samples the outbox all through the run: a visible folder must always be whole."""
+
+    WHOLE = ("summary.json", "result.jsonl", "error.jsonl", "result.csv")
+
+    def __init__(self, outbox: Path) -> None:
+        self.outbox = outbox
+        self.samples = 0
+        self.partial: list[str] = []
+
+    def sample(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(self.outbox):
+                if name.startswith("."):
+                    continue
+                have = set(os.listdir(self.outbox / name))
+                if not set(self.WHOLE) <= have:
+                    self.partial.append(f"{name}: {sorted(have)}")
+        self.samples += 1
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.to_thread(self.sample)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.02)
+
+
+def progress_mark(reader: sqlite3.Connection | None) -> tuple[Any, ...] | None:
+    """What the daemon has done so far, as the database says; None while unreadable."""
+    if reader is None:
+        return None
+    try:
+        jobs = reader.execute("SELECT COUNT(*), MAX(updated_at) FROM jobs").fetchone()
+        parts = reader.execute("SELECT state, COUNT(*) FROM parts GROUP BY state").fetchall()
+    except sqlite3.Error:
+        return None
+    return (*jobs, *sorted(parts))
+
+
+def socket_identity(path: Path) -> tuple[int, int] | None:
+    """(inode, mtime) of the control socket: a new one means a new daemon listens."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def integrity(db_path: Path) -> str:
+    with contextlib.closing(sqlite3.connect(db_path, timeout=5)) as db:
+        return str(db.execute("PRAGMA integrity_check").fetchone()[0])
+
+
+# -- the loop -------------------------------------------------------------------------
+
+
+async def run_kill_loop(start_emulator: StartEmulator, tmp_path: Path, plan: Plan) -> Figures:
+    rng = random.Random(plan.seed)
+    figures = Figures(seed=plan.seed)
+    started = time.monotonic()
+    emulator = await start_emulator(time_scale=1000, request_failure_rate=0.15, seed=plan.seed)
+    served = record_output_files(emulator)
+    root = tmp_path / "root"
+    inbox, outbox, spool = root / "inbox", root / "outbox", root / "spool"
+    db_path = root / "state" / "batchd.sqlite3"
+    sock = root / "run" / "control.sock"
+    inbox.mkdir(parents=True)
+    env = daemon_env(
+        emulator,
+        root,
+        BATCHD_LIMITS__MAX_REQUESTS_PER_FILE=str(MAX_REQUESTS_PER_FILE),
+        BATCHD_LIMITS__LIST_PER_MINUTE="100000",
+        BATCHD_LIMITS__RETRIEVE_PER_MINUTE="100000",
+        BATCHD_LIMITS__CREATE_PER_MINUTE="100000",
+        BATCHD_LIMITS__UPLOAD_PER_SECOND="1000",
+        BATCHD_LIMITS__FILE_CALLS_PER_SECOND="1000",
+        # A kill here is never the job's fault: do not park jobs for crashes we cause.
+        # (B.12, the poison input, is tested on its own.)
+        BATCHD_MAX_JOB_CRASHES="1000000",
+        BATCHD_LOG__LEVEL="warning",
+    )
+    log = tmp_path / "daemon.log"
+    inputs = make_inputs(plan.inputs)
+    to_drop = list(inputs.items())
+    # Most inputs arrive while the kills go on, a few before the first start.
+    for name, content in to_drop[:2]:
+        drop(inbox, name, content)
+    to_drop = to_drop[2:]
+
+    watcher = OutboxWatcher(outbox)
+    stop_watch = asyncio.Event()
+    watch_task = asyncio.create_task(watcher.run(stop_watch))
+    reader: sqlite3.Connection | None = None
+
+    def all_published() -> bool:
+        if to_drop or not outbox.exists():
+            return False
+        return len([n for n in os.listdir(outbox) if not n.startswith(".")]) >= len(inputs)
+
+    def tail() -> str:
+        return log.read_text(errors="replace")[-4000:]
+
+    try:
+        while figures.kills < plan.kills and time.monotonic() - started < plan.time_limit_s:
+            if all_published():
+                break
+            if to_drop:
+                name, content = to_drop.pop(0)
+                drop(inbox, name, content)
+            if reader is None and db_path.exists():
+                reader = sqlite3.connect(db_path, timeout=1, isolation_level=None)
+            before = progress_mark(reader)
+            old_sock = socket_identity(sock)
+            spawned = time.monotonic()
+            proc = await start_subprocess(env, log)
+            figures.restarts += 1
+            # Kill at a random moment counted from when the daemon listens (its socket
+            # is new), so kills land in recovery and in every stage, not in imports.
+            delay = rng.uniform(plan.min_delay_s, plan.max_delay_s)
+            kill_at: float | None = None
+            progressed = False
+            deadline = spawned + 10.0
+            while proc.returncode is None:
+                now = time.monotonic()
+                if kill_at is None and (
+                    socket_identity(sock) not in (None, old_sock) or now > deadline
+                ):
+                    kill_at = now + delay
+                if kill_at is not None and now >= kill_at:
+                    break
+                if reader is None and db_path.exists():
+                    reader = sqlite3.connect(db_path, timeout=1, isolation_level=None)
+                    before = None
+                if not progressed and before is not None:
+                    mark = progress_mark(reader)
+                    if mark is not None and mark != before:
+                        figures.recovery_s.append(now - spawned)
+                        progressed = True
+                emulator.advance(20)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(proc.wait(), 0.01)
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGKILL)
+                code = await proc.wait()
+                assert code == -signal.SIGKILL
+                figures.kills += 1
+            else:
+                figures.unexpected_exits += 1
+                raise AssertionError(f"daemon exited {proc.returncode} on its own:\n{tail()}")
+            if db_path.exists() and integrity(db_path) != "ok":
+                figures.integrity_failures += 1
+            stats = await emulator.stats()
+            twice = {f: n for f, n in stats["batches_created_per_input_file"].items() if n != 1}
+            assert not twice, f"a part was created twice after kill {figures.kills}: {twice}"
+
+        # Whatever is left arrives now; a clean run finishes everything.
+        for name, content in to_drop:
+            drop(inbox, name, content)
+        to_drop = []
+        old_sock = socket_identity(sock)
+        proc = await start_subprocess(env, log)
+        figures.restarts += 1
+        try:
+            done_by = time.monotonic() + 90
+            # The clean run must get going (listening, recovered) before it may end.
+            while socket_identity(sock) in (None, old_sock):
+                assert proc.returncode is None, f"daemon exited {proc.returncode}:\n{tail()}"
+                assert time.monotonic() < done_by, "the clean run never listened"
+                await asyncio.sleep(0.01)
+            while True:
+                stats = await emulator.stats()
+                if all_published() and stats["files_stored"]["count"] == 0:
+                    break
+                assert proc.returncode is None, f"daemon exited {proc.returncode}:\n{tail()}"
+                assert time.monotonic() < done_by, (
+                    f"not finished: {len(os.listdir(outbox)) if outbox.exists() else 0}"
+                    f" of {len(inputs)} published, {stats['files_stored']['count']} remote"
+                    f" files left\n{tail()}"
+                )
+                emulator.advance(60)
+                await asyncio.sleep(0.05)
+        finally:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+                code = await asyncio.wait_for(proc.wait(), 30)
+                assert code == 0, f"clean run exited {code}:\n{tail()}"
+    finally:
+        stop_watch.set()
+        await watch_task
+        if reader is not None:
+            reader.close()
+    figures.wall_s = time.monotonic() - started
+    figures.inputs = len(inputs)
+    if integrity(db_path) != "ok":
+        figures.integrity_failures += 1
+    figures.partial_seen = len(watcher.partial)
+
+    stats = await emulator.stats()
+    check_end_state(figures, inputs, root, stats, served)
+    assert watcher.samples > 100, "the outbox watcher hardly ran"
+    assert not watcher.partial, watcher.partial
+    # Nothing left behind on disk either: inbox, spool and hidden outbox temp folders.
+    assert sorted(os.listdir(inbox)) == []
+    assert sorted(os.listdir(spool)) == []
+    assert [n for n in os.listdir(outbox) if n.startswith(".")] == []
+    return figures
+
+
+def check_end_state(
+    figures: Figures,
+    inputs: dict[str, bytes],
+    root: Path,
+    stats: dict[str, Any],
+    served: dict[str, bytes],
+) -> None:
+    outbox = root / "outbox"
+    folders = sorted(n for n in os.listdir(outbox) if not n.startswith("."))
+    expected = sorted(name.removesuffix(".jsonl") for name in inputs)
+    extra = sorted(set(folders) - set(expected))
+    missing = sorted(set(expected) - set(folders))
+    figures.duplicates += len(extra)
+    figures.lost += len(missing)
+
+    with contextlib.closing(sqlite3.connect(root / "state" / "batchd.sqlite3")) as db:
+        rows = db.execute("SELECT inbox_name, state FROM jobs").fetchall()
+        garbage = db.execute("SELECT COUNT(*) FROM remote_garbage").fetchone()[0]
+    per_input = Counter(name for name, _ in rows)
+    figures.duplicates += sum(n - 1 for n in per_input.values() if n > 1)
+    states = Counter(state for _, state in rows)
+
+    part_files: list[str] = []
+    for name in folders:
+        if name not in expected:
+            continue
+        folder = outbox / name
+        summary = orjson.loads((folder / "summary.json").read_bytes())
+        content = inputs[f"{name}.jsonl"]
+        wanted = custom_ids(content)
+        results = (folder / "result.jsonl").read_bytes().splitlines(keepends=True)
+        errors = (folder / "error.jsonl").read_bytes().splitlines(keepends=True)
+        if name.startswith("bad"):
+            assert summary["status"] == "rejected", summary
+            assert summary["parts"] == [] and results == []
+            continue
+        got = Counter(orjson.loads(line)["custom_id"] for line in results + errors)
+        figures.duplicates += sum(n - 1 for n in got.values() if n > 1)
+        figures.lost += len(set(wanted) - set(got))
+        figures.requests += len(wanted)
+        figures.failed_requests += len(errors)
+        counts = summary["request_counts"]
+        assert counts["total"] == len(wanted), (name, counts)
+        assert counts["completed"] + counts["failed"] == counts["total"], (name, counts)
+        assert summary["never_run"] == 0, (name, summary)
+        assert summary["status"] in ("completed", "partial"), (name, summary["status"])
+
+        # Byte for byte what the service served, as multisets (the service shuffles).
+        served_out: list[bytes] = []
+        served_err: list[bytes] = []
+        for part in summary["parts"]:
+            part_files.append(part["input_file_id"])
+            assert part["status"] == "completed", (name, part)
+            for key, into in (("output_file_id", served_out), ("error_file_id", served_err)):
+                if part[key]:
+                    into.extend(served[part[key]].splitlines(keepends=True))
+        assert Counter(results) == Counter(served_out), f"{name}: result lines differ"
+        stripped = []
+        for line in errors:
+            match = _INPUT_LINE.search(line)
+            assert match is not None, (name, line)
+            stripped.append(line[: match.start()] + b"}\n")
+        assert Counter(stripped) == Counter(served_err), f"{name}: error lines differ"
+
+    figures.parts = len(part_files)
+    figures.orphans = int(stats["files_stored"]["count"]) + int(garbage)
+    assert states == {"published": len(inputs)}, states
+    assert not extra and not missing, (extra, missing)
+    per_file = stats["batches_created_per_input_file"]
+    assert sorted(per_file) == sorted(part_files), "a batch was made from an unknown file"
+    assert set(per_file.values()) <= {1}, per_file
+    assert stats["batches_created"] == len(part_files)
+    assert figures.duplicates == 0 and figures.lost == 0 and figures.orphans == 0, figures
+    assert figures.integrity_failures == 0
+    assert figures.failed_requests > 0, "request_failure_rate produced no failure to carry"
+
+
+def report(figures: Figures, label: str) -> str:
+    s = figures.summary()
+    return (
+        f"\n[{label}] kills={s['kills']} restarts={s['restarts']} inputs={s['inputs']}"
+        f" parts={s['parts']} requests={s['requests']} failed={s['failed_requests']}"
+        f" duplicates={s['duplicates']} lost={s['lost']} orphans={s['orphans']}"
+        f" partial_seen={s['partial_seen']} integrity_failures={s['integrity_failures']}"
+        f" mean_recovery_s={s['mean_recovery_s']} (n={s['recovery_samples']},"
+        f" max={s['max_recovery_s']}) wall_s={s['wall_s']} seed={s['seed']}"
+    )
+
+
+def _seed(default: int) -> int:
+    return int(os.environ.get("BATCHD_KILL_SEED", default))
+
+
+@pytest.mark.timeout(240)
+async def test_kill_9_loop_loses_nothing_and_does_nothing_twice(
+    start_emulator: StartEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan = Plan(kills=25, inputs=22, time_limit_s=70, seed=_seed(20240807))
+    figures = await run_kill_loop(start_emulator, tmp_path, plan)
+    with capsys.disabled():
+        print(report(figures, "kill-loop"))
+    assert figures.kills >= 15, figures.summary()
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(3600)
+async def test_kill_9_soak_hundreds_of_kills(
+    start_emulator: StartEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    kills = int(os.environ.get("BATCHD_SOAK_KILLS", "400"))
+    limit = float(os.environ.get("BATCHD_SOAK_LIMIT_S", "1800"))
+    plan = Plan(kills=kills, inputs=max(8, kills * 2 // 3), time_limit_s=limit, seed=_seed(7))
+    figures = await run_kill_loop(start_emulator, tmp_path, plan)
+    with capsys.disabled():
+        print(report(figures, "kill-loop soak"))
+    existing: dict[str, Any] = {}
+    if FIGURES_FILE.exists():
+        with contextlib.suppress(ValueError):
+            existing = json.loads(FIGURES_FILE.read_text())
+    existing["kill_loop"] = {
+        **figures.summary(),
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    FIGURES_FILE.write_text(json.dumps(existing, indent=2, sort_keys=True) + "\n")
+    assert figures.kills >= min(kills, 100), figures.summary()
