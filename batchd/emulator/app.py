@@ -251,12 +251,16 @@ def _page(items: list[Any], after: str | None, limit: int) -> tuple[list[Any], b
     return items[:limit], len(items) > limit
 
 
-def _listing(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
+def _listing(
+    data: list[dict[str, Any]], has_more: bool, empty_id: str | None = None
+) -> dict[str, Any]:
+    """A list page; `empty_id` stands for first_id/last_id when the page is empty (the
+    contract's file list requires strings there, its batch list allows null)."""
     return {
         "object": "list",
         "data": data,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
+        "first_id": data[0]["id"] if data else empty_id,
+        "last_id": data[-1]["id"] if data else empty_id,
         "has_more": has_more,
     }
 
@@ -315,7 +319,7 @@ async def list_files(request: web.Request) -> web.StreamResponse:
     if purpose:
         files = [f for f in files if f.purpose == purpose]
     page, has_more = _page(files, request.query.get("after"), _limit(request, 10_000, 10_000))
-    return _json(_listing([f.to_json() for f in page], has_more))
+    return _json(_listing([f.to_json() for f in page], has_more, empty_id=""))
 
 
 async def retrieve_file(request: web.Request) -> web.StreamResponse:
