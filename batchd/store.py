@@ -4,13 +4,23 @@ State changes are compare-and-set (`UPDATE ... WHERE id=? AND state=?`) and repo
 whether they took effect, so two stages can never both move the same row. Every write
 is committed before the call returns: a committed intent precedes each remote call that
 is not idempotent, and a committed result follows it.
+
+Writes are group-committed: the single-statement writes that arrive while a commit is
+in progress are applied together in the next transaction, one fsync for all of them,
+and each caller resumes only once its own write is durable. With synchronous=FULL a
+commit costs a disk flush; one per write would bound the daemon at a few hundred writes
+a second, below what the provider's caps allow. Multi-statement transactions hold the
+same lock, so no statement of another stage can slip into (or be rolled back with) them.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -55,6 +65,7 @@ _PART_COLUMNS = frozenset(
         "attempts",
         "error",
         "completion_window",
+        "polled_at",
     }
 )
 _EVENT_FIELDS = (
@@ -118,6 +129,10 @@ class Store:
         # Called after each committed change of a job's or part's state or progress
         # (the control socket's event stream listens here).
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        # Group commit: writes waiting for the next transaction, and the task running it.
+        self._lock = asyncio.Lock()
+        self._waiting: list[tuple[Callable[[], Awaitable[int]], asyncio.Future[int]]] = []
+        self._flusher: asyncio.Task[None] | None = None
 
     def _emit(self, kind: str, row_id: Any, fields: dict[str, Any]) -> None:
         if not self.listeners:
@@ -142,7 +157,84 @@ class Store:
         return store
 
     async def close(self) -> None:
+        if self._flusher is not None:
+            await self._flusher
         await self._db.close()
+
+    # -- writing ------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT, with no other writer's statement inside."""
+        async with self._lock:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                await self._db.execute("ROLLBACK")
+                raise
+            await self._db.execute("COMMIT")
+
+    async def _write(self, sql: str, args: Sequence[Any] = ()) -> int:
+        """One statement, committed (with whatever else is waiting) before this returns;
+        the number of rows it changed."""
+
+        async def statement() -> int:
+            cur = await self._db.execute(sql, args)
+            return cur.rowcount
+
+        return await self._join_commit(statement)
+
+    async def _write_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+        async def statements() -> int:
+            cur = await self._db.executemany(sql, rows)
+            return cur.rowcount
+
+        return await self._join_commit(statements)
+
+    async def _join_commit(self, op: Callable[[], Awaitable[int]]) -> int:
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiting.append((op, future))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush())
+        # Shielded: a cancelled caller must not cancel the commit the others wait on.
+        return await asyncio.shield(future)
+
+    async def _flush(self) -> None:
+        try:
+            while self._waiting:
+                async with self._lock:
+                    batch, self._waiting = self._waiting, []
+                    try:
+                        await self._db.execute("BEGIN IMMEDIATE")
+                        results: list[int | BaseException] = []
+                        for op, _ in batch:
+                            # A statement that fails is undone on its own (SQLite rolls
+                            # back only that statement); its caller gets the error.
+                            try:
+                                results.append(await op())
+                            except sqlite3.Error as exc:
+                                results.append(exc)
+                        await self._db.execute("COMMIT")
+                    except BaseException as exc:
+                        # After a failed BEGIN or COMMIT there may be nothing to undo.
+                        with contextlib.suppress(sqlite3.Error):
+                            await self._db.execute("ROLLBACK")
+                        for _, future in batch:
+                            if not future.done():
+                                future.set_exception(exc)
+                        if not isinstance(exc, Exception):
+                            raise
+                        continue
+                for (_, future), result in zip(batch, results, strict=True):
+                    if future.done():
+                        continue
+                    if isinstance(result, BaseException):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+        finally:
+            self._flusher = None
 
     async def _migrate(self) -> None:
         async with self._db.execute("PRAGMA user_version") as cur:
@@ -175,7 +267,7 @@ class Store:
         options: dict[str, Any],
         now: float,
     ) -> None:
-        await self._db.execute(
+        await self._write(
             "INSERT INTO jobs (id, name, inbox_name, inbox_inode, inbox_dev, spool_path, kind,"
             " state, options, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -218,13 +310,13 @@ class Store:
         if expect is not None:
             where += " AND state = ?"
             args.append(expect)
-        cur = await self._db.execute(f"UPDATE jobs SET {sql} WHERE {where}", args)  # noqa: S608
-        if cur.rowcount == 1:
+        changed = await self._write(f"UPDATE jobs SET {sql} WHERE {where}", args)  # noqa: S608
+        if changed == 1:
             self._emit("job", job_id, fields)
-        return cur.rowcount == 1
+        return changed == 1
 
     async def delete_job(self, job_id: str) -> None:
-        await self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        await self._write("DELETE FROM jobs WHERE id = ?", (job_id,))
 
     async def get_job(self, job_id: str) -> Job | None:
         async with self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)) as cur:
@@ -298,20 +390,14 @@ class Store:
 
     async def plan_parts(self, job_id: str, parts: Sequence[dict[str, Any]], now: float) -> bool:
         """Record a job's parts and move it to RUNNING in one transaction."""
-        await self._db.execute("BEGIN IMMEDIATE")
-        try:
+        async with self._transaction():
             cur = await self._db.execute(
                 "UPDATE jobs SET state = ?, updated_at = ? WHERE id = ? AND state = ?",
                 (JobState.RUNNING, now, job_id, JobState.CLAIMED),
             )
             if cur.rowcount != 1:
-                await self._db.execute("ROLLBACK")
                 return False
             await self._insert_parts(job_id, parts, 0)
-            await self._db.execute("COMMIT")
-        except BaseException:
-            await self._db.execute("ROLLBACK")
-            raise
         return True
 
     async def _insert_parts(
@@ -340,13 +426,8 @@ class Store:
 
     async def add_parts(self, job_id: str, parts: Sequence[dict[str, Any]], round_: int) -> None:
         """Add follow-up parts to a running job (one transaction)."""
-        await self._db.execute("BEGIN IMMEDIATE")
-        try:
+        async with self._transaction():
             await self._insert_parts(job_id, parts, round_)
-            await self._db.execute("COMMIT")
-        except BaseException:
-            await self._db.execute("ROLLBACK")
-            raise
 
     async def update_part(
         self, part_id: int, expect: PartState | None = None, **fields: Any
@@ -358,10 +439,10 @@ class Store:
         if expect is not None:
             where += " AND state = ?"
             args.append(expect)
-        cur = await self._db.execute(f"UPDATE parts SET {sql} WHERE {where}", args)  # noqa: S608
-        if cur.rowcount == 1:
+        changed = await self._write(f"UPDATE parts SET {sql} WHERE {where}", args)  # noqa: S608
+        if changed == 1:
             self._emit("part", part_id, fields)
-        return cur.rowcount == 1
+        return changed == 1
 
     async def get_part(self, part_id: int) -> Part | None:
         async with self._db.execute("SELECT * FROM parts WHERE id = ?", (part_id,)) as cur:
@@ -446,7 +527,7 @@ class Store:
     # -- remote garbage -----------------------------------------------------------------
 
     async def add_garbage(self, file_ids: Iterable[str | None], reason: str, now: float) -> None:
-        await self._db.executemany(
+        await self._write_many(
             "INSERT OR IGNORE INTO remote_garbage (file_id, reason, created_at) VALUES (?, ?, ?)",
             [(f, reason, now) for f in file_ids if f],
         )
@@ -459,4 +540,4 @@ class Store:
         return [r[0] for r in rows]
 
     async def drop_garbage(self, file_id: str) -> None:
-        await self._db.execute("DELETE FROM remote_garbage WHERE file_id = ?", (file_id,))
+        await self._write("DELETE FROM remote_garbage WHERE file_id = ?", (file_id,))

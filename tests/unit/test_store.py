@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 from pathlib import Path
+
+import pytest
 
 from batchd.models import JobState, PartState
 from batchd.store import Store
@@ -81,5 +85,62 @@ async def test_slot_holders_count_creating_and_running_per_model(tmp_path: Path)
         await store.update_part(parts[0].id, state=PartState.CREATING)
         await store.update_part(parts[1].id, state=PartState.RUNNING)
         assert await store.slot_holders() == (2, {"qwen-plus": 2})
+    finally:
+        await store.close()
+
+
+async def test_concurrent_writes_share_commits_and_each_is_durable_when_it_returns(
+    tmp_path: Path,
+) -> None:
+    store = await Store.open(tmp_path / "db.sqlite3")
+    commits: list[str] = []
+    await store._db.set_trace_callback(
+        lambda sql: commits.append(sql) if sql.startswith("COMMIT") else None
+    )
+    try:
+        await asyncio.gather(*(_job(store, f"j{i}", float(i), {}) for i in range(40)))
+        # 40 jobs of three writes each: the plans are transactions of their own (40), the
+        # 80 inserts and claims share a few group commits.
+        assert 41 <= len(commits) <= 50, len(commits)
+        parts = [p for i in range(40) for p in await store.parts_of(f"j{i}")]
+        commits.clear()
+
+        async def move(part_id: int) -> None:
+            assert await store.update_part(part_id, PartState.PENDING, state=PartState.UPLOADING)
+            # Durable before the call returns: another connection sees it at once.
+            with sqlite3.connect(tmp_path / "db.sqlite3") as other:
+                row = other.execute("SELECT state FROM parts WHERE id = ?", (part_id,)).fetchone()
+            assert row == ("uploading",)
+
+        await asyncio.gather(*(move(p.id) for p in parts))
+        assert len(commits) < len(parts)
+    finally:
+        await store.close()
+
+
+async def test_a_failing_write_fails_alone_and_a_transaction_is_never_entered_by_others(
+    tmp_path: Path,
+) -> None:
+    store = await Store.open(tmp_path / "db.sqlite3")
+    try:
+        await _job(store, "a", 1.0, {})
+        (part,) = await store.parts_of("a")
+        with pytest.raises(ValueError, match="not updatable"):
+            await store.update_part(part.id, nonsense=1)
+        # A duplicate key fails its own statement; the write beside it still commits.
+        results = await asyncio.gather(
+            _job(store, "a", 2.0, {}),
+            store.update_part(part.id, PartState.PENDING, state=PartState.UPLOADING),
+            return_exceptions=True,
+        )
+        assert isinstance(results[0], sqlite3.IntegrityError)
+        assert results[1] is True
+        # A plan that is refused (the job is not CLAIMED) rolls back only itself.
+        refused, moved = await asyncio.gather(
+            store.plan_parts("a", [], 3.0),
+            store.update_part(part.id, PartState.UPLOADING, state=PartState.UPLOADED),
+        )
+        assert (refused, moved) == (False, True)
+        assert (await store.parts_of("a"))[0].state == PartState.UPLOADED
     finally:
         await store.close()
