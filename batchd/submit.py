@@ -29,6 +29,9 @@ from batchd.store import Store
 
 log = get_logger(__name__)
 
+# Rounds of `concurrency` uploads one pass makes before it lets creation catch up.
+UPLOAD_ROUNDS = 8
+
 
 @dataclass(slots=True)
 class AccountState:
@@ -96,10 +99,6 @@ class Submitter:
         self.first_poll_s = first_poll_s
         self.concurrency = concurrency
         self.on_created = on_created
-        self._jobs: dict[str, Job] = {}
-
-    async def _job(self, job_id: str) -> Job | None:
-        return await self.store.get_job(job_id)
 
     # -- one pass -----------------------------------------------------------------------
 
@@ -108,9 +107,10 @@ class Submitter:
         if self.account.paused_reason is not None or self.account.operator_paused:
             return False
         moved = await self._settle_stuck()
-        moved |= await self._uploads()
-        moved |= await self._creates()
-        return moved
+        # Uploads and creates overlap: the parts uploaded in one pass are created in the
+        # next while the following ones upload, so neither waits for the other's batch.
+        uploaded, created = await asyncio.gather(self._uploads(), self._creates())
+        return moved or uploaded or created
 
     async def _settle_stuck(self) -> bool:
         moved = False
@@ -126,7 +126,10 @@ class Submitter:
         # Upload ahead of creation only as far as free slots need: files on the account
         # count against its 10,000-file quota.
         room = max(0, self.limits.running_batches - total + self.concurrency - waiting)
-        pending = await self.store.parts_in([PartState.PENDING], limit=min(room, 1000))
+        # A few rounds of concurrent uploads per pass, so that creation follows closely.
+        pending = await self.store.parts_in(
+            [PartState.PENDING], limit=min(room, self.concurrency * UPLOAD_ROUNDS)
+        )
         if not pending:
             return False
         sem = asyncio.Semaphore(self.concurrency)
@@ -151,13 +154,16 @@ class Submitter:
                 break
         if not chosen:
             return False
+        # Each job read once per pass: a job of thousands of parts carries a large report,
+        # and reading it again for every part would cost more than the creates.
+        jobs = {job_id: await self.store.get_job(job_id) for job_id in {p.job_id for p in chosen}}
         sem = asyncio.Semaphore(self.concurrency)
 
         async def one(part: Part) -> bool:
             async with sem:
                 if self.account.paused_reason is not None:
                     return False
-                return await self.create(part)
+                return await self.create(part, jobs[part.job_id])
 
         results = await asyncio.gather(*(one(p) for p in chosen))
         if any(results):
@@ -224,8 +230,8 @@ class Submitter:
 
     # -- create -------------------------------------------------------------------------
 
-    async def create(self, part: Part) -> bool:
-        job = await self._job(part.job_id)
+    async def create(self, part: Part, job: Job | None) -> bool:
+        """Create the batch of one uploaded part of `job` (read in this pass)."""
         if job is None or job.cancel_requested:
             return False
         window = str(job.options.get("completion_window") or self.completion_window)
