@@ -161,6 +161,7 @@ class Part:
     error: str | None
     completion_window: str | None
     round: int
+    polled_at: float | None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Part:
@@ -190,4 +191,5 @@ class Part:
             error=row["error"],
             completion_window=row["completion_window"],
             round=row["round"],
+            polled_at=row["polled_at"],
         )

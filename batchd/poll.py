@@ -4,7 +4,10 @@ Each running part has a next-poll time. When few are due, each is retrieved; whe
 are, `list` pages (100 batches each, newest first) answer for all of them, so following
 1000 running batches costs about 10 list calls per sweep instead of 1000 retrieves.
 Paging stops once every due batch was seen or the pages have gone older than the oldest
-due batch; any due batch a page did not show is retrieved on its own.
+due batch; any due batch a page did not show is retrieved on its own. A list sweep also
+takes the batches coming due within half an interval, so that polls stay coalesced.
+A batch that looks close to its end (finalizing, all requests done, or ending within the
+interval at the rate its request counts moved since the last look) is looked at sooner.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ from batchd.submit import AccountState, batch_fields
 log = get_logger(__name__)
 
 LIST_PAGE = 100
+# Share of the poll interval a list sweep looks ahead for batches coming due.
+COALESCE = 0.5
+# The most list pages one sweep reads (a minute of the provider's list cap).
+MAX_PAGES = 100
 
 
 def window_hours(window: str) -> float:
@@ -39,6 +46,50 @@ def window_hours(window: str) -> float:
 def next_poll(now: float, interval_s: float, jitter: float, rng: random.Random) -> float:
     """PURE: about `interval_s` from now, spread by +-jitter so polls do not bunch."""
     return now + interval_s * (1 + rng.uniform(-jitter, jitter))
+
+
+def expected_end_in(
+    counts: dict[str, int] | None,
+    now: float,
+    before: dict[str, int] | None,
+    before_at: float | None,
+) -> float | None:
+    """PURE: seconds until every request of a batch is done, at the rate seen between
+    two observations of its request_counts; None when there is no rate to go by."""
+    if not counts or not before or before_at is None or now <= before_at:
+        return None
+    total = int(counts.get("total") or 0)
+    done = int(counts.get("completed") or 0) + int(counts.get("failed") or 0)
+    was = int(before.get("completed") or 0) + int(before.get("failed") or 0)
+    if total <= 0 or done <= was:
+        return None
+    return (total - done) / ((done - was) / (now - before_at))
+
+
+def poll_after(
+    status: str | None,
+    counts: dict[str, int] | None,
+    end_in: float | None,
+    interval_s: float,
+) -> float:
+    """PURE: how long to wait before looking at a running batch again.
+
+    The interval, unless the batch looks close to its end: finalizing, or every request
+    done, or the rate of progress says it ends within the interval. Then sooner (at least
+    a sixth of the interval apart), so that results are fetched minutes earlier for a
+    poll or two more per batch.
+    """
+    soon = interval_s / 6
+    if status == "finalizing":
+        return soon
+    if counts:
+        total = int(counts.get("total") or 0)
+        done = int(counts.get("completed") or 0) + int(counts.get("failed") or 0)
+        if total > 0 and done >= total:
+            return soon
+    if status == "in_progress" and end_in is not None and end_in < interval_s:
+        return max(soon, end_in)
+    return interval_s
 
 
 class Poller:
@@ -71,6 +122,13 @@ class Poller:
         due = await self.store.due_parts(now)
         if not due:
             return False
+        # When list pages will be read anyway, they answer for the batches due within
+        # the next half interval too: polling those a little early puts them in this
+        # sweep, so the running parts stay in step and each interval costs one sweep of
+        # about N/100 pages, not one sweep per batch as their poll times come due apart.
+        soon = await self.store.due_parts(now + self.interval_s * COALESCE)
+        if len(soon) >= self.list_threshold:
+            due = soon
         self.sweeps += 1
         try:
             seen = await self._by_list(due) if len(due) >= self.list_threshold else {}
@@ -108,16 +166,25 @@ class Poller:
         oldest = min((p.created_remote_at or 0.0) for p in due)
         seen: dict[str, dict[str, Any]] = {}
         after: str | None = None
-        for _ in range(math.ceil(len(wanted) / LIST_PAGE) + 2):
+        # Due batches may be spread over more pages than their number fills (between
+        # them sit ended batches and batches not yet due): past that many pages, a page
+        # is still read while the last one answered for at least a tenth of a page (a
+        # list call is worth ten retrieves under the caps); the rest are retrieved.
+        enough = math.ceil(len(wanted) / LIST_PAGE) + 2
+        for number in range(MAX_PAGES):
             params = {"limit": str(LIST_PAGE)}
             if after:
                 params["after"] = after
             page = await self.api.list_batches(**params)
             data = [b for b in page.get("data") or [] if isinstance(b, dict)]
+            found = 0
             for batch in data:
                 if batch.get("id") in wanted:
                     seen[str(batch["id"])] = batch
+                    found += 1
             if len(seen) == len(wanted) or not page.get("has_more") or not data:
+                break
+            if number + 1 >= enough and found < LIST_PAGE // 10:
                 break
             created = [int(b["created_at"]) for b in data if isinstance(b.get("created_at"), int)]
             if created and min(created) < oldest - 1:
@@ -169,10 +236,14 @@ class Poller:
                 status=status,
                 request_counts=fields["request_counts"],
             )
+        counts = fields["request_counts"]
+        end_in = expected_end_in(counts, now, part.request_counts, part.polled_at)
+        wait = poll_after(status, counts, end_in, self.interval_s)
         await self.store.update_part(
             part.id,
             PartState.RUNNING,
-            next_poll_at=next_poll(now, self.interval_s, self.jitter, self.rng),
+            polled_at=now,
+            next_poll_at=next_poll(now, wait, self.jitter, self.rng),
             **{k: v for k, v in fields.items() if v is not None},
         )
         return 0

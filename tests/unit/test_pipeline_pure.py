@@ -11,7 +11,7 @@ from batchd.collect import with_input_line
 from batchd.config import ProviderLimits
 from batchd.intake import Seen, input_kind, is_ignored_name, printable, settled
 from batchd.models import remote_is_terminal
-from batchd.poll import window_hours
+from batchd.poll import expected_end_in, poll_after, window_hours
 from batchd.submit import batch_fields, free_slots
 
 
@@ -90,3 +90,31 @@ def test_error_lines_keep_the_service_bytes_and_gain_the_input_line() -> None:
     out = with_input_line(line, 12)
     assert out.startswith(line[:-2])
     assert orjson.loads(out)["input_line"] == 12
+
+
+def test_expected_end_follows_the_rate_between_two_looks() -> None:
+    before = {"total": 100, "completed": 20, "failed": 0}
+    now = {"total": 100, "completed": 50, "failed": 10}
+    # 40 requests in 20 s: the 40 left take 20 s more.
+    assert expected_end_in(now, 120.0, before, 100.0) == pytest.approx(20.0)
+    assert expected_end_in(now, 120.0, None, None) is None
+    assert expected_end_in(now, 120.0, now, 100.0) is None  # no progress, no rate
+    assert expected_end_in({"total": 0}, 120.0, before, 100.0) is None
+
+
+@pytest.mark.parametrize(
+    ("status", "counts", "end_in", "wait"),
+    [
+        ("validating", None, None, 60.0),
+        ("in_progress", {"total": 10, "completed": 2, "failed": 0}, None, 60.0),
+        ("in_progress", {"total": 10, "completed": 2, "failed": 0}, 600.0, 60.0),
+        ("in_progress", {"total": 10, "completed": 8, "failed": 0}, 30.0, 30.0),
+        ("in_progress", {"total": 10, "completed": 9, "failed": 0}, 1.0, 10.0),
+        ("in_progress", {"total": 10, "completed": 7, "failed": 3}, None, 10.0),
+        ("finalizing", {"total": 10, "completed": 10, "failed": 0}, None, 10.0),
+    ],
+)
+def test_a_batch_close_to_its_end_is_looked_at_sooner(
+    status: str, counts: dict[str, int] | None, end_in: float | None, wait: float
+) -> None:
+    assert poll_after(status, counts, end_in, 60.0) == pytest.approx(wait)
