@@ -29,6 +29,11 @@ pytest: $(STAMP)
 soak: $(STAMP)
 	$(BIN)/pytest -q -m soak --timeout=3600
 
+# Benchmarks of issue 8 (about 8 minutes): prints a table, writes tests/bench/results.json.
+# BENCH_ARGS="--quick" for a smoke run, BENCH_ARGS="--only caps,scale" for some of them.
+bench: $(STAMP)
+	$(BIN)/python -m tests.bench.run --out tests/bench/results.json $(BENCH_ARGS)
+
 demo: $(STAMP)
 	$(BIN)/batchd demo --root demo
 
