@@ -8,7 +8,9 @@ in input order, the service's lines byte for byte), `error.jsonl` (failures, eac
 its `input_line`; requests that never ran get their own error code), `result.csv`,
 `summary.json` and the input; each file is fsynced, then the folder is renamed to
 `outbox/NAME` and the outbox fsynced. The name is committed before the rename, so a
-crash on either side of it is settled by looking at the folder's `summary.json`.
+crash on either side of it is settled by looking at the folder's `summary.json`. A write
+or fsync that fails (EIO, ENOSPC) removes the temp folder, logs `publish_failed` and tries
+the job again after a pause that doubles with each failure; the daemon carries on.
 """
 
 from __future__ import annotations
@@ -457,23 +459,54 @@ class Publisher:
         keep_input: bool,
         delete_remote_files: bool,
         on_published: Callable[[], None],
+        on_retry_due: Callable[[], None] = lambda: None,
+        retry_base_s: float = 1.0,
+        retry_cap_s: float = 300.0,
     ) -> None:
         self.store = store
         self.outbox = outbox
+        self.on_retry_due = on_retry_due
         self.keep_input = keep_input
         self.delete_remote_files = delete_remote_files
         self.on_published = on_published
+        self.retry_base_s = retry_base_s
+        self.retry_cap_s = retry_cap_s
         self.failures = 0
+        # job id -> (failed attempts in a row, loop time of the next attempt)
+        self.backoff: dict[str, tuple[int, float]] = {}
 
     async def run_once(self) -> bool:
         moved = False
+        loop = asyncio.get_running_loop()
         for job in await self.store.jobs([JobState.PUBLISHING], limit=50):
+            failed, due_at = self.backoff.get(job.id, (0, 0.0))
+            if loop.time() < due_at:
+                continue
             try:
                 moved |= await self.publish(job)
             except OSError as exc:
-                # ENOSPC, EIO...: nothing partial is visible; try again on a later pass.
+                # EIO, ENOSPC...: the temp folder is gone and nothing partial is visible.
+                # A disk error is not the job's fault: it must not count towards parking
+                # it, and it is tried again after a growing pause, not in a tight loop.
+                await self.store.update_job(
+                    job.id, JobState.PUBLISHING, crash_count=job.crash_count
+                )
                 self.failures += 1
-                log.error("publish_failed", job_id=job.id, error=str(exc))
+                delay = retry_delay_s(failed + 1, self.retry_base_s, self.retry_cap_s)
+                self.backoff[job.id] = (failed + 1, loop.time() + delay)
+                loop.call_later(delay, self.on_retry_due)
+                log.error(
+                    "publish_failed",
+                    job_id=job.id,
+                    name=job.name,
+                    errno=errno.errorcode.get(exc.errno or 0, exc.errno),
+                    error=str(exc),
+                    attempt=failed + 1,
+                    retry_in_s=round(delay, 3),
+                )
+            else:
+                if self.backoff.pop(job.id, None) is not None:
+                    log.info("publish_recovered", job_id=job.id, attempts=failed + 1)
         return moved
 
     def _final_dir(self, job: Job, taken: set[str]) -> Path:
@@ -496,12 +529,14 @@ class Publisher:
         await self.store.update_job(job.id, JobState.PUBLISHING, crash_count=job.crash_count + 1)
         try:
             summary = await asyncio.to_thread(self._build, job, parts, tmp)
+            failpoint("publish.before_rename", job.inbox_name)
+            await asyncio.to_thread(os.rename, tmp, final)
         except BaseException:
+            # Whatever failed (a full or failing disk), the half-written folder goes: it
+            # holds space the next attempt needs, and it was never visible under `final`.
             await asyncio.to_thread(shutil.rmtree, tmp, True)
             raise
-        failpoint("publish.before_rename")
-        await asyncio.to_thread(os.rename, tmp, final)
-        failpoint("publish.after_rename")
+        failpoint("publish.after_rename", job.inbox_name)
         await asyncio.to_thread(fsync_dir, self.outbox)
         return await self._done(job, parts, final, summary)
 
@@ -552,6 +587,7 @@ class Publisher:
         else:
             stats = merge(jsonl_input, parts, tmp / "result.jsonl", tmp / "error.jsonl")
             outcome = decide_outcome(job, parts, stats)
+        failpoint("publish.write", job.inbox_name)
         write_results_csv([tmp / "result.jsonl", tmp / "error.jsonl"], tmp / "result.csv")
         if self.keep_input:
             # A CSV input is kept with the JSONL it became, which `batchd retry` reuses.
@@ -569,8 +605,14 @@ class Publisher:
         if job.report is not None:
             (tmp / "report.json").write_bytes(orjson.dumps(job.report, option=orjson.OPT_INDENT_2))
             _fsync_file(tmp / "report.json")
+        failpoint("publish.fsync", job.inbox_name)
         fsync_dir(tmp)
         return summary
+
+
+def retry_delay_s(failures: int, base_s: float, cap_s: float) -> float:
+    """PURE: the pause before the next publish attempt after `failures` in a row."""
+    return float(min(cap_s, base_s * 2 ** min(max(0, failures - 1), 30)))
 
 
 def write_results_csv(sources: list[Path], target: Path) -> None:

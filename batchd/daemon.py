@@ -208,6 +208,7 @@ class Daemon:
             keep_input=s.jobs.keep_input,
             delete_remote_files=s.jobs.delete_remote_files,
             on_published=self._after_publish,
+            on_retry_due=self.wake.poke("publish"),
         )
 
     def _after_publish(self) -> None:

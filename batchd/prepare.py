@@ -17,6 +17,7 @@ from typing import Any
 
 from batchd import csvio
 from batchd.config import Settings
+from batchd.failpoints import failpoint
 from batchd.logs import get_logger
 from batchd.models import Job, JobState
 from batchd.store import Store
@@ -82,6 +83,7 @@ def prepare(job: Job, settings: Settings) -> Prepared:
             rejection["errors"] = [e.to_dict() for e in conversion.errors]
             rejection["error_count"] = conversion.error_count
             return Prepared(digest, size, rejection, [])
+    failpoint("prepare.before_validate", job.inbox_name)
     report: Report = validate_file(
         jsonl,
         settings.profile.limits,
