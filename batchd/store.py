@@ -517,6 +517,26 @@ class Store:
             rows = await cur.fetchall()
         return {r[0]: r[1] for r in rows}
 
+    async def remote_files_held(self) -> int:
+        """Files batchd keeps (or is about to have) on the account, against its quota:
+        those of unpublished jobs, two result files to come per unfinished batch, and
+        those waiting to be deleted."""
+        marks = ", ".join("?" * len(PART_HOLDS_SLOT))
+        held = (
+            "(p.remote_file_id IS NOT NULL) + (p.output_file_id IS NOT NULL)"
+            f" + (p.error_file_id IS NOT NULL) + 2 * (p.state IN ({marks}))"
+        )
+        sql = (
+            f"SELECT COALESCE(SUM({held}), 0) FROM parts p"  # noqa: S608
+            " JOIN jobs j ON j.id = p.job_id WHERE j.state NOT IN (?, ?)"
+        )
+        args = [*PART_HOLDS_SLOT, JobState.PUBLISHED, JobState.PARKED]
+        async with self._db.execute(sql, args) as cur:
+            row = await cur.fetchone()
+        async with self._db.execute("SELECT COUNT(*) FROM remote_garbage") as cur:
+            garbage = await cur.fetchone()
+        return int(row[0] if row else 0) + int(garbage[0] if garbage else 0)
+
     async def remote_file_ids_in_use(self) -> set[str]:
         async with self._db.execute(
             "SELECT remote_file_id FROM parts WHERE remote_file_id IS NOT NULL"

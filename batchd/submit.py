@@ -126,6 +126,10 @@ class Submitter:
         # Upload ahead of creation only as far as free slots need: files on the account
         # count against its 10,000-file quota.
         room = max(0, self.limits.running_batches - total + self.concurrency - waiting)
+        # And only as far as the account's file quota leaves room for each new part's
+        # input and its two result files: a full account refuses uploads.
+        held = await self.store.remote_files_held()
+        room = min(room, max(0, self.limits.max_stored_files - held) // 3)
         # A few rounds of concurrent uploads per pass, so that creation follows closely.
         pending = await self.store.parts_in(
             [PartState.PENDING], limit=min(room, self.concurrency * UPLOAD_ROUNDS)
@@ -186,6 +190,14 @@ class Submitter:
             log.warning("upload_uncertain", job_id=part.job_id, part=part.seq, error=str(err))
             return False  # stays UPLOADING; settle_upload looks for it on the next pass
         except ApiError as err:
+            if err.retryable:
+                # A full file quota (freed as jobs publish), throttling or an outage is
+                # no fault of the part: it waits for a later pass.
+                log.warning("upload_deferred", job_id=part.job_id, part=part.seq, error=str(err))
+                await self.store.update_part(
+                    part.id, PartState.UPLOADING, state=PartState.PENDING, error=str(err)
+                )
+                return False
             return await self._part_error(part, PartState.UPLOADING, err)
         failpoint("upload.after_request")
         file_id = str(info.get("id") or "")

@@ -54,3 +54,28 @@ async def test_queued_parts_never_push_past_the_running_or_rate_caps(
     assert stats["calls"]["create"]["max_in_window"] == CAPS["create_per_minute"] or (
         stats["max_unfinished_batches"] == CAPS["running_batches"]
     )
+
+
+async def test_the_account_file_quota_makes_parts_wait_never_fail(
+    start_emulator: StartEmulator, tmp_path: Path
+) -> None:
+    # Room for three parts' input and result files at a time, more parts than that queued
+    # and a running cap that would let them all go: the file quota is what must hold.
+    caps = {
+        "running_batches": 50,
+        "max_requests_per_file": 2,
+        "max_stored_files": 9,
+        "upload_per_second": 100.0,
+    }
+    emulator = await start_emulator(time_scale=100, limits=caps, request_failure_rate=0.3)
+    settings = daemon_settings(tmp_path / "root", emulator, limits=caps)
+    async with running(settings):
+        for i in range(4):
+            drop(settings.paths.folder("inbox"), f"f{i}.jsonl", requests(6, prefix=f"f{i}-"))
+        folders = await wait_published(settings.paths.folder("outbox"), 4, None, timeout_s=60)
+    for folder in folders:
+        assert summary(folder)["request_counts"]["total"] == 6
+        assert all(p["status"] == "completed" for p in summary(folder)["parts"])
+    stats = await emulator.stats()
+    assert stats["batches_created"] == 12
+    assert stats["calls"]["upload"]["refused_429"] == 0
