@@ -164,3 +164,28 @@ async def wait_outbox_quiet(
 ) -> list[Path]:
     """`wait_published`, for a daemon in another process."""
     return await wait_published(outbox, count, emulator, timeout_s)
+
+
+async def wait_ready(
+    root: Path, process: asyncio.subprocess.Process | None = None, timeout_s: float = 30.0
+) -> dict[str, Any]:
+    """Wait until the daemon under `root` answers on its control socket (it is ready:
+    store open, recovery done); with `process`, the answer must come from that one.
+    Returns its status. A stale socket left by a killed daemon does not count."""
+    from batchd.control import ControlClient
+
+    client = ControlClient(root / "run" / "control.sock", timeout_s=2.0)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process is not None and process.returncode is not None:
+            raise AssertionError(f"the daemon exited {process.returncode} before it was ready")
+        try:
+            status_code, body = await client.call("GET", "/v1/status")
+        except OSError:
+            status_code, body = 0, None
+        if status_code == 200 and (process is None or body["pid"] == process.pid):
+            answer: dict[str, Any] = body
+            return answer
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the daemon under {root} was not ready in {timeout_s} s")
+        await asyncio.sleep(0.05)

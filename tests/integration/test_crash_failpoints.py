@@ -1,16 +1,25 @@
 """Crash the daemon (SIGKILL) at every named fail point; after a restart the end state
 equals the run without a crash: one remote batch per part, nothing lost, nothing
-published twice, no remote file left behind (TESTING.md B.9)."""
+published twice, no remote file left behind (TESTING.md B.9).
+
+`make test` kills once at each fail point. The soak variant (`make soak`) kills at each
+fail point 10 times, at a different hit of it (the second upload, the third remote
+delete...) and with a different input and emulator seed each time, and compares every
+end state with a clean run of the same input.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import signal
 import sqlite3
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from batchd.emulator import Emulator
 from batchd.failpoints import NAMES
 from tests.conftest import StartEmulator
 from tests.integration.daemon_harness import (
@@ -20,45 +29,97 @@ from tests.integration.daemon_harness import (
     start_subprocess,
     summary,
     wait_published,
+    wait_ready,
 )
 
 pytestmark = pytest.mark.timeout(120)
 
+MAX_REQUESTS_PER_FILE = 30
+# How many times each fail point is surely reached in one run of a 2-part input whose
+# requests all succeed: the soak kills at each of these hits in turn.
+HITS = {
+    "intake.before_rename": 1,
+    "intake.after_rename": 1,
+    "prepare.before_validate": 1,
+    "upload.before_request": 2,
+    "upload.after_request": 2,
+    "create.before_request": 2,
+    "create.after_request": 2,
+    "poll.after_request": 1,
+    "download.after_request": 2,  # one output file per part
+    "publish.write": 1,
+    "publish.fsync": 1,
+    "publish.before_rename": 1,
+    "publish.after_rename": 1,
+    "cleanup.after_request": 4,  # the input and output file of each part
+}
+SOAK_RUNS = 10
 
-async def _run_to_crash_then_finish(
-    start_emulator: StartEmulator, tmp_path: Path, failpoint: str
-) -> tuple[Path, dict]:
-    emulator = await start_emulator(time_scale=3000, limits={"max_requests_per_file": 30})
-    root = tmp_path / "root"
+
+def test_every_fail_point_is_counted_for_the_soak() -> None:
+    assert set(HITS) == NAMES
+
+
+async def _run(
+    start_emulator: StartEmulator,
+    root: Path,
+    log: Path,
+    *,
+    count: int,
+    seed: int,
+    failpoint: str | None,
+) -> tuple[Path, dict[str, Any]]:
+    """Run `big.jsonl` (`count` requests) through a daemon that is first killed at
+    `failpoint` (`NAME@N`), then restarted clean; returns its outbox folder and the
+    emulator's stats once the remote clean-up is done."""
+    emulator = await start_emulator(
+        time_scale=3000, seed=seed, limits={"max_requests_per_file": MAX_REQUESTS_PER_FILE}
+    )
     inbox = root / "inbox"
     inbox.mkdir(parents=True)
-    content = requests(50)
-    (inbox / ".big.jsonl.tmp").write_bytes(content)
+    (inbox / ".big.jsonl.tmp").write_bytes(requests(count))
     (inbox / ".big.jsonl.tmp").rename(inbox / "big.jsonl")
-    env = daemon_env(emulator, root, BATCHD_LIMITS__MAX_REQUESTS_PER_FILE="30")
-    log = tmp_path / "daemon.log"
+    env = daemon_env(
+        emulator, root, BATCHD_LIMITS__MAX_REQUESTS_PER_FILE=str(MAX_REQUESTS_PER_FILE)
+    )
 
-    crashing = await start_subprocess({**env, "BATCHD_FAILPOINTS": f"{failpoint}=kill"}, log)
+    try:
+        return await _crash_then_finish(emulator, root, log, failpoint, env)
+    finally:
+        await emulator.stop()
 
-    async def advance_until_exit() -> int:
-        while crashing.returncode is None:
-            emulator.advance(60)
-            try:
-                await asyncio.wait_for(crashing.wait(), 0.05)
-            except TimeoutError:
-                pass
-        return crashing.returncode
 
-    code = await asyncio.wait_for(advance_until_exit(), 60)
-    assert code == -signal.SIGKILL, f"{failpoint} was not reached: {log.read_text()[-2000:]}"
+async def _crash_then_finish(
+    emulator: Emulator, root: Path, log: Path, failpoint: str | None, env: dict[str, str]
+) -> tuple[Path, dict[str, Any]]:
+    if failpoint is not None:
+        name, _, nth = failpoint.partition("@")
+        crashing = await start_subprocess(
+            {**env, "BATCHD_FAILPOINTS": f"{name}=kill@{nth or 1}"}, log
+        )
+
+        async def advance_until_exit() -> int:
+            while crashing.returncode is None:
+                emulator.advance(60)
+                try:
+                    await asyncio.wait_for(crashing.wait(), 0.05)
+                except TimeoutError:
+                    pass
+            return crashing.returncode
+
+        code = await asyncio.wait_for(advance_until_exit(), 60)
+        assert code == -signal.SIGKILL, f"{failpoint} was not reached: {log.read_text()[-2000:]}"
+        with sqlite3.connect(root / "state" / "batchd.sqlite3") as db:
+            assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
     clean = await start_subprocess(env, log)
     try:
+        await wait_ready(root, clean)
         (folder,) = await wait_published(root / "outbox", 1, emulator, timeout_s=60)
-        # Let the remote clean-up finish.
+        # Let the remote clean-up finish: nothing stored, nothing left to delete.
         for _ in range(200):
             stats = await emulator.stats()
-            if stats["files_stored"]["count"] == 0:
+            if stats["files_stored"]["count"] == 0 and _garbage(root) == 0:
                 break
             await asyncio.sleep(0.05)
     finally:
@@ -70,11 +131,56 @@ async def _run_to_crash_then_finish(
     return folder, stats
 
 
+def _garbage(root: Path) -> int:
+    with sqlite3.connect(root / "state" / "batchd.sqlite3") as db:
+        count: int = db.execute("SELECT count(*) FROM remote_garbage").fetchone()[0]
+    return count
+
+
+def _answer(line: dict[str, Any]) -> tuple[Any, ...]:
+    """What a user reads in a result line; the ids the service makes up per batch aside."""
+    body = (line.get("response") or {}).get("body") or {}
+    choices = body.get("choices") or [{}]
+    return (
+        line["custom_id"],
+        (line.get("response") or {}).get("status_code"),
+        choices[0].get("message"),
+        body.get("usage"),
+    )
+
+
+def end_state(folder: Path, stats: dict[str, Any]) -> dict[str, Any]:
+    """What must be the same whether the daemon crashed on the way or not."""
+    s = summary(folder)
+    per_file = stats["batches_created_per_input_file"]
+    return {
+        "outbox": sorted(p.name for p in folder.parent.iterdir()),
+        "status": s["status"],
+        "request_counts": s["request_counts"],
+        "results": [_answer(r) for r in jsonl(folder / "result.jsonl")],
+        "errors": (folder / "error.jsonl").read_bytes(),
+        "parts": len(s["parts"]),
+        # One remote batch per part, and no other.
+        "batches_per_part": sorted(per_file.get(p["input_file_id"], 0) for p in s["parts"]),
+        "batches_created": sum(per_file.values()),
+        # Nothing left on the account.
+        "files_stored": stats["files_stored"]["count"],
+        "remote_deletes_pending": _garbage(folder.parent.parent),
+    }
+
+
 @pytest.mark.parametrize("failpoint", sorted(NAMES))
 async def test_kill_at_fail_point_then_restart_equals_a_clean_run(
     start_emulator: StartEmulator, tmp_path: Path, failpoint: str
 ) -> None:
-    folder, stats = await _run_to_crash_then_finish(start_emulator, tmp_path, failpoint)
+    folder, stats = await _run(
+        start_emulator,
+        tmp_path / "root",
+        tmp_path / "daemon.log",
+        count=50,
+        seed=0,
+        failpoint=failpoint,
+    )
     assert folder.name == "big"
     s = summary(folder)
     assert s["status"] == "completed"
@@ -87,4 +193,50 @@ async def test_kill_at_fail_point_then_restart_equals_a_clean_run(
     assert set(per_file.values()) == {1}
     # Nothing left on the account, nothing half-published in the outbox.
     assert stats["files_stored"]["count"] == 0
+    assert _garbage(tmp_path / "root") == 0
     assert [p.name for p in folder.parent.iterdir()] == ["big"]
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(3600)
+async def test_kill_at_each_fail_point_ten_times_equals_a_clean_run(
+    start_emulator: StartEmulator, tmp_path: Path
+) -> None:
+    started = time.monotonic()
+    clean: dict[int, dict[str, Any]] = {}
+    for run in range(SOAK_RUNS):
+        # Inputs of 31..60 requests: always two parts, split at a different line.
+        count = 31 + (run * 7) % 30
+        folder, stats = await _run(
+            start_emulator,
+            tmp_path / f"clean-{run}",
+            tmp_path / f"clean-{run}.log",
+            count=count,
+            seed=run,
+            failpoint=None,
+        )
+        clean[run] = end_state(folder, stats)
+        assert clean[run]["status"] == "completed" and clean[run]["batches_per_part"] == [1, 1]
+    mismatches: list[str] = []
+    for name in sorted(NAMES):
+        for run in range(SOAK_RUNS):
+            nth = 1 + run % HITS[name]
+            count = 31 + (run * 7) % 30
+            where = f"{name}@{nth}"
+            folder, stats = await _run(
+                start_emulator,
+                tmp_path / f"{name}-{run}",
+                tmp_path / f"{name}-{run}.log",
+                count=count,
+                seed=run,
+                failpoint=where,
+            )
+            if end_state(folder, stats) != clean[run]:
+                mismatches.append(f"{where} (run {run}, {count} requests)")
+    kills = len(NAMES) * SOAK_RUNS
+    print(
+        f"\nfail-point soak: {len(NAMES)} fail points x {SOAK_RUNS} runs = {kills} kills;"
+        f" {kills - len(mismatches)}/{kills} end states equal to the clean run"
+        f" ({time.monotonic() - started:.0f} s)"
+    )
+    assert not mismatches, mismatches
