@@ -146,6 +146,7 @@ class BatchApi:
     ) -> None:
         self._base = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {api_key}"}
+        self._key = api_key.encode()
         self.limiter = limiter
         self.retry = retry or RetryPolicy()
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, connect=min(10.0, timeout_s))
@@ -159,6 +160,12 @@ class BatchApi:
 
     def __repr__(self) -> str:  # never show the key
         return f"BatchApi(base_url={self._base!r})"
+
+    def _redact(self, data: bytes) -> bytes:
+        """The key masked out of a text the service (or a proxy) sent back: some quote the
+        key they were given in their error message, and error texts are logged, stored
+        with the part, published in summary.json and shown over the control socket."""
+        return data.replace(self._key, b"***") if self._key else data
 
     async def __aenter__(self) -> BatchApi:
         return self
@@ -205,7 +212,7 @@ class BatchApi:
                 timeout=timeout or self._timeout,
             ) as resp:
                 if resp.status >= 400:
-                    err = _error_from(resp.status, await resp.read(), resp.headers)
+                    err = _error_from(resp.status, self._redact(await resp.read()), resp.headers)
                     if resp.status == 429:
                         self.limiter.throttle(cls, err.retry_after_s or self.retry.base_s * 4)
                     raise err
@@ -215,13 +222,16 @@ class BatchApi:
         except ApiError:
             raise
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise ApiError(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+            text = f"{method} {path}: {type(exc).__name__}: {exc}"
+            raise ApiError(self._redact(text.encode()).decode()) from exc
         if not raw:
             return None
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            raise ApiError(f"{method} {path}: answer is not JSON: {raw[:200]!r}") from exc
+            raise ApiError(
+                f"{method} {path}: answer is not JSON: {self._redact(raw)[:200]!r}"
+            ) from exc
 
     async def _call(
         self, cls: CallClass, method: str, path: str, *, idempotent: bool, **kw: Any

@@ -1,7 +1,8 @@
 """structlog set-up, done once per process: JSON lines off a terminal, readable lines on one.
 
 Secrets never reach a log line: any value whose key looks like a credential is replaced,
-and known secret values registered with `register_secret` are masked wherever they appear.
+and known secret values registered with `register_secret` are masked wherever they appear,
+tracebacks included (rendered as plain text, without frame locals, before masking).
 """
 
 from __future__ import annotations
@@ -76,7 +77,10 @@ def configure(
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        structlog.processors.format_exc_info if use_json else _identity,
+        # Tracebacks become plain text before the scrubber, in both renderers: the
+        # console renderer's own (rich) tracebacks would print every frame's locals after
+        # it, such as the HTTP client's headers with `Authorization: Bearer <key>`.
+        structlog.processors.format_exc_info,
         scrub_secrets,
     ]
     structlog.configure(
@@ -97,12 +101,6 @@ def configure(
     root.handlers[:] = [handler]
     root.setLevel(max(numeric, logging.INFO))
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-
-
-def _identity(
-    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
-) -> MutableMapping[str, Any]:
-    return event_dict
 
 
 def get_logger(name: str | None = None) -> Any:
