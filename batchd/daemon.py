@@ -227,7 +227,14 @@ class Daemon:
                     state=JobState.PARKED,
                     error=f"parked after {job.crash_count} crashes while working on it",
                 )
-                log.error("job_parked", job_id=job.id, crashes=job.crash_count)
+                log.error(
+                    "job_parked",
+                    job_id=job.id,
+                    name=job.name,
+                    state=str(job.state),
+                    crashes=job.crash_count,
+                    input=job.spool_path,
+                )
                 parked += 1
         # Parts caught in UPLOADING or CREATING are settled by the submitter's first pass
         # (it looks for the remote file or batch before doing anything again).
