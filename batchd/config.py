@@ -230,12 +230,15 @@ class PathSettings(BaseModel):
     spool: Path | None = None
     outbox: Path | None = None
     state: Path | None = None
-    # The control socket's folder (systemd's RuntimeDirectory); `root/run` when unset.
+    # The control socket's folder (systemd's RuntimeDirectory); the root itself when
+    # unset, so that the socket is `ROOT/control.sock`.
     runtime: Path | None = None
 
     def folder(self, name: Literal["inbox", "spool", "outbox", "state", "runtime"]) -> Path:
         own: Path | None = getattr(self, name)
-        return own if own is not None else self.root / ("run" if name == "runtime" else name)
+        if own is not None:
+            return own
+        return self.root if name == "runtime" else self.root / name
 
 
 class IntakeSettings(BaseModel):

@@ -127,8 +127,10 @@ class ControlServer:
 
     async def start(self) -> None:
         folder = self.path.parent
-        folder.mkdir(parents=True, exist_ok=True)
-        os.chmod(folder, 0o750)  # noqa: S103 - owner and operators group may enter
+        if not folder.exists():
+            # A folder of our own: owner and operators group may enter, no one else.
+            folder.mkdir(parents=True)
+            os.chmod(folder, 0o750)  # noqa: S103
         claim_socket_path(self.path)
         app = web.Application(middlewares=[self._peer_check, self._errors])
         app.add_routes(

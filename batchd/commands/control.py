@@ -31,7 +31,12 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return Settings.load(getattr(args, "config", None))
+    """The configuration, with `--root` in place of `paths.root` as `batchd run` takes it."""
+    settings = Settings.load(getattr(args, "config", None))
+    if getattr(args, "root", None):
+        paths = settings.paths.model_copy(update={"root": Path(args.root)})
+        settings = settings.model_copy(update={"paths": paths})
+    return settings
 
 
 def _socket(args: argparse.Namespace) -> Path:
@@ -141,9 +146,12 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     if args.name:
         params["name"] = args.name
     status, body = _run_call(args, "GET", "/v1/jobs", **params)
-    if status >= 400 or args.json:
+    if status >= 400:
         _print_json(body)
         return _answer(status, body, args)
+    if args.json:
+        _print_json(body["jobs"])  # a JSON array of jobs, for scripts
+        return EXIT_OK
     table = Table(title=f"jobs ({len(body['jobs'])} of {body['total']})")
     for column in ("id", "name", "state", "status", "requests", "done", "failed", "claimed"):
         table.add_column(column)
@@ -324,6 +332,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     def common(p: argparse.ArgumentParser, json: bool = True) -> None:
         p.add_argument("--config", type=Path, help="TOML configuration file")
+        p.add_argument("--root", type=Path, help="the daemon's root, as given to `batchd run`")
         p.add_argument("--socket", type=Path, help="control socket (default from the config)")
         if json:
             p.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -374,6 +383,7 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("submit", help="copy files into the inbox atomically")
     p.add_argument("--config", type=Path, help="TOML configuration file")
+    p.add_argument("--root", type=Path, help="the daemon's root, as given to `batchd run`")
     p.add_argument("--inbox", type=Path, help="the inbox (default from the config)")
     p.add_argument("files", nargs="+", help="JSONL or CSV files")
     p.set_defaults(handler=cmd_submit)

@@ -174,7 +174,7 @@ async def wait_ready(
     Returns its status. A stale socket left by a killed daemon does not count."""
     from batchd.control import ControlClient
 
-    client = ControlClient(root / "run" / "control.sock", timeout_s=2.0)
+    client = ControlClient(root / "control.sock", timeout_s=2.0)
     deadline = time.monotonic() + timeout_s
     while True:
         if process is not None and process.returncode is not None:

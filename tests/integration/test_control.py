@@ -42,12 +42,19 @@ async def test_socket_is_private_from_birth_and_removed_on_exit(
     emulator = await start_emulator()
     settings = daemon_settings(tmp_path / "r", emulator)
     path = settings.socket_path
+    assert path == tmp_path / "r" / "control.sock"  # ROOT/control.sock unless configured
     async with running(settings):
         mode = stat.S_IMODE(os.stat(path).st_mode)
         assert stat.S_ISSOCK(os.stat(path).st_mode)
         assert mode & 0o007 == 0 and mode <= 0o660
-        assert stat.S_IMODE(os.stat(path.parent).st_mode) & 0o007 == 0
     assert not path.exists()
+    # A runtime folder batchd makes for itself is closed to others as well.
+    runtime = tmp_path / "run" / "batchd"
+    settings = daemon_settings(tmp_path / "r", emulator, paths={"runtime": runtime})
+    async with running(settings):
+        assert settings.socket_path == runtime / "control.sock"
+        assert stat.S_IMODE(os.stat(runtime).st_mode) == 0o750
+    assert not (runtime / "control.sock").exists()
 
 
 async def test_status_jobs_show_and_metrics_answer_over_the_socket(
@@ -69,9 +76,13 @@ async def test_status_jobs_show_and_metrics_answer_over_the_socket(
         assert code == 0 and "healthy" in out
         code, out, _ = await cli(capsys, "jobs", "--socket", sock, "--json", "--state", "published")
         listing = json.loads(out)
-        assert listing["total"] == 1
-        job = listing["jobs"][0]
+        assert isinstance(listing, list) and len(listing) == 1
+        job = listing[0]
         assert job["name"] == "a" and job["completed"] == 3
+        # `--root DIR` finds the socket as `batchd run --root DIR` places it.
+        root = str(tmp_path / "r")
+        code, out, _ = await cli(capsys, "jobs", "--root", root, "--json")
+        assert code == 0 and [j["id"] for j in json.loads(out)] == [job["id"]]
         code, out, _ = await cli(capsys, "show", "--socket", sock, "--json", job["id"])
         detail = json.loads(out)
         assert detail["parts"][0]["batch_id"].startswith("batch_")
@@ -191,7 +202,7 @@ async def test_a_peer_outside_the_allowed_users_is_refused_and_logged(
     emulator = await start_emulator()
     # A folder other users can traverse (pytest's own temp root is private to root).
     shared = Path(tempfile.mkdtemp(prefix="batchd-peer-"))
-    sock = shared / "run" / "control.sock"
+    sock = shared / "control.sock"
     settings = daemon_settings(tmp_path / "r", emulator, control={"socket": sock})
     async with running(settings) as daemon:
         # Even if the socket's mode were too loose, the peer check stands.

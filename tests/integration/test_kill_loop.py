@@ -225,7 +225,7 @@ async def run_kill_loop(start_emulator: StartEmulator, tmp_path: Path, plan: Pla
     root = tmp_path / "root"
     inbox, outbox, spool = root / "inbox", root / "outbox", root / "spool"
     db_path = root / "state" / "batchd.sqlite3"
-    sock = root / "run" / "control.sock"
+    sock = root / "control.sock"
     inbox.mkdir(parents=True)
     env = daemon_env(
         emulator,

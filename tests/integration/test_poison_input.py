@@ -113,7 +113,7 @@ async def test_an_input_that_crashes_the_daemon_each_time_is_parked_and_the_rest
     env = daemon_env(emulator, root)
     armed = {**env, "BATCHD_FAILPOINTS": f"prepare.before_validate={action}:poison"}
     log = tmp_path / "daemon.log"
-    socket = root / "run" / "control.sock"
+    socket = root / "control.sock"
 
     def settled() -> bool:
         rows = job_rows(root)
@@ -149,7 +149,7 @@ async def test_an_input_that_crashes_the_daemon_each_time_is_parked_and_the_rest
         assert code == 0, out
         assert json.loads(out)["jobs_by_state"] == {"published": 3, "parked": 1}
         code, out = await cli("jobs", "--socket", str(socket), "--json", "--state", "parked")
-        (listed,) = json.loads(out)["jobs"]
+        (listed,) = json.loads(out)
         assert listed["id"] == poison["id"] and listed["name"] == "poison"
         parked_lines = [
             json.loads(line)
@@ -207,7 +207,7 @@ async def test_retry_of_a_parked_job_whose_input_is_gone_says_so(
         poison = job_rows(root)["poison"]
         assert poison["state"] == "parked"
         Path(poison["spool_path"]).unlink()
-        code, answer = await ControlClient(root / "run" / "control.sock").call(
+        code, answer = await ControlClient(root / "control.sock").call(
             "POST", f"/v1/jobs/{poison['id']}/retry"
         )
         assert code == 409 and not answer["ok"]

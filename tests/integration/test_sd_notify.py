@@ -57,7 +57,7 @@ async def test_ready_status_watchdog_and_stopping(
             await asyncio.sleep(0.02)
         assert "READY=1" in fake.texts(), log.read_text()[-2000:]
         # READY came after the control socket existed and after recovery.
-        assert (root / "run" / "control.sock").exists()
+        assert (root / "control.sock").exists()
         texts = fake.texts()
         assert texts.index("STATUS=recovering") < texts.index("READY=1")
         # A 40 MB file is validated off the loop: the pings must not pause for it.
