@@ -2,9 +2,25 @@
 
 PURE: no network, no store, no event loop. The daemon runs `validate_file` in a thread;
 `batchd validate` and `batchd split` call it directly. One pass over the bytes, reading
-line by line with a bounded buffer, so memory stays flat whatever the file size: the
-largest buffer is one line (at most `max_line_bytes`), plus the set of custom_ids seen
-(about 60-100 bytes per id: 50,000 ids take ~5 MB, 1,000,000 ids ~90 MB).
+blocks of whole lines with a bounded buffer, so memory stays nearly flat whatever the file
+size: the largest buffer is one block plus one line (at most `max_line_bytes`), plus an
+8-byte hash per custom_id (1,000,000 ids take 8 MB).
+
+Uniqueness of custom_id is exact: the first pass keeps the 64-bit hash of each id; only
+when two hashes are equal does a second pass read the file again and compare those ids
+themselves, so a hash collision costs time, never a wrong verdict. A repeated id is
+reported on its line, naming the line that used it first; the line is otherwise checked
+like any other (so it may also break, say, the per-file byte limit).
+
+Speed (a million short lines) comes from settling most lines on a fast path:
+- a line that is exactly orjson's compact serialization of what it parsed to (integers
+  within 53 bits) needs no walk of the parsed object: a duplicate key, an integer outside
+  64 bits or nesting deeper than `MAX_DEPTH` (orjson will not serialize deeper than 254
+  levels) would each make that serialization differ or fail. Other lines (written with
+  spaces, or long non-ASCII ones, cheaper to walk than to serialize) get the walk;
+- a request with the url, model and enable_thinking of the last line that broke no rule,
+  extending that line's part within its limits, is checked inline; anything else goes
+  through every rule one at a time (`_Checker`).
 
 Every limit comes from the provider profile (`ProviderLimits`), never from a constant.
 Two bounds are our own safety limits rather than the service's: nesting deeper than
@@ -76,14 +92,18 @@ line level, the request:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
-from collections.abc import Iterator
+import sys
+from array import array
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
-from typing import IO, Any, BinaryIO
+from typing import IO, Any, BinaryIO, NamedTuple
 
 import orjson
 
@@ -96,7 +116,22 @@ INT64_MAX = 2**63 - 1
 
 _SNIFF_BYTES = 64 * 1024
 _COPY_CHUNK = 1024 * 1024
+_BLOCK_BYTES = 256 * 1024  # lines are read this many bytes at a time (then to their end)
 _BOM = b"\xef\xbb\xbf"
+
+# custom_id hashes are kept in this many arrays, by their low bits, so that looking for
+# equal hashes at the end builds one small set at a time (power of two).
+_ID_BUCKETS = 256
+# An array type code for 64-bit ints: "l" where a C long is that wide, as its appends
+# convert an int faster than "q" does.
+_INT64 = "l" if array("l").itemsize == 8 else "q"
+# After a line that is not in compact form, this many lines skip the attempt (a file
+# written with spaces after colons would otherwise pay a wasted serialization per line).
+_COMPACT_RETRY_LINES = 256
+# Writing a line back costs about what reading it did for non-ASCII text (its UTF-8 is
+# encoded again), while the walk's cost grows slowly with length: past about this many
+# bytes, a non-ASCII line is cheaper to walk (measured on Chinese chat requests).
+_COMPACT_MAX_BYTES = 2048
 
 # `"` then optional JSON whitespace then `:`. Every key of an object produces exactly one
 # match; string contents can only add matches (an escaped quote before a colon), never
@@ -122,7 +157,63 @@ _BINARY_MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"SQLite format 3\x00", "SQLite"),
 )
 
+# The custom_id hash; a seam for tests, which force collisions to check they are settled.
+_id_hash: Callable[[str], int] = hash
+
 _ABSENT = object()
+_UNPARSED = object()  # a line the fast path could not parse: the slow path parses it
+
+
+def _messages_ok(body: dict[str, Any]) -> bool:
+    value = body.get("messages")
+    if type(value) is not list or not value:
+        return False
+    # A loop, not all() over a generator: half the time, once per line of a chat file.
+    for item in value:  # noqa: SIM110
+        if type(item) is not dict:
+            return False
+    return True
+
+
+def _input_ok(body: dict[str, Any]) -> bool:
+    value = body.get("input")
+    return (type(value) is str or type(value) is list) and bool(value)
+
+
+def _prompt_ok(body: dict[str, Any]) -> bool:
+    value = body.get("prompt")
+    return (type(value) is str or type(value) is list) and bool(value)
+
+
+def _no_field(body: dict[str, Any]) -> bool:
+    return True
+
+
+# Whether the body holds what its endpoint needs (see _BODY_FIELD); unlisted endpoints
+# need nothing in particular.
+_BODY_OK: dict[str, Callable[[dict[str, Any]], bool]] = {
+    url: {"messages": _messages_ok, "input": _input_ok, "prompt": _prompt_ok}[needed]
+    for url, needed in _BODY_FIELD.items()
+}
+
+
+def _serializer_bounds_depth() -> bool:
+    """Whether orjson refuses to serialize nesting deeper than MAX_DEPTH.
+
+    The compact-form shortcut relies on it (orjson stops at 254 levels); were a future
+    orjson to go deeper, every line would take the walk that counts depth instead.
+    """
+    nested: list[Any] = []
+    for _ in range(MAX_DEPTH):
+        nested = [nested]
+    try:
+        orjson.dumps(nested)
+    except orjson.JSONEncodeError:
+        return True
+    return False
+
+
+_COMPACT_BOUNDS_DEPTH = _serializer_bounds_depth()
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,6 +461,36 @@ def _classify_parse_error(content: bytes, error: orjson.JSONDecodeError) -> tupl
     return "invalid_json", f"{error.msg} at column {error.colno}"
 
 
+def _structure_sound(content: bytes, obj: dict[str, Any]) -> bool:
+    """Whether a parsed line surely has no duplicate key, no integer outside 64 bits and
+    no nesting deeper than MAX_DEPTH, judged by walking what orjson made of it (orjson
+    keeps the last of duplicate keys and turns integers beyond 64 bits into floats).
+
+    False means "look closer" (`_structure_problem`), not that a rule is broken.
+    """
+    suspects: list[int] = []
+    try:
+        keys = _count_keys(obj, 1, suspects)
+    except _TooDeep:
+        return False
+    # A key is followed by one colon outside strings, so if the colons equal the
+    # keys kept there was no duplicate; else count the key tokens themselves.
+    return not suspects and (
+        content.count(b":") == keys or len(_KEY_TOKEN.findall(content)) == keys
+    )
+
+
+def _structure_problem(content: bytes, obj: dict[str, Any]) -> tuple[str, str] | None:
+    """The rule a parsed line breaks in its JSON text that orjson let through, if any."""
+    if _structure_sound(content, obj):
+        return None
+    try:
+        _count_keys(obj, 1, [])
+    except _TooDeep:
+        return "too_deep", f"nesting deeper than {MAX_DEPTH} levels"
+    return _strict_parse(content.decode("utf-8"))
+
+
 def _sniff(head: bytes) -> Problem | None:
     """File-level problems visible in the first bytes: not UTF-8 JSONL text at all."""
     if not head:
@@ -391,8 +512,77 @@ def _sniff(head: bytes) -> Problem | None:
     return None
 
 
+class _Odd(NamedTuple):
+    """A line that did not end with LF within reach (see `_blocks`)."""
+
+    raw: bytes | None  # the line, or None when it is too long to have been kept
+    size: int  # its bytes in the file, LF included
+    length: int  # its length without its line ending
+    newline: bool  # whether it ends with LF (else it is the file's last line)
+
+
+def _blocks(stream: BinaryIO, cap: int) -> Iterator[tuple[list[bytes], _Odd | None]]:
+    """The stream's lines, a block at a time: (whole lines, each ending with LF; odd line).
+
+    A block is about `_BLOCK_BYTES` of whole lines. The odd line that may follow them is
+    the file's last line when it has no LF, or a line with no LF within `cap` bytes, of
+    which only the size is kept: memory stays bounded by a block plus `cap`.
+    """
+    read = stream.read
+    readline = stream.readline
+    while True:
+        block = read(_BLOCK_BYTES)
+        if not block:
+            return
+        # BytesIO finds each LF with memchr (bytes.split looks at every byte itself).
+        lines = BytesIO(block).readlines()
+        del block
+        last = lines[-1]
+        if last[-1] != 10:
+            last += readline(cap)  # the block ends inside a line: read the rest of it
+            lines[-1] = last
+        if last[-1] == 10:
+            yield lines, None
+            lines.clear()  # the caller is done with them: free them before the next read
+            continue
+        lines.pop()
+        size = len(last)
+        ending = last[-2:]
+        while True:
+            more = readline(_COPY_CHUNK)
+            if not more:
+                break
+            size += len(more)
+            ending = (ending + more[-2:])[-2:]
+            if more[-1] == 10:
+                break
+        if size == len(last):
+            odd = _Odd(last, size, size, False)
+        elif ending.endswith(b"\n"):
+            odd = _Odd(None, size, size - (2 if ending == b"\r\n" else 1), True)
+        else:
+            odd = _Odd(None, size, size, False)
+        yield lines, odd
+        lines.clear()
+
+
+# The fast path's state (see `_Checker.fast`): the next line that may extend the current
+# run, the last line and end offset the run may reach within its part's limits, and what
+# a line must share with the run's lines (url, model, enable_thinking, body check).
+_FastState = tuple[int, int, int, str | None, str | None, object, Callable[[dict[str, Any]], bool]]
+_NO_RUN: _FastState = (0, -1, -1, None, None, _ABSENT, _no_field)
+
+
 class _Checker:
-    """The state of one validation pass: what earlier lines fixed, errors, the plan."""
+    """The state of one validation pass: what earlier lines fixed, errors, the plan.
+
+    `validate_stream` settles most lines itself (its fast path) and hands the others to
+    `line`, `request` or `too_long`, which apply every rule one at a time.
+
+    Lines the fast path plans form a run: lines right after a line `_plan` put in a part,
+    extending that part's last byte range. The run's figures live in the caller's locals
+    and reach the part when the run ends (`end_run`), before anything else happens.
+    """
 
     def __init__(
         self, path: str, limits: ProviderLimits, split: bool, group_by_model: bool, max_errors: int
@@ -402,7 +592,9 @@ class _Checker:
         self.group = group_by_model and split
         self.max_errors = max_errors
         self.report = Report(path=path)
-        self.ids: set[str] = set()
+        # 64-bit hashes of the custom_ids seen, by their low bits; lines that recorded none.
+        self.id_buckets = [array(_INT64) for _ in range(_ID_BUCKETS)]
+        self.no_id_lines = array(_INT64)
         # model -> (url, first line); model -> (enable_thinking or _ABSENT, first line)
         self.url_of: dict[str | None, tuple[str, int]] = {}
         self.thinking_of: dict[str, tuple[object, int]] = {}
@@ -418,6 +610,15 @@ class _Checker:
         self.clean: tuple[str, str, object] | None = None
         # model -> (max requests, max bytes) per file, resolved once.
         self.caps: dict[str, tuple[int, int]] = {}
+        # The run: its part, and the line, part figures and end offset it started from.
+        self.run_part: Part | None = None
+        self.run_line = 0
+        self.run_requests = 0
+        self.run_bytes = 0
+        self.run_end = 0
+        self.fast: _FastState = _NO_RUN
+        # Lines handed to `line`, `request` or `too_long`: they count their own requests.
+        self.slow_lines = 0
 
     def problem(self, line: int | None, code: str, message: str) -> None:
         report = self.report
@@ -429,20 +630,95 @@ class _Checker:
         elif len(report.errors) < self.max_errors:
             report.errors.append(Problem(line, code, message))
 
-    def check_request(self, n: int, obj: dict[str, Any], start: int, size: int) -> None:
-        """The request rules of one parsed line; plans the line into a part when clean."""
+    def too_long(self, n: int, length: int) -> None:
+        """A line longer than max_line_bytes: one request, not read any further."""
+        max_line = self.limits.max_line_bytes
+        self.slow_lines += 1
+        self.problem(n, "line_too_long", f"line is {length} bytes; the limit is {max_line} bytes")
+        self.report.requests += 1
+        self.no_id_lines.append(n)
+
+    def line(
+        self,
+        n: int,
+        raw: bytes,
+        start: int,
+        size: int,
+        *,
+        newline: bool = True,
+        parsed: Any = _UNPARSED,
+    ) -> None:
+        """Every rule for line `n` (`raw`, with its LF unless it is the last line and has
+        none), which the fast path did not settle; `parsed` is what orjson made of `raw`,
+        when it could."""
+        ending = (2 if raw.endswith(b"\r\n") else 1) if newline else 0
+        length = len(raw) - ending
+        if length > self.limits.max_line_bytes:
+            self.too_long(n, length)
+            return
+        self.slow_lines += 1
+        if not self._check_line(n, raw, start, size, newline, parsed):
+            self.no_id_lines.append(n)
+
+    def _check_line(
+        self, n: int, raw: bytes, start: int, size: int, newline: bool, parsed: Any
+    ) -> bool:
+        content = raw.rstrip(b"\r\n")
+        if not content or content.isspace():
+            self.problem(n, "empty_line", "empty line; every line must be one request")
+            return False
+        self.report.requests += 1
+        obj = parsed
+        if content.startswith(_BOM):
+            self.problem(n, "bom", "the line starts with a UTF-8 byte order mark; remove it")
+            content = content[3:]
+            obj = _UNPARSED
+        if obj is _UNPARSED:
+            try:
+                obj = orjson.loads(content)
+            except orjson.JSONDecodeError as exc:
+                if not newline:
+                    self.problem(
+                        n,
+                        "truncated_last_line",
+                        "the last line has no newline and is not complete JSON (a partial copy?)",
+                    )
+                else:
+                    self.problem(n, *_classify_parse_error(content, exc))
+                return False
+        if type(obj) is not dict:
+            kind = type(obj).__name__ if obj is not None else "null"
+            self.problem(n, "not_an_object", f"the line is a JSON {kind}, not an object")
+            return False
+        verdict = _structure_problem(content, obj)
+        if verdict is not None:
+            self.problem(n, *verdict)
+            return False
+        return self._check_request(n, obj, start, size)
+
+    def request(self, n: int, obj: dict[str, Any], start: int, size: int) -> None:
+        """The request rules of line `n`, whose JSON text broke no rule."""
+        self.slow_lines += 1
+        self.report.requests += 1
+        if not self._check_request(n, obj, start, size):
+            self.no_id_lines.append(n)
+
+    def _check_request(self, n: int, obj: dict[str, Any], start: int, size: int) -> bool:
+        """The request rules of one parsed line; plans the line into a part when clean.
+
+        True when the line's custom_id was recorded (to be checked for uniqueness later).
+        """
         errors_before = self.report.error_count
         custom_id = obj.get("custom_id", _ABSENT)
+        recorded = False
         if custom_id is _ABSENT:
             self.problem(n, "missing_custom_id", "custom_id is missing")
         elif type(custom_id) is not str or not custom_id:
             self.problem(n, "invalid_custom_id", "custom_id must be a non-empty string")
-        elif custom_id in self.ids:
-            self.problem(
-                n, "duplicate_custom_id", f"custom_id {custom_id!r} is already used earlier"
-            )
         else:
-            self.ids.add(custom_id)
+            digest = _id_hash(custom_id)
+            self.id_buckets[digest & (_ID_BUCKETS - 1)].append(digest)
+            recorded = True
         method = obj.get("method")
         if method != "POST":
             shown = "missing" if method is None else repr(method)
@@ -459,7 +735,7 @@ class _Checker:
                 self._check_body_field(n, body, clean[0])
                 if self.report.error_count == errors_before:
                     self._plan(n, clean[1], clean[0], start, size)
-                return
+                return recorded
         if type(url) is not str:
             self.problem(n, "invalid_url", "url is missing or not a string")
             url = None
@@ -473,6 +749,7 @@ class _Checker:
         if model is not None and url is not None and self.report.error_count == errors_before:
             self.clean = (url, model, body.get("enable_thinking", _ABSENT))
             self._plan(n, model, url, start, size)
+        return recorded
 
     def _check_body(self, n: int, body: Any, url: str | None) -> str | None:
         if body is _ABSENT:
@@ -508,17 +785,13 @@ class _Checker:
 
     def _check_body_field(self, n: int, body: dict[str, Any], url: str) -> None:
         needed = _BODY_FIELD.get(url)
-        if needed is None:
+        if needed is None or _BODY_OK[url](body):
             return
-        value = body.get(needed, _ABSENT)
-        if value is _ABSENT:
+        if needed not in body:
             self.problem(n, f"missing_{needed}", f"body.{needed} is missing (needed on {url})")
         elif needed == "messages":
-            if type(value) is not list or not value or not _all_objects(value):
-                self.problem(
-                    n, "invalid_messages", "body.messages must be a non-empty list of objects"
-                )
-        elif not (type(value) in (str, list) and value):
+            self.problem(n, "invalid_messages", "body.messages must be a non-empty list of objects")
+        else:
             self.problem(
                 n, f"invalid_{needed}", f"body.{needed} must be a non-empty string or list"
             )
@@ -595,6 +868,90 @@ class _Checker:
             part = Part(index=0, model=model, endpoint=url, first_line=n, last_line=n)
             self.open_parts[key] = part
         part.add(n, start, size)
+        # Start a run: the lines that follow may join this part on the fast path, while
+        # they fit within its limits and share this line's url, model and thinking.
+        assert self.clean is not None
+        end = start + size
+        self.run_part = part
+        self.run_line = n
+        self.run_requests = part.requests
+        self.run_bytes = part.bytes
+        self.run_end = end
+        self.fast = (
+            n + 1,
+            n + max_requests - part.requests,
+            end + max_bytes - part.bytes,
+            url,
+            model,
+            self.clean[2],
+            _BODY_OK.get(url, _no_field),
+        )
+
+    def end_run(self, run_next: int, n: int, start: int) -> None:
+        """End the run before line `n`, which starts at `start`: the fast path planned
+        the lines before `run_next` (= n), and they join the run's part now."""
+        part = self.run_part
+        if part is None:
+            return
+        assert run_next == n, (run_next, n)
+        last = n - 1
+        part.requests = self.run_requests + (last - self.run_line)
+        part.bytes = self.run_bytes + (start - self.run_end)
+        part.last_line = last
+        part.ranges[-1] = (part.ranges[-1][0], start)
+        self.run_part = None
+        self.fast = _NO_RUN
+
+    def find_duplicates(self, stream: BinaryIO, cap: int) -> None:
+        """Report each line whose custom_id an earlier line used.
+
+        Exact: lines with equal hashes are only suspects, settled by reading the file
+        again and comparing their ids themselves. With no equal hashes (the usual case,
+        and certain when no id repeats) nothing is read again.
+        """
+        suspects: set[int] = set()
+        for bucket in self.id_buckets:
+            if len(set(bucket)) != len(bucket):
+                seen: set[int] = set()
+                for digest in bucket:
+                    if digest in seen:
+                        suspects.add(digest)
+                    seen.add(digest)
+        if not suspects:
+            return
+        # Lines that recorded no id, in line order (as they were appended).
+        no_ids = iter(self.no_id_lines)
+        skip = next(no_ids, 0)
+        first_line: dict[str, int] = {}
+        found: list[Problem] = []
+        count = 0
+        n = 0
+        stream.seek(0)
+        for lines, odd in _blocks(stream, cap):
+            for raw in lines if odd is None else [*lines, odd.raw or b""]:
+                n += 1
+                if n == skip:
+                    skip = next(no_ids, 0)
+                    continue
+                custom_id = _recorded_id(raw)
+                if custom_id is None or _id_hash(custom_id) not in suspects:
+                    continue
+                first = first_line.setdefault(custom_id, n)
+                if first != n:
+                    count += 1
+                    if len(found) < self.max_errors:
+                        message = f"custom_id {custom_id!r} is already used on line {first}"
+                        found.append(Problem(n, "duplicate_custom_id", message))
+        if not count:
+            return
+        # Into line order; on its line, after a bom problem and before the others, as
+        # the rules run in that order.
+        rank = {"bom": 0, "duplicate_custom_id": 1}
+        report = self.report
+        report.error_count += count
+        merged = report.errors + found
+        merged.sort(key=lambda e: (-1, 0) if e.line is None else (e.line, rank.get(e.code, 2)))
+        report.errors = merged[: self.max_errors]
 
     def finish(self) -> Report:
         report = self.report
@@ -626,8 +983,15 @@ class _Checker:
         return report
 
 
-def _all_objects(items: list[Any]) -> bool:
-    return all(type(item) is dict for item in items)
+def _recorded_id(raw: bytes) -> str | None:
+    """The custom_id of a line that recorded one, read again; None if it changed since."""
+    content = raw.rstrip(b"\r\n").removeprefix(_BOM)
+    try:
+        obj = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return None
+    custom_id = obj.get("custom_id") if type(obj) is dict else None
+    return custom_id if type(custom_id) is str else None
 
 
 def _show_thinking(value: object) -> str:
@@ -656,89 +1020,113 @@ def validate_stream(
 
     max_line = limits.max_line_bytes
     cap = max_line + 2  # room for a CRLF after a line of exactly max_line bytes
-    readline = stream.readline
+    fast_size = max_line + 1  # a line of at most this many bytes, LF included, fits
     loads = orjson.loads
-    count_keys = _count_keys
-    key_tokens = _KEY_TOKEN.findall
+    dumps = orjson.dumps
+    compact_form = orjson.OPT_STRICT_INTEGER | orjson.OPT_APPEND_NEWLINE
     decode_error = orjson.JSONDecodeError
+    encode_error = orjson.JSONEncodeError
+    structure_sound = _structure_sound
+    unparsed = _UNPARSED
+    absent = _ABSENT
+    id_hash = _id_hash
+    id_mask = _ID_BUCKETS - 1
+    record_id = [bucket.append for bucket in checker.id_buckets]
+    compact_from = 1 if _COMPACT_BOUNDS_DEPTH else sys.maxsize
+    compact_max = _COMPACT_MAX_BYTES
+    run_next, limit_line, limit_offset, run_url, run_model, run_thinking, body_ok = checker.fast
     offset = 0
     n = 0
-    while True:
-        raw = readline(cap)
-        if not raw:
-            break
-        n += 1
-        start = offset
-        size = len(raw)
-        last_without_newline = False
-        if raw[-1] != 10:  # no LF: the line is longer than the cap, or the file's last
-            if size == cap:
-                while True:
-                    more = readline(_COPY_CHUNK)
-                    size += len(more)
-                    if not more or more[-1] == 10:
-                        last_without_newline = not more
-                        break
+    # The hot loop: what runs here runs once per line (a million times for a million
+    # short lines), so it keeps to locals and does inline what the checker would do.
+    for lines, odd in _blocks(stream, cap):
+        for raw in lines:
+            n += 1
+            size = len(raw)
+            offset += size
+            if size > fast_size:
+                obj: Any = unparsed
             else:
-                last_without_newline = True
-        offset += size
-        length = _content_length(raw, size, last_without_newline)
-        if length > max_line:
-            checker.problem(
-                n, "line_too_long", f"line is {length} bytes; the limit is {max_line} bytes"
+                try:
+                    obj = loads(raw)
+                except decode_error:
+                    obj = unparsed
+                if type(obj) is dict:
+                    sound = False
+                    if n >= compact_from and (size <= compact_max or raw.isascii()):
+                        # The line is exactly what orjson writes for what it read: no
+                        # duplicate key, no integer beyond 53 bits, not too deep.
+                        try:
+                            compact = dumps(obj, None, compact_form)
+                            sound = compact == raw or (
+                                raw.endswith(b"\r\n") and compact[:-1] + b"\r\n" == raw
+                            )
+                        except encode_error:
+                            pass
+                        if not sound:
+                            compact_from = n + _COMPACT_RETRY_LINES
+                    if sound or structure_sound(raw, obj):
+                        # Subscripts, not .get(): cheaper, and a missing key or a body
+                        # that is no object just sends the line the slow way.
+                        try:
+                            custom_id = obj["custom_id"]
+                            body = obj["body"]
+                            same = (
+                                obj["method"] == "POST"
+                                and obj["url"] == run_url
+                                and body["model"] == run_model
+                            )
+                        except (KeyError, TypeError):
+                            same = False
+                        if (
+                            same
+                            and run_next == n <= limit_line
+                            and offset <= limit_offset
+                            and type(custom_id) is str
+                            and custom_id
+                            and type(body) is dict
+                            and body.get("enable_thinking", absent) is run_thinking
+                            and body_ok(body)
+                        ):
+                            digest = id_hash(custom_id)
+                            record_id[digest & id_mask](digest)
+                            run_next = n + 1
+                            continue
+                        checker.end_run(run_next, n, offset - size)
+                        checker.request(n, obj, offset - size, size)
+                        (
+                            run_next,
+                            limit_line,
+                            limit_offset,
+                            run_url,
+                            run_model,
+                            run_thinking,
+                            body_ok,
+                        ) = checker.fast
+                        continue
+            checker.end_run(run_next, n, offset - size)
+            checker.line(n, raw, offset - size, size, parsed=obj)
+            run_next, limit_line, limit_offset, run_url, run_model, run_thinking, body_ok = (
+                checker.fast
             )
-            report.requests += 1
-            continue
-        content = raw.rstrip(b"\r\n")
-        if not content or content.isspace():
-            checker.problem(n, "empty_line", "empty line; every line must be one request")
-            continue
-        report.requests += 1
-        if content.startswith(_BOM):
-            checker.problem(n, "bom", "the line starts with a UTF-8 byte order mark; remove it")
-            content = content[3:]
-        try:
-            obj = loads(content)
-        except decode_error as exc:
-            if last_without_newline:
-                checker.problem(
-                    n,
-                    "truncated_last_line",
-                    "the last line has no newline and is not complete JSON (a partial copy?)",
-                )
+        if odd is not None:
+            n += 1
+            start = offset
+            offset += odd.size
+            checker.end_run(run_next, n, start)
+            if odd.raw is None:
+                checker.too_long(n, odd.length)
             else:
-                code, message = _classify_parse_error(content, exc)
-                checker.problem(n, code, message)
-            continue
-        if type(obj) is not dict:
-            kind = type(obj).__name__ if obj is not None else "null"
-            checker.problem(n, "not_an_object", f"the line is a JSON {kind}, not an object")
-            continue
-        suspects: list[int] = []
-        try:
-            keys = count_keys(obj, 1, suspects)
-        except _TooDeep:
-            checker.problem(n, "too_deep", f"nesting deeper than {MAX_DEPTH} levels")
-            continue
-        # A key is followed by one colon outside strings, so if the colons equal the
-        # keys kept there was no duplicate; else count the key tokens themselves.
-        if suspects or (content.count(b":") != keys and len(key_tokens(content)) != keys):
-            verdict = _strict_parse(content.decode("utf-8"))
-            if verdict is not None:
-                checker.problem(n, *verdict)
-                continue
-        checker.check_request(n, obj, start, size)
+                checker.line(n, odd.raw, start, odd.size, newline=odd.newline)
+            run_next, limit_line, limit_offset, run_url, run_model, run_thinking, body_ok = (
+                checker.fast
+            )
+    checker.end_run(run_next, n + 1, offset)
+    # Each line the checker saw counted itself (or not: an empty line is no request).
+    report.requests += n - checker.slow_lines
     report.bytes = offset
+    checker.find_duplicates(stream, cap)
     return checker.finish()
-
-
-def _content_length(raw: bytes, size: int, last_without_newline: bool) -> int:
-    """A line's length without its line ending (LF or CRLF)."""
-    if last_without_newline:
-        return size
-    if size <= len(raw) and raw.endswith(b"\r\n"):
-        return size - 2
-    return size - 1
 
 
 def validate_file(
@@ -751,9 +1139,11 @@ def validate_file(
 ) -> Report:
     """Check every line of a JSONL batch input file against the provider's rules.
 
-    One streaming pass; memory is bounded by one line plus the custom_id set. With
-    `split` (the default) a file over the request or byte limit of its model is planned
-    into parts that each are within both; without it, being over a limit is an error.
+    One streaming pass (a second one only when two custom_ids hash alike, to compare
+    them); memory is bounded by a block of lines plus one line, and 8 bytes per
+    custom_id. With `split` (the default) a file over the request or byte limit of its
+    model is planned into parts that each are within both; without it, being over a
+    limit is an error.
     `group_by_model` (only with `split`) accepts a file that mixes models and plans one
     or more parts per model. Reading errors (missing file, EIO) raise OSError: they say
     nothing about the file's content.
@@ -830,13 +1220,44 @@ def write_parts(
             target = directory / name
             with atomic_output(target, fsync=fsync) as out:
                 for start, end in part.ranges:
-                    src.seek(start)
-                    remaining = end - start
-                    while remaining:
-                        chunk = src.read(min(remaining, _COPY_CHUNK))
-                        if not chunk:
-                            raise ValueError(f"{source} changed since it was validated")
-                        out.write(chunk)
-                        remaining -= len(chunk)
+                    if not _copy_range(src, out, start, end):
+                        raise ValueError(f"{source} changed since it was validated")
             written.append(target)
     return written
+
+
+# copy_file_range fails with these where the kernel cannot copy between the two files
+# (another file system on old kernels, a file system without support): copy by hand.
+_NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP})
+
+
+def _copy_range(src: BinaryIO, out: IO[bytes], start: int, end: int) -> bool:
+    """Append bytes [start, end) of `src` to `out`; False if `src` ends before `end`.
+
+    In the kernel where it can (copy_file_range: the bytes never pass through Python,
+    several times faster for the hundreds of MB of a big split), else through a buffer.
+    """
+    position = start
+    if hasattr(os, "copy_file_range"):
+        out.flush()
+        try:
+            while position < end:
+                copied = os.copy_file_range(src.fileno(), out.fileno(), end - position, position)
+                if not copied:
+                    break  # the source ended early, or the kernel declines: see below
+                position += copied
+        except OSError as exc:
+            if exc.errno not in _NO_KERNEL_COPY:
+                raise
+        if position == end:
+            return True
+        # The kernel wrote at the file's offset, past what `out` has buffered (nothing).
+        out.seek(0, os.SEEK_END)
+    src.seek(position)
+    while position < end:
+        chunk = src.read(min(end - position, _COPY_CHUNK))
+        if not chunk:
+            return False
+        out.write(chunk)
+        position += len(chunk)
+    return True
