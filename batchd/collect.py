@@ -509,18 +509,22 @@ class Publisher:
                     log.info("publish_recovered", job_id=job.id, attempts=failed + 1)
         return moved
 
-    def _final_dir(self, job: Job, taken: set[str]) -> Path:
+    async def _final_dir(self, job: Job) -> Path:
+        """The job's outbox folder: its stem, or `STEM-N` when another job has it."""
         if job.outbox_path:
             return Path(job.outbox_path)
         name, n = job.name, 1
-        while name in taken or (self.outbox / name).exists():
+        while (
+            await self.store.outbox_path_taken(str(self.outbox / name))
+            or (self.outbox / name).exists()
+        ):
             n += 1
             name = f"{job.name}-{n}"
         return self.outbox / name
 
     async def publish(self, job: Job) -> bool:
         parts = await self.store.parts_of(job.id)
-        final = self._final_dir(job, await self.store.used_names())
+        final = await self._final_dir(job)
         if job.outbox_path is None:
             await self.store.update_job(job.id, JobState.PUBLISHING, outbox_path=str(final))
         if _published_by(final, job.id):

@@ -278,9 +278,8 @@ class Daemon:
             self.wake["intake"].set()
 
     async def _submit_step(self) -> bool:
-        for job in await self.store.jobs([JobState.RUNNING]):
-            if job.cancel_requested:
-                await self.submitter.cancel_job(job)
+        for job in await self.store.jobs_to_cancel():
+            await self.submitter.cancel_job(job)
         return await self.submitter.run_once()
 
     async def _cleanup_step(self) -> bool:

@@ -379,12 +379,20 @@ class Store:
             rows = await cur.fetchall()
         return {r[0]: r[1] for r in rows}
 
-    async def used_names(self) -> set[str]:
+    async def outbox_path_taken(self, path: str) -> bool:
+        """Whether a job already owns this outbox folder (an index lookup, not a scan)."""
         async with self._db.execute(
-            "SELECT outbox_path FROM jobs WHERE outbox_path IS NOT NULL"
+            "SELECT 1 FROM jobs WHERE outbox_path = ? LIMIT 1", (path,)
+        ) as cur:
+            return await cur.fetchone() is not None
+
+    async def jobs_to_cancel(self) -> list[Job]:
+        """Running jobs an operator asked to cancel."""
+        async with self._db.execute(
+            "SELECT * FROM jobs WHERE cancel_requested = 1 AND state = ?", (JobState.RUNNING,)
         ) as cur:
             rows = await cur.fetchall()
-        return {Path(r[0]).name for r in rows}
+        return [Job.from_row(r) for r in rows]
 
     # -- parts --------------------------------------------------------------------------
 

@@ -113,3 +113,20 @@ async def test_big_file_is_split_into_parts_and_merged_in_input_order(
     assert sorted((folder / "result.jsonl").read_bytes().splitlines()) == sorted(served)
     stats = await emulator.stats()
     assert len(stats["batches_created_per_input_file"]) == 3
+
+
+async def test_a_name_used_before_gets_a_numbered_outbox_folder(
+    start_emulator: StartEmulator, tmp_path: Path
+) -> None:
+    emulator = await start_emulator(time_scale=3000)
+    settings = daemon_settings(tmp_path / "root", emulator)
+    inbox, outbox = settings.paths.folder("inbox"), settings.paths.folder("outbox")
+    async with running(settings):
+        for round_, count in ((0, 1), (1, 2), (2, 3)):
+            drop(inbox, "same.jsonl", requests(1 + round_, prefix=f"r{round_}-"))
+            await wait_published(outbox, count, emulator)
+    names = sorted(p.name for p in outbox.iterdir())
+    assert names == ["same", "same-2", "same-3"]
+    # Each folder holds its own input's results, never another's.
+    for round_, name in enumerate(names):
+        assert summary(outbox / name)["request_counts"]["total"] == 1 + round_
