@@ -567,10 +567,14 @@ def _blocks(stream: BinaryIO, cap: int) -> Iterator[tuple[list[bytes], _Odd | No
 
 
 # The fast path's state (see `_Checker.fast`): the next line that may extend the current
-# run, the last line and end offset the run may reach within its part's limits, and what
-# a line must share with the run's lines (url, model, enable_thinking, body check).
-_FastState = tuple[int, int, int, str | None, str | None, object, Callable[[dict[str, Any]], bool]]
-_NO_RUN: _FastState = (0, -1, -1, None, None, _ABSENT, _no_field)
+# run, the last line and end offset the run may reach within its part's limits, what a
+# line must share with the run's lines (url, model, enable_thinking), how to check its
+# body, and whether that body is a chat one (whose usual one or two messages are checked
+# inline).
+_FastState = tuple[
+    int, int, int, str | None, str | None, object, Callable[[dict[str, Any]], bool], bool
+]
+_NO_RUN: _FastState = (0, -1, -1, None, None, _ABSENT, _no_field, False)
 
 
 class _Checker:
@@ -885,6 +889,7 @@ class _Checker:
             model,
             self.clean[2],
             _BODY_OK.get(url, _no_field),
+            _BODY_FIELD.get(url) == "messages",
         )
 
     def end_run(self, run_next: int, n: int, start: int) -> None:
@@ -1034,7 +1039,9 @@ def validate_stream(
     record_id = [bucket.append for bucket in checker.id_buckets]
     compact_from = 1 if _COMPACT_BOUNDS_DEPTH else sys.maxsize
     compact_max = _COMPACT_MAX_BYTES
-    run_next, limit_line, limit_offset, run_url, run_model, run_thinking, body_ok = checker.fast
+    run_next, limit_line, limit_offset, run_url, run_model, run_thinking, body_ok, chat = (
+        checker.fast
+    )
     offset = 0
     n = 0
     # The hot loop: what runs here runs once per line (a million times for a million
@@ -1086,7 +1093,16 @@ def validate_stream(
                             and custom_id
                             and type(body) is dict
                             and body.get("enable_thinking", absent) is run_thinking
-                            and body_ok(body)
+                            and (
+                                (  # one or two chat messages, both objects
+                                    chat
+                                    and type(messages := body.get("messages")) is list
+                                    and 0 < len(messages) <= 2
+                                    and type(messages[0]) is dict
+                                    and type(messages[-1]) is dict
+                                )
+                                or body_ok(body)
+                            )
                         ):
                             digest = id_hash(custom_id)
                             record_id[digest & id_mask](digest)
@@ -1102,11 +1118,12 @@ def validate_stream(
                             run_model,
                             run_thinking,
                             body_ok,
+                            chat,
                         ) = checker.fast
                         continue
             checker.end_run(run_next, n, offset - size)
             checker.line(n, raw, offset - size, size, parsed=obj)
-            run_next, limit_line, limit_offset, run_url, run_model, run_thinking, body_ok = (
+            run_next, limit_line, limit_offset, run_url, run_model, run_thinking, body_ok, chat = (
                 checker.fast
             )
         if odd is not None:
@@ -1118,7 +1135,7 @@ def validate_stream(
                 checker.too_long(n, odd.length)
             else:
                 checker.line(n, odd.raw, start, odd.size, newline=odd.newline)
-            run_next, limit_line, limit_offset, run_url, run_model, run_thinking, body_ok = (
+            run_next, limit_line, limit_offset, run_url, run_model, run_thinking, body_ok, chat = (
                 checker.fast
             )
     checker.end_run(run_next, n + 1, offset)

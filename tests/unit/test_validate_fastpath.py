@@ -121,6 +121,27 @@ def test_lines_orjson_will_not_write_back_compactly_are_still_accepted(extra: An
     assert [(p.first_line, p.last_line, p.requests) for p in report.parts] == [(1, 6, 6)]
 
 
+@pytest.mark.parametrize(
+    ("messages", "expected"),
+    [
+        ([{"role": "user", "content": "a"}] * 3, []),
+        ([{"role": "user", "content": "a"}, "b", {"role": "user", "content": "c"}], "invalid"),
+        ([{"role": "user", "content": "a"}, "b"], "invalid"),
+        ([], "invalid"),
+        ({"role": "user"}, "invalid"),
+    ],
+    ids=["three objects", "a string among three", "a string second", "none", "not a list"],
+)
+def test_every_chat_message_must_be_an_object_amid_clean_lines(
+    messages: Any, expected: Any
+) -> None:
+    line = compact(request("x")).replace(
+        compact(request("x")["body"]["messages"]), compact(messages), 1
+    )
+    report = check(among_clean(line))
+    assert codes(report) == ([(4, "invalid_messages")] if expected else [])
+
+
 def test_crlf_compact_lines_are_planned_whole_with_their_line_endings() -> None:
     lines = [compact(request(f"id-{i}")) for i in range(5)]
     data = b"".join(line + b"\r\n" for line in lines)
