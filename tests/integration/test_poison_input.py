@@ -11,6 +11,7 @@ control socket requeues it, and a daemon that no longer crashes on it publishes 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import sqlite3
@@ -44,9 +45,12 @@ def job_rows(root: Path) -> dict[str, dict[str, Any]]:
     path = root / "state" / "batchd.sqlite3"
     if not path.exists():
         return {}
-    with sqlite3.connect(path) as db:
+    with contextlib.closing(sqlite3.connect(path, timeout=5)) as db:
         db.row_factory = sqlite3.Row
-        rows = db.execute("SELECT * FROM jobs").fetchall()
+        try:
+            rows = db.execute("SELECT * FROM jobs").fetchall()
+        except sqlite3.OperationalError:
+            return {}  # a daemon just started has not created its tables yet
     return {row["name"]: dict(row) for row in rows}
 
 
