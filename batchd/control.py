@@ -286,7 +286,8 @@ class ControlServer:
                         orjson.dumps(event.model_dump(mode="json", exclude_none=True)) + b"\n"
                     )
         except (ConnectionResetError, asyncio.CancelledError):
-            pass
+            # The watcher went away, or the daemon is stopping: nobody is left to tell.
+            return response
         finally:
             self._subscribers.discard(queue)
         return response

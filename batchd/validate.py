@@ -347,7 +347,7 @@ class Report:
 
 
 class _TooDeep(Exception):
-    pass
+    """Raised out of the structure walk at the nesting limit."""
 
 
 class _DuplicateKey(Exception):
@@ -1069,7 +1069,7 @@ def validate_stream(
                                 raw.endswith(b"\r\n") and compact[:-1] + b"\r\n" == raw
                             )
                         except encode_error:
-                            pass
+                            sound = False  # not re-encodable: the walk decides
                         if not sound:
                             compact_from = n + _COMPACT_RETRY_LINES
                     if sound or structure_sound(raw, obj):

@@ -68,7 +68,7 @@ def _run_call(args: argparse.Namespace, method: str, url: str, **params: str) ->
 
 
 class Unreachable(Exception):
-    pass
+    """The control socket does not answer (exit code 3)."""
 
 
 def _guard(func: Any) -> Any:
