@@ -244,8 +244,14 @@ class Daemon:
     # -- stages -------------------------------------------------------------------------
 
     async def _stage(
-        self, name: str, step: Callable[[], Awaitable[bool]], interval_s: float
+        self,
+        name: str,
+        step: Callable[[], Awaitable[bool]],
+        interval_s: float,
+        idle_s: Callable[[float], Awaitable[float]] | None = None,
     ) -> None:
+        """Run `step` while it has work; then sleep until poked, stopped, or `interval_s`
+        (or what `idle_s(interval_s)` says, for a stage that knows when it is due)."""
         event = self.wake[name]
         while not self.stopping.is_set():
             event.clear()
@@ -253,12 +259,13 @@ class Daemon:
             if busy:
                 await asyncio.sleep(0)
                 continue
+            timeout = interval_s if idle_s is None else await idle_s(interval_s)
             waiters = [
                 asyncio.ensure_future(event.wait()),
                 asyncio.ensure_future(self.stopping.wait()),
             ]
             try:
-                await asyncio.wait(waiters, timeout=interval_s, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 for w in waiters:
                     w.cancel()
@@ -336,7 +343,7 @@ class Daemon:
                 "intake": self._stage("intake", self._intake_step, s.intake.rescan_interval_s),
                 "prepare": self._stage("prepare", self.preparer.run_once, 5.0),
                 "submit": self._stage("submit", self._submit_step, 2.0),
-                "poll": self._stage("poll", self.poller.run_once, 1.0),
+                "poll": self._stage("poll", self.poller.run_once, 1.0, self.poller.idle_s),
                 "collect": self._stage("collect", self.collector.run_once, 5.0),
                 "publish": self._stage("publish", self.publisher.run_once, 5.0),
                 "cleanup": self._stage("cleanup", self._cleanup_step, 30.0),

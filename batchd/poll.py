@@ -117,6 +117,14 @@ class Poller:
         self.rng = rng or random.Random()
         self.sweeps = 0
 
+    async def idle_s(self, longest_s: float) -> float:
+        """How long the poll stage may sleep: until the next part is due, at most
+        `longest_s` (new parts wake it sooner)."""
+        due_at = await self.store.next_poll_at()
+        if due_at is None:
+            return longest_s
+        return min(longest_s, max(0.01, due_at - time.time()))
+
     async def run_once(self) -> bool:
         now = time.time()
         due = await self.store.due_parts(now)
