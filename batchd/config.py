@@ -285,8 +285,10 @@ class PollSettings(BaseModel):
     # Then about this often (the service advises about once a minute), with jitter.
     interval_s: float = Field(default=60.0, gt=0)
     jitter: float = Field(default=0.1, ge=0, le=0.5)
-    # With at least this many batches due, list pages answer for all of them at once.
-    list_threshold: int = Field(default=3, ge=1)
+    # List pages answer for the due batches when at least this many are due, and at least
+    # as many as the pages a sweep reads (one per 100 running): never more calls than
+    # retrieving them one by one.
+    list_threshold: int = Field(default=1, ge=1)
     # A batch still unfinished this long after its completion window is reported lost.
     lost_margin_s: float = Field(default=6 * 3600.0, ge=0)
 

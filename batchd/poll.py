@@ -5,7 +5,7 @@ are, `list` pages (100 batches each, newest first) answer for all of them, so fo
 1000 running batches costs about 10 list calls per sweep instead of 1000 retrieves.
 Paging stops once every due batch was seen or the pages have gone older than the oldest
 due batch; any due batch a page did not show is retrieved on its own. A list sweep also
-takes the batches coming due within half an interval, so that polls stay coalesced.
+takes the batches coming due within the interval, so that polls stay coalesced.
 A batch that looks close to its end (finalizing, all requests done, or ending within the
 interval at the rate its request counts moved since the last look) is looked at sooner.
 """
@@ -28,8 +28,10 @@ from batchd.submit import AccountState, batch_fields
 log = get_logger(__name__)
 
 LIST_PAGE = 100
-# Share of the poll interval a list sweep looks ahead for batches coming due.
-COALESCE = 0.5
+# The poll stage looks for due parts this many times per poll interval: often enough
+# for the sooner looks at batches close to their end, seldom enough that the regular
+# polls of many batches fall due together and one list sweep answers for them.
+TICKS_PER_INTERVAL = 6
 # The most list pages one sweep reads (a minute of the provider's list cap).
 MAX_PAGES = 100
 
@@ -118,28 +120,32 @@ class Poller:
         self.sweeps = 0
 
     async def idle_s(self, longest_s: float) -> float:
-        """How long the poll stage may sleep: until the next part is due, at most
-        `longest_s` (new parts wake it sooner)."""
+        """How long the poll stage may sleep: a tick past the moment the next part is
+        due (so that those due about then are polled together), at most `longest_s`
+        (new parts wake it sooner)."""
         due_at = await self.store.next_poll_at()
         if due_at is None:
             return longest_s
-        return min(longest_s, max(0.01, due_at - time.time()))
+        tick = self.interval_s / TICKS_PER_INTERVAL
+        return min(longest_s, max(0.0, due_at - time.time()) + tick)
 
     async def run_once(self) -> bool:
         now = time.time()
         due = await self.store.due_parts(now)
         if not due:
             return False
-        # When list pages will be read anyway, they answer for the batches due within
-        # the next half interval too: polling those a little early puts them in this
-        # sweep, so the running parts stay in step and each interval costs one sweep of
-        # about N/100 pages, not one sweep per batch as their poll times come due apart.
-        soon = await self.store.due_parts(now + self.interval_s * COALESCE)
-        if len(soon) >= self.list_threshold:
-            due = soon
+        # A list sweep reads every page of running batches, so it is worth it only when
+        # enough are due, and then it answers for all those due within the interval too:
+        # polling those a little early keeps the running parts in step, so each interval
+        # costs one sweep of about N/100 pages. A few due alone (a batch close to its
+        # end) are retrieved one by one.
+        running = await self.store.running_count()
+        sweep = len(due) >= max(self.list_threshold, math.ceil(running / LIST_PAGE))
+        if sweep:
+            due = await self.store.due_parts(now + self.interval_s)
         self.sweeps += 1
         try:
-            seen = await self._by_list(due) if len(due) >= self.list_threshold else {}
+            seen = await self._by_list(due) if sweep else {}
             for part in due:
                 if part.batch_id in seen:
                     continue

@@ -502,6 +502,13 @@ class Store:
             rows = await cur.fetchall()
         return [Part.from_row(r) for r in rows]
 
+    async def running_count(self) -> int:
+        async with self._db.execute(
+            "SELECT COUNT(*) FROM parts WHERE state = ?", (PartState.RUNNING,)
+        ) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
     async def next_poll_at(self) -> float | None:
         async with self._db.execute(
             "SELECT MIN(next_poll_at) FROM parts WHERE state = ?", (PartState.RUNNING,)

@@ -3,6 +3,7 @@ emulator (TESTING.md C.14, C.15). Caps are scaled to short windows for test time
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from tests.conftest import StartEmulator
@@ -79,3 +80,44 @@ async def test_the_account_file_quota_makes_parts_wait_never_fail(
     stats = await emulator.stats()
     assert stats["batches_created"] == 12
     assert stats["calls"]["upload"]["refused_429"] == 0
+
+
+async def test_following_many_running_batches_costs_a_list_page_per_hundred_per_interval(
+    start_emulator: StartEmulator, tmp_path: Path
+) -> None:
+    # 250 batches that run for days of service time, polled every 0.5 s of wall time.
+    caps = {
+        "upload_per_second": 1000.0,
+        "file_calls_per_second": 1000.0,
+        "create_per_minute": 100_000,
+        "retrieve_per_minute": 100_000,
+        "list_per_minute": 100_000,
+    }
+    emulator = await start_emulator(in_progress_base_s=1e6, limits=caps)
+    interval = 0.5
+    settings = daemon_settings(
+        tmp_path / "root",
+        emulator,
+        limits=caps,
+        poll={"interval_s": interval, "first_poll_s": 0.1, "jitter": 0.1},
+    )
+    n = 250
+    async with running(settings):
+        for i in range(n):
+            drop(settings.paths.folder("inbox"), f"r{i:03d}.jsonl", requests(1, prefix=f"{i}-"))
+        for _ in range(600):
+            if (await emulator.stats())["batches_created"] >= n:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(2 * interval)  # first polls done, the parts fall into step
+        before = (await emulator.stats())["calls"]
+        intervals = 8
+        await asyncio.sleep(intervals * interval)
+        after = (await emulator.stats())["calls"]
+    lists = after["list"]["served"] - before["list"]["served"]
+    retrieves = after["retrieve"]["served"] - before["retrieve"]["served"]
+    pages = -(-n // 100)
+    # About one sweep of `pages` list calls per interval (jitter makes it up to ~10%
+    # more often), and no batch retrieved on its own.
+    assert intervals * pages * 0.5 <= lists <= (intervals + 2) * pages * 1.3, lists
+    assert retrieves <= n // 50, retrieves
