@@ -118,6 +118,7 @@ class Poller:
         self.on_ended = on_ended
         self.rng = rng or random.Random()
         self.sweeps = 0
+        self.can_list = True  # until the provider answers a list call with a permanent error
 
     async def idle_s(self, longest_s: float) -> float:
         """How long the poll stage may sleep: a tick past the moment the next part is
@@ -144,8 +145,10 @@ class Poller:
         if sweep:
             due = await self.store.due_parts(now + self.interval_s)
         self.sweeps += 1
+        seen: dict[str, dict[str, Any]] = {}
         try:
-            seen = await self._by_list(due) if sweep else {}
+            if sweep and self.can_list:
+                seen = await self._list_or_not(due)
             for part in due:
                 if part.batch_id in seen:
                     continue
@@ -174,6 +177,20 @@ class Poller:
         if ended:
             self.on_ended()
         return True
+
+    async def _list_or_not(self, due: list[Part]) -> dict[str, dict[str, Any]]:
+        """`_by_list`, unless the provider has no list call: then never again, and the
+        due batches are retrieved one by one."""
+        try:
+            return await self._by_list(due)
+        except AccountError:
+            raise
+        except ApiError as err:
+            if err.retryable:
+                raise
+            log.warning("list_unsupported", error=str(err))
+            self.can_list = False
+            return {}
 
     async def _by_list(self, due: list[Part]) -> dict[str, dict[str, Any]]:
         wanted = {p.batch_id for p in due if p.batch_id}
