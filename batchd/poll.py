@@ -141,13 +141,15 @@ class Poller:
         # costs one sweep of about N/100 pages. A few due alone (a batch close to its
         # end) are retrieved one by one.
         running = await self.store.running_count()
-        sweep = len(due) >= max(self.list_threshold, math.ceil(running / LIST_PAGE))
+        sweep = self.can_list and len(due) >= max(
+            self.list_threshold, math.ceil(running / LIST_PAGE)
+        )
         if sweep:
             due = await self.store.due_parts(now + self.interval_s)
         self.sweeps += 1
         seen: dict[str, dict[str, Any]] = {}
         try:
-            if sweep and self.can_list:
+            if sweep:
                 seen = await self._list_or_not(due)
             for part in due:
                 if part.batch_id in seen:
