@@ -318,6 +318,11 @@ class ControlSettings(BaseModel):
     socket: Path | None = None
     # Members of this group may use the socket (besides root and the daemon's own user).
     group: str | None = None
+    # Connections served at once; more are closed as they are accepted.
+    max_connections: int = Field(default=32, ge=1)
+    # A request must arrive whole within this long of the connection (or of the previous
+    # answer on it); a peer that sends nothing, or sends slowly, is closed.
+    request_timeout_s: float = Field(default=10.0, gt=0)
 
 
 class Settings(FileSettings):
