@@ -93,6 +93,19 @@ async def wait_published(
         await asyncio.sleep(0.05)
 
 
+async def published_jobs(daemon: Daemon, count: int, timeout_s: float = 10.0) -> list[Any]:
+    """The daemon's jobs once `count` of them are published in its database: an outbox
+    folder appears (the rename) a moment before the job's row says so."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        jobs = await daemon.store.jobs()
+        if sum(j.state == "published" for j in jobs) >= count:
+            return jobs
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{count} jobs not marked published in {timeout_s} s: {jobs}")
+        await asyncio.sleep(0.02)
+
+
 def summary(folder: Path) -> dict[str, Any]:
     data: dict[str, Any] = orjson.loads((folder / "summary.json").read_bytes())
     return data

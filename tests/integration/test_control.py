@@ -24,6 +24,7 @@ from tests.integration.daemon_harness import (
     KEY,
     daemon_settings,
     drop,
+    published_jobs,
     requests,
     running,
     wait_published,
@@ -115,7 +116,7 @@ async def test_pause_resume_cancel_retry_and_drain(
         assert (inbox / "held.jsonl").exists()  # not claimed while paused
         await cli(capsys, "resume", "--socket", sock)
         await wait_published(outbox, 1, emulator)
-        job = (await daemon.store.jobs())[0]
+        (job,) = await published_jobs(daemon, 1)
         assert job.outcome == "partial"
         code, out, _ = await cli(capsys, "retry", "--socket", sock, job.id)
         assert code == 0 and "held-retry.jsonl" in out
