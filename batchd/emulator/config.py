@@ -30,8 +30,35 @@ class FaultSettings(BaseModel):
     lost_create_response_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     # Share of API calls answered 429 Throttling regardless of the caps (a 429 storm).
     throttle_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    # Share of uploads, creates, cancels and file deletes that take effect but whose
+    # answer is lost (connection dropped); `classes` narrows it like the faults above.
+    lost_response_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     # Call classes the faults above apply to; empty means every class.
     classes: tuple[str, ...] = ()
+    # The faults below shape answers the way other providers and gateways do; they apply
+    # whatever `classes` says.
+    # List calls ignore every filter (batches: input_file_ids, status, ds_name,
+    # create_after, create_before; files: purpose), as OpenAI does; after/limit still page.
+    ignore_list_filters: bool = False
+    # List calls always answer has_more true; past the last item the last page repeats.
+    endless_pages: bool = False
+    # Share of Batch objects answered with garbled counts or timestamps (ids stay right).
+    garbled_fields_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    # The content faults below apply only to batches whose metadata.ds_name contains this
+    # text; empty means every batch.
+    batch_match: str = ""
+    # Share of result files whose download answers 404 (fixed per file id and seed);
+    # retrieve and delete still work on them.
+    content_missing_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    # Share of result files (fixed per file id and seed) sent at `drip_bytes_per_s`.
+    drip_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    drip_bytes_per_s: float = Field(default=1024.0, gt=0.0)
+    # When > 0, the first success line written in each output file is at least this many
+    # bytes long (its content padded); written streaming, never whole in memory.
+    huge_line_bytes: int = Field(default=0, ge=0)
+    # Share of success lines (fixed per seed, batch and custom_id) written in forms a
+    # strict parser refuses: a lone surrogate escape, NaN, 1e400, or a line cut in half.
+    odd_lines_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     seed: int = 0
 
 

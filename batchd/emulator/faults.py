@@ -1,13 +1,45 @@
-"""Fault injection: every draw comes from one seeded generator, so a run repeats exactly."""
+"""Fault injection: every draw comes from one seeded generator or a hash of the seed, so a
+run repeats exactly."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
 from batchd.emulator.config import FaultSettings
+
+# Counters of the faults decided outside `decide`, as `stats()["faults"]` names them.
+COUNTERS = (
+    "lost_create_response",
+    "lost_response",
+    "list_filters_ignored",
+    "endless_pages",
+    "garbled_fields",
+    "content_missing",
+    "dripped",
+    "huge_lines",
+    "odd_lines",
+)
+# Call classes whose calls can take effect and then lose their answer.
+LOSABLE_CLASSES = frozenset({"upload", "create", "cancel", "files"})
+# Batch object fields that hold a Unix time (or null).
+TIMESTAMP_FIELDS = (
+    "created_at",
+    "in_progress_at",
+    "expires_at",
+    "finalizing_at",
+    "completed_at",
+    "failed_at",
+    "expired_at",
+    "cancelling_at",
+    "cancelled_at",
+)
+# How many ways `garble` renders a Batch object wrongly; they are used in turn.
+GARBLE_VARIANTS = 8
 
 
 class Fault(StrEnum):
@@ -31,12 +63,14 @@ class FaultInjector:
     def __init__(self, settings: FaultSettings) -> None:
         self.settings = settings
         self._rng = random.Random(settings.seed)
+        self._garbled = 0
         self.counts: dict[str, int] = {}
         self._reset_counts()
 
     def _reset_counts(self) -> None:
         self.counts = {f.value: 0 for f in Fault if f is not Fault.NONE}
-        self.counts["lost_create_response"] = 0
+        for name in COUNTERS:
+            self.counts[name] = 0
 
     def update(self, patch: dict[str, Any]) -> FaultSettings:
         """Apply a partial change; a new `seed` restarts the sequence of draws."""
@@ -44,6 +78,7 @@ class FaultInjector:
         self.settings = FaultSettings.model_validate(merged)
         if "seed" in patch:
             self._rng = random.Random(self.settings.seed)
+            self._garbled = 0
         return self.settings
 
     def _applies(self, call_class: str) -> bool:
@@ -78,5 +113,85 @@ class FaultInjector:
             return True
         return False
 
+    def lose_response(self, call_class: str) -> bool:
+        """Whether this upload, create, cancel or file delete, having taken effect, loses
+        its answer (`lost_response_rate`)."""
+        rate = self.settings.lost_response_rate
+        if (
+            rate > 0
+            and call_class in LOSABLE_CLASSES
+            and self._applies(call_class)
+            and self._rng.random() < rate
+        ):
+            self.counts["lost_response"] += 1
+            return True
+        return False
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counts[name] += n
+
+    def garble(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The Batch object as a sloppy gateway renders it, for `garbled_fields_rate` of
+        them; the object itself when not drawn. Identity fields are never touched."""
+        rate = self.settings.garbled_fields_rate
+        if rate <= 0 or self._rng.random() >= rate:
+            return batch
+        variant = self._garbled % GARBLE_VARIANTS
+        self._garbled += 1
+        self.counts["garbled_fields"] += 1
+        return garbled(batch, variant, self._rng)
+
+    def matches(self, metadata: Mapping[str, str] | None) -> bool:
+        """Whether the content faults apply to a batch with this metadata."""
+        wanted = self.settings.batch_match
+        return not wanted or wanted in (metadata or {}).get("ds_name", "")
+
     def reset_counts(self) -> None:
         self._reset_counts()
+
+
+def drawn(seed: int, kind: str, key: str, rate: float) -> bool:
+    """A fixed draw per (seed, kind, key): the same file or line always gets the same fate."""
+    if rate <= 0:
+        return False
+    return random.Random(f"{seed}:{kind}:{key}").random() < rate
+
+
+def _iso(value: Any) -> Any:
+    if not isinstance(value, int | float):
+        return value
+    return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def garbled(batch: dict[str, Any], variant: int, rng: random.Random) -> dict[str, Any]:
+    """A copy of a Batch object with its counts or timestamps rendered in one odd way."""
+    out = dict(batch)
+    raw = batch.get("request_counts") or {}
+    total = int(raw.get("total", 0))
+    completed = int(raw.get("completed", 0))
+    failed = int(raw.get("failed", 0))
+    if variant == 0:  # numbers as numeric strings
+        out["request_counts"] = {
+            "total": str(total),
+            "completed": str(completed),
+            "failed": str(failed),
+        }
+    elif variant == 1:  # not numbers at all
+        out["request_counts"] = {"total": "n/a", "completed": None, "failed": "many"}
+    elif variant == 2:  # a list instead of an object
+        out["request_counts"] = [total, completed, failed]
+    elif variant == 3:  # a string instead of an object
+        out["request_counts"] = f"total={total} completed={completed} failed={failed}"
+    elif variant == 4:  # numbers that cannot be right
+        out["request_counts"] = {"total": total, "completed": total + 1, "failed": -1}
+    elif variant == 5:  # floats, one of them absurdly large
+        out["request_counts"] = {"total": float(total), "completed": 1e300, "failed": 0.5}
+    elif variant == 6:  # timestamps as ISO 8601 text
+        for name in TIMESTAMP_FIELDS:
+            out[name] = _iso(batch.get(name))
+    else:  # timestamps as floats with fractions
+        for name in TIMESTAMP_FIELDS:
+            value = batch.get(name)
+            if isinstance(value, int | float):
+                out[name] = value + round(0.001 + rng.random() * 0.998, 3)
+    return out
