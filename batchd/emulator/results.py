@@ -7,7 +7,7 @@ import math
 import random
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 
@@ -40,13 +40,17 @@ class Answerer:
         return str(uuid.UUID(bytes=self._digest("request", custom_id)[:16]))
 
     def success(self, custom_id: str, body: dict[str, Any], endpoint: str) -> bytes:
+        return _dump(self.success_record(custom_id, body, endpoint)) + b"\n"
+
+    def success_record(self, custom_id: str, body: dict[str, Any], endpoint: str) -> dict[str, Any]:
+        """The success line as a record: id and custom_id first, as the service writes."""
         request_id = self.request_id(custom_id)
         if endpoint == ENDPOINT_EMBEDDINGS:
             answer = self._embedding(request_id, body)
         else:
             answer = self._chat(request_id, body)
         response = {"status_code": 200, "request_id": request_id, "body": answer}
-        return _line(request_id, custom_id, response, None)
+        return _record(request_id, custom_id, response, None)
 
     def failure(self, custom_id: str) -> bytes:
         request_id = self.request_id(custom_id)
@@ -125,11 +129,145 @@ class Answerer:
         }
 
 
+def _record(
+    request_id: str, custom_id: str, response: dict[str, Any] | None, error: dict[str, Any] | None
+) -> dict[str, Any]:
+    return {"id": request_id, "custom_id": custom_id, "response": response, "error": error}
+
+
+def _dump(record: dict[str, Any]) -> bytes:
+    return orjson.dumps(record)
+
+
 def _line(
     request_id: str, custom_id: str, response: dict[str, Any] | None, error: dict[str, Any] | None
 ) -> bytes:
-    record = {"id": request_id, "custom_id": custom_id, "response": response, "error": error}
-    return orjson.dumps(record) + b"\n"
+    return _dump(_record(request_id, custom_id, response, error)) + b"\n"
+
+
+# ---- odd and huge lines (faults): written by splicing text where a marker was dumped
+
+# A string no answer contains: orjson writes it as `\u0000batchd-fault-marker\u0000`.
+_MARK = "\x00batchd-fault-marker\x00"
+_MARK_JSON = orjson.dumps(_MARK)  # with its quotes
+_MARK_TEXT = _MARK_JSON[1:-1]  # as it appears inside a longer string
+ODD_VARIANTS = 4
+# What replaces the marker in each odd variant: (marker as dumped, replacement).
+_ODD_SPLICES = {
+    0: (_MARK_TEXT, b"\\ud83d"),  # a lone high surrogate: an emoji cut at max_tokens
+    1: (_MARK_JSON, b"NaN"),
+    2: (_MARK_JSON, b"1e400"),  # too large for a double
+}
+# Padding of huge lines: plain ASCII that JSON writes as is, so its length is exact.
+_PAD_UNIT = b" and so on, at great length."
+PAD_CHUNK_BYTES = 1 << 20
+
+
+def _response_body(record: dict[str, Any]) -> dict[str, Any]:
+    response = record["response"]
+    assert isinstance(response, dict)
+    body = response["body"]
+    assert isinstance(body, dict)
+    return body
+
+
+def _message(record: dict[str, Any]) -> dict[str, Any] | None:
+    """The chat message of a success record; None for embeddings."""
+    choices = _response_body(record).get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        message = choices[0].get("message")
+        if isinstance(message, dict):
+            return message
+    return None
+
+
+def _splice(dumped: bytes, marker: bytes, replacement: bytes) -> bytes:
+    at = dumped.rfind(marker)
+    assert at >= 0
+    return dumped[:at] + replacement + dumped[at + len(marker) :]
+
+
+def odd_line(record: dict[str, Any], variant: int) -> bytes:
+    """A success line in a form a strict parser refuses but that is otherwise readable:
+    0 content ends in a lone surrogate escape, 1 a NaN field, 2 a number written as 1e400,
+    3 the first half of the line only (custom_id still near its start)."""
+    variant %= ODD_VARIANTS
+    if variant == 3:
+        return _cut(_dump(record), str(record["custom_id"])) + b"\n"
+    record = _copy_for_marker(record)
+    body = _response_body(record)
+    message = _message(record)
+    if variant == 0:
+        if message is not None and isinstance(message.get("content"), str):
+            message["content"] += _MARK
+        else:
+            body["note"] = _MARK
+    elif variant == 1:
+        choices = body.get("choices")
+        if message is not None and isinstance(choices, list):
+            choices[0]["logprobs"] = _MARK
+        else:
+            body["logprobs"] = _MARK
+    else:
+        body["score"] = _MARK
+    marker, replacement = _ODD_SPLICES[variant]
+    return _splice(_dump(record), marker, replacement) + b"\n"
+
+
+def _cut(line: bytes, custom_id: str) -> bytes:
+    """About the first half of `line`, never before the end of its custom_id value and
+    never inside a UTF-8 character; never the whole line."""
+    key = b'"custom_id":' + orjson.dumps(custom_id)
+    start = line.find(key)
+    floor = (start + len(key) if start >= 0 else 0) + 1
+    cut = min(max(len(line) // 2, floor), len(line) - 1)
+    while cut < len(line) - 1 and (line[cut] & 0xC0) == 0x80:
+        cut += 1
+    return line[:cut]
+
+
+def _copy_for_marker(record: dict[str, Any]) -> dict[str, Any]:
+    """A copy deep enough that adding a marker leaves `record` as it was."""
+    copy = dict(record)
+    response = dict(record["response"])
+    body = dict(response["body"])
+    choices = body.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        first = dict(choices[0])
+        if isinstance(first.get("message"), dict):
+            first["message"] = dict(first["message"])
+        body["choices"] = [first, *choices[1:]]
+    response["body"] = body
+    copy["response"] = response
+    return copy
+
+
+def huge_line_parts(record: dict[str, Any], size: int) -> tuple[bytes, int, bytes]:
+    """(prefix, padding bytes, suffix with its newline) of a success line at least `size`
+    bytes long: the chat content (for embeddings an added `padding` field) followed by
+    padding text. The caller writes the padding with `write_padding`."""
+    record = _copy_for_marker(record)
+    message = _message(record)
+    if message is not None and isinstance(message.get("content"), str):
+        message["content"] += _MARK
+    else:
+        _response_body(record)["padding"] = _MARK
+    dumped = _dump(record)
+    at = dumped.rfind(_MARK_TEXT)
+    prefix, suffix = dumped[:at], dumped[at + len(_MARK_TEXT) :]
+    padding = max(0, size - len(prefix) - len(suffix))
+    return prefix, padding, suffix + b"\n"
+
+
+def write_padding(out: BinaryIO, count: int) -> int:
+    """Write `count` bytes of padding text in chunks of at most 1 MiB; returns `count`."""
+    chunk = (_PAD_UNIT * (PAD_CHUNK_BYTES // len(_PAD_UNIT) + 1))[:PAD_CHUNK_BYTES]
+    left = count
+    while left > 0:
+        piece = chunk[: min(left, PAD_CHUNK_BYTES)]
+        out.write(piece)
+        left -= len(piece)
+    return count
 
 
 def _count(value: Any) -> int:

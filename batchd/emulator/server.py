@@ -44,12 +44,13 @@ class Emulator:
         self._own_dir = settings.data_dir is None
         data_dir = settings.data_dir or Path(tempfile.mkdtemp(prefix="batchd-emulator-"))
         self.data_dir = data_dir
+        faults = FaultInjector(settings.faults)
         self.state = EmulatorState(
             settings=settings,
             clock=self.clock,
-            store=Store(settings, self.clock, data_dir),
+            store=Store(settings, self.clock, data_dir, faults),
             windows=make_windows(settings),
-            faults=FaultInjector(settings.faults),
+            faults=faults,
             api_key=self.api_key,
         )
         self._runner: web.AppRunner | None = None

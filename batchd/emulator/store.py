@@ -11,16 +11,18 @@ import random
 import shutil
 import uuid
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 
 from batchd.emulator import errors
 from batchd.emulator.checks import Scan
 from batchd.emulator.clock import ServiceClock
-from batchd.emulator.config import EmulatorSettings
+from batchd.emulator.config import EmulatorSettings, FaultSettings
+from batchd.emulator.faults import FaultInjector, drawn
 from batchd.emulator.lifecycle import (
     CANCELLABLE,
     Phase,
@@ -29,7 +31,7 @@ from batchd.emulator.lifecycle import (
     derive,
     ends_at,
 )
-from batchd.emulator.results import Answerer
+from batchd.emulator.results import Answerer, huge_line_parts, odd_line, write_padding
 
 OUTPUT_PREFIX = "file-batch_output-"
 INPUT_PREFIX = "file-batch-"
@@ -53,6 +55,8 @@ class StoredFile:
     created_at: int
     purpose: str
     path: Path
+    # The batch a result file belongs to; None for uploads.
+    batch_id: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -90,12 +94,46 @@ def _ts(value: float | None) -> int | None:
     return None if value is None else math.floor(value)
 
 
+@dataclass
+class _Written:
+    """What writing a batch's result files produced: (temp path, bytes) per file, and the
+    content faults written into them."""
+
+    output: tuple[Path, int]
+    error: tuple[Path, int]
+    huge_lines: int = 0
+    odd_lines: int = 0
+
+
+class _HugeLine:
+    """A success line written streaming: prefix, then padding in chunks, then suffix."""
+
+    def __init__(self, prefix: bytes, padding: int, suffix: bytes) -> None:
+        self.prefix = prefix
+        self.padding = padding
+        self.suffix = suffix
+
+    def write(self, out: BinaryIO) -> int:
+        out.write(self.prefix)
+        write_padding(out, self.padding)
+        out.write(self.suffix)
+        return len(self.prefix) + self.padding + len(self.suffix)
+
+
 class Store:
     """All state of one emulated account."""
 
-    def __init__(self, settings: EmulatorSettings, clock: ServiceClock, data_dir: Path) -> None:
+    def __init__(
+        self,
+        settings: EmulatorSettings,
+        clock: ServiceClock,
+        data_dir: Path,
+        faults: FaultInjector | None = None,
+    ) -> None:
         self.settings = settings
         self.clock = clock
+        # Shared with the routes: result files are written under its current settings.
+        self.faults = faults or FaultInjector(settings.faults)
         self.files_dir = data_dir / "files"
         self.tmp_dir = data_dir / "tmp"
         for folder in (self.files_dir, self.tmp_dir):
@@ -130,12 +168,15 @@ class Store:
         if self.stored_bytes() + extra_bytes > limits.max_stored_bytes:
             raise errors.quota(f"the account's storage of {limits.max_stored_bytes} bytes is full")
 
-    def add_file(self, temp: Path, filename: str, size: int, purpose: str) -> StoredFile:
+    def add_file(
+        self, temp: Path, filename: str, size: int, purpose: str, batch_id: str | None = None
+    ) -> StoredFile:
         prefix = OUTPUT_PREFIX if purpose == "batch_output" else INPUT_PREFIX
         file_id = self.new_id(prefix)
         path = self.files_dir / f"{file_id}.jsonl"
         os.replace(temp, path)
-        stored = StoredFile(file_id, filename, size, _ts(self.clock.now()) or 0, purpose, path)
+        created = _ts(self.clock.now()) or 0
+        stored = StoredFile(file_id, filename, size, created, purpose, path, batch_id)
         self.files[file_id] = stored
         return stored
 
@@ -144,6 +185,16 @@ class Store:
         if stored is None:
             raise errors.not_found("file", file_id)
         return stored
+
+    def content_fault(self, stored: StoredFile, kind: str, rate: float) -> bool:
+        """Whether a content fault (`kind`) hits this result file: a fixed draw per file
+        id and fault seed, for batches `batch_match` selects."""
+        if rate <= 0 or stored.batch_id is None:
+            return False
+        batch = self.batches.get(stored.batch_id)
+        if batch is None or not self.faults.matches(batch.metadata):
+            return False
+        return drawn(self.faults.settings.seed, kind, stored.id, rate)
 
     def delete_file(self, file_id: str) -> None:
         stored = self.get_file(file_id)
@@ -244,12 +295,18 @@ class Store:
         async with batch.lock:
             if batch.settled:
                 return
-            output, error = await asyncio.to_thread(self._write_results, batch, phase)
-            for kind, (temp, size) in (("output", output), ("error", error)):
+            faults = self.faults.settings
+            if not self.faults.matches(batch.metadata):
+                faults = FaultSettings(seed=faults.seed)
+            written = await asyncio.to_thread(self._write_results, batch, phase, faults)
+            self.faults.count("huge_lines", written.huge_lines)
+            self.faults.count("odd_lines", written.odd_lines)
+            for kind, (temp, size) in (("output", written.output), ("error", written.error)):
                 if size == 0:
                     temp.unlink(missing_ok=True)
                     continue
-                stored = self.add_file(temp, f"{batch.id}_{kind}.jsonl", size, "batch_output")
+                name = f"{batch.id}_{kind}.jsonl"
+                stored = self.add_file(temp, name, size, "batch_output", batch.id)
                 if kind == "output":
                     batch.output_file_id = stored.id
                 else:
@@ -262,7 +319,10 @@ class Store:
             if not batch.settled:
                 await self.settle(batch, batch.phase(now))
 
-    def _write_results(self, batch: Batch, phase: Phase) -> tuple[tuple[Path, int], ...]:
+    def _write_results(self, batch: Batch, phase: Phase, faults: FaultSettings) -> _Written:
+        """Write both result files to temp paths (in a worker thread). `faults` are the
+        content faults for this batch (none when `batch_match` leaves it out). Lines made
+        odd are never parsed again here: counts come from the scan, sizes from writes."""
         s = self.settings
         answer = Answerer(
             batch_id=batch.id,
@@ -273,8 +333,14 @@ class Store:
         )
         failing = set(batch.scan.failing)
         not_run = _NOT_RUN.get(phase.status)
-        ok: list[bytes] = []
+        # The order lines are written in is fixed before any is made, so that the first
+        # success written (the one a huge line pads) is known while reading the input.
+        successes = phase.executed - bisect.bisect_left(batch.scan.failing, phase.executed)
+        ok_order = self._order(successes, batch.id)
+        huge_at = ok_order[0] if faults.huge_line_bytes > 0 and ok_order else -1
+        ok: list[bytes | _HugeLine] = []
         bad: list[bytes] = []
+        huge = odd = 0
         with batch.input_path.open("rb") as fh:
             for index, raw in enumerate(fh):
                 request = orjson.loads(raw)
@@ -284,18 +350,42 @@ class Store:
                     bad.append(answer.not_run(custom_id, *not_run))
                 elif index in failing:
                     bad.append(answer.failure(custom_id))
+                elif len(ok) == huge_at:
+                    record = answer.success_record(custom_id, request["body"], batch.endpoint)
+                    ok.append(_HugeLine(*huge_line_parts(record, faults.huge_line_bytes)))
+                    huge += 1
+                elif drawn(faults.seed, f"odd:{batch.id}", custom_id, faults.odd_lines_rate):
+                    record = answer.success_record(custom_id, request["body"], batch.endpoint)
+                    ok.append(odd_line(record, odd))
+                    odd += 1
                 else:
                     ok.append(answer.success(custom_id, request["body"], batch.endpoint))
-        written = []
-        for lines in (ok, bad):
-            if s.shuffle_output:
-                random.Random(f"{s.seed}:order:{batch.id}").shuffle(lines)
-            temp = self.temp_path()
-            with temp.open("wb") as out:
-                out.writelines(lines)
-            written.append((temp, sum(len(line) for line in lines)))
+        if len(ok) != successes:  # never expected: every input line is one request
+            ok_order = self._order(len(ok), batch.id)
+        output = self._write_lines([ok[i] for i in ok_order])
+        error = self._write_lines([bad[i] for i in self._order(len(bad), batch.id)])
         batch.input_path.unlink(missing_ok=True)
-        return tuple(written)
+        return _Written(output, error, huge, odd)
+
+    def _order(self, count: int, batch_id: str) -> list[int]:
+        """The order result lines are written in: the service promises none, so they are
+        shuffled (deterministically) unless `shuffle_output` is off."""
+        order = list(range(count))
+        if self.settings.shuffle_output:
+            random.Random(f"{self.settings.seed}:order:{batch_id}").shuffle(order)
+        return order
+
+    def _write_lines(self, lines: Sequence[bytes | _HugeLine]) -> tuple[Path, int]:
+        temp = self.temp_path()
+        size = 0
+        with temp.open("wb") as out:
+            for line in lines:
+                if isinstance(line, _HugeLine):
+                    size += line.write(out)
+                else:
+                    out.write(line)
+                    size += len(line)
+        return temp, size
 
     def batch_json(self, batch: Batch, phase: Phase) -> dict[str, Any]:
         t = batch.timeline
