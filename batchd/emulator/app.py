@@ -2,7 +2,9 @@
 
 Every API call passes, in order: the API key (401), injected faults, the call class's
 rate window (429 `Throttling.RateQuota` with `Retry-After`), then its handler. The
-`/_emulator/*` routes (stats, clock, faults) need no key and are never limited.
+`/_emulator/*` routes (stats, clock, faults) need no key and are never limited. Handlers
+apply the faults that shape answers (lost answers after the effect, ignored list filters,
+endless pages, garbled Batch objects, missing or dripping result files).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import hmac
 import math
 import re
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -28,7 +30,7 @@ from batchd.emulator.errors import ApiError
 from batchd.emulator.faults import Fault, FaultInjector
 from batchd.emulator.lifecycle import Status
 from batchd.emulator.limits import CallWindow
-from batchd.emulator.store import OUTPUT_PREFIX, Store
+from batchd.emulator.store import OUTPUT_PREFIX, Batch, Store, StoredFile
 from batchd.logs import get_logger
 
 log = get_logger("batchd.emulator")
@@ -36,6 +38,10 @@ log = get_logger("batchd.emulator")
 PREFIXES = ("/compatible-mode/v1", "/v1")
 CHUNK_BYTES = 256 * 1024
 MAX_FILTER_FILE_IDS = 20
+# Filters of the batch list that a provider without them (OpenAI) ignores.
+BATCH_FILTERS = ("input_file_ids", "status", "ds_name", "create_after", "create_before")
+# A dripping download writes about this many seconds' worth of bytes at a time.
+DRIP_TICK_S = 0.05
 # The service reads create_after/create_before as Beijing time.
 SERVICE_TZ = timezone(timedelta(hours=8))
 _WINDOW = re.compile(r"^([1-9][0-9]*)([hd])$")
@@ -231,8 +237,8 @@ def _limit(request: web.Request, default: int, most: int) -> int:
     return limit
 
 
-def _moment(request: web.Request, name: str) -> float | None:
-    raw = request.query.get(name)
+def _moment(query: Mapping[str, str], name: str) -> float | None:
+    raw = query.get(name)
     if not raw:
         return None
     try:
@@ -242,13 +248,25 @@ def _moment(request: web.Request, name: str) -> float | None:
     return when.astimezone(UTC).timestamp()
 
 
-def _page(items: list[Any], after: str | None, limit: int) -> tuple[list[Any], bool]:
+def _page(
+    items: list[Any], after: str | None, limit: int, faults: FaultInjector
+) -> tuple[list[Any], bool]:
+    """One page after the cursor. With `endless_pages`, has_more is always true and a
+    cursor at (or past) the end gets the last page again, so the cursor stops moving."""
+    rest = items
     if after is not None:
         ids = [item.id for item in items]
         if after not in ids:
             raise errors.invalid(f"after: no object with id {after!r}", "after")
-        items = items[ids.index(after) + 1 :]
-    return items[:limit], len(items) > limit
+        rest = items[ids.index(after) + 1 :]
+    page, has_more = rest[:limit], len(rest) > limit
+    if faults.settings.endless_pages and not has_more:
+        if not page and items:
+            # The last page a client paging from the start with this limit was served.
+            page = items[(len(items) - 1) // limit * limit :]
+        faults.count("endless_pages")
+        has_more = True
+    return page, has_more
 
 
 def _listing(
@@ -306,19 +324,25 @@ async def upload_file(request: web.Request) -> web.StreamResponse:
     finally:
         temp.unlink(missing_ok=True)
     log.debug("file_uploaded", file_id=stored.id, bytes=size)
+    if state.faults.lose_response("upload"):
+        return _drop(request)
     return _json(stored.to_json())
 
 
 async def list_files(request: web.Request) -> web.StreamResponse:
-    store = request.app[STATE].store
+    state = request.app[STATE]
+    store = state.store
     await store.settle_all()
     files = list(store.files.values())
     if request.query.get("order", "desc") != "asc":
         files.reverse()
     purpose = request.query.get("purpose")
-    if purpose:
+    if purpose and state.faults.settings.ignore_list_filters:
+        state.faults.count("list_filters_ignored")
+    elif purpose:
         files = [f for f in files if f.purpose == purpose]
-    page, has_more = _page(files, request.query.get("after"), _limit(request, 10_000, 10_000))
+    limit = _limit(request, 10_000, 10_000)
+    page, has_more = _page(files, request.query.get("after"), limit, state.faults)
     return _json(_listing([f.to_json() for f in page], has_more, empty_id=""))
 
 
@@ -328,19 +352,50 @@ async def retrieve_file(request: web.Request) -> web.StreamResponse:
 
 
 async def delete_file(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
     file_id = request.match_info["file_id"]
-    request.app[STATE].store.delete_file(file_id)
+    state.store.delete_file(file_id)
+    if state.faults.lose_response("files"):
+        return _drop(request)
     return _json({"id": file_id, "object": "file", "deleted": True})
 
 
 async def file_content(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
     file_id = request.match_info["file_id"]
-    stored = request.app[STATE].store.get_file(file_id)
+    stored = state.store.get_file(file_id)
     if not file_id.startswith(OUTPUT_PREFIX):
         raise errors.invalid(
             f"only files whose id starts with {OUTPUT_PREFIX!r} can be downloaded", "file_id"
         )
+    faults = state.faults
+    if state.store.content_fault(stored, "content_missing", faults.settings.content_missing_rate):
+        faults.count("content_missing")
+        raise errors.not_found("file", file_id)
+    if state.store.content_fault(stored, "drip", faults.settings.drip_rate):
+        faults.count("dripped")
+        return await _drip(request, stored, faults.settings.drip_bytes_per_s)
     return web.FileResponse(stored.path, headers={"Content-Type": "application/octet-stream"})
+
+
+async def _drip(request: web.Request, stored: StoredFile, rate: float) -> web.StreamResponse:
+    """Send a file at about `rate` bytes per wall second, in small chunks; a client that
+    goes away ends it quietly."""
+    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    response.content_length = stored.bytes
+    chunk = max(1, min(CHUNK_BYTES, int(rate * DRIP_TICK_S)))
+    fh = await asyncio.to_thread(stored.path.open, "rb")
+    try:
+        await response.prepare(request)
+        while data := await asyncio.to_thread(fh.read, chunk):
+            await response.write(data)
+            await asyncio.sleep(len(data) / rate)
+        await response.write_eof()
+    except ConnectionError:
+        log.debug("drip_client_gone", file_id=stored.id)
+    finally:
+        fh.close()
+    return response
 
 
 # ---- batches
@@ -372,30 +427,46 @@ async def create_batch(request: web.Request) -> web.StreamResponse:
     store.check_running_cap(scan.model, state.clock.now())
     batch = store.create_batch(input_file, endpoint, completion_window, window_s, metadata, scan)
     log.debug("batch_created", batch_id=batch.id, input_file_id=input_file_id)
-    if state.faults.lose_create_response():
+    if state.faults.lose_create_response() or state.faults.lose_response("create"):
         return _drop(request)
-    return _json(await store.render(batch))
+    return _json(await _batch_json(state, batch))
+
+
+async def _batch_json(state: EmulatorState, batch: Batch) -> dict[str, Any]:
+    """The Batch object as answered: rendered now, garbled if `garbled_fields_rate` says."""
+    return state.faults.garble(await state.store.render(batch))
 
 
 async def retrieve_batch(request: web.Request) -> web.StreamResponse:
-    store = request.app[STATE].store
-    return _json(await store.render(store.get_batch(request.match_info["batch_id"])))
+    state = request.app[STATE]
+    return _json(await _batch_json(state, state.store.get_batch(request.match_info["batch_id"])))
 
 
 async def cancel_batch(request: web.Request) -> web.StreamResponse:
-    store = request.app[STATE].store
-    batch = store.get_batch(request.match_info["batch_id"])
-    store.cancel(batch)
-    return _json(await store.render(batch))
+    state = request.app[STATE]
+    batch = state.store.get_batch(request.match_info["batch_id"])
+    state.store.cancel(batch)
+    if state.faults.lose_response("cancel"):
+        return _drop(request)
+    return _json(await _batch_json(state, batch))
 
 
 async def list_batches(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    store = state.store
     query = request.query
     limit = _limit(request, 20, 100)
-    now = state.clock.now()
-    batches = list(reversed(store.batches.values()))
+    batches = list(reversed(state.store.batches.values()))
+    if state.faults.settings.ignore_list_filters:
+        if any(query.get(name) for name in BATCH_FILTERS):
+            state.faults.count("list_filters_ignored")
+    else:
+        batches = _filtered(batches, query, state.clock.now())
+    page, has_more = _page(batches, query.get("after"), limit, state.faults)
+    return _json(_listing([await _batch_json(state, b) for b in page], has_more))
+
+
+def _filtered(batches: list[Batch], query: Mapping[str, str], now: float) -> list[Batch]:
+    """The batches the DashScope list filters in `query` keep."""
     name = query.get("ds_name")
     if name:
         batches = [b for b in batches if name in (b.metadata or {}).get("ds_name", "")]
@@ -412,14 +483,13 @@ async def list_batches(request: web.Request) -> web.StreamResponse:
         if unknown:
             raise errors.invalid(f"unknown status {sorted(unknown)[0]!r}", "status")
         batches = [b for b in batches if b.phase(now).status.value in statuses]
-    after = _moment(request, "create_after")
-    before = _moment(request, "create_before")
+    after = _moment(query, "create_after")
+    before = _moment(query, "create_before")
     if after is not None:
         batches = [b for b in batches if math.floor(b.timeline.created_at) >= after]
     if before is not None:
         batches = [b for b in batches if math.floor(b.timeline.created_at) <= before]
-    page, has_more = _page(batches, query.get("after"), limit)
-    return _json(_listing([await store.render(b) for b in page], has_more))
+    return batches
 
 
 # ---- control routes (no key, no limits)
