@@ -1,11 +1,18 @@
 """The control socket: HTTP/JSON over a Unix socket, checked by peer credentials.
 
 The socket is created mode 0660 from its first moment (the umask is set around bind)
-in a folder only the daemon's user and group can enter. Every request's peer is looked
-up with SO_PEERCRED: root, the daemon's own uid and members of the configured group are
-served; anyone else gets 403 and a log line. A live socket is never taken over: a second
-daemon probes it by connecting first (CPython's unix server would unlink it silently);
-a stale one left by a kill -9 is replaced; the socket is removed on exit.
+in a folder only the daemon's user and group can enter. Every connection's peer is looked
+up with SO_PEERCRED the moment it is accepted, before a byte is read: root, the daemon's
+own uid and members of the configured group are served; anyone else gets a short 403 and
+the connection is closed at once (counted, and logged at most once per interval so a flood
+does not flood the log). At most `control.max_connections` connections are served at
+once; more are answered 503 and closed as they are accepted. A request must arrive whole
+within `control.request_timeout_s` of the accept (or of the previous answer on a kept-
+alive connection), or the connection is closed: an idle or slow peer cannot hold a file
+descriptor. An answer being streamed (`GET /v1/events`) is not cut by that deadline.
+A live socket is never taken over: a second daemon probes it by connecting first
+(CPython's unix server would unlink it silently); a stale one left by a kill -9 is
+replaced; the socket is removed on exit.
 """
 
 from __future__ import annotations
@@ -19,9 +26,11 @@ import pwd
 import socket
 import stat
 import struct
+import time
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from aiohttp import web
@@ -29,7 +38,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel
 
-from batchd.errors import BatchdError
+from batchd.errors import BatchdError, ConfigError
 from batchd.logs import get_logger
 from batchd.protocol import API_PREFIX, ActionResponse, ErrorBody, ErrorResponse, Event
 
@@ -40,13 +49,39 @@ log = get_logger(__name__)
 
 SOCKET_NAME = "control.sock"
 _PEERCRED = struct.Struct("3i")
+# sockaddr_un.sun_path on Linux: 108 bytes, the terminating NUL included.
+UNIX_PATH_MAX = 108
+# `GET /v1/jobs?offset=`: SQLite binds 64-bit integers; nobody has a billion jobs.
+MAX_OFFSET = 1_000_000_000
+# Refused, dropped and timed-out connections are logged at most once per this long.
+LOG_EVERY_S = 10.0
+# A refused connection's peer has this long to read its answer and hang up; so many may.
+LINGER_S = 0.5
+MAX_LINGERING = 16
+# Running out of these must not turn into a traceback or a dead daemon.
+_OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
 
 
 class SocketInUseError(BatchdError):
     """Another daemon is already listening on the control socket."""
 
 
-def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+def check_socket_path(path: Path) -> None:
+    """Refuse a socket path the kernel cannot bind (ConfigError: exit 2, no restart loop)."""
+    size = len(os.fsencode(path))
+    if size >= UNIX_PATH_MAX:
+        raise ConfigError(
+            f"control socket path {path} is {size} bytes long; a Unix socket path may be "
+            f"at most {UNIX_PATH_MAX - 1} bytes ({UNIX_PATH_MAX} with the terminating NUL): "
+            "set control.socket to a shorter path, or paths.runtime to a shorter folder"
+        )
+
+
+class _SockOpts(Protocol):
+    def getsockopt(self, level: int, optname: int, buflen: int, /) -> bytes: ...
+
+
+def peer_credentials(sock: _SockOpts) -> tuple[int, int, int]:
     """(pid, uid, gid) of the process at the other end of a Unix socket."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
     pid, uid, gid = _PEERCRED.unpack(raw)
@@ -112,16 +147,181 @@ def error(status: int, code: str, message: str) -> web.Response:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+class _Throttle:
+    """Log an event at most once per `every_s`: a flood of refused connections must not
+    flood the log. The lines held back are counted, and the next line says how many (the
+    ControlServer's counters keep the totals)."""
+
+    def __init__(self, every_s: float = LOG_EVERY_S) -> None:
+        self.every_s = every_s
+        self._next: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def warning(self, event: str, **fields: Any) -> None:
+        now = time.monotonic()
+        if now < self._next.get(event, 0.0):
+            self._held[event] = self._held.get(event, 0) + 1
+            return
+        self._next[event] = now + self.every_s
+        log.warning(event, **fields, not_logged=self._held.pop(event, 0))
+
+
+def _error_answer(status: int, code: str, message: str) -> bytes:
+    """A whole HTTP answer with a JSON error, for a connection refused at accept."""
+    body = orjson.dumps(ErrorResponse(error=ErrorBody(code=code, message=message)).model_dump())
+    head = (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+class _Connection(asyncio.Protocol):
+    """One accepted connection: admitted or refused before a byte is read, then handed to
+    aiohttp's request handler (`inner`), with a deadline for each request to arrive whole.
+
+    The deadline runs from the accept, stops while a request is being handled (a streamed
+    answer may last for hours) and starts again when the handler returns, for the next
+    request on a kept-alive connection. When it passes, the connection is aborted."""
+
+    def __init__(self, server: ControlServer, inner: asyncio.Protocol) -> None:
+        self.server = server
+        self.inner = inner
+        self.transport: asyncio.Transport | None = None
+        self.admitted = False
+        self.lingering = False  # refused, answered, our side shut; the peer's side open
+        self.busy = False
+        self._deadline: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol: checked here, then delegated --------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # a stream transport
+        if not self.server.admit(self):
+            return
+        self.admitted = True
+        self._arm()
+        self.inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        if self.lingering:
+            self.lingering = False
+            self.server.lingering -= 1
+        self.server.release(self)
+        if self.admitted:
+            self.admitted = False
+            self.inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.admitted:
+            self.inner.data_received(data)
+        # else: the request of a refused connection, read only to be dropped
+
+    def eof_received(self) -> bool | None:
+        # A refused peer that has read its answer hangs up: close our side too.
+        return self.inner.eof_received() if self.admitted else None
+
+    def pause_writing(self) -> None:
+        if self.admitted:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.admitted:
+            self.inner.resume_writing()
+
+    # -- refusing -----------------------------------------------------------------------
+
+    def refuse(self, status: int, code: str, message: str) -> None:
+        """Answer with a short JSON error and end the connection at once, before a byte
+        of the request is read. The answer goes in one write into the fresh connection's
+        empty buffer, so it never waits on the peer (were any of it left unsent, the
+        connection is aborted instead). Then our side is shut: the peer reads the answer
+        and an end of file at once. Its side stays open (what it sends is read and
+        dropped) until it hangs up, LINGER_S at most, because a socket closed outright
+        fails the client's write of its request (EPIPE) or its read (ECONNRESET) before
+        it has seen the answer. Only MAX_LINGERING connections linger at a time; past
+        that, they are closed outright."""
+        transport = self.transport
+        assert transport is not None
+        transport.write(_error_answer(status, code, message))
+        if transport.get_write_buffer_size() or transport.is_closing():
+            transport.abort()
+        elif self.server.lingering >= MAX_LINGERING or not transport.can_write_eof():
+            transport.close()
+        else:
+            transport.write_eof()
+            self.lingering = True
+            self.server.lingering += 1
+            loop = asyncio.get_running_loop()
+            self._deadline = loop.call_later(LINGER_S, transport.abort)
+
+    # -- the request deadline ----------------------------------------------------------
+
+    def request_started(self) -> None:
+        self.busy = True
+        self._disarm()
+
+    def request_done(self) -> None:
+        self.busy = False
+        if self.admitted and self.transport is not None and not self.transport.is_closing():
+            self._arm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.call_later(self.server.request_timeout_s, self._expire)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expire(self) -> None:
+        self._deadline = None
+        if self.busy or self.transport is None or self.transport.is_closing():
+            return
+        self.server.timed_out_connection(self)
+        self.transport.abort()
+
+
 class ControlServer:
-    def __init__(self, daemon: Daemon, path: Path, group: str | None) -> None:
+    def __init__(
+        self,
+        daemon: Daemon,
+        path: Path,
+        group: str | None,
+        *,
+        max_connections: int | None = None,
+        request_timeout_s: float | None = None,
+    ) -> None:
+        # First, before anything is opened: a path the kernel cannot bind is a config error.
+        check_socket_path(path)
         self.daemon = daemon
         self.path = path
         self.group_gid = resolve_group(group)
         self.own_uid = os.getuid()
+        limits = daemon.settings.control
+        self.max_connections = max_connections or limits.max_connections
+        self.request_timeout_s = request_timeout_s or limits.request_timeout_s
         self._runner: web.AppRunner | None = None
+        self._server: asyncio.AbstractServer | None = None
         self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
-        self.refused = 0
+        # The connections being served, by aiohttp's handler for each.
+        self._connections: dict[object, _Connection] = {}
+        self._log = _Throttle()
+        self.refused = 0  # peers not allowed, closed at accept
+        self.dropped = 0  # connections over max_connections, closed at accept
+        self.timed_out = 0  # connections closed for want of a whole request in time
+        self.lingering = 0  # refused connections waiting for their peer to hang up
         self._inode: int | None = None
+
+    @property
+    def connections(self) -> int:
+        """Connections being served now."""
+        return len(self._connections)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -132,7 +332,7 @@ class ControlServer:
             folder.mkdir(parents=True)
             os.chmod(folder, 0o750)  # noqa: S103
         claim_socket_path(self.path)
-        app = web.Application(middlewares=[self._peer_check, self._errors])
+        app = web.Application(middlewares=[self._track, self._errors])
         app.add_routes(
             [
                 web.get(f"{API_PREFIX}/status", self.status),
@@ -149,23 +349,37 @@ class ControlServer:
         )
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
+        self._runner = runner
+        handlers = runner.server
+        assert handlers is not None  # set by setup()
+
+        def accept() -> _Connection:
+            return _Connection(self, handlers())
+
+        loop = asyncio.get_running_loop()
         # The socket must never exist with looser permissions, not even for an instant.
         old = os.umask(0o117)
         try:
-            site = web.UnixSite(runner, str(self.path))
-            await site.start()
+            self._server = await loop.create_unix_server(accept, str(self.path), backlog=128)
         finally:
             os.umask(old)
-        self._runner = runner
         self._inode = os.stat(self.path).st_ino
         self.daemon.store.listeners.append(self._publish)
-        log.info("control_listening", path=str(self.path))
+        log.info(
+            "control_listening",
+            path=str(self.path),
+            max_connections=self.max_connections,
+            request_timeout_s=self.request_timeout_s,
+        )
 
     async def stop(self) -> None:
         for queue in list(self._subscribers):
             queue.put_nowait({"type": "bye"})
+        if self._server is not None:
+            self._server.close()  # no new connections
+            self._server = None
         if self._runner is not None:
-            await self._runner.cleanup()
+            await self._runner.cleanup()  # closes the connections being served
             self._runner = None
         # Only our own socket: a daemon that failed to start must not remove a live one.
         with contextlib.suppress(FileNotFoundError):
@@ -173,19 +387,73 @@ class ControlServer:
                 os.unlink(self.path)
         self._inode = None
 
+    # -- admission ----------------------------------------------------------------------
+
+    def admit(self, conn: _Connection) -> bool:
+        """At accept, before a byte is read: the peer's credentials, then the cap.
+        A refused connection gets a short JSON answer and is closed at once."""
+        transport = conn.transport
+        assert transport is not None
+        try:
+            pid, uid, gid = peer_credentials(transport.get_extra_info("socket"))
+            allowed = allowed_peer(uid, gid, self.own_uid, self.group_gid)
+        except (OSError, AttributeError) as exc:  # no socket, or the user database failed
+            self.refused += 1
+            self._log.warning("control_peer_refused", error=str(exc), refused=self.refused)
+            conn.refuse(403, "forbidden", "peer credentials unavailable")
+            return False
+        if not allowed:
+            self.refused += 1
+            self._log.warning(
+                "control_peer_refused", pid=pid, uid=uid, gid=gid, refused=self.refused
+            )
+            conn.refuse(403, "forbidden", f"uid {uid} may not use this socket")
+            return False
+        if len(self._connections) >= self.max_connections:
+            self.dropped += 1
+            self._log.warning(
+                "control_connection_dropped",
+                pid=pid,
+                uid=uid,
+                max_connections=self.max_connections,
+                dropped=self.dropped,
+            )
+            conn.refuse(
+                503,
+                "too_many_connections",
+                f"the control socket serves {self.max_connections} connections at once "
+                "(control.max_connections); try again",
+            )
+            return False
+        self._connections[conn.inner] = conn
+        return True
+
+    def release(self, conn: _Connection) -> None:
+        if self._connections.get(conn.inner) is conn:
+            del self._connections[conn.inner]
+
+    def timed_out_connection(self, conn: _Connection) -> None:
+        self.timed_out += 1
+        self._log.warning(
+            "control_request_timeout",
+            request_timeout_s=self.request_timeout_s,
+            timed_out=self.timed_out,
+        )
+
     # -- middleware ---------------------------------------------------------------------
 
     @web.middleware
-    async def _peer_check(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        sock = request.transport.get_extra_info("socket") if request.transport else None
-        if sock is None:
-            return error(403, "forbidden", "peer credentials unavailable")
-        pid, uid, gid = peer_credentials(sock)
-        if not allowed_peer(uid, gid, self.own_uid, self.group_gid):
-            self.refused += 1
-            log.warning("control_peer_refused", pid=pid, uid=uid, gid=gid, path=request.path)
-            return error(403, "forbidden", f"uid {uid} may not use this socket")
-        return await handler(request)
+    async def _track(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """The request arrived whole: its connection's deadline waits for the answer."""
+        conn = self._connections.get(request.protocol)
+        if conn is None:
+            # Not a connection `admit` let in (its peer was never checked): fail closed.
+            return error(403, "forbidden", "connection not admitted")
+        conn.request_started()
+        try:
+            return await handler(request)
+        finally:
+            conn.request_done()
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -195,6 +463,11 @@ class ControlServer:
             return error(404, "not_found", f"no such call: {request.method} {request.path}")
         except web.HTTPMethodNotAllowed:
             return error(405, "method_not_allowed", f"{request.method} {request.path}")
+        except OSError as exc:
+            if exc.errno not in _OUT_OF_FDS:
+                raise
+            log.warning("control_out_of_files", path=request.path, error=str(exc))
+            return error(503, "out_of_files", f"the daemon is out of file descriptors: {exc}")
 
     # -- calls --------------------------------------------------------------------------
 
@@ -208,8 +481,10 @@ class ControlServer:
             offset = int(q.get("offset", "0"))
         except ValueError:
             return error(400, "bad_request", "limit and offset must be whole numbers")
-        if not 1 <= limit <= 1000 or offset < 0:
-            return error(400, "bad_request", "limit must be 1..1000 and offset >= 0")
+        if not 1 <= limit <= 1000:
+            return error(400, "bad_request", "limit must be 1..1000")
+        if not 0 <= offset <= MAX_OFFSET:
+            return error(400, "bad_request", f"offset must be 0..{MAX_OFFSET}")
         states = [s for s in q.get("state", "").split(",") if s] or None
         try:
             listing = await self.daemon.list_jobs(states, q.get("name"), limit, offset)
