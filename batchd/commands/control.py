@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import os
 import shutil
 import sys
@@ -59,16 +60,34 @@ async def _call(args: argparse.Namespace, method: str, url: str, **params: str) 
     return await ControlClient(_socket(args)).call(method, url, **params)
 
 
+_NOT_REACHED = (aiohttp.ClientConnectionError, OSError)
+
+
 def _run_call(args: argparse.Namespace, method: str, url: str, **params: str) -> tuple[int, Any]:
     path = _socket(args)
     try:
         return asyncio.run(_call(args, method, url, **params))
-    except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionRefusedError) as exc:
-        raise Unreachable(f"batchd is not reachable on {path}: {exc}") from None
+    except _NOT_REACHED as exc:
+        raise unreachable(path, exc) from None
 
 
 class Unreachable(Exception):
     """The control socket does not answer (exit code 3)."""
+
+
+def unreachable(path: Path, exc: BaseException) -> Unreachable:
+    """Why the call got no answer: nobody listening, or a daemon that closed on us."""
+    closed = isinstance(exc, aiohttp.ServerDisconnectedError | BrokenPipeError) or (
+        isinstance(exc, OSError) and exc.errno in (errno.ECONNRESET, errno.EPIPE)
+    )
+    if closed:
+        return Unreachable(
+            f"batchd on {path} closed the connection without an answer: the daemon refused "
+            "or dropped it (this user may not use the socket, or it serves "
+            "control.max_connections already, or the request took longer than "
+            "control.request_timeout_s); its log says which"
+        )
+    return Unreachable(f"batchd is not reachable on {path}: {exc}")
 
 
 def _guard(func: Any) -> Any:
@@ -252,8 +271,8 @@ async def _watch(args: argparse.Namespace) -> int:
     client = ControlClient(_socket(args))
     try:
         status, body = await client.call("GET", "/v1/jobs", state="running", limit="1000")
-    except (aiohttp.ClientConnectionError, FileNotFoundError) as exc:
-        raise Unreachable(f"batchd is not reachable on {client.path}: {exc}") from None
+    except _NOT_REACHED as exc:
+        raise unreachable(client.path, exc) from None
     if status >= 400:
         return _answer(status, body, args)
     progress = Progress(
