@@ -12,7 +12,7 @@ import shutil
 import uuid
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -84,7 +84,8 @@ class Batch:
     output_file_id: str | None = None
     error_file_id: str | None = None
     settled: bool = False
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Writing the result files, once: shared by every call that finds the batch ended.
+    settling: asyncio.Task[None] | None = None
 
     def phase(self, now: float) -> Phase:
         return derive(self.timeline, now)
@@ -292,9 +293,15 @@ class Store:
             batch.input_path.unlink(missing_ok=True)
             batch.settled = True
             return
-        async with batch.lock:
-            if batch.settled:
-                return
+        # Shielded: a client that goes away mid-call (a killed daemon) cancels its handler,
+        # and must not leave a half-written batch for the next caller to write again
+        # while the first worker thread still runs.
+        if batch.settling is None:
+            batch.settling = asyncio.ensure_future(self._settle(batch, phase))
+        await asyncio.shield(batch.settling)
+
+    async def _settle(self, batch: Batch, phase: Phase) -> None:
+        try:
             faults = self.faults.settings
             if not self.faults.matches(batch.metadata):
                 faults = FaultSettings(seed=faults.seed)
@@ -312,6 +319,9 @@ class Store:
                 else:
                     batch.error_file_id = stored.id
             batch.settled = True
+        except BaseException:
+            batch.settling = None  # the next caller tries again
+            raise
 
     async def settle_all(self) -> None:
         now = self.clock.now()
