@@ -319,6 +319,8 @@ class Store:
                 else:
                     batch.error_file_id = stored.id
             batch.settled = True
+            # Only now: until the files are stored, a failed attempt is tried again.
+            batch.input_path.unlink(missing_ok=True)
         except BaseException:
             batch.settling = None  # the next caller tries again
             raise
@@ -374,7 +376,6 @@ class Store:
             ok_order = self._order(len(ok), batch.id)
         output = self._write_lines([ok[i] for i in ok_order])
         error = self._write_lines([bad[i] for i in self._order(len(bad), batch.id)])
-        batch.input_path.unlink(missing_ok=True)
         return _Written(output, error, huge, odd)
 
     def _order(self, count: int, batch_id: str) -> list[int]:

@@ -150,8 +150,10 @@ def record_output_files(emulator: Emulator) -> dict[str, bytes]:
     served: dict[str, bytes] = {}
     add_file = store.add_file
 
-    def recording_add_file(temp: Path, filename: str, size: int, purpose: str) -> Any:
-        stored = add_file(temp, filename, size, purpose)
+    def recording_add_file(
+        temp: Path, filename: str, size: int, purpose: str, *rest: Any, **kw: Any
+    ) -> Any:
+        stored = add_file(temp, filename, size, purpose, *rest, **kw)
         if purpose == "batch_output":
             served[stored.id] = stored.path.read_bytes()
         return stored
