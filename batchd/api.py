@@ -8,7 +8,13 @@ Retry table (TESTING.md C.13):
   submission instead of failing a job.
 - A call that is not idempotent (upload, create) is never retried blindly after an
   ambiguous failure (the request may have taken effect): it raises `MaybeAppliedError`
-  and the caller looks for the effect before trying again.
+  and the caller looks for the effect before trying again. An answer that cannot be used
+  (no id) counts as ambiguous too: the call may well have taken effect.
+
+Every answer is parsed here into the checked types of `batchd.remote`. Nothing that
+follows the server is unbounded: list calls stop after `max_pages` pages or when the
+server repeats a page (`ListingIncomplete`), and a download must keep up a minimum
+throughput after a grace period (`DownloadTooSlow`) instead of having a fixed total.
 """
 
 from __future__ import annotations
@@ -18,10 +24,11 @@ import email.utils
 import os
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
@@ -29,8 +36,10 @@ import orjson
 from batchd.errors import BatchdError
 from batchd.limits import CallClass, RateLimiter
 from batchd.logs import get_logger
+from batchd.remote import BadAnswer, Page, RemoteBatch, RemoteFile
 
 log = get_logger(__name__)
+_T = TypeVar("_T")
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 ACCOUNT_CODES = frozenset({"Arrearage", "InvalidApiKey", "invalid_api_key"})
@@ -70,6 +79,32 @@ class MaybeAppliedError(ApiError):
 
 class NotFoundError(ApiError):
     """The remote object does not exist."""
+
+
+class ListingIncomplete(ApiError):
+    """A list call could not be followed to its end: too many pages, or the server
+    repeats a page (its `has_more` never ends)."""
+
+    @property
+    def retryable(self) -> bool:
+        return False
+
+
+class DownloadTooSlow(ApiError):
+    """A download fell below the minimum throughput (a dripping or stalled body)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Throughput:
+    """The slowest a body may arrive: after `grace_s`, at least `min_bytes_per_s` on
+    average since the start. A body of N bytes may take grace_s + N / min_bytes_per_s."""
+
+    min_bytes_per_s: float = 64 * 1024
+    grace_s: float = 30.0
+
+    def deadline(self, started: float, received: int) -> float:
+        """PURE: the loop time by which more bytes must have arrived."""
+        return started + self.grace_s + received / self.min_bytes_per_s
 
 
 def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
@@ -142,6 +177,7 @@ class BatchApi:
         retry: RetryPolicy | None = None,
         timeout_s: float = 60.0,
         upload_timeout_s: float = 3600.0,
+        throughput: Throughput | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self._base = base_url.rstrip("/")
@@ -149,9 +185,14 @@ class BatchApi:
         self._key = api_key.encode()
         self.limiter = limiter
         self.retry = retry or RetryPolicy()
+        self.throughput = throughput or Throughput()
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, connect=min(10.0, timeout_s))
         self._upload_timeout = aiohttp.ClientTimeout(
             total=upload_timeout_s, connect=min(10.0, timeout_s), sock_read=timeout_s
+        )
+        # Downloads have no total: the throughput deadline bounds them instead.
+        self._download_timeout = aiohttp.ClientTimeout(
+            total=None, connect=min(10.0, timeout_s), sock_read=timeout_s
         )
         self._rng = rng or random.Random()
         self._session: aiohttp.ClientSession | None = None
@@ -194,31 +235,35 @@ class BatchApi:
         *,
         params: Mapping[str, str] | None = None,
         json: Any = None,
-        data: Any = None,
+        form: Callable[[ExitStack], aiohttp.FormData] | None = None,
         timeout: aiohttp.ClientTimeout | None = None,
         sink: Path | None = None,
     ) -> Any:
         await self.limiter.acquire(cls)
         self.calls[cls] = self.calls.get(cls, 0) + 1
-        body = orjson.dumps(json) if json is not None else data
         headers = {"Content-Type": "application/json"} if json is not None else None
         try:
-            async with self.session.request(
-                method,
-                f"{self._base}{path}",
-                params=params,
-                data=body,
-                headers=headers,
-                timeout=timeout or self._timeout,
-            ) as resp:
-                if resp.status >= 400:
-                    err = _error_from(resp.status, self._redact(await resp.read()), resp.headers)
-                    if resp.status == 429:
-                        self.limiter.throttle(cls, err.retry_after_s or self.retry.base_s * 4)
-                    raise err
-                if sink is not None:
-                    return await _stream_to(resp, sink)
-                raw = await resp.read()
+            with ExitStack() as stack:
+                # A form (an upload) is built afresh for each attempt: it reads a file.
+                body = orjson.dumps(json) if json is not None else form(stack) if form else None
+                async with self.session.request(
+                    method,
+                    f"{self._base}{path}",
+                    params=params,
+                    data=body,
+                    headers=headers,
+                    timeout=timeout or self._timeout,
+                ) as resp:
+                    if resp.status >= 400:
+                        err = _error_from(
+                            resp.status, self._redact(await resp.read()), resp.headers
+                        )
+                        if resp.status == 429:
+                            self.limiter.throttle(cls, err.retry_after_s or self.retry.base_s * 4)
+                        raise err
+                    if sink is not None:
+                        return await _stream_to(resp, sink, self.throughput)
+                    raw = await resp.read()
         except ApiError:
             raise
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
@@ -236,6 +281,9 @@ class BatchApi:
     async def _call(
         self, cls: CallClass, method: str, path: str, *, idempotent: bool, **kw: Any
     ) -> Any:
+        """`_once`, retried by classification: permanent errors and account errors at
+        once; a call that may have taken effect as `MaybeAppliedError`; the rest with
+        backoff (or the server's Retry-After), at most `retry.max_attempts` times."""
         attempt = 0
         while True:
             attempt += 1
@@ -262,51 +310,68 @@ class BatchApi:
                 )
                 await asyncio.sleep(delay)
 
+    async def pages(
+        self, cls: CallClass, path: str, params: Mapping[str, str], *, max_pages: int
+    ) -> AsyncIterator[Page]:
+        """Every page of a list call, following `after`, at most `max_pages` of them.
+        `ListingIncomplete` when the server would go on past that, or repeats itself."""
+        cursor: str | None = None
+        seen: set[str] = set()
+        for _ in range(max_pages):
+            query = dict(params)
+            if cursor is not None:
+                query["after"] = cursor
+            raw = await self._call(cls, "GET", path, idempotent=True, params=query)
+            try:
+                page = Page.parse(raw)
+            except BadAnswer as exc:
+                raise ApiError(f"GET {path}: {exc}") from exc
+            yield page
+            if not page.has_more or not page.items:
+                return
+            if page.last_id is None:
+                raise ListingIncomplete(f"GET {path}: has_more, but no usable cursor")
+            if page.last_id in seen:
+                raise ListingIncomplete(f"GET {path}: the server repeats a page (after {cursor})")
+            seen.add(page.last_id)
+            cursor = page.last_id
+        raise ListingIncomplete(f"GET {path}: more than {max_pages} pages")
+
     # -- files --------------------------------------------------------------------------
 
-    async def upload_file(self, path: Path, filename: str) -> dict[str, Any]:
-        """Upload a JSONL file for batch use, streamed from disk."""
+    async def upload_file(self, path: Path, filename: str) -> RemoteFile:
+        """Upload a JSONL file for batch use, streamed from disk. An answer without a
+        usable file id raises `MaybeAppliedError`: the file may be stored all the same."""
 
-        async def once() -> Any:
-            with path.open("rb") as fh:
-                form = aiohttp.FormData()
-                form.add_field("purpose", "batch")
-                form.add_field("file", fh, filename=filename, content_type="application/jsonl")
-                return await self._once(
-                    CallClass.UPLOAD, "POST", "/files", data=form, timeout=self._upload_timeout
-                )
+        def form(stack: ExitStack) -> aiohttp.FormData:
+            data = aiohttp.FormData()
+            data.add_field("purpose", "batch")
+            fh = stack.enter_context(path.open("rb"))
+            data.add_field("file", fh, filename=filename, content_type="application/jsonl")
+            return data
 
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                result: dict[str, Any] = await once()
-                return result
-            except AccountError:
-                raise
-            except ApiError as err:
-                if not err.retryable or attempt >= self.retry.max_attempts:
-                    raise
-                if err.status not in (429, 408):
-                    raise MaybeAppliedError(str(err), status=err.status, code=err.code) from err
-                await asyncio.sleep(
-                    err.retry_after_s
-                    or backoff_s(attempt, self.retry.base_s, self.retry.cap_s, self._rng)
-                )
+        raw = await self._call(
+            CallClass.UPLOAD,
+            "POST",
+            "/files",
+            idempotent=False,
+            form=form,
+            timeout=self._upload_timeout,
+        )
+        try:
+            return RemoteFile.parse(raw)
+        except BadAnswer as exc:
+            raise MaybeAppliedError(f"upload answer unusable: {exc}") from exc
 
-    async def list_files(self) -> list[dict[str, Any]]:
-        """Every file of the account (follows `after` pagination when the server pages)."""
-        files: list[dict[str, Any]] = []
-        params: dict[str, str] = {"limit": "100"}
-        while True:
-            page = await self._call(
-                CallClass.FILES, "GET", "/files", idempotent=True, params=params
-            )
-            data = (page or {}).get("data") or []
-            files.extend(d for d in data if isinstance(d, dict))
-            if not page.get("has_more") or not data:
-                return files
-            params = {"limit": "100", "after": str(data[-1].get("id"))}
+    async def list_files(self, *, max_pages: int = 100) -> list[RemoteFile]:
+        """Every file of the account (`ListingIncomplete` past `max_pages` pages of 100);
+        items without a usable id are left out."""
+        files: list[RemoteFile] = []
+        async for page in self.pages(
+            CallClass.FILES, "/files", {"limit": "100"}, max_pages=max_pages
+        ):
+            files.extend(parse_items(page, RemoteFile.parse))
+        return files
 
     async def delete_file(self, file_id: str) -> None:
         """Delete a remote file; one that is already gone counts as deleted."""
@@ -316,14 +381,15 @@ class BatchApi:
             return
 
     async def download_file(self, file_id: str, dest: Path) -> int:
-        """Stream a file's content to `dest` (temp name, fsync, rename); returns bytes."""
+        """Stream a file's content to `dest` (temp name, fsync, rename); returns bytes.
+        Bounded by the throughput deadline, not by a total time."""
         result: int = await self._call(
             CallClass.FILES,
             "GET",
             f"/files/{file_id}/content",
             idempotent=True,
             sink=dest,
-            timeout=self._upload_timeout,
+            timeout=self._download_timeout,
         )
         return result
 
@@ -335,7 +401,9 @@ class BatchApi:
         endpoint: str,
         completion_window: str,
         metadata: dict[str, str] | None = None,
-    ) -> dict[str, Any]:
+    ) -> RemoteBatch:
+        """Create a batch. An answer without a usable batch id raises
+        `MaybeAppliedError`: the batch may exist and be billed all the same."""
         body: dict[str, Any] = {
             "input_file_id": input_file_id,
             "endpoint": endpoint,
@@ -343,43 +411,83 @@ class BatchApi:
         }
         if metadata:
             body["metadata"] = metadata
-        result: dict[str, Any] = await self._call(
-            CallClass.CREATE, "POST", "/batches", idempotent=False, json=body
-        )
-        return result
+        raw = await self._call(CallClass.CREATE, "POST", "/batches", idempotent=False, json=body)
+        try:
+            return RemoteBatch.parse(raw)
+        except BadAnswer as exc:
+            raise MaybeAppliedError(f"create answer unusable: {exc}") from exc
 
-    async def retrieve_batch(self, batch_id: str) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call(
-            CallClass.RETRIEVE, "GET", f"/batches/{batch_id}", idempotent=True
-        )
-        return result
+    async def retrieve_batch(self, batch_id: str) -> RemoteBatch:
+        """The batch as the service sees it now; `BadAnswer` when the answer is unusable
+        or is about another batch."""
+        raw = await self._call(CallClass.RETRIEVE, "GET", f"/batches/{batch_id}", idempotent=True)
+        batch = RemoteBatch.parse(raw)
+        if batch.id != batch_id:
+            raise BadAnswer(f"asked for batch {batch_id}, the answer is about {batch.id}")
+        return batch
 
-    async def cancel_batch(self, batch_id: str) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call(
+    async def cancel_batch(self, batch_id: str) -> RemoteBatch | None:
+        """Ask for a batch to be cancelled; the batch as answered, or None when the
+        answer is unusable (the next poll tells)."""
+        raw = await self._call(
             CallClass.CANCEL, "POST", f"/batches/{batch_id}/cancel", idempotent=True
         )
-        return result
+        try:
+            batch = RemoteBatch.parse(raw)
+        except BadAnswer:
+            return None
+        return batch if batch.id == batch_id else None
 
-    async def list_batches(self, **params: str) -> dict[str, Any]:
+    async def list_batches(self, **params: str) -> Page:
         """One page of batches; `params` are `after`, `limit` and DashScope filters."""
-        result: dict[str, Any] = await self._call(
-            CallClass.LIST, "GET", "/batches", idempotent=True, params=params
-        )
-        return result or {}
+        raw = await self._call(CallClass.LIST, "GET", "/batches", idempotent=True, params=params)
+        try:
+            return Page.parse(raw)
+        except BadAnswer as exc:
+            raise ApiError(f"GET /batches: {exc}") from exc
 
 
-async def _stream_to(resp: aiohttp.ClientResponse, dest: Path) -> int:
+def parse_items(page: Page, parse: Callable[[Any], _T]) -> list[_T]:
+    """PURE: the items of a page that parse; the others are logged and left out."""
+    items: list[_T] = []
+    for raw in page.items:
+        try:
+            items.append(parse(raw))
+        except BadAnswer as exc:
+            log.warning("list_item_ignored", error=str(exc))
+    return items
+
+
+async def _stream_to(resp: aiohttp.ClientResponse, dest: Path, throughput: Throughput) -> int:
+    """Write a body to `dest` through a temp name (fsync, rename), chunk by chunk; each
+    chunk must arrive before the throughput deadline (`DownloadTooSlow`)."""
     tmp = dest.with_name(f".{dest.name}.tmp")
     written = 0
     loop = asyncio.get_running_loop()
+    started = loop.time()
     fh = await loop.run_in_executor(None, tmp.open, "wb")
     try:
-        async for chunk in resp.content.iter_chunked(1 << 16):
+        chunks = resp.content.iter_chunked(1 << 16).__aiter__()
+        while True:
+            try:
+                async with asyncio.timeout_at(throughput.deadline(started, written)):
+                    chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                elapsed = loop.time() - started
+                raise DownloadTooSlow(
+                    f"download too slow: {written} bytes in {elapsed:.0f} s, under"
+                    f" {throughput.min_bytes_per_s:.0f} bytes/s after {throughput.grace_s:.0f} s"
+                ) from None
             await loop.run_in_executor(None, fh.write, chunk)
             written += len(chunk)
         await loop.run_in_executor(None, fh.flush)
         await loop.run_in_executor(None, os.fsync, fh.fileno())
-    finally:
+    except BaseException:
         fh.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    fh.close()
     os.replace(tmp, dest)
     return written

@@ -309,6 +309,23 @@ class ApiSettings(BaseModel):
     concurrency: int = Field(default=8, ge=1)
     # While the account is unusable (bad key, arrears), probe it this often.
     account_probe_s: float = Field(default=60.0, gt=0)
+    # The most pages one list call is followed for (files or batches, 100 a page); a
+    # server whose `has_more` never ends is cut there, and the step fails with a note.
+    max_list_pages: int = Field(default=100, ge=1)
+    # After an upload or create whose answer was lost, wait this long before looking for
+    # its effect (a list may lag behind a create), then page back this far before the
+    # intent (the service's clock may differ from ours).
+    settle_after_s: float = Field(default=10.0, ge=0)
+    clock_skew_s: float = Field(default=300.0, ge=0)
+    # A download must average at least this many bytes a second once `download_grace_s`
+    # have passed; a slower (dripping) body is cut and tried again later.
+    download_min_bytes_per_s: float = Field(default=64 * 1024, gt=0)
+    download_grace_s: float = Field(default=30.0, ge=0)
+    # Downloads in flight at once (within the files call cap).
+    download_concurrency: int = Field(default=4, ge=1)
+    # A part step that failed is tried again after a pause doubling from the base.
+    step_retry_base_s: float = Field(default=5.0, gt=0)
+    step_retry_cap_s: float = Field(default=600.0, gt=0)
 
 
 class ControlSettings(BaseModel):
@@ -346,6 +363,8 @@ class Settings(FileSettings):
     control: ControlSettings = Field(default_factory=ControlSettings)
     # Stop and park a job after it was caught mid-step by this many crashes.
     max_job_crashes: int = Field(default=3, ge=1)
+    # Park a part after this many failed steps in a row (`batchd retry` resumes it).
+    max_part_failures: int = Field(default=5, ge=1)
     # The validator stops listing problems after this many (it still counts them all).
     max_reported_errors: int = Field(default=100, ge=1)
 

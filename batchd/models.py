@@ -36,6 +36,7 @@ class PartState(StrEnum):
     COLLECTED = "collected"  # output and error files on local disk
     CANCELLED = "cancelled"  # cancelled before it was ever created
     FAILED = "failed"  # could not be submitted (permanent error)
+    PARKED = "parked"  # failed too often; waits for an operator (`batchd retry`)
 
 
 PART_SETTLED = frozenset({PartState.COLLECTED, PartState.CANCELLED, PartState.FAILED})
@@ -107,6 +108,10 @@ class Job:
     completed: int
     failed: int
     usage: dict[str, int] | None
+    input_mtime_ns: int | None
+    prepares: int
+    retried_as: str | None
+    recovered_at: float | None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -131,6 +136,10 @@ class Job:
             completed=row["completed"],
             failed=row["failed"],
             usage=_loads(row["usage"]),
+            input_mtime_ns=row["input_mtime_ns"],
+            prepares=row["prepares"],
+            retried_as=row["retried_as"],
+            recovered_at=row["recovered_at"],
         )
 
 
@@ -162,6 +171,11 @@ class Part:
     completion_window: str | None
     round: int
     polled_at: float | None
+    intent_at: float | None
+    retry_at: float | None
+    parked_from: str | None
+    unavailable: dict[str, str] | None
+    adopt: bool
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Part:
@@ -192,4 +206,9 @@ class Part:
             completion_window=row["completion_window"],
             round=row["round"],
             polled_at=row["polled_at"],
+            intent_at=row["intent_at"],
+            retry_at=row["retry_at"],
+            parked_from=row["parked_from"],
+            unavailable=_loads(row["unavailable"]),
+            adopt=bool(row["adopt"]),
         )

@@ -16,14 +16,23 @@ import math
 import random
 import time
 from collections.abc import Callable
-from typing import Any
 
-from batchd.api import AccountError, ApiError, BatchApi, NotFoundError
+from batchd.api import (
+    AccountError,
+    ApiError,
+    BatchApi,
+    ListingIncomplete,
+    NotFoundError,
+    parse_items,
+)
 from batchd.failpoints import failpoint
+from batchd.limits import CallClass
 from batchd.logs import get_logger
 from batchd.models import Part, PartState, remote_is_terminal
+from batchd.problems import StepPolicy, step_failed
+from batchd.remote import BadAnswer, RemoteBatch
 from batchd.store import Store
-from batchd.submit import AccountState, batch_fields
+from batchd.submit import AccountState
 
 log = get_logger(__name__)
 
@@ -107,6 +116,8 @@ class Poller:
         lost_after_s: Callable[[Part], float],
         on_ended: Callable[[], None],
         rng: random.Random | None = None,
+        policy: StepPolicy | None = None,
+        max_pages: int = MAX_PAGES,
     ) -> None:
         self.store = store
         self.api = api
@@ -117,6 +128,8 @@ class Poller:
         self.lost_after_s = lost_after_s
         self.on_ended = on_ended
         self.rng = rng or random.Random()
+        self.policy = policy or StepPolicy()
+        self.max_pages = max_pages
         self.sweeps = 0
         self.can_list = True  # until the provider answers a list call with a permanent error
 
@@ -147,17 +160,22 @@ class Poller:
         if sweep:
             due = await self.store.due_parts(now + self.interval_s)
         self.sweeps += 1
-        seen: dict[str, dict[str, Any]] = {}
+        seen: dict[str, RemoteBatch] = {}
+        unusable: dict[str, str] = {}
+        gone: set[str] = set()
         try:
             if sweep:
                 seen = await self._list_or_not(due)
             for part in due:
-                if part.batch_id in seen:
+                batch_id = part.batch_id or ""
+                if batch_id in seen:
                     continue
                 try:
-                    seen[part.batch_id or ""] = await self.api.retrieve_batch(part.batch_id or "")
+                    seen[batch_id] = await self.api.retrieve_batch(batch_id)
                 except NotFoundError:
-                    seen[part.batch_id or ""] = {"status": "lost", "errors": "batch not found"}
+                    gone.add(batch_id)
+                except BadAnswer as exc:
+                    unusable[batch_id] = str(exc)
         except AccountError as err:
             self.account.pause(str(err))
             return False
@@ -166,21 +184,43 @@ class Poller:
         failpoint("poll.after_request")
         ended = 0
         for part in due:
-            batch = seen.get(part.batch_id or "")
-            if batch is not None:
-                ended += await self._apply(part, batch)
-            else:
-                # Not answered this sweep (an outage): look again later, not at once.
-                await self.store.update_part(
-                    part.id,
-                    PartState.RUNNING,
-                    next_poll_at=next_poll(now, self.interval_s / 4, self.jitter, self.rng),
+            batch_id = part.batch_id or ""
+            try:
+                if batch_id in seen:
+                    ended += await self._apply(part, seen[batch_id])
+                elif batch_id in gone:
+                    ended += await self._lost(part, now, "the service does not know the batch")
+                elif batch_id in unusable:
+                    await self._unusable(part, now, unusable[batch_id])
+                else:
+                    # Not answered this sweep (an outage): look again later, not at once.
+                    await self.store.update_part(
+                        part.id,
+                        PartState.RUNNING,
+                        next_poll_at=next_poll(now, self.interval_s / 4, self.jitter, self.rng),
+                    )
+            except Exception as exc:
+                # One part's trouble never stops the others' polls.
+                log.exception("part_step_crashed", job_id=part.job_id, part=part.seq)
+                await step_failed(
+                    self.store, part, f"{type(exc).__name__}: {exc}", self.policy, now
                 )
         if ended:
             self.on_ended()
         return True
 
-    async def _list_or_not(self, due: list[Part]) -> dict[str, dict[str, Any]]:
+    async def _unusable(self, part: Part, now: float, why: str) -> None:
+        """The service's answer about this batch cannot be used: a note, a later look,
+        and the part parked if it keeps happening (the lost deadline still holds)."""
+        if await step_failed(self.store, part, f"unusable answer: {why}", self.policy, now):
+            return
+        await self.store.update_part(
+            part.id,
+            PartState.RUNNING,
+            next_poll_at=next_poll(now, self.interval_s, self.jitter, self.rng),
+        )
+
+    async def _list_or_not(self, due: list[Part]) -> dict[str, RemoteBatch]:
         """`_by_list`, unless the provider has no list call: then never again, and the
         due batches are retrieved one by one."""
         try:
@@ -194,44 +234,73 @@ class Poller:
             self.can_list = False
             return {}
 
-    async def _by_list(self, due: list[Part]) -> dict[str, dict[str, Any]]:
+    async def _by_list(self, due: list[Part]) -> dict[str, RemoteBatch]:
         wanted = {p.batch_id for p in due if p.batch_id}
         oldest = min((p.created_remote_at or 0.0) for p in due)
-        seen: dict[str, dict[str, Any]] = {}
-        after: str | None = None
+        seen: dict[str, RemoteBatch] = {}
         # Due batches may be spread over more pages than their number fills (between
         # them sit ended batches and batches not yet due): past that many pages, a page
         # is still read while the last one answered for at least a tenth of a page (a
         # list call is worth ten retrieves under the caps); the rest are retrieved.
         enough = math.ceil(len(wanted) / LIST_PAGE) + 2
-        for number in range(MAX_PAGES):
-            params = {"limit": str(LIST_PAGE)}
-            if after:
-                params["after"] = after
-            page = await self.api.list_batches(**params)
-            data = [b for b in page.get("data") or [] if isinstance(b, dict)]
-            found = 0
-            for batch in data:
-                if batch.get("id") in wanted:
-                    seen[str(batch["id"])] = batch
-                    found += 1
-            if len(seen) == len(wanted) or not page.get("has_more") or not data:
-                break
-            if number + 1 >= enough and found < LIST_PAGE // 10:
-                break
-            created = [int(b["created_at"]) for b in data if isinstance(b.get("created_at"), int)]
-            if created and min(created) < oldest - 1:
-                break
-            after = str(data[-1].get("id"))
+        number = 0
+        try:
+            async for page in self.api.pages(
+                CallClass.LIST, "/batches", {"limit": str(LIST_PAGE)}, max_pages=self.max_pages
+            ):
+                number += 1
+                batches = parse_items(page, RemoteBatch.parse)
+                found = 0
+                for batch in batches:
+                    if batch.id in wanted:
+                        seen[batch.id] = batch
+                        found += 1
+                if len(seen) == len(wanted):
+                    break
+                if number >= enough and found < LIST_PAGE // 10:
+                    break
+                created = [b.created_at for b in batches if b.created_at is not None]
+                if created and min(created) < oldest - 1:
+                    break
+        except ListingIncomplete as err:
+            # A server whose pages never end: what was seen counts, the rest is retrieved.
+            log.warning("list_incomplete", error=str(err), seen=len(seen), due=len(wanted))
         return seen
 
-    async def _apply(self, part: Part, batch: dict[str, Any]) -> int:
+    async def _lost(self, part: Part, now: float, why: str) -> int:
+        await self.store.update_part(
+            part.id,
+            PartState.RUNNING,
+            state=PartState.ENDED,
+            ended_at=now,
+            remote_status="lost",
+            error=f"batch {part.batch_id}: {why}",
+        )
+        log.error(
+            "batch_lost",
+            job_id=part.job_id,
+            part=part.seq,
+            batch_id=part.batch_id,
+            last_status=part.remote_status,
+            reason=why,
+        )
+        return 1
+
+    async def _apply(self, part: Part, batch: RemoteBatch) -> int:
         now = time.time()
-        fields = batch_fields(batch)
-        status = fields["remote_status"]
+        fields = batch.part_fields()
+        status = batch.status
+        notes = "; ".join(batch.notes) or None
         if remote_is_terminal(status):
             await self.store.update_part(
-                part.id, PartState.RUNNING, state=PartState.ENDED, ended_at=now, **fields
+                part.id,
+                PartState.RUNNING,
+                state=PartState.ENDED,
+                ended_at=now,
+                attempts=0,
+                retry_at=None,
+                **({"error": notes} if notes else {}),
+                **fields,
             )
             log.info(
                 "batch_ended",
@@ -239,27 +308,14 @@ class Poller:
                 part=part.seq,
                 batch_id=part.batch_id,
                 status=status,
-                request_counts=fields["request_counts"],
+                request_counts=batch.request_counts,
             )
             return 1
-        created = part.created_remote_at or now
-        if status == "lost" or now - created > self.lost_after_s(part):
-            await self.store.update_part(
-                part.id,
-                PartState.RUNNING,
-                state=PartState.ENDED,
-                ended_at=now,
-                remote_status="lost",
-                error=f"batch {part.batch_id} did not end within its window and margin",
-            )
-            log.error(
-                "batch_lost",
-                job_id=part.job_id,
-                part=part.seq,
-                batch_id=part.batch_id,
-                last_status=part.remote_status,
-            )
-            return 1
+        # Lost is decided on our own clock (from the create intent), never on the
+        # server's timestamps, which may be garbled or far off.
+        started = part.intent_at or part.created_remote_at or now
+        if now - started > self.lost_after_s(part):
+            return await self._lost(part, now, "did not end within its window and margin")
         if status != part.remote_status:
             log.info(
                 "batch_status",
@@ -267,9 +323,9 @@ class Poller:
                 part=part.seq,
                 batch_id=part.batch_id,
                 status=status,
-                request_counts=fields["request_counts"],
+                request_counts=batch.request_counts,
             )
-        counts = fields["request_counts"]
+        counts = batch.request_counts
         end_in = expected_end_in(counts, now, part.request_counts, part.polled_at)
         wait = poll_after(status, counts, end_in, self.interval_s)
         await self.store.update_part(
@@ -277,6 +333,9 @@ class Poller:
             PartState.RUNNING,
             polled_at=now,
             next_poll_at=next_poll(now, wait, self.jitter, self.rng),
+            attempts=0,
+            retry_at=None,
+            **({"error": notes} if notes else {}),
             **{k: v for k, v in fields.items() if v is not None},
         )
         return 0

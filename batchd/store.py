@@ -47,6 +47,10 @@ _JOB_COLUMNS = frozenset(
         "completed",
         "failed",
         "usage",
+        "input_mtime_ns",
+        "prepares",
+        "retried_as",
+        "recovered_at",
     }
 )
 _PART_COLUMNS = frozenset(
@@ -66,6 +70,11 @@ _PART_COLUMNS = frozenset(
         "error",
         "completion_window",
         "polled_at",
+        "intent_at",
+        "retry_at",
+        "parked_from",
+        "unavailable",
+        "adopt",
     }
 )
 _EVENT_FIELDS = (
@@ -77,7 +86,9 @@ _EVENT_FIELDS = (
     "cancel_requested",
     "error",
 )
-_JSON_COLUMNS = frozenset({"options", "report", "request_counts", "remote_errors", "usage"})
+_JSON_COLUMNS = frozenset(
+    {"options", "report", "request_counts", "remote_errors", "usage", "unavailable"}
+)
 
 
 def _migrations() -> list[tuple[int, str]]:
@@ -464,19 +475,89 @@ class Store:
             rows = await cur.fetchall()
         return [Part.from_row(r) for r in rows]
 
-    async def parts_in(self, states: Iterable[PartState], limit: int = 100_000) -> list[Part]:
-        """Parts in the given states, oldest job first (fair order for submission)."""
+    async def parts_in(
+        self, states: Iterable[PartState], limit: int = 100_000, *, ready_at: float | None = None
+    ) -> list[Part]:
+        """Parts in the given states, oldest job first (fair order for submission); with
+        `ready_at`, only those not waiting out a pause after a failed step."""
         wanted = list(states)
         marks = ", ".join("?" * len(wanted))
+        ready = "" if ready_at is None else " AND (parts.retry_at IS NULL OR parts.retry_at <= ?)"
+        args: list[Any] = [*wanted, JobState.RUNNING]
+        if ready_at is not None:
+            args.append(ready_at)
         async with self._db.execute(
             f"SELECT parts.* FROM parts JOIN jobs ON jobs.id = parts.job_id"  # noqa: S608
-            f" WHERE parts.state IN ({marks}) AND jobs.state = ?"
+            f" WHERE parts.state IN ({marks}) AND jobs.state = ?{ready}"
             " ORDER BY COALESCE(json_extract(jobs.options, '$.priority'), 0) DESC,"
             " jobs.created_at, parts.job_id, parts.seq LIMIT ?",
-            [*wanted, JobState.RUNNING, limit],
+            [*args, limit],
         ) as cur:
             rows = await cur.fetchall()
         return [Part.from_row(r) for r in rows]
+
+    async def count_parts_in(self, states: Iterable[PartState]) -> int:
+        """How many parts of running jobs are in the given states (a count, not rows)."""
+        wanted = list(states)
+        marks = ", ".join("?" * len(wanted))
+        async with self._db.execute(
+            f"SELECT COUNT(*) FROM parts JOIN jobs ON jobs.id = parts.job_id"  # noqa: S608
+            f" WHERE parts.state IN ({marks}) AND jobs.state = ?",
+            [*wanted, JobState.RUNNING],
+        ) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def next_retry_at(self, states: Iterable[PartState]) -> float | None:
+        """The earliest moment a part in these states, pausing after a failure, is due."""
+        wanted = list(states)
+        marks = ", ".join("?" * len(wanted))
+        async with self._db.execute(
+            f"SELECT MIN(retry_at) FROM parts WHERE state IN ({marks})"  # noqa: S608
+            " AND retry_at IS NOT NULL",
+            wanted,
+        ) as cur:
+            row = await cur.fetchone()
+        return float(row[0]) if row and row[0] is not None else None
+
+    async def problem_parts(self, limit: int = 20) -> tuple[int, list[Part]]:
+        """Parts that cannot proceed: parked ones, and those whose last steps failed.
+        Their number, and the first `limit` of them (parked first, then most failures)."""
+        where = (
+            "FROM parts JOIN jobs ON jobs.id = parts.job_id WHERE jobs.state = ? AND"
+            " (parts.state = ? OR (parts.attempts > 0 AND parts.state NOT IN (?, ?, ?)))"
+        )
+        args = [JobState.RUNNING, PartState.PARKED, *PART_SETTLED]
+        async with self._db.execute(f"SELECT COUNT(*) {where}", args) as cur:
+            row = await cur.fetchone()
+        async with self._db.execute(
+            f"SELECT parts.* {where} ORDER BY parts.state = ? DESC, parts.attempts DESC,"
+            " parts.id LIMIT ?",
+            [*args, PartState.PARKED, limit],
+        ) as cur:
+            rows = await cur.fetchall()
+        return (int(row[0]) if row else 0), [Part.from_row(r) for r in rows]
+
+    async def replan_job(self, job_id: str, note: str, now: float) -> bool:
+        """A running job whose parts were never sent goes back to CLAIMED to be validated
+        again (its input changed); False when any part has gone further than PENDING."""
+        async with self._transaction():
+            async with self._db.execute(
+                "SELECT COUNT(*) FROM parts WHERE job_id = ? AND state != ?",
+                (job_id, PartState.PENDING),
+            ) as cur:
+                row = await cur.fetchone()
+            if row is None or int(row[0]) > 0:
+                return False
+            cur2 = await self._db.execute(
+                "UPDATE jobs SET state = ?, error = ?, updated_at = ? WHERE id = ? AND state = ?",
+                (JobState.CLAIMED, note, now, job_id, JobState.RUNNING),
+            )
+            if cur2.rowcount != 1:
+                return False
+            await self._db.execute("DELETE FROM parts WHERE job_id = ?", (job_id,))
+        self._emit("job", job_id, {"state": JobState.CLAIMED, "error": note})
+        return True
 
     async def settled_jobs(self) -> list[Job]:
         """Running jobs whose every part has settled (one query, whatever the job count)."""

@@ -3,34 +3,54 @@
 Upload: PENDING -> UPLOADING (committed) -> call -> UPLOADED with the file id. A part
 left in UPLOADING (a crash, or an answer lost) is settled by looking for its remote file
 by name (`upload_name` names job and part): adopted when its size matches, else deleted
-and uploaded again.
+and uploaded again. A stray copy costs storage, never money.
 
-Create: UPLOADED -> CREATING (committed) -> call -> RUNNING with the batch id. A part
-left in CREATING is settled by listing batches by `input_file_ids`: adopted when found,
-else back to UPLOADED to be created again. So a crash or a lost answer never creates a
-second batch for the same part.
+Create: UPLOADED -> CREATING (committed, with the time of the intent) -> call -> RUNNING
+with the batch id. A part left in CREATING is settled by finding the batch made from its
+file: the list is paged back (with `after`) past the intent's time and every batch is
+matched on its own `input_file_id` and on batchd's metadata (`batchd_part`), whatever
+the server does with filters (OpenAI's list takes none). Only a listing that reached
+past the intent proves there is no batch; one that could not (too many pages, a server
+that never ends its pages) leaves the part in CREATING with a note, tried again later
+and parked after `max_part_failures`: never a second batch for the same part.
+
+The input that is sent is the input that was validated: before each upload of a file
+that a producer may still hold open (an unsplit JSONL input), its size and mtime are
+compared with those validated; a change sends the job back to be validated again while
+nothing of it was sent, and a change during the upload throws that upload away.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from batchd.api import AccountError, ApiError, BatchApi, MaybeAppliedError
+from batchd.api import (
+    AccountError,
+    ApiError,
+    BatchApi,
+    ListingIncomplete,
+    MaybeAppliedError,
+    parse_items,
+)
 from batchd.config import ProviderLimits
 from batchd.failpoints import failpoint
+from batchd.limits import CallClass
 from batchd.logs import get_logger
 from batchd.models import Job, Part, PartState, RemoteStatus
+from batchd.problems import StepPolicy, step_failed
+from batchd.remote import RemoteBatch
 from batchd.store import Store
 
 log = get_logger(__name__)
 
 # Rounds of `concurrency` uploads one pass makes before it lets creation catch up.
 UPLOAD_ROUNDS = 8
+LIST_PAGE = 100
 
 
 @dataclass(slots=True)
@@ -55,6 +75,15 @@ class AccountState:
         self.paused_at = None
 
 
+@dataclass(frozen=True, slots=True)
+class Settling:
+    """How batchd looks for the effect of a call whose answer was lost."""
+
+    after_s: float = 10.0  # wait this long first: a list may lag behind a create
+    clock_skew_s: float = 300.0  # page back this far past the intent
+    max_pages: int = 100
+
+
 def free_slots(limits: ProviderLimits, total: int, by_model: dict[str, int], model: str) -> int:
     """PURE: how many more batches of `model` may be created now."""
     free = limits.running_batches - total
@@ -64,18 +93,40 @@ def free_slots(limits: ProviderLimits, total: int, by_model: dict[str, int], mod
     return max(0, free)
 
 
-def batch_fields(batch: dict[str, Any]) -> dict[str, Any]:
-    """PURE: the columns a Batch object sets on its part, tolerant of nulls and gaps."""
-    counts = batch.get("request_counts")
-    if not isinstance(counts, dict):
-        counts = None
-    return {
-        "remote_status": str(batch.get("status") or "") or None,
-        "request_counts": counts,
-        "output_file_id": batch.get("output_file_id") or None,
-        "error_file_id": batch.get("error_file_id") or None,
-        "remote_errors": batch.get("errors") or None,
-    }
+def part_tag(part: Part) -> str:
+    """The metadata value that names a part on its batch (`batchd_part`)."""
+    return f"{part.job_id}-{part.seq}"
+
+
+def made_from(batch: RemoteBatch, part: Part) -> bool:
+    """PURE: is this batch the one created for `part`? Its own input file id says so, or
+    batchd's metadata on it does; a server's filter is never taken on trust."""
+    if part.remote_file_id is not None and batch.input_file_id == part.remote_file_id:
+        return True
+    return batch.metadata.get("batchd_part") == part_tag(part)
+
+
+def past_intents(batch: RemoteBatch, oldest_intent: float, skew_s: float) -> bool:
+    """PURE: was this batch created before the oldest intent still looked for (with the
+    clocks' possible skew)? Then, in a newest-first list, no later page can hold one."""
+    return batch.created_at is not None and batch.created_at < oldest_intent - skew_s
+
+
+def input_unchanged(path: Path, job: Job) -> bool:
+    """Is the file at `path` still the validated input of `job` (same size and mtime)?"""
+    if job.bytes is None or job.input_mtime_ns is None:
+        return True  # validated before batchd recorded the mtime
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return st.st_size == job.bytes and st.st_mtime_ns == job.input_mtime_ns
+
+
+def producer_writable(part: Part, job: Job) -> bool:
+    """Does this part upload the claimed input itself (one part, JSONL), which the
+    producer may still hold open? Split parts and converted CSV are batchd's own files."""
+    return job.kind == "jsonl" and Path(part.path) == Path(job.spool_path)
 
 
 class Submitter:
@@ -90,6 +141,9 @@ class Submitter:
         first_poll_s: float,
         concurrency: int,
         on_created: Callable[[], None],
+        on_replan: Callable[[], None] = lambda: None,
+        policy: StepPolicy | None = None,
+        settling: Settling | None = None,
     ) -> None:
         self.store = store
         self.api = api
@@ -99,6 +153,9 @@ class Submitter:
         self.first_poll_s = first_poll_s
         self.concurrency = concurrency
         self.on_created = on_created
+        self.on_replan = on_replan
+        self.policy = policy or StepPolicy()
+        self.settling = settling or Settling()
 
     # -- one pass -----------------------------------------------------------------------
 
@@ -112,17 +169,49 @@ class Submitter:
         uploaded, created = await asyncio.gather(self._uploads(), self._creates())
         return moved or uploaded or created
 
+    async def idle_s(self, longest_s: float) -> float:
+        """How long the submit stage may sleep: until a part pausing after a failure is
+        due again, at most `longest_s`."""
+        due = await self.store.next_retry_at(
+            [PartState.PENDING, PartState.UPLOADING, PartState.UPLOADED, PartState.CREATING]
+        )
+        if due is None:
+            return longest_s
+        return min(longest_s, max(0.05, due - time.time()))
+
+    async def _guarded(self, part: Part, step: Awaitable[bool]) -> bool:
+        """Run one part's step; an unexpected error fails that step of that part only."""
+        try:
+            return await step
+        except (AccountError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            log.exception("part_step_crashed", job_id=part.job_id, part=part.seq)
+            await step_failed(
+                self.store, part, f"{type(exc).__name__}: {exc}", self.policy, time.time()
+            )
+            return False
+
     async def _settle_stuck(self) -> bool:
+        now = time.time()
         moved = False
-        for part in await self.store.parts_in([PartState.UPLOADING]):
-            moved |= await self.settle_upload(part)
-        for part in await self.store.parts_in([PartState.CREATING]):
-            moved |= await self.settle_create(part)
+        for state, settle in (
+            (PartState.UPLOADING, self.settle_uploads),
+            (PartState.CREATING, self.settle_creates),
+        ):
+            # Looked for once the list can show them: a list may lag behind the call.
+            stuck = [
+                p
+                for p in await self.store.parts_in([state], ready_at=now)
+                if (p.intent_at or 0.0) + self.settling.after_s <= now
+            ]
+            if stuck:
+                moved |= await self._guarded(stuck[0], settle(stuck))
         return moved
 
     async def _uploads(self) -> bool:
         total, _ = await self.store.slot_holders()
-        waiting = len(await self.store.parts_in([PartState.UPLOADED]))
+        waiting = await self.store.count_parts_in([PartState.UPLOADED])
         # Upload ahead of creation only as far as free slots need: files on the account
         # count against its 10,000-file quota.
         room = max(0, self.limits.running_batches - total + self.concurrency - waiting)
@@ -132,15 +221,21 @@ class Submitter:
         room = min(room, max(0, self.limits.max_stored_files - held) // 3)
         # A few rounds of concurrent uploads per pass, so that creation follows closely.
         pending = await self.store.parts_in(
-            [PartState.PENDING], limit=min(room, self.concurrency * UPLOAD_ROUNDS)
+            [PartState.PENDING],
+            limit=min(room, self.concurrency * UPLOAD_ROUNDS),
+            ready_at=time.time(),
         )
         if not pending:
             return False
+        jobs = {job_id: await self.store.get_job(job_id) for job_id in {p.job_id for p in pending}}
         sem = asyncio.Semaphore(self.concurrency)
 
         async def one(part: Part) -> bool:
+            job = jobs[part.job_id]
+            if job is None:
+                return False
             async with sem:
-                return await self.upload(part)
+                return await self._guarded(part, self.upload(part, job))
 
         results = await asyncio.gather(*(one(p) for p in pending))
         return any(results)
@@ -148,7 +243,9 @@ class Submitter:
     async def _creates(self) -> bool:
         total, by_model = await self.store.slot_holders()
         chosen: list[Part] = []
-        for part in await self.store.parts_in([PartState.UPLOADED], limit=10_000):
+        for part in await self.store.parts_in(
+            [PartState.UPLOADED], limit=10_000, ready_at=time.time()
+        ):
             if free_slots(self.limits, total, by_model, part.model) <= 0:
                 continue
             chosen.append(part)
@@ -167,7 +264,7 @@ class Submitter:
             async with sem:
                 if self.account.paused_reason is not None:
                     return False
-                return await self.create(part, jobs[part.job_id])
+                return await self._guarded(part, self.create(part, jobs[part.job_id]))
 
         results = await asyncio.gather(*(one(p) for p in chosen))
         if any(results):
@@ -176,8 +273,25 @@ class Submitter:
 
     # -- upload -------------------------------------------------------------------------
 
-    async def upload(self, part: Part) -> bool:
-        if not await self.store.update_part(part.id, PartState.PENDING, state=PartState.UPLOADING):
+    async def _input_changed(self, part: Part, job: Job) -> bool:
+        """True (and the job sent back to validation) when the producer changed the input
+        since it was validated; nothing of the job may have been sent yet."""
+        if not producer_writable(part, job) or await asyncio.to_thread(
+            input_unchanged, Path(part.path), job
+        ):
+            return False
+        note = "the input changed after it was claimed (a producer still writing it?)"
+        if await self.store.replan_job(job.id, note, time.time()):
+            log.warning("input_changed", job_id=job.id, name=job.name, before="upload")
+            self.on_replan()
+        return True
+
+    async def upload(self, part: Part, job: Job) -> bool:
+        if await self._input_changed(part, job):
+            return False
+        if not await self.store.update_part(
+            part.id, PartState.PENDING, state=PartState.UPLOADING, intent_at=time.time()
+        ):
             return False
         failpoint("upload.before_request")
         try:
@@ -188,7 +302,14 @@ class Submitter:
             return False
         except MaybeAppliedError as err:
             log.warning("upload_uncertain", job_id=part.job_id, part=part.seq, error=str(err))
-            return False  # stays UPLOADING; settle_upload looks for it on the next pass
+            # Stays UPLOADING; settled (looked for by name) once the list can show it.
+            await self.store.update_part(
+                part.id,
+                PartState.UPLOADING,
+                error=str(err),
+                retry_at=time.time() + self.settling.after_s,
+            )
+            return False
         except ApiError as err:
             if err.retryable:
                 # A full file quota (freed as jobs publish), throttling or an outage is
@@ -200,44 +321,85 @@ class Submitter:
                 return False
             return await self._part_error(part, PartState.UPLOADING, err)
         failpoint("upload.after_request")
-        file_id = str(info.get("id") or "")
-        if not file_id:
-            return await self._part_error(
-                part, PartState.UPLOADING, ApiError("upload answer has no file id")
-            )
+        problem = None
+        if producer_writable(part, job) and not await asyncio.to_thread(
+            input_unchanged, Path(part.path), job
+        ):
+            problem = "the input changed while it was uploaded"
+        elif info.bytes is not None and info.bytes != part.bytes:
+            problem = f"the service stored {info.bytes} bytes of {part.bytes}"
+        if problem is not None:
+            # What arrived is not what was validated: that file is thrown away.
+            await self.store.add_garbage([info.id], problem, time.time())
+            await self.store.update_part(part.id, PartState.UPLOADING, state=PartState.PENDING)
+            await step_failed(self.store, part, problem, self.policy, time.time())
+            return False
         await self.store.update_part(
-            part.id, PartState.UPLOADING, state=PartState.UPLOADED, remote_file_id=file_id
+            part.id,
+            PartState.UPLOADING,
+            state=PartState.UPLOADED,
+            remote_file_id=info.id,
+            attempts=0,
+            retry_at=None,
+            error=None,
         )
         log.info(
-            "part_uploaded", job_id=part.job_id, part=part.seq, file_id=file_id, bytes=part.bytes
+            "part_uploaded", job_id=part.job_id, part=part.seq, file_id=info.id, bytes=part.bytes
         )
         return True
 
-    async def settle_upload(self, part: Part) -> bool:
-        """A part caught in UPLOADING: adopt its remote file if it arrived whole."""
+    async def settle_uploads(self, parts: list[Part]) -> bool:
+        """Parts caught in UPLOADING: adopt each one's remote file if it arrived whole
+        (one listing for all of them); otherwise upload again."""
         try:
-            files = await self.api.list_files()
+            files = await self.api.list_files(max_pages=self.settling.max_pages)
+            complete = True
         except AccountError as err:
             self.account.pause(str(err))
             return False
+        except ListingIncomplete as err:
+            # Uploading again costs storage, never money: go on without the answer.
+            log.warning("upload_settle_incomplete", parts=len(parts), error=str(err))
+            files, complete = [], False
         except ApiError as err:
-            log.warning("upload_settle_failed", job_id=part.job_id, part=part.seq, error=str(err))
+            log.warning("upload_settle_failed", parts=len(parts), error=str(err))
+            now = time.time()
+            for part in parts:
+                await step_failed(
+                    self.store, part, f"cannot list files: {err}", self.policy, now
+                )
             return False
-        mine = [f for f in files if f.get("filename") == part.upload_name]
-        adopted: str | None = None
-        for f in mine:
-            if adopted is None and f.get("bytes") == part.bytes:
-                adopted = str(f.get("id"))
+        by_name: dict[str, list[str]] = {}
+        sizes: dict[str, int | None] = {}
+        for f in files:
+            if f.filename is not None:
+                by_name.setdefault(f.filename, []).append(f.id)
+                sizes[f.id] = f.bytes
+        now = time.time()
+        for part in parts:
+            adopted: str | None = None
+            for file_id in by_name.get(part.upload_name, []):
+                if adopted is None and sizes[file_id] == part.bytes:
+                    adopted = file_id
+                else:
+                    await self.store.add_garbage([file_id], "stray upload", now)
+            if adopted:
+                await self.store.update_part(
+                    part.id,
+                    PartState.UPLOADING,
+                    state=PartState.UPLOADED,
+                    remote_file_id=adopted,
+                    attempts=0,
+                    retry_at=None,
+                    error=None,
+                )
+                log.info("upload_adopted", job_id=part.job_id, part=part.seq, file_id=adopted)
             else:
-                await self.store.add_garbage([str(f.get("id"))], "stray upload", time.time())
-        if adopted:
-            await self.store.update_part(
-                part.id, PartState.UPLOADING, state=PartState.UPLOADED, remote_file_id=adopted
-            )
-            log.info("upload_adopted", job_id=part.job_id, part=part.seq, file_id=adopted)
-        else:
-            await self.store.update_part(part.id, PartState.UPLOADING, state=PartState.PENDING)
-            log.info("upload_retry", job_id=part.job_id, part=part.seq)
+                note = None if complete else "files could not all be listed; uploaded again"
+                await self.store.update_part(
+                    part.id, PartState.UPLOADING, state=PartState.PENDING, error=note
+                )
+                log.info("upload_retry", job_id=part.job_id, part=part.seq)
         return True
 
     # -- create -------------------------------------------------------------------------
@@ -248,13 +410,17 @@ class Submitter:
             return False
         window = str(job.options.get("completion_window") or self.completion_window)
         if not await self.store.update_part(
-            part.id, PartState.UPLOADED, state=PartState.CREATING, completion_window=window
+            part.id,
+            PartState.UPLOADED,
+            state=PartState.CREATING,
+            completion_window=window,
+            intent_at=time.time(),
         ):
             return False
         assert part.remote_file_id is not None
         metadata = {
             "ds_name": str(job.options.get("ds_name") or job.name)[:100],
-            "batchd_part": f"{part.job_id}-{part.seq}",
+            "batchd_part": part_tag(part),
         }
         if job.options.get("ds_description"):
             metadata["ds_description"] = str(job.options["ds_description"])[:200]
@@ -268,8 +434,16 @@ class Submitter:
             await self.store.update_part(part.id, PartState.CREATING, state=PartState.UPLOADED)
             return False
         except MaybeAppliedError as err:
+            # The batch may exist: it is looked for (never created again) once the list
+            # can show it.
             log.warning("create_uncertain", job_id=part.job_id, part=part.seq, error=str(err))
-            return await self.settle_create(part)
+            await self.store.update_part(
+                part.id,
+                PartState.CREATING,
+                error=str(err),
+                retry_at=time.time() + self.settling.after_s,
+            )
+            return False
         except ApiError as err:
             if err.retryable:
                 # 429 quota (someone else filled the running cap) or an outage: try later.
@@ -282,60 +456,122 @@ class Submitter:
         await self._record_created(part, batch)
         return True
 
-    async def _record_created(self, part: Part, batch: dict[str, Any]) -> None:
+    async def _record_created(self, part: Part, batch: RemoteBatch) -> None:
         now = time.time()
-        batch_id = str(batch.get("id"))
+        if batch.input_file_id not in (None, part.remote_file_id):
+            log.error(
+                "batch_file_mismatch",
+                job_id=part.job_id,
+                part=part.seq,
+                batch_id=batch.id,
+                sent=part.remote_file_id,
+                answered=batch.input_file_id,
+            )
         await self.store.update_part(
             part.id,
             PartState.CREATING,
             state=PartState.RUNNING,
-            batch_id=batch_id,
-            created_remote_at=float(batch.get("created_at") or now),
+            batch_id=batch.id,
+            created_remote_at=batch.created_at or now,
             next_poll_at=now + self.first_poll_s,
-            error=None,
-            **batch_fields(batch),
+            attempts=0,
+            retry_at=None,
+            error="; ".join(batch.notes) or None,
+            **batch.part_fields(),
         )
         log.info(
             "batch_created",
             job_id=part.job_id,
             part=part.seq,
-            batch_id=batch_id,
+            batch_id=batch.id,
             file_id=part.remote_file_id,
-            status=batch.get("status"),
+            status=batch.status,
         )
 
-    async def settle_create(self, part: Part) -> bool:
-        """A part caught in CREATING: adopt the batch made from its file, if any."""
-        assert part.remote_file_id is not None
+    async def settle_creates(self, parts: list[Part]) -> bool:
+        """Parts caught in CREATING: adopt the batch made from each one's file, found by
+        paging the list back past the oldest intent; create again only when the listing
+        reached that far and found nothing."""
+        found, reached = await self._find_batches(parts)
+        if found is None:
+            return False
+        now = time.time()
+        for part in parts:
+            batch = found.get(part.id)
+            if batch is not None:
+                await self._record_created(part, batch)
+                log.info("batch_adopted", job_id=part.job_id, part=part.seq, batch_id=batch.id)
+            elif reached:
+                await self.store.update_part(
+                    part.id, PartState.CREATING, state=PartState.UPLOADED, error=None
+                )
+                log.info("create_retry", job_id=part.job_id, part=part.seq)
+            else:
+                await step_failed(
+                    self.store,
+                    part,
+                    "cannot tell whether its batch exists: the batch list could not be"
+                    f" followed back past the create ({self.settling.max_pages} pages)",
+                    self.policy,
+                    now,
+                )
+        return True
+
+    async def _find_batches(self, parts: list[Part]) -> tuple[dict[int, RemoteBatch] | None, bool]:
+        """The batches made from these parts' files, by part id, and whether the listing
+        went back far enough to prove the others were never created (None: no answer)."""
+        oldest = min((p.intent_at or 0.0) for p in parts)
+        found: dict[int, RemoteBatch] = {}
+        previous: float | None = None
+        newest_first = True
         try:
-            page = await self.api.list_batches(input_file_ids=part.remote_file_id, limit="20")
+            async for page in self.api.pages(
+                CallClass.LIST,
+                "/batches",
+                {"limit": str(LIST_PAGE)},
+                max_pages=self.settling.max_pages,
+            ):
+                batches = parse_items(page, RemoteBatch.parse)
+                for batch in batches:
+                    if batch.created_at is not None:
+                        if previous is not None and batch.created_at > previous:
+                            newest_first = False  # the server's order is not ours
+                        previous = batch.created_at
+                    for part in parts:
+                        if part.id not in found and made_from(batch, part):
+                            # Oldest first within a listing: if there were ever two, the
+                            # first one created is the one to follow.
+                            found[part.id] = batch
+                if len(found) == len(parts):
+                    return found, True
+                if (
+                    newest_first
+                    and batches
+                    and past_intents(batches[-1], oldest, self.settling.clock_skew_s)
+                ):
+                    return found, True
         except AccountError as err:
             self.account.pause(str(err))
-            return False
+            return None, False
+        except ListingIncomplete as err:
+            log.warning("create_settle_incomplete", parts=len(parts), error=str(err))
+            return found, False
         except ApiError as err:
-            log.warning("create_settle_failed", job_id=part.job_id, part=part.seq, error=str(err))
-            return False
-        found = [
-            b
-            for b in page.get("data") or []
-            if isinstance(b, dict) and b.get("input_file_id") == part.remote_file_id
-        ]
-        if found:
-            # Oldest first: if there were ever two, the first is the one to follow.
-            batch = min(found, key=lambda b: (b.get("created_at") or 0, str(b.get("id"))))
-            await self._record_created(part, batch)
-            log.info("batch_adopted", job_id=part.job_id, part=part.seq, batch_id=batch.get("id"))
-            return True
-        await self.store.update_part(part.id, PartState.CREATING, state=PartState.UPLOADED)
-        log.info("create_retry", job_id=part.job_id, part=part.seq)
-        return True
+            log.warning("create_settle_failed", parts=len(parts), error=str(err))
+            return found, False
+        # The list ended: every batch of the account was seen.
+        return found, True
 
     # -- cancel -------------------------------------------------------------------------
 
     async def cancel_job(self, job: Job) -> None:
         """Stop what has not been created; ask the service to cancel what runs."""
         for part in await self.store.parts_of(job.id):
-            if part.state in (PartState.PENDING, PartState.UPLOADED):
+            never_created = part.state in (PartState.PENDING, PartState.UPLOADED) or (
+                part.state == PartState.PARKED
+                and part.parked_from in (PartState.PENDING, PartState.UPLOADED)
+            )
+            if never_created:
                 await self.store.update_part(
                     part.id,
                     part.state,
@@ -353,8 +589,12 @@ class Submitter:
                 except ApiError as err:
                     log.warning("cancel_failed", job_id=job.id, part=part.seq, error=str(err))
                     continue
+                fields = batch.part_fields() if batch is not None else {}
                 await self.store.update_part(
-                    part.id, PartState.RUNNING, next_poll_at=time.time(), **batch_fields(batch)
+                    part.id,
+                    PartState.RUNNING,
+                    next_poll_at=time.time(),
+                    **{k: v for k, v in fields.items() if v is not None},
                 )
                 log.info(
                     "batch_cancel_requested", job_id=job.id, part=part.seq, batch_id=part.batch_id

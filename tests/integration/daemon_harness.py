@@ -27,7 +27,14 @@ def daemon_settings(root: Path, emulator: Emulator, **overrides: Any) -> Setting
         "paths": {"root": root},
         "intake": {"settle_s": 0.05, "rescan_interval_s": 0.1, "watch": False},
         "poll": {"first_poll_s": 0.05, "interval_s": 0.1, "jitter": 0.0},
-        "api": {"backoff_base_s": 0.02, "backoff_cap_s": 0.2, "timeout_s": 10.0},
+        "api": {
+            "backoff_base_s": 0.02,
+            "backoff_cap_s": 0.2,
+            "timeout_s": 10.0,
+            "settle_after_s": 0.05,
+            "step_retry_base_s": 0.05,
+            "step_retry_cap_s": 0.5,
+        },
         "log": {"level": "warning"},
     }
     for key, value in overrides.items():
@@ -152,6 +159,9 @@ def daemon_env(emulator: Emulator, root: Path, **extra: str) -> dict[str, str]:
             "BATCHD_POLL__JITTER": "0",
             "BATCHD_API__BACKOFF_BASE_S": "0.02",
             "BATCHD_API__BACKOFF_CAP_S": "0.2",
+            "BATCHD_API__SETTLE_AFTER_S": "0.05",
+            "BATCHD_API__STEP_RETRY_BASE_S": "0.05",
+            "BATCHD_API__STEP_RETRY_CAP_S": "0.5",
             "BATCHD_LOG__LEVEL": "warning",
             "BATCHD_LOG__FORMAT": "json",
         }

@@ -12,7 +12,7 @@ from batchd.config import ProviderLimits
 from batchd.intake import Seen, input_kind, is_ignored_name, printable, settled
 from batchd.models import remote_is_terminal
 from batchd.poll import expected_end_in, poll_after, window_hours
-from batchd.submit import batch_fields, free_slots
+from batchd.submit import free_slots
 
 
 @pytest.mark.parametrize(
@@ -71,12 +71,6 @@ def test_unknown_remote_statuses_are_never_final() -> None:
         assert remote_is_terminal(status)
     for status in ("validating", "in_progress", "finalizing", "cancelling", "paused", None, ""):
         assert not remote_is_terminal(status)
-
-
-def test_batch_fields_tolerate_nulls_and_gaps() -> None:
-    fields = batch_fields({"status": "in_progress", "request_counts": None})
-    assert fields["remote_status"] == "in_progress" and fields["request_counts"] is None
-    assert batch_fields({})["remote_status"] is None
 
 
 def test_completion_window_hours() -> None:
