@@ -9,6 +9,8 @@ is an event: stages finish their current step within a grace period, then are ca
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import fcntl
 import os
 import signal
@@ -21,7 +23,7 @@ from typing import Any
 import orjson
 
 from batchd import __version__
-from batchd.api import AccountError, ApiError, BatchApi, RetryPolicy
+from batchd.api import AccountError, ApiError, BatchApi, RetryPolicy, Throughput
 from batchd.collect import Collector, Publisher
 from batchd.config import Settings
 from batchd.control import ControlServer, event_from
@@ -34,6 +36,7 @@ from batchd.models import JOB_TERMINAL, PART_QUEUED, Job, JobState, Part, PartSt
 from batchd.notify import Notifier, status_loop, status_text, watchdog_loop
 from batchd.poll import Poller, window_hours
 from batchd.prepare import Preparer
+from batchd.problems import StepPolicy
 from batchd.protocol import (
     ActionResponse,
     Caps,
@@ -44,7 +47,7 @@ from batchd.protocol import (
     StatusResponse,
 )
 from batchd.store import Store
-from batchd.submit import AccountState, Submitter
+from batchd.submit import AccountState, Settling, Submitter
 
 log = get_logger(__name__)
 
@@ -71,6 +74,30 @@ def load_api_key(environ: dict[str, str] | None = None) -> str:
         "no API key: set BATCHD_API_KEY or DASHSCOPE_API_KEY, or give systemd a credential"
         " named api_key (LoadCredential=api_key:/etc/batchd/api_key)"
     )
+
+
+def check_same_filesystem(inbox: Path, spool: Path) -> None:
+    """Claiming is a rename from the inbox into the spool: refuse to start where that
+    cannot work (another filesystem, or another mount of the same one), instead of
+    failing every claim forever. Proven by renaming a hidden probe file across."""
+    probe = inbox / f".batchd-probe-{os.getpid()}"
+    target = spool / probe.name
+    try:
+        probe.touch()
+        try:
+            os.rename(probe, target)
+        except OSError as exc:
+            if exc.errno == errno.EXDEV:
+                raise ConfigError(
+                    f"the inbox {inbox} and the spool {spool} are on different filesystems"
+                    " (or mounts): claiming a file is a rename between them; put both under"
+                    " one mount (paths.inbox, paths.spool)"
+                ) from None
+            raise
+        os.unlink(target)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
 
 
 @dataclass(slots=True)
@@ -148,10 +175,13 @@ class Daemon:
         window = part.completion_window or self.settings.jobs.completion_window
         return window_hours(window) * 3600.0 + self.settings.poll.lost_margin_s
 
-    async def _open(self) -> None:
+    async def _open(self, stack: contextlib.AsyncExitStack) -> None:
+        """Open the store and the API client, each closed by `stack` whatever follows."""
         for folder in (self.inbox, self.spool, self.outbox, self.state_dir):
             folder.mkdir(parents=True, exist_ok=True)
+        check_same_filesystem(self.inbox, self.spool)
         self.store = await Store.open(self.state_dir / "batchd.sqlite3")
+        stack.push_async_callback(self.store.close)
         api = self.settings.api
         self.api = BatchApi(
             self.profile.base_url,
@@ -159,8 +189,11 @@ class Daemon:
             self._limiter(),
             retry=RetryPolicy(api.max_attempts, api.backoff_base_s, api.backoff_cap_s),
             timeout_s=api.timeout_s,
+            throughput=Throughput(api.download_min_bytes_per_s, api.download_grace_s),
         )
+        stack.push_async_callback(self.api.close)
         s = self.settings
+        policy = StepPolicy(s.max_part_failures, api.step_retry_base_s, api.step_retry_cap_s)
         self.intake = Intake(
             self.store,
             self.inbox,
@@ -183,6 +216,9 @@ class Daemon:
             first_poll_s=s.poll.first_poll_s,
             concurrency=s.api.concurrency,
             on_created=self.wake.poke("poll"),
+            on_replan=self.wake.poke("prepare"),
+            policy=policy,
+            settling=Settling(api.settle_after_s, api.clock_skew_s, api.max_list_pages),
         )
         self.poller = Poller(
             self.store,
@@ -193,6 +229,8 @@ class Daemon:
             list_threshold=s.poll.list_threshold,
             lost_after_s=self._lost_after_s,
             on_ended=self.wake.poke("collect"),
+            policy=policy,
+            max_pages=api.max_list_pages,
         )
         self.collector = Collector(
             self.store,
@@ -330,50 +368,54 @@ class Daemon:
         return False
 
     async def run(self, on_ready: Callable[[], None] | None = None) -> int:
-        """Open, recover, run every stage until stop; returns the exit code."""
-        lock = self._lock_state()
-        await self._open()
-        self.control = ControlServer(self, self.settings.socket_path, self.settings.control.group)
-        try:
-            await self.control.start()
-            self.notifier.status("recovering")
-            await self.recover()
-            s = self.settings
-            stages: dict[str, Awaitable[None]] = {
-                "intake": self._stage("intake", self._intake_step, s.intake.rescan_interval_s),
-                "prepare": self._stage("prepare", self.preparer.run_once, 5.0),
-                "submit": self._stage("submit", self._submit_step, 2.0),
-                "poll": self._stage("poll", self.poller.run_once, 1.0, self.poller.idle_s),
-                "collect": self._stage("collect", self.collector.run_once, 5.0),
-                "publish": self._stage("publish", self.publisher.run_once, 5.0),
-                "cleanup": self._stage("cleanup", self._cleanup_step, 30.0),
-                "account": self._stage("account", self._account_probe, s.api.account_probe_s),
-                "drain": self._stage("drain", self._drain_watch, 1.0),
-            }
-            if s.intake.watch:
-                stages["watch"] = self._watch()
-            for name, coro in stages.items():
-                self.tasks[name] = asyncio.create_task(coro, name=f"batchd.{name}")  # type: ignore[arg-type]
-                self.tasks[name].add_done_callback(self._stage_done)
-            log.info(
-                "daemon_started",
-                version=__version__,
-                provider=self.profile.name,
-                base_url=self.profile.base_url,
-                root=str(s.paths.root),
+        """Open, recover, run every stage until stop; returns the exit code. Whatever
+        fails during start-up, what was already opened is closed again."""
+        async with contextlib.AsyncExitStack() as stack:
+            # First, before anything is opened: it checks the socket path and the group.
+            self.control = ControlServer(
+                self, self.settings.socket_path, self.settings.control.group
             )
-            if on_ready is not None:
-                on_ready()
-            await self.stopping.wait()
-            self.notifier.stopping()
-            await self._stop_tasks()
-        finally:
-            await self.control.stop()
-            await self.api.close()
-            await self.store.close()
-            os.close(lock)
+            lock = self._lock_state()
+            stack.callback(os.close, lock)
+            await self._open(stack)
+            stack.push_async_callback(self.control.stop)
+            await self._serve(on_ready)
         log.info("daemon_stopped", exit_code=self.exit_code)
         return self.exit_code
+
+    async def _serve(self, on_ready: Callable[[], None] | None) -> None:
+        await self.control.start()
+        self.notifier.status("recovering")
+        await self.recover()
+        s = self.settings
+        stages: dict[str, Awaitable[None]] = {
+            "intake": self._stage("intake", self._intake_step, s.intake.rescan_interval_s),
+            "prepare": self._stage("prepare", self.preparer.run_once, 5.0),
+            "submit": self._stage("submit", self._submit_step, 2.0, self.submitter.idle_s),
+            "poll": self._stage("poll", self.poller.run_once, 1.0, self.poller.idle_s),
+            "collect": self._stage("collect", self.collector.run_once, 5.0),
+            "publish": self._stage("publish", self.publisher.run_once, 5.0),
+            "cleanup": self._stage("cleanup", self._cleanup_step, 30.0),
+            "account": self._stage("account", self._account_probe, s.api.account_probe_s),
+            "drain": self._stage("drain", self._drain_watch, 1.0),
+        }
+        if s.intake.watch:
+            stages["watch"] = self._watch()
+        for name, coro in stages.items():
+            self.tasks[name] = asyncio.create_task(coro, name=f"batchd.{name}")  # type: ignore[arg-type]
+            self.tasks[name].add_done_callback(self._stage_done)
+        log.info(
+            "daemon_started",
+            version=__version__,
+            provider=self.profile.name,
+            base_url=self.profile.base_url,
+            root=str(s.paths.root),
+        )
+        if on_ready is not None:
+            on_ready()
+        await self.stopping.wait()
+        self.notifier.stopping()
+        await self._stop_tasks()
 
     def _lock_state(self) -> int:
         """One daemon per state folder: a second one would double every remote call."""

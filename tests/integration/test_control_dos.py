@@ -501,12 +501,6 @@ def test_a_socket_path_over_the_unix_limit_is_a_config_error(tmp_path: Path) -> 
         s.bind(str(at_limit))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon.py builds the ControlServer after it opens the store, whose thread then "
-    "keeps `batchd run` from exiting; the rework of the daemon's composition builds the "
-    "server first (remove this mark then)",
-)
 def test_batchd_run_with_a_too_long_socket_path_exits_2(tmp_path: Path) -> None:
     long_socket = tmp_path / ("d" * 120) / "control.sock"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BATCHD_", "DASHSCOPE_"))}
