@@ -252,6 +252,10 @@ class IntakeSettings(BaseModel):
     rescan_interval_s: float = Field(default=10.0, gt=0)
     # inotify through watchfiles; off means the rescan alone finds new files.
     watch: bool = True
+    # Reject sparse files (far fewer blocks on disk than their size: holes, not text)
+    # before reading them. Turn off on filesystems that compress (ZFS, btrfs), where a
+    # text file can take a small fraction of its size on disk.
+    reject_sparse: bool = True
     suffixes: tuple[str, ...] = (".jsonl", ".csv")
 
 
@@ -275,6 +279,12 @@ class JobSettings(BaseModel):
     # Resubmit retryable failures and never-run requests as follow-up parts, at most N
     # times (0 = never: a retry costs money).
     resubmit_failed: int = Field(default=0, ge=0)
+    # The largest input file taken at all (it is split into parts within the provider's
+    # limits): a bigger one is rejected on its size, before a byte of it is read.
+    max_input_bytes: int = Field(default=50 * GB, ge=1)
+    # Result lines longer than this are published byte for byte but not parsed (their
+    # custom_id is read from the line's start), so one huge line cannot exhaust memory.
+    max_result_line_bytes: int = Field(default=64 * MB, ge=1024)
 
 
 class PollSettings(BaseModel):
