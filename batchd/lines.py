@@ -1,45 +1,197 @@
-"""One tolerant reader of the service's result lines.
+"""Result lines as the service sent them: read tolerantly, and in bounded memory.
 
-orjson is strict JSON: it refuses a lone surrogate (an emoji cut at max_tokens),
-`NaN`, `Infinity` and numbers beyond a double (`1e400`), all of which real services
-send in lines that are otherwise perfectly readable and already paid for. Those lines
-are read again with Python's json module, which takes all of them. A line that is not
-JSON at all (cut short, say) still names its request: its `custom_id` is read from the
-line's start.
+A result line is paid for; it must never be lost because a strict parser refuses it. A
+chat answer cut at `max_tokens` in the middle of an emoji ends in a lone surrogate
+escape (`"\\ud83d"`), some servers write `NaN` or `1e400`, a gateway may cut a line in
+half. `read_line` tries orjson first (fast, strict) and then Python's `json` module,
+which reads NaN, Infinity, numbers too large for a double and lone surrogates. For a line
+that is not JSON at all, `custom_id_of` finds `"custom_id":"..."` among the first keys
+of the line's start, so the line can still be attributed to its request.
+
+A line can also be any length: the service pads nothing, but a server that misbehaves
+(or a model that rambles) can send one line of hundreds of megabytes. `iter_lines` reads
+a file in chunks and holds a line whole only when it is at most `max_line_bytes` long;
+a longer one comes with its offset, size and first `HEAD_BYTES` bytes only, and
+`copy_range` copies it on, chunk by chunk.
+
+PURE but for the file handles it is given.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, Any
 
 import orjson
 
-# `"custom_id": "<a JSON string>"` as the service writes it, near the start of a line.
-_CUSTOM_ID = re.compile(rb'"custom_id"\s*:\s*("(?:[^"\\]|\\.){0,4096}")')
+# The start of a line that is kept for a line too long to hold: its custom_id is
+# looked for there (the service writes it among the first keys).
+HEAD_BYTES = 64 * 1024
+# Chunks for copying and for reading past the cap.
+CHUNK_BYTES = 1 << 20
+# `jobs.max_result_line_bytes`' default: lines up to this are held and parsed whole.
+DEFAULT_MAX_LINE_BYTES = 64 * 1024 * 1024
+
+# A JSON string, escapes included (a custom_id may hold escaped quotes or backslashes).
+_STRING = rb'"(?:[^"\\]|\\.)*"'
+# A scalar value: what the keys before custom_id hold in every server's lines seen
+# (`"id":"..."`, `"id":null`); an object or an array before it stops the search.
+_SCALAR = rb"(?:" + _STRING + rb"|null|true|false|NaN|-?Infinity|-?[0-9][0-9.eE+-]*)"
+# `"custom_id": "..."` as a key of the line's own object: only scalar members may come
+# before it, so a "custom_id" inside a nested body (a model quoting one) never matches.
+_CUSTOM_ID = re.compile(
+    rb"\A\s*\{\s*(?:" + _STRING + rb"\s*:\s*" + _SCALAR + rb"\s*,\s*)*?"
+    rb'"custom_id"\s*:\s*(' + _STRING + rb")",
+    re.DOTALL,
+)
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+class Unreadable(ValueError):
+    """Neither orjson nor the json module can read this text as JSON."""
+
+
+def loads(raw: bytes | str) -> Any:
+    """The JSON value of `raw`, read by orjson, or else by the json module (NaN,
+    Infinity, 1e400, lone surrogates); `Unreadable` when neither can. Invalid UTF-8 is
+    read as U+FFFD."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise Unreadable(str(exc)) from None
 
 
 def read_line(raw: bytes) -> dict[str, Any] | None:
-    """The JSON object on this line, strictly if possible, tolerantly if not; None when
-    the line is not a JSON object at all."""
+    """One result line as an object, however oddly written; None when it is not a JSON
+    object at all (not JSON, cut short, an array...)."""
+    if not raw.strip():
+        return None
     try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        try:
-            value = json.loads(raw.decode("utf-8", "surrogateescape"))
-        except (ValueError, RecursionError):
-            return None
+        value = loads(raw)
+    except Unreadable:
+        return None
     return value if isinstance(value, dict) else None
 
 
-def custom_id_of(head: bytes) -> str | None:
-    """The request a line answers, from the line's first bytes, whatever follows."""
-    match = _CUSTOM_ID.search(head)
-    if match is None:
+def custom_id_of(raw_head: bytes) -> str | None:
+    """The custom_id written near the start of a line that cannot be parsed whole (cut
+    short, not JSON, or too long to hold); None when it is not among the line's first
+    members, or not a string."""
+    found = _CUSTOM_ID.match(raw_head)
+    if found is None:
         return None
     try:
-        value = json.loads(match.group(1).decode("utf-8", "surrogateescape"))
-    except (ValueError, UnicodeDecodeError):
+        value = loads(found.group(1))
+    except Unreadable:
         return None
     return value if isinstance(value, str) else None
+
+
+def identity(raw: bytes, parsed: dict[str, Any] | None) -> str | None:
+    """PURE: the custom_id of a line: from its parsed object when it has one (a string
+    only), else from its start."""
+    if parsed is not None:
+        value = parsed.get("custom_id")
+        return value if isinstance(value, str) else None
+    return custom_id_of(raw[:HEAD_BYTES])
+
+
+def printable(text: str) -> str:
+    """`text` with lone surrogates as U+FFFD, so that it can be written as UTF-8."""
+    return _SURROGATES.sub("\ufffd", text)
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    """One line of a file: where it is, and its bytes when it is short enough to hold."""
+
+    offset: int  # of its first byte in the file
+    size: int  # bytes, its newline included
+    data: bytes | None  # the whole line (newline included); None when over the cap
+    head: bytes  # its first HEAD_BYTES bytes
+
+    @property
+    def long(self) -> bool:
+        return self.data is None
+
+    @property
+    def blank(self) -> bool:
+        return self.data is not None and not self.data.strip()
+
+    @property
+    def terminated(self) -> bool:
+        """Does it end with a newline? (For a long line: unknown here, see `copy_range`.)"""
+        return self.data is not None and self.data.endswith(b"\n")
+
+
+def iter_lines(fh: IO[bytes], max_line_bytes: int) -> Iterator[Line]:
+    """Every line of `fh` from where it stands, blank ones included. A line of at most
+    `max_line_bytes` (its newline included) is held whole; a longer one is read past in
+    chunks, and only its first `HEAD_BYTES` are kept."""
+    offset = fh.tell()
+    while True:
+        first = fh.readline(max_line_bytes + 1)
+        if not first:
+            return
+        if len(first) <= max_line_bytes:
+            yield Line(offset, len(first), first, first[:HEAD_BYTES])
+            offset += len(first)
+            continue
+        head = first[:HEAD_BYTES]
+        size = len(first)
+        ended = first.endswith(b"\n")
+        del first  # the cap's worth of bytes goes before the rest is read
+        while not ended:
+            more = fh.readline(CHUNK_BYTES)
+            if not more:
+                break
+            size += len(more)
+            ended = more.endswith(b"\n")
+        yield Line(offset, size, None, head)
+        offset += size
+
+
+def line_at(fh: IO[bytes], offset: int, max_line_bytes: int) -> Line:
+    """The line starting at `offset` (`iter_lines`' rules)."""
+    fh.seek(offset)
+    for line in iter_lines(fh, max_line_bytes):
+        return line
+    return Line(offset, 0, b"", b"")
+
+
+def copy_range(fh: IO[bytes], offset: int, size: int, out: IO[bytes]) -> bytes:
+    """Copy `size` bytes from `offset` of `fh` to `out` in chunks; returns the last byte
+    copied (b"" when none), so the caller knows whether a newline ended them."""
+    fh.seek(offset)
+    left = size
+    last = b""
+    while left > 0:
+        chunk = fh.read(min(CHUNK_BYTES, left))
+        if not chunk:
+            break
+        out.write(chunk)
+        left -= len(chunk)
+        last = chunk[-1:]
+    return last
+
+
+def copy_line(fh: IO[bytes], line: Line, out: IO[bytes]) -> None:
+    """Write `line` to `out` byte for byte, with a newline added if it had none."""
+    if line.data is not None:
+        out.write(line.data if line.data.endswith(b"\n") else line.data + b"\n")
+        return
+    if copy_range(fh, line.offset, line.size, out) != b"\n":
+        out.write(b"\n")
+
+
+def count_lines(fh: IO[bytes], max_line_bytes: int) -> int:
+    """How many lines of `fh` are not blank, in bounded memory."""
+    return sum(1 for line in iter_lines(fh, max_line_bytes) if not line.blank)
