@@ -14,7 +14,9 @@ import asyncio
 import contextlib
 import errno
 import os
+import re
 import secrets
+import shutil
 import stat
 import time
 from collections.abc import Callable
@@ -25,12 +27,15 @@ from typing import Any
 import orjson
 
 from batchd.failpoints import failpoint
+from batchd.fsutil import fsync_dir as fsync_dir  # collect.py imports it from here
 from batchd.logs import get_logger
 from batchd.models import JobState
 from batchd.store import Store
 
 log = get_logger(__name__)
 
+# The claim's record in the job's spool folder (`recover_orphans` reads it).
+CLAIM_RECORD = "claim.json"
 TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", "~", ".swp")
 SIDECAR_SUFFIXES = (".meta.json",)
 MAX_SIDECAR_BYTES = 64 * 1024
@@ -70,6 +75,9 @@ def printable(name: str) -> str:
 
 def new_job_id(now: float) -> str:
     return f"{int(now * 1000):012x}{secrets.token_hex(4)}"
+
+
+JOB_ID = re.compile(r"[0-9a-f]{20}", re.ASCII)
 
 
 @dataclass(slots=True)
@@ -126,8 +134,12 @@ class Intake:
         self._timer: asyncio.TimerHandle | None = None
         self.paused = False
         self._seen: dict[str, Seen] = {}
+        # Entries refused once (logged once); pruned to those still in the inbox.
         self._refused: set[tuple[str, int]] = set()
         self.claimed = 0
+        # Why the inbox cannot be scanned or claimed from just now (EMFILE, EXDEV, ...);
+        # None while it works. Shown by `batchd status`, which is then not healthy.
+        self.problem: str | None = None
 
     def _refuse_once(self, name: str, ino: int, reason: str) -> None:
         if (name, ino) not in self._refused:
@@ -140,6 +152,7 @@ class Intake:
         due: list[float] = []
         now, wall_now = self.clock(), time.time()
         present: set[str] = set()
+        listed: set[tuple[str, int]] = set()
         dir_fd = os.open(self.inbox, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         entries = os.scandir(dir_fd)
         try:
@@ -151,6 +164,7 @@ class Intake:
                     st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
                 except FileNotFoundError:
                     continue
+                listed.add((name, st.st_ino))
                 if not stat.S_ISREG(st.st_mode):
                     self._refuse_once(name, st.st_ino, _kind_of(st.st_mode))
                     continue
@@ -187,18 +201,32 @@ class Intake:
             os.close(dir_fd)
         for gone in set(self._seen) - present:
             del self._seen[gone]
+        # What left the inbox is forgotten: the set stays as large as the inbox.
+        self._refused &= listed
         self.next_due = min(due, default=None)
         return ready
 
     async def run_once(self) -> int:
         if self.paused:
             return 0
-        ready = await asyncio.to_thread(self.scan)
+        try:
+            ready = await asyncio.to_thread(self.scan)
+        except OSError as exc:
+            # Out of file descriptors (EMFILE, ENFILE), an inbox gone or unreadable: the
+            # daemon stays up, says so in `status`, and scans again at the next rescan.
+            self._trouble(f"cannot scan the inbox: {exc}")
+            return 0
+        if self.problem is not None and self.problem.startswith("cannot scan"):
+            self._resolved()
         self._look_again_when_due()
         claimed = 0
         for name, st in ready:
-            if await self.claim(name, st):
-                claimed += 1
+            try:
+                if await self.claim(name, st):
+                    claimed += 1
+            except OSError as exc:
+                self._trouble(f"cannot claim from the inbox: {exc}")
+                break
         if claimed:
             self.on_claimed()
         return claimed
@@ -236,20 +264,43 @@ class Intake:
         )
         failpoint("intake.before_rename")
         try:
-            await asyncio.to_thread(self._move, name, stem, job_dir, target, st)
+            record = {
+                "id": job_id,
+                "name": _safe_stem(stem),
+                "inbox_name": _storable(name),
+                "kind": kind,
+                "options": options,
+                "created_at": now,
+            }
+            await asyncio.to_thread(self._move, name, stem, job_dir, target, st, record)
         except OSError as exc:
             log.warning("claim_failed", name=printable(name), error=str(exc))
             await self.store.delete_job(job_id)
             # Only if empty: whatever a failed rename-back left in it is not ours to delete.
             with contextlib.suppress(OSError):
+                await asyncio.to_thread((job_dir / CLAIM_RECORD).unlink, True)
                 await asyncio.to_thread(os.rmdir, job_dir)
+            if exc.errno in (errno.EXDEV, errno.EMFILE, errno.ENFILE, errno.ENOSPC, errno.EROFS):
+                # Not this file's fault: every claim would fail the same way.
+                self._trouble(f"cannot claim from the inbox: {exc}")
             return False
+        if self.problem is not None and self.problem.startswith("cannot claim"):
+            self._resolved()
         failpoint("intake.after_rename")
         await self.store.update_job(job_id, JobState.CLAIMING, state=JobState.CLAIMED)
         self._seen.pop(name, None)
         self.claimed += 1
         log.info("job_claimed", job_id=job_id, name=printable(name), bytes=st.st_size)
         return True
+
+    def _trouble(self, problem: str) -> None:
+        if problem != self.problem:
+            log.error("intake_failing", problem=problem)
+        self.problem = problem
+
+    def _resolved(self) -> None:
+        log.info("intake_recovered", was=self.problem)
+        self.problem = None
 
     def _same_file(self, name: str, st: os.stat_result) -> bool:
         """Open through the inbox fd without following links or blocking; same inode?"""
@@ -305,8 +356,21 @@ class Intake:
             return {k: v for k, v in data.items() if k in SIDECAR_KEYS}
         return {}
 
-    def _move(self, name: str, stem: str, job_dir: Path, target: Path, st: os.stat_result) -> None:
+    def _move(
+        self,
+        name: str,
+        stem: str,
+        job_dir: Path,
+        target: Path,
+        st: os.stat_result,
+        record: dict[str, Any],
+    ) -> None:
         job_dir.mkdir(parents=True, exist_ok=True)
+        # What the database knows of the claim, kept beside the input: should the
+        # database be lost, start-up re-creates the job from its spool folder. Not
+        # fsynced on its own (a claim would cost one flush more); the folder's fsync
+        # below makes the entry durable, and a torn record only costs the job its name.
+        (job_dir / CLAIM_RECORD).write_bytes(orjson.dumps(record))
         inbox_fd = os.open(self.inbox, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             os.rename(name, target, src_dir_fd=inbox_fd)
@@ -336,6 +400,78 @@ class Intake:
             os.close(inbox_fd)
         fsync_dir(job_dir)
 
+    async def recover_orphans(self, outbox: Path) -> list[str]:
+        """Spool folders the database does not know (it was lost, or rolled back): each
+        one with an input becomes a job again, whose parts look for their remote files
+        and batches before sending anything (`Submitter.settle_adopted`); one already
+        published is cleared away. Returns what an operator must be told."""
+        orphans = await asyncio.to_thread(orphan_folders, self.spool, await self.store.job_ids())
+        if not orphans:
+            return []
+        published = await asyncio.to_thread(published_job_ids, outbox)
+        now = time.time()
+        adopted: list[str] = []
+        empty: list[str] = []
+        for folder in orphans:
+            job_id = folder.name
+            if job_id in published:
+                # Published before the loss: only its spool folder was left to remove.
+                await asyncio.to_thread(shutil.rmtree, folder, True)
+                log.warning("spool_leftover_removed", job_id=job_id)
+                continue
+            record = await asyncio.to_thread(read_claim_record, folder)
+            kind = str(record.get("kind") or "")
+            if kind not in ("jsonl", "csv") or not (folder / f"input.{kind}").is_file():
+                kind = next((k for k in ("jsonl", "csv") if (folder / f"input.{k}").is_file()), "")
+            if not kind:
+                empty.append(job_id)
+                continue
+            recorded = record.get("options")
+            options: dict[str, Any] = (
+                recorded
+                if isinstance(recorded, dict)
+                else await asyncio.to_thread(self._read_options, folder)
+            )
+            name = record.get("name")
+            await self.store.insert_job(
+                job_id=job_id,
+                name=name if isinstance(name, str) and name else f"recovered-{job_id}",
+                inbox_name=str(record.get("inbox_name") or f"input.{kind}"),
+                inode=0,
+                dev=0,
+                spool_path=str(folder / f"input.{kind}"),
+                kind=kind,
+                options=options,
+                now=float(record.get("created_at") or now),
+                state=JobState.CLAIMED,
+                recovered_at=now,
+                error="re-created from its spool folder: the database had lost it",
+            )
+            adopted.append(job_id)
+        notes: list[str] = []
+        if adopted:
+            notes.append(
+                f"the database did not know {len(adopted)} claimed job(s) in the spool (state"
+                f" lost?): re-created, their remote files and batches looked for before"
+                f" anything is sent: {', '.join(adopted[:10])}"
+            )
+        if empty:
+            notes.append(
+                f"{len(empty)} spool folder(s) unknown to the database hold no input; left"
+                f" alone: {', '.join(empty[:10])}"
+            )
+        log.error("state_lost", adopted=adopted, empty=empty)
+        return notes
+
+    def _read_options(self, folder: Path) -> dict[str, Any]:
+        try:
+            data = orjson.loads((folder / "meta.meta.json").read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {k: v for k, v in data.items() if k in SIDECAR_KEYS}
+
     async def recover_claims(self) -> None:
         """Settle claims a crash cut short: finish the rename's record, or forget the row."""
         for job, _ino, _dev in await self.store.claiming_jobs():
@@ -348,6 +484,45 @@ class Intake:
                 # claimed afresh by the next scan.
                 await self.store.delete_job(job.id)
                 log.info("claim_recovered", job_id=job.id, outcome="left_in_inbox")
+
+
+def published_job_ids(outbox: Path) -> set[str]:
+    """The job ids of every folder published in the outbox (from their summary.json)."""
+    ids: set[str] = set()
+    with contextlib.suppress(OSError), os.scandir(outbox) as entries:
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
+                continue
+            with contextlib.suppress(OSError, orjson.JSONDecodeError, AttributeError):
+                job_id = orjson.loads((Path(entry.path) / "summary.json").read_bytes()).get(
+                    "job_id"
+                )
+                if isinstance(job_id, str):
+                    ids.add(job_id)
+    return ids
+
+
+def orphan_folders(spool: Path, known: set[str]) -> list[Path]:
+    """Spool folders named like a job that the database does not know."""
+    found: list[Path] = []
+    with contextlib.suppress(FileNotFoundError), os.scandir(spool) as entries:
+        for entry in entries:
+            if (
+                JOB_ID.fullmatch(entry.name)
+                and entry.name not in known
+                and entry.is_dir(follow_symlinks=False)
+            ):
+                found.append(Path(entry.path))
+    return sorted(found)
+
+
+def read_claim_record(folder: Path) -> dict[str, Any]:
+    """The claim's record kept in a spool folder, or {} when it is missing or torn."""
+    try:
+        record = orjson.loads((folder / CLAIM_RECORD).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _ends_with_newline(dir_fd: int, name: str, st: os.stat_result) -> bool:
@@ -398,11 +573,3 @@ def _safe_stem(stem: str) -> str:
     )
     cleaned = cleaned.encode()[:100].decode("utf-8", "ignore").lstrip("-.").rstrip(".")
     return cleaned or "job"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -3,12 +3,20 @@
 A CSV input is first converted to JSONL beside it. A file that fails validation goes
 straight to publishing with its report (status `rejected`; nothing is sent). A valid
 file is planned into parts; part files are written only when a split is needed.
+
+What is validated is what is sent: the input's size and mtime are taken before it is
+read and compared after; a file that changed meanwhile (a producer still writing it) is
+validated again once it has been still for `intake.settle_s`, at most `MAX_PREPARES`
+times. A file over `jobs.max_input_bytes`, or sparse, is rejected on its size alone,
+before a byte of it is read. A job whose validation fails (a disk error, a bug) is tried
+again after a pause and parked after `max_job_crashes` failures; the daemon goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,12 +34,48 @@ from batchd.validate import Report, validate_file, write_parts
 log = get_logger(__name__)
 
 
+# A job whose input keeps changing under validation is rejected after this many tries.
+MAX_PREPARES = 5
+# A file this large or larger is sparse when it holds fewer than 1/SPARSE_RATIO of its
+# size in blocks: holes, not text. (JSON text compresses less than 16x.)
+SPARSE_MIN_BYTES = 64 * 1024 * 1024
+SPARSE_RATIO = 16
+
+
 @dataclass(frozen=True, slots=True)
 class Prepared:
-    sha256: str
+    sha256: str | None
     bytes: int
     report: dict[str, Any]
     parts: list[dict[str, Any]]
+    mtime_ns: int | None = None
+    # The input changed while it was read: nothing here may be used.
+    changed: bool = False
+
+
+def is_sparse(st: os.stat_result) -> bool:
+    """PURE: far fewer blocks on disk than the size says (st_blocks are 512 bytes)."""
+    return st.st_size >= SPARSE_MIN_BYTES and st.st_blocks * 512 * SPARSE_RATIO < st.st_size
+
+
+def refuse_unread(job: Job, st: os.stat_result, settings: Settings) -> dict[str, Any] | None:
+    """PURE: the rejection of an input that must not even be read, or None."""
+    limit = settings.jobs.max_input_bytes
+    if st.st_size > limit:
+        return _rejection(
+            job,
+            "input_too_large",
+            f"the file is {st.st_size} bytes, over jobs.max_input_bytes ({limit}); it was not read",
+        )
+    if settings.intake.reject_sparse and is_sparse(st):
+        return _rejection(
+            job,
+            "sparse_file",
+            f"the file is sparse ({st.st_size} bytes with {st.st_blocks * 512} on disk):"
+            " holes, not text; it was not read (intake.reject_sparse = false allows it on"
+            " compressing filesystems)",
+        )
+    return None
 
 
 def sha256_of(path: Path) -> tuple[str, int]:
@@ -59,6 +103,22 @@ def _rejection(job: Job, code: str, message: str, line: int | None = None) -> di
 def prepare(job: Job, settings: Settings) -> Prepared:
     """PURE but for files: convert, check and plan one claimed input."""
     source = Path(job.spool_path)
+    before = os.stat(source)
+    refused = refuse_unread(job, before, settings)
+    if refused is not None:
+        return Prepared(None, before.st_size, refused, [], before.st_mtime_ns)
+    prepared = _prepare(job, settings, source)
+    after = os.stat(source)
+    if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or (
+        prepared.bytes != before.st_size
+    ):
+        return Prepared(prepared.sha256, after.st_size, {}, [], after.st_mtime_ns, changed=True)
+    return Prepared(
+        prepared.sha256, prepared.bytes, prepared.report, prepared.parts, before.st_mtime_ns
+    )
+
+
+def _prepare(job: Job, settings: Settings, source: Path) -> Prepared:
     digest, size = sha256_of(source)
     jsonl = source.with_name("input.jsonl")
     if job.kind == "csv":
@@ -123,39 +183,94 @@ class Preparer:
         *,
         on_ready: Callable[[], None],
         on_rejected: Callable[[], None],
+        retry_base_s: float = 1.0,
     ) -> None:
         self.store = store
         self.settings = settings
         self.on_ready = on_ready
         self.on_rejected = on_rejected
+        self.retry_base_s = retry_base_s
+        # job id -> wall time before which it is not looked at again (an input still
+        # changing, or a pause after a failed validation).
+        self.not_before: dict[str, float] = {}
 
     async def run_once(self) -> bool:
-        jobs = await self.store.jobs([JobState.CLAIMED], limit=10)
+        now = time.time()
+        jobs = [
+            j
+            for j in await self.store.jobs([JobState.CLAIMED], limit=100)
+            if self.not_before.get(j.id, 0.0) <= now
+        ][:10]
+        moved = False
         for job in jobs:
-            await self.prepare_one(job)
-        return bool(jobs)
+            moved |= await self.prepare_one(job)
+        return moved
 
-    async def prepare_one(self, job: Job) -> None:
+    async def idle_s(self, longest_s: float) -> float:
+        """Until the next job waiting out a pause is due, at most `longest_s`."""
+        if not self.not_before:
+            return longest_s
+        waiting = await self.store.jobs([JobState.CLAIMED], limit=100)
+        due = [self.not_before[j.id] for j in waiting if j.id in self.not_before]
+        self.not_before = {j.id: self.not_before[j.id] for j in waiting if j.id in self.not_before}
+        if not due:
+            return longest_s
+        return min(longest_s, max(0.05, min(due) - time.time()))
+
+    def _still_changing(self, job: Job) -> bool:
+        """Is the input modified more recently than `intake.settle_s` ago? Then a
+        producer may still write it: wait (the intake's rule, applied again)."""
+        try:
+            mtime = os.stat(job.spool_path).st_mtime
+        except OSError:
+            return False
+        settle = self.settings.intake.settle_s
+        if time.time() - mtime < settle:
+            self.not_before[job.id] = mtime + settle
+            return True
+        return False
+
+    async def prepare_one(self, job: Job) -> bool:
+        if job.prepares > 0 and self._still_changing(job):
+            return False
+        if job.prepares >= MAX_PREPARES:
+            await self._reject_changing(job)
+            return True
         # Counted before the work and cleared after: a job that kills the daemon every
         # time it is validated is parked by recovery instead of crashing it forever.
-        await self.store.update_job(job.id, JobState.CLAIMED, crash_count=job.crash_count + 1)
+        await self.store.update_job(
+            job.id, JobState.CLAIMED, crash_count=job.crash_count + 1, prepares=job.prepares + 1
+        )
         started = time.monotonic()
         try:
             prepared = await asyncio.to_thread(prepare, job, self.settings)
-        except OSError as exc:
-            log.error("prepare_failed", job_id=job.id, error=str(exc))
-            await self.store.update_job(job.id, JobState.CLAIMED, crash_count=job.crash_count)
-            return
+        except Exception as exc:
+            # A disk error or a bug: this job's trouble, not the daemon's.
+            await self._failed(job, exc)
+            return False
+        self.not_before.pop(job.id, None)
         elapsed = round(time.monotonic() - started, 3)
-        if not prepared.parts:
+        if prepared.changed:
+            log.warning("input_changed", job_id=job.id, name=job.name, before="validation")
             await self.store.update_job(
                 job.id,
                 JobState.CLAIMED,
-                state=JobState.PUBLISHING,
-                sha256=prepared.sha256,
-                bytes=prepared.bytes,
-                report=prepared.report,
-                crash_count=0,
+                crash_count=job.crash_count,
+                error="the input changed while it was validated; validated again once still",
+            )
+            self.not_before[job.id] = time.time() + self.settings.intake.settle_s
+            return False
+        recorded = {
+            "sha256": prepared.sha256,
+            "bytes": prepared.bytes,
+            "input_mtime_ns": prepared.mtime_ns,
+            "report": prepared.report,
+            "crash_count": 0,
+            "error": None,
+        }
+        if not prepared.parts:
+            await self.store.update_job(
+                job.id, JobState.CLAIMED, state=JobState.PUBLISHING, **recorded
             )
             log.warning(
                 "job_rejected",
@@ -165,15 +280,8 @@ class Preparer:
                 elapsed_s=elapsed,
             )
             self.on_rejected()
-            return
-        await self.store.update_job(
-            job.id,
-            JobState.CLAIMED,
-            sha256=prepared.sha256,
-            bytes=prepared.bytes,
-            report=prepared.report,
-            crash_count=0,
-        )
+            return True
+        await self.store.update_job(job.id, JobState.CLAIMED, **recorded)
         await self.store.plan_parts(job.id, prepared.parts, time.time())
         log.info(
             "job_planned",
@@ -184,3 +292,45 @@ class Preparer:
             elapsed_s=elapsed,
         )
         self.on_ready()
+        return True
+
+    async def _failed(self, job: Job, exc: Exception) -> None:
+        failures = job.crash_count + 1
+        error = f"{type(exc).__name__}: {exc}"
+        log.error("prepare_failed", job_id=job.id, name=job.name, failures=failures, error=error)
+        if failures >= self.settings.max_job_crashes:
+            reason = f"parked after {failures} failures validating it: {error}"
+            await self.store.update_job(
+                job.id, JobState.CLAIMED, state=JobState.PARKED, error=reason
+            )
+            log.error("job_parked", job_id=job.id, name=job.name, reason=reason)
+            self.not_before.pop(job.id, None)
+            return
+        await self.store.update_job(job.id, JobState.CLAIMED, error=error)
+        self.not_before[job.id] = time.time() + self.retry_base_s * 2 ** (failures - 1)
+
+    async def _reject_changing(self, job: Job) -> None:
+        """The input kept changing under validation: rejected with what was last seen."""
+        mtime: int | None
+        try:
+            st = os.stat(job.spool_path)
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:
+            size, mtime = job.bytes or 0, job.input_mtime_ns
+        report = _rejection(
+            job,
+            "input_keeps_changing",
+            f"the file changed each of the {job.prepares} times it was validated (a producer"
+            " still writing it?); drop it again once it is complete",
+        )
+        await self.store.update_job(
+            job.id,
+            JobState.CLAIMED,
+            state=JobState.PUBLISHING,
+            bytes=size,
+            input_mtime_ns=mtime,
+            report=report,
+            crash_count=0,
+        )
+        log.warning("job_rejected", job_id=job.id, name=job.name, errors=1, reason="changing")
+        self.on_rejected()
