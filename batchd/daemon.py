@@ -29,8 +29,10 @@ from batchd.config import Settings
 from batchd.control import ControlServer, event_from
 from batchd.errors import BatchdError, ConfigError
 from batchd.failpoints import failpoint
+from batchd.fsutil import fsync_dir, write_atomic
 from batchd.intake import Intake
 from batchd.limits import CallClass, RateLimiter
+from batchd.lines import read_line
 from batchd.logs import configure, get_logger, register_secret
 from batchd.models import JOB_TERMINAL, PART_QUEUED, Job, JobState, Part, PartState
 from batchd.notify import Notifier, status_loop, status_text, watchdog_loop
@@ -44,6 +46,7 @@ from batchd.protocol import (
     JobInfo,
     JobList,
     PartInfo,
+    Problem,
     StatusResponse,
 )
 from batchd.store import Store
@@ -135,6 +138,11 @@ class Daemon:
         self.account = AccountState()
         self.started_at = time.time()
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        # Said loudly in the log and in `status` when start-up finds state lost (spool
+        # folders the database does not know); kept until the daemon restarts.
+        self.state_lost: list[str] = []
+        # One retry decision at a time: two at once would both write a retry input.
+        self._retry_lock = asyncio.Lock()
         self.store: Store
         self.api: BatchApi
         self.exit_code = 0
@@ -205,7 +213,11 @@ class Daemon:
             on_pending=self.wake.poke("intake"),
         )
         self.preparer = Preparer(
-            self.store, s, on_ready=self.wake.poke("submit"), on_rejected=self.wake.poke("publish")
+            self.store,
+            s,
+            on_ready=self.wake.poke("submit"),
+            on_rejected=self.wake.poke("publish"),
+            retry_base_s=api.step_retry_base_s,
         )
         self.submitter = Submitter(
             self.store,
@@ -256,6 +268,7 @@ class Daemon:
     async def recover(self) -> None:
         """Settle every row a crash caught between an intent and its result."""
         await self.intake.recover_claims()
+        self.state_lost = await self.intake.recover_orphans(self.outbox)
         parked = 0
         for job in await self.store.jobs([JobState.CLAIMED, JobState.PUBLISHING]):
             if job.crash_count >= self.settings.max_job_crashes:
@@ -390,7 +403,7 @@ class Daemon:
         s = self.settings
         stages: dict[str, Awaitable[None]] = {
             "intake": self._stage("intake", self._intake_step, s.intake.rescan_interval_s),
-            "prepare": self._stage("prepare", self.preparer.run_once, 5.0),
+            "prepare": self._stage("prepare", self.preparer.run_once, 5.0, self.preparer.idle_s),
             "submit": self._stage("submit", self._submit_step, 2.0, self.submitter.idle_s),
             "poll": self._stage("poll", self.poller.run_once, 1.0, self.poller.idle_s),
             "collect": self._stage("collect", self.collector.run_once, 5.0),
@@ -542,11 +555,42 @@ class Daemon:
 
     @property
     def healthy(self) -> bool:
+        """Every stage alive, the account usable and the inbox readable."""
         stages_alive = all(not t.done() for t in self.tasks.values()) if self.tasks else False
-        return stages_alive and self.account.paused_reason is None
+        return stages_alive and self.account.paused_reason is None and self.intake.problem is None
+
+    async def problems(self, limit: int = 20) -> tuple[int, list[Problem]]:
+        """What cannot proceed without help or keeps failing, most pressing first."""
+        found: list[Problem] = []
+        if self.intake.problem is not None:
+            found.append(Problem(kind="intake", note=self.intake.problem))
+        for note in self.state_lost:
+            found.append(Problem(kind="state_lost", note=note))
+        count, parts = await self.store.problem_parts(limit)
+        for part in parts:
+            found.append(
+                Problem(
+                    kind="part_parked" if part.state == PartState.PARKED else "part_failing",
+                    job_id=part.job_id,
+                    part=part.seq,
+                    note=part.error or "",
+                    since=part.retry_at,
+                )
+            )
+        parked_jobs = await self.store.count_jobs([JobState.PARKED])
+        for job in await self.store.jobs([JobState.PARKED], limit=limit):
+            found.append(
+                Problem(
+                    kind="job_parked", job_id=job.id, note=job.error or "", since=job.updated_at
+                )
+            )
+        total = count + parked_jobs + (self.intake.problem is not None) + len(self.state_lost)
+        return total, found[:limit]
 
     async def status(self) -> StatusResponse:
         total, by_model = await self.store.slot_holders()
+        problem_count, problems = await self.problems()
+        parked = any(p.kind == "part_parked" for p in problems)
         return StatusResponse(
             version=__version__,
             pid=os.getpid(),
@@ -569,7 +613,9 @@ class Daemon:
             api_calls={str(k): v for k, v in self.api.calls.items()},
             throttled={str(k): v for k, v in self.api.limiter.throttled.items()},
             last_errors={str(k): v for k, v in self.api.last_error.items()},
-            healthy=self.healthy,
+            healthy=self.healthy and not parked and not self.state_lost,
+            problems=problems,
+            problem_count=problem_count,
         )
 
     async def job_info(self, job_id: str, *, detail: bool = False) -> JobInfo | None:
@@ -641,44 +687,80 @@ class Daemon:
         )
 
     async def retry_action(self, job_id: str) -> ActionResponse | None:
-        """Rerun what failed or never ran: parked jobs are requeued, parts that could not
-        be submitted are submitted again, and a published job's failed requests become a
-        new input `NAME-retry.jsonl` in the inbox (with the job's options)."""
-        job = await self.store.get_job(job_id)
-        if job is None:
-            return None
-        if job.state == JobState.PARKED:
-            if not Path(job.spool_path).exists():
-                return ActionResponse(ok=False, message="the parked job's input is gone")
-            await self.store.update_job(
-                job_id, JobState.PARKED, state=JobState.CLAIMED, crash_count=0, error=None
+        """Rerun what failed or never ran: parked jobs are requeued, parked parts resume
+        where they stopped, parts that could not be submitted are submitted again, and a
+        published job's failed requests become a new input `NAME-retry.jsonl` in the
+        inbox (with the job's options). Asked twice, it answers with what the first did:
+        a script that repeats itself after a timeout never pays for the requests twice."""
+        async with self._retry_lock:
+            job = await self.store.get_job(job_id)
+            if job is None:
+                return None
+            if job.state == JobState.PARKED:
+                if not Path(job.spool_path).exists():
+                    return ActionResponse(ok=False, message="the parked job's input is gone")
+                await self.store.update_job(
+                    job_id,
+                    JobState.PARKED,
+                    state=JobState.CLAIMED,
+                    crash_count=0,
+                    prepares=0,
+                    error=None,
+                )
+                self.wake["prepare"].set()
+                return ActionResponse(ok=True, message="requeued", job=await self.job_info(job_id))
+            if job.state == JobState.RUNNING:
+                again = await self._resume_parts(job_id)
+                if not again:
+                    return ActionResponse(ok=False, message="nothing has failed (yet) in this job")
+                return ActionResponse(ok=True, message=f"{again} part(s) will be tried again")
+            if job.state == JobState.PUBLISHED and job.outcome != "rejected" and job.outbox_path:
+                return await self._retry_published(job)
+            return ActionResponse(
+                ok=False,
+                message=f"job is {job.outcome or job.state}: nothing to retry"
+                + (" (fix the input and drop it again)" if job.outcome == "rejected" else ""),
             )
-            self.wake["prepare"].set()
-            return ActionResponse(ok=True, message="requeued", job=await self.job_info(job_id))
-        if job.state == JobState.RUNNING:
-            again = 0
-            for part in await self.store.parts_of(job_id):
-                if part.state == PartState.FAILED and await self.store.update_part(
-                    part.id, PartState.FAILED, state=PartState.PENDING, error=None
-                ):
-                    again += 1
-            self.wake["submit"].set()
-            if not again:
-                return ActionResponse(ok=False, message="nothing has failed (yet) in this job")
-            return ActionResponse(ok=True, message=f"{again} part(s) will be submitted again")
-        if job.state == JobState.PUBLISHED and job.outcome != "rejected" and job.outbox_path:
-            created = await asyncio.to_thread(
-                write_retry_input, job, Path(job.outbox_path), self.inbox
+
+    async def _resume_parts(self, job_id: str) -> int:
+        """Failed parts are submitted again; parked parts go back to where they stopped."""
+        again = 0
+        now = time.time()
+        for part in await self.store.parts_of(job_id):
+            if part.state == PartState.FAILED:
+                fields: dict[str, Any] = {"state": PartState.PENDING}
+            elif part.state == PartState.PARKED and part.parked_from:
+                fields = {"state": PartState(part.parked_from), "parked_from": None}
+                if part.parked_from == PartState.RUNNING:
+                    fields["next_poll_at"] = now
+            else:
+                continue
+            if await self.store.update_part(
+                part.id, part.state, attempts=0, retry_at=None, error=None, **fields
+            ):
+                again += 1
+        for stage in ("submit", "poll", "collect"):
+            self.wake[stage].set()
+        return again
+
+    async def _retry_published(self, job: Job) -> ActionResponse:
+        if job.retried_as is not None:
+            await asyncio.to_thread(finish_retry_input, job.retried_as, self.inbox)
+            return ActionResponse(
+                ok=True,
+                message=f"already resubmitted as {job.retried_as} (retry that job to go again)",
             )
-            if created is None:
-                return ActionResponse(ok=False, message="no failed requests, or input not kept")
-            self.wake["intake"].set()
-            return ActionResponse(ok=True, message=f"failed requests resubmitted as {created}")
-        return ActionResponse(
-            ok=False,
-            message=f"job is {job.outcome or job.state}: nothing to retry"
-            + (" (fix the input and drop it again)" if job.outcome == "rejected" else ""),
+        planned = await asyncio.to_thread(
+            write_retry_input, job, Path(job.outbox_path or ""), self.inbox
         )
+        if planned is None:
+            return ActionResponse(ok=False, message="no failed requests, or input not kept")
+        # Committed before the file appears under its name: a crash in between leaves a
+        # hidden temp file that the next `retry` finishes, never a second input.
+        await self.store.update_job(job.id, JobState.PUBLISHED, retried_as=planned)
+        await asyncio.to_thread(finish_retry_input, planned, self.inbox)
+        self.wake["intake"].set()
+        return ActionResponse(ok=True, message=f"failed requests resubmitted as {planned}")
 
     async def status_line(self) -> str:
         """The one line systemd shows in `systemctl status` (STATUS=)."""
@@ -748,12 +830,17 @@ def _part_info(p: Part) -> PartInfo:
         created_remote_at=p.created_remote_at,
         ended_at=p.ended_at,
         error=p.error,
+        attempts=p.attempts,
+        retry_at=p.retry_at,
+        parked_from=p.parked_from,
+        unavailable=p.unavailable,
     )
 
 
 def write_retry_input(job: Job, folder: Path, inbox: Path) -> str | None:
-    """Copy the input lines listed in a published job's error.jsonl into a new inbox file
-    (temp name, then rename), with the job's options as its sidecar."""
+    """Copy the input lines listed in a published job's error.jsonl into a hidden temp
+    file in the inbox (fsynced), with the job's options as its sidecar; the name it is to
+    take (`finish_retry_input` gives it), or None when there is nothing to retry."""
     source = folder / "input.jsonl"
     errors = folder / "error.jsonl"
     if not source.exists() or not errors.exists():
@@ -761,21 +848,19 @@ def write_retry_input(job: Job, folder: Path, inbox: Path) -> str | None:
     wanted: set[int] = set()
     with errors.open("rb") as fh:
         for line in fh:
-            try:
-                number = orjson.loads(line).get("input_line")
-            except (orjson.JSONDecodeError, AttributeError):
-                continue
-            if isinstance(number, int):
+            answer = read_line(line)
+            number = answer.get("input_line") if answer is not None else None
+            if isinstance(number, int) and not isinstance(number, bool):
                 wanted.add(number)
     if not wanted:
         return None
     name = f"{job.name}-retry"
     n = 1
-    while (inbox / f"{name}.jsonl").exists():
+    while (inbox / f"{name}.jsonl").exists() or (inbox / f".{name}.jsonl.tmp").exists():
         n += 1
         name = f"{job.name}-retry{n}"
     if job.options:
-        (inbox / f"{name}.meta.json").write_bytes(orjson.dumps(job.options))
+        write_atomic(inbox / f"{name}.meta.json", orjson.dumps(job.options))
     tmp = inbox / f".{name}.jsonl.tmp"
     with source.open("rb") as src, tmp.open("wb") as out:
         for number, line in enumerate(src, start=1):
@@ -783,9 +868,17 @@ def write_retry_input(job: Job, folder: Path, inbox: Path) -> str | None:
                 out.write(line if line.endswith(b"\n") else line + b"\n")
         out.flush()
         os.fsync(out.fileno())
-    os.rename(tmp, inbox / f"{name}.jsonl")
     log.info("retry_input_written", job_id=job.id, name=f"{name}.jsonl", requests=len(wanted))
     return f"{name}.jsonl"
+
+
+def finish_retry_input(name: str, inbox: Path) -> None:
+    """Give the retry input written by `write_retry_input` its name (once; again after a
+    crash between the two is harmless)."""
+    tmp = inbox / f".{name}.tmp"
+    if tmp.exists() and not (inbox / name).exists():
+        os.rename(tmp, inbox / name)
+        fsync_dir(inbox)
 
 
 def run_daemon(

@@ -31,9 +31,7 @@ class StepPolicy:
         return float(min(self.cap_s, self.base_s * 2 ** min(max(0, failures - 1), 30)))
 
 
-async def step_failed(
-    store: Store, part: Part, note: str, policy: StepPolicy, now: float
-) -> bool:
+async def step_failed(store: Store, part: Part, note: str, policy: StepPolicy, now: float) -> bool:
     """Count a failed step of `part` (in the state it is in now); True when it is parked."""
     current = await store.get_part(part.id)
     if current is None or current.state in (PartState.PARKED, PartState.FAILED):

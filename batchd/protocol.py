@@ -32,6 +32,17 @@ class Caps(_Model):
     running_by_model: dict[str, int] = Field(default_factory=dict)
 
 
+class Problem(_Model):
+    """Something that cannot proceed without help, or keeps failing: a parked part or
+    job, a part whose steps fail, an inbox that cannot be read, lost state."""
+
+    kind: str  # part_parked | part_failing | job_parked | intake | state_lost
+    job_id: str | None = None
+    part: int | None = None
+    note: str
+    since: float | None = None
+
+
 class StatusResponse(_Model):
     version: str
     pid: int
@@ -51,6 +62,9 @@ class StatusResponse(_Model):
     throttled: dict[str, int]
     last_errors: dict[str, str]
     healthy: bool
+    # What needs an operator's eye, most pressing first (at most 20), and how many in all.
+    problems: list[Problem] = Field(default_factory=list)
+    problem_count: int = 0
 
 
 class PartInfo(_Model):
@@ -70,6 +84,10 @@ class PartInfo(_Model):
     created_remote_at: float | None
     ended_at: float | None
     error: str | None
+    attempts: int = 0
+    retry_at: float | None = None
+    parked_from: str | None = None
+    unavailable: dict[str, str] | None = None
 
 
 class JobInfo(_Model):

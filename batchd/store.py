@@ -277,10 +277,14 @@ class Store:
         kind: str,
         options: dict[str, Any],
         now: float,
+        state: JobState = JobState.CLAIMING,
+        recovered_at: float | None = None,
+        error: str | None = None,
     ) -> None:
         await self._write(
             "INSERT INTO jobs (id, name, inbox_name, inbox_inode, inbox_dev, spool_path, kind,"
-            " state, options, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " state, options, created_at, updated_at, recovered_at, error)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 job_id,
                 name,
@@ -289,12 +293,20 @@ class Store:
                 dev,
                 spool_path,
                 kind,
-                JobState.CLAIMING,
+                state,
                 orjson.dumps(options).decode(),
                 now,
                 now,
+                recovered_at,
+                error,
             ),
         )
+
+    async def job_ids(self) -> set[str]:
+        """Every job id the database knows (start-up compares them with the spool)."""
+        async with self._db.execute("SELECT id FROM jobs") as cur:
+            rows = await cur.fetchall()
+        return {r[0] for r in rows}
 
     async def claiming_jobs(self) -> list[tuple[Job, int, int]]:
         """Jobs whose claim a crash may have cut short, with the inode they expect."""
@@ -416,15 +428,23 @@ class Store:
             )
             if cur.rowcount != 1:
                 return False
-            await self._insert_parts(job_id, parts, 0)
+            async with self._db.execute(
+                "SELECT recovered_at FROM jobs WHERE id = ?", (job_id,)
+            ) as found:
+                row = await found.fetchone()
+            # A job re-created after the database was lost may have files and batches on
+            # the service already: its parts look for them before sending anything.
+            adopt = row is not None and row[0] is not None
+            await self._insert_parts(job_id, parts, 0, adopt=adopt)
         return True
 
     async def _insert_parts(
-        self, job_id: str, parts: Sequence[dict[str, Any]], round_: int
+        self, job_id: str, parts: Sequence[dict[str, Any]], round_: int, *, adopt: bool = False
     ) -> None:
         await self._db.executemany(
             "INSERT INTO parts (job_id, seq, path, first_line, requests, bytes, model,"
-            " endpoint, state, upload_name, round) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " endpoint, state, upload_name, round, adopt)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
                     job_id,
@@ -438,6 +458,7 @@ class Store:
                     PartState.PENDING,
                     p["upload_name"],
                     round_,
+                    int(adopt),
                 )
                 for p in parts
             ],

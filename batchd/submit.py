@@ -26,7 +26,7 @@ import asyncio
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from batchd.api import (
@@ -195,6 +195,11 @@ class Submitter:
     async def _settle_stuck(self) -> bool:
         now = time.time()
         moved = False
+        adopting = [
+            p for p in await self.store.parts_in([PartState.PENDING], ready_at=now) if p.adopt
+        ]
+        if adopting:
+            moved |= await self._guarded(adopting[0], self.settle_adopted(adopting))
         for state, settle in (
             (PartState.UPLOADING, self.settle_uploads),
             (PartState.CREATING, self.settle_creates),
@@ -220,11 +225,15 @@ class Submitter:
         held = await self.store.remote_files_held()
         room = min(room, max(0, self.limits.max_stored_files - held) // 3)
         # A few rounds of concurrent uploads per pass, so that creation follows closely.
-        pending = await self.store.parts_in(
-            [PartState.PENDING],
-            limit=min(room, self.concurrency * UPLOAD_ROUNDS),
-            ready_at=time.time(),
-        )
+        pending = [
+            p
+            for p in await self.store.parts_in(
+                [PartState.PENDING],
+                limit=min(room, self.concurrency * UPLOAD_ROUNDS),
+                ready_at=time.time(),
+            )
+            if not p.adopt  # looked for on the service first (`settle_adopted`)
+        ]
         if not pending:
             return False
         jobs = {job_id: await self.store.get_job(job_id) for job_id in {p.job_id for p in pending}}
@@ -365,9 +374,7 @@ class Submitter:
             log.warning("upload_settle_failed", parts=len(parts), error=str(err))
             now = time.time()
             for part in parts:
-                await step_failed(
-                    self.store, part, f"cannot list files: {err}", self.policy, now
-                )
+                await step_failed(self.store, part, f"cannot list files: {err}", self.policy, now)
             return False
         by_name: dict[str, list[str]] = {}
         sizes: dict[str, int | None] = {}
@@ -400,6 +407,83 @@ class Submitter:
                     part.id, PartState.UPLOADING, state=PartState.PENDING, error=note
                 )
                 log.info("upload_retry", job_id=part.job_id, part=part.seq)
+        return True
+
+    async def settle_adopted(self, parts: list[Part]) -> bool:
+        """Parts of a job re-created from its spool folder after the database was lost:
+        each one's remote file is looked for by name, and its batch by batchd's metadata
+        or that file, back to the job's claim; found ones are followed, never sent again.
+        Nothing is sent for a part until the listings prove it was not."""
+        now = time.time()
+        jobs = {j: await self.store.get_job(j) for j in {p.job_id for p in parts}}
+        try:
+            files = await self.api.list_files(max_pages=self.settling.max_pages)
+        except AccountError as err:
+            self.account.pause(str(err))
+            return False
+        except ApiError as err:
+            for part in parts:
+                note = f"cannot tell whether it was sent before the state was lost: {err}"
+                await step_failed(self.store, part, note, self.policy, now)
+            return False
+        candidates: list[Part] = []
+        for part in parts:
+            mine = [f for f in files if f.filename == part.upload_name]
+            whole = next((f.id for f in mine if f.bytes == part.bytes), None)
+            job = jobs.get(part.job_id)
+            claimed_at = job.created_at if job is not None else 0.0
+            candidates.append(replace(part, remote_file_id=whole, intent_at=claimed_at))
+        found, reached = await self._find_batches(candidates)
+        if found is None:
+            return False
+        for part, seen in zip(parts, candidates, strict=True):
+            others = [
+                f.id
+                for f in files
+                if f.filename == part.upload_name and f.id != seen.remote_file_id
+            ]
+            batch = found.get(part.id)
+            if batch is not None:
+                file_id = batch.input_file_id or seen.remote_file_id
+                await self.store.update_part(
+                    part.id,
+                    PartState.PENDING,
+                    state=PartState.RUNNING,
+                    adopt=False,
+                    remote_file_id=file_id,
+                    batch_id=batch.id,
+                    intent_at=now,
+                    created_remote_at=batch.created_at or now,
+                    next_poll_at=now,
+                    error="found on the service after the state was lost",
+                    **batch.part_fields(),
+                )
+                others = [f for f in others if f != file_id]
+                log.warning("batch_adopted", job_id=part.job_id, part=part.seq, batch_id=batch.id)
+            elif not reached:
+                await step_failed(
+                    self.store,
+                    part,
+                    "cannot tell whether its batch exists: the batch list could not be"
+                    " followed back to the job's claim",
+                    self.policy,
+                    now,
+                )
+                continue
+            elif seen.remote_file_id is not None:
+                await self.store.update_part(
+                    part.id,
+                    PartState.PENDING,
+                    state=PartState.UPLOADED,
+                    adopt=False,
+                    remote_file_id=seen.remote_file_id,
+                )
+                log.warning(
+                    "upload_adopted", job_id=part.job_id, part=part.seq, file_id=seen.remote_file_id
+                )
+            else:
+                await self.store.update_part(part.id, PartState.PENDING, adopt=False)
+            await self.store.add_garbage(others, "stray upload (state lost)", now)
         return True
 
     # -- create -------------------------------------------------------------------------

@@ -23,12 +23,15 @@ import pytest
 
 from batchd.control import ControlClient
 from batchd.emulator import Emulator
+from batchd.failpoints import arm
 from tests.conftest import StartEmulator
 from tests.integration.daemon_harness import (
     daemon_env,
+    daemon_settings,
     drop,
     jsonl,
     requests,
+    running,
     start_subprocess,
     summary,
     wait_published,
@@ -104,10 +107,45 @@ async def cli(*argv: str) -> tuple[int, str]:
     return process.returncode, out.decode()
 
 
-@pytest.mark.parametrize(("action", "crash_code"), [("kill", -signal.SIGKILL), ("raise", 1)])
-async def test_an_input_that_crashes_the_daemon_each_time_is_parked_and_the_rest_go_on(
-    start_emulator: StartEmulator, tmp_path: Path, action: str, crash_code: int
+async def test_an_input_that_fails_validation_each_time_is_parked_without_a_crash(
+    start_emulator: StartEmulator, tmp_path: Path
 ) -> None:
+    """An exception (not a crash) while validating one input is that job's trouble: the
+    daemon stays up, tries it again after a pause, parks it after max_job_crashes
+    failures with the reason, and the other inputs are published meanwhile."""
+    emulator = await start_emulator(time_scale=3000)
+    settings = daemon_settings(tmp_path / "root", emulator)
+    inbox, outbox = settings.paths.folder("inbox"), settings.paths.folder("outbox")
+    arm("prepare.before_validate=raise:poison")
+    try:
+        async with running(settings) as daemon:
+            drop(inbox, "good-1.jsonl", requests(3, prefix="a"))
+            drop(inbox, "poison.jsonl", requests(2, prefix="p"))
+            drop(inbox, "good-2.jsonl", requests(4, prefix="b"))
+            await wait_published(outbox, 2, emulator)
+            for _ in range(200):
+                jobs = {j.name: j for j in await daemon.store.jobs()}
+                if jobs["poison"].state == "parked":
+                    break
+                await asyncio.sleep(0.05)
+            poison = jobs["poison"]
+            assert poison.state == "parked", poison
+            assert poison.error is not None
+            assert f"parked after {MAX_JOB_CRASHES} failures validating it" in poison.error
+            assert "FailpointError" in poison.error
+            status = await daemon.status()
+            assert any(p.kind == "job_parked" and p.job_id == poison.id for p in status.problems)
+            assert not daemon.stopping.is_set()  # never crashed
+    finally:
+        arm("")
+    assert Path(poison.spool_path).read_bytes() == requests(2, prefix="p")
+    assert sorted(p.name for p in outbox.iterdir()) == ["good-1", "good-2"]
+
+
+async def test_an_input_that_crashes_the_daemon_each_time_is_parked_and_the_rest_go_on(
+    start_emulator: StartEmulator, tmp_path: Path
+) -> None:
+    action, crash_code = "kill", -signal.SIGKILL
     emulator = await start_emulator(time_scale=3000)
     root = tmp_path / "root"
     inbox = root / "inbox"
