@@ -20,6 +20,13 @@ Decisions:
   (the service's fields), falling back to `error.error_code`/`error.error_message` and
   then `response.body.error`; `response.body` may arrive as a JSON string; missing
   fields and nulls become empty cells; `usage` is compact JSON.
+- Result lines are read with `batchd.lines`: NaN, 1e400 and lone surrogates are read
+  (a lone surrogate is shown as U+FFFD), a line that is not JSON but names its
+  custom_id gets a row saying so, and a line over the line cap is never held: its row
+  carries its custom_id and `[line of N bytes: see FILE]`.
+- Cells are neutralised by default: a cell a spreadsheet would run as a formula (it
+  starts with `=`, `+`, `-`, `@`, a tab or a carriage return: model output and
+  custom_ids are anyone's text) gets a leading `'`. `safe_cells=False` writes them raw.
 
 Problem codes (`line` is the CSV row or JSONL line, None for the whole file):
   bad_row              CSV: wrong number of columns, or a named column missing
@@ -36,6 +43,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -44,6 +52,16 @@ from typing import IO, Any, TextIO
 import orjson
 
 from batchd.config import ENDPOINT_CHAT, ENDPOINT_EMBEDDINGS, ENDPOINT_TEST, TEST_MODEL
+from batchd.lines import (
+    DEFAULT_MAX_LINE_BYTES,
+    HEAD_BYTES,
+    Line,
+    Unreadable,
+    custom_id_of,
+    iter_lines,
+    loads,
+    printable,
+)
 from batchd.validate import Problem, atomic_output
 
 RESULT_COLUMNS = (
@@ -57,6 +75,9 @@ RESULT_COLUMNS = (
     "content",
     "usage",
 )
+
+# A cell starting with one of these is a formula to a spreadsheet (CSV injection).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 _HEADER_ID = "custom_id"
 _HEADER_CONTENT = "content"
@@ -187,26 +208,42 @@ def _dig(obj: Any, *path: str | int) -> Any:
     return obj
 
 
-def _cell(value: Any) -> str:
+def neutralised(cell: str) -> str:
+    """PURE: `cell` as a spreadsheet shows it and never runs it: a text that Excel,
+    LibreOffice or Google Sheets would take for a formula (it starts with `=`, `+`, `-`,
+    `@`, a tab or a carriage return) gets a leading `'`."""
+    return "'" + cell if cell.startswith(FORMULA_STARTS) else cell
+
+
+def _text(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, str):
-        return value
+        return printable(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
         return str(value)
-    return orjson.dumps(value).decode()
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # orjson refuses lone surrogates: the json module writes them
+        return printable(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
 
 
-def result_row(result: dict[str, Any]) -> list[str]:
-    """The CSV cells (RESULT_COLUMNS) of one result or error line."""
+def _cell(value: Any, safe: bool = True) -> str:
+    text = _text(value)
+    return neutralised(text) if safe else text
+
+
+def result_row(result: dict[str, Any], *, safe_cells: bool = True) -> list[str]:
+    """The CSV cells (RESULT_COLUMNS) of one result or error line; with `safe_cells`,
+    no cell can run as a spreadsheet formula."""
     response = result.get("response")
     body = _dig(response, "body")
     if isinstance(body, str | bytes):
         try:
-            body = orjson.loads(body)
-        except orjson.JSONDecodeError:
+            body = loads(body)
+        except Unreadable:
             body = None
     error = result.get("error")
     # Some servers send only `error.type`; it is the best code there is.
@@ -220,41 +257,97 @@ def result_row(result: dict[str, Any]) -> list[str]:
     message = (
         _dig(error, "message") or _dig(error, "error_message") or _dig(body, "error", "message")
     )
-    return [
-        _cell(result.get("custom_id")),
-        _cell(_dig(body, "model")),
-        _cell(_dig(response, "request_id")),
-        _cell(_dig(response, "status_code")),
-        _cell(code),
-        _cell(message),
-        _cell(_dig(body, "created")),
-        _cell(_dig(body, "choices", 0, "message", "content")),
-        _cell(_dig(body, "usage")),
+    values = [
+        result.get("custom_id"),
+        _dig(body, "model"),
+        _dig(response, "request_id"),
+        _dig(response, "status_code"),
+        code,
+        message,
+        _dig(body, "created"),
+        _dig(body, "choices", 0, "message", "content"),
+        _dig(body, "usage"),
     ]
+    return [_cell(v, safe_cells) for v in values]
 
 
-def jsonl_to_csv(lines: Iterable[bytes], out: TextIO, *, max_errors: int = 100) -> Conversion:
+def placeholder_row(custom_id: str | None, note: str, *, safe_cells: bool = True) -> list[str]:
+    """The row of a line that cannot be shown (too long to hold, or not JSON): its
+    custom_id when one can be read, and `note` in the content cell."""
+    values: list[Any] = [custom_id, None, None, None, None, None, None, note, None]
+    return [_cell(v, safe_cells) for v in values]
+
+
+class ResultCsv:
+    """The guide's CSV over result (or error) lines: the header, then one row per line.
+
+    Lines come as bytes or as `lines.Line` (read in bounded memory). A line over the
+    line cap gets a row with its custom_id (read from its start) and a content cell
+    `[line of N bytes: see FILE]`; a line that no parser reads but whose custom_id can be
+    found gets a row saying so; a line with neither is a problem (`invalid_json`).
+    """
+
+    def __init__(self, out: TextIO, *, safe_cells: bool = True, max_errors: int = 100) -> None:
+        self._writer = csv.writer(out)
+        self.safe_cells = safe_cells
+        self.max_errors = max_errors
+        self.result = Conversion()
+        self._writer.writerow(RESULT_COLUMNS)
+
+    def add(self, number: int, line: bytes | Line, shown_in: str) -> None:
+        """One line (`number` is its 1-based line number in `shown_in`)."""
+        if isinstance(line, Line):
+            if line.data is None:
+                note = f"[line of {line.size} bytes: see {shown_in}]"
+                self._row(
+                    placeholder_row(custom_id_of(line.head), note, safe_cells=self.safe_cells)
+                )
+                return
+            raw = line.data
+        else:
+            raw = line
+        if not raw.strip():
+            return
+        try:
+            parsed = loads(raw)
+        except Unreadable as exc:
+            custom_id = custom_id_of(raw[:HEAD_BYTES])
+            if custom_id is None:
+                self.result.problem(number, "invalid_json", str(exc), self.max_errors)
+                return
+            note = f"[line {number} is not valid JSON: see {shown_in}]"
+            self._row(placeholder_row(custom_id, note, safe_cells=self.safe_cells))
+            return
+        if not isinstance(parsed, dict):
+            self.result.problem(
+                number, "not_an_object", "a result line must be an object", self.max_errors
+            )
+            return
+        self._row(result_row(parsed, safe_cells=self.safe_cells))
+
+    def _row(self, cells: list[str]) -> None:
+        self._writer.writerow(cells)
+        self.result.rows += 1
+
+
+def jsonl_to_csv(
+    lines: Iterable[bytes | Line],
+    out: TextIO,
+    *,
+    max_errors: int = 100,
+    safe_cells: bool = True,
+    shown_in: str = "the JSONL file",
+) -> Conversion:
     """Write the CSV header and one row per result line; blank lines are skipped.
 
     `out` should be opened with encoding "utf-8-sig" (Excel's BOM) and newline="".
+    `safe_cells` (the default) neutralises every cell a spreadsheet would run as a
+    formula (see `neutralised`); turn it off only for files no spreadsheet opens.
     """
-    writer = csv.writer(out)
-    writer.writerow(RESULT_COLUMNS)
-    result = Conversion()
+    table = ResultCsv(out, safe_cells=safe_cells, max_errors=max_errors)
     for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            parsed = orjson.loads(line)
-        except orjson.JSONDecodeError as exc:
-            result.problem(number, "invalid_json", f"{exc.msg} at column {exc.colno}", max_errors)
-            continue
-        if not isinstance(parsed, dict):
-            result.problem(number, "not_an_object", "a result line must be an object", max_errors)
-            continue
-        writer.writerow(result_row(parsed))
-        result.rows += 1
-    return result
+        table.add(number, line, shown_in)
+    return table.result
 
 
 def _text_rows(path: str | os.PathLike[str], encoding: str) -> Iterator[list[str]]:
@@ -302,14 +395,26 @@ def csv_file_to_jsonl(
 
 
 def jsonl_file_to_csv(
-    source: str | os.PathLike[str], target: str | os.PathLike[str], *, max_errors: int = 100
+    source: str | os.PathLike[str],
+    target: str | os.PathLike[str],
+    *,
+    max_errors: int = 100,
+    safe_cells: bool = True,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
 ) -> Conversion:
     """Convert a result (or error) JSONL file to the guide's CSV, UTF-8 with a BOM,
-    written atomically, and only when every line converted."""
+    written atomically, and only when every line converted. The file is read in bounded
+    memory: a line over `max_line_bytes` is not held (its row says so)."""
     try:
-        with atomic_output(target) as raw, open(source, "rb") as lines:
+        with atomic_output(target) as raw, open(source, "rb") as fh:
             text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
-            result = jsonl_to_csv(lines, text, max_errors=max_errors)
+            result = jsonl_to_csv(
+                iter_lines(fh, max_line_bytes),
+                text,
+                max_errors=max_errors,
+                safe_cells=safe_cells,
+                shown_in=os.path.basename(source),
+            )
             text.flush()
             text.detach()
             if not result.ok:

@@ -5,7 +5,8 @@
   the rule `unreadable`), 2 on a usage error.
 - `batchd split FILE --out DIR`: write the parts a file is planned into.
 - `batchd csv2jsonl IN.csv [-o OUT.jsonl] --model M`: CSV rows to batch requests.
-- `batchd jsonl2csv IN.jsonl [-o OUT.csv]`: results to the guide's CSV (Excel-ready).
+- `batchd jsonl2csv IN.jsonl [-o OUT.csv] [--raw-cells]`: results to the guide's CSV
+  (Excel-ready: a cell that would run as a formula gets a leading `'` unless --raw-cells).
 """
 
 from __future__ import annotations
@@ -98,6 +99,12 @@ def register(subparsers: Any) -> None:
     )
     to_csv.add_argument("source", type=Path, metavar="IN.jsonl")
     to_csv.add_argument("-o", "--output", type=Path, metavar="OUT.csv")
+    to_csv.add_argument(
+        "--raw-cells",
+        action="store_true",
+        help="write cells as they are; by default a cell that a spreadsheet would run as a "
+        "formula (starting with =, +, -, @, a tab or a carriage return) gets a leading '",
+    )
     to_csv.set_defaults(handler=run_jsonl2csv)
 
 
@@ -255,5 +262,5 @@ def run_jsonl2csv(args: argparse.Namespace) -> int:
         raise UsageError("the output would overwrite the input; name it with -o")
     if not args.source.is_file():
         raise UsageError(f"{args.source} is not a readable file")
-    result = csvio.jsonl_file_to_csv(args.source, target)
+    result = csvio.jsonl_file_to_csv(args.source, target, safe_cells=not args.raw_cells)
     return _report_conversion(args.source, result, target)
