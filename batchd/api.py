@@ -327,9 +327,9 @@ class BatchApi:
             except BadAnswer as exc:
                 raise ApiError(f"GET {path}: {exc}") from exc
             yield page
-            if not page.has_more or not page.items:
+            if not page.has_more:
                 return
-            if page.last_id is None:
+            if not page.items or page.last_id is None:
                 raise ListingIncomplete(f"GET {path}: has_more, but no usable cursor")
             if page.last_id in seen:
                 raise ListingIncomplete(f"GET {path}: the server repeats a page (after {cursor})")
@@ -363,15 +363,20 @@ class BatchApi:
         except BadAnswer as exc:
             raise MaybeAppliedError(f"upload answer unusable: {exc}") from exc
 
-    async def list_files(self, *, max_pages: int = 100) -> list[RemoteFile]:
-        """Every file of the account (`ListingIncomplete` past `max_pages` pages of 100);
-        items without a usable id are left out."""
+    async def list_files(self, *, max_pages: int = 100) -> tuple[list[RemoteFile], bool]:
+        """The account's files, and whether that is all of them: a listing cut short
+        (more than `max_pages` pages of 100, or a server whose pages never end) still
+        gives what it saw. Items without a usable id are left out."""
         files: list[RemoteFile] = []
-        async for page in self.pages(
-            CallClass.FILES, "/files", {"limit": "100"}, max_pages=max_pages
-        ):
-            files.extend(parse_items(page, RemoteFile.parse))
-        return files
+        try:
+            async for page in self.pages(
+                CallClass.FILES, "/files", {"limit": "100"}, max_pages=max_pages
+            ):
+                files.extend(parse_items(page, RemoteFile.parse))
+        except ListingIncomplete as err:
+            log.warning("list_incomplete", call="files", seen=len(files), error=str(err))
+            return files, False
+        return files, True
 
     async def delete_file(self, file_id: str) -> None:
         """Delete a remote file; one that is already gone counts as deleted."""

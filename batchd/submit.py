@@ -361,15 +361,12 @@ class Submitter:
         """Parts caught in UPLOADING: adopt each one's remote file if it arrived whole
         (one listing for all of them); otherwise upload again."""
         try:
-            files = await self.api.list_files(max_pages=self.settling.max_pages)
-            complete = True
+            # A listing cut short still adopts what it saw; for the rest, uploading again
+            # costs storage, never money.
+            files, complete = await self.api.list_files(max_pages=self.settling.max_pages)
         except AccountError as err:
             self.account.pause(str(err))
             return False
-        except ListingIncomplete as err:
-            # Uploading again costs storage, never money: go on without the answer.
-            log.warning("upload_settle_incomplete", parts=len(parts), error=str(err))
-            files, complete = [], False
         except ApiError as err:
             log.warning("upload_settle_failed", parts=len(parts), error=str(err))
             now = time.time()
@@ -417,15 +414,17 @@ class Submitter:
         now = time.time()
         jobs = {j: await self.store.get_job(j) for j in {p.job_id for p in parts}}
         try:
-            files = await self.api.list_files(max_pages=self.settling.max_pages)
+            files, complete = await self.api.list_files(max_pages=self.settling.max_pages)
         except AccountError as err:
             self.account.pause(str(err))
             return False
         except ApiError as err:
-            for part in parts:
-                note = f"cannot tell whether it was sent before the state was lost: {err}"
-                await step_failed(self.store, part, note, self.policy, now)
-            return False
+            files, complete = [], False
+            log.warning("adopt_settle_failed", parts=len(parts), error=str(err))
+        if not complete:
+            # Only a file's absence would be unproven (a stray costs storage, not money);
+            # the batches below are what must be proven absent before sending.
+            log.warning("adopt_files_incomplete", parts=len(parts), seen=len(files))
         candidates: list[Part] = []
         for part in parts:
             mine = [f for f in files if f.filename == part.upload_name]
