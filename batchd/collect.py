@@ -709,8 +709,11 @@ def write_with_input_line(fh: IO[bytes], line: Line, number: int, out: IO[bytes]
         fh.seek(last - 1)
         closing = fh.read(1)
     if closing == b"}":
+        before = max(line.offset, last - 1 - 4096)
+        fh.seek(before)
+        comma = b"" if fh.read(last - 1 - before).rstrip(_WHITESPACE).endswith(b"{") else b","
         copy_range(fh, line.offset, last - 1 - line.offset, out)
-        out.write(b',"input_line":' + str(number).encode() + b"}\n")
+        out.write(comma + b'"input_line":' + str(number).encode() + b"}\n")
         return
     out.write(b'{"input_line":' + str(number).encode() + b',"raw":"')
     decoder = codecs.getincrementaldecoder("utf-8")("replace")

@@ -153,6 +153,8 @@ def iter_lines(fh: IO[bytes], max_line_bytes: int) -> Iterator[Line]:
             more = fh.readline(CHUNK_BYTES)
             if not more:
                 break
+            if len(head) < HEAD_BYTES:  # a cap below HEAD_BYTES: the head is still whole
+                head += more[: HEAD_BYTES - len(head)]
             size += len(more)
             ended = more.endswith(b"\n")
         yield Line(offset, size, None, head)

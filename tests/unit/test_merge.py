@@ -1,0 +1,517 @@
+"""Merging result files into the outbox's files, in bounded memory, losing no paid line;
+deciding what becomes of a part's files; copying the validated input (batchd.collect)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from batchd.cli import main
+from batchd.collect import (
+    RESULT_UNAVAILABLE,
+    Fetched,
+    decide_collect,
+    keep_input_files,
+    merge,
+    merged,
+    output_path,
+    remote_files_to_delete,
+    retryable_failure,
+    unread_rejection,
+    with_input_line,
+    write_results_csv,
+    write_with_input_line,
+)
+from batchd.csvio import jsonl_file_to_csv, neutralised
+from batchd.lines import iter_lines
+from batchd.models import Job, JobState, Part, PartState
+from batchd.problems import StepPolicy
+
+USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+
+
+def make_part(folder: Path, seq: int = 1, **fields: Any) -> Part:
+    values: dict[str, Any] = {
+        "id": seq,
+        "job_id": "job1",
+        "seq": seq,
+        "path": str(folder / "input.jsonl"),
+        "first_line": 1,
+        "requests": 0,
+        "bytes": 0,
+        "model": "qwen-plus",
+        "endpoint": "/v1/chat/completions",
+        "state": PartState.COLLECTED,
+        "upload_name": f"batchd-job1-p{seq:03d}.jsonl",
+        "remote_file_id": f"file-in-{seq}",
+        "batch_id": f"batch_{seq}",
+        "remote_status": "completed",
+        "request_counts": None,
+        "output_file_id": f"file-out-{seq}",
+        "error_file_id": f"file-err-{seq}",
+        "remote_errors": None,
+        "next_poll_at": None,
+        "created_remote_at": None,
+        "ended_at": None,
+        "attempts": 0,
+        "error": None,
+        "completion_window": "24h",
+        "round": 0,
+        "polled_at": None,
+        "intent_at": None,
+        "retry_at": None,
+        "parked_from": None,
+        "unavailable": None,
+        "adopt": False,
+    }
+    values.update(fields)
+    return Part(**values)
+
+
+def make_job(spool_input: Path, **fields: Any) -> Job:
+    data = spool_input.read_bytes() if spool_input.exists() else b""
+    st = spool_input.stat() if spool_input.exists() else None
+    values: dict[str, Any] = {
+        "id": "job1",
+        "name": "job",
+        "inbox_name": spool_input.name,
+        "spool_path": str(spool_input),
+        "kind": spool_input.suffix.lstrip("."),
+        "state": JobState.PUBLISHING,
+        "outcome": None,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data),
+        "options": {},
+        "report": {"valid": True, "requests": data.count(b"\n")},
+        "error": None,
+        "outbox_path": None,
+        "cancel_requested": False,
+        "crash_count": 0,
+        "created_at": 0.0,
+        "updated_at": 0.0,
+        "completed": 0,
+        "failed": 0,
+        "usage": None,
+        "input_mtime_ns": st.st_mtime_ns if st else None,
+        "prepares": 1,
+        "retried_as": None,
+        "recovered_at": None,
+    }
+    values.update(fields)
+    return Job(**values)
+
+
+def request(cid: str) -> bytes:
+    body = {"model": "qwen-plus", "messages": [{"role": "user", "content": f"q {cid}"}]}
+    return orjson.dumps(
+        {"custom_id": cid, "method": "POST", "url": "/v1/chat/completions", "body": body}
+    )
+
+
+def write_input(folder: Path, ids: list[str]) -> Path:
+    path = folder / "input.jsonl"
+    path.write_bytes(b"".join(request(c) + b"\n" for c in ids))
+    return path
+
+
+def success(cid: str, content: str = "fine", raw_content: bytes | None = None) -> bytes:
+    text = raw_content if raw_content is not None else orjson.dumps(content)
+    return (
+        b'{"id":"r-' + cid.encode() + b'","custom_id":"' + cid.encode() + b'","response":'
+        b'{"status_code":200,"request_id":"q","body":{"model":"qwen-plus","choices":'
+        b'[{"message":{"content":' + text + b'}}],"usage":' + orjson.dumps(USAGE) + b"}},"
+        b'"error":null}'
+    )
+
+
+def failure(cid: str) -> bytes:
+    return orjson.dumps(
+        {
+            "id": f"r-{cid}",
+            "custom_id": cid,
+            "response": {"status_code": 400, "request_id": "q", "body": None},
+            "error": {"code": "InvalidParameter", "message": "bad"},
+        }
+    )
+
+
+def write_results(part: Part, output: list[bytes], error: list[bytes]) -> None:
+    for kind, lines in (("output", output), ("error", error)):
+        if lines:
+            output_path(part, kind).write_bytes(b"".join(x + b"\n" for x in lines))
+
+
+def run_merge(folder: Path, parts: list[Part], **kw: Any) -> tuple[Any, list[bytes], list[bytes]]:
+    out = folder / "out"
+    out.mkdir(exist_ok=True)
+    stats = merge(
+        folder / "input.jsonl",
+        parts,
+        out / "result.jsonl",
+        out / "error.jsonl",
+        out / "unattributed.jsonl",
+        **kw,
+    )
+    results = (out / "result.jsonl").read_bytes().splitlines(keepends=True)
+    errors = (out / "error.jsonl").read_bytes().splitlines(keepends=True)
+    return stats, results, errors
+
+
+def test_lines_a_strict_parser_refuses_are_published_byte_for_byte(tmp_path: Path) -> None:
+    ids = ["r0", "r1", "r2", "r3", "r4"]
+    write_input(tmp_path, ids)
+    part = make_part(tmp_path, requests=5)
+    odd = [
+        success("r0"),
+        success("r1", raw_content=b'"cut at max_tokens \\ud83d"'),  # a lone surrogate
+        success("r2").replace(b'"model":"qwen-plus"', b'"model":"qwen-plus","score":NaN'),
+        success("r3").replace(b'"model":"qwen-plus"', b'"model":"qwen-plus","score":1e400'),
+        success("r4")[:60],  # cut in half: not JSON, but its custom_id is at its start
+    ]
+    write_results(part, list(reversed(odd)), [])
+    stats, results, errors = run_merge(tmp_path, [part])
+    assert results == [line + b"\n" for line in odd]  # input order, every byte kept
+    assert errors == []
+    assert (stats.total, stats.completed, stats.failed) == (5, 5, 0)
+    assert stats.unattributed == 0 and not (tmp_path / "out" / "unattributed.jsonl").exists()
+    # Usage is summed from the lines that parse (the cut one does not).
+    assert stats.usage == {k: 4 * v for k, v in USAGE.items()}
+
+
+def test_a_line_from_the_error_file_that_does_not_parse_is_a_failure(tmp_path: Path) -> None:
+    write_input(tmp_path, ["r0", "r1"])
+    part = make_part(tmp_path, requests=2)
+    cut = failure("r1")[:40]
+    write_results(part, [success("r0")], [cut])
+    stats, results, errors = run_merge(tmp_path, [part])
+    assert (stats.completed, stats.failed, stats.never_run) == (1, 1, 0)
+    assert results == [success("r0") + b"\n"]
+    (error,) = errors
+    assert orjson.loads(error) == {"input_line": 2, "raw": cut.decode()}
+
+
+def test_lines_no_request_claims_are_kept_in_unattributed_jsonl(tmp_path: Path) -> None:
+    write_input(tmp_path, ["r0", "r1", "r2"])
+    part = make_part(tmp_path, requests=3)
+    no_id = b'{"id":"x","response":{"status_code":200,"body":{}},"error":null}'
+    garbage = b"\x00\x01 this is not json"
+    unknown = success("zz")
+    first_r0 = success("r0", "first answer")
+    output = [first_r0, no_id, success("r1"), garbage, unknown, success("r0", "second answer")]
+    errors_in = [failure("r1"), failure("r2"), b'{"custom_id":7,"error":{"code":"x"}}']
+    write_results(part, output, errors_in)
+    stats, results, errors = run_merge(tmp_path, [part])
+    assert (stats.total, stats.completed, stats.failed) == (3, 2, 1)
+    assert [orjson.loads(x)["custom_id"] for x in results] == ["r0", "r1"]
+    assert results[0] == success("r0", "second answer") + b"\n"  # the later answer wins
+    assert [orjson.loads(x)["custom_id"] for x in errors] == ["r2"]
+    kept = (tmp_path / "out" / "unattributed.jsonl").read_bytes().splitlines()
+    # Every line that is not an answer above is here, byte for byte, none twice.
+    assert sorted(kept) == sorted(
+        [no_id, garbage, unknown, first_r0, failure("r1"), b'{"custom_id":7,"error":{"code":"x"}}']
+    )
+    assert stats.unattributed == 6
+    assert stats.unattributed_reasons == {
+        "no_custom_id": 3,
+        "duplicate": 2,
+        "unknown_custom_id": 1,
+    }
+    listed = stats.unattributed_lines
+    assert [x["line"] for x in listed] == list(range(1, 7))
+    assert {x["custom_id"] for x in listed if x["reason"] == "duplicate"} == {"r0", "r1"}
+    assert all(x["file_id"] in ("file-out-1", "file-err-1") for x in listed)
+
+
+def test_a_follow_up_answer_replaces_the_failure_it_retried(tmp_path: Path) -> None:
+    write_input(tmp_path, ["r0", "r1"])
+    first = make_part(tmp_path, 1, requests=2)
+    again = make_part(tmp_path, 2, requests=1, first_line=2, round=1)
+    write_results(first, [success("r0")], [failure("r1")])
+    write_results(again, [success("r1")], [])
+    stats, results, errors = run_merge(tmp_path, [first, again])
+    assert (stats.completed, stats.failed, stats.unattributed) == (2, 0, 0) and errors == []
+    assert results == [success("r0") + b"\n", success("r1") + b"\n"]
+
+
+def test_only_the_validated_bytes_of_the_input_are_merged(tmp_path: Path) -> None:
+    path = write_input(tmp_path, ["r0", "r1"])
+    validated = path.stat().st_size
+    with path.open("ab") as fh:  # a producer appends after the claim
+        fh.write(request("late1") + b"\n" + request("late2") + b"\n")
+    part = make_part(tmp_path, requests=2)
+    write_results(part, [success("r0"), success("r1")], [])
+    stats, results, _ = run_merge(tmp_path, [part], input_bytes=validated)
+    assert (stats.total, stats.completed, stats.failed) == (2, 2, 0) and len(results) == 2
+
+
+def test_lines_over_the_cap_are_copied_in_chunks_with_input_line_added(tmp_path: Path) -> None:
+    write_input(tmp_path, ["r0", "r1", "r2"])
+    part = make_part(tmp_path, requests=3)
+    big = success("r0", "x" * 200_000)
+    big_failure = failure("r1").replace(b'"bad"', orjson.dumps("y" * 100_000)) + b"  "
+    cut_failure = failure("r2").replace(b'"bad"', orjson.dumps("z\u00e9" * 50_000))[:-30]
+    write_results(part, [big], [big_failure, cut_failure])
+    stats, results, errors = run_merge(tmp_path, [part], max_line_bytes=4096)
+    assert (stats.completed, stats.failed) == (1, 2)
+    assert results == [big + b"\n"]
+    # The streaming rewrite gives exactly the bytes of the one that holds the line.
+    assert errors == [with_input_line(big_failure, 2), with_input_line(cut_failure, 3)]
+    assert orjson.loads(errors[0])["input_line"] == 2
+    assert orjson.loads(errors[1])["raw"].startswith('{"id":"r-r2"')
+    write_results_csv(
+        [tmp_path / "out" / "result.jsonl", tmp_path / "out" / "error.jsonl"],
+        tmp_path / "out" / "result.csv",
+        4096,
+    )
+    rows = list(csv.reader(io.StringIO((tmp_path / "out" / "result.csv").read_text("utf-8-sig"))))
+    assert rows[1][0] == "r0" and rows[1][7] == f"[line of {len(big) + 1} bytes: see result.jsonl]"
+    assert rows[2][0] == "r1" and "see error.jsonl" in rows[2][7]
+    assert len(rows) == 4
+
+
+def test_merging_a_huge_line_holds_the_cap_not_the_line(tmp_path: Path) -> None:
+    write_input(tmp_path, ["r0", "r1"])
+    part = make_part(tmp_path, requests=2)
+    with output_path(part, "output").open("wb") as out:
+        out.write(success("r1") + b"\n")
+        out.write(b'{"id":"r-r0","custom_id":"r0","response":{"status_code":200,"body":{"c":"')
+        for _ in range(24):
+            out.write(b"w" * (1 << 20))
+        out.write(b'"}},"error":null}\n')
+    result = tmp_path / "result.jsonl"
+    tracemalloc.start()
+    try:
+        stats = merge(
+            tmp_path / "input.jsonl",
+            [part],
+            result,
+            tmp_path / "error.jsonl",
+            tmp_path / "unattributed.jsonl",
+            max_line_bytes=64 * 1024,
+        )
+        write_results_csv([result], tmp_path / "result.csv", 64 * 1024)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (stats.completed, stats.failed) == (2, 0)
+    assert result.stat().st_size == output_path(part, "output").stat().st_size
+    assert peak < 8 * (1 << 20), f"peak {peak} bytes"
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (b'{"a":1}\n', b'{"a":1,"input_line":3}\n'),
+        (b'{"a":1}  \r\n', b'{"a":1,"input_line":3}\n'),
+        (b"{}\n", b'{"input_line":3}\n'),
+        (b"{ }", b'{ "input_line":3}\n'),
+    ],
+)
+def test_input_line_is_added_without_breaking_the_object(line: bytes, expected: bytes) -> None:
+    assert with_input_line(line, 3) == expected
+    fh = io.BytesIO(b"x\n" + line)
+    _, parsed = list(iter_lines(fh, 1 << 20))
+    out = io.BytesIO()
+    write_with_input_line(fh, parsed, 3, out)  # the streaming rewrite agrees
+    assert out.getvalue() == expected
+
+
+def test_requests_whose_file_could_not_be_fetched_get_result_unavailable(tmp_path: Path) -> None:
+    write_input(tmp_path, ["r0", "r1"])
+    part = make_part(tmp_path, requests=2, unavailable={"output": "HTTP 404 : no such file"})
+    write_results(part, [], [failure("r1")])
+    stats, results, errors = run_merge(tmp_path, [part])
+    assert (stats.completed, stats.failed, stats.unavailable, stats.never_run) == (0, 2, 1, 0)
+    assert results == []
+    first = orjson.loads(errors[0])
+    assert first["error"]["code"] == RESULT_UNAVAILABLE and first["input_line"] == 1
+    assert "file-out-1" in first["error"]["message"] and "404" in first["error"]["message"]
+    items = list(merged(tmp_path / "input.jsonl", [part]))
+    # Most likely run and billed: never resubmitted on its own.
+    assert not retryable_failure(items[0])
+
+
+def test_a_permanent_failure_gives_the_file_up_at_once() -> None:
+    part = make_part(Path("/spool/j"), attempts=0)
+    fetched = [
+        Fetched("output", "file-out-1", permanent="HTTP 404 : gone"),
+        Fetched("error", "file-err-1", lines=2, size=10),
+    ]
+    decision = decide_collect(part, fetched, StepPolicy(max_failures=5), {"failed": 3})
+    assert decision.done and decision.unavailable == {"output": "HTTP 404 : gone"}
+    assert decision.note is not None
+    assert "result_unavailable" in decision.note and "request_counts says 3" in decision.note
+
+
+def test_transient_failures_pause_then_give_the_file_up_after_the_last() -> None:
+    policy = StepPolicy(max_failures=3, base_s=1.0, cap_s=10.0)
+    fetched = [Fetched("output", "file-out-1", transient="download too slow: 10 bytes")]
+    first = decide_collect(make_part(Path("/s"), attempts=0), fetched, policy, None)
+    assert not first.done and first.failures == 1 and first.retry_in_s == 1.0
+    second = decide_collect(make_part(Path("/s"), attempts=1), fetched, policy, None)
+    assert not second.done and second.retry_in_s == 2.0
+    last = decide_collect(make_part(Path("/s"), attempts=2), fetched, policy, None)
+    assert last.done and last.unavailable == {
+        "output": "gave up after 3 failures: download too slow: 10 bytes"
+    }
+    assert last.note is not None and "left on the service" in last.note
+
+
+def test_files_given_up_after_transient_failures_are_not_deleted() -> None:
+    gone = make_part(Path("/s"), 1, unavailable={"output": "HTTP 404 : gone"})
+    kept = make_part(Path("/s"), 2, unavailable={"error": "gave up after 5 failures: 503"})
+    assert remote_files_to_delete([gone, kept]) == [
+        "file-in-1",
+        "file-out-1",
+        "file-err-1",
+        "file-in-2",
+        "file-out-2",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("cell", "shown"),
+    [
+        ('=HYPERLINK("http://x")', '\'=HYPERLINK("http://x")'),
+        ("+1", "'+1"),
+        ("-2+3", "'-2+3"),
+        ("@SUM(A1)", "'@SUM(A1)"),
+        ("\t=1", "'\t=1"),
+        ("\r=1", "'\r=1"),
+        ("plain", "plain"),
+        ("a=b", "a=b"),
+        ("", ""),
+    ],
+)
+def test_cells_a_spreadsheet_would_run_are_neutralised(cell: str, shown: str) -> None:
+    assert neutralised(cell) == shown
+
+
+def test_result_csv_never_writes_a_formula_but_raw_cells_can(tmp_path: Path) -> None:
+    source = tmp_path / "result.jsonl"
+    source.write_bytes(
+        b'{"custom_id":"=cmd|\' /C calc\'!A0","response":{"status_code":200,"body":'
+        b'{"choices":[{"message":{"content":"@SUM(1+1)*cmd"}}]}}}\n'
+        + success("r9", raw_content=b'"ends in \\ud83d"')
+        + b"\n"
+    )
+    assert jsonl_file_to_csv(source, tmp_path / "safe.csv").ok
+    safe = list(csv.reader(io.StringIO((tmp_path / "safe.csv").read_text("utf-8-sig"))))
+    assert safe[1][0] == "'=cmd|' /C calc'!A0" and safe[1][7] == "'@SUM(1+1)*cmd"
+    assert safe[2][7] == "ends in \ufffd"  # a lone surrogate is shown, not a crash
+    assert jsonl_file_to_csv(source, tmp_path / "raw.csv", safe_cells=False).ok
+    raw = list(csv.reader(io.StringIO((tmp_path / "raw.csv").read_text("utf-8-sig"))))
+    assert raw[1][0] == "=cmd|' /C calc'!A0"
+
+
+def test_the_outbox_input_is_a_copy_of_the_validated_bytes(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    source = write_input(spool, ["r0", "r1", "r2"])
+    validated = source.read_bytes()
+    job = make_job(source)
+    with source.open("ab") as fh:  # a producer still holding the file appends
+        fh.write(request("late") + b"\n")
+    out = tmp_path / "tmp"
+    out.mkdir()
+    kept = keep_input_files(job, [], out, keep=True)
+    assert (out / "input.jsonl").read_bytes() == validated
+    assert (out / "input.jsonl").stat().st_ino != source.stat().st_ino
+    assert (out / "unsent.jsonl").read_bytes() == request("late") + b"\n"
+    changed = kept["input_changed"]
+    assert changed["appended_bytes"] == len(request("late")) + 1
+    assert not changed["modified_in_place"] and changed["unsent"] == "unsent.jsonl"
+    assert "drop them again as a new file" in changed["note"]
+    # Without keep_input the validated copy is not made, but the unsent bytes still are.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    keep_input_files(job, [], bare, keep=False)
+    assert sorted(p.name for p in bare.iterdir()) == ["unsent.jsonl"]
+
+
+def test_an_input_changed_in_place_is_kept_beside_the_parts_that_were_sent(
+    tmp_path: Path,
+) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    source = write_input(spool, ["r0", "r1"])
+    job = make_job(source)
+    (spool / "part-001.jsonl").write_bytes(request("r0") + b"\n")
+    (spool / "part-002.jsonl").write_bytes(request("r1") + b"\n")
+    parts = [
+        make_part(spool, 1, path=str(spool / "part-001.jsonl")),
+        make_part(spool, 2, path=str(spool / "part-002.jsonl")),
+    ]
+    source.write_bytes(request("other") + b"\n")
+    out = tmp_path / "tmp"
+    out.mkdir()
+    changed = keep_input_files(job, parts, out, keep=True)["input_changed"]
+    assert changed["modified_in_place"] and changed["kept_as"] == "input.changed.jsonl"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "input.changed.jsonl",
+        "input.part-001.jsonl",
+        "input.part-002.jsonl",
+    ]
+    assert (out / "input.changed.jsonl").read_bytes() == request("other") + b"\n"
+
+
+def test_an_input_rejected_unread_is_moved_not_copied(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    source = spool / "input.jsonl"
+    with source.open("wb") as fh:
+        fh.truncate(10 * (1 << 30))  # sparse: 10 GiB that a copy would write out
+    report = {
+        "valid": False,
+        "requests": 0,
+        "errors": [{"line": None, "code": "input_too_large", "message": "too large"}],
+    }
+    job = make_job(spool / "missing", spool_path=str(source), sha256=None, report=report)
+    assert unread_rejection(job)
+    inode = source.stat().st_ino
+    out = tmp_path / "tmp"
+    out.mkdir()
+    assert keep_input_files(job, [], out, keep=True) == {}
+    assert not source.exists() and (out / "input.jsonl").stat().st_ino == inode
+
+
+def test_an_input_rejected_unread_stays_in_the_spool_across_filesystems(
+    tmp_path: Path,
+) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on a filesystem of its own")
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    source = spool / "input.jsonl"
+    source.write_bytes(b"x" * 100)
+    report = {"valid": False, "errors": [{"line": None, "code": "sparse_file", "message": "s"}]}
+    job = make_job(source, sha256=None, report=report)
+    out = shm / f"batchd-test-{os.getpid()}-{tmp_path.name}"
+    out.mkdir()
+    try:
+        kept = keep_input_files(job, [], out, keep=True)
+        assert kept == {"input_kept_at": str(source)}
+        assert source.exists() and not (out / "input.jsonl").exists()
+    finally:
+        for child in out.iterdir():
+            child.unlink()
+        out.rmdir()
+
+
+def test_jsonl2csv_neutralises_formulas_unless_raw_cells(tmp_path: Path) -> None:
+    source = tmp_path / "result.jsonl"
+    source.write_bytes(b'{"custom_id":"+1-555","response":{"status_code":200,"body":{}}}\n')
+    assert main(["jsonl2csv", str(source), "-o", str(tmp_path / "safe.csv")]) == 0
+    assert "'+1-555" in (tmp_path / "safe.csv").read_text("utf-8-sig")
+    raw_csv = tmp_path / "raw.csv"
+    assert main(["jsonl2csv", str(source), "-o", str(raw_csv), "--raw-cells"]) == 0
+    assert raw_csv.read_text("utf-8-sig").splitlines()[1].startswith("+1-555,")
