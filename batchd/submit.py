@@ -648,12 +648,25 @@ class Submitter:
     # -- cancel -------------------------------------------------------------------------
 
     async def cancel_job(self, job: Job) -> None:
-        """Stop what has not been created; ask the service to cancel what runs."""
+        """Stop what has not been created; ask the service to cancel what runs. A parked
+        part that may have a batch (parked while creating, uploading or running) goes
+        back to where it was, so that its batch is found and cancelled like the others."""
         for part in await self.store.parts_of(job.id):
             never_created = part.state in (PartState.PENDING, PartState.UPLOADED) or (
                 part.state == PartState.PARKED
                 and part.parked_from in (PartState.PENDING, PartState.UPLOADED)
             )
+            if part.state == PartState.PARKED and not never_created and part.parked_from:
+                await self.store.update_part(
+                    part.id,
+                    PartState.PARKED,
+                    state=PartState(part.parked_from),
+                    parked_from=None,
+                    attempts=0,
+                    retry_at=None,
+                    next_poll_at=time.time(),
+                )
+                continue
             if never_created:
                 await self.store.update_part(
                     part.id,

@@ -133,6 +133,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     health = "[green]healthy[/]" if body["healthy"] else "[red]unhealthy[/]"
     console.print("  ".join([health, *flags]))
     console.print(f"running batches {caps['running_batches']} / {caps['running_cap']}")
+    problems = body.get("problems") or []
+    if problems:
+        listed = Table(title=f"needs attention ({body.get('problem_count', len(problems))})")
+        for column in ("what", "job", "part", "note"):
+            listed.add_column(column)
+        for problem in problems:
+            listed.add_row(
+                problem["kind"].replace("_", " "),
+                problem.get("job_id") or "-",
+                str(problem["part"]) if problem.get("part") is not None else "-",
+                problem["note"][:120],
+            )
+        console.print(listed)
     table = Table(title="jobs")
     table.add_column("state")
     table.add_column("count", justify="right")
@@ -225,6 +238,12 @@ def cmd_show(args: argparse.Namespace) -> int:
             (part["error"] or "")[:60],
         )
     console.print(table)
+    for part in body["parts"] or []:
+        # A part that cannot proceed says why in full, not cut to a table cell.
+        if part["state"] == "parked" or part.get("attempts") or part.get("unavailable"):
+            console.print(f"  part {part['seq']} ({part['state']}): {part['error'] or ''}")
+            for kind, why in (part.get("unavailable") or {}).items():
+                console.print(f"    {kind} file unavailable: {why}")
     report = body.get("report") or {}
     for err in (report.get("errors") or [])[:20]:
         console.print(f"  line {err['line']}: {err['code']}: {err['message']}")
@@ -256,7 +275,13 @@ def cmd_check(args: argparse.Namespace) -> int:
         if not args.quiet:
             print("ok")
         return EXIT_OK
-    reason = body.get("account_paused") or body.get("error") or "a stage has stopped"
+    problems = body.get("problems") or [] if isinstance(body, dict) else []
+    reason = (
+        body.get("account_paused")
+        or body.get("error")
+        or (problems[0]["note"] if problems else None)
+        or "a stage has stopped"
+    )
     print(f"batchd check: unhealthy: {reason}", file=sys.stderr)
     return EXIT_FAILED
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from batchd.cli import main
 from batchd.emulator import Emulator
 from batchd.models import PartState
 from tests.conftest import ENDPOINT_CHAT, Api, StartEmulator, jsonl
@@ -85,7 +86,7 @@ async def test_a_lost_create_is_found_by_paging_when_the_list_ignores_its_filter
 
 
 async def test_a_list_that_never_ends_leaves_the_part_waiting_never_paying_twice(
-    start_emulator: StartEmulator, tmp_path: Path
+    start_emulator: StartEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A create whose connection drops may or may not have taken effect; a list whose
     `has_more` never ends cannot prove the batch absent: the part stays in CREATING with
@@ -110,6 +111,12 @@ async def test_a_list_that_never_ends_leaves_the_part_waiting_never_paying_twice
         assert not status.healthy
         (problem,) = [p for p in status.problems if p.kind == "part_parked"]
         assert problem.job_id == part.job_id and "parked after 3 failures" in problem.note
+        sock = str(settings.socket_path)
+        code = await asyncio.to_thread(main, ["status", "--socket", sock])
+        out = capsys.readouterr().out
+        assert code == 0 and "needs attention (1)" in out and "part parked" in out
+        code = await asyncio.to_thread(main, ["check", "--socket", sock])
+        assert code == 1 and "parked after 3 failures" in capsys.readouterr().err
         assert (await emulator.stats())["batches_created"] == 0  # never tried blindly
         emulator.set_faults(drop_connection_rate=0.0, endless_pages=False)
         answer = await daemon.retry_action(part.job_id)
