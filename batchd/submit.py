@@ -648,25 +648,14 @@ class Submitter:
     # -- cancel -------------------------------------------------------------------------
 
     async def cancel_job(self, job: Job) -> None:
-        """Stop what has not been created; ask the service to cancel what runs. A parked
-        part that may have a batch (parked while creating, uploading or running) goes
-        back to where it was, so that its batch is found and cancelled like the others."""
+        """Stop what has not been created; ask the service to cancel what runs (a part
+        parked while running too: its batch is cancelled, the part stays parked for
+        `batchd retry`)."""
         for part in await self.store.parts_of(job.id):
             never_created = part.state in (PartState.PENDING, PartState.UPLOADED) or (
                 part.state == PartState.PARKED
                 and part.parked_from in (PartState.PENDING, PartState.UPLOADED)
             )
-            if part.state == PartState.PARKED and not never_created and part.parked_from:
-                await self.store.update_part(
-                    part.id,
-                    PartState.PARKED,
-                    state=PartState(part.parked_from),
-                    parked_from=None,
-                    attempts=0,
-                    retry_at=None,
-                    next_poll_at=time.time(),
-                )
-                continue
             if never_created:
                 await self.store.update_part(
                     part.id,
@@ -676,7 +665,7 @@ class Submitter:
                 )
                 await self.store.add_garbage([part.remote_file_id], "cancelled", time.time())
             elif (
-                part.state == PartState.RUNNING
+                (part.state == PartState.RUNNING or part.parked_from == PartState.RUNNING)
                 and part.batch_id
                 and (part.remote_status not in (RemoteStatus.CANCELLING, RemoteStatus.CANCELLED))
             ):
@@ -688,7 +677,7 @@ class Submitter:
                 fields = batch.part_fields() if batch is not None else {}
                 await self.store.update_part(
                     part.id,
-                    PartState.RUNNING,
+                    part.state,
                     next_poll_at=time.time(),
                     **{k: v for k, v in fields.items() if v is not None},
                 )
