@@ -135,20 +135,35 @@ class Line:
 def iter_lines(fh: IO[bytes], max_line_bytes: int) -> Iterator[Line]:
     """Every line of `fh` from where it stands, blank ones included. A line of at most
     `max_line_bytes` (its newline included) is held whole; a longer one is read past in
-    chunks, and only its first `HEAD_BYTES` are kept."""
+    chunks, and only its first `HEAD_BYTES` are kept. Reading holds at most about
+    `max_line_bytes` at a time, whatever the line's length."""
     offset = fh.tell()
     while True:
-        first = fh.readline(max_line_bytes + 1)
-        if not first:
+        piece = fh.readline(min(CHUNK_BYTES, max_line_bytes + 1))
+        if not piece:
             return
-        if len(first) <= max_line_bytes:
-            yield Line(offset, len(first), first, first[:HEAD_BYTES])
-            offset += len(first)
+        size = len(piece)
+        ended = piece.endswith(b"\n")
+        if ended and size <= max_line_bytes:  # the common case: a line within one read
+            yield Line(offset, size, piece, piece[:HEAD_BYTES])
+            offset += size
             continue
-        head = first[:HEAD_BYTES]
-        size = len(first)
-        ended = first.endswith(b"\n")
-        del first  # the cap's worth of bytes goes before the rest is read
+        pieces = [piece]
+        # On while the line is unfinished and still within the cap (at most cap + 1).
+        while not ended and size <= max_line_bytes:
+            piece = fh.readline(min(CHUNK_BYTES, max_line_bytes + 1 - size))
+            if not piece:
+                break
+            pieces.append(piece)
+            size += len(piece)
+            ended = piece.endswith(b"\n")
+        if size <= max_line_bytes:
+            data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            yield Line(offset, size, data, data[:HEAD_BYTES])
+            offset += size
+            continue
+        head = _head(pieces)
+        del pieces, piece  # the cap's worth of bytes goes before the rest is read
         while not ended:
             more = fh.readline(CHUNK_BYTES)
             if not more:
@@ -159,6 +174,15 @@ def iter_lines(fh: IO[bytes], max_line_bytes: int) -> Iterator[Line]:
             ended = more.endswith(b"\n")
         yield Line(offset, size, None, head)
         offset += size
+
+
+def _head(pieces: list[bytes]) -> bytes:
+    head = bytearray()
+    for piece in pieces:
+        head += piece[: HEAD_BYTES - len(head)]
+        if len(head) >= HEAD_BYTES:
+            break
+    return bytes(head)
 
 
 def line_at(fh: IO[bytes], offset: int, max_line_bytes: int) -> Line:
