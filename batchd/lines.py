@@ -218,6 +218,26 @@ def copy_line(fh: IO[bytes], line: Line, out: IO[bytes]) -> None:
         out.write(b"\n")
 
 
+# Where batchd puts `input_line` in error.jsonl: last in the service's object, or first
+# in the object it wraps a line in that does not end with a brace.
+_INPUT_LINE_TAIL = re.compile(rb'"input_line"\s*:\s*([0-9]+)\s*\}\s*\Z')
+_INPUT_LINE_HEAD = re.compile(rb'\A\s*\{\s*"input_line"\s*:\s*([0-9]+)')
+
+
+def input_line_of(fh: IO[bytes], line: Line) -> int | None:
+    """The `input_line` of a line of the outbox's error.jsonl (`batchd retry` reads
+    them): from the parsed line when it is held, else from its last (or first) bytes."""
+    if line.data is not None:
+        value = read_line(line.data)
+        number = value.get("input_line") if value is not None else None
+        return number if isinstance(number, int) and not isinstance(number, bool) else None
+    start = max(line.offset, line.offset + line.size - 256)
+    fh.seek(start)
+    tail = fh.read(line.offset + line.size - start)
+    found = _INPUT_LINE_TAIL.search(tail) or _INPUT_LINE_HEAD.match(line.head)
+    return int(found.group(1)) if found else None
+
+
 def count_lines(fh: IO[bytes], max_line_bytes: int) -> int:
     """How many lines of `fh` are not blank, in bounded memory."""
     return sum(1 for line in iter_lines(fh, max_line_bytes) if not line.blank)

@@ -16,6 +16,7 @@ from batchd.lines import (
     count_lines,
     custom_id_of,
     identity,
+    input_line_of,
     iter_lines,
     line_at,
     printable,
@@ -184,3 +185,12 @@ class _Discard(io.RawIOBase):
         size = len(data)  # type: ignore[arg-type]
         self.written += size
         return size
+
+
+def test_input_line_is_read_back_from_error_lines_of_any_length() -> None:
+    long_error = b'{"custom_id":"a","error":{"message":"' + b"m" * 5000 + b'"},"input_line":7}\n'
+    wrapped = b'{"input_line":9,"raw":"' + b"r" * 5000 + b'"}\n'
+    data = b'{"custom_id":"b","input_line":3}\n' + long_error + wrapped + b'{"x":NaN}\n'
+    fh = io.BytesIO(data)
+    lines = list(iter_lines(fh, 1024))
+    assert [input_line_of(fh, li) for li in lines] == [3, 7, 9, None]
