@@ -289,7 +289,8 @@ class BatchApi:
             attempt += 1
             try:
                 return await self._once(cls, method, path, **kw)
-            except AccountError:
+            except (AccountError, DownloadTooSlow):
+                # A dripping body is the part's step to pause, not a call to repeat now.
                 raise
             except ApiError as err:
                 self.last_error[cls] = str(err)

@@ -360,9 +360,10 @@ class Collector:
     ) -> Fetched:
         dest = output_path(part, kind)
         try:
-            # After a failed attempt, a file it fetched whole (renamed into place after
-            # its fsync) is not fetched again; a first attempt always fetches.
-            if part.attempts > 0 and dest.exists():
+            # A file fetched whole before (renamed into place after its fsync: an earlier
+            # attempt, or a run the daemon was killed in before the part was marked
+            # collected) is not fetched again: the service may no longer have it.
+            if dest.exists():
                 size = dest.stat().st_size
             else:
                 async with slots:
