@@ -32,7 +32,7 @@ from batchd.failpoints import failpoint
 from batchd.fsutil import fsync_dir, write_atomic
 from batchd.intake import Intake
 from batchd.limits import CallClass, RateLimiter
-from batchd.lines import read_line
+from batchd.lines import DEFAULT_MAX_LINE_BYTES, input_line_of, iter_lines
 from batchd.logs import configure, get_logger, register_secret
 from batchd.models import JOB_TERMINAL, PART_QUEUED, Job, JobState, Part, PartState
 from batchd.notify import Notifier, status_loop, status_text, watchdog_loop
@@ -251,6 +251,10 @@ class Daemon:
             resubmit_failed=s.jobs.resubmit_failed,
             on_ready=self.wake.poke("publish"),
             on_follow_up=self.wake.poke("submit"),
+            policy=policy,
+            download_concurrency=s.api.download_concurrency,
+            max_line_bytes=s.jobs.max_result_line_bytes,
+            stopping=self.stopping,
         )
         self.publisher = Publisher(
             self.store,
@@ -259,6 +263,7 @@ class Daemon:
             delete_remote_files=s.jobs.delete_remote_files,
             on_published=self._after_publish,
             on_retry_due=self.wake.poke("publish"),
+            max_line_bytes=s.jobs.max_result_line_bytes,
         )
 
     def _after_publish(self) -> None:
@@ -406,7 +411,7 @@ class Daemon:
             "prepare": self._stage("prepare", self.preparer.run_once, 5.0, self.preparer.idle_s),
             "submit": self._stage("submit", self._submit_step, 2.0, self.submitter.idle_s),
             "poll": self._stage("poll", self.poller.run_once, 1.0, self.poller.idle_s),
-            "collect": self._stage("collect", self.collector.run_once, 5.0),
+            "collect": self._stage("collect", self.collector.run_once, 5.0, self.collector.idle_s),
             "publish": self._stage("publish", self.publisher.run_once, 5.0),
             "cleanup": self._stage("cleanup", self._cleanup_step, 30.0),
             "account": self._stage("account", self._account_probe, s.api.account_probe_s),
@@ -516,6 +521,8 @@ class Daemon:
             self.publisher.keep_input = new.jobs.keep_input
             self.publisher.delete_remote_files = new.jobs.delete_remote_files
             self.collector.resubmit_failed = new.jobs.resubmit_failed
+            self.collector.max_line_bytes = new.jobs.max_result_line_bytes
+            self.publisher.max_line_bytes = new.jobs.max_result_line_bytes
             applied.append("jobs")
         if old.max_reported_errors != new.max_reported_errors:
             applied.append("max_reported_errors")
@@ -751,7 +758,11 @@ class Daemon:
                 message=f"already resubmitted as {job.retried_as} (retry that job to go again)",
             )
         planned = await asyncio.to_thread(
-            write_retry_input, job, Path(job.outbox_path or ""), self.inbox
+            write_retry_input,
+            job,
+            Path(job.outbox_path or ""),
+            self.inbox,
+            self.settings.jobs.max_result_line_bytes,
         )
         if planned is None:
             return ActionResponse(ok=False, message="no failed requests, or input not kept")
@@ -837,7 +848,9 @@ def _part_info(p: Part) -> PartInfo:
     )
 
 
-def write_retry_input(job: Job, folder: Path, inbox: Path) -> str | None:
+def write_retry_input(
+    job: Job, folder: Path, inbox: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+) -> str | None:
     """Copy the input lines listed in a published job's error.jsonl into a hidden temp
     file in the inbox (fsynced), with the job's options as its sidecar; the name it is to
     take (`finish_retry_input` gives it), or None when there is nothing to retry."""
@@ -847,10 +860,11 @@ def write_retry_input(job: Job, folder: Path, inbox: Path) -> str | None:
         return None
     wanted: set[int] = set()
     with errors.open("rb") as fh:
-        for line in fh:
-            answer = read_line(line)
-            number = answer.get("input_line") if answer is not None else None
-            if isinstance(number, int) and not isinstance(number, bool):
+        for line in iter_lines(fh, max_line_bytes):
+            at = fh.tell()
+            number = None if line.blank else input_line_of(fh, line)
+            fh.seek(at)
+            if number is not None:
                 wanted.add(number)
     if not wanted:
         return None
@@ -863,9 +877,9 @@ def write_retry_input(job: Job, folder: Path, inbox: Path) -> str | None:
         write_atomic(inbox / f"{name}.meta.json", orjson.dumps(job.options))
     tmp = inbox / f".{name}.jsonl.tmp"
     with source.open("rb") as src, tmp.open("wb") as out:
-        for number, line in enumerate(src, start=1):
+        for number, request in enumerate(src, start=1):
             if number in wanted:
-                out.write(line if line.endswith(b"\n") else line + b"\n")
+                out.write(request if request.endswith(b"\n") else request + b"\n")
         out.flush()
         os.fsync(out.fileno())
     log.info("retry_input_written", job_id=job.id, name=f"{name}.jsonl", requests=len(wanted))

@@ -426,6 +426,11 @@ class Intake:
             if not kind:
                 empty.append(job_id)
                 continue
+            # Result files fetched before the loss may belong to batches the re-planned
+            # parts do not find again: fetched afresh, never taken for theirs.
+            for kind_of_result in ("output", "error"):
+                for stale in folder.glob(f"part-*.{kind_of_result}.jsonl"):
+                    stale.unlink(missing_ok=True)
             recorded = record.get("options")
             options: dict[str, Any] = (
                 recorded

@@ -19,7 +19,6 @@ import io
 import os
 import shutil
 import signal
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,12 +27,10 @@ from typing import Any
 import orjson
 import pytest
 
-from batchd.daemon import Daemon
 from batchd.emulator import Emulator
 from batchd.lines import custom_id_of, read_line
 from batchd.logs import configure
 from batchd.models import PartState
-from batchd.problems import StepPolicy
 from tests.conftest import StartEmulator
 from tests.integration.daemon_harness import (
     daemon_env,
@@ -43,25 +40,13 @@ from tests.integration.daemon_harness import (
     published_jobs,
     requests,
     running,
+    start_subprocess,
     summary,
     wait_published,
     wait_ready,
 )
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def wire(daemon: Daemon) -> None:
-    """What `Daemon._open` is to pass the collect and publish stages from the settings
-    (the same values; a no-op once it does)."""
-    s = daemon.settings
-    daemon.collector.policy = StepPolicy(
-        s.max_part_failures, s.api.step_retry_base_s, s.api.step_retry_cap_s
-    )
-    daemon.collector.download_concurrency = s.api.download_concurrency
-    daemon.collector.max_line_bytes = s.jobs.max_result_line_bytes
-    daemon.collector.stopping = daemon.stopping
-    daemon.publisher.max_line_bytes = s.jobs.max_result_line_bytes
 
 
 @pytest.fixture
@@ -120,7 +105,6 @@ async def test_result_lines_a_strict_parser_refuses_are_published_byte_for_byte(
     settings = daemon_settings(tmp_path / "root", emulator, jobs={"delete_remote_files": False})
     outbox = settings.paths.folder("outbox")
     async with running(settings) as daemon:
-        wire(daemon)
         drop(settings.paths.folder("inbox"), "odd.jsonl", requests(8))
         drop(settings.paths.folder("inbox"), "plain.jsonl", requests(2, prefix="p"))
         await wait_published(outbox, 2, emulator)
@@ -164,7 +148,6 @@ async def test_a_result_file_answering_404_is_given_up_at_once(
     settings = daemon_settings(tmp_path / "root", emulator)
     outbox = settings.paths.folder("outbox")
     async with running(settings) as daemon:
-        wire(daemon)
         drop(settings.paths.folder("inbox"), "gone.jsonl", requests(3))
         drop(settings.paths.folder("inbox"), "fine.jsonl", requests(2, prefix="f"))
         await wait_published(outbox, 2, emulator)
@@ -201,7 +184,6 @@ async def test_a_result_file_that_keeps_failing_is_given_up_and_left_on_the_serv
     )
     outbox = settings.paths.folder("outbox")
     async with running(settings) as daemon:
-        wire(daemon)
         drop(settings.paths.folder("inbox"), "flaky.jsonl", requests(2))
         await wait_published(outbox, 1, emulator)
         await published_jobs(daemon, 1)
@@ -242,7 +224,6 @@ async def test_one_dripping_download_does_not_hold_the_other_jobs(
     )
     inbox, outbox = settings.paths.folder("inbox"), settings.paths.folder("outbox")
     async with running(settings) as daemon:
-        wire(daemon)
         # The slow job first: one download at a time would queue the others behind it.
         drop(inbox, "slow.jsonl", requests(3))
         deadline = time.monotonic() + 10
@@ -304,7 +285,7 @@ async def test_a_100_mb_result_line_never_enters_the_daemons_memory(
         BATCHD_JOBS__MAX_RESULT_LINE_BYTES=str(1 << 20),
         BATCHD_JOBS__DELETE_REMOTE_FILES="false",
     )
-    process = await start_wired_subprocess(env, tmp_path / "daemon.log")
+    process = await start_subprocess(env, tmp_path / "daemon.log")
     try:
         await wait_ready(root, process)
         baseline = peak_rss_bytes(process.pid)
@@ -329,39 +310,6 @@ async def test_a_100_mb_result_line_never_enters_the_daemons_memory(
     assert sum(r[7].startswith("[line of ") and "see result.jsonl" in r[7] for r in rows) == 1
 
 
-# `batchd run`, with the stages given what `Daemon._open` is to pass them from the
-# settings (the `wire` above; a no-op once it does).
-_WIRED_RUN = """
-import sys
-from batchd import daemon
-from batchd.problems import StepPolicy
-opened = daemon.Daemon._open
-async def _open(self, stack):
-    await opened(self, stack)
-    s = self.settings
-    self.collector.policy = StepPolicy(
-        s.max_part_failures, s.api.step_retry_base_s, s.api.step_retry_cap_s
-    )
-    self.collector.download_concurrency = s.api.download_concurrency
-    self.collector.max_line_bytes = s.jobs.max_result_line_bytes
-    self.collector.stopping = self.stopping
-    self.publisher.max_line_bytes = s.jobs.max_result_line_bytes
-daemon.Daemon._open = _open
-from batchd.cli import main
-sys.exit(main(["run"]))
-"""
-
-
-async def start_wired_subprocess(env: dict[str, str], log_path: Path) -> Any:
-    log_file = log_path.open("ab")
-    try:
-        return await asyncio.create_subprocess_exec(
-            sys.executable, "-c", _WIRED_RUN, env=env, stdout=log_file, stderr=log_file
-        )
-    finally:
-        log_file.close()
-
-
 def _line_digests(path: Path) -> list[str]:
     digests = []
     with path.open("rb") as fh:
@@ -384,8 +332,7 @@ async def test_result_csv_never_carries_a_formula(
     settings = daemon_settings(tmp_path / "root", emulator)
     outbox = settings.paths.folder("outbox")
     ids = ['=HYPERLINK("http://x","y")', "+1-555", "-2+3", "@SUM(A1)", "\t=1", "\r=2", "plain"]
-    async with running(settings) as daemon:
-        wire(daemon)
+    async with running(settings):
         drop(settings.paths.folder("inbox"), "cells.jsonl", b"".join(map(request_line, ids)))
         (folder,) = await wait_published(outbox, 1, emulator)
     assert [r["custom_id"] for r in jsonl(folder / "result.jsonl")] == ids  # kept as sent
@@ -405,7 +352,6 @@ async def test_a_dangling_symlink_at_the_outbox_name_is_skipped(
     outbox.mkdir(parents=True)
     (outbox / "report").symlink_to(tmp_path / "nowhere")
     async with running(settings) as daemon:
-        wire(daemon)
         drop(settings.paths.folder("inbox"), "report.jsonl", requests(2))
         await wait_published(outbox, 2, emulator)
         await published_jobs(daemon, 1)
@@ -427,7 +373,6 @@ async def test_bytes_appended_after_the_claim_are_kept_apart_not_sent_or_publish
     outbox = settings.paths.folder("outbox")
     original, late = requests(3), requests(3, prefix="late")
     async with running(settings) as daemon:
-        wire(daemon)
         drop(settings.paths.folder("inbox"), "grow.jsonl", original)
         deadline = time.monotonic() + 20
         while True:
@@ -485,7 +430,6 @@ async def test_an_input_rejected_unread_is_moved_into_the_outbox_not_copied(
     dropped = sparse_input(settings.paths.folder("inbox"), "big.jsonl", 4 << 30)
     inode = dropped.stat().st_ino
     async with running(settings) as daemon:
-        wire(daemon)
         (folder,) = await wait_published(outbox, 1, None)
         await published_jobs(daemon, 1)
     s = summary(folder)
@@ -517,7 +461,6 @@ async def test_an_input_rejected_unread_stays_in_the_spool_when_the_outbox_is_el
         dropped = sparse_input(settings.paths.folder("inbox"), "big.jsonl", 4 << 30)
         inode = dropped.stat().st_ino
         async with running(settings) as daemon:
-            wire(daemon)
             (folder,) = await wait_published(outbox, 1, None)
             await published_jobs(daemon, 1)
         s = summary(folder)
