@@ -15,6 +15,15 @@ run finishes the work. Then every invariant is checked:
 
 The figures (kills, duplicates, lost, orphans, mean recovery time) are printed; the soak
 variant also writes them to tests/bench/soak-figures.json.
+
+The hostile variant (issue 12) runs the same loop against a service that misbehaves: at
+each restart the emulator's fault modes are switched on at random (list filters ignored,
+answers lost after their effect, 5xx and dropped connections, garbled numbers and times,
+list pages that never end, result files that answer 404 or drip, huge and odd result
+lines). The end state is checked the same way; what the faults make impossible to
+deliver (a result file that answers 404 for good) must be published as such, with every
+request still accounted for once, and nothing orphaned but the files batchd says it left
+on the service.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import orjson
 import pytest
 
 from batchd.emulator import Emulator
+from batchd.lines import identity, read_line
 from tests.conftest import StartEmulator
 from tests.integration.daemon_harness import daemon_env, drop, requests, start_subprocess
 
@@ -55,6 +65,8 @@ class Plan:
     seed: int
     min_delay_s: float = 0.02
     max_delay_s: float = 1.0
+    # Switch the emulator's fault modes on at random at each restart (issue 12).
+    hostile: bool = False
 
 
 @dataclass
@@ -74,6 +86,10 @@ class Figures:
     unexpected_exits: int = 0
     recovery_s: list[float] = field(default_factory=list)
     wall_s: float = 0.0
+    fault_rounds: int = 0
+    faults_seen: dict[str, int] = field(default_factory=dict)
+    unavailable_requests: int = 0
+    parked_retried: int = 0
 
     @property
     def mean_recovery_s(self) -> float | None:
@@ -135,6 +151,80 @@ def custom_ids(content: bytes) -> list[str]:
             if isinstance(obj, dict):
                 ids.append(obj["custom_id"])
     return ids
+
+
+# -- a hostile service ----------------------------------------------------------------
+
+NO_FAULTS: dict[str, Any] = {
+    "ignore_list_filters": False,
+    "endless_pages": False,
+    "lost_response_rate": 0.0,
+    "lost_create_response_rate": 0.0,
+    "drop_connection_rate": 0.0,
+    "error_5xx_rate": 0.0,
+    "garbled_fields_rate": 0.0,
+    "odd_lines_rate": 0.0,
+    "content_missing_rate": 0.0,
+    "drip_rate": 0.0,
+    "huge_line_bytes": 0,
+}
+
+
+def random_faults(rng: random.Random) -> dict[str, Any]:
+    """One round of the service's misbehaviour: each fault on or off at random."""
+    return {
+        "ignore_list_filters": rng.random() < 0.5,
+        "endless_pages": rng.random() < 0.3,
+        "lost_response_rate": rng.choice([0.0, 0.0, 0.1, 0.3]),
+        "lost_create_response_rate": rng.choice([0.0, 0.2]),
+        "drop_connection_rate": rng.choice([0.0, 0.0, 0.05]),
+        "error_5xx_rate": rng.choice([0.0, 0.0, 0.05]),
+        "garbled_fields_rate": rng.choice([0.0, 0.5, 1.0]),
+        "odd_lines_rate": rng.choice([0.0, 0.3]),
+        "content_missing_rate": rng.choice([0.0, 0.0, 0.0, 0.2]),
+        "drip_rate": rng.choice([0.0, 0.0, 0.3]),
+        "huge_line_bytes": rng.choice([0, 0, 300_000]),
+        "seed": rng.randrange(1 << 30),
+    }
+
+
+async def retry_parked(sock: Path) -> int:
+    """Ask the daemon to resume every parked part (as an operator would); how many jobs."""
+    from batchd.control import ControlClient
+
+    client = ControlClient(sock, timeout_s=2.0)
+    try:
+        code, status = await client.call("GET", "/v1/status")
+    except OSError:
+        return 0
+    if code != 200:
+        return 0
+    jobs = {p["job_id"] for p in status.get("problems", []) if p["kind"] == "part_parked"}
+    for job_id in jobs:
+        with contextlib.suppress(OSError):
+            await client.call("POST", f"/v1/jobs/{job_id}/retry")
+    return len(jobs)
+
+
+def garbage_left(db_path: Path) -> int | None:
+    """Remote files the daemon still means to delete (None while unreadable)."""
+    try:
+        with contextlib.closing(sqlite3.connect(db_path, timeout=1)) as db:
+            return int(db.execute("SELECT COUNT(*) FROM remote_garbage").fetchone()[0])
+    except sqlite3.Error:
+        return None
+
+
+def kept_on_service(outbox: Path) -> set[str]:
+    """Result files the published summaries say were left on the service on purpose."""
+    kept: set[str] = set()
+    for folder in outbox.iterdir():
+        if folder.name.startswith("."):
+            continue
+        summary = orjson.loads((folder / "summary.json").read_bytes())
+        for part in summary.get("parts") or []:
+            kept.update(part.get("kept_on_service") or [])
+    return kept
 
 
 # -- observers ------------------------------------------------------------------------
@@ -243,6 +333,16 @@ async def run_kill_loop(start_emulator: StartEmulator, tmp_path: Path, plan: Pla
         BATCHD_MAX_JOB_CRASHES="1000000",
         BATCHD_LOG__LEVEL="warning",
     )
+    if plan.hostile:
+        env.update(
+            {
+                # A dripping download is cut fast; long lines take the streaming path.
+                "BATCHD_API__DOWNLOAD_MIN_BYTES_PER_S": "65536",
+                "BATCHD_API__DOWNLOAD_GRACE_S": "0.3",
+                "BATCHD_JOBS__MAX_RESULT_LINE_BYTES": "65536",
+                "BATCHD_API__MAX_LIST_PAGES": "5",
+            }
+        )
     log = tmp_path / "daemon.log"
     inputs = make_inputs(plan.inputs)
     to_drop = list(inputs.items())
@@ -271,6 +371,13 @@ async def run_kill_loop(start_emulator: StartEmulator, tmp_path: Path, plan: Pla
             if to_drop:
                 name, content = to_drop.pop(0)
                 drop(inbox, name, content)
+            if plan.hostile:
+                faults = random_faults(rng)
+                emulator.set_faults(**faults)
+                figures.fault_rounds += 1
+                for key, value in faults.items():
+                    if key != "seed" and value:
+                        figures.faults_seen[key] = figures.faults_seen.get(key, 0) + 1
             if reader is None and db_path.exists():
                 reader = sqlite3.connect(db_path, timeout=1, isolation_level=None)
             before = progress_mark(reader)
@@ -318,6 +425,7 @@ async def run_kill_loop(start_emulator: StartEmulator, tmp_path: Path, plan: Pla
             assert not twice, f"a part was created twice after kill {figures.kills}: {twice}"
 
         # Whatever is left arrives now; a clean run finishes everything.
+        emulator.set_faults(**NO_FAULTS)
         for name, content in to_drop:
             drop(inbox, name, content)
         to_drop = []
@@ -333,7 +441,15 @@ async def run_kill_loop(start_emulator: StartEmulator, tmp_path: Path, plan: Pla
                 await asyncio.sleep(0.01)
             while True:
                 stats = await emulator.stats()
-                if all_published() and stats["files_stored"]["count"] == 0:
+                if plan.hostile:
+                    figures.parked_retried += await retry_parked(sock)
+                    if (
+                        all_published()
+                        and garbage_left(db_path) == 0
+                        and stats["files_stored"]["count"] == len(kept_on_service(outbox))
+                    ):
+                        break
+                elif all_published() and stats["files_stored"]["count"] == 0:
                     break
                 assert proc.returncode is None, f"daemon exited {proc.returncode}:\n{tail()}"
                 assert time.monotonic() < done_by, (
@@ -360,7 +476,7 @@ async def run_kill_loop(start_emulator: StartEmulator, tmp_path: Path, plan: Pla
     figures.partial_seen = len(watcher.partial)
 
     stats = await emulator.stats()
-    check_end_state(figures, inputs, root, stats, served)
+    check_end_state(figures, inputs, root, stats, served, hostile=plan.hostile)
     assert watcher.samples > 100, "the outbox watcher hardly ran"
     assert not watcher.partial, watcher.partial
     # Nothing left behind on disk either: inbox, spool and hidden outbox temp folders.
@@ -376,6 +492,8 @@ def check_end_state(
     root: Path,
     stats: dict[str, Any],
     served: dict[str, bytes],
+    *,
+    hostile: bool = False,
 ) -> None:
     outbox = root / "outbox"
     folders = sorted(n for n in os.listdir(outbox) if not n.startswith("."))
@@ -406,7 +524,9 @@ def check_end_state(
             assert summary["status"] == "rejected", summary
             assert summary["parts"] == [] and results == []
             continue
-        got = Counter(orjson.loads(line)["custom_id"] for line in results + errors)
+        # Lines a strict parser refuses (odd lines of a hostile service) are read as
+        # batchd reads them.
+        got = Counter(identity(line, read_line(line)) for line in results + errors)
         figures.duplicates += sum(n - 1 for n in got.values() if n > 1)
         figures.lost += len(set(wanted) - set(got))
         figures.requests += len(wanted)
@@ -414,8 +534,15 @@ def check_end_state(
         counts = summary["request_counts"]
         assert counts["total"] == len(wanted), (name, counts)
         assert counts["completed"] + counts["failed"] == counts["total"], (name, counts)
+        assert summary.get("unattributed", 0) == 0, (name, summary)
         assert summary["never_run"] == 0, (name, summary)
-        assert summary["status"] in ("completed", "partial"), (name, summary["status"])
+        if hostile:
+            # A result file that answered 404 for good is published as such: its
+            # requests ran, and say that their answer could not be fetched.
+            figures.unavailable_requests += summary["result_unavailable"]
+            assert summary["status"] in ("completed", "partial", "failed"), summary["status"]
+        else:
+            assert summary["status"] in ("completed", "partial"), (name, summary["status"])
 
         # Byte for byte what the service served, as multisets (the service shuffles).
         served_out: list[bytes] = []
@@ -423,9 +550,13 @@ def check_end_state(
         for part in summary["parts"]:
             part_files.append(part["input_file_id"])
             assert part["status"] == "completed", (name, part)
+            unfetched = part.get("unavailable") or {}
             for key, into in (("output_file_id", served_out), ("error_file_id", served_err)):
-                if part[key]:
+                if part[key] and key.split("_")[0] not in unfetched:
                     into.extend(served[part[key]].splitlines(keepends=True))
+        if hostile:
+            # The lines standing in for a file that could not be fetched are batchd's own.
+            errors = [e for e in errors if b'"result_unavailable"' not in e]
         assert Counter(results) == Counter(served_out), f"{name}: result lines differ"
         stripped = []
         for line in errors:
@@ -435,7 +566,8 @@ def check_end_state(
         assert Counter(stripped) == Counter(served_err), f"{name}: error lines differ"
 
     figures.parts = len(part_files)
-    figures.orphans = int(stats["files_stored"]["count"]) + int(garbage)
+    kept = kept_on_service(outbox) if hostile else set()
+    figures.orphans = int(stats["files_stored"]["count"]) - len(kept) + int(garbage)
     assert states == {"published": len(inputs)}, states
     assert not extra and not missing, (extra, missing)
     per_file = stats["batches_created_per_input_file"]
@@ -490,6 +622,44 @@ async def test_kill_9_soak_hundreds_of_kills(
         with contextlib.suppress(ValueError):
             existing = json.loads(FIGURES_FILE.read_text())
     existing["kill_loop"] = {
+        **figures.summary(),
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    FIGURES_FILE.write_text(json.dumps(existing, indent=2, sort_keys=True) + "\n")
+    assert figures.kills >= min(kills, 100), figures.summary()
+
+
+@pytest.mark.timeout(240)
+async def test_kill_9_loop_against_a_hostile_service(
+    start_emulator: StartEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The kill loop with the service misbehaving at random (issue 12), bounded."""
+    plan = Plan(kills=12, inputs=12, time_limit_s=45, seed=_seed(20261129), hostile=True)
+    figures = await run_kill_loop(start_emulator, tmp_path, plan)
+    with capsys.disabled():
+        print(report(figures, "kill-loop hostile"), figures.faults_seen)
+    assert figures.kills >= 8, figures.summary()
+    assert figures.fault_rounds >= 8
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(3600)
+async def test_kill_9_soak_against_a_hostile_service(
+    start_emulator: StartEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    kills = int(os.environ.get("BATCHD_SOAK_KILLS", "400"))
+    limit = float(os.environ.get("BATCHD_SOAK_LIMIT_S", "1800"))
+    plan = Plan(
+        kills=kills, inputs=max(8, kills * 2 // 3), time_limit_s=limit, seed=_seed(11), hostile=True
+    )
+    figures = await run_kill_loop(start_emulator, tmp_path, plan)
+    with capsys.disabled():
+        print(report(figures, "kill-loop hostile soak"), figures.faults_seen)
+    existing: dict[str, Any] = {}
+    if FIGURES_FILE.exists():
+        with contextlib.suppress(ValueError):
+            existing = json.loads(FIGURES_FILE.read_text())
+    existing["kill_loop_hostile"] = {
         **figures.summary(),
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
