@@ -517,6 +517,18 @@ class Store:
             rows = await cur.fetchall()
         return [Part.from_row(r) for r in rows]
 
+    async def parts_to_adopt(self, ready_at: float, limit: int = 1000) -> list[Part]:
+        """Pending parts of running jobs that must look for their remote file and batch
+        before anything is sent (their job was re-created after the state was lost)."""
+        async with self._db.execute(
+            "SELECT parts.* FROM parts JOIN jobs ON jobs.id = parts.job_id"
+            " WHERE parts.adopt = 1 AND parts.state = ? AND jobs.state = ?"
+            " AND (parts.retry_at IS NULL OR parts.retry_at <= ?) ORDER BY parts.id LIMIT ?",
+            (PartState.PENDING, JobState.RUNNING, ready_at, limit),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [Part.from_row(r) for r in rows]
+
     async def count_parts_in(self, states: Iterable[PartState]) -> int:
         """How many parts of running jobs are in the given states (a count, not rows)."""
         wanted = list(states)

@@ -43,7 +43,7 @@ from batchd.limits import CallClass
 from batchd.logs import get_logger
 from batchd.models import Job, Part, PartState, RemoteStatus
 from batchd.problems import StepPolicy, step_failed
-from batchd.remote import RemoteBatch
+from batchd.remote import RemoteBatch, RemoteFile
 from batchd.store import Store
 
 log = get_logger(__name__)
@@ -110,6 +110,23 @@ def past_intents(batch: RemoteBatch, oldest_intent: float, skew_s: float) -> boo
     """PURE: was this batch created before the oldest intent still looked for (with the
     clocks' possible skew)? Then, in a newest-first list, no later page can hold one."""
     return batch.created_at is not None and batch.created_at < oldest_intent - skew_s
+
+
+def files_by_name(files: list[RemoteFile]) -> dict[str, list[RemoteFile]]:
+    """PURE: the account's files grouped by their name."""
+    named: dict[str, list[RemoteFile]] = {}
+    for f in files:
+        if f.filename is not None:
+            named.setdefault(f.filename, []).append(f)
+    return named
+
+
+def match_upload(named: dict[str, list[RemoteFile]], part: Part) -> tuple[str | None, list[str]]:
+    """PURE: the remote file that is this part's upload arrived whole (its name and its
+    size say so), and the other files of that name (strays, to delete)."""
+    mine = named.get(part.upload_name, [])
+    whole = next((f.id for f in mine if f.bytes == part.bytes), None)
+    return whole, [f.id for f in mine if f.id != whole]
 
 
 def input_unchanged(path: Path, job: Job) -> bool:
@@ -195,9 +212,7 @@ class Submitter:
     async def _settle_stuck(self) -> bool:
         now = time.time()
         moved = False
-        adopting = [
-            p for p in await self.store.parts_in([PartState.PENDING], ready_at=now) if p.adopt
-        ]
+        adopting = await self.store.parts_to_adopt(now)
         if adopting:
             moved |= await self._guarded(adopting[0], self.settle_adopted(adopting))
         for state, settle in (
@@ -236,15 +251,17 @@ class Submitter:
         ]
         if not pending:
             return False
-        jobs = {job_id: await self.store.get_job(job_id) for job_id in {p.job_id for p in pending}}
+        # Only an unsplit JSONL part is the claimed input itself, which a producer may
+        # still write: only its job is read (a split job's report is large).
+        jobs = {
+            job_id: await self.store.get_job(job_id)
+            for job_id in {p.job_id for p in pending if Path(p.path).name == "input.jsonl"}
+        }
         sem = asyncio.Semaphore(self.concurrency)
 
         async def one(part: Part) -> bool:
-            job = jobs[part.job_id]
-            if job is None:
-                return False
             async with sem:
-                return await self._guarded(part, self.upload(part, job))
+                return await self._guarded(part, self.upload(part, jobs.get(part.job_id)))
 
         results = await asyncio.gather(*(one(p) for p in pending))
         return any(results)
@@ -295,8 +312,9 @@ class Submitter:
             self.on_replan()
         return True
 
-    async def upload(self, part: Part, job: Job) -> bool:
-        if await self._input_changed(part, job):
+    async def upload(self, part: Part, job: Job | None) -> bool:
+        """Upload one part; `job` is given when the part is the claimed input itself."""
+        if job is not None and await self._input_changed(part, job):
             return False
         if not await self.store.update_part(
             part.id, PartState.PENDING, state=PartState.UPLOADING, intent_at=time.time()
@@ -331,8 +349,10 @@ class Submitter:
             return await self._part_error(part, PartState.UPLOADING, err)
         failpoint("upload.after_request")
         problem = None
-        if producer_writable(part, job) and not await asyncio.to_thread(
-            input_unchanged, Path(part.path), job
+        if (
+            job is not None
+            and producer_writable(part, job)
+            and not await asyncio.to_thread(input_unchanged, Path(part.path), job)
         ):
             problem = "the input changed while it was uploaded"
         elif info.bytes is not None and info.bytes != part.bytes:
@@ -373,20 +393,11 @@ class Submitter:
             for part in parts:
                 await step_failed(self.store, part, f"cannot list files: {err}", self.policy, now)
             return False
-        by_name: dict[str, list[str]] = {}
-        sizes: dict[str, int | None] = {}
-        for f in files:
-            if f.filename is not None:
-                by_name.setdefault(f.filename, []).append(f.id)
-                sizes[f.id] = f.bytes
+        named = files_by_name(files)
         now = time.time()
         for part in parts:
-            adopted: str | None = None
-            for file_id in by_name.get(part.upload_name, []):
-                if adopted is None and sizes[file_id] == part.bytes:
-                    adopted = file_id
-                else:
-                    await self.store.add_garbage([file_id], "stray upload", now)
+            adopted, strays = match_upload(named, part)
+            await self.store.add_garbage(strays, "stray upload", now)
             if adopted:
                 await self.store.update_part(
                     part.id,
@@ -425,10 +436,11 @@ class Submitter:
             # Only a file's absence would be unproven (a stray costs storage, not money);
             # the batches below are what must be proven absent before sending.
             log.warning("adopt_files_incomplete", parts=len(parts), seen=len(files))
+        named = files_by_name(files)
         candidates: list[Part] = []
+        strays: dict[int, list[str]] = {}
         for part in parts:
-            mine = [f for f in files if f.filename == part.upload_name]
-            whole = next((f.id for f in mine if f.bytes == part.bytes), None)
+            whole, strays[part.id] = match_upload(named, part)
             job = jobs.get(part.job_id)
             claimed_at = job.created_at if job is not None else 0.0
             candidates.append(replace(part, remote_file_id=whole, intent_at=claimed_at))
@@ -436,11 +448,7 @@ class Submitter:
         if found is None:
             return False
         for part, seen in zip(parts, candidates, strict=True):
-            others = [
-                f.id
-                for f in files
-                if f.filename == part.upload_name and f.id != seen.remote_file_id
-            ]
+            others = strays[part.id]
             batch = found.get(part.id)
             if batch is not None:
                 file_id = batch.input_file_id or seen.remote_file_id
