@@ -236,11 +236,17 @@ class Collector:
         self._account_trouble = False
         slots = asyncio.Semaphore(self.download_concurrency)
         tasks: dict[int, asyncio.Task[bool]] = {}
+        # Newly ended parts are looked for at once when nothing downloads, else at most
+        # once a rescan; so are jobs whose every part is collected (both queries read
+        # many rows, and a job of thousands of parts finishes them one by one).
+        scanned_at = looked_at = time.time()
+        collected_since = False
         stop = asyncio.ensure_future(self.stopping.wait()) if self.stopping else None
         try:
             while not self._stop_requested():
                 now = time.time()
-                if not self._account_trouble:
+                if not self._account_trouble and (not tasks or now - scanned_at >= self.rescan_s):
+                    scanned_at = now
                     for part in await self.store.parts_in([PartState.ENDED], 100, ready_at=now):
                         if part.id not in tasks:
                             tasks[part.id] = asyncio.create_task(
@@ -265,8 +271,10 @@ class Collector:
                 finished = [part_id for part_id, task in tasks.items() if task.done()]
                 for part_id in finished:
                     moved |= tasks.pop(part_id).result()
-                if finished:
+                    collected_since = True
+                if collected_since and (not tasks or time.time() - looked_at >= self.rescan_s):
                     moved |= await self.finish_jobs()
+                    looked_at, collected_since = time.time(), False
         finally:
             # A stop (or the stage's cancellation) drops the downloads in flight: each
             # part is still ENDED, and is fetched again from the start next time.
@@ -276,6 +284,8 @@ class Collector:
                 await asyncio.gather(*tasks.values(), return_exceptions=True)
             if stop is not None:
                 stop.cancel()
+        if collected_since:
+            moved |= await self.finish_jobs()
         return moved
 
     async def _short_pause(self, now: float) -> float | None:
