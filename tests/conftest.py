@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,23 @@ from batchd.emulator import Emulator, EmulatorSettings
 from batchd.logs import configure
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture
+def log_lines() -> Iterator[io.StringIO]:
+    """The in-process daemon's log lines, as JSON, for `events` to read."""
+    buffer = io.StringIO()
+    configure("info", "json", stream=buffer)
+    yield buffer
+
+
+def events(buffer: io.StringIO, name: str) -> list[dict[str, Any]]:
+    """The log records of one event (`job_published`, ...) in a `log_lines` buffer."""
+    return [
+        record
+        for line in buffer.getvalue().splitlines()
+        if line.startswith("{") and (record := orjson.loads(line)).get("event") == name
+    ]
 
 
 @pytest.fixture(autouse=True)

@@ -15,6 +15,8 @@ import orjson
 from batchd.config import Settings
 from batchd.daemon import Daemon
 from batchd.emulator import Emulator
+from batchd.intake import Intake
+from batchd.store import Store
 
 KEY = "sk-emulator-test-key"
 
@@ -111,6 +113,38 @@ async def published_jobs(daemon: Daemon, count: int, timeout_s: float = 10.0) ->
         if time.monotonic() > deadline:
             raise AssertionError(f"{count} jobs not marked published in {timeout_s} s: {jobs}")
         await asyncio.sleep(0.02)
+
+
+async def wait_for(check: Any, timeout_s: float = 20.0, emulator: Emulator | None = None) -> Any:
+    """Poll `check()` (sync or async) until it returns something truthy, moving the
+    emulator's clock on when one is given."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        value = check()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        assert loop.time() < deadline, "condition not met in time"
+        if emulator is not None:
+            emulator.advance(30)
+        await asyncio.sleep(0.05)
+
+
+def bare_intake(
+    store: Store, inbox: Path, spool: Path, unterminated_settle_s: float = 0.0
+) -> Intake:
+    """The real `Intake` without a daemon around it: files settle at once."""
+    return Intake(
+        store,
+        inbox,
+        spool,
+        settle_s=0.0,
+        unterminated_settle_s=unterminated_settle_s,
+        suffixes=(".jsonl",),
+        on_claimed=lambda: None,
+    )
 
 
 def summary(folder: Path) -> dict[str, Any]:

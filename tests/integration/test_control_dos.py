@@ -18,11 +18,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
-import orjson
 import pytest
 
 from batchd.cli import main
@@ -34,8 +33,7 @@ from batchd.control import (
     check_socket_path,
 )
 from batchd.errors import ConfigError
-from batchd.logs import configure
-from tests.conftest import StartEmulator
+from tests.conftest import StartEmulator, events
 from tests.integration.daemon_harness import (
     daemon_env,
     daemon_settings,
@@ -50,22 +48,6 @@ from tests.integration.daemon_harness import (
 pytestmark = pytest.mark.timeout(120)
 
 TIMEOUT_S = 0.3  # control.request_timeout_s in these tests
-
-
-@pytest.fixture
-def log_lines() -> Iterator[io.StringIO]:
-    """The in-process daemon's log lines, as JSON."""
-    buffer = io.StringIO()
-    configure("info", "json", stream=buffer)
-    yield buffer
-
-
-def events(buffer: io.StringIO, name: str) -> list[dict[str, Any]]:
-    return [
-        record
-        for line in buffer.getvalue().splitlines()
-        if line.startswith("{") and (record := orjson.loads(line)).get("event") == name
-    ]
 
 
 async def until(check: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:

@@ -26,11 +26,12 @@ import orjson
 import pytest
 
 from batchd.emulator import Emulator
-from batchd.intake import Intake, printable
+from batchd.intake import printable
 from batchd.logs import configure
 from batchd.store import Store
 from tests.conftest import StartEmulator
 from tests.integration.daemon_harness import (
+    bare_intake,
     daemon_settings,
     drop,
     requests,
@@ -519,19 +520,6 @@ async def test_device_node_in_inbox_is_never_opened(
 # -- A.6 the swap race ------------------------------------------------------------------
 
 
-def _bare_intake(store: Store, inbox: Path, spool: Path, unterminated_settle_s: float) -> Intake:
-    """The real `Intake` without a daemon around it: files settle at once, for races."""
-    return Intake(
-        store,
-        inbox,
-        spool,
-        settle_s=0.0,
-        unterminated_settle_s=unterminated_settle_s,
-        suffixes=(".jsonl",),
-        on_claimed=lambda: None,
-    )
-
-
 def _swap_after(delay_s: float, kind: str, inbox: Path, name: str, secret: Path, n: int) -> None:
     time.sleep(delay_s)
     _replace_with(kind, inbox, name, secret, n)
@@ -560,7 +548,7 @@ async def test_entry_swapped_between_scan_and_claim_is_never_followed(tmp_path: 
     secret_ino = secret.stat().st_ino
     good = requests(2)
     store = await Store.open(tmp_path / "state" / "batchd.sqlite3")
-    intake = _bare_intake(store, inbox, spool, unterminated_settle_s=0.0)
+    intake = bare_intake(store, inbox, spool, unterminated_settle_s=0.0)
     rng = random.Random(1)
     kinds = ["symlink", "hardlink", "fifo", "other-file"]
     iterations, claimed, refused = 200, 0, 0
@@ -656,7 +644,7 @@ async def test_scan_survives_entries_swapped_under_it(tmp_path: Path) -> None:
     os.mkfifo(outside / "fifo.jsonl")
     os.link(secret, outside / "hard.jsonl")
     store = await Store.open(tmp_path / "state" / "batchd.sqlite3")
-    intake = _bare_intake(store, inbox, spool, unterminated_settle_s=3600.0)
+    intake = bare_intake(store, inbox, spool, unterminated_settle_s=3600.0)
     import sys
 
     flipper = await asyncio.create_subprocess_exec(

@@ -15,20 +15,20 @@ from pathlib import Path
 
 import pytest
 
-from batchd.intake import Intake
 from batchd.models import JobState
 from batchd.store import Store
 from tests.conftest import StartEmulator
 from tests.integration.daemon_harness import (
+    bare_intake,
     daemon_settings,
     drop,
     jsonl,
     requests,
     running,
     summary,
+    wait_for,
     wait_published,
 )
-from tests.integration.test_hostile_server import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -169,15 +169,7 @@ async def test_intake_out_of_file_descriptors_says_so_and_recovers(tmp_path: Pat
     inbox, spool = tmp_path / "inbox", tmp_path / "spool"
     spool.mkdir()
     try:
-        intake = Intake(
-            store,
-            inbox,
-            spool,
-            settle_s=0.0,
-            unterminated_settle_s=0.0,
-            suffixes=(".jsonl",),
-            on_claimed=lambda: None,
-        )
+        intake = bare_intake(store, inbox, spool)
         drop(inbox, "waiting.jsonl", requests(2))
         with descriptors_exhausted():
             assert await intake.run_once() == 0
@@ -199,15 +191,7 @@ async def test_refused_names_are_forgotten_once_gone(tmp_path: Path) -> None:
     inbox.mkdir()
     spool.mkdir()
     try:
-        intake = Intake(
-            store,
-            inbox,
-            spool,
-            settle_s=0.0,
-            unterminated_settle_s=0.0,
-            suffixes=(".jsonl",),
-            on_claimed=lambda: None,
-        )
+        intake = bare_intake(store, inbox, spool)
         for round_ in range(5):
             for i in range(200):
                 (inbox / f"dir-{round_}-{i}.jsonl").mkdir()

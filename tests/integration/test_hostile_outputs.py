@@ -20,7 +20,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +29,8 @@ import pytest
 
 from batchd.emulator import Emulator
 from batchd.lines import custom_id_of, read_line
-from batchd.logs import configure
 from batchd.models import PartState
-from tests.conftest import StartEmulator
+from tests.conftest import StartEmulator, events
 from tests.integration.daemon_harness import (
     daemon_env,
     daemon_settings,
@@ -47,24 +46,6 @@ from tests.integration.daemon_harness import (
 )
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def log_lines() -> Iterator[io.StringIO]:
-    """The daemon's log lines, as JSON."""
-    buffer = io.StringIO()
-    configure("info", "json", stream=buffer)
-    yield buffer
-
-
-def events(buffer: io.StringIO, name: str) -> list[dict[str, Any]]:
-    found = []
-    for line in buffer.getvalue().splitlines():
-        if line.startswith("{"):
-            record = orjson.loads(line)
-            if record.get("event") == name:
-                found.append(record)
-    return found
 
 
 async def until(check: Callable[[], Any], timeout_s: float = 20.0, what: str = "") -> None:

@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 
 from batchd.cli import main
-from batchd.emulator import Emulator
 from batchd.models import PartState
 from tests.conftest import ENDPOINT_CHAT, Api, StartEmulator, jsonl
 from tests.integration.daemon_harness import (
@@ -28,27 +27,12 @@ from tests.integration.daemon_harness import (
     running,
     start_subprocess,
     summary,
+    wait_for,
     wait_published,
     wait_ready,
 )
 
 pytestmark = pytest.mark.timeout(120)
-
-
-async def wait_for(check: Any, timeout_s: float = 20.0, emulator: Emulator | None = None) -> Any:
-    """Poll `check()` (sync or async) until it returns something truthy."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while True:
-        value = check()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        assert loop.time() < deadline, "condition not met in time"
-        if emulator is not None:
-            emulator.advance(30)
-        await asyncio.sleep(0.05)
 
 
 async def test_a_lost_create_is_found_by_paging_when_the_list_ignores_its_filters(

@@ -591,6 +591,16 @@ def report(figures: Figures, label: str) -> str:
     )
 
 
+def record_soak_figures(key: str, figures: Figures) -> None:
+    """Keep a soak run's figures (for the README) beside the other soaks' in one file."""
+    existing: dict[str, Any] = {}
+    if FIGURES_FILE.exists():
+        with contextlib.suppress(ValueError):
+            existing = json.loads(FIGURES_FILE.read_text())
+    existing[key] = {**figures.summary(), "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    FIGURES_FILE.write_text(json.dumps(existing, indent=2, sort_keys=True) + "\n")
+
+
 def _seed(default: int) -> int:
     return int(os.environ.get("BATCHD_KILL_SEED", default))
 
@@ -617,15 +627,7 @@ async def test_kill_9_soak_hundreds_of_kills(
     figures = await run_kill_loop(start_emulator, tmp_path, plan)
     with capsys.disabled():
         print(report(figures, "kill-loop soak"))
-    existing: dict[str, Any] = {}
-    if FIGURES_FILE.exists():
-        with contextlib.suppress(ValueError):
-            existing = json.loads(FIGURES_FILE.read_text())
-    existing["kill_loop"] = {
-        **figures.summary(),
-        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    FIGURES_FILE.write_text(json.dumps(existing, indent=2, sort_keys=True) + "\n")
+    record_soak_figures("kill_loop", figures)
     assert figures.kills >= min(kills, 100), figures.summary()
 
 
@@ -655,13 +657,5 @@ async def test_kill_9_soak_against_a_hostile_service(
     figures = await run_kill_loop(start_emulator, tmp_path, plan)
     with capsys.disabled():
         print(report(figures, "kill-loop hostile soak"), figures.faults_seen)
-    existing: dict[str, Any] = {}
-    if FIGURES_FILE.exists():
-        with contextlib.suppress(ValueError):
-            existing = json.loads(FIGURES_FILE.read_text())
-    existing["kill_loop_hostile"] = {
-        **figures.summary(),
-        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    FIGURES_FILE.write_text(json.dumps(existing, indent=2, sort_keys=True) + "\n")
+    record_soak_figures("kill_loop_hostile", figures)
     assert figures.kills >= min(kills, 100), figures.summary()

@@ -16,14 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 
 from batchd import failpoints
 from batchd.daemon import Daemon
-from batchd.logs import configure
 from batchd.models import JobState
-from tests.conftest import StartEmulator
+from tests.conftest import StartEmulator, events
 from tests.integration.daemon_harness import (
     daemon_settings,
     drop,
@@ -41,24 +39,6 @@ pytestmark = pytest.mark.timeout(90)
 def _disarm() -> Iterator[None]:
     yield
     failpoints.arm("")
-
-
-@pytest.fixture
-def log_lines() -> Iterator[io.StringIO]:
-    """The daemon's log lines, as JSON."""
-    buffer = io.StringIO()
-    configure("info", "json", stream=buffer)
-    yield buffer
-
-
-def events(buffer: io.StringIO, name: str) -> list[dict[str, Any]]:
-    found = []
-    for line in buffer.getvalue().splitlines():
-        if line.startswith("{"):
-            record = orjson.loads(line)
-            if record.get("event") == name:
-                found.append(record)
-    return found
 
 
 def visible(outbox: Path) -> list[str]:
