@@ -275,23 +275,25 @@ class Daemon:
         await self.intake.recover_claims()
         self.state_lost = await self.intake.recover_orphans(self.outbox)
         parked = 0
-        for job in await self.store.jobs([JobState.CLAIMED, JobState.PUBLISHING]):
-            if job.crash_count >= self.settings.max_job_crashes:
-                await self.store.update_job(
-                    job.id,
-                    job.state,
-                    state=JobState.PARKED,
-                    error=f"parked after {job.crash_count} crashes while working on it",
-                )
-                log.error(
-                    "job_parked",
-                    job_id=job.id,
-                    name=job.name,
-                    state=str(job.state),
-                    crashes=job.crash_count,
-                    input=job.spool_path,
-                )
-                parked += 1
+        crashed = await self.store.crashed_jobs(
+            [JobState.CLAIMED, JobState.PUBLISHING], self.settings.max_job_crashes
+        )
+        for job in crashed:
+            await self.store.update_job(
+                job.id,
+                job.state,
+                state=JobState.PARKED,
+                error=f"parked after {job.crash_count} crashes while working on it",
+            )
+            log.error(
+                "job_parked",
+                job_id=job.id,
+                name=job.name,
+                state=str(job.state),
+                crashes=job.crash_count,
+                input=job.spool_path,
+            )
+            parked += 1
         # Parts caught in UPLOADING or CREATING are settled by the submitter's first pass
         # (it looks for the remote file or batch before doing anything again).
         counts = await self.store.part_counts()

@@ -351,11 +351,13 @@ class Store:
         states: Iterable[JobState] | None = None,
         *,
         name: str | None = None,
-        limit: int = 1000,
+        limit: int | None = None,
         offset: int = 0,
     ) -> list[Job]:
+        """Jobs in the given states (all of them unless `limit` says otherwise), oldest
+        first."""
         where, args = _job_filter(states, name)
-        args.extend([limit, offset])
+        args.extend([-1 if limit is None else limit, offset])
         async with self._db.execute(
             f"SELECT * FROM jobs {where} ORDER BY created_at, id LIMIT ? OFFSET ?",  # noqa: S608
             args,
@@ -408,6 +410,18 @@ class Store:
             "SELECT 1 FROM jobs WHERE outbox_path = ? LIMIT 1", (path,)
         ) as cur:
             return await cur.fetchone() is not None
+
+    async def crashed_jobs(self, states: Iterable[JobState], crashes: int) -> list[Job]:
+        """Jobs in these states caught mid-step by at least `crashes` crashes: every one
+        of them, however many (recovery parks them all)."""
+        wanted = list(states)
+        marks = ", ".join("?" * len(wanted))
+        async with self._db.execute(
+            f"SELECT * FROM jobs WHERE state IN ({marks}) AND crash_count >= ?",  # noqa: S608
+            [*wanted, crashes],
+        ) as cur:
+            rows = await cur.fetchall()
+        return [Job.from_row(r) for r in rows]
 
     async def jobs_to_cancel(self) -> list[Job]:
         """Running jobs an operator asked to cancel."""

@@ -258,3 +258,40 @@ async def test_retry_of_a_parked_job_whose_input_is_gone_says_so(
     finally:
         stopped = await stop(daemon)
     assert stopped == 0
+
+
+async def test_recovery_parks_every_crashed_job_however_many(
+    start_emulator: StartEmulator, tmp_path: Path
+) -> None:
+    """Recovery reads every job caught by too many crashes, not the first 1000."""
+    from batchd.models import JobState
+    from batchd.store import Store
+
+    emulator = await start_emulator(time_scale=3000)
+    settings = daemon_settings(tmp_path / "root", emulator)
+    store = await Store.open(settings.paths.folder("state") / "batchd.sqlite3")
+    count = 1_100
+    try:
+
+        async def crashed(n: int) -> None:
+            job_id = f"{n:020x}"
+            await store.insert_job(
+                job_id=job_id,
+                name=f"job-{n}",
+                inbox_name=f"job-{n}.jsonl",
+                inode=0,
+                dev=0,
+                spool_path=str(tmp_path / "gone" / job_id / "input.jsonl"),
+                kind="jsonl",
+                options={},
+                now=float(n),
+                state=JobState.CLAIMED,
+            )
+            await store.update_job(job_id, crash_count=MAX_JOB_CRASHES)
+
+        await asyncio.gather(*(crashed(n) for n in range(count)))
+    finally:
+        await store.close()
+    async with running(settings) as daemon:
+        counts = await daemon.store.job_counts()
+    assert counts == {"parked": count}
