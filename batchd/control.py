@@ -463,11 +463,23 @@ class ControlServer:
             return error(404, "not_found", f"no such call: {request.method} {request.path}")
         except web.HTTPMethodNotAllowed:
             return error(405, "method_not_allowed", f"{request.method} {request.path}")
+        except web.HTTPException as exc:
+            # Whatever aiohttp raises itself (a bad request line, a body too large) is
+            # answered in the envelope protocol.py promises too.
+            return error(exc.status, exc.reason.lower().replace(" ", "_"), exc.text or exc.reason)
         except OSError as exc:
             if exc.errno not in _OUT_OF_FDS:
-                raise
+                log.exception("control_call_failed", path=request.path)
+                return error(500, "internal_error", f"{type(exc).__name__}: {exc}")
             log.warning("control_out_of_files", path=request.path, error=str(exc))
             return error(503, "out_of_files", f"the daemon is out of file descriptors: {exc}")
+        except (asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception as exc:
+            # A bug behind one call is that call's 500, in JSON, with the log line that
+            # says where; never a plain-text page, never the daemon's end.
+            log.exception("control_call_failed", path=request.path)
+            return error(500, "internal_error", f"{type(exc).__name__}: {exc}")
 
     # -- calls --------------------------------------------------------------------------
 

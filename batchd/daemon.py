@@ -897,6 +897,30 @@ def finish_retry_input(name: str, inbox: Path) -> None:
         fsync_dir(inbox)
 
 
+async def reload_loop(
+    daemon: Daemon,
+    notifier: Notifier,
+    load: Callable[[], Settings],
+    hup: asyncio.Event,
+    done: asyncio.Event,
+) -> None:
+    """Each SIGHUP (`hup`): re-read the configuration and apply what can change live."""
+    finished = asyncio.ensure_future(done.wait())
+    try:
+        while not done.is_set():
+            signalled = asyncio.ensure_future(hup.wait())
+            await asyncio.wait({signalled, finished}, return_when=asyncio.FIRST_COMPLETED)
+            signalled.cancel()
+            if done.is_set():
+                return
+            hup.clear()
+            notifier.reloading()
+            daemon.request_reload(load)
+            notifier.ready(status="configuration reloaded")
+    finally:
+        finished.cancel()
+
+
 def run_daemon(
     settings: Settings, api_key: str, reload: Callable[[], Settings] | None = None
 ) -> int:
@@ -909,20 +933,19 @@ def run_daemon(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, daemon.request_stop)
-        if reload is not None:
-            load = reload
-
-            def on_hup() -> None:
-                notifier.reloading()
-                daemon.request_reload(load)
-                notifier.ready(status="configuration reloaded")
-
-            loop.add_signal_handler(signal.SIGHUP, on_hup)
-
         done = asyncio.Event()
         # Pings start before the store opens: recovery awaits, so the loop keeps pinging
         # through it; a blocked loop stops them, which is the point.
         side = [asyncio.create_task(watchdog_loop(notifier, done), name="batchd.watchdog")]
+        if reload is not None:
+            # The signal handler only sets an event; the reload runs as a task of its own.
+            hup = asyncio.Event()
+            loop.add_signal_handler(signal.SIGHUP, hup.set)
+            side.append(
+                asyncio.create_task(
+                    reload_loop(daemon, notifier, reload, hup, done), name="batchd.reload"
+                )
+            )
 
         def on_ready() -> None:
             # Called once the store is open, recovery done and the control socket listens.

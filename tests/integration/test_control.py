@@ -64,9 +64,10 @@ async def test_status_jobs_show_and_metrics_answer_over_the_socket(
     emulator = await start_emulator(time_scale=3000)
     settings = daemon_settings(tmp_path / "r", emulator)
     sock = str(settings.socket_path)
-    async with running(settings):
+    async with running(settings) as daemon:
         drop(settings.paths.folder("inbox"), "a.jsonl", requests(3))
         await wait_published(settings.paths.folder("outbox"), 1, emulator)
+        await published_jobs(daemon, 1)  # the folder appears a moment before the row says so
         code, out, _ = await cli(capsys, "status", "--socket", sock, "--json")
         assert code == 0
         status = json.loads(out)

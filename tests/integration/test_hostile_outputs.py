@@ -332,10 +332,9 @@ async def test_a_dangling_symlink_at_the_outbox_name_is_skipped(
     outbox = settings.paths.folder("outbox")
     outbox.mkdir(parents=True)
     (outbox / "report").symlink_to(tmp_path / "nowhere")
-    async with running(settings) as daemon:
+    async with running(settings):
         drop(settings.paths.folder("inbox"), "report.jsonl", requests(2))
-        await wait_published(outbox, 2, emulator)
-        await published_jobs(daemon, 1)
+        await wait_published(outbox, 1, emulator)  # the symlink is not a published folder
     assert summary(outbox / "report-2")["status"] == "completed"
     assert (outbox / "report").is_symlink() and not (outbox / "report").exists()
     assert not events(log_lines, "publish_failed")
