@@ -93,9 +93,7 @@ async def wait_published(
     deadline = time.monotonic() + timeout_s
     while True:
         found = (
-            sorted(
-                p for p in outbox.iterdir() if not p.name.startswith(".") and not p.is_symlink()
-            )
+            sorted(p for p in outbox.iterdir() if not p.name.startswith(".") and not p.is_symlink())
             if outbox.exists()
             else []
         )
