@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import os
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -34,6 +33,7 @@ import aiohttp
 import orjson
 
 from batchd.errors import BatchdError
+from batchd.fsutil import commit_temp, temp_name
 from batchd.limits import CallClass, RateLimiter
 from batchd.logs import get_logger
 from batchd.remote import BadAnswer, Page, RemoteBatch, RemoteFile
@@ -196,7 +196,6 @@ class BatchApi:
         )
         self._rng = rng or random.Random()
         self._session: aiohttp.ClientSession | None = None
-        self.calls: dict[str, int] = {}
         self.last_error: dict[str, str] = {}
 
     def __repr__(self) -> str:  # never show the key
@@ -240,7 +239,6 @@ class BatchApi:
         sink: Path | None = None,
     ) -> Any:
         await self.limiter.acquire(cls)
-        self.calls[cls] = self.calls.get(cls, 0) + 1
         headers = {"Content-Type": "application/json"} if json is not None else None
         try:
             with ExitStack() as stack:
@@ -465,9 +463,10 @@ def parse_items(page: Page, parse: Callable[[Any], _T]) -> list[_T]:
 
 
 async def _stream_to(resp: aiohttp.ClientResponse, dest: Path, throughput: Throughput) -> int:
-    """Write a body to `dest` through a temp name (fsync, rename), chunk by chunk; each
-    chunk must arrive before the throughput deadline (`DownloadTooSlow`)."""
-    tmp = dest.with_name(f".{dest.name}.tmp")
+    """Write a body to `dest` through a temp name (fsync, rename, fsync of the folder),
+    chunk by chunk; each chunk must arrive before the throughput deadline
+    (`DownloadTooSlow`)."""
+    tmp = temp_name(dest)
     written = 0
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -488,12 +487,9 @@ async def _stream_to(resp: aiohttp.ClientResponse, dest: Path, throughput: Throu
                 ) from None
             await loop.run_in_executor(None, fh.write, chunk)
             written += len(chunk)
-        await loop.run_in_executor(None, fh.flush)
-        await loop.run_in_executor(None, os.fsync, fh.fileno())
+        await loop.run_in_executor(None, commit_temp, fh, tmp, dest)
     except BaseException:
         fh.close()
         tmp.unlink(missing_ok=True)
         raise
-    fh.close()
-    os.replace(tmp, dest)
     return written

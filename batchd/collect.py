@@ -50,7 +50,7 @@ from batchd import csvio
 from batchd.api import AccountError, ApiError, BatchApi
 from batchd.config import ProviderLimits
 from batchd.failpoints import failpoint
-from batchd.intake import fsync_dir
+from batchd.fsutil import fsync_dir, fsync_file
 from batchd.lines import (
     CHUNK_BYTES,
     DEFAULT_MAX_LINE_BYTES,
@@ -68,7 +68,7 @@ from batchd.lines import (
     count_lines as count_file_lines,
 )
 from batchd.logs import get_logger
-from batchd.models import Job, JobState, Outcome, Part, PartState, RemoteStatus
+from batchd.models import Job, JobState, Outcome, Part, PartState, RemoteStatus, upload_name
 from batchd.problems import StepPolicy, step_failed
 from batchd.store import Store
 
@@ -506,7 +506,7 @@ def plan_follow_up(
                 "bytes": 0,
                 "model": model,
                 "endpoint": str(request["url"]),
-                "upload_name": f"batchd-{job_id}-p{seq:03d}.jsonl",
+                "upload_name": upload_name(job_id, seq),
             }
             current = (record, path.open("wb"))
             open_parts[model] = current
@@ -1033,7 +1033,6 @@ class Publisher:
         self.retry_base_s = retry_base_s
         self.retry_cap_s = retry_cap_s
         self.max_line_bytes = max_line_bytes
-        self.failures = 0
         # job id -> (failed attempts in a row, loop time of the next attempt)
         self.backoff: dict[str, tuple[int, float]] = {}
 
@@ -1053,7 +1052,6 @@ class Publisher:
                 await self.store.update_job(
                     job.id, JobState.PUBLISHING, crash_count=job.crash_count
                 )
-                self.failures += 1
                 delay = retry_delay_s(failed + 1, self.retry_base_s, self.retry_cap_s)
                 self.backoff[job.id] = (failed + 1, loop.time() + delay)
                 loop.call_later(delay, self.on_retry_due)
@@ -1182,10 +1180,10 @@ class Publisher:
             log.warning("input_changed", job_id=job.id, name=job.name, **kept["input_changed"])
         summary = build_summary(job, parts, stats, outcome, kept)
         (tmp / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
-        _fsync_file(tmp / "summary.json")
+        fsync_file(tmp / "summary.json")
         if job.report is not None:
             (tmp / "report.json").write_bytes(orjson.dumps(job.report, option=orjson.OPT_INDENT_2))
-            _fsync_file(tmp / "report.json")
+            fsync_file(tmp / "report.json")
         failpoint("publish.fsync", job.inbox_name)
         fsync_dir(tmp)
         return summary
@@ -1225,8 +1223,8 @@ def _write_rejection(report: dict[str, Any], result: Path, errors: Path) -> Merg
                 )
                 + b"\n"
             )
-    _fsync_file(result)
-    _fsync_file(errors)
+    fsync_file(result)
+    fsync_file(errors)
     total = int(report.get("requests") or 0)
     return MergeStats(total=total, failed=total)
 
@@ -1486,14 +1484,3 @@ def _published_by(final: Path, job_id: str) -> bool:
     except (OSError, orjson.JSONDecodeError):
         return False
     return isinstance(summary, dict) and summary.get("job_id") == job_id
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:
-            raise
-    finally:
-        os.close(fd)

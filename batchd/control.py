@@ -47,7 +47,6 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-SOCKET_NAME = "control.sock"
 _PEERCRED = struct.Struct("3i")
 # sockaddr_un.sun_path on Linux: 108 bytes, the terminating NUL included.
 UNIX_PATH_MAX = 108

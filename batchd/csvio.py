@@ -52,6 +52,7 @@ from typing import IO, Any, TextIO
 import orjson
 
 from batchd.config import ENDPOINT_CHAT, ENDPOINT_EMBEDDINGS, ENDPOINT_TEST, TEST_MODEL
+from batchd.fsutil import atomic_output
 from batchd.lines import (
     DEFAULT_MAX_LINE_BYTES,
     HEAD_BYTES,
@@ -62,7 +63,7 @@ from batchd.lines import (
     loads,
     printable,
 )
-from batchd.validate import Problem, atomic_output
+from batchd.validate import Problem
 
 RESULT_COLUMNS = (
     "custom_id",
@@ -368,7 +369,7 @@ def csv_file_to_jsonl(
     """Convert a CSV file to a JSONL batch input file, written atomically, and only
     when every row converted. A file that is not in `encoding` is reported, not raised."""
     try:
-        with atomic_output(target) as out:
+        with atomic_output(target, fsync=False) as out:
             result = csv_to_jsonl(
                 _text_rows(source, encoding),
                 out,
@@ -406,7 +407,7 @@ def jsonl_file_to_csv(
     written atomically, and only when every line converted. The file is read in bounded
     memory: a line over `max_line_bytes` is not held (its row says so)."""
     try:
-        with atomic_output(target) as raw, open(source, "rb") as fh:
+        with atomic_output(target, fsync=False) as raw, open(source, "rb") as fh:
             text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
             result = jsonl_to_csv(
                 iter_lines(fh, max_line_bytes),

@@ -34,7 +34,7 @@ from batchd.intake import Intake
 from batchd.limits import CallClass, RateLimiter
 from batchd.lines import DEFAULT_MAX_LINE_BYTES, input_line_of, iter_lines
 from batchd.logs import configure, get_logger, register_secret
-from batchd.models import JOB_TERMINAL, PART_QUEUED, Job, JobState, Part, PartState
+from batchd.models import JOB_ACTIVE, JOB_TERMINAL, PART_QUEUED, Job, JobState, Part, PartState
 from batchd.notify import Notifier, status_loop, status_text, watchdog_loop
 from batchd.poll import Poller, window_hours
 from batchd.prepare import Preparer
@@ -379,9 +379,7 @@ class Daemon:
         if not self.draining:
             return False
         counts = await self.store.job_counts()
-        active = sum(
-            n for state, n in counts.items() if state not in (JobState.PUBLISHED, JobState.PARKED)
-        )
+        active = sum(n for state, n in counts.items() if state in JOB_ACTIVE)
         if active == 0:
             log.info("drained")
             self.stopping.set()
@@ -619,7 +617,7 @@ class Daemon:
                 running_by_model=by_model,
             ),
             bucket_levels=self.api.limiter.levels(),
-            api_calls={str(k): v for k, v in self.api.calls.items()},
+            api_calls={str(k): v for k, v in self.api.limiter.sent.items() if v},
             throttled={str(k): v for k, v in self.api.limiter.throttled.items()},
             last_errors={str(k): v for k, v in self.api.last_error.items()},
             healthy=self.healthy and not parked and not self.state_lost,
@@ -781,7 +779,7 @@ class Daemon:
         parts = await self.store.part_counts()
         running, _ = await self.store.slot_holders()
         return status_text(
-            jobs_active=sum(n for s, n in jobs.items() if s not in JOB_TERMINAL),
+            jobs_active=sum(n for s, n in jobs.items() if s in JOB_ACTIVE),
             parts_queued=sum(parts.get(s, 0) for s in PART_QUEUED),
             running=running,
             running_cap=self.limits.running_batches,
@@ -798,7 +796,7 @@ class Daemon:
             "jobs_by_state": await self.store.job_counts(),
             "jobs_by_outcome": await self.store.outcome_counts(),
             "requests": {"completed": totals["completed"], "failed": totals["failed"]},
-            "api_calls": {str(k): v for k, v in self.api.calls.items()},
+            "api_calls": {str(k): v for k, v in self.api.limiter.sent.items() if v},
             "throttled": {str(k): v for k, v in self.api.limiter.throttled.items()},
             "bucket_levels": self.api.limiter.levels(),
             "running": total,

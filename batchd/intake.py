@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 
 from batchd.failpoints import failpoint
-from batchd.fsutil import fsync_dir as fsync_dir  # collect.py imports it from here
+from batchd.fsutil import fsync_dir
 from batchd.logs import get_logger
 from batchd.models import JobState
 from batchd.store import Store
@@ -136,7 +136,6 @@ class Intake:
         self._seen: dict[str, Seen] = {}
         # Entries refused once (logged once); pruned to those still in the inbox.
         self._refused: set[tuple[str, int]] = set()
-        self.claimed = 0
         # Why the inbox cannot be scanned or claimed from just now (EMFILE, EXDEV, ...);
         # None while it works. Shown by `batchd status`, which is then not healthy.
         self.problem: str | None = None
@@ -289,7 +288,6 @@ class Intake:
         failpoint("intake.after_rename")
         await self.store.update_job(job_id, JobState.CLAIMING, state=JobState.CLAIMED)
         self._seen.pop(name, None)
-        self.claimed += 1
         log.info("job_claimed", job_id=job_id, name=printable(name), bytes=st.st_size)
         return True
 

@@ -24,6 +24,14 @@ class JobState(StrEnum):
 
 
 JOB_TERMINAL = frozenset({JobState.PUBLISHED, JobState.PARKED})
+# Jobs batchd still works on (the queue, for status, metrics and drain).
+JOB_ACTIVE = frozenset(set(JobState) - JOB_TERMINAL)
+
+
+def upload_name(job_id: str, seq: int) -> str:
+    """The remote name of a part's file. It names job and part, so that a file whose
+    upload answer was lost (or whose database row was) is found again by its name."""
+    return f"batchd-{job_id}-p{seq:03d}.jsonl"
 
 
 class PartState(StrEnum):

@@ -130,7 +130,6 @@ class Poller:
         self.rng = rng or random.Random()
         self.policy = policy or StepPolicy()
         self.max_pages = max_pages
-        self.sweeps = 0
         self.can_list = True  # until the provider answers a list call with a permanent error
 
     async def idle_s(self, longest_s: float) -> float:
@@ -159,7 +158,6 @@ class Poller:
         )
         if sweep:
             due = await self.store.due_parts(now + self.interval_s)
-        self.sweeps += 1
         seen: dict[str, RemoteBatch] = {}
         unusable: dict[str, str] = {}
         gone: set[str] = set()

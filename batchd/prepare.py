@@ -27,7 +27,7 @@ from batchd import csvio
 from batchd.config import Settings
 from batchd.failpoints import failpoint
 from batchd.logs import get_logger
-from batchd.models import Job, JobState
+from batchd.models import Job, JobState, upload_name
 from batchd.store import Store
 from batchd.validate import Report, validate_file, write_parts
 
@@ -168,7 +168,7 @@ def _prepare(job: Job, settings: Settings, source: Path) -> Prepared:
             "bytes": part.bytes,
             "model": part.model,
             "endpoint": part.endpoint,
-            "upload_name": f"batchd-{job.id}-p{i + 1:03d}.jsonl",
+            "upload_name": upload_name(job.id, i + 1),
         }
         for i, (part, path) in enumerate(zip(report.parts, paths, strict=True))
     ]

@@ -28,7 +28,15 @@ from typing import Any
 import aiosqlite
 import orjson
 
-from batchd.models import PART_HOLDS_SLOT, PART_SETTLED, Job, JobState, Part, PartState
+from batchd.models import (
+    JOB_TERMINAL,
+    PART_HOLDS_SLOT,
+    PART_SETTLED,
+    Job,
+    JobState,
+    Part,
+    PartState,
+)
 
 _JOB_COLUMNS = frozenset(
     {
@@ -258,11 +266,6 @@ class Store:
                 f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;"
             )
 
-    async def integrity_check(self) -> str:
-        async with self._db.execute("PRAGMA integrity_check") as cur:
-            row = await cur.fetchone()
-        return str(row[0]) if row else "no answer"
-
     # -- jobs ---------------------------------------------------------------------------
 
     async def insert_job(
@@ -315,14 +318,6 @@ class Store:
         ) as cur:
             rows = await cur.fetchall()
         return [(Job.from_row(r), r["inbox_inode"], r["inbox_dev"]) for r in rows]
-
-    async def job_for_inode(self, dev: int, inode: int) -> Job | None:
-        async with self._db.execute(
-            "SELECT * FROM jobs WHERE inbox_dev = ? AND inbox_inode = ? AND state = ?",
-            (dev, inode, JobState.CLAIMING),
-        ) as cur:
-            row = await cur.fetchone()
-        return Job.from_row(row) if row else None
 
     async def update_job(self, job_id: str, expect: JobState | None = None, **fields: Any) -> bool:
         """Set fields of a job; with `expect`, only if it is still in that state."""
@@ -377,7 +372,7 @@ class Store:
             " COALESCE(SUM(json_extract(usage, '$.prompt_tokens')), 0),"
             " COALESCE(SUM(json_extract(usage, '$.completion_tokens')), 0),"
             " MIN(CASE WHEN state NOT IN (?, ?) THEN created_at END) FROM jobs",
-            (JobState.PUBLISHED, JobState.PARKED),
+            tuple(JOB_TERMINAL),
         ) as cur:
             row = await cur.fetchone()
         assert row is not None
@@ -673,19 +668,12 @@ class Store:
             f"SELECT COALESCE(SUM({held}), 0) FROM parts p"  # noqa: S608
             " JOIN jobs j ON j.id = p.job_id WHERE j.state NOT IN (?, ?)"
         )
-        args = [*PART_HOLDS_SLOT, JobState.PUBLISHED, JobState.PARKED]
+        args = [*PART_HOLDS_SLOT, *JOB_TERMINAL]
         async with self._db.execute(sql, args) as cur:
             row = await cur.fetchone()
         async with self._db.execute("SELECT COUNT(*) FROM remote_garbage") as cur:
             garbage = await cur.fetchone()
         return int(row[0] if row else 0) + int(garbage[0] if garbage else 0)
-
-    async def remote_file_ids_in_use(self) -> set[str]:
-        async with self._db.execute(
-            "SELECT remote_file_id FROM parts WHERE remote_file_id IS NOT NULL"
-        ) as cur:
-            rows = await cur.fetchall()
-        return {r[0] for r in rows}
 
     # -- remote garbage -----------------------------------------------------------------
 

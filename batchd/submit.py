@@ -26,7 +26,7 @@ import asyncio
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from batchd.api import (
@@ -59,8 +59,6 @@ class AccountState:
 
     paused_reason: str | None = None
     paused_at: float | None = None
-    operator_paused: bool = False
-    errors: dict[str, str] = field(default_factory=dict)
 
     def pause(self, reason: str) -> None:
         if self.paused_reason is None:
@@ -178,7 +176,7 @@ class Submitter:
 
     async def run_once(self) -> bool:
         """Upload and create what the caps allow now; True when anything moved."""
-        if self.account.paused_reason is not None or self.account.operator_paused:
+        if self.account.paused_reason is not None:
             return False
         moved = await self._settle_stuck()
         # Uploads and creates overlap: the parts uploaded in one pass are created in the

@@ -99,7 +99,6 @@ import re
 import sys
 from array import array
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -108,6 +107,7 @@ from typing import IO, Any, BinaryIO, NamedTuple
 import orjson
 
 from batchd.config import ProviderLimits
+from batchd.fsutil import atomic_output
 
 # Our own bounds (not the service's): deeper nesting or larger integers are rejected.
 MAX_DEPTH = 256
@@ -1182,30 +1182,6 @@ def part_file_names(source: str | os.PathLike[str], count: int) -> list[str]:
     stem = name[: -len(".jsonl")] if name.endswith(".jsonl") else Path(name).stem
     width = max(3, len(str(count)))
     return [f"{stem}.part-{i:0{width}d}.jsonl" for i in range(1, count + 1)]
-
-
-@contextmanager
-def atomic_output(path: str | os.PathLike[str], *, fsync: bool = False) -> Iterator[IO[bytes]]:
-    """Write `path` through a hidden temporary file beside it, renamed into place only
-    when the block finishes without an error; readers never see a partial file."""
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as out:
-            yield out
-            if fsync:
-                out.flush()
-                os.fsync(out.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if fsync:
-        dir_fd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 def write_parts(

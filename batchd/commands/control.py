@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
-import os
 import shutil
 import sys
 import time
@@ -26,6 +25,7 @@ from rich.table import Table
 from batchd.config import Settings
 from batchd.control import ControlClient
 from batchd.errors import ConfigError
+from batchd.fsutil import atomic_output
 from batchd.intake import input_kind
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -357,15 +357,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
             print(f"{path}: {target} already exists; rename the file", file=sys.stderr)
             failed += 1
             continue
-        tmp = inbox / f".{path.name}.{os.getpid()}.tmp"
         try:
-            with path.open("rb") as src, tmp.open("wb") as dst:
+            # A hidden temp name the daemon ignores, fsynced, then renamed: never claimed
+            # half-copied.
+            with path.open("rb") as src, atomic_output(target) as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
-                dst.flush()
-                os.fsync(dst.fileno())
-            os.rename(tmp, target)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             print(f"{path}: {exc}", file=sys.stderr)
             failed += 1
             continue
