@@ -15,25 +15,25 @@ import orjson
 import pytest
 
 from batchd.cli import main
-from batchd.collect import (
+from batchd.collect import Fetched, decide_collect, retryable_failure
+from batchd.csvio import jsonl_file_to_csv, neutralised
+from batchd.lines import iter_lines
+from batchd.merge import (
     RESULT_UNAVAILABLE,
-    Fetched,
-    decide_collect,
-    keep_input_files,
     merge,
     merged,
     output_path,
-    remote_files_to_delete,
-    retryable_failure,
-    unread_rejection,
     with_input_line,
-    write_results_csv,
     write_with_input_line,
 )
-from batchd.csvio import jsonl_file_to_csv, neutralised
-from batchd.lines import iter_lines
 from batchd.models import Job, JobState, Part, PartState
 from batchd.problems import StepPolicy
+from batchd.publish import (
+    keep_input_files,
+    remote_files_to_delete,
+    unread_rejection,
+    write_results_csv,
+)
 
 USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
 

@@ -7,9 +7,9 @@ import os
 import orjson
 import pytest
 
-from batchd.collect import with_input_line
 from batchd.config import ProviderLimits
 from batchd.intake import Seen, input_kind, is_ignored_name, printable, settled
+from batchd.merge import with_input_line
 from batchd.models import remote_is_terminal
 from batchd.poll import expected_end_in, poll_after, window_hours
 from batchd.submit import free_slots

@@ -1,0 +1,508 @@
+"""Merge a job's result files with its input: every request in input order with its
+final answer across all parts. Both stages need it: collect plans follow-ups from the
+failures it finds, publish writes the outbox's files from it.
+
+A success in any part wins over failures; among failures the latest round's wins (a
+follow-up part retries earlier failures). A request without any answer gets an error line
+of batchd's own saying why: it never ran (`NEVER_RUN`, `not_submitted`, `result_missing`)
+or its result file could not be fetched (`RESULT_UNAVAILABLE`; a file given up after
+transient failures is `kept_on_service`). Result lines no request claims (no custom_id,
+an unknown one, a second answer) are `Strays`, copied byte for byte and counted by
+reason. Here too: where a part's result files are (`output_path`), how much of a job's
+input was sent (`sent_bytes`), which part an input line went to (`part_for`) and the
+result-line helpers (`with_input_line`, `numbered`, `terminated`).
+
+Result lines are paid for and never dropped: they are read with `batchd.lines` (NaN,
+1e400, lone surrogates, lines cut short, lines of any length in bounded memory). A line
+that a parser cannot read counts as a success when it came from the output file and as
+a failure when it came from the error file; a line over `max_line_bytes` is copied in
+chunks, never held whole.
+
+PURE but for the files it is given: it reads the input and result files it is handed and
+writes only the files it is asked to write; no store, no network, no clock.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from batchd.lines import (
+    CHUNK_BYTES,
+    DEFAULT_MAX_LINE_BYTES,
+    Line,
+    copy_line,
+    copy_range,
+    custom_id_of,
+    identity,
+    iter_lines,
+    line_at,
+    printable,
+    read_line,
+)
+from batchd.models import Job, Part, PartState, RemoteStatus
+
+NEVER_RUN = {
+    RemoteStatus.EXPIRED: ("batch_expired", "the batch expired before this request ran"),
+    RemoteStatus.CANCELLED: ("batch_cancelled", "the batch was cancelled before this request ran"),
+    RemoteStatus.FAILED: ("batch_failed", "the service rejected the batch"),
+    "lost": ("batch_lost", "the batch did not end within its completion window"),
+}
+# The code of requests whose result file could not be fetched: they most likely ran
+# (and were billed), so they are not resubmitted on their own.
+RESULT_UNAVAILABLE = "result_unavailable"
+# A reason in `Part.unavailable` that starts so names a file given up after transient
+# failures: it may still be fetchable, and is never deleted on the service.
+GAVE_UP = "gave up after"
+# What summary.json lists of the lines kept in unattributed.jsonl (all are counted).
+MAX_LISTED_STRAYS = 100
+
+
+def output_path(part: Part, kind: str) -> Path:
+    """PURE: where the collect stage puts a part's `kind` ("output" or "error") result
+    file, beside the part's input in the spool."""
+    return Path(part.path).with_name(f"part-{part.seq:03d}.{kind}.jsonl")
+
+
+def sent_bytes(job: Job) -> int | None:
+    """PURE: how much of the job's JSONL input was validated (and so sent): the first
+    `job.bytes` of a JSONL input (a producer may have appended to it since); a CSV job's
+    JSONL is batchd's own conversion, read whole."""
+    return job.bytes if job.kind == "jsonl" else None
+
+
+def kept_on_service(reason: str) -> bool:
+    """PURE: was this file given up after transient failures (so it may still exist)?"""
+    return reason.startswith(GAVE_UP)
+
+
+@dataclass(slots=True)
+class MergeStats:
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+    never_run: int = 0
+    unavailable: int = 0  # requests published as result_unavailable
+    unattributed: int = 0  # lines kept in unattributed.jsonl
+    unattributed_reasons: dict[str, int] = field(default_factory=dict)
+    unattributed_lines: list[dict[str, Any]] = field(default_factory=list)
+    usage: dict[str, int] = field(
+        default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    )
+
+
+def _add_usage(stats: MergeStats, answer: dict[str, Any]) -> None:
+    response = answer.get("response")
+    body = response.get("body") if isinstance(response, dict) else None
+    if isinstance(body, str):
+        body = read_line(body.encode("utf-8", "surrogatepass"))
+    usage = body.get("usage") if isinstance(body, dict) else None
+    if not isinstance(usage, dict):
+        return
+    for key in stats.usage:
+        value = usage.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            stats.usage[key] += value
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """One downloaded result file of a part."""
+
+    path: Path
+    kind: str  # "output" or "error"
+    part: Part
+
+
+def _sources(parts: list[Part]) -> list[Source]:
+    """Error files first, then output files, each in part order: a later entry for the
+    same custom_id replaces an earlier one (a success wins; a follow-up's answer wins
+    over the failure it retried)."""
+    found: list[Source] = []
+    collected = [p for p in parts if p.state == PartState.COLLECTED]
+    for kind in ("error", "output"):
+        for part in collected:
+            path = output_path(part, kind)
+            if path.exists():
+                found.append(Source(path, kind, part))
+    return found
+
+
+def _line_id(line: Line) -> str | None:
+    if line.data is None:
+        return custom_id_of(line.head)
+    return identity(line.data, read_line(line.data))
+
+
+def _superseded(earlier: Source, later: Source) -> bool:
+    """PURE: does `later` replace `earlier` as expected (a failure retried by a later
+    round)? Any other second answer for a request is a duplicate, kept apart."""
+    return earlier.kind == "error" and earlier.part.round < later.part.round
+
+
+@dataclass(slots=True)
+class Strays:
+    """Result lines no request claims: copied byte for byte into `path` (created on the
+    first one), counted by reason, the first few listed for summary.json."""
+
+    path: Path | None
+    stats: MergeStats
+    _out: IO[bytes] | None = None
+
+    def keep(self, fh: IO[bytes], line: Line, source: Source, reason: str, cid: str | None) -> None:
+        stats = self.stats
+        stats.unattributed += 1
+        stats.unattributed_reasons[reason] = stats.unattributed_reasons.get(reason, 0) + 1
+        if len(stats.unattributed_lines) < MAX_LISTED_STRAYS:
+            stats.unattributed_lines.append(
+                {
+                    "line": stats.unattributed,
+                    "reason": reason,
+                    "custom_id": printable(cid) if cid is not None else None,
+                    "part": source.part.seq,
+                    "file": source.kind,
+                    "file_id": (
+                        source.part.output_file_id
+                        if source.kind == "output"
+                        else source.part.error_file_id
+                    ),
+                    "bytes": line.size,
+                }
+            )
+        if self.path is None:
+            return
+        if self._out is None:
+            self._out = self.path.open("wb")
+        copy_line(fh, line, self._out)
+
+    def close(self) -> None:
+        if self._out is not None:
+            self._out.flush()
+            os.fsync(self._out.fileno())
+            self._out.close()
+            self._out = None
+
+
+def _index(
+    sources: list[Source], handles: list[IO[bytes]], max_line_bytes: int, strays: Strays
+) -> dict[str, tuple[int, int]]:
+    """custom_id -> (source slot, byte offset) of every result line; lines without a
+    custom_id and second answers for a request go to `strays` as they are met."""
+    index: dict[str, tuple[int, int]] = {}
+    for slot, source in enumerate(sources):
+        fh = handles[slot]
+        fh.seek(0)
+        for line in iter_lines(fh, max_line_bytes):
+            if line.blank:
+                continue
+            cid = _line_id(line)
+            if cid is None:
+                strays.keep(fh, line, source, "no_custom_id", None)
+            else:
+                earlier = index.get(cid)
+                if earlier is not None and not _superseded(sources[earlier[0]], source):
+                    old_fh = handles[earlier[0]]
+                    old = line_at(old_fh, earlier[1], max_line_bytes)
+                    strays.keep(old_fh, old, sources[earlier[0]], "duplicate", cid)
+                index[cid] = (slot, line.offset)
+            # A copy may have moved the handle the pass reads: back to where it was.
+            fh.seek(line.offset + line.size)
+    return index
+
+
+def numbered(
+    path: Path, max_line_bytes: int, limit: int | None
+) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, bytes) of every line of an input, blank ones included, within its
+    first `limit` bytes; None for a line over the cap (never a valid request)."""
+    with path.open("rb") as fh:
+        for number, line in enumerate(iter_lines(fh, max_line_bytes), start=1):
+            if limit is not None and line.offset >= limit:
+                return
+            data = line.data
+            if data is not None and limit is not None and line.offset + line.size > limit:
+                data = data[: limit - line.offset]
+            yield number, data
+
+
+def _input_lines(
+    path: Path, max_line_bytes: int, limit: int | None
+) -> Iterator[tuple[int, str | None, str | None]]:
+    """(line number, custom_id, model) of every request of a validated input."""
+    for number, raw in numbered(path, max_line_bytes, limit):
+        if raw is not None and not raw.strip():
+            continue
+        obj = read_line(raw) if raw is not None else None
+        cid = obj.get("custom_id") if obj is not None else None
+        body = obj.get("body") if obj is not None else None
+        model = body.get("model") if isinstance(body, dict) else None
+        yield (
+            number,
+            cid if isinstance(cid, str) else None,
+            model if isinstance(model, str) else None,
+        )
+
+
+def with_input_line(line: bytes, number: int) -> bytes:
+    """PURE: the service's error line with `"input_line": N` added, its bytes otherwise kept."""
+    body = line.rstrip(b"\r\n").rstrip()
+    if body.endswith(b"}"):
+        inner = body[:-1].rstrip()
+        comma = b"" if inner.endswith(b"{") else b","
+        return body[:-1] + comma + b'"input_line":' + str(number).encode() + b"}\n"
+    return orjson.dumps({"input_line": number, "raw": body.decode("utf-8", "replace")}) + b"\n"
+
+
+_WHITESPACE = b" \t\r\n"
+
+
+def write_with_input_line(fh: IO[bytes], line: Line, number: int, out: IO[bytes]) -> None:
+    """`with_input_line` for a line too long to hold: copied in chunks up to its closing
+    brace, then `,"input_line":N}`; a line that does not end with a brace is written as
+    `{"input_line":N,"raw":"..."}`, its text escaped chunk by chunk."""
+    # The end of the line's last byte that is not whitespace, found from the end back.
+    last = line.offset + line.size
+    while last > line.offset:
+        start = max(line.offset, last - 4096)
+        fh.seek(start)
+        chunk = fh.read(last - start).rstrip(_WHITESPACE)
+        if chunk:
+            last = start + len(chunk)
+            break
+        last = start
+    closing = b""
+    if last > line.offset:
+        fh.seek(last - 1)
+        closing = fh.read(1)
+    if closing == b"}":
+        before = max(line.offset, last - 1 - 4096)
+        fh.seek(before)
+        comma = b"" if fh.read(last - 1 - before).rstrip(_WHITESPACE).endswith(b"{") else b","
+        copy_range(fh, line.offset, last - 1 - line.offset, out)
+        out.write(comma + b'"input_line":' + str(number).encode() + b"}\n")
+        return
+    out.write(b'{"input_line":' + str(number).encode() + b',"raw":"')
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    fh.seek(line.offset)
+    left = last - line.offset
+    while left > 0:
+        chunk = fh.read(min(CHUNK_BYTES, left))
+        if not chunk:
+            break
+        left -= len(chunk)
+        out.write(orjson.dumps(decoder.decode(chunk, left <= 0))[1:-1])
+    out.write(b'"}\n')
+
+
+@dataclass(frozen=True, slots=True)
+class LongLine:
+    """Where a result line too long to hold is: it is copied from there."""
+
+    path: Path
+    line: Line
+
+
+@dataclass(frozen=True, slots=True)
+class Merged:
+    """One request of the job after every part: its input line and final answer."""
+
+    number: int
+    custom_id: str | None
+    model: str | None
+    ok: bool
+    # The line to publish (successes as sent; failures with input_line); None for a
+    # line too long to hold, copied from `long` instead.
+    line: bytes | None
+    answer: dict[str, Any] | None  # the parsed line; None when unread or never run
+    long: LongLine | None = None
+    never_ran: bool = False  # no answer at all: the line is batchd's own
+    code: str | None = None  # batchd's error code for a request without an answer
+
+
+def merged(
+    job_input: Path,
+    parts: list[Part],
+    *,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    input_bytes: int | None = None,
+    strays: Strays | None = None,
+) -> Iterator[Merged]:
+    """Every request in input order with its final answer across all parts.
+
+    A success in any part wins over failures; among failures the latest part's wins (a
+    follow-up part retries earlier failures). A request with no answer at all gets an
+    error line of its own saying why: it never ran, or its result file could not be
+    fetched. Result lines no request claims (no custom_id, an unknown one, a second
+    answer) go to `strays`. Only the first `input_bytes` of the input are read.
+    """
+    sources = _sources(parts)
+    handles: list[IO[bytes]] = [s.path.open("rb") for s in sources]
+    kept = strays if strays is not None else Strays(None, MergeStats())
+    reasons = {p.seq: _missing_reason(p) for p in parts}
+    originals = [p for p in parts if p.round == 0] or parts
+    try:
+        # One entry per request of the job (about 100 bytes each).
+        index = _index(sources, handles, max_line_bytes, kept)
+        for number, cid, model in _input_lines(job_input, max_line_bytes, input_bytes):
+            hit = index.pop(cid, None) if cid is not None else None
+            if hit is not None and cid is not None:
+                source = sources[hit[0]]
+                line = line_at(handles[hit[0]], hit[1], max_line_bytes)
+                yield _answered(number, cid, model, source, line)
+                continue
+            code, message = reasons[part_for(originals, number, model).seq]
+            error_line = orjson.dumps(
+                {
+                    "id": None,
+                    "custom_id": printable(cid) if cid is not None else None,
+                    "response": None,
+                    "error": {
+                        "code": code or "result_missing",
+                        "message": message or "the service returned no result for this request",
+                    },
+                    "input_line": number,
+                }
+            )
+            yield Merged(
+                number,
+                cid,
+                model,
+                False,
+                error_line + b"\n",
+                None,
+                never_ran=True,
+                code=code or "result_missing",
+            )
+        # Answers for custom_ids the input does not have.
+        for cid, (slot, offset) in sorted(index.items(), key=lambda item: item[1]):
+            line = line_at(handles[slot], offset, max_line_bytes)
+            kept.keep(handles[slot], line, sources[slot], "unknown_custom_id", cid)
+    finally:
+        for fh in handles:
+            fh.close()
+
+
+def _answered(number: int, cid: str, model: str | None, source: Source, line: Line) -> Merged:
+    """PURE: a request's answer from its line: parsed when it can be; a line no parser
+    reads (or too long to hold) is a success from the output file, a failure from the
+    error file."""
+    if line.data is None:
+        ok = source.kind == "output"
+        return Merged(number, cid, model, ok, None, None, LongLine(source.path, line))
+    answer = read_line(line.data)
+    ok = _is_success(answer) if answer is not None else source.kind == "output"
+    raw = terminated(line.data) if ok else with_input_line(line.data, number)
+    return Merged(number, cid, model, ok, raw, answer)
+
+
+def merge(
+    job_input: Path,
+    parts: list[Part],
+    result: Path,
+    errors: Path,
+    unattributed: Path | None = None,
+    *,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    input_bytes: int | None = None,
+) -> MergeStats:
+    """Write successes and failures in input order into `result` and `errors`, and the
+    result lines no request claims into `unattributed` (created only when there are
+    any); in bounded memory whatever the lines' lengths."""
+    stats = MergeStats()
+    strays = Strays(unattributed, stats)
+    try:
+        with result.open("wb") as res, errors.open("wb") as err:
+            for item in merged(
+                job_input,
+                parts,
+                max_line_bytes=max_line_bytes,
+                input_bytes=input_bytes,
+                strays=strays,
+            ):
+                stats.total += 1
+                if item.ok:
+                    _write(item, res)
+                    stats.completed += 1
+                    if item.answer is not None:
+                        _add_usage(stats, item.answer)
+                else:
+                    _write(item, err)
+                    stats.failed += 1
+                    if item.code == RESULT_UNAVAILABLE:
+                        stats.unavailable += 1
+                    elif item.never_ran:
+                        stats.never_run += 1
+            for out in (res, err):
+                out.flush()
+                os.fsync(out.fileno())
+    finally:
+        strays.close()
+    return stats
+
+
+def _write(item: Merged, out: IO[bytes]) -> None:
+    if item.line is not None:
+        out.write(item.line)
+        return
+    assert item.long is not None
+    with item.long.path.open("rb") as fh:
+        if item.ok:
+            copy_line(fh, item.long.line, out)
+        else:
+            write_with_input_line(fh, item.long.line, item.number, out)
+
+
+def terminated(line: bytes) -> bytes:
+    """PURE: the line, ending with a newline (one is added when it has none)."""
+    return line if line.endswith(b"\n") else line + b"\n"
+
+
+def _is_success(obj: dict[str, Any]) -> bool:
+    if obj.get("error"):
+        return False
+    response = obj.get("response")
+    return isinstance(response, dict) and response.get("status_code") in (200, None)
+
+
+def part_for(parts: list[Part], line: int, model: str | None) -> Part:
+    """PURE: the part an input line went to. Parts hold consecutive lines of the input
+    (or, grouped by model, consecutive lines of one model), in `seq` order."""
+    same_model = [p for p in parts if p.model == model] or parts
+    best = same_model[0]
+    for part in same_model:
+        if part.first_line <= line:
+            best = part
+    return best
+
+
+def _missing_reason(part: Part) -> tuple[str, str]:
+    """PURE: the code and message of a request of `part` without any answer."""
+    if part.unavailable:
+        files = "; ".join(
+            f"the {kind} file {file_of(part, kind)} ({reason})"
+            for kind, reason in sorted(part.unavailable.items())
+        )
+        return RESULT_UNAVAILABLE, f"the result could not be fetched: {files}"
+    return _never_run_reason(part)
+
+
+def file_of(part: Part, kind: str) -> str | None:
+    """PURE: the id of the part's `kind` ("output" or "error") result file, if any."""
+    return part.output_file_id if kind == "output" else part.error_file_id
+
+
+def _never_run_reason(part: Part) -> tuple[str, str]:
+    if part.state == PartState.FAILED:
+        return "not_submitted", f"the part could not be submitted: {part.error}"
+    if part.state == PartState.CANCELLED:
+        return NEVER_RUN[RemoteStatus.CANCELLED]
+    code, message = NEVER_RUN.get(part.remote_status or "", ("result_missing", ""))
+    if part.remote_status == RemoteStatus.FAILED and part.remote_errors:
+        message = f"{message}: {orjson.dumps(part.remote_errors).decode()[:1000]}"
+    return code, message

@@ -1,0 +1,573 @@
+"""The publish stage: write each job in PUBLISHING into the outbox in one atomic step,
+then queue the clean-up of its remote files.
+
+Publish: a hidden temp folder `outbox/.NAME.tmp-JOB` receives `result.jsonl` (successes
+in input order, the service's lines byte for byte), `error.jsonl` (failures, each with
+its `input_line`; requests that never ran get their own error code), `unattributed.jsonl`
+(result lines no request of the input claims, byte for byte; only when there are any),
+`result.csv`, `summary.json` and a copy of the validated input; each file is fsynced,
+then the folder is renamed to `outbox/NAME` and the outbox fsynced. The name is
+committed before the rename, so a crash on either side of it is settled by looking at
+the folder's `summary.json`. A write or fsync that fails (EIO, ENOSPC) removes the temp
+folder, logs `publish_failed` and tries the job again after a pause that doubles with
+each failure; the daemon carries on.
+
+The merging of results in input order is `batchd.merge`'s; here are this stage's pure
+deciders (`decide_outcome`, `retry_delay_s`, `remote_files_to_delete`,
+`unread_rejection`), what summary.json says (`build_summary`) and the writers of the
+outbox's other files (`write_results_csv`, the rejection's `error.jsonl`, the input's
+copy: `keep_input_files`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import os
+import shutil
+import stat
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from batchd import csvio
+from batchd.failpoints import failpoint
+from batchd.fsutil import fsync_dir, fsync_file
+from batchd.lines import CHUNK_BYTES, DEFAULT_MAX_LINE_BYTES, iter_lines
+from batchd.logs import get_logger
+from batchd.merge import MergeStats, file_of, kept_on_service, merge, sent_bytes
+from batchd.models import Job, JobState, Outcome, Part, RemoteStatus
+from batchd.store import Store
+
+log = get_logger(__name__)
+
+# Rejections decided on the input's size or blocks alone: the input was never read, so
+# it is moved into the outbox (a rename), never copied.
+UNREAD_CODES = frozenset({"input_too_large", "sparse_file"})
+UNSENT_NOTE = (
+    "these bytes arrived after the file was claimed and were not sent:"
+    " drop them again as a new file"
+)
+CHANGED_NOTE = (
+    "the file was changed in place after it was claimed; what was validated and sent is"
+    " not the current file, which is kept as {name}"
+)
+
+
+def decide_outcome(job: Job, parts: list[Part], stats: MergeStats) -> Outcome:
+    """PURE: the job's final status from its parts and merged counts."""
+    if stats.total > 0 and stats.completed == stats.total:
+        return Outcome.COMPLETED
+    statuses = {p.remote_status for p in parts}
+    if job.cancel_requested or RemoteStatus.CANCELLED in statuses:
+        return Outcome.CANCELLED
+    if RemoteStatus.EXPIRED in statuses:
+        return Outcome.EXPIRED
+    if stats.completed == 0:
+        return Outcome.FAILED
+    return Outcome.PARTIAL
+
+
+def remote_files_to_delete(parts: list[Part]) -> list[str | None]:
+    """PURE: the remote files to delete once the job is published: every input file,
+    and every result file except those given up after transient failures."""
+    ids: list[str | None] = []
+    for part in parts:
+        ids.append(part.remote_file_id)
+        for kind in ("output", "error"):
+            reason = (part.unavailable or {}).get(kind)
+            if reason is None or not kept_on_service(reason):
+                ids.append(file_of(part, kind))
+    return ids
+
+
+def _kept_files(part: Part) -> list[str]:
+    return [
+        file_id
+        for kind, reason in sorted((part.unavailable or {}).items())
+        if kept_on_service(reason) and (file_id := file_of(part, kind))
+    ]
+
+
+class Publisher:
+    """Publishes jobs in PUBLISHING into the outbox, then queues remote clean-up."""
+
+    def __init__(
+        self,
+        store: Store,
+        outbox: Path,
+        *,
+        keep_input: bool,
+        delete_remote_files: bool,
+        on_published: Callable[[], None],
+        on_retry_due: Callable[[], None] = lambda: None,
+        retry_base_s: float = 1.0,
+        retry_cap_s: float = 300.0,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    ) -> None:
+        self.store = store
+        self.outbox = outbox
+        self.on_retry_due = on_retry_due
+        self.keep_input = keep_input
+        self.delete_remote_files = delete_remote_files
+        self.on_published = on_published
+        self.retry_base_s = retry_base_s
+        self.retry_cap_s = retry_cap_s
+        self.max_line_bytes = max_line_bytes
+        # job id -> (failed attempts in a row, loop time of the next attempt)
+        self.backoff: dict[str, tuple[int, float]] = {}
+
+    async def run_once(self) -> bool:
+        moved = False
+        loop = asyncio.get_running_loop()
+        for job in await self.store.jobs([JobState.PUBLISHING], limit=50):
+            failed, due_at = self.backoff.get(job.id, (0, 0.0))
+            if loop.time() < due_at:
+                continue
+            try:
+                moved |= await self.publish(job)
+            except OSError as exc:
+                # EIO, ENOSPC...: the temp folder is gone and nothing partial is visible.
+                # A disk error is not the job's fault: it must not count towards parking
+                # it, and it is tried again after a growing pause, not in a tight loop.
+                await self.store.update_job(
+                    job.id, JobState.PUBLISHING, crash_count=job.crash_count
+                )
+                delay = retry_delay_s(failed + 1, self.retry_base_s, self.retry_cap_s)
+                self.backoff[job.id] = (failed + 1, loop.time() + delay)
+                loop.call_later(delay, self.on_retry_due)
+                log.error(
+                    "publish_failed",
+                    job_id=job.id,
+                    name=job.name,
+                    errno=errno.errorcode.get(exc.errno or 0, exc.errno),
+                    error=str(exc),
+                    attempt=failed + 1,
+                    retry_in_s=round(delay, 3),
+                )
+            else:
+                if self.backoff.pop(job.id, None) is not None:
+                    log.info("publish_recovered", job_id=job.id, attempts=failed + 1)
+        return moved
+
+    async def _final_dir(self, job: Job) -> Path:
+        """The job's outbox folder: its stem, or `STEM-N` when another job has it or
+        anything at all (a folder, a file, a symlink, even a dangling one) is there."""
+        if job.outbox_path:
+            chosen = Path(job.outbox_path)
+            if _outbox_owner(chosen, job.id) in (None, "self"):
+                return chosen
+            # Taken since the name was chosen (by hand, say): this job takes another.
+            log.warning("outbox_name_taken", job_id=job.id, outbox=str(chosen))
+        name, n = job.name, 1
+        while await self.store.outbox_path_taken(str(self.outbox / name)) or os.path.lexists(
+            self.outbox / name
+        ):
+            n += 1
+            name = f"{job.name}-{n}"
+        return self.outbox / name
+
+    async def publish(self, job: Job) -> bool:
+        parts = await self.store.parts_of(job.id)
+        final = await self._final_dir(job)
+        if job.outbox_path != str(final):
+            await self.store.update_job(job.id, JobState.PUBLISHING, outbox_path=str(final))
+        if _published_by(final, job.id):
+            return await self._done(job, parts, final, None)
+        tmp = self.outbox / f".{final.name}.tmp-{job.id}"
+        await self.store.update_job(job.id, JobState.PUBLISHING, crash_count=job.crash_count + 1)
+        try:
+            summary = await asyncio.to_thread(self._build, job, parts, tmp)
+            failpoint("publish.before_rename", job.inbox_name)
+            await asyncio.to_thread(os.rename, tmp, final)
+        except BaseException:
+            # Whatever failed (a full or failing disk), the half-written folder goes: it
+            # holds space the next attempt needs, and it was never visible under `final`.
+            # An input moved into it goes back to the spool first.
+            await asyncio.to_thread(discard_tmp, job, tmp)
+            raise
+        failpoint("publish.after_rename", job.inbox_name)
+        await asyncio.to_thread(fsync_dir, self.outbox)
+        return await self._done(job, parts, final, summary)
+
+    async def _done(
+        self, job: Job, parts: list[Part], final: Path, summary: dict[str, Any] | None
+    ) -> bool:
+        if summary is None:
+            summary = orjson.loads((final / "summary.json").read_bytes())
+        outcome = str(summary.get("status"))
+        counts = summary.get("request_counts") or {}
+        # Crash hazard: the remote clean-up is queued and the spool removed *before* the
+        # job is marked published. Once published it is never looked at again, so a kill
+        # between the two would leave its remote files and spool folder behind for good;
+        # in this order a kill only repeats these idempotent steps on the next pass.
+        if self.delete_remote_files:
+            await self.store.add_garbage(
+                remote_files_to_delete(parts), f"job {job.id} published", time.time()
+            )
+        kept_at = summary.get("input_kept_at")
+        if kept_at:
+            # The input could not be moved into the outbox (another filesystem): its
+            # spool folder stays, and summary.json says where it is.
+            log.warning("input_kept_in_spool", job_id=job.id, path=kept_at)
+        else:
+            await asyncio.to_thread(shutil.rmtree, Path(job.spool_path).parent, True)
+        await self.store.update_job(
+            job.id,
+            JobState.PUBLISHING,
+            state=JobState.PUBLISHED,
+            outcome=outcome,
+            crash_count=0,
+            outbox_path=str(final),
+            completed=int(counts.get("completed") or 0),
+            failed=int(counts.get("failed") or 0),
+            usage=summary.get("usage"),
+        )
+        log.info(
+            "job_published",
+            job_id=job.id,
+            outbox=str(final),
+            status=outcome,
+            request_counts=summary.get("request_counts"),
+        )
+        self.on_published()
+        return True
+
+    def _build(self, job: Job, parts: list[Part], tmp: Path) -> dict[str, Any]:
+        discard_tmp(job, tmp)
+        tmp.mkdir(parents=True)
+        spool_input = Path(job.spool_path)
+        jsonl_input = spool_input.with_name("input.jsonl")
+        if job.report is not None and not job.report.get("valid", True):
+            stats = _write_rejection(job.report, tmp / "result.jsonl", tmp / "error.jsonl")
+            outcome: Outcome = Outcome.REJECTED
+        else:
+            stats = merge(
+                jsonl_input,
+                parts,
+                tmp / "result.jsonl",
+                tmp / "error.jsonl",
+                tmp / "unattributed.jsonl",
+                max_line_bytes=self.max_line_bytes,
+                input_bytes=sent_bytes(job),
+            )
+            outcome = decide_outcome(job, parts, stats)
+        failpoint("publish.write", job.inbox_name)
+        write_results_csv(
+            [tmp / "result.jsonl", tmp / "error.jsonl"], tmp / "result.csv", self.max_line_bytes
+        )
+        kept = keep_input_files(job, parts, tmp, keep=self.keep_input)
+        if kept.get("input_changed"):
+            log.warning("input_changed", job_id=job.id, name=job.name, **kept["input_changed"])
+        summary = build_summary(job, parts, stats, outcome, kept)
+        (tmp / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+        fsync_file(tmp / "summary.json")
+        if job.report is not None:
+            (tmp / "report.json").write_bytes(orjson.dumps(job.report, option=orjson.OPT_INDENT_2))
+            fsync_file(tmp / "report.json")
+        failpoint("publish.fsync", job.inbox_name)
+        fsync_dir(tmp)
+        return summary
+
+
+def retry_delay_s(failures: int, base_s: float, cap_s: float) -> float:
+    """PURE: the pause before the next publish attempt after `failures` in a row."""
+    return float(min(cap_s, base_s * 2 ** min(max(0, failures - 1), 30)))
+
+
+def write_results_csv(
+    sources: list[Path], target: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+) -> None:
+    """The seed's CSV columns over every result and error line, UTF-8 with a BOM (Excel),
+    every cell neutralised against formulas; read in bounded memory (a line over the
+    cap gets a row saying where to find it)."""
+    with target.open("w", encoding="utf-8-sig", newline="") as out:
+        table = csvio.ResultCsv(out, safe_cells=True)
+        for source in sources:
+            with source.open("rb") as fh:
+                for number, line in enumerate(iter_lines(fh, max_line_bytes), start=1):
+                    table.add(number, line, source.name)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _write_rejection(report: dict[str, Any], result: Path, errors: Path) -> MergeStats:
+    result.write_bytes(b"")
+    with errors.open("wb") as fh:
+        for item in report.get("errors") or []:
+            fh.write(
+                orjson.dumps(
+                    {
+                        "input_line": item.get("line"),
+                        "error": {"code": item.get("code"), "message": item.get("message")},
+                    }
+                )
+                + b"\n"
+            )
+    fsync_file(result)
+    fsync_file(errors)
+    total = int(report.get("requests") or 0)
+    return MergeStats(total=total, failed=total)
+
+
+# -- the input's copy -------------------------------------------------------------------
+
+
+def unread_rejection(job: Job) -> bool:
+    """PURE: was the input rejected on its size or blocks alone, never read (so never
+    hashed)? Such an input is moved into the outbox, not copied."""
+    if job.sha256 is not None or job.report is None or job.report.get("valid", True):
+        return False
+    codes = {e.get("code") for e in job.report.get("errors") or [] if isinstance(e, dict)}
+    return bool(codes & UNREAD_CODES)
+
+
+def discard_tmp(job: Job, tmp: Path) -> None:
+    """Remove a publish temp folder left by a failed or killed attempt. An input moved
+    into it goes back to the spool first; if that fails, the folder stays (the next
+    attempt fails on it and tries again) rather than the input being lost."""
+    if tmp.is_symlink():
+        tmp.unlink()
+        return
+    if not tmp.exists():
+        return
+    spool_input = Path(job.spool_path)
+    moved = tmp / spool_input.name
+    if unread_rejection(job) and moved.exists() and not os.path.lexists(spool_input):
+        os.rename(moved, spool_input)
+        fsync_dir(spool_input.parent)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def keep_input_files(job: Job, parts: list[Part], tmp: Path, *, keep: bool) -> dict[str, Any]:
+    """Put the input into the publish folder `tmp`; returns what summary.json says of it.
+
+    - An input rejected unread (too large, sparse) is moved in with a rename (O(1)); on
+      another filesystem (EXDEV) it stays in its spool folder (`input_kept_at`).
+    - Otherwise exactly the validated bytes (`job.bytes`, checked against `job.sha256`)
+      are copied, never hard-linked: a producer holding the file open must not change
+      the published copy. Bytes appended after the claim go to `unsent.EXT`; a file
+      changed in place is kept whole as `input.changed.EXT`, beside the part files that
+      were sent. Both are kept even without `keep` (they hold bytes never sent).
+    - A CSV job's JSONL conversion is batchd's own file, copied as is.
+    """
+    kept: dict[str, Any] = {}
+    spool_input = Path(job.spool_path)
+    if unread_rejection(job):
+        if keep:
+            kept.update(_move_input(spool_input, tmp / spool_input.name))
+        return kept
+    if spool_input.exists():
+        changed = _keep_validated(job, parts, spool_input, tmp, keep)
+        if changed is not None:
+            kept["input_changed"] = changed
+    jsonl_input = spool_input.with_name("input.jsonl")
+    if keep and jsonl_input != spool_input and jsonl_input.exists():
+        _copy_file(jsonl_input, tmp / jsonl_input.name)
+    return kept
+
+
+def _move_input(source: Path, dest: Path) -> dict[str, Any]:
+    try:
+        os.rename(source, dest)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        return {"input_kept_at": str(source)}
+    fsync_dir(source.parent)
+    return {}
+
+
+def _keep_validated(
+    job: Job, parts: list[Part], source: Path, tmp: Path, keep: bool
+) -> dict[str, Any] | None:
+    """Copy the validated bytes of `source`; what changed since validation, or None."""
+    dest = tmp / source.name
+    st = os.stat(source)
+    if job.sha256 is None or job.bytes is None:
+        if keep:  # an old row without the figures: the file as it is
+            _copy_file(source, dest)
+        return None
+    mtime_changed = job.input_mtime_ns is not None and st.st_mtime_ns != job.input_mtime_ns
+    if not keep and st.st_size == job.bytes and not mtime_changed:
+        return None
+    with source.open("rb") as src:
+        digest, copied = _copy_hashed(src, dest if keep else None, job.bytes)
+        intact = copied == job.bytes and digest == job.sha256
+        appended = 0
+        if intact and st.st_size > job.bytes:
+            unsent = tmp / f"unsent{source.suffix}"
+            appended = _copy_rest(src, unsent)
+    if intact and appended == 0 and not mtime_changed:
+        return None
+    changed: dict[str, Any] = {
+        "validated": {"bytes": job.bytes, "sha256": job.sha256, "mtime_ns": job.input_mtime_ns},
+        "now": {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns},
+        "appended_bytes": appended,
+        "modified_in_place": not intact,
+    }
+    if appended:
+        changed["unsent"] = f"unsent{source.suffix}"
+        changed["note"] = UNSENT_NOTE
+    if not intact:
+        # What was validated cannot be copied from the file any more: the current file
+        # is kept under its own name, beside the part files that were sent.
+        dest.unlink(missing_ok=True)
+        name = f"input.changed{source.suffix}"
+        _copy_file(source, tmp / name)
+        sent = []
+        for part in parts:
+            path = Path(part.path)
+            if part.round == 0 and path != source and path.exists():
+                target = f"input.{path.name}"
+                _copy_file(path, tmp / target)
+                sent.append(target)
+        changed["kept_as"] = name
+        changed["sent_parts"] = sent
+        changed["note"] = CHANGED_NOTE.format(name=name)
+    elif not appended:
+        changed["note"] = "the file's mtime changed after it was claimed; its bytes did not"
+    return changed
+
+
+def _copy_hashed(src: IO[bytes], dest: Path | None, limit: int) -> tuple[str, int]:
+    """Copy (when `dest` is given) and hash the first `limit` bytes of `src`; returns
+    the sha256 and the bytes read (fewer when the file is shorter now)."""
+    digest = hashlib.sha256()
+    copied = 0
+    out = dest.open("wb") if dest is not None else None
+    try:
+        while copied < limit:
+            chunk = src.read(min(CHUNK_BYTES, limit - copied))
+            if not chunk:
+                break
+            digest.update(chunk)
+            if out is not None:
+                out.write(chunk)
+            copied += len(chunk)
+        if out is not None:
+            out.flush()
+            os.fsync(out.fileno())
+    finally:
+        if out is not None:
+            out.close()
+    return digest.hexdigest(), copied
+
+
+def _copy_rest(src: IO[bytes], dest: Path) -> int:
+    """Copy what follows in `src` to `dest` (fsynced); its bytes (no file when none)."""
+    copied = 0
+    with dest.open("wb") as out:
+        while chunk := src.read(CHUNK_BYTES):
+            out.write(chunk)
+            copied += len(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    if copied == 0:
+        dest.unlink()
+    return copied
+
+
+def _copy_file(source: Path, dest: Path) -> None:
+    """A copy of `source` (never a link: the copy must not change with it), fsynced."""
+    with source.open("rb") as src, dest.open("wb") as out:
+        shutil.copyfileobj(src, out, CHUNK_BYTES)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def build_summary(
+    job: Job,
+    parts: list[Part],
+    stats: MergeStats,
+    outcome: Outcome,
+    kept: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What summary.json says of the job: its input, outcome, counts, parts and timings
+    (`published_at` is now); `kept` is what `keep_input_files` said of the input."""
+    kept = kept or {}
+    return {
+        "job_id": job.id,
+        "name": job.name,
+        "input": {
+            "name": job.inbox_name,
+            "sha256": job.sha256,
+            "bytes": job.bytes,
+            "kind": job.kind,
+        },
+        "status": str(outcome),
+        "request_counts": {
+            "total": stats.total,
+            "completed": stats.completed,
+            "failed": stats.failed,
+        },
+        "never_run": stats.never_run,
+        "result_unavailable": stats.unavailable,
+        "unattributed": stats.unattributed,
+        "unattributed_reasons": stats.unattributed_reasons,
+        "unattributed_lines": stats.unattributed_lines,
+        "input_changed": kept.get("input_changed"),
+        "input_kept_at": kept.get("input_kept_at"),
+        "usage": stats.usage,
+        "error": job.error,
+        "parts": [
+            {
+                "seq": p.seq,
+                "round": p.round,
+                "requests": p.requests,
+                "model": p.model,
+                "endpoint": p.endpoint,
+                "state": str(p.state),
+                "batch_id": p.batch_id,
+                "status": p.remote_status,
+                "input_file_id": p.remote_file_id,
+                "output_file_id": p.output_file_id,
+                "error_file_id": p.error_file_id,
+                "request_counts": p.request_counts,
+                "errors": p.remote_errors,
+                "unavailable": p.unavailable,
+                "kept_on_service": _kept_files(p),
+                "note": p.error,
+            }
+            for p in parts
+        ],
+        "timings": {
+            "claimed_at": job.created_at,
+            "batches_created_at": [p.created_remote_at for p in parts],
+            "batches_ended_at": [p.ended_at for p in parts],
+            "published_at": time.time(),
+        },
+    }
+
+
+def _outbox_owner(path: Path, job_id: str) -> str | None:
+    """Who holds an outbox name: None (nothing, not even a dangling symlink), "self"
+    (this job's published folder) or "other" (anything else). A summary that cannot be
+    read for a disk error raises: taking another name then could publish the job twice."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISDIR(st.st_mode):
+        return "other"
+    try:
+        raw = (path / "summary.json").read_bytes()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return "other"
+    try:
+        summary = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return "other"
+    return "self" if isinstance(summary, dict) and summary.get("job_id") == job_id else "other"
+
+
+def _published_by(final: Path, job_id: str) -> bool:
+    try:
+        summary = orjson.loads((final / "summary.json").read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return False
+    return isinstance(summary, dict) and summary.get("job_id") == job_id
