@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from batchd.account import AccountState
 from batchd.api import AccountError, ApiError, BatchApi
 from batchd.config import ProviderLimits
 from batchd.failpoints import failpoint
@@ -147,8 +148,10 @@ class Collector:
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
         stopping: asyncio.Event | None = None,
         rescan_s: float = 1.0,
+        account: AccountState | None = None,
     ) -> None:
         self.store = store
+        self.account = account or AccountState()
         self.api = api
         self.limits = limits
         self.resubmit_failed = resubmit_failed
@@ -263,7 +266,10 @@ class Collector:
         for item in fetched:
             if item.broken is not None:
                 raise item.broken
-        if any(item.account is not None for item in fetched):
+        trouble = next((item.account for item in fetched if item.account is not None), None)
+        if trouble is not None:
+            # The account's trouble, not the part's: submission pauses until it works.
+            self.account.failed(trouble)
             self._account_trouble = True
             return False
         decision = decide_collect(part, fetched, self.policy, part.request_counts)

@@ -30,7 +30,7 @@ import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
@@ -40,10 +40,7 @@ from pydantic import BaseModel
 
 from batchd.errors import BatchdError, ConfigError
 from batchd.logs import get_logger
-from batchd.protocol import API_PREFIX, ActionResponse, ErrorBody, ErrorResponse, Event
-
-if TYPE_CHECKING:
-    from batchd.daemon import Daemon
+from batchd.protocol import API_PREFIX, ActionResponse, ErrorBody, ErrorResponse, Operator
 
 log = get_logger(__name__)
 
@@ -289,22 +286,22 @@ class _Connection(asyncio.Protocol):
 class ControlServer:
     def __init__(
         self,
-        daemon: Daemon,
+        ops: Operator,
         path: Path,
         group: str | None,
         *,
-        max_connections: int | None = None,
-        request_timeout_s: float | None = None,
+        max_connections: int = 32,
+        request_timeout_s: float = 10.0,
     ) -> None:
         # First, before anything is opened: a path the kernel cannot bind is a config error.
         check_socket_path(path)
-        self.daemon = daemon
+        self.ops = ops
         self.path = path
         self.group_gid = resolve_group(group)
         self.own_uid = os.getuid()
-        limits = daemon.settings.control
-        self.max_connections = max_connections or limits.max_connections
-        self.request_timeout_s = request_timeout_s or limits.request_timeout_s
+        self.max_connections = max_connections
+        self.request_timeout_s = request_timeout_s
+        self._unsubscribe: Callable[[], None] | None = None
         self._runner: web.AppRunner | None = None
         self._server: asyncio.AbstractServer | None = None
         self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
@@ -363,7 +360,7 @@ class ControlServer:
         finally:
             os.umask(old)
         self._inode = os.stat(self.path).st_ino
-        self.daemon.store.listeners.append(self._publish)
+        self._unsubscribe = self.ops.subscribe(self._publish)
         log.info(
             "control_listening",
             path=str(self.path),
@@ -372,6 +369,9 @@ class ControlServer:
         )
 
     async def stop(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
         for queue in list(self._subscribers):
             queue.put_nowait({"type": "bye"})
         if self._server is not None:
@@ -483,7 +483,7 @@ class ControlServer:
     # -- calls --------------------------------------------------------------------------
 
     async def status(self, request: web.Request) -> web.Response:
-        return _json(await self.daemon.status())
+        return _json(await self.ops.status())
 
     async def jobs(self, request: web.Request) -> web.Response:
         q = request.query
@@ -498,22 +498,22 @@ class ControlServer:
             return error(400, "bad_request", f"offset must be 0..{MAX_OFFSET}")
         states = [s for s in q.get("state", "").split(",") if s] or None
         try:
-            listing = await self.daemon.list_jobs(states, q.get("name"), limit, offset)
+            listing = await self.ops.jobs(states, q.get("name"), limit, offset)
         except ValueError as exc:
             return error(400, "bad_request", str(exc))
         return _json(listing)
 
     async def job(self, request: web.Request) -> web.Response:
-        info = await self.daemon.job_info(request.match_info["job_id"], detail=True)
+        info = await self.ops.job(request.match_info["job_id"], detail=True)
         if info is None:
             return error(404, "unknown_job", f"no job {request.match_info['job_id']}")
         return _json(info)
 
     async def cancel(self, request: web.Request) -> web.Response:
-        return await self._action(request, self.daemon.cancel_action)
+        return await self._action(request, self.ops.cancel)
 
     async def retry(self, request: web.Request) -> web.Response:
-        return await self._action(request, self.daemon.retry_action)
+        return await self._action(request, self.ops.retry)
 
     async def _action(
         self, request: web.Request, action: Callable[[str], Awaitable[ActionResponse | None]]
@@ -525,22 +525,16 @@ class ControlServer:
         return _json(result, 200 if result.ok else 409)
 
     async def pause(self, request: web.Request) -> web.Response:
-        self.daemon.intake.paused = True
-        log.info("intake_paused")
-        return _json(ActionResponse(ok=True, message="intake paused"))
+        return _json(self.ops.pause())
 
     async def resume(self, request: web.Request) -> web.Response:
-        self.daemon.intake.paused = False
-        self.daemon.wake["intake"].set()
-        log.info("intake_resumed")
-        return _json(ActionResponse(ok=True, message="intake resumed"))
+        return _json(self.ops.resume())
 
     async def drain(self, request: web.Request) -> web.Response:
-        self.daemon.start_drain()
-        return _json(ActionResponse(ok=True, message="draining: no new files; exit when idle"))
+        return _json(self.ops.drain())
 
     async def metrics(self, request: web.Request) -> web.Response:
-        snapshot = await self.daemon.metrics_snapshot()
+        snapshot = await self.ops.metrics()
         registry = CollectorRegistry()
         registry.register(_SnapshotCollector(snapshot))
         return web.Response(
@@ -566,7 +560,7 @@ class ControlServer:
                 raw = await queue.get()
                 if raw.get("type") == "bye":
                     break
-                event = await self.daemon.describe_event(raw)
+                event = await self.ops.describe_event(raw)
                 if event is not None:
                     await response.write(
                         orjson.dumps(event.model_dump(mode="json", exclude_none=True)) + b"\n"
@@ -672,18 +666,3 @@ class ControlClient:
             async for line in resp.content:
                 if line.strip():
                     yield orjson.loads(line)
-
-
-def event_from(raw: dict[str, Any], job_id: str | None, part: int | None) -> Event:
-    return Event(
-        type=str(raw.get("type")),
-        at=float(raw.get("at") or 0.0),
-        job_id=job_id,
-        part=part,
-        state=raw.get("state"),
-        outcome=raw.get("outcome"),
-        remote_status=raw.get("remote_status"),
-        request_counts=raw.get("request_counts"),
-        batch_id=raw.get("batch_id"),
-        error=raw.get("error"),
-    )

@@ -29,7 +29,7 @@ import orjson
 from batchd.failpoints import failpoint
 from batchd.fsutil import fsync_dir
 from batchd.logs import get_logger
-from batchd.models import JobState
+from batchd.models import JobState, input_kind
 from batchd.store import Store
 
 log = get_logger(__name__)
@@ -53,14 +53,6 @@ def is_ignored_name(name: str) -> bool:
         or "~syncthing~" in lower
         or lower.endswith(SIDECAR_SUFFIXES)
     )
-
-
-def input_kind(name: str, suffixes: tuple[str, ...]) -> str | None:
-    lower = name.lower()
-    for suffix in suffixes:
-        if lower.endswith(suffix) and len(name) > len(suffix):
-            return suffix.lstrip(".")
-    return None
 
 
 def printable(name: str) -> str:

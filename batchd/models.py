@@ -28,6 +28,24 @@ JOB_TERMINAL = frozenset({JobState.PUBLISHED, JobState.PARKED})
 JOB_ACTIVE = frozenset(set(JobState) - JOB_TERMINAL)
 
 
+def window_hours(window: str) -> float:
+    """PURE: '24h' -> 24, '14d' -> 336; unknown forms count as the longest window."""
+    try:
+        number, unit = int(window[:-1]), window[-1]
+    except (ValueError, IndexError):
+        return 336.0
+    return float(number * (24 if unit == "d" else 1))
+
+
+def input_kind(name: str, suffixes: tuple[str, ...]) -> str | None:
+    """PURE: the kind of input a name is (`jsonl`, `csv`: its suffix), or None."""
+    lower = name.lower()
+    for suffix in suffixes:
+        if lower.endswith(suffix) and len(name) > len(suffix):
+            return suffix.lstrip(".")
+    return None
+
+
 def upload_name(job_id: str, seq: int) -> str:
     """The remote name of a part's file. It names job and part, so that a file whose
     upload answer was lost (or whose database row was) is found again by its name."""

@@ -17,6 +17,7 @@ import random
 import time
 from collections.abc import Callable
 
+from batchd.account import AccountState
 from batchd.api import (
     AccountError,
     ApiError,
@@ -32,7 +33,6 @@ from batchd.models import Part, PartState, remote_is_terminal
 from batchd.problems import StepPolicy, step_failed
 from batchd.remote import BadAnswer, RemoteBatch
 from batchd.store import Store
-from batchd.submit import AccountState
 
 log = get_logger(__name__)
 
@@ -43,15 +43,6 @@ LIST_PAGE = 100
 TICKS_PER_INTERVAL = 6
 # The most list pages one sweep reads (a minute of the provider's list cap).
 MAX_PAGES = 100
-
-
-def window_hours(window: str) -> float:
-    """PURE: '24h' -> 24, '14d' -> 336; unknown forms count as the longest window."""
-    try:
-        number, unit = int(window[:-1]), window[-1]
-    except (ValueError, IndexError):
-        return 336.0
-    return float(number * (24 if unit == "d" else 1))
 
 
 def next_poll(now: float, interval_s: float, jitter: float, rng: random.Random) -> float:
@@ -175,7 +166,7 @@ class Poller:
                 except BadAnswer as exc:
                     unusable[batch_id] = str(exc)
         except AccountError as err:
-            self.account.pause(str(err))
+            self.account.failed(err)
             return False
         except ApiError as err:
             log.warning("poll_failed", error=str(err), due=len(due))

@@ -6,7 +6,8 @@ Every answer is JSON. Errors are `{"error": {"code": ..., "message": ...}}` with
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -138,3 +139,34 @@ class Event(_Model):
     batch_id: str | None = None
     requests: int | None = None
     error: str | None = None
+
+
+class Operator(Protocol):
+    """What the control socket asks of the daemon: the operations layer (batchd/ops.py),
+    or a fake in the control server's own tests."""
+
+    async def status(self) -> StatusResponse: ...
+
+    async def jobs(
+        self, states: list[str] | None, name: str | None, limit: int, offset: int
+    ) -> JobList:
+        """A page of jobs; `ValueError` for an unknown state."""
+        ...
+
+    async def job(self, job_id: str, *, detail: bool = True) -> JobInfo | None: ...
+
+    async def cancel(self, job_id: str) -> ActionResponse | None: ...
+
+    async def retry(self, job_id: str) -> ActionResponse | None: ...
+
+    def pause(self) -> ActionResponse: ...
+
+    def resume(self) -> ActionResponse: ...
+
+    def drain(self) -> ActionResponse: ...
+
+    async def metrics(self) -> dict[str, Any]: ...
+
+    def subscribe(self, listener: Callable[[dict[str, Any]], None]) -> Callable[[], None]: ...
+
+    async def describe_event(self, raw: dict[str, Any]) -> Event | None: ...

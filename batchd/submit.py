@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from batchd.account import AccountState
 from batchd.api import (
     AccountError,
     ApiError,
@@ -51,26 +52,6 @@ log = get_logger(__name__)
 # Rounds of `concurrency` uploads one pass makes before it lets creation catch up.
 UPLOAD_ROUNDS = 8
 LIST_PAGE = 100
-
-
-@dataclass(slots=True)
-class AccountState:
-    """Account-level trouble pauses all submission; it is not any job's fault."""
-
-    paused_reason: str | None = None
-    paused_at: float | None = None
-
-    def pause(self, reason: str) -> None:
-        if self.paused_reason is None:
-            log.error("account_paused", reason=reason)
-            self.paused_at = time.time()
-        self.paused_reason = reason
-
-    def resume(self) -> None:
-        if self.paused_reason is not None:
-            log.info("account_resumed", after_s=round(time.time() - (self.paused_at or 0), 1))
-        self.paused_reason = None
-        self.paused_at = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,7 +303,7 @@ class Submitter:
         try:
             info = await self.api.upload_file(Path(part.path), part.upload_name)
         except AccountError as err:
-            self.account.pause(str(err))
+            self.account.failed(err)
             await self.store.update_part(part.id, PartState.UPLOADING, state=PartState.PENDING)
             return False
         except MaybeAppliedError as err:
@@ -383,7 +364,7 @@ class Submitter:
             # costs storage, never money.
             files, complete = await self.api.list_files(max_pages=self.settling.max_pages)
         except AccountError as err:
-            self.account.pause(str(err))
+            self.account.failed(err)
             return False
         except ApiError as err:
             log.warning("upload_settle_failed", parts=len(parts), error=str(err))
@@ -425,7 +406,7 @@ class Submitter:
         try:
             files, complete = await self.api.list_files(max_pages=self.settling.max_pages)
         except AccountError as err:
-            self.account.pause(str(err))
+            self.account.failed(err)
             return False
         except ApiError as err:
             files, complete = [], False
@@ -519,7 +500,7 @@ class Submitter:
                 part.remote_file_id, part.endpoint, window, metadata
             )
         except AccountError as err:
-            self.account.pause(str(err))
+            self.account.failed(err)
             await self.store.update_part(part.id, PartState.CREATING, state=PartState.UPLOADED)
             return False
         except MaybeAppliedError as err:
@@ -640,7 +621,7 @@ class Submitter:
                 ):
                     return found, True
         except AccountError as err:
-            self.account.pause(str(err))
+            self.account.failed(err)
             return None, False
         except ListingIncomplete as err:
             log.warning("create_settle_incomplete", parts=len(parts), error=str(err))

@@ -26,7 +26,7 @@ from batchd.config import Settings
 from batchd.control import ControlClient
 from batchd.errors import ConfigError
 from batchd.fsutil import atomic_output
-from batchd.intake import input_kind
+from batchd.models import input_kind
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 

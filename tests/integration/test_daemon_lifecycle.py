@@ -138,7 +138,7 @@ async def test_a_cancelled_job_publishes_what_finished_and_marks_the_rest(
                 break
             await asyncio.sleep(0.05)
         emulator.advance(20 + 120 + 3 * 600)  # validated, three requests done
-        await daemon.cancel_job(jobs[0].id)
+        await daemon.ops.request_cancel(jobs[0].id)
         (folder,) = await wait_published(settings.paths.folder("outbox"), 1, emulator, advance_s=5)
     s = summary(folder)
     assert s["status"] == "cancelled"

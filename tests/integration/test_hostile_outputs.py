@@ -135,7 +135,7 @@ async def test_a_result_file_answering_404_is_given_up_at_once(
         await published_jobs(daemon, 2)
         # The 404 file is deleted as usual (it exists; only its content is missing).
         await until(lambda: not emulator.state.store.files, what="remote files deleted")
-        assert (await daemon.status()).healthy
+        assert (await daemon.ops.status()).healthy
     s = summary(outbox / "gone")
     assert s["status"] == "failed"
     assert s["request_counts"] == {"total": 3, "completed": 0, "failed": 3}
@@ -215,7 +215,7 @@ async def test_one_dripping_download_does_not_hold_the_other_jobs(
             drop(inbox, f"fast{i}.jsonl", requests(2, prefix=f"f{i}-"))
         fast = await wait_published(outbox, 5, emulator)
         assert "slow" not in [f.name for f in fast]
-        (slow_job,) = (await daemon.list_jobs(None, "slow", 10, 0)).jobs
+        (slow_job,) = (await daemon.ops.jobs(None, "slow", 10, 0)).jobs
         (slow_part,) = await daemon.store.parts_of(slow_job.id)
         assert slow_part.state == PartState.ENDED  # still dripping
         await wait_published(outbox, 6, emulator, timeout_s=40)

@@ -91,7 +91,7 @@ async def test_a_list_that_never_ends_leaves_the_part_waiting_never_paying_twice
         part = await wait_for(parked)
         assert part.parked_from == PartState.CREATING
         assert "cannot tell whether its batch exists" in (part.error or "")
-        status = await daemon.status()
+        status = await daemon.ops.status()
         assert not status.healthy
         (problem,) = [p for p in status.problems if p.kind == "part_parked"]
         assert problem.job_id == part.job_id and "parked after 3 failures" in problem.note
@@ -103,7 +103,7 @@ async def test_a_list_that_never_ends_leaves_the_part_waiting_never_paying_twice
         assert code == 1 and "parked after 3 failures" in capsys.readouterr().err
         assert (await emulator.stats())["batches_created"] == 0  # never tried blindly
         emulator.set_faults(drop_connection_rate=0.0, endless_pages=False)
-        answer = await daemon.retry_action(part.job_id)
+        answer = await daemon.ops.retry(part.job_id)
         assert answer is not None and answer.ok, answer
         (folder,) = await wait_published(settings.paths.folder("outbox"), 1, emulator)
     assert summary(folder)["status"] == "completed"
@@ -124,7 +124,7 @@ async def test_garbled_numbers_and_times_fail_no_stage(
             drop(settings.paths.folder("inbox"), f"g{i}.jsonl", requests(9, prefix=f"g{i}-"))
         folders = await wait_published(settings.paths.folder("outbox"), 3, emulator)
         assert not daemon.stopping.is_set()
-        assert daemon.healthy
+        assert daemon.ops.healthy
     for folder in folders:
         s = summary(folder)
         assert s["status"] == "completed", s
@@ -181,8 +181,8 @@ async def test_retry_twice_resubmits_once(start_emulator: StartEmulator, tmp_pat
             lambda: _published_job(daemon, "twice"),
         )
         assert job.failed > 0
-        answers = await asyncio.gather(daemon.retry_action(job.id), daemon.retry_action(job.id))
-        third = await daemon.retry_action(job.id)
+        answers = await asyncio.gather(daemon.ops.retry(job.id), daemon.ops.retry(job.id))
+        third = await daemon.ops.retry(job.id)
         await wait_published(outbox, 2, emulator)
         await asyncio.sleep(0.3)  # more scans: nothing else may be claimed
         names = sorted(j.name for j in await daemon.store.jobs())
@@ -226,7 +226,7 @@ async def test_a_lost_database_is_noticed_and_its_running_batch_adopted(
     for path in state.glob("batchd.sqlite3*"):
         path.unlink()
     async with running(settings) as daemon:
-        status = await daemon.status()
+        status = await daemon.ops.status()
         assert not status.healthy
         (lost,) = [p for p in status.problems if p.kind == "state_lost"]
         assert "re-created" in lost.note

@@ -133,7 +133,7 @@ async def test_an_input_that_fails_validation_each_time_is_parked_without_a_cras
             assert poison.error is not None
             assert f"parked after {MAX_JOB_CRASHES} failures validating it" in poison.error
             assert "FailpointError" in poison.error
-            status = await daemon.status()
+            status = await daemon.ops.status()
             assert any(p.kind == "job_parked" and p.job_id == poison.id for p in status.problems)
             assert not daemon.stopping.is_set()  # never crashed
     finally:

@@ -100,9 +100,9 @@ async def test_a_failing_disk_publishes_nothing_partial_and_the_job_once_it_clea
             emulator.advance(60)
             await asyncio.sleep(0.01)
         assert samples > 10
-        assert daemon.healthy, "a stage died"
+        assert daemon.ops.healthy, "a stage died"
         failed = events(log_lines, "publish_failed")
-        (stuck,) = (await daemon.list_jobs(None, "stuck", 10, 0)).jobs
+        (stuck,) = (await daemon.ops.jobs(None, "stuck", 10, 0)).jobs
         assert {f["job_id"] for f in failed} == {stuck.id}
         assert {f["errno"] for f in failed} == {action.upper()}
         assert all(f["name"] == "stuck" and f["level"] == "error" for f in failed)

@@ -1,5 +1,5 @@
 """Merging result files into the outbox's files, in bounded memory, losing no paid line;
-deciding what becomes of a part's files; copying the validated input (batchd.collect)."""
+deciding what becomes of a part's files; copying the validated input (batchd.merge)."""
 
 from __future__ import annotations
 

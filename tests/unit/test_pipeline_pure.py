@@ -8,10 +8,10 @@ import orjson
 import pytest
 
 from batchd.config import ProviderLimits
-from batchd.intake import Seen, input_kind, is_ignored_name, printable, settled
+from batchd.intake import Seen, is_ignored_name, printable, settled
 from batchd.merge import with_input_line
-from batchd.models import remote_is_terminal
-from batchd.poll import expected_end_in, poll_after, window_hours
+from batchd.models import input_kind, remote_is_terminal, window_hours
+from batchd.poll import expected_end_in, poll_after
 from batchd.submit import free_slots
 
 

@@ -1,0 +1,489 @@
+"""The operations layer: the one place where operator requests are decided and answered.
+
+`batchd status`, `jobs`, `show`, `cancel`, `retry`, `pause`, `resume`, `drain`, the
+metrics and the event stream all come here, over the control socket (batchd/control.py,
+which knows this layer only through the `Operator` interface of batchd/protocol.py) or
+from tests, which need no socket. The layer reads the store and the daemon's live state
+(the intake's pause, the account, the API client's call counts) and acts through the
+store and by waking stages; it never reaches into a stage's insides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from batchd import __version__
+from batchd.account import AccountState
+from batchd.api import BatchApi
+from batchd.config import Settings
+from batchd.fsutil import fsync_dir, write_atomic
+from batchd.intake import Intake
+from batchd.lines import DEFAULT_MAX_LINE_BYTES, input_line_of, iter_lines
+from batchd.logs import get_logger
+from batchd.models import JOB_ACTIVE, JOB_TERMINAL, PART_QUEUED, Job, JobState, Part, PartState
+from batchd.notify import status_text
+from batchd.protocol import (
+    ActionResponse,
+    Caps,
+    Event,
+    JobInfo,
+    JobList,
+    PartInfo,
+    Problem,
+    StatusResponse,
+)
+from batchd.stages import Stage, Wake
+from batchd.store import Store
+
+log = get_logger(__name__)
+
+
+class Operations:
+    """Operator requests, answered from the store and the daemon's live state."""
+
+    def __init__(
+        self,
+        store: Store,
+        settings: Callable[[], Settings],
+        *,
+        intake: Intake,
+        account: AccountState,
+        api: BatchApi,
+        wake: Wake,
+        stopping: asyncio.Event,
+        stages_alive: Callable[[], bool],
+        started_at: float | None = None,
+    ) -> None:
+        self.store = store
+        self._settings = settings
+        self.intake = intake
+        self.account = account
+        self.api = api
+        self.wake = wake
+        self.stopping = stopping
+        self.stages_alive = stages_alive
+        self.started_at = time.time() if started_at is None else started_at
+        self.draining = False
+        # Said loudly in the log and in `status` when start-up finds state lost (spool
+        # folders the database does not know); kept until the daemon restarts.
+        self.state_lost: list[str] = []
+        # One retry decision at a time: two at once would both write a retry input.
+        self._retry_lock = asyncio.Lock()
+
+    @property
+    def settings(self) -> Settings:
+        """The settings in force (a reload may have replaced them)."""
+        return self._settings()
+
+    # -- intake and the daemon's life ------------------------------------------------------
+
+    def pause(self) -> ActionResponse:
+        self.intake.paused = True
+        log.info("intake_paused")
+        return ActionResponse(ok=True, message="intake paused")
+
+    def resume(self) -> ActionResponse:
+        self.intake.paused = False
+        self.wake[Stage.INTAKE].set()
+        log.info("intake_resumed")
+        return ActionResponse(ok=True, message="intake resumed")
+
+    def drain(self) -> ActionResponse:
+        """Finish what runs, take nothing new, then exit."""
+        if not self.draining:
+            log.info("drain_requested")
+        self.draining = True
+        self.wake[Stage.DRAIN].set()
+        return ActionResponse(ok=True, message="draining: no new files; exit when idle")
+
+    async def drain_watch(self) -> bool:
+        """The drain stage: once draining and nothing is left to do, stop the daemon."""
+        if not self.draining:
+            return False
+        counts = await self.store.job_counts()
+        if sum(n for state, n in counts.items() if state in JOB_ACTIVE) == 0:
+            log.info("drained")
+            self.stopping.set()
+        return False
+
+    # -- events ----------------------------------------------------------------------------
+
+    def subscribe(self, listener: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
+        """Call `listener` with each committed change of a job or part; returns the call
+        that stops it."""
+        self.store.listeners.append(listener)
+        return lambda: self.store.listeners.remove(listener)
+
+    async def request_cancel(self, job_id: str) -> Job | None:
+        """Ask for a job to be cancelled: parts not created are dropped, running batches
+        are cancelled on the service; what finished before is still published."""
+        job = await self.store.get_job(job_id)
+        if job is None or job.state in JOB_TERMINAL or job.cancel_requested:
+            return job
+        await self.store.update_job(job_id, cancel_requested=True)
+        log.info("job_cancel_requested", job_id=job_id)
+        self.wake[Stage.SUBMIT].set()
+        return await self.store.get_job(job_id)
+
+    @property
+    def healthy(self) -> bool:
+        """Every stage alive, the account usable and the inbox readable."""
+        return (
+            self.stages_alive()
+            and self.account.paused_reason is None
+            and self.intake.problem is None
+        )
+
+    async def problems(self, limit: int = 20) -> tuple[int, list[Problem]]:
+        """What cannot proceed without help or keeps failing, most pressing first."""
+        found: list[Problem] = []
+        if self.intake.problem is not None:
+            found.append(Problem(kind="intake", note=self.intake.problem))
+        for note in self.state_lost:
+            found.append(Problem(kind="state_lost", note=note))
+        count, parts = await self.store.problem_parts(limit)
+        for part in parts:
+            found.append(
+                Problem(
+                    kind="part_parked" if part.state == PartState.PARKED else "part_failing",
+                    job_id=part.job_id,
+                    part=part.seq,
+                    note=part.error or "",
+                    since=part.retry_at,
+                )
+            )
+        parked_jobs = await self.store.count_jobs([JobState.PARKED])
+        for job in await self.store.jobs([JobState.PARKED], limit=limit):
+            found.append(
+                Problem(
+                    kind="job_parked", job_id=job.id, note=job.error or "", since=job.updated_at
+                )
+            )
+        total = count + parked_jobs + (self.intake.problem is not None) + len(self.state_lost)
+        return total, found[:limit]
+
+    async def status(self) -> StatusResponse:
+        total, by_model = await self.store.slot_holders()
+        problem_count, problems = await self.problems()
+        parked = any(p.kind == "part_parked" for p in problems)
+        return StatusResponse(
+            version=__version__,
+            pid=os.getpid(),
+            uptime_s=round(time.time() - self.started_at, 3),
+            provider=self.settings.profile.name,
+            base_url=self.settings.profile.base_url,
+            root=str(self.settings.paths.root),
+            intake_paused=self.intake.paused,
+            draining=self.draining,
+            account_paused=self.account.paused_reason,
+            jobs_by_state=await self.store.job_counts(),
+            jobs_by_outcome=await self.store.outcome_counts(),
+            parts_by_state=await self.store.part_counts(),
+            caps=Caps(
+                running_batches=total,
+                running_cap=self.settings.profile.limits.running_batches,
+                running_by_model=by_model,
+            ),
+            bucket_levels=self.api.limiter.levels(),
+            api_calls={str(k): v for k, v in self.api.limiter.sent.items() if v},
+            throttled={str(k): v for k, v in self.api.limiter.throttled.items()},
+            last_errors={str(k): v for k, v in self.api.last_error.items()},
+            healthy=self.healthy and not parked and not self.state_lost,
+            problems=problems,
+            problem_count=problem_count,
+        )
+
+    async def job(self, job_id: str, *, detail: bool = True) -> JobInfo | None:
+        job = await self.store.get_job(job_id)
+        if job is None:
+            return None
+        return await self._job_info(job, detail)
+
+    async def _job_info(self, job: Job, detail: bool) -> JobInfo:
+        parts = await self.store.parts_of(job.id) if detail else None
+        requests = (job.report or {}).get("requests")
+        completed, failed = job.completed, job.failed
+        if job.state != JobState.PUBLISHED:
+            all_parts = parts if parts is not None else await self.store.parts_of(job.id)
+            completed = sum((p.request_counts or {}).get("completed", 0) for p in all_parts)
+            failed = sum((p.request_counts or {}).get("failed", 0) for p in all_parts)
+        return JobInfo(
+            id=job.id,
+            name=job.name,
+            inbox_name=job.inbox_name,
+            kind=job.kind,
+            state=job.state,
+            outcome=job.outcome,
+            requests=requests if isinstance(requests, int) else None,
+            completed=completed,
+            failed=failed,
+            bytes=job.bytes,
+            sha256=job.sha256,
+            cancel_requested=job.cancel_requested,
+            error=job.error,
+            outbox_path=job.outbox_path,
+            created_at=job.created_at,
+            updated_at=job.updated_at,
+            parts=[_part_info(p) for p in parts] if parts is not None else None,
+            report=job.report if detail else None,
+        )
+
+    async def jobs(
+        self, states: list[str] | None, name: str | None, limit: int, offset: int
+    ) -> JobList:
+        try:
+            wanted = [JobState(s) for s in states] if states else None
+        except ValueError:
+            known = ", ".join(s.value for s in JobState)
+            raise ValueError(f"unknown state in {states}; states are: {known}") from None
+        jobs = await self.store.jobs(wanted, name=name, limit=limit, offset=offset)
+        return JobList(
+            jobs=[await self._job_info(j, False) for j in jobs],
+            total=await self.store.count_jobs(wanted, name),
+            limit=limit,
+            offset=offset,
+        )
+
+    async def cancel(self, job_id: str) -> ActionResponse | None:
+        job = await self.store.get_job(job_id)
+        if job is None:
+            return None
+        if job.state in JOB_TERMINAL:
+            return ActionResponse(
+                ok=False,
+                message=f"job {job_id} is already {job.state}",
+                job=await self._job_info(job, False),
+            )
+        await self.request_cancel(job_id)
+        return ActionResponse(
+            ok=True,
+            message="cancelling: parts not yet created are dropped, running batches cancelled",
+            job=await self.job(job_id, detail=False),
+        )
+
+    async def retry(self, job_id: str) -> ActionResponse | None:
+        """Rerun what failed or never ran: parked jobs are requeued, parked parts resume
+        where they stopped, parts that could not be submitted are submitted again, and a
+        published job's failed requests become a new input `NAME-retry.jsonl` in the
+        inbox (with the job's options). Asked twice, it answers with what the first did:
+        a script that repeats itself after a timeout never pays for the requests twice."""
+        async with self._retry_lock:
+            job = await self.store.get_job(job_id)
+            if job is None:
+                return None
+            if job.state == JobState.PARKED:
+                if not Path(job.spool_path).exists():
+                    return ActionResponse(ok=False, message="the parked job's input is gone")
+                await self.store.update_job(
+                    job_id,
+                    JobState.PARKED,
+                    state=JobState.CLAIMED,
+                    crash_count=0,
+                    prepares=0,
+                    error=None,
+                )
+                self.wake[Stage.PREPARE].set()
+                return ActionResponse(
+                    ok=True, message="requeued", job=await self.job(job_id, detail=False)
+                )
+            if job.state == JobState.RUNNING:
+                again = await self._resume_parts(job_id)
+                if not again:
+                    return ActionResponse(ok=False, message="nothing has failed (yet) in this job")
+                return ActionResponse(ok=True, message=f"{again} part(s) will be tried again")
+            if job.state == JobState.PUBLISHED and job.outcome != "rejected" and job.outbox_path:
+                return await self._retry_published(job)
+            return ActionResponse(
+                ok=False,
+                message=f"job is {job.outcome or job.state}: nothing to retry"
+                + (" (fix the input and drop it again)" if job.outcome == "rejected" else ""),
+            )
+
+    async def _resume_parts(self, job_id: str) -> int:
+        """Failed parts are submitted again; parked parts go back to where they stopped."""
+        again = 0
+        now = time.time()
+        for part in await self.store.parts_of(job_id):
+            if part.state == PartState.FAILED:
+                fields: dict[str, Any] = {"state": PartState.PENDING}
+            elif part.state == PartState.PARKED and part.parked_from:
+                fields = {"state": PartState(part.parked_from), "parked_from": None}
+                if part.parked_from == PartState.RUNNING:
+                    fields["next_poll_at"] = now
+            else:
+                continue
+            if await self.store.update_part(
+                part.id, part.state, attempts=0, retry_at=None, error=None, **fields
+            ):
+                again += 1
+        for stage in (Stage.SUBMIT, Stage.POLL, Stage.COLLECT):
+            self.wake[stage].set()
+        return again
+
+    async def _retry_published(self, job: Job) -> ActionResponse:
+        if job.retried_as is not None:
+            await asyncio.to_thread(
+                finish_retry_input, job.retried_as, self.settings.paths.folder("inbox")
+            )
+            return ActionResponse(
+                ok=True,
+                message=f"already resubmitted as {job.retried_as} (retry that job to go again)",
+            )
+        planned = await asyncio.to_thread(
+            write_retry_input,
+            job,
+            Path(job.outbox_path or ""),
+            self.settings.paths.folder("inbox"),
+            self.settings.jobs.max_result_line_bytes,
+        )
+        if planned is None:
+            return ActionResponse(ok=False, message="no failed requests, or input not kept")
+        # Committed before the file appears under its name: a crash in between leaves a
+        # hidden temp file that the next `retry` finishes, never a second input.
+        await self.store.update_job(job.id, JobState.PUBLISHED, retried_as=planned)
+        await asyncio.to_thread(finish_retry_input, planned, self.settings.paths.folder("inbox"))
+        self.wake[Stage.INTAKE].set()
+        return ActionResponse(ok=True, message=f"failed requests resubmitted as {planned}")
+
+    async def status_line(self) -> str:
+        """The one line systemd shows in `systemctl status` (STATUS=)."""
+        jobs = await self.store.job_counts()
+        parts = await self.store.part_counts()
+        running, _ = await self.store.slot_holders()
+        return status_text(
+            jobs_active=sum(n for s, n in jobs.items() if s in JOB_ACTIVE),
+            parts_queued=sum(parts.get(s, 0) for s in PART_QUEUED),
+            running=running,
+            running_cap=self.settings.profile.limits.running_batches,
+            intake_paused=self.intake.paused,
+            draining=self.draining,
+            account_paused=self.account.paused_reason,
+        )
+
+    async def metrics(self) -> dict[str, Any]:
+        totals = await self.store.totals()
+        total, _ = await self.store.slot_holders()
+        oldest = totals["oldest_active_at"]
+        return {
+            "jobs_by_state": await self.store.job_counts(),
+            "jobs_by_outcome": await self.store.outcome_counts(),
+            "requests": {"completed": totals["completed"], "failed": totals["failed"]},
+            "api_calls": {str(k): v for k, v in self.api.limiter.sent.items() if v},
+            "throttled": {str(k): v for k, v in self.api.limiter.throttled.items()},
+            "bucket_levels": self.api.limiter.levels(),
+            "running": total,
+            "running_cap": self.settings.profile.limits.running_batches,
+            "queue_age_s": max(0.0, time.time() - oldest) if oldest else 0.0,
+            "tokens": {
+                "prompt": totals["prompt_tokens"],
+                "completion": totals["completion_tokens"],
+            },
+        }
+
+    async def describe_event(self, raw: dict[str, Any]) -> Event | None:
+        if raw.get("type") == "job":
+            return event_from(raw, str(raw.get("id")), None)
+        if raw.get("type") == "part":
+            part = await self.store.get_part(int(raw.get("id") or 0))
+            if part is None:
+                return None
+            event = event_from(raw, part.job_id, part.seq)
+            event.requests = part.requests
+            if event.request_counts is None:
+                event.request_counts = part.request_counts
+            return event
+        return None
+
+
+def _part_info(p: Part) -> PartInfo:
+    return PartInfo(
+        seq=p.seq,
+        state=p.state,
+        requests=p.requests,
+        bytes=p.bytes,
+        model=p.model,
+        endpoint=p.endpoint,
+        first_line=p.first_line,
+        remote_file_id=p.remote_file_id,
+        batch_id=p.batch_id,
+        remote_status=p.remote_status,
+        request_counts=p.request_counts,
+        output_file_id=p.output_file_id,
+        error_file_id=p.error_file_id,
+        created_remote_at=p.created_remote_at,
+        ended_at=p.ended_at,
+        error=p.error,
+        attempts=p.attempts,
+        retry_at=p.retry_at,
+        parked_from=p.parked_from,
+        unavailable=p.unavailable,
+    )
+
+
+def write_retry_input(
+    job: Job, folder: Path, inbox: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+) -> str | None:
+    """Copy the input lines listed in a published job's error.jsonl into a hidden temp
+    file in the inbox (fsynced), with the job's options as its sidecar; the name it is to
+    take (`finish_retry_input` gives it), or None when there is nothing to retry."""
+    source = folder / "input.jsonl"
+    errors = folder / "error.jsonl"
+    if not source.exists() or not errors.exists():
+        return None
+    wanted: set[int] = set()
+    with errors.open("rb") as fh:
+        for line in iter_lines(fh, max_line_bytes):
+            at = fh.tell()
+            number = None if line.blank else input_line_of(fh, line)
+            fh.seek(at)
+            if number is not None:
+                wanted.add(number)
+    if not wanted:
+        return None
+    name = f"{job.name}-retry"
+    n = 1
+    while (inbox / f"{name}.jsonl").exists() or (inbox / f".{name}.jsonl.tmp").exists():
+        n += 1
+        name = f"{job.name}-retry{n}"
+    if job.options:
+        write_atomic(inbox / f"{name}.meta.json", orjson.dumps(job.options))
+    tmp = inbox / f".{name}.jsonl.tmp"
+    with source.open("rb") as src, tmp.open("wb") as out:
+        for number, request in enumerate(src, start=1):
+            if number in wanted:
+                out.write(request if request.endswith(b"\n") else request + b"\n")
+        out.flush()
+        os.fsync(out.fileno())
+    log.info("retry_input_written", job_id=job.id, name=f"{name}.jsonl", requests=len(wanted))
+    return f"{name}.jsonl"
+
+
+def finish_retry_input(name: str, inbox: Path) -> None:
+    """Give the retry input written by `write_retry_input` its name (once; again after a
+    crash between the two is harmless)."""
+    tmp = inbox / f".{name}.tmp"
+    if tmp.exists() and not (inbox / name).exists():
+        os.rename(tmp, inbox / name)
+        fsync_dir(inbox)
+
+
+def event_from(raw: dict[str, Any], job_id: str | None, part: int | None) -> Event:
+    return Event(
+        type=str(raw.get("type")),
+        at=float(raw.get("at") or 0.0),
+        job_id=job_id,
+        part=part,
+        state=raw.get("state"),
+        outcome=raw.get("outcome"),
+        remote_status=raw.get("remote_status"),
+        request_counts=raw.get("request_counts"),
+        batch_id=raw.get("batch_id"),
+        error=raw.get("error"),
+    )

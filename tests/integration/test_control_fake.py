@@ -1,0 +1,184 @@
+"""The control server against a fake operations layer: the socket's own behaviour (routes,
+status codes, the JSON error envelope, the event stream) with no daemon behind it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batchd.control import ControlClient, ControlServer
+from batchd.protocol import (
+    ActionResponse,
+    Caps,
+    Event,
+    JobInfo,
+    JobList,
+    Operator,
+    StatusResponse,
+)
+
+JOB = JobInfo(
+    id="01a2209e9727a90fd9e5",
+    name="reviews",
+    inbox_name="reviews.jsonl",
+    kind="jsonl",
+    state="running",
+    outcome=None,
+    requests=3,
+    completed=1,
+    failed=0,
+    bytes=10,
+    sha256=None,
+    cancel_requested=False,
+    error=None,
+    outbox_path=None,
+    created_at=1.0,
+    updated_at=2.0,
+)
+
+
+class FakeOperator:
+    """Canned answers, and a record of what was asked."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
+
+    async def status(self) -> StatusResponse:
+        self.asked.append("status")
+        return StatusResponse(
+            version="0",
+            pid=os.getpid(),
+            uptime_s=1.0,
+            provider="custom",
+            base_url="http://127.0.0.1:9/v1",
+            root="/nowhere",
+            intake_paused=False,
+            draining=False,
+            account_paused=None,
+            jobs_by_state={"running": 1},
+            jobs_by_outcome={},
+            parts_by_state={},
+            caps=Caps(running_batches=0, running_cap=1000),
+            bucket_levels={},
+            api_calls={},
+            throttled={},
+            last_errors={},
+            healthy=True,
+        )
+
+    async def jobs(
+        self, states: list[str] | None, name: str | None, limit: int, offset: int
+    ) -> JobList:
+        if states and "bogus" in states:
+            raise ValueError("unknown state in ['bogus']")
+        return JobList(jobs=[JOB], total=1, limit=limit, offset=offset)
+
+    async def job(self, job_id: str, *, detail: bool = True) -> JobInfo | None:
+        if job_id == "broken":
+            raise RuntimeError("a bug behind one call")
+        return JOB if job_id == JOB.id else None
+
+    async def cancel(self, job_id: str) -> ActionResponse | None:
+        self.asked.append(f"cancel {job_id}")
+        return ActionResponse(ok=False, message="already published") if job_id == JOB.id else None
+
+    async def retry(self, job_id: str) -> ActionResponse | None:
+        return ActionResponse(ok=True, message="requeued") if job_id == JOB.id else None
+
+    def pause(self) -> ActionResponse:
+        self.asked.append("pause")
+        return ActionResponse(ok=True, message="intake paused")
+
+    def resume(self) -> ActionResponse:
+        return ActionResponse(ok=True, message="intake resumed")
+
+    def drain(self) -> ActionResponse:
+        self.asked.append("drain")
+        return ActionResponse(ok=True, message="draining")
+
+    async def metrics(self) -> dict[str, Any]:
+        return {
+            "jobs_by_state": {"running": 1},
+            "jobs_by_outcome": {},
+            "requests": {"completed": 0, "failed": 0},
+            "api_calls": {},
+            "throttled": {},
+            "bucket_levels": {},
+            "running": 0,
+            "running_cap": 1000,
+            "queue_age_s": 0.0,
+            "tokens": {"prompt": 0, "completion": 0},
+        }
+
+    def subscribe(self, listener: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
+        self.listeners.append(listener)
+        return lambda: self.listeners.remove(listener)
+
+    async def describe_event(self, raw: dict[str, Any]) -> Event | None:
+        return Event(type=str(raw["type"]), at=1.0, job_id=str(raw["id"]), state=raw.get("state"))
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[tuple[FakeOperator, ControlClient]]:
+    fake = FakeOperator()
+    operator: Operator = fake  # the fake speaks the whole interface
+    server = ControlServer(operator, tmp_path / "control.sock", None)
+    await server.start()
+    try:
+        yield fake, ControlClient(tmp_path / "control.sock")
+    finally:
+        await server.stop()
+
+
+async def test_calls_are_answered_from_the_operations_layer(
+    served: tuple[FakeOperator, ControlClient],
+) -> None:
+    fake, client = served
+    code, status = await client.call("GET", "/v1/status")
+    assert code == 200 and status["jobs_by_state"] == {"running": 1}
+    code, listing = await client.call("GET", "/v1/jobs", limit="5")
+    assert code == 200 and listing["jobs"][0]["id"] == JOB.id and listing["limit"] == 5
+    assert (await client.call("POST", "/v1/intake/pause"))[0] == 200
+    assert (await client.call("POST", "/v1/drain"))[0] == 200
+    code, answer = await client.call("POST", f"/v1/jobs/{JOB.id}/cancel")
+    assert code == 409 and answer["message"] == "already published"  # not ok: 409
+    code, text = await client.call("GET", "/metrics")
+    assert code == 200 and "batchd_running_cap 1000.0" in text
+    assert fake.asked == ["status", "pause", "drain", f"cancel {JOB.id}"]
+
+
+async def test_every_failure_is_a_json_error_envelope(
+    served: tuple[FakeOperator, ControlClient],
+) -> None:
+    _, client = served
+    for method, url, params, want in (
+        ("GET", "/v1/jobs/nope", {}, (404, "unknown_job")),
+        ("POST", "/v1/jobs/nope/retry", {}, (404, "unknown_job")),
+        ("GET", "/v1/jobs", {"state": "bogus"}, (400, "bad_request")),
+        ("GET", "/v1/jobs", {"offset": "9" * 40}, (400, "bad_request")),
+        ("GET", "/v1/nothing", {}, (404, "not_found")),
+        ("DELETE", "/v1/status", {}, (405, "method_not_allowed")),
+        ("GET", "/v1/jobs/broken", {}, (500, "internal_error")),
+    ):
+        code, body = await client.call(method, url, **params)
+        assert (code, body["error"]["code"]) == want, (url, body)
+        assert body["error"]["message"]
+
+
+async def test_events_stream_what_the_layer_publishes(
+    served: tuple[FakeOperator, ControlClient],
+) -> None:
+    fake, client = served
+    stream = client.stream("/v1/events")
+    assert (await anext(stream))["type"] == "hello"
+    for listener in fake.listeners:
+        listener({"type": "job", "id": "j1", "state": "running"})
+    event = await asyncio.wait_for(anext(stream), 5)
+    assert (event["type"], event["job_id"], event["state"]) == ("job", "j1", "running")
+    await stream.aclose()
