@@ -49,7 +49,7 @@ from batchd.merge import (
     sent_bytes,
     terminated,
 )
-from batchd.models import Job, JobState, Part, PartState, upload_name
+from batchd.models import Job, JobState, Part, PartPlan, PartState, upload_name
 from batchd.problems import StepPolicy, step_failed
 from batchd.store import Store
 
@@ -384,7 +384,7 @@ class Collector:
             job_id=job.id,
             round=round_,
             parts=len(planned),
-            requests=sum(p["requests"] for p in planned),
+            requests=sum(p.requests for p in planned),
         )
         self.on_follow_up()
         return True
@@ -399,9 +399,9 @@ def plan_follow_up(
     *,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     input_bytes: int | None = None,
-) -> list[dict[str, Any]]:
+) -> list[PartPlan]:
     """Write the input lines of retryable failures into follow-up part files, one model
-    per part and each within the model's limits; returns the part records."""
+    per part and each within the model's limits; returns the parts as planned."""
     wanted = {
         m.number
         for m in merged(source, parts, max_line_bytes=max_line_bytes, input_bytes=input_bytes)
@@ -410,8 +410,8 @@ def plan_follow_up(
     if not wanted:
         return []
     seq = max(p.seq for p in parts)
-    planned: list[dict[str, Any]] = []
-    open_parts: dict[str, tuple[dict[str, Any], Any]] = {}
+    planned: list[PartPlan] = []
+    open_parts: dict[str, tuple[PartPlan, Any]] = {}
 
     def close(model: str) -> None:
         record, fh = open_parts.pop(model)
@@ -431,32 +431,32 @@ def plan_follow_up(
         model = str(body["model"])
         current = open_parts.get(model)
         if current is not None and (
-            current[0]["requests"] + 1 > limits.requests_limit(model)
-            or current[0]["bytes"] + len(line) > limits.bytes_limit(model)
+            current[0].requests + 1 > limits.requests_limit(model)
+            or current[0].bytes + len(line) > limits.bytes_limit(model)
         ):
             close(model)
             current = None
         if current is None:
             seq += 1
             path = source.with_name(f"followup-{round_}-{seq:03d}.jsonl")
-            record: dict[str, Any] = {
-                "seq": seq,
-                "path": str(path),
-                "first_line": number,
-                "requests": 0,
-                "bytes": 0,
-                "model": model,
-                "endpoint": str(request["url"]),
-                "upload_name": upload_name(job_id, seq),
-            }
+            record = PartPlan(
+                seq=seq,
+                path=str(path),
+                first_line=number,
+                requests=0,
+                bytes=0,
+                model=model,
+                endpoint=str(request["url"]),
+                upload_name=upload_name(job_id, seq),
+            )
             current = (record, path.open("wb"))
             open_parts[model] = current
         current[1].write(line)
-        current[0]["requests"] += 1
-        current[0]["bytes"] += len(line)
+        current[0].requests += 1
+        current[0].bytes += len(line)
     for model in list(open_parts):
         close(model)
-    return sorted(planned, key=lambda r: int(r["seq"]))
+    return sorted(planned, key=lambda r: r.seq)
 
 
 RETRYABLE_NEVER_RUN = frozenset({"batch_expired", "batch_lost", "result_missing"})

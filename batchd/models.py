@@ -46,6 +46,22 @@ def input_kind(name: str, suffixes: tuple[str, ...]) -> str | None:
     return None
 
 
+@dataclass(slots=True)
+class PartPlan:
+    """A part as planned, before the store records it: where its file is, which input
+    lines it holds (consecutive ones, or one model's consecutive ones), and its name on
+    the service."""
+
+    seq: int
+    path: str
+    first_line: int
+    requests: int
+    bytes: int
+    model: str
+    endpoint: str
+    upload_name: str
+
+
 def upload_name(job_id: str, seq: int) -> str:
     """The remote name of a part's file. It names job and part, so that a file whose
     upload answer was lost (or whose database row was) is found again by its name."""

@@ -27,7 +27,7 @@ from batchd import csvio
 from batchd.config import Settings
 from batchd.failpoints import failpoint
 from batchd.logs import get_logger
-from batchd.models import Job, JobState, upload_name
+from batchd.models import Job, JobState, PartPlan, upload_name
 from batchd.store import Store
 from batchd.validate import Report, validate_file, write_parts
 
@@ -47,7 +47,7 @@ class Prepared:
     sha256: str | None
     bytes: int
     report: dict[str, Any]
-    parts: list[dict[str, Any]]
+    parts: list[PartPlan]
     mtime_ns: int | None = None
     # The input changed while it was read: nothing here may be used.
     changed: bool = False
@@ -160,16 +160,16 @@ def _prepare(job: Job, settings: Settings, source: Path) -> Prepared:
     # Byte ranges of every part are for writing the parts, not for keeping.
     summary["parts"] = [{k: v for k, v in p.items() if k != "ranges"} for p in summary["parts"]]
     parts = [
-        {
-            "seq": i + 1,
-            "path": str(path),
-            "first_line": part.first_line,
-            "requests": part.requests,
-            "bytes": part.bytes,
-            "model": part.model,
-            "endpoint": part.endpoint,
-            "upload_name": upload_name(job.id, i + 1),
-        }
+        PartPlan(
+            seq=i + 1,
+            path=str(path),
+            first_line=part.first_line,
+            requests=part.requests,
+            bytes=part.bytes,
+            model=part.model,
+            endpoint=part.endpoint,
+            upload_name=upload_name(job.id, i + 1),
+        )
         for i, (part, path) in enumerate(zip(report.parts, paths, strict=True))
     ]
     return Prepared(digest, size, summary, parts)

@@ -35,6 +35,7 @@ from batchd.models import (
     Job,
     JobState,
     Part,
+    PartPlan,
     PartState,
 )
 
@@ -428,7 +429,7 @@ class Store:
 
     # -- parts --------------------------------------------------------------------------
 
-    async def plan_parts(self, job_id: str, parts: Sequence[dict[str, Any]], now: float) -> bool:
+    async def plan_parts(self, job_id: str, parts: Sequence[PartPlan], now: float) -> bool:
         """Record a job's parts and move it to RUNNING in one transaction."""
         async with self._transaction():
             cur = await self._db.execute(
@@ -448,7 +449,7 @@ class Store:
         return True
 
     async def _insert_parts(
-        self, job_id: str, parts: Sequence[dict[str, Any]], round_: int, *, adopt: bool = False
+        self, job_id: str, parts: Sequence[PartPlan], round_: int, *, adopt: bool = False
     ) -> None:
         await self._db.executemany(
             "INSERT INTO parts (job_id, seq, path, first_line, requests, bytes, model,"
@@ -457,15 +458,15 @@ class Store:
             [
                 (
                     job_id,
-                    p["seq"],
-                    p["path"],
-                    p["first_line"],
-                    p["requests"],
-                    p["bytes"],
-                    p["model"],
-                    p["endpoint"],
+                    p.seq,
+                    p.path,
+                    p.first_line,
+                    p.requests,
+                    p.bytes,
+                    p.model,
+                    p.endpoint,
                     PartState.PENDING,
-                    p["upload_name"],
+                    p.upload_name,
                     round_,
                     int(adopt),
                 )
@@ -473,7 +474,7 @@ class Store:
             ],
         )
 
-    async def add_parts(self, job_id: str, parts: Sequence[dict[str, Any]], round_: int) -> None:
+    async def add_parts(self, job_id: str, parts: Sequence[PartPlan], round_: int) -> None:
         """Add follow-up parts to a running job (one transaction)."""
         async with self._transaction():
             await self._insert_parts(job_id, parts, round_)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from batchd.models import JobState, PartState
+from batchd.models import JobState, PartPlan, PartState
 from batchd.store import Store
 
 
@@ -25,16 +25,16 @@ async def _job(store: Store, job_id: str, now: float, options: dict[str, object]
         now=now,
     )
     assert await store.update_job(job_id, JobState.CLAIMING, state=JobState.CLAIMED)
-    part = {
-        "seq": 1,
-        "path": "p",
-        "first_line": 1,
-        "requests": 1,
-        "bytes": 10,
-        "model": "qwen-plus",
-        "endpoint": "/v1/chat/completions",
-        "upload_name": "u",
-    }
+    part = PartPlan(
+        seq=1,
+        path="p",
+        first_line=1,
+        requests=1,
+        bytes=10,
+        model="qwen-plus",
+        endpoint="/v1/chat/completions",
+        upload_name="u",
+    )
     assert await store.plan_parts(job_id, [part], now)
 
 
