@@ -28,13 +28,13 @@ import pytest
 from openai import OpenAI
 
 from batchd.emulator import Emulator
-from tests.conftest import StartEmulator
-from tests.integration.daemon_harness import (
+from batchd.testing import (
+    StartEmulator,
     daemon_settings,
     drop,
-    jsonl,
+    read_jsonl,
     requests,
-    running,
+    running_daemon,
     summary,
     wait_published,
 )
@@ -241,7 +241,7 @@ async def test_daemon_and_emulator_traffic_meets_the_contract(
             limits={"max_requests_per_file": 4},
             poll={"list_threshold": 1},
         )
-        async with running(settings):
+        async with running_daemon(settings):
             drop(root / "inbox", "contract.jsonl", requests(10))
             (folder,) = await wait_published(root / "outbox", 1, emulator, timeout_s=120)
             for _ in range(400):
@@ -253,7 +253,9 @@ async def test_daemon_and_emulator_traffic_meets_the_contract(
         assert s["request_counts"]["total"] == 10
         assert len(s["parts"]) == 3
         assert s["request_counts"]["failed"] > 0  # error files were downloaded too
-        assert len(jsonl(folder / "result.jsonl")) + len(jsonl(folder / "error.jsonl")) == 10
+        assert (
+            len(read_jsonl(folder / "result.jsonl")) + len(read_jsonl(folder / "error.jsonl")) == 10
+        )
         stats = await emulator.stats()
         assert stats["files_stored"]["count"] == 0  # deletes went through the proxy too
         calls = stats["calls"]

@@ -24,19 +24,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+from batchd.testing import (
+    DaemonProcess,
+    drop_all,
+    job_folders,
+    requests,
+    running_emulator,
+    wait_for,
+)
 from tests.bench.common import (
-    DaemonProc,
     Row,
     bench_main,
     env_for,
-    published,
-    start_emulator,
-    until,
     verdict,
     wall_of,
-    write_inputs,
 )
-from tests.bench.common import jsonl as make_jsonl
 
 
 def utilisation(times: list[float], cap: int, window_s: float) -> dict[str, Any]:
@@ -76,50 +78,53 @@ async def run(tmp: Path, quick: bool) -> dict[str, Any]:
         "file_calls_per_second": 5000.0,
         "max_requests_per_file": 1,
     }
-    emulator = await start_emulator(
-        tmp, time_scale=3000.0, rate_window_s=window_s, limits=limits, shuffle_output=False
-    )
-    root = tmp / "root"
-    env = env_for(
-        emulator,
-        root,
-        {
-            "limits": limits,
-            "api": {"rate_window_s": window_s},
-            "poll": {"first_poll_s": 0.05, "interval_s": 0.2, "jitter": 0.1},
-        },
-    )
-    daemon = await DaemonProc.start(env, tmp / "daemon.log")
-    store = emulator.state.store
-    samples: list[tuple[float, int, int]] = []
-    try:
-        await until(lambda: (root / "inbox").exists(), 30, "daemon start")
-        cpu0 = daemon.cpu_s()
-        t0 = time.monotonic()
-        write_inputs(root / "inbox", {"many.jsonl": make_jsonl(parts)})
-        timeout = 120.0 if quick else 300.0
-        deadline = t0 + timeout
-        while len(store.batches) < parts and time.monotonic() < deadline:
-            now = time.monotonic()
-            samples.append(
-                (
-                    round(now - t0, 2),
-                    len(store.unfinished(emulator.clock.now())),
-                    len(store.batches),
+    async with running_emulator(
+        tmp / "emulator",
+        time_scale=3000.0,
+        rate_window_s=window_s,
+        limits=limits,
+        shuffle_output=False,
+    ) as emulator:
+        root = tmp / "root"
+        env = env_for(
+            emulator,
+            root,
+            {
+                "limits": limits,
+                "api": {"rate_window_s": window_s},
+                "poll": {"first_poll_s": 0.05, "interval_s": 0.2, "jitter": 0.1},
+            },
+        )
+        daemon = await DaemonProcess.start(env, tmp / "daemon.log")
+        store = emulator.state.store
+        samples: list[tuple[float, int, int]] = []
+        try:
+            await wait_for(lambda: (root / "inbox").exists(), 30, "daemon start")
+            cpu0 = daemon.cpu_s()
+            t0 = time.monotonic()
+            drop_all(root / "inbox", {"many.jsonl": requests(parts)})
+            timeout = 120.0 if quick else 300.0
+            deadline = t0 + timeout
+            while len(store.batches) < parts and time.monotonic() < deadline:
+                now = time.monotonic()
+                samples.append(
+                    (
+                        round(now - t0, 2),
+                        len(store.unfinished(emulator.clock.now())),
+                        len(store.batches),
+                    )
                 )
-            )
-            if daemon.proc.returncode is not None:
-                raise RuntimeError("daemon exited:\n" + daemon.log_tail())
-            await asyncio.sleep(0.1)
-        created_all_s = time.monotonic() - t0
-        cpu_create = daemon.cpu_s() - cpu0
-        await until(lambda: len(published(root / "outbox")) >= 1, timeout, "publish")
-        cpu_total = daemon.cpu_s() - cpu0
-        rss = daemon.rss_mb()
-    finally:
-        code = await daemon.stop()
-    stats = await emulator.stats()
-    await emulator.stop()
+                if daemon.proc.returncode is not None:
+                    raise RuntimeError("daemon exited:\n" + daemon.log_tail())
+                await asyncio.sleep(0.1)
+            created_all_s = time.monotonic() - t0
+            cpu_create = daemon.cpu_s() - cpu0
+            await wait_for(lambda: len(job_folders(root / "outbox")) >= 1, timeout, "publish")
+            cpu_total = daemon.cpu_s() - cpu0
+            rss = daemon.rss_mb()
+        finally:
+            code = await daemon.stop()
+        stats = await emulator.stats()
 
     times = [wall_of(emulator, b.timeline.created_at) for b in store.batches.values()]
     figures: dict[str, Any] = {

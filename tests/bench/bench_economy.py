@@ -22,21 +22,23 @@ from typing import Any
 
 from openai import AsyncOpenAI
 
+from batchd.testing import (
+    API_KEY,
+    DaemonProcess,
+    EmulatorProcess,
+    drop_all,
+    job_folders,
+    requests,
+    wait_for,
+)
 from tests.bench.common import (
-    DaemonProc,
-    EmulatorProc,
     Row,
     bench_main,
     calls,
     env_for,
-    published,
     refused,
-    until,
     verdict,
-    write_inputs,
 )
-from tests.bench.common import jsonl as make_jsonl
-from tests.integration.daemon_harness import KEY
 
 PER_REQUEST_S = 36.0
 # Lines per job -> service seconds: 20 validating + 120 + 36 x lines + 10 finalizing.
@@ -88,14 +90,14 @@ async def reference_flow(
 
 
 async def run_reference(tmp: Path, inputs: dict[str, bytes], scale: float) -> dict[str, Any]:
-    emulator = await EmulatorProc.start(tmp, **_settings(scale))
+    emulator = await EmulatorProcess.start(tmp, **_settings(scale))
     folder = tmp / "ref"
     folder.mkdir()
     for name, content in inputs.items():
         (folder / name).write_bytes(content)
     per_kind: dict[str, dict[str, int]] = {}
     try:
-        async with AsyncOpenAI(api_key=KEY, base_url=emulator.base_url) as client:
+        async with AsyncOpenAI(api_key=API_KEY, base_url=emulator.base_url) as client:
             started = time.monotonic()
             flows = []
             for name in inputs:
@@ -119,7 +121,7 @@ async def run_reference(tmp: Path, inputs: dict[str, bytes], scale: float) -> di
 
 
 async def run_batchd(tmp: Path, inputs: dict[str, bytes], scale: float) -> dict[str, Any]:
-    emulator = await EmulatorProc.start(tmp, **_settings(scale))
+    emulator = await EmulatorProcess.start(tmp, **_settings(scale))
     root = tmp / "root"
     env = env_for(
         emulator,
@@ -131,13 +133,16 @@ async def run_batchd(tmp: Path, inputs: dict[str, bytes], scale: float) -> dict[
             "poll": {"first_poll_s": 30.0 / scale, "interval_s": 60.0 / scale, "jitter": 0.1},
         },
     )
-    daemon = await DaemonProc.start(env, tmp / "daemon.log")
+    daemon = await DaemonProcess.start(env, tmp / "daemon.log")
     try:
-        await until(lambda: (root / "inbox").exists(), 30, "daemon start")
+        await wait_for(lambda: (root / "inbox").exists(), 30, "daemon start")
         started = time.monotonic()
-        write_inputs(root / "inbox", inputs)
-        await until(
-            lambda: len(published(root / "outbox")) >= len(inputs), 600, "all published", 0.05
+        drop_all(root / "inbox", inputs)
+        await wait_for(
+            lambda: len(job_folders(root / "outbox")) >= len(inputs),
+            600,
+            "all published",
+            step_s=0.05,
         )
         wall = time.monotonic() - started
         # Remote files are deleted after publishing: let the cleanup finish.
@@ -160,7 +165,7 @@ async def run(tmp: Path, quick: bool) -> dict[str, Any]:
     scale = 600.0 if quick else 60.0
     per_kind = 1 if quick else 4
     inputs = {
-        f"{kind}-{i}.jsonl": make_jsonl(lines, f"{kind}{i}-")
+        f"{kind}-{i}.jsonl": requests(lines, prefix=f"{kind}{i}-")
         for kind, lines in KINDS.items()
         for i in range(per_kind)
     }

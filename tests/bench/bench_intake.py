@@ -16,17 +16,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+from batchd.testing import (
+    DaemonProcess,
+    EmulatorProcess,
+    drop_all,
+    requests,
+    wait_for,
+)
 from tests.bench.common import (
-    DaemonProc,
-    EmulatorProc,
     Row,
     bench_main,
     env_for,
-    until,
     verdict,
-    write_inputs,
 )
-from tests.bench.common import jsonl as make_jsonl
 
 
 def _counts(db: Path) -> tuple[int, int]:
@@ -41,7 +43,7 @@ def _counts(db: Path) -> tuple[int, int]:
 
 async def run(tmp: Path, quick: bool) -> dict[str, Any]:
     n = 1000 if quick else 10_000
-    emulator = await EmulatorProc.start(tmp, time_scale=60.0, rate_window_s=1.0)
+    emulator = await EmulatorProcess.start(tmp, time_scale=60.0, rate_window_s=1.0)
     root = tmp / "root"
     env = env_for(
         emulator,
@@ -52,14 +54,14 @@ async def run(tmp: Path, quick: bool) -> dict[str, Any]:
             "intake": {"watch": True, "settle_s": 2.0, "rescan_interval_s": 10.0},
         },
     )
-    daemon = await DaemonProc.start(env, tmp / "daemon.log")
+    daemon = await DaemonProcess.start(env, tmp / "daemon.log")
     db = root / "state" / "batchd.sqlite3"
     marks: dict[str, float] = {}
     try:
-        await until(lambda: (root / "inbox").exists(), 30, "daemon start")
-        files = {f"in{i:05d}.jsonl": make_jsonl(1, f"i{i}-") for i in range(n)}
+        await wait_for(lambda: (root / "inbox").exists(), 30, "daemon start")
+        files = {f"in{i:05d}.jsonl": requests(1, prefix=f"i{i}-") for i in range(n)}
         t0 = time.monotonic()
-        write_inputs(root / "inbox", files)
+        drop_all(root / "inbox", files)
         dropped_s = time.monotonic() - t0
         cpu0 = daemon.cpu_s()
 
@@ -75,7 +77,7 @@ async def run(tmp: Path, quick: bool) -> dict[str, Any]:
                 return True
             return False
 
-        await until(progress, 60 + n / 20, "all claimed and queued", step_s=0.1)
+        await wait_for(progress, 60 + n / 20, "all claimed and queued", step_s=0.1)
         cpu = daemon.cpu_s() - cpu0
         rss = daemon.rss_mb()
         left = [p for p in (root / "inbox").iterdir() if not p.name.startswith(".")]

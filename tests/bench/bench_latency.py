@@ -19,19 +19,21 @@ from typing import Any
 
 import orjson
 
+from batchd.testing import (
+    DaemonProcess,
+    drop_all,
+    job_folders,
+    requests,
+    running_emulator,
+    wait_for,
+)
 from tests.bench.common import (
-    DaemonProc,
     Row,
     bench_main,
     env_for,
     pct,
-    published,
-    start_emulator,
-    until,
     wall_of,
-    write_inputs,
 )
-from tests.bench.common import jsonl as make_jsonl
 
 SCALE = 60.0
 
@@ -39,47 +41,50 @@ SCALE = 60.0
 async def run(tmp: Path, quick: bool) -> dict[str, Any]:
     n = 10 if quick else 40
     gap_s = 0.3
-    emulator = await start_emulator(tmp, time_scale=SCALE, rate_window_s=60.0 / SCALE)
-    root = tmp / "root"
-    env = env_for(
-        emulator,
-        root,
-        {
-            "api": {"rate_window_s": 60.0 / SCALE},
-            "intake": {"watch": True, "settle_s": 2.0, "rescan_interval_s": 10.0},
-            "poll": {"first_poll_s": 30.0 / SCALE, "interval_s": 60.0 / SCALE, "jitter": 0.1},
-        },
-    )
-    daemon = await DaemonProc.start(env, tmp / "daemon.log")
-    dropped: dict[str, float] = {}
-    try:
-        await until(lambda: (root / "inbox").exists(), 30, "daemon start")
-        for i in range(n):
-            name = f"lat{i:03d}"
-            dropped[name] = time.time()
-            write_inputs(root / "inbox", {f"{name}.jsonl": make_jsonl(2, f"{name}-")})
-            await asyncio.sleep(gap_s)
-        await until(lambda: len(published(root / "outbox")) >= n, 120, "all published", 0.05)
-    finally:
-        code = await daemon.stop()
-    # Unix time of a service instant, through the emulator's (never advanced) clock.
-    offset = time.time() - time.monotonic()
-    by_input = {b.input_file_id: b for b in emulator.state.store.batches.values()}
-    now = emulator.clock.now()
-    to_created, to_observed, to_published, completed_to_published = [], [], [], []
-    for folder in published(root / "outbox"):
-        summary = orjson.loads((folder / "summary.json").read_bytes())
-        timings = summary["timings"]
-        name = folder.name
-        ended = timings["batches_ended_at"][0]
-        batch = next(b for b in by_input.values() if (b.metadata or {}).get("ds_name") == name)
-        created = wall_of(emulator, batch.timeline.created_at) + offset
-        done = wall_of(emulator, batch.phase(now).events["completed_at"]) + offset
-        to_created.append(created - dropped[name])
-        to_observed.append(ended - done)
-        to_published.append(timings["published_at"] - ended)
-        completed_to_published.append(timings["published_at"] - done)
-    await emulator.stop()
+    async with running_emulator(
+        tmp / "emulator", time_scale=SCALE, rate_window_s=60.0 / SCALE
+    ) as emulator:
+        root = tmp / "root"
+        env = env_for(
+            emulator,
+            root,
+            {
+                "api": {"rate_window_s": 60.0 / SCALE},
+                "intake": {"watch": True, "settle_s": 2.0, "rescan_interval_s": 10.0},
+                "poll": {"first_poll_s": 30.0 / SCALE, "interval_s": 60.0 / SCALE, "jitter": 0.1},
+            },
+        )
+        daemon = await DaemonProcess.start(env, tmp / "daemon.log")
+        dropped: dict[str, float] = {}
+        try:
+            await wait_for(lambda: (root / "inbox").exists(), 30, "daemon start")
+            for i in range(n):
+                name = f"lat{i:03d}"
+                dropped[name] = time.time()
+                drop_all(root / "inbox", {f"{name}.jsonl": requests(2, prefix=f"{name}-")})
+                await asyncio.sleep(gap_s)
+            await wait_for(
+                lambda: len(job_folders(root / "outbox")) >= n, 120, "all published", step_s=0.05
+            )
+        finally:
+            code = await daemon.stop()
+        # Unix time of a service instant, through the emulator's (never advanced) clock.
+        offset = time.time() - time.monotonic()
+        by_input = {b.input_file_id: b for b in emulator.state.store.batches.values()}
+        now = emulator.clock.now()
+        to_created, to_observed, to_published, completed_to_published = [], [], [], []
+        for folder in job_folders(root / "outbox"):
+            summary = orjson.loads((folder / "summary.json").read_bytes())
+            timings = summary["timings"]
+            name = folder.name
+            ended = timings["batches_ended_at"][0]
+            batch = next(b for b in by_input.values() if (b.metadata or {}).get("ds_name") == name)
+            created = wall_of(emulator, batch.timeline.created_at) + offset
+            done = wall_of(emulator, batch.phase(now).events["completed_at"]) + offset
+            to_created.append(created - dropped[name])
+            to_observed.append(ended - done)
+            to_published.append(timings["published_at"] - ended)
+            completed_to_published.append(timings["published_at"] - done)
 
     def dist(values: list[float]) -> dict[str, float]:
         return {"p50": round(pct(values, 50), 3), "p95": round(pct(values, 95), 3)}

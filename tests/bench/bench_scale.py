@@ -21,19 +21,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+from batchd.testing import (
+    DaemonProcess,
+    EmulatorProcess,
+    drop_all,
+    job_folders,
+    requests,
+    wait_for,
+)
 from tests.bench.common import (
-    DaemonProc,
-    EmulatorProc,
     Row,
     bench_main,
     calls,
     env_for,
-    published,
-    until,
     verdict,
-    write_inputs,
 )
-from tests.bench.common import jsonl as make_jsonl
 
 HOUR = 3600.0
 
@@ -54,7 +56,7 @@ async def one_size(tmp: Path, n: int, scale: float) -> dict[str, Any]:
         "upload_per_second": 3.0 * scale,
         "file_calls_per_second": 10.0 * scale,
     }
-    emulator = await EmulatorProc.start(
+    emulator = await EmulatorProcess.start(
         tmp,
         time_scale=scale,
         rate_window_s=window,
@@ -74,12 +76,12 @@ async def one_size(tmp: Path, n: int, scale: float) -> dict[str, Any]:
             "poll": {"first_poll_s": 30.0 / scale, "interval_s": interval, "jitter": 0.1},
         },
     )
-    daemon = await DaemonProc.start(env, tmp / "daemon.log")
+    daemon = await DaemonProcess.start(env, tmp / "daemon.log")
     try:
-        await until(lambda: (root / "inbox").exists(), 30, "daemon start")
+        await wait_for(lambda: (root / "inbox").exists(), 30, "daemon start")
         t0 = time.monotonic()
-        write_inputs(
-            root / "inbox", {f"job{i:05d}.jsonl": make_jsonl(2, f"j{i}-") for i in range(n)}
+        drop_all(
+            root / "inbox", {f"job{i:05d}.jsonl": requests(2, prefix=f"j{i}-") for i in range(n)}
         )
 
         async def all_created() -> bool:
@@ -87,7 +89,7 @@ async def one_size(tmp: Path, n: int, scale: float) -> dict[str, Any]:
                 raise RuntimeError("daemon exited:\n" + daemon.log_tail())
             return int((await emulator.stats())["batches_created"]) >= n
 
-        await until(all_created, 120 + n / 20, "all created", step_s=0.1)
+        await wait_for(all_created, 120 + n / 20, "all created", step_s=0.1)
         t_created = time.monotonic()
         cpu_created = daemon.cpu_s()
         before = calls(await emulator.stats())
@@ -110,8 +112,11 @@ async def one_size(tmp: Path, n: int, scale: float) -> dict[str, Any]:
         after = calls(await emulator.stats())
         cpu_followed = daemon.cpu_s()
         rss_following = daemon.rss_mb("VmRSS")
-        await until(
-            lambda: len(published(root / "outbox")) >= n, 120 + n / 10, "all published", 0.2
+        await wait_for(
+            lambda: len(job_folders(root / "outbox")) >= n,
+            120 + n / 10,
+            "all published",
+            step_s=0.2,
         )
         t_done = time.monotonic()
         cpu_total = daemon.cpu_s()

@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.conftest import ENDPOINT_CHAT, ENDPOINT_EMBEDDINGS, ENDPOINT_TEST, jsonl
+from batchd.testing import ENDPOINT_CHAT, ENDPOINT_EMBEDDINGS, ENDPOINT_TEST, requests
 
 if TYPE_CHECKING:
-    from tests.conftest import Api
+    from batchd.testing import Api
 
 BATCH_FIELDS = [
     "id",
@@ -131,7 +131,7 @@ async def test_a_finished_batch_cannot_be_cancelled_and_cancel_is_idempotent(
 
 
 async def _many(api: Api, emulator: Any, count: int) -> list[dict[str, Any]]:
-    file_id = await api.upload_ok(jsonl(2))
+    file_id = await api.upload_ok(requests(2))
     batches = []
     for n in range(count):
         meta = {"ds_name": f"job-{n}" + ("-even" if n % 2 == 0 else "")}
@@ -173,7 +173,7 @@ async def test_list_filters_by_name_status_input_files_and_creation_time(
     api: Api, emulator: Any
 ) -> None:
     made = await _many(api, emulator, 4)
-    other_file = await api.upload_ok(jsonl(1))
+    other_file = await api.upload_ok(requests(1))
     other = await api.create_ok(other_file, ENDPOINT_CHAT)
 
     async def ids(**query: Any) -> list[str]:
@@ -211,9 +211,9 @@ async def test_list_filters_by_name_status_input_files_and_creation_time(
 
 
 async def test_embeddings_and_chat_endpoints_are_served(api: Api, emulator: Any) -> None:
-    chat = await api.create_ok(await api.upload_ok(jsonl(1)), ENDPOINT_CHAT)
+    chat = await api.create_ok(await api.upload_ok(requests(1)), ENDPOINT_CHAT)
     emb = await api.create_ok(
-        await api.upload_ok(jsonl(1, "text-embedding-v4", ENDPOINT_EMBEDDINGS)),
+        await api.upload_ok(requests(1, "text-embedding-v4", ENDPOINT_EMBEDDINGS)),
         ENDPOINT_EMBEDDINGS,
     )
     emulator.advance(3600)

@@ -6,10 +6,10 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.conftest import ENDPOINT_CHAT, ENDPOINT_TEST, jsonl
+from batchd.testing import ENDPOINT_CHAT, ENDPOINT_TEST, requests
 
 if TYPE_CHECKING:
-    from tests.conftest import Api
+    from batchd.testing import Api
 
 ROOMY = {"upload_per_second": 1000, "file_calls_per_second": 1000}
 
@@ -90,7 +90,7 @@ async def test_running_cap_refuses_creates_until_a_batch_ends(
 ) -> None:
     emulator = await start_emulator(limits=ROOMY | {"running_batches": 3})
     api = make_api(emulator)
-    file_id = await api.upload_ok(jsonl(2))
+    file_id = await api.upload_ok(requests(2))
     first = await api.create_ok(file_id, ENDPOINT_CHAT)
     for _ in range(2):
         await api.create_ok(file_id, ENDPOINT_CHAT)
@@ -117,7 +117,7 @@ async def test_only_two_test_model_batches_run_at_once(
     api: Api, emulator: Any, seed_lines: bytes
 ) -> None:
     file_id = await api.upload_ok(seed_lines)
-    chat_file = await api.upload_ok(jsonl(1))
+    chat_file = await api.upload_ok(requests(1))
     await api.create_ok(file_id, ENDPOINT_TEST)
     await api.create_ok(file_id, ENDPOINT_TEST)
     status, body = await api.create(file_id, ENDPOINT_TEST)

@@ -17,10 +17,10 @@ import orjson
 import pytest
 
 from batchd.emulator import EmulatorSettings
-from tests.conftest import EMULATOR_KEY, ENDPOINT_CHAT, jsonl
+from batchd.testing import API_KEY, ENDPOINT_CHAT, requests
 
 if TYPE_CHECKING:
-    from tests.conftest import Api
+    from batchd.testing import Api
 
 
 async def test_5xx_faults_answer_internal_error_and_are_not_served(api: Api, emulator: Any) -> None:
@@ -82,7 +82,7 @@ async def test_a_429_storm_answers_throttling_with_retry_after(api: Api, emulato
 
 
 async def test_a_lost_create_answer_still_creates_the_batch(api: Api, emulator: Any) -> None:
-    file_id = await api.upload_ok(jsonl(2))
+    file_id = await api.upload_ok(requests(2))
     emulator.set_faults(lost_create_response_rate=1.0)
     with pytest.raises(aiohttp.ClientError):
         await api.create(file_id, ENDPOINT_CHAT)
@@ -109,7 +109,7 @@ async def _finished(api: Api, emulator: Any, content: bytes, **metadata: str) ->
 
 
 async def test_ignored_list_filters_list_every_batch_and_file(api: Api, emulator: Any) -> None:
-    first, second = await api.upload_ok(jsonl(1)), await api.upload_ok(jsonl(2))
+    first, second = await api.upload_ok(requests(1)), await api.upload_ok(requests(2))
     await api.create_ok(first, ENDPOINT_CHAT, metadata={"ds_name": "one"})
     newest = await api.create_ok(second, ENDPOINT_CHAT)
     emulator.set_faults(ignore_list_filters=True)
@@ -136,7 +136,7 @@ async def _raw_answer(emulator: Any, method: str, path: str) -> bytes:
     reader, writer = await asyncio.open_connection(emulator.host, emulator.port)
     writer.write(
         f"{method} /compatible-mode/v1{path} HTTP/1.1\r\nHost: {emulator.host}\r\n"
-        f"Authorization: Bearer {EMULATOR_KEY}\r\nContent-Length: 0\r\n\r\n".encode()
+        f"Authorization: Bearer {API_KEY}\r\nContent-Length: 0\r\n\r\n".encode()
     )
     await writer.drain()
     try:
@@ -150,7 +150,7 @@ async def _raw_answer(emulator: Any, method: str, path: str) -> bytes:
 async def test_lost_answers_still_take_effect_for_each_call_class(api: Api, emulator: Any) -> None:
     emulator.set_faults(lost_response_rate=1.0, classes=["upload"])
     with pytest.raises(aiohttp.ClientError):
-        await api.upload(jsonl(2))
+        await api.upload(requests(2))
     _, files, _ = await api.call("GET", "/files")
     assert len(files["data"]) == 1  # stored although its answer was lost
     file_id = files["data"][0]["id"]
@@ -175,7 +175,7 @@ async def test_lost_answers_still_take_effect_for_each_call_class(api: Api, emul
 async def test_missing_content_stays_404_while_retrieve_and_delete_work(
     api: Api, emulator: Any
 ) -> None:
-    done = await _finished(api, emulator, jsonl(2))
+    done = await _finished(api, emulator, requests(2))
     output = done["output_file_id"]
     emulator.set_faults(content_missing_rate=1.0)
     for _ in range(2):
@@ -189,7 +189,7 @@ async def test_missing_content_stays_404_while_retrieve_and_delete_work(
 async def test_content_missing_is_decided_once_per_file(start_emulator: Any, make_api: Any) -> None:
     emulator = await start_emulator(faults={"content_missing_rate": 0.5, "seed": 1})
     api = make_api(emulator)
-    file_id = await api.upload_ok(jsonl(1))
+    file_id = await api.upload_ok(requests(1))
     batches = [await api.create_ok(file_id, ENDPOINT_CHAT) for _ in range(8)]
     emulator.advance(3600)
     outputs = [(await api.batch(b["id"]))["output_file_id"] for b in batches]
@@ -201,7 +201,7 @@ async def test_content_missing_is_decided_once_per_file(start_emulator: Any, mak
 async def test_endless_pages_keep_has_more_and_repeat_the_last_page(
     api: Api, emulator: Any
 ) -> None:
-    file_id = await api.upload_ok(jsonl(1))
+    file_id = await api.upload_ok(requests(1))
     for _ in range(3):
         await api.create_ok(file_id, ENDPOINT_CHAT)
     emulator.set_faults(endless_pages=True)
@@ -219,7 +219,7 @@ async def test_endless_pages_keep_has_more_and_repeat_the_last_page(
 async def test_garbled_fields_vary_while_identity_fields_stay_right(
     api: Api, emulator: Any
 ) -> None:
-    done = await _finished(api, emulator, jsonl(3), ds_name="job")
+    done = await _finished(api, emulator, requests(3), ds_name="job")
     emulator.set_faults(garbled_fields_rate=1.0)
     seen = [await api.batch(done["id"]) for _ in range(8)]
     identity = ("id", "status", "input_file_id", "output_file_id", "error_file_id", "metadata")
@@ -239,7 +239,7 @@ async def test_garbled_fields_vary_while_identity_fields_stay_right(
 
 
 async def test_a_dripping_download_is_slow_and_whole(api: Api, emulator: Any) -> None:
-    done = await _finished(api, emulator, jsonl(2))
+    done = await _finished(api, emulator, requests(2))
     output = done["output_file_id"]
     whole = await api.content(output)
     emulator.set_faults(drip_rate=1.0, drip_bytes_per_s=len(whole) / 0.3)
@@ -252,24 +252,24 @@ async def test_a_dripping_download_is_slow_and_whole(api: Api, emulator: Any) ->
 async def test_a_client_leaving_a_dripping_download_does_not_break_the_emulator(
     api: Api, emulator: Any, http: aiohttp.ClientSession
 ) -> None:
-    done = await _finished(api, emulator, jsonl(2))
+    done = await _finished(api, emulator, requests(2))
     emulator.set_faults(drip_rate=1.0, drip_bytes_per_s=100)
     url = f"{emulator.base_url}/files/{done['output_file_id']}/content"
-    headers = {"Authorization": f"Bearer {EMULATOR_KEY}"}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
     async with http.get(url, headers=headers) as response:
         assert len(await response.content.read(5)) == 5
     emulator.set_faults(drip_rate=0.0)
-    assert (await api.lines(done["output_file_id"]))[0]["custom_id"] in {"1", "2"}
+    assert (await api.lines(done["output_file_id"]))[0]["custom_id"] in {"r0", "r1"}
 
 
 async def test_a_huge_line_is_long_valid_json_with_its_custom_id(api: Api, emulator: Any) -> None:
     emulator.set_faults(huge_line_bytes=5_000_000)
-    done = await _finished(api, emulator, jsonl(3))
+    done = await _finished(api, emulator, requests(3))
     raw = await api.content(done["output_file_id"])
     lines = raw.splitlines()
     huge = orjson.loads(lines[0])  # the first success written
     assert len(lines[0]) >= 5_000_000
-    assert huge["custom_id"] in {"1", "2", "3"} and huge["error"] is None
+    assert huge["custom_id"] in {"r0", "r1", "r2"} and huge["error"] is None
     body = huge["response"]["body"]
     assert body["choices"][0]["message"]["content"].startswith("Emulated answer")
     assert body["usage"]["total_tokens"] < 1000  # a normal usage
@@ -284,7 +284,7 @@ async def test_odd_lines_are_refused_by_orjson_but_otherwise_readable(
     api: Api, emulator: Any
 ) -> None:
     emulator.set_faults(odd_lines_rate=1.0)
-    done = await _finished(api, emulator, jsonl(4))
+    done = await _finished(api, emulator, requests(4))
     assert done["request_counts"] == {"total": 4, "completed": 4, "failed": 0}
     lines = (await api.content(done["output_file_id"])).splitlines()
     assert len(lines) == 4
@@ -305,7 +305,7 @@ async def test_odd_lines_are_refused_by_orjson_but_otherwise_readable(
     assert any(r["response"]["body"].get("score") == math.inf for r in readable)
     ids = {r["custom_id"] for r in readable}
     ids |= {c.decode() for c in re.findall(rb'"custom_id":"([^"]*)"', cut[0])}
-    assert ids == {"1", "2", "3", "4"}
+    assert ids == {"r0", "r1", "r2", "r3"}
     assert (await api.stats())["faults"]["odd_lines"] == 4
 
 
@@ -313,8 +313,8 @@ async def test_batch_match_limits_content_faults_to_matching_batches(
     api: Api, emulator: Any
 ) -> None:
     emulator.set_faults(batch_match="slow", odd_lines_rate=1.0, content_missing_rate=1.0)
-    slow = await _finished(api, emulator, jsonl(2), ds_name="slow")
-    fast = await _finished(api, emulator, jsonl(2), ds_name="fast")
+    slow = await _finished(api, emulator, requests(2), ds_name="slow")
+    fast = await _finished(api, emulator, requests(2), ds_name="fast")
     assert len(await api.lines(fast["output_file_id"])) == 2  # strict parsing works
     assert (await api.call("GET", f"/files/{slow['output_file_id']}/content"))[0] == 404
     emulator.set_faults(content_missing_rate=0.0)

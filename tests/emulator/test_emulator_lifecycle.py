@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from tests.conftest import ENDPOINT_CHAT, ENDPOINT_EMBEDDINGS, jsonl
+from batchd.testing import ENDPOINT_CHAT, ENDPOINT_EMBEDDINGS, requests
 
 if TYPE_CHECKING:
-    from tests.conftest import Api
+    from batchd.testing import Api
 
 # 4 requests, validating 20 s, running 120 + 4 x 30,000 s: longer than a 24 h window.
 SLOW = {"per_request_s": 30_000}
@@ -16,7 +16,7 @@ SLOW = {"per_request_s": 30_000}
 async def test_a_batch_walks_validating_in_progress_finalizing_completed(
     api: Api, emulator: Any
 ) -> None:
-    batch = await api.create_ok(await api.upload_ok(jsonl(4)), ENDPOINT_CHAT)
+    batch = await api.create_ok(await api.upload_ok(requests(4)), ENDPOINT_CHAT)
     seen = []
     for _ in range(40):
         current = await api.batch(batch["id"])
@@ -33,7 +33,7 @@ async def test_a_batch_walks_validating_in_progress_finalizing_completed(
     assert done["request_counts"] == {"total": 4, "completed": 4, "failed": 0}
     assert done["error_file_id"] is None
     lines = await api.lines(done["output_file_id"])
-    assert sorted(line["custom_id"] for line in lines) == ["1", "2", "3", "4"]
+    assert sorted(line["custom_id"] for line in lines) == ["r0", "r1", "r2", "r3"]
 
 
 async def test_progress_shows_in_request_counts_while_in_progress(
@@ -41,7 +41,7 @@ async def test_progress_shows_in_request_counts_while_in_progress(
 ) -> None:
     emulator = await start_emulator(in_progress_base_s=0, per_request_s=10, validating_s=0)
     api = make_api(emulator)
-    batch = await api.create_ok(await api.upload_ok(jsonl(10)), ENDPOINT_CHAT)
+    batch = await api.create_ok(await api.upload_ok(requests(10)), ENDPOINT_CHAT)
     emulator.advance(35)
     current = await api.batch(batch["id"])
     assert current["status"] == "in_progress"
@@ -51,7 +51,7 @@ async def test_progress_shows_in_request_counts_while_in_progress(
 async def test_failed_requests_go_to_the_error_file(start_emulator: Any, make_api: Any) -> None:
     emulator = await start_emulator(request_failure_rate=0.3, seed=7)
     api = make_api(emulator)
-    batch = await api.create_ok(await api.upload_ok(jsonl(40)), ENDPOINT_CHAT)
+    batch = await api.create_ok(await api.upload_ok(requests(40)), ENDPOINT_CHAT)
     emulator.advance(3600)
     done = await api.batch(batch["id"])
     counts = done["request_counts"]
@@ -61,7 +61,7 @@ async def test_failed_requests_go_to_the_error_file(start_emulator: Any, make_ap
     bad = await api.lines(done["error_file_id"])
     assert (len(good), len(bad)) == (counts["completed"], counts["failed"])
     assert {x["custom_id"] for x in good} | {x["custom_id"] for x in bad} == {
-        str(n) for n in range(1, 41)
+        f"r{n}" for n in range(40)
     }
     for failure in bad:
         assert failure["response"]["status_code"] >= 400
@@ -74,7 +74,7 @@ async def test_expiry_keeps_partial_output_and_reports_the_rest(
 ) -> None:
     emulator = await start_emulator(**SLOW)
     api = make_api(emulator)
-    batch = await api.create_ok(await api.upload_ok(jsonl(4)), ENDPOINT_CHAT)
+    batch = await api.create_ok(await api.upload_ok(requests(4)), ENDPOINT_CHAT)
     emulator.advance(24 * 3600 - 1)
     assert (await api.batch(batch["id"]))["status"] == "in_progress"
     emulator.advance(1)
@@ -86,8 +86,8 @@ async def test_expiry_keeps_partial_output_and_reports_the_rest(
     assert expired["request_counts"] == {"total": 4, "completed": 2, "failed": 2}
     done = await api.lines(expired["output_file_id"])
     missing = await api.lines(expired["error_file_id"])
-    assert sorted(x["custom_id"] for x in done) == ["1", "2"]
-    assert sorted(x["custom_id"] for x in missing) == ["3", "4"]
+    assert sorted(x["custom_id"] for x in done) == ["r0", "r1"]
+    assert sorted(x["custom_id"] for x in missing) == ["r2", "r3"]
     assert all(x["response"] is None for x in missing)
     assert {x["error"]["code"] for x in missing} == {"batch_expired"}
 
@@ -95,7 +95,7 @@ async def test_expiry_keeps_partial_output_and_reports_the_rest(
 async def test_cancel_in_progress_keeps_partial_output(start_emulator: Any, make_api: Any) -> None:
     emulator = await start_emulator(**SLOW)
     api = make_api(emulator)
-    batch = await api.create_ok(await api.upload_ok(jsonl(4)), ENDPOINT_CHAT)
+    batch = await api.create_ok(await api.upload_ok(requests(4)), ENDPOINT_CHAT)
     emulator.advance(20 + 120 + 30_000)  # a quarter of the run: 1 request done
     cancelling = (await api.call("POST", f"/batches/{batch['id']}/cancel"))[1]
     assert cancelling["status"] == "cancelling"
@@ -106,15 +106,15 @@ async def test_cancel_in_progress_keeps_partial_output(start_emulator: Any, make
     assert cancelled["status"] == "cancelled"
     assert cancelled["cancelled_at"] == cancelled["cancelling_at"] + 5
     assert cancelled["request_counts"] == {"total": 4, "completed": 1, "failed": 3}
-    assert [x["custom_id"] for x in await api.lines(cancelled["output_file_id"])] == ["1"]
+    assert [x["custom_id"] for x in await api.lines(cancelled["output_file_id"])] == ["r0"]
     not_run = await api.lines(cancelled["error_file_id"])
-    assert sorted(x["custom_id"] for x in not_run) == ["2", "3", "4"]
+    assert sorted(x["custom_id"] for x in not_run) == ["r1", "r2", "r3"]
     assert {x["error"]["code"] for x in not_run} == {"batch_cancelled"}
     assert (await api.stats())["unfinished_batches"] == 0
 
 
 async def test_cancel_while_validating_runs_nothing(api: Api, emulator: Any) -> None:
-    batch = await api.create_ok(await api.upload_ok(jsonl(2)), ENDPOINT_CHAT)
+    batch = await api.create_ok(await api.upload_ok(requests(2)), ENDPOINT_CHAT)
     await api.call("POST", f"/batches/{batch['id']}/cancel")
     emulator.advance(60)
     cancelled = await api.batch(batch["id"])
@@ -128,7 +128,7 @@ async def test_time_scale_runs_the_service_clock_faster_than_wall_time(
 ) -> None:
     emulator = await start_emulator(time_scale=3600)
     api = make_api(emulator)
-    batch = await api.create_ok(await api.upload_ok(jsonl(2)), ENDPOINT_CHAT)
+    batch = await api.create_ok(await api.upload_ok(requests(2)), ENDPOINT_CHAT)
     emulator.advance_wall(0.1)  # 0.1 wall seconds = 6 service minutes
     assert (await api.batch(batch["id"]))["status"] == "completed"
 
@@ -139,7 +139,7 @@ async def test_answers_are_deterministic_and_shaped_like_the_service(
     async def run() -> list[dict[str, Any]]:
         emulator = await start_emulator(limits={"upload_per_second": 100})
         api = make_api(emulator)
-        batch = await api.create_ok(await api.upload_ok(jsonl(3)), ENDPOINT_CHAT)
+        batch = await api.create_ok(await api.upload_ok(requests(3)), ENDPOINT_CHAT)
         emulator.advance(3600)
         done = await api.batch(batch["id"])
         raw = await api.content(done["output_file_id"])
@@ -159,9 +159,9 @@ async def test_answers_are_deterministic_and_shaped_like_the_service(
 
 
 async def test_thinking_adds_reasoning_content_and_tokens(api: Api, emulator: Any) -> None:
-    plain = await api.create_ok(await api.upload_ok(jsonl(1)), ENDPOINT_CHAT)
+    plain = await api.create_ok(await api.upload_ok(requests(1)), ENDPOINT_CHAT)
     thinking = await api.create_ok(
-        await api.upload_ok(jsonl(1, enable_thinking=True, thinking_budget=3)), ENDPOINT_CHAT
+        await api.upload_ok(requests(1, enable_thinking=True, thinking_budget=3)), ENDPOINT_CHAT
     )
     emulator.advance(3600)
     (plain_line,) = await api.lines((await api.batch(plain["id"]))["output_file_id"])
@@ -174,18 +174,18 @@ async def test_thinking_adds_reasoning_content_and_tokens(api: Api, emulator: An
 
 
 async def test_embeddings_are_deterministic_unit_vectors(api: Api, emulator: Any) -> None:
-    content = jsonl(2, "text-embedding-v4", ENDPOINT_EMBEDDINGS) + jsonl(
-        1, "text-embedding-v4", ENDPOINT_EMBEDDINGS, start=3, input="text number 1", dimensions=64
+    content = requests(2, "text-embedding-v4", ENDPOINT_EMBEDDINGS) + requests(
+        1, "text-embedding-v4", ENDPOINT_EMBEDDINGS, start=2, input="text 0", dimensions=64
     )
     batch = await api.create_ok(await api.upload_ok(content), ENDPOINT_EMBEDDINGS)
     emulator.advance(3600)
     lines = await api.lines((await api.batch(batch["id"]))["output_file_id"])
     by_id = {x["custom_id"]: x["response"]["body"] for x in lines}
-    assert by_id["1"]["object"] == "list"
-    (item,) = by_id["1"]["data"]
+    assert by_id["r0"]["object"] == "list"
+    (item,) = by_id["r0"]["data"]
     assert (item["object"], item["index"], len(item["embedding"])) == ("embedding", 0, 1024)
     assert abs(sum(v * v for v in item["embedding"]) - 1) < 1e-3
-    assert by_id["3"]["data"][0]["embedding"][:5] != item["embedding"][:5]
-    assert len(by_id["3"]["data"][0]["embedding"]) == 64
-    assert by_id["2"]["data"][0]["embedding"] != item["embedding"]
-    assert by_id["1"]["usage"]["prompt_tokens"] > 0
+    assert by_id["r2"]["data"][0]["embedding"][:5] != item["embedding"][:5]
+    assert len(by_id["r2"]["data"][0]["embedding"]) == 64
+    assert by_id["r1"]["data"][0]["embedding"] != item["embedding"]
+    assert by_id["r0"]["usage"]["prompt_tokens"] > 0

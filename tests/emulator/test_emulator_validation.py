@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import pytest
 
-from tests.conftest import ENDPOINT_CHAT, ENDPOINT_EMBEDDINGS, ENDPOINT_TEST, jsonl
+from batchd.testing import ENDPOINT_CHAT, ENDPOINT_EMBEDDINGS, ENDPOINT_TEST, requests
 
 if TYPE_CHECKING:
-    from tests.conftest import Api
+    from batchd.testing import Api
 
 ROOMY = {"upload_per_second": 1000, "file_calls_per_second": 1000}
 
@@ -43,18 +43,18 @@ async def _errors(api: Api, emulator: Any, content: bytes, endpoint: str = ENDPO
 CASES = [
     (
         "malformed",
-        jsonl(1) + b"{not json\n" + b"[1, 2]\n",
+        requests(1) + b"{not json\n" + b"[1, 2]\n",
         {("invalid_json_line", 2), ("invalid_json_line", 3)},
     ),
-    ("blank line", jsonl(1) + b"\n" + jsonl(1, start=2), {("invalid_json_line", 2)}),
-    ("mismatched model", jsonl(2) + jsonl(1, "qwen-max", start=3), {("mismatched_model", 3)}),
+    ("blank line", requests(1) + b"\n" + requests(1, start=1), {("invalid_json_line", 2)}),
+    ("mismatched model", requests(2) + requests(1, "qwen-max", start=2), {("mismatched_model", 3)}),
     (
         "mismatched thinking mode",
-        jsonl(1, enable_thinking=True) + jsonl(1, enable_thinking=False, start=2),
+        requests(1, enable_thinking=True) + requests(1, enable_thinking=False, start=1),
         {("mismatched_model", 2)},
     ),
-    ("duplicate custom_id", jsonl(2) + jsonl(1, start=2), {("duplicate_custom_id", 3)}),
-    ("unknown model", jsonl(1, "qwen-imaginary"), {("model_not_found", 1)}),
+    ("duplicate custom_id", requests(2) + requests(1, start=1), {("duplicate_custom_id", 3)}),
+    ("unknown model", requests(1, "qwen-imaginary"), {("model_not_found", 1)}),
     ("url differs", line("a") + line("b", url=ENDPOINT_EMBEDDINGS), {("invalid_url", 2)}),
     ("method", line("a", method="GET"), {("invalid_request", 1)}),
     ("no custom_id", line("", body={}), {("invalid_request", 1)}),
@@ -74,8 +74,8 @@ async def test_a_bad_file_fails_with_its_code_and_line(
 async def test_over_the_request_limit_fails(start_emulator: Any, make_api: Any) -> None:
     emulator = await start_emulator(limits={"max_requests_per_file": 3})
     api = make_api(emulator)
-    assert await _errors(api, emulator, jsonl(4)) == {("request_limit_exceeded", 4)}
-    batch = await api.create_ok(await api.upload_ok(jsonl(3)), ENDPOINT_CHAT)
+    assert await _errors(api, emulator, requests(4)) == {("request_limit_exceeded", 4)}
+    batch = await api.create_ok(await api.upload_ok(requests(3)), ENDPOINT_CHAT)
     emulator.advance(3600)
     assert (await api.batch(batch["id"]))["status"] == "completed"
 
@@ -89,10 +89,10 @@ async def test_over_the_line_limit_fails(start_emulator: Any, make_api: Any) -> 
 
 async def test_the_test_model_allows_100_lines_and_1_mib(api: Api, emulator: Any) -> None:
     assert await _errors(
-        api, emulator, jsonl(101, "batch-test-model", ENDPOINT_TEST), ENDPOINT_TEST
+        api, emulator, requests(101, "batch-test-model", ENDPOINT_TEST), ENDPOINT_TEST
     ) == {("request_limit_exceeded", 101)}
     big = "x" * 11_000
-    heavy = jsonl(
+    heavy = requests(
         100, "batch-test-model", ENDPOINT_TEST, messages=[{"role": "user", "content": big}]
     )
     assert len(heavy) > 1024 * 1024
@@ -102,14 +102,14 @@ async def test_the_test_model_allows_100_lines_and_1_mib(api: Api, emulator: Any
 async def test_the_test_model_runs_only_on_its_endpoint(start_emulator: Any, make_api: Any) -> None:
     emulator = await start_emulator(limits=ROOMY)
     api = make_api(emulator)
-    on_chat = jsonl(1, "batch-test-model", ENDPOINT_CHAT)
+    on_chat = requests(1, "batch-test-model", ENDPOINT_CHAT)
     assert await _errors(api, emulator, on_chat) == {("model_not_found", 1)}
-    other_on_test = jsonl(1, "qwen-plus", ENDPOINT_TEST)
+    other_on_test = requests(1, "qwen-plus", ENDPOINT_TEST)
     assert await _errors(api, emulator, other_on_test, ENDPOINT_TEST) == {("model_not_found", 1)}
 
 
 async def test_errors_carry_message_and_param(api: Api, emulator: Any) -> None:
-    batch = await api.create_ok(await api.upload_ok(jsonl(1, "nope")), ENDPOINT_CHAT)
+    batch = await api.create_ok(await api.upload_ok(requests(1, "nope")), ENDPOINT_CHAT)
     emulator.advance(60)
     (error,) = (await api.batch(batch["id"]))["errors"]["data"]
     assert error == {

@@ -19,14 +19,14 @@ from batchd.cli import main
 from batchd.control import ControlClient, SocketInUseError
 from batchd.daemon import Daemon
 from batchd.errors import BatchdError
-from tests.conftest import StartEmulator
-from tests.integration.daemon_harness import (
-    KEY,
+from batchd.testing import (
+    API_KEY,
+    StartEmulator,
     daemon_settings,
     drop,
     published_jobs,
     requests,
-    running,
+    running_daemon,
     wait_published,
 )
 
@@ -44,7 +44,7 @@ async def test_socket_is_private_from_birth_and_removed_on_exit(
     settings = daemon_settings(tmp_path / "r", emulator)
     path = settings.socket_path
     assert path == tmp_path / "r" / "control.sock"  # ROOT/control.sock unless configured
-    async with running(settings):
+    async with running_daemon(settings):
         mode = stat.S_IMODE(os.stat(path).st_mode)
         assert stat.S_ISSOCK(os.stat(path).st_mode)
         assert mode & 0o007 == 0 and mode <= 0o660
@@ -52,7 +52,7 @@ async def test_socket_is_private_from_birth_and_removed_on_exit(
     # A runtime folder batchd makes for itself is closed to others as well.
     runtime = tmp_path / "run" / "batchd"
     settings = daemon_settings(tmp_path / "r", emulator, paths={"runtime": runtime})
-    async with running(settings):
+    async with running_daemon(settings):
         assert settings.socket_path == runtime / "control.sock"
         assert stat.S_IMODE(os.stat(runtime).st_mode) == 0o750
     assert not (runtime / "control.sock").exists()
@@ -64,7 +64,7 @@ async def test_status_jobs_show_and_metrics_answer_over_the_socket(
     emulator = await start_emulator(time_scale=3000)
     settings = daemon_settings(tmp_path / "r", emulator)
     sock = str(settings.socket_path)
-    async with running(settings) as daemon:
+    async with running_daemon(settings) as daemon:
         drop(settings.paths.folder("inbox"), "a.jsonl", requests(3))
         await wait_published(settings.paths.folder("outbox"), 1, emulator)
         await published_jobs(daemon, 1)  # the folder appears a moment before the row says so
@@ -109,7 +109,7 @@ async def test_pause_resume_cancel_retry_and_drain(
     settings = daemon_settings(tmp_path / "r", emulator)
     sock = str(settings.socket_path)
     inbox, outbox = settings.paths.folder("inbox"), settings.paths.folder("outbox")
-    async with running(settings) as daemon:
+    async with running_daemon(settings) as daemon:
         code, out, _ = await cli(capsys, "pause", "--socket", sock)
         assert code == 0 and "paused" in out
         drop(inbox, "held.jsonl", requests(10))
@@ -137,7 +137,7 @@ async def test_event_stream_reports_state_changes_and_progress(
     emulator = await start_emulator(time_scale=3000)
     settings = daemon_settings(tmp_path / "r", emulator)
     events: list[dict[str, Any]] = []
-    async with running(settings):
+    async with running_daemon(settings):
         client = ControlClient(settings.socket_path)
 
         async def listen() -> None:
@@ -165,14 +165,14 @@ async def test_a_second_daemon_on_the_same_socket_or_state_refuses_to_start(
 ) -> None:
     emulator = await start_emulator()
     settings = daemon_settings(tmp_path / "r", emulator)
-    async with running(settings):
+    async with running_daemon(settings):
         with pytest.raises(BatchdError, match="already running"):
-            await Daemon(settings, KEY).run()
+            await Daemon(settings, API_KEY).run()
         other = daemon_settings(
             tmp_path / "other", emulator, control={"socket": settings.socket_path}
         )
         with pytest.raises(SocketInUseError, match="already listening"):
-            await Daemon(other, KEY).run()
+            await Daemon(other, API_KEY).run()
         assert settings.socket_path.exists()
 
 
@@ -185,7 +185,7 @@ async def test_a_stale_socket_left_by_a_kill_is_replaced(
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(settings.socket_path))
     stale.close()  # bound, never listening: what a SIGKILL leaves behind
-    async with running(settings):
+    async with running_daemon(settings):
         status, body = await ControlClient(settings.socket_path).call("GET", "/v1/status")
         assert status == 200 and body["healthy"]
 
@@ -206,7 +206,7 @@ async def test_a_peer_outside_the_allowed_users_is_refused_and_logged(
     shared = Path(tempfile.mkdtemp(prefix="batchd-peer-"))
     sock = shared / "control.sock"
     settings = daemon_settings(tmp_path / "r", emulator, control={"socket": sock})
-    async with running(settings) as daemon:
+    async with running_daemon(settings) as daemon:
         # Even if the socket's mode were too loose, the peer check stands.
         os.chmod(shared, 0o755)
         os.chmod(sock.parent, 0o755)

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -33,14 +32,15 @@ from batchd.control import (
     check_socket_path,
 )
 from batchd.errors import ConfigError
-from tests.conftest import StartEmulator, events
-from tests.integration.daemon_harness import (
+from batchd.testing import (
+    StartEmulator,
     daemon_env,
     daemon_settings,
     drop,
+    events,
     requests,
-    running,
-    wait_outbox_quiet,
+    running_daemon,
+    wait_for,
     wait_published,
     wait_ready,
 )
@@ -48,14 +48,6 @@ from tests.integration.daemon_harness import (
 pytestmark = pytest.mark.timeout(120)
 
 TIMEOUT_S = 0.3  # control.request_timeout_s in these tests
-
-
-async def until(check: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not reached in {timeout_s} s: {what}")
-        await asyncio.sleep(0.01)
 
 
 class Peer:
@@ -151,7 +143,7 @@ async def test_a_refused_peer_is_closed_at_accept_and_cannot_hold_connections(
     settings = daemon_settings(tmp_path / "r", emulator, control={"socket": sock})
     n = 200
     try:
-        async with running(settings) as daemon:
+        async with running_daemon(settings) as daemon:
             # Even with the socket open to everyone, the peer check stands.
             os.chmod(shared, 0o755)
             os.chmod(sock, 0o666)
@@ -213,11 +205,13 @@ async def test_connections_over_the_cap_are_closed_at_accept_and_idle_ones_time_
     )
     path = settings.socket_path
     client = ControlClient(path)
-    async with running(settings) as daemon:
+    async with running_daemon(settings) as daemon:
         control = daemon.control
         # While idle connections are held (below the cap), status calls are answered.
         idle = [await Peer.open(path) for _ in range(cap - 1)]
-        await until(lambda: control.connections == cap - 1, "idle connections admitted")
+        await wait_for(
+            lambda: control.connections == cap - 1, 10, "idle connections admitted", step_s=0.01
+        )
         status, _ = await client.call("GET", "/v1/status")
         assert status == 200
         # Each idle one is closed after the request timeout, without an answer.
@@ -230,7 +224,7 @@ async def test_connections_over_the_cap_are_closed_at_accept_and_idle_ones_time_
 
         # Fill the cap; every connection past it is answered 503 and closed at once.
         idle = [await Peer.open(path) for _ in range(cap)]
-        await until(lambda: control.connections == cap, "the cap filled")
+        await wait_for(lambda: control.connections == cap, 10, "the cap filled", step_s=0.01)
         extra = [await Peer.open(path) for _ in range(2 * cap)]
         for peer in extra:
             data, after_s = await peer.until_closed()
@@ -247,7 +241,9 @@ async def test_connections_over_the_cap_are_closed_at_accept_and_idle_ones_time_
             data, _ = await peer.until_closed()
             assert data == b""
         await close_all(idle)
-        await until(lambda: control.connections == 0, "all connections released")
+        await wait_for(
+            lambda: control.connections == 0, 10, "all connections released", step_s=0.01
+        )
         status, body = await client.call("GET", "/v1/status")
         assert status == 200 and body["healthy"]
 
@@ -257,7 +253,7 @@ async def test_a_kept_alive_connection_gets_the_timeout_again_after_each_answer(
 ) -> None:
     emulator = await start_emulator()
     settings = daemon_settings(tmp_path / "r", emulator, control={"request_timeout_s": TIMEOUT_S})
-    async with running(settings) as daemon:
+    async with running_daemon(settings) as daemon:
         peer = await Peer.open(settings.socket_path)
         request = b"GET /v1/status HTTP/1.1\r\nHost: batchd\r\n\r\n"
         # Calls spaced by less than the timeout, for three times the timeout: all answered
@@ -289,7 +285,7 @@ async def test_a_half_sent_request_is_closed_after_the_timeout(
 ) -> None:
     emulator = await start_emulator()
     settings = daemon_settings(tmp_path / "r", emulator, control={"request_timeout_s": TIMEOUT_S})
-    async with running(settings) as daemon:
+    async with running_daemon(settings) as daemon:
         # Headers that never end.
         peer = await Peer.open(settings.socket_path)
         await peer.send(b"GET /v1/status HTTP/1.1\r\nHost: batchd\r\n")
@@ -329,7 +325,7 @@ async def test_the_event_stream_outlives_the_request_timeout(
     emulator = await start_emulator(time_scale=3000)
     settings = daemon_settings(tmp_path / "r", emulator, control={"request_timeout_s": TIMEOUT_S})
     seen: list[dict[str, Any]] = []
-    async with running(settings) as daemon:
+    async with running_daemon(settings) as daemon:
 
         async def listen() -> None:
             async for event in ControlClient(settings.socket_path).stream("/v1/events"):
@@ -402,7 +398,7 @@ async def test_a_flood_past_the_fd_limit_leaves_the_daemon_working(
         assert len(held) >= FD_LIMIT  # past what the daemon may open
         # The daemon keeps working under the flood: a job goes through, status answers.
         drop(root / "inbox", "f.jsonl", requests(3))
-        await wait_outbox_quiet(root / "outbox", 1, emulator)
+        await wait_published(root / "outbox", 1, emulator)
         assert proc.returncode is None
         status = await wait_ready(root, proc, timeout_s=15)
         assert status["healthy"], status
@@ -434,7 +430,7 @@ async def test_an_offset_or_limit_sqlite_cannot_bind_answers_400(
     emulator = await start_emulator()
     settings = daemon_settings(tmp_path / "r", emulator)
     client = ControlClient(settings.socket_path)
-    async with running(settings):
+    async with running_daemon(settings):
         for params in (
             {"offset": str(2**63)},
             {"offset": str(2**64)},

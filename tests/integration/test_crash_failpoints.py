@@ -21,12 +21,13 @@ import pytest
 
 from batchd.emulator import Emulator
 from batchd.failpoints import NAMES
-from tests.conftest import StartEmulator
-from tests.integration.daemon_harness import (
+from batchd.testing import (
+    DaemonProcess,
+    StartEmulator,
     daemon_env,
-    jsonl,
+    daemon_process,
+    read_jsonl,
     requests,
-    start_subprocess,
     summary,
     wait_published,
     wait_ready,
@@ -94,7 +95,7 @@ async def _crash_then_finish(
 ) -> tuple[Path, dict[str, Any]]:
     if failpoint is not None:
         name, _, nth = failpoint.partition("@")
-        crashing = await start_subprocess(
+        crashing = await DaemonProcess.start(
             {**env, "BATCHD_FAILPOINTS": f"{name}=kill@{nth or 1}"}, log
         )
 
@@ -112,8 +113,7 @@ async def _crash_then_finish(
         with sqlite3.connect(root / "state" / "batchd.sqlite3") as db:
             assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
-    clean = await start_subprocess(env, log)
-    try:
+    async with daemon_process(env, log) as clean:
         await wait_ready(root, clean)
         (folder,) = await wait_published(root / "outbox", 1, emulator, timeout_s=60)
         # Let the remote clean-up finish: nothing stored, nothing left to delete.
@@ -122,9 +122,6 @@ async def _crash_then_finish(
             if stats["files_stored"]["count"] == 0 and _garbage(root) == 0:
                 break
             await asyncio.sleep(0.05)
-    finally:
-        clean.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(clean.wait(), 30) == 0, log.read_text()[-3000:]
     stats = await emulator.stats()
     with sqlite3.connect(root / "state" / "batchd.sqlite3") as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
@@ -157,7 +154,7 @@ def end_state(folder: Path, stats: dict[str, Any]) -> dict[str, Any]:
         "outbox": sorted(p.name for p in folder.parent.iterdir()),
         "status": s["status"],
         "request_counts": s["request_counts"],
-        "results": [_answer(r) for r in jsonl(folder / "result.jsonl")],
+        "results": [_answer(r) for r in read_jsonl(folder / "result.jsonl")],
         "errors": (folder / "error.jsonl").read_bytes(),
         "parts": len(s["parts"]),
         # One remote batch per part, and no other.
@@ -185,7 +182,9 @@ async def test_kill_at_fail_point_then_restart_equals_a_clean_run(
     s = summary(folder)
     assert s["status"] == "completed"
     assert s["request_counts"] == {"total": 50, "completed": 50, "failed": 0}
-    assert [r["custom_id"] for r in jsonl(folder / "result.jsonl")] == [f"r{i}" for i in range(50)]
+    assert [r["custom_id"] for r in read_jsonl(folder / "result.jsonl")] == [
+        f"r{i}" for i in range(50)
+    ]
     # One remote batch per part, and no other.
     assert len(s["parts"]) == 2
     per_file = stats["batches_created_per_input_file"]

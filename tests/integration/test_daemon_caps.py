@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from tests.conftest import StartEmulator
-from tests.integration.daemon_harness import (
+from batchd.testing import (
+    StartEmulator,
     daemon_settings,
     drop,
     requests,
-    running,
+    running_daemon,
     summary,
     wait_published,
 )
@@ -36,7 +36,7 @@ async def test_queued_parts_never_push_past_the_running_or_rate_caps(
         api={"rate_window_s": 1.0},
         poll={"interval_s": 0.2, "first_poll_s": 0.1},
     )
-    async with running(settings):
+    async with running_daemon(settings):
         for i in range(4):
             drop(settings.paths.folder("inbox"), f"q{i}.jsonl", requests(20, prefix=f"q{i}-"))
         folders = await wait_published(settings.paths.folder("outbox"), 4, None, timeout_s=60)
@@ -70,7 +70,7 @@ async def test_the_account_file_quota_makes_parts_wait_never_fail(
     }
     emulator = await start_emulator(time_scale=100, limits=caps, request_failure_rate=0.3)
     settings = daemon_settings(tmp_path / "root", emulator, limits=caps)
-    async with running(settings):
+    async with running_daemon(settings):
         for i in range(4):
             drop(settings.paths.folder("inbox"), f"f{i}.jsonl", requests(6, prefix=f"f{i}-"))
         folders = await wait_published(settings.paths.folder("outbox"), 4, None, timeout_s=60)
@@ -102,7 +102,7 @@ async def test_following_many_running_batches_costs_a_list_page_per_hundred_per_
         poll={"interval_s": interval, "first_poll_s": 0.1, "jitter": 0.1},
     )
     n = 250
-    async with running(settings):
+    async with running_daemon(settings):
         for i in range(n):
             drop(settings.paths.folder("inbox"), f"r{i:03d}.jsonl", requests(1, prefix=f"{i}-"))
         for _ in range(600):

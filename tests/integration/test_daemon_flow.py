@@ -7,13 +7,13 @@ from pathlib import Path
 import orjson
 
 from batchd.emulator import Emulator
-from tests.conftest import FIXTURES, StartEmulator
-from tests.integration.daemon_harness import (
+from batchd.testing import (
+    StartEmulator,
     daemon_settings,
     drop,
-    jsonl,
+    read_jsonl,
     requests,
-    running,
+    running_daemon,
     summary,
     wait_published,
 )
@@ -36,23 +36,19 @@ async def _served(emulator: Emulator, summary_: dict, kind: str) -> list[bytes]:
 
 
 async def test_seed_test_model_file_runs_end_to_end(
-    start_emulator: StartEmulator, tmp_path: Path
+    start_emulator: StartEmulator, tmp_path: Path, seed_lines: bytes
 ) -> None:
     emulator = await start_emulator(time_scale=600)
     settings = daemon_settings(tmp_path / "root", emulator, jobs={"delete_remote_files": False})
-    async with running(settings):
-        drop(
-            settings.paths.folder("inbox"),
-            "test_model.jsonl",
-            (FIXTURES / "test_model.jsonl").read_bytes(),
-        )
+    async with running_daemon(settings):
+        drop(settings.paths.folder("inbox"), "test_model.jsonl", seed_lines)
         (folder,) = await wait_published(settings.paths.folder("outbox"), 1, emulator)
     assert folder.name == "test_model"
     s = summary(folder)
     assert s["status"] == "completed"
     assert s["request_counts"] == {"total": 2, "completed": 2, "failed": 0}
     assert s["usage"] == {"prompt_tokens": 40, "completion_tokens": 12, "total_tokens": 52}
-    results = jsonl(folder / "result.jsonl")
+    results = read_jsonl(folder / "result.jsonl")
     assert [r["custom_id"] for r in results] == ["1", "2"]
     assert {r["response"]["body"]["choices"][0]["message"]["content"] for r in results} == {
         "This is a test result."
@@ -62,7 +58,7 @@ async def test_seed_test_model_file_runs_end_to_end(
     mine = (folder / "result.jsonl").read_bytes().splitlines()
     assert sorted(mine) == sorted(served)
     assert (folder / "error.jsonl").read_bytes() == b""
-    assert (folder / "input.jsonl").read_bytes() == (FIXTURES / "test_model.jsonl").read_bytes()
+    assert (folder / "input.jsonl").read_bytes() == seed_lines
     assert (folder / "result.csv").read_bytes().startswith(b"\xef\xbb\xbf")
     stats = await emulator.stats()
     assert stats["batches_created_per_input_file"] and set(
@@ -76,7 +72,7 @@ async def test_bad_file_is_rejected_with_its_report_and_input_kept(
     emulator = await start_emulator(time_scale=600)
     settings = daemon_settings(tmp_path / "root", emulator)
     bad = requests(3) + b'{"custom_id": "r1", "method": "POST"}\n'
-    async with running(settings):
+    async with running_daemon(settings):
         drop(settings.paths.folder("inbox"), "bad.jsonl", bad)
         (folder,) = await wait_published(settings.paths.folder("outbox"), 1)
     s = summary(folder)
@@ -85,7 +81,7 @@ async def test_bad_file_is_rejected_with_its_report_and_input_kept(
     codes = {(e["line"], e["code"]) for e in report["errors"]}
     assert (4, "duplicate_custom_id") in codes
     assert (folder / "input.jsonl").read_bytes() == bad
-    errors = jsonl(folder / "error.jsonl")
+    errors = read_jsonl(folder / "error.jsonl")
     assert any(e["input_line"] == 4 for e in errors)
     stats = await emulator.stats()
     assert stats["files_stored"]["count"] == 0  # nothing was sent
@@ -101,13 +97,13 @@ async def test_big_file_is_split_into_parts_and_merged_in_input_order(
         limits={"max_requests_per_file": 40},
         jobs={"delete_remote_files": False},
     )
-    async with running(settings):
+    async with running_daemon(settings):
         drop(settings.paths.folder("inbox"), "big.jsonl", requests(100))
         (folder,) = await wait_published(settings.paths.folder("outbox"), 1, emulator)
     s = summary(folder)
     assert s["status"] == "completed"
     assert [p["requests"] for p in s["parts"]] == [40, 40, 20]
-    results = jsonl(folder / "result.jsonl")
+    results = read_jsonl(folder / "result.jsonl")
     assert [r["custom_id"] for r in results] == [f"r{i}" for i in range(100)]
     served = await _served(emulator, s, "output")
     assert sorted((folder / "result.jsonl").read_bytes().splitlines()) == sorted(served)
@@ -121,7 +117,7 @@ async def test_a_name_used_before_gets_a_numbered_outbox_folder(
     emulator = await start_emulator(time_scale=3000)
     settings = daemon_settings(tmp_path / "root", emulator)
     inbox, outbox = settings.paths.folder("inbox"), settings.paths.folder("outbox")
-    async with running(settings):
+    async with running_daemon(settings):
         for round_, count in ((0, 1), (1, 2), (2, 3)):
             drop(inbox, "same.jsonl", requests(1 + round_, prefix=f"r{round_}-"))
             await wait_published(outbox, count, emulator)

@@ -11,13 +11,14 @@ import aiohttp
 import orjson
 
 from batchd.emulator import Emulator
-from tests.conftest import EMULATOR_KEY, StartEmulator
-from tests.integration.daemon_harness import (
+from batchd.testing import (
+    API_KEY,
+    StartEmulator,
     daemon_settings,
     drop,
-    jsonl,
+    read_jsonl,
     requests,
-    running,
+    running_daemon,
     summary,
     wait_published,
 )
@@ -25,7 +26,7 @@ from tests.integration.daemon_harness import (
 
 async def served(emulator: Emulator, s: dict[str, Any], kind: str) -> list[bytes]:
     lines: list[bytes] = []
-    headers = {"Authorization": f"Bearer {EMULATOR_KEY}"}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
     async with aiohttp.ClientSession(headers=headers) as session:
         for part in s["parts"]:
             file_id = part[f"{kind}_file_id"]
@@ -51,7 +52,7 @@ async def test_per_request_failures_are_reported_with_their_input_lines(
     emulator = await start_emulator(time_scale=3000, request_failure_rate=0.3)
     settings = daemon_settings(tmp_path / "root", emulator, jobs={"delete_remote_files": False})
     content = requests(60)
-    async with running(settings):
+    async with running_daemon(settings):
         drop(settings.paths.folder("inbox"), "mixed.jsonl", content)
         (folder,) = await wait_published(settings.paths.folder("outbox"), 1, emulator)
     s = summary(folder)
@@ -83,14 +84,14 @@ async def test_a_batch_the_service_rejects_ends_failed_with_every_request_report
 ) -> None:
     emulator = await start_emulator(time_scale=3000)
     settings = daemon_settings(tmp_path / "root", emulator)
-    async with running(settings):
+    async with running_daemon(settings):
         drop(settings.paths.folder("inbox"), "unknown.jsonl", requests(5, model="no-such-model"))
         (folder,) = await wait_published(settings.paths.folder("outbox"), 1, emulator)
     s = summary(folder)
     assert s["status"] == "failed"
     assert s["parts"][0]["status"] == "failed"
     assert s["parts"][0]["errors"]
-    errors = jsonl(folder / "error.jsonl")
+    errors = read_jsonl(folder / "error.jsonl")
     assert [e["input_line"] for e in errors] == [1, 2, 3, 4, 5]
     assert {e["error"]["code"] for e in errors} == {"batch_failed"}
     assert "model_not_found" in errors[0]["error"]["message"]
@@ -102,7 +103,7 @@ async def test_an_expired_batch_keeps_its_partial_output_and_lists_what_never_ra
     # 10 requests at 4 h each: about 5 are done when the 24 h window closes.
     emulator = await start_emulator(time_scale=1, per_request_s=4 * 3600.0)
     settings = daemon_settings(tmp_path / "root", emulator, jobs={"delete_remote_files": False})
-    async with running(settings):
+    async with running_daemon(settings):
         drop(settings.paths.folder("inbox"), "slow.jsonl", requests(10))
         (folder,) = await wait_published(
             settings.paths.folder("outbox"), 1, emulator, advance_s=1800
@@ -116,11 +117,12 @@ async def test_an_expired_batch_keeps_its_partial_output_and_lists_what_never_ra
     )
     # Whether the service listed them or batchd found them missing, every request that
     # did not run is in error.jsonl with the expiry's code and its input line.
-    errors = jsonl(folder / "error.jsonl")
+    errors = read_jsonl(folder / "error.jsonl")
     assert len(errors) + counts["completed"] == 10
     assert {e["error"]["code"] for e in errors} == {"batch_expired"}
     assert sorted(e["input_line"] for e in errors) == sorted(
-        set(range(1, 11)) - {int(r["custom_id"][1:]) + 1 for r in jsonl(folder / "result.jsonl")}
+        set(range(1, 11))
+        - {int(r["custom_id"][1:]) + 1 for r in read_jsonl(folder / "result.jsonl")}
     )
 
 
@@ -129,7 +131,7 @@ async def test_a_cancelled_job_publishes_what_finished_and_marks_the_rest(
 ) -> None:
     emulator = await start_emulator(time_scale=1, per_request_s=600.0)
     settings = daemon_settings(tmp_path / "root", emulator)
-    async with running(settings) as daemon:
+    async with running_daemon(settings) as daemon:
         drop(settings.paths.folder("inbox"), "stop.jsonl", requests(10))
         for _ in range(200):
             jobs = await daemon.store.jobs()
@@ -145,7 +147,7 @@ async def test_a_cancelled_job_publishes_what_finished_and_marks_the_rest(
     assert s["parts"][0]["status"] == "cancelled"
     counts = s["request_counts"]
     assert counts["total"] == 10 and counts["completed"] < 10
-    codes = {e["error"]["code"] for e in jsonl(folder / "error.jsonl")}
+    codes = {e["error"]["code"] for e in read_jsonl(folder / "error.jsonl")}
     assert "batch_cancelled" in codes
 
 
@@ -167,7 +169,7 @@ async def test_faults_do_not_lose_or_duplicate_work(
         limits={"max_requests_per_file": 10},
         api={"max_attempts": 20},
     )
-    async with running(settings):
+    async with running_daemon(settings):
         for i in range(3):
             drop(settings.paths.folder("inbox"), f"f{i}.jsonl", requests(25, prefix=f"f{i}-"))
         folders = await wait_published(settings.paths.folder("outbox"), 3, emulator, timeout_s=60)
@@ -194,7 +196,7 @@ async def test_a_bad_key_pauses_submission_without_failing_jobs(
 ) -> None:
     emulator = await start_emulator(time_scale=3000)
     settings = daemon_settings(tmp_path / "root", emulator, api={"account_probe_s": 0.1})
-    async with running(settings, key="sk-wrong") as daemon:
+    async with running_daemon(settings, key="sk-wrong") as daemon:
         drop(settings.paths.folder("inbox"), "wait.jsonl", requests(3))
         for _ in range(200):
             if daemon.account.paused_reason:
@@ -220,12 +222,12 @@ async def test_csv_input_with_a_sidecar_runs_and_converts(
     (inbox / "reviews.meta.json").write_bytes(
         orjson.dumps({"model": "qwen-plus", "ds_name": "reviews", "completion_window": "48h"})
     )
-    async with running(settings):
+    async with running_daemon(settings):
         drop(inbox, "reviews.csv", 'custom_id,content\n1,好吃\n2,"too salty, sadly"\n'.encode())
         (folder,) = await wait_published(settings.paths.folder("outbox"), 1, emulator)
     s = summary(folder)
     assert s["status"] == "completed"
-    assert [r["custom_id"] for r in jsonl(folder / "result.jsonl")] == ["1", "2"]
+    assert [r["custom_id"] for r in read_jsonl(folder / "result.jsonl")] == ["1", "2"]
     csv_text = (folder / "result.csv").read_bytes().decode("utf-8-sig")
     assert csv_text.splitlines()[0].startswith("custom_id,model,request_id,status_code")
     assert (folder / "input.csv").exists()
@@ -237,18 +239,18 @@ async def test_mixed_models_are_rejected_unless_grouping_is_on(
     emulator = await start_emulator(time_scale=3000)
     content = requests(3, model="qwen-plus", prefix="a") + requests(3, model="qwen-max", prefix="b")
     settings = daemon_settings(tmp_path / "one", emulator)
-    async with running(settings):
+    async with running_daemon(settings):
         drop(settings.paths.folder("inbox"), "mixed.jsonl", content)
         (folder,) = await wait_published(settings.paths.folder("outbox"), 1, emulator)
     assert summary(folder)["status"] == "rejected"
     grouped = daemon_settings(tmp_path / "two", emulator, jobs={"group_by_model": True})
-    async with running(grouped):
+    async with running_daemon(grouped):
         drop(grouped.paths.folder("inbox"), "mixed.jsonl", content)
         (folder,) = await wait_published(grouped.paths.folder("outbox"), 1, emulator)
     s = summary(folder)
     assert s["status"] == "completed"
     assert sorted(p["model"] for p in s["parts"]) == ["qwen-max", "qwen-plus"]
-    assert [r["custom_id"] for r in jsonl(folder / "result.jsonl")] == [
+    assert [r["custom_id"] for r in read_jsonl(folder / "result.jsonl")] == [
         "a0",
         "a1",
         "a2",
@@ -266,7 +268,7 @@ async def test_retryable_failures_are_resubmitted_as_follow_up_parts_when_asked(
         tmp_path / "root", emulator, jobs={"resubmit_failed": 2, "delete_remote_files": False}
     )
     content = requests(60)
-    async with running(settings):
+    async with running_daemon(settings):
         drop(settings.paths.folder("inbox"), "again.jsonl", content)
         (folder,) = await wait_published(settings.paths.folder("outbox"), 1, emulator)
     s = summary(folder)
@@ -283,10 +285,10 @@ async def test_retryable_failures_are_resubmitted_as_follow_up_parts_when_asked(
     ]
     retryable = [e for e in first_errors if e["response"]["status_code"] in (429, 500)]
     assert retried == len(retryable)
-    final = jsonl(folder / "error.jsonl")
+    final = read_jsonl(folder / "error.jsonl")
     assert all(e["error"]["code"] != "DataInspectionFailed" or e["input_line"] for e in final)
     # Every request is answered exactly once in the outbox, in input order.
-    lines = [r["custom_id"] for r in jsonl(folder / "result.jsonl")] + [
+    lines = [r["custom_id"] for r in read_jsonl(folder / "result.jsonl")] + [
         e["custom_id"] for e in final
     ]
     assert sorted(lines) == sorted(f"r{i}" for i in range(60))

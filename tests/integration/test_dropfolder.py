@@ -29,14 +29,15 @@ from batchd.emulator import Emulator
 from batchd.intake import printable
 from batchd.logs import configure
 from batchd.store import Store
-from tests.conftest import StartEmulator
-from tests.integration.daemon_harness import (
+from batchd.testing import (
+    StartEmulator,
     bare_intake,
     daemon_settings,
     drop,
     requests,
-    running,
+    running_daemon,
     summary,
+    wait_for,
     wait_published,
 )
 
@@ -71,19 +72,6 @@ def _backdate(path: Path | bytes, seconds: float = 10.0) -> None:
     os.utime(path, (past, past))
 
 
-async def _wait_for(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 def _uploaded(emulator: Emulator) -> list[bytes]:
     """What batchd uploaded, as the emulator stored it."""
     return [
@@ -116,7 +104,7 @@ async def test_slow_writer_in_place_is_claimed_only_after_it_closes_and_settles(
     cuts = sorted(rng.sample(range(1, len(content)), 15))
     chunks = [content[a:b] for a, b in zip([0, *cuts], [*cuts, len(content)], strict=True)]
     inbox = settings.paths.folder("inbox")
-    async with running(settings) as daemon:
+    async with running_daemon(settings) as daemon:
         path = inbox / "slow.jsonl"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         early_claims = 0
@@ -166,7 +154,7 @@ async def test_temp_names_are_ignored_until_renamed_then_claimed_once(
     settings = daemon_settings(tmp_path / "root", emulator)
     inbox = settings.paths.folder("inbox")
     outbox = settings.paths.folder("outbox")
-    async with running(settings) as daemon:
+    async with running_daemon(settings) as daemon:
         for i, name in enumerate(TEMP_NAMES):
             (inbox / name).write_bytes(requests(2, prefix=f"t{i}-"))
             _backdate(inbox / name)
@@ -200,7 +188,7 @@ async def test_truncated_last_line_is_rejected_and_never_uploaded(
         tmp_path / "root", emulator, intake={"unterminated_settle_s": unterminated_settle_s}
     )
     partial = requests(3) + b'{"custom_id": "r3", "method": "POST", "url": "/v1/chat/compl'
-    async with running(settings) as daemon:
+    async with running_daemon(settings) as daemon:
         dropped_at = time.time()
         drop(settings.paths.folder("inbox"), "copy.jsonl", partial)
         (folder,) = await wait_published(settings.paths.folder("outbox"), 1)
@@ -229,7 +217,7 @@ async def test_copy_pausing_mid_line_is_claimed_whole_once_it_completes(
     )
     content = requests(4)
     cut = len(content) - 30
-    async with running(settings) as daemon:
+    async with running_daemon(settings) as daemon:
         path = settings.paths.folder("inbox") / "copy.jsonl"
         with path.open("wb") as fh:
             fh.write(content[:cut])
@@ -258,7 +246,7 @@ async def test_files_present_before_start_up_are_found(
     inbox = settings.paths.folder("inbox")
     for i in range(3):
         drop(inbox, f"early-{i}.jsonl", requests(2))
-    async with running(settings):
+    async with running_daemon(settings):
         folders = await wait_published(settings.paths.folder("outbox"), 3, emulator)
     assert [f.name for f in folders] == ["early-0", "early-1", "early-2"]
     assert _visible(inbox) == []
@@ -275,13 +263,13 @@ async def test_watcher_claims_a_dropped_file_long_before_the_rescan_interval(
         intake={"watch": True, "rescan_interval_s": rescan_interval_s, "settle_s": 0.2},
     )
     inbox = settings.paths.folder("inbox")
-    async with running(settings) as daemon:
+    async with running_daemon(settings) as daemon:
         await asyncio.sleep(0.3)  # the watcher's first inotify watch
         # As a user drops a file: written under a temp name, renamed, mtime of now.
         (inbox / ".fresh.jsonl.tmp").write_bytes(requests(2))
         started = time.monotonic()
         (inbox / ".fresh.jsonl.tmp").rename(inbox / "fresh.jsonl")
-        await _wait_for(daemon.store.count_jobs, rescan_interval_s, "the claim")
+        await wait_for(daemon.store.count_jobs, rescan_interval_s, "the claim", step_s=0.02)
         latency_s = time.monotonic() - started
         await wait_published(settings.paths.folder("outbox"), 1, emulator)
     print(f"watch: dropped file claimed after {latency_s:.2f} s (rescan every 30 s)")
@@ -311,11 +299,12 @@ async def _burst(
         tmp.rename(inbox / f"b{i:05d}.jsonl")
     rss_before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.monotonic()
-    async with running(settings) as daemon:
-        await _wait_for(
+    async with running_daemon(settings) as daemon:
+        await wait_for(
             lambda: daemon.store.count_jobs() if not _visible(inbox) else None,
             timeout_s,
             "every file claimed",
+            step_s=0.02,
         )
         claimed_s = time.monotonic() - started
         jobs = await daemon.store.jobs(limit=count + 10)
@@ -451,7 +440,7 @@ async def test_hostile_entries_are_never_followed_read_or_blocked_on(
         _backdate(path)
 
     with _unix_socket_at(inbox, "sock.jsonl") as listener:
-        async with running(settings) as daemon:
+        async with running_daemon(settings) as daemon:
             folders = await wait_published(
                 settings.paths.folder("outbox"), len(ODD_NAMES), emulator
             )
@@ -507,7 +496,7 @@ async def test_device_node_in_inbox_is_never_opened(
         pytest.skip(f"mknod refused here (a container without CAP_MKNOD?): {exc}")
     emulator = await start_emulator(time_scale=3000)
     settings = daemon_settings(settings_root, emulator, intake={"rescan_interval_s": 0.05})
-    async with running(settings) as daemon:
+    async with running_daemon(settings) as daemon:
         drop(inbox, "good.jsonl", requests(2))
         await wait_published(settings.paths.folder("outbox"), 1, emulator)
         await asyncio.sleep(0.3)

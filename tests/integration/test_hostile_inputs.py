@@ -17,14 +17,14 @@ import pytest
 
 from batchd.models import JobState
 from batchd.store import Store
-from tests.conftest import StartEmulator
-from tests.integration.daemon_harness import (
+from batchd.testing import (
+    StartEmulator,
     bare_intake,
     daemon_settings,
     drop,
-    jsonl,
+    read_jsonl,
     requests,
-    running,
+    running_daemon,
     summary,
     wait_for,
     wait_published,
@@ -44,7 +44,7 @@ async def test_lines_appended_after_the_claim_and_before_upload_are_validated_an
     )
     settings = daemon_settings(tmp_path / "root", emulator, api={"max_attempts": 1})
     first, more = requests(3, prefix="a"), requests(3, prefix="b")
-    async with running(settings) as daemon:
+    async with running_daemon(settings) as daemon:
         drop(settings.paths.folder("inbox"), "growing.jsonl", first)
 
         async def planned() -> object:
@@ -60,7 +60,7 @@ async def test_lines_appended_after_the_claim_and_before_upload_are_validated_an
     s = summary(folder)
     assert s["status"] == "completed"
     assert s["request_counts"] == {"total": 6, "completed": 6, "failed": 0}
-    assert [r["custom_id"] for r in jsonl(folder / "result.jsonl")] == [
+    assert [r["custom_id"] for r in read_jsonl(folder / "result.jsonl")] == [
         "a0", "a1", "a2", "b0", "b1", "b2",
     ]  # fmt: skip
     assert final.prepares == 2 and final.bytes == len(first + more)
@@ -77,7 +77,7 @@ async def test_a_bad_line_appended_after_the_claim_is_never_sent(
         time_scale=3000, faults={"throttle_rate": 1.0, "classes": ["upload"]}
     )
     settings = daemon_settings(tmp_path / "root", emulator, api={"max_attempts": 1})
-    async with running(settings) as daemon:
+    async with running_daemon(settings) as daemon:
         drop(settings.paths.folder("inbox"), "broken.jsonl", requests(3))
 
         async def planned() -> object:
@@ -90,7 +90,7 @@ async def test_a_bad_line_appended_after_the_claim_is_never_sent(
         (folder,) = await wait_published(settings.paths.folder("outbox"), 1, emulator)
     s = summary(folder)
     assert s["status"] == "rejected"
-    (error,) = jsonl(folder / "error.jsonl")
+    (error,) = read_jsonl(folder / "error.jsonl")
     assert (error["input_line"], error["error"]["code"]) == (4, "invalid_json")
     assert (await emulator.stats())["calls"]["upload"]["served"] == 0
 
@@ -116,12 +116,12 @@ async def test_a_sparse_file_is_rejected_on_its_size_before_it_is_read(
         fh.seek((8 << 30) - 1)
         fh.write(b"\n")  # ends like a finished file, so it is claimed at once
     tmp.rename(inbox / "holes.jsonl")
-    async with running(settings):
+    async with running_daemon(settings):
         (folder,) = await wait_published(settings.paths.folder("outbox"), 1, emulator)
     s = summary(folder)
     assert s["status"] == "rejected"
     assert s["input"]["sha256"] is None  # never read, not even hashed
-    (error,) = jsonl(folder / "error.jsonl")
+    (error,) = read_jsonl(folder / "error.jsonl")
     assert error["error"]["code"] == "sparse_file"
     assert "not read" in error["error"]["message"]
 
@@ -131,13 +131,13 @@ async def test_an_input_over_max_input_bytes_is_rejected_unread(
 ) -> None:
     emulator = await start_emulator(time_scale=3000)
     settings = daemon_settings(tmp_path / "root", emulator, jobs={"max_input_bytes": 1000})
-    async with running(settings):
+    async with running_daemon(settings):
         drop(settings.paths.folder("inbox"), "big.jsonl", requests(20))
         drop(settings.paths.folder("inbox"), "small.jsonl", requests(2))
         folders = await wait_published(settings.paths.folder("outbox"), 2, emulator)
     big, small = (summary(f) for f in folders)
     assert big["status"] == "rejected" and big["input"]["sha256"] is None
-    (error,) = jsonl(folders[0] / "error.jsonl")
+    (error,) = read_jsonl(folders[0] / "error.jsonl")
     assert error["error"]["code"] == "input_too_large"
     assert "max_input_bytes (1000)" in error["error"]["message"]
     assert small["status"] == "completed"

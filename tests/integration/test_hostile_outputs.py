@@ -20,7 +20,6 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,30 +29,24 @@ import pytest
 from batchd.emulator import Emulator
 from batchd.lines import custom_id_of, read_line
 from batchd.models import PartState
-from tests.conftest import StartEmulator, events
-from tests.integration.daemon_harness import (
+from batchd.testing import (
+    DaemonProcess,
+    StartEmulator,
     daemon_env,
     daemon_settings,
     drop,
-    jsonl,
+    events,
     published_jobs,
+    read_jsonl,
     requests,
-    running,
-    start_subprocess,
+    running_daemon,
     summary,
+    wait_for,
     wait_published,
     wait_ready,
 )
 
 pytestmark = pytest.mark.timeout(120)
-
-
-async def until(check: Callable[[], Any], timeout_s: float = 20.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s} s: {what}")
-        await asyncio.sleep(0.02)
 
 
 def csv_rows(path: Path) -> list[list[str]]:
@@ -85,7 +78,7 @@ async def test_result_lines_a_strict_parser_refuses_are_published_byte_for_byte(
     )
     settings = daemon_settings(tmp_path / "root", emulator, jobs={"delete_remote_files": False})
     outbox = settings.paths.folder("outbox")
-    async with running(settings) as daemon:
+    async with running_daemon(settings) as daemon:
         drop(settings.paths.folder("inbox"), "odd.jsonl", requests(8))
         drop(settings.paths.folder("inbox"), "plain.jsonl", requests(2, prefix="p"))
         await wait_published(outbox, 2, emulator)
@@ -128,13 +121,15 @@ async def test_a_result_file_answering_404_is_given_up_at_once(
     )
     settings = daemon_settings(tmp_path / "root", emulator)
     outbox = settings.paths.folder("outbox")
-    async with running(settings) as daemon:
+    async with running_daemon(settings) as daemon:
         drop(settings.paths.folder("inbox"), "gone.jsonl", requests(3))
         drop(settings.paths.folder("inbox"), "fine.jsonl", requests(2, prefix="f"))
         await wait_published(outbox, 2, emulator)
         await published_jobs(daemon, 2)
         # The 404 file is deleted as usual (it exists; only its content is missing).
-        await until(lambda: not emulator.state.store.files, what="remote files deleted")
+        await wait_for(
+            lambda: not emulator.state.store.files, 20, "remote files deleted", step_s=0.02
+        )
         assert (await daemon.ops.status()).healthy
     s = summary(outbox / "gone")
     assert s["status"] == "failed"
@@ -143,7 +138,7 @@ async def test_a_result_file_answering_404_is_given_up_at_once(
     (part,) = s["parts"]
     assert part["unavailable"]["output"].startswith("HTTP 404")
     assert part["kept_on_service"] == [] and "result_unavailable" in part["note"]
-    errors = jsonl(outbox / "gone" / "error.jsonl")
+    errors = read_jsonl(outbox / "gone" / "error.jsonl")
     assert [e["input_line"] for e in errors] == [1, 2, 3]
     for error in errors:
         assert error["error"]["code"] == "result_unavailable"
@@ -164,15 +159,17 @@ async def test_a_result_file_that_keeps_failing_is_given_up_and_left_on_the_serv
         tmp_path / "root", emulator, max_part_failures=3, api={"max_attempts": 1}
     )
     outbox = settings.paths.folder("outbox")
-    async with running(settings) as daemon:
+    async with running_daemon(settings) as daemon:
         drop(settings.paths.folder("inbox"), "flaky.jsonl", requests(2))
         await wait_published(outbox, 1, emulator)
         await published_jobs(daemon, 1)
         s = summary(outbox / "flaky")
         (part,) = s["parts"]
-        await until(
+        await wait_for(
             lambda: part["input_file_id"] not in emulator.state.store.files,
-            what="the input file deleted",
+            20,
+            "the input file deleted",
+            step_s=0.02,
         )
     assert len(events(log_lines, "download_failed")) == 2  # then the third gives up
     assert s["status"] == "failed" and s["result_unavailable"] == 2
@@ -182,7 +179,7 @@ async def test_a_result_file_that_keeps_failing_is_given_up_and_left_on_the_serv
     assert part["kept_on_service"] == [part["output_file_id"]]
     assert part["output_file_id"] in emulator.state.store.files
     assert "left on the service" in part["note"]
-    (error, _) = jsonl(outbox / "flaky" / "error.jsonl")
+    (error, _) = read_jsonl(outbox / "flaky" / "error.jsonl")
     assert error["error"]["code"] == "result_unavailable"
 
 
@@ -204,13 +201,10 @@ async def test_one_dripping_download_does_not_hold_the_other_jobs(
         api={"max_attempts": 1, "download_min_bytes_per_s": 1000.0, "download_grace_s": grace_s},
     )
     inbox, outbox = settings.paths.folder("inbox"), settings.paths.folder("outbox")
-    async with running(settings) as daemon:
+    async with running_daemon(settings) as daemon:
         # The slow job first: one download at a time would queue the others behind it.
         drop(inbox, "slow.jsonl", requests(3))
-        deadline = time.monotonic() + 10
-        while not await daemon.store.jobs():
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.02)
+        await wait_for(daemon.store.jobs, 10, "the slow job claimed", step_s=0.02)
         for i in range(5):
             drop(inbox, f"fast{i}.jsonl", requests(2, prefix=f"f{i}-"))
         fast = await wait_published(outbox, 5, emulator)
@@ -266,7 +260,7 @@ async def test_a_100_mb_result_line_never_enters_the_daemons_memory(
         BATCHD_JOBS__MAX_RESULT_LINE_BYTES=str(1 << 20),
         BATCHD_JOBS__DELETE_REMOTE_FILES="false",
     )
-    process = await start_subprocess(env, tmp_path / "daemon.log")
+    process = await DaemonProcess.start(env, tmp_path / "daemon.log")
     try:
         await wait_ready(root, process)
         baseline = peak_rss_bytes(process.pid)
@@ -313,10 +307,10 @@ async def test_result_csv_never_carries_a_formula(
     settings = daemon_settings(tmp_path / "root", emulator)
     outbox = settings.paths.folder("outbox")
     ids = ['=HYPERLINK("http://x","y")', "+1-555", "-2+3", "@SUM(A1)", "\t=1", "\r=2", "plain"]
-    async with running(settings):
+    async with running_daemon(settings):
         drop(settings.paths.folder("inbox"), "cells.jsonl", b"".join(map(request_line, ids)))
         (folder,) = await wait_published(outbox, 1, emulator)
-    assert [r["custom_id"] for r in jsonl(folder / "result.jsonl")] == ids  # kept as sent
+    assert [r["custom_id"] for r in read_jsonl(folder / "result.jsonl")] == ids  # kept as sent
     rows = csv_rows(folder / "result.csv")
     assert [r[0] for r in rows[1:]] == [f"'{i}" for i in ids[:-1]] + ["plain"]
 
@@ -332,7 +326,7 @@ async def test_a_dangling_symlink_at_the_outbox_name_is_skipped(
     outbox = settings.paths.folder("outbox")
     outbox.mkdir(parents=True)
     (outbox / "report").symlink_to(tmp_path / "nowhere")
-    async with running(settings):
+    async with running_daemon(settings):
         drop(settings.paths.folder("inbox"), "report.jsonl", requests(2))
         await wait_published(outbox, 1, emulator)  # the symlink is not a published folder
     assert summary(outbox / "report-2")["status"] == "completed"
@@ -352,16 +346,15 @@ async def test_bytes_appended_after_the_claim_are_kept_apart_not_sent_or_publish
     settings = daemon_settings(tmp_path / "root", emulator)
     outbox = settings.paths.folder("outbox")
     original, late = requests(3), requests(3, prefix="late")
-    async with running(settings) as daemon:
+    async with running_daemon(settings) as daemon:
         drop(settings.paths.folder("inbox"), "grow.jsonl", original)
-        deadline = time.monotonic() + 20
-        while True:
+
+        async def running() -> Any:
             jobs = await daemon.store.jobs()
             parts = await daemon.store.parts_of(jobs[0].id) if jobs else []
-            if parts and parts[0].state == PartState.RUNNING:
-                break
-            assert time.monotonic() < deadline, "the batch was never created"
-            await asyncio.sleep(0.02)
+            return jobs if parts and parts[0].state == PartState.RUNNING else None
+
+        jobs = await wait_for(running, 20, "the batch created", step_s=0.02)
         append(Path(jobs[0].spool_path), late)
         (folder,) = await wait_published(outbox, 1, emulator)
     s = summary(folder)
@@ -371,7 +364,7 @@ async def test_bytes_appended_after_the_claim_are_kept_apart_not_sent_or_publish
     changed = s["input_changed"]
     assert changed["appended_bytes"] == len(late) and not changed["modified_in_place"]
     assert "drop them again as a new file" in changed["note"]
-    assert [r["custom_id"] for r in jsonl(folder / "result.jsonl")] == ["r0", "r1", "r2"]
+    assert [r["custom_id"] for r in read_jsonl(folder / "result.jsonl")] == ["r0", "r1", "r2"]
 
 
 def append(path: Path, data: bytes) -> None:
@@ -409,12 +402,12 @@ async def test_an_input_rejected_unread_is_moved_into_the_outbox_not_copied(
     outbox, spool = settings.paths.folder("outbox"), settings.paths.folder("spool")
     dropped = sparse_input(settings.paths.folder("inbox"), "big.jsonl", 4 << 30)
     inode = dropped.stat().st_ino
-    async with running(settings) as daemon:
+    async with running_daemon(settings) as daemon:
         (folder,) = await wait_published(outbox, 1, None)
         await published_jobs(daemon, 1)
     s = summary(folder)
     assert s["status"] == "rejected" and s["input"]["sha256"] is None
-    assert [e["error"]["code"] for e in jsonl(folder / "error.jsonl")] == ["input_too_large"]
+    assert [e["error"]["code"] for e in read_jsonl(folder / "error.jsonl")] == ["input_too_large"]
     kept = os.stat(folder / "input.jsonl")
     # The very file dropped (a rename at each step), not 4 GiB written out again.
     assert kept.st_ino == inode and kept.st_size == 4 << 30 and kept.st_blocks * 512 < 1 << 20
@@ -440,7 +433,7 @@ async def test_an_input_rejected_unread_stays_in_the_spool_when_the_outbox_is_el
     try:
         dropped = sparse_input(settings.paths.folder("inbox"), "big.jsonl", 4 << 30)
         inode = dropped.stat().st_ino
-        async with running(settings) as daemon:
+        async with running_daemon(settings) as daemon:
             (folder,) = await wait_published(outbox, 1, None)
             await published_jobs(daemon, 1)
         s = summary(folder)

@@ -18,14 +18,17 @@ import pytest
 
 from batchd.cli import main
 from batchd.models import PartState
-from tests.conftest import ENDPOINT_CHAT, Api, StartEmulator, jsonl
-from tests.integration.daemon_harness import (
+from batchd.testing import (
+    ENDPOINT_CHAT,
+    Api,
+    DaemonProcess,
+    StartEmulator,
     daemon_env,
+    daemon_process,
     daemon_settings,
     drop,
     requests,
-    running,
-    start_subprocess,
+    running_daemon,
     summary,
     wait_for,
     wait_published,
@@ -47,21 +50,17 @@ async def test_a_lost_create_is_found_by_paging_when_the_list_ignores_its_filter
     drop(root / "inbox", "mine.jsonl", requests(3))
     env = daemon_env(emulator, root)
     log = tmp_path / "daemon.log"
-    crashing = await start_subprocess(
+    crashing = await DaemonProcess.start(
         {**env, "BATCHD_FAILPOINTS": "create.after_request=kill"}, log
     )
     assert await asyncio.wait_for(crashing.wait(), 30) == -signal.SIGKILL
     # Another client of the same key fills the newest pages.
-    foreign = await api.upload_ok(jsonl(2), "other.jsonl")
+    foreign = await api.upload_ok(requests(2), "other.jsonl")
     for _ in range(30):
         await api.create_ok(foreign, ENDPOINT_CHAT)
-    daemon = await start_subprocess(env, log)
-    try:
+    async with daemon_process(env, log) as daemon:
         await wait_ready(root, daemon)
         (folder,) = await wait_published(root / "outbox", 1, emulator)
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(daemon.wait(), 30) == 0
     assert summary(folder)["status"] == "completed"
     stats = await emulator.stats()
     mine = {f: n for f, n in stats["batches_created_per_input_file"].items() if f != foreign}
@@ -81,7 +80,7 @@ async def test_a_list_that_never_ends_leaves_the_part_waiting_never_paying_twice
         faults={"drop_connection_rate": 1.0, "classes": ["create"], "endless_pages": True},
     )
     settings = daemon_settings(tmp_path / "root", emulator, max_part_failures=3)
-    async with running(settings) as daemon:
+    async with running_daemon(settings) as daemon:
         drop(settings.paths.folder("inbox"), "stuck.jsonl", requests(3))
 
         async def parked() -> Any:
@@ -119,7 +118,7 @@ async def test_garbled_numbers_and_times_fail_no_stage(
     times as ISO strings: the daemon neither crashes nor misreads an end; jobs publish."""
     emulator = await start_emulator(time_scale=3000, faults={"garbled_fields_rate": 1.0})
     settings = daemon_settings(tmp_path / "root", emulator, limits={"max_requests_per_file": 4})
-    async with running(settings) as daemon:
+    async with running_daemon(settings) as daemon:
         for i in range(3):
             drop(settings.paths.folder("inbox"), f"g{i}.jsonl", requests(9, prefix=f"g{i}-"))
         folders = await wait_published(settings.paths.folder("outbox"), 3, emulator)
@@ -146,7 +145,7 @@ async def test_a_lost_upload_is_adopted_from_a_file_list_that_never_ends(
     )
     settings = daemon_settings(tmp_path / "root", emulator)
     inbox = settings.paths.folder("inbox")
-    async with running(settings) as daemon:
+    async with running_daemon(settings) as daemon:
         drop(inbox, "lost.jsonl", requests(3))
 
         async def uncertain() -> bool:
@@ -174,7 +173,7 @@ async def test_retry_twice_resubmits_once(start_emulator: StartEmulator, tmp_pat
     emulator = await start_emulator(time_scale=3000, request_failure_rate=0.5, seed=3)
     settings = daemon_settings(tmp_path / "root", emulator)
     inbox, outbox = settings.paths.folder("inbox"), settings.paths.folder("outbox")
-    async with running(settings) as daemon:
+    async with running_daemon(settings) as daemon:
         drop(inbox, "twice.jsonl", requests(10))
         await wait_published(outbox, 1, emulator)
         job = await wait_for(
@@ -211,7 +210,7 @@ async def test_a_lost_database_is_noticed_and_its_running_batch_adopted(
     emulator = await start_emulator(time_scale=1, validating_s=3600)
     settings = daemon_settings(tmp_path / "root", emulator, limits={"max_requests_per_file": 2})
     inbox, outbox = settings.paths.folder("inbox"), settings.paths.folder("outbox")
-    async with running(settings) as daemon:
+    async with running_daemon(settings) as daemon:
         drop(inbox, "kept.jsonl", requests(5))
 
         async def all_running() -> bool:
@@ -225,7 +224,7 @@ async def test_a_lost_database_is_noticed_and_its_running_batch_adopted(
     state = settings.paths.folder("state")
     for path in state.glob("batchd.sqlite3*"):
         path.unlink()
-    async with running(settings) as daemon:
+    async with running_daemon(settings) as daemon:
         status = await daemon.ops.status()
         assert not status.healthy
         (lost,) = [p for p in status.problems if p.kind == "state_lost"]

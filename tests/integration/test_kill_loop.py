@@ -47,8 +47,14 @@ import pytest
 
 from batchd.emulator import Emulator
 from batchd.lines import identity, read_line
-from tests.conftest import StartEmulator
-from tests.integration.daemon_harness import daemon_env, drop, requests, start_subprocess
+from batchd.testing import (
+    ENDPOINT_EMBEDDINGS,
+    DaemonProcess,
+    StartEmulator,
+    daemon_env,
+    drop,
+    requests,
+)
 
 MAX_REQUESTS_PER_FILE = 10
 FIGURES_FILE = Path(__file__).parent.parent / "bench" / "soak-figures.json"
@@ -110,21 +116,6 @@ class Figures:
 # -- inputs ---------------------------------------------------------------------------
 
 
-def embedding_requests(n: int, prefix: str) -> bytes:
-    lines = [
-        orjson.dumps(
-            {
-                "custom_id": f"{prefix}{i}",
-                "method": "POST",
-                "url": "/v1/embeddings",
-                "body": {"model": "text-embedding-v3", "input": f"text {i}", "dimensions": 4},
-            }
-        )
-        for i in range(n)
-    ]
-    return b"\n".join(lines) + b"\n"
-
-
 def make_inputs(count: int) -> dict[str, bytes]:
     """Inputs of four kinds: split into parts, one part, embeddings, and invalid."""
     inputs: dict[str, bytes] = {}
@@ -136,7 +127,9 @@ def make_inputs(count: int) -> dict[str, bytes]:
         elif kind == 1:
             inputs[f"small{i:03d}.jsonl"] = requests(4, prefix=f"m{i}-")
         elif kind == 2:
-            inputs[f"embed{i:03d}.jsonl"] = embedding_requests(12, prefix=f"e{i}-")
+            inputs[f"embed{i:03d}.jsonl"] = requests(
+                12, "text-embedding-v3", ENDPOINT_EMBEDDINGS, prefix=f"e{i}-", dimensions=4
+            )
         else:
             # Rejected by the daemon's own validator: never sent, still published.
             inputs[f"bad{i:03d}.jsonl"] = requests(2, prefix=f"b{i}-") + b"not json\n"
@@ -383,7 +376,7 @@ async def run_kill_loop(start_emulator: StartEmulator, tmp_path: Path, plan: Pla
             before = progress_mark(reader)
             old_sock = socket_identity(sock)
             spawned = time.monotonic()
-            proc = await start_subprocess(env, log)
+            proc = await DaemonProcess.start(env, log)
             figures.restarts += 1
             # Kill at a random moment counted from when the daemon listens (its socket
             # is new), so kills land in recovery and in every stage, not in imports.
@@ -430,7 +423,7 @@ async def run_kill_loop(start_emulator: StartEmulator, tmp_path: Path, plan: Pla
             drop(inbox, name, content)
         to_drop = []
         old_sock = socket_identity(sock)
-        proc = await start_subprocess(env, log)
+        proc = await DaemonProcess.start(env, log)
         figures.restarts += 1
         try:
             done_by = time.monotonic() + 90

@@ -24,15 +24,15 @@ import pytest
 from batchd.control import ControlClient
 from batchd.emulator import Emulator
 from batchd.failpoints import arm
-from tests.conftest import StartEmulator
-from tests.integration.daemon_harness import (
+from batchd.testing import (
+    DaemonProcess,
+    StartEmulator,
     daemon_env,
     daemon_settings,
     drop,
-    jsonl,
+    read_jsonl,
     requests,
-    running,
-    start_subprocess,
+    running_daemon,
     summary,
     wait_published,
     wait_ready,
@@ -64,7 +64,7 @@ def published(root: Path) -> list[str]:
     return sorted(p.name for p in outbox.iterdir() if not p.name.startswith("."))
 
 
-async def stop(process: asyncio.subprocess.Process | None) -> int | None:
+async def stop(process: DaemonProcess | None) -> int | None:
     """SIGTERM a daemon still running; its exit code."""
     if process is None:
         return None
@@ -74,7 +74,7 @@ async def stop(process: asyncio.subprocess.Process | None) -> int | None:
 
 
 async def run_until_exit_or(
-    process: asyncio.subprocess.Process, emulator: Emulator, done: Any, timeout_s: float = 30.0
+    process: DaemonProcess, emulator: Emulator, done: Any, timeout_s: float = 30.0
 ) -> int | None:
     """Move the service's clock on until the daemon exits (its exit code) or `done()`."""
     deadline = time.monotonic() + timeout_s
@@ -118,7 +118,7 @@ async def test_an_input_that_fails_validation_each_time_is_parked_without_a_cras
     inbox, outbox = settings.paths.folder("inbox"), settings.paths.folder("outbox")
     arm("prepare.before_validate=raise:poison")
     try:
-        async with running(settings) as daemon:
+        async with running_daemon(settings) as daemon:
             drop(inbox, "good-1.jsonl", requests(3, prefix="a"))
             drop(inbox, "poison.jsonl", requests(2, prefix="p"))
             drop(inbox, "good-2.jsonl", requests(4, prefix="b"))
@@ -163,11 +163,11 @@ async def test_an_input_that_crashes_the_daemon_each_time_is_parked_and_the_rest
 
     crashes: list[int] = []
     started = 0
-    daemon: asyncio.subprocess.Process | None = None
+    daemon: DaemonProcess | None = None
     try:
         # Bounded: one start per allowed crash, then the one that parks the job.
         while started <= MAX_JOB_CRASHES:
-            daemon = await start_subprocess(armed, log)
+            daemon = await DaemonProcess.start(armed, log)
             started += 1
             if started == 2:
                 # Inputs keep arriving while the daemon crash-loops.
@@ -202,16 +202,16 @@ async def test_an_input_that_crashes_the_daemon_each_time_is_parked_and_the_rest
         for name, prefix, n in (("good-1", "a", 3), ("good-2", "b", 4), ("good-3", "c", 2)):
             s = summary(root / "outbox" / name)
             assert s["status"] == "completed" and s["request_counts"]["completed"] == n
-            assert [r["custom_id"] for r in jsonl(root / "outbox" / name / "result.jsonl")] == [
-                f"{prefix}{i}" for i in range(n)
-            ]
+            assert [
+                r["custom_id"] for r in read_jsonl(root / "outbox" / name / "result.jsonl")
+            ] == [f"{prefix}{i}" for i in range(n)]
     finally:
         stopped = await stop(daemon)
     assert stopped == 0
 
     # A restart leaves it parked; `retry` requeues it. This daemon no longer crashes on
     # the input (a fixed version, say), so the job goes through.
-    fixed = await start_subprocess(env, log)
+    fixed = await DaemonProcess.start(env, log)
     try:
         await wait_ready(root, fixed)
         assert job_rows(root)["poison"]["state"] == "parked"
@@ -239,11 +239,11 @@ async def test_retry_of_a_parked_job_whose_input_is_gone_says_so(
     drop(root / "inbox", "poison.jsonl", requests(2))
     env = daemon_env(emulator, root, BATCHD_MAX_JOB_CRASHES="1")
     log = tmp_path / "daemon.log"
-    crashing = await start_subprocess(
+    crashing = await DaemonProcess.start(
         {**env, "BATCHD_FAILPOINTS": "prepare.before_validate=kill:poison"}, log
     )
     assert await run_until_exit_or(crashing, emulator, lambda: False) == -signal.SIGKILL
-    daemon = await start_subprocess(env, log)
+    daemon = await DaemonProcess.start(env, log)
     try:
         await wait_ready(root, daemon)
         poison = job_rows(root)["poison"]
@@ -292,6 +292,6 @@ async def test_recovery_parks_every_crashed_job_however_many(
         await asyncio.gather(*(crashed(n) for n in range(count)))
     finally:
         await store.close()
-    async with running(settings) as daemon:
+    async with running_daemon(settings) as daemon:
         counts = await daemon.store.job_counts()
     assert counts == {"parked": count}

@@ -17,12 +17,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from tests.integration.daemon_harness import (
+from batchd.testing import (
     daemon_settings,
     drop,
-    jsonl,
+    read_jsonl,
     requests,
-    running,
+    running_daemon,
     summary,
     wait_published,
 )
@@ -174,7 +174,7 @@ async def test_quirks_of_real_servers_are_tolerated(tmp_path: Path) -> None:
             _Base(f"http://127.0.0.1:{port}/v1"),  # type: ignore[arg-type]
             api={"max_attempts": 5},
         )
-        async with running(settings):
+        async with running_daemon(settings):
             drop(settings.paths.folder("inbox"), "mixed.jsonl", requests(3))  # r1 fails
             drop(settings.paths.folder("inbox"), "clean.jsonl", requests(1, prefix="c"))
             folders = await wait_published(settings.paths.folder("outbox"), 2, None)
@@ -190,7 +190,7 @@ async def test_quirks_of_real_servers_are_tolerated(tmp_path: Path) -> None:
     assert mixed["status"] == "partial"
     assert mixed["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
     assert mixed["usage"]["total_tokens"] == 10  # read through the string body
-    (error,) = jsonl(by_name["mixed"] / "error.jsonl")
+    (error,) = read_jsonl(by_name["mixed"] / "error.jsonl")
     assert error["custom_id"] == "r1" and error["input_line"] == 2
     csv_text = (by_name["mixed"] / "result.csv").read_bytes().decode("utf-8-sig")
     assert "invalid_request_error" in csv_text and "answer r0" in csv_text

@@ -11,24 +11,24 @@ from __future__ import annotations
 
 import asyncio
 import io
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from batchd import failpoints
 from batchd.daemon import Daemon
 from batchd.models import JobState
-from tests.conftest import StartEmulator, events
-from tests.integration.daemon_harness import (
+from batchd.testing import (
+    StartEmulator,
     daemon_settings,
     drop,
-    jsonl,
+    events,
+    read_jsonl,
     requests,
-    running,
+    running_daemon,
     summary,
+    wait_for,
     wait_published,
 )
 
@@ -47,14 +47,6 @@ def visible(outbox: Path) -> list[str]:
 
 def hidden(outbox: Path) -> list[str]:
     return sorted(p.name for p in outbox.iterdir() if p.name.startswith("."))
-
-
-async def until(check: Any, timeout_s: float = 30.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s} s: {what}")
-        await asyncio.sleep(0.01)
 
 
 def fast_retries(daemon: Daemon) -> None:
@@ -86,7 +78,7 @@ async def test_a_failing_disk_publishes_nothing_partial_and_the_job_once_it_clea
     inbox = settings.paths.folder("inbox")
     # Only the job named `stuck` meets the failing disk; `fine` shows the daemon goes on.
     failpoints.arm(f"{point}={action}:stuck")
-    async with running(settings) as daemon:
+    async with running_daemon(settings) as daemon:
         fast_retries(daemon)
         drop(inbox, "stuck.jsonl", requests(3))
         drop(inbox, "fine.jsonl", requests(2))
@@ -114,12 +106,12 @@ async def test_a_failing_disk_publishes_nothing_partial_and_the_job_once_it_clea
 
         failpoints.arm("")  # the disk works again
         await wait_published(outbox, 2, emulator)
-        await until(lambda: not hidden(outbox), what="temp folder removed")
+        await wait_for(lambda: not hidden(outbox), 30, "temp folder removed", step_s=0.01)
         assert visible(outbox) == ["fine", "stuck"]
         s = summary(outbox / "stuck")
         assert s["status"] == "completed"
         assert s["request_counts"] == {"total": 3, "completed": 3, "failed": 0}
-        assert [r["custom_id"] for r in jsonl(outbox / "stuck" / "result.jsonl")] == [
+        assert [r["custom_id"] for r in read_jsonl(outbox / "stuck" / "result.jsonl")] == [
             "r0",
             "r1",
             "r2",
@@ -127,7 +119,7 @@ async def test_a_failing_disk_publishes_nothing_partial_and_the_job_once_it_clea
         assert sorted(p.name for p in (outbox / "stuck").iterdir()) == sorted(
             p.name for p in (outbox / "fine").iterdir()
         )
-        await until(lambda: bool(events(log_lines, "publish_recovered")), what="recovered")
+        await wait_for(lambda: events(log_lines, "publish_recovered"), 30, "recovered", step_s=0.01)
         job = await daemon.store.get_job(stuck.id)
         assert job is not None and job.state == JobState.PUBLISHED and job.crash_count == 0
     assert len(events(log_lines, "job_published")) == 2
@@ -143,7 +135,7 @@ async def test_disk_errors_are_not_crashes_so_a_restart_does_not_park_the_job(
     settings = daemon_settings(tmp_path / "root", emulator, max_job_crashes=2)
     outbox = settings.paths.folder("outbox")
     failpoints.arm("publish.write=enospc")
-    async with running(settings) as daemon:
+    async with running_daemon(settings) as daemon:
         fast_retries(daemon)
         drop(settings.paths.folder("inbox"), "a.jsonl", requests(2))
         while len(events(log_lines, "publish_failed")) < 4:
@@ -152,7 +144,7 @@ async def test_disk_errors_are_not_crashes_so_a_restart_does_not_park_the_job(
         assert visible(outbox) == []
     assert hidden(outbox) == []
     failpoints.arm("")
-    async with running(settings) as daemon:
+    async with running_daemon(settings) as daemon:
         (folder,) = await wait_published(outbox, 1, emulator)
         assert summary(folder)["status"] == "completed"
         counts = await daemon.store.job_counts()

@@ -42,14 +42,15 @@ from batchd.control import ControlClient
 from batchd.daemon import Daemon
 from batchd.limits import CallClass, RateLimiter
 from batchd.logs import configure, get_logger
-from tests.conftest import StartEmulator
-from tests.integration.daemon_harness import (
+from batchd.testing import (
+    DaemonProcess,
+    StartEmulator,
     daemon_env,
     daemon_settings,
     drop,
     requests,
-    running,
-    start_subprocess,
+    running_daemon,
+    wait_for,
     wait_published,
     wait_ready,
 )
@@ -195,14 +196,6 @@ def capture_logs(fmt: str) -> io.StringIO:
     return buffer
 
 
-async def until(check: Any, timeout_s: float = 30.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s} s: {what}")
-        await asyncio.sleep(0.02)
-
-
 def object_reprs(daemon: Daemon) -> str:
     return "\n".join(
         repr(o) for o in (daemon, daemon.api, daemon.settings, daemon.profile, daemon.submitter)
@@ -218,7 +211,7 @@ async def test_a_whole_run_and_every_control_answer_never_show_the_key(
     root = tmp_path / "root"
     settings = daemon_settings(root, emulator)
     answers = Answers(settings.socket_path)
-    async with running(settings, key=canary) as daemon:
+    async with running_daemon(settings, key=canary) as daemon:
         async with events_of(settings.socket_path) as stream:
             inbox = settings.paths.folder("inbox")
             drop(inbox, "good.jsonl", requests(3))
@@ -256,9 +249,9 @@ async def test_refused_unreachable_and_quoted_keys_never_show(
         }
         answers = {name: Answers(s.socket_path) for name, s in cases.items()}
         async with (
-            running(cases["refused"], key=canary) as refused,
-            running(cases["unreachable"], key=canary) as unreachable,
-            running(cases["quoted"], key=canary),
+            running_daemon(cases["refused"], key=canary) as refused,
+            running_daemon(cases["unreachable"], key=canary) as unreachable,
+            running_daemon(cases["quoted"], key=canary),
         ):
             for s in cases.values():
                 drop(s.paths.folder("inbox"), "work.jsonl", requests(2))
@@ -272,9 +265,9 @@ async def test_refused_unreachable_and_quoted_keys_never_show(
             async def quoted_published() -> bool:
                 return any(cases["quoted"].paths.folder("outbox").iterdir())
 
-            await until(refused_paused, what="401 pauses the account")
-            await until(unreachable_reported, what="connection errors logged")
-            await until(quoted_published, what="the failed job published")
+            await wait_for(refused_paused, 30, "401 pauses the account", step_s=0.02)
+            await wait_for(unreachable_reported, 30, "connection errors logged", step_s=0.02)
+            await wait_for(quoted_published, 30, "the failed job published", step_s=0.02)
             assert unreachable.api.last_error, "no connection error recorded"
             for a in answers.values():
                 await a.everything()
@@ -329,7 +322,7 @@ async def _run_until(
     env: dict[str, str], log: Path, root: Path, *, done: Any, timeout_s: float = 30.0
 ) -> int:
     """Run `batchd run` until `done()` holds (then SIGTERM) or it exits by itself."""
-    process = await start_subprocess(env, log)
+    process = await DaemonProcess.start(env, log)
     deadline = time.monotonic() + timeout_s
     try:
         while process.returncode is None and not await done():

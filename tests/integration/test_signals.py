@@ -8,12 +8,14 @@ import signal
 import time
 from pathlib import Path
 
-from tests.conftest import StartEmulator
-from tests.integration.daemon_harness import (
+from batchd.testing import (
+    DaemonProcess,
+    StartEmulator,
     daemon_env,
+    daemon_process,
     requests,
-    start_subprocess,
     summary,
+    wait_for,
     wait_published,
 )
 
@@ -31,7 +33,7 @@ async def test_sigterm_during_uploads_exits_cleanly_and_a_restart_finishes(
         emulator, root, BATCHD_LIMITS__MAX_REQUESTS_PER_FILE="5", BATCHD_API__CONCURRENCY="2"
     )
     log = tmp_path / "daemon.log"
-    proc = await start_subprocess(env, log)
+    proc = await DaemonProcess.start(env, log)
     for _ in range(400):  # until the uploads are under way
         if (await emulator.stats())["calls"]["upload"]["served"] >= 1:
             break
@@ -42,12 +44,8 @@ async def test_sigterm_during_uploads_exits_cleanly_and_a_restart_finishes(
     assert code == 0, log.read_text()[-2000:]
     assert time.monotonic() - started < 25  # well inside systemd's TimeoutStopSec
     assert not list((root / "outbox").iterdir())
-    again = await start_subprocess(env, log)
-    try:
+    async with daemon_process(env, log):
         (folder,) = await wait_published(root / "outbox", 1, emulator, timeout_s=60)
-    finally:
-        again.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(again.wait(), 30) == 0
     s = summary(folder)
     assert s["status"] == "completed" and s["request_counts"]["completed"] == 40
     assert set((await emulator.stats())["batches_created_per_input_file"].values()) == {1}
@@ -62,36 +60,15 @@ async def test_sighup_reloads_what_can_change_and_names_what_needs_a_restart(
     config.write_text("[poll]\ninterval_s = 60.0\n")
     env = daemon_env(emulator, root, BATCHD_LOG__LEVEL="info")
     log = tmp_path / "daemon.log"
-    import sys
-
-    with log.open("ab") as out:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "batchd",
-            "run",
-            "--config",
-            str(config),
-            env=env,
-            stdout=out,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-    try:
-        for _ in range(200):
-            if b"daemon_started" in log.read_bytes():
-                break
-            await asyncio.sleep(0.05)
+    async with daemon_process(env, log, "--config", str(config)) as proc:
+        await wait_for(lambda: b"daemon_started" in log.read_bytes(), 10, "daemon_started logged")
         config.write_text('[jobs]\ncompletion_window = "48h"\n[limits]\nrunning_batches = 10\n')
         proc.send_signal(signal.SIGHUP)
-        for _ in range(200):
-            if b"configuration_reloaded" in log.read_bytes():
-                break
-            await asyncio.sleep(0.05)
+        await wait_for(
+            lambda: b"configuration_reloaded" in log.read_bytes(), 10, "configuration_reloaded"
+        )
         text = log.read_text()
         assert "configuration_reloaded" in text
         line = next(x for x in text.splitlines() if "configuration_reloaded" in x)
         assert '"applied":["jobs"]' in line and '"needs_restart":["limits"]' in line
         assert proc.returncode is None  # still running
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 30) == 0

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import socket
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,49 +20,7 @@ from batchd.notify import (
     watchdog_interval_s,
     watchdog_loop,
 )
-
-
-class FakeSystemd:
-    """A bound AF_UNIX datagram socket, read by a thread that stamps each message with
-    the monotonic time it arrived (the thread keeps reading while the loop is blocked)."""
-
-    def __init__(self, address: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(address)
-        self.sock.settimeout(0.02)
-        self.messages: list[tuple[float, str]] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._read, name="fake-systemd", daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(4096)
-            except TimeoutError:
-                continue
-            with self._lock:
-                self.messages.append((time.monotonic(), data.decode()))
-
-    def texts(self) -> list[str]:
-        with self._lock:
-            return [text for _, text in self.messages]
-
-    def times(self, text: str) -> list[float]:
-        with self._lock:
-            return [at for at, got in self.messages if got == text]
-
-    def wait_for(self, count: int, timeout_s: float = 2.0) -> list[str]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and len(self.texts()) < count:
-            time.sleep(0.005)
-        return self.texts()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2)
-        self.sock.close()
+from batchd.testing import FakeSystemd
 
 
 @pytest.fixture
@@ -77,9 +33,8 @@ def socket_path(tmp_path: Path) -> str:
 
 @pytest.fixture
 def systemd(socket_path: str) -> Iterator[FakeSystemd]:
-    fake = FakeSystemd(socket_path)
-    yield fake
-    fake.close()
+    with FakeSystemd(socket_path) as fake:
+        yield fake
 
 
 @pytest.fixture
