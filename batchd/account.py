@@ -9,11 +9,11 @@ list of one batch) every `api.account_probe_s`; once that answers, submission re
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from batchd.api import ApiError, BatchApi
+from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.logs import get_logger
 
 log = get_logger(__name__)
@@ -24,19 +24,21 @@ class AccountState:
     """Account-level trouble pauses all submission; it is not any job's fault."""
 
     paused_reason: str | None = None
-    paused_at: float | None = None
+    paused_at: float | None = None  # wall time
+    clock: Clock = field(default=SYSTEM_CLOCK, repr=False, compare=False)
 
     def failed(self, error: Exception | str) -> None:
         """An account-level error was met: pause (or keep paused) with its reason."""
         reason = str(error)
         if self.paused_reason is None:
             log.error("account_paused", reason=reason)
-            self.paused_at = time.time()
+            self.paused_at = self.clock.now()
         self.paused_reason = reason
 
     def resume(self) -> None:
         if self.paused_reason is not None:
-            log.info("account_resumed", after_s=round(time.time() - (self.paused_at or 0), 1))
+            after_s = self.clock.now() - (self.paused_at or 0)
+            log.info("account_resumed", after_s=round(after_s, 1))
         self.paused_reason = None
         self.paused_at = None
 

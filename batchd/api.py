@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import random
-import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from typing import Any, TypeVar
 import aiohttp
 import orjson
 
+from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.errors import BatchdError
 from batchd.fsutil import commit_temp, temp_name
 from batchd.limits import CallClass, RateLimiter
@@ -108,7 +108,8 @@ class Throughput:
 
 
 def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
-    """Seconds to wait from `retry-after-ms` or `Retry-After`; None when absent or absurd."""
+    """Seconds to wait from `retry-after-ms` or `Retry-After`; None when absent or absurd.
+    An HTTP date is counted from `now` (wall time; the system clock's when not given)."""
     value: float | None = None
     raw_ms = headers.get("retry-after-ms")
     if raw_ms:
@@ -125,7 +126,7 @@ def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> f
                 when = email.utils.parsedate_to_datetime(raw)
             except (TypeError, ValueError, IndexError):
                 return None
-            value = when.timestamp() - (time.time() if now is None else now)
+            value = when.timestamp() - (SYSTEM_CLOCK.now() if now is None else now)
     if value is None or value != value or value < 0 or value > MAX_RETRY_AFTER_S:
         return None
     return value
@@ -136,7 +137,9 @@ def backoff_s(attempt: int, base_s: float, cap_s: float, rng: random.Random) -> 
     return rng.uniform(0, min(cap_s, base_s * 2 ** (attempt - 1)))
 
 
-def _error_from(status: int, body: bytes, headers: Mapping[str, str]) -> ApiError:
+def _error_from(
+    status: int, body: bytes, headers: Mapping[str, str], now: float | None = None
+) -> ApiError:
     code: str | None = None
     message = body[:500].decode("utf-8", "replace") or f"HTTP {status}"
     try:
@@ -149,7 +152,7 @@ def _error_from(status: int, body: bytes, headers: Mapping[str, str]) -> ApiErro
         raw_code = err.get("code") or err.get("type")
         code = str(raw_code) if raw_code is not None else None
         message = str(err.get("message") or message)
-    retry_after = parse_retry_after(headers)
+    retry_after = parse_retry_after(headers, now)
     text = f"HTTP {status} {code or ''}: {message}".replace("  ", " ")
     if status == 401 or code in ACCOUNT_CODES:
         return AccountError(text, status=status, code=code, retry_after_s=retry_after)
@@ -179,8 +182,10 @@ class BatchApi:
         upload_timeout_s: float = 3600.0,
         throughput: Throughput | None = None,
         rng: random.Random | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._base = base_url.rstrip("/")
+        self.clock = clock
         self._headers = {"Authorization": f"Bearer {api_key}"}
         self._key = api_key.encode()
         self.limiter = limiter
@@ -254,7 +259,10 @@ class BatchApi:
                 ) as resp:
                     if resp.status >= 400:
                         err = _error_from(
-                            resp.status, self._redact(await resp.read()), resp.headers
+                            resp.status,
+                            self._redact(await resp.read()),
+                            resp.headers,
+                            self.clock.now(),
                         )
                         if resp.status == 429:
                             self.limiter.throttle(cls, err.retry_after_s or self.retry.base_s * 4)
@@ -452,7 +460,8 @@ class BatchApi:
 
 
 def parse_items(page: Page, parse: Callable[[Any], _T]) -> list[_T]:
-    """PURE: the items of a page that parse; the others are logged and left out."""
+    """The items of a page that parse; the others are logged (a warning each) and left
+    out."""
     items: list[_T] = []
     for raw in page.items:
         try:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 
 from batchd.account import AccountState
 from batchd.api import AccountError, ApiError, BatchApi
+from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import ProviderLimits
 from batchd.failpoints import failpoint
 from batchd.lines import DEFAULT_MAX_LINE_BYTES, read_line
@@ -149,9 +149,11 @@ class Collector:
         stopping: asyncio.Event | None = None,
         rescan_s: float = 1.0,
         account: AccountState | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.store = store
-        self.account = account or AccountState()
+        self.clock = clock
+        self.account = account or AccountState(clock=clock)
         self.api = api
         self.limits = limits
         self.resubmit_failed = resubmit_failed
@@ -171,7 +173,7 @@ class Collector:
         """How long the collect stage may sleep: until a part pausing after a failed
         download is due again, at most `longest_s`."""
         due = await self.store.next_retry_at([PartState.ENDED])
-        now = time.time()
+        now = self.clock.now()
         if due is None or due <= now:
             return longest_s
         return min(longest_s, max(0.05, due - now))
@@ -184,14 +186,14 @@ class Collector:
         # Newly ended parts are looked for at once when nothing downloads, else at most
         # once a rescan; so are jobs whose every part is collected (both queries read
         # many rows, and a job of thousands of parts finishes them one by one).
-        scanned_at = looked_at = time.time()
+        scanned_at = looked_at = self.clock.monotonic()
         collected_since = False
         stop = asyncio.ensure_future(self.stopping.wait()) if self.stopping else None
         try:
             while not self._stop_requested():
-                now = time.time()
-                if not self._account_trouble and (not tasks or now - scanned_at >= self.rescan_s):
-                    scanned_at = now
+                now, tick = self.clock.now(), self.clock.monotonic()
+                if not self._account_trouble and (not tasks or tick - scanned_at >= self.rescan_s):
+                    scanned_at = tick
                     for part in await self.store.parts_in([PartState.ENDED], 100, ready_at=now):
                         if part.id not in tasks:
                             tasks[part.id] = asyncio.create_task(
@@ -217,9 +219,11 @@ class Collector:
                 for part_id in finished:
                     moved |= tasks.pop(part_id).result()
                     collected_since = True
-                if collected_since and (not tasks or time.time() - looked_at >= self.rescan_s):
+                if collected_since and (
+                    not tasks or self.clock.monotonic() - looked_at >= self.rescan_s
+                ):
                     moved |= await self.finish_jobs()
-                    looked_at, collected_since = time.time(), False
+                    looked_at, collected_since = self.clock.monotonic(), False
         finally:
             # A stop (or the stage's cancellation) drops the downloads in flight: each
             # part is still ENDED, and is fetched again from the start next time.
@@ -249,7 +253,7 @@ class Collector:
         except Exception as exc:
             log.exception("part_step_crashed", job_id=part.job_id, part=part.seq)
             await step_failed(
-                self.store, part, f"{type(exc).__name__}: {exc}", self.policy, time.time()
+                self.store, part, f"{type(exc).__name__}: {exc}", self.policy, self.clock.now()
             )
             return False
 
@@ -273,7 +277,7 @@ class Collector:
             self._account_trouble = True
             return False
         decision = decide_collect(part, fetched, self.policy, part.request_counts)
-        now = time.time()
+        now = self.clock.now()
         if not decision.done:
             await self.store.update_part(
                 part.id,

@@ -16,7 +16,6 @@ import errno
 import fcntl
 import os
 import signal
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from batchd import __version__
 from batchd.account import AccountProbe, AccountState
 from batchd.api import BatchApi, RetryPolicy, Throughput
 from batchd.cleanup import RemoteCleanup
+from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.collect import Collector
 from batchd.config import Settings
 from batchd.control import ControlServer, check_socket_path, resolve_group
@@ -95,9 +95,17 @@ def check_same_filesystem(inbox: Path, spool: Path) -> None:
 
 class Daemon:
     def __init__(
-        self, settings: Settings, api_key: str, *, notifier: Notifier | None = None
+        self,
+        settings: Settings,
+        api_key: str,
+        *,
+        notifier: Notifier | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         register_secret(api_key)
+        # The one clock every stage, the operations layer, the API client and the store
+        # read time through (tests hand in a FakeClock).
+        self.clock = clock
         self.notifier = notifier or Notifier(None)
         self.settings = settings
         self.profile = settings.profile
@@ -110,8 +118,8 @@ class Daemon:
         self._api_key = api_key
         self.stopping = asyncio.Event()
         self.wake = Wake()
-        self.account = AccountState()
-        self.started_at = time.time()
+        self.account = AccountState(clock=clock)
+        self.started_at = clock.now()
         self.tasks: dict[Stage, asyncio.Task[None]] = {}
         self.store: Store
         self.api: BatchApi
@@ -159,7 +167,7 @@ class Daemon:
         for folder in (self.inbox, self.spool, self.outbox, self.state_dir):
             folder.mkdir(parents=True, exist_ok=True)
         check_same_filesystem(self.inbox, self.spool)
-        self.store = await Store.open(self.state_dir / "batchd.sqlite3")
+        self.store = await Store.open(self.state_dir / "batchd.sqlite3", self.clock)
         stack.push_async_callback(self.store.close)
         api = self.settings.api
         self.api = BatchApi(
@@ -169,6 +177,7 @@ class Daemon:
             retry=RetryPolicy(api.max_attempts, api.backoff_base_s, api.backoff_cap_s),
             timeout_s=api.timeout_s,
             throughput=Throughput(api.download_min_bytes_per_s, api.download_grace_s),
+            clock=self.clock,
         )
         stack.push_async_callback(self.api.close)
         s = self.settings
@@ -182,6 +191,7 @@ class Daemon:
             suffixes=s.intake.suffixes,
             on_claimed=self.wake.poke(Stage.PREPARE),
             on_pending=self.wake.poke(Stage.INTAKE),
+            clock=self.clock,
         )
         self.preparer = Preparer(
             self.store,
@@ -189,6 +199,7 @@ class Daemon:
             on_ready=self.wake.poke(Stage.SUBMIT),
             on_rejected=self.wake.poke(Stage.PUBLISH),
             retry_base_s=api.step_retry_base_s,
+            clock=self.clock,
         )
         self.submitter = Submitter(
             self.store,
@@ -202,6 +213,7 @@ class Daemon:
             on_replan=self.wake.poke(Stage.PREPARE),
             policy=policy,
             settling=Settling(api.settle_after_s, api.clock_skew_s, api.max_list_pages),
+            clock=self.clock,
         )
         self.poller = Poller(
             self.store,
@@ -214,6 +226,7 @@ class Daemon:
             on_ended=self.wake.poke(Stage.COLLECT),
             policy=policy,
             max_pages=api.max_list_pages,
+            clock=self.clock,
         )
         self.collector = Collector(
             self.store,
@@ -227,6 +240,7 @@ class Daemon:
             max_line_bytes=s.jobs.max_result_line_bytes,
             stopping=self.stopping,
             account=self.account,
+            clock=self.clock,
         )
         self.publisher = Publisher(
             self.store,
@@ -236,6 +250,7 @@ class Daemon:
             on_published=self._after_publish,
             on_retry_due=self.wake.poke(Stage.PUBLISH),
             max_line_bytes=s.jobs.max_result_line_bytes,
+            clock=self.clock,
         )
         self.cleanup = RemoteCleanup(self.store, self.api, self.account)
         self.probe = AccountProbe(self.api, self.account, on_resumed=self.wake.poke(Stage.SUBMIT))
@@ -249,6 +264,7 @@ class Daemon:
             stopping=self.stopping,
             stages_alive=self._stages_alive,
             started_at=self.started_at,
+            clock=self.clock,
         )
 
     def _after_publish(self) -> None:

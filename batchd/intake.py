@@ -18,7 +18,6 @@ import re
 import secrets
 import shutil
 import stat
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 
 import orjson
 
+from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.failpoints import failpoint
 from batchd.fsutil import fsync_dir
 from batchd.logs import get_logger
@@ -109,7 +109,7 @@ class Intake:
         suffixes: tuple[str, ...],
         on_claimed: Callable[[], None],
         on_pending: Callable[[], None] | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.store = store
         self.inbox = inbox
@@ -138,10 +138,11 @@ class Intake:
             log.warning("inbox_entry_refused", name=printable(name), reason=reason)
 
     def scan(self) -> list[tuple[str, os.stat_result]]:
-        """PURE-ish: one pass over the inbox; returns the entries ready to claim."""
+        """One pass over the inbox (the shell: it reads the folder and the clock, and
+        `settled` decides); returns the entries ready to claim."""
         ready: list[tuple[str, os.stat_result]] = []
         due: list[float] = []
-        now, wall_now = self.clock(), time.time()
+        now, wall_now = self.clock.monotonic(), self.clock.now()
         present: set[str] = set()
         listed: set[tuple[str, int]] = set()
         dir_fd = os.open(self.inbox, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -227,14 +228,14 @@ class Intake:
             self._timer.cancel()
             self._timer = None
         if self.on_pending is not None and self.next_due is not None:
-            delay = max(0.0, self.next_due - self.clock()) + 0.01
+            delay = max(0.0, self.next_due - self.clock.monotonic()) + 0.01
             self._timer = asyncio.get_running_loop().call_later(delay, self.on_pending)
 
     async def claim(self, name: str, st: os.stat_result) -> bool:
         """Move one settled file into the spool and record it, crash-safely."""
         kind = input_kind(name, self.suffixes)
         assert kind is not None
-        now = time.time()
+        now = self.clock.now()
         job_id = new_job_id(now)
         job_dir = self.spool / job_id
         target = job_dir / f"input.{kind}"
@@ -399,7 +400,7 @@ class Intake:
         if not orphans:
             return []
         published = await asyncio.to_thread(published_job_ids, outbox)
-        now = time.time()
+        now = self.clock.now()
         adopted: list[str] = []
         empty: list[str] = []
         for folder in orphans:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import orjson
 from batchd import __version__
 from batchd.account import AccountState
 from batchd.api import BatchApi
+from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import Settings
 from batchd.fsutil import fsync_dir, write_atomic
 from batchd.intake import Intake
@@ -60,8 +60,10 @@ class Operations:
         stopping: asyncio.Event,
         stages_alive: Callable[[], bool],
         started_at: float | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.store = store
+        self.clock = clock
         self._settings = settings
         self.intake = intake
         self.account = account
@@ -69,7 +71,7 @@ class Operations:
         self.wake = wake
         self.stopping = stopping
         self.stages_alive = stages_alive
-        self.started_at = time.time() if started_at is None else started_at
+        self.started_at = clock.now() if started_at is None else started_at
         self.draining = False
         # Said loudly in the log and in `status` when start-up finds state lost (spool
         # folders the database does not know); kept until the daemon restarts.
@@ -176,7 +178,7 @@ class Operations:
         return StatusResponse(
             version=__version__,
             pid=os.getpid(),
-            uptime_s=round(time.time() - self.started_at, 3),
+            uptime_s=round(self.clock.now() - self.started_at, 3),
             provider=self.settings.profile.name,
             base_url=self.settings.profile.base_url,
             root=str(self.settings.paths.root),
@@ -309,7 +311,7 @@ class Operations:
     async def _resume_parts(self, job_id: str) -> int:
         """Failed parts are submitted again; parked parts go back to where they stopped."""
         again = 0
-        now = time.time()
+        now = self.clock.now()
         for part in await self.store.parts_of(job_id):
             if part.state == PartState.FAILED:
                 fields: dict[str, Any] = {"state": PartState.PENDING}
@@ -380,7 +382,7 @@ class Operations:
             "bucket_levels": self.api.limiter.levels(),
             "running": total,
             "running_cap": self.settings.profile.limits.running_batches,
-            "queue_age_s": max(0.0, time.time() - oldest) if oldest else 0.0,
+            "queue_age_s": max(0.0, self.clock.now() - oldest) if oldest else 0.0,
             "tokens": {
                 "prompt": totals["prompt_tokens"],
                 "completion": totals["completion_tokens"],

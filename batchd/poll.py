@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from collections.abc import Callable
 
 from batchd.account import AccountState
@@ -26,6 +25,7 @@ from batchd.api import (
     NotFoundError,
     parse_items,
 )
+from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.failpoints import failpoint
 from batchd.limits import CallClass
 from batchd.logs import get_logger
@@ -66,6 +66,14 @@ def expected_end_in(
     if total <= 0 or done <= was:
         return None
     return (total - done) / ((done - was) / (now - before_at))
+
+
+def lost_on_our_clock(part: Part, now: float, lost_after_s: float) -> bool:
+    """PURE: has this running batch outlived its window and margin? Counted on our own
+    clock from the create intent, never on the server's timestamps, which may be garbled
+    or far off."""
+    started = part.intent_at or part.created_remote_at or now
+    return now - started > lost_after_s
 
 
 def poll_after(
@@ -109,8 +117,10 @@ class Poller:
         rng: random.Random | None = None,
         policy: StepPolicy | None = None,
         max_pages: int = MAX_PAGES,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.store = store
+        self.clock = clock
         self.api = api
         self.account = account
         self.interval_s = interval_s
@@ -131,10 +141,10 @@ class Poller:
         if due_at is None:
             return longest_s
         tick = self.interval_s / TICKS_PER_INTERVAL
-        return min(longest_s, max(0.0, due_at - time.time()) + tick)
+        return min(longest_s, max(0.0, due_at - self.clock.now()) + tick)
 
     async def run_once(self) -> bool:
-        now = time.time()
+        now = self.clock.now()
         due = await self.store.due_parts(now)
         if not due:
             return False
@@ -276,7 +286,7 @@ class Poller:
         return 1
 
     async def _apply(self, part: Part, batch: RemoteBatch) -> int:
-        now = time.time()
+        now = self.clock.now()
         fields = batch.part_fields()
         status = batch.status
         notes = "; ".join(batch.notes) or None
@@ -300,10 +310,7 @@ class Poller:
                 request_counts=batch.request_counts,
             )
             return 1
-        # Lost is decided on our own clock (from the create intent), never on the
-        # server's timestamps, which may be garbled or far off.
-        started = part.intent_at or part.created_remote_at or now
-        if now - started > self.lost_after_s(part):
+        if lost_on_our_clock(part, now, self.lost_after_s(part)):
             return await self._lost(part, now, "did not end within its window and margin")
         if status != part.remote_status:
             log.info(

@@ -17,13 +17,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from batchd import csvio
+from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import Settings
 from batchd.failpoints import failpoint
 from batchd.logs import get_logger
@@ -184,9 +184,11 @@ class Preparer:
         on_ready: Callable[[], None],
         on_rejected: Callable[[], None],
         retry_base_s: float = 1.0,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.store = store
         self.settings = settings
+        self.clock = clock
         self.on_ready = on_ready
         self.on_rejected = on_rejected
         self.retry_base_s = retry_base_s
@@ -195,7 +197,7 @@ class Preparer:
         self.not_before: dict[str, float] = {}
 
     async def run_once(self) -> bool:
-        now = time.time()
+        now = self.clock.now()
         jobs = [
             j
             for j in await self.store.jobs([JobState.CLAIMED], limit=100)
@@ -215,7 +217,7 @@ class Preparer:
         self.not_before = {j.id: self.not_before[j.id] for j in waiting if j.id in self.not_before}
         if not due:
             return longest_s
-        return min(longest_s, max(0.05, min(due) - time.time()))
+        return min(longest_s, max(0.05, min(due) - self.clock.now()))
 
     def _still_changing(self, job: Job) -> bool:
         """Is the input modified more recently than `intake.settle_s` ago? Then a
@@ -225,7 +227,7 @@ class Preparer:
         except OSError:
             return False
         settle = self.settings.intake.settle_s
-        if time.time() - mtime < settle:
+        if self.clock.now() - mtime < settle:
             self.not_before[job.id] = mtime + settle
             return True
         return False
@@ -241,7 +243,7 @@ class Preparer:
         await self.store.update_job(
             job.id, JobState.CLAIMED, crash_count=job.crash_count + 1, prepares=job.prepares + 1
         )
-        started = time.monotonic()
+        started = self.clock.monotonic()
         try:
             prepared = await asyncio.to_thread(prepare, job, self.settings)
         except Exception as exc:
@@ -249,7 +251,7 @@ class Preparer:
             await self._failed(job, exc)
             return False
         self.not_before.pop(job.id, None)
-        elapsed = round(time.monotonic() - started, 3)
+        elapsed = round(self.clock.monotonic() - started, 3)
         if prepared.changed:
             log.warning("input_changed", job_id=job.id, name=job.name, before="validation")
             await self.store.update_job(
@@ -258,7 +260,7 @@ class Preparer:
                 crash_count=job.crash_count,
                 error="the input changed while it was validated; validated again once still",
             )
-            self.not_before[job.id] = time.time() + self.settings.intake.settle_s
+            self.not_before[job.id] = self.clock.now() + self.settings.intake.settle_s
             return False
         recorded = {
             "sha256": prepared.sha256,
@@ -282,7 +284,7 @@ class Preparer:
             self.on_rejected()
             return True
         await self.store.update_job(job.id, JobState.CLAIMED, **recorded)
-        await self.store.plan_parts(job.id, prepared.parts, time.time())
+        await self.store.plan_parts(job.id, prepared.parts, self.clock.now())
         log.info(
             "job_planned",
             job_id=job.id,
@@ -307,7 +309,7 @@ class Preparer:
             self.not_before.pop(job.id, None)
             return
         await self.store.update_job(job.id, JobState.CLAIMED, error=error)
-        self.not_before[job.id] = time.time() + self.retry_base_s * 2 ** (failures - 1)
+        self.not_before[job.id] = self.clock.now() + self.retry_base_s * 2 ** (failures - 1)
 
     async def _reject_changing(self, job: Job) -> None:
         """The input kept changing under validation: rejected with what was last seen."""

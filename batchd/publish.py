@@ -27,7 +27,6 @@ import hashlib
 import os
 import shutil
 import stat
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -35,6 +34,7 @@ from typing import IO, Any
 import orjson
 
 from batchd import csvio
+from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.failpoints import failpoint
 from batchd.fsutil import fsync_dir, fsync_file
 from batchd.lines import CHUNK_BYTES, DEFAULT_MAX_LINE_BYTES, iter_lines
@@ -108,8 +108,10 @@ class Publisher:
         retry_base_s: float = 1.0,
         retry_cap_s: float = 300.0,
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.store = store
+        self.clock = clock
         self.outbox = outbox
         self.on_retry_due = on_retry_due
         self.keep_input = keep_input
@@ -118,7 +120,7 @@ class Publisher:
         self.retry_base_s = retry_base_s
         self.retry_cap_s = retry_cap_s
         self.max_line_bytes = max_line_bytes
-        # job id -> (failed attempts in a row, loop time of the next attempt)
+        # job id -> (failed attempts in a row, monotonic time of the next attempt)
         self.backoff: dict[str, tuple[int, float]] = {}
 
     async def run_once(self) -> bool:
@@ -126,7 +128,7 @@ class Publisher:
         loop = asyncio.get_running_loop()
         for job in await self.store.jobs([JobState.PUBLISHING], limit=50):
             failed, due_at = self.backoff.get(job.id, (0, 0.0))
-            if loop.time() < due_at:
+            if self.clock.monotonic() < due_at:
                 continue
             try:
                 moved |= await self.publish(job)
@@ -138,7 +140,7 @@ class Publisher:
                     job.id, JobState.PUBLISHING, crash_count=job.crash_count
                 )
                 delay = retry_delay_s(failed + 1, self.retry_base_s, self.retry_cap_s)
-                self.backoff[job.id] = (failed + 1, loop.time() + delay)
+                self.backoff[job.id] = (failed + 1, self.clock.monotonic() + delay)
                 loop.call_later(delay, self.on_retry_due)
                 log.error(
                     "publish_failed",
@@ -207,7 +209,7 @@ class Publisher:
         # in this order a kill only repeats these idempotent steps on the next pass.
         if self.delete_remote_files:
             await self.store.add_garbage(
-                remote_files_to_delete(parts), f"job {job.id} published", time.time()
+                remote_files_to_delete(parts), f"job {job.id} published", self.clock.now()
             )
         kept_at = summary.get("input_kept_at")
         if kept_at:
@@ -263,7 +265,7 @@ class Publisher:
         kept = keep_input_files(job, parts, tmp, keep=self.keep_input)
         if kept.get("input_changed"):
             log.warning("input_changed", job_id=job.id, name=job.name, **kept["input_changed"])
-        summary = build_summary(job, parts, stats, outcome, kept)
+        summary = build_summary(job, parts, stats, outcome, kept, published_at=self.clock.now())
         (tmp / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
         fsync_file(tmp / "summary.json")
         if job.report is not None:
@@ -486,9 +488,12 @@ def build_summary(
     stats: MergeStats,
     outcome: Outcome,
     kept: dict[str, Any] | None = None,
+    *,
+    published_at: float,
 ) -> dict[str, Any]:
-    """What summary.json says of the job: its input, outcome, counts, parts and timings
-    (`published_at` is now); `kept` is what `keep_input_files` said of the input."""
+    """PURE: what summary.json says of the job: its input, outcome, counts, parts and
+    timings (`published_at`: wall time); `kept` is what `keep_input_files` said of the
+    input."""
     kept = kept or {}
     return {
         "job_id": job.id,
@@ -539,7 +544,7 @@ def build_summary(
             "claimed_at": job.created_at,
             "batches_created_at": [p.created_remote_at for p in parts],
             "batches_ended_at": [p.ended_at for p in parts],
-            "published_at": time.time(),
+            "published_at": published_at,
         },
     }
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -28,6 +27,7 @@ from typing import Any
 import aiosqlite
 import orjson
 
+from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.models import (
     JOB_TERMINAL,
     PART_HOLDS_SLOT,
@@ -143,9 +143,11 @@ def _assignments(allowed: frozenset[str], fields: dict[str, Any]) -> tuple[str, 
 class Store:
     """One connection to the daemon's database (WAL, busy timeout, foreign keys)."""
 
-    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+    def __init__(self, db: aiosqlite.Connection, path: Path, clock: Clock = SYSTEM_CLOCK) -> None:
         self._db = db
         self.path = path
+        # Wall time for the records the store stamps itself (`updated_at`, events' `at`).
+        self.clock = clock
         # Called after each committed change of a job's or part's state or progress
         # (the control socket's event stream listens here).
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
@@ -159,12 +161,12 @@ class Store:
             return
         watched = {k: fields[k] for k in _EVENT_FIELDS if k in fields}
         if watched:
-            event = {"type": kind, "id": row_id, "at": time.time(), **watched}
+            event = {"type": kind, "id": row_id, "at": self.clock.now(), **watched}
             for listener in self.listeners:
                 listener(event)
 
     @classmethod
-    async def open(cls, path: Path) -> Store:
+    async def open(cls, path: Path, clock: Clock = SYSTEM_CLOCK) -> Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         db = await aiosqlite.connect(path, isolation_level=None)
         db.row_factory = sqlite3.Row
@@ -172,7 +174,7 @@ class Store:
         await db.execute("PRAGMA synchronous=FULL")
         await db.execute("PRAGMA busy_timeout=10000")
         await db.execute("PRAGMA foreign_keys=ON")
-        store = cls(db, path)
+        store = cls(db, path, clock)
         await store._migrate()
         return store
 
@@ -322,7 +324,7 @@ class Store:
 
     async def update_job(self, job_id: str, expect: JobState | None = None, **fields: Any) -> bool:
         """Set fields of a job; with `expect`, only if it is still in that state."""
-        fields["updated_at"] = fields.get("updated_at", time.time())
+        fields["updated_at"] = fields.get("updated_at", self.clock.now())
         sql, args = _assignments(_JOB_COLUMNS | {"updated_at"}, fields)
         where = "id = ?"
         args.append(job_id)

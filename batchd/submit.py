@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -38,6 +37,7 @@ from batchd.api import (
     MaybeAppliedError,
     parse_items,
 )
+from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import ProviderLimits
 from batchd.failpoints import failpoint
 from batchd.limits import CallClass
@@ -140,8 +140,10 @@ class Submitter:
         on_replan: Callable[[], None] = lambda: None,
         policy: StepPolicy | None = None,
         settling: Settling | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.store = store
+        self.clock = clock
         self.api = api
         self.limits = limits
         self.account = account
@@ -173,7 +175,7 @@ class Submitter:
         )
         if due is None:
             return longest_s
-        return min(longest_s, max(0.05, due - time.time()))
+        return min(longest_s, max(0.05, due - self.clock.now()))
 
     async def _guarded(self, part: Part, step: Awaitable[bool]) -> bool:
         """Run one part's step; an unexpected error fails that step of that part only."""
@@ -184,12 +186,12 @@ class Submitter:
         except Exception as exc:
             log.exception("part_step_crashed", job_id=part.job_id, part=part.seq)
             await step_failed(
-                self.store, part, f"{type(exc).__name__}: {exc}", self.policy, time.time()
+                self.store, part, f"{type(exc).__name__}: {exc}", self.policy, self.clock.now()
             )
             return False
 
     async def _settle_stuck(self) -> bool:
-        now = time.time()
+        now = self.clock.now()
         moved = False
         adopting = await self.store.parts_to_adopt(now)
         if adopting:
@@ -224,7 +226,7 @@ class Submitter:
             for p in await self.store.parts_in(
                 [PartState.PENDING],
                 limit=min(room, self.concurrency * UPLOAD_ROUNDS),
-                ready_at=time.time(),
+                ready_at=self.clock.now(),
             )
             if not p.adopt  # looked for on the service first (`settle_adopted`)
         ]
@@ -249,7 +251,7 @@ class Submitter:
         total, by_model = await self.store.slot_holders()
         chosen: list[Part] = []
         for part in await self.store.parts_in(
-            [PartState.UPLOADED], limit=10_000, ready_at=time.time()
+            [PartState.UPLOADED], limit=10_000, ready_at=self.clock.now()
         ):
             if free_slots(self.limits, total, by_model, part.model) <= 0:
                 continue
@@ -286,7 +288,7 @@ class Submitter:
         ):
             return False
         note = "the input changed after it was claimed (a producer still writing it?)"
-        if await self.store.replan_job(job.id, note, time.time()):
+        if await self.store.replan_job(job.id, note, self.clock.now()):
             log.warning("input_changed", job_id=job.id, name=job.name, before="upload")
             self.on_replan()
         return True
@@ -296,7 +298,7 @@ class Submitter:
         if job is not None and await self._input_changed(part, job):
             return False
         if not await self.store.update_part(
-            part.id, PartState.PENDING, state=PartState.UPLOADING, intent_at=time.time()
+            part.id, PartState.PENDING, state=PartState.UPLOADING, intent_at=self.clock.now()
         ):
             return False
         failpoint("upload.before_request")
@@ -313,7 +315,7 @@ class Submitter:
                 part.id,
                 PartState.UPLOADING,
                 error=str(err),
-                retry_at=time.time() + self.settling.after_s,
+                retry_at=self.clock.now() + self.settling.after_s,
             )
             return False
         except ApiError as err:
@@ -338,9 +340,9 @@ class Submitter:
             problem = f"the service stored {info.bytes} bytes of {part.bytes}"
         if problem is not None:
             # What arrived is not what was validated: that file is thrown away.
-            await self.store.add_garbage([info.id], problem, time.time())
+            await self.store.add_garbage([info.id], problem, self.clock.now())
             await self.store.update_part(part.id, PartState.UPLOADING, state=PartState.PENDING)
-            await step_failed(self.store, part, problem, self.policy, time.time())
+            await step_failed(self.store, part, problem, self.policy, self.clock.now())
             return False
         await self.store.update_part(
             part.id,
@@ -368,12 +370,12 @@ class Submitter:
             return False
         except ApiError as err:
             log.warning("upload_settle_failed", parts=len(parts), error=str(err))
-            now = time.time()
+            now = self.clock.now()
             for part in parts:
                 await step_failed(self.store, part, f"cannot list files: {err}", self.policy, now)
             return False
         named = files_by_name(files)
-        now = time.time()
+        now = self.clock.now()
         for part in parts:
             adopted, strays = match_upload(named, part)
             await self.store.add_garbage(strays, "stray upload", now)
@@ -401,7 +403,7 @@ class Submitter:
         each one's remote file is looked for by name, and its batch by batchd's metadata
         or that file, back to the job's claim; found ones are followed, never sent again.
         Nothing is sent for a part until the listings prove it was not."""
-        now = time.time()
+        now = self.clock.now()
         jobs = {j: await self.store.get_job(j) for j in {p.job_id for p in parts}}
         try:
             files, complete = await self.api.list_files(max_pages=self.settling.max_pages)
@@ -484,7 +486,7 @@ class Submitter:
             PartState.UPLOADED,
             state=PartState.CREATING,
             completion_window=window,
-            intent_at=time.time(),
+            intent_at=self.clock.now(),
         ):
             return False
         assert part.remote_file_id is not None
@@ -511,7 +513,7 @@ class Submitter:
                 part.id,
                 PartState.CREATING,
                 error=str(err),
-                retry_at=time.time() + self.settling.after_s,
+                retry_at=self.clock.now() + self.settling.after_s,
             )
             return False
         except ApiError as err:
@@ -527,7 +529,7 @@ class Submitter:
         return True
 
     async def _record_created(self, part: Part, batch: RemoteBatch) -> None:
-        now = time.time()
+        now = self.clock.now()
         if batch.input_file_id not in (None, part.remote_file_id):
             log.error(
                 "batch_file_mismatch",
@@ -565,7 +567,7 @@ class Submitter:
         found, reached = await self._find_batches(parts)
         if found is None:
             return False
-        now = time.time()
+        now = self.clock.now()
         for part in parts:
             batch = found.get(part.id)
             if batch is not None:
@@ -650,7 +652,7 @@ class Submitter:
                     state=PartState.CANCELLED,
                     remote_status=RemoteStatus.CANCELLED,
                 )
-                await self.store.add_garbage([part.remote_file_id], "cancelled", time.time())
+                await self.store.add_garbage([part.remote_file_id], "cancelled", self.clock.now())
             elif (
                 (part.state == PartState.RUNNING or part.parked_from == PartState.RUNNING)
                 and part.batch_id
@@ -665,7 +667,7 @@ class Submitter:
                 await self.store.update_part(
                     part.id,
                     part.state,
-                    next_poll_at=time.time(),
+                    next_poll_at=self.clock.now(),
                     **{k: v for k, v in fields.items() if v is not None},
                 )
                 log.info(

@@ -1,6 +1,6 @@
 """The stages' pure deciders, with plain values and no clock: what a job's final status
-is, when a part is polled next, when an inbox entry settles, how long a failed publish
-waits, which part an input line went to."""
+is, when a part is polled next, when a running batch counts as lost, when an inbox entry
+settles, how long a failed publish waits, which part an input line went to."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from batchd.intake import Seen, settled, settles_at
 from batchd.merge import MergeStats, part_for
 from batchd.models import Job, JobState, Outcome, Part, PartState
-from batchd.poll import next_poll
+from batchd.poll import lost_on_our_clock, next_poll
 from batchd.publish import decide_outcome, retry_delay_s
 
 
@@ -97,6 +97,19 @@ def test_a_poll_falls_about_an_interval_away_spread_by_its_jitter() -> None:
     assert all(1054.0 <= t <= 1066.0 for t in times)
     assert max(times) - min(times) > 6.0  # spread, not bunched
     assert next_poll(1000.0, 60.0, 0.0, rng) == 1060.0
+
+
+def test_a_batch_is_lost_only_past_its_window_counted_from_our_own_intent() -> None:
+    running = replace(part(1, 1), state=PartState.RUNNING, intent_at=1000.0)
+    assert not lost_on_our_clock(running, now=1100.0, lost_after_s=100.0)
+    assert lost_on_our_clock(running, now=1100.5, lost_after_s=100.0)
+    # The server's created_at counts only when no intent was recorded (an old row)...
+    old = replace(running, intent_at=None, created_remote_at=2000.0)
+    assert not lost_on_our_clock(old, now=2050.0, lost_after_s=100.0)
+    assert lost_on_our_clock(old, now=2101.0, lost_after_s=100.0)
+    # ...and with neither, the batch started now: never lost at once.
+    unknown = replace(running, intent_at=None, created_remote_at=None)
+    assert not lost_on_our_clock(unknown, now=1e12, lost_after_s=0.0)
 
 
 def stat_of(ino: int = 1, size: int = 10, mtime: float = 100.0) -> os.stat_result:

@@ -1,0 +1,200 @@
+"""Time passed in: the stages decide on the clock they are given, so a decision that
+waits for time is tested by moving a FakeClock, never by sleeping."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from batchd.account import AccountState
+from batchd.api import BatchApi
+from batchd.clock import SYSTEM_CLOCK, Clock, FakeClock
+from batchd.config import ProviderLimits
+from batchd.intake import Intake
+from batchd.limits import RateLimiter
+from batchd.models import JobState, Part, PartPlan, PartState
+from batchd.poll import Poller
+from batchd.problems import StepPolicy, step_failed
+from batchd.remote import RemoteBatch
+from batchd.store import Store
+from batchd.submit import Submitter
+
+HOUR = 3600.0
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def store(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Store]:
+    opened = await Store.open(tmp_path / "db.sqlite3", clock)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+async def running_job(store: Store, clock: Clock) -> Part:
+    """A job planned into one part, as the prepare stage leaves it (the part PENDING)."""
+    await store.insert_job(
+        job_id="j",
+        name="j",
+        inbox_name="j.jsonl",
+        inode=1,
+        dev=1,
+        spool_path="/spool/j/input.jsonl",
+        kind="jsonl",
+        options={},
+        now=clock.now(),
+        state=JobState.CLAIMED,
+    )
+    plan = PartPlan(
+        seq=1,
+        path="p",
+        first_line=1,
+        requests=1,
+        bytes=10,
+        model="qwen-plus",
+        endpoint="/v1/chat/completions",
+        upload_name="u",
+    )
+    assert await store.plan_parts("j", [plan], clock.now())
+    (part,) = await store.parts_of("j")
+    return part
+
+
+def unused_api() -> BatchApi:
+    """A client that is never called (its session opens only on a first call)."""
+    return BatchApi("http://127.0.0.1:9", "sk-unused", RateLimiter({}))
+
+
+def test_a_fake_clock_stands_still_until_moved_and_never_goes_back() -> None:
+    clock = FakeClock(now=100.0, monotonic=5.0)
+    assert (clock.now(), clock.monotonic()) == (100.0, 5.0)
+    clock.advance(2.5)
+    assert (clock.now(), clock.monotonic()) == (102.5, 7.5)
+    with pytest.raises(ValueError, match="cannot go back"):
+        clock.advance(-1.0)
+    assert isinstance(SYSTEM_CLOCK.now(), float) and SYSTEM_CLOCK.monotonic() > 0
+
+
+async def test_the_store_stamps_its_records_with_the_clock_it_was_given(
+    store: Store, clock: FakeClock
+) -> None:
+    events: list[dict[str, object]] = []
+    store.listeners.append(events.append)
+    await running_job(store, clock)
+    clock.advance(42.0)
+    assert await store.update_job("j", JobState.RUNNING, error="noted")
+    job = await store.get_job("j")
+    assert job is not None and job.updated_at == clock.now()
+    assert events[-1]["at"] == clock.now()
+
+
+async def test_a_failed_step_waits_out_its_pause_on_the_injected_clock(
+    store: Store, clock: FakeClock
+) -> None:
+    part = await running_job(store, clock)
+    policy = StepPolicy(max_failures=5, base_s=10.0, cap_s=600.0)
+    submitter = Submitter(
+        store,
+        unused_api(),
+        ProviderLimits(),
+        AccountState(clock=clock),
+        completion_window="24h",
+        first_poll_s=30.0,
+        concurrency=1,
+        on_created=lambda: None,
+        policy=policy,
+        clock=clock,
+    )
+    assert not await step_failed(store, part, "a listing failed", policy, clock.now())
+    paused = await store.get_part(part.id)
+    assert paused is not None and paused.retry_at == clock.now() + 10.0
+    # Not taken again before its pause is over; the stage sleeps exactly that long.
+    assert await store.parts_in([PartState.PENDING], ready_at=clock.now()) == []
+    assert await submitter.idle_s(60.0) == pytest.approx(10.0)
+    clock.advance(9.0)
+    assert await store.parts_in([PartState.PENDING], ready_at=clock.now()) == []
+    assert await submitter.idle_s(60.0) == pytest.approx(1.0)
+    clock.advance(1.0)
+    assert [p.id for p in await store.parts_in([PartState.PENDING], ready_at=clock.now())] == [
+        part.id
+    ]
+
+
+async def test_a_batch_is_lost_on_our_clock_from_its_intent_whatever_the_server_says(
+    store: Store, clock: FakeClock
+) -> None:
+    part = await running_job(store, clock)
+    assert await store.update_part(
+        part.id,
+        state=PartState.RUNNING,
+        batch_id="batch_1",
+        intent_at=clock.now(),
+        next_poll_at=clock.now(),
+    )
+    poller = Poller(
+        store,
+        unused_api(),
+        AccountState(clock=clock),
+        interval_s=60.0,
+        jitter=0.0,
+        list_threshold=20,
+        lost_after_s=lambda _part: 24 * HOUR + 600.0,
+        on_ended=lambda: None,
+        clock=clock,
+    )
+    # The server's own created_at is far in the past: it must not decide anything.
+    batch = RemoteBatch.parse({"id": "batch_1", "status": "in_progress", "created_at": 1})
+
+    clock.advance(24 * HOUR)  # within the window and its margin
+    current = await store.get_part(part.id)
+    assert current is not None
+    assert await poller._apply(current, batch) == 0
+    followed = await store.get_part(part.id)
+    assert followed is not None and followed.state == PartState.RUNNING
+    assert followed.polled_at == clock.now()
+    assert followed.next_poll_at == clock.now() + 60.0
+    assert await poller.idle_s(600.0) == pytest.approx(60.0 + 60.0 / 6)
+
+    clock.advance(601.0)  # past the margin: lost, on our clock
+    assert await poller._apply(followed, batch) == 1
+    lost = await store.get_part(part.id)
+    assert lost is not None and lost.state == PartState.ENDED
+    assert (lost.remote_status, lost.ended_at) == ("lost", clock.now())
+
+
+async def test_an_inbox_file_is_claimed_once_still_for_the_settle_time_on_the_clock(
+    store: Store, clock: FakeClock, tmp_path: Path
+) -> None:
+    inbox, spool = tmp_path / "inbox", tmp_path / "spool"
+    inbox.mkdir()
+    spool.mkdir()
+    intake = Intake(
+        store,
+        inbox,
+        spool,
+        settle_s=5.0,
+        unterminated_settle_s=30.0,
+        suffixes=(".jsonl",),
+        on_claimed=lambda: None,
+        clock=clock,
+    )
+    dropped = inbox / "a.jsonl"
+    dropped.write_bytes(b'{"custom_id": "1"}\n')
+    os.utime(dropped, (clock.now(), clock.now()))  # written "now" on the fake wall clock
+    assert intake.scan() == []  # first seen: not settled yet
+    assert intake.next_due == clock.monotonic() + 5.0
+    clock.advance(4.0)
+    assert intake.scan() == []
+    clock.advance(1.0)
+    assert [name for name, _st in intake.scan()] == ["a.jsonl"]
+    assert await intake.run_once() == 1
+    (job,) = await store.jobs()
+    assert (job.state, job.created_at) == (JobState.CLAIMED, clock.now())
