@@ -354,21 +354,24 @@ class Collector:
     async def finish_jobs(self) -> bool:
         moved = False
         for job in await self.store.settled_jobs():
-            parts = await self.store.parts_of(job.id)
-            if await self._follow_up(job, parts):
+            # Counted, not read: a job of thousands of parts is read whole only when a
+            # follow-up round may be planned for it.
+            count, last_round = await self.store.part_rounds(job.id)
+            if await self._follow_up(job, (last_round or 0) + 1):
                 continue
             if await self.store.update_job(job.id, JobState.RUNNING, state=JobState.PUBLISHING):
-                log.info("job_collected", job_id=job.id, parts=len(parts))
+                log.info("job_collected", job_id=job.id, parts=count)
                 moved = True
         if moved:
             self.on_ready()
         return moved
 
-    async def _follow_up(self, job: Job, parts: list[Part]) -> bool:
-        """Resubmit retryable failures as new parts, at most `resubmit_failed` rounds."""
-        round_ = max(p.round for p in parts) + 1
+    async def _follow_up(self, job: Job, round_: int) -> bool:
+        """Resubmit retryable failures as new parts (round `round_`), at most
+        `resubmit_failed` rounds."""
         if job.cancel_requested or round_ > self.resubmit_failed:
             return False
+        parts = await self.store.parts_of(job.id)
         source = Path(job.spool_path).with_name("input.jsonl")
         planned = await asyncio.to_thread(
             plan_follow_up,

@@ -145,8 +145,10 @@ class Poller:
 
     async def run_once(self) -> bool:
         now = self.clock.now()
-        due = await self.store.due_parts(now)
-        if not due:
+        # Counted first (on the index), read once: a sweep reads a wider set than those
+        # due now, and their number alone decides whether to sweep.
+        due_now = await self.store.count_due_parts(now)
+        if not due_now:
             return False
         # A list sweep reads every page of running batches, so it is worth it only when
         # enough are due, and then it answers for all those due within the interval too:
@@ -154,11 +156,12 @@ class Poller:
         # costs one sweep of about N/100 pages. A few due alone (a batch close to its
         # end) are retrieved one by one.
         running = await self.store.running_count()
-        sweep = self.can_list and len(due) >= max(
+        sweep = self.can_list and due_now >= max(
             self.list_threshold, math.ceil(running / LIST_PAGE)
         )
-        if sweep:
-            due = await self.store.due_parts(now + self.interval_s)
+        due = await self.store.due_parts(now + self.interval_s if sweep else now)
+        if not due:
+            return False
         seen: dict[str, RemoteBatch] = {}
         unusable: dict[str, str] = {}
         gone: set[str] = set()

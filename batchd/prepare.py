@@ -212,12 +212,12 @@ class Preparer:
         """Until the next job waiting out a pause is due, at most `longest_s`."""
         if not self.not_before:
             return longest_s
-        waiting = await self.store.jobs([JobState.CLAIMED], limit=100)
-        due = [self.not_before[j.id] for j in waiting if j.id in self.not_before]
-        self.not_before = {j.id: self.not_before[j.id] for j in waiting if j.id in self.not_before}
-        if not due:
+        # Only their ids: the pauses of jobs no longer waiting are forgotten.
+        waiting = await self.store.job_ids_in([JobState.CLAIMED], limit=100)
+        self.not_before = {j: self.not_before[j] for j in waiting if j in self.not_before}
+        if not self.not_before:
             return longest_s
-        return min(longest_s, max(0.05, min(due) - self.clock.now()))
+        return min(longest_s, max(0.05, min(self.not_before.values()) - self.clock.now()))
 
     def _still_changing(self, job: Job) -> bool:
         """Is the input modified more recently than `intake.settle_s` ago? Then a

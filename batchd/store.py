@@ -395,6 +395,28 @@ class Store:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 
+    async def any_jobs(self, states: Iterable[JobState]) -> bool:
+        """Whether any job is in the given states (EXISTS: stops at the first row)."""
+        where, args = _job_filter(states, None)
+        async with self._db.execute(
+            f"SELECT EXISTS (SELECT 1 FROM jobs {where})",  # noqa: S608
+            args,
+        ) as cur:
+            row = await cur.fetchone()
+        return bool(row and row[0])
+
+    async def job_ids_in(self, states: Iterable[JobState], limit: int | None = None) -> list[str]:
+        """The ids of the jobs in the given states, oldest first (as `jobs` orders them),
+        without reading their rows."""
+        where, args = _job_filter(states, None)
+        args.append(-1 if limit is None else limit)
+        async with self._db.execute(
+            f"SELECT id FROM jobs {where} ORDER BY created_at, id LIMIT ?",  # noqa: S608
+            args,
+        ) as cur:
+            rows = await cur.fetchall()
+        return [r[0] for r in rows]
+
     async def outcome_counts(self) -> dict[str, int]:
         async with self._db.execute(
             "SELECT outcome, COUNT(*) FROM jobs WHERE outcome IS NOT NULL GROUP BY outcome"
@@ -507,6 +529,28 @@ class Store:
         ) as cur:
             rows = await cur.fetchall()
         return [Part.from_row(r) for r in rows]
+
+    async def part_rounds(self, job_id: str) -> tuple[int, int | None]:
+        """How many parts a job has, and its latest round (None when it has no parts)."""
+        async with self._db.execute(
+            "SELECT COUNT(*), MAX(round) FROM parts WHERE job_id = ?", (job_id,)
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return 0, None
+        return int(row[0]), (int(row[1]) if row[1] is not None else None)
+
+    async def request_totals(self, job_id: str) -> tuple[int, int]:
+        """The requests completed and failed so far over a job's parts, as the service's
+        `request_counts` say (summed in SQL, not by reading every part)."""
+        async with self._db.execute(
+            "SELECT COALESCE(SUM(json_extract(request_counts, '$.completed')), 0),"
+            " COALESCE(SUM(json_extract(request_counts, '$.failed')), 0)"
+            " FROM parts WHERE job_id = ?",
+            (job_id,),
+        ) as cur:
+            row = await cur.fetchone()
+        return (int(row[0]), int(row[1])) if row else (0, 0)
 
     async def parts_in(
         self, states: Iterable[PartState], limit: int = 100_000, *, ready_at: float | None = None
@@ -627,6 +671,16 @@ class Store:
         ) as cur:
             rows = await cur.fetchall()
         return [Part.from_row(r) for r in rows]
+
+    async def count_due_parts(self, now: float) -> int:
+        """How many running parts are due for a poll at `now` (what `due_parts` would
+        return, counted on the index instead of read)."""
+        async with self._db.execute(
+            "SELECT COUNT(*) FROM parts WHERE state = ? AND next_poll_at <= ?",
+            (PartState.RUNNING, now),
+        ) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
 
     async def running_count(self) -> int:
         async with self._db.execute(

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from batchd.models import JobState, PartPlan, PartState
+from batchd.models import JOB_ACTIVE, JobState, PartPlan, PartState
 from batchd.store import Store
 
 
@@ -146,3 +147,88 @@ async def test_a_failing_write_fails_alone_and_a_transaction_is_never_entered_by
         assert (await store.parts_of("a"))[0].state == PartState.UPLOADED
     finally:
         await store.close()
+
+
+# -- counts and lookups that answer without reading rows -----------------------------------
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    opened = await Store.open(tmp_path / "db.sqlite3")
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+def _plan(seq: int) -> PartPlan:
+    return PartPlan(
+        seq=seq,
+        path=f"p{seq}",
+        first_line=seq,
+        requests=1,
+        bytes=10,
+        model="qwen-plus",
+        endpoint="/v1/chat/completions",
+        upload_name=f"u{seq}",
+    )
+
+
+async def test_any_jobs_says_whether_some_job_is_in_the_given_states(store: Store) -> None:
+    assert not await store.any_jobs(JOB_ACTIVE)  # an empty database: drain may end
+    await _job(store, "a", 1.0, {})
+    assert await store.any_jobs(JOB_ACTIVE)
+    assert not await store.any_jobs([JobState.PUBLISHED, JobState.PARKED])
+    assert await store.update_job("a", JobState.RUNNING, state=JobState.PUBLISHED)
+    assert not await store.any_jobs(JOB_ACTIVE)
+    assert await store.any_jobs([JobState.PUBLISHED])
+
+
+async def test_job_ids_in_lists_the_ids_oldest_first_as_jobs_does(store: Store) -> None:
+    assert await store.job_ids_in([JobState.RUNNING]) == []
+    await _job(store, "late", 2.0, {})
+    await _job(store, "early", 1.0, {})
+    await _job(store, "later", 3.0, {})
+    assert await store.job_ids_in([JobState.RUNNING]) == ["early", "late", "later"]
+    assert await store.job_ids_in([JobState.RUNNING], limit=2) == ["early", "late"]
+    assert await store.job_ids_in([JobState.CLAIMED]) == []
+    assert await store.job_ids_in([JobState.RUNNING]) == [
+        j.id for j in await store.jobs([JobState.RUNNING])
+    ]
+
+
+async def test_part_rounds_counts_a_jobs_parts_and_finds_its_latest_round(store: Store) -> None:
+    assert await store.part_rounds("nobody") == (0, None)
+    await _job(store, "a", 1.0, {})
+    await _job(store, "b", 2.0, {})
+    assert await store.part_rounds("a") == (1, 0)
+    await store.add_parts("a", [_plan(2), _plan(3)], 1)
+    assert await store.part_rounds("a") == (3, 1)
+    assert await store.part_rounds("b") == (1, 0)  # another job's parts are not counted
+
+
+async def test_request_totals_sum_the_request_counts_of_a_jobs_parts(store: Store) -> None:
+    assert await store.request_totals("nobody") == (0, 0)
+    await _job(store, "a", 1.0, {})
+    await _job(store, "b", 2.0, {})
+    assert await store.request_totals("a") == (0, 0)  # nothing counted by the service yet
+    await store.add_parts("a", [_plan(2), _plan(3)], 1)
+    first, second, third = await store.parts_of("a")
+    await store.update_part(first.id, request_counts={"total": 5, "completed": 4, "failed": 1})
+    await store.update_part(second.id, request_counts={"total": 3, "completed": 3})
+    await store.update_part(third.id, request_counts={"total": 2})
+    (other,) = await store.parts_of("b")
+    await store.update_part(other.id, request_counts={"total": 9, "completed": 9, "failed": 9})
+    assert await store.request_totals("a") == (7, 1)
+
+
+async def test_count_due_parts_counts_what_due_parts_would_read(store: Store) -> None:
+    assert await store.count_due_parts(1e12) == 0
+    for name in ("a", "b", "c"):
+        await _job(store, name, 1.0, {})
+    a, b, c = [p for name in ("a", "b", "c") for p in await store.parts_of(name)]
+    await store.update_part(a.id, state=PartState.RUNNING, next_poll_at=10.0)
+    await store.update_part(b.id, state=PartState.RUNNING, next_poll_at=20.0)
+    await store.update_part(c.id, next_poll_at=0.0)  # pending: never polled
+    assert [await store.count_due_parts(t) for t in (5.0, 10.0, 25.0)] == [0, 1, 2]
+    assert len(await store.due_parts(25.0)) == await store.count_due_parts(25.0)
