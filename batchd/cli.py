@@ -1,8 +1,11 @@
 """The `batchd` command line: one parser, one module per group of commands.
 
-Each module under `batchd.commands` exposes `register(subparsers)`, adding its commands
-with a `handler(args) -> int` default. Exit codes: 0 ok, 1 the thing asked for failed,
-2 usage error, 3 daemon not reachable.
+Only the module of the command being run is imported: `batchd status` loads the light
+control client, not the daemon, the emulator or pydantic, and `batchd --help` loads
+none. Each module under `batchd.commands` exposes `register(subparsers)`, adding its
+commands with a `handler(args) -> int` default; their one-line help lives in COMMANDS
+below. Exit codes: 0 ok, 1 the thing asked for failed, 2 usage error, 3 daemon not
+reachable.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from batchd import __version__
 from batchd.errors import BatchdError, ConfigError, UsageError
@@ -20,29 +24,79 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 
-COMMAND_MODULES = (
-    "batchd.commands.inputs",
-    "batchd.commands.emulator",
-    "batchd.commands.daemon",
-    "batchd.commands.demo",
-    "batchd.commands.control",
-)
+# name: (module, one-line help), in the order `batchd --help` lists them.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "validate": ("batchd.commands.inputs", "check JSONL batch input files"),
+    "split": ("batchd.commands.inputs", "split a JSONL file into batch-sized parts"),
+    "csv2jsonl": (
+        "batchd.commands.inputs",
+        "turn a CSV of custom_id,content into a JSONL batch file",
+    ),
+    "jsonl2csv": ("batchd.commands.inputs", "turn a result JSONL file into CSV"),
+    "emulator": ("batchd.commands.emulator", "serve the Batch API emulator"),
+    "run": ("batchd.commands.daemon", "run the daemon: inbox -> batch jobs -> outbox"),
+    "demo": (
+        "batchd.commands.demo",
+        "run the daemon end to end against the shipped emulator and show the results",
+    ),
+    "status": ("batchd.commands.control", "the daemon's state, caps and errors"),
+    "jobs": ("batchd.commands.control", "list jobs"),
+    "show": ("batchd.commands.control", "one job with its parts"),
+    "cancel": ("batchd.commands.control", "cancel a job (finished requests are kept)"),
+    "retry": ("batchd.commands.control", "rerun what failed or never ran"),
+    "pause": ("batchd.commands.control", "stop taking new files from the inbox"),
+    "resume": ("batchd.commands.control", "take new files again"),
+    "drain": ("batchd.commands.control", "finish what runs, take nothing new, then exit"),
+    "watch": ("batchd.commands.control", "live progress bars of running jobs"),
+    "check": ("batchd.commands.control", "exit 0 when the daemon answers and is healthy"),
+    "submit": ("batchd.commands.control", "copy files into the inbox atomically"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Commands:
+    """The subparsers action as a command module sees it: `add_parser(name, ...)` with
+    the help taken from COMMANDS, and a record of what was added."""
+
+    def __init__(self, sub: Any) -> None:
+        self.sub = sub
+        self.added: set[str] = set()
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        kwargs.setdefault("help", COMMANDS[name][1])
+        self.added.add(name)
+        parser: argparse.ArgumentParser = self.sub.add_parser(name, **kwargs)
+        return parser
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser, with full arguments for the command named in `argv` (all commands
+    when `argv` is None) and a one-line entry for each of the others."""
     parser = argparse.ArgumentParser(
         prog="batchd",
         description="Run folders of LLM requests as OpenAI-compatible Batch API jobs.",
     )
     parser.add_argument("--version", action="version", version=f"batchd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    if argv is None:
+        wanted = {module for module, _ in COMMANDS.values()}
+    else:
+        chosen = next((a for a in argv if not a.startswith("-")), None)
+        wanted = {COMMANDS[chosen][0]} if chosen in COMMANDS else set()
+    commands = _Commands(sub)
+    loaded: set[str] = set()
+    for name, (module, text) in COMMANDS.items():
+        if module in wanted and module not in loaded:
+            importlib.import_module(module).register(commands)
+            loaded.add(module)
+        if name not in commands.added:
+            commands.add_parser(name, help=text)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         code: int = args.handler(args)

@@ -1,4 +1,4 @@
-"""Configuration: provider profiles with their limits, read by pydantic-settings.
+"""Configuration, read by pydantic-settings (the provider profiles are batchd.profiles).
 
 Every setting comes from, in order of precedence: keyword overrides (the CLI), the
 environment (`BATCHD_*`), then one TOML file. Limits are per provider, never constants:
@@ -21,124 +21,37 @@ from pydantic_settings import (
 )
 
 from batchd.errors import ConfigError
-
-MB = 1024 * 1024
-GB = 1024 * MB
-
-ProviderName = Literal["dashscope", "dashscope-intl", "openai", "custom"]
-
-ENDPOINT_CHAT = "/v1/chat/completions"
-ENDPOINT_EMBEDDINGS = "/v1/embeddings"
-ENDPOINT_TEST = "/v1/chat/ds-test"
-TEST_MODEL = "batch-test-model"
-
-
-class ModelLimits(BaseModel):
-    """Limits that one model adds on top of the provider's (e.g. the test model)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    max_running: int | None = Field(default=None, ge=1)
-    max_requests_per_file: int | None = Field(default=None, ge=1)
-    max_file_bytes: int | None = Field(default=None, ge=1)
-    # When set, the model may only be used on these endpoints.
-    endpoints: tuple[str, ...] | None = None
-    # When set, these endpoints may only be used by this model.
-    exclusive_endpoints: tuple[str, ...] = ()
-
-
-class ProviderLimits(BaseModel):
-    """The caps one provider account has (SPEC.md), all overridable."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    running_batches: int = Field(default=1000, ge=1)
-    create_per_minute: int = Field(default=1000, ge=1)
-    retrieve_per_minute: int = Field(default=1000, ge=1)
-    cancel_per_minute: int = Field(default=1000, ge=1)
-    list_per_minute: int = Field(default=100, ge=1)
-    upload_per_second: float = Field(default=3.0, gt=0)
-    file_calls_per_second: float = Field(default=10.0, gt=0)
-    max_requests_per_file: int = Field(default=50_000, ge=1)
-    max_file_bytes: int = Field(default=500 * MB, ge=1)
-    max_line_bytes: int = Field(default=6 * MB, ge=1)
-    max_stored_files: int = Field(default=10_000, ge=1)
-    max_stored_bytes: int = Field(default=100 * GB, ge=1)
-    min_completion_window_h: int = Field(default=24, ge=1)
-    max_completion_window_h: int = Field(default=336, ge=1)
-    endpoints: tuple[str, ...] = (ENDPOINT_CHAT, ENDPOINT_EMBEDDINGS, ENDPOINT_TEST)
-    models: dict[str, ModelLimits] = Field(
-        default_factory=lambda: {
-            TEST_MODEL: ModelLimits(
-                max_running=2,
-                max_requests_per_file=100,
-                max_file_bytes=1 * MB,
-                endpoints=(ENDPOINT_TEST,),
-                exclusive_endpoints=(ENDPOINT_TEST,),
-            )
-        }
-    )
-
-    def for_model(self, model: str) -> ModelLimits:
-        return self.models.get(model, ModelLimits())
-
-    def requests_limit(self, model: str) -> int:
-        own = self.for_model(model).max_requests_per_file
-        return min(self.max_requests_per_file, own) if own else self.max_requests_per_file
-
-    def bytes_limit(self, model: str) -> int:
-        own = self.for_model(model).max_file_bytes
-        return min(self.max_file_bytes, own) if own else self.max_file_bytes
-
-
-class ProviderProfile(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str
-    base_url: str
-    limits: ProviderLimits = Field(default_factory=ProviderLimits)
-
-
-_OPENAI_LIMITS = ProviderLimits(
-    # OpenAI counts its limits in enqueued tokens rather than running batches; these are
-    # conservative defaults that an operator overrides from their own account page.
-    running_batches=1000,
-    max_requests_per_file=50_000,
-    max_file_bytes=200 * MB,
-    min_completion_window_h=24,
-    max_completion_window_h=24,
-    endpoints=(ENDPOINT_CHAT, ENDPOINT_EMBEDDINGS, "/v1/responses", "/v1/completions"),
-    models={},
+from batchd.profiles import (
+    DEFAULT_PROVIDER,
+    ENDPOINT_CHAT,
+    ENDPOINT_EMBEDDINGS,
+    ENDPOINT_TEST,
+    GB,
+    MB,
+    PROFILES,
+    TEST_MODEL,
+    ModelLimits,
+    ProviderLimits,
+    ProviderName,
+    ProviderProfile,
+    merge_limits,
 )
+from batchd.validate import DEFAULT_MAX_REPORTED_ERRORS
 
-PROFILES: dict[str, ProviderProfile] = {
-    "dashscope": ProviderProfile(
-        name="dashscope", base_url="https://dashscope.aliyuncs.com/compatible-mode/v1"
-    ),
-    "dashscope-intl": ProviderProfile(
-        name="dashscope-intl",
-        base_url="https://dashscope-intl.aliyuncs.com/compatible-mode/v1",
-    ),
-    "openai": ProviderProfile(
-        name="openai", base_url="https://api.openai.com/v1", limits=_OPENAI_LIMITS
-    ),
-    "custom": ProviderProfile(name="custom", base_url="http://127.0.0.1:8765/v1"),
-}
-
-
-def merge_limits(base: ProviderLimits, overrides: dict[str, Any]) -> ProviderLimits:
-    """Apply a partial table of overrides (from TOML or env) to a profile's limits."""
-    if not overrides:
-        return base
-    data = base.model_dump()
-    models = dict(base.models)
-    for name, table in (overrides.get("models") or {}).items():
-        current = models.get(name, ModelLimits()).model_dump()
-        current.update(table)
-        models[name] = ModelLimits.model_validate(current)
-    data.update({k: v for k, v in overrides.items() if k != "models"})
-    data["models"] = models
-    return ProviderLimits.model_validate(data)
+__all__ = [  # the provider profiles, as read through the configuration
+    "ENDPOINT_CHAT",
+    "ENDPOINT_EMBEDDINGS",
+    "ENDPOINT_TEST",
+    "GB",
+    "MB",
+    "PROFILES",
+    "TEST_MODEL",
+    "ModelLimits",
+    "ProviderLimits",
+    "ProviderName",
+    "ProviderProfile",
+    "merge_limits",
+]
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -361,7 +274,7 @@ class Settings(FileSettings):
         env_prefix="BATCHD_", env_nested_delimiter="__", extra="forbid", validate_default=True
     )
 
-    provider: ProviderName = "dashscope"
+    provider: ProviderName = DEFAULT_PROVIDER
     base_url: str | None = None
     limits: dict[str, Any] = Field(default_factory=dict)
     log: LogSettings = Field(default_factory=LogSettings)
@@ -376,7 +289,7 @@ class Settings(FileSettings):
     # Park a part after this many failed steps in a row (`batchd retry` resumes it).
     max_part_failures: int = Field(default=5, ge=1)
     # The validator stops listing problems after this many (it still counts them all).
-    max_reported_errors: int = Field(default=100, ge=1)
+    max_reported_errors: int = Field(default=DEFAULT_MAX_REPORTED_ERRORS, ge=1)
 
     @model_validator(mode="after")
     def _check_limits(self) -> Self:

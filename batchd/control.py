@@ -36,11 +36,17 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from pydantic import BaseModel
 
 from batchd.errors import BatchdError, ConfigError
 from batchd.logs import get_logger
-from batchd.protocol import API_PREFIX, ActionResponse, ErrorBody, ErrorResponse, Operator
+from batchd.protocol import (
+    API_PREFIX,
+    ActionResponse,
+    ErrorBody,
+    ErrorResponse,
+    Operator,
+    encode,
+)
 
 log = get_logger(__name__)
 
@@ -131,9 +137,9 @@ def claim_socket_path(path: Path) -> None:
     raise SocketInUseError(f"another batchd is already listening on {path}")
 
 
-def _json(model: BaseModel | dict[str, Any], status: int = 200) -> web.Response:
-    data = model.model_dump(mode="json") if isinstance(model, BaseModel) else model
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+def _json(model: Any, status: int = 200) -> web.Response:
+    """A protocol model (or plain data) as a JSON answer."""
+    return web.Response(body=encode(model), status=status, content_type="application/json")
 
 
 def error(status: int, code: str, message: str) -> web.Response:
@@ -164,7 +170,7 @@ class _Throttle:
 
 def _error_answer(status: int, code: str, message: str) -> bytes:
     """A whole HTTP answer with a JSON error, for a connection refused at accept."""
-    body = orjson.dumps(ErrorResponse(error=ErrorBody(code=code, message=message)).model_dump())
+    body = encode(ErrorResponse(error=ErrorBody(code=code, message=message)))
     head = (
         f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
         "Content-Type: application/json\r\n"
@@ -562,9 +568,7 @@ class ControlServer:
                     break
                 event = await self.ops.describe_event(raw)
                 if event is not None:
-                    await response.write(
-                        orjson.dumps(event.model_dump(mode="json", exclude_none=True)) + b"\n"
-                    )
+                    await response.write(encode(event) + b"\n")
         except (ConnectionResetError, asyncio.CancelledError):
             # The watcher went away, or the daemon is stopping: nobody is left to tell.
             return response

@@ -51,7 +51,6 @@ from typing import IO, Any, TextIO
 
 import orjson
 
-from batchd.config import ENDPOINT_CHAT, ENDPOINT_EMBEDDINGS, ENDPOINT_TEST, TEST_MODEL
 from batchd.fsutil import atomic_output
 from batchd.lines import (
     DEFAULT_MAX_LINE_BYTES,
@@ -63,6 +62,7 @@ from batchd.lines import (
     loads,
     printable,
 )
+from batchd.profiles import ENDPOINT_CHAT, ENDPOINT_EMBEDDINGS, ENDPOINT_TEST, TEST_MODEL
 from batchd.validate import Problem
 
 RESULT_COLUMNS = (

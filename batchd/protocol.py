@@ -1,39 +1,63 @@
-"""The control socket's request and response models, shared by the server and the CLI.
+"""The control socket's request and response models, shared by the server, the client
+and the CLI.
 
 Every answer is JSON. Errors are `{"error": {"code": ..., "message": ...}}` with HTTP
-400 (bad input), 403 (peer not allowed), 404 (unknown job) or 409 (not possible now).
+400 (bad input), 403 (peer not allowed), 404 (unknown job), 409 (not possible now),
+500 (the daemon failed to answer) or 503 (too many connections).
+
+The models are msgspec structs: typed, checked when decoded, and quick to import, so that
+a client command starts in a few tens of milliseconds. Fields the other side does not know
+are ignored, so an older client can talk to a newer daemon and the other way round.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+import msgspec
 
 API_PREFIX = "/v1"
 
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+T = TypeVar("T")
 
 
-class ErrorBody(_Model):
+class _Model(msgspec.Struct, kw_only=True):
+    pass
+
+
+def encode(model: Any) -> bytes:
+    """A model (or plain data) as JSON bytes."""
+    return msgspec.json.encode(model)
+
+
+def decode(data: bytes, kind: type[T]) -> T:
+    """JSON bytes as a model; `msgspec.ValidationError` (a `ValueError`) names the field
+    that does not fit."""
+    return msgspec.json.decode(data, type=kind)
+
+
+def to_builtins(model: Any) -> Any:
+    """A model as plain dicts and lists (for `--json` output and tests)."""
+    return msgspec.to_builtins(model)
+
+
+class ErrorBody(_Model, kw_only=True):
     code: str
     message: str
 
 
-class ErrorResponse(_Model):
+class ErrorResponse(_Model, kw_only=True):
     error: ErrorBody
 
 
-class Caps(_Model):
+class Caps(_Model, kw_only=True):
     running_batches: int
     running_cap: int
-    running_by_model: dict[str, int] = Field(default_factory=dict)
+    running_by_model: dict[str, int] = msgspec.field(default_factory=dict)
 
 
-class Problem(_Model):
+class Problem(_Model, kw_only=True):
     """Something that cannot proceed without help, or keeps failing: a parked part or
     job, a part whose steps fail, an inbox that cannot be read, lost state."""
 
@@ -44,7 +68,7 @@ class Problem(_Model):
     since: float | None = None
 
 
-class StatusResponse(_Model):
+class StatusResponse(_Model, kw_only=True):
     version: str
     pid: int
     uptime_s: float
@@ -64,11 +88,11 @@ class StatusResponse(_Model):
     last_errors: dict[str, str]
     healthy: bool
     # What needs an operator's eye, most pressing first (at most 20), and how many in all.
-    problems: list[Problem] = Field(default_factory=list)
+    problems: list[Problem] = msgspec.field(default_factory=list)
     problem_count: int = 0
 
 
-class PartInfo(_Model):
+class PartInfo(_Model, kw_only=True):
     seq: int
     state: str
     requests: int
@@ -91,7 +115,7 @@ class PartInfo(_Model):
     unavailable: dict[str, str] | None = None
 
 
-class JobInfo(_Model):
+class JobInfo(_Model, kw_only=True):
     id: str
     name: str
     inbox_name: str
@@ -112,20 +136,20 @@ class JobInfo(_Model):
     report: dict[str, Any] | None = None
 
 
-class JobList(_Model):
+class JobList(_Model, kw_only=True):
     jobs: list[JobInfo]
     total: int
     limit: int
     offset: int
 
 
-class ActionResponse(_Model):
+class ActionResponse(_Model, kw_only=True):
     ok: bool
     message: str
     job: JobInfo | None = None
 
 
-class Event(_Model):
+class Event(_Model, kw_only=True, omit_defaults=True):
     """One line of `GET /v1/events` (newline-delimited JSON)."""
 
     type: str  # job | part | hello

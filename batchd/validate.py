@@ -106,9 +106,11 @@ from typing import IO, Any, BinaryIO, NamedTuple
 
 import orjson
 
-from batchd.config import ProviderLimits
 from batchd.fsutil import atomic_output
+from batchd.profiles import ProviderLimits
 
+# A report lists this many problems (it counts them all), unless told otherwise.
+DEFAULT_MAX_REPORTED_ERRORS = 100
 # Our own bounds (not the service's): deeper nesting or larger integers are rejected.
 MAX_DEPTH = 256
 INT64_MIN = -(2**63)
@@ -1010,7 +1012,7 @@ def validate_stream(
     limits: ProviderLimits,
     split: bool = True,
     group_by_model: bool = False,
-    max_errors: int = 100,
+    max_errors: int = DEFAULT_MAX_REPORTED_ERRORS,
 ) -> Report:
     """Validate a seekable binary stream positioned at its start; see `validate_file`."""
     checker = _Checker(path, limits, split, group_by_model, max_errors)
@@ -1152,7 +1154,7 @@ def validate_file(
     *,
     split: bool = True,
     group_by_model: bool = False,
-    max_errors: int = 100,
+    max_errors: int = DEFAULT_MAX_REPORTED_ERRORS,
 ) -> Report:
     """Check every line of a JSONL batch input file against the provider's rules.
 

@@ -34,7 +34,6 @@ def _run(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "run",
-        help="run the daemon: inbox -> batch jobs -> outbox",
         description="Run the daemon. The API key comes from BATCHD_API_KEY, DASHSCOPE_API_KEY"
         " or a systemd credential named api_key; never from the configuration file.",
     )

@@ -122,7 +122,6 @@ def _run(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "demo",
-        help="run the daemon end to end against the shipped emulator and show the results",
     )
     p.add_argument("--root", type=Path, help="folder to run in (emptied first; default: temp)")
     p.add_argument(

@@ -15,7 +15,6 @@ from batchd.logs import configure
 def register(sub: Any) -> None:
     parser: argparse.ArgumentParser = sub.add_parser(
         "emulator",
-        help="serve the Batch API emulator",
         description=(
             "Serve an emulator of the OpenAI-compatible Batch API (DashScope flavour) at "
             "http://HOST:PORT/compatible-mode/v1 and http://HOST:PORT/v1, with its stats at "

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,16 @@ from typing import Any
 import orjson
 
 from batchd import csvio
-from batchd.config import ProviderLimits, Settings
 from batchd.errors import UsageError
-from batchd.validate import Problem, Report, part_file_names, validate_file, write_parts
+from batchd.profiles import DEFAULT_PROVIDER, PROFILES, ProviderLimits, merge_limits
+from batchd.validate import (
+    DEFAULT_MAX_REPORTED_ERRORS,
+    Problem,
+    Report,
+    part_file_names,
+    validate_file,
+    write_parts,
+)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -31,7 +39,6 @@ def register(subparsers: Any) -> None:
     """Add validate, split, csv2jsonl and jsonl2csv to the `batchd` parser."""
     validate = subparsers.add_parser(
         "validate",
-        help="check JSONL batch input files",
         description="Check every line of JSONL batch input files against the provider's "
         "rules and limits. Problems print as `path:line: code: message`.",
     )
@@ -56,7 +63,6 @@ def register(subparsers: Any) -> None:
 
     split = subparsers.add_parser(
         "split",
-        help="split a JSONL file into batch-sized parts",
         description="Validate FILE and write its parts as NAME.part-001.jsonl, ... into "
         "DIR. Nothing is written when the file fits in one batch.",
     )
@@ -75,7 +81,6 @@ def register(subparsers: Any) -> None:
 
     to_jsonl = subparsers.add_parser(
         "csv2jsonl",
-        help="turn a CSV of custom_id,content into a JSONL batch file",
         description="Each CSV row (custom_id, content; header optional; UTF-8 with or "
         "without BOM) becomes one request. The output is written only if every row is good.",
     )
@@ -93,7 +98,6 @@ def register(subparsers: Any) -> None:
 
     to_csv = subparsers.add_parser(
         "jsonl2csv",
-        help="turn a result JSONL file into CSV",
         description="Columns: " + ", ".join(csvio.RESULT_COLUMNS) + ". UTF-8 with a BOM "
         "so that Excel shows non-ASCII text.",
     )
@@ -127,8 +131,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    return Settings.load(args.config, provider=args.provider)
+def _checking(args: argparse.Namespace) -> tuple[ProviderLimits, int]:
+    """The provider's limits and how many problems a report lists, as the daemon with the
+    same configuration would apply them. With no configuration file and no BATCHD_*
+    variable they are the defaults, known without loading the daemon's configuration
+    (pydantic-settings): `batchd validate` starts about as fast as Python does."""
+    if args.config is None and not any(k.upper().startswith("BATCHD_") for k in os.environ):
+        return PROFILES[args.provider or DEFAULT_PROVIDER].limits, DEFAULT_MAX_REPORTED_ERRORS
+    from batchd.config import Settings
+
+    settings = Settings.load(args.config, provider=args.provider)
+    return settings.profile.limits, settings.max_reported_errors
 
 
 def _unreadable(path: Path, exc: OSError) -> Report:
@@ -155,9 +168,8 @@ def _summary(report: Report) -> str:
 
 def run_validate(args: argparse.Namespace) -> int:
     """`batchd validate`: exit 0 if every file is valid, 1 if any is not."""
-    settings = _settings(args)
-    limits = settings.profile.limits
-    max_errors = args.max_errors or settings.max_reported_errors
+    limits, max_reported = _checking(args)
+    max_errors = args.max_errors or max_reported
     all_valid = True
     for path in args.files:
         try:
@@ -182,8 +194,7 @@ def run_validate(args: argparse.Namespace) -> int:
 
 def run_split(args: argparse.Namespace) -> int:
     """`batchd split`: validate, then write the planned parts (if more than one)."""
-    settings = _settings(args)
-    limits = settings.profile.limits
+    limits, max_reported = _checking(args)
     overrides = {
         key: value
         for key, value in (
@@ -193,13 +204,13 @@ def run_split(args: argparse.Namespace) -> int:
         if value is not None
     }
     if overrides:
-        limits = ProviderLimits.model_validate({**limits.model_dump(), **overrides})
+        limits = merge_limits(limits, overrides)
     try:
         report = validate_file(
             args.file,
             limits,
             group_by_model=args.group_by_model,
-            max_errors=settings.max_reported_errors,
+            max_errors=max_reported,
         )
     except OSError as exc:
         raise UsageError(f"cannot read {args.file}: {exc.strerror or exc}") from None

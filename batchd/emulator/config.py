@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
-from batchd.config import FileSettings, LogSettings, ProviderLimits
+from batchd.config import FileSettings, LogSettings
+from batchd.profiles import ProviderLimits, limits_from
 
 # Call classes: each has its own rate cap and its own line in the stats.
 CALL_CLASSES = ("create", "retrieve", "cancel", "list", "upload", "files", "download")
@@ -71,6 +72,7 @@ class EmulatorSettings(FileSettings):
         env_nested_delimiter="__",
         extra="forbid",
         validate_default=True,
+        arbitrary_types_allowed=True,
     )
 
     host: str = "127.0.0.1"
@@ -80,7 +82,10 @@ class EmulatorSettings(FileSettings):
     time_scale: float = Field(default=1.0, gt=0)
     # Where uploaded and result files are kept; a temporary directory when unset.
     data_dir: Path | None = None
-    limits: ProviderLimits = Field(default_factory=ProviderLimits)
+    # The account's caps, as in the daemon's `[limits]` but whole (defaults: DashScope's).
+    limits: Annotated[ProviderLimits, BeforeValidator(limits_from)] = Field(
+        default_factory=ProviderLimits
+    )
     log: LogSettings = Field(default_factory=LogSettings)
     # Length of the sliding window the per-minute caps are counted over, in wall seconds.
     rate_window_s: float = Field(default=60.0, gt=0)

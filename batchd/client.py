@@ -1,0 +1,298 @@
+"""A light client of the daemon's control socket, for the CLI and for scripts.
+
+    from batchd.client import Client
+
+    client = Client(root="/var/lib/batchd")      # or Client(socket=...), Client(config=...)
+    print(client.status().healthy)
+    for job in client.jobs(states=["running"]).jobs:
+        print(job.id, job.name, job.completed, "/", job.requests)
+
+Answers are the typed models of `batchd.protocol`. It speaks HTTP/1.1 over the Unix
+socket with the standard library alone (no event loop, no aiohttp), so that a command
+that asks the daemon something starts about as fast as Python does.
+
+Failures are two exceptions: `Unreachable` when no daemon answers (nobody listening,
+a connection closed before the answer, no answer in time: the CLI's exit code 3) and
+`RequestFailed` when the daemon answered with an error (its status, code and message).
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import socket as socketlib
+import time
+import tomllib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import quote, urlencode
+
+import msgspec
+
+from batchd.errors import ConfigError
+from batchd.protocol import (
+    API_PREFIX,
+    ActionResponse,
+    ErrorResponse,
+    Event,
+    JobInfo,
+    JobList,
+    StatusResponse,
+    decode,
+)
+
+T = TypeVar("T")
+
+# As in batchd.config.PathSettings: the daemon's root when nothing says otherwise.
+DEFAULT_ROOT = Path("/var/lib/batchd")
+SOCKET_NAME = "control.sock"
+
+
+class ClientError(Exception):
+    """A call to the daemon did not get the answer asked for."""
+
+
+class Unreachable(ClientError):
+    """No daemon answered on the socket (the CLI exits 3)."""
+
+
+class RequestFailed(ClientError):
+    """The daemon answered with an error: `status` (HTTP), `code` and `message`."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def socket_path(
+    *,
+    socket: str | os.PathLike[str] | None = None,
+    root: str | os.PathLike[str] | None = None,
+    config: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Path:
+    """Where the daemon listens, found as `batchd run` would place it: `socket` when
+    given; else `[control] socket`; else `<runtime>/control.sock`, where runtime is
+    `[paths] runtime` or the root (`root` when given, else `[paths] root`, else
+    /var/lib/batchd). Each key is read from the environment (BATCHD_CONTROL__SOCKET,
+    BATCHD_PATHS__RUNTIME, BATCHD_PATHS__ROOT) before the configuration file, as the
+    daemon reads them.
+
+    Only these three keys are read: a mistake elsewhere in the configuration or the
+    environment is the daemon's business, not a reason for an operator's command to fail.
+    """
+    if socket is not None:
+        return Path(socket)
+    env = {k.upper(): v for k, v in (os.environ if environ is None else environ).items()}
+    table = _toml(Path(config)) if config is not None else {}
+
+    def key(section: str, name: str) -> str | None:
+        found = env.get(f"BATCHD_{section.upper()}__{name.upper()}")
+        if found is not None:
+            return found or None
+        value = (table.get(section) or {}).get(name)
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"configuration file {config}: {section}.{name} must be a path")
+        return value or None
+
+    explicit = key("control", "socket")
+    if explicit:
+        return Path(explicit)
+    runtime = key("paths", "runtime")
+    if runtime:
+        return Path(runtime) / SOCKET_NAME
+    if root is not None:
+        return Path(root) / SOCKET_NAME
+    return Path(key("paths", "root") or DEFAULT_ROOT) / SOCKET_NAME
+
+
+def _toml(path: Path) -> dict[str, dict[str, object]]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"configuration file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"configuration file {path}: {exc}") from None
+    return {k: v for k, v in data.items() if isinstance(v, dict)}
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout_s: float) -> None:
+        super().__init__("batchd", timeout=timeout_s)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(str(self.path))
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class Client:
+    """Calls to one daemon over its control socket. Each call opens a connection of its
+    own (the daemon serves `control.max_connections` at once: none is held idle)."""
+
+    def __init__(
+        self,
+        socket: str | os.PathLike[str] | None = None,
+        *,
+        root: str | os.PathLike[str] | None = None,
+        config: str | os.PathLike[str] | None = None,
+        timeout_s: float = 10.0,
+    ) -> None:
+        self.path = socket_path(socket=socket, root=root, config=config)
+        self.timeout_s = timeout_s
+
+    # -- views --------------------------------------------------------------------------
+
+    def status(self) -> StatusResponse:
+        return self._call("GET", "/status", StatusResponse)
+
+    def jobs(
+        self,
+        *,
+        states: list[str] | None = None,
+        name: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> JobList:
+        """A page of jobs, filtered by state and by a part of the name."""
+        params = {"limit": str(limit), "offset": str(offset)}
+        if states:
+            params["state"] = ",".join(states)
+        if name:
+            params["name"] = name
+        return self._call("GET", "/jobs?" + urlencode(params), JobList)
+
+    def job(self, job_id: str) -> JobInfo:
+        """One job with its parts; `RequestFailed` (404, unknown_job) when there is none."""
+        return self._call("GET", f"/jobs/{quote(job_id, safe='')}", JobInfo)
+
+    def metrics(self) -> str:
+        """The Prometheus text exposition of `/metrics`."""
+        status, body = self._request("GET", "/metrics")
+        if status >= 400:
+            raise self._failure(status, body)
+        return body.decode()
+
+    def events(self, *, seconds: float | None = None) -> Iterator[Event]:
+        """The daemon's events as they happen, starting with a `hello`; for `seconds` at
+        most when given (the stream ends then even if nothing happened), else until the
+        daemon stops."""
+        deadline = None if seconds is None else time.monotonic() + seconds
+        conn = _UnixConnection(self.path, self.timeout_s)
+        try:
+            try:
+                conn.request("GET", API_PREFIX + "/events")
+                resp = conn.getresponse()
+            except (OSError, http.client.HTTPException) as exc:
+                raise self._unreachable(exc) from None
+            if resp.status >= 400:
+                raise self._failure(resp.status, resp.read())
+            while True:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return
+                assert conn.sock is not None
+                conn.sock.settimeout(left)
+                try:
+                    line = resp.readline()
+                except TimeoutError:
+                    return
+                except (OSError, http.client.HTTPException) as exc:
+                    raise self._unreachable(exc) from None
+                if not line:
+                    return  # the daemon stopped
+                if line.strip():
+                    yield decode(line, Event)
+        finally:
+            conn.close()
+
+    # -- actions ------------------------------------------------------------------------
+
+    def cancel(self, job_id: str) -> ActionResponse:
+        """Cancel a job; finished requests are kept. `ok` is False when it cannot be."""
+        return self._action(f"/jobs/{quote(job_id, safe='')}/cancel")
+
+    def retry(self, job_id: str) -> ActionResponse:
+        """Run again what failed or never ran (asked twice, it runs once)."""
+        return self._action(f"/jobs/{quote(job_id, safe='')}/retry")
+
+    def pause(self) -> ActionResponse:
+        return self._action("/intake/pause")
+
+    def resume(self) -> ActionResponse:
+        return self._action("/intake/resume")
+
+    def drain(self) -> ActionResponse:
+        return self._action("/drain")
+
+    # -- the wire -----------------------------------------------------------------------
+
+    def _action(self, url: str) -> ActionResponse:
+        status, body = self._request("POST", API_PREFIX + url)
+        if status == 409:  # understood, but not possible now: the answer says why
+            return self._decode(status, body, ActionResponse)
+        if status >= 400:
+            raise self._failure(status, body)
+        return self._decode(status, body, ActionResponse)
+
+    def _call(self, method: str, url: str, kind: type[T]) -> T:
+        status, body = self._request(method, API_PREFIX + url)
+        if status >= 400:
+            raise self._failure(status, body)
+        return self._decode(status, body, kind)
+
+    def _request(self, method: str, url: str) -> tuple[int, bytes]:
+        conn = _UnixConnection(self.path, self.timeout_s)
+        try:
+            conn.request(method, url, headers={"Content-Length": "0"})
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise self._unreachable(exc) from None
+        finally:
+            conn.close()
+
+    def _decode(self, status: int, body: bytes, kind: type[T]) -> T:
+        try:
+            return decode(body, kind)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise RequestFailed(status, "bad_answer", f"the daemon's answer: {exc}") from None
+
+    def _failure(self, status: int, body: bytes) -> RequestFailed:
+        try:
+            error = decode(body, ErrorResponse).error
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            text = body.decode(errors="replace").strip()[:200]
+            return RequestFailed(status, "http_error", f"HTTP {status}: {text}")
+        return RequestFailed(status, error.code, error.message)
+
+    def _unreachable(self, exc: BaseException) -> Unreachable:
+        """Why the call got no answer: nobody listening, no answer in time, or a daemon
+        that closed the connection on us."""
+        path = self.path
+        if isinstance(exc, TimeoutError):
+            return Unreachable(f"batchd on {path} did not answer within {self.timeout_s:g} s")
+        if isinstance(exc, ConnectionResetError | BrokenPipeError | http.client.HTTPException):
+            return Unreachable(
+                f"batchd on {path} closed the connection without an answer: the daemon "
+                "refused or dropped it (this user may not use the socket, or it serves "
+                "control.max_connections already, or the request took longer than "
+                "control.request_timeout_s); its log says which"
+            )
+        if isinstance(exc, PermissionError):
+            return Unreachable(
+                f"batchd is not reachable on {path}: permission denied (the socket is for "
+                "the daemon's user and the members of control.group)"
+            )
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        return Unreachable(f"batchd is not reachable on {path}: {reason}")

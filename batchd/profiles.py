@@ -1,0 +1,147 @@
+"""Provider profiles: each provider's base URL and the caps of an account (SPEC.md).
+
+Limits are per provider, never constants: the same protocol is served by DashScope,
+OpenAI and others with different caps, and an operator overrides any of them from
+`[limits]`. The types are frozen msgspec structs, checked when built from a table
+(`merge_limits`, `limits_from`), so that `batchd validate` reads them without loading the
+daemon's configuration machinery.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+
+MB = 1024 * 1024
+GB = 1024 * MB
+
+ProviderName = Literal["dashscope", "dashscope-intl", "openai", "custom"]
+DEFAULT_PROVIDER: ProviderName = "dashscope"
+
+ENDPOINT_CHAT = "/v1/chat/completions"
+ENDPOINT_EMBEDDINGS = "/v1/embeddings"
+ENDPOINT_TEST = "/v1/chat/ds-test"
+TEST_MODEL = "batch-test-model"
+
+Count = Annotated[int, msgspec.Meta(ge=1)]
+Rate = Annotated[float, msgspec.Meta(gt=0)]
+T = TypeVar("T")
+
+
+class ModelLimits(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Limits that one model adds on top of the provider's (e.g. the test model)."""
+
+    max_running: Count | None = None
+    max_requests_per_file: Count | None = None
+    max_file_bytes: Count | None = None
+    # When set, the model may only be used on these endpoints.
+    endpoints: tuple[str, ...] | None = None
+    # When set, these endpoints may only be used by this model.
+    exclusive_endpoints: tuple[str, ...] = ()
+
+
+def _test_model_only() -> dict[str, ModelLimits]:
+    return {
+        TEST_MODEL: ModelLimits(
+            max_running=2,
+            max_requests_per_file=100,
+            max_file_bytes=1 * MB,
+            endpoints=(ENDPOINT_TEST,),
+            exclusive_endpoints=(ENDPOINT_TEST,),
+        )
+    }
+
+
+class ProviderLimits(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The caps one provider account has (SPEC.md), all overridable."""
+
+    running_batches: Count = 1000
+    create_per_minute: Count = 1000
+    retrieve_per_minute: Count = 1000
+    cancel_per_minute: Count = 1000
+    list_per_minute: Count = 100
+    upload_per_second: Rate = 3.0
+    file_calls_per_second: Rate = 10.0
+    max_requests_per_file: Count = 50_000
+    max_file_bytes: Count = 500 * MB
+    max_line_bytes: Count = 6 * MB
+    max_stored_files: Count = 10_000
+    max_stored_bytes: Count = 100 * GB
+    min_completion_window_h: Count = 24
+    max_completion_window_h: Count = 336
+    endpoints: tuple[str, ...] = (ENDPOINT_CHAT, ENDPOINT_EMBEDDINGS, ENDPOINT_TEST)
+    models: dict[str, ModelLimits] = msgspec.field(default_factory=_test_model_only)
+
+    def for_model(self, model: str) -> ModelLimits:
+        return self.models.get(model, ModelLimits())
+
+    def requests_limit(self, model: str) -> int:
+        own = self.for_model(model).max_requests_per_file
+        return min(self.max_requests_per_file, own) if own else self.max_requests_per_file
+
+    def bytes_limit(self, model: str) -> int:
+        own = self.for_model(model).max_file_bytes
+        return min(self.max_file_bytes, own) if own else self.max_file_bytes
+
+
+class ProviderProfile(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    base_url: str
+    limits: ProviderLimits = msgspec.field(default_factory=ProviderLimits)
+
+
+_OPENAI_LIMITS = ProviderLimits(
+    # OpenAI counts its limits in enqueued tokens rather than running batches; these are
+    # conservative defaults that an operator overrides from their own account page.
+    running_batches=1000,
+    max_requests_per_file=50_000,
+    max_file_bytes=200 * MB,
+    min_completion_window_h=24,
+    max_completion_window_h=24,
+    endpoints=(ENDPOINT_CHAT, ENDPOINT_EMBEDDINGS, "/v1/responses", "/v1/completions"),
+    models={},
+)
+
+PROFILES: dict[str, ProviderProfile] = {
+    "dashscope": ProviderProfile(
+        name="dashscope", base_url="https://dashscope.aliyuncs.com/compatible-mode/v1"
+    ),
+    "dashscope-intl": ProviderProfile(
+        name="dashscope-intl",
+        base_url="https://dashscope-intl.aliyuncs.com/compatible-mode/v1",
+    ),
+    "openai": ProviderProfile(
+        name="openai", base_url="https://api.openai.com/v1", limits=_OPENAI_LIMITS
+    ),
+    "custom": ProviderProfile(name="custom", base_url="http://127.0.0.1:8765/v1"),
+}
+
+
+def limits_from(table: Any) -> ProviderLimits:
+    """Limits from a whole table (an emulator's `[emulator.limits]`); a `ValueError`
+    names the key that does not fit."""
+    if isinstance(table, ProviderLimits):
+        return table
+    return _convert(table or {}, ProviderLimits)
+
+
+def merge_limits(base: ProviderLimits, overrides: dict[str, Any]) -> ProviderLimits:
+    """Apply a partial table of overrides (from TOML or env) to a profile's limits; a
+    `ValueError` names the key that does not fit."""
+    if not overrides:
+        return base
+    data: dict[str, Any] = msgspec.to_builtins(base)
+    models: dict[str, Any] = data.get("models") or {}
+    for name, table in (overrides.get("models") or {}).items():
+        models[name] = {**models.get(name, {}), **(table or {})}
+    data.update({k: v for k, v in overrides.items() if k != "models"})
+    data["models"] = models
+    return _convert(data, ProviderLimits)
+
+
+def _convert(data: Any, kind: type[T]) -> T:
+    try:
+        return msgspec.convert(data, kind, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ValueError(str(exc).replace("`$.", "`").replace("`$`", "the table")) from None
