@@ -87,11 +87,11 @@ def test_a_mistake_elsewhere_in_the_configuration_does_not_hide_the_socket(
 
 
 def test_an_unreadable_configuration_is_a_config_error_naming_it(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="nope.toml"):
+    with pytest.raises(ConfigError, match=r"nope\.toml"):
         socket_path(config=tmp_path / "nope.toml", environ={})
     bad = tmp_path / "bad.toml"
     bad.write_text("[paths\n")
-    with pytest.raises(ConfigError, match="bad.toml"):
+    with pytest.raises(ConfigError, match=r"bad\.toml"):
         socket_path(config=bad, environ={})
     wrong = tmp_path / "wrong.toml"
     wrong.write_text("[paths]\nroot = 3\n")
@@ -101,9 +101,9 @@ def test_an_unreadable_configuration_is_a_config_error_naming_it(tmp_path: Path)
 
 def test_no_daemon_is_unreachable_naming_the_socket(tmp_path: Path) -> None:
     client = Client(tmp_path / "none.sock")
-    with pytest.raises(Unreachable, match="none.sock"):
+    with pytest.raises(Unreachable, match=r"none\.sock"):
         client.status()
-    with pytest.raises(Unreachable, match="none.sock"):
+    with pytest.raises(Unreachable, match=r"none\.sock"):
         list(client.events(seconds=0.1))
 
 
