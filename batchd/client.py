@@ -7,9 +7,10 @@
     for job in client.jobs(states=["running"]).jobs:
         print(job.id, job.name, job.completed, "/", job.requests)
 
-Answers are the typed models of `batchd.protocol`. It speaks HTTP/1.1 over the Unix
-socket with the standard library alone (no event loop, no aiohttp), so that a command
-that asks the daemon something starts about as fast as Python does.
+Answers are the typed models of `batchd.protocol`. `Client` speaks HTTP/1.1 over the
+Unix socket with the standard library alone (no event loop, no aiohttp), so that a
+command that asks the daemon something starts about as fast as Python does;
+`AsyncClient` makes the same calls for asyncio code.
 
 Failures are two exceptions: `Unreachable` when no daemon answers (nobody listening,
 a connection closed before the answer, no answer in time: the CLI's exit code 3) and
@@ -23,7 +24,7 @@ import os
 import socket as socketlib
 import time
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import quote, urlencode
@@ -136,9 +137,8 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-class Client:
-    """Calls to one daemon over its control socket. Each call opens a connection of its
-    own (the daemon serves `control.max_connections` at once: none is held idle)."""
+class _Answers:
+    """What both clients share: where the socket is, and how an answer is read."""
 
     def __init__(
         self,
@@ -150,6 +150,65 @@ class Client:
     ) -> None:
         self.path = socket_path(socket=socket, root=root, config=config)
         self.timeout_s = timeout_s
+
+    @staticmethod
+    def _jobs_url(states: list[str] | None, name: str | None, limit: int, offset: int) -> str:
+        params = {"limit": str(limit), "offset": str(offset)}
+        if states:
+            params["state"] = ",".join(states)
+        if name:
+            params["name"] = name
+        return "/jobs?" + urlencode(params)
+
+    @staticmethod
+    def _job_url(job_id: str, action: str = "") -> str:
+        return f"/jobs/{quote(job_id, safe='')}{action}"
+
+    def _answer(self, status: int, body: bytes, kind: type[T]) -> T:
+        if status >= 400 and not (status == 409 and kind is ActionResponse):
+            # 409 on an action is an answer: understood, not possible now, and why.
+            raise self._failure(status, body)
+        try:
+            return decode(body, kind)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise RequestFailed(status, "bad_answer", f"the daemon's answer: {exc}") from None
+
+    def _failure(self, status: int, body: bytes) -> RequestFailed:
+        try:
+            error = decode(body, ErrorResponse).error
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            text = body.decode(errors="replace").strip()[:200]
+            return RequestFailed(status, "http_error", f"HTTP {status}: {text}")
+        return RequestFailed(status, error.code, error.message)
+
+    def _unreachable(self, exc: BaseException) -> Unreachable:
+        """Why the call got no answer: nobody listening, no answer in time, or a daemon
+        that closed the connection on us."""
+        path = self.path
+        if isinstance(exc, TimeoutError):
+            return Unreachable(f"batchd on {path} did not answer within {self.timeout_s:g} s")
+        closed = (ConnectionResetError, BrokenPipeError, http.client.HTTPException)
+        if isinstance(exc, closed) or type(exc).__name__ == "ServerDisconnectedError":
+            return Unreachable(
+                f"batchd on {path} closed the connection without an answer: the daemon "
+                "refused or dropped it (this user may not use the socket, or it serves "
+                "control.max_connections already, or the request took longer than "
+                "control.request_timeout_s); its log says which"
+            )
+        if isinstance(exc, PermissionError):
+            return Unreachable(
+                f"batchd is not reachable on {path}: permission denied (the socket is for "
+                "the daemon's user and the members of control.group)"
+            )
+        cause = getattr(exc, "os_error", None) or exc  # aiohttp wraps the OSError
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else cause
+        return Unreachable(f"batchd is not reachable on {path}: {reason}")
+
+
+class Client(_Answers):
+    """Calls to one daemon over its control socket, for scripts and the CLI. Each call
+    opens a connection of its own (the daemon serves `control.max_connections` at once:
+    none is held idle)."""
 
     # -- views --------------------------------------------------------------------------
 
@@ -165,16 +224,11 @@ class Client:
         offset: int = 0,
     ) -> JobList:
         """A page of jobs, filtered by state and by a part of the name."""
-        params = {"limit": str(limit), "offset": str(offset)}
-        if states:
-            params["state"] = ",".join(states)
-        if name:
-            params["name"] = name
-        return self._call("GET", "/jobs?" + urlencode(params), JobList)
+        return self._call("GET", self._jobs_url(states, name, limit, offset), JobList)
 
     def job(self, job_id: str) -> JobInfo:
         """One job with its parts; `RequestFailed` (404, unknown_job) when there is none."""
-        return self._call("GET", f"/jobs/{quote(job_id, safe='')}", JobInfo)
+        return self._call("GET", self._job_url(job_id), JobInfo)
 
     def metrics(self) -> str:
         """The Prometheus text exposition of `/metrics`."""
@@ -220,36 +274,25 @@ class Client:
 
     def cancel(self, job_id: str) -> ActionResponse:
         """Cancel a job; finished requests are kept. `ok` is False when it cannot be."""
-        return self._action(f"/jobs/{quote(job_id, safe='')}/cancel")
+        return self._call("POST", self._job_url(job_id, "/cancel"), ActionResponse)
 
     def retry(self, job_id: str) -> ActionResponse:
         """Run again what failed or never ran (asked twice, it runs once)."""
-        return self._action(f"/jobs/{quote(job_id, safe='')}/retry")
+        return self._call("POST", self._job_url(job_id, "/retry"), ActionResponse)
 
     def pause(self) -> ActionResponse:
-        return self._action("/intake/pause")
+        return self._call("POST", "/intake/pause", ActionResponse)
 
     def resume(self) -> ActionResponse:
-        return self._action("/intake/resume")
+        return self._call("POST", "/intake/resume", ActionResponse)
 
     def drain(self) -> ActionResponse:
-        return self._action("/drain")
+        return self._call("POST", "/drain", ActionResponse)
 
     # -- the wire -----------------------------------------------------------------------
 
-    def _action(self, url: str) -> ActionResponse:
-        status, body = self._request("POST", API_PREFIX + url)
-        if status == 409:  # understood, but not possible now: the answer says why
-            return self._decode(status, body, ActionResponse)
-        if status >= 400:
-            raise self._failure(status, body)
-        return self._decode(status, body, ActionResponse)
-
     def _call(self, method: str, url: str, kind: type[T]) -> T:
-        status, body = self._request(method, API_PREFIX + url)
-        if status >= 400:
-            raise self._failure(status, body)
-        return self._decode(status, body, kind)
+        return self._answer(*self._request(method, API_PREFIX + url), kind)
 
     def _request(self, method: str, url: str) -> tuple[int, bytes]:
         conn = _UnixConnection(self.path, self.timeout_s)
@@ -262,37 +305,94 @@ class Client:
         finally:
             conn.close()
 
-    def _decode(self, status: int, body: bytes, kind: type[T]) -> T:
-        try:
-            return decode(body, kind)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise RequestFailed(status, "bad_answer", f"the daemon's answer: {exc}") from None
 
-    def _failure(self, status: int, body: bytes) -> RequestFailed:
-        try:
-            error = decode(body, ErrorResponse).error
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            text = body.decode(errors="replace").strip()[:200]
-            return RequestFailed(status, "http_error", f"HTTP {status}: {text}")
-        return RequestFailed(status, error.code, error.message)
+class AsyncClient(_Answers):
+    """The same calls for asyncio code (a notebook, a service of your own), over aiohttp
+    (imported when this client is first used, not by `batchd.client` itself)."""
 
-    def _unreachable(self, exc: BaseException) -> Unreachable:
-        """Why the call got no answer: nobody listening, no answer in time, or a daemon
-        that closed the connection on us."""
-        path = self.path
-        if isinstance(exc, TimeoutError):
-            return Unreachable(f"batchd on {path} did not answer within {self.timeout_s:g} s")
-        if isinstance(exc, ConnectionResetError | BrokenPipeError | http.client.HTTPException):
-            return Unreachable(
-                f"batchd on {path} closed the connection without an answer: the daemon "
-                "refused or dropped it (this user may not use the socket, or it serves "
-                "control.max_connections already, or the request took longer than "
-                "control.request_timeout_s); its log says which"
-            )
-        if isinstance(exc, PermissionError):
-            return Unreachable(
-                f"batchd is not reachable on {path}: permission denied (the socket is for "
-                "the daemon's user and the members of control.group)"
-            )
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        return Unreachable(f"batchd is not reachable on {path}: {reason}")
+    async def status(self) -> StatusResponse:
+        return await self._call("GET", "/status", StatusResponse)
+
+    async def jobs(
+        self,
+        *,
+        states: list[str] | None = None,
+        name: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> JobList:
+        return await self._call("GET", self._jobs_url(states, name, limit, offset), JobList)
+
+    async def job(self, job_id: str) -> JobInfo:
+        return await self._call("GET", self._job_url(job_id), JobInfo)
+
+    async def metrics(self) -> str:
+        status, body = await self._request("GET", "/metrics")
+        if status >= 400:
+            raise self._failure(status, body)
+        return body.decode()
+
+    async def cancel(self, job_id: str) -> ActionResponse:
+        return await self._call("POST", self._job_url(job_id, "/cancel"), ActionResponse)
+
+    async def retry(self, job_id: str) -> ActionResponse:
+        return await self._call("POST", self._job_url(job_id, "/retry"), ActionResponse)
+
+    async def pause(self) -> ActionResponse:
+        return await self._call("POST", "/intake/pause", ActionResponse)
+
+    async def resume(self) -> ActionResponse:
+        return await self._call("POST", "/intake/resume", ActionResponse)
+
+    async def drain(self) -> ActionResponse:
+        return await self._call("POST", "/drain", ActionResponse)
+
+    async def events(self, *, seconds: float | None = None) -> AsyncIterator[Event]:
+        """The daemon's events as they happen (see `Client.events`)."""
+        import asyncio
+
+        import aiohttp
+
+        deadline = None if seconds is None else time.monotonic() + seconds
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s)
+        try:
+            async with (
+                aiohttp.ClientSession(
+                    connector=aiohttp.UnixConnector(path=str(self.path)), timeout=timeout
+                ) as session,
+                session.get(f"http://batchd{API_PREFIX}/events") as resp,
+            ):
+                if resp.status >= 400:
+                    raise self._failure(resp.status, await resp.read())
+                while True:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        return
+                    try:
+                        line = await asyncio.wait_for(resp.content.readline(), left)
+                    except TimeoutError:
+                        return
+                    if not line:
+                        return  # the daemon stopped
+                    if line.strip():
+                        yield decode(line, Event)
+        except (OSError, aiohttp.ClientError) as exc:
+            raise self._unreachable(exc) from None
+
+    async def _call(self, method: str, url: str, kind: type[T]) -> T:
+        return self._answer(*await self._request(method, API_PREFIX + url), kind)
+
+    async def _request(self, method: str, url: str) -> tuple[int, bytes]:
+        import aiohttp
+
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
+        try:
+            async with (
+                aiohttp.ClientSession(
+                    connector=aiohttp.UnixConnector(path=str(self.path)), timeout=timeout
+                ) as session,
+                session.request(method, f"http://batchd{url}") as resp,
+            ):
+                return resp.status, await resp.read()
+        except (OSError, aiohttp.ClientError) as exc:
+            raise self._unreachable(exc) from None
