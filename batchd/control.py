@@ -32,7 +32,6 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Protocol
 
-import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -44,6 +43,7 @@ from batchd.protocol import (
     ActionResponse,
     ErrorBody,
     ErrorResponse,
+    Event,
     Operator,
     encode,
 )
@@ -561,7 +561,7 @@ class ControlServer:
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._subscribers.add(queue)
         try:
-            await response.write(orjson.dumps({"type": "hello", "at": 0.0}) + b"\n")
+            await response.write(encode(Event(type="hello", at=0.0)) + b"\n")
             while True:
                 raw = await queue.get()
                 if raw.get("type") == "bye":
@@ -634,39 +634,3 @@ class _SnapshotCollector:
         for kind, n in s["tokens"].items():
             tokens.add_metric([kind], n)
         yield tokens
-
-
-class ControlClient:
-    """The CLI's side: calls over the Unix socket, answers as parsed JSON."""
-
-    def __init__(self, path: Path, timeout_s: float = 10.0) -> None:
-        self.path = path
-        self.timeout_s = timeout_s
-
-    async def call(self, method: str, url: str, **params: str) -> tuple[int, Any]:
-        import aiohttp
-
-        connector = aiohttp.UnixConnector(path=str(self.path))
-        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
-        async with (
-            aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
-            session.request(method, f"http://batchd{url}", params=params or None) as resp,
-        ):
-            body = await resp.read()
-            if resp.content_type == "application/json":
-                return resp.status, orjson.loads(body)
-            return resp.status, body.decode()
-
-    async def stream(self, url: str) -> Any:
-        """Yield parsed events from a newline-delimited JSON stream."""
-        import aiohttp
-
-        connector = aiohttp.UnixConnector(path=str(self.path))
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s)
-        async with (
-            aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
-            session.get(f"http://batchd{url}") as resp,
-        ):
-            async for line in resp.content:
-                if line.strip():
-                    yield orjson.loads(line)

@@ -55,7 +55,6 @@ import aiohttp
 import orjson
 
 from batchd.config import Settings
-from batchd.control import ControlClient
 from batchd.daemon import Daemon
 from batchd.emulator import Emulator, EmulatorSettings
 from batchd.intake import Intake
@@ -618,7 +617,7 @@ async def wait_ready(
     """Wait until the daemon under `root` answers on its control socket (it is ready:
     store open, recovery done); with `process`, the answer must come from that one.
     Returns its status. A stale socket left by a killed daemon does not count."""
-    client = ControlClient(root / "control.sock", timeout_s=2.0)
+    client = RawControl(root / "control.sock", timeout_s=2.0)
 
     async def answer() -> dict[str, Any] | None:
         if process is not None and process.returncode is not None:
@@ -817,3 +816,41 @@ class FakeSystemd:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class RawControl:
+    """Raw calls to a control socket: the HTTP status and the parsed JSON (or text), for
+    tests of the wire itself (status codes, the error envelope). Scripts want
+    `batchd.client.Client`, which returns typed answers."""
+
+    def __init__(self, path: Path, timeout_s: float = 10.0) -> None:
+        self.path = path
+        self.timeout_s = timeout_s
+
+    async def call(self, method: str, url: str, **params: str) -> tuple[int, Any]:
+        import aiohttp
+
+        connector = aiohttp.UnixConnector(path=str(self.path))
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
+        async with (
+            aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
+            session.request(method, f"http://batchd{url}", params=params or None) as resp,
+        ):
+            body = await resp.read()
+            if resp.content_type == "application/json":
+                return resp.status, orjson.loads(body)
+            return resp.status, body.decode()
+
+    async def stream(self, url: str) -> Any:
+        """Yield parsed events from a newline-delimited JSON stream."""
+        import aiohttp
+
+        connector = aiohttp.UnixConnector(path=str(self.path))
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s)
+        async with (
+            aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
+            session.get(f"http://batchd{url}") as resp,
+        ):
+            async for line in resp.content:
+                if line.strip():
+                    yield orjson.loads(line)

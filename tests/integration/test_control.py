@@ -16,11 +16,12 @@ from typing import Any
 import pytest
 
 from batchd.cli import main
-from batchd.control import ControlClient, SocketInUseError
+from batchd.control import SocketInUseError
 from batchd.daemon import Daemon
 from batchd.errors import BatchdError
 from batchd.testing import (
     API_KEY,
+    RawControl,
     StartEmulator,
     daemon_settings,
     drop,
@@ -95,7 +96,7 @@ async def test_status_jobs_show_and_metrics_answer_over_the_socket(
         assert code == 1 and "no job nope" in err
         code, _, err = await cli(capsys, "jobs", "--socket", sock, "--state", "bogus")
         assert code == 1 and "unknown state" in err
-        status_code, text = await ControlClient(settings.socket_path).call("GET", "/metrics")
+        status_code, text = await RawControl(settings.socket_path).call("GET", "/metrics")
         assert status_code == 200
         assert 'batchd_jobs{state="published"} 1.0' in text
         assert 'batchd_requests_total{outcome="completed"} 3.0' in text
@@ -138,7 +139,7 @@ async def test_event_stream_reports_state_changes_and_progress(
     settings = daemon_settings(tmp_path / "r", emulator)
     events: list[dict[str, Any]] = []
     async with running_daemon(settings):
-        client = ControlClient(settings.socket_path)
+        client = RawControl(settings.socket_path)
 
         async def listen() -> None:
             async for event in client.stream("/v1/events"):
@@ -186,7 +187,7 @@ async def test_a_stale_socket_left_by_a_kill_is_replaced(
     stale.bind(str(settings.socket_path))
     stale.close()  # bound, never listening: what a SIGKILL leaves behind
     async with running_daemon(settings):
-        status, body = await ControlClient(settings.socket_path).call("GET", "/v1/status")
+        status, body = await RawControl(settings.socket_path).call("GET", "/v1/status")
         assert status == 200 and body["healthy"]
 
 

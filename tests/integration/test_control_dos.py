@@ -27,12 +27,12 @@ from batchd.cli import main
 from batchd.control import (
     MAX_LINGERING,
     UNIX_PATH_MAX,
-    ControlClient,
     ControlServer,
     check_socket_path,
 )
 from batchd.errors import ConfigError
 from batchd.testing import (
+    RawControl,
     StartEmulator,
     daemon_env,
     daemon_settings,
@@ -180,7 +180,7 @@ async def test_a_refused_peer_is_closed_at_accept_and_cannot_hold_connections(
             assert daemon.control.refused == n
             assert daemon.control.connections == 0
             # The daemon still serves the allowed.
-            status, body = await ControlClient(sock).call("GET", "/v1/status")
+            status, body = await RawControl(sock).call("GET", "/v1/status")
             assert status == 200 and body["healthy"]
     finally:
         shutil.rmtree(shared)
@@ -204,7 +204,7 @@ async def test_connections_over_the_cap_are_closed_at_accept_and_idle_ones_time_
         control={"max_connections": cap, "request_timeout_s": TIMEOUT_S},
     )
     path = settings.socket_path
-    client = ControlClient(path)
+    client = RawControl(path)
     async with running_daemon(settings) as daemon:
         control = daemon.control
         # While idle connections are held (below the cap), status calls are answered.
@@ -315,7 +315,7 @@ async def test_a_half_sent_request_is_closed_after_the_timeout(
         await slow.close()
         assert daemon.control.timed_out == 2
         assert daemon.control.connections == 0
-        status, _ = await ControlClient(settings.socket_path).call("GET", "/v1/status")
+        status, _ = await RawControl(settings.socket_path).call("GET", "/v1/status")
         assert status == 200
 
 
@@ -328,7 +328,7 @@ async def test_the_event_stream_outlives_the_request_timeout(
     async with running_daemon(settings) as daemon:
 
         async def listen() -> None:
-            async for event in ControlClient(settings.socket_path).stream("/v1/events"):
+            async for event in RawControl(settings.socket_path).stream("/v1/events"):
                 seen.append(event)
                 if event.get("type") == "job" and event.get("state") == "published":
                     return
@@ -429,7 +429,7 @@ async def test_an_offset_or_limit_sqlite_cannot_bind_answers_400(
 ) -> None:
     emulator = await start_emulator()
     settings = daemon_settings(tmp_path / "r", emulator)
-    client = ControlClient(settings.socket_path)
+    client = RawControl(settings.socket_path)
     async with running_daemon(settings):
         for params in (
             {"offset": str(2**63)},

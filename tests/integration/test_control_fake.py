@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from batchd.control import ControlClient, ControlServer
+from batchd.client import AsyncClient, Client, RequestFailed
+from batchd.control import ControlServer
 from batchd.protocol import (
     ActionResponse,
     Caps,
@@ -21,6 +23,7 @@ from batchd.protocol import (
     Operator,
     StatusResponse,
 )
+from batchd.testing import RawControl
 
 JOB = JobInfo(
     id="01a2209e9727a90fd9e5",
@@ -125,36 +128,43 @@ class FakeOperator:
 
 
 @pytest.fixture
-async def served(tmp_path: Path) -> AsyncIterator[tuple[FakeOperator, ControlClient]]:
+async def served(tmp_path: Path) -> AsyncIterator[tuple[FakeOperator, RawControl]]:
     fake = FakeOperator()
     operator: Operator = fake  # the fake speaks the whole interface
     server = ControlServer(operator, tmp_path / "control.sock", None)
     await server.start()
     try:
-        yield fake, ControlClient(tmp_path / "control.sock")
+        yield fake, RawControl(tmp_path / "control.sock")
     finally:
         await server.stop()
 
 
 async def test_calls_are_answered_from_the_operations_layer(
-    served: tuple[FakeOperator, ControlClient],
+    served: tuple[FakeOperator, RawControl],
 ) -> None:
-    fake, client = served
-    code, status = await client.call("GET", "/v1/status")
-    assert code == 200 and status["jobs_by_state"] == {"running": 1}
-    code, listing = await client.call("GET", "/v1/jobs", limit="5")
-    assert code == 200 and listing["jobs"][0]["id"] == JOB.id and listing["limit"] == 5
-    assert (await client.call("POST", "/v1/intake/pause"))[0] == 200
-    assert (await client.call("POST", "/v1/drain"))[0] == 200
-    code, answer = await client.call("POST", f"/v1/jobs/{JOB.id}/cancel")
-    assert code == 409 and answer["message"] == "already published"  # not ok: 409
-    code, text = await client.call("GET", "/metrics")
-    assert code == 200 and "batchd_running_cap 1000.0" in text
+    """Through the typed client, as the CLI and scripts call: client and server agree on
+    every model."""
+    fake, raw = served
+    client = AsyncClient(raw.path)
+    status = await client.status()
+    assert isinstance(status, StatusResponse) and status.jobs_by_state == {"running": 1}
+    listing = await client.jobs(limit=5)
+    assert listing.jobs[0] == JOB and listing.limit == 5
+    assert (await client.pause()).ok
+    assert (await client.drain()).ok
+    answer = await client.cancel(JOB.id)
+    assert not answer.ok and answer.message == "already published"  # a 409 is an answer
+    assert "batchd_running_cap 1000.0" in await client.metrics()
+    with pytest.raises(RequestFailed) as unknown:
+        await client.job("nope")
+    assert (unknown.value.status, unknown.value.code) == (404, "unknown_job")
+    sync = Client(raw.path)
+    assert (await asyncio.to_thread(sync.jobs, limit=5)).jobs == [JOB]
     assert fake.asked == ["status", "pause", "drain", f"cancel {JOB.id}"]
 
 
 async def test_every_failure_is_a_json_error_envelope(
-    served: tuple[FakeOperator, ControlClient],
+    served: tuple[FakeOperator, RawControl],
 ) -> None:
     _, client = served
     for method, url, params, want in (
@@ -172,13 +182,25 @@ async def test_every_failure_is_a_json_error_envelope(
 
 
 async def test_events_stream_what_the_layer_publishes(
-    served: tuple[FakeOperator, ControlClient],
+    served: tuple[FakeOperator, RawControl],
 ) -> None:
-    fake, client = served
-    stream = client.stream("/v1/events")
-    assert (await anext(stream))["type"] == "hello"
+    fake, raw = served
+    stream = AsyncClient(raw.path).events(seconds=10)
+    assert (await anext(stream)).type == "hello"
     for listener in fake.listeners:
         listener({"type": "job", "id": "j1", "state": "running"})
     event = await asyncio.wait_for(anext(stream), 5)
-    assert (event["type"], event["job_id"], event["state"]) == ("job", "j1", "running")
+    assert (event.type, event.job_id, event.state) == ("job", "j1", "running")
     await stream.aclose()
+
+
+async def test_an_idle_event_stream_ends_when_asked(
+    served: tuple[FakeOperator, RawControl],
+) -> None:
+    """`watch --seconds N` returns after N seconds even when nothing happens."""
+    _, raw = served
+    started = time.monotonic()
+    seen = [
+        e.type for e in await asyncio.to_thread(lambda: list(Client(raw.path).events(seconds=0.5)))
+    ]
+    assert seen == ["hello"] and time.monotonic() - started < 5

@@ -183,9 +183,9 @@ def random_faults(rng: random.Random) -> dict[str, Any]:
 
 async def retry_parked(sock: Path) -> int:
     """Ask the daemon to resume every parked part (as an operator would); how many jobs."""
-    from batchd.control import ControlClient
+    from batchd.testing import RawControl
 
-    client = ControlClient(sock, timeout_s=2.0)
+    client = RawControl(sock, timeout_s=2.0)
     try:
         code, status = await client.call("GET", "/v1/status")
     except OSError:

@@ -21,11 +21,11 @@ from typing import Any
 
 import pytest
 
-from batchd.control import ControlClient
 from batchd.emulator import Emulator
 from batchd.failpoints import arm
 from batchd.testing import (
     DaemonProcess,
+    RawControl,
     StartEmulator,
     daemon_env,
     daemon_settings,
@@ -215,7 +215,7 @@ async def test_an_input_that_crashes_the_daemon_each_time_is_parked_and_the_rest
     try:
         await wait_ready(root, fixed)
         assert job_rows(root)["poison"]["state"] == "parked"
-        code, answer = await ControlClient(socket).call("POST", f"/v1/jobs/{poison['id']}/retry")
+        code, answer = await RawControl(socket).call("POST", f"/v1/jobs/{poison['id']}/retry")
         assert code == 200 and answer["ok"] and answer["message"] == "requeued", answer
         assert answer["job"]["state"] in ("claimed", "running", "publishing", "published")
         folders = await wait_published(root / "outbox", 4, emulator)
@@ -249,7 +249,7 @@ async def test_retry_of_a_parked_job_whose_input_is_gone_says_so(
         poison = job_rows(root)["poison"]
         assert poison["state"] == "parked"
         Path(poison["spool_path"]).unlink()
-        code, answer = await ControlClient(root / "control.sock").call(
+        code, answer = await RawControl(root / "control.sock").call(
             "POST", f"/v1/jobs/{poison['id']}/retry"
         )
         assert code == 409 and not answer["ok"]

@@ -38,12 +38,12 @@ from aiohttp import web
 
 from batchd import failpoints
 from batchd.api import ApiError, BatchApi, RetryPolicy
-from batchd.control import ControlClient
 from batchd.daemon import Daemon
 from batchd.limits import CallClass, RateLimiter
 from batchd.logs import configure, get_logger
 from batchd.testing import (
     DaemonProcess,
+    RawControl,
     StartEmulator,
     daemon_env,
     daemon_settings,
@@ -118,7 +118,7 @@ class Answers:
     """Every answer the control socket gave, kept to be searched."""
 
     def __init__(self, socket_path: Path) -> None:
-        self.client = ControlClient(socket_path)
+        self.client = RawControl(socket_path)
         self.raw: list[bytes] = []
 
     async def call(self, method: str, url: str, **params: str) -> tuple[int, Any]:
@@ -148,7 +148,7 @@ async def events_of(socket_path: Path) -> AsyncIterator[list[bytes]]:
     lines: list[bytes] = []
 
     async def read() -> None:
-        async for event in ControlClient(socket_path).stream("/v1/events"):
+        async for event in RawControl(socket_path).stream("/v1/events"):
             lines.append(orjson.dumps(event))
 
     task = asyncio.create_task(read())
