@@ -35,6 +35,7 @@ BENCHES: dict[str, tuple[str, list[str], list[str], float]] = {
     "scale": ("tests.bench.bench_scale", [], ["--quick"], 600),
     "intake": ("tests.bench.bench_intake", [], ["--quick"], 400),
     "latency": ("tests.bench.bench_latency", [], ["--quick"], 300),
+    "startup": ("tests.bench.bench_startup", [], ["--quick"], 300),
 }
 
 
