@@ -24,7 +24,7 @@ import os
 import socket as socketlib
 import time
 import tomllib
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import quote, urlencode
@@ -48,6 +48,8 @@ T = TypeVar("T")
 # As in batchd.config.PathSettings: the daemon's root when nothing says otherwise.
 DEFAULT_ROOT = Path("/var/lib/batchd")
 SOCKET_NAME = "control.sock"
+# Jobs asked for at a time when listing them all (the daemon's most).
+PAGE = 1000
 
 
 class ClientError(Exception):
@@ -152,12 +154,28 @@ class _Answers:
         self.timeout_s = timeout_s
 
     @staticmethod
-    def _jobs_url(states: list[str] | None, name: str | None, limit: int, offset: int) -> str:
-        params = {"limit": str(limit), "offset": str(offset)}
+    def _jobs_url(
+        states: list[str] | None,
+        statuses: list[str] | None,
+        name: str | None,
+        limit: int,
+        offset: int,
+        newest_first: bool,
+        before: str | None,
+    ) -> str:
+        params = {
+            "limit": str(limit),
+            "offset": str(offset),
+            "order": "newest" if newest_first else "oldest",
+        }
         if states:
             params["state"] = ",".join(states)
+        if statuses:
+            params["status"] = ",".join(statuses)
         if name:
             params["name"] = name
+        if before:
+            params["before"] = before
         return "/jobs?" + urlencode(params)
 
     @staticmethod
@@ -219,15 +237,50 @@ class Client(_Answers):
         self,
         *,
         states: list[str] | None = None,
+        statuses: list[str] | None = None,
         name: str | None = None,
         limit: int = 100,
         offset: int = 0,
+        newest_first: bool = True,
+        before: str | None = None,
     ) -> JobList:
-        """A page of jobs, filtered by state and by a part of the name."""
-        return self._call("GET", self._jobs_url(states, name, limit, offset), JobList)
+        """A page of jobs (`limit` at most 1000), newest first unless told otherwise,
+        filtered by state (`claimed`, `running`, `published`, ...), by status once
+        published (`completed`, `partial`, `failed`, `cancelled`, `expired`,
+        `rejected`) and by a part of the name. `more` says whether another page follows:
+        ask for it with `before` = the last job's id."""
+        url = self._jobs_url(states, statuses, name, limit, offset, newest_first, before)
+        return self._call("GET", url, JobList)
+
+    def all_jobs(
+        self,
+        *,
+        states: list[str] | None = None,
+        statuses: list[str] | None = None,
+        name: str | None = None,
+        newest_first: bool = True,
+    ) -> Iterator[JobInfo]:
+        """Every job that matches, a page at a time (a job claimed meanwhile is not
+        listed twice, nor does it push another out)."""
+        before = None
+        while True:
+            page = self.jobs(
+                states=states,
+                statuses=statuses,
+                name=name,
+                limit=PAGE,
+                newest_first=newest_first,
+                before=before,
+            )
+            yield from page.jobs
+            if not page.more or not page.jobs:
+                return
+            before = page.jobs[-1].id
 
     def job(self, job_id: str) -> JobInfo:
-        """One job with its parts; `RequestFailed` (404, unknown_job) when there is none."""
+        """One job with its parts. `job_id` may be a unique prefix of the id (6 characters
+        or more) or the job's exact name; `RequestFailed` with code `unknown_job` (404)
+        when it names none, `ambiguous_job` (409, listing them) when several."""
         return self._call("GET", self._job_url(job_id), JobInfo)
 
     def metrics(self) -> str:
@@ -317,11 +370,39 @@ class AsyncClient(_Answers):
         self,
         *,
         states: list[str] | None = None,
+        statuses: list[str] | None = None,
         name: str | None = None,
         limit: int = 100,
         offset: int = 0,
+        newest_first: bool = True,
+        before: str | None = None,
     ) -> JobList:
-        return await self._call("GET", self._jobs_url(states, name, limit, offset), JobList)
+        url = self._jobs_url(states, statuses, name, limit, offset, newest_first, before)
+        return await self._call("GET", url, JobList)
+
+    async def all_jobs(
+        self,
+        *,
+        states: list[str] | None = None,
+        statuses: list[str] | None = None,
+        name: str | None = None,
+        newest_first: bool = True,
+    ) -> AsyncIterator[JobInfo]:
+        before = None
+        while True:
+            page = await self.jobs(
+                states=states,
+                statuses=statuses,
+                name=name,
+                limit=PAGE,
+                newest_first=newest_first,
+                before=before,
+            )
+            for job in page.jobs:
+                yield job
+            if not page.more or not page.jobs:
+                return
+            before = page.jobs[-1].id
 
     async def job(self, job_id: str) -> JobInfo:
         return await self._call("GET", self._job_url(job_id), JobInfo)
@@ -347,7 +428,7 @@ class AsyncClient(_Answers):
     async def drain(self) -> ActionResponse:
         return await self._call("POST", "/drain", ActionResponse)
 
-    async def events(self, *, seconds: float | None = None) -> AsyncIterator[Event]:
+    async def events(self, *, seconds: float | None = None) -> AsyncGenerator[Event, None]:
         """The daemon's events as they happen (see `Client.events`)."""
         import asyncio
 

@@ -40,7 +40,9 @@ from batchd.errors import BatchdError, ConfigError
 from batchd.logs import get_logger
 from batchd.protocol import (
     API_PREFIX,
+    JOB_REFERENCE,
     ActionResponse,
+    AmbiguousJob,
     ErrorBody,
     ErrorResponse,
     Event,
@@ -468,6 +470,8 @@ class ControlServer:
             return error(404, "not_found", f"no such call: {request.method} {request.path}")
         except web.HTTPMethodNotAllowed:
             return error(405, "method_not_allowed", f"{request.method} {request.path}")
+        except AmbiguousJob as exc:
+            return error(409, "ambiguous_job", str(exc))
         except web.HTTPException as exc:
             # Whatever aiohttp raises itself (a bad request line, a body too large) is
             # answered in the envelope protocol.py promises too.
@@ -503,8 +507,20 @@ class ControlServer:
         if not 0 <= offset <= MAX_OFFSET:
             return error(400, "bad_request", f"offset must be 0..{MAX_OFFSET}")
         states = [s for s in q.get("state", "").split(",") if s] or None
+        outcomes = [s for s in q.get("status", "").split(",") if s] or None
+        order = q.get("order", "newest")
+        if order not in ("newest", "oldest"):
+            return error(400, "bad_request", "order must be newest or oldest")
         try:
-            listing = await self.ops.jobs(states, q.get("name"), limit, offset)
+            listing = await self.ops.jobs(
+                states,
+                q.get("name"),
+                limit,
+                offset,
+                outcomes=outcomes,
+                newest_first=order == "newest",
+                before=q.get("before"),
+            )
         except ValueError as exc:
             return error(400, "bad_request", str(exc))
         return _json(listing)
@@ -512,7 +528,8 @@ class ControlServer:
     async def job(self, request: web.Request) -> web.Response:
         info = await self.ops.job(request.match_info["job_id"], detail=True)
         if info is None:
-            return error(404, "unknown_job", f"no job {request.match_info['job_id']}")
+            ref = request.match_info["job_id"]
+            return error(404, "unknown_job", f"no job {ref} ({JOB_REFERENCE})")
         return _json(info)
 
     async def cancel(self, request: web.Request) -> web.Response:
@@ -527,17 +544,17 @@ class ControlServer:
         job_id = request.match_info["job_id"]
         result = await action(job_id)
         if result is None:
-            return error(404, "unknown_job", f"no job {job_id}")
+            return error(404, "unknown_job", f"no job {job_id} ({JOB_REFERENCE})")
         return _json(result, 200 if result.ok else 409)
 
     async def pause(self, request: web.Request) -> web.Response:
-        return _json(self.ops.pause())
+        return _json(await self.ops.pause())
 
     async def resume(self, request: web.Request) -> web.Response:
-        return _json(self.ops.resume())
+        return _json(await self.ops.resume())
 
     async def drain(self, request: web.Request) -> web.Response:
-        return _json(self.ops.drain())
+        return _json(await self.ops.drain())
 
     async def metrics(self, request: web.Request) -> web.Response:
         snapshot = await self.ops.metrics()

@@ -276,6 +276,7 @@ class Daemon:
 
     async def recover(self) -> None:
         """Settle every row a crash caught between an intent and its result."""
+        await self.ops.restore()
         await self.intake.recover_claims()
         self.ops.state_lost = await self.intake.recover_orphans(self.outbox)
         parked = 0

@@ -27,10 +27,20 @@ from batchd.fsutil import fsync_dir, write_atomic
 from batchd.intake import Intake
 from batchd.lines import DEFAULT_MAX_LINE_BYTES, input_line_of, iter_lines
 from batchd.logs import get_logger
-from batchd.models import JOB_ACTIVE, JOB_TERMINAL, PART_QUEUED, Job, JobState, Part, PartState
+from batchd.models import (
+    JOB_ACTIVE,
+    JOB_TERMINAL,
+    PART_QUEUED,
+    Job,
+    JobState,
+    Outcome,
+    Part,
+    PartState,
+)
 from batchd.notify import status_text
 from batchd.protocol import (
     ActionResponse,
+    AmbiguousJob,
     Caps,
     Event,
     JobInfo,
@@ -43,6 +53,9 @@ from batchd.stages import Stage, Wake
 from batchd.store import Store
 
 log = get_logger(__name__)
+
+# The flag (Store.flag) that keeps an intake pause across restarts.
+INTAKE_PAUSED = "intake_paused"
 
 
 class Operations:
@@ -86,18 +99,33 @@ class Operations:
 
     # -- intake and the daemon's life ------------------------------------------------------
 
-    def pause(self) -> ActionResponse:
+    async def pause(self) -> ActionResponse:
+        """Take no new files until resumed, across restarts too."""
+        await self.store.set_flag(INTAKE_PAUSED, "1")
         self.intake.paused = True
         log.info("intake_paused")
-        return ActionResponse(ok=True, message="intake paused")
+        return ActionResponse(ok=True, message="intake paused (until `batchd resume`)")
 
-    def resume(self) -> ActionResponse:
+    async def resume(self) -> ActionResponse:
+        """Take files again; a drain asked for is called off (the daemon keeps running)."""
+        await self.store.set_flag(INTAKE_PAUSED, None)
         self.intake.paused = False
+        message = "intake resumed"
+        if self.draining:
+            self.draining = False
+            message += "; the drain is called off, the daemon keeps running"
+            log.info("drain_cancelled")
         self.wake[Stage.INTAKE].set()
         log.info("intake_resumed")
-        return ActionResponse(ok=True, message="intake resumed")
+        return ActionResponse(ok=True, message=message)
 
-    def drain(self) -> ActionResponse:
+    async def restore(self) -> None:
+        """At start-up: an intake paused before the restart stays paused."""
+        if await self.store.flag(INTAKE_PAUSED):
+            self.intake.paused = True
+            log.warning("intake_still_paused", hint="`batchd resume` takes files again")
+
+    async def drain(self) -> ActionResponse:
         """Finish what runs, take nothing new, then exit."""
         if not self.draining:
             log.info("drain_requested")
@@ -201,8 +229,16 @@ class Operations:
             problem_count=problem_count,
         )
 
-    async def job(self, job_id: str, *, detail: bool = True) -> JobInfo | None:
-        job = await self.store.get_job(job_id)
+    async def resolve(self, ref: str) -> Job | None:
+        """The job `ref` names (JOB_REFERENCE); None when none; `AmbiguousJob` when it
+        fits several."""
+        found = await self.store.find_jobs(ref)
+        if len(found) > 1:
+            raise AmbiguousJob(ref, [await self._job_info(j, False) for j in found])
+        return found[0] if found else None
+
+    async def job(self, ref: str, *, detail: bool = True) -> JobInfo | None:
+        job = await self.resolve(ref)
         if job is None:
             return None
         return await self._job_info(job, detail)
@@ -239,25 +275,54 @@ class Operations:
         )
 
     async def jobs(
-        self, states: list[str] | None, name: str | None, limit: int, offset: int
+        self,
+        states: list[str] | None,
+        name: str | None,
+        limit: int,
+        offset: int,
+        *,
+        outcomes: list[str] | None = None,
+        newest_first: bool = True,
+        before: str | None = None,
     ) -> JobList:
         try:
             wanted = [JobState(s) for s in states] if states else None
         except ValueError:
             known = ", ".join(s.value for s in JobState)
             raise ValueError(f"unknown state in {states}; states are: {known}") from None
-        jobs = await self.store.jobs(wanted, name=name, limit=limit, offset=offset)
+        try:
+            ended = [Outcome(o) for o in outcomes] if outcomes else None
+        except ValueError:
+            known = ", ".join(o.value for o in Outcome)
+            raise ValueError(f"unknown status in {outcomes}; statuses are: {known}") from None
+        after: Job | None = None
+        if before is not None:
+            after = await self.store.get_job(before)
+            if after is None:
+                raise ValueError(f"before: no job {before}")
+        # One more than asked: whether another page follows, without counting again.
+        jobs = await self.store.jobs(
+            wanted,
+            name=name,
+            outcomes=ended,
+            limit=limit + 1,
+            offset=offset,
+            newest_first=newest_first,
+            before=after,
+        )
         return JobList(
-            jobs=[await self._job_info(j, False) for j in jobs],
-            total=await self.store.count_jobs(wanted, name),
+            jobs=[await self._job_info(j, False) for j in jobs[:limit]],
+            total=await self.store.count_jobs(wanted, name, ended),
             limit=limit,
             offset=offset,
+            more=len(jobs) > limit,
         )
 
-    async def cancel(self, job_id: str) -> ActionResponse | None:
-        job = await self.store.get_job(job_id)
+    async def cancel(self, ref: str) -> ActionResponse | None:
+        job = await self.resolve(ref)
         if job is None:
             return None
+        job_id = job.id
         if job.state in JOB_TERMINAL:
             return ActionResponse(
                 ok=False,
@@ -271,16 +336,17 @@ class Operations:
             job=await self.job(job_id, detail=False),
         )
 
-    async def retry(self, job_id: str) -> ActionResponse | None:
+    async def retry(self, ref: str) -> ActionResponse | None:
         """Rerun what failed or never ran: parked jobs are requeued, parked parts resume
         where they stopped, parts that could not be submitted are submitted again, and a
         published job's failed requests become a new input `NAME-retry.jsonl` in the
         inbox (with the job's options). Asked twice, it answers with what the first did:
         a script that repeats itself after a timeout never pays for the requests twice."""
         async with self._retry_lock:
-            job = await self.store.get_job(job_id)
+            job = await self.resolve(ref)
             if job is None:
                 return None
+            job_id = job.id
             if job.state == JobState.PARKED:
                 if not Path(job.spool_path).exists():
                     return ActionResponse(ok=False, message="the parked job's input is gone")
@@ -392,7 +458,13 @@ class Operations:
 
     async def describe_event(self, raw: dict[str, Any]) -> Event | None:
         if raw.get("type") == "job":
-            return event_from(raw, str(raw.get("id")), None)
+            event = event_from(raw, str(raw.get("id")), None)
+            job = await self.store.get_job(str(raw.get("id")))
+            if job is not None:
+                event.name = job.name
+                requests = (job.report or {}).get("requests")
+                event.requests = requests if isinstance(requests, int) else None
+            return event
         if raw.get("type") == "part":
             part = await self.store.get_part(int(raw.get("id") or 0))
             if part is None:

@@ -138,9 +138,11 @@ class JobInfo(_Model, kw_only=True):
 
 class JobList(_Model, kw_only=True):
     jobs: list[JobInfo]
-    total: int
+    total: int  # every job the filters match
     limit: int
     offset: int
+    # More jobs follow this page (ask again with `before` = the last job's id).
+    more: bool = False
 
 
 class ActionResponse(_Model, kw_only=True):
@@ -155,6 +157,7 @@ class Event(_Model, kw_only=True, omit_defaults=True):
     type: str  # job | part | hello
     at: float
     job_id: str | None = None
+    name: str | None = None  # the job's (job events)
     part: int | None = None
     state: str | None = None
     outcome: str | None = None
@@ -165,6 +168,23 @@ class Event(_Model, kw_only=True, omit_defaults=True):
     error: str | None = None
 
 
+class AmbiguousJob(Exception):
+    """A job reference (an id prefix or a name) that fits more than one job."""
+
+    def __init__(self, ref: str, candidates: list[JobInfo]) -> None:
+        listed = "; ".join(f"{j.id} ({j.name}, {j.outcome or j.state})" for j in candidates)
+        super().__init__(
+            f"{ref!r} fits {len(candidates)} jobs or more: {listed}; give more of the id"
+        )
+        self.ref = ref
+        self.candidates = candidates
+
+
+JOB_REFERENCE = (
+    "a job is named by its id, a unique prefix of it (6 characters or more), or its exact name"
+)
+
+
 class Operator(Protocol):
     """What the control socket asks of the daemon: the operations layer (batchd/ops.py),
     or a fake in the control server's own tests."""
@@ -172,22 +192,36 @@ class Operator(Protocol):
     async def status(self) -> StatusResponse: ...
 
     async def jobs(
-        self, states: list[str] | None, name: str | None, limit: int, offset: int
+        self,
+        states: list[str] | None,
+        name: str | None,
+        limit: int,
+        offset: int,
+        *,
+        outcomes: list[str] | None = None,
+        newest_first: bool = True,
+        before: str | None = None,
     ) -> JobList:
-        """A page of jobs; `ValueError` for an unknown state."""
+        """A page of jobs; `ValueError` for an unknown state or outcome, or a `before`
+        that names no job."""
         ...
 
-    async def job(self, job_id: str, *, detail: bool = True) -> JobInfo | None: ...
+    # A job is named by a reference (JOB_REFERENCE); None when it fits no job,
+    # `AmbiguousJob` when it fits several.
 
-    async def cancel(self, job_id: str) -> ActionResponse | None: ...
+    async def job(self, ref: str, *, detail: bool = True) -> JobInfo | None: ...
 
-    async def retry(self, job_id: str) -> ActionResponse | None: ...
+    async def cancel(self, ref: str) -> ActionResponse | None: ...
 
-    def pause(self) -> ActionResponse: ...
+    async def retry(self, ref: str) -> ActionResponse | None: ...
 
-    def resume(self) -> ActionResponse: ...
+    async def pause(self) -> ActionResponse: ...
 
-    def drain(self) -> ActionResponse: ...
+    async def resume(self) -> ActionResponse:
+        """Take files again, and call off a drain."""
+        ...
+
+    async def drain(self) -> ActionResponse: ...
 
     async def metrics(self) -> dict[str, Any]: ...
 

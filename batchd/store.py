@@ -118,17 +118,30 @@ def _encode(column: str, value: Any) -> Any:
     return value
 
 
-def _job_filter(states: Iterable[JobState] | None, name: str | None) -> tuple[str, list[Any]]:
+def _job_filter(
+    states: Iterable[JobState] | None,
+    name: str | None,
+    outcomes: Iterable[str] | None = None,
+) -> tuple[str, list[Any]]:
     clauses: list[str] = []
     args: list[Any] = []
     if states is not None:
         wanted = list(states)
         clauses.append(f"state IN ({', '.join('?' * len(wanted))})")
         args.extend(wanted)
+    if outcomes is not None:
+        told = list(outcomes)
+        clauses.append(f"outcome IN ({', '.join('?' * len(told))})")
+        args.extend(told)
     if name:
         clauses.append("instr(name, ?) > 0")
         args.append(name)
     return (f"WHERE {' AND '.join(clauses)}" if clauses else ""), args
+
+
+# Job ids are lowercase hex; a reference made of these may be a prefix of one.
+_ID_CHARS = frozenset("0123456789abcdef")
+MIN_ID_PREFIX = 6
 
 
 def _assignments(allowed: frozenset[str], fields: dict[str, Any]) -> tuple[str, list[Any]]:
@@ -349,16 +362,46 @@ class Store:
         states: Iterable[JobState] | None = None,
         *,
         name: str | None = None,
+        outcomes: Iterable[str] | None = None,
         limit: int | None = None,
         offset: int = 0,
+        newest_first: bool = False,
+        before: Job | None = None,
     ) -> list[Job]:
-        """Jobs in the given states (all of them unless `limit` says otherwise), oldest
-        first."""
-        where, args = _job_filter(states, name)
+        """Jobs in the given states, with the given outcomes, whose name contains `name`
+        (all of them unless `limit` says otherwise), oldest first or newest first. With
+        `before`, only the jobs that come after that one in this order: a page that
+        starts where the last one ended, whatever was claimed in between."""
+        where, args = _job_filter(states, name, outcomes)
+        if before is not None:
+            beyond = "<" if newest_first else ">"
+            cursor = f"(created_at, id) {beyond} (?, ?)"
+            where = f"{where} AND {cursor}" if where else f"WHERE {cursor}"
+            args.extend([before.created_at, before.id])
+        order = "created_at DESC, id DESC" if newest_first else "created_at, id"
         args.extend([-1 if limit is None else limit, offset])
         async with self._db.execute(
-            f"SELECT * FROM jobs {where} ORDER BY created_at, id LIMIT ? OFFSET ?",  # noqa: S608
+            f"SELECT * FROM jobs {where} ORDER BY {order} LIMIT ? OFFSET ?",  # noqa: S608
             args,
+        ) as cur:
+            rows = await cur.fetchall()
+        return [Job.from_row(r) for r in rows]
+
+    async def find_jobs(self, ref: str, limit: int = 10) -> list[Job]:
+        """The jobs an operator may mean by `ref`: the job with that id; else every job
+        whose id starts with it (6 characters or more) or whose name is exactly it, newest
+        first, `limit` at most."""
+        exact = await self.get_job(ref)
+        if exact is not None:
+            return [exact]
+        clauses, args = ["name = ?"], [ref]
+        if len(ref) >= MIN_ID_PREFIX and set(ref) <= _ID_CHARS:
+            clauses.append("id GLOB ?")  # hex only: nothing to escape; uses the key's index
+            args.append(ref + "*")
+        async with self._db.execute(
+            f"SELECT * FROM jobs WHERE {' OR '.join(clauses)}"  # noqa: S608
+            " ORDER BY created_at DESC, id DESC LIMIT ?",
+            [*args, limit],
         ) as cur:
             rows = await cur.fetchall()
         return [Job.from_row(r) for r in rows]
@@ -388,9 +431,12 @@ class Store:
         }
 
     async def count_jobs(
-        self, states: Iterable[JobState] | None = None, name: str | None = None
+        self,
+        states: Iterable[JobState] | None = None,
+        name: str | None = None,
+        outcomes: Iterable[str] | None = None,
     ) -> int:
-        where, args = _job_filter(states, name)
+        where, args = _job_filter(states, name, outcomes)
         async with self._db.execute(f"SELECT COUNT(*) FROM jobs {where}", args) as cur:  # noqa: S608
             row = await cur.fetchone()
         return int(row[0]) if row else 0
@@ -706,6 +752,24 @@ class Store:
             rows = await cur.fetchall()
         by_model = {r[0]: r[1] for r in rows}
         return sum(by_model.values()), by_model
+
+    # -- flags: an operator's decisions that outlive a restart ---------------------------
+
+    async def flag(self, name: str) -> str | None:
+        async with self._db.execute("SELECT value FROM flags WHERE name = ?", (name,)) as cur:
+            row = await cur.fetchone()
+        return str(row[0]) if row else None
+
+    async def set_flag(self, name: str, value: str | None) -> None:
+        """Set a flag, durably; None clears it."""
+        if value is None:
+            await self._write("DELETE FROM flags WHERE name = ?", (name,))
+        else:
+            await self._write(
+                "INSERT INTO flags (name, value) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                (name, value),
+            )
 
     async def part_counts(self) -> dict[str, int]:
         async with self._db.execute("SELECT state, COUNT(*) FROM parts GROUP BY state") as cur:

@@ -21,6 +21,9 @@ from batchd.client import Client, RequestFailed, Unreachable
 from batchd.protocol import ActionResponse, to_builtins
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+# Jobs a table lists unless told otherwise.
+DEFAULT_LIST = 100
+JOB_HELP = "job id, a unique prefix of it (6+ characters) or the job's exact name"
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -71,10 +74,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(body)
         return EXIT_OK
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = _console()
     console.print(
         f"batchd {body.version} (pid {body.pid}) up {body.uptime_s:.0f} s, "
         f"provider {body.provider} ({body.base_url})"
@@ -124,34 +126,75 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _split(text: str | None) -> list[str] | None:
+    return [s for s in (text or "").split(",") if s] or None
+
+
+def _console() -> Any:
+    """A console for tables; when piped, wide enough that no id or name is cut."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=10_000)
+
+
 @_guard
 def cmd_jobs(args: argparse.Namespace) -> int:
-    """List jobs, oldest first, filtered by state and name."""
-    states = [s for s in (args.state or "").split(",") if s] or None
-    listing = _client(args).jobs(
-        states=states, name=args.name, limit=args.limit, offset=args.offset
-    )
+    """List jobs, newest first: the 100 newest unless told otherwise (`--json`: every
+    job that matches unless `--limit`)."""
+    client = _client(args)
+    filters: dict[str, Any] = {
+        "states": _split(args.state),
+        "statuses": _split(args.status),
+        "name": args.name,
+        "newest_first": not args.oldest,
+    }
+    everything = args.all or (args.json and args.limit is None)
+    if everything:
+        jobs = list(client.all_jobs(**filters))
+        total, more = len(jobs), False
+    else:
+        limit = args.limit or DEFAULT_LIST
+        jobs = []
+        before = None
+        while len(jobs) < limit:  # a page holds 1000 at most
+            page = client.jobs(limit=min(limit - len(jobs), 1000), before=before, **filters)
+            jobs += page.jobs
+            total, more = page.total, page.more
+            if not page.more or not page.jobs:
+                break
+            before = page.jobs[-1].id
     if args.json:
-        _print_json(listing.jobs)  # a JSON array of jobs, for scripts
+        _print_json(jobs)  # a JSON array of jobs, for scripts
         return EXIT_OK
-    from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"jobs ({len(listing.jobs)} of {listing.total})")
-    for column in ("id", "name", "state", "status", "requests", "done", "failed", "claimed"):
-        table.add_column(column)
-    for job in listing.jobs:
+    shown = f"{len(jobs)} of {total}" + ("; --all or --limit N for more" if more else "")
+    table = Table(title=f"jobs, {'oldest' if args.oldest else 'newest'} first ({shown})")
+    for column in ("id", "name", "state", "status", "requests", "done", "failed"):
+        table.add_column(column, no_wrap=column in ("id", "name"))
+    table.add_column("claimed (UTC)", no_wrap=True)
+    for job in jobs:
         table.add_row(
             job.id,
             job.name,
             job.state,
             job.outcome or "-",
-            str(job.requests or "-"),
+            str(job.requests if job.requests is not None else "-"),
             str(job.completed),
             str(job.failed),
             _when(job.created_at),
         )
-    Console().print(table)
+    _console().print(table)
     return EXIT_OK
 
 
@@ -162,10 +205,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(job)
         return EXIT_OK
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = _console()
     console.print(
         f"[bold]{job.id}[/] {job.name} ({job.inbox_name}): {job.state}"
         + (f", {job.outcome}" if job.outcome else "")
@@ -202,7 +244,8 @@ def cmd_show(args: argparse.Namespace) -> int:
                 console.print(f"    {kind} file unavailable: {why}")
     report = job.report or {}
     for err in (report.get("errors") or [])[:20]:
-        console.print(f"  line {err['line']}: {err['code']}: {err['message']}")
+        where = f"line {err['line']}: " if err.get("line") is not None else ""
+        console.print(f"  {where}{err['code']}: {err['message']}")
     return EXIT_OK
 
 
@@ -229,11 +272,20 @@ def _without_args(
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Exit 0 when the daemon answers and is healthy, 1 otherwise (for monitoring)."""
+    """Exit 0 when the daemon answers and is healthy, 1 with the reason when it is not,
+    3 when it does not answer (for monitoring; `--quiet` prints nothing)."""
+
+    def say(text: str) -> None:
+        if not args.quiet:
+            print(f"batchd check: {text}", file=sys.stderr)
+
     try:
         body = _client(args).status()
-    except (Unreachable, RequestFailed) as exc:
-        print(f"batchd check: {exc}", file=sys.stderr)
+    except Unreachable as exc:
+        say(str(exc))
+        return EXIT_UNREACHABLE
+    except RequestFailed as exc:
+        say(exc.message)
         return EXIT_FAILED
     if body.healthy:
         if not args.quiet:
@@ -244,47 +296,66 @@ def cmd_check(args: argparse.Namespace) -> int:
         or (body.problems[0].note if body.problems else None)
         or "a stage has stopped"
     )
-    print(f"batchd check: unhealthy: {reason}", file=sys.stderr)
+    say(f"unhealthy: {reason}")
     return EXIT_FAILED
 
 
 @_guard
 def cmd_watch(args: argparse.Namespace) -> int:
-    """Live progress bars per running job, fed by the daemon's event stream."""
+    """Live progress bars per job in flight, fed by the daemon's event stream."""
     from rich.progress import BarColumn, Progress, TaskID, TextColumn
 
     client = _client(args)
-    listing = client.jobs(states=["running"], limit=1000)
+    listing = client.jobs(states=["claimed", "running", "publishing"], limit=1000)
+    console = _console()
+    if not listing.jobs:
+        until = f" for {args.seconds:g} s" if args.seconds else " (Ctrl-C to stop)"
+        console.print(f"no job is in flight; watching for new ones{until}")
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[counts]}"),
         TextColumn("{task.fields[note]}"),
+        console=console,
     )
     bars: dict[str, TaskID] = {}
+    totals: dict[str, int | None] = {}
     done_by_part: dict[str, dict[int, int]] = {}
 
-    def bar(job_id: str, name: str, total: int | None) -> TaskID:
+    def show(job_id: str, done: int | None = None, note: str | None = None) -> None:
+        total = totals.get(job_id)
+        fields: dict[str, Any] = {}
+        if note is not None:
+            fields["note"] = note
+        if done is None:
+            done = int(progress.tasks[bars[job_id]].completed)
+        fields["counts"] = f"{done}/{total if total is not None else '?'}"
+        progress.update(bars[job_id], completed=done, total=total, **fields)
+
+    def bar(job_id: str, name: str | None, total: int | None, note: str) -> None:
+        if total is not None:
+            totals[job_id] = total
         if job_id not in bars:
-            bars[job_id] = progress.add_task(f"{name} ({job_id})", total=total or None, note="")
-        return bars[job_id]
+            label = f"{name or 'job'} ({job_id})"
+            bars[job_id] = progress.add_task(label, total=total, counts="", note=note)
+        show(job_id, note=note)
 
     for job in listing.jobs:
-        bar(job.id, job.name, job.requests)
-        progress.update(bars[job.id], completed=job.completed + job.failed)
+        bar(job.id, job.name, job.requests, job.state)
+        show(job.id, done=job.completed + job.failed)
     with progress:
         for event in client.events(seconds=args.seconds or None):
             if not event.job_id:
                 continue
-            task = bar(event.job_id, event.job_id, None)
-            if event.type == "part" and event.request_counts:
+            if event.type == "job":
+                bar(event.job_id, event.name, event.requests, event.outcome or event.state or "")
+            elif event.type == "part" and event.request_counts:
+                bar(event.job_id, None, None, "running")
                 counts = event.request_counts
                 done_by_part.setdefault(event.job_id, {})[event.part or 0] = counts.get(
                     "completed", 0
                 ) + counts.get("failed", 0)
-                progress.update(task, completed=sum(done_by_part[event.job_id].values()))
-            if event.type == "job" and event.state:
-                progress.update(task, note=event.outcome or event.state)
+                show(event.job_id, done=sum(done_by_part[event.job_id].values()))
     return EXIT_OK
 
 
@@ -347,23 +418,34 @@ def register(sub: Any) -> None:
     p = sub.add_parser("jobs")
     common(p)
     p.add_argument("--state", help="comma-separated states (claimed, running, published, ...)")
+    p.add_argument(
+        "--status",
+        help="comma-separated statuses of published jobs "
+        "(completed, partial, failed, cancelled, expired, rejected)",
+    )
     p.add_argument("--name", help="only jobs whose name contains this")
-    p.add_argument("--limit", type=int, default=100)
-    p.add_argument("--offset", type=int, default=0)
+    many = p.add_mutually_exclusive_group()
+    many.add_argument(
+        "--limit",
+        type=_positive,
+        help=f"at most N jobs (default: {DEFAULT_LIST}; with --json, every job)",
+    )
+    many.add_argument("--all", action="store_true", help="every job that matches")
+    p.add_argument("--oldest", action="store_true", help="oldest first")
     p.set_defaults(handler=cmd_jobs)
 
     p = sub.add_parser("show")
     common(p)
-    p.add_argument("job", help="job id")
+    p.add_argument("job", help=JOB_HELP)
     p.set_defaults(handler=cmd_show)
 
     p = sub.add_parser("cancel")
     common(p)
-    p.add_argument("job", help="job id")
+    p.add_argument("job", help=JOB_HELP)
     p.set_defaults(handler=_action(lambda client, args: client.cancel(args.job)))
     p = sub.add_parser("retry")
     common(p)
-    p.add_argument("job", help="job id")
+    p.add_argument("job", help=JOB_HELP)
     p.set_defaults(handler=_action(lambda client, args: client.retry(args.job)))
     for name, call in (
         ("pause", Client.pause),

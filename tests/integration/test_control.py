@@ -240,7 +240,10 @@ def test_cli_says_the_daemon_is_unreachable_with_exit_3(
     code = main(["status", "--socket", str(tmp_path / "none.sock")])
     err = capsys.readouterr().err
     assert code == 3 and str(tmp_path / "none.sock") in err
-    assert main(["check", "--socket", str(tmp_path / "none.sock")]) == 1
+    assert main(["check", "--socket", str(tmp_path / "none.sock")]) == 3
+    assert "none.sock" in capsys.readouterr().err
+    assert main(["check", "--quiet", "--socket", str(tmp_path / "none.sock")]) == 3
+    assert capsys.readouterr() == ("", "")  # --quiet: nothing at all, only the exit code
 
 
 def test_submit_copies_atomically_without_a_daemon(

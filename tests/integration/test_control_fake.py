@@ -76,7 +76,15 @@ class FakeOperator:
         )
 
     async def jobs(
-        self, states: list[str] | None, name: str | None, limit: int, offset: int
+        self,
+        states: list[str] | None,
+        name: str | None,
+        limit: int,
+        offset: int,
+        *,
+        outcomes: list[str] | None = None,
+        newest_first: bool = True,
+        before: str | None = None,
     ) -> JobList:
         if states and "bogus" in states:
             raise ValueError("unknown state in ['bogus']")
@@ -94,14 +102,14 @@ class FakeOperator:
     async def retry(self, job_id: str) -> ActionResponse | None:
         return ActionResponse(ok=True, message="requeued") if job_id == JOB.id else None
 
-    def pause(self) -> ActionResponse:
+    async def pause(self) -> ActionResponse:
         self.asked.append("pause")
         return ActionResponse(ok=True, message="intake paused")
 
-    def resume(self) -> ActionResponse:
+    async def resume(self) -> ActionResponse:
         return ActionResponse(ok=True, message="intake resumed")
 
-    def drain(self) -> ActionResponse:
+    async def drain(self) -> ActionResponse:
         self.asked.append("drain")
         return ActionResponse(ok=True, message="draining")
 

@@ -1,0 +1,124 @@
+"""Finding jobs as an operator or a script does (issue 14): newest first, every job
+reachable, filters, and a job named by a prefix of its id or by its name."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from batchd.cli import main
+from batchd.client import AsyncClient, Client, RequestFailed
+from batchd.testing import (
+    StartEmulator,
+    daemon_settings,
+    drop,
+    published_jobs,
+    requests,
+    running_daemon,
+    wait_published,
+)
+
+
+async def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = await asyncio.to_thread(main, list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+async def test_jobs_newest_first_every_one_reachable_and_named_by_prefix_or_name(
+    start_emulator: StartEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    emulator = await start_emulator(time_scale=3000)
+    settings = daemon_settings(tmp_path / "r", emulator)
+    sock = str(settings.socket_path)
+    inbox, outbox = settings.paths.folder("inbox"), settings.paths.folder("outbox")
+    async with running_daemon(settings) as daemon:
+        # One at a time, so that the order of claiming is known; "same" twice.
+        for n, name in enumerate(["alpha", "same", "beta", "same", "gamma"], start=1):
+            drop(inbox, f"{name}.jsonl", requests(2, prefix=f"{name}{n}-"))
+            await wait_published(outbox, n, emulator)
+        await published_jobs(daemon, 5)
+        drop(inbox, "bad.jsonl", b'{"custom_id": "x"}\n')  # rejected: no method, no url
+        await wait_published(outbox, 6, emulator)
+        await published_jobs(daemon, 6)
+
+        code, out, _ = await cli(capsys, "jobs", "--socket", sock, "--json")
+        listed = json.loads(out)
+        assert code == 0 and [j["name"] for j in listed] == [
+            "bad", "gamma", "same", "beta", "same", "alpha"
+        ]  # fmt: skip
+        code, out, _ = await cli(capsys, "jobs", "--socket", sock, "--json", "--oldest")
+        assert [j["name"] for j in json.loads(out)][:2] == ["alpha", "same"]
+        code, out, _ = await cli(capsys, "jobs", "--socket", sock, "--json", "--limit", "2")
+        assert [j["name"] for j in json.loads(out)] == ["bad", "gamma"]
+        code, out, _ = await cli(capsys, "jobs", "--socket", sock, "--json", "--status", "rejected")
+        assert [j["name"] for j in json.loads(out)] == ["bad"]
+        code, out, _ = await cli(
+            capsys, "jobs", "--socket", sock, "--json", "--status", "completed", "--name", "am"
+        )
+        assert [j["name"] for j in json.loads(out)] == ["same", "same"]
+        code, _, err = await cli(capsys, "jobs", "--socket", sock, "--status", "done")
+        assert code == 1 and "unknown status" in err and "\n" not in err.strip()
+        # A table says how many more there are, and cuts no id even when piped.
+        code, out, _ = await cli(capsys, "jobs", "--socket", sock, "--limit", "3")
+        assert code == 0 and "3 of 6" in out and "--all" in out
+        assert all(j["id"] in out for j in listed[:3])
+        code, out, _ = await cli(capsys, "jobs", "--socket", sock, "--all")
+        assert "6 of 6" in out and all(j["id"] in out for j in listed)
+
+        # Pages follow on from the last job seen, whatever is claimed meanwhile.
+        client = Client(sock)
+        first = await asyncio.to_thread(client.jobs, limit=4)
+        assert first.more and first.total == 6 and len(first.jobs) == 4
+        drop(inbox, "late.jsonl", requests(1, prefix="late-"))
+        await wait_published(outbox, 7, emulator)
+        rest = await asyncio.to_thread(client.jobs, limit=4, before=first.jobs[-1].id)
+        assert not rest.more and [j.id for j in rest.jobs] == [j["id"] for j in listed[4:]]
+        every = [j.name async for j in AsyncClient(sock).all_jobs()]
+        assert every[0] == "late" and len(every) == 7
+
+        # A job by a unique prefix of its id, or by its exact name.
+        alpha = listed[-1]
+        for ref in (alpha["id"][:6], alpha["id"][:12], "alpha"):
+            code, out, _ = await cli(capsys, "show", "--socket", sock, "--json", ref)
+            assert code == 0 and json.loads(out)["id"] == alpha["id"], ref
+        code, _, err = await cli(capsys, "show", "--socket", sock, "same")
+        same = [j["id"] for j in listed if j["name"] == "same"]
+        assert code == 1 and "fits 2 jobs" in err and all(i in err for i in same)
+        with pytest.raises(RequestFailed) as ambiguous:
+            await asyncio.to_thread(client.job, "same")
+        assert (ambiguous.value.status, ambiguous.value.code) == (409, "ambiguous_job")
+        code, _, err = await cli(capsys, "show", "--socket", sock, alpha["id"][:5])
+        assert code == 1 and "no job" in err and "6 characters" in err  # too short a prefix
+        code, _, err = await cli(capsys, "cancel", "--socket", sock, "gamma")
+        assert code == 1 and "already published" in err
+
+
+async def test_a_pause_outlives_a_restart_and_resume_calls_off_a_drain(
+    start_emulator: StartEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    emulator = await start_emulator(time_scale=3000)
+    settings = daemon_settings(tmp_path / "r", emulator)
+    sock = str(settings.socket_path)
+    inbox, outbox = settings.paths.folder("inbox"), settings.paths.folder("outbox")
+    async with running_daemon(settings):
+        code, out, _ = await cli(capsys, "pause", "--socket", sock)
+        assert code == 0 and "paused" in out
+    async with running_daemon(settings) as daemon:
+        status = await asyncio.to_thread(Client(sock).status)
+        assert status.intake_paused
+        drop(inbox, "held.jsonl", requests(2))
+        await asyncio.sleep(0.5)
+        assert (inbox / "held.jsonl").exists()  # still paused after the restart
+        code, out, _ = await cli(capsys, "drain", "--socket", sock)
+        assert code == 0
+        code, out, _ = await cli(capsys, "resume", "--socket", sock)
+        assert code == 0 and "called off" in out
+        await wait_published(outbox, 1, emulator)
+        await asyncio.sleep(0.5)
+        assert not daemon.stopping.is_set()  # the drain was called off: it keeps running
+        status = await asyncio.to_thread(Client(sock).status)
+        assert not status.intake_paused and not status.draining
