@@ -24,9 +24,10 @@ import os
 import socket as socketlib
 import time
 import tomllib
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import ExitStack
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import quote, urlencode
 
 import msgspec
@@ -50,6 +51,9 @@ DEFAULT_ROOT = Path("/var/lib/batchd")
 SOCKET_NAME = "control.sock"
 # Jobs asked for at a time when listing them all (the daemon's most).
 PAGE = 1000
+# A job in one of these states has ended: published (any status), or parked for an
+# operator.
+ENDED_STATES = frozenset({"published", "parked"})
 
 
 class ClientError(Exception):
@@ -112,6 +116,25 @@ def socket_path(
     return Path(key("paths", "root") or DEFAULT_ROOT) / SOCKET_NAME
 
 
+def inbox_path(
+    *,
+    root: str | os.PathLike[str] | None = None,
+    config: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Path:
+    """The inbox, found as `batchd run` would (see `socket_path`): `[paths] inbox`, else
+    ROOT/inbox."""
+    env = {k.upper(): v for k, v in (os.environ if environ is None else environ).items()}
+    table = _toml(Path(config)) if config is not None else {}
+    own = env.get("BATCHD_PATHS__INBOX") or (table.get("paths") or {}).get("inbox")
+    if own:
+        return Path(str(own))
+    if root is not None:
+        return Path(root) / "inbox"
+    found = env.get("BATCHD_PATHS__ROOT") or (table.get("paths") or {}).get("root")
+    return Path(str(found or DEFAULT_ROOT)) / "inbox"
+
+
 def _toml(path: Path) -> dict[str, dict[str, object]]:
     try:
         with path.open("rb") as fh:
@@ -121,6 +144,59 @@ def _toml(path: Path) -> dict[str, dict[str, object]]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"configuration file {path}: {exc}") from None
     return {k: v for k, v in data.items() if isinstance(v, dict)}
+
+
+class Queued(msgspec.Struct, frozen=True, kw_only=True):
+    """A file placed in the inbox by `queue_file`."""
+
+    source: Path
+    target: Path  # the data file in the inbox
+    sidecar: Path  # its NAME.meta.json (options, and the token)
+    submit_id: str  # the token the job will carry (`Client.jobs(submit_id=...)`)
+
+
+def queue_file(
+    source: str | os.PathLike[str],
+    inbox: str | os.PathLike[str],
+    *,
+    name: str | None = None,
+    options: Mapping[str, object] | None = None,
+    suffixes: Sequence[str] = (".jsonl", ".csv"),
+) -> Queued:
+    """Place a file in the inbox as the daemon expects it: first its sidecar (the job's
+    options and a fresh `submit_id` token), then the data, each written under a hidden
+    name, fsynced and renamed, so the daemon never claims a half-written file and always
+    finds the sidecar with it. `name` renames the job (and its files in the inbox). An
+    existing file of that name is never overwritten (`FileExistsError`); a source that
+    is not an input is a `ValueError`."""
+    import secrets
+    import shutil
+
+    from batchd.fsutil import atomic_output, write_atomic
+
+    src, folder = Path(source), Path(inbox)
+    lower = src.name.lower()
+    suffix = next((x for x in suffixes if lower.endswith(x) and len(lower) > len(x)), None)
+    if suffix is None:
+        raise ValueError(f"{src}: not an input (expected {', '.join(suffixes)})")
+    stem = src.name[: -len(suffix)] if name is None else name
+    if not stem or stem.startswith(".") or "/" in stem or "\0" in stem:
+        raise ValueError(f"{stem!r} cannot name a job (no '/', not starting with '.')")
+    target = folder / f"{stem}{suffix}"
+    sidecar = folder / f"{stem}.meta.json"
+    for path in (target, sidecar):
+        if path.exists() or path.is_symlink():
+            raise FileExistsError(f"{path} is already in the inbox; give another --name")
+    token = secrets.token_hex(16)
+    meta = {**(options or {}), "submit_id": token}
+    write_atomic(sidecar, msgspec.json.encode(meta))
+    try:
+        with src.open("rb") as fh, atomic_output(target) as out:
+            shutil.copyfileobj(fh, out, 1 << 20)
+    except BaseException:
+        sidecar.unlink(missing_ok=True)
+        raise
+    return Queued(source=src, target=target, sidecar=sidecar, submit_id=token)
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -162,6 +238,7 @@ class _Answers:
         offset: int,
         newest_first: bool,
         before: str | None,
+        submit_id: str | None = None,
     ) -> str:
         params = {
             "limit": str(limit),
@@ -176,6 +253,8 @@ class _Answers:
             params["name"] = name
         if before:
             params["before"] = before
+        if submit_id:
+            params["submit_id"] = submit_id
         return "/jobs?" + urlencode(params)
 
     @staticmethod
@@ -243,13 +322,15 @@ class Client(_Answers):
         offset: int = 0,
         newest_first: bool = True,
         before: str | None = None,
+        submit_id: str | None = None,
     ) -> JobList:
         """A page of jobs (`limit` at most 1000), newest first unless told otherwise,
         filtered by state (`claimed`, `running`, `published`, ...), by status once
         published (`completed`, `partial`, `failed`, `cancelled`, `expired`,
         `rejected`) and by a part of the name. `more` says whether another page follows:
-        ask for it with `before` = the last job's id."""
-        url = self._jobs_url(states, statuses, name, limit, offset, newest_first, before)
+        ask for it with `before` = the last job's id. `submit_id`: the job a file queued
+        with that token became (`queue_file`)."""
+        url = self._jobs_url(states, statuses, name, limit, offset, newest_first, before, submit_id)
         return self._call("GET", url, JobList)
 
     def all_jobs(
@@ -322,6 +403,65 @@ class Client(_Answers):
                     yield decode(line, Event)
         finally:
             conn.close()
+
+    # -- submitting and waiting ------------------------------------------------------------
+
+    def submit(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        name: str | None = None,
+        options: Mapping[str, object] | None = None,
+        timeout_s: float = 60.0,
+    ) -> JobInfo:
+        """Queue a file in the daemon's inbox (see `queue_file`) and return its job once
+        the daemon has claimed it. `options` are the sidecar's (`model`,
+        `completion_window`, `priority`, ...). `TimeoutError` when no claim came within
+        `timeout_s` (is the intake paused?); the file stays queued."""
+        status = self.status()
+        queued = queue_file(
+            path, status.inbox, name=name, options=options, suffixes=status.input_suffixes
+        )
+        return self.claimed(queued.submit_id, timeout_s)
+
+    def claimed(self, submit_id: str, timeout_s: float = 60.0) -> JobInfo:
+        """The job that the file queued with `submit_id` became, once claimed."""
+        deadline = time.monotonic() + timeout_s
+        pause = 0.1
+        while True:
+            page = self.jobs(submit_id=submit_id, limit=1)
+            if page.jobs:
+                return page.jobs[0]
+            if time.monotonic() + pause > deadline:
+                raise TimeoutError(
+                    f"the daemon on {self.path} did not claim the file within {timeout_s:g} s"
+                    " (is its intake paused?); it stays queued in the inbox"
+                )
+            time.sleep(pause)
+            pause = min(pause * 2, 1.0)
+
+    def wait(self, job_id: str, timeout: float | None = None) -> JobInfo:
+        """The job once it is published (any status) or parked (it needs an operator);
+        `TimeoutError` after `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.2
+        while True:
+            job = self.job(job_id)
+            if job.state in ENDED_STATES:
+                return job
+            if deadline is not None and time.monotonic() + pause > deadline:
+                raise TimeoutError(f"job {job.id} is still {job.state} after {timeout:g} s")
+            time.sleep(pause)
+            pause = min(pause * 1.5, 2.0)
+
+    def results(self, job_id: str) -> Iterator[dict[str, Any]]:
+        """Every request of a published job, in input order: a dict with `custom_id` and
+        either `response` (the service's answer) or `error` (why there is none), as the
+        outbox's result.jsonl and error.jsonl hold them."""
+        job = self.job(job_id)
+        if job.state != "published" or not job.outbox:
+            raise RequestFailed(409, "not_published", f"job {job.id} is {job.state}")
+        return read_results(Path(job.outbox))
 
     # -- actions ------------------------------------------------------------------------
 
@@ -477,3 +617,59 @@ class AsyncClient(_Answers):
                 return resp.status, await resp.read()
         except (OSError, aiohttp.ClientError) as exc:
             raise self._unreachable(exc) from None
+
+
+def read_results(folder: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """The requests of an outbox folder in input order (see `Client.results`): each a dict
+    with `custom_id` and either `response` (the answer, from result.jsonl) or `error` (why
+    there is none, from error.jsonl: the service's error, or the failed response's, or
+    batchd's own) and its `input_line`. Both files are in input order and every error
+    line says its `input_line`, so the two are merged as they are read, one line of each
+    in memory at a time."""
+    base = Path(folder)
+    with ExitStack() as stack:
+        results = _lines(stack, base / "result.jsonl")
+        errors = _lines(stack, base / "error.jsonl")
+        error = next(errors, None)
+        number = 0
+        while True:
+            number += 1
+            if error is not None and error.get("input_line") == number:
+                yield _failure(error)
+                error = next(errors, None)
+                continue
+            result = next(results, None)
+            if result is None:
+                break
+            yield {"custom_id": result.get("custom_id"), "response": result.get("response")}
+        while error is not None:  # an error line whose input_line is out of step
+            yield _failure(error)
+            error = next(errors, None)
+
+
+def _failure(line: dict[str, Any]) -> dict[str, Any]:
+    error = line.get("error")
+    if not error:
+        response = line.get("response")
+        body = response.get("body") if isinstance(response, dict) else None
+        error = (body.get("error") if isinstance(body, dict) else None) or response
+    return {
+        "custom_id": line.get("custom_id"),
+        "error": error,
+        "input_line": line.get("input_line"),
+    }
+
+
+def _lines(stack: ExitStack, path: Path) -> Iterator[dict[str, Any]]:
+    from batchd.lines import read_line
+
+    if not path.exists():
+        return iter(())
+    fh = stack.enter_context(path.open("rb"))
+    return (
+        value
+        if (value := read_line(raw)) is not None
+        else {"custom_id": None, "raw": raw.decode("utf-8", "replace")}
+        for raw in fh
+        if raw.strip()
+    )

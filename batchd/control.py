@@ -520,6 +520,7 @@ class ControlServer:
                 outcomes=outcomes,
                 newest_first=order == "newest",
                 before=q.get("before"),
+                submit_id=q.get("submit_id"),
             )
         except ValueError as exc:
             return error(400, "bad_request", str(exc))

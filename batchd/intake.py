@@ -40,7 +40,16 @@ TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", "~", ".swp")
 SIDECAR_SUFFIXES = (".meta.json",)
 MAX_SIDECAR_BYTES = 64 * 1024
 SIDECAR_KEYS = frozenset(
-    {"completion_window", "ds_name", "ds_description", "model", "system_prompt", "priority"}
+    {
+        "completion_window",
+        "ds_name",
+        "ds_description",
+        "model",
+        "system_prompt",
+        "priority",
+        # `batchd submit`'s token: how it finds the job its file became.
+        "submit_id",
+    }
 )
 
 

@@ -209,6 +209,9 @@ class Operations:
             provider=self.settings.profile.name,
             base_url=self.settings.profile.base_url,
             root=str(self.settings.paths.root),
+            inbox=str(self.settings.paths.folder("inbox")),
+            outbox=str(self.settings.paths.folder("outbox")),
+            input_suffixes=list(self.settings.intake.suffixes),
             intake_paused=self.intake.paused,
             draining=self.draining,
             account_paused=self.account.paused_reason,
@@ -259,7 +262,7 @@ class Operations:
             inbox_name=job.inbox_name,
             kind=job.kind,
             state=job.state,
-            outcome=job.outcome,
+            status=job.outcome,
             requests=requests if isinstance(requests, int) else None,
             completed=completed,
             failed=failed,
@@ -267,7 +270,7 @@ class Operations:
             sha256=job.sha256,
             cancel_requested=job.cancel_requested,
             error=job.error,
-            outbox_path=job.outbox_path,
+            outbox=job.outbox_path,
             created_at=job.created_at,
             updated_at=job.updated_at,
             parts=[_part_info(p) for p in parts] if parts is not None else None,
@@ -284,6 +287,7 @@ class Operations:
         outcomes: list[str] | None = None,
         newest_first: bool = True,
         before: str | None = None,
+        submit_id: str | None = None,
     ) -> JobList:
         try:
             wanted = [JobState(s) for s in states] if states else None
@@ -309,10 +313,11 @@ class Operations:
             offset=offset,
             newest_first=newest_first,
             before=after,
+            submit_id=submit_id,
         )
         return JobList(
             jobs=[await self._job_info(j, False) for j in jobs[:limit]],
-            total=await self.store.count_jobs(wanted, name, ended),
+            total=await self.store.count_jobs(wanted, name, ended, submit_id),
             limit=limit,
             offset=offset,
             more=len(jobs) > limit,
@@ -527,8 +532,9 @@ def write_retry_input(
     while (inbox / f"{name}.jsonl").exists() or (inbox / f".{name}.jsonl.tmp").exists():
         n += 1
         name = f"{job.name}-retry{n}"
-    if job.options:
-        write_atomic(inbox / f"{name}.meta.json", orjson.dumps(job.options))
+    options = {k: v for k, v in job.options.items() if k != "submit_id"}  # the first's own
+    if options:
+        write_atomic(inbox / f"{name}.meta.json", orjson.dumps(options))
     tmp = inbox / f".{name}.jsonl.tmp"
     with source.open("rb") as src, tmp.open("wb") as out:
         for number, request in enumerate(src, start=1):

@@ -123,6 +123,11 @@ def limits_from(table: Any) -> ProviderLimits:
     names the key that does not fit."""
     if isinstance(table, ProviderLimits):
         return table
+    if isinstance(table, str | bytes):  # one environment variable holds the table as JSON
+        try:
+            table = msgspec.json.decode(table)
+        except msgspec.DecodeError as exc:
+            raise ValueError(f"not a JSON table: {exc}") from None
     return _convert(table or {}, ProviderLimits)
 
 

@@ -75,6 +75,9 @@ class StatusResponse(_Model, kw_only=True):
     provider: str
     base_url: str
     root: str
+    inbox: str
+    outbox: str
+    input_suffixes: list[str]
     intake_paused: bool
     draining: bool
     account_paused: str | None
@@ -121,7 +124,8 @@ class JobInfo(_Model, kw_only=True):
     inbox_name: str
     kind: str
     state: str
-    outcome: str | None
+    # Once published: completed, partial, failed, cancelled, expired or rejected.
+    status: str | None
     requests: int | None
     completed: int
     failed: int
@@ -129,7 +133,7 @@ class JobInfo(_Model, kw_only=True):
     sha256: str | None
     cancel_requested: bool
     error: str | None
-    outbox_path: str | None
+    outbox: str | None  # the job's folder in the outbox, once published
     created_at: float
     updated_at: float
     parts: list[PartInfo] | None = None
@@ -172,7 +176,7 @@ class AmbiguousJob(Exception):
     """A job reference (an id prefix or a name) that fits more than one job."""
 
     def __init__(self, ref: str, candidates: list[JobInfo]) -> None:
-        listed = "; ".join(f"{j.id} ({j.name}, {j.outcome or j.state})" for j in candidates)
+        listed = "; ".join(f"{j.id} ({j.name}, {j.status or j.state})" for j in candidates)
         super().__init__(
             f"{ref!r} fits {len(candidates)} jobs or more: {listed}; give more of the id"
         )
@@ -201,6 +205,7 @@ class Operator(Protocol):
         outcomes: list[str] | None = None,
         newest_first: bool = True,
         before: str | None = None,
+        submit_id: str | None = None,
     ) -> JobList:
         """A page of jobs; `ValueError` for an unknown state or outcome, or a `before`
         that names no job."""

@@ -122,9 +122,13 @@ def _job_filter(
     states: Iterable[JobState] | None,
     name: str | None,
     outcomes: Iterable[str] | None = None,
+    submit_id: str | None = None,
 ) -> tuple[str, list[Any]]:
     clauses: list[str] = []
     args: list[Any] = []
+    if submit_id is not None:
+        clauses.append("json_extract(options, '$.submit_id') = ?")
+        args.append(submit_id)
     if states is not None:
         wanted = list(states)
         clauses.append(f"state IN ({', '.join('?' * len(wanted))})")
@@ -367,12 +371,13 @@ class Store:
         offset: int = 0,
         newest_first: bool = False,
         before: Job | None = None,
+        submit_id: str | None = None,
     ) -> list[Job]:
         """Jobs in the given states, with the given outcomes, whose name contains `name`
         (all of them unless `limit` says otherwise), oldest first or newest first. With
         `before`, only the jobs that come after that one in this order: a page that
         starts where the last one ended, whatever was claimed in between."""
-        where, args = _job_filter(states, name, outcomes)
+        where, args = _job_filter(states, name, outcomes, submit_id)
         if before is not None:
             beyond = "<" if newest_first else ">"
             cursor = f"(created_at, id) {beyond} (?, ?)"
@@ -435,8 +440,9 @@ class Store:
         states: Iterable[JobState] | None = None,
         name: str | None = None,
         outcomes: Iterable[str] | None = None,
+        submit_id: str | None = None,
     ) -> int:
-        where, args = _job_filter(states, name, outcomes)
+        where, args = _job_filter(states, name, outcomes, submit_id)
         async with self._db.execute(f"SELECT COUNT(*) FROM jobs {where}", args) as cur:  # noqa: S608
             row = await cur.fetchone()
         return int(row[0]) if row else 0

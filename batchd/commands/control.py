@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,8 +18,9 @@ from typing import Any
 
 import orjson
 
-from batchd.client import Client, RequestFailed, Unreachable
-from batchd.protocol import ActionResponse, to_builtins
+from batchd.client import Client, Queued, RequestFailed, Unreachable, inbox_path, queue_file
+from batchd.errors import UsageError
+from batchd.protocol import ActionResponse, JobInfo, to_builtins
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 # Jobs a table lists unless told otherwise.
@@ -136,6 +138,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value:g} must be above 0")
+    return value
+
+
 def _split(text: str | None) -> list[str] | None:
     return [s for s in (text or "").split(",") if s] or None
 
@@ -188,7 +200,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             job.id,
             job.name,
             job.state,
-            job.outcome or "-",
+            job.status or "-",
             str(job.requests if job.requests is not None else "-"),
             str(job.completed),
             str(job.failed),
@@ -210,14 +222,14 @@ def cmd_show(args: argparse.Namespace) -> int:
     console = _console()
     console.print(
         f"[bold]{job.id}[/] {job.name} ({job.inbox_name}): {job.state}"
-        + (f", {job.outcome}" if job.outcome else "")
+        + (f", {job.status}" if job.status else "")
     )
     console.print(
         f"requests {job.requests}, completed {job.completed}, "
         f"failed {job.failed}; claimed {_when(job.created_at)}"
     )
-    if job.outbox_path:
-        console.print(f"outbox {job.outbox_path}")
+    if job.outbox:
+        console.print(f"outbox {job.outbox}")
     if job.error:
         console.print(f"[red]{job.error}[/]")
     table = Table(title="parts")
@@ -359,48 +371,148 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_submit(args: argparse.Namespace) -> int:
-    """Copy files into the inbox atomically (temp name, fsync, rename); no daemon needed."""
-    import shutil
+EXIT_TIMEOUT = 4
 
-    from batchd.config import Settings
-    from batchd.errors import ConfigError
-    from batchd.fsutil import atomic_output
-    from batchd.models import input_kind
 
-    settings = Settings.load(args.config)
-    if args.root:
-        paths = settings.paths.model_copy(update={"root": Path(args.root)})
-        settings = settings.model_copy(update={"paths": paths})
-    inbox = Path(args.inbox) if args.inbox else settings.paths.folder("inbox")
-    if not inbox.is_dir():
-        raise ConfigError(f"inbox {inbox} does not exist")
-    failed = 0
+SIDECAR = ".meta.json"
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        data = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError) as exc:
+        raise UsageError(f"{path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: a sidecar holds a JSON object")
+    return data
+
+
+def _submit_plan(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
+    """Each data file with its options: `--meta FILE`, or --model/--window/--priority,
+    or a NAME.meta.json given beside NAME.jsonl (or .csv) on the command line."""
+    told = {"model": args.model, "completion_window": args.window, "priority": args.priority}
+    flags = {k: v for k, v in told.items() if v is not None}
+    if args.meta is not None and flags:
+        raise UsageError("--meta or --model/--window/--priority, not both")
+    common = _read_meta(Path(args.meta)) if args.meta is not None else flags
+    sidecars = {f[: -len(SIDECAR)]: f for f in args.files if f.lower().endswith(SIDECAR)}
+    plan: list[tuple[str, dict[str, Any]]] = []
     for source in args.files:
-        path = Path(source)
-        if input_kind(path.name, settings.intake.suffixes) is None:
-            print(
-                f"{path}: not an input (expected {', '.join(settings.intake.suffixes)})",
-                file=sys.stderr,
-            )
-            failed += 1
+        if source in sidecars.values():
             continue
-        target = inbox / path.name
-        if target.exists():
-            print(f"{path}: {target} already exists; rename the file", file=sys.stderr)
-            failed += 1
-            continue
+        own = next((m for stem, m in sidecars.items() if source.startswith(stem + ".")), None)
+        if own is not None and common:
+            raise UsageError(f"{own}: options twice (a sidecar and --meta or flags)")
+        plan.append((source, _read_meta(Path(own)) if own is not None else common))
+    used = {m for stem, m in sidecars.items() if any(s.startswith(stem + ".") for s, _ in plan)}
+    for lonely in set(sidecars.values()) - used:
+        raise UsageError(f"{lonely}: a sidecar goes with its data file (NAME.jsonl or NAME.csv)")
+    return plan
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Queue files in the inbox (sidecar first, each atomically) and print the job each
+    became; with --wait, wait until every one is published."""
+    plan = _submit_plan(args)
+    if args.name and len(plan) > 1:
+        raise UsageError("--name names one file's job; give one FILE")
+    client = _client(args)
+    try:
+        status = client.status()
+    except Unreachable as exc:
+        if args.wait:
+            print(f"batchd submit: {exc}", file=sys.stderr)
+            return EXIT_UNREACHABLE
+        status = None
+    if args.inbox:
+        inbox = Path(args.inbox)
+    elif status is not None:
+        inbox = Path(status.inbox)
+    else:
+        inbox = inbox_path(root=args.root, config=args.config)
+    if not inbox.is_dir():
+        raise UsageError(f"inbox {inbox} does not exist")
+    suffixes = status.input_suffixes if status is not None else [".jsonl", ".csv"]
+    queued: list[Queued] = []
+    failed = 0
+    for source, options in plan:
         try:
-            # A hidden temp name the daemon ignores, fsynced, then renamed: never claimed
-            # half-copied.
-            with path.open("rb") as src, atomic_output(target) as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-        except OSError as exc:
-            print(f"{path}: {exc}", file=sys.stderr)
+            queued.append(
+                queue_file(source, inbox, name=args.name, options=options, suffixes=suffixes)
+            )
+        except (ValueError, OSError) as exc:
+            print(f"batchd submit: {source}: {exc}", file=sys.stderr)
+            failed += 1
+    if status is None:
+        for q in queued:
+            print(
+                f"{q.source}: queued as {q.target}; no daemon answers on {client.path}, "
+                "it is claimed when one starts"
+            )
+        if args.json:
+            _print_json([{"file": str(q.source), "queued": str(q.target)} for q in queued])
+        return EXIT_FAILED if failed else EXIT_OK
+    try:
+        return _claimed_and_waited(args, client, queued, failed)
+    except Unreachable as exc:
+        print(f"batchd submit: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except RequestFailed as exc:
+        print(f"batchd submit: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _claimed_and_waited(
+    args: argparse.Namespace, client: Client, queued: list[Queued], failed: int
+) -> int:
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+
+    def left() -> float | None:
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    jobs: list[tuple[Queued, JobInfo]] = []
+    for q in queued:
+        try:
+            job = client.claimed(q.submit_id, min(left() or 60.0, 60.0) if deadline else 60.0)
+        except TimeoutError as exc:
+            print(f"batchd submit: {q.source}: {exc}", file=sys.stderr)
+            if args.wait:
+                return EXIT_TIMEOUT
             failed += 1
             continue
-        print(f"submitted {path} -> {target}")
-    return EXIT_FAILED if failed else EXIT_OK
+        jobs.append((q, job))
+        if not args.json:
+            print(f"{q.source}: job {job.id} ({job.name}) {job.state}")
+    code = EXIT_FAILED if failed else EXIT_OK
+    if args.wait:
+        ended: list[tuple[Queued, JobInfo]] = []
+        for q, job in jobs:
+            try:
+                final = client.wait(job.id, left())
+            except TimeoutError as exc:
+                print(f"batchd submit: {exc}", file=sys.stderr)
+                return EXIT_TIMEOUT
+            ended.append((q, final))
+            if not args.json:
+                print(f"{q.source}: job {final.id} {final.status or final.state}: {final.outbox}")
+            if final.status != "completed":
+                code = EXIT_FAILED
+        jobs = ended
+    if args.json:
+        _print_json(
+            [
+                {
+                    "file": str(q.source),
+                    "id": j.id,
+                    "name": j.name,
+                    "state": j.state,
+                    "status": j.status,
+                    "outbox": j.outbox,
+                }
+                for q, j in jobs
+            ]
+        )
+    return code
 
 
 def register(sub: Any) -> None:
@@ -466,9 +578,22 @@ def register(sub: Any) -> None:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=cmd_check)
 
-    p = sub.add_parser("submit")
-    p.add_argument("--config", type=Path, help="TOML configuration file")
-    p.add_argument("--root", type=Path, help="the daemon's root, as given to `batchd run`")
-    p.add_argument("--inbox", type=Path, help="the inbox (default from the config)")
-    p.add_argument("files", nargs="+", help="JSONL or CSV files")
+    p = sub.add_parser(
+        "submit",
+        description="Queue files in the inbox and print the job each became. Exit codes: 0 "
+        "ok (with --wait: every job completed), 1 a file was refused or (with --wait) a job "
+        "ended otherwise (partial, failed, cancelled, expired, rejected), 2 usage error, "
+        "3 the daemon is not reachable (with --wait; without, the files are queued for "
+        "when it starts), 4 --timeout passed.",
+    )
+    common(p)
+    p.add_argument("--inbox", type=Path, help="the inbox (default: the daemon's)")
+    p.add_argument("--name", help="the job's name (one FILE only; default: the file's)")
+    p.add_argument("--meta", type=Path, help="a JSON file of job options (the sidecar's)")
+    p.add_argument("--model", help="model for a CSV input (sidecar option)")
+    p.add_argument("--window", help="completion window, e.g. 24h or 7d (sidecar option)")
+    p.add_argument("--priority", type=int, help="priority (sidecar option)")
+    p.add_argument("--wait", action="store_true", help="return when every job is published")
+    p.add_argument("--timeout", type=_seconds, help="give up waiting after S seconds (exit 4)")
+    p.add_argument("files", nargs="+", metavar="FILE", help="JSONL or CSV files")
     p.set_defaults(handler=cmd_submit)

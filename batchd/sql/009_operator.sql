@@ -8,3 +8,7 @@ CREATE TABLE flags (
     name TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+
+-- `batchd submit` finds the job its file became by the token it put in the sidecar.
+CREATE INDEX jobs_submit_id ON jobs(json_extract(options, '$.submit_id'))
+    WHERE json_extract(options, '$.submit_id') IS NOT NULL;

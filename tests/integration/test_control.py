@@ -253,8 +253,17 @@ def test_submit_copies_atomically_without_a_daemon(
     inbox.mkdir()
     src = tmp_path / "work.jsonl"
     src.write_bytes(requests(2))
-    assert main(["submit", "--inbox", str(inbox), str(src)]) == 0
+    none = str(tmp_path / "none.sock")
+    assert main(["submit", "--socket", none, "--inbox", str(inbox), str(src)]) == 0
+    assert "queued" in capsys.readouterr().out  # and says no daemon took it yet
     assert (inbox / "work.jsonl").read_bytes() == src.read_bytes()
-    assert [p.name for p in inbox.iterdir()] == ["work.jsonl"]
-    assert main(["submit", "--inbox", str(inbox), str(src)]) == 1  # never overwrites
-    assert main(["submit", "--inbox", str(inbox), str(tmp_path / "notes.txt")]) == 1
+    # The data file, and its sidecar with the token `submit` finds its job by.
+    assert sorted(p.name for p in inbox.iterdir()) == ["work.jsonl", "work.meta.json"]
+    assert set(json.loads((inbox / "work.meta.json").read_bytes())) == {"submit_id"}
+    assert main(["submit", "--socket", none, "--inbox", str(inbox), str(src)]) == 1  # kept
+    assert main(["submit", "--socket", none, "--inbox", str(inbox), str(tmp_path / "a.txt")]) == 1
+    # With --wait, no daemon is exit 3, and nothing is queued.
+    other = tmp_path / "other.jsonl"
+    other.write_bytes(requests(1))
+    assert main(["submit", "--socket", none, "--inbox", str(inbox), "--wait", str(other)]) == 3
+    assert not (inbox / "other.jsonl").exists()

@@ -31,7 +31,7 @@ JOB = JobInfo(
     inbox_name="reviews.jsonl",
     kind="jsonl",
     state="running",
-    outcome=None,
+    status=None,
     requests=3,
     completed=1,
     failed=0,
@@ -39,7 +39,7 @@ JOB = JobInfo(
     sha256=None,
     cancel_requested=False,
     error=None,
-    outbox_path=None,
+    outbox=None,
     created_at=1.0,
     updated_at=2.0,
 )
@@ -61,6 +61,9 @@ class FakeOperator:
             provider="custom",
             base_url="http://127.0.0.1:9/v1",
             root="/nowhere",
+            inbox="/nowhere/inbox",
+            outbox="/nowhere/outbox",
+            input_suffixes=[".jsonl", ".csv"],
             intake_paused=False,
             draining=False,
             account_paused=None,
@@ -85,6 +88,7 @@ class FakeOperator:
         outcomes: list[str] | None = None,
         newest_first: bool = True,
         before: str | None = None,
+        submit_id: str | None = None,
     ) -> JobList:
         if states and "bogus" in states:
             raise ValueError("unknown state in ['bogus']")

@@ -18,6 +18,7 @@ from batchd.testing import (
     published_jobs,
     requests,
     running_daemon,
+    wait_for,
     wait_published,
 )
 
@@ -57,7 +58,7 @@ async def test_jobs_newest_first_every_one_reachable_and_named_by_prefix_or_name
         code, out, _ = await cli(capsys, "jobs", "--socket", sock, "--json", "--status", "rejected")
         assert [j["name"] for j in json.loads(out)] == ["bad"]
         code, out, _ = await cli(
-            capsys, "jobs", "--socket", sock, "--json", "--status", "completed", "--name", "am"
+            capsys, "jobs", "--socket", sock, "--json", "--status", "completed", "--name", "sam"
         )
         assert [j["name"] for j in json.loads(out)] == ["same", "same"]
         code, _, err = await cli(capsys, "jobs", "--socket", sock, "--status", "done")
@@ -82,9 +83,17 @@ async def test_jobs_newest_first_every_one_reachable_and_named_by_prefix_or_name
 
         # A job by a unique prefix of its id, or by its exact name.
         alpha = listed[-1]
-        for ref in (alpha["id"][:6], alpha["id"][:12], "alpha"):
+        others = [j.id for j in await asyncio.to_thread(lambda: list(client.all_jobs()))]
+        others.remove(alpha["id"])
+        unique = next(
+            n for n in range(6, 21) if not any(o.startswith(alpha["id"][:n]) for o in others)
+        )
+        for ref in (alpha["id"][:unique], alpha["id"], "alpha"):
             code, out, _ = await cli(capsys, "show", "--socket", sock, "--json", ref)
             assert code == 0 and json.loads(out)["id"] == alpha["id"], ref
+        if unique > 6:  # ids start with their time: a short prefix may fit several
+            code, _, err = await cli(capsys, "show", "--socket", sock, alpha["id"][:6])
+            assert code == 1 and "fits" in err
         code, _, err = await cli(capsys, "show", "--socket", sock, "same")
         same = [j["id"] for j in listed if j["name"] == "same"]
         assert code == 1 and "fits 2 jobs" in err and all(i in err for i in same)
@@ -100,7 +109,8 @@ async def test_jobs_newest_first_every_one_reachable_and_named_by_prefix_or_name
 async def test_a_pause_outlives_a_restart_and_resume_calls_off_a_drain(
     start_emulator: StartEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    emulator = await start_emulator(time_scale=3000)
+    # Slow enough that a batch is still running when the drain is asked for.
+    emulator = await start_emulator(time_scale=100)
     settings = daemon_settings(tmp_path / "r", emulator)
     sock = str(settings.socket_path)
     inbox, outbox = settings.paths.folder("inbox"), settings.paths.folder("outbox")
@@ -108,11 +118,17 @@ async def test_a_pause_outlives_a_restart_and_resume_calls_off_a_drain(
         code, out, _ = await cli(capsys, "pause", "--socket", sock)
         assert code == 0 and "paused" in out
     async with running_daemon(settings) as daemon:
-        status = await asyncio.to_thread(Client(sock).status)
+        client = Client(sock)
+        status = await asyncio.to_thread(client.status)
         assert status.intake_paused
         drop(inbox, "held.jsonl", requests(2))
         await asyncio.sleep(0.5)
         assert (inbox / "held.jsonl").exists()  # still paused after the restart
+        await cli(capsys, "resume", "--socket", sock)
+        async def running() -> bool:
+            return bool((await AsyncClient(sock).jobs(states=["running"])).jobs)
+
+        await wait_for(running, 20, "the job running")
         code, out, _ = await cli(capsys, "drain", "--socket", sock)
         assert code == 0
         code, out, _ = await cli(capsys, "resume", "--socket", sock)
@@ -120,5 +136,67 @@ async def test_a_pause_outlives_a_restart_and_resume_calls_off_a_drain(
         await wait_published(outbox, 1, emulator)
         await asyncio.sleep(0.5)
         assert not daemon.stopping.is_set()  # the drain was called off: it keeps running
-        status = await asyncio.to_thread(Client(sock).status)
+        status = await asyncio.to_thread(client.status)
         assert not status.intake_paused and not status.draining
+
+
+async def test_submit_prints_the_job_waits_for_it_and_the_client_reads_its_results(
+    start_emulator: StartEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    emulator = await start_emulator(time_scale=3000, request_failure_rate=0.3)
+    settings = daemon_settings(tmp_path / "r", emulator)
+    sock = str(settings.socket_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "reviews.jsonl").write_bytes(requests(20, prefix="rv-"))
+    (work / "ok.jsonl").write_bytes(requests(2, prefix="ok-"))
+    (work / "rows.csv").write_text("custom_id,content\nc1,hello\nc2,world\n")
+    (work / "rows.meta.json").write_text('{"model": "qwen-plus"}')
+    async with running_daemon(settings):
+        # --wait: the outbox folder of each, exit 1 as one ended partial.
+        code, out, err = await cli(
+            capsys, "submit", "--socket", sock, "--wait", "--json", str(work / "reviews.jsonl")
+        )
+        (done,) = json.loads(out)
+        assert code == 1 and done["status"] == "partial", err  # 30% of requests fail
+        assert Path(done["outbox"]).is_dir() and done["name"] == "reviews"
+        # A sidecar given beside its CSV is its options, not a refused file.
+        code, out, err = await cli(
+            capsys,
+            "submit",
+            "--socket",
+            sock,
+            "--wait",
+            "--name",
+            "renamed",
+            str(work / "rows.meta.json"),
+            str(work / "rows.csv"),
+        )
+        assert code in (0, 1) and "job " in out and "renamed" in out, err
+        # Without --wait it prints the job id at once, mapped to the file.
+        code, out, _ = await cli(capsys, "submit", "--socket", sock, str(work / "ok.jsonl"))
+        assert code == 0 and "ok.jsonl: job " in out
+        job_id = out.split("job ")[1].split()[0]
+        client = Client(sock)
+        final = await asyncio.to_thread(client.wait, job_id, 60)
+        assert final.state == "published" and final.name == "ok" and final.outbox
+
+        # The Python client: submit, wait, and every request in input order.
+        job = await asyncio.to_thread(
+            client.submit, work / "reviews.jsonl", name="again", options={"priority": 1}
+        )
+        assert job.name == "again" and job.state in ("claimed", "running", "published")
+        ended = await asyncio.to_thread(client.wait, job.id, 60)
+        assert ended.status == "partial" and ended.outbox
+        rows = await asyncio.to_thread(lambda: list(client.results(job.id)))
+        assert [r["custom_id"] for r in rows] == [f"rv-{i}" for i in range(20)]
+        assert all(("response" in r) != ("error" in r) for r in rows)
+        assert any("error" in r for r in rows) and any("response" in r for r in rows)
+
+        # Paused intake: the claim does not come; --wait gives up with exit 4.
+        await cli(capsys, "pause", "--socket", sock)
+        (work / "late.jsonl").write_bytes(requests(1, prefix="late-"))
+        code, _, err = await cli(
+            capsys, "submit", "--socket", sock, "--wait", "--timeout", "1", str(work / "late.jsonl")
+        )
+        assert code == 4 and "paused" in err

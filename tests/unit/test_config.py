@@ -94,3 +94,22 @@ def test_run_without_a_key_fails_with_a_clear_message(
         monkeypatch.delenv(name, raising=False)
     assert main(["run", "--root", str(tmp_path)]) == 2
     assert "no API key" in capsys.readouterr().err
+
+
+def test_emulator_limits_from_a_table_or_one_json_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The emulator's `[emulator.limits]` is a whole table; the benchmarks and the harness
+    set it as one JSON variable. Both are checked, and a bad value names its key."""
+    from batchd.emulator import EmulatorSettings
+
+    config = tmp_path / "emulator.toml"
+    config.write_text("[emulator.limits]\nrunning_batches = 7\n")
+    assert EmulatorSettings.load(config).limits.running_batches == 7
+    monkeypatch.setenv("BATCHD_EMULATOR_LIMITS", '{"running_batches": 5, "list_per_minute": 9}')
+    limits = EmulatorSettings.load(None).limits
+    assert (limits.running_batches, limits.list_per_minute) == (5, 9)
+    assert limits.max_requests_per_file == 50_000  # the rest: defaults
+    monkeypatch.setenv("BATCHD_EMULATOR_LIMITS", '{"running_batches": 0}')
+    with pytest.raises(ConfigError, match="running_batches"):
+        EmulatorSettings.load(None)
