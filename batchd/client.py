@@ -49,6 +49,10 @@ T = TypeVar("T")
 # As in batchd.config.PathSettings: the daemon's root when nothing says otherwise.
 DEFAULT_ROOT = Path("/var/lib/batchd")
 SOCKET_NAME = "control.sock"
+# Where the packaged unit (systemd/batchd.service) puts the socket: its runtime folder.
+# With nothing configured, a client looks there before DEFAULT_ROOT, so that an
+# operator's `batchd status` finds the service with no flags.
+PACKAGED_SOCKET = Path("/run/batchd/control.sock")
 # Jobs asked for at a time when listing them all (the daemon's most).
 PAGE = 1000
 # A job in one of these states has ended: published (any status), or parked for an
@@ -86,7 +90,9 @@ def socket_path(
     `[paths] runtime` or the root (`root` when given, else `[paths] root`, else
     /var/lib/batchd). Each key is read from the environment (BATCHD_CONTROL__SOCKET,
     BATCHD_PATHS__RUNTIME, BATCHD_PATHS__ROOT) before the configuration file, as the
-    daemon reads them.
+    daemon reads them. When none of them is set, the packaged unit's socket
+    (/run/batchd/control.sock) is used if it is there and no daemon of the default root
+    listens.
 
     Only these three keys are read: a mistake elsewhere in the configuration or the
     environment is the daemon's business, not a reason for an operator's command to fail.
@@ -113,7 +119,12 @@ def socket_path(
         return Path(runtime) / SOCKET_NAME
     if root is not None:
         return Path(root) / SOCKET_NAME
-    return Path(key("paths", "root") or DEFAULT_ROOT) / SOCKET_NAME
+    configured_root = key("paths", "root")
+    if configured_root:
+        return Path(configured_root) / SOCKET_NAME
+    if PACKAGED_SOCKET.exists() and not (DEFAULT_ROOT / SOCKET_NAME).exists():
+        return PACKAGED_SOCKET
+    return DEFAULT_ROOT / SOCKET_NAME
 
 
 def inbox_path(

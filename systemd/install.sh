@@ -8,6 +8,7 @@
 # What lands where (all under $DESTDIR when it is set):
 #   /opt/batchd/venv                      python -m venv + pip install of this checkout
 #   /opt/batchd/README.md
+#   /usr/local/bin/batchd                 a link to the venv's batchd, for operators
 #   /etc/systemd/system/batchd.service, batchd@.service
 #   /usr/lib/sysusers.d/batchd.conf       user batchd, groups batchd and batchd-operators
 #   /usr/lib/tmpfiles.d/batchd.conf       /var/lib/batchd/{inbox,outbox,spool,state}
@@ -22,7 +23,7 @@
 # not enable or start anything: the key has to be in place first (see the last lines).
 #
 # Options: --no-venv (skip the venv and pip), --instance NAME, --help.
-# Environment: DESTDIR, PYTHON (python3), UNITDIR, SYSUSERSDIR, TMPFILESDIR.
+# Environment: DESTDIR, PYTHON (python3), UNITDIR, SYSUSERSDIR, TMPFILESDIR, BINDIR.
 set -eu
 
 usage() {
@@ -41,6 +42,7 @@ PREFIX=/opt/batchd
 UNITDIR=${UNITDIR:-/etc/systemd/system}
 SYSUSERSDIR=${SYSUSERSDIR:-/usr/lib/sysusers.d}
 TMPFILESDIR=${TMPFILESDIR:-/usr/lib/tmpfiles.d}
+BINDIR=${BINDIR:-/usr/local/bin}
 CONFDIR=/etc/batchd
 LOCAL_TMPFILESDIR=/etc/tmpfiles.d
 MAKE_VENV=yes
@@ -109,6 +111,10 @@ if [ "$MAKE_VENV" = yes ]; then
     say "installed $PREFIX/venv ($("$DESTDIR$PREFIX/venv/bin/batchd" --version))"
 fi
 install_file 0644 "$SRC/README.md" "$PREFIX/README.md"
+# On PATH for operators: `batchd status` finds the unit's socket with no flags.
+install -d -m 0755 "$DESTDIR$BINDIR"
+ln -sfn "$PREFIX/venv/bin/batchd" "$DESTDIR$BINDIR/batchd"
+say "linked $BINDIR/batchd -> $PREFIX/venv/bin/batchd"
 
 install_file 0644 "$SRC/systemd/batchd.service" "$UNITDIR/batchd.service"
 install_file 0644 "$SRC/systemd/batchd@.service" "$UNITDIR/batchd@.service"

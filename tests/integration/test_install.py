@@ -68,6 +68,9 @@ def test_files_land_where_expected_with_sane_modes(tmp_path: Path) -> None:
     for folder in ("etc/batchd", "etc/systemd/system", "usr/lib/sysusers.d", "opt/batchd"):
         assert mode(dest / folder) == 0o755, folder
     assert "/etc/batchd/api_key" in result.stdout  # tells where the key goes
+    # Operators find `batchd` on PATH: a link to the venv's (dangling here: --no-venv).
+    link = dest / "usr/local/bin/batchd"
+    assert link.is_symlink() and os.readlink(link) == "/opt/batchd/venv/bin/batchd"
 
 
 def test_touches_nothing_outside_destdir_and_writes_no_key(tmp_path: Path) -> None:

@@ -125,6 +125,7 @@ async def test_a_pause_outlives_a_restart_and_resume_calls_off_a_drain(
         await asyncio.sleep(0.5)
         assert (inbox / "held.jsonl").exists()  # still paused after the restart
         await cli(capsys, "resume", "--socket", sock)
+
         async def running() -> bool:
             return bool((await AsyncClient(sock).jobs(states=["running"])).jobs)
 

@@ -180,3 +180,22 @@ def test_client_commands_load_nothing_heavy(tmp_path: Path, argv: list[str]) -> 
     assert report["code"] in (0, 3), done.stderr
     loaded = [m for m in report["modules"] if m.split(".")[0] in HEAVY or m.startswith(HEAVY)]
     assert loaded == []
+
+
+def test_with_nothing_configured_the_packaged_units_socket_is_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under systemd the unit sets the runtime folder in its own environment, which an
+    operator's shell does not have: `batchd status` with no flags still finds it."""
+    import batchd.client as client
+
+    packaged = tmp_path / "run" / "control.sock"
+    monkeypatch.setattr(client, "PACKAGED_SOCKET", packaged)
+    monkeypatch.setattr(client, "DEFAULT_ROOT", tmp_path / "lib")
+    assert socket_path(environ={}) == tmp_path / "lib" / "control.sock"  # nothing there yet
+    packaged.parent.mkdir()
+    packaged.touch()
+    assert socket_path(environ={}) == packaged
+    # Anything configured wins, as it does for the daemon.
+    assert socket_path(environ={"BATCHD_PATHS__ROOT": "/x"}) == Path("/x/control.sock")
+    assert socket_path(root=tmp_path / "r", environ={}) == tmp_path / "r" / "control.sock"
