@@ -201,7 +201,11 @@ class BatchApi:
         )
         self._rng = rng or random.Random()
         self._session: aiohttp.ClientSession | None = None
+        # The last error of each call class and when (clock.now()); cleared by a success.
         self.last_error: dict[str, str] = {}
+        self.last_error_at: dict[str, float] = {}
+        # When the provider last answered a call (clock.now()); None before the first.
+        self.last_ok_at: float | None = None
 
     def __repr__(self) -> str:  # never show the key
         return f"BatchApi(base_url={self._base!r})"
@@ -294,12 +298,13 @@ class BatchApi:
         while True:
             attempt += 1
             try:
-                return await self._once(cls, method, path, **kw)
+                answer = await self._once(cls, method, path, **kw)
             except (AccountError, DownloadTooSlow):
                 # A dripping body is the part's step to pause, not a call to repeat now.
                 raise
             except ApiError as err:
                 self.last_error[cls] = str(err)
+                self.last_error_at[cls] = self.clock.now()
                 if not err.retryable or attempt >= self.retry.max_attempts:
                     raise
                 if not idempotent and err.status != 429 and err.status != 408:
@@ -316,6 +321,12 @@ class BatchApi:
                     error=str(err),
                 )
                 await asyncio.sleep(delay)
+            else:
+                # Recovered: `status` no longer shows the error.
+                self.last_error.pop(cls, None)
+                self.last_error_at.pop(cls, None)
+                self.last_ok_at = self.clock.now()
+                return answer
 
     async def pages(
         self, cls: CallClass, path: str, params: Mapping[str, str], *, max_pages: int

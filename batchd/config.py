@@ -230,8 +230,13 @@ class ApiSettings(BaseModel):
     cap_share: float = Field(default=1.0, gt=0, le=1.0)
     # Uploads and creates in flight at once.
     concurrency: int = Field(default=8, ge=1)
-    # While the account is unusable (bad key, arrears), probe it this often.
+    # While the account is unusable (bad key, arrears) or the provider does not answer,
+    # probe it this often.
     account_probe_s: float = Field(default=60.0, gt=0)
+    # With no call answered for this long (an idle daemon), one cheap call (a list of one
+    # batch) checks that the provider answers and the key works: `status` and `check`
+    # tell within seconds of start-up, not at the first file. Also done at start-up.
+    provider_probe_s: float = Field(default=300.0, gt=0)
     # The most pages one list call is followed for (files or batches, 100 a page); a
     # server whose `has_more` never ends is cut there, and the step fails with a note.
     max_list_pages: int = Field(default=100, ge=1)

@@ -37,6 +37,7 @@ from batchd.ops import Operations
 from batchd.poll import Poller
 from batchd.prepare import Preparer
 from batchd.problems import StepPolicy
+from batchd.protocol import Reload
 from batchd.publish import Publisher
 from batchd.stages import Stage, Wake, run_stage
 from batchd.store import Store
@@ -253,7 +254,12 @@ class Daemon:
             clock=self.clock,
         )
         self.cleanup = RemoteCleanup(self.store, self.api, self.account)
-        self.probe = AccountProbe(self.api, self.account, on_resumed=self.wake.poke(Stage.SUBMIT))
+        self.probe = AccountProbe(
+            self.api,
+            self.account,
+            on_resumed=self.wake.poke(Stage.SUBMIT),
+            idle_probe_s=s.api.provider_probe_s,
+        )
         self.ops = Operations(
             self.store,
             lambda: self.settings,
@@ -437,10 +443,17 @@ class Daemon:
             new = load()
         except (ConfigError, ValueError) as exc:
             log.error("reload_failed", error=str(exc))
+            self.ops.last_reload = Reload(at=self.clock.now(), ok=False, error=str(exc))
             return
         changed = self.apply_settings(new)
         log.info(
             "configuration_reloaded",
+            applied=changed["applied"],
+            needs_restart=changed["needs_restart"],
+        )
+        self.ops.last_reload = Reload(
+            at=self.clock.now(),
+            ok=True,
             applied=changed["applied"],
             needs_restart=changed["needs_restart"],
         )

@@ -38,6 +38,12 @@ log = get_logger(__name__)
 CLAIM_RECORD = "claim.json"
 TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", "~", ".swp")
 SIDECAR_SUFFIXES = (".meta.json",)
+# Why an input in the inbox is not claimed yet (`batchd status`).
+SETTLING = "being written: claimed once its size and time stay still for intake.settle_s"
+UNTERMINATED = (
+    "no newline after its last line: waits intake.unterminated_settle_s for the rest,"
+    " then is judged as it is"
+)
 MAX_SIDECAR_BYTES = 64 * 1024
 SIDECAR_KEYS = frozenset(
     {
@@ -135,16 +141,25 @@ class Intake:
         self._timer: asyncio.TimerHandle | None = None
         self.paused = False
         self._seen: dict[str, Seen] = {}
-        # Entries refused once (logged once); pruned to those still in the inbox.
-        self._refused: set[tuple[str, int]] = set()
+        # Entries refused (logged once), with why; pruned to those still in the inbox.
+        self._refused: dict[tuple[str, int], str] = {}
+        # Inputs seen but not claimed yet, with why (the last scan's view).
+        self.waiting: dict[str, str] = {}
         # Why the inbox cannot be scanned or claimed from just now (EMFILE, EXDEV, ...);
         # None while it works. Shown by `batchd status`, which is then not healthy.
         self.problem: str | None = None
 
     def _refuse_once(self, name: str, ino: int, reason: str) -> None:
         if (name, ino) not in self._refused:
-            self._refused.add((name, ino))
+            self._refused[(name, ino)] = reason
             log.warning("inbox_entry_refused", name=printable(name), reason=reason)
+
+    def entries(self) -> tuple[dict[str, str], dict[str, str]]:
+        """What `batchd status` shows of the inbox: the inputs waiting to be claimed and
+        the entries refused, each with why (names made printable)."""
+        waiting = {printable(name): why for name, why in self.waiting.items()}
+        refused = {printable(name): why for (name, _ino), why in self._refused.items()}
+        return waiting, refused
 
     def scan(self) -> list[tuple[str, os.stat_result]]:
         """One pass over the inbox (the shell: it reads the folder and the clock, and
@@ -154,6 +169,7 @@ class Intake:
         now, wall_now = self.clock.monotonic(), self.clock.now()
         present: set[str] = set()
         listed: set[tuple[str, int]] = set()
+        waiting: dict[str, str] = {}
         dir_fd = os.open(self.inbox, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         entries = os.scandir(dir_fd)
         try:
@@ -184,9 +200,11 @@ class Intake:
                 ):
                     self._seen[name] = Seen(st.st_ino, st.st_size, st.st_mtime_ns, now)
                     due.append(settles_at(self._seen[name], st, now, wall_now, self.settle_s))
+                    waiting[name] = SETTLING
                     continue
                 if not settled(seen, st, now, wall_now, self.settle_s):
                     due.append(settles_at(seen, st, now, wall_now, self.settle_s))
+                    waiting[name] = SETTLING
                     continue
                 # A copy still being written under its final name ends mid-line; give the
                 # writer longer before judging the file as it is.
@@ -195,6 +213,7 @@ class Intake:
                     seen, st, now, wall_now, self.unterminated_settle_s
                 ):
                     due.append(settles_at(seen, st, now, wall_now, self.unterminated_settle_s))
+                    waiting[name] = UNTERMINATED
                     continue
                 ready.append((name, st))
         finally:
@@ -203,7 +222,8 @@ class Intake:
         for gone in set(self._seen) - present:
             del self._seen[gone]
         # What left the inbox is forgotten: the set stays as large as the inbox.
-        self._refused &= listed
+        self._refused = {k: v for k, v in self._refused.items() if k in listed}
+        self.waiting = waiting
         self.next_due = min(due, default=None)
         return ready
 

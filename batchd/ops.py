@@ -47,6 +47,7 @@ from batchd.protocol import (
     JobList,
     PartInfo,
     Problem,
+    Reload,
     StatusResponse,
 )
 from batchd.stages import Stage, Wake
@@ -89,6 +90,8 @@ class Operations:
         # Said loudly in the log and in `status` when start-up finds state lost (spool
         # folders the database does not know); kept until the daemon restarts.
         self.state_lost: list[str] = []
+        # The last SIGHUP reload (set by the daemon), for `status`.
+        self.last_reload: Reload | None = None
         # One retry decision at a time: two at once would both write a retry input.
         self._retry_lock = asyncio.Lock()
 
@@ -167,6 +170,7 @@ class Operations:
         return (
             self.stages_alive()
             and self.account.paused_reason is None
+            and self.account.provider_down is None
             and self.intake.problem is None
         )
 
@@ -202,6 +206,7 @@ class Operations:
         total, by_model = await self.store.slot_holders()
         problem_count, problems = await self.problems()
         parked = any(p.kind == "part_parked" for p in problems)
+        inbox_waiting, inbox_refused = self.intake.entries()
         return StatusResponse(
             version=__version__,
             pid=os.getpid(),
@@ -215,6 +220,7 @@ class Operations:
             intake_paused=self.intake.paused,
             draining=self.draining,
             account_paused=self.account.paused_reason,
+            provider_down=self.account.provider_down,
             jobs_by_state=await self.store.job_counts(),
             jobs_by_outcome=await self.store.outcome_counts(),
             parts_by_state=await self.store.part_counts(),
@@ -227,10 +233,31 @@ class Operations:
             api_calls={str(k): v for k, v in self.api.limiter.sent.items() if v},
             throttled={str(k): v for k, v in self.api.limiter.throttled.items()},
             last_errors={str(k): v for k, v in self.api.last_error.items()},
+            last_error_at={str(k): v for k, v in self.api.last_error_at.items()},
             healthy=self.healthy and not parked and not self.state_lost,
             problems=problems,
             problem_count=problem_count,
+            waiting=await self._waiting(total),
+            inbox_waiting=inbox_waiting,
+            inbox_refused=inbox_refused,
+            reload=self.last_reload,
         )
+
+    async def _waiting(self, running: int) -> list[str]:
+        """Why queued work is not moving just now, in words."""
+        why: list[str] = []
+        if self.account.paused_reason:
+            why.append(f"account paused: {self.account.paused_reason}")
+        if self.account.provider_down:
+            why.append(f"the provider does not answer: {self.account.provider_down}")
+        cap = self.settings.profile.limits.running_batches
+        if running >= cap and await self.store.count_parts_in([PartState.UPLOADED]):
+            why.append(f"running cap full ({running} of {cap} batches): parts wait for one to end")
+        if self.intake.paused:
+            why.append("intake paused: files wait in the inbox until `batchd resume`")
+        if self.draining:
+            why.append("draining: no new files; the daemon exits once idle")
+        return why
 
     async def resolve(self, ref: str) -> Job | None:
         """The job `ref` names (JOB_REFERENCE); None when none; `AmbiguousJob` when it

@@ -68,6 +68,17 @@ class Problem(_Model, kw_only=True):
     since: float | None = None
 
 
+class Reload(_Model, kw_only=True):
+    """The last SIGHUP reload: when, whether the file could be read, what applied and
+    which changed keys wait for a restart."""
+
+    at: float
+    ok: bool
+    error: str | None = None
+    applied: list[str] = msgspec.field(default_factory=list)
+    needs_restart: list[str] = msgspec.field(default_factory=list)
+
+
 class StatusResponse(_Model, kw_only=True):
     version: str
     pid: int
@@ -81,6 +92,8 @@ class StatusResponse(_Model, kw_only=True):
     intake_paused: bool
     draining: bool
     account_paused: str | None
+    # The provider did not answer the last probe (after retries): why.
+    provider_down: str | None = None
     jobs_by_state: dict[str, int]
     jobs_by_outcome: dict[str, int]
     parts_by_state: dict[str, int]
@@ -89,10 +102,18 @@ class StatusResponse(_Model, kw_only=True):
     api_calls: dict[str, int]
     throttled: dict[str, int]
     last_errors: dict[str, str]
+    # When each last error happened (epoch seconds); an error is gone once the call works.
+    last_error_at: dict[str, float] = msgspec.field(default_factory=dict)
     healthy: bool
     # What needs an operator's eye, most pressing first (at most 20), and how many in all.
     problems: list[Problem] = msgspec.field(default_factory=list)
     problem_count: int = 0
+    # Why work waits just now ("running cap full", "account paused", ...).
+    waiting: list[str] = msgspec.field(default_factory=list)
+    # Inputs in the inbox not claimed yet, and entries refused, each with why.
+    inbox_waiting: dict[str, str] = msgspec.field(default_factory=dict)
+    inbox_refused: dict[str, str] = msgspec.field(default_factory=dict)
+    reload: Reload | None = None
 
 
 class PartInfo(_Model, kw_only=True):

@@ -93,6 +93,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     health = "[green]healthy[/]" if body.healthy else "[red]unhealthy[/]"
     console.print("  ".join([health, *flags]))
     console.print(f"running batches {body.caps.running_batches} / {body.caps.running_cap}")
+    for why in body.waiting:
+        console.print(f"[yellow]waiting: {why}[/]")
+    if body.reload is not None:
+        reload = body.reload
+        if not reload.ok:
+            console.print(f"[red]last reload ({_when(reload.at)} UTC) failed: {reload.error}[/]")
+        elif reload.needs_restart:
+            console.print(
+                f"[yellow]reloaded {_when(reload.at)} UTC; waiting for a restart: "
+                f"{', '.join(reload.needs_restart)}[/]"
+            )
+        else:
+            console.print(f"reloaded {_when(reload.at)} UTC")
     if body.problems:
         listed = Table(title=f"needs attention ({body.problem_count or len(body.problems)})")
         for column in ("what", "job", "part", "note"):
@@ -114,17 +127,28 @@ def cmd_status(args: argparse.Namespace) -> int:
         table.add_row(f"  published {outcome}", str(n))
     console.print(table)
     rates = Table(title="API calls")
-    for column in ("call", "sent", "429s", "free now", "last error"):
+    for column in ("call", "sent", "429s", "free now", "last error (UTC)"):
         rates.add_column(column)
     for call, level in sorted(body.bucket_levels.items()):
+        error = body.last_errors.get(call, "")
+        at = body.last_error_at.get(call)
         rates.add_row(
             call,
             str(body.api_calls.get(call, 0)),
             str(body.throttled.get(call, 0)),
             str(level),
-            body.last_errors.get(call, "")[:60],
+            f"{_when(at)}: {error[:60]}" if error and at else error[:60],
         )
     console.print(rates)
+    if body.inbox_waiting or body.inbox_refused:
+        inbox = Table(title="inbox")
+        for column in ("entry", "", "why"):
+            inbox.add_column(column)
+        for name, why in sorted(body.inbox_waiting.items()):
+            inbox.add_row(name, "waiting", why)
+        for name, why in sorted(body.inbox_refused.items()):
+            inbox.add_row(name, "[red]refused[/]", why)
+        console.print(inbox)
     return EXIT_OK
 
 
@@ -304,7 +328,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             print("ok")
         return EXIT_OK
     reason = (
-        body.account_paused
+        (f"account paused: {body.account_paused}" if body.account_paused else None)
+        or (f"the provider does not answer: {body.provider_down}" if body.provider_down else None)
         or (body.problems[0].note if body.problems else None)
         or "a stage has stopped"
     )
