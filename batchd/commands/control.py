@@ -250,7 +250,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     )
     console.print(
         f"requests {job.requests}, completed {job.completed}, "
-        f"failed {job.failed}; claimed {_when(job.created_at)}"
+        f"failed {job.failed}; claimed {_when(job.created_at)} UTC"
     )
     if job.outbox:
         console.print(f"outbox {job.outbox}")

@@ -202,7 +202,15 @@ async def test_a_bad_key_pauses_submission_without_failing_jobs(
             if daemon.account.paused_reason:
                 break
             await asyncio.sleep(0.05)
+        # Paused by the start-up probe, maybe before the file was even planned.
         assert "InvalidApiKey" in (daemon.account.paused_reason or "")
+
+        for _ in range(200):
+            parts = await daemon.store.parts_in(["pending", "uploading"])  # type: ignore[list-item]
+            if parts:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # a paused account: nothing moves on
         parts = await daemon.store.parts_in(["pending", "uploading"])  # type: ignore[list-item]
         assert parts and all(p.state == "pending" for p in parts)
         # The operator fixes the account (here: the emulator accepts the daemon's key).
