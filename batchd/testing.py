@@ -611,6 +611,22 @@ async def daemon_process(
             raise AssertionError(f"batchd run exited {code}, not {exit_code}:\n{daemon.log_tail()}")
 
 
+class Captured(Protocol):
+    """What `cli` reads a command's output from: pytest's `capsys`."""
+
+    def readouterr(self) -> tuple[str, str]: ...
+
+
+async def cli(capture: Captured, *argv: str) -> tuple[int, str, str]:
+    """Run `batchd ARGV...` as a user would, in a thread (a daemon may be running in this
+    event loop), and return its exit code and what it printed to stdout and stderr."""
+    from batchd.cli import main
+
+    code = await asyncio.to_thread(main, list(argv))
+    out, err = capture.readouterr()
+    return code, out, err
+
+
 async def wait_ready(
     root: Path, process: Running | None = None, timeout_s: float = 30.0
 ) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 from batchd.client import Client, Queued, RequestFailed, Unreachable, inbox_path, queue_file
+from batchd.commands import positive_int, positive_seconds
 from batchd.errors import UsageError
 from batchd.protocol import ActionResponse, JobInfo, to_builtins
 
@@ -150,26 +151,6 @@ def cmd_status(args: argparse.Namespace) -> int:
             inbox.add_row(name, "[red]refused[/]", why)
         console.print(inbox)
     return EXIT_OK
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value:g} must be above 0")
-    return value
 
 
 def _split(text: str | None) -> list[str] | None:
@@ -564,7 +545,7 @@ def register(sub: Any) -> None:
     many = p.add_mutually_exclusive_group()
     many.add_argument(
         "--limit",
-        type=_positive,
+        type=positive_int,
         help=f"at most N jobs (default: {DEFAULT_LIST}; with --json, every job)",
     )
     many.add_argument("--all", action="store_true", help="every job that matches")
@@ -619,6 +600,8 @@ def register(sub: Any) -> None:
     p.add_argument("--window", help="completion window, e.g. 24h or 7d (sidecar option)")
     p.add_argument("--priority", type=int, help="priority (sidecar option)")
     p.add_argument("--wait", action="store_true", help="return when every job is published")
-    p.add_argument("--timeout", type=_seconds, help="give up waiting after S seconds (exit 4)")
+    p.add_argument(
+        "--timeout", type=positive_seconds, help="give up waiting after S seconds (exit 4)"
+    )
     p.add_argument("files", nargs="+", metavar="FILE", help="JSONL or CSV files")
     p.set_defaults(handler=cmd_submit)

@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from batchd import csvio
+from batchd.commands import positive_int
 from batchd.errors import UsageError
 from batchd.profiles import DEFAULT_PROVIDER, PROFILES, ProviderLimits, merge_limits
 from batchd.validate import (
@@ -55,7 +56,7 @@ def register(subparsers: Any) -> None:
     )
     validate.add_argument(
         "--max-errors",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="list at most N problems per file (default: max_reported_errors)",
     )
@@ -70,10 +71,10 @@ def register(subparsers: Any) -> None:
     split.add_argument("--out", "-o", type=Path, required=True, metavar="DIR")
     split.add_argument("--group-by-model", action="store_true", help="one part (or more) per model")
     split.add_argument(
-        "--max-requests", type=_positive_int, metavar="N", help="at most N requests per part"
+        "--max-requests", type=positive_int, metavar="N", help="at most N requests per part"
     )
     split.add_argument(
-        "--max-bytes", type=_positive_int, metavar="N", help="at most N bytes per part"
+        "--max-bytes", type=positive_int, metavar="N", help="at most N bytes per part"
     )
     split.add_argument("--fsync", action="store_true", help="fsync each part file")
     _add_config_options(split)
@@ -119,16 +120,6 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         choices=("dashscope", "dashscope-intl", "openai", "custom"),
         help="provider profile whose limits apply (default: from the configuration)",
     )
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
 
 
 def _checking(args: argparse.Namespace) -> tuple[ProviderLimits, int]:

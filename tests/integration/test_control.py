@@ -23,6 +23,7 @@ from batchd.testing import (
     API_KEY,
     RawControl,
     StartEmulator,
+    cli,
     daemon_settings,
     drop,
     published_jobs,
@@ -30,12 +31,6 @@ from batchd.testing import (
     running_daemon,
     wait_published,
 )
-
-
-async def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = await asyncio.to_thread(main, list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 async def test_socket_is_private_from_birth_and_removed_on_exit(

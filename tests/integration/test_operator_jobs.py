@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from batchd.cli import main
 from batchd.client import AsyncClient, Client, RequestFailed
 from batchd.config import Settings
 from batchd.testing import (
     StartEmulator,
+    cli,
     daemon_settings,
     drop,
     published_jobs,
@@ -22,12 +22,6 @@ from batchd.testing import (
     wait_for,
     wait_published,
 )
-
-
-async def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = await asyncio.to_thread(main, list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 async def test_jobs_newest_first_every_one_reachable_and_named_by_prefix_or_name(
