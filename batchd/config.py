@@ -12,7 +12,14 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -256,6 +263,33 @@ class ApiSettings(BaseModel):
     step_retry_cap_s: float = Field(default=600.0, gt=0)
 
 
+class NotifySettings(BaseModel):
+    """Be told when a job ends (published, any status) or the account is paused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # POSTed a signed JSON event (Standard Webhooks); the secret comes from
+    # BATCHD_WEBHOOK_SECRET or the systemd credential webhook_secret, never this file.
+    webhook_urls: list[str] = Field(default_factory=list)
+    # Run (no shell) for each event, with the job's facts in BATCHD_* variables.
+    command: list[str] | None = None
+    command_timeout_s: float = Field(default=60.0, gt=0)
+    # A webhook answer must come within this long; a failed delivery is tried again after
+    # a pause doubling from retry_base_s up to retry_cap_s, at most max_attempts times.
+    timeout_s: float = Field(default=10.0, gt=0)
+    retry_base_s: float = Field(default=10.0, gt=0)
+    retry_cap_s: float = Field(default=3600.0, gt=0)
+    max_attempts: int = Field(default=12, ge=1)
+
+    @field_validator("webhook_urls")
+    @classmethod
+    def _http_only(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"{url!r} is not an http(s) URL")
+        return urls
+
+
 class ControlSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -289,6 +323,7 @@ class Settings(FileSettings):
     poll: PollSettings = Field(default_factory=PollSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     control: ControlSettings = Field(default_factory=ControlSettings)
+    notify: NotifySettings = Field(default_factory=NotifySettings)
     # Stop and park a job after it was caught mid-step by this many crashes.
     max_job_crashes: int = Field(default=3, ge=1)
     # Park a part after this many failed steps in a row (`batchd retry` resumes it).

@@ -42,8 +42,12 @@ from batchd.publish import Publisher
 from batchd.stages import Stage, Wake, run_stage
 from batchd.store import Store
 from batchd.submit import Settling, Submitter
+from batchd.webhooks import Notifications, load_webhook_secret
 
 log = get_logger(__name__)
+
+# Settings a SIGHUP cannot change: they are named as waiting for a restart.
+RESTART_KEYS = ("provider", "base_url", "limits", "paths", "control", "api", "notify")
 
 KEY_VARIABLES = ("BATCHD_API_KEY", "DASHSCOPE_API_KEY")
 CREDENTIAL_NAMES = ("api_key", "batchd-api-key")
@@ -104,6 +108,14 @@ class Daemon:
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         register_secret(api_key)
+        # The webhook signing key (env or credential); refused at once when malformed, or
+        # missing while webhooks are configured (exit 2).
+        self._webhook_secret = load_webhook_secret()
+        if settings.notify.webhook_urls and self._webhook_secret is None:
+            raise ConfigError(
+                "[notify] webhook_urls needs a signing secret: set BATCHD_WEBHOOK_SECRET or"
+                " give systemd a credential named webhook_secret (whsec_ + base64)"
+            )
         # The one clock every stage, the operations layer, the API client and the store
         # read time through (tests hand in a FakeClock).
         self.clock = clock
@@ -260,6 +272,10 @@ class Daemon:
             on_resumed=self.wake.poke(Stage.SUBMIT),
             idle_probe_s=s.api.provider_probe_s,
         )
+        self.notifications = Notifications(
+            self.store, s.notify, self._webhook_secret, self.account, clock=self.clock
+        )
+        stack.push_async_callback(self.notifications.close)
         self.ops = Operations(
             self.store,
             lambda: self.settings,
@@ -276,6 +292,7 @@ class Daemon:
     def _after_publish(self) -> None:
         self.wake[Stage.CLEANUP].set()
         self.wake[Stage.SUBMIT].set()
+        self.wake[Stage.NOTIFY].set()
 
     def _stages_alive(self) -> bool:
         return bool(self.tasks) and all(not t.done() for t in self.tasks.values())
@@ -354,6 +371,9 @@ class Daemon:
             Stage.CLEANUP: stage(Stage.CLEANUP, self.cleanup.run_once, 30.0),
             Stage.ACCOUNT: stage(Stage.ACCOUNT, self.probe.run_once, s.api.account_probe_s),
             Stage.DRAIN: stage(Stage.DRAIN, self.ops.drain_watch, 1.0),
+            Stage.NOTIFY: stage(
+                Stage.NOTIFY, self.notifications.run_once, 60.0, self.notifications.idle_s
+            ),
         }
         if s.intake.watch:
             stages[Stage.WATCH] = self._watch()
@@ -463,7 +483,7 @@ class Daemon:
         old = self.settings
         applied: list[str] = []
         needs_restart: list[str] = []
-        for key in ("provider", "base_url", "limits", "paths", "control", "api"):
+        for key in RESTART_KEYS:
             if getattr(old, key) != getattr(new, key):
                 needs_restart.append(key)
         if old.log != new.log:
@@ -494,12 +514,7 @@ class Daemon:
         if old.max_job_crashes != new.max_job_crashes:
             applied.append("max_job_crashes")
         # Keep what cannot change live as it was, so status stays true to what runs.
-        self.settings = new.model_copy(
-            update={
-                key: getattr(old, key)
-                for key in ("provider", "base_url", "limits", "paths", "control", "api")
-            }
-        )
+        self.settings = new.model_copy(update={key: getattr(old, key) for key in RESTART_KEYS})
         self.preparer.settings = self.settings
         if old.intake.watch != new.intake.watch or old.intake.suffixes != new.intake.suffixes:
             self.settings = self.settings.model_copy(

@@ -254,3 +254,39 @@ class Part:
             unavailable=_loads(row["unavailable"]),
             adopt=bool(row["adopt"]),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One notification to one target (a webhook URL, or "command"): queued, tried with
+    backoff, delivered or given up."""
+
+    msg_id: str
+    target: str
+    event: str
+    job_id: str | None
+    payload: str
+    next_at: float
+    created_at: float
+    id: int = 0
+    state: str = "pending"
+    attempts: int = 0
+    last_error: str | None = None
+    delivered_at: float | None = None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Delivery:
+        return cls(
+            id=row["id"],
+            msg_id=row["msg_id"],
+            target=row["target"],
+            event=row["event"],
+            job_id=row["job_id"],
+            payload=row["payload"],
+            state=row["state"],
+            attempts=row["attempts"],
+            next_at=row["next_at"],
+            last_error=row["last_error"],
+            created_at=row["created_at"],
+            delivered_at=row["delivered_at"],
+        )

@@ -45,6 +45,7 @@ from batchd.protocol import (
     Event,
     JobInfo,
     JobList,
+    Notification,
     PartInfo,
     Problem,
     Reload,
@@ -301,6 +302,22 @@ class Operations:
             created_at=job.created_at,
             updated_at=job.updated_at,
             parts=[_part_info(p) for p in parts] if parts is not None else None,
+            notifications=(
+                [
+                    Notification(
+                        target=d.target.split("?", 1)[0],
+                        event=d.event,
+                        state=d.state,
+                        attempts=d.attempts,
+                        last_error=d.last_error,
+                        delivered_at=d.delivered_at,
+                        next_at=d.next_at if d.state == "pending" else None,
+                    )
+                    for d in await self.store.deliveries_of(job.id)
+                ]
+                if detail
+                else None
+            ),
             report=job.report if detail else None,
         )
 

@@ -139,6 +139,18 @@ class PartInfo(_Model, kw_only=True):
     unavailable: dict[str, str] | None = None
 
 
+class Notification(_Model, kw_only=True):
+    """One notification of a job's end to one target (a webhook URL, or "command")."""
+
+    target: str
+    event: str
+    state: str  # pending | delivered | failed
+    attempts: int
+    last_error: str | None = None
+    delivered_at: float | None = None
+    next_at: float | None = None  # when pending: the next try
+
+
 class JobInfo(_Model, kw_only=True):
     id: str
     name: str
@@ -158,6 +170,7 @@ class JobInfo(_Model, kw_only=True):
     created_at: float
     updated_at: float
     parts: list[PartInfo] | None = None
+    notifications: list[Notification] | None = None  # with `show`
     report: dict[str, Any] | None = None
 
 

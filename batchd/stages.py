@@ -26,6 +26,7 @@ class Stage(StrEnum):
     CLEANUP = "cleanup"  # remote files nobody needs any more
     ACCOUNT = "account"  # probes an account paused by an account-level error
     DRAIN = "drain"  # ends the daemon once a drain has finished the work
+    NOTIFY = "notify"  # webhooks and the notify command when a job ends
 
 
 @dataclass(slots=True)

@@ -32,6 +32,7 @@ from batchd.models import (
     JOB_TERMINAL,
     PART_HOLDS_SLOT,
     PART_SETTLED,
+    Delivery,
     Job,
     JobState,
     Part,
@@ -306,8 +307,8 @@ class Store:
     ) -> None:
         await self._write(
             "INSERT INTO jobs (id, name, inbox_name, inbox_inode, inbox_dev, spool_path, kind,"
-            " state, options, created_at, updated_at, recovered_at, error)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " state, options, created_at, updated_at, recovered_at, error, notified)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
             (
                 job_id,
                 name,
@@ -758,6 +759,72 @@ class Store:
             rows = await cur.fetchall()
         by_model = {r[0]: r[1] for r in rows}
         return sum(by_model.values()), by_model
+
+    # -- notifications ----------------------------------------------------------------
+
+    async def jobs_to_announce(self, limit: int = 100) -> list[Job]:
+        """Published jobs whose end has not been announced yet, oldest first."""
+        async with self._db.execute(
+            "SELECT * FROM jobs WHERE state = ? AND notified = 0 ORDER BY updated_at LIMIT ?",
+            (JobState.PUBLISHED, limit),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [Job.from_row(r) for r in rows]
+
+    async def announce(self, job_id: str | None, deliveries: Sequence[Delivery]) -> None:
+        """Queue deliveries and, for a job, mark its end announced: one transaction, so a
+        crash neither loses the announcement nor makes it twice (a delivery already queued
+        under the same message id and target is kept as it is)."""
+        async with self._transaction():
+            await self._db.executemany(
+                "INSERT OR IGNORE INTO deliveries (msg_id, target, event, job_id, payload,"
+                " next_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (d.msg_id, d.target, d.event, d.job_id, d.payload, d.next_at, d.created_at)
+                    for d in deliveries
+                ],
+            )
+            if job_id is not None:
+                await self._db.execute("UPDATE jobs SET notified = 1 WHERE id = ?", (job_id,))
+
+    async def due_deliveries(self, now: float, limit: int = 50) -> list[Delivery]:
+        async with self._db.execute(
+            "SELECT * FROM deliveries WHERE state = 'pending' AND next_at <= ?"
+            " ORDER BY next_at, id LIMIT ?",
+            (now, limit),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [Delivery.from_row(r) for r in rows]
+
+    async def next_delivery_at(self) -> float | None:
+        async with self._db.execute(
+            "SELECT MIN(next_at) FROM deliveries WHERE state = 'pending'"
+        ) as cur:
+            row = await cur.fetchone()
+        return float(row[0]) if row and row[0] is not None else None
+
+    async def delivery_tried(
+        self,
+        delivery_id: int,
+        *,
+        state: str,
+        attempts: int,
+        next_at: float,
+        last_error: str | None,
+        delivered_at: float | None,
+    ) -> None:
+        await self._write(
+            "UPDATE deliveries SET state = ?, attempts = ?, next_at = ?, last_error = ?,"
+            " delivered_at = ? WHERE id = ?",
+            (state, attempts, next_at, last_error, delivered_at, delivery_id),
+        )
+
+    async def deliveries_of(self, job_id: str) -> list[Delivery]:
+        async with self._db.execute(
+            "SELECT * FROM deliveries WHERE job_id = ? ORDER BY id", (job_id,)
+        ) as cur:
+            rows = await cur.fetchall()
+        return [Delivery.from_row(r) for r in rows]
 
     # -- flags: an operator's decisions that outlive a restart ---------------------------
 

@@ -259,6 +259,13 @@ def cmd_show(args: argparse.Namespace) -> int:
             console.print(f"  part {part.seq} ({part.state}): {part.error or ''}")
             for kind, why in (part.unavailable or {}).items():
                 console.print(f"    {kind} file unavailable: {why}")
+    for note in job.notifications or []:
+        when = f" {_when(note.delivered_at)} UTC" if note.delivered_at else ""
+        why = f": {note.last_error}" if note.last_error and note.state != "delivered" else ""
+        console.print(
+            f"  notified {note.target} ({note.event}): {note.state}{when},"
+            f" {note.attempts} attempt(s){why}"
+        )
     report = job.report or {}
     for err in (report.get("errors") or [])[:20]:
         where = f"line {err['line']}: " if err.get("line") is not None else ""

@@ -1,0 +1,199 @@
+"""Being told when a job ends (issue 14): webhooks signed per Standard Webhooks (checked
+with the `standardwebhooks` package, not our own code), retried, kept across a restart,
+and a command run with the job's facts."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from standardwebhooks import Webhook
+
+from batchd.errors import ConfigError
+from batchd.testing import (
+    StartEmulator,
+    cli,
+    daemon_settings,
+    drop,
+    requests,
+    running_daemon,
+    wait_for,
+    wait_published,
+)
+from batchd.webhooks import load_webhook_secret
+
+SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
+
+
+class Receiver:
+    """A webhook endpoint on loopback that fails its first `failures` calls."""
+
+    def __init__(self, failures: int = 0) -> None:
+        self.failures = failures
+        self.received: list[tuple[dict[str, str], bytes]] = []
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        self.received.append((dict(request.headers), await request.read()))
+        if self.failures > 0:
+            self.failures -= 1
+            return web.Response(status=500, text="not now")
+        return web.Response(status=204)
+
+    async def start(self, port: int = 0) -> None:
+        app = web.Application()
+        app.router.add_post("/hook", self._handle)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", port)
+        await site.start()
+        bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{bound}/hook?token=abc"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    r = Receiver(failures=1)
+    await r.start()
+    yield r
+    await r.stop()
+
+
+@pytest.fixture(autouse=True)
+def _secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BATCHD_WEBHOOK_SECRET", SECRET)
+
+
+def _verified(headers: dict[str, str], body: bytes) -> Any:
+    return Webhook(SECRET).verify(body, headers)
+
+
+async def test_a_job_end_is_posted_signed_retried_and_shown(
+    start_emulator: StartEmulator,
+    tmp_path: Path,
+    receiver: Receiver,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    emulator = await start_emulator(time_scale=3000)
+    settings = daemon_settings(
+        tmp_path / "r",
+        emulator,
+        notify={"webhook_urls": [receiver.url], "retry_base_s": 0.1},
+    )
+    sock = str(settings.socket_path)
+    async with running_daemon(settings):
+        drop(settings.paths.folder("inbox"), "hello.jsonl", requests(3))
+        (folder,) = await wait_published(settings.paths.folder("outbox"), 1, emulator)
+        await wait_for(lambda: len(receiver.received) >= 2, 20, "a failed try, then a delivery")
+        _, out, _ = await cli(capsys, "show", "--socket", sock, "--json", "hello")
+        notes = json.loads(out)["notifications"]
+    first, second = receiver.received[:2]
+    assert first[0]["webhook-id"] == second[0]["webhook-id"]  # one id across retries
+    event = _verified(*second)
+    assert event["type"] == "job.ended"
+    data = event["data"]
+    assert data["name"] == "hello" and data["status"] == "completed"
+    assert data["request_counts"] == {"total": 3, "completed": 3, "failed": 0}
+    assert data["outbox"] == str(folder)
+    assert [(n["state"], n["attempts"]) for n in notes] == [("delivered", 2)]
+    assert "token" not in notes[0]["target"]  # a URL's query may be a token: not shown
+    assert len(receiver.received) == 2  # delivered: never again
+
+
+async def test_a_delivery_pending_at_a_restart_is_made_after_it_once(
+    start_emulator: StartEmulator, tmp_path: Path
+) -> None:
+    emulator = await start_emulator(time_scale=3000)
+    down = Receiver()
+    await down.start()
+    url = down.url
+    port = int(url.split(":")[2].split("/")[0])
+    await down.stop()  # nobody listens there now
+    settings = daemon_settings(
+        tmp_path / "r", emulator, notify={"webhook_urls": [url], "retry_base_s": 0.2}
+    )
+    async with running_daemon(settings) as daemon:
+        drop(settings.paths.folder("inbox"), "late.jsonl", requests(1))
+        await wait_published(settings.paths.folder("outbox"), 1, emulator)
+
+        async def tried() -> bool:
+            (job,) = await daemon.store.jobs()
+            return any(d.attempts >= 1 for d in await daemon.store.deliveries_of(job.id))
+
+        await wait_for(tried, 20, "a failed delivery")
+    up = Receiver()
+    await up.start(port)
+    try:
+        async with running_daemon(settings):
+            await wait_for(lambda: len(up.received) >= 1, 20, "the delivery after the restart")
+            await asyncio.sleep(0.5)
+        assert len(up.received) == 1
+        event = _verified(*up.received[0])
+        assert event["data"]["name"] == "late"
+    finally:
+        await up.stop()
+
+
+async def test_the_command_gets_the_jobs_facts_and_no_secret(
+    start_emulator: StartEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("BATCHD_WEBHOOK_SECRET")
+    emulator = await start_emulator(time_scale=3000)
+    seen = tmp_path / "seen.json"
+    script = "import json, os, sys; json.dump(dict(os.environ), open(sys.argv[1], 'w'))"
+    settings = daemon_settings(
+        tmp_path / "r", emulator, notify={"command": [sys.executable, "-c", script, str(seen)]}
+    )
+    async with running_daemon(settings):
+        drop(settings.paths.folder("inbox"), "facts.jsonl", requests(2))
+        (folder,) = await wait_published(settings.paths.folder("outbox"), 1, emulator)
+        await wait_for(seen.exists, 20, "the command run")
+        await asyncio.sleep(0.2)
+    env = json.loads(seen.read_text())
+    assert env["BATCHD_EVENT"] == "job.ended" and env["BATCHD_JOB_NAME"] == "facts"
+    assert env["BATCHD_JOB_STATUS"] == "completed" and env["BATCHD_JOB_OUTBOX"] == str(folder)
+    assert env["BATCHD_REQUESTS_TOTAL"] == "2" and env["BATCHD_REQUESTS_COMPLETED"] == "2"
+    assert not {"BATCHD_API_KEY", "DASHSCOPE_API_KEY", "BATCHD_WEBHOOK_SECRET"} & set(env)
+    assert json.loads(env["BATCHD_EVENT_JSON"])["data"]["name"] == "facts"
+
+
+def test_the_secret_comes_from_the_environment_or_a_credential_and_is_checked(
+    tmp_path: Path, start_emulator: StartEmulator
+) -> None:
+    key = load_webhook_secret({"BATCHD_WEBHOOK_SECRET": SECRET})
+    assert key == b"0123456789abcdef0123456789abcdef"
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "webhook_secret").write_text(SECRET + "\n")
+    assert load_webhook_secret({"CREDENTIALS_DIRECTORY": str(creds)}) == key
+    assert load_webhook_secret({}) is None
+    for bad in ("whsec_!!!", "whsec_" + base64.b64encode(b"short").decode(), "plain words"):
+        with pytest.raises(ConfigError, match="whsec_"):
+            load_webhook_secret({"BATCHD_WEBHOOK_SECRET": bad})
+
+
+async def test_webhooks_without_a_secret_refuse_to_start(
+    start_emulator: StartEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("BATCHD_WEBHOOK_SECRET")
+    assert "BATCHD_WEBHOOK_SECRET" not in os.environ
+    emulator = await start_emulator()
+    settings = daemon_settings(
+        tmp_path / "r", emulator, notify={"webhook_urls": ["http://127.0.0.1:9/hook"]}
+    )
+    with pytest.raises(ConfigError, match="BATCHD_WEBHOOK_SECRET"):
+        async with running_daemon(settings):
+            pass
