@@ -765,7 +765,8 @@ class Store:
     async def jobs_to_announce(self, limit: int = 100) -> list[Job]:
         """Published jobs whose end has not been announced yet, oldest first."""
         async with self._db.execute(
-            "SELECT * FROM jobs WHERE state = ? AND notified = 0 ORDER BY updated_at LIMIT ?",
+            "SELECT * FROM jobs INDEXED BY jobs_unannounced"
+            " WHERE notified = 0 AND state = ? ORDER BY updated_at LIMIT ?",
             (JobState.PUBLISHED, limit),
         ) as cur:
             rows = await cur.fetchall()

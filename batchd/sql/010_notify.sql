@@ -21,3 +21,5 @@ CREATE TABLE deliveries (
 );
 CREATE INDEX deliveries_due ON deliveries(state, next_at);
 CREATE INDEX deliveries_job ON deliveries(job_id);
+-- Only the few jobs not yet announced are in it: the notify stage never scans the rest.
+CREATE INDEX jobs_unannounced ON jobs(updated_at) WHERE notified = 0;

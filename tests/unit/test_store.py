@@ -232,3 +232,41 @@ async def test_count_due_parts_counts_what_due_parts_would_read(store: Store) ->
     await store.update_part(c.id, next_poll_at=0.0)  # pending: never polled
     assert [await store.count_due_parts(t) for t in (5.0, 10.0, 25.0)] == [0, 1, 2]
     assert len(await store.due_parts(25.0)) == await store.count_due_parts(25.0)
+
+
+async def test_a_job_end_is_announced_once_with_its_deliveries(tmp_path: Path) -> None:
+    """Queued in the transaction that marks the job announced; queued again under the same
+    message id and target, nothing is added (a retry after a crash repeats nothing)."""
+    from batchd.models import Delivery
+
+    store = await Store.open(tmp_path / "db.sqlite3")
+    try:
+        await _job(store, "a", 1.0, {})
+        assert await store.jobs_to_announce() == []  # not published yet
+        assert await store.update_job("a", JobState.RUNNING, state=JobState.PUBLISHED)
+        (job,) = await store.jobs_to_announce()
+        rows = [
+            Delivery("msg_a_ended", target, "job.ended", "a", "{}", 5.0, 5.0)
+            for target in ("http://x/hook", "command")
+        ]
+        await store.announce(job.id, rows)
+        await store.announce(job.id, rows)
+        assert await store.jobs_to_announce() == []
+        queued = await store.deliveries_of("a")
+        assert [(d.target, d.state, d.attempts) for d in queued] == [
+            ("http://x/hook", "pending", 0),
+            ("command", "pending", 0),
+        ]
+        assert await store.next_delivery_at() == 5.0
+        assert [d.target for d in await store.due_deliveries(4.0)] == []
+        await store.delivery_tried(
+            queued[0].id,
+            state="delivered",
+            attempts=1,
+            next_at=6.0,
+            last_error=None,
+            delivered_at=6.0,
+        )
+        assert [d.target for d in await store.due_deliveries(10.0)] == ["command"]
+    finally:
+        await store.close()
