@@ -527,8 +527,9 @@ class AsyncClient(_Answers):
         offset: int = 0,
         newest_first: bool = True,
         before: str | None = None,
+        submit_id: str | None = None,
     ) -> JobList:
-        url = self._jobs_url(states, statuses, name, limit, offset, newest_first, before)
+        url = self._jobs_url(states, statuses, name, limit, offset, newest_first, before, submit_id)
         return await self._call("GET", url, JobList)
 
     async def all_jobs(
@@ -578,6 +579,69 @@ class AsyncClient(_Answers):
 
     async def drain(self) -> ActionResponse:
         return await self._call("POST", "/drain", ActionResponse)
+
+    async def submit(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        name: str | None = None,
+        options: Mapping[str, object] | None = None,
+        timeout_s: float = 60.0,
+    ) -> JobInfo:
+        """Queue a file and return its job once claimed (see `Client.submit`)."""
+        import asyncio
+
+        status = await self.status()
+        queued = await asyncio.to_thread(
+            queue_file,
+            path,
+            status.inbox,
+            name=name,
+            options=options,
+            suffixes=status.input_suffixes,
+        )
+        return await self.claimed(queued.submit_id, timeout_s)
+
+    async def claimed(self, submit_id: str, timeout_s: float = 60.0) -> JobInfo:
+        """The job a file queued with `submit_id` became, once claimed."""
+        import asyncio
+
+        deadline = time.monotonic() + timeout_s
+        pause = 0.1
+        while True:
+            page = await self.jobs(submit_id=submit_id, limit=1)
+            if page.jobs:
+                return page.jobs[0]
+            if time.monotonic() + pause > deadline:
+                raise TimeoutError(
+                    f"the daemon on {self.path} did not claim the file within {timeout_s:g} s"
+                    " (is its intake paused?); it stays queued in the inbox"
+                )
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
+
+    async def wait(self, job_id: str, timeout: float | None = None) -> JobInfo:
+        """The job once published or parked (see `Client.wait`)."""
+        import asyncio
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.2
+        while True:
+            job = await self.job(job_id)
+            if job.state in ENDED_STATES:
+                return job
+            if deadline is not None and time.monotonic() + pause > deadline:
+                raise TimeoutError(f"job {job.id} is still {job.state} after {timeout:g} s")
+            await asyncio.sleep(pause)
+            pause = min(pause * 1.5, 2.0)
+
+    async def results(self, job_id: str) -> AsyncIterator[dict[str, Any]]:
+        """Every request of a published job in input order (see `Client.results`)."""
+        job = await self.job(job_id)
+        if job.state != "published" or not job.outbox:
+            raise RequestFailed(409, "not_published", f"job {job.id} is {job.state}")
+        for row in read_results(Path(job.outbox)):
+            yield row
 
     async def events(self, *, seconds: float | None = None) -> AsyncGenerator[Event, None]:
         """The daemon's events as they happen (see `Client.events`)."""

@@ -285,3 +285,21 @@ async def test_a_wrong_key_or_a_dead_url_shows_within_seconds_and_check_says_why
         assert any("does not answer" in why for why in status.waiting)
         code, _, err = await cli(capsys, "check", "--socket", sock)
         assert code == 1 and "does not answer" in err
+
+
+async def test_the_async_client_submits_waits_and_reads_results_too(
+    start_emulator: StartEmulator, tmp_path: Path
+) -> None:
+    emulator = await start_emulator(time_scale=3000)
+    settings = daemon_settings(tmp_path / "r", emulator)
+    source = tmp_path / "notebook.jsonl"
+    source.write_bytes(requests(5, prefix="nb-"))
+    async with running_daemon(settings):
+        client = AsyncClient(settings.socket_path)
+        job = await client.submit(source, options={"completion_window": "24h"})
+        assert job.name == "notebook"
+        ended = await client.wait(job.id[:12] if len(job.id) > 12 else job.id, timeout=60)
+        assert ended.status == "completed" and ended.outbox
+        rows = [row async for row in client.results(job.id)]
+        assert [r["custom_id"] for r in rows] == [f"nb-{i}" for i in range(5)]
+        assert all("response" in r for r in rows)
