@@ -272,6 +272,12 @@ class _Answers:
     def _job_url(job_id: str, action: str = "") -> str:
         return f"/jobs/{quote(job_id, safe='')}{action}"
 
+    def _not_claimed(self, timeout_s: float) -> TimeoutError:
+        return TimeoutError(
+            f"the daemon on {self.path} did not claim the file within {timeout_s:g} s"
+            " (is its intake paused?); it stays queued in the inbox"
+        )
+
     def _answer(self, status: int, body: bytes, kind: type[T]) -> T:
         if status >= 400 and not (status == 409 and kind is ActionResponse):
             # 409 on an action is an answer: understood, not possible now, and why.
@@ -444,10 +450,7 @@ class Client(_Answers):
             if page.jobs:
                 return page.jobs[0]
             if time.monotonic() + pause > deadline:
-                raise TimeoutError(
-                    f"the daemon on {self.path} did not claim the file within {timeout_s:g} s"
-                    " (is its intake paused?); it stays queued in the inbox"
-                )
+                raise self._not_claimed(timeout_s)
             time.sleep(pause)
             pause = min(pause * 2, 1.0)
 
@@ -613,10 +616,7 @@ class AsyncClient(_Answers):
             if page.jobs:
                 return page.jobs[0]
             if time.monotonic() + pause > deadline:
-                raise TimeoutError(
-                    f"the daemon on {self.path} did not claim the file within {timeout_s:g} s"
-                    " (is its intake paused?); it stays queued in the inbox"
-                )
+                raise self._not_claimed(timeout_s)
             await asyncio.sleep(pause)
             pause = min(pause * 2, 1.0)
 
