@@ -303,3 +303,24 @@ async def test_the_async_client_submits_waits_and_reads_results_too(
         rows = [row async for row in client.results(job.id)]
         assert [r["custom_id"] for r in rows] == [f"nb-{i}" for i in range(5)]
         assert all("response" in r for r in rows)
+
+
+async def test_watch_returns_when_asked_and_says_what_is_in_flight(
+    start_emulator: StartEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    emulator = await start_emulator(time_scale=100)  # a batch runs for a second or two
+    settings = daemon_settings(tmp_path / "r", emulator)
+    sock = str(settings.socket_path)
+    async with running_daemon(settings):
+        started = asyncio.get_running_loop().time()
+        code, out, _ = await cli(capsys, "watch", "--socket", sock, "--seconds", "1")
+        assert code == 0 and "no job is in flight" in out
+        assert asyncio.get_running_loop().time() - started < 10  # idle, yet it returned
+        drop(settings.paths.folder("inbox"), "busy.jsonl", requests(4))
+
+        async def running() -> bool:
+            return bool((await AsyncClient(sock).jobs(states=["running"])).jobs)
+
+        await wait_for(running, 20, "the job running")
+        code, out, _ = await cli(capsys, "watch", "--socket", sock, "--seconds", "1")
+        assert code == 0 and "busy" in out and "/4" in out
