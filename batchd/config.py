@@ -28,6 +28,7 @@ from pydantic_settings import (
 )
 
 from batchd.errors import ConfigError
+from batchd.models import completion_hours
 from batchd.profiles import (
     DEFAULT_PROVIDER,
     ENDPOINT_CHAT,
@@ -334,9 +335,17 @@ class Settings(FileSettings):
     @model_validator(mode="after")
     def _check_limits(self) -> Self:
         try:
-            merge_limits(PROFILES[self.provider].limits, self.limits)
+            limits = merge_limits(PROFILES[self.provider].limits, self.limits)
         except ValueError as exc:
             raise ValueError(f"[limits]: {exc}") from exc
+        window = self.jobs.completion_window
+        hours = completion_hours(window)
+        lowest, highest = limits.min_completion_window_h, limits.max_completion_window_h
+        if hours is None or not lowest <= hours <= highest:
+            raise ValueError(
+                f"jobs.completion_window {window!r}: {self.provider} takes {lowest}h to"
+                f" {highest}h, as NNh or NNd"
+            )
         return self
 
     @property

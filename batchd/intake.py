@@ -59,6 +59,33 @@ SIDECAR_KEYS = frozenset(
 )
 
 
+# The option that carries why a sidecar cannot be used (see `Intake._read_sidecar`).
+SIDECAR_ERROR = "sidecar_error"
+
+
+def sidecar_options(name: str, raw: bytes) -> dict[str, Any]:
+    """PURE: a sidecar's options, or `{SIDECAR_ERROR: why}` naming the file and the key
+    (with the known keys, and the closest one to a misspelt key)."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return {SIDECAR_ERROR: f"{name}: not JSON: {exc}"}
+    if not isinstance(data, dict):
+        return {SIDECAR_ERROR: f"{name}: not a JSON object"}
+    unknown = sorted(set(data) - SIDECAR_KEYS)
+    if unknown:
+        import difflib
+
+        hints = [
+            f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key)
+            for key in unknown
+            for close in [difflib.get_close_matches(key, sorted(SIDECAR_KEYS), 1)]
+        ]
+        known = ", ".join(sorted(SIDECAR_KEYS - {"submit_id"}))
+        return {SIDECAR_ERROR: f"{name}: unknown key {', '.join(hints)}; known keys: {known}"}
+    return dict(data)
+
+
 def is_ignored_name(name: str) -> bool:
     """Names the Maildir convention (and common copy tools) use while a file is written."""
     lower = name.lower()
@@ -348,32 +375,26 @@ class Intake:
         return same and now.st_nlink == 1
 
     def _read_sidecar(self, stem: str) -> dict[str, Any]:
+        """The job's options from NAME.meta.json. A sidecar that cannot be used as written
+        (not JSON, not an object, too large, an unknown key such as a misspelt `modle`)
+        is never half-applied: its problem is kept as the option `sidecar_error`, and
+        the prepare stage rejects the job with it, so the owner hears of it instead of
+        paying for a run with the defaults."""
         for suffix in SIDECAR_SUFFIXES:
             path = self.inbox / f"{stem}{suffix}"
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
             except OSError:
                 continue
+            shown = printable(path.name)
             try:
                 st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_SIDECAR_BYTES:
-                    log.warning("sidecar_ignored", name=printable(path.name), reason="not small")
-                    continue
+                    return {SIDECAR_ERROR: f"{shown}: not a small regular file"}
                 raw = os.read(fd, MAX_SIDECAR_BYTES + 1)
             finally:
                 os.close(fd)
-            try:
-                data = orjson.loads(raw)
-            except orjson.JSONDecodeError as exc:
-                log.warning("sidecar_ignored", name=printable(path.name), reason=str(exc))
-                continue
-            if not isinstance(data, dict):
-                log.warning("sidecar_ignored", name=printable(path.name), reason="not an object")
-                continue
-            unknown = set(data) - SIDECAR_KEYS
-            if unknown:
-                log.warning("sidecar_keys_ignored", name=printable(path.name), keys=sorted(unknown))
-            return {k: v for k, v in data.items() if k in SIDECAR_KEYS}
+            return sidecar_options(shown, raw)
         return {}
 
     def _move(
@@ -490,12 +511,10 @@ class Intake:
 
     def _read_options(self, folder: Path) -> dict[str, Any]:
         try:
-            data = orjson.loads((folder / "meta.meta.json").read_bytes())
-        except (OSError, orjson.JSONDecodeError):
+            raw = (folder / "meta.meta.json").read_bytes()
+        except OSError:
             return {}
-        if not isinstance(data, dict):
-            return {}
-        return {k: v for k, v in data.items() if k in SIDECAR_KEYS}
+        return sidecar_options("meta.meta.json", raw)
 
     async def recover_claims(self) -> None:
         """Settle claims a crash cut short: finish the rename's record, or forget the row."""

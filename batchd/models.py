@@ -28,6 +28,16 @@ JOB_TERMINAL = frozenset({JobState.PUBLISHED, JobState.PARKED})
 JOB_ACTIVE = frozenset(set(JobState) - JOB_TERMINAL)
 
 
+def completion_hours(window: object) -> int | None:
+    """PURE: '24h' -> 24, '14d' -> 336; None for anything else."""
+    if not isinstance(window, str) or len(window) < 2 or window[-1] not in "hd":
+        return None
+    number = window[:-1]
+    if not number.isdigit() or not number.isascii():
+        return None
+    return int(number) * (24 if window[-1] == "d" else 1)
+
+
 def window_hours(window: str) -> float:
     """PURE: '24h' -> 24, '14d' -> 336; unknown forms count as the longest window."""
     try:

@@ -26,8 +26,9 @@ from batchd import csvio
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import Settings
 from batchd.failpoints import failpoint
+from batchd.intake import SIDECAR_ERROR
 from batchd.logs import get_logger
-from batchd.models import Job, JobState, PartPlan, upload_name
+from batchd.models import Job, JobState, PartPlan, completion_hours, upload_name
 from batchd.store import Store
 from batchd.validate import Report, validate_file, write_parts
 
@@ -100,10 +101,35 @@ def _rejection(job: Job, code: str, message: str, line: int | None = None) -> di
     }
 
 
+def option_problem(job: Job, settings: Settings) -> tuple[str, str] | None:
+    """PURE: why the job's options (its sidecar, or the defaults) cannot be run as they
+    are: (code, message), or None. Checked before anything is read or sent: a sidecar
+    with a misspelt key, or a completion window the provider refuses, would otherwise run
+    with other options than meant, or fail only once paid-for uploads are made."""
+    if job.options.get(SIDECAR_ERROR):
+        return "sidecar_invalid", str(job.options[SIDECAR_ERROR])
+    window = job.options.get("completion_window") or settings.jobs.completion_window
+    limits = settings.profile.limits
+    lowest, highest = limits.min_completion_window_h, limits.max_completion_window_h
+    hours = completion_hours(window)
+    if hours is None or not lowest <= hours <= highest:
+        told = "the sidecar's" if job.options.get("completion_window") else "jobs."
+        return (
+            "completion_window_invalid",
+            f"completion_window {window!r} ({told}completion_window): "
+            f"{settings.profile.name} takes {lowest}h to {highest}h, as NNh or NNd "
+            f"(e.g. {lowest}h)",
+        )
+    return None
+
+
 def prepare(job: Job, settings: Settings) -> Prepared:
     """PURE but for files: convert, check and plan one claimed input."""
     source = Path(job.spool_path)
     before = os.stat(source)
+    problem = option_problem(job, settings)
+    if problem is not None:
+        return Prepared(None, before.st_size, _rejection(job, *problem), [], before.st_mtime_ns)
     refused = refuse_unread(job, before, settings)
     if refused is not None:
         return Prepared(None, before.st_size, refused, [], before.st_mtime_ns)

@@ -505,6 +505,10 @@ def build_summary(
             "kind": job.kind,
         },
         "status": str(outcome),
+        # The sidecar's options as the job ran with them (the rest: the daemon's defaults).
+        "options": {
+            k: v for k, v in job.options.items() if k not in ("submit_id", "sidecar_error")
+        },
         "request_counts": {
             "total": stats.total,
             "completed": stats.completed,

@@ -1,0 +1,89 @@
+"""Options that cannot be run as written are refused before anything is paid (issue 15):
+a sidecar with broken JSON or a misspelt key, a completion window the provider refuses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from batchd.errors import ConfigError
+from batchd.intake import SIDECAR_ERROR, sidecar_options
+from batchd.testing import (
+    StartEmulator,
+    daemon_settings,
+    drop,
+    read_jsonl,
+    requests,
+    running_daemon,
+    summary,
+    wait_published,
+)
+
+
+def test_a_sidecar_is_used_whole_or_not_at_all() -> None:
+    assert sidecar_options("a.meta.json", b'{"model": "qwen-plus", "priority": 2}') == {
+        "model": "qwen-plus",
+        "priority": 2,
+    }
+    misspelt = sidecar_options("a.meta.json", b'{"modle": "qwen-max", "priorty": 1}')[SIDECAR_ERROR]
+    assert "a.meta.json" in misspelt
+    assert "'modle' (did you mean 'model'?)" in misspelt
+    assert "'priorty' (did you mean 'priority'?)" in misspelt
+    assert "not JSON" in sidecar_options("a.meta.json", b'{"model": ')[SIDECAR_ERROR]
+    assert "object" in sidecar_options("a.meta.json", b"[1, 2]")[SIDECAR_ERROR]
+
+
+async def test_a_bad_sidecar_or_window_rejects_the_job_and_sends_nothing(
+    start_emulator: StartEmulator, tmp_path: Path
+) -> None:
+    emulator = await start_emulator(time_scale=3000)
+    settings = daemon_settings(tmp_path / "r", emulator)
+    inbox, outbox = settings.paths.folder("inbox"), settings.paths.folder("outbox")
+    inbox.mkdir(parents=True)
+    cases = {
+        "typo": (b'{"modle": "qwen-max"}', "did you mean 'model'"),
+        "broken": (b'{"model": "qwen-max",', "not JSON"),
+        "quick": (b'{"completion_window": "2h"}', "24h to 336h"),
+        "wordy": (b'{"completion_window": "two days"}', "completion_window"),
+    }
+    async with running_daemon(settings):
+        for name, (sidecar, _) in cases.items():
+            (inbox / f"{name}.meta.json").write_bytes(sidecar)
+            drop(inbox, f"{name}.jsonl", requests(2, prefix=f"{name}-"))
+        folders = await wait_published(outbox, len(cases), emulator)
+    stats = await emulator.stats()
+    assert stats["calls"]["upload"]["served"] == 0  # nothing sent, nothing paid
+    by_name = {folder.name: folder for folder in folders}
+    for name, (_, says) in cases.items():
+        report = summary(by_name[name])
+        assert report["status"] == "rejected", name
+        errors = read_jsonl(by_name[name] / "error.jsonl")
+        text = str(report) + str(errors)
+        assert says in text, (name, text[:500])
+
+
+def test_a_default_window_the_provider_refuses_is_a_config_error(tmp_path: Path) -> None:
+    from batchd.config import Settings
+
+    config = tmp_path / "c.toml"
+    config.write_text('[jobs]\ncompletion_window = "2h"\n')
+    with pytest.raises(ConfigError, match="24h to 336h"):
+        Settings.load(config)
+    config.write_text('provider = "openai"\n[jobs]\ncompletion_window = "48h"\n')
+    with pytest.raises(ConfigError, match="24h to 24h"):
+        Settings.load(config)
+
+
+async def test_summary_says_which_options_the_job_ran_with(
+    start_emulator: StartEmulator, tmp_path: Path
+) -> None:
+    emulator = await start_emulator(time_scale=3000)
+    settings = daemon_settings(tmp_path / "r", emulator)
+    inbox = settings.paths.folder("inbox")
+    inbox.mkdir(parents=True)
+    (inbox / "opts.meta.json").write_bytes(b'{"completion_window": "48h", "priority": 3}')
+    async with running_daemon(settings):
+        drop(inbox, "opts.jsonl", requests(1))
+        (folder,) = await wait_published(settings.paths.folder("outbox"), 1, emulator)
+    assert summary(folder)["options"] == {"completion_window": "48h", "priority": 3}
