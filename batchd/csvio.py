@@ -10,7 +10,9 @@ Decisions:
 - A CSV header is recognised when its first row names the columns `custom_id` and
   `content` (any case, any order, other columns ignored); without a header the file must
   have exactly two columns, so that an unquoted comma in the content is caught rather
-  than silently cutting the text. Blank rows are skipped.
+  than silently cutting the text. A first row made only of column-like words (`id,text`)
+  that does not name those two is refused (`csv_header`): it would be a paid request.
+  Blank rows are skipped.
 - Bad rows (wrong column count, empty custom_id or content, duplicate custom_id) are
   reported by row number (1-based, the header counted) and no output is written.
 - The default endpoint follows the model: `batch-test-model` -> /v1/chat/ds-test, a
@@ -125,6 +127,22 @@ def build_request(
     return {"custom_id": custom_id, "method": "POST", "url": endpoint, "body": body}
 
 
+# Words that name columns: a first row made only of these, but not naming custom_id and
+# content, is a header with other names (`id,text`), never a request to pay for.
+_HEADER_WORDS = frozenset(
+    {
+        "id", "custom_id", "customid", "key", "name", "no", "row",
+        "content", "text", "prompt", "question", "input", "message", "query", "body",
+        "review", "comment", "sentence", "document", "instruction",
+    }
+)  # fmt: skip
+
+
+def _looks_like_header(row: list[str]) -> bool:
+    names = [cell.strip().lower().replace(" ", "_") for cell in row]
+    return len(names) >= 2 and all(name in _HEADER_WORDS for name in names)
+
+
 def _header_columns(row: list[str]) -> tuple[int, int] | None:
     names = [cell.strip().lower() for cell in row]
     if _HEADER_ID in names and _HEADER_CONTENT in names:
@@ -158,6 +176,16 @@ def csv_to_jsonl(
         if number == 1:
             columns = _header_columns(row)
             if columns is not None:
+                continue
+            if _looks_like_header(row):
+                result.problem(
+                    number,
+                    "csv_header",
+                    f"the first row {','.join(row)!r} is a header that does not name the"
+                    " columns custom_id and content: rename them so (it would otherwise"
+                    " be sent, and paid for, as a request)",
+                    max_errors,
+                )
                 continue
         if columns is None and len(row) != 2:
             result.problem(

@@ -152,3 +152,19 @@ def test_a_csv_that_is_not_utf8_is_reported(tmp_path: Path) -> None:
     assert [e.code for e in result.errors] == ["not_text"]
     ok = csv_file_to_jsonl(source, tmp_path / "out.jsonl", model="qwen-plus", encoding="gbk")
     assert ok.ok
+
+
+def test_a_header_with_other_names_is_refused_not_sent() -> None:
+    """`id,text` is a header, not a request to pay for; data rows are never mistaken."""
+    import io as _io
+
+    from batchd.csvio import csv_to_jsonl
+
+    for first in (["id", "text"], ["ID", "Prompt"], ["key", "question", "comment"]):
+        out = _io.BytesIO()
+        result = csv_to_jsonl([first, ["a", "hello"]], out, model="qwen-plus")
+        assert not result.ok and result.errors[0].code == "csv_header", first
+        assert "custom_id" in result.errors[0].message
+    out = _io.BytesIO()
+    result = csv_to_jsonl([["1", "text"], ["2", "hello"]], out, model="qwen-plus")
+    assert result.ok and result.rows == 2  # "1" is no column name: data
