@@ -55,6 +55,8 @@ SIDECAR_KEYS = frozenset(
         "priority",
         # `batchd submit`'s token: how it finds the job its file became.
         "submit_id",
+        # Run an input identical to one already run (and pay for it again).
+        "allow_duplicate",
     }
 )
 

@@ -18,7 +18,7 @@ import asyncio
 import hashlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,18 @@ def _rejection(job: Job, code: str, message: str, line: int | None = None) -> di
         "errors": [{"line": line, "code": code, "message": message}],
         "error_count": 1,
     }
+
+
+def _twin_rejection(job: Job, twin: Job) -> dict[str, Any]:
+    """PURE: the report of an input identical to one already run."""
+    where = f", results in {twin.outbox_path}" if twin.outbox_path else ""
+    return _rejection(
+        job,
+        "duplicate_input",
+        f"identical to the input of job {twin.id} ({twin.name}, "
+        f"{twin.outcome or twin.state}{where}): running it again would pay for the same "
+        'requests again. To run it anyway, drop it with a sidecar {"allow_duplicate": true}',
+    )
 
 
 def option_problem(job: Job, settings: Settings) -> tuple[str, str] | None:
@@ -288,6 +300,10 @@ class Preparer:
             )
             self.not_before[job.id] = self.clock.now() + self.settings.intake.settle_s
             return False
+        if prepared.parts and prepared.sha256 and job.options.get("allow_duplicate") is not True:
+            twin = await self.store.paid_twin(prepared.sha256, job.id)
+            if twin is not None:
+                prepared = replace(prepared, parts=[], report=_twin_rejection(job, twin))
         recorded = {
             "sha256": prepared.sha256,
             "bytes": prepared.bytes,

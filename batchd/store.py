@@ -393,6 +393,19 @@ class Store:
             rows = await cur.fetchall()
         return [Job.from_row(r) for r in rows]
 
+    async def paid_twin(self, sha256: str, exclude: str) -> Job | None:
+        """The newest other job with this input that runs or has run to results (running,
+        publishing, or published completed or partial): running this one too would pay
+        for the same requests again."""
+        async with self._db.execute(
+            "SELECT * FROM jobs WHERE sha256 = ? AND id != ? AND (state IN (?, ?)"
+            " OR (state = ? AND outcome IN ('completed', 'partial')))"
+            " ORDER BY created_at DESC LIMIT 1",
+            (sha256, exclude, JobState.RUNNING, JobState.PUBLISHING, JobState.PUBLISHED),
+        ) as cur:
+            row = await cur.fetchone()
+        return Job.from_row(row) if row else None
+
     async def find_jobs(self, ref: str, limit: int = 10) -> list[Job]:
         """The jobs an operator may mean by `ref`: the job with that id; else every job
         whose id starts with it (6 characters or more) or whose name is exactly it, newest

@@ -179,7 +179,10 @@ async def test_submit_prints_the_job_waits_for_it_and_the_client_reads_its_resul
 
         # The Python client: submit, wait, and every request in input order.
         job = await asyncio.to_thread(
-            client.submit, work / "reviews.jsonl", name="again", options={"priority": 1}
+            client.submit,
+            work / "reviews.jsonl",
+            name="again",
+            options={"priority": 1, "allow_duplicate": True},  # the same file, on purpose
         )
         assert job.name == "again" and job.id  # claimed, and (fast emulator) maybe further
         ended = await asyncio.to_thread(client.wait, job.id, 60)
