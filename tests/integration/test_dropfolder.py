@@ -292,10 +292,9 @@ async def _burst(
     )
     inbox = settings.paths.folder("inbox")
     inbox.mkdir(parents=True)
-    line = requests(1)
     for i in range(count):
         tmp = inbox / f".b{i:05d}.jsonl.tmp"
-        tmp.write_bytes(line)
+        tmp.write_bytes(requests(1, prefix=f"b{i}-"))  # each its own input, not a duplicate
         tmp.rename(inbox / f"b{i:05d}.jsonl")
     rss_before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.monotonic()

@@ -387,7 +387,7 @@ async def test_batchd_run_stderr_never_shows_the_key(
                 (gateway, "part_failed"),
             ]
         ):
-            drop(inbox, f"b{n}.jsonl", requests(2))
+            drop(inbox, f"b{n}.jsonl", requests(2, prefix=f"b{n}-"))
             since = len(log.read_text())
             code = await _run_until(
                 {**env, "BATCHD_BASE_URL": url}, log, root, done=logged(marker, since)
