@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +50,14 @@ def register(subparsers: Any) -> None:
     validate.add_argument(
         "--no-split",
         action="store_true",
+        default=None,
         help="a file over the request or byte limit is an error instead of planned into parts",
     )
     validate.add_argument(
-        "--group-by-model", action="store_true", help="accept mixed models, one part per model"
+        "--group-by-model",
+        action="store_true",
+        default=None,
+        help="accept mixed models, one part per model (default: jobs.group_by_model)",
     )
     validate.add_argument(
         "--max-errors",
@@ -122,17 +127,85 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _checking(args: argparse.Namespace) -> tuple[ProviderLimits, int]:
-    """The provider's limits and how many problems a report lists, as the daemon with the
-    same configuration would apply them. With no configuration file and no BATCHD_*
-    variable they are the defaults, known without loading the daemon's configuration
-    (pydantic-settings): `batchd validate` starts about as fast as Python does."""
+@dataclass(frozen=True)
+class Checking:
+    """How the daemon with the same configuration would check a file."""
+
+    limits: ProviderLimits
+    max_errors: int = DEFAULT_MAX_REPORTED_ERRORS
+    split: bool = True
+    group_by_model: bool = False
+    csv_model: str | None = None
+    csv_system_prompt: str | None = None
+
+
+def _checking(args: argparse.Namespace) -> Checking:
+    """The provider's limits and the job settings (`split`, `group_by_model`, the CSV
+    defaults), as the daemon with the same configuration applies them. With no
+    configuration file and no BATCHD_* variable they are the defaults, known without
+    loading the daemon's configuration (pydantic-settings): `batchd validate` starts
+    about as fast as Python does."""
     if args.config is None and not any(k.upper().startswith("BATCHD_") for k in os.environ):
-        return PROFILES[args.provider or DEFAULT_PROVIDER].limits, DEFAULT_MAX_REPORTED_ERRORS
+        return Checking(PROFILES[args.provider or DEFAULT_PROVIDER].limits)
     from batchd.config import Settings
 
     settings = Settings.load(args.config, provider=args.provider)
-    return settings.profile.limits, settings.max_reported_errors
+    jobs = settings.jobs
+    return Checking(
+        settings.profile.limits,
+        settings.max_reported_errors,
+        jobs.split,
+        jobs.group_by_model,
+        jobs.csv_model,
+        jobs.csv_system_prompt,
+    )
+
+
+def _validate_csv(
+    path: Path, checking: Checking, split: bool, group: bool, max_errors: int
+) -> Report:
+    """A CSV input checked as the daemon does: converted with the model of its sidecar
+    (NAME.meta.json beside it) or `jobs.csv_model`, then validated; rows are numbered
+    as in the CSV."""
+    import tempfile
+
+    options: dict[str, Any] = {}
+    sidecar = path.with_name(path.name[: -len(".csv")] + ".meta.json")
+    if sidecar.is_file():
+        from batchd.intake import SIDECAR_ERROR, sidecar_options
+
+        options = sidecar_options(sidecar.name, sidecar.read_bytes())
+        if SIDECAR_ERROR in options:
+            return Report(
+                path=str(path),
+                errors=[Problem(None, "sidecar_invalid", str(options[SIDECAR_ERROR]))],
+                error_count=1,
+            )
+    model = options.get("model") or checking.csv_model
+    if not isinstance(model, str) or not model:
+        message = 'a CSV input needs a model: set jobs.csv_model or "model" in NAME.meta.json'
+        return Report(
+            path=str(path), errors=[Problem(None, "csv_needs_model", message)], error_count=1
+        )
+    prompt = options.get("system_prompt") or checking.csv_system_prompt
+    with tempfile.TemporaryDirectory(prefix="batchd-validate-") as tmp:
+        converted = Path(tmp) / "input.jsonl"
+        conversion = csvio.csv_file_to_jsonl(
+            path,
+            converted,
+            model=model,
+            system_prompt=prompt if isinstance(prompt, str) else None,
+            max_errors=max_errors,
+        )
+        if not conversion.ok:
+            return Report(
+                path=str(path), errors=list(conversion.errors), error_count=conversion.error_count
+            )
+        report = validate_file(
+            converted, checking.limits, split=split, group_by_model=group, max_errors=max_errors
+        )
+    report.path = str(path)
+    return report
 
 
 def _unreadable(path: Path, exc: OSError) -> Report:
@@ -159,18 +232,19 @@ def _summary(report: Report) -> str:
 
 def run_validate(args: argparse.Namespace) -> int:
     """`batchd validate`: exit 0 if every file is valid, 1 if any is not."""
-    limits, max_reported = _checking(args)
-    max_errors = args.max_errors or max_reported
+    checking = _checking(args)
+    max_errors = args.max_errors or checking.max_errors
+    split = checking.split if args.no_split is None else not args.no_split
+    group = checking.group_by_model if args.group_by_model is None else args.group_by_model
     all_valid = True
     for path in args.files:
         try:
-            report = validate_file(
-                path,
-                limits,
-                split=not args.no_split,
-                group_by_model=args.group_by_model,
-                max_errors=max_errors,
-            )
+            if path.name.lower().endswith(".csv"):
+                report = _validate_csv(path, checking, split, group, max_errors)
+            else:
+                report = validate_file(
+                    path, checking.limits, split=split, group_by_model=group, max_errors=max_errors
+                )
         except OSError as exc:
             report = _unreadable(path, exc)
         all_valid = all_valid and report.valid
@@ -185,7 +259,8 @@ def run_validate(args: argparse.Namespace) -> int:
 
 def run_split(args: argparse.Namespace) -> int:
     """`batchd split`: validate, then write the planned parts (if more than one)."""
-    limits, max_reported = _checking(args)
+    checking = _checking(args)
+    limits, max_reported = checking.limits, checking.max_errors
     overrides = {
         key: value
         for key, value in (

@@ -102,3 +102,41 @@ def test_csv2jsonl_and_jsonl2csv(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main(["csv2jsonl", str(source), "-o", str(tmp_path / "dup.jsonl"), "--model", "m"]) == 1
     assert ":2: duplicate_custom_id" in capsys.readouterr().err
     assert main(["csv2jsonl", str(tmp_path / "nope.csv"), "--model", "m"]) == 2
+
+
+def test_validate_checks_as_the_daemon_would(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The configuration's job settings apply, and a CSV is converted as the daemon
+    converts it (model from its sidecar or jobs.csv_model), not parsed as JSONL."""
+    for name in [k for k in __import__("os").environ if k.upper().startswith("BATCHD_")]:
+        monkeypatch.delenv(name)
+    mixed = tmp_path / "mixed.jsonl"
+    rows = [
+        {"custom_id": f"m{i}", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": model, "messages": [{"role": "user", "content": "hi"}]}}
+        for i, model in enumerate(["qwen-plus", "qwen-max"])
+    ]  # fmt: skip
+    mixed.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["validate", str(mixed)]) == 1  # mixed models: not by default
+    config = tmp_path / "c.toml"
+    config.write_text('[jobs]\ngroup_by_model = true\ncsv_model = "qwen-plus"\n')
+    assert main(["validate", "--config", str(config), str(mixed)]) == 0  # as the daemon
+    capsys.readouterr()
+
+    table = tmp_path / "rows.csv"
+    table.write_text("custom_id,content\nc1,hello\nc2,world\n")
+    assert main(["validate", str(table)]) == 1
+    assert "csv_needs_model" in capsys.readouterr().out
+    assert main(["validate", "--config", str(config), str(table)]) == 0
+    assert "ok, 2 requests" in capsys.readouterr().out
+    (tmp_path / "rows.meta.json").write_text('{"model": "qwen-max"}')
+    assert main(["validate", str(table)]) == 0
+    assert "qwen-max" in capsys.readouterr().out
+    (tmp_path / "rows.meta.json").write_text('{"modle": "qwen-max"}')
+    assert main(["validate", str(table)]) == 1
+    assert "did you mean 'model'" in capsys.readouterr().out
+    (tmp_path / "rows.meta.json").unlink()
+    table.write_text("id,text\nc1,hello\n")
+    assert main(["validate", "--config", str(config), str(table)]) == 1
+    assert "csv_header" in capsys.readouterr().out
