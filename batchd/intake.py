@@ -57,6 +57,8 @@ SIDECAR_KEYS = frozenset(
         "submit_id",
         # Run an input identical to one already run (and pay for it again).
         "allow_duplicate",
+        # The job a `batchd retry` input retries (summary.json links the two).
+        "retry_of",
     }
 )
 

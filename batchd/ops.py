@@ -25,7 +25,7 @@ from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import Settings
 from batchd.fsutil import fsync_dir, write_atomic
 from batchd.intake import Intake
-from batchd.lines import DEFAULT_MAX_LINE_BYTES, input_line_of, iter_lines
+from batchd.lines import DEFAULT_MAX_LINE_BYTES, input_line_of, iter_lines, read_line
 from batchd.logs import get_logger
 from batchd.models import (
     JOB_ACTIVE,
@@ -454,21 +454,29 @@ class Operations:
                 ok=True,
                 message=f"already resubmitted as {job.retried_as} (retry that job to go again)",
             )
-        planned = await asyncio.to_thread(
+        planned, left_out = await asyncio.to_thread(
             write_retry_input,
             job,
             Path(job.outbox_path or ""),
             self.settings.paths.folder("inbox"),
             self.settings.jobs.max_result_line_bytes,
         )
+        refused = (
+            f"; {left_out} refused for their content (DataInspectionFailed) left out: they"
+            " would fail, and cost, again"
+            if left_out
+            else ""
+        )
         if planned is None:
-            return ActionResponse(ok=False, message="no failed requests, or input not kept")
+            return ActionResponse(
+                ok=False, message=f"no failed requests worth retrying, or input not kept{refused}"
+            )
         # Committed before the file appears under its name: a crash in between leaves a
         # hidden temp file that the next `retry` finishes, never a second input.
         await self.store.update_job(job.id, JobState.PUBLISHED, retried_as=planned)
         await asyncio.to_thread(finish_retry_input, planned, self.settings.paths.folder("inbox"))
         self.wake[Stage.INTAKE].set()
-        return ActionResponse(ok=True, message=f"failed requests resubmitted as {planned}")
+        return ActionResponse(ok=True, message=f"failed requests resubmitted as {planned}{refused}")
 
     async def status_line(self) -> str:
         """The one line systemd shows in `systemctl status` (STATUS=)."""
@@ -551,34 +559,64 @@ def _part_info(p: Part) -> PartInfo:
     )
 
 
+# Failures that would fail again, and be paid for again: the service refused the request
+# for what it says (content inspection). `retry` leaves them out.
+NOT_RETRIED = frozenset({"DataInspectionFailed", "data_inspection_failed"})
+
+
+def error_code(line: dict[str, Any]) -> str | None:
+    """PURE: the code of an error.jsonl line: the service's `error.code`, or the failed
+    response's `body.error.code`."""
+    error = line.get("error")
+    if isinstance(error, dict) and isinstance(error.get("code"), str):
+        return str(error["code"])
+    response = line.get("response")
+    body = response.get("body") if isinstance(response, dict) else None
+    if isinstance(body, str):
+        body = read_line(body.encode("utf-8", "surrogatepass"))
+    inner = body.get("error") if isinstance(body, dict) else None
+    if isinstance(inner, dict) and isinstance(inner.get("code"), str):
+        return str(inner["code"])
+    return None
+
+
 def write_retry_input(
     job: Job, folder: Path, inbox: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
-) -> str | None:
+) -> tuple[str | None, int]:
     """Copy the input lines listed in a published job's error.jsonl into a hidden temp
-    file in the inbox (fsynced), with the job's options as its sidecar; the name it is to
-    take (`finish_retry_input` gives it), or None when there is nothing to retry."""
+    file in the inbox (fsynced), with the job's options and `retry_of` as its sidecar;
+    the name it is to take (`finish_retry_input` gives it), or None when there is
+    nothing to retry, and how many failures were left out as not worth retrying (the
+    service refused their content: they would fail, and cost, again)."""
     source = folder / "input.jsonl"
     errors = folder / "error.jsonl"
     if not source.exists() or not errors.exists():
-        return None
+        return None, 0
     wanted: set[int] = set()
+    left_out = 0
     with errors.open("rb") as fh:
         for line in iter_lines(fh, max_line_bytes):
             at = fh.tell()
             number = None if line.blank else input_line_of(fh, line)
             fh.seek(at)
+            parsed = read_line(line.data) if line.data is not None else None
+            if parsed is not None and error_code(parsed) in NOT_RETRIED:
+                left_out += 1
+                continue
             if number is not None:
                 wanted.add(number)
     if not wanted:
-        return None
+        return None, left_out
     name = f"{job.name}-retry"
     n = 1
     while (inbox / f"{name}.jsonl").exists() or (inbox / f".{name}.jsonl.tmp").exists():
         n += 1
         name = f"{job.name}-retry{n}"
-    options = {k: v for k, v in job.options.items() if k != "submit_id"}  # the first's own
-    if options:
-        write_atomic(inbox / f"{name}.meta.json", orjson.dumps(options))
+    options = {k: v for k, v in job.options.items() if k not in ("submit_id", "retry_of")}
+    # Linked to what it retries (summary.json says so); the same lines may run again.
+    options["retry_of"] = job.id
+    options["allow_duplicate"] = True
+    write_atomic(inbox / f"{name}.meta.json", orjson.dumps(options))
     tmp = inbox / f".{name}.jsonl.tmp"
     with source.open("rb") as src, tmp.open("wb") as out:
         for number, request in enumerate(src, start=1):
@@ -586,8 +624,14 @@ def write_retry_input(
                 out.write(request if request.endswith(b"\n") else request + b"\n")
         out.flush()
         os.fsync(out.fileno())
-    log.info("retry_input_written", job_id=job.id, name=f"{name}.jsonl", requests=len(wanted))
-    return f"{name}.jsonl"
+    log.info(
+        "retry_input_written",
+        job_id=job.id,
+        name=f"{name}.jsonl",
+        requests=len(wanted),
+        left_out=left_out,
+    )
+    return f"{name}.jsonl", left_out
 
 
 def finish_retry_input(name: str, inbox: Path) -> None:

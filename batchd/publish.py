@@ -509,6 +509,8 @@ def build_summary(
         "options": {
             k: v for k, v in job.options.items() if k not in ("submit_id", "sidecar_error")
         },
+        # A `batchd retry` of another job: which one.
+        "retry_of": job.options.get("retry_of"),
         "request_counts": {
             "total": stats.total,
             "completed": stats.completed,

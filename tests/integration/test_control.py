@@ -117,9 +117,14 @@ async def test_pause_resume_cancel_retry_and_drain(
         assert job.outcome == "partial"
         code, out, _ = await cli(capsys, "retry", "--socket", sock, job.id)
         assert code == 0 and "held-retry.jsonl" in out
+        # Requests refused for their content are left out: they would fail, and cost, again.
+        errors = (outbox / "held" / "error.jsonl").read_text()
+        refused = sum("DataInspectionFailed" in line for line in errors.splitlines())
+        assert refused == 0 or f"{refused} refused for their content" in out
         folders = await wait_published(outbox, 2, emulator)
         retried = json.loads((folders[1] / "summary.json").read_bytes())
-        assert retried["request_counts"]["total"] == job.failed
+        assert retried["request_counts"]["total"] == job.failed - refused
+        assert retried["retry_of"] == job.id  # linked to what it retries
         code, _, err = await cli(capsys, "cancel", "--socket", sock, job.id)
         assert code == 1 and "already published" in err
         code, out, _ = await cli(capsys, "drain", "--socket", sock)

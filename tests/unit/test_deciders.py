@@ -147,3 +147,17 @@ def test_an_input_line_is_found_in_the_part_that_holds_it() -> None:
     assert [part_for(grouped, n, "a").seq for n in (1, 3, 7, 9)] == [1, 1, 3, 3]
     assert part_for(grouped, 5, "b").seq == 2
     assert part_for(grouped, 5, "unknown").seq == 2  # any part, rather than none
+
+
+def test_error_code_reads_the_services_error_or_the_failed_response() -> None:
+    from batchd.ops import NOT_RETRIED, error_code
+
+    assert error_code({"error": {"code": "batch_expired", "message": "x"}}) == "batch_expired"
+    refused = {
+        "error": None,
+        "response": {"status_code": 400, "body": {"error": {"code": "DataInspectionFailed"}}},
+    }
+    assert error_code(refused) in NOT_RETRIED
+    as_text = {"response": {"body": '{"error": {"code": "InternalError"}}'}}
+    assert error_code(as_text) == "InternalError"
+    assert error_code({"response": None}) is None
