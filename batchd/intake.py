@@ -469,7 +469,12 @@ class Intake:
             if kind not in ("jsonl", "csv") or not (folder / f"input.{kind}").is_file():
                 kind = next((k for k in ("jsonl", "csv") if (folder / f"input.{k}").is_file()), "")
             if not kind:
-                empty.append(job_id)
+                if await asyncio.to_thread(remove_cut_claim, folder):
+                    # A claim cut before its rename (the input is still in the inbox, or
+                    # was never moved): nothing was lost, nothing is left to do.
+                    log.info("cut_claim_removed", job_id=job_id)
+                else:
+                    empty.append(job_id)
                 continue
             # Result files fetched before the loss may belong to batches the re-planned
             # parts do not find again: fetched afresh, never taken for theirs.
@@ -531,7 +536,26 @@ class Intake:
                 # The rename never happened: the file is still in the inbox and will be
                 # claimed afresh by the next scan.
                 await self.store.delete_job(job.id)
+                await asyncio.to_thread(remove_cut_claim, target.parent)
                 log.info("claim_recovered", job_id=job.id, outcome="left_in_inbox")
+
+
+def remove_cut_claim(folder: Path) -> bool:
+    """Remove the spool folder of a claim cut before its rename, if it holds nothing but
+    (at most) its claim record; True when it is gone. Anything else in it is kept."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return True
+    if set(names) - {CLAIM_RECORD}:
+        return False
+    with contextlib.suppress(FileNotFoundError):
+        (folder / CLAIM_RECORD).unlink()
+    try:
+        os.rmdir(folder)
+    except OSError:
+        return False
+    return True
 
 
 def published_job_ids(outbox: Path) -> set[str]:

@@ -26,8 +26,11 @@ from batchd.testing import (
     StartEmulator,
     daemon_env,
     daemon_process,
+    daemon_settings,
+    drop,
     read_jsonl,
     requests,
+    running_daemon,
     summary,
     wait_published,
     wait_ready,
@@ -239,3 +242,28 @@ async def test_kill_at_each_fail_point_ten_times_equals_a_clean_run(
         f" ({time.monotonic() - started:.0f} s)"
     )
     assert not mismatches, mismatches
+
+
+async def test_a_claim_cut_before_its_rename_leaves_nothing_and_is_not_state_loss(
+    start_emulator: StartEmulator, tmp_path: Path
+) -> None:
+    """A kill between the spool folder's creation and the input's rename leaves an empty
+    folder (or one with only its claim record): removed at start-up, quietly; the input,
+    still in the inbox, is claimed as usual."""
+    from batchd.client import AsyncClient
+
+    emulator = await start_emulator(time_scale=3000)
+    settings = daemon_settings(tmp_path / "r", emulator)
+    spool, inbox = settings.paths.folder("spool"), settings.paths.folder("inbox")
+    bare, recorded = spool / "01a2200000000000beef", spool / "01a2200000000000cafe"
+    bare.mkdir(parents=True)
+    recorded.mkdir()
+    (recorded / "claim.json").write_text('{"id": "01a2200000000000cafe", "kind": "jsonl"}')
+    inbox.mkdir(parents=True)
+    drop(inbox, "kept.jsonl", requests(1, prefix="kept-"))
+    async with running_daemon(settings):
+        await wait_published(settings.paths.folder("outbox"), 1, emulator)
+        status = await AsyncClient(settings.socket_path).status()
+    assert not bare.exists() and not recorded.exists()
+    assert [p.kind for p in status.problems if p.kind == "state_lost"] == []
+    assert status.healthy
