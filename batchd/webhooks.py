@@ -263,7 +263,8 @@ class Notifications:
             async with self._session.post(delivery.target, data=body, headers=headers) as resp:
                 if 200 <= resp.status < 300:
                     return None
-                text = (await resp.text(errors="replace"))[:200]
+                # A receiver's answer is read no further than what a note shows.
+                text = (await resp.content.read(200)).decode(errors="replace")
                 return f"HTTP {resp.status}: {text}"
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return f"{type(exc).__name__}: {exc}"
@@ -280,17 +281,30 @@ class Notifications:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
         )
+        assert proc.stdout is not None
         try:
-            out, _ = await asyncio.wait_for(proc.communicate(), self.settings.command_timeout_s)
+            out = await asyncio.wait_for(
+                _tail(proc.stdout, OUTPUT_TAIL), self.settings.command_timeout_s
+            )
+            await proc.wait()
         except TimeoutError:
             proc.kill()
             await proc.wait()
             return f"{argv[0]} did not finish within {self.settings.command_timeout_s:g} s"
-        tail = out.decode(errors="replace")[-OUTPUT_TAIL:]
+        tail = out.decode(errors="replace")
         log.info(
             "notify_command_ran", command=argv[0], exit_status=proc.returncode, output_tail=tail
         )
         return None if proc.returncode == 0 else f"{argv[0]} exited {proc.returncode}"
+
+
+async def _tail(stream: asyncio.StreamReader, keep: int) -> bytes:
+    """Read a stream to its end, keeping only its last `keep` bytes: a command that
+    prints without end costs no memory."""
+    kept = b""
+    while chunk := await stream.read(64 * 1024):
+        kept = (kept + chunk)[-keep:]
+    return kept
 
 
 def command_environment(delivery: Delivery) -> dict[str, str]:

@@ -197,3 +197,35 @@ async def test_webhooks_without_a_secret_refuse_to_start(
     with pytest.raises(ConfigError, match="BATCHD_WEBHOOK_SECRET"):
         async with running_daemon(settings):
             pass
+
+
+async def test_a_command_that_prints_without_end_costs_no_memory(
+    start_emulator: StartEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the end of its output is kept (for the log): 300 MB of it is read through."""
+    import resource
+
+    monkeypatch.delenv("BATCHD_WEBHOOK_SECRET")
+    emulator = await start_emulator(time_scale=3000)
+    done = tmp_path / "done"
+    script = (
+        "import sys\n"
+        "for _ in range(300): sys.stdout.buffer.write(b'x' * (1 << 20))\n"
+        f"open({str(done)!r}, 'w').close()\n"
+    )
+    settings = daemon_settings(
+        tmp_path / "r", emulator, notify={"command": [sys.executable, "-c", script]}
+    )
+    before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    async with running_daemon(settings) as daemon:
+        drop(settings.paths.folder("inbox"), "loud.jsonl", requests(1))
+        await wait_published(settings.paths.folder("outbox"), 1, emulator)
+
+        async def delivered() -> bool:
+            (job,) = await daemon.store.jobs()
+            return [d.state for d in await daemon.store.deliveries_of(job.id)] == ["delivered"]
+
+        await wait_for(delivered, 60, "the command's delivery")
+    assert done.exists()
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before_kb) / 1024
+    assert grown_mb < 100, f"peak memory grew {grown_mb:.0f} MB"
