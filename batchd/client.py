@@ -20,6 +20,7 @@ a connection closed before the answer, no answer in time: the CLI's exit code 3)
 from __future__ import annotations
 
 import http.client
+import itertools
 import os
 import socket as socketlib
 import time
@@ -371,8 +372,8 @@ class Client(_Answers):
                 before=before,
             )
             yield from page.jobs
-            if not page.more or not page.jobs:
-                return
+            if not page.more or not page.jobs or page.jobs[-1].id == before:
+                return  # the end, or a page that does not move on: never loop on it
             before = page.jobs[-1].id
 
     def job(self, job_id: str) -> JobInfo:
@@ -555,7 +556,7 @@ class AsyncClient(_Answers):
             )
             for job in page.jobs:
                 yield job
-            if not page.more or not page.jobs:
+            if not page.more or not page.jobs or page.jobs[-1].id == before:
                 return
             before = page.jobs[-1].id
 
@@ -640,8 +641,16 @@ class AsyncClient(_Answers):
         job = await self.job(job_id)
         if job.state != "published" or not job.outbox:
             raise RequestFailed(409, "not_published", f"job {job.id} is {job.state}")
-        for row in read_results(Path(job.outbox)):
-            yield row
+        import asyncio
+
+        rows = read_results(Path(job.outbox))
+        while True:
+            # Read off the event loop, a thousand rows at a time.
+            batch = await asyncio.to_thread(lambda: list(itertools.islice(rows, 1000)))
+            if not batch:
+                return
+            for row in batch:
+                yield row
 
     async def events(self, *, seconds: float | None = None) -> AsyncGenerator[Event, None]:
         """The daemon's events as they happen (see `Client.events`)."""

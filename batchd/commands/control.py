@@ -187,7 +187,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             page = client.jobs(limit=min(limit - len(jobs), 1000), before=before, **filters)
             jobs += page.jobs
             total, more = page.total, page.more
-            if not page.more or not page.jobs:
+            if not page.more or not page.jobs or page.jobs[-1].id == before:
                 break
             before = page.jobs[-1].id
     if args.json:
