@@ -19,6 +19,7 @@ PURE but for the file handles it is given.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Iterator
@@ -58,10 +59,8 @@ def loads(raw: bytes | str) -> Any:
     """The JSON value of `raw`, read by orjson, or else by the json module (NaN,
     Infinity, 1e400, lone surrogates); `Unreadable` when neither can. Invalid UTF-8 is
     read as U+FFFD."""
-    try:
+    with contextlib.suppress(orjson.JSONDecodeError):
         return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        pass
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
     try:
         return json.loads(text)

@@ -23,7 +23,7 @@ T = TypeVar("T")
 
 
 class _Model(msgspec.Struct, kw_only=True):
-    pass
+    """The base of every message: keyword-only fields."""
 
 
 def encode(model: Any) -> bytes:
