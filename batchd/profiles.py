@@ -39,6 +39,15 @@ class ModelLimits(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     endpoints: tuple[str, ...] | None = None
     # When set, these endpoints may only be used by this model.
     exclusive_endpoints: tuple[str, ...] = ()
+    # The most output tokens one request may produce (thinking included): bounds a
+    # request's worst-case cost when it sets no `max_tokens`.
+    max_output_tokens: Count | None = None
+    # The model thinks unless a request sets `enable_thinking: false` (reasoning tokens
+    # are billed as output).
+    thinks_by_default: bool = False
+    # OpenAI-style accounts: the input tokens of all queued (not ended) batches of this
+    # model may not pass this; a batch that would is failed (`token_limit_exceeded`).
+    enqueued_tokens: Count | None = None
 
 
 def _test_model_only() -> dict[str, ModelLimits]:
@@ -71,6 +80,8 @@ class ProviderLimits(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     min_completion_window_h: Count = 24
     max_completion_window_h: Count = 336
     endpoints: tuple[str, ...] = (ENDPOINT_CHAT, ENDPOINT_EMBEDDINGS, ENDPOINT_TEST)
+    # Output bound of a model with no `max_output_tokens` of its own.
+    default_max_output_tokens: Count = 32_768
     models: dict[str, ModelLimits] = msgspec.field(default_factory=_test_model_only)
 
     def for_model(self, model: str) -> ModelLimits:
