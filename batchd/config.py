@@ -11,11 +11,13 @@ import tomllib
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -27,6 +29,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from batchd.budget import Caps
 from batchd.errors import ConfigError
 from batchd.models import completion_hours
 from batchd.profiles import (
@@ -44,6 +47,7 @@ from batchd.profiles import (
     ProviderProfile,
     merge_limits,
 )
+from batchd.prices import PriceTable, table_from
 from batchd.validate import DEFAULT_MAX_REPORTED_ERRORS
 
 __all__ = [  # the provider profiles, as read through the configuration
@@ -206,6 +210,19 @@ class JobSettings(BaseModel):
     # Result lines longer than this are published byte for byte but not parsed (their
     # custom_id is read from the line's start), so one huge line cannot exhaust memory.
     max_result_line_bytes: int = Field(default=64 * MB, ge=1024)
+    # An input identical (sha256) to one running, or published within this window (NNh
+    # or NNd; "0h" never), is held (`duplicate`) until an operator lets it go.
+    duplicate_window: str = "7d"
+    # Requests to a model that thinks by default, without enable_thinking: "warn" (in the
+    # report), "refuse" (reject the job) or "allow".
+    thinking: Literal["warn", "refuse", "allow"] = "warn"
+
+    @field_validator("duplicate_window")
+    @classmethod
+    def _window_form(cls, value: str) -> str:
+        if completion_hours(value) is None and value not in ("0h", "0d"):
+            raise ValueError(f"{value!r} is not a duration as NNh or NNd")
+        return value
 
 
 class PollSettings(BaseModel):
@@ -291,6 +308,32 @@ class NotifySettings(BaseModel):
         return urls
 
 
+class BudgetSettings(BaseModel):
+    """Caps on spending, in the price table's currency (batchd.budget says how a part is
+    held to them). Unset: no cap."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    daily: float | None = Field(default=None, ge=0)
+    monthly: float | None = Field(default=None, ge=0)
+    # A job whose worst case does not fit: its parts "wait" for room, or it is "reject"ed
+    # when planned, before anything is sent.
+    on_over: Literal["wait", "reject"] = "wait"
+    # A part whose model has no price: "hold" it while a cap is set, or "allow" it.
+    unknown_price: Literal["hold", "allow"] = "hold"
+    # Days and months begin at midnight here (an IANA zone name).
+    timezone: str = "UTC"
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not a time zone name (e.g. UTC, Asia/Shanghai)") from None
+        return value
+
+
 class ControlSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -325,12 +368,45 @@ class Settings(FileSettings):
     api: ApiSettings = Field(default_factory=ApiSettings)
     control: ControlSettings = Field(default_factory=ControlSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)
+    budget: BudgetSettings = Field(default_factory=BudgetSettings)
+    # Prices per provider and model, over the shipped defaults (batchd.prices):
+    # [prices.dashscope."qwen-plus"] input = 0.8, output = 2.0, currency = "CNY", ...
+    prices: dict[str, Any] = Field(default_factory=dict)
     # Stop and park a job after it was caught mid-step by this many crashes.
     max_job_crashes: int = Field(default=3, ge=1)
     # Park a part after this many failed steps in a row (`batchd retry` resumes it).
     max_part_failures: int = Field(default=5, ge=1)
     # The validator stops listing problems after this many (it still counts them all).
     max_reported_errors: int = Field(default=DEFAULT_MAX_REPORTED_ERRORS, ge=1)
+
+    _price_table: PriceTable | None = PrivateAttr(default=None)
+
+    @field_validator("prices")
+    @classmethod
+    def _prices_fit(cls, value: dict[str, Any]) -> dict[str, Any]:
+        try:
+            table_from(value)
+        except ValueError as exc:
+            raise ValueError(f"[prices]: {exc}") from exc
+        return value
+
+    @property
+    def price_table(self) -> PriceTable:
+        """The shipped prices with `[prices]` over them (built once per settings)."""
+        if self._price_table is None:
+            self._price_table = table_from(self.prices)
+        return self._price_table
+
+    @property
+    def caps(self) -> Caps:
+        """The budget as batchd.budget reads it."""
+        return Caps(
+            daily=self.budget.daily,
+            monthly=self.budget.monthly,
+            currency=self.price_table.currency(self.provider),
+            unknown_price=self.budget.unknown_price,
+            on_over=self.budget.on_over,
+        )
 
     @model_validator(mode="after")
     def _check_limits(self) -> Self:

@@ -652,3 +652,38 @@ class _SnapshotCollector:
         for kind, n in s["tokens"].items():
             tokens.add_metric([kind], n)
         yield tokens
+        cost = CounterMetricFamily(
+            "batchd_cost",
+            "Actual cost of published jobs at batch prices (models with a price)",
+            labels=["currency", "model"],
+        )
+        for currency, models in s["cost_by_model"].items():
+            for model, amount in models.items():
+                cost.add_metric([currency, model], amount)
+        yield cost
+        spend = s["spend"]
+        spent = GaugeMetricFamily(
+            "batchd_spend",
+            "Spent in the current budget period (day, month in budget.timezone)",
+            labels=["period", "provider", "currency"],
+        )
+        left = GaugeMetricFamily(
+            "batchd_budget_left",
+            "What the budget leaves after spend and the running worst case",
+            labels=["period", "currency"],
+        )
+        for name, period in (("day", spend.today), ("month", spend.month)):
+            for provider, amount in period.spent.items():
+                spent.add_metric([name, provider, spend.currency], amount)
+            if period.left is not None:
+                left.add_metric([name, spend.currency], period.left)
+        yield spent
+        yield left
+        yield GaugeMetricFamily(
+            "batchd_running_worst_case",
+            "Worst-case cost of batches created and not yet published",
+            value=spend.running_worst_case,
+        )
+        yield GaugeMetricFamily(
+            "batchd_jobs_held", "Jobs held for the budget or as duplicates", value=spend.held_jobs
+        )

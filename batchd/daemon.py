@@ -213,6 +213,7 @@ class Daemon:
             on_rejected=self.wake.poke(Stage.PUBLISH),
             retry_base_s=api.step_retry_base_s,
             clock=self.clock,
+            on_held=self.wake.poke(Stage.NOTIFY),
         )
         self.submitter = Submitter(
             self.store,
@@ -227,6 +228,10 @@ class Daemon:
             policy=policy,
             settling=Settling(api.settle_after_s, api.clock_skew_s, api.max_list_pages),
             clock=self.clock,
+            caps=s.caps,
+            budget_zone=s.budget.timezone,
+            provider=s.provider,
+            on_held=self.wake.poke(Stage.NOTIFY),
         )
         self.poller = Poller(
             self.store,
@@ -264,6 +269,8 @@ class Daemon:
             on_retry_due=self.wake.poke(Stage.PUBLISH),
             max_line_bytes=s.jobs.max_result_line_bytes,
             clock=self.clock,
+            provider=s.provider,
+            prices=s.price_table,
         )
         self.cleanup = RemoteCleanup(self.store, self.api, self.account)
         self.probe = AccountProbe(
@@ -509,6 +516,14 @@ class Daemon:
             self.collector.max_line_bytes = new.jobs.max_result_line_bytes
             self.publisher.max_line_bytes = new.jobs.max_result_line_bytes
             applied.append("jobs")
+        if old.budget != new.budget or old.prices != new.prices:
+            # A raised cap releases held parts at the next pass; new prices count for jobs
+            # planned or published from now on.
+            self.submitter.caps = new.caps
+            self.submitter.budget_zone = new.budget.timezone
+            self.publisher.prices = new.price_table
+            self.wake[Stage.SUBMIT].set()
+            applied.extend(k for k in ("budget", "prices") if getattr(old, k) != getattr(new, k))
         if old.max_reported_errors != new.max_reported_errors:
             applied.append("max_reported_errors")
         if old.max_job_crashes != new.max_job_crashes:

@@ -59,6 +59,8 @@ SIDECAR_KEYS = frozenset(
         "allow_duplicate",
         # The job a `batchd retry` input retries (summary.json links the two).
         "retry_of",
+        # The most this job may cost (worst case, in the price table's currency).
+        "max_cost",
     }
 )
 

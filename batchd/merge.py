@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import codecs
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -82,6 +82,12 @@ def kept_on_service(reason: str) -> bool:
     return reason.startswith(GAVE_UP)
 
 
+# The batch price of one request from its model and usage (None: the model has no
+# price); see batchd.prices.
+CostOf = Callable[[str, dict[str, Any]], "float | None"]
+USAGE_KEYS = ("prompt_tokens", "completion_tokens", "reasoning_tokens", "total_tokens")
+
+
 @dataclass(slots=True)
 class MergeStats:
     total: int = 0
@@ -92,23 +98,50 @@ class MergeStats:
     unattributed: int = 0  # lines kept in unattributed.jsonl
     unattributed_reasons: dict[str, int] = field(default_factory=dict)
     unattributed_lines: list[dict[str, Any]] = field(default_factory=list)
-    usage: dict[str, int] = field(
-        default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-    )
+    usage: dict[str, int] = field(default_factory=lambda: dict.fromkeys(USAGE_KEYS, 0))
+    # Per model: the usage of its answered requests and their cost at batch prices
+    # (`cost` None once one of them has no price: unknown, never 0).
+    per_model: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def _add_usage(stats: MergeStats, answer: dict[str, Any]) -> None:
+def usage_of(answer: dict[str, Any] | None) -> dict[str, Any] | None:
+    """PURE: the `usage` object of a result line, whatever shape its body came in (an
+    object, or a JSON string from some gateways); None when it has none."""
+    if answer is None:
+        return None
     response = answer.get("response")
     body = response.get("body") if isinstance(response, dict) else None
     if isinstance(body, str):
         body = read_line(body.encode("utf-8", "surrogatepass"))
     usage = body.get("usage") if isinstance(body, dict) else None
-    if not isinstance(usage, dict):
-        return
-    for key in stats.usage:
-        value = usage.get(key)
-        if isinstance(value, int) and not isinstance(value, bool):
-            stats.usage[key] += value
+    return usage if isinstance(usage, dict) else None
+
+
+def _count(value: Any) -> int:
+    """A token count from the service: a non-negative int, else 0 (never trusted)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def reasoning_tokens(usage: dict[str, Any]) -> int:
+    """PURE: the reasoning tokens a usage object reports (billed within output)."""
+    details = usage.get("completion_tokens_details")
+    return _count(details.get("reasoning_tokens")) if isinstance(details, dict) else 0
+
+
+def _add_usage(stats: MergeStats, model: str, usage: dict[str, Any], cost_of: CostOf | None) -> None:
+    seen = {
+        "prompt_tokens": _count(usage.get("prompt_tokens")),
+        "completion_tokens": _count(usage.get("completion_tokens")),
+        "reasoning_tokens": reasoning_tokens(usage),
+        "total_tokens": _count(usage.get("total_tokens")),
+    }
+    own = stats.per_model.setdefault(model, {"requests": 0, **dict.fromkeys(USAGE_KEYS, 0), "cost": 0.0})
+    own["requests"] += 1
+    for key, value in seen.items():
+        stats.usage[key] += value
+        own[key] += value
+    price = cost_of(model, usage) if cost_of is not None else None
+    own["cost"] = None if price is None or own["cost"] is None else own["cost"] + price
 
 
 @dataclass(frozen=True, slots=True)
@@ -410,6 +443,7 @@ def merge(
     *,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     input_bytes: int | None = None,
+    cost_of: CostOf | None = None,
 ) -> MergeStats:
     """Write successes and failures in input order into `result` and `errors`, and the
     result lines no request claims into `unattributed` (created only when there are
@@ -426,11 +460,13 @@ def merge(
                 strays=strays,
             ):
                 stats.total += 1
+                usage = usage_of(item.answer)
+                if usage is not None:
+                    # Failures that report usage were billed too.
+                    _add_usage(stats, item.model or "unknown", usage, cost_of)
                 if item.ok:
                     _write(item, res)
                     stats.completed += 1
-                    if item.answer is not None:
-                        _add_usage(stats, item.answer)
                 else:
                     _write(item, err)
                     stats.failed += 1

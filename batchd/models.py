@@ -70,6 +70,12 @@ class PartPlan:
     model: str
     endpoint: str
     upload_name: str
+    # Counted when planned (batchd.tokens): input tokens, output bounded by each
+    # request's max_tokens (or the model's limit), and the worst-case batch price (None:
+    # a model of the part has no price).
+    input_tokens: int | None = None
+    output_tokens_max: int | None = None
+    cost_max: float | None = None
 
 
 def upload_name(job_id: str, seq: int) -> str:
@@ -121,6 +127,15 @@ def remote_is_terminal(status: str | None) -> bool:
     return status in REMOTE_TERMINAL
 
 
+class Held(StrEnum):
+    """Why a job waits with nothing more created: released by itself (budget: the
+    period rolls over or a reload raises the cap) or by an operator (duplicate:
+    `batchd retry`, `submit --force`, or the sidecar's `allow_duplicate`)."""
+
+    BUDGET = "budget"
+    DUPLICATE = "duplicate"
+
+
 class Outcome(StrEnum):
     """The final status of a job, written to `summary.json`."""
 
@@ -164,6 +179,10 @@ class Job:
     prepares: int
     retried_as: str | None
     recovered_at: float | None
+    cost: dict[str, Any] | None = None
+    held: str | None = None
+    held_note: str | None = None
+    held_at: float | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -192,6 +211,10 @@ class Job:
             prepares=row["prepares"],
             retried_as=row["retried_as"],
             recovered_at=row["recovered_at"],
+            cost=_loads(row["cost"]),
+            held=row["held"],
+            held_note=row["held_note"],
+            held_at=row["held_at"],
         )
 
 
@@ -228,6 +251,10 @@ class Part:
     parked_from: str | None
     unavailable: dict[str, str] | None
     adopt: bool
+    # Counted when planned (None for parts planned before batchd counted tokens).
+    input_tokens: int | None = None
+    output_tokens_max: int | None = None
+    cost_max: float | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Part:
@@ -263,6 +290,9 @@ class Part:
             parked_from=row["parked_from"],
             unavailable=_loads(row["unavailable"]),
             adopt=bool(row["adopt"]),
+            input_tokens=row["input_tokens"],
+            output_tokens_max=row["output_tokens_max"],
+            cost_max=row["cost_max"],
         )
 
 

@@ -21,6 +21,7 @@ import orjson
 from batchd import __version__
 from batchd.account import AccountState
 from batchd.api import BatchApi
+from batchd.budget import periods
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import Settings
 from batchd.fsutil import fsync_dir, write_atomic
@@ -31,6 +32,7 @@ from batchd.models import (
     JOB_ACTIVE,
     JOB_TERMINAL,
     PART_QUEUED,
+    Held,
     Job,
     JobState,
     Outcome,
@@ -49,6 +51,8 @@ from batchd.protocol import (
     PartInfo,
     Problem,
     Reload,
+    Spend,
+    SpendPeriod,
     StatusResponse,
 )
 from batchd.stages import Stage, Wake
@@ -141,7 +145,9 @@ class Operations:
         """The drain stage: once draining and nothing is left to do, stop the daemon."""
         if not self.draining:
             return False
-        if not await self.store.any_jobs(JOB_ACTIVE):
+        # A held job (budget, duplicate) waits for money or an operator, not for the
+        # daemon: it is taken up again after the restart, as it was.
+        if not await self.store.any_jobs(JOB_ACTIVE, held=False):
             log.info("drained")
             self.stopping.set()
         return False
@@ -242,6 +248,33 @@ class Operations:
             inbox_waiting=inbox_waiting,
             inbox_refused=inbox_refused,
             reload=self.last_reload,
+            spend=await self.spend(),
+        )
+
+    async def spend(self) -> Spend:
+        """Spend today and this month per provider, against the budget."""
+        settings = self.settings
+        caps = settings.caps
+        when = periods(self.clock.now(), settings.budget.timezone)
+        committed, unpriced = await self.store.committed_cost()
+        held = len(await self.store.held_jobs(limit=10_000))
+
+        today, month = SpendPeriod(spent={}, cap=caps.daily), SpendPeriod(spent={}, cap=caps.monthly)
+        for bucket, since in ((today, when.day_start), (month, when.month_start)):
+            for (provider, currency), amount in (await self.store.spent_since(since)).items():
+                if currency == caps.currency or not currency:
+                    bucket.spent[provider] = round(bucket.spent.get(provider, 0.0) + amount, 6)
+            if bucket.cap is not None:
+                mine = bucket.spent.get(settings.provider, 0.0)
+                bucket.left = round(max(0.0, bucket.cap - mine - committed), 6)
+        return Spend(
+            currency=caps.currency,
+            timezone=settings.budget.timezone,
+            today=today,
+            month=month,
+            running_worst_case=round(committed, 6),
+            running_unpriced=unpriced,
+            held_jobs=held,
         )
 
     async def _waiting(self, running: int) -> list[str]:
@@ -258,6 +291,8 @@ class Operations:
             why.append("intake paused: files wait in the inbox until `batchd resume`")
         if self.draining:
             why.append("draining: no new files; the daemon exits once idle")
+        for job in await self.store.held_jobs(limit=3):
+            why.append(f"job {job.id} ({job.name}) held, {job.held}: {job.held_note}")
         return why
 
     async def resolve(self, ref: str) -> Job | None:
@@ -301,6 +336,11 @@ class Operations:
             outbox=job.outbox_path,
             created_at=job.created_at,
             updated_at=job.updated_at,
+            held=job.held,
+            held_note=job.held_note,
+            estimate=(job.report or {}).get("estimate"),
+            usage=job.usage,
+            cost=job.cost,
             parts=[_part_info(p) for p in parts] if parts is not None else None,
             notifications=(
                 [
@@ -385,6 +425,19 @@ class Operations:
             job=await self.job(job_id, detail=False),
         )
 
+    async def _run_duplicate(self, job: Job) -> ActionResponse:
+        """An operator lets a job held as a duplicate run (and pay) again."""
+        options = {**job.options, "allow_duplicate": True}
+        await self.store.update_job(job.id, JobState.CLAIMED, options=options, prepares=0)
+        await self.store.hold(job.id, None)
+        log.warning("duplicate_released", job_id=job.id, name=job.name)
+        self.wake[Stage.PREPARE].set()
+        return ActionResponse(
+            ok=True,
+            message="released: it runs although the same input ran before",
+            job=await self.job(job.id, detail=False),
+        )
+
     async def retry(self, ref: str) -> ActionResponse | None:
         """Rerun what failed or never ran: parked jobs are requeued, parked parts resume
         where they stopped, parts that could not be submitted are submitted again, and a
@@ -396,6 +449,8 @@ class Operations:
             if job is None:
                 return None
             job_id = job.id
+            if job.held == Held.DUPLICATE:
+                return await self._run_duplicate(job)
             if job.state == JobState.PARKED:
                 if not Path(job.spool_path).exists():
                     return ActionResponse(ok=False, message="the parked job's input is gone")
@@ -511,6 +566,8 @@ class Operations:
                 "prompt": totals["prompt_tokens"],
                 "completion": totals["completion_tokens"],
             },
+            "cost_by_model": await self.store.cost_by_model(),
+            "spend": await self.spend(),
         }
 
     async def describe_event(self, raw: dict[str, Any]) -> Event | None:

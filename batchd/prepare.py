@@ -28,8 +28,10 @@ from batchd.config import Settings
 from batchd.failpoints import failpoint
 from batchd.intake import SIDECAR_ERROR
 from batchd.logs import get_logger
-from batchd.models import Job, JobState, PartPlan, completion_hours, upload_name
+from batchd.budget import Ledger, job_refusal, periods
+from batchd.models import Held, Job, JobState, PartPlan, completion_hours, upload_name
 from batchd.store import Store
+from batchd.tokens import FileCount, count_file
 from batchd.validate import Report, validate_file, write_parts
 
 log = get_logger(__name__)
@@ -101,15 +103,14 @@ def _rejection(job: Job, code: str, message: str, line: int | None = None) -> di
     }
 
 
-def _twin_rejection(job: Job, twin: Job) -> dict[str, Any]:
-    """PURE: the report of an input identical to one already run."""
+def _twin_note(twin: Job) -> str:
+    """PURE: why an input identical to one already run is held, and how to let it go."""
     where = f", results in {twin.outbox_path}" if twin.outbox_path else ""
-    return _rejection(
-        job,
-        "duplicate_input",
+    return (
         f"identical to the input of job {twin.id} ({twin.name}, "
         f"{twin.outcome or twin.state}{where}): running it again would pay for the same "
-        'requests again. To run it anyway, drop it with a sidecar {"allow_duplicate": true}',
+        "requests again. To run it anyway: batchd retry JOB (this one), or submit with"
+        ' --force, or a sidecar {"allow_duplicate": true}'
     )
 
 
@@ -120,6 +121,11 @@ def option_problem(job: Job, settings: Settings) -> tuple[str, str] | None:
     with other options than meant, or fail only once paid-for uploads are made."""
     if job.options.get(SIDECAR_ERROR):
         return "sidecar_invalid", str(job.options[SIDECAR_ERROR])
+    own_cap = job.options.get("max_cost")
+    if own_cap is not None and (
+        not isinstance(own_cap, int | float) or isinstance(own_cap, bool) or own_cap <= 0
+    ):
+        return "sidecar_invalid", f"max_cost {own_cap!r}: not a positive amount"
     window = job.options.get("completion_window") or settings.jobs.completion_window
     limits = settings.profile.limits
     lowest, highest = limits.min_completion_window_h, limits.max_completion_window_h
@@ -197,6 +203,24 @@ def _prepare(job: Job, settings: Settings, source: Path) -> Prepared:
     summary = report.to_dict()
     # Byte ranges of every part are for writing the parts, not for keeping.
     summary["parts"] = [{k: v for k, v in p.items() if k != "ranges"} for p in summary["parts"]]
+    counts = [count_part(path, settings) for path in paths]
+    summary["estimate"] = estimate_of(counts, settings)
+    thinking = sum(m.thinking_unset for c in counts for m in c.models.values())
+    if thinking and settings.jobs.thinking == "refuse":
+        models = sorted({name for c in counts for name, m in c.models.items() if m.thinking_unset})
+        return Prepared(
+            digest,
+            size,
+            _rejection(
+                job,
+                "thinking_default",
+                f"{thinking} requests to {', '.join(models)}, which think unless told not to,"
+                " do not set enable_thinking: reasoning tokens are billed as output. Set"
+                ' "enable_thinking": false (or true) on each request, or jobs.thinking ='
+                ' "warn" / "allow"',
+            ),
+            [],
+        )
     parts = [
         PartPlan(
             seq=i + 1,
@@ -207,10 +231,54 @@ def _prepare(job: Job, settings: Settings, source: Path) -> Prepared:
             model=part.model,
             endpoint=part.endpoint,
             upload_name=upload_name(job.id, i + 1),
+            input_tokens=sum(m.input_tokens for m in count.models.values()),
+            output_tokens_max=sum(m.output_tokens_max for m in count.models.values()),
+            cost_max=worst_cost(count),
         )
-        for i, (part, path) in enumerate(zip(report.parts, paths, strict=True))
+        for i, (part, path, count) in enumerate(zip(report.parts, paths, counts, strict=True))
     ]
     return Prepared(digest, size, summary, parts)
+
+
+def count_part(path: Path, settings: Settings) -> FileCount:
+    """Tokens and worst-case cost of one part file, as `batchd estimate` counts them."""
+    return count_file(path, settings.provider, settings.profile.limits, settings.price_table)
+
+
+def worst_cost(count: FileCount) -> float | None:
+    """PURE: the worst-case batch price of a counted file (None: a model has no price)."""
+    total = 0.0
+    for model in count.models.values():
+        if model.cost_max is None:
+            return None
+        total += model.cost_max
+    return total
+
+
+def estimate_of(counts: list[FileCount], settings: Settings) -> dict[str, Any]:
+    """PURE: the job's counted tokens and worst case, per model, for its report."""
+    models: dict[str, dict[str, Any]] = {}
+    for count in counts:
+        for name, m in count.models.items():
+            own = models.setdefault(
+                name,
+                {"requests": 0, "input_tokens": 0, "output_tokens_max": 0, "cost_max": 0.0},
+            )
+            own["requests"] += m.requests
+            own["input_tokens"] += m.input_tokens
+            own["output_tokens_max"] += m.output_tokens_max
+            own["thinking_unset"] = own.get("thinking_unset", 0) + m.thinking_unset
+            own["cost_max"] = (
+                None if m.cost_max is None or own["cost_max"] is None else own["cost_max"] + m.cost_max
+            )
+    worst = [c for c in (worst_cost(count) for count in counts)]
+    return {
+        "tokenizer": sorted({name for count in counts for name in count.tokenizers}),
+        "exact": all(count.exact for count in counts),
+        "currency": settings.price_table.currency(settings.provider),
+        "cost_max": None if any(w is None for w in worst) else sum(w for w in worst if w),
+        "models": models,
+    }
 
 
 class Preparer:
@@ -223,7 +291,9 @@ class Preparer:
         on_rejected: Callable[[], None],
         retry_base_s: float = 1.0,
         clock: Clock = SYSTEM_CLOCK,
+        on_held: Callable[[], None] = lambda: None,
     ) -> None:
+        self.on_held = on_held
         self.store = store
         self.settings = settings
         self.clock = clock
@@ -238,7 +308,7 @@ class Preparer:
         now = self.clock.now()
         jobs = [
             j
-            for j in await self.store.jobs([JobState.CLAIMED], limit=100)
+            for j in await self.store.jobs([JobState.CLAIMED], limit=100, held=False)
             if self.not_before.get(j.id, 0.0) <= now
         ][:10]
         moved = False
@@ -300,10 +370,11 @@ class Preparer:
             )
             self.not_before[job.id] = self.clock.now() + self.settings.intake.settle_s
             return False
-        if prepared.parts and prepared.sha256 and job.options.get("allow_duplicate") is not True:
-            twin = await self.store.paid_twin(prepared.sha256, job.id)
-            if twin is not None:
-                prepared = replace(prepared, parts=[], report=_twin_rejection(job, twin))
+        if prepared.parts:
+            refused = await self._spending_problem(job, prepared)
+            if refused is not None:
+                prepared = replace(prepared, parts=[], report=_rejection(job, *refused))
+        twin = await self._twin(job, prepared)
         recorded = {
             "sha256": prepared.sha256,
             "bytes": prepared.bytes,
@@ -312,6 +383,14 @@ class Preparer:
             "crash_count": 0,
             "error": None,
         }
+        if twin is not None:
+            # Held, not rejected: an operator may well mean to run it again.
+            await self.store.update_job(job.id, JobState.CLAIMED, **recorded)
+            note = _twin_note(twin)
+            if await self.store.hold(job.id, Held.DUPLICATE, note):
+                log.warning("job_held", job_id=job.id, name=job.name, reason="duplicate", twin=twin.id)
+                self.on_held()
+            return True
         if not prepared.parts:
             await self.store.update_job(
                 job.id, JobState.CLAIMED, state=JobState.PUBLISHING, **recorded
@@ -337,6 +416,51 @@ class Preparer:
         )
         self.on_ready()
         return True
+
+    async def _twin(self, job: Job, prepared: Prepared) -> Job | None:
+        """The job that already ran (or runs) this very input within
+        `jobs.duplicate_window`, unless the job may run it again."""
+        hours = completion_hours(self.settings.jobs.duplicate_window) or 0
+        if not (prepared.parts and prepared.sha256 and hours) or job.options.get(
+            "allow_duplicate"
+        ) is True:
+            return None
+        since = self.clock.now() - hours * 3600.0
+        return await self.store.paid_twin(prepared.sha256, job.id, since=since)
+
+    async def _spending_problem(self, job: Job, prepared: Prepared) -> tuple[str, str] | None:
+        """Why a planned job may not start for money or queue limits, as (code, message):
+        over its own `max_cost`, over the budget (`budget.on_over = "reject"`), or a part
+        larger than its model's enqueued-token limit (it could never be accepted)."""
+        limits = self.settings.profile.limits
+        for part in prepared.parts:
+            limit = limits.for_model(part.model).enqueued_tokens
+            if limit is not None and (part.input_tokens or 0) > limit:
+                return (
+                    "over_enqueued_tokens",
+                    f"part {part.seq} has {part.input_tokens} input tokens of {part.model}, over"
+                    f" the model's enqueued-token limit ({limit}): the service would fail it."
+                    f" Set [limits.models.{part.model!r}] max_requests_per_file lower so it"
+                    " is split smaller",
+                )
+        worst: float | None = 0.0
+        for part in prepared.parts:
+            worst = None if worst is None or part.cost_max is None else worst + part.cost_max
+        caps = self.settings.caps
+        own_cap = job.options.get("max_cost")
+        if own_cap is None and not (caps.active and caps.on_over == "reject"):
+            return None
+        ledger = Ledger()
+        if caps.active:
+            when = periods(self.clock.now(), self.settings.budget.timezone)
+            mine = (self.settings.provider, caps.currency)
+            ledger.spent_day = (await self.store.spent_since(when.day_start)).get(mine, 0.0)
+            ledger.spent_month = (await self.store.spent_since(when.month_start)).get(mine, 0.0)
+            ledger.committed, ledger.committed_unknown = await self.store.committed_cost()
+        refused = job_refusal(
+            worst, ledger, caps, float(own_cap) if own_cap is not None else None
+        )
+        return ("over_budget", f"not started: {refused}") if refused else None
 
     async def _failed(self, job: Job, exc: Exception) -> None:
         failures = job.crash_count + 1

@@ -114,6 +114,26 @@ class StatusResponse(_Model, kw_only=True):
     inbox_waiting: dict[str, str] = msgspec.field(default_factory=dict)
     inbox_refused: dict[str, str] = msgspec.field(default_factory=dict)
     reload: Reload | None = None
+    # What was spent (published jobs, batch prices) today and this month, per provider,
+    # and the budget beside it; days begin at midnight in `budget.timezone`.
+    spend: Spend | None = None
+
+
+class SpendPeriod(_Model, kw_only=True):
+    spent: dict[str, float]  # provider -> amount
+    cap: float | None = None
+    left: float | None = None  # cap - spent - running worst case
+
+
+class Spend(_Model, kw_only=True):
+    currency: str
+    timezone: str
+    today: SpendPeriod
+    month: SpendPeriod
+    # The worst case of what is created and not yet published (parts with no price: count).
+    running_worst_case: float = 0.0
+    running_unpriced: int = 0
+    held_jobs: int = 0
 
 
 class PartInfo(_Model, kw_only=True):
@@ -172,6 +192,14 @@ class JobInfo(_Model, kw_only=True):
     parts: list[PartInfo] | None = None
     notifications: list[Notification] | None = None  # with `show`
     report: dict[str, Any] | None = None
+    # Why the job waits (budget, duplicate) and what it needs; None when it does not.
+    held: str | None = None
+    held_note: str | None = None
+    # Tokens counted when planned and the worst case (`batchd estimate`'s figures).
+    estimate: dict[str, Any] | None = None
+    # Once published: the actual usage and cost, per model.
+    usage: dict[str, Any] | None = None
+    cost: dict[str, Any] | None = None
 
 
 class JobList(_Model, kw_only=True):

@@ -38,6 +38,7 @@ from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.failpoints import failpoint
 from batchd.fsutil import fsync_dir, fsync_file
 from batchd.lines import CHUNK_BYTES, DEFAULT_MAX_LINE_BYTES, iter_lines
+from batchd.prices import PriceTable, table_from
 from batchd.logs import get_logger
 from batchd.merge import MergeStats, file_of, kept_on_service, merge, sent_bytes
 from batchd.models import Job, JobState, Outcome, Part, RemoteStatus
@@ -109,10 +110,15 @@ class Publisher:
         retry_cap_s: float = 300.0,
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
         clock: Clock = SYSTEM_CLOCK,
+        provider: str = "dashscope",
+        prices: PriceTable | None = None,
     ) -> None:
         self.store = store
         self.clock = clock
         self.outbox = outbox
+        # Actual cost at batch prices (a reload may change the table).
+        self.provider = provider
+        self.prices = prices or table_from(None)
         self.on_retry_due = on_retry_due
         self.keep_input = keep_input
         self.delete_remote_files = delete_remote_files
@@ -218,16 +224,20 @@ class Publisher:
             log.warning("input_kept_in_spool", job_id=job.id, path=kept_at)
         else:
             await asyncio.to_thread(shutil.rmtree, Path(job.spool_path).parent, True)
-        await self.store.update_job(
+        cost = summary.get("cost") if isinstance(summary.get("cost"), dict) else None
+        await self.store.mark_published(
             job.id,
-            JobState.PUBLISHING,
-            state=JobState.PUBLISHED,
+            spend_of(cost, self.provider),
             outcome=outcome,
             crash_count=0,
             outbox_path=str(final),
             completed=int(counts.get("completed") or 0),
             failed=int(counts.get("failed") or 0),
             usage=summary.get("usage"),
+            cost=cost,
+            held=None,
+            held_note=None,
+            held_at=None,
         )
         log.info(
             "job_published",
@@ -238,6 +248,9 @@ class Publisher:
         )
         self.on_published()
         return True
+
+    def _cost_of(self, model: str, usage: dict[str, Any]) -> float | None:
+        return self.prices.request_cost(self.provider, model, usage)
 
     def _build(self, job: Job, parts: list[Part], tmp: Path) -> dict[str, Any]:
         discard_tmp(job, tmp)
@@ -256,6 +269,7 @@ class Publisher:
                 tmp / "unattributed.jsonl",
                 max_line_bytes=self.max_line_bytes,
                 input_bytes=sent_bytes(job),
+                cost_of=self._cost_of,
             )
             outcome = decide_outcome(job, parts, stats)
         failpoint("publish.write", job.inbox_name)
@@ -265,7 +279,15 @@ class Publisher:
         kept = keep_input_files(job, parts, tmp, keep=self.keep_input)
         if kept.get("input_changed"):
             log.warning("input_changed", job_id=job.id, name=job.name, **kept["input_changed"])
-        summary = build_summary(job, parts, stats, outcome, kept, published_at=self.clock.now())
+        summary = build_summary(
+            job,
+            parts,
+            stats,
+            outcome,
+            kept,
+            published_at=self.clock.now(),
+            currency=self.prices.currency(self.provider),
+        )
         (tmp / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
         fsync_file(tmp / "summary.json")
         if job.report is not None:
@@ -274,6 +296,32 @@ class Publisher:
         failpoint("publish.fsync", job.inbox_name)
         fsync_dir(tmp)
         return summary
+
+
+def cost_summary(stats: MergeStats, currency: str) -> dict[str, Any]:
+    """PURE: what the job's answers cost at batch prices: in all, and per model (null for
+    a model with no price; then the total is null too, with the known part beside it)."""
+    per_model = {model: own["cost"] for model, own in stats.per_model.items()}
+    unknown = sorted(model for model, cost in per_model.items() if cost is None)
+    known = sum(cost for cost in per_model.values() if cost is not None)
+    return {
+        "amount": None if unknown else round(known, 6),
+        "currency": currency,
+        "per_model": {m: None if c is None else round(c, 6) for m, c in per_model.items()},
+        "unknown_models": unknown,
+        "known_amount": round(known, 6),
+    }
+
+
+def spend_of(cost: dict[str, Any] | None, provider: str) -> tuple[str, str, float] | None:
+    """PURE: the spend a published job records (provider, currency, amount): what is
+    known of its cost (a model with no price adds nothing it could be measured by)."""
+    if not cost:
+        return None
+    amount = cost.get("known_amount")
+    if not isinstance(amount, int | float) or isinstance(amount, bool) or amount <= 0:
+        return None
+    return provider, str(cost.get("currency") or ""), float(amount)
 
 
 def retry_delay_s(failures: int, base_s: float, cap_s: float) -> float:
@@ -490,6 +538,7 @@ def build_summary(
     kept: dict[str, Any] | None = None,
     *,
     published_at: float,
+    currency: str = "",
 ) -> dict[str, Any]:
     """PURE: what summary.json says of the job: its input, outcome, counts, parts and
     timings (`published_at`: wall time); `kept` is what `keep_input_files` said of the
@@ -523,7 +572,14 @@ def build_summary(
         "unattributed_lines": stats.unattributed_lines,
         "input_changed": kept.get("input_changed"),
         "input_kept_at": kept.get("input_kept_at"),
-        "usage": stats.usage,
+        "usage": {
+            **stats.usage,
+            "per_model": {
+                model: {k: v for k, v in own.items() if k != "cost"}
+                for model, own in stats.per_model.items()
+            },
+        },
+        "cost": cost_summary(stats, currency),
         "error": job.error,
         "parts": [
             {

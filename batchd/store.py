@@ -61,6 +61,10 @@ _JOB_COLUMNS = frozenset(
         "prepares",
         "retried_as",
         "recovered_at",
+        "cost",
+        "held",
+        "held_note",
+        "held_at",
     }
 )
 _PART_COLUMNS = frozenset(
@@ -97,7 +101,7 @@ _EVENT_FIELDS = (
     "error",
 )
 _JSON_COLUMNS = frozenset(
-    {"options", "report", "request_counts", "remote_errors", "usage", "unavailable"}
+    {"options", "report", "request_counts", "remote_errors", "usage", "unavailable", "cost"}
 )
 
 
@@ -124,9 +128,12 @@ def _job_filter(
     name: str | None,
     outcomes: Iterable[str] | None = None,
     submit_id: str | None = None,
+    held: bool | None = None,
 ) -> tuple[str, list[Any]]:
     clauses: list[str] = []
     args: list[Any] = []
+    if held is not None:
+        clauses.append("held IS NOT NULL" if held else "held IS NULL")
     if submit_id is not None:
         clauses.append("json_extract(options, '$.submit_id') = ?")
         args.append(submit_id)
@@ -373,12 +380,13 @@ class Store:
         newest_first: bool = False,
         before: Job | None = None,
         submit_id: str | None = None,
+        held: bool | None = None,
     ) -> list[Job]:
         """Jobs in the given states, with the given outcomes, whose name contains `name`
         (all of them unless `limit` says otherwise), oldest first or newest first. With
         `before`, only the jobs that come after that one in this order: a page that
         starts where the last one ended, whatever was claimed in between."""
-        where, args = _job_filter(states, name, outcomes, submit_id)
+        where, args = _job_filter(states, name, outcomes, submit_id, held)
         if before is not None:
             beyond = "<" if newest_first else ">"
             cursor = f"(created_at, id) {beyond} (?, ?)"
@@ -393,15 +401,15 @@ class Store:
             rows = await cur.fetchall()
         return [Job.from_row(r) for r in rows]
 
-    async def paid_twin(self, sha256: str, exclude: str) -> Job | None:
+    async def paid_twin(self, sha256: str, exclude: str, since: float = 0.0) -> Job | None:
         """The newest other job with this input that runs or has run to results (running,
-        publishing, or published completed or partial): running this one too would pay
-        for the same requests again."""
+        publishing, or published completed or partial, since `since`): running this one
+        too would pay for the same requests again."""
         async with self._db.execute(
             "SELECT * FROM jobs WHERE sha256 = ? AND id != ? AND (state IN (?, ?)"
-            " OR (state = ? AND outcome IN ('completed', 'partial')))"
+            " OR (state = ? AND outcome IN ('completed', 'partial') AND updated_at >= ?))"
             " ORDER BY created_at DESC LIMIT 1",
-            (sha256, exclude, JobState.RUNNING, JobState.PUBLISHING, JobState.PUBLISHED),
+            (sha256, exclude, JobState.RUNNING, JobState.PUBLISHING, JobState.PUBLISHED, since),
         ) as cur:
             row = await cur.fetchone()
         return Job.from_row(row) if row else None
@@ -461,9 +469,9 @@ class Store:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 
-    async def any_jobs(self, states: Iterable[JobState]) -> bool:
+    async def any_jobs(self, states: Iterable[JobState], held: bool | None = None) -> bool:
         """Whether any job is in the given states (EXISTS: stops at the first row)."""
-        where, args = _job_filter(states, None)
+        where, args = _job_filter(states, None, held=held)
         async with self._db.execute(
             f"SELECT EXISTS (SELECT 1 FROM jobs {where})",  # noqa: S608
             args,
@@ -543,8 +551,8 @@ class Store:
     ) -> None:
         await self._db.executemany(
             "INSERT INTO parts (job_id, seq, path, first_line, requests, bytes, model,"
-            " endpoint, state, upload_name, round, adopt)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " endpoint, state, upload_name, round, adopt, input_tokens, output_tokens_max,"
+            " cost_max) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
                     job_id,
@@ -559,6 +567,9 @@ class Store:
                     p.upload_name,
                     round_,
                     int(adopt),
+                    p.input_tokens,
+                    p.output_tokens_max,
+                    p.cost_max,
                 )
                 for p in parts
             ],
@@ -900,3 +911,127 @@ class Store:
 
     async def drop_garbage(self, file_id: str) -> None:
         await self._write("DELETE FROM remote_garbage WHERE file_id = ?", (file_id,))
+
+    # -- money ------------------------------------------------------------------------
+
+    async def committed_cost(self) -> tuple[float, int]:
+        """The worst case of every part created and not yet published (its job's actual
+        cost replaces it when published), and how many of those have no price."""
+        created = [
+            PartState.CREATING,
+            PartState.RUNNING,
+            PartState.ENDED,
+            PartState.COLLECTED,
+        ]
+        marks = ", ".join("?" * len(created))
+        async with self._db.execute(
+            "SELECT COALESCE(SUM(p.cost_max), 0), COALESCE(SUM(p.cost_max IS NULL), 0)"
+            " FROM parts p JOIN jobs j ON j.id = p.job_id"
+            " WHERE j.state IN (?, ?)"
+            f" AND (p.state IN ({marks}) OR (p.state = ? AND p.parked_from IN ({marks})))",  # noqa: S608
+            [JobState.RUNNING, JobState.PUBLISHING, *created, PartState.PARKED, *created],
+        ) as cur:
+            row = await cur.fetchone()
+        return (float(row[0]), int(row[1])) if row else (0.0, 0)
+
+    async def spent_since(self, since: float) -> dict[tuple[str, str], float]:
+        """What published jobs cost since `since`, by (provider, currency)."""
+        async with self._db.execute(
+            "SELECT provider, currency, SUM(amount) FROM spend WHERE at >= ?"
+            " GROUP BY provider, currency",
+            (since,),
+        ) as cur:
+            rows = await cur.fetchall()
+        return {(r[0], r[1]): float(r[2]) for r in rows}
+
+    async def queued_tokens(self) -> dict[str, int]:
+        """Input tokens of the batches that may be queued on the service (created, not
+        ended), by model: OpenAI's enqueued-token limit counts these."""
+        async with self._db.execute(
+            "SELECT model, COALESCE(SUM(input_tokens), 0) FROM parts"
+            " WHERE state IN (?, ?) GROUP BY model",
+            (PartState.CREATING, PartState.RUNNING),
+        ) as cur:
+            rows = await cur.fetchall()
+        return {r[0]: int(r[1]) for r in rows}
+
+    async def mark_published(
+        self, job_id: str, spend: tuple[str, str, float] | None, **fields: Any
+    ) -> bool:
+        """Mark a publishing job published and record what it cost (provider, currency,
+        amount) in one transaction: the worst case it held and its spend never both
+        count, nor neither."""
+        fields = {**fields, "state": JobState.PUBLISHED}
+        sql, args = _assignments(_JOB_COLUMNS | {"updated_at"}, {**fields, "updated_at": self.clock.now()})
+        async with self._transaction():
+            cur = await self._db.execute(
+                f"UPDATE jobs SET {sql} WHERE id = ? AND state = ?",  # noqa: S608
+                [*args, job_id, JobState.PUBLISHING],
+            )
+            if cur.rowcount != 1:
+                return False
+            if spend is not None:
+                provider, currency, amount = spend
+                await self._db.execute(
+                    "INSERT OR REPLACE INTO spend (job_id, provider, currency, amount, at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (job_id, provider, currency, amount, self.clock.now()),
+                )
+        self._emit("job", job_id, fields)
+        return True
+
+    async def held_jobs(self, reason: str | None = None, limit: int = 1000) -> list[Job]:
+        """Jobs held (for `reason`, or any), oldest first."""
+        where, args = ("held = ?", [reason]) if reason else ("held IS NOT NULL", [])
+        async with self._db.execute(
+            f"SELECT * FROM jobs WHERE {where} ORDER BY created_at LIMIT ?",  # noqa: S608
+            [*args, limit],
+        ) as cur:
+            rows = await cur.fetchall()
+        return [Job.from_row(r) for r in rows]
+
+    async def hold(self, job_id: str, reason: str | None, note: str | None = None) -> bool:
+        """Hold a job for `reason` with a note (None releases it); True when that
+        changed whether, or why, it is held."""
+        if reason is None:
+            changed = await self._write(
+                "UPDATE jobs SET held = NULL, held_note = NULL, held_at = NULL"
+                " WHERE id = ? AND held IS NOT NULL",
+                (job_id,),
+            )
+        else:
+            changed = await self._write(
+                "UPDATE jobs SET held = ?, held_note = ?,"
+                " held_at = CASE WHEN held IS ? THEN held_at ELSE ? END WHERE id = ?",
+                (reason, note, reason, self.clock.now(), job_id),
+            )
+        if changed == 1:
+            self._emit("job", job_id, {"held": reason})
+        return changed == 1
+
+    async def created_parts(self, job_id: str) -> tuple[int, int]:
+        """How many of a job's parts were created on the service (or settled after), and
+        how many it has."""
+        created = [PartState.CREATING, PartState.RUNNING, PartState.ENDED, PartState.COLLECTED]
+        marks = ", ".join("?" * len(created))
+        async with self._db.execute(
+            f"SELECT COALESCE(SUM(state IN ({marks})), 0), COUNT(*) FROM parts"  # noqa: S608
+            " WHERE job_id = ?",
+            [*created, job_id],
+        ) as cur:
+            row = await cur.fetchone()
+        return (int(row[0]), int(row[1])) if row else (0, 0)
+
+    async def cost_by_model(self) -> dict[str, dict[str, float]]:
+        """Actual cost of published jobs per currency and model (for /metrics): summed
+        from each job's cost in SQL, without reading the jobs."""
+        async with self._db.execute(
+            "SELECT json_extract(cost, '$.currency'), m.key, SUM(m.value)"
+            " FROM jobs, json_each(jobs.cost, '$.per_model') AS m"
+            " WHERE jobs.cost IS NOT NULL AND m.value IS NOT NULL GROUP BY 1, 2"
+        ) as cur:
+            rows = await cur.fetchall()
+        found: dict[str, dict[str, float]] = {}
+        for currency, model, amount in rows:
+            found.setdefault(str(currency or ""), {})[str(model)] = float(amount)
+        return found

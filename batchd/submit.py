@@ -37,12 +37,13 @@ from batchd.api import (
     MaybeAppliedError,
     parse_items,
 )
+from batchd.budget import Caps, Ledger, periods, refusal
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import ProviderLimits
 from batchd.failpoints import failpoint
 from batchd.limits import CallClass
 from batchd.logs import get_logger
-from batchd.models import Job, Part, PartState, RemoteStatus
+from batchd.models import Held, Job, Part, PartState, RemoteStatus
 from batchd.problems import StepPolicy, step_failed
 from batchd.remote import RemoteBatch, RemoteFile
 from batchd.store import Store
@@ -141,8 +142,18 @@ class Submitter:
         policy: StepPolicy | None = None,
         settling: Settling | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        caps: Caps | None = None,
+        budget_zone: str = "UTC",
+        provider: str = "dashscope",
+        on_held: Callable[[], None] = lambda: None,
     ) -> None:
         self.store = store
+        # Budgets (a reload may change them): the caps, where their days begin, and whose
+        # spend they count.
+        self.caps = caps or Caps()
+        self.budget_zone = budget_zone
+        self.provider = provider
+        self.on_held = on_held
         self.clock = clock
         self.api = api
         self.limits = limits
@@ -173,6 +184,9 @@ class Submitter:
         due = await self.store.next_retry_at(
             [PartState.PENDING, PartState.UPLOADING, PartState.UPLOADED, PartState.CREATING]
         )
+        rollover = self.next_rollover()
+        if rollover is not None:
+            due = rollover if due is None else min(due, rollover)
         if due is None:
             return longest_s
         return min(longest_s, max(0.05, due - self.clock.now()))
@@ -249,17 +263,31 @@ class Submitter:
 
     async def _creates(self) -> bool:
         total, by_model = await self.store.slot_holders()
+        ledger = await self._ledger()
+        queued = await self.store.queued_tokens() if self._queues_tokens() else {}
         chosen: list[Part] = []
+        # job id -> why its next part waits for money (the first part refused says it).
+        short: dict[str, str] = {}
         for part in await self.store.parts_in(
             [PartState.UPLOADED], limit=10_000, ready_at=self.clock.now()
         ):
             if free_slots(self.limits, total, by_model, part.model) <= 0:
                 continue
+            if not self._fits_queue(part, queued):
+                continue
+            if ledger is not None:
+                refused = refusal(part.cost_max, ledger, self.caps)
+                if refused is not None:
+                    short.setdefault(part.job_id, refused)
+                    continue
+                ledger.add(part.cost_max or 0.0)
             chosen.append(part)
             total += 1
             by_model[part.model] = by_model.get(part.model, 0) + 1
+            queued[part.model] = queued.get(part.model, 0) + (part.input_tokens or 0)
             if total >= self.limits.running_batches:
                 break
+        await self._hold_for_budget(short)
         if not chosen:
             return False
         # Each job read once per pass: a job of thousands of parts carries a large report,
@@ -277,6 +305,55 @@ class Submitter:
         if any(results):
             self.on_created()
         return any(results)
+
+    # -- money and queues ---------------------------------------------------------------
+
+    async def _ledger(self) -> Ledger | None:
+        """What the caps are measured against now (None: no cap is set)."""
+        if not self.caps.active:
+            return None
+        when = periods(self.clock.now(), self.budget_zone)
+        day = await self.store.spent_since(when.day_start)
+        month = await self.store.spent_since(when.month_start)
+        committed, unknown = await self.store.committed_cost()
+        mine = (self.provider, self.caps.currency)
+        return Ledger(
+            spent_day=day.get(mine, 0.0),
+            spent_month=month.get(mine, 0.0),
+            committed=committed,
+            committed_unknown=unknown,
+        )
+
+    def _queues_tokens(self) -> bool:
+        return any(m.enqueued_tokens for m in self.limits.models.values())
+
+    def _fits_queue(self, part: Part, queued: dict[str, int]) -> bool:
+        """PURE but for self: does the part's input fit the model's enqueued-token limit
+        beside the batches already queued? (Only OpenAI-style profiles set one; a part
+        too large for the limit alone was rejected when its job was planned.)"""
+        limit = self.limits.for_model(part.model).enqueued_tokens
+        if limit is None or not queued.get(part.model):
+            return True
+        return queued[part.model] + (part.input_tokens or 0) <= limit
+
+    async def _hold_for_budget(self, short: dict[str, str]) -> None:
+        """Say which jobs wait for the budget (and why), and release the ones that no
+        longer do. A split job some of whose parts run says how many."""
+        for job_id, why in short.items():
+            started, total = await self.store.created_parts(job_id)
+            note = why if not started else f"{started} of {total} parts created; the rest wait: {why}"
+            if await self.store.hold(job_id, Held.BUDGET, note):
+                log.warning("job_held", job_id=job_id, reason="budget", note=note)
+                self.on_held()
+        for job in await self.store.held_jobs(Held.BUDGET):
+            if job.id not in short and await self.store.hold(job.id, None):
+                log.info("job_released", job_id=job.id, reason="budget")
+
+    def next_rollover(self) -> float | None:
+        """When the budget's day next begins (a held part may fit then)."""
+        if not self.caps.active:
+            return None
+        return periods(self.clock.now(), self.budget_zone).next_rollover
 
     # -- upload -------------------------------------------------------------------------
 

@@ -1,8 +1,10 @@
-"""The notify stage: tell the outside world when a job ends or the account is paused.
+"""The notify stage: tell the outside world when a job ends or is held, or the account
+is paused.
 
 Targets are the webhook URLs of `[notify] webhook_urls` and the `[notify] command`.
 Events follow the Standard Webhooks specification: a JSON body
-`{"type": "job.ended" | "account.paused", "timestamp": ISO 8601, "data": {...}}` POSTed
+`{"type": "job.ended" | "job.held" | "account.paused", "timestamp": ISO 8601,
+"data": {...}}` POSTed
 with `webhook-id` (stable per event: retries and restarts send the same one, so a
 receiver can drop repeats), `webhook-timestamp` and `webhook-signature`
 (`v1,` + base64 HMAC-SHA256 of `id.timestamp.body` under the `whsec_` secret).
@@ -102,6 +104,22 @@ def job_event(job: Job, at: float) -> dict[str, Any]:
             "request_counts": {"total": total, "completed": job.completed, "failed": job.failed},
             "outbox": job.outbox_path,
             "error": job.error,
+            "cost": job.cost,
+        },
+    }
+
+
+def held_event(job: Job) -> dict[str, Any]:
+    """PURE: the job.held event of a job that waits for money or an operator."""
+    return {
+        "type": "job.held",
+        "timestamp": datetime.fromtimestamp(job.held_at or 0.0, UTC).isoformat(),
+        "data": {
+            "id": job.id,
+            "name": job.name,
+            "inbox_name": job.inbox_name,
+            "reason": job.held,
+            "note": job.held_note,
         },
     }
 
@@ -134,6 +152,7 @@ class Notifications:
         self.account = account
         self.clock = clock
         self._announced_pause: float | None = None
+        self._announced_holds: set[str] = set()
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -148,6 +167,7 @@ class Notifications:
     async def run_once(self) -> bool:
         busy = await self._announce_jobs()
         await self._announce_pause()
+        await self._announce_held()
         due = await self.store.due_deliveries(self.clock.now())
         if due:
             await asyncio.gather(*(self._deliver(d) for d in due))
@@ -186,6 +206,18 @@ class Notifications:
                 job.id, self._deliveries(f"msg_{job.id}_ended", event, job.id)
             )
         return len(jobs) == 100
+
+    async def _announce_held(self) -> None:
+        """Each hold once (a hold released and made again is a new event); after a
+        restart the queue's unique message ids keep an announced hold from repeating."""
+        if not self.targets:
+            return
+        for job in await self.store.held_jobs(limit=100):
+            msg_id = f"msg_{job.id}_held_{int((job.held_at or 0.0) * 1000)}"
+            if msg_id in self._announced_holds:
+                continue
+            await self.store.announce(None, self._deliveries(msg_id, held_event(job), job.id))
+            self._announced_holds.add(msg_id)
 
     async def _announce_pause(self) -> None:
         at = self.account.paused_at

@@ -21,7 +21,7 @@ import orjson
 from batchd.client import Client, Queued, RequestFailed, Unreachable, inbox_path, queue_file
 from batchd.commands import positive_int, positive_seconds
 from batchd.errors import UsageError
-from batchd.protocol import ActionResponse, JobInfo, to_builtins
+from batchd.protocol import ActionResponse, JobInfo, Spend, to_builtins
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 # Jobs a table lists unless told otherwise.
@@ -94,6 +94,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     health = "[green]healthy[/]" if body.healthy else "[red]unhealthy[/]"
     console.print("  ".join([health, *flags]))
     console.print(f"running batches {body.caps.running_batches} / {body.caps.running_cap}")
+    if body.spend is not None:
+        for line in _spend_lines(body.spend):
+            console.print(line)
     for why in body.waiting:
         console.print(f"[yellow]waiting: {why}[/]")
     if body.reload is not None:
@@ -151,6 +154,31 @@ def cmd_status(args: argparse.Namespace) -> int:
             inbox.add_row(name, "[red]refused[/]", why)
         console.print(inbox)
     return EXIT_OK
+
+
+def _money(amount: float | None, currency: str) -> str:
+    return "unknown" if amount is None else f"{amount:.4f} {currency}".strip()
+
+
+def _spend_lines(spend: Spend) -> list[str]:
+    """PURE: status's lines on money: spend per period and provider, against the caps."""
+    lines = []
+    for label, period in (("today", spend.today), ("this month", spend.month)):
+        spent = ", ".join(
+            f"{provider} {_money(amount, spend.currency)}"
+            for provider, amount in sorted(period.spent.items())
+        )
+        line = f"spent {label}: {spent or _money(0.0, spend.currency)}"
+        if period.cap is not None:
+            line += f"; budget {_money(period.cap, spend.currency)}, {_money(period.left, spend.currency)} left"
+        lines.append(line)
+    if spend.running_worst_case or spend.running_unpriced:
+        unpriced = f" ({spend.running_unpriced} parts with no price)" if spend.running_unpriced else ""
+        lines.append(f"running worst case: {_money(spend.running_worst_case, spend.currency)}{unpriced}")
+    if spend.held_jobs:
+        lines.append(f"[yellow]{spend.held_jobs} job(s) held (budget or duplicate): batchd jobs --json shows why[/]")
+    lines.append(f"(days begin at midnight {spend.timezone}; batch prices of the price table)")
+    return lines
 
 
 def _split(text: str | None) -> list[str] | None:
@@ -237,6 +265,10 @@ def cmd_show(args: argparse.Namespace) -> int:
         console.print(f"outbox {job.outbox}")
     if job.error:
         console.print(f"[red]{job.error}[/]")
+    if job.held:
+        console.print(f"[yellow]held ({job.held}): {job.held_note}[/]")
+    for line in _cost_lines(job):
+        console.print(line)
     table = Table(title="parts")
     for column in ("#", "state", "requests", "model", "batch", "status", "counts", "note"):
         table.add_column(column)
@@ -390,6 +422,34 @@ EXIT_TIMEOUT = 4
 SIDECAR = ".meta.json"
 
 
+def _cost_lines(job: JobInfo) -> list[str]:
+    """PURE: show's lines on money: the worst case counted when planned, and once
+    published the actual cost per model."""
+    lines = []
+    estimate = job.estimate or {}
+    currency = str(estimate.get("currency") or "")
+    for model, m in sorted((estimate.get("models") or {}).items()):
+        lines.append(
+            f"{model}: {m.get('input_tokens')} input tokens, output at most"
+            f" {m.get('output_tokens_max')}; worst case {_money(m.get('cost_max'), currency)}"
+        )
+    if estimate:
+        exact = "exact" if estimate.get("exact") else "approximate"
+        lines.append(f"  (tokens counted by {', '.join(estimate.get('tokenizer') or [])}, {exact})")
+    cost = job.cost or {}
+    usage = (job.usage or {}).get("per_model") or {}
+    for model, amount in sorted((cost.get("per_model") or {}).items()):
+        used = usage.get(model) or {}
+        lines.append(
+            f"cost {model}: {_money(amount, str(cost.get('currency') or ''))}"
+            f" ({used.get('prompt_tokens', 0)} in, {used.get('completion_tokens', 0)} out"
+            f", {used.get('reasoning_tokens', 0)} reasoning)"
+        )
+    if cost:
+        lines.append(f"cost in all: {_money(cost.get('amount'), str(cost.get('currency') or ''))}")
+    return lines
+
+
 def _read_meta(path: Path) -> dict[str, Any]:
     try:
         data = orjson.loads(path.read_bytes())
@@ -416,7 +476,10 @@ def _submit_plan(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
         own = next((m for stem, m in sidecars.items() if source.startswith(stem + ".")), None)
         if own is not None and common:
             raise UsageError(f"{own}: options twice (a sidecar and --meta or flags)")
-        plan.append((source, _read_meta(Path(own)) if own is not None else common))
+        options = _read_meta(Path(own)) if own is not None else dict(common)
+        if args.force:
+            options["allow_duplicate"] = True
+        plan.append((source, options))
     used = {m for stem, m in sidecars.items() if any(s.startswith(stem + ".") for s, _ in plan)}
     for lonely in set(sidecars.values()) - used:
         raise UsageError(f"{lonely}: a sidecar goes with its data file (NAME.jsonl or NAME.csv)")
@@ -606,6 +669,11 @@ def register(sub: Any) -> None:
     p.add_argument("--model", help="model for a CSV input (sidecar option)")
     p.add_argument("--window", help="completion window, e.g. 24h or 7d (sidecar option)")
     p.add_argument("--priority", type=int, help="priority (sidecar option)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="run it even if the same input ran within jobs.duplicate_window (pays again)",
+    )
     p.add_argument("--wait", action="store_true", help="return when every job is published")
     p.add_argument(
         "--timeout", type=positive_seconds, help="give up waiting after S seconds (exit 4)"

@@ -89,26 +89,3 @@ async def test_summary_says_which_options_the_job_ran_with(
     assert summary(folder)["options"] == {"completion_window": "48h", "priority": 3}
 
 
-async def test_an_input_already_run_is_refused_unless_allowed(
-    start_emulator: StartEmulator, tmp_path: Path
-) -> None:
-    """The same bytes again would pay for the same requests again: refused, naming the
-    earlier job, unless its sidecar says `allow_duplicate`."""
-    emulator = await start_emulator(time_scale=3000)
-    settings = daemon_settings(tmp_path / "r", emulator)
-    inbox, outbox = settings.paths.folder("inbox"), settings.paths.folder("outbox")
-    content = requests(3, prefix="same-")
-    async with running_daemon(settings):
-        drop(inbox, "first.jsonl", content)
-        (first,) = await wait_published(outbox, 1, emulator)
-        drop(inbox, "again.jsonl", content)
-        await wait_published(outbox, 2, emulator)
-        (inbox / "third.meta.json").write_bytes(b'{"allow_duplicate": true}')
-        drop(inbox, "third.jsonl", content)
-        await wait_published(outbox, 3, emulator)
-    again, third = outbox / "again", outbox / "third"
-    assert summary(again)["status"] == "rejected"
-    text = str(read_jsonl(again / "error.jsonl")) + str(summary(again))
-    assert "duplicate_input" in text and summary(first)["job_id"] in text
-    assert summary(third)["status"] == "completed"
-    assert (await emulator.stats())["batches_created"] == 2  # first and third

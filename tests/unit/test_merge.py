@@ -183,7 +183,10 @@ def test_lines_a_strict_parser_refuses_are_published_byte_for_byte(tmp_path: Pat
     assert (stats.total, stats.completed, stats.failed) == (5, 5, 0)
     assert stats.unattributed == 0 and not (tmp_path / "out" / "unattributed.jsonl").exists()
     # Usage is summed from the lines that parse (the cut one does not).
-    assert stats.usage == {k: 4 * v for k, v in USAGE.items()}
+    assert stats.usage == {"reasoning_tokens": 0, **{k: 4 * v for k, v in USAGE.items()}}
+    # And per model, with a cost only where a price is given (none here: unknown).
+    (model,) = stats.per_model
+    assert stats.per_model[model]["requests"] == 4 and stats.per_model[model]["cost"] is None
 
 
 def test_a_line_from_the_error_file_that_does_not_parse_is_a_failure(tmp_path: Path) -> None:

@@ -1,0 +1,209 @@
+"""What work costs, and never spending by mistake (issue 15), against the emulator: the
+actual cost of a job from its answers' usage, budgets that hold parts and release them,
+inputs identical to one already run held until an operator lets them go."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batchd.models import Held
+from batchd.testing import (
+    StartEmulator,
+    daemon_settings,
+    drop,
+    read_jsonl,
+    requests,
+    running_daemon,
+    summary,
+    wait_for,
+    wait_published,
+)
+
+# Prices of the test's own (per million tokens, real time; batch is half), so that the
+# figures do not move with the shipped defaults.
+PRICES = {
+    "custom": {
+        "qwen-plus": {"input": 2.0, "output": 8.0, "currency": "CNY"},
+        "qwen-max": {"input": 6.0, "output": 24.0, "currency": "CNY"},
+    }
+}
+
+
+def _expected_cost(folder: Path) -> dict[str, float]:
+    """Each model's cost recomputed from the published answers' own usage lines."""
+    rates = {m: (p["input"], p["output"]) for m, p in PRICES["custom"].items()}
+    per_model: dict[str, float] = {}
+    for line in read_jsonl(folder / "result.jsonl"):
+        body = line["response"]["body"]
+        usage = body["usage"]
+        rate_in, rate_out = rates[body["model"]]
+        amount = (usage["prompt_tokens"] * rate_in + usage["completion_tokens"] * rate_out) / 1e6
+        per_model[body["model"]] = per_model.get(body["model"], 0.0) + amount * 0.5
+    return per_model
+
+
+async def test_a_job_says_what_it_cost_per_model_everywhere(
+    start_emulator: StartEmulator, tmp_path: Path
+) -> None:
+    emulator = await start_emulator(time_scale=3000)
+    settings = daemon_settings(
+        tmp_path / "r", emulator, prices=PRICES, jobs={"group_by_model": True}
+    )
+    inbox, outbox = settings.paths.folder("inbox"), settings.paths.folder("outbox")
+    mixed = requests(3, "qwen-plus", prefix="p") + requests(2, "qwen-max", prefix="m")
+    async with running_daemon(settings) as daemon:
+        drop(inbox, "mixed.jsonl", mixed)
+        (folder,) = await wait_published(outbox, 1, emulator)
+        await wait_for(lambda: daemon.store.spent_since(0.0), what="the spend recorded")
+        (listed,) = (await daemon.ops.jobs(None, None, 10, 0)).jobs
+        shown = await daemon.ops.job(listed.id)
+        status = await daemon.ops.status()
+        metrics = await daemon.ops.metrics()
+    report = summary(folder)
+    expected = _expected_cost(folder)
+    cost = report["cost"]
+    assert cost["currency"] == "CNY"
+    assert set(cost["per_model"]) == {"qwen-plus", "qwen-max"}
+    for model, amount in expected.items():
+        assert cost["per_model"][model] == pytest.approx(amount, rel=1e-6)
+    assert cost["amount"] == pytest.approx(sum(expected.values()), rel=1e-6)
+    usage = report["usage"]["per_model"]
+    assert usage["qwen-plus"]["requests"] == 3 and usage["qwen-max"]["requests"] == 2
+    assert report["usage"]["prompt_tokens"] == sum(u["prompt_tokens"] for u in usage.values())
+    # The same figures in show, jobs --json, status and /metrics' source.
+    assert shown is not None and shown.cost == cost and listed.cost == cost
+    assert shown.estimate is not None and set(shown.estimate["models"]) == set(expected)
+    assert status.spend is not None
+    assert status.spend.today.spent["custom"] == pytest.approx(cost["amount"], rel=1e-6)
+    assert status.spend.month.spent["custom"] == pytest.approx(cost["amount"], rel=1e-6)
+    assert metrics["cost_by_model"]["CNY"]["qwen-max"] == pytest.approx(expected["qwen-max"])
+
+
+async def test_a_model_without_a_price_costs_unknown_never_zero(
+    start_emulator: StartEmulator, tmp_path: Path
+) -> None:
+    emulator = await start_emulator(time_scale=3000)
+    settings = daemon_settings(tmp_path / "r", emulator, prices=PRICES)
+    inbox, outbox = settings.paths.folder("inbox"), settings.paths.folder("outbox")
+    async with running_daemon(settings):
+        drop(inbox, "odd.jsonl", requests(2, "qwen-long"))
+        (folder,) = await wait_published(outbox, 1, emulator)
+    cost = summary(folder)["cost"]
+    assert cost["amount"] is None and cost["per_model"] == {"qwen-long": None}
+    assert cost["unknown_models"] == ["qwen-long"]
+    assert summary(folder)["usage"]["per_model"]["qwen-long"]["prompt_tokens"] > 0
+
+
+def _worst(job: Any) -> float:
+    return float(job.estimate["cost_max"])
+
+
+async def test_a_budget_holds_parts_and_releases_them_when_room_comes(
+    start_emulator: StartEmulator, tmp_path: Path
+) -> None:
+    """Each job's worst case (no max_tokens: the whole output limit of each request)
+    fits the daily cap alone, not two at once: the second waits, held `budget` with what
+    it needs, until the first is published at its (far lower) actual cost. A third,
+    larger than the cap, waits until a reload raises it."""
+    emulator = await start_emulator()  # its clock moves only when the test moves it
+    budget = {"daily": 0.5}
+    settings = daemon_settings(tmp_path / "r", emulator, prices=PRICES, budget=budget)
+    inbox, outbox = settings.paths.folder("inbox"), settings.paths.folder("outbox")
+    async with running_daemon(settings) as daemon:
+        drop(inbox, "first.jsonl", requests(3, prefix="a"))
+        drop(inbox, "second.jsonl", requests(3, prefix="b"))
+
+        async def held() -> list[Any]:
+            return await daemon.store.held_jobs(Held.BUDGET)
+
+        (waiting,) = await wait_for(held, what="a job held for the budget")
+        assert "daily budget of 0.5000 CNY" in (waiting.held_note or "")
+        shown = await daemon.ops.job(waiting.id)
+        assert shown is not None and shown.held == "budget"
+        status = await daemon.ops.status()
+        assert any("held, budget" in why for why in status.waiting)
+        assert status.spend is not None and status.spend.running_worst_case > 0.3
+        assert (await emulator.stats())["batches_created"] == 1
+        await wait_published(outbox, 2, emulator)
+        assert await held() == []
+        # Larger than the whole cap: it waits for a reload that raises the cap.
+        drop(inbox, "large.jsonl", requests(9, prefix="c"))
+        (large,) = await wait_for(held, what="the large job held")
+        assert _worst(await daemon.ops.job(large.id)) > 0.5
+        daemon.apply_settings(
+            daemon_settings(tmp_path / "r", emulator, prices=PRICES, budget={"daily": 10.0})
+        )
+        await wait_published(outbox, 3, emulator)
+    assert (await emulator.stats())["batches_created"] == 3
+    for folder in (outbox / "first", outbox / "second", outbox / "large"):
+        assert summary(folder)["status"] == "completed"
+
+
+async def test_over_budget_a_job_can_be_rejected_before_anything_is_sent(
+    start_emulator: StartEmulator, tmp_path: Path
+) -> None:
+    emulator = await start_emulator(time_scale=3000)
+    budget = {"daily": 0.01, "on_over": "reject"}
+    settings = daemon_settings(tmp_path / "r", emulator, prices=PRICES, budget=budget)
+    inbox, outbox = settings.paths.folder("inbox"), settings.paths.folder("outbox")
+    async with running_daemon(settings):
+        drop(inbox, "costly.jsonl", requests(3))
+        # A sidecar's own cap: lower than the job's worst case, it is rejected too.
+        (inbox / "capped.meta.json").write_bytes(b'{"max_cost": 0.0001}')
+        drop(inbox, "capped.jsonl", requests(2, max_tokens=10, prefix="x"))
+        await wait_published(outbox, 2, emulator)
+    assert (await emulator.stats())["calls"]["upload"]["served"] == 0
+    for name, says in (("costly", "daily budget"), ("capped", "max_cost")):
+        report = summary(outbox / name)
+        assert report["status"] == "rejected"
+        (error,) = read_jsonl(outbox / name / "error.jsonl")[:1]
+        assert "over_budget" in str(error) and says in str(error), error
+
+
+async def test_an_unpriced_model_waits_under_a_cap(
+    start_emulator: StartEmulator, tmp_path: Path
+) -> None:
+    emulator = await start_emulator(time_scale=3000)
+    settings = daemon_settings(tmp_path / "r", emulator, prices=PRICES, budget={"daily": 5.0})
+    inbox = settings.paths.folder("inbox")
+    async with running_daemon(settings) as daemon:
+        drop(inbox, "odd.jsonl", requests(2, "qwen-long"))
+        (held,) = await wait_for(
+            lambda: daemon.store.held_jobs(Held.BUDGET), what="the unpriced job held"
+        )
+        assert "no price" in (held.held_note or "")
+        assert (await emulator.stats())["batches_created"] == 0
+
+
+async def test_an_input_already_run_is_held_until_an_operator_lets_it_go(
+    start_emulator: StartEmulator, tmp_path: Path
+) -> None:
+    """The same bytes again would pay for the same requests again: held `duplicate`,
+    naming the earlier job; `batchd retry` of the held job, or a sidecar's
+    `allow_duplicate`, lets it run."""
+    emulator = await start_emulator(time_scale=3000)
+    settings = daemon_settings(tmp_path / "r", emulator, prices=PRICES)
+    inbox, outbox = settings.paths.folder("inbox"), settings.paths.folder("outbox")
+    content = requests(3, prefix="same-")
+    async with running_daemon(settings) as daemon:
+        drop(inbox, "first.jsonl", content)
+        (first,) = await wait_published(outbox, 1, emulator)
+        drop(inbox, "again.jsonl", content)
+        (held,) = await wait_for(
+            lambda: daemon.store.held_jobs(Held.DUPLICATE), what="the copy held"
+        )
+        assert summary(first)["job_id"] in (held.held_note or "")
+        assert "batchd retry" in (held.held_note or "")
+        (inbox / "third.meta.json").write_bytes(b'{"allow_duplicate": true}')
+        drop(inbox, "third.jsonl", content)
+        await wait_published(outbox, 2, emulator)
+        assert (await emulator.stats())["batches_created"] == 2  # first and third
+        answer = await daemon.ops.retry(held.id)
+        assert answer is not None and answer.ok, answer
+        await wait_published(outbox, 3, emulator)
+    assert summary(outbox / "again")["status"] == "completed"
+    assert summary(outbox / "again")["options"]["allow_duplicate"] is True
+    assert (await emulator.stats())["batches_created"] == 3
