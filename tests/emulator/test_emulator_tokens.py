@@ -108,9 +108,9 @@ async def test_stats_count_each_models_tokens_once_as_the_result_files_show_them
     assert (await api.stats())["tokens_by_model"] == expected
 
 
-def enqueue(emulator: Emulator, path: Path, model: str = MODEL) -> tuple[list[Any], list[Any]]:
-    """With the official SDK: create two batches of the same file while nothing of `model`
-    has ended, then read both once validation is over."""
+def enqueue(emulator: Emulator, path: Path) -> tuple[list[Any], list[Any]]:
+    """With the official SDK: create two batches of the same file at once, then read both
+    once validation is over."""
     with OpenAI(api_key=API_KEY, base_url=emulator.base_url, max_retries=0) as client:
         file_object = client.files.create(file=path, purpose="batch")
         created = [
