@@ -5,6 +5,16 @@ rate window (429 `Throttling.RateQuota` with `Retry-After`), then its handler. T
 `/_emulator/*` routes (stats, clock, faults) need no key and are never limited. Handlers
 apply the faults that shape answers (lost answers after the effect, ignored list filters,
 endless pages, garbled Batch objects, missing or dripping result files).
+
+`/_emulator/stats` includes `tokens_by_model`: per model, the `requests` (success lines),
+`prompt_tokens`, `completion_tokens`, `reasoning_tokens` and `total_tokens` of every
+success line the emulator wrote, and the `failed` lines of its error files. Each batch
+counts once, when its result files are written, however often it is retrieved or its
+files downloaded; so a test compares batchd's usage and cost figures with the emulator's
+own count. `enqueued_tokens` gives, per model, the input tokens of the batches not yet
+ended that the enqueued-token limit counts (store.py); `faults.token_limit_exceeded`
+the batches that limit failed. Like the rest of the account, the figures live in memory
+only; `/_emulator/stats/reset` starts the tally again with the other counts.
 """
 
 from __future__ import annotations
@@ -84,6 +94,8 @@ class EmulatorState:
             "batches_created_per_input_file": dict(store.created_per_input_file),
             "batches_by_status": dict(by_status),
             "files_stored": {"count": len(store.files), "bytes": store.stored_bytes()},
+            "tokens_by_model": store.tokens_by_model.to_json(),
+            "enqueued_tokens": store.enqueued_tokens(now),
             "faults": dict(self.faults.counts),
             "service_time": now,
         }
@@ -93,6 +105,7 @@ class EmulatorState:
             window.reset()
         self.faults.reset_counts()
         self.store.created_per_input_file.clear()
+        self.store.tokens_by_model.clear()
         self.store.max_unfinished = len(self.store.unfinished(self.clock.now()))
 
 

@@ -14,6 +14,7 @@ from typing import Any, BinaryIO
 import orjson
 
 from batchd.config import ENDPOINT_EMBEDDINGS, ProviderLimits
+from batchd.emulator.results import prompt_tokens
 
 # The service lists at most this many problems in a failed batch's `errors`.
 MAX_LISTED_ERRORS = 100
@@ -39,6 +40,9 @@ class Scan:
     error_count: int = 0
     # File positions (0-based) of the requests that will fail, in order.
     failing: list[int] = field(default_factory=list)
+    # The input tokens of every request (`results.prompt_tokens`): what the batch adds to
+    # its model's enqueued tokens while it runs.
+    input_tokens: int = 0
 
     @property
     def valid(self) -> bool:
@@ -121,6 +125,7 @@ class _LineCheck:
             scan.add("invalid_request", "body must be an object", number, "body")
             return
         self._check_body(number, body)
+        self.scan.input_tokens += prompt_tokens(body, self.endpoint)
         if request_fails(custom_id, self.rules.request_failure_rate, self.rules.seed, self.salt):
             scan.failing.append(scan.total)
         scan.total += 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, ClassVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from batchd.config import FileSettings, LogSettings
@@ -60,6 +60,11 @@ class FaultSettings(BaseModel):
     # Share of success lines (fixed per seed, batch and custom_id) written in forms a
     # strict parser refuses: a lone surrogate escape, NaN, 1e400, or a line cut in half.
     odd_lines_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    # Enqueued-token limits per model, as OpenAI sets them per account: a batch whose input
+    # tokens, added to those of the model's batches not yet ended, pass its model's limit
+    # fails at validation with `token_limit_exceeded`. A model named here takes this
+    # limit instead of `limits.models.<model>.enqueued_tokens`; switchable at run time.
+    enqueued_tokens: dict[str, PositiveInt] = Field(default_factory=dict)
     seed: int = 0
 
 
@@ -83,6 +88,8 @@ class EmulatorSettings(FileSettings):
     # Where uploaded and result files are kept; a temporary directory when unset.
     data_dir: Path | None = None
     # The account's caps, as in the daemon's `[limits]` but whole (defaults: DashScope's).
+    # `models.<model>.enqueued_tokens` gives a model OpenAI's enqueued-token limit (see
+    # `FaultSettings.enqueued_tokens` for switching it at run time).
     limits: Annotated[ProviderLimits, BeforeValidator(limits_from)] = Field(
         default_factory=ProviderLimits
     )

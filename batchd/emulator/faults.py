@@ -23,6 +23,8 @@ COUNTERS = (
     "dripped",
     "huge_lines",
     "odd_lines",
+    # Batches failed by an enqueued-token limit (`limits` or `enqueued_tokens`).
+    "token_limit_exceeded",
 )
 # Call classes whose calls can take effect and then lose their answer.
 LOSABLE_CLASSES = frozenset({"upload", "create", "cancel", "files"})

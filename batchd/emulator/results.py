@@ -1,4 +1,12 @@
-"""Deterministic answers: the same request in the same batch always gets the same line."""
+"""Deterministic answers: the same request in the same batch always gets the same line.
+
+Token counts: a request's input is counted by `prompt_tokens(body, endpoint)` and nowhere
+else, so that the usage a result line shows, the enqueued-token limit (store.py) and the
+per-model tally of `/_emulator/stats` all agree. The count is an approximation shaped
+like a real tokenizer's (`_tokens`), except for the free test model, whose answers always
+show 20 prompt and 6 completion tokens, as the seed's do. `TokenTally` adds up the usage
+of the result lines a batch's files hold, per model.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +14,7 @@ import hashlib
 import math
 import random
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 import orjson
@@ -14,6 +22,18 @@ import orjson
 from batchd.config import ENDPOINT_EMBEDDINGS, TEST_MODEL
 
 TEST_ANSWER = "This is a test result."
+# The test model's usage, whatever it is asked (the seed's sample output).
+TEST_PROMPT_TOKENS = 20
+TEST_COMPLETION_TOKENS = 6
+# `TokenTally`'s figures per model, in the order stats show them.
+TALLY_FIELDS = (
+    "requests",
+    "prompt_tokens",
+    "completion_tokens",
+    "reasoning_tokens",
+    "total_tokens",
+    "failed",
+)
 # Failures drawn for `request_failure_rate`: (HTTP status, code, message).
 _FAILURES = (
     (500, "InternalError", "An internal error occurred while processing the request."),
@@ -39,16 +59,13 @@ class Answerer:
     def request_id(self, custom_id: str) -> str:
         return str(uuid.UUID(bytes=self._digest("request", custom_id)[:16]))
 
-    def success(self, custom_id: str, body: dict[str, Any], endpoint: str) -> bytes:
-        return _dump(self.success_record(custom_id, body, endpoint)) + b"\n"
-
     def success_record(self, custom_id: str, body: dict[str, Any], endpoint: str) -> dict[str, Any]:
         """The success line as a record: id and custom_id first, as the service writes."""
         request_id = self.request_id(custom_id)
         if endpoint == ENDPOINT_EMBEDDINGS:
             answer = self._embedding(request_id, body)
         else:
-            answer = self._chat(request_id, body)
+            answer = self._chat(request_id, body, endpoint)
         response = {"status_code": 200, "request_id": request_id, "body": answer}
         return _record(request_id, custom_id, response, None)
 
@@ -64,14 +81,15 @@ class Answerer:
         request_id = self.request_id(custom_id)
         return _line(request_id, custom_id, None, {"code": code, "message": message})
 
-    def _chat(self, request_id: str, body: dict[str, Any]) -> dict[str, Any]:
+    def _chat(self, request_id: str, body: dict[str, Any], endpoint: str) -> dict[str, Any]:
         model = str(body.get("model"))
         message: dict[str, Any]
+        asked = prompt_tokens(body, endpoint)
         if model == TEST_MODEL:
             usage: dict[str, Any] = {
-                "completion_tokens": 6,
-                "prompt_tokens": 20,
-                "total_tokens": 26,
+                "completion_tokens": TEST_COMPLETION_TOKENS,
+                "prompt_tokens": asked,
+                "total_tokens": asked + TEST_COMPLETION_TOKENS,
             }
             message = {"content": TEST_ANSWER}
         else:
@@ -79,12 +97,11 @@ class Answerer:
             text = f"{self.seed}:answer:{model}:{prompt}"
             digest = hashlib.sha256(text.encode()).hexdigest()
             content = f"Emulated answer {digest[:12]} to: {prompt[-60:]}"
-            prompt_tokens = _tokens(prompt) + 4 * _count(body.get("messages"))
             completion_tokens = _tokens(content)
             max_tokens = body.get("max_tokens")
             if isinstance(max_tokens, int) and 0 < max_tokens < completion_tokens:
                 completion_tokens = max_tokens
-            usage = {"completion_tokens": completion_tokens, "prompt_tokens": prompt_tokens}
+            usage = {"completion_tokens": completion_tokens, "prompt_tokens": asked}
             message = {"content": content}
             if model in self.thinking_models or body.get("enable_thinking") is True:
                 reasoning = f"Thinking about {digest[12:24]}: {prompt[:40]}"
@@ -95,7 +112,7 @@ class Answerer:
                 usage["completion_tokens"] = completion_tokens + reasoning_tokens
                 usage["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
                 message = {"role": "assistant", "content": content, "reasoning_content": reasoning}
-            usage["total_tokens"] = prompt_tokens + usage["completion_tokens"]
+            usage["total_tokens"] = asked + usage["completion_tokens"]
         return {
             "created": self.created,
             "usage": usage,
@@ -107,8 +124,7 @@ class Answerer:
 
     def _embedding(self, request_id: str, body: dict[str, Any]) -> dict[str, Any]:
         model = str(body.get("model"))
-        raw = body.get("input")
-        texts = [raw] if isinstance(raw, str) else [str(t) for t in raw or []]
+        texts = _embedding_texts(body)
         wanted = body.get("dimensions")
         dims = (
             wanted
@@ -119,7 +135,7 @@ class Answerer:
             {"embedding": _vector(self.seed, model, text, dims), "index": i, "object": "embedding"}
             for i, text in enumerate(texts)
         ]
-        tokens = sum(_tokens(t) for t in texts)
+        tokens = prompt_tokens(body, ENDPOINT_EMBEDDINGS)
         return {
             "data": data,
             "model": model,
@@ -127,6 +143,56 @@ class Answerer:
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             "id": request_id,
         }
+
+
+@dataclass
+class TokenTally:
+    """The usage of result lines, per model: for each, `requests` (success lines),
+    `prompt_tokens`, `completion_tokens` (thinking included), `reasoning_tokens`,
+    `total_tokens`, and `failed` (error-file lines: failed requests and requests never
+    run). A success line counts the usage its record holds, also when a content fault
+    writes it odd or padded (the service bills the answer, not the line)."""
+
+    by_model: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def _row(self, model: str) -> dict[str, int]:
+        row = self.by_model.get(model)
+        if row is None:
+            row = self.by_model[model] = dict.fromkeys(TALLY_FIELDS, 0)
+        return row
+
+    def success(self, record: dict[str, Any]) -> None:
+        """Count a success record from `Answerer.success_record`."""
+        body = _response_body(record)
+        usage = body["usage"]
+        row = self._row(str(body["model"]))
+        row["requests"] += 1
+        row["prompt_tokens"] += usage["prompt_tokens"]
+        row["completion_tokens"] += usage.get("completion_tokens", 0)
+        row["reasoning_tokens"] += usage.get("completion_tokens_details", {}).get(
+            "reasoning_tokens", 0
+        )
+        row["total_tokens"] += usage["total_tokens"]
+
+    def failure(self, model: str) -> None:
+        self._row(model)["failed"] += 1
+
+    def merge(self, other: TokenTally) -> None:
+        for model, counts in other.by_model.items():
+            row = self._row(model)
+            for name, value in counts.items():
+                row[name] += value
+
+    def clear(self) -> None:
+        self.by_model.clear()
+
+    def to_json(self) -> dict[str, dict[str, int]]:
+        return {model: dict(self.by_model[model]) for model in sorted(self.by_model)}
+
+
+def success_line(record: dict[str, Any]) -> bytes:
+    """A success record as the line the output file holds."""
+    return _dump(record) + b"\n"
 
 
 def _record(
@@ -270,6 +336,38 @@ def write_padding(out: BinaryIO, count: int) -> int:
     return count
 
 
+# ---- token counts
+
+
+def prompt_tokens(body: dict[str, Any], endpoint: str) -> int:
+    """PURE: the input tokens of one request body sent to `endpoint`, as its result line's
+    `usage.prompt_tokens` shows them and the enqueued-token limit counts them.
+
+    The free test model always counts 20. Every other model is counted by
+    `_approx_prompt_tokens`, the emulator's own approximation; when `batchd.tokens` lands,
+    the lead points the last line at `batchd.tokens.request_tokens` (with
+    `tokenizer_for(provider, model)`), so that the emulator counts as the service does.
+    Nothing else in the emulator counts input tokens.
+    """
+    if body.get("model") == TEST_MODEL:
+        return TEST_PROMPT_TOKENS
+    return _approx_prompt_tokens(body, endpoint)
+
+
+def _approx_prompt_tokens(body: dict[str, Any], endpoint: str) -> int:
+    """PURE: embeddings count their input texts; chat counts its messages' text plus 4
+    per message (the role and the template around it)."""
+    if endpoint == ENDPOINT_EMBEDDINGS:
+        return sum(_tokens(t) for t in _embedding_texts(body))
+    messages = body.get("messages")
+    return _tokens(_prompt_text(messages)) + 4 * _count(messages)
+
+
+def _embedding_texts(body: dict[str, Any]) -> list[str]:
+    raw = body.get("input")
+    return [raw] if isinstance(raw, str) else [str(t) for t in raw or []]
+
+
 def _count(value: Any) -> int:
     return len(value) if isinstance(value, list) else 0
 
@@ -289,7 +387,8 @@ def _prompt_text(messages: Any) -> str:
 
 def _tokens(text: str) -> int:
     """A token count shaped like a real tokenizer's: ~4 ASCII chars or ~1.5 CJK chars each."""
-    ascii_chars = sum(1 for c in text if ord(c) < 128)
+    # Encoding drops every character above 127, so the length left is the ASCII count.
+    ascii_chars = len(text.encode("ascii", "ignore"))
     other = len(text) - ascii_chars
     return max(1, math.ceil(ascii_chars / 4 + other / 1.5))
 

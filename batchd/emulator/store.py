@@ -1,4 +1,22 @@
-"""The emulated account: files on disk, batches in memory, and the figures stats report."""
+"""The emulated account: files on disk, batches in memory, and the figures stats report.
+
+Nothing is persisted: a restarted emulator starts with an empty account, and every figure
+below lives exactly as long as the batches it counts.
+
+Tokens by model: when a batch ends, its result files are written once (`settle`), and
+the usage of every line written is added to `tokens_by_model` (`results.TokenTally`) in
+the same step that stores the files. Retrieving the batch or downloading its files any
+number of times adds nothing; `/_emulator/stats/reset` starts the tally again.
+
+Enqueued tokens (OpenAI): a model with an enqueued-token limit (the fault settings'
+`enqueued_tokens`, else `limits.models.<model>.enqueued_tokens`) accepts a batch only
+while the batch's input tokens (`Scan.input_tokens`), added to those of the model's other
+batches not yet ended, stay within it. The check runs when the batch is created, its
+fate fixed then as every other fact of its timeline is: over the limit, the batch
+validates and fails with `token_limit_exceeded`, as OpenAI's does. A batch counts from
+create until it ends (completed, failed, expired, cancelled; `cancelling` still counts);
+a batch that fails validation never counts.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +30,7 @@ import shutil
 import uuid
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -31,8 +49,17 @@ from batchd.emulator.lifecycle import (
     derive,
     ends_at,
 )
-from batchd.emulator.results import Answerer, huge_line_parts, odd_line, write_padding
+from batchd.emulator.results import (
+    Answerer,
+    TokenTally,
+    huge_line_parts,
+    odd_line,
+    success_line,
+    write_padding,
+)
 
+# OpenAI names the organization in its enqueued-token message; the emulator has one.
+ORGANIZATION = "org-emulator"
 OUTPUT_PREFIX = "file-batch_output-"
 INPUT_PREFIX = "file-batch-"
 _NOT_RUN = {
@@ -104,6 +131,7 @@ class _Written:
     error: tuple[Path, int]
     huge_lines: int = 0
     odd_lines: int = 0
+    tally: TokenTally = field(default_factory=TokenTally)
 
 
 class _HugeLine:
@@ -146,6 +174,8 @@ class Store:
         self._ids = 0
         self.max_unfinished = 0
         self.created_per_input_file: Counter[str] = Counter()
+        # The usage of every result line written, per model (counted once, at settle).
+        self.tokens_by_model = TokenTally()
 
     # ---- ids and paths
 
@@ -229,6 +259,46 @@ class Store:
                     wait,
                 )
 
+    # ---- enqueued tokens
+
+    def enqueued_limit(self, model: str | None) -> int | None:
+        """The model's enqueued-token limit: the fault settings' first, then its limits'."""
+        if model is None:
+            return None
+        switched = self.faults.settings.enqueued_tokens.get(model)
+        if switched is not None:
+            return switched
+        own = self.settings.limits.models.get(model)
+        return own.enqueued_tokens if own is not None else None
+
+    def enqueued_tokens(self, now: float) -> dict[str, int]:
+        """Input tokens per model of the batches not ended at `now` that passed validation
+        (or will): what the enqueued-token limits count."""
+        totals: Counter[str] = Counter()
+        for batch_id, (_, model) in self.unfinished(now).items():
+            batch = self.batches[batch_id]
+            if model is not None and batch.timeline.valid:
+                totals[model] += batch.scan.input_tokens
+        return dict(totals)
+
+    def check_enqueued(self, scan: Scan, now: float) -> None:
+        """Fail a valid scan whose tokens would pass its model's enqueued-token limit, with
+        the error OpenAI lists in such a batch's `errors`."""
+        limit = self.enqueued_limit(scan.model)
+        if limit is None or not scan.valid or scan.model is None:
+            return
+        queued = self.enqueued_tokens(now).get(scan.model, 0)
+        if queued + scan.input_tokens <= limit:
+            return
+        scan.add(
+            "token_limit_exceeded",
+            f"Enqueued token limit reached for {scan.model} in organization {ORGANIZATION}. "
+            f"Limit: {limit:,} enqueued tokens. "
+            "Please try again once some in_progress batches have been completed.",
+            None,
+        )
+        self.faults.count("token_limit_exceeded")
+
     # ---- batches
 
     def create_batch(
@@ -240,9 +310,11 @@ class Store:
         metadata: dict[str, str] | None,
         scan: Scan,
     ) -> Batch:
-        """Record a new batch; the caller has checked the caps with no await since."""
+        """Record a new batch; the caller has checked the caps with no await since. A
+        batch over its model's enqueued-token limit is recorded to fail validation."""
         s = self.settings
         now = self.clock.now()
+        self.check_enqueued(scan, now)
         batch_id = self.new_id("batch_")
         link = self.tmp_dir / f"{batch_id}.input.jsonl"
         # The batch keeps its own link to the input, so deleting the file does not stop it.
@@ -319,6 +391,8 @@ class Store:
                 else:
                     batch.error_file_id = stored.id
             batch.settled = True
+            # In the step that stores the files, never again: settle runs once per batch.
+            self.tokens_by_model.merge(written.tally)
             # Only now: until the files are stored, a failed attempt is tried again.
             batch.input_path.unlink(missing_ok=True)
         except BaseException:
@@ -353,30 +427,36 @@ class Store:
         ok: list[bytes | _HugeLine] = []
         bad: list[bytes] = []
         huge = odd = 0
+        tally = TokenTally()
         with batch.input_path.open("rb") as fh:
             for index, raw in enumerate(fh):
                 request = orjson.loads(raw)
                 custom_id = request["custom_id"]
+                body = request["body"]
                 if index >= phase.executed:
                     assert not_run is not None
                     bad.append(answer.not_run(custom_id, *not_run))
-                elif index in failing:
+                    tally.failure(str(body.get("model")))
+                    continue
+                if index in failing:
                     bad.append(answer.failure(custom_id))
-                elif len(ok) == huge_at:
-                    record = answer.success_record(custom_id, request["body"], batch.endpoint)
+                    tally.failure(str(body.get("model")))
+                    continue
+                record = answer.success_record(custom_id, body, batch.endpoint)
+                tally.success(record)
+                if len(ok) == huge_at:
                     ok.append(_HugeLine(*huge_line_parts(record, faults.huge_line_bytes)))
                     huge += 1
                 elif drawn(faults.seed, f"odd:{batch.id}", custom_id, faults.odd_lines_rate):
-                    record = answer.success_record(custom_id, request["body"], batch.endpoint)
                     ok.append(odd_line(record, odd))
                     odd += 1
                 else:
-                    ok.append(answer.success(custom_id, request["body"], batch.endpoint))
+                    ok.append(success_line(record))
         if len(ok) != successes:  # never expected: every input line is one request
             ok_order = self._order(len(ok), batch.id)
         output = self._write_lines([ok[i] for i in ok_order])
         error = self._write_lines([bad[i] for i in self._order(len(bad), batch.id)])
-        return _Written(output, error, huge, odd)
+        return _Written(output, error, huge, odd, tally)
 
     def _order(self, count: int, batch_id: str) -> list[int]:
         """The order result lines are written in: the service promises none, so they are
