@@ -97,7 +97,7 @@ def refusal(worst: float | None, ledger: Ledger, caps: Caps) -> str | None:
             return None
         return (
             "its model has no price, so its cost cannot be held to the budget; add the"
-            " model to [prices] or set budget.unknown_price = \"allow\""
+            ' model to [prices] or set budget.unknown_price = "allow"'
         )
     for name, cap, spent in (
         ("daily", caps.daily, ledger.spent_day),
@@ -116,7 +116,9 @@ def refusal(worst: float | None, ledger: Ledger, caps: Caps) -> str | None:
     return None
 
 
-def job_refusal(worst: float | None, ledger: Ledger, caps: Caps, own_cap: float | None) -> str | None:
+def job_refusal(
+    worst: float | None, ledger: Ledger, caps: Caps, own_cap: float | None
+) -> str | None:
     """PURE: why a whole job may not start (checked when it is planned), or None: over
     its own cap (the sidecar's `max_cost`) always; over what the budget leaves only
     when `budget.on_over = "reject"` (otherwise its parts wait their turn)."""

@@ -32,6 +32,7 @@ from pydantic_settings import (
 from batchd.budget import Caps
 from batchd.errors import ConfigError
 from batchd.models import completion_hours
+from batchd.prices import PriceTable, table_from
 from batchd.profiles import (
     DEFAULT_PROVIDER,
     ENDPOINT_CHAT,
@@ -47,7 +48,6 @@ from batchd.profiles import (
     ProviderProfile,
     merge_limits,
 )
-from batchd.prices import PriceTable, table_from
 from batchd.validate import DEFAULT_MAX_REPORTED_ERRORS
 
 __all__ = [  # the provider profiles, as read through the configuration
@@ -330,7 +330,9 @@ class BudgetSettings(BaseModel):
         try:
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"{value!r} is not a time zone name (e.g. UTC, Asia/Shanghai)") from None
+            raise ValueError(
+                f"{value!r} is not a time zone name (e.g. UTC, Asia/Shanghai)"
+            ) from None
         return value
 
 

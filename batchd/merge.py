@@ -128,14 +128,18 @@ def reasoning_tokens(usage: dict[str, Any]) -> int:
     return _count(details.get("reasoning_tokens")) if isinstance(details, dict) else 0
 
 
-def _add_usage(stats: MergeStats, model: str, usage: dict[str, Any], cost_of: CostOf | None) -> None:
+def _add_usage(
+    stats: MergeStats, model: str, usage: dict[str, Any], cost_of: CostOf | None
+) -> None:
     seen = {
         "prompt_tokens": _count(usage.get("prompt_tokens")),
         "completion_tokens": _count(usage.get("completion_tokens")),
         "reasoning_tokens": reasoning_tokens(usage),
         "total_tokens": _count(usage.get("total_tokens")),
     }
-    own = stats.per_model.setdefault(model, {"requests": 0, **dict.fromkeys(USAGE_KEYS, 0), "cost": 0.0})
+    own = stats.per_model.setdefault(
+        model, {"requests": 0, **dict.fromkeys(USAGE_KEYS, 0), "cost": 0.0}
+    )
     own["requests"] += 1
     for key, value in seen.items():
         stats.usage[key] += value

@@ -259,7 +259,10 @@ class Operations:
         committed, unpriced = await self.store.committed_cost()
         held = len(await self.store.held_jobs(limit=10_000))
 
-        today, month = SpendPeriod(spent={}, cap=caps.daily), SpendPeriod(spent={}, cap=caps.monthly)
+        today, month = (
+            SpendPeriod(spent={}, cap=caps.daily),
+            SpendPeriod(spent={}, cap=caps.monthly),
+        )
         for bucket, since in ((today, when.day_start), (month, when.month_start)):
             for (provider, currency), amount in (await self.store.spent_since(since)).items():
                 if currency == caps.currency or not currency:

@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from batchd import csvio
+from batchd.budget import Ledger, job_refusal, periods
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import Settings
 from batchd.failpoints import failpoint
 from batchd.intake import SIDECAR_ERROR
 from batchd.logs import get_logger
-from batchd.budget import Ledger, job_refusal, periods
 from batchd.models import Held, Job, JobState, PartPlan, completion_hours, upload_name
 from batchd.store import Store
 from batchd.tokens import FileCount, count_file
@@ -269,7 +269,9 @@ def estimate_of(counts: list[FileCount], settings: Settings) -> dict[str, Any]:
             own["output_tokens_max"] += m.output_tokens_max
             own["thinking_unset"] = own.get("thinking_unset", 0) + m.thinking_unset
             own["cost_max"] = (
-                None if m.cost_max is None or own["cost_max"] is None else own["cost_max"] + m.cost_max
+                None
+                if m.cost_max is None or own["cost_max"] is None
+                else own["cost_max"] + m.cost_max
             )
     worst = [c for c in (worst_cost(count) for count in counts)]
     return {
@@ -388,7 +390,9 @@ class Preparer:
             await self.store.update_job(job.id, JobState.CLAIMED, **recorded)
             note = _twin_note(twin)
             if await self.store.hold(job.id, Held.DUPLICATE, note):
-                log.warning("job_held", job_id=job.id, name=job.name, reason="duplicate", twin=twin.id)
+                log.warning(
+                    "job_held", job_id=job.id, name=job.name, reason="duplicate", twin=twin.id
+                )
                 self.on_held()
             return True
         if not prepared.parts:
@@ -421,9 +425,10 @@ class Preparer:
         """The job that already ran (or runs) this very input within
         `jobs.duplicate_window`, unless the job may run it again."""
         hours = completion_hours(self.settings.jobs.duplicate_window) or 0
-        if not (prepared.parts and prepared.sha256 and hours) or job.options.get(
-            "allow_duplicate"
-        ) is True:
+        if (
+            not (prepared.parts and prepared.sha256 and hours)
+            or job.options.get("allow_duplicate") is True
+        ):
             return None
         since = self.clock.now() - hours * 3600.0
         return await self.store.paid_twin(prepared.sha256, job.id, since=since)
@@ -457,9 +462,7 @@ class Preparer:
             ledger.spent_day = (await self.store.spent_since(when.day_start)).get(mine, 0.0)
             ledger.spent_month = (await self.store.spent_since(when.month_start)).get(mine, 0.0)
             ledger.committed, ledger.committed_unknown = await self.store.committed_cost()
-        refused = job_refusal(
-            worst, ledger, caps, float(own_cap) if own_cap is not None else None
-        )
+        refused = job_refusal(worst, ledger, caps, float(own_cap) if own_cap is not None else None)
         return ("over_budget", f"not started: {refused}") if refused else None
 
     async def _failed(self, job: Job, exc: Exception) -> None:

@@ -38,10 +38,10 @@ from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.failpoints import failpoint
 from batchd.fsutil import fsync_dir, fsync_file
 from batchd.lines import CHUNK_BYTES, DEFAULT_MAX_LINE_BYTES, iter_lines
-from batchd.prices import PriceTable, table_from
 from batchd.logs import get_logger
 from batchd.merge import MergeStats, file_of, kept_on_service, merge, sent_bytes
 from batchd.models import Job, JobState, Outcome, Part, RemoteStatus
+from batchd.prices import PriceTable, table_from
 from batchd.store import Store
 
 log = get_logger(__name__)

@@ -924,11 +924,13 @@ class Store:
             PartState.COLLECTED,
         ]
         marks = ", ".join("?" * len(created))
+        either = f"p.state IN ({marks}) OR (p.state = ? AND p.parked_from IN ({marks}))"
+        sql = (
+            "SELECT COALESCE(SUM(p.cost_max), 0), COALESCE(SUM(p.cost_max IS NULL), 0)"  # noqa: S608
+            f" FROM parts p JOIN jobs j ON j.id = p.job_id WHERE j.state IN (?, ?) AND ({either})"
+        )
         async with self._db.execute(
-            "SELECT COALESCE(SUM(p.cost_max), 0), COALESCE(SUM(p.cost_max IS NULL), 0)"
-            " FROM parts p JOIN jobs j ON j.id = p.job_id"
-            " WHERE j.state IN (?, ?)"
-            f" AND (p.state IN ({marks}) OR (p.state = ? AND p.parked_from IN ({marks})))",  # noqa: S608
+            sql,
             [JobState.RUNNING, JobState.PUBLISHING, *created, PartState.PARKED, *created],
         ) as cur:
             row = await cur.fetchone()
@@ -962,7 +964,9 @@ class Store:
         amount) in one transaction: the worst case it held and its spend never both
         count, nor neither."""
         fields = {**fields, "state": JobState.PUBLISHED}
-        sql, args = _assignments(_JOB_COLUMNS | {"updated_at"}, {**fields, "updated_at": self.clock.now()})
+        sql, args = _assignments(
+            _JOB_COLUMNS | {"updated_at"}, {**fields, "updated_at": self.clock.now()}
+        )
         async with self._transaction():
             cur = await self._db.execute(
                 f"UPDATE jobs SET {sql} WHERE id = ? AND state = ?",  # noqa: S608

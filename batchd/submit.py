@@ -341,7 +341,9 @@ class Submitter:
         longer do. A split job some of whose parts run says how many."""
         for job_id, why in short.items():
             started, total = await self.store.created_parts(job_id)
-            note = why if not started else f"{started} of {total} parts created; the rest wait: {why}"
+            note = (
+                why if not started else f"{started} of {total} parts created; the rest wait: {why}"
+            )
             if await self.store.hold(job_id, Held.BUDGET, note):
                 log.warning("job_held", job_id=job_id, reason="budget", note=note)
                 self.on_held()

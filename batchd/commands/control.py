@@ -170,13 +170,21 @@ def _spend_lines(spend: Spend) -> list[str]:
         )
         line = f"spent {label}: {spent or _money(0.0, spend.currency)}"
         if period.cap is not None:
-            line += f"; budget {_money(period.cap, spend.currency)}, {_money(period.left, spend.currency)} left"
+            cap, left = _money(period.cap, spend.currency), _money(period.left, spend.currency)
+            line += f"; budget {cap}, {left} left"
         lines.append(line)
     if spend.running_worst_case or spend.running_unpriced:
-        unpriced = f" ({spend.running_unpriced} parts with no price)" if spend.running_unpriced else ""
-        lines.append(f"running worst case: {_money(spend.running_worst_case, spend.currency)}{unpriced}")
+        unpriced = (
+            f" ({spend.running_unpriced} parts with no price)" if spend.running_unpriced else ""
+        )
+        lines.append(
+            f"running worst case: {_money(spend.running_worst_case, spend.currency)}{unpriced}"
+        )
     if spend.held_jobs:
-        lines.append(f"[yellow]{spend.held_jobs} job(s) held (budget or duplicate): batchd jobs --json shows why[/]")
+        lines.append(
+            f"[yellow]{spend.held_jobs} job(s) held (budget or duplicate):"
+            " batchd jobs --json shows why[/]"
+        )
     lines.append(f"(days begin at midnight {spend.timezone}; batch prices of the price table)")
     return lines
 

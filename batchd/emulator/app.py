@@ -401,8 +401,9 @@ async def _drip(request: web.Request, stored: StoredFile, rate: float) -> web.St
     try:
         await response.prepare(request)
         while data := await asyncio.to_thread(fh.read, chunk):
-            await response.write(data)
+            # Paused before each chunk: the last byte arrives no sooner than the rate says.
             await asyncio.sleep(len(data) / rate)
+            await response.write(data)
         await response.write_eof()
     except ConnectionError:
         log.debug("drip_client_gone", file_id=stored.id)

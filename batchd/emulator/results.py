@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 import orjson
 
 from batchd.config import ENDPOINT_EMBEDDINGS, TEST_MODEL
+from batchd.tokens import request_tokens, tokenizer_for
 
 TEST_ANSWER = "This is a test result."
 # The test model's usage, whatever it is asked (the seed's sample output).
@@ -343,24 +344,16 @@ def prompt_tokens(body: dict[str, Any], endpoint: str) -> int:
     """PURE: the input tokens of one request body sent to `endpoint`, as its result line's
     `usage.prompt_tokens` shows them and the enqueued-token limit counts them.
 
-    The free test model always counts 20. Every other model is counted by
-    `_approx_prompt_tokens`, the emulator's own approximation; when `batchd.tokens` lands,
-    the lead points the last line at `batchd.tokens.request_tokens` (with
-    `tokenizer_for(provider, model)`), so that the emulator counts as the service does.
-    Nothing else in the emulator counts input tokens.
+    The free test model always counts 20. Every other model is counted as DashScope
+    counts it: `batchd.tokens` with Qwen's vocabulary and chat template (the seed's
+    examples give 26, 26 and 22), or its documented approximation when the `tokens`
+    extra is not installed; so batchd's estimates can be checked against what the
+    emulator bills. Nothing else in the emulator counts input tokens.
     """
-    if body.get("model") == TEST_MODEL:
+    model = body.get("model")
+    if model == TEST_MODEL:
         return TEST_PROMPT_TOKENS
-    return _approx_prompt_tokens(body, endpoint)
-
-
-def _approx_prompt_tokens(body: dict[str, Any], endpoint: str) -> int:
-    """PURE: embeddings count their input texts; chat counts its messages' text plus 4
-    per message (the role and the template around it)."""
-    if endpoint == ENDPOINT_EMBEDDINGS:
-        return sum(_tokens(t) for t in _embedding_texts(body))
-    messages = body.get("messages")
-    return _tokens(_prompt_text(messages)) + 4 * _count(messages)
+    return request_tokens(body, endpoint, tokenizer_for("dashscope", str(model)))
 
 
 def _embedding_texts(body: dict[str, Any]) -> list[str]:

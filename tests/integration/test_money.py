@@ -4,6 +4,7 @@ inputs identical to one already run held until an operator lets them go."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -163,11 +164,20 @@ async def test_over_budget_a_job_can_be_rejected_before_anything_is_sent(
         assert "over_budget" in str(error) and says in str(error), error
 
 
-async def test_an_unpriced_model_waits_under_a_cap(
-    start_emulator: StartEmulator, tmp_path: Path
+async def test_an_unpriced_model_waits_under_a_cap_and_the_hold_is_announced(
+    start_emulator: StartEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.delenv("BATCHD_WEBHOOK_SECRET", raising=False)
     emulator = await start_emulator(time_scale=3000)
-    settings = daemon_settings(tmp_path / "r", emulator, prices=PRICES, budget={"daily": 5.0})
+    told = tmp_path / "told.jsonl"
+    script = "import os, sys; open(sys.argv[1], 'a').write(os.environ['BATCHD_EVENT_JSON'] + '\\n')"
+    settings = daemon_settings(
+        tmp_path / "r",
+        emulator,
+        prices=PRICES,
+        budget={"daily": 5.0},
+        notify={"command": [sys.executable, "-c", script, str(told)]},
+    )
     inbox = settings.paths.folder("inbox")
     async with running_daemon(settings) as daemon:
         drop(inbox, "odd.jsonl", requests(2, "qwen-long"))
@@ -175,7 +185,11 @@ async def test_an_unpriced_model_waits_under_a_cap(
             lambda: daemon.store.held_jobs(Held.BUDGET), what="the unpriced job held"
         )
         assert "no price" in (held.held_note or "")
+        await wait_for(told.exists, what="the job.held notification")
         assert (await emulator.stats())["batches_created"] == 0
+    (event,) = read_jsonl(told)
+    assert event["type"] == "job.held" and event["data"]["id"] == held.id
+    assert event["data"]["reason"] == "budget" and "no price" in event["data"]["note"]
 
 
 async def test_an_input_already_run_is_held_until_an_operator_lets_it_go(
@@ -207,3 +221,39 @@ async def test_an_input_already_run_is_held_until_an_operator_lets_it_go(
     assert summary(outbox / "again")["status"] == "completed"
     assert summary(outbox / "again")["options"]["allow_duplicate"] is True
     assert (await emulator.stats())["batches_created"] == 3
+
+
+async def _queue_run(
+    start_emulator: StartEmulator, root: Path, daemon_knows: bool
+) -> tuple[dict[str, Any], list[Path]]:
+    """Three jobs of one model whose input tokens fit the model's enqueued-token limit
+    one at a time, against an emulator that fails a batch past it (as OpenAI does)."""
+    from batchd.tokens import count_file
+
+    one = requests(3, prefix="q")
+    sample = root / "sample.jsonl"
+    root.mkdir(parents=True)
+    sample.write_bytes(one)
+    settings0 = daemon_settings(root / "r", await start_emulator())
+    tokens = count_file(sample, "custom", settings0.profile.limits).input_tokens
+    limit = {"models": {"qwen-plus": {"enqueued_tokens": tokens * 3 // 2}}}
+    emulator = await start_emulator(limits=limit)
+    settings = daemon_settings(root / "r", emulator, limits=limit if daemon_knows else {})
+    inbox, outbox = settings.paths.folder("inbox"), settings.paths.folder("outbox")
+    async with running_daemon(settings):
+        for n in range(3):
+            drop(inbox, f"q{n}.jsonl", requests(3, prefix=f"q{n}-"))
+        folders = await wait_published(outbox, 3, emulator, advance_s=30.0)
+    return await emulator.stats(), folders
+
+
+async def test_a_part_waits_until_it_fits_the_models_enqueued_token_limit(
+    start_emulator: StartEmulator, tmp_path: Path
+) -> None:
+    stats, folders = await _queue_run(start_emulator, tmp_path / "knows", daemon_knows=True)
+    assert stats["faults"]["token_limit_exceeded"] == 0
+    assert all(summary(f)["status"] == "completed" for f in folders)
+    # The same work without the limit in batchd's profile: the service fails batches.
+    blind, folders = await _queue_run(start_emulator, tmp_path / "blind", daemon_knows=False)
+    assert blind["faults"]["token_limit_exceeded"] >= 1
+    assert any(summary(f)["status"] != "completed" for f in folders)

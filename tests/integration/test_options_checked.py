@@ -87,5 +87,3 @@ async def test_summary_says_which_options_the_job_ran_with(
         drop(inbox, "opts.jsonl", requests(1))
         (folder,) = await wait_published(settings.paths.folder("outbox"), 1, emulator)
     assert summary(folder)["options"] == {"completion_window": "48h", "priority": 3}
-
-
