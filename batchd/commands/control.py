@@ -240,7 +240,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         table.add_row(
             job.id,
             job.name,
-            job.state,
+            f"{job.state} (held: {job.held})" if job.held else job.state,
             job.status or "-",
             str(job.requests if job.requests is not None else "-"),
             str(job.completed),
