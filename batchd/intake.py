@@ -57,8 +57,10 @@ SIDECAR_KEYS = frozenset(
         "submit_id",
         # Run an input identical to one already run (and pay for it again).
         "allow_duplicate",
-        # The job a `batchd retry` input retries (summary.json links the two).
+        # The job a `batchd retry` input retries (summary.json links the two), and the
+        # failures of that job the retry left out (refused for their content), per code.
         "retry_of",
+        "retry_left_out",
     }
 )
 
@@ -85,7 +87,7 @@ def sidecar_options(name: str, raw: bytes) -> dict[str, Any]:
             for key in unknown
             for close in [difflib.get_close_matches(key, sorted(SIDECAR_KEYS), 1)]
         ]
-        known = ", ".join(sorted(SIDECAR_KEYS - {"submit_id"}))
+        known = ", ".join(sorted(SIDECAR_KEYS - {"submit_id", "retry_left_out"}))
         return {SIDECAR_ERROR: f"{name}: unknown key {', '.join(hints)}; known keys: {known}"}
     return dict(data)
 

@@ -41,6 +41,7 @@ from batchd.lines import CHUNK_BYTES, DEFAULT_MAX_LINE_BYTES, iter_lines
 from batchd.logs import get_logger
 from batchd.merge import MergeStats, file_of, kept_on_service, merge, sent_bytes
 from batchd.models import Job, JobState, Outcome, Part, RemoteStatus
+from batchd.remerge import merge_chain
 from batchd.store import Store
 
 log = get_logger(__name__)
@@ -218,6 +219,10 @@ class Publisher:
             log.warning("input_kept_in_spool", job_id=job.id, path=kept_at)
         else:
             await asyncio.to_thread(shutil.rmtree, Path(job.spool_path).parent, True)
+        # A retry's answers merged into its chain's root folder (idempotent, as the above).
+        await merge_chain(
+            self.store, job, final, clock=self.clock, max_line_bytes=self.max_line_bytes
+        )
         await self.store.update_job(
             job.id,
             JobState.PUBLISHING,
