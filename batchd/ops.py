@@ -26,7 +26,7 @@ from batchd.api import BatchApi
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import Settings
 from batchd.fsutil import fsync_dir, write_atomic
-from batchd.intake import SIDECAR_ERROR, Intake
+from batchd.intake import Intake
 from batchd.lines import DEFAULT_MAX_LINE_BYTES, input_line_of, iter_lines, read_line
 from batchd.logs import get_logger
 from batchd.models import (
@@ -55,6 +55,7 @@ from batchd.protocol import (
 )
 from batchd.stages import Stage, Wake
 from batchd.store import Store
+from batchd.verdict import SIDECAR_ERROR
 
 log = get_logger(__name__)
 
