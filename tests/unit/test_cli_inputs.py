@@ -182,3 +182,15 @@ def test_csv2jsonl_takes_the_column_names(
     assert json.loads((tmp_path / "rows.jsonl").read_bytes())["custom_id"] == "k1"
     assert main(["csv2jsonl", str(source), "--model", "m", "--columns", "key"]) == 2
     capsys.readouterr()
+
+
+def test_validate_refuses_what_the_daemon_refuses_unread(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over jobs.max_input_bytes the daemon rejects a file on its size: so does validate."""
+    for name in [k for k in __import__("os").environ if k.upper().startswith("BATCHD_")]:
+        monkeypatch.delenv(name)
+    config = tmp_path / "c.toml"
+    config.write_text("[jobs]\nmax_input_bytes = 100\n")
+    assert main(["validate", "--config", str(config), str(GOOD)]) == 1
+    assert "input_too_large" in capsys.readouterr().out
