@@ -2,7 +2,8 @@
 
 A retry costs money. A request that failed for a reason that passes (the service was
 busy, the batch expired or was cancelled before the request ran, its result could not
-be fetched) is worth sending again. A request the service refused for what it says or
+be fetched) is worth sending again; one that never ran was never billed, so sending it
+again cannot pay twice. A request the service refused for what it says or
 how it is written (400 `DataInspectionFailed`, `InvalidParameter`, a context too long)
 fails again the same way, and may be billed again: `batchd retry JOB` leaves it out and
 says so, per code; `batchd retry JOB --all` sends it anyway (after the user changed the

@@ -333,8 +333,20 @@ class Operations:
             retry_of=retry_of if isinstance(retry_of, str) else None,
             retried_by=retried_by,
             retry_left_out=left_out if isinstance(left_out, dict) else None,
+            left_out=await self._left_out_of(job, retried_by) if detail else None,
             merged=await self._merged_of(job) if detail or retried_by else None,
         )
+
+    async def _left_out_of(self, job: Job, retried_by: list[str]) -> dict[str, int] | None:
+        """The failures of `job` its retries left out and no `--all` retry sent since."""
+        if not retried_by or covers_all(job):
+            return None
+        for child_id in retried_by:
+            child = await self.store.get_job(child_id)
+            left_out = child.options.get("retry_left_out") if child is not None else None
+            if isinstance(left_out, dict) and left_out:
+                return left_out
+        return None
 
     async def _merged_of(self, job: Job) -> str | None:
         """The merged results of the retry chain `job` belongs to, if written yet."""

@@ -178,6 +178,8 @@ class JobInfo(_Model, kw_only=True):
     retry_of: str | None = None
     retried_by: list[str] = msgspec.field(default_factory=list)
     retry_left_out: dict[str, int] | None = None
+    # With `show`, of a retried job: its failures its retries left out (not sent yet).
+    left_out: dict[str, int] | None = None
     merged: str | None = None
 
 

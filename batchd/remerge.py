@@ -171,6 +171,8 @@ async def merge_chain(
     there is nothing to merge. Idempotent: a publish step done again writes it again."""
     if not isinstance(job.options.get("retry_of"), str):
         return None
+    if job.report is not None and not job.report.get("valid", True):
+        return None  # a rejected retry answered nothing: the set stays as it is
     try:
         root = await chain_root(store, job)
         if root is None or not root.outbox_path:

@@ -291,6 +291,13 @@ def _retry_lines(job: JobInfo) -> list[str]:
         )
     if job.retried_by:
         lines.append(f"retried by {', '.join(job.retried_by)}")
+    if job.left_out:
+        count = sum(job.left_out.values())
+        codes = ", ".join(f"{code} {n}" for code, n in sorted(job.left_out.items()))
+        lines.append(
+            f"  {count} failure(s) left out of the retry ({codes}): refused for their content"
+            f" or form; `batchd retry {job.id} --all` sends them"
+        )
     if job.merged:
         lines.append(f"merged results (every answer, in the original order): {job.merged}")
     return lines

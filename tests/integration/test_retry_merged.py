@@ -99,6 +99,9 @@ async def test_retry_leaves_out_refusals_links_jobs_and_merges_into_the_original
         code, out, _ = await cli(capsys, "show", "--socket", sock, "--json", root_id)
         shown = json.loads(out)
         assert shown["retried_by"] == [child_id] and shown["merged"] == str(root / "merged")
+        assert shown["left_out"] == {"DataInspectionFailed": refused}
+        code, out, _ = await cli(capsys, "show", "--socket", sock, root_id)
+        assert f"{refused} failure(s) left out of the retry (DataInspectionFailed" in out
         code, out, _ = await cli(capsys, "jobs", "--socket", sock, "--json")
         listed = {j["id"]: j for j in json.loads(out)}
         assert listed[root_id]["retried_by"] == [child_id]
@@ -123,6 +126,8 @@ async def test_retry_leaves_out_refusals_links_jobs_and_merges_into_the_original
         assert len(stats["jobs"]) == 3
         code, out, _ = await cli(capsys, "retry", "--socket", sock, "--all", root_id)
         assert code == 0 and "already resubmitted as big-retry-all.jsonl" in out
+        code, out, _ = await cli(capsys, "show", "--socket", sock, "--json", root_id)
+        assert json.loads(out)["left_out"] is None  # sent since
 
         # A retry of a retry merges into the chain's root, not into its parent.
         assert summary(child)["request_counts"]["failed"]  # the seed fails some again
