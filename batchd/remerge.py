@@ -224,7 +224,7 @@ def replace_merged(
     rename; older sets are removed after. Returns what merged.json says."""
     link = root_folder / MERGED
     current = os.readlink(link) if link.is_symlink() else None
-    if os.path.lexists(link) and current is None:
+    if os.path.lexists(link) and not (current or "").startswith(HIDDEN_PREFIX):
         raise FileExistsError(errno.EEXIST, f"{link} is not batchd's link; left as it is")
     # Sets left by a crash (never linked) go first: they hold space the new one needs.
     _remove_sets(root_folder, keep=current)

@@ -143,6 +143,11 @@ def test_a_folder_named_merged_that_is_not_ours_is_left_alone(
     with pytest.raises(FileExistsError):
         replace_merged(chain[0].folder, chain, merged_at=1.0)
     assert (mine / "notes.txt").read_text() == "a user's own"
+    elsewhere = chain[1].folder / MERGED
+    elsewhere.symlink_to(mine)  # a link of the user's own, too
+    with pytest.raises(FileExistsError):
+        replace_merged(chain[1].folder, chain, merged_at=1.0)
+    assert os.readlink(elsewhere) == str(mine)
 
 
 def test_input_line_is_renumbered_where_batchd_put_it() -> None:
