@@ -273,6 +273,10 @@ class _Answers:
     def _job_url(job_id: str, action: str = "") -> str:
         return f"/jobs/{quote(job_id, safe='')}{action}"
 
+    @classmethod
+    def _retry_url(cls, job_id: str, everything: bool) -> str:
+        return cls._job_url(job_id, "/retry") + ("?all=1" if everything else "")
+
     def _not_claimed(self, timeout_s: float) -> TimeoutError:
         return TimeoutError(
             f"the daemon on {self.path} did not claim the file within {timeout_s:g} s"
@@ -484,9 +488,11 @@ class Client(_Answers):
         """Cancel a job; finished requests are kept. `ok` is False when it cannot be."""
         return self._call("POST", self._job_url(job_id, "/cancel"), ActionResponse)
 
-    def retry(self, job_id: str) -> ActionResponse:
-        """Run again what failed or never ran (asked twice, it runs once)."""
-        return self._call("POST", self._job_url(job_id, "/retry"), ActionResponse)
+    def retry(self, job_id: str, *, everything: bool = False) -> ActionResponse:
+        """Run again what failed or never ran (asked twice, it runs once). Requests the
+        service refused for their content or form are left out (`left_out` counts them
+        per code) unless `everything`."""
+        return self._call("POST", self._retry_url(job_id, everything), ActionResponse)
 
     def pause(self) -> ActionResponse:
         return self._call("POST", "/intake/pause", ActionResponse)
@@ -572,8 +578,8 @@ class AsyncClient(_Answers):
     async def cancel(self, job_id: str) -> ActionResponse:
         return await self._call("POST", self._job_url(job_id, "/cancel"), ActionResponse)
 
-    async def retry(self, job_id: str) -> ActionResponse:
-        return await self._call("POST", self._job_url(job_id, "/retry"), ActionResponse)
+    async def retry(self, job_id: str, *, everything: bool = False) -> ActionResponse:
+        return await self._call("POST", self._retry_url(job_id, everything), ActionResponse)
 
     async def pause(self) -> ActionResponse:
         return await self._call("POST", "/intake/pause", ActionResponse)

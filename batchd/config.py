@@ -184,6 +184,25 @@ class IntakeSettings(BaseModel):
     suffixes: tuple[str, ...] = (".jsonl", ".csv")
 
 
+class CsvColumnSettings(BaseModel):
+    """The header names of a CSV input's two columns (the sidecar's `columns` wins)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    custom_id: str = Field(default="custom_id", min_length=1)
+    content: str = Field(default="content", min_length=1)
+
+    @model_validator(mode="after")
+    def _different(self) -> Self:
+        if self.custom_id.strip().lower() == self.content.strip().lower():
+            raise ValueError("custom_id and content must name different columns")
+        return self
+
+    @property
+    def names(self) -> tuple[str, str]:
+        return (self.custom_id, self.content)
+
+
 class JobSettings(BaseModel):
     """Defaults for every job; a sidecar NAME.meta.json may override them per file."""
 
@@ -197,6 +216,8 @@ class JobSettings(BaseModel):
     # Model and endpoint for CSV inputs (custom_id, content) without a sidecar.
     csv_model: str | None = None
     csv_system_prompt: str | None = None
+    # The header names of the custom_id and content columns of CSV inputs.
+    csv_columns: CsvColumnSettings = Field(default_factory=CsvColumnSettings)
     # Copy the input into its outbox folder.
     keep_input: bool = True
     # Delete the remote input, output and error files once a job is published.

@@ -537,7 +537,12 @@ class ControlServer:
         return await self._action(request, self.ops.cancel)
 
     async def retry(self, request: web.Request) -> web.Response:
-        return await self._action(request, self.ops.retry)
+        everything = request.query.get("all", "0")
+        if everything not in ("0", "1"):
+            return error(400, "bad_request", "all must be 0 or 1")
+        return await self._action(
+            request, lambda ref: self.ops.retry(ref, everything=everything == "1")
+        )
 
     async def _action(
         self, request: web.Request, action: Callable[[str], Awaitable[ActionResponse | None]]

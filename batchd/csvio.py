@@ -8,10 +8,13 @@ only when the whole input converted cleanly.
 
 Decisions:
 - A CSV header is recognised when its first row names the columns `custom_id` and
-  `content` (any case, any order, other columns ignored); without a header the file must
-  have exactly two columns, so that an unquoted comma in the content is caught rather
-  than silently cutting the text. A first row made only of column-like words (`id,text`)
-  that does not name those two is refused (`csv_header`): it would be a paid request.
+  `content`, or the names configured for them (`jobs.csv_columns`, or the sidecar's
+  `columns`: `{"custom_id": "id", "content": "text"}`), in any case and any order, other
+  columns ignored; a header row is never sent. Without a header the file must have
+  exactly two columns, so that an unquoted comma in the content is caught rather than
+  silently cutting the text. A first row that looks like a header (made only of
+  column-like words such as `id,text`, or naming one of the known columns) but is not a
+  known one is refused (`csv_header`), naming the fix: it would be a paid request.
   Blank rows are skipped.
 - Bad rows (wrong column count, empty custom_id or content, duplicate custom_id) are
   reported by row number (1-based, the header counted) and no output is written.
@@ -47,7 +50,7 @@ import csv
 import io
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any, TextIO
 
@@ -82,8 +85,8 @@ RESULT_COLUMNS = (
 # A cell starting with one of these is a formula to a spreadsheet (CSV injection).
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
-_HEADER_ID = "custom_id"
-_HEADER_CONTENT = "content"
+# The names of the two columns (custom_id, content) when none are configured.
+DEFAULT_COLUMNS = ("custom_id", "content")
 
 
 @dataclass(slots=True)
@@ -138,16 +141,76 @@ _HEADER_WORDS = frozenset(
 )  # fmt: skip
 
 
-def _looks_like_header(row: list[str]) -> bool:
-    names = [cell.strip().lower().replace(" ", "_") for cell in row]
-    return len(names) >= 2 and all(name in _HEADER_WORDS for name in names)
+def _name(cell: str) -> str:
+    return cell.strip().lower()
 
 
-def _header_columns(row: list[str]) -> tuple[int, int] | None:
-    names = [cell.strip().lower() for cell in row]
-    if _HEADER_ID in names and _HEADER_CONTENT in names:
-        return names.index(_HEADER_ID), names.index(_HEADER_CONTENT)
+def _looks_like_header(row: list[str], known: set[str]) -> bool:
+    """PURE: a first row made only of column-like words, or naming a known column."""
+    names = [_name(cell).replace(" ", "_") for cell in row]
+    words = len(names) >= 2 and all(name in _HEADER_WORDS for name in names)
+    return words or any(_name(cell) in known for cell in row)
+
+
+def _header_columns(row: list[str], columns: tuple[str, str]) -> tuple[int, int] | None:
+    """PURE: the positions of the custom_id and content columns when the first row is a
+    header naming them (the configured names, or the default ones), else None."""
+    names = [_name(cell) for cell in row]
+    for id_name, content_name in (columns, DEFAULT_COLUMNS):
+        id_name, content_name = _name(id_name), _name(content_name)
+        if id_name in names and content_name in names:
+            return names.index(id_name), names.index(content_name)
     return None
+
+
+def header_fix(row: list[str], columns: tuple[str, str]) -> str:
+    """PURE: the message of `csv_header`: what the first row is, and the three ways to
+    fix it (the sidecar's `columns`, the configuration's `jobs.csv_columns`, renaming)."""
+    cells = [cell.strip() for cell in row]
+    guess_id = cells[0] if cells and cells[0] else "ID_COLUMN"
+    guess_content = cells[1] if len(cells) > 1 and cells[1] else "CONTENT_COLUMN"
+    declared = orjson.dumps({"columns": {"custom_id": guess_id, "content": guess_content}})
+    expected = ",".join(dict.fromkeys((",".join(columns), ",".join(DEFAULT_COLUMNS))))
+    return (
+        f"the first row {','.join(row)!r} looks like a header but names neither of the known"
+        f" header(s) {expected}; it would otherwise be sent, and paid for, as a request."
+        f" Declare its columns in the sidecar NAME.meta.json ({declared.decode()}) or in the"
+        f' configuration ([jobs.csv_columns] custom_id = "{guess_id}", content ='
+        f' "{guess_content}"), or rename them {",".join(DEFAULT_COLUMNS)}'
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class CsvSource:
+    """How a CSV input becomes requests: the model, system prompt and column names."""
+
+    model: str
+    system_prompt: str | None = None
+    columns: tuple[str, str] = DEFAULT_COLUMNS
+
+
+NEEDS_MODEL = 'a CSV input needs a model: set jobs.csv_model or "model" in NAME.meta.json'
+
+
+def csv_source(
+    options: Mapping[str, Any],
+    *,
+    model: str | None,
+    system_prompt: str | None,
+    columns: tuple[str, str] = DEFAULT_COLUMNS,
+) -> CsvSource | Problem:
+    """PURE: how a CSV input is converted, the same for the daemon and `batchd validate`:
+    its sidecar's `model`, `system_prompt` and `columns` over the configuration's
+    (`jobs.csv_model`, `jobs.csv_system_prompt`, `jobs.csv_columns`); the problem
+    `csv_needs_model` when neither names a model."""
+    chosen = options.get("model") or model
+    if not isinstance(chosen, str) or not chosen:
+        return Problem(None, "csv_needs_model", NEEDS_MODEL)
+    prompt = options.get("system_prompt") or system_prompt
+    named = options.get("columns")
+    if isinstance(named, Mapping):
+        columns = (str(named["custom_id"]), str(named["content"]))
+    return CsvSource(chosen, prompt if isinstance(prompt, str) else None, columns)
 
 
 def csv_to_jsonl(
@@ -158,36 +221,32 @@ def csv_to_jsonl(
     endpoint: str | None = None,
     system_prompt: str | None = None,
     max_errors: int = 100,
+    columns: tuple[str, str] = DEFAULT_COLUMNS,
 ) -> Conversion:
     """Write one request line to `out` per CSV row of (custom_id, content).
 
     `rows` is a `csv.reader` (or any iterable of rows). Output is compact JSON with
-    non-ASCII kept. Rows are numbered from 1, a header row included.
+    non-ASCII kept. Rows are numbered from 1, a header row included. `columns` are the
+    header's names for custom_id and content (the default names are known too).
     """
     url = endpoint or default_endpoint(model)
     if system_prompt and url == ENDPOINT_EMBEDDINGS:
         raise ValueError("a system prompt does not apply to the embeddings endpoint")
     result = Conversion()
     seen: set[str] = set()
-    columns: tuple[int, int] | None = None
+    at: tuple[int, int] | None = None
+    known = {_name(name) for name in (*columns, *DEFAULT_COLUMNS)}
     for number, row in enumerate(rows, start=1):
         if not row or all(not cell.strip() for cell in row):
             continue
         if number == 1:
-            columns = _header_columns(row)
-            if columns is not None:
+            at = _header_columns(row, columns)
+            if at is not None:
                 continue
-            if _looks_like_header(row):
-                result.problem(
-                    number,
-                    "csv_header",
-                    f"the first row {','.join(row)!r} is a header that does not name the"
-                    " columns custom_id and content: rename them so (it would otherwise"
-                    " be sent, and paid for, as a request)",
-                    max_errors,
-                )
+            if _looks_like_header(row, known):
+                result.problem(number, "csv_header", header_fix(row, columns), max_errors)
                 continue
-        if columns is None and len(row) != 2:
+        if at is None and len(row) != 2:
             result.problem(
                 number,
                 "bad_row",
@@ -196,7 +255,7 @@ def csv_to_jsonl(
                 max_errors,
             )
             continue
-        id_at, content_at = columns or (0, 1)
+        id_at, content_at = at or (0, 1)
         if max(id_at, content_at) >= len(row):
             result.problem(number, "bad_row", "missing custom_id or content column", max_errors)
             continue
@@ -393,6 +452,7 @@ def csv_file_to_jsonl(
     system_prompt: str | None = None,
     encoding: str = "utf-8-sig",
     max_errors: int = 100,
+    columns: tuple[str, str] = DEFAULT_COLUMNS,
 ) -> Conversion:
     """Convert a CSV file to a JSONL batch input file, written atomically, and only
     when every row converted. A file that is not in `encoding` is reported, not raised."""
@@ -405,6 +465,7 @@ def csv_file_to_jsonl(
                 endpoint=endpoint,
                 system_prompt=system_prompt,
                 max_errors=max_errors,
+                columns=columns,
             )
             if not result.ok:
                 raise _Abandon(result)

@@ -41,6 +41,8 @@ NAMES = frozenset(
         "publish.fsync",
         "publish.before_rename",
         "publish.after_rename",
+        # A retry's answers merged into its root's folder: written, not yet linked.
+        "publish.merged",
         "cleanup.after_request",
     }
 )

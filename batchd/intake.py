@@ -31,65 +31,20 @@ from batchd.fsutil import fsync_dir
 from batchd.logs import get_logger
 from batchd.models import JobState, input_kind
 from batchd.store import Store
+from batchd.verdict import SIDECAR_SUFFIX, read_sidecar, sidecar_options
 
 log = get_logger(__name__)
 
 # The claim's record in the job's spool folder (`recover_orphans` reads it).
 CLAIM_RECORD = "claim.json"
 TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", "~", ".swp")
-SIDECAR_SUFFIXES = (".meta.json",)
+SIDECAR_SUFFIXES = (SIDECAR_SUFFIX,)
 # Why an input in the inbox is not claimed yet (`batchd status`).
 SETTLING = "being written: claimed once its size and time stay still for intake.settle_s"
 UNTERMINATED = (
     "no newline after its last line: waits intake.unterminated_settle_s for the rest,"
     " then is judged as it is"
 )
-MAX_SIDECAR_BYTES = 64 * 1024
-SIDECAR_KEYS = frozenset(
-    {
-        "completion_window",
-        "ds_name",
-        "ds_description",
-        "model",
-        "system_prompt",
-        "priority",
-        # `batchd submit`'s token: how it finds the job its file became.
-        "submit_id",
-        # Run an input identical to one already run (and pay for it again).
-        "allow_duplicate",
-        # The job a `batchd retry` input retries (summary.json links the two).
-        "retry_of",
-        # The most this job may cost (worst case, in the price table's currency).
-        "max_cost",
-    }
-)
-
-
-# The option that carries why a sidecar cannot be used (see `Intake._read_sidecar`).
-SIDECAR_ERROR = "sidecar_error"
-
-
-def sidecar_options(name: str, raw: bytes) -> dict[str, Any]:
-    """PURE: a sidecar's options, or `{SIDECAR_ERROR: why}` naming the file and the key
-    (with the known keys, and the closest one to a misspelt key)."""
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        return {SIDECAR_ERROR: f"{name}: not JSON: {exc}"}
-    if not isinstance(data, dict):
-        return {SIDECAR_ERROR: f"{name}: not a JSON object"}
-    unknown = sorted(set(data) - SIDECAR_KEYS)
-    if unknown:
-        import difflib
-
-        hints = [
-            f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key)
-            for key in unknown
-            for close in [difflib.get_close_matches(key, sorted(SIDECAR_KEYS), 1)]
-        ]
-        known = ", ".join(sorted(SIDECAR_KEYS - {"submit_id"}))
-        return {SIDECAR_ERROR: f"{name}: unknown key {', '.join(hints)}; known keys: {known}"}
-    return dict(data)
 
 
 def is_ignored_name(name: str) -> bool:
@@ -382,25 +337,15 @@ class Intake:
 
     def _read_sidecar(self, stem: str) -> dict[str, Any]:
         """The job's options from NAME.meta.json. A sidecar that cannot be used as written
-        (not JSON, not an object, too large, an unknown key such as a misspelt `modle`)
-        is never half-applied: its problem is kept as the option `sidecar_error`, and
-        the prepare stage rejects the job with it, so the owner hears of it instead of
-        paying for a run with the defaults."""
+        (not JSON, not an object, too large, an unknown key such as a misspelt `modle`,
+        a bad value) is never half-applied: its problem is kept as the option
+        `sidecar_error`, and the prepare stage rejects the job with it, so the owner
+        hears of it instead of paying for a run with the defaults (batchd.verdict)."""
         for suffix in SIDECAR_SUFFIXES:
             path = self.inbox / f"{stem}{suffix}"
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-            except OSError:
-                continue
-            shown = printable(path.name)
-            try:
-                st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_SIDECAR_BYTES:
-                    return {SIDECAR_ERROR: f"{shown}: not a small regular file"}
-                raw = os.read(fd, MAX_SIDECAR_BYTES + 1)
-            finally:
-                os.close(fd)
-            return sidecar_options(shown, raw)
+            options = read_sidecar(path, printable(path.name))
+            if options is not None:
+                return options
         return {}
 
     def _move(

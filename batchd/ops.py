@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from batchd import __version__
+from batchd import __version__, failures, remerge
 from batchd.account import AccountState
 from batchd.api import BatchApi
 from batchd.budget import periods
@@ -57,6 +59,7 @@ from batchd.protocol import (
 )
 from batchd.stages import Stage, Wake
 from batchd.store import Store
+from batchd.verdict import SIDECAR_ERROR
 
 log = get_logger(__name__)
 
@@ -312,8 +315,16 @@ class Operations:
             return None
         return await self._job_info(job, detail)
 
-    async def _job_info(self, job: Job, detail: bool) -> JobInfo:
+    async def _job_info(
+        self, job: Job, detail: bool, retried_by: list[str] | None = None
+    ) -> JobInfo:
+        """A job as the socket shows it; `retried_by` (its retries' ids) when the caller
+        read them for a whole page, else read here."""
         parts = await self.store.parts_of(job.id) if detail else None
+        if retried_by is None:
+            retried_by = (await self.store.retried_by([job.id])).get(job.id, [])
+        retry_of = job.options.get("retry_of")
+        left_out = job.options.get("retry_left_out")
         requests = (job.report or {}).get("requests")
         completed, failed = job.completed, job.failed
         if job.state != JobState.PUBLISHED and parts is not None:
@@ -362,7 +373,31 @@ class Operations:
                 else None
             ),
             report=job.report if detail else None,
+            retry_of=retry_of if isinstance(retry_of, str) else None,
+            retried_by=retried_by,
+            retry_left_out=left_out if isinstance(left_out, dict) else None,
+            left_out=await self._left_out_of(job, retried_by) if detail else None,
+            merged=await self._merged_of(job) if detail or retried_by else None,
         )
+
+    async def _left_out_of(self, job: Job, retried_by: list[str]) -> dict[str, int] | None:
+        """The failures of `job` its retries left out and no `--all` retry sent since."""
+        if not retried_by or covers_all(job):
+            return None
+        for child_id in retried_by:
+            child = await self.store.get_job(child_id)
+            left_out = child.options.get("retry_left_out") if child is not None else None
+            if isinstance(left_out, dict) and left_out:
+                return left_out
+        return None
+
+    async def _merged_of(self, job: Job) -> str | None:
+        """The merged results of the retry chain `job` belongs to, if written yet."""
+        root = await remerge.chain_root(self.store, job)
+        if root is None or not root.outbox_path:
+            return None
+        where = Path(root.outbox_path) / remerge.MERGED
+        return str(where) if await asyncio.to_thread(where.exists) else None
 
     async def jobs(
         self,
@@ -402,8 +437,10 @@ class Operations:
             before=after,
             submit_id=submit_id,
         )
+        page = jobs[:limit]
+        retries = await self.store.retried_by([j.id for j in page])
         return JobList(
-            jobs=[await self._job_info(j, False) for j in jobs[:limit]],
+            jobs=[await self._job_info(j, False, retries.get(j.id, [])) for j in page],
             total=await self.store.count_jobs(wanted, name, ended, submit_id),
             limit=limit,
             offset=offset,
@@ -441,12 +478,16 @@ class Operations:
             job=await self.job(job.id, detail=False),
         )
 
-    async def retry(self, ref: str) -> ActionResponse | None:
+    async def retry(self, ref: str, *, everything: bool = False) -> ActionResponse | None:
         """Rerun what failed or never ran: parked jobs are requeued, parked parts resume
         where they stopped, parts that could not be submitted are submitted again, and a
         published job's failed requests become a new input `NAME-retry.jsonl` in the
-        inbox (with the job's options). Asked twice, it answers with what the first did:
-        a script that repeats itself after a timeout never pays for the requests twice."""
+        inbox (with the job's options and `retry_of`). Only failures worth paying for
+        again are sent (`batchd.failures`); requests the service refused for their
+        content or form are left out and counted per code, unless `everything`. Asked
+        twice, it answers with what the first did: a script that repeats itself after a
+        timeout never pays for the requests twice; asked again with `everything` after a
+        retry that left some out, it sends those (`NAME-retry-all.jsonl`)."""
         async with self._retry_lock:
             job = await self.resolve(ref)
             if job is None:
@@ -475,7 +516,7 @@ class Operations:
                     return ActionResponse(ok=False, message="nothing has failed (yet) in this job")
                 return ActionResponse(ok=True, message=f"{again} part(s) will be tried again")
             if job.state == JobState.PUBLISHED and job.outcome != "rejected" and job.outbox_path:
-                return await self._retry_published(job)
+                return await self._retry_published(job, everything)
             return ActionResponse(
                 ok=False,
                 message=f"job is {job.outcome or job.state}: nothing to retry"
@@ -503,38 +544,46 @@ class Operations:
             self.wake[stage].set()
         return again
 
-    async def _retry_published(self, job: Job) -> ActionResponse:
+    async def _retry_published(self, job: Job, everything: bool) -> ActionResponse:
+        inbox = self.settings.paths.folder("inbox")
+        folder = Path(job.outbox_path or "")
+        max_line = self.settings.jobs.max_result_line_bytes
+        scope = RetryScope.ALL if everything else RetryScope.RETRYABLE
         if job.retried_as is not None:
-            await asyncio.to_thread(
-                finish_retry_input, job.retried_as, self.settings.paths.folder("inbox")
-            )
+            await asyncio.to_thread(finish_retry_input, job.retried_as, inbox)
+            done = f"already resubmitted as {job.retried_as}"
+            if covers_all(job):
+                return ActionResponse(ok=True, message=f"{done} (retry that job to go again)")
+            left_out = await asyncio.to_thread(failures_left_out, folder, max_line)
+            if not everything:
+                return ActionResponse(
+                    ok=True,
+                    message=f"{done} (retry that job to go again){left_out_note(left_out)}",
+                    left_out=left_out or None,
+                )
+            if not left_out:
+                return ActionResponse(ok=True, message=f"{done}, and no failure was left out of it")
+            # The first retry left some out; `--all` now sends just those.
+            scope = RetryScope.LEFT_OUT
+        planned = await asyncio.to_thread(write_retry_input, job, folder, inbox, max_line, scope)
+        note = left_out_note(planned.left_out)
+        if planned.name is None:
             return ActionResponse(
-                ok=True,
-                message=f"already resubmitted as {job.retried_as} (retry that job to go again)",
-            )
-        planned, left_out = await asyncio.to_thread(
-            write_retry_input,
-            job,
-            Path(job.outbox_path or ""),
-            self.settings.paths.folder("inbox"),
-            self.settings.jobs.max_result_line_bytes,
-        )
-        refused = (
-            f"; {left_out} refused for their content (DataInspectionFailed) left out: they"
-            " would fail, and cost, again"
-            if left_out
-            else ""
-        )
-        if planned is None:
-            return ActionResponse(
-                ok=False, message=f"no failed requests worth retrying, or input not kept{refused}"
+                ok=False,
+                message=f"no failed requests worth retrying, or input not kept{note}",
+                left_out=planned.left_out or None,
             )
         # Committed before the file appears under its name: a crash in between leaves a
         # hidden temp file that the next `retry` finishes, never a second input.
-        await self.store.update_job(job.id, JobState.PUBLISHED, retried_as=planned)
-        await asyncio.to_thread(finish_retry_input, planned, self.settings.paths.folder("inbox"))
+        await self.store.update_job(job.id, JobState.PUBLISHED, retried_as=planned.name)
+        await asyncio.to_thread(finish_retry_input, planned.name, inbox)
         self.wake[Stage.INTAKE].set()
-        return ActionResponse(ok=True, message=f"failed requests resubmitted as {planned}{refused}")
+        return ActionResponse(
+            ok=True,
+            message=f"failed requests resubmitted as {planned.name}"
+            f" ({planned.requests} requests){note}",
+            left_out=planned.left_out or None,
+        )
 
     async def status_line(self) -> str:
         """The one line systemd shows in `systemctl status` (STATUS=)."""
@@ -619,63 +668,116 @@ def _part_info(p: Part) -> PartInfo:
     )
 
 
-# Failures that would fail again, and be paid for again: the service refused the request
-# for what it says (content inspection). `retry` leaves them out.
-NOT_RETRIED = frozenset({"DataInspectionFailed", "data_inspection_failed"})
+class RetryScope(StrEnum):
+    """Which failures of a published job a retry input holds."""
+
+    RETRYABLE = "retryable"  # those worth paying for again (`failures.classify`)
+    ALL = "all"  # every failure (`batchd retry JOB --all`)
+    LEFT_OUT = "left_out"  # those a first retry left out (`--all` after a plain retry)
 
 
-def error_code(line: dict[str, Any]) -> str | None:
-    """PURE: the code of an error.jsonl line: the service's `error.code`, or the failed
-    response's `body.error.code`."""
-    error = line.get("error")
-    if isinstance(error, dict) and isinstance(error.get("code"), str):
-        return str(error["code"])
-    response = line.get("response")
-    body = response.get("body") if isinstance(response, dict) else None
-    if isinstance(body, str):
-        body = read_line(body.encode("utf-8", "surrogatepass"))
-    inner = body.get("error") if isinstance(body, dict) else None
-    if isinstance(inner, dict) and isinstance(inner.get("code"), str):
-        return str(inner["code"])
-    return None
+# A retry input that holds the refused failures too is named `NAME-retry-all...`: what
+# tells, for `retry JOB --all` asked again, that nothing is left to send.
+ALL_SUFFIX = "-retry-all"
+
+
+def covers_all(job: Job) -> bool:
+    """PURE: did the job's retry (`retried_as`) send every failure, refused ones too?"""
+    return job.retried_as is not None and job.retried_as.startswith(f"{job.name}{ALL_SUFFIX}")
+
+
+def left_out_note(left_out: dict[str, int]) -> str:
+    """PURE: the words for the failures a retry left out, per code."""
+    if not left_out:
+        return ""
+    count = sum(left_out.values())
+    codes = ", ".join(f"{code} {n}" for code, n in sorted(left_out.items()))
+    return (
+        f"; {count} left out ({codes}): refused for their content or form (or a code"
+        " batchd does not know), they would fail, and cost, again (`--all` sends them too)"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RetryInput:
+    """What `write_retry_input` wrote: the name the input takes (None: nothing to
+    retry), its requests, and the failures left out, counted per code."""
+
+    name: str | None
+    requests: int = 0
+    left_out: dict[str, int] = field(default_factory=dict)
+
+
+def _failed_lines(
+    errors: Path, max_line_bytes: int
+) -> Iterator[tuple[int | None, failures.Verdict]]:
+    """(input line, verdict) of every failure listed in a published job's error.jsonl."""
+    with errors.open("rb") as fh:
+        for line in iter_lines(fh, max_line_bytes):
+            if line.blank:
+                continue
+            at = fh.tell()
+            number = input_line_of(fh, line)
+            fh.seek(at)
+            parsed = read_line(line.data) if line.data is not None else None
+            yield number, failures.classify(parsed)
+
+
+def failures_left_out(folder: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> dict[str, int]:
+    """The failures of a published job (its outbox `folder`) that a plain retry leaves
+    out, counted per code."""
+    errors = folder / "error.jsonl"
+    left_out: dict[str, int] = {}
+    if errors.exists():
+        for _, verdict in _failed_lines(errors, max_line_bytes):
+            if not verdict.retry:
+                left_out[verdict.code] = left_out.get(verdict.code, 0) + 1
+    return left_out
 
 
 def write_retry_input(
-    job: Job, folder: Path, inbox: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
-) -> tuple[str | None, int]:
-    """Copy the input lines listed in a published job's error.jsonl into a hidden temp
-    file in the inbox (fsynced), with the job's options and `retry_of` as its sidecar;
-    the name it is to take (`finish_retry_input` gives it), or None when there is
-    nothing to retry, and how many failures were left out as not worth retrying (the
-    service refused their content: they would fail, and cost, again)."""
+    job: Job,
+    folder: Path,
+    inbox: Path,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    scope: RetryScope = RetryScope.RETRYABLE,
+) -> RetryInput:
+    """Copy the input lines listed in a published job's error.jsonl (those `scope`
+    takes) into a hidden temp file in the inbox (fsynced), with the job's options,
+    `retry_of` and what was left out as its sidecar; `finish_retry_input` gives it its
+    name. Failures a plain retry leaves out (`failures.classify`) are counted per code."""
     source = folder / "input.jsonl"
     errors = folder / "error.jsonl"
     if not source.exists() or not errors.exists():
-        return None, 0
+        return RetryInput(None)
     wanted: set[int] = set()
-    left_out = 0
-    with errors.open("rb") as fh:
-        for line in iter_lines(fh, max_line_bytes):
-            at = fh.tell()
-            number = None if line.blank else input_line_of(fh, line)
-            fh.seek(at)
-            parsed = read_line(line.data) if line.data is not None else None
-            if parsed is not None and error_code(parsed) in NOT_RETRIED:
-                left_out += 1
-                continue
-            if number is not None:
-                wanted.add(number)
+    left_out: dict[str, int] = {}
+    for number, verdict in _failed_lines(errors, max_line_bytes):
+        take = {
+            RetryScope.RETRYABLE: verdict.retry,
+            RetryScope.ALL: True,
+            RetryScope.LEFT_OUT: not verdict.retry,
+        }[scope]
+        if not take:
+            if scope == RetryScope.RETRYABLE:
+                left_out[verdict.code] = left_out.get(verdict.code, 0) + 1
+            continue
+        if number is not None:
+            wanted.add(number)
     if not wanted:
-        return None, left_out
-    name = f"{job.name}-retry"
-    n = 1
+        return RetryInput(None, 0, left_out)
+    stem = f"{job.name}{ALL_SUFFIX if scope != RetryScope.RETRYABLE else '-retry'}"
+    name, n = stem, 1
     while (inbox / f"{name}.jsonl").exists() or (inbox / f".{name}.jsonl.tmp").exists():
         n += 1
-        name = f"{job.name}-retry{n}"
-    options = {k: v for k, v in job.options.items() if k not in ("submit_id", "retry_of")}
-    # Linked to what it retries (summary.json says so); the same lines may run again.
+        name = f"{stem}{n}"
+    options = {k: v for k, v in job.options.items() if k not in RETRY_OWN_OPTIONS}
+    # Linked to what it retries (summary.json and `show` say so); the same lines may run
+    # again; what was left out is said where the retry is shown.
     options["retry_of"] = job.id
     options["allow_duplicate"] = True
+    if left_out:
+        options["retry_left_out"] = left_out
     write_atomic(inbox / f"{name}.meta.json", orjson.dumps(options))
     tmp = inbox / f".{name}.jsonl.tmp"
     with source.open("rb") as src, tmp.open("wb") as out:
@@ -689,9 +791,14 @@ def write_retry_input(
         job_id=job.id,
         name=f"{name}.jsonl",
         requests=len(wanted),
+        scope=str(scope),
         left_out=left_out,
     )
-    return f"{name}.jsonl", left_out
+    return RetryInput(f"{name}.jsonl", len(wanted), left_out)
+
+
+# Options of a job that are its own, never handed on to its retry.
+RETRY_OWN_OPTIONS = frozenset({"submit_id", "retry_of", "retry_left_out", SIDECAR_ERROR})
 
 
 def finish_retry_input(name: str, inbox: Path) -> None:

@@ -22,27 +22,21 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from batchd import csvio
 from batchd.budget import Ledger, job_refusal, periods
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import Settings
-from batchd.failpoints import failpoint
-from batchd.intake import SIDECAR_ERROR
 from batchd.logs import get_logger
 from batchd.models import Held, Job, JobState, PartPlan, completion_hours, upload_name
 from batchd.store import Store
 from batchd.tokens import FileCount, count_file
-from batchd.validate import Report, validate_file, write_parts
+from batchd.validate import Problem, write_parts
+from batchd.verdict import Rules, judge_content, judge_unread
 
 log = get_logger(__name__)
 
 
 # A job whose input keeps changing under validation is rejected after this many tries.
 MAX_PREPARES = 5
-# A file this large or larger is sparse when it holds fewer than 1/SPARSE_RATIO of its
-# size in blocks: holes, not text. (JSON text compresses less than 16x.)
-SPARSE_MIN_BYTES = 64 * 1024 * 1024
-SPARSE_RATIO = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,31 +48,6 @@ class Prepared:
     mtime_ns: int | None = None
     # The input changed while it was read: nothing here may be used.
     changed: bool = False
-
-
-def is_sparse(st: os.stat_result) -> bool:
-    """PURE: far fewer blocks on disk than the size says (st_blocks are 512 bytes)."""
-    return st.st_size >= SPARSE_MIN_BYTES and st.st_blocks * 512 * SPARSE_RATIO < st.st_size
-
-
-def refuse_unread(job: Job, st: os.stat_result, settings: Settings) -> dict[str, Any] | None:
-    """PURE: the rejection of an input that must not even be read, or None."""
-    limit = settings.jobs.max_input_bytes
-    if st.st_size > limit:
-        return _rejection(
-            job,
-            "input_too_large",
-            f"the file is {st.st_size} bytes, over jobs.max_input_bytes ({limit}); it was not read",
-        )
-    if settings.intake.reject_sparse and is_sparse(st):
-        return _rejection(
-            job,
-            "sparse_file",
-            f"the file is sparse ({st.st_size} bytes with {st.st_blocks * 512} on disk):"
-            " holes, not text; it was not read (intake.reject_sparse = false allows it on"
-            " compressing filesystems)",
-        )
-    return None
 
 
 def sha256_of(path: Path) -> tuple[str, int]:
@@ -114,44 +83,16 @@ def _twin_note(twin: Job) -> str:
     )
 
 
-def option_problem(job: Job, settings: Settings) -> tuple[str, str] | None:
-    """PURE: why the job's options (its sidecar, or the defaults) cannot be run as they
-    are: (code, message), or None. Checked before anything is read or sent: a sidecar
-    with a misspelt key, or a completion window the provider refuses, would otherwise run
-    with other options than meant, or fail only once paid-for uploads are made."""
-    if job.options.get(SIDECAR_ERROR):
-        return "sidecar_invalid", str(job.options[SIDECAR_ERROR])
-    own_cap = job.options.get("max_cost")
-    if own_cap is not None and (
-        not isinstance(own_cap, int | float) or isinstance(own_cap, bool) or own_cap <= 0
-    ):
-        return "sidecar_invalid", f"max_cost {own_cap!r}: not a positive amount"
-    window = job.options.get("completion_window") or settings.jobs.completion_window
-    limits = settings.profile.limits
-    lowest, highest = limits.min_completion_window_h, limits.max_completion_window_h
-    hours = completion_hours(window)
-    if hours is None or not lowest <= hours <= highest:
-        told = "the sidecar's" if job.options.get("completion_window") else "jobs."
-        return (
-            "completion_window_invalid",
-            f"completion_window {window!r} ({told}completion_window): "
-            f"{settings.profile.name} takes {lowest}h to {highest}h, as NNh or NNd "
-            f"(e.g. {lowest}h)",
-        )
-    return None
-
-
 def prepare(job: Job, settings: Settings) -> Prepared:
-    """PURE but for files: convert, check and plan one claimed input."""
+    """PURE but for files: convert, check and plan one claimed input, with the verdict
+    `batchd validate` gives the same file (batchd.verdict)."""
     source = Path(job.spool_path)
     before = os.stat(source)
-    problem = option_problem(job, settings)
+    rules = Rules.of(settings)
+    problem = judge_unread(job.options, before, rules)
     if problem is not None:
-        return Prepared(None, before.st_size, _rejection(job, *problem), [], before.st_mtime_ns)
-    refused = refuse_unread(job, before, settings)
-    if refused is not None:
-        return Prepared(None, before.st_size, refused, [], before.st_mtime_ns)
-    prepared = _prepare(job, settings, source)
+        return Prepared(None, before.st_size, _refusal(job, problem), [], before.st_mtime_ns)
+    prepared = _prepare(job, rules, source, settings)
     after = os.stat(source)
     if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or (
         prepared.bytes != before.st_size
@@ -162,39 +103,14 @@ def prepare(job: Job, settings: Settings) -> Prepared:
     )
 
 
-def _prepare(job: Job, settings: Settings, source: Path) -> Prepared:
+def _refusal(job: Job, problem: Problem) -> dict[str, Any]:
+    return _rejection(job, problem.code, problem.message, problem.line)
+
+
+def _prepare(job: Job, rules: Rules, source: Path, settings: Settings) -> Prepared:
     digest, size = sha256_of(source)
     jsonl = source.with_name("input.jsonl")
-    if job.kind == "csv":
-        model = job.options.get("model") or settings.jobs.csv_model
-        if not isinstance(model, str) or not model:
-            rejection = _rejection(
-                job,
-                "csv_needs_model",
-                'a CSV input needs a model: set jobs.csv_model or "model" in NAME.meta.json',
-            )
-            return Prepared(digest, size, rejection, [])
-        system_prompt = job.options.get("system_prompt") or settings.jobs.csv_system_prompt
-        conversion = csvio.csv_file_to_jsonl(
-            source,
-            jsonl,
-            model=model,
-            system_prompt=system_prompt if isinstance(system_prompt, str) else None,
-            max_errors=settings.max_reported_errors,
-        )
-        if not conversion.ok:
-            rejection = _rejection(job, "", "")
-            rejection["errors"] = [e.to_dict() for e in conversion.errors]
-            rejection["error_count"] = conversion.error_count
-            return Prepared(digest, size, rejection, [])
-    failpoint("prepare.before_validate", job.inbox_name)
-    report: Report = validate_file(
-        jsonl,
-        settings.profile.limits,
-        split=settings.jobs.split,
-        group_by_model=settings.jobs.group_by_model,
-        max_errors=settings.max_reported_errors,
-    )
+    report = judge_content(source, job.kind, job.options, rules, source.parent, job.inbox_name)
     report.path = job.inbox_name
     if not report.valid:
         return Prepared(digest, size, report.to_dict(), [])

@@ -200,6 +200,15 @@ class JobInfo(_Model, kw_only=True):
     # Once published: the actual usage and cost, per model.
     usage: dict[str, Any] | None = None
     cost: dict[str, Any] | None = None
+    # `batchd retry` links: the job this one retries, the jobs that retry this one, the
+    # failures this retry left out of its parent (per code), and where the chain's merged
+    # results are (the root's outbox folder, `merged/`), once there are any.
+    retry_of: str | None = None
+    retried_by: list[str] = msgspec.field(default_factory=list)
+    retry_left_out: dict[str, int] | None = None
+    # With `show`, of a retried job: its failures its retries left out (not sent yet).
+    left_out: dict[str, int] | None = None
+    merged: str | None = None
 
 
 class JobList(_Model, kw_only=True):
@@ -215,6 +224,8 @@ class ActionResponse(_Model, kw_only=True):
     ok: bool
     message: str
     job: JobInfo | None = None
+    # `retry`: the failures left out (refused for their content or form), per code.
+    left_out: dict[str, int] | None = None
 
 
 class Event(_Model, kw_only=True, omit_defaults=True):
@@ -280,7 +291,9 @@ class Operator(Protocol):
 
     async def cancel(self, ref: str) -> ActionResponse | None: ...
 
-    async def retry(self, ref: str) -> ActionResponse | None: ...
+    async def retry(self, ref: str, *, everything: bool = False) -> ActionResponse | None:
+        """Run again what failed; `everything`: refused requests too (`retry --all`)."""
+        ...
 
     async def pause(self) -> ActionResponse: ...
 

@@ -42,6 +42,7 @@ from batchd.logs import get_logger
 from batchd.merge import MergeStats, file_of, kept_on_service, merge, sent_bytes
 from batchd.models import Job, JobState, Outcome, Part, RemoteStatus
 from batchd.prices import PriceTable, table_from
+from batchd.remerge import merge_chain
 from batchd.store import Store
 
 log = get_logger(__name__)
@@ -224,6 +225,10 @@ class Publisher:
             log.warning("input_kept_in_spool", job_id=job.id, path=kept_at)
         else:
             await asyncio.to_thread(shutil.rmtree, Path(job.spool_path).parent, True)
+        # A retry's answers merged into its chain's root folder (idempotent, as the above).
+        await merge_chain(
+            self.store, job, final, clock=self.clock, max_line_bytes=self.max_line_bytes
+        )
         cost = summary.get("cost") if isinstance(summary.get("cost"), dict) else None
         await self.store.mark_published(
             job.id,

@@ -1039,3 +1039,36 @@ class Store:
         for currency, model, amount in rows:
             found.setdefault(str(currency or ""), {})[str(model)] = float(amount)
         return found
+
+    # -- retries (`batchd retry`: a job's options name the job it retries) ---------------
+
+    async def retries_of(self, job_id: str) -> list[Job]:
+        """The jobs made by `batchd retry` of `job_id` (their `retry_of` option), oldest
+        first. A scan of the jobs table: asked once per job shown, or per link of a
+        retry chain when a retry is published, never per request."""
+        async with self._db.execute(
+            "SELECT * FROM jobs WHERE json_extract(options, '$.retry_of') = ?"
+            " ORDER BY created_at, id",
+            (job_id,),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [Job.from_row(r) for r in rows]
+
+    async def retried_by(self, job_ids: Sequence[str]) -> dict[str, list[str]]:
+        """For each of `job_ids` that was retried, the ids of its retry jobs, oldest
+        first: one scan for a whole page of jobs."""
+        found: dict[str, list[str]] = {}
+        wanted = list(dict.fromkeys(job_ids))
+        for start in range(0, len(wanted), 500):  # within SQLite's variable limit
+            chunk = wanted[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            where = f"json_extract(options, '$.retry_of') IN ({marks})"
+            async with self._db.execute(
+                f"SELECT id, json_extract(options, '$.retry_of') FROM jobs WHERE {where}"  # noqa: S608
+                " ORDER BY created_at, id",
+                chunk,
+            ) as cur:
+                rows = await cur.fetchall()
+            for child, parent in rows:
+                found.setdefault(str(parent), []).append(str(child))
+        return found

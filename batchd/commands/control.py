@@ -271,6 +271,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     )
     if job.outbox:
         console.print(f"outbox {job.outbox}")
+    for line in _retry_lines(job):
+        console.print(line)
     if job.error:
         console.print(f"[red]{job.error}[/]")
     if job.held:
@@ -311,6 +313,34 @@ def cmd_show(args: argparse.Namespace) -> int:
         where = f"line {err['line']}: " if err.get("line") is not None else ""
         console.print(f"  {where}{err['code']}: {err['message']}")
     return EXIT_OK
+
+
+def _retry_lines(job: JobInfo) -> list[str]:
+    """What `show` says of a job's retries: the job it retries, what that retry left out
+    (per code), the jobs that retry it, and where the merged results are."""
+    lines = []
+    if job.retry_of:
+        lines.append(f"retry of {job.retry_of}")
+    if job.retry_left_out:
+        count = sum(job.retry_left_out.values())
+        codes = ", ".join(f"{code} {n}" for code, n in sorted(job.retry_left_out.items()))
+        lines.append(
+            f"  {count} failure(s) of {job.retry_of} left out of this retry ({codes}):"
+            " refused for their content or form; `batchd retry "
+            f"{job.retry_of} --all` sends them"
+        )
+    if job.retried_by:
+        lines.append(f"retried by {', '.join(job.retried_by)}")
+    if job.left_out:
+        count = sum(job.left_out.values())
+        codes = ", ".join(f"{code} {n}" for code, n in sorted(job.left_out.items()))
+        lines.append(
+            f"  {count} failure(s) left out of the retry ({codes}): refused for their content"
+            f" or form; `batchd retry {job.id} --all` sends them"
+        )
+    if job.merged:
+        lines.append(f"merged results (every answer, in the original order): {job.merged}")
+    return lines
 
 
 def _action(call: Callable[[Client, argparse.Namespace], ActionResponse]) -> Handler:
@@ -639,10 +669,24 @@ def register(sub: Any) -> None:
     common(p)
     p.add_argument("job", help=JOB_HELP)
     p.set_defaults(handler=_action(lambda client, args: client.cancel(args.job)))
-    p = sub.add_parser("retry")
+    p = sub.add_parser(
+        "retry",
+        description="Run again what failed or never ran. For a published job, its failed "
+        "requests become a new input JOB-retry.jsonl; requests the service refused for their "
+        "content or form (400 DataInspectionFailed, InvalidParameter...) are left out, "
+        "counted per code, unless --all. Once the retry is published, the original job's "
+        "folder holds merged/ with every answer in the original order.",
+    )
     common(p)
     p.add_argument("job", help=JOB_HELP)
-    p.set_defaults(handler=_action(lambda client, args: client.retry(args.job)))
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="send the refused requests too (they may fail, and cost, again)",
+    )
+    p.set_defaults(
+        handler=_action(lambda client, args: client.retry(args.job, everything=args.all))
+    )
     for name, call in (
         ("pause", Client.pause),
         ("resume", Client.resume),

@@ -1,8 +1,9 @@
 """Commands that work on input and result files, without the daemon.
 
-- `batchd validate FILE...`: check files against the provider's rules; exit 0 when all
-  are valid, 1 when any is not (a missing or unreadable file counts as not valid, with
-  the rule `unreadable`), 2 on a usage error.
+- `batchd validate FILE...`: the daemon's verdict on each file (batchd.verdict: its
+  sidecar, its options, its content); exit 0 when all are valid, 1 when any is not (a
+  missing or unreadable file counts as not valid, with the rule `unreadable`), 2 on a
+  usage error.
 - `batchd split FILE --out DIR`: write the parts a file is planned into.
 - `batchd csv2jsonl IN.csv [-o OUT.jsonl] --model M`: CSV rows to batch requests.
 - `batchd jsonl2csv IN.jsonl [-o OUT.csv] [--raw-cells]`: results to the guide's CSV
@@ -14,7 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +24,9 @@ import orjson
 from batchd import csvio
 from batchd.commands import positive_int
 from batchd.errors import UsageError
-from batchd.profiles import DEFAULT_PROVIDER, PROFILES, ProviderLimits, merge_limits
-from batchd.validate import (
-    DEFAULT_MAX_REPORTED_ERRORS,
-    Problem,
-    Report,
-    part_file_names,
-    validate_file,
-    write_parts,
-)
+from batchd.profiles import DEFAULT_PROVIDER, PROFILES, merge_limits
+from batchd.validate import Problem, Report, part_file_names, validate_file, write_parts
+from batchd.verdict import Rules, judge, read_sidecar, sidecar_path
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -41,8 +36,10 @@ def register(subparsers: Any) -> None:
     """Add validate, split, csv2jsonl and jsonl2csv to the `batchd` parser."""
     validate = subparsers.add_parser(
         "validate",
-        description="Check every line of JSONL batch input files against the provider's "
-        "rules and limits. Problems print as `path:line: code: message`.",
+        description="Judge JSONL and CSV batch input files as the daemon with the same "
+        "configuration would: the sidecar NAME.meta.json beside each, its options, then every "
+        "line against the provider's rules and limits (a CSV converted as the daemon converts "
+        "it). Problems print as `path:line: code: message`.",
     )
     validate.add_argument("files", nargs="+", type=Path, metavar="FILE")
     validate.add_argument("--json", action="store_true", help="one JSON object per file")
@@ -99,6 +96,12 @@ def register(subparsers: Any) -> None:
         "embedding models, /v1/chat/ds-test for batch-test-model, else /v1/chat/completions)",
     )
     to_jsonl.add_argument("--system-prompt", help="a system message before each content")
+    to_jsonl.add_argument(
+        "--columns",
+        metavar="ID,CONTENT",
+        help="the header's names of the custom_id and content columns (default: "
+        "custom_id,content; those are known too)",
+    )
     to_jsonl.add_argument("--encoding", default="utf-8-sig", help="CSV encoding (e.g. gbk)")
     to_jsonl.set_defaults(handler=run_csv2jsonl)
 
@@ -127,85 +130,35 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-@dataclass(frozen=True)
-class Checking:
-    """How the daemon with the same configuration would check a file."""
-
-    limits: ProviderLimits
-    max_errors: int = DEFAULT_MAX_REPORTED_ERRORS
-    split: bool = True
-    group_by_model: bool = False
-    csv_model: str | None = None
-    csv_system_prompt: str | None = None
-
-
-def _checking(args: argparse.Namespace) -> Checking:
-    """The provider's limits and the job settings (`split`, `group_by_model`, the CSV
-    defaults), as the daemon with the same configuration applies them. With no
-    configuration file and no BATCHD_* variable they are the defaults, known without
-    loading the daemon's configuration (pydantic-settings): `batchd validate` starts
-    about as fast as Python does."""
+def _rules(args: argparse.Namespace) -> Rules:
+    """The provider's limits and the job settings as the daemon with the same
+    configuration applies them (batchd.verdict). With no configuration file and no
+    BATCHD_* variable they are the defaults, known without loading the daemon's
+    configuration (pydantic-settings): `batchd validate` starts about as fast as Python
+    does."""
     if args.config is None and not any(k.upper().startswith("BATCHD_") for k in os.environ):
-        return Checking(PROFILES[args.provider or DEFAULT_PROVIDER].limits)
+        provider = args.provider or DEFAULT_PROVIDER
+        return Rules(limits=PROFILES[provider].limits, provider=provider)
     from batchd.config import Settings
 
-    settings = Settings.load(args.config, provider=args.provider)
-    jobs = settings.jobs
-    return Checking(
-        settings.profile.limits,
-        settings.max_reported_errors,
-        jobs.split,
-        jobs.group_by_model,
-        jobs.csv_model,
-        jobs.csv_system_prompt,
-    )
+    return Rules.of(Settings.load(args.config, provider=args.provider))
 
 
-def _validate_csv(
-    path: Path, checking: Checking, split: bool, group: bool, max_errors: int
-) -> Report:
-    """A CSV input checked as the daemon does: converted with the model of its sidecar
-    (NAME.meta.json beside it) or `jobs.csv_model`, then validated; rows are numbered
-    as in the CSV."""
+def _judge(path: Path, rules: Rules) -> Report:
+    """The daemon's verdict on `path` (batchd.verdict): its sidecar NAME.meta.json, its
+    options, its size, then its content; a CSV is converted as the daemon converts it,
+    rows numbered as in the CSV. Not judged here: whether the daemon already ran the
+    same file (`duplicate_input`)."""
     import tempfile
 
+    kind = "csv" if path.name.lower().endswith(".csv") else "jsonl"
     options: dict[str, Any] = {}
-    sidecar = path.with_name(path.name[: -len(".csv")] + ".meta.json")
-    if sidecar.is_file():
-        from batchd.intake import SIDECAR_ERROR, sidecar_options
-
-        options = sidecar_options(sidecar.name, sidecar.read_bytes())
-        if SIDECAR_ERROR in options:
-            return Report(
-                path=str(path),
-                errors=[Problem(None, "sidecar_invalid", str(options[SIDECAR_ERROR]))],
-                error_count=1,
-            )
-    model = options.get("model") or checking.csv_model
-    if not isinstance(model, str) or not model:
-        message = 'a CSV input needs a model: set jobs.csv_model or "model" in NAME.meta.json'
-        return Report(
-            path=str(path), errors=[Problem(None, "csv_needs_model", message)], error_count=1
-        )
-    prompt = options.get("system_prompt") or checking.csv_system_prompt
+    if path.name.lower().endswith(f".{kind}"):
+        options = read_sidecar(sidecar_path(path, kind)) or {}
+    if kind == "jsonl":
+        return judge(path, kind, options, rules, path.parent)
     with tempfile.TemporaryDirectory(prefix="batchd-validate-") as tmp:
-        converted = Path(tmp) / "input.jsonl"
-        conversion = csvio.csv_file_to_jsonl(
-            path,
-            converted,
-            model=model,
-            system_prompt=prompt if isinstance(prompt, str) else None,
-            max_errors=max_errors,
-        )
-        if not conversion.ok:
-            return Report(
-                path=str(path), errors=list(conversion.errors), error_count=conversion.error_count
-            )
-        report = validate_file(
-            converted, checking.limits, split=split, group_by_model=group, max_errors=max_errors
-        )
-    report.path = str(path)
-    return report
+        return judge(path, kind, options, rules, Path(tmp))
 
 
 def _unreadable(path: Path, exc: OSError) -> Report:
@@ -232,19 +185,19 @@ def _summary(report: Report) -> str:
 
 def run_validate(args: argparse.Namespace) -> int:
     """`batchd validate`: exit 0 if every file is valid, 1 if any is not."""
-    checking = _checking(args)
-    max_errors = args.max_errors or checking.max_errors
-    split = checking.split if args.no_split is None else not args.no_split
-    group = checking.group_by_model if args.group_by_model is None else args.group_by_model
+    rules = _rules(args)
+    changed: dict[str, Any] = {}
+    if args.max_errors:
+        changed["max_errors"] = args.max_errors
+    if args.no_split is not None:
+        changed["split"] = not args.no_split
+    if args.group_by_model is not None:
+        changed["group_by_model"] = args.group_by_model
+    rules = replace(rules, **changed)
     all_valid = True
     for path in args.files:
         try:
-            if path.name.lower().endswith(".csv"):
-                report = _validate_csv(path, checking, split, group, max_errors)
-            else:
-                report = validate_file(
-                    path, checking.limits, split=split, group_by_model=group, max_errors=max_errors
-                )
+            report = _judge(path, rules)
         except OSError as exc:
             report = _unreadable(path, exc)
         all_valid = all_valid and report.valid
@@ -259,8 +212,8 @@ def run_validate(args: argparse.Namespace) -> int:
 
 def run_split(args: argparse.Namespace) -> int:
     """`batchd split`: validate, then write the planned parts (if more than one)."""
-    checking = _checking(args)
-    limits, max_reported = checking.limits, checking.max_errors
+    rules = _rules(args)
+    limits, max_reported = rules.limits, rules.max_errors
     overrides = {
         key: value
         for key, value in (
@@ -318,6 +271,12 @@ def run_csv2jsonl(args: argparse.Namespace) -> int:
         raise UsageError("the output would overwrite the input; name it with -o")
     if not args.source.is_file():
         raise UsageError(f"{args.source} is not a readable file")
+    columns = csvio.DEFAULT_COLUMNS
+    if args.columns is not None:
+        names = [name.strip() for name in args.columns.split(",")]
+        if len(names) != 2 or not all(names) or names[0].lower() == names[1].lower():
+            raise UsageError("--columns takes two different names: ID,CONTENT")
+        columns = (names[0], names[1])
     try:
         result = csvio.csv_file_to_jsonl(
             args.source,
@@ -326,6 +285,7 @@ def run_csv2jsonl(args: argparse.Namespace) -> int:
             endpoint=args.endpoint,
             system_prompt=args.system_prompt,
             encoding=args.encoding,
+            columns=columns,
         )
     except (ValueError, LookupError) as exc:
         raise UsageError(str(exc)) from None

@@ -103,7 +103,8 @@ class FakeOperator:
         self.asked.append(f"cancel {job_id}")
         return ActionResponse(ok=False, message="already published") if job_id == JOB.id else None
 
-    async def retry(self, job_id: str) -> ActionResponse | None:
+    async def retry(self, job_id: str, *, everything: bool = False) -> ActionResponse | None:
+        self.asked.append(f"retry {job_id}" + (" --all" if everything else ""))
         return ActionResponse(ok=True, message="requeued") if job_id == JOB.id else None
 
     async def pause(self) -> ActionResponse:
@@ -166,13 +167,22 @@ async def test_calls_are_answered_from_the_operations_layer(
     assert (await client.drain()).ok
     answer = await client.cancel(JOB.id)
     assert not answer.ok and answer.message == "already published"  # a 409 is an answer
+    assert (await client.retry(JOB.id, everything=True)).ok  # `batchd retry --all`
     assert "batchd_running_cap 1000.0" in await client.metrics()
     with pytest.raises(RequestFailed) as unknown:
         await client.job("nope")
     assert (unknown.value.status, unknown.value.code) == (404, "unknown_job")
     sync = Client(raw.path)
     assert (await asyncio.to_thread(sync.jobs, limit=5)).jobs == [JOB]
-    assert fake.asked == ["status", "pause", "drain", f"cancel {JOB.id}"]
+    assert (await asyncio.to_thread(sync.retry, JOB.id)).ok
+    assert fake.asked == [
+        "status",
+        "pause",
+        "drain",
+        f"cancel {JOB.id}",
+        f"retry {JOB.id} --all",
+        f"retry {JOB.id}",
+    ]
 
 
 async def test_every_failure_is_a_json_error_envelope(
@@ -182,6 +192,7 @@ async def test_every_failure_is_a_json_error_envelope(
     for method, url, params, want in (
         ("GET", "/v1/jobs/nope", {}, (404, "unknown_job")),
         ("POST", "/v1/jobs/nope/retry", {}, (404, "unknown_job")),
+        ("POST", f"/v1/jobs/{JOB.id}/retry", {"all": "yes"}, (400, "bad_request")),
         ("GET", "/v1/jobs", {"state": "bogus"}, (400, "bad_request")),
         ("GET", "/v1/jobs", {"offset": "9" * 40}, (400, "bad_request")),
         ("GET", "/v1/nothing", {}, (404, "not_found")),

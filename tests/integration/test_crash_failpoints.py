@@ -11,12 +11,14 @@ end state with a clean run of the same input.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from batchd.emulator import Emulator
@@ -32,6 +34,7 @@ from batchd.testing import (
     requests,
     running_daemon,
     summary,
+    wait_for,
     wait_published,
     wait_ready,
 )
@@ -58,10 +61,14 @@ HITS = {
     "cleanup.after_request": 4,  # the input and output file of each part
 }
 SOAK_RUNS = 10
+# Fail points a plain run never reaches, each with the test that kills there.
+ELSEWHERE = {"publish.merged": "test_a_kill_while_merging_a_retry_leaves_the_old_set_whole"}
 
 
 def test_every_fail_point_is_counted_for_the_soak() -> None:
-    assert set(HITS) == NAMES
+    assert set(HITS) | set(ELSEWHERE) == NAMES
+    assert not set(HITS) & set(ELSEWHERE)
+    assert all(name in globals() for name in ELSEWHERE.values())
 
 
 async def _run(
@@ -169,7 +176,7 @@ def end_state(folder: Path, stats: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-@pytest.mark.parametrize("failpoint", sorted(NAMES))
+@pytest.mark.parametrize("failpoint", sorted(HITS))
 async def test_kill_at_fail_point_then_restart_equals_a_clean_run(
     start_emulator: StartEmulator, tmp_path: Path, failpoint: str
 ) -> None:
@@ -220,7 +227,7 @@ async def test_kill_at_each_fail_point_ten_times_equals_a_clean_run(
         clean[run] = end_state(folder, stats)
         assert clean[run]["status"] == "completed" and clean[run]["batches_per_part"] == [1, 1]
     mismatches: list[str] = []
-    for name in sorted(NAMES):
+    for name in sorted(HITS):
         for run in range(SOAK_RUNS):
             nth = 1 + run % HITS[name]
             count = 31 + (run * 7) % 30
@@ -235,9 +242,9 @@ async def test_kill_at_each_fail_point_ten_times_equals_a_clean_run(
             )
             if end_state(folder, stats) != clean[run]:
                 mismatches.append(f"{where} (run {run}, {count} requests)")
-    kills = len(NAMES) * SOAK_RUNS
+    kills = len(HITS) * SOAK_RUNS
     print(
-        f"\nfail-point soak: {len(NAMES)} fail points x {SOAK_RUNS} runs = {kills} kills;"
+        f"\nfail-point soak: {len(HITS)} fail points x {SOAK_RUNS} runs = {kills} kills;"
         f" {kills - len(mismatches)}/{kills} end states equal to the clean run"
         f" ({time.monotonic() - started:.0f} s)"
     )
@@ -267,3 +274,71 @@ async def test_a_claim_cut_before_its_rename_leaves_nothing_and_is_not_state_los
     assert not bare.exists() and not recorded.exists()
     assert [p.kind for p in status.problems if p.kind == "state_lost"] == []
     assert status.healthy
+
+
+async def test_a_kill_while_merging_a_retry_leaves_the_old_set_whole(
+    start_emulator: StartEmulator, tmp_path: Path
+) -> None:
+    """A retry of a retry is killed between writing the chain's new merged set and linking
+    it (`publish.merged`): the root's `merged/` is still the whole old set; after a
+    restart it is the new one, and nothing half-written is left."""
+    from batchd.client import Client
+
+    emulator = await start_emulator(time_scale=3000, request_failure_rate=0.5, seed=11)
+    root = tmp_path / "root"
+    inbox, outbox = root / "inbox", root / "outbox"
+    drop(inbox, "big.jsonl", requests(30))
+    env = daemon_env(emulator, root)
+    log = tmp_path / "daemon.log"
+    client = Client(root / "control.sock")
+
+    async def retry_all(folder: Path) -> None:
+        answer = await asyncio.to_thread(client.retry, summary(folder)["job_id"], everything=True)
+        assert answer.ok, answer.message
+
+    crashing = await DaemonProcess.start({**env, "BATCHD_FAILPOINTS": "publish.merged=kill@2"}, log)
+    await wait_ready(root, crashing)
+    (first,) = await wait_published(outbox, 1, emulator)
+    await retry_all(first)
+    await wait_published(outbox, 2, emulator)
+    child = outbox / "big-retry-all"
+    old = first / "merged"
+    old_set = {p.name: p.read_bytes() for p in old.iterdir()}
+    assert len(summary_of_merged(old)["jobs"]) == 2
+    assert summary(child)["request_counts"]["failed"]  # the seed fails some again
+    await retry_all(child)
+
+    async def advance_until_exit() -> int:
+        while crashing.returncode is None:
+            emulator.advance(60)
+            try:
+                await asyncio.wait_for(crashing.wait(), 0.05)
+            except TimeoutError:
+                pass
+        return crashing.returncode
+
+    code = await asyncio.wait_for(advance_until_exit(), 60)
+    assert code == -signal.SIGKILL, f"publish.merged was not reached: {log.read_text()[-2000:]}"
+    # The old set, whole, under its name; the new one was written but never linked.
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == old_set
+    async with daemon_process(env, log) as clean:
+        await wait_ready(root, clean)
+        await wait_published(outbox, 3, emulator)
+        grandchild = outbox / "big-retry-all-retry-all"
+        jobs = await wait_for(lambda: len(summary_of_merged(old)["jobs"]) == 3, 30, "merged again")
+        assert jobs
+    merged = summary_of_merged(old)
+    assert [Path(j["outbox"]).name for j in merged["jobs"]] == [
+        "big",
+        "big-retry-all",
+        grandchild.name,
+    ]
+    assert merged["request_counts"]["total"] == 30
+    # One set on disk: the one linked.
+    hidden = [p.name for p in first.iterdir() if p.name.startswith(".merged")]
+    assert hidden == [os.readlink(old)]
+
+
+def summary_of_merged(folder: Path) -> dict[str, Any]:
+    data: dict[str, Any] = orjson.loads((folder / "merged.json").read_bytes())
+    return data

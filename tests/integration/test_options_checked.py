@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from batchd.errors import ConfigError
-from batchd.intake import SIDECAR_ERROR, sidecar_options
 from batchd.testing import (
     StartEmulator,
     daemon_settings,
@@ -19,6 +18,7 @@ from batchd.testing import (
     summary,
     wait_published,
 )
+from batchd.verdict import SIDECAR_ERROR, sidecar_options
 
 
 def test_a_sidecar_is_used_whole_or_not_at_all() -> None:
@@ -87,3 +87,41 @@ async def test_summary_says_which_options_the_job_ran_with(
         drop(inbox, "opts.jsonl", requests(1))
         (folder,) = await wait_published(settings.paths.folder("outbox"), 1, emulator)
     assert summary(folder)["options"] == {"completion_window": "48h", "priority": 3}
+
+
+async def test_csv_columns_from_the_sidecar_or_the_configuration_keep_the_header_unsent(
+    start_emulator: StartEmulator, tmp_path: Path
+) -> None:
+    """A CSV whose header is `key,prompt`: declared in its sidecar or in the
+    configuration, the header is never sent; declared nowhere, the file is rejected with
+    the fix, and nothing is uploaded for it."""
+    emulator = await start_emulator(time_scale=3000)
+    settings = daemon_settings(
+        tmp_path / "r",
+        emulator,
+        jobs={"csv_model": "qwen-plus", "csv_columns": {"custom_id": "id", "content": "text"}},
+    )
+    inbox, outbox = settings.paths.folder("inbox"), settings.paths.folder("outbox")
+    inbox.mkdir(parents=True)
+    (inbox / "declared.meta.json").write_bytes(
+        b'{"columns": {"custom_id": "key", "content": "prompt"}}'
+    )
+    async with running_daemon(settings):
+        drop(inbox, "declared.csv", b"key,prompt\nk1,hello\nk2,world\n")
+        drop(inbox, "configured.csv", b"text,id\nhello,c1\n")
+        drop(inbox, "undeclared.csv", b"key,prompt\nk1,hello\n")
+        folders = await wait_published(outbox, 3, emulator)
+    by_name = {folder.name: summary(folder) for folder in folders}
+    assert by_name["declared"]["request_counts"] == {"total": 2, "completed": 2, "failed": 0}
+    assert by_name["declared"]["options"]["columns"] == {"custom_id": "key", "content": "prompt"}
+    assert [r["custom_id"] for r in read_jsonl(outbox / "declared" / "result.jsonl")] == [
+        "k1",
+        "k2",
+    ]
+    assert by_name["configured"]["request_counts"]["total"] == 1
+    assert by_name["undeclared"]["status"] == "rejected"
+    (error,) = read_jsonl(outbox / "undeclared" / "error.jsonl")
+    assert error["error"]["code"] == "csv_header"
+    assert '"columns"' in error["error"]["message"]
+    stats = await emulator.stats()
+    assert stats["calls"]["upload"]["served"] == 2  # the two good files only

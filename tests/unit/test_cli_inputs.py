@@ -140,3 +140,57 @@ def test_validate_checks_as_the_daemon_would(
     table.write_text("id,text\nc1,hello\n")
     assert main(["validate", "--config", str(config), str(table)]) == 1
     assert "csv_header" in capsys.readouterr().out
+    # Declared columns make `id,text` the header; the config's and the sidecar's alike.
+    config.write_text(
+        '[jobs]\ncsv_model = "qwen-plus"\n[jobs.csv_columns]\ncustom_id = "id"\ncontent = "text"\n'
+    )
+    assert main(["validate", "--config", str(config), str(table)]) == 0
+    assert "ok, 1 requests" in capsys.readouterr().out
+    (tmp_path / "rows.meta.json").write_text(
+        '{"model": "qwen-max", "columns": {"custom_id": "id", "content": "text"}}'
+    )
+    assert main(["validate", str(table)]) == 0
+    capsys.readouterr()
+
+
+def test_validate_reads_a_jsonl_files_sidecar_as_the_daemon_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sidecar beside a JSONL file is the daemon's too: a misspelt key or a window the
+    provider refuses rejects the file in `validate` as it would in the daemon."""
+    for name in [k for k in __import__("os").environ if k.upper().startswith("BATCHD_")]:
+        monkeypatch.delenv(name)
+    good = tmp_path / "good.jsonl"
+    good.write_bytes(GOOD.read_bytes())
+    assert main(["validate", str(good)]) == 0
+    (tmp_path / "good.meta.json").write_text('{"completion_window": "2h"}')
+    assert main(["validate", str(good)]) == 1
+    assert "completion_window_invalid" in capsys.readouterr().out
+    (tmp_path / "good.meta.json").write_text('{"priorty": 1}')
+    assert main(["validate", str(good)]) == 1
+    assert "sidecar_invalid" in capsys.readouterr().out
+
+
+def test_csv2jsonl_takes_the_column_names(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "rows.csv"
+    source.write_text("key,prompt\nk1,hello\n")
+    assert main(["csv2jsonl", str(source), "--model", "m"]) == 1
+    assert "csv_header" in capsys.readouterr().err
+    assert main(["csv2jsonl", str(source), "--model", "m", "--columns", "key,prompt"]) == 0
+    assert json.loads((tmp_path / "rows.jsonl").read_bytes())["custom_id"] == "k1"
+    assert main(["csv2jsonl", str(source), "--model", "m", "--columns", "key"]) == 2
+    capsys.readouterr()
+
+
+def test_validate_refuses_what_the_daemon_refuses_unread(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over jobs.max_input_bytes the daemon rejects a file on its size: so does validate."""
+    for name in [k for k in __import__("os").environ if k.upper().startswith("BATCHD_")]:
+        monkeypatch.delenv(name)
+    config = tmp_path / "c.toml"
+    config.write_text("[jobs]\nmax_input_bytes = 100\n")
+    assert main(["validate", "--config", str(config), str(GOOD)]) == 1
+    assert "input_too_large" in capsys.readouterr().out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -113,3 +114,68 @@ def test_emulator_limits_from_a_table_or_one_json_variable(
     monkeypatch.setenv("BATCHD_EMULATOR_LIMITS", '{"running_batches": 0}')
     with pytest.raises(ConfigError, match="running_batches"):
         EmulatorSettings.load(None)
+
+
+# In the shipped file, `# key = value` shows a default and `# e.g. key = value` an example
+# of a key that has none; `[table]` (commented out or not) starts a table.
+_SHOWN = re.compile(r"^# (e\.g\. )?([A-Za-z_][A-Za-z0-9_]*) = (.+)$")
+_TABLE = re.compile(r"^(?:# )?\[([A-Za-z0-9_.-]+)\]\s*$")
+
+
+def _shown_keys(text: str) -> list[tuple[str, str, str, bool]]:
+    """(table, key, value as TOML, is an example) of every key the file shows."""
+    table = ""
+    found = []
+    for line in text.splitlines():
+        if header := _TABLE.match(line):
+            table = header.group(1)
+        elif shown := _SHOWN.match(line):
+            found.append((table, shown.group(2), shown.group(3), bool(shown.group(1))))
+    return found
+
+
+def _effective(settings: Settings) -> dict[str, Any]:
+    """What a configuration does: its values, with folders, the socket, the base URL and
+    the limits as the daemon derives them."""
+    data = settings.model_dump()
+    data["paths"] = {
+        name: settings.paths.folder(name)
+        for name in ("inbox", "spool", "outbox", "state", "runtime")
+    }
+    data["control"]["socket"] = settings.socket_path
+    data["base_url"] = settings.profile.base_url
+    data["limits"] = settings.profile.limits
+    return data
+
+
+def test_the_shipped_config_shows_only_defaults_the_code_has(tmp_path: Path) -> None:
+    """Uncommenting any line the file shows as a default changes nothing; a key without
+    a default is shown as an example (`e.g.`) and is a key the code knows."""
+    shown = _shown_keys(SHIPPED.read_text())
+    assert len(shown) > 80  # the whole file was read
+    defaults = _effective(Settings.load(None))
+    emulator_defaults = EmulatorSettings.load(None).model_dump()
+    config = tmp_path / "one.toml"
+    wrong = []
+    for table, key, value, example in shown:
+        config.write_text((f"[{table}]\n" if table else "") + f"{key} = {value}\n")
+        where = f"[{table}] {key} = {value}" if table else f"{key} = {value}"
+        try:
+            if table == "emulator":
+                same = EmulatorSettings.load(config).model_dump() == emulator_defaults
+            else:
+                same = _effective(Settings.load(config)) == defaults
+        except ConfigError as exc:
+            wrong.append(f"{where}: not a key the code knows ({exc})")
+            continue
+        if not example and not same:
+            wrong.append(f"{where}: shown as a default, but the code's default differs")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_validate_without_a_configuration_judges_with_the_daemons_defaults() -> None:
+    """`batchd validate` with no configuration skips loading it (for speed); the rules it
+    then uses are those of the daemon with no configuration."""
+    from batchd.verdict import Rules
+
+    assert Rules.of(Settings.load(None)) == Rules()

@@ -168,3 +168,64 @@ def test_a_header_with_other_names_is_refused_not_sent() -> None:
     out = _io.BytesIO()
     result = csv_to_jsonl([["1", "text"], ["2", "hello"]], out, model="qwen-plus")
     assert result.ok and result.rows == 2  # "1" is no column name: data
+
+
+def test_configured_column_names_make_a_header_that_is_never_sent() -> None:
+    from batchd.csvio import csv_to_jsonl
+
+    for header in (["id", "text"], [" ID ", "Text", "notes"], ["custom_id", "content"]):
+        out = io.BytesIO()
+        result = csv_to_jsonl(
+            [header, ["a", "hello", "x"][: len(header)]],
+            out,
+            model="qwen-plus",
+            columns=("id", "text"),
+        )
+        assert result.ok and result.rows == 1, (header, result.errors)
+        (line,) = [json.loads(raw) for raw in out.getvalue().splitlines()]
+        assert line["custom_id"] == "a"
+        assert line["body"]["messages"][-1]["content"] == "hello"
+    # The columns are found by name, in any order.
+    out = io.BytesIO()
+    result = csv_to_jsonl(
+        [["text", "id"], ["hello", "a"]], out, model="qwen-plus", columns=("id", "text")
+    )
+    assert result.ok and json.loads(out.getvalue())["custom_id"] == "a"
+
+
+def test_a_header_that_is_not_the_known_one_names_the_three_fixes() -> None:
+    from batchd.csvio import csv_to_jsonl
+
+    out = io.BytesIO()
+    result = csv_to_jsonl([["key", "prompt"], ["a", "hello"]], out, model="qwen-plus")
+    (problem,) = result.errors
+    assert (problem.line, problem.code) == (1, "csv_header")
+    assert '{"columns":{"custom_id":"key","content":"prompt"}}' in problem.message  # sidecar
+    assert '[jobs.csv_columns] custom_id = "key", content = "prompt"' in problem.message
+    assert "rename them custom_id,content" in problem.message
+    assert not result.ok  # csv_file_to_jsonl then writes nothing
+    # A first row naming one known column and something else is a header too.
+    result = csv_to_jsonl(
+        [["id", "question?"], ["a", "hello"]], io.BytesIO(), model="m", columns=("id", "text")
+    )
+    assert [e.code for e in result.errors] == ["csv_header"]
+    assert "id,text" in result.errors[0].message  # the header it expected
+
+
+def test_a_sidecars_columns_are_checked_and_win_over_the_configuration() -> None:
+    from batchd.csvio import CsvSource, csv_source
+    from batchd.verdict import SIDECAR_ERROR, sidecar_options
+
+    options = sidecar_options("a.meta.json", b'{"columns": {"custom_id": "k", "content": "q"}}')
+    plan = csv_source(options, model="m", system_prompt=None, columns=("id", "text"))
+    assert plan == CsvSource("m", None, ("k", "q"))
+    assert csv_source({}, model="m", system_prompt=None, columns=("id", "text")) == CsvSource(
+        "m", None, ("id", "text")
+    )
+    for bad in (
+        b'{"columns": ["k", "q"]}',
+        b'{"columns": {"custom_id": "k"}}',
+        b'{"columns": {"custom_id": "k", "content": ""}}',
+        b'{"columns": {"custom_id": "K", "content": "k"}}',
+    ):
+        assert "columns" in sidecar_options("a.meta.json", bad)[SIDECAR_ERROR], bad

@@ -26,7 +26,12 @@ from batchd.validate import Report, validate_file, validate_stream, write_parts
 
 DASHSCOPE = PROFILES["dashscope"].limits
 CORPUS = Path(__file__).parent.parent / "corpus"
-VERDICTS: dict[str, dict[str, Any]] = json.loads((CORPUS / "verdicts.json").read_text())
+# The JSONL files (the CSV ones are converted before this validator sees them).
+VERDICTS: dict[str, dict[str, Any]] = {
+    name: case
+    for name, case in json.loads((CORPUS / "verdicts.json").read_text()).items()
+    if name.endswith(".jsonl")
+}
 
 
 def request(custom_id: str, **body: Any) -> dict[str, Any]:
