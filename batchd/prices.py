@@ -162,12 +162,14 @@ def _p(
     as_of: str,
     *,
     reasoning: float | None = None,
+    cached_input: float | None = None,
     tiers: tuple[tuple[float, ...], ...] = (),
 ) -> Price:
     return Price(
         input=input,
         output=output,
         reasoning=reasoning,
+        cached_input=cached_input,
         currency=currency,
         tiers=tuple(Tier(int(t[0]), *t[1:]) for t in tiers),
         source=source,
@@ -175,21 +177,63 @@ def _p(
     )
 
 
-_SPEC = "SPEC.md (Model Studio's qwen-flash tiers, Beijing)"
+# Where each default was read, on READ_ON. Prices change: the configuration's [prices]
+# table overrides any of them. A model whose price was not found is left out (unknown).
+READ_ON = "2026-11-30"
+_SPEC = "SPEC.md, What a batch costs (Model Studio's qwen-flash price, Beijing)"
+_ALIYUN = "https://help.aliyun.com/en/document_detail/3023262.html"
+_MODEL_STUDIO_INTL = "https://www.alibabacloud.com/help/en/model-studio/billing-for-model-studio"
+_OPENAI = "https://openai.com/api/pricing/"
 
-# CNY per million = CNY per thousand x 1000.
+# Beijing, CNY per million tokens (the pages give CNY per thousand: x 1000). Hybrid
+# thinking models: `reasoning` is the output price in thinking mode.
 _DASHSCOPE: dict[str, Price] = {
     "qwen-flash": _p(
         "CNY",
         0.15,
         1.5,
         _SPEC,
-        "2025-12-01",
+        READ_ON,
         tiers=((128_000, 0.15, 1.5), (256_000, 0.6, 6.0), (1_000_000, 1.2, 12.0)),
     ),
+    "qwen-plus": _p(
+        "CNY",
+        0.8,
+        2.0,
+        _ALIYUN,
+        READ_ON,
+        reasoning=8.0,
+        tiers=(
+            (128_000, 0.8, 2.0, 8.0),
+            (256_000, 2.4, 20.0, 24.0),
+            (1_000_000, 4.8, 48.0, 64.0),
+        ),
+    ),
+    "qwen3-32b": _p("CNY", 2.0, 8.0, _ALIYUN, READ_ON, reasoning=20.0),
+    "qwen3-30b-a3b-instruct-2507": _p("CNY", 0.8, 3.0, _ALIYUN, READ_ON),
+    "qwen3-30b-a3b-thinking-2507": _p("CNY", 0.8, 7.5, _ALIYUN, READ_ON),
 }
 
-DEFAULT_PRICES = PriceTable({"dashscope": _DASHSCOPE})
+# Singapore, USD per million tokens. The page gives qwen-max's only price (no tiers, no
+# thinking mode); qwen-plus and qwen-turbo are listed there only by their lowest
+# (non-thinking) price, so they are left out rather than priced too low.
+_DASHSCOPE_INTL: dict[str, Price] = {
+    "qwen-max": _p("USD", 1.6, 6.4, _MODEL_STUDIO_INTL, READ_ON),
+}
+
+# USD per million tokens, standard tier; the Batch API halves them. OpenAI bills
+# reasoning tokens as output.
+_OPENAI_PRICES: dict[str, Price] = {
+    "gpt-4o": _p("USD", 2.5, 10.0, _OPENAI, READ_ON, cached_input=1.25),
+    "gpt-4o-mini": _p("USD", 0.15, 0.6, _OPENAI, READ_ON, cached_input=0.075),
+    "o4-mini": _p("USD", 1.1, 4.4, _OPENAI, READ_ON, cached_input=0.275),
+    "text-embedding-3-small": _p("USD", 0.02, 0.0, _OPENAI, READ_ON),
+    "text-embedding-3-large": _p("USD", 0.13, 0.0, _OPENAI, READ_ON),
+}
+
+DEFAULT_PRICES = PriceTable(
+    {"dashscope": _DASHSCOPE, "dashscope-intl": _DASHSCOPE_INTL, "openai": _OPENAI_PRICES}
+)
 
 
 def table_from(raw: dict[str, Any] | None) -> PriceTable:
