@@ -152,7 +152,7 @@ class Tokenizer:
             return "exact, the test model's fixed usage"
         if self.name.startswith("tiktoken:"):
             return f"exact, tiktoken {self.name.split(':', 1)[1]}"
-        return f"approximate: characters by class, calibrated on Qwen's vocabulary ({APPROX_ERROR})"
+        return f"approximate: character classes calibrated on Qwen's vocabulary, {APPROX_ERROR}"
 
 
 APPROX_TOKENIZER = Tokenizer(APPROX, exact=False)
@@ -375,7 +375,7 @@ _APPROX_BIAS = 1.1
 # +21% (-5..+66); 14 of 327 texts undercounted, by at most 8% except odd Korean and
 # rare-ideograph test files (-29%, -46%). tests/unit/test_tokens.py holds a corpus and
 # checks the bounds.
-APPROX_ERROR = "+17% on average, -8%..+73% on ordinary text"
+APPROX_ERROR = "+17% on average, -8%..+73%"
 
 
 def approx_tokens(text: str) -> int:
@@ -624,6 +624,9 @@ class ModelCount(msgspec.Struct, kw_only=True):
     requests: int = 0
     input_tokens: int = 0
     output_tokens_max: int = 0
+    # Requests that will think (so bill their output at the thinking price), and those
+    # of them that do so only because the model thinks by default.
+    thinking: int = 0
     thinking_unset: int = 0
     cost_min: float | None = None
     cost_max: float | None = None
@@ -737,8 +740,10 @@ def count_file(
             count.requests += 1
             count.input_tokens += tokens
             count.output_tokens_max += answer + reasoning
-            if thinking_unset(body, state.limits):
-                count.thinking_unset += 1
+            if reasoning:
+                count.thinking += 1
+                if thinking_unset(body, state.limits):
+                    count.thinking_unset += 1
             price = state.price
             if price is not None:
                 assert count.cost_min is not None and count.cost_max is not None

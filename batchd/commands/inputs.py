@@ -14,6 +14,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,25 +49,7 @@ def register(subparsers: Any) -> None:
     )
     validate.add_argument("files", nargs="+", type=Path, metavar="FILE")
     validate.add_argument("--json", action="store_true", help="one JSON object per file")
-    _add_config_options(validate)
-    validate.add_argument(
-        "--no-split",
-        action="store_true",
-        default=None,
-        help="a file over the request or byte limit is an error instead of planned into parts",
-    )
-    validate.add_argument(
-        "--group-by-model",
-        action="store_true",
-        default=None,
-        help="accept mixed models, one part per model (default: jobs.group_by_model)",
-    )
-    validate.add_argument(
-        "--max-errors",
-        type=positive_int,
-        metavar="N",
-        help="list at most N problems per file (default: max_reported_errors)",
-    )
+    add_check_options(validate)
     validate.set_defaults(handler=run_validate)
 
     split = subparsers.add_parser(
@@ -118,6 +103,30 @@ def register(subparsers: Any) -> None:
     to_csv.set_defaults(handler=run_jsonl2csv)
 
 
+def add_check_options(parser: argparse.ArgumentParser) -> None:
+    """The options of `batchd validate` that decide how files are checked (shared with
+    `batchd estimate`, which checks them the same way)."""
+    _add_config_options(parser)
+    parser.add_argument(
+        "--no-split",
+        action="store_true",
+        default=None,
+        help="a file over the request or byte limit is an error instead of planned into parts",
+    )
+    parser.add_argument(
+        "--group-by-model",
+        action="store_true",
+        default=None,
+        help="accept mixed models, one part per model (default: jobs.group_by_model)",
+    )
+    parser.add_argument(
+        "--max-errors",
+        type=positive_int,
+        metavar="N",
+        help="list at most N problems per file (default: max_reported_errors)",
+    )
+
+
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, metavar="FILE", help="batchd TOML configuration")
     parser.add_argument(
@@ -137,16 +146,20 @@ class Checking:
     group_by_model: bool = False
     csv_model: str | None = None
     csv_system_prompt: str | None = None
+    provider: str = DEFAULT_PROVIDER
+    # The daemon's state folder (its database), known when a configuration was read.
+    state_dir: Path | None = None
 
 
-def _checking(args: argparse.Namespace) -> Checking:
+def checking_for(args: argparse.Namespace) -> Checking:
     """The provider's limits and the job settings (`split`, `group_by_model`, the CSV
     defaults), as the daemon with the same configuration applies them. With no
     configuration file and no BATCHD_* variable they are the defaults, known without
     loading the daemon's configuration (pydantic-settings): `batchd validate` starts
     about as fast as Python does."""
     if args.config is None and not any(k.upper().startswith("BATCHD_") for k in os.environ):
-        return Checking(PROFILES[args.provider or DEFAULT_PROVIDER].limits)
+        provider = args.provider or DEFAULT_PROVIDER
+        return Checking(PROFILES[provider].limits, provider=provider)
     from batchd.config import Settings
 
     settings = Settings.load(args.config, provider=args.provider)
@@ -158,17 +171,62 @@ def _checking(args: argparse.Namespace) -> Checking:
         jobs.group_by_model,
         jobs.csv_model,
         jobs.csv_system_prompt,
+        settings.provider,
+        settings.paths.folder("state"),
     )
 
 
-def _validate_csv(
-    path: Path, checking: Checking, split: bool, group: bool, max_errors: int
-) -> Report:
-    """A CSV input checked as the daemon does: converted with the model of its sidecar
-    (NAME.meta.json beside it) or `jobs.csv_model`, then validated; rows are numbered
-    as in the CSV."""
-    import tempfile
+@dataclass(frozen=True)
+class CheckOptions:
+    """`split`, `group_by_model` and `max_errors` as the command line and configuration
+    set them."""
 
+    split: bool
+    group: bool
+    max_errors: int
+
+
+def check_options(args: argparse.Namespace, checking: Checking) -> CheckOptions:
+    """The options of `add_check_options`, defaulting to the configuration's."""
+    return CheckOptions(
+        checking.split if args.no_split is None else not args.no_split,
+        checking.group_by_model if args.group_by_model is None else args.group_by_model,
+        args.max_errors or checking.max_errors,
+    )
+
+
+@contextmanager
+def checked(
+    path: Path, checking: Checking, options: CheckOptions
+) -> Iterator[tuple[Report, Path | None]]:
+    """The verdict on one input file as the daemon would give it, and the JSONL file it
+    judged: the file itself, or a CSV's conversion (kept until the context ends); None
+    when there is none (an unreadable file, a CSV that did not convert)."""
+    split, group, max_errors = options.split, options.group, options.max_errors
+    if path.name.lower().endswith(".csv"):
+        with tempfile.TemporaryDirectory(prefix="batchd-validate-") as tmp:
+            try:
+                report, jsonl = _validate_csv(path, checking, split, group, max_errors, Path(tmp))
+            except OSError as exc:
+                report, jsonl = _unreadable(path, exc), None
+            yield report, jsonl
+        return
+    try:
+        report = validate_file(
+            path, checking.limits, split=split, group_by_model=group, max_errors=max_errors
+        )
+    except OSError as exc:
+        yield _unreadable(path, exc), None
+        return
+    yield report, path
+
+
+def _validate_csv(
+    path: Path, checking: Checking, split: bool, group: bool, max_errors: int, folder: Path
+) -> tuple[Report, Path | None]:
+    """A CSV input checked as the daemon does: converted (into `folder`) with the model
+    of its sidecar (NAME.meta.json beside it) or `jobs.csv_model`, then validated; rows
+    are numbered as in the CSV. Returns the report and the conversion, if any."""
     options: dict[str, Any] = {}
     sidecar = path.with_name(path.name[: -len(".csv")] + ".meta.json")
     if sidecar.is_file():
@@ -180,32 +238,31 @@ def _validate_csv(
                 path=str(path),
                 errors=[Problem(None, "sidecar_invalid", str(options[SIDECAR_ERROR]))],
                 error_count=1,
-            )
+            ), None
     model = options.get("model") or checking.csv_model
     if not isinstance(model, str) or not model:
         message = 'a CSV input needs a model: set jobs.csv_model or "model" in NAME.meta.json'
         return Report(
             path=str(path), errors=[Problem(None, "csv_needs_model", message)], error_count=1
-        )
+        ), None
     prompt = options.get("system_prompt") or checking.csv_system_prompt
-    with tempfile.TemporaryDirectory(prefix="batchd-validate-") as tmp:
-        converted = Path(tmp) / "input.jsonl"
-        conversion = csvio.csv_file_to_jsonl(
-            path,
-            converted,
-            model=model,
-            system_prompt=prompt if isinstance(prompt, str) else None,
-            max_errors=max_errors,
-        )
-        if not conversion.ok:
-            return Report(
-                path=str(path), errors=list(conversion.errors), error_count=conversion.error_count
-            )
-        report = validate_file(
-            converted, checking.limits, split=split, group_by_model=group, max_errors=max_errors
-        )
+    converted = folder / "input.jsonl"
+    conversion = csvio.csv_file_to_jsonl(
+        path,
+        converted,
+        model=model,
+        system_prompt=prompt if isinstance(prompt, str) else None,
+        max_errors=max_errors,
+    )
+    if not conversion.ok:
+        return Report(
+            path=str(path), errors=list(conversion.errors), error_count=conversion.error_count
+        ), None
+    report = validate_file(
+        converted, checking.limits, split=split, group_by_model=group, max_errors=max_errors
+    )
     report.path = str(path)
-    return report
+    return report, converted
 
 
 def _unreadable(path: Path, exc: OSError) -> Report:
@@ -217,7 +274,7 @@ def _unreadable(path: Path, exc: OSError) -> Report:
     )
 
 
-def _summary(report: Report) -> str:
+def summary(report: Report) -> str:
     if not report.valid:
         return f"{report.path}: invalid, {report.error_count} problem(s)"
     models = ", ".join(report.models)
@@ -232,34 +289,24 @@ def _summary(report: Report) -> str:
 
 def run_validate(args: argparse.Namespace) -> int:
     """`batchd validate`: exit 0 if every file is valid, 1 if any is not."""
-    checking = _checking(args)
-    max_errors = args.max_errors or checking.max_errors
-    split = checking.split if args.no_split is None else not args.no_split
-    group = checking.group_by_model if args.group_by_model is None else args.group_by_model
+    checking = checking_for(args)
+    options = check_options(args, checking)
     all_valid = True
     for path in args.files:
-        try:
-            if path.name.lower().endswith(".csv"):
-                report = _validate_csv(path, checking, split, group, max_errors)
-            else:
-                report = validate_file(
-                    path, checking.limits, split=split, group_by_model=group, max_errors=max_errors
-                )
-        except OSError as exc:
-            report = _unreadable(path, exc)
-        all_valid = all_valid and report.valid
+        with checked(path, checking, options) as (report, _):
+            all_valid = all_valid and report.valid
         if args.json:
             sys.stdout.write(orjson.dumps(report.to_dict()).decode() + "\n")
         else:
             for line in report.render():
                 print(line)
-            print(_summary(report))
+            print(summary(report))
     return EXIT_OK if all_valid else EXIT_FAILED
 
 
 def run_split(args: argparse.Namespace) -> int:
     """`batchd split`: validate, then write the planned parts (if more than one)."""
-    checking = _checking(args)
+    checking = checking_for(args)
     limits, max_reported = checking.limits, checking.max_errors
     overrides = {
         key: value
@@ -283,7 +330,7 @@ def run_split(args: argparse.Namespace) -> int:
     if not report.valid:
         for line in report.render():
             print(line)
-        print(_summary(report))
+        print(summary(report))
         return EXIT_FAILED
     written = write_parts(report, args.file, args.out, fsync=args.fsync)
     if not written:
