@@ -64,16 +64,39 @@ class Price(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     source: str | None = None
     as_of: datetime.date | None = None
 
+    def tier_of(self, input_tokens: int) -> int:
+        """PURE: the index of the tier a request of `input_tokens` is priced by (0 when
+        the price has no tiers; beyond the last tier, the last)."""
+        last = len(self.tiers) - 1
+        for index, tier in enumerate(self.tiers):
+            if input_tokens <= tier.up_to_tokens:
+                return index
+        return max(last, 0)
+
+    def rates_at(self, tier: int) -> tuple[float, float, float]:
+        """PURE: (input, output, reasoning) per million tokens, real time, in tier
+        `tier` (see `tier_of`)."""
+        chosen: Price | Tier = self.tiers[tier] if self.tiers else self
+        reasoning = chosen.reasoning if chosen.reasoning is not None else chosen.output
+        return chosen.input, chosen.output, reasoning
+
     def rates(self, input_tokens: int) -> tuple[float, float, float]:
         """PURE: (input, output, reasoning) per million tokens, real time, for a request
         of `input_tokens`."""
-        tier: Price | Tier = self
-        for candidate in self.tiers:
-            tier = candidate
-            if input_tokens <= candidate.up_to_tokens:
-                break
-        reasoning = tier.reasoning if tier.reasoning is not None else tier.output
-        return tier.input, tier.output, reasoning
+        return self.rates_at(self.tier_of(input_tokens))
+
+    def batch_total(
+        self, tier: int, input_tokens: int, output_tokens: int, thinking_output_tokens: int
+    ) -> float:
+        """PURE: the batch price of requests of one tier, from their summed input
+        tokens, output tokens of requests that do not think and of those that do."""
+        input_rate, output_rate, reasoning_rate = self.rates_at(tier)
+        amount = (
+            input_tokens * input_rate
+            + output_tokens * output_rate
+            + thinking_output_tokens * reasoning_rate
+        )
+        return amount * self.batch_discount / MILLION
 
     def batch_cost(
         self,

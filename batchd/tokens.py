@@ -411,19 +411,46 @@ _MEMO_MIN_CHARS = 64
 _MEMO_MAX_ENTRIES = 16_384
 _MEMO_MAX_CHARS = 4_000_000
 
+# The fast approximation (`count_file(approx=True)`, `batchd estimate --approx`): texts of
+# at least _SAMPLE_MIN_CHARS get `approx_tokens` for the first _SAMPLE_WARMUP of each kind
+# (ASCII or not, per model) and one in _SAMPLE_EVERY after; the others are their length
+# times the tokens per character measured so far on that kind (the fast schema measures
+# raw JSON bytes instead of characters). Shorter texts are counted (and remembered) one
+# by one. A batch file's texts are alike, so the file's total stays close to counting
+# every text; a single request's figure is rougher.
+_SAMPLE_MIN_CHARS = 64
+_SAMPLE_WARMUP = 64
+_SAMPLE_EVERY = 32
+
 
 class _Counter:
-    """Counts requests with one tokenizer, remembering the counts of long strings."""
+    """Counts requests with one tokenizer, remembering the counts of long strings (or,
+    `sampled`, scaling most long texts by a measured tokens-per-character ratio)."""
 
-    def __init__(self, tokenizer: Tokenizer, memo: bool = True) -> None:
+    def __init__(self, tokenizer: Tokenizer, memo: bool = True, sampled: bool = False) -> None:
         self.tokenizer = tokenizer
         self.raw = tokenizer.count
         self.memo: dict[str, int] | None = {} if memo else None
         self.memo_chars = 0
+        self.sampled = sampled
+        # Per kind (ASCII or not): [tokens counted, characters counted, texts seen], and
+        # the same with raw JSON bytes for characters (the fast schema's contents).
+        self.ratios: dict[bool, list[int]] = {True: [0, 0, 0], False: [0, 0, 0]}
+        self.raw_ratios: dict[bool, list[int]] = {True: [0, 0, 0], False: [0, 0, 0]}
 
     def text(self, text: str) -> int:
+        length = len(text)
+        if self.sampled:
+            if length >= _SAMPLE_MIN_CHARS:
+                return self.scaled(text, length)
+            return self.remembered(text)
+        if length < _MEMO_MIN_CHARS:
+            return self.raw(text)
+        return self.remembered(text)
+
+    def remembered(self, text: str) -> int:
         memo = self.memo
-        if memo is None or len(text) < _MEMO_MIN_CHARS:
+        if memo is None:
             return self.raw(text)
         found = memo.get(text)
         if found is None:
@@ -434,6 +461,33 @@ class _Counter:
             memo[text] = found
             self.memo_chars += len(text)
         return found
+
+    def raw_text(self, raw: bytes) -> int:
+        """The tokens of a JSON string given as its raw bytes (quotes included): scaled
+        by the tokens per raw byte measured on a sample, as `scaled` does."""
+        size = len(raw)
+        if size < _SAMPLE_MIN_CHARS:
+            return self.remembered(_JSON_STR.decode(raw))
+        kind = self.raw_ratios[raw.isascii()]
+        seen = kind[2]
+        kind[2] = seen + 1
+        if seen < _SAMPLE_WARMUP or seen % _SAMPLE_EVERY == 0:
+            found = self.raw(_JSON_STR.decode(raw))
+            kind[0] += found
+            kind[1] += size
+            return found
+        return (size * kind[0] + kind[1] - 1) // kind[1]
+
+    def scaled(self, text: str, length: int) -> int:
+        kind = self.ratios[text.isascii()]
+        seen = kind[2]
+        kind[2] = seen + 1
+        if seen < _SAMPLE_WARMUP or seen % _SAMPLE_EVERY == 0:
+            found = self.raw(text)
+            kind[0] += found
+            kind[1] += length
+            return found
+        return (length * kind[0] + kind[1] - 1) // kind[1]
 
     def message(self, role: str, content: str) -> int:
         """The tokens of `role\ncontent`. The approximation counts the role and the line
@@ -479,31 +533,36 @@ class _Counter:
         return total
 
     def chat(self, messages: Any, tools: Any = None) -> int:
-        if not isinstance(messages, list):
+        if type(messages) is not list:
             return 0
         if self.tokenizer.chat == "openai":
             return self._openai_chat(messages, tools)
         total = 3  # <|im_start|>assistant\n
-        tools_text = _tools_text(tools)
+        tools_text = _tools_text(tools) if tools else ""
         if tools_text and not (
             messages and isinstance(messages[0], dict) and messages[0].get("role") == "system"
         ):
-            total += 3 + self.text("system\n" + "You are a helpful assistant." + tools_text)
+            total += 3 + self.message("system", "You are a helpful assistant." + tools_text)
             tools_text = ""
+        # Once per message of every line: locals, type() checks, the usual case first.
+        text = self.text
+        exact = self.tokenizer.exact
         for message in messages:
-            if not isinstance(message, dict):
+            if type(message) is not dict:
                 continue
             role = message.get("role")
-            role = role if isinstance(role, str) else "user"
-            content = _content_text(message.get("content"))
-            calls = message.get("tool_calls")
-            if calls:
-                content += orjson.dumps(calls).decode()
+            if type(role) is not str:
+                role = "user"
+            content = message.get("content")
+            if type(content) is not str:
+                content = _content_text(content)
+            if message.get("tool_calls"):
+                content += orjson.dumps(message["tool_calls"]).decode()
             if tools_text and role == "system":
                 content += tools_text
                 tools_text = ""
-            # <|im_start|> role\ncontent <|im_end|> \n
-            total += 3 + self.message(role, content)
+            # <|im_start|> role\ncontent <|im_end|> \n; see `message`.
+            total += (3 + text(role + "\n" + content)) if exact else (5 + text(content))
         return total
 
     def _openai_chat(self, messages: list[Any], tools: Any) -> int:
@@ -587,12 +646,13 @@ def output_split(
     ):
         return 0, 0
     most = limits.max_output_tokens or default_max
-    answer = (
-        _positive(body.get("max_tokens"))
-        or _positive(body.get("max_completion_tokens"))
-        or _positive(body.get("max_output_tokens"))
-        or most
-    )
+    answer = body.get("max_tokens")
+    if type(answer) is not int or answer < 1:
+        answer = (
+            _positive(body.get("max_completion_tokens"))
+            or _positive(body.get("max_output_tokens"))
+            or most
+        )
     reasoning = 0
     if thinks(body, limits):
         reasoning = _positive(body.get("thinking_budget")) or most
@@ -668,9 +728,10 @@ class FileCount(msgspec.Struct, kw_only=True):
 
 
 class _ModelState:
-    """What `count_file` keeps per model while it reads."""
+    """What `count_file` keeps per model while it reads: its figures, and the sums its
+    cost is made of, per price tier (a request's tier is chosen by its own input)."""
 
-    __slots__ = ("count", "counter", "limits", "price")
+    __slots__ = ("count", "counter", "limits", "price", "sums")
 
     def __init__(
         self, count: ModelCount, counter: _Counter, limits: ModelLimits, price: Price | None
@@ -679,6 +740,91 @@ class _ModelState:
         self.counter = counter
         self.limits = limits
         self.price = price
+        # tier -> [input tokens, output bound of plain requests, of thinking ones]
+        self.sums: dict[int, list[int]] = {}
+
+    def add(self, tokens: int, output: int, thinks: bool) -> None:
+        count = self.count
+        count.requests += 1
+        count.input_tokens += tokens
+        count.output_tokens_max += output
+        price = self.price
+        if price is None:
+            return
+        tier = price.tier_of(tokens) if price.tiers else 0
+        sums = self.sums.get(tier)
+        if sums is None:
+            sums = self.sums[tier] = [0, 0, 0]
+        sums[0] += tokens
+        sums[2 if thinks else 1] += output
+
+    def finish(self) -> None:
+        price = self.price
+        if price is None:
+            return
+        self.count.cost_min = sum(price.batch_total(t, s[0], 0, 0) for t, s in self.sums.items())
+        self.count.cost_max = sum(
+            price.batch_total(t, s[0], s[1], s[2]) for t, s in self.sums.items()
+        )
+
+
+# The fast approximation reads chat lines through this schema: fields it does not name
+# are skipped without being built, and a message's content stays raw JSON (its length
+# and ASCII-ness are what scaling needs; only sampled texts are decoded). A line that
+# does not fit (another endpoint, tools, a content that is not a string, a field of
+# another type) goes the general way.
+class _FastMessage(msgspec.Struct):
+    role: str = "user"
+    content: msgspec.Raw = msgspec.Raw(b"null")
+    tool_calls: msgspec.Raw | None = None
+
+
+class _FastBody(msgspec.Struct):
+    model: str
+    messages: list[_FastMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    enable_thinking: bool | None = None
+    thinking_budget: int | None = None
+    tools: msgspec.Raw | None = None
+
+
+class _FastLine(msgspec.Struct):
+    url: str
+    body: _FastBody
+
+
+_FAST_LINE = msgspec.json.Decoder(_FastLine)
+_JSON_STR = msgspec.json.Decoder(str)
+
+
+def _fast_tokens(counter: _Counter, messages: list[_FastMessage]) -> int | None:
+    """A chat request's tokens from raw contents (Qwen's template, as `_Counter.chat`);
+    None when a message needs the general way."""
+    total = 3
+    for message in messages:
+        if message.tool_calls is not None:
+            return None
+        raw = bytes(message.content)
+        if raw[:1] != b'"':
+            return None
+        total += 5 + counter.raw_text(raw)
+    return total
+
+
+def _fast_split(body: _FastBody, limits: ModelLimits, default_max: int) -> tuple[int, int]:
+    """`output_split` of a chat body read through the fast schema."""
+    most = limits.max_output_tokens or default_max
+    answer = body.max_tokens
+    if answer is None or answer < 1:
+        answer = body.max_completion_tokens
+        if answer is None or answer < 1:
+            answer = most
+    thinking = body.enable_thinking
+    if thinking is True or (thinking is None and limits.thinks_by_default):
+        budget = body.thinking_budget
+        return answer, budget if budget is not None and budget > 0 else most
+    return answer, 0
 
 
 def count_file(
@@ -692,21 +838,58 @@ def count_file(
     """Count a JSONL batch input file's requests per model: input tokens, output bound,
     requests that think by default without saying so, and the cost range.
 
-    One streaming pass (memory: one line, and a bounded memo of long strings); a line
-    that is not a request (not JSON, no body, no model) is skipped and counted in
-    `skipped` (validate the file first to know why). `prices` defaults to the shipped
-    table; `approx` counts with the approximation whatever is installed."""
+    One streaming pass (memory: one line, and a bounded memo of strings); a line that is
+    not a request (not JSON, no body, no model) is skipped and counted in `skipped`
+    (validate the file first to know why). `prices` defaults to the shipped table.
+    `approx` asks for the fast approximation whatever is installed: most long texts are
+    scaled by a tokens-per-character ratio measured on a sample of them (see
+    _SAMPLE_EVERY); output bounds, thinking and costs are worked out as always."""
     if prices is None:
         from batchd.prices import DEFAULT_PRICES
 
         prices = DEFAULT_PRICES
     result = FileCount(path=str(path))
     states: dict[str, _ModelState] = {}
-    counters: dict[int, _Counter] = {}
     default_max = limits.default_max_output_tokens
+
+    def state_for(model: str) -> _ModelState:
+        state = states.get(model)
+        if state is None:
+            tokenizer = tokenizer_for(provider, model, approx=approx)
+            price = prices.price(provider, model)
+            count = ModelCount(
+                tokenizer=tokenizer.name,
+                exact=tokenizer.exact,
+                currency=price.currency if price else prices.currency(provider),
+            )
+            counter = _Counter(tokenizer, sampled=approx and not tokenizer.exact)
+            state = states[model] = _ModelState(count, counter, limits.for_model(model), price)
+            result.models[model] = count
+        return state
+
     loads = orjson.loads
+    fast_line = _FAST_LINE.decode
     with open(path, "rb", buffering=1 << 20) as stream:
         for raw in stream:
+            if approx:
+                try:
+                    line = fast_line(raw)
+                except msgspec.MsgspecError:
+                    line = None
+                if line is not None and line.url in _CHAT_ENDPOINTS and line.body.tools is None:
+                    fast = line.body
+                    state = states.get(fast.model) or state_for(fast.model)
+                    tokens = None
+                    if state.counter.sampled and fast.model != TEST_MODEL:
+                        tokens = _fast_tokens(state.counter, fast.messages)
+                    if tokens is not None:
+                        answer, reasoning = _fast_split(fast, state.limits, default_max)
+                        state.add(tokens, answer + reasoning, reasoning > 0)
+                        if reasoning:
+                            state.count.thinking += 1
+                            if fast.enable_thinking is None:
+                                state.count.thinking_unset += 1
+                        continue
             try:
                 obj = loads(raw)
                 body = obj["body"]
@@ -718,37 +901,13 @@ def count_file(
             if type(model) is not str or type(endpoint) is not str or type(body) is not dict:
                 result.skipped += 1
                 continue
-            state = states.get(model)
-            if state is None:
-                tokenizer = tokenizer_for(provider, model, approx=approx)
-                counter = counters.get(id(tokenizer))
-                if counter is None:
-                    counter = counters[id(tokenizer)] = _Counter(tokenizer)
-                price = prices.price(provider, model)
-                count = ModelCount(
-                    tokenizer=tokenizer.name,
-                    exact=tokenizer.exact,
-                    currency=price.currency if price else prices.currency(provider),
-                    cost_min=0.0 if price else None,
-                    cost_max=0.0 if price else None,
-                )
-                state = states[model] = _ModelState(count, counter, limits.for_model(model), price)
-                result.models[model] = count
-            count = state.count
-            tokens = state.counter.request(body, endpoint)
+            state = state_for(model)
             answer, reasoning = output_split(body, state.limits, default_max, endpoint=endpoint)
-            count.requests += 1
-            count.input_tokens += tokens
-            count.output_tokens_max += answer + reasoning
+            state.add(state.counter.request(body, endpoint), answer + reasoning, reasoning > 0)
             if reasoning:
-                count.thinking += 1
+                state.count.thinking += 1
                 if thinking_unset(body, state.limits):
-                    count.thinking_unset += 1
-            price = state.price
-            if price is not None:
-                assert count.cost_min is not None and count.cost_max is not None
-                count.cost_min += price.batch_cost(tokens, 0)
-                count.cost_max += price.batch_cost(
-                    tokens, answer + reasoning, thinking=reasoning > 0
-                )
+                    state.count.thinking_unset += 1
+    for state in states.values():
+        state.finish()
     return result
