@@ -67,11 +67,13 @@ class Price(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     def tier_of(self, input_tokens: int) -> int:
         """PURE: the index of the tier a request of `input_tokens` is priced by (0 when
         the price has no tiers; beyond the last tier, the last)."""
-        last = len(self.tiers) - 1
-        for index, tier in enumerate(self.tiers):
+        tiers = self.tiers
+        if not tiers or input_tokens <= tiers[0].up_to_tokens:
+            return 0
+        for index, tier in enumerate(tiers):
             if input_tokens <= tier.up_to_tokens:
                 return index
-        return max(last, 0)
+        return len(tiers) - 1
 
     def rates_at(self, tier: int) -> tuple[float, float, float]:
         """PURE: (input, output, reasoning) per million tokens, real time, in tier

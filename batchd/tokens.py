@@ -752,9 +752,7 @@ class _ModelState:
         if price is None:
             return
         tier = price.tier_of(tokens) if price.tiers else 0
-        sums = self.sums.get(tier)
-        if sums is None:
-            sums = self.sums[tier] = [0, 0, 0]
+        sums = self.sums.get(tier) or self.sums.setdefault(tier, [0, 0, 0])
         sums[0] += tokens
         sums[2 if thinks else 1] += output
 
@@ -799,16 +797,24 @@ _JSON_STR = msgspec.json.Decoder(str)
 
 
 def _fast_tokens(counter: _Counter, messages: list[_FastMessage]) -> int | None:
-    """A chat request's tokens from raw contents (Qwen's template, as `_Counter.chat`);
-    None when a message needs the general way."""
+    """A chat request's tokens from raw contents (Qwen's template, as `_Counter.chat`;
+    long contents as `_Counter.raw_text`, inlined: this runs for every message); None
+    when a message needs the general way."""
     total = 3
+    ratios = counter.raw_ratios
     for message in messages:
         if message.tool_calls is not None:
             return None
         raw = bytes(message.content)
         if raw[:1] != b'"':
             return None
-        total += 5 + counter.raw_text(raw)
+        size = len(raw)
+        kind = ratios[raw.isascii()] if size >= _SAMPLE_MIN_CHARS else None
+        if kind is None or kind[2] < _SAMPLE_WARMUP or not kind[2] % _SAMPLE_EVERY:
+            total += 5 + counter.raw_text(raw)
+        else:
+            kind[2] += 1
+            total += 5 + (size * kind[0] + kind[1] - 1) // kind[1]
     return total
 
 
