@@ -17,7 +17,10 @@ Which tokenizer (`tokenizer_for`), every figure saying which one it came from:
   internet access would wait on that download. The file's sha256 is checked before
   tiktoken reads it, since on a mismatch tiktoken downloads again.
 - Otherwise (no `dashscope` or no `tiktoken` installed, an OpenAI encoding not cached, a
-  model of another family, or `estimate --approx`): the approximation (`approx_tokens`).
+  model of another family): the approximation (`approx_tokens`) of every text.
+- `count_file(approx=True)` (`batchd estimate --approx`): the fast approximation, most
+  long texts scaled by a ratio measured with `approx_tokens` on a sample of them (see
+  _SAMPLE_EVERY); file totals within a few percent of approximating every text.
 
 How a request counts (`request_tokens`):
 - Chat: Qwen's chat template (ChatML), the text
@@ -434,9 +437,13 @@ class _Counter:
         self.memo_chars = 0
         self.sampled = sampled
         # Per kind (ASCII or not): [tokens counted, characters counted, texts seen], and
-        # the same with raw JSON bytes for characters (the fast schema's contents).
+        # the same with raw JSON bytes for characters (the fast schema's contents), kept
+        # apart for system messages: a long system prompt repeated on every line would
+        # otherwise make the sample and skew the users' ratio.
         self.ratios: dict[bool, list[int]] = {True: [0, 0, 0], False: [0, 0, 0]}
-        self.raw_ratios: dict[bool, list[int]] = {True: [0, 0, 0], False: [0, 0, 0]}
+        self.raw_ratios: dict[tuple[bool, bool], list[int]] = {
+            (system, ascii): [0, 0, 0] for system in (True, False) for ascii in (True, False)
+        }
 
     def text(self, text: str) -> int:
         length = len(text)
@@ -462,13 +469,13 @@ class _Counter:
             self.memo_chars += len(text)
         return found
 
-    def raw_text(self, raw: bytes) -> int:
+    def raw_text(self, raw: bytes, system: bool = False) -> int:
         """The tokens of a JSON string given as its raw bytes (quotes included): scaled
         by the tokens per raw byte measured on a sample, as `scaled` does."""
         size = len(raw)
         if size < _SAMPLE_MIN_CHARS:
             return self.remembered(_JSON_STR.decode(raw))
-        kind = self.raw_ratios[raw.isascii()]
+        kind = self.raw_ratios[system, raw.isascii()]
         seen = kind[2]
         kind[2] = seen + 1
         if seen < _SAMPLE_WARMUP or seen % _SAMPLE_EVERY == 0:
@@ -809,9 +816,10 @@ def _fast_tokens(counter: _Counter, messages: list[_FastMessage]) -> int | None:
         if raw[:1] != b'"':
             return None
         size = len(raw)
-        kind = ratios[raw.isascii()] if size >= _SAMPLE_MIN_CHARS else None
+        system = message.role == "system"
+        kind = ratios[system, raw.isascii()] if size >= _SAMPLE_MIN_CHARS else None
         if kind is None or kind[2] < _SAMPLE_WARMUP or not kind[2] % _SAMPLE_EVERY:
-            total += 5 + counter.raw_text(raw)
+            total += 5 + counter.raw_text(raw, system)
         else:
             kind[2] += 1
             total += 5 + (size * kind[0] + kind[1] - 1) // kind[1]

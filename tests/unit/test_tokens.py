@@ -243,3 +243,44 @@ def test_a_zero_price_is_only_the_test_models() -> None:
     table = PriceTable({"dashscope": {"m": Price(input=1.0, output=2.0, currency="CNY")}})
     assert table.price("dashscope", TEST_MODEL) is not None
     assert table.price("dashscope", "other") is None
+
+
+def test_the_fast_approximation_agrees_with_counting_every_text(tmp_path: Path) -> None:
+    """`approx=True` scales most long texts by a measured ratio: bounds, thinking and
+    request counts are the same as the general way's, and the input total stays close
+    to approximating every text. Lines it cannot read fast (tools, content parts,
+    another endpoint) go the general way."""
+    cases = corpus()
+    lines = [
+        _line(i, "qwen-flash", cases[i % len(cases)]["text"] + f" ({i})", max_tokens=64 + i)
+        for i in range(400)
+    ]
+    lines += [_line(i, "qwen3-32b", cases[i]["text"]) for i in range(20)]
+    lines += [_line(500, "qwen-flash", "x", enable_thinking=True, thinking_budget=100)]
+    tool = orjson.loads(_line(600, "qwen-flash", "weather?"))
+    tool["body"]["tools"] = [{"type": "function", "function": {"name": "weather"}}]
+    parts = orjson.loads(_line(601, "qwen-flash", "ignored"))
+    parts["body"]["messages"][1]["content"] = [{"type": "text", "text": "What is 2+2?"}]
+    embedding = {
+        "custom_id": "602",
+        "method": "POST",
+        "url": "/v1/embeddings",
+        "body": {"model": "text-embedding-v4", "input": ["a", "b"]},
+    }
+    lines += [orjson.dumps(x) + b"\n" for x in (tool, parts, embedding)]
+    path = tmp_path / "many.jsonl"
+    path.write_bytes(b"".join(lines))
+    general = count_file(path, "dashscope", LIMITS, approx=False)
+    fast = count_file(path, "dashscope", LIMITS, approx=True)
+    assert fast.models.keys() == general.models.keys()
+    for model, slow in general.models.items():
+        quick = fast.models[model]
+        assert quick.tokenizer == "approx"
+        assert (quick.requests, quick.output_tokens_max) == (slow.requests, slow.output_tokens_max)
+        assert (quick.thinking, quick.thinking_unset) == (slow.thinking, slow.thinking_unset)
+    # Against approximating every text of every line (the general way, approximated):
+    counter = tokens._Counter(APPROX_TOKENIZER)
+    every = sum(
+        counter.request(orjson.loads(line)["body"], orjson.loads(line)["url"]) for line in lines
+    )
+    assert abs(fast.input_tokens - every) <= every * 0.05, (fast.input_tokens, every)
