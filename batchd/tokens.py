@@ -423,7 +423,7 @@ _MEMO_MAX_CHARS = 4_000_000
 # every text; a single request's figure is rougher.
 _SAMPLE_MIN_CHARS = 64
 _SAMPLE_WARMUP = 64
-_SAMPLE_EVERY = 32
+_SAMPLE_EVERY = 64
 
 
 class _Counter:
@@ -441,6 +441,8 @@ class _Counter:
         # apart for system messages: a long system prompt repeated on every line would
         # otherwise make the sample and skew the users' ratio.
         self.ratios: dict[bool, list[int]] = {True: [0, 0, 0], False: [0, 0, 0]}
+        # Short raw JSON strings (a system prompt of a sentence) -> their tokens.
+        self.short_raw: dict[bytes, int] = {}
         self.raw_ratios: dict[tuple[bool, bool], list[int]] = {
             (system, ascii): [0, 0, 0] for system in (True, False) for ascii in (True, False)
         }
@@ -474,7 +476,12 @@ class _Counter:
         by the tokens per raw byte measured on a sample, as `scaled` does."""
         size = len(raw)
         if size < _SAMPLE_MIN_CHARS:
-            return self.remembered(_JSON_STR.decode(raw))
+            found = self.short_raw.get(raw)
+            if found is None:
+                if len(self.short_raw) >= _MEMO_MAX_ENTRIES:
+                    self.short_raw.clear()
+                found = self.short_raw[raw] = self.raw(_JSON_STR.decode(raw))
+            return found
         kind = self.raw_ratios[system, raw.isascii()]
         seen = kind[2]
         kind[2] = seen + 1
@@ -738,15 +745,25 @@ class _ModelState:
     """What `count_file` keeps per model while it reads: its figures, and the sums its
     cost is made of, per price tier (a request's tier is chosen by its own input)."""
 
-    __slots__ = ("count", "counter", "limits", "price", "sums")
+    __slots__ = ("count", "counter", "fast", "limits", "most", "price", "sums", "thinks_default")
 
     def __init__(
-        self, count: ModelCount, counter: _Counter, limits: ModelLimits, price: Price | None
+        self,
+        model: str,
+        count: ModelCount,
+        counter: _Counter,
+        limits: ModelLimits,
+        default_max: int,
+        price: Price | None,
     ) -> None:
         self.count = count
         self.counter = counter
         self.limits = limits
         self.price = price
+        # Whether its chat lines may take the fast schema, and what that needs.
+        self.fast = counter.sampled and model != TEST_MODEL
+        self.most = limits.max_output_tokens or default_max
+        self.thinks_default = limits.thinks_by_default
         # tier -> [input tokens, output bound of plain requests, of thinking ones]
         self.sums: dict[int, list[int]] = {}
 
@@ -826,16 +843,16 @@ def _fast_tokens(counter: _Counter, messages: list[_FastMessage]) -> int | None:
     return total
 
 
-def _fast_split(body: _FastBody, limits: ModelLimits, default_max: int) -> tuple[int, int]:
-    """`output_split` of a chat body read through the fast schema."""
-    most = limits.max_output_tokens or default_max
+def _fast_split(body: _FastBody, most: int, thinks_by_default: bool) -> tuple[int, int]:
+    """`output_split` of a chat body read through the fast schema, `most` being the
+    model's output maximum."""
     answer = body.max_tokens
     if answer is None or answer < 1:
         answer = body.max_completion_tokens
         if answer is None or answer < 1:
             answer = most
     thinking = body.enable_thinking
-    if thinking is True or (thinking is None and limits.thinks_by_default):
+    if thinking is True or (thinking is None and thinks_by_default):
         budget = body.thinking_budget
         return answer, budget if budget is not None and budget > 0 else most
     return answer, 0
@@ -877,7 +894,9 @@ def count_file(
                 currency=price.currency if price else prices.currency(provider),
             )
             counter = _Counter(tokenizer, sampled=approx and not tokenizer.exact)
-            state = states[model] = _ModelState(count, counter, limits.for_model(model), price)
+            state = states[model] = _ModelState(
+                model, count, counter, limits.for_model(model), default_max, price
+            )
             result.models[model] = count
         return state
 
@@ -893,11 +912,9 @@ def count_file(
                 if line is not None and line.url in _CHAT_ENDPOINTS and line.body.tools is None:
                     fast = line.body
                     state = states.get(fast.model) or state_for(fast.model)
-                    tokens = None
-                    if state.counter.sampled and fast.model != TEST_MODEL:
-                        tokens = _fast_tokens(state.counter, fast.messages)
+                    tokens = _fast_tokens(state.counter, fast.messages) if state.fast else None
                     if tokens is not None:
-                        answer, reasoning = _fast_split(fast, state.limits, default_max)
+                        answer, reasoning = _fast_split(fast, state.most, state.thinks_default)
                         state.add(tokens, answer + reasoning, reasoning > 0)
                         if reasoning:
                             state.count.thinking += 1
