@@ -27,6 +27,7 @@ EXIT_UNREACHABLE = 3
 # name: (module, one-line help), in the order `batchd --help` lists them.
 COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("batchd.commands.inputs", "check JSONL batch input files"),
+    "estimate": ("batchd.commands.estimate", "what a file will cost"),
     "split": ("batchd.commands.inputs", "split a JSONL file into batch-sized parts"),
     "csv2jsonl": (
         "batchd.commands.inputs",

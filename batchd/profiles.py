@@ -96,6 +96,42 @@ class ProviderLimits(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         return min(self.max_file_bytes, own) if own else self.max_file_bytes
 
 
+# Qwen models whose output bound or thinking default the provider documents:
+# - thinking-only models (QwQ, the -thinking variants) always think, and open-source
+#   Qwen3 hybrids and Qwen3.5 think unless `enable_thinking: false` (Qwen Cloud's
+#   "Thinking" guide, https://docs.qwencloud.com/developer-guides/text-generation/thinking,
+#   and Qwen3's model card: thinking is the template's default);
+# - most output tokens: qwen-turbo 16,384 (https://www.alibabacloud.com/help/en/model-studio/qwen-turbo),
+#   qwen-flash 32K (its Model Studio model card).
+_THINKING_BY_DEFAULT = (
+    "qwq-plus",
+    "qwq-32b",
+    "qwen3-235b-a22b",
+    "qwen3-32b",
+    "qwen3-30b-a3b",
+    "qwen3-14b",
+    "qwen3-8b",
+    "qwen3-4b",
+    "qwen3-1.7b",
+    "qwen3-0.6b",
+    "qwen3-235b-a22b-thinking-2507",
+    "qwen3-30b-a3b-thinking-2507",
+    "qwen3.5-plus",
+    "qwen3.5-flash",
+)
+
+
+def _dashscope_models() -> dict[str, ModelLimits]:
+    models = _test_model_only()
+    models.update({name: ModelLimits(thinks_by_default=True) for name in _THINKING_BY_DEFAULT})
+    models["qwen-turbo"] = ModelLimits(max_output_tokens=16_384)
+    models["qwen-flash"] = ModelLimits(max_output_tokens=32_768)
+    return models
+
+
+_DASHSCOPE_LIMITS = ProviderLimits(models=_dashscope_models())
+
+
 class ProviderProfile(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     base_url: str
@@ -116,16 +152,21 @@ _OPENAI_LIMITS = ProviderLimits(
 
 PROFILES: dict[str, ProviderProfile] = {
     "dashscope": ProviderProfile(
-        name="dashscope", base_url="https://dashscope.aliyuncs.com/compatible-mode/v1"
+        name="dashscope",
+        base_url="https://dashscope.aliyuncs.com/compatible-mode/v1",
+        limits=_DASHSCOPE_LIMITS,
     ),
     "dashscope-intl": ProviderProfile(
         name="dashscope-intl",
         base_url="https://dashscope-intl.aliyuncs.com/compatible-mode/v1",
+        limits=_DASHSCOPE_LIMITS,
     ),
     "openai": ProviderProfile(
         name="openai", base_url="https://api.openai.com/v1", limits=_OPENAI_LIMITS
     ),
-    "custom": ProviderProfile(name="custom", base_url="http://127.0.0.1:8765/v1"),
+    "custom": ProviderProfile(
+        name="custom", base_url="http://127.0.0.1:8765/v1", limits=_DASHSCOPE_LIMITS
+    ),
 }
 
 

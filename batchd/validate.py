@@ -86,6 +86,10 @@ line level, the request:
   invalid_prompt          body.prompt is not a non-empty string or list
   invalid_thinking        body.enable_thinking is not true or false
   mixed_thinking          body.enable_thinking differs from the first line of the model
+Warnings (the file stays valid; `warnings` in the report):
+  thinking_default        requests to a model that thinks by default (ModelLimits.
+                          thinks_by_default) without enable_thinking: reasoning tokens
+                          are billed as output (counted over the lines that broke no rule)
 `batchd validate` adds `unreadable` (file level) for a file it cannot open or read;
 `validate_file` itself raises OSError then, since a read error says nothing of content.
 """
@@ -297,7 +301,8 @@ class Report:
 
     `errors` holds at most `max_errors` problems, in line order, while `error_count`
     counts every one. `parts` is the plan for a valid file (one part when no split is
-    needed) and empty for an invalid one.
+    needed) and empty for an invalid one. `warnings` are file-level notes that do not
+    make the file invalid (one per model and rule).
     """
 
     path: str
@@ -309,6 +314,7 @@ class Report:
     parts: list[Part] = field(default_factory=list)
     errors: list[Problem] = field(default_factory=list)
     error_count: int = 0
+    warnings: list[Problem] = field(default_factory=list)
 
     @property
     def model(self) -> str | None:
@@ -337,11 +343,14 @@ class Report:
             "parts": [p.to_dict() for p in self.parts],
             "errors": [e.to_dict() for e in self.errors],
             "error_count": self.error_count,
+            "warnings": [w.to_dict() for w in self.warnings],
         }
 
     def render(self) -> list[str]:
-        """Readable lines: one per reported problem, `path:line: code: message`."""
+        """Readable lines: one per reported problem, `path:line: code: message`, then
+        one per warning (`path: warning: code: message`)."""
         lines = [e.render(self.path) for e in self.errors]
+        lines.extend(f"{self.path}: warning: {w.code}: {w.message}" for w in self.warnings)
         hidden = self.error_count - len(self.errors)
         if hidden > 0:
             lines.append(f"{self.path}: ... and {hidden} more problems not listed")
@@ -960,9 +969,34 @@ class _Checker:
         merged.sort(key=lambda e: (-1, 0) if e.line is None else (e.line, rank.get(e.code, 2)))
         report.errors = merged[: self.max_errors]
 
+    def thinking_warnings(self, parts: list[Part]) -> None:
+        """Warn, per model that thinks by default, of the planned requests that do not
+        set enable_thinking (every planned line of a model shares its first line's
+        setting: a differing one is `mixed_thinking`, never planned)."""
+        unset: dict[str, int] = {}
+        for part in parts:
+            first = self.thinking_of.get(part.model)
+            if (
+                first is not None
+                and first[0] is _ABSENT
+                and self.limits.for_model(part.model).thinks_by_default
+            ):
+                unset[part.model] = unset.get(part.model, 0) + part.requests
+        for model, count in unset.items():
+            self.report.warnings.append(
+                Problem(
+                    None,
+                    "thinking_default",
+                    f"{count} request(s) to {model}, which thinks by default, do not set "
+                    "enable_thinking: its reasoning tokens are billed as output; set "
+                    "enable_thinking (false to turn thinking off)",
+                )
+            )
+
     def finish(self) -> Report:
         report = self.report
         parts = self.parts + list(self.open_parts.values())
+        self.thinking_warnings(parts)
         if not self.split and self.first_model is not None and report.requests:
             model = self.first_model[0]
             max_requests = self.limits.requests_limit(model)

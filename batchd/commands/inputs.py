@@ -15,9 +15,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -27,6 +30,9 @@ from batchd.errors import UsageError
 from batchd.profiles import DEFAULT_PROVIDER, PROFILES, merge_limits
 from batchd.validate import Problem, Report, part_file_names, validate_file, write_parts
 from batchd.verdict import Rules, judge, read_sidecar, sidecar_path
+
+if TYPE_CHECKING:
+    from batchd.config import Settings
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -43,25 +49,7 @@ def register(subparsers: Any) -> None:
     )
     validate.add_argument("files", nargs="+", type=Path, metavar="FILE")
     validate.add_argument("--json", action="store_true", help="one JSON object per file")
-    _add_config_options(validate)
-    validate.add_argument(
-        "--no-split",
-        action="store_true",
-        default=None,
-        help="a file over the request or byte limit is an error instead of planned into parts",
-    )
-    validate.add_argument(
-        "--group-by-model",
-        action="store_true",
-        default=None,
-        help="accept mixed models, one part per model (default: jobs.group_by_model)",
-    )
-    validate.add_argument(
-        "--max-errors",
-        type=positive_int,
-        metavar="N",
-        help="list at most N problems per file (default: max_reported_errors)",
-    )
+    add_check_options(validate)
     validate.set_defaults(handler=run_validate)
 
     split = subparsers.add_parser(
@@ -121,6 +109,30 @@ def register(subparsers: Any) -> None:
     to_csv.set_defaults(handler=run_jsonl2csv)
 
 
+def add_check_options(parser: argparse.ArgumentParser) -> None:
+    """The options of `batchd validate` that decide how files are checked (shared with
+    `batchd estimate`, which checks them the same way)."""
+    _add_config_options(parser)
+    parser.add_argument(
+        "--no-split",
+        action="store_true",
+        default=None,
+        help="a file over the request or byte limit is an error instead of planned into parts",
+    )
+    parser.add_argument(
+        "--group-by-model",
+        action="store_true",
+        default=None,
+        help="accept mixed models, one part per model (default: jobs.group_by_model)",
+    )
+    parser.add_argument(
+        "--max-errors",
+        type=positive_int,
+        metavar="N",
+        help="list at most N problems per file (default: max_reported_errors)",
+    )
+
+
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, metavar="FILE", help="batchd TOML configuration")
     parser.add_argument(
@@ -130,35 +142,63 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _rules(args: argparse.Namespace) -> Rules:
-    """The provider's limits and the job settings as the daemon with the same
-    configuration applies them (batchd.verdict). With no configuration file and no
-    BATCHD_* variable they are the defaults, known without loading the daemon's
-    configuration (pydantic-settings): `batchd validate` starts about as fast as Python
-    does."""
+def configured(args: argparse.Namespace) -> Settings | None:
+    """The daemon's configuration when `--config` or a BATCHD_* variable gives one; None
+    otherwise, without loading the configuration machinery (pydantic-settings): then
+    `batchd validate` starts about as fast as Python does."""
     if args.config is None and not any(k.upper().startswith("BATCHD_") for k in os.environ):
-        provider = args.provider or DEFAULT_PROVIDER
-        return Rules(limits=PROFILES[provider].limits, provider=provider)
+        return None
     from batchd.config import Settings
 
-    return Rules.of(Settings.load(args.config, provider=args.provider))
+    return Settings.load(args.config, provider=args.provider)
 
 
-def _judge(path: Path, rules: Rules) -> Report:
+def rules_for(args: argparse.Namespace, settings: Settings | None = None) -> Rules:
+    """The provider's limits and the job settings as the daemon with the same
+    configuration applies them (batchd.verdict), with the command line's `--no-split`,
+    `--group-by-model` and `--max-errors` over them."""
+    if settings is None:
+        settings = configured(args)
+    if settings is None:
+        provider = args.provider or DEFAULT_PROVIDER
+        rules = Rules(limits=PROFILES[provider].limits, provider=provider)
+    else:
+        rules = Rules.of(settings)
+    changed: dict[str, Any] = {}
+    if getattr(args, "max_errors", None):
+        changed["max_errors"] = args.max_errors
+    if getattr(args, "no_split", None) is not None:
+        changed["split"] = not args.no_split
+    if getattr(args, "group_by_model", None) is not None:
+        changed["group_by_model"] = args.group_by_model
+    return replace(rules, **changed)
+
+
+@contextmanager
+def checked(path: Path, rules: Rules) -> Iterator[tuple[Report, Path | None]]:
     """The daemon's verdict on `path` (batchd.verdict): its sidecar NAME.meta.json, its
     options, its size, then its content; a CSV is converted as the daemon converts it,
-    rows numbered as in the CSV. Not judged here: whether the daemon already ran the
-    same file (`duplicate_input`)."""
-    import tempfile
-
+    rows numbered as in the CSV. Also the JSONL file judged: the file itself, or the
+    CSV's conversion (kept until the context ends); None when there is none. Not judged
+    here: whether the daemon already ran the same file (a `duplicate` hold)."""
     kind = "csv" if path.name.lower().endswith(".csv") else "jsonl"
     options: dict[str, Any] = {}
     if path.name.lower().endswith(f".{kind}"):
         options = read_sidecar(sidecar_path(path, kind)) or {}
     if kind == "jsonl":
-        return judge(path, kind, options, rules, path.parent)
+        try:
+            yield judge(path, kind, options, rules, path.parent), path
+        except OSError as exc:
+            yield _unreadable(path, exc), None
+        return
     with tempfile.TemporaryDirectory(prefix="batchd-validate-") as tmp:
-        return judge(path, kind, options, rules, Path(tmp))
+        try:
+            report = judge(path, kind, options, rules, Path(tmp))
+        except OSError as exc:
+            yield _unreadable(path, exc), None
+            return
+        converted = Path(tmp) / "input.jsonl"
+        yield report, converted if converted.is_file() else None
 
 
 def _unreadable(path: Path, exc: OSError) -> Report:
@@ -170,7 +210,7 @@ def _unreadable(path: Path, exc: OSError) -> Report:
     )
 
 
-def _summary(report: Report) -> str:
+def summary(report: Report) -> str:
     if not report.valid:
         return f"{report.path}: invalid, {report.error_count} problem(s)"
     models = ", ".join(report.models)
@@ -185,34 +225,23 @@ def _summary(report: Report) -> str:
 
 def run_validate(args: argparse.Namespace) -> int:
     """`batchd validate`: exit 0 if every file is valid, 1 if any is not."""
-    rules = _rules(args)
-    changed: dict[str, Any] = {}
-    if args.max_errors:
-        changed["max_errors"] = args.max_errors
-    if args.no_split is not None:
-        changed["split"] = not args.no_split
-    if args.group_by_model is not None:
-        changed["group_by_model"] = args.group_by_model
-    rules = replace(rules, **changed)
+    rules = rules_for(args)
     all_valid = True
     for path in args.files:
-        try:
-            report = _judge(path, rules)
-        except OSError as exc:
-            report = _unreadable(path, exc)
-        all_valid = all_valid and report.valid
+        with checked(path, rules) as (report, _):
+            all_valid = all_valid and report.valid
         if args.json:
             sys.stdout.write(orjson.dumps(report.to_dict()).decode() + "\n")
         else:
             for line in report.render():
                 print(line)
-            print(_summary(report))
+            print(summary(report))
     return EXIT_OK if all_valid else EXIT_FAILED
 
 
 def run_split(args: argparse.Namespace) -> int:
     """`batchd split`: validate, then write the planned parts (if more than one)."""
-    rules = _rules(args)
+    rules = rules_for(args)
     limits, max_reported = rules.limits, rules.max_errors
     overrides = {
         key: value
@@ -236,7 +265,7 @@ def run_split(args: argparse.Namespace) -> int:
     if not report.valid:
         for line in report.render():
             print(line)
-        print(_summary(report))
+        print(summary(report))
         return EXIT_FAILED
     written = write_parts(report, args.file, args.out, fsync=args.fsync)
     if not written:

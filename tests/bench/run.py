@@ -30,6 +30,7 @@ BENCHES: dict[str, tuple[str, list[str], list[str], float]] = {
         ["--size-mb", "20", "--lines", "2000", "--split-lines", "50000"],
         420,
     ),
+    "estimate": ("tests.bench.bench_estimate", [], ["--quick"], 600),
     "caps": ("tests.bench.bench_caps", [], ["--quick"], 360),
     "economy": ("tests.bench.bench_economy", [], ["--quick"], 600),
     "scale": ("tests.bench.bench_scale", [], ["--quick"], 600),

@@ -148,6 +148,8 @@ HEAVY = ("aiohttp", "prometheus_client", "batchd.emulator", "pydantic", "batchd.
     [
         ["--version"],
         ["validate", "{one}"],
+        ["estimate", "{one}"],
+        ["estimate", "--json", "--approx", "{one}"],
         ["status", "--socket", "{sock}"],
         ["jobs", "--socket", "{sock}", "--json"],
         ["show", "--socket", "{sock}", "0123456789abcdef"],

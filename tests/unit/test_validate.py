@@ -235,3 +235,31 @@ def test_write_parts_refuses_a_source_that_changed(tmp_path: Path) -> None:
 def test_a_missing_file_raises_oserror(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         validate_file(tmp_path / "nope.jsonl", DASHSCOPE)
+
+
+def test_requests_to_a_model_that_thinks_by_default_warn_without_failing(tmp_path: Path) -> None:
+    """qwen3-32b thinks unless told not to: the file is valid, and the report counts the
+    requests that leave enable_thinking unset (their reasoning is billed as output)."""
+    unset = write(tmp_path, [encode(request(str(i), model="qwen3-32b")) for i in range(4)])
+    report = validate_file(unset, DASHSCOPE)
+    assert report.valid and report.error_count == 0
+    [warning] = report.warnings
+    assert warning.code == "thinking_default" and warning.line is None
+    assert warning.message.startswith("4 request(s) to qwen3-32b")
+    assert "enable_thinking" in warning.message and "billed as output" in warning.message
+    assert report.to_dict()["warnings"][0]["code"] == "thinking_default"
+    assert any("warning: thinking_default" in line for line in report.render())
+    lines = [encode(request(str(i), model="qwen3-32b", enable_thinking=False)) for i in range(4)]
+    assert validate_file(write(tmp_path, lines, "off.jsonl"), DASHSCOPE).warnings == []
+    # A model that does not think by default gets no warning.
+    assert (
+        validate_file(write(tmp_path, [encode(request("1"))], "plain.jsonl"), DASHSCOPE).warnings
+        == []
+    )
+
+
+def test_the_thinking_warning_counts_each_model_of_a_grouped_file(tmp_path: Path) -> None:
+    lines = [encode(request(str(i), model="qwq-plus" if i % 2 else "qwen-plus")) for i in range(7)]
+    report = validate_file(write(tmp_path, lines), DASHSCOPE, group_by_model=True)
+    assert report.valid
+    assert [w.message.split(" request(s)")[0] for w in report.warnings] == ["3"]
