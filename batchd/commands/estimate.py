@@ -47,12 +47,11 @@ EXIT_FAILED = 1
 OBSERVED_JOBS = 20
 DATABASE_NAME = "batchd.sqlite3"
 
-# Published single-model jobs, newest first: their usage and completed requests. (The
-# lead's per-model usage will replace `jobs.usage`; only this query needs to change.)
+# Recent published jobs that ran the model: their usage of it (summary.json's
+# `usage.per_model`, which the daemon also keeps in `jobs.usage`), newest first.
 _OBSERVED_SQL = (
-    "SELECT usage, completed FROM jobs"
-    " WHERE state = 'published' AND usage IS NOT NULL AND completed > 0"
-    " AND json_extract(report, '$.model') = ?"
+    "SELECT json_extract(usage, ?) FROM jobs"
+    " WHERE state = 'published' AND json_extract(usage, ?) IS NOT NULL"
     " ORDER BY updated_at DESC LIMIT ?"
 )
 
@@ -83,21 +82,25 @@ def observed_output_mean(database: Path, model: str, jobs: int = OBSERVED_JOBS) 
     readable database. Values from the database are checked, not trusted."""
     if not database.is_file():
         return None
+    path = '$.per_model."' + model.replace('"', "") + '"'
     try:
         uri = f"{database.resolve().as_uri()}?mode=ro"
         with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=1.0)) as db:
-            rows = db.execute(_OBSERVED_SQL, (model, jobs)).fetchall()
+            rows = db.execute(_OBSERVED_SQL, (path, path, jobs)).fetchall()
     except sqlite3.Error:
         return None
     tokens = requests = 0
-    for usage, completed in rows:
+    for (raw,) in rows:
         try:
-            used = orjson.loads(usage).get("completion_tokens")
-        except (orjson.JSONDecodeError, AttributeError, TypeError):
+            used = orjson.loads(raw)
+        except (orjson.JSONDecodeError, TypeError):
             continue
-        if type(used) is int and used >= 0 and type(completed) is int and completed > 0:
-            tokens += used
-            requests += completed
+        if not isinstance(used, dict):
+            continue
+        out, answered = used.get("completion_tokens"), used.get("requests")
+        if type(out) is int and out >= 0 and type(answered) is int and answered > 0:
+            tokens += out
+            requests += answered
     return tokens / requests if requests else None
 
 

@@ -152,7 +152,19 @@ async def test_recent_jobs_of_the_model_give_an_observed_mean_and_a_likely_cost(
                 (
                     f"job{i}",
                     json.dumps({"model": model, "models": [model]}),
-                    json.dumps({"prompt_tokens": 50, "completion_tokens": completion}),
+                    json.dumps(
+                        {
+                            "prompt_tokens": 50,
+                            "completion_tokens": completion,
+                            "per_model": {
+                                model: {
+                                    "requests": completed,
+                                    "prompt_tokens": 50,
+                                    "completion_tokens": completion,
+                                }
+                            },
+                        }
+                    ),
                     completed,
                     float(i),
                     float(i),
