@@ -2,25 +2,32 @@
 
 Token counts: a request's input is counted by `prompt_tokens(body, endpoint)` and nowhere
 else, so that the usage a result line shows, the enqueued-token limit (store.py) and the
-per-model tally of `/_emulator/stats` all agree. The count is an approximation shaped
-like a real tokenizer's (`_tokens`), except for the free test model, whose answers always
-show 20 prompt and 6 completion tokens, as the seed's do. `TokenTally` adds up the usage
-of the result lines a batch's files hold, per model.
+per-model tally of `/_emulator/stats` all agree. Chat requests are counted as DashScope
+counts them: Qwen's chat template written out here and encoded by the provider's own
+tokenizer (`dashscope.get_tokenizer`, when the `dashscope` package is installed), which
+gives the seed's 26, 26 and 22 prompt tokens. This shares no code with batchd's own
+counter (`batchd.tokens`, which reimplements the vocabulary's use on tiktoken), so a test
+that compares batchd's estimate with what the emulator bills checks one against the
+other. Without the package, an approximation shaped like a real tokenizer's (`_tokens`).
+The free test model's answers always show 20 prompt and 6 completion tokens, as the
+seed's do. `TokenTally` adds up the usage of the result lines a batch's files hold, per
+model.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import random
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 import orjson
 
 from batchd.config import ENDPOINT_EMBEDDINGS, TEST_MODEL
-from batchd.tokens import request_tokens, tokenizer_for
 
 TEST_ANSWER = "This is a test result."
 # The test model's usage, whatever it is asked (the seed's sample output).
@@ -342,18 +349,43 @@ def write_padding(out: BinaryIO, count: int) -> int:
 
 def prompt_tokens(body: dict[str, Any], endpoint: str) -> int:
     """PURE: the input tokens of one request body sent to `endpoint`, as its result line's
-    `usage.prompt_tokens` shows them and the enqueued-token limit counts them.
-
-    The free test model always counts 20. Every other model is counted as DashScope
-    counts it: `batchd.tokens` with Qwen's vocabulary and chat template (the seed's
-    examples give 26, 26 and 22), or its documented approximation when the `tokens`
-    extra is not installed; so batchd's estimates can be checked against what the
-    emulator bills. Nothing else in the emulator counts input tokens.
-    """
-    model = body.get("model")
-    if model == TEST_MODEL:
+    `usage.prompt_tokens` shows them and the enqueued-token limit counts them (see the
+    module's docstring). Nothing else in the emulator counts input tokens."""
+    if body.get("model") == TEST_MODEL:
         return TEST_PROMPT_TOKENS
-    return request_tokens(body, endpoint, tokenizer_for("dashscope", str(model)))
+    encode = _provider_tokenizer()
+    if endpoint == ENDPOINT_EMBEDDINGS:
+        texts = _embedding_texts(body)
+        return sum(len(encode(t)) if encode else _tokens(t) for t in texts)
+    messages = body.get("messages")
+    if encode is None:
+        return _tokens(_prompt_text(messages)) + 4 * _count(messages)
+    return len(encode(_chat_template(messages)))
+
+
+def _chat_template(messages: Any) -> str:
+    """Qwen's chat template (ChatML) of a request's messages, as the service renders it
+    before counting: each message, then the assistant's turn; no default system
+    message (Qwen3's template adds none)."""
+    turns = []
+    for message in messages if isinstance(messages, list) else []:
+        if not isinstance(message, dict):
+            continue
+        role = message.get("role") if isinstance(message.get("role"), str) else "user"
+        turns.append(f"<|im_start|>{role}\n{_message_text(message)}<|im_end|>\n")
+    return "".join(turns) + "<|im_start|>assistant\n"
+
+
+@functools.cache
+def _provider_tokenizer() -> Callable[[str], list[int]] | None:
+    """The provider's own tokenizer from the `dashscope` package (special tokens in the
+    text count as one each), or None when the package is not installed."""
+    try:
+        import dashscope
+    except ImportError:
+        return None
+    tokenizer = dashscope.get_tokenizer("qwen-turbo")
+    return lambda text: list(tokenizer.encode(text))
 
 
 def _embedding_texts(body: dict[str, Any]) -> list[str]:
@@ -365,17 +397,23 @@ def _count(value: Any) -> int:
     return len(value) if isinstance(value, list) else 0
 
 
+def _message_text(message: dict[str, Any]) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            str(p.get("text", "")) for p in content if isinstance(p, dict) and "text" in p
+        )
+    return ""
+
+
 def _prompt_text(messages: Any) -> str:
-    parts: list[str] = []
-    for message in messages if isinstance(messages, list) else []:
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, str):
-            parts.append(content)
-        elif isinstance(content, list):
-            parts.extend(
-                str(p.get("text", "")) for p in content if isinstance(p, dict) and "text" in p
-            )
-    return "\n".join(parts)
+    return "\n".join(
+        _message_text(m)
+        for m in (messages if isinstance(messages, list) else [])
+        if isinstance(m, dict)
+    )
 
 
 def _tokens(text: str) -> int:

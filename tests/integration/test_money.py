@@ -77,6 +77,13 @@ async def test_a_job_says_what_it_cost_per_model_everywhere(
     # The same figures in show, jobs --json, status and /metrics' source.
     assert shown is not None and shown.cost == cost and listed.cost == cost
     assert shown.estimate is not None and set(shown.estimate["models"]) == set(expected)
+    # batchd's counts against the emulator's own (the provider's tokenizer, not batchd's):
+    # the input tokens counted when planned are those billed, model by model.
+    billed = (await emulator.stats())["tokens_by_model"]
+    for model in expected:
+        counted = shown.estimate["models"][model]["input_tokens"]
+        assert counted == usage[model]["prompt_tokens"] == billed[model]["prompt_tokens"]
+        assert billed[model]["completion_tokens"] == usage[model]["completion_tokens"]
     assert status.spend is not None
     assert status.spend.today.spent["custom"] == pytest.approx(cost["amount"], rel=1e-6)
     assert status.spend.month.spent["custom"] == pytest.approx(cost["amount"], rel=1e-6)
