@@ -21,6 +21,8 @@ from batchd.protocol import (
     JobInfo,
     JobList,
     Operator,
+    Spend,
+    SpendPeriod,
     StatusResponse,
 )
 from batchd.testing import RawControl
@@ -130,6 +132,13 @@ class FakeOperator:
             "running_cap": 1000,
             "queue_age_s": 0.0,
             "tokens": {"prompt": 0, "completion": 0},
+            "cost_by_model": {"CNY": {"qwen-plus": 1.25}},
+            "spend": Spend(
+                currency="CNY",
+                timezone="UTC",
+                today=SpendPeriod(spent={"dashscope": 1.25}, cap=10.0, left=8.75),
+                month=SpendPeriod(spent={"dashscope": 1.25}),
+            ),
         }
 
     def subscribe(self, listener: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
@@ -168,7 +177,10 @@ async def test_calls_are_answered_from_the_operations_layer(
     answer = await client.cancel(JOB.id)
     assert not answer.ok and answer.message == "already published"  # a 409 is an answer
     assert (await client.retry(JOB.id, everything=True)).ok  # `batchd retry --all`
-    assert "batchd_running_cap 1000.0" in await client.metrics()
+    exposed = await client.metrics()
+    assert "batchd_running_cap 1000.0" in exposed
+    assert 'batchd_cost_total{currency="CNY",model="qwen-plus"} 1.25' in exposed
+    assert 'batchd_budget_left{currency="CNY",period="day"} 8.75' in exposed
     with pytest.raises(RequestFailed) as unknown:
         await client.job("nope")
     assert (unknown.value.status, unknown.value.code) == (404, "unknown_job")
