@@ -179,3 +179,30 @@ async def test_recent_jobs_of_the_model_give_an_observed_mean_and_a_likely_cost(
     assert facts["output_tokens_observed_mean"] == 100.0  # 400 tokens over 4 requests
     cost = facts["cost"]
     assert cost["min"] < cost["likely"] < cost["max"]
+
+
+def test_the_configurations_prices_and_job_settings_apply(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--config` prices with the daemon's table ([prices] over the defaults) and checks
+    with its job settings; a model the table does not know costs null, never 0."""
+    config = tmp_path / "batchd.toml"
+    config.write_text(
+        f'[paths]\nroot = "{tmp_path}"\n'
+        '[prices.dashscope."qwen-plus"]\ninput = 1000000.0\noutput = 0.0\ncurrency = "CNY"\n'
+    )
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_bytes(chat_line(1, "qwen-plus", "hi") + chat_line(2, "qwen-long", "hi"))
+    code, out = estimate(capsys, "--json", "--config", str(config), str(mixed))
+    assert code == 1  # mixed models, and the configuration does not group by model
+    assert "mixed_model" in out
+    config.write_text(config.read_text() + "[jobs]\ngroup_by_model = true\n")
+    code, out = estimate(capsys, "--json", "--config", str(config), str(mixed))
+    assert code == 0, out
+    models = objects(out)[0]["models"]
+    plus = models["qwen-plus"]
+    # One million CNY per million input tokens, half for batch: 0.5 CNY per input token.
+    assert plus["cost"]["min"] == pytest.approx(0.5 * plus["input_tokens"])
+    assert plus["cost"]["max"] == plus["cost"]["min"]  # output priced 0
+    assert models["qwen-long"]["cost"]["min"] is None
+    assert models["qwen-long"]["cost"]["max"] is None
