@@ -245,7 +245,7 @@ async def test_files_present_before_start_up_are_found(
     )
     inbox = settings.paths.folder("inbox")
     for i in range(3):
-        drop(inbox, f"early-{i}.jsonl", requests(2))
+        drop(inbox, f"early-{i}.jsonl", requests(2, prefix=f"e{i}-"))
     async with running_daemon(settings):
         folders = await wait_published(settings.paths.folder("outbox"), 3, emulator)
     assert [f.name for f in folders] == ["early-0", "early-1", "early-2"]
