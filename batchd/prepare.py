@@ -35,7 +35,8 @@ from batchd.verdict import Rules, judge_content, judge_unread
 log = get_logger(__name__)
 
 
-# A job whose input keeps changing under validation is rejected after this many tries.
+# A job whose input was seen changing this many times (under validation, or before its
+# upload) is rejected.
 MAX_PREPARES = 5
 
 
@@ -266,9 +267,9 @@ class Preparer:
             return True
         # Counted before the work and cleared after: a job that kills the daemon every
         # time it is validated is parked by recovery instead of crashing it forever.
-        await self.store.update_job(
-            job.id, JobState.CLAIMED, crash_count=job.crash_count + 1, prepares=job.prepares + 1
-        )
+        # (`prepares` counts the changes seen, not the attempts: a validation cut short by
+        # a kill says nothing of the producer.)
+        await self.store.update_job(job.id, JobState.CLAIMED, crash_count=job.crash_count + 1)
         started = self.clock.monotonic()
         try:
             prepared = await asyncio.to_thread(prepare, job, self.settings)
@@ -284,6 +285,7 @@ class Preparer:
                 job.id,
                 JobState.CLAIMED,
                 crash_count=job.crash_count,
+                prepares=job.prepares + 1,
                 error="the input changed while it was validated; validated again once still",
             )
             self.not_before[job.id] = self.clock.now() + self.settings.intake.settle_s
@@ -407,8 +409,8 @@ class Preparer:
         report = _rejection(
             job,
             "input_keeps_changing",
-            f"the file changed each of the {job.prepares} times it was validated (a producer"
-            " still writing it?); drop it again once it is complete",
+            f"the file changed {job.prepares} times while batchd validated or sent it (a"
+            " producer still writing it?); drop it again once it is complete",
         )
         await self.store.update_job(
             job.id,

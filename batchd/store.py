@@ -716,7 +716,8 @@ class Store:
             if row is None or int(row[0]) > 0:
                 return False
             cur2 = await self._db.execute(
-                "UPDATE jobs SET state = ?, error = ?, updated_at = ? WHERE id = ? AND state = ?",
+                "UPDATE jobs SET state = ?, error = ?, updated_at = ?, prepares = prepares + 1"
+                " WHERE id = ? AND state = ?",
                 (JobState.CLAIMED, note, now, job_id, JobState.RUNNING),
             )
             if cur2.rowcount != 1:
