@@ -11,14 +11,32 @@ for comparisons with recorded times (a part's `retry_at`, a file's mtime); `mono
 is for durations and deadlines within this process (the event loop's own clock, which
 a wall-clock step does not move). Waiting itself (`asyncio.sleep`, `call_later`) stays
 on the event loop.
+
+What batchd writes for a reader (summary.json's timings) is `iso_utc`: one format,
+ISO 8601 in UTC with milliseconds and a `Z`, e.g. `2026-11-30T04:31:02.123Z`.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from datetime import UTC, datetime
 from typing import Protocol
 
-__all__ = ["SYSTEM_CLOCK", "Clock", "FakeClock", "SystemClock"]
+__all__ = ["SYSTEM_CLOCK", "Clock", "FakeClock", "SystemClock", "iso_utc"]
+
+
+def iso_utc(at: float | None) -> str | None:
+    """PURE: Unix seconds as ISO 8601 in UTC to the millisecond (truncated), with `Z`:
+    `2026-11-30T04:31:02.123Z`. None for None and for what is not a moment (NaN, a
+    negative or out-of-range number). Sorts as text in time order (years 1970-9999)."""
+    if at is None or isinstance(at, bool) or not math.isfinite(at) or at < 0:
+        return None
+    try:
+        when = datetime.fromtimestamp(at, UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class Clock(Protocol):

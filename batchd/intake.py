@@ -18,6 +18,7 @@ import re
 import secrets
 import shutil
 import stat
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,10 +261,12 @@ class Intake:
         if not await asyncio.to_thread(self._same_file, name, st):
             return False
         options = await asyncio.to_thread(self._read_sidecar, stem)
+        raw_name = name_hex(name)
         await self.store.insert_job(
             job_id=job_id,
-            name=_safe_stem(stem),
-            inbox_name=_storable(name),
+            name=outbox_name(stem),
+            inbox_name=storable_name(name),
+            inbox_name_hex=raw_name,
             inode=st.st_ino,
             dev=st.st_dev,
             spool_path=str(target),
@@ -275,8 +278,9 @@ class Intake:
         try:
             record = {
                 "id": job_id,
-                "name": _safe_stem(stem),
-                "inbox_name": _storable(name),
+                "name": outbox_name(stem),
+                "inbox_name": storable_name(name),
+                "inbox_name_hex": raw_name,
                 "kind": kind,
                 "options": options,
                 "created_at": now,
@@ -437,8 +441,10 @@ class Intake:
             name = record.get("name")
             await self.store.insert_job(
                 job_id=job_id,
-                name=name if isinstance(name, str) and name else f"recovered-{job_id}",
+                # The record is a file anyone could have edited: its name is made safe again.
+                name=outbox_name(name) if isinstance(name, str) and name else f"recovered-{job_id}",
                 inbox_name=str(record.get("inbox_name") or f"input.{kind}"),
+                inbox_name_hex=_hex_or_none(record.get("inbox_name_hex")),
                 inode=0,
                 dev=0,
                 spool_path=str(folder / f"input.{kind}"),
@@ -544,6 +550,16 @@ def read_claim_record(folder: Path) -> dict[str, Any]:
     return record if isinstance(record, dict) else {}
 
 
+def _hex_or_none(value: Any) -> str | None:
+    """A claim record's hex field when it is hex; None when missing or torn."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return bytes.fromhex(value).hex()
+    except ValueError:
+        return None
+
+
 def _ends_with_newline(dir_fd: int, name: str, st: os.stat_result) -> bool:
     try:
         fd = os.open(
@@ -578,17 +594,68 @@ def _kind_of(mode: int) -> str:
     return "not a regular file"
 
 
-def _storable(name: str) -> str:
-    """The inbox name as valid UTF-8 text (undecodable bytes as `\\xNN`), for records."""
+# -- names ---------------------------------------------------------------------------
+#
+# A job's name is its outbox folder's: the input's stem as given wherever that is safe
+# for a folder. Spaces, punctuation and every script are kept (`评论 数据.jsonl` is
+# published as `outbox/评论 数据`); only what cannot or must not be in a folder name is
+# replaced, each character by one `_` (see `outbox_name`). Shell metacharacters are kept:
+# a name with spaces needs quoting in a shell anyway. Windows' own rules (`CON`, a
+# trailing dot, `:`) are not applied: the outbox is a Linux folder.
+
+# The longest file name of Linux filesystems (NAME_MAX: ext4, xfs, btrfs, tmpfs), less
+# what the publish temp folder adds (`.NAME.tmp-JOBID`) and room for a collision's `-N`.
+NAME_MAX_BYTES = 255
+TEMP_NAME_EXTRA_BYTES = len(".") + len(".tmp-") + 20  # a job id: 20 hex digits
+COPY_SUFFIX_BYTES = len("-999999")
+MAX_NAME_BYTES = NAME_MAX_BYTES - TEMP_NAME_EXTRA_BYTES - COPY_SUFFIX_BYTES  # 222
+# Characters that reorder how the text around them is displayed (bidi embeddings,
+# overrides and isolates): a name holding them can show as another name ("Trojan Source").
+BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# Unicode categories replaced: control characters (C0 with NUL, DEL, C1), surrogates (an
+# undecodable byte of a non-UTF-8 name arrives as one), line and paragraph separators.
+UNSAFE_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
+
+
+def outbox_name(stem: str) -> str:
+    """PURE: the outbox folder name (and the job's name) for an input's stem.
+
+    The stem is kept as given, except:
+    - `/`, control characters (NUL, tab, newline, ESC, DEL, C1), line and paragraph
+      separators, bidi controls (U+202A-U+202E, U+2066-U+2069) and each byte that is
+      not UTF-8 become `_`, one for one;
+    - a leading `.` (a hidden folder, `.`, `..`) or `-` (read as an option) becomes `_`;
+    - a name over MAX_NAME_BYTES (222) UTF-8 bytes is cut there, on a character's
+      boundary, so that `NAME-N` and the temp folder `.NAME-N.tmp-JOBID` fit in 255.
+    Spaces (leading and trailing too), non-ASCII letters, punctuation and emoji are kept;
+    the name is not normalised (NFC/NFD). Applied twice it changes nothing more.
+    """
+    name = "".join(
+        "_" if c == "/" or c in BIDI_CONTROLS or unicodedata.category(c) in UNSAFE_CATEGORIES else c
+        for c in stem
+    )
+    if name.startswith((".", "-")):
+        name = "_" + name[1:]
+    raw = name.encode("utf-8")
+    if len(raw) > MAX_NAME_BYTES:
+        name = raw[:MAX_NAME_BYTES].decode("utf-8", "ignore")
+    return name or "job"
+
+
+def storable_name(name: str) -> str:
+    """PURE: a file name as it came from the filesystem (undecodable bytes as lone
+    surrogates), as valid UTF-8 text for records: exact when the name is UTF-8, else
+    each undecodable byte written `\\xNN` (`name_hex` keeps the bytes)."""
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _safe_stem(stem: str) -> str:
-    """The outbox folder name: the input's stem, made safe for any filesystem and shell:
-    no leading `-` or `.`, at most 100 bytes (room for the temp name, `.NAME.tmp-JOB`)."""
-    cleaned = "".join(
-        c if (c.isalnum() or c in "-_.") and c.isprintable() else "_"
-        for c in stem.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    )
-    cleaned = cleaned.encode()[:100].decode("utf-8", "ignore").lstrip("-.").rstrip(".")
-    return cleaned or "job"
+def name_hex(name: str) -> str | None:
+    """PURE: a file name's bytes in hex when they are not UTF-8 (then `storable_name`
+    cannot tell `\\xNN` written in the name from an undecodable byte); None when they
+    are (the name as text is then exact)."""
+    raw = name.encode("utf-8", "surrogateescape")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.hex()
+    return None

@@ -183,6 +183,9 @@ class Job:
     held: str | None = None
     held_note: str | None = None
     held_at: float | None = None
+    # The inbox name's bytes in hex when they are not UTF-8 (then `inbox_name` shows
+    # each undecodable byte as \xNN); None when `inbox_name` is the name exactly.
+    inbox_name_hex: str | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -215,6 +218,7 @@ class Job:
             held=row["held"],
             held_note=row["held_note"],
             held_at=row["held_at"],
+            inbox_name_hex=row["inbox_name_hex"],
         )
 
 
@@ -255,6 +259,12 @@ class Part:
     input_tokens: int | None = None
     output_tokens_max: int | None = None
     cost_max: float | None = None
+    # When batchd asked for this part's batch, on its own clock (`created_remote_at` is
+    # the provider's); None before creation and for parts created before it was kept.
+    batch_created_at: float | None = None
+    # The Batch object's timestamps as the provider gave them (`remote.TIME_KEYS`, each
+    # checked: None when absent or garbled); shown, never decided on.
+    provider_times: dict[str, float | None] | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Part:
@@ -293,7 +303,17 @@ class Part:
             input_tokens=row["input_tokens"],
             output_tokens_max=row["output_tokens_max"],
             cost_max=row["cost_max"],
+            batch_created_at=row["batch_created_at"],
+            provider_times=_loads(row["provider_times"]),
         )
+
+
+def batch_created_at(part: Part) -> float | None:
+    """PURE: when batchd asked for the part's batch, on its own clock; None when it has
+    none. A part created before this was recorded has its create intent's time."""
+    if part.batch_created_at is not None:
+        return part.batch_created_at
+    return part.intent_at if part.batch_id is not None else None
 
 
 @dataclass(frozen=True, slots=True)

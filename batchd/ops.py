@@ -40,6 +40,7 @@ from batchd.models import (
     Outcome,
     Part,
     PartState,
+    batch_created_at,
 )
 from batchd.notify import status_text
 from batchd.protocol import (
@@ -658,13 +659,20 @@ def _part_info(p: Part) -> PartInfo:
         request_counts=p.request_counts,
         output_file_id=p.output_file_id,
         error_file_id=p.error_file_id,
-        created_remote_at=p.created_remote_at,
+        # The provider's own time only (not ours, which stands in for a missing one).
+        created_remote_at=(
+            p.provider_times.get("created_at")
+            if p.provider_times is not None
+            else p.created_remote_at
+        ),
         ended_at=p.ended_at,
         error=p.error,
         attempts=p.attempts,
         retry_at=p.retry_at,
         parked_from=p.parked_from,
         unavailable=p.unavailable,
+        batch_created_at=batch_created_at(p),
+        provider_times=p.provider_times,
     )
 
 

@@ -150,6 +150,9 @@ class PartInfo(_Model, kw_only=True):
     request_counts: dict[str, int] | None
     output_file_id: str | None
     error_file_id: str | None
+    # Unix seconds. `batch_created_at` (when batchd asked for the batch) and `ended_at`
+    # (when batchd saw it end) are batchd's clock; `created_remote_at` and
+    # `provider_times` (the Batch object's own timestamps, each checked) the provider's.
     created_remote_at: float | None
     ended_at: float | None
     error: str | None
@@ -157,6 +160,8 @@ class PartInfo(_Model, kw_only=True):
     retry_at: float | None = None
     parked_from: str | None = None
     unavailable: dict[str, str] | None = None
+    batch_created_at: float | None = None
+    provider_times: dict[str, float | None] | None = None
 
 
 class Notification(_Model, kw_only=True):

@@ -6,7 +6,10 @@ in input order, the service's lines byte for byte), `error.jsonl` (failures, eac
 its `input_line`; requests that never ran get their own error code), `unattributed.jsonl`
 (result lines no request of the input claims, byte for byte; only when there are any),
 `result.csv`, `summary.json` and a copy of the validated input; each file is fsynced,
-then the folder is renamed to `outbox/NAME` and the outbox fsynced. The name is
+then the folder is renamed to `outbox/NAME` and the outbox fsynced. NAME is the job's
+name (the input's stem as `intake.outbox_name` keeps it); when a job or anything else
+holds it, `NAME-2`, `NAME-3`, ..., whose summary.json says which earlier folder (and job)
+it `follows`: a published folder is never changed to point forward. The name is
 committed before the rename, so a crash on either side of it is settled by looking at
 the folder's `summary.json`. A write or fsync that fails (EIO, ENOSPC) removes the temp
 folder, logs `publish_failed` and tries the job again after a pause that doubles with
@@ -34,15 +37,16 @@ from typing import IO, Any
 import orjson
 
 from batchd import csvio
-from batchd.clock import SYSTEM_CLOCK, Clock
+from batchd.clock import SYSTEM_CLOCK, Clock, iso_utc
 from batchd.failpoints import failpoint
 from batchd.fsutil import fsync_dir, fsync_file
 from batchd.lines import CHUNK_BYTES, DEFAULT_MAX_LINE_BYTES, iter_lines
 from batchd.logs import get_logger
 from batchd.merge import MergeStats, file_of, kept_on_service, merge, sent_bytes
-from batchd.models import Job, JobState, Outcome, Part, RemoteStatus
+from batchd.models import Job, JobState, Outcome, Part, RemoteStatus, batch_created_at
 from batchd.prices import PriceTable, table_from
 from batchd.remerge import merge_chain
+from batchd.remote import TIME_KEYS
 from batchd.store import Store
 
 log = get_logger(__name__)
@@ -50,6 +54,9 @@ log = get_logger(__name__)
 # Rejections decided on the input's size or blocks alone: the input was never read, so
 # it is moved into the outbox (a rename), never copied.
 UNREAD_CODES = frozenset({"input_too_large", "sparse_file"})
+# The most jobs of one name the outbox holds (`NAME` to `NAME-999999`): `-N` fits the
+# room `intake.MAX_NAME_BYTES` leaves, and the search for a free name is bounded.
+MAX_COPIES = 999_999
 UNSENT_NOTE = (
     "these bytes arrived after the file was claimed and were not sent:"
     " drop them again as a new file"
@@ -164,21 +171,38 @@ class Publisher:
         return moved
 
     async def _final_dir(self, job: Job) -> Path:
-        """The job's outbox folder: its stem, or `STEM-N` when another job has it or
-        anything at all (a folder, a file, a symlink, even a dangling one) is there."""
+        """The job's outbox folder: its name, or `NAME-N` (`numbered_name`) when another
+        job has it or anything at all (a folder, a file, a symlink, even a dangling one)
+        is there."""
         if job.outbox_path:
             chosen = Path(job.outbox_path)
             if _outbox_owner(chosen, job.id) in (None, "self"):
                 return chosen
             # Taken since the name was chosen (by hand, say): this job takes another.
             log.warning("outbox_name_taken", job_id=job.id, outbox=str(chosen))
-        name, n = job.name, 1
-        while await self.store.outbox_path_taken(str(self.outbox / name)) or os.path.lexists(
-            self.outbox / name
-        ):
-            n += 1
-            name = f"{job.name}-{n}"
-        return self.outbox / name
+        for n in range(1, MAX_COPIES + 1):
+            path = self.outbox / numbered_name(job.name, n)
+            if not await self.store.outbox_path_taken(str(path)) and not os.path.lexists(path):
+                return path
+        # A publish failure like a full disk: logged, and tried again after a pause.
+        raise OSError(errno.EEXIST, f"outbox names {job.name} to {job.name}-{MAX_COPIES} taken")
+
+    async def _follows(self, job: Job, final: Path) -> dict[str, Any] | None:
+        """What a numbered folder `NAME-N` follows: the nearest earlier folder of its name
+        (`NAME-(N-1)`, ..., `NAME`) that another job owns, with that job's id; when no
+        job owns one (a user's own file took the name), the folder just before it, with
+        `job_id` null. None for a folder under the job's own name."""
+        n = copy_number(job.name, final.name)
+        if n is None:
+            return None
+        for k in range(n - 1, 0, -1):
+            before = self.outbox / numbered_name(job.name, k)
+            owner = await self.store.outbox_path_owner(str(before))
+            if owner is None:
+                owner = await asyncio.to_thread(_folder_job_id, before)
+            if owner is not None and owner != job.id:
+                return {"folder": before.name, "job_id": owner}
+        return {"folder": numbered_name(job.name, n - 1), "job_id": None}
 
     async def publish(self, job: Job) -> bool:
         parts = await self.store.parts_of(job.id)
@@ -188,9 +212,10 @@ class Publisher:
         if _published_by(final, job.id):
             return await self._done(job, parts, final, None)
         tmp = self.outbox / f".{final.name}.tmp-{job.id}"
+        follows = await self._follows(job, final)
         await self.store.update_job(job.id, JobState.PUBLISHING, crash_count=job.crash_count + 1)
         try:
-            summary = await asyncio.to_thread(self._build, job, parts, tmp)
+            summary = await asyncio.to_thread(self._build, job, parts, tmp, final.name, follows)
             failpoint("publish.before_rename", job.inbox_name)
             await asyncio.to_thread(os.rename, tmp, final)
         except BaseException:
@@ -257,7 +282,14 @@ class Publisher:
     def _cost_of(self, model: str, usage: dict[str, Any]) -> float | None:
         return self.prices.request_cost(self.provider, model, usage)
 
-    def _build(self, job: Job, parts: list[Part], tmp: Path) -> dict[str, Any]:
+    def _build(
+        self,
+        job: Job,
+        parts: list[Part],
+        tmp: Path,
+        folder: str,
+        follows: dict[str, Any] | None,
+    ) -> dict[str, Any]:
         discard_tmp(job, tmp)
         tmp.mkdir(parents=True)
         spool_input = Path(job.spool_path)
@@ -292,6 +324,8 @@ class Publisher:
             kept,
             published_at=self.clock.now(),
             currency=self.prices.currency(self.provider),
+            folder=folder,
+            follows=follows,
         )
         (tmp / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
         fsync_file(tmp / "summary.json")
@@ -544,16 +578,25 @@ def build_summary(
     *,
     published_at: float,
     currency: str = "",
+    folder: str | None = None,
+    follows: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """PURE: what summary.json says of the job: its input, outcome, counts, parts and
-    timings (`published_at`: wall time); `kept` is what `keep_input_files` said of the
-    input."""
+    timings; `kept` is what `keep_input_files` said of the input, `folder` the outbox
+    folder's name (`name`, or `name-N` after a collision, which `follows` an earlier one).
+
+    Every timing is batchd's own wall clock (`published_at` too), as `clock.iso_utc`
+    text; the service's own timestamps of each batch are apart, in its part's
+    `provider_times`, under the Batch object's names."""
     kept = kept or {}
     return {
         "job_id": job.id,
         "name": job.name,
+        "folder": folder if folder is not None else job.name,
+        "follows": follows,
         "input": {
             "name": job.inbox_name,
+            "name_hex": job.inbox_name_hex,
             "sha256": job.sha256,
             "bytes": job.bytes,
             "kind": job.kind,
@@ -604,16 +647,46 @@ def build_summary(
                 "unavailable": p.unavailable,
                 "kept_on_service": _kept_files(p),
                 "note": p.error,
+                "provider_times": provider_times(p),
             }
             for p in parts
         ],
         "timings": {
-            "claimed_at": job.created_at,
-            "batches_created_at": [p.created_remote_at for p in parts],
-            "batches_ended_at": [p.ended_at for p in parts],
-            "published_at": published_at,
+            "claimed_at": iso_utc(job.created_at),
+            "batches_created_at": [iso_utc(batch_created_at(p)) for p in parts],
+            "batches_ended_at": [iso_utc(p.ended_at) for p in parts],
+            "published_at": iso_utc(published_at),
         },
     }
+
+
+def provider_times(part: Part) -> dict[str, str | None] | None:
+    """PURE: the Batch object's own timestamps of the part's batch, each under its name
+    (`remote.TIME_KEYS`) as `iso_utc` text, null when the service sent none or one that
+    is not a time; None when the service never answered for the part's batch."""
+    if part.provider_times is None:
+        return None
+    times: dict[str, str | None] = {}
+    for key in TIME_KEYS:
+        value = part.provider_times.get(key)
+        number = value if isinstance(value, int | float) and not isinstance(value, bool) else None
+        times[key] = iso_utc(number)
+    return times
+
+
+def numbered_name(name: str, n: int) -> str:
+    """PURE: the outbox folder name of the `n`th job of a name: `NAME`, `NAME-2`, ..."""
+    return name if n == 1 else f"{name}-{n}"
+
+
+def copy_number(name: str, folder: str) -> int | None:
+    """PURE: N when `folder` is `numbered_name(name, N)` for an N of 2 or more, else None
+    (the job's own name, or a folder named otherwise)."""
+    digits = folder.removeprefix(f"{name}-")
+    if digits == folder or not (digits.isascii() and digits.isdigit()) or digits[0] == "0":
+        return None
+    n = int(digits)
+    return n if 2 <= n <= MAX_COPIES else None
 
 
 def _outbox_owner(path: Path, job_id: str) -> str | None:
@@ -635,6 +708,19 @@ def _outbox_owner(path: Path, job_id: str) -> str | None:
     except orjson.JSONDecodeError:
         return "other"
     return "self" if isinstance(summary, dict) and summary.get("job_id") == job_id else "other"
+
+
+def _folder_job_id(path: Path) -> str | None:
+    """The job id in the summary.json of the outbox folder `path` (never through a
+    symlink); None when it is not a folder batchd published or cannot be read."""
+    try:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            return None
+        summary = orjson.loads((path / "summary.json").read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    job_id = summary.get("job_id") if isinstance(summary, dict) else None
+    return job_id if isinstance(job_id, str) else None
 
 
 def _published_by(final: Path, job_id: str) -> bool:

@@ -36,6 +36,19 @@ _MAX_MILLISECONDS = 1e14
 MAX_ERRORS_BYTES = 64 * 1024
 MAX_STATUS_CHARS = 64
 COUNT_KEYS = ("total", "completed", "failed")
+# The Batch object's own timestamps (SPEC.md "Batch object"), kept under these names as
+# the provider's record (summary.json's `provider_times`); batchd's timings are its own.
+TIME_KEYS = (
+    "created_at",
+    "in_progress_at",
+    "expires_at",
+    "finalizing_at",
+    "completed_at",
+    "failed_at",
+    "expired_at",
+    "cancelling_at",
+    "cancelled_at",
+)
 
 
 class BadAnswer(BatchdError):
@@ -186,6 +199,9 @@ class RemoteBatch:
     errors: Any
     metadata: dict[str, str]
     notes: tuple[str, ...] = ()
+    # Every one of TIME_KEYS, in Unix seconds on the provider's clock; None when absent
+    # or not a time (with a note). Shown, never used for a decision.
+    times: dict[str, float | None] | None = None
 
     @classmethod
     def parse(cls, raw: Any) -> RemoteBatch:
@@ -193,6 +209,7 @@ class RemoteBatch:
         if not isinstance(raw, dict):
             raise BadAnswer(f"a batch is not an object (got {type(raw).__name__})")
         notes: list[str] = []
+        times = {key: timestamp(raw.get(key), key, notes) for key in TIME_KEYS}
         return cls(
             id=_id(raw.get("id"), "a batch"),
             status=_status(raw.get("status"), notes),
@@ -200,10 +217,11 @@ class RemoteBatch:
             output_file_id=_optional_id(raw.get("output_file_id"), "output_file_id", notes),
             error_file_id=_optional_id(raw.get("error_file_id"), "error_file_id", notes),
             request_counts=request_counts(raw.get("request_counts"), notes),
-            created_at=timestamp(raw.get("created_at"), "created_at", notes),
+            created_at=times["created_at"],
             errors=_errors(raw.get("errors"), notes),
             metadata=_metadata(raw.get("metadata"), notes),
             notes=tuple(notes),
+            times=times,
         )
 
     def part_fields(self) -> dict[str, Any]:
@@ -214,6 +232,7 @@ class RemoteBatch:
             "output_file_id": self.output_file_id,
             "error_file_id": self.error_file_id,
             "remote_errors": self.errors,
+            "provider_times": self.times,
         }
 
 

@@ -89,6 +89,8 @@ _PART_COLUMNS = frozenset(
         "parked_from",
         "unavailable",
         "adopt",
+        "batch_created_at",
+        "provider_times",
     }
 )
 _EVENT_FIELDS = (
@@ -101,7 +103,16 @@ _EVENT_FIELDS = (
     "error",
 )
 _JSON_COLUMNS = frozenset(
-    {"options", "report", "request_counts", "remote_errors", "usage", "unavailable", "cost"}
+    {
+        "options",
+        "report",
+        "request_counts",
+        "remote_errors",
+        "usage",
+        "unavailable",
+        "cost",
+        "provider_times",
+    }
 )
 
 
@@ -311,15 +322,17 @@ class Store:
         state: JobState = JobState.CLAIMING,
         recovered_at: float | None = None,
         error: str | None = None,
+        inbox_name_hex: str | None = None,
     ) -> None:
         await self._write(
-            "INSERT INTO jobs (id, name, inbox_name, inbox_inode, inbox_dev, spool_path, kind,"
-            " state, options, created_at, updated_at, recovered_at, error, notified)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
+            "INSERT INTO jobs (id, name, inbox_name, inbox_name_hex, inbox_inode, inbox_dev,"
+            " spool_path, kind, state, options, created_at, updated_at, recovered_at, error,"
+            " notified) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
             (
                 job_id,
                 name,
                 inbox_name,
+                inbox_name_hex,
                 inode,
                 dev,
                 spool_path,
@@ -497,6 +510,15 @@ class Store:
         ) as cur:
             rows = await cur.fetchall()
         return {r[0]: r[1] for r in rows}
+
+    async def outbox_path_owner(self, path: str) -> str | None:
+        """The id of the job that owns this outbox folder, the earliest if several did
+        (an index lookup); None when no job does."""
+        async with self._db.execute(
+            "SELECT id FROM jobs WHERE outbox_path = ? ORDER BY created_at, id LIMIT 1", (path,)
+        ) as cur:
+            row = await cur.fetchone()
+        return str(row[0]) if row else None
 
     async def outbox_path_taken(self, path: str) -> bool:
         """Whether a job already owns this outbox folder (an index lookup, not a scan)."""

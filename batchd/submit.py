@@ -521,6 +521,9 @@ class Submitter:
                     batch_id=batch.id,
                     intent_at=now,
                     created_remote_at=batch.created_at or now,
+                    # When it was asked for went with the lost database: batchd's first
+                    # sight of it is the time on its own clock that it can vouch for.
+                    batch_created_at=now,
                     next_poll_at=now,
                     error="found on the service after the state was lost",
                     **batch.part_fields(),
@@ -560,12 +563,13 @@ class Submitter:
         if job is None or job.cancel_requested:
             return False
         window = str(job.options.get("completion_window") or self.completion_window)
+        asked_at = self.clock.now()
         if not await self.store.update_part(
             part.id,
             PartState.UPLOADED,
             state=PartState.CREATING,
             completion_window=window,
-            intent_at=self.clock.now(),
+            intent_at=asked_at,
         ):
             return False
         assert part.remote_file_id is not None
@@ -604,10 +608,12 @@ class Submitter:
                 return False
             return await self._part_error(part, PartState.CREATING, err)
         failpoint("create.after_request")
-        await self._record_created(part, batch)
+        await self._record_created(part, batch, asked_at)
         return True
 
-    async def _record_created(self, part: Part, batch: RemoteBatch) -> None:
+    async def _record_created(self, part: Part, batch: RemoteBatch, asked_at: float) -> None:
+        """Record the batch made for `part`; `asked_at` is when batchd asked for it (its
+        create intent, on batchd's clock): the batch's creation time in summary.json."""
         now = self.clock.now()
         if batch.input_file_id not in (None, part.remote_file_id):
             log.error(
@@ -624,6 +630,7 @@ class Submitter:
             state=PartState.RUNNING,
             batch_id=batch.id,
             created_remote_at=batch.created_at or now,
+            batch_created_at=asked_at,
             next_poll_at=now + self.first_poll_s,
             attempts=0,
             retry_at=None,
@@ -650,7 +657,8 @@ class Submitter:
         for part in parts:
             batch = found.get(part.id)
             if batch is not None:
-                await self._record_created(part, batch)
+                # Asked for at the intent that the crash cut short, whenever it is found.
+                await self._record_created(part, batch, part.intent_at or now)
                 log.info("batch_adopted", job_id=part.job_id, part=part.seq, batch_id=batch.id)
             elif reached:
                 await self.store.update_part(

@@ -47,6 +47,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, Self
@@ -757,6 +758,11 @@ def summary(folder: Path) -> dict[str, Any]:
     """A job folder's summary.json."""
     data: dict[str, Any] = orjson.loads((folder / "summary.json").read_bytes())
     return data
+
+
+def seconds_of(timing: str) -> float:
+    """A summary.json timing (`2026-11-30T04:31:02.123Z`) as Unix seconds."""
+    return datetime.fromisoformat(timing).timestamp()
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -279,8 +279,10 @@ def cmd_show(args: argparse.Namespace) -> int:
         console.print(f"[yellow]held ({job.held}): {job.held_note}[/]")
     for line in _cost_lines(job):
         console.print(line)
-    table = Table(title="parts")
-    for column in ("#", "state", "requests", "model", "batch", "status", "counts", "note"):
+    # Times on batchd's clock only (the provider's are in `--json`'s provider_times).
+    table = Table(title="parts (times UTC, batchd's clock)")
+    columns = ("#", "state", "requests", "model", "batch", "status", "counts")
+    for column in (*columns, "created", "ended", "note"):
         table.add_column(column)
     for part in job.parts or []:
         counts = part.request_counts or {}
@@ -292,6 +294,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             part.batch_id or "-",
             part.remote_status or "-",
             f"{counts.get('completed', 0)}/{counts.get('failed', 0)}/{counts.get('total', 0)}",
+            _when(part.batch_created_at),
+            _when(part.ended_at),
             (part.error or "")[:60],
         )
     console.print(table)

@@ -25,6 +25,7 @@ from batchd.testing import (
     job_folders,
     requests,
     running_emulator,
+    seconds_of,
     wait_for,
 )
 from tests.bench.common import (
@@ -77,14 +78,15 @@ async def run(tmp: Path, quick: bool) -> dict[str, Any]:
             summary = orjson.loads((folder / "summary.json").read_bytes())
             timings = summary["timings"]
             name = folder.name
-            ended = timings["batches_ended_at"][0]
+            ended = seconds_of(timings["batches_ended_at"][0])
             batch = next(b for b in by_input.values() if (b.metadata or {}).get("ds_name") == name)
             created = wall_of(emulator, batch.timeline.created_at) + offset
             done = wall_of(emulator, batch.phase(now).events["completed_at"]) + offset
             to_created.append(created - dropped[name])
             to_observed.append(ended - done)
-            to_published.append(timings["published_at"] - ended)
-            completed_to_published.append(timings["published_at"] - done)
+            published = seconds_of(timings["published_at"])
+            to_published.append(published - ended)
+            completed_to_published.append(published - done)
 
     def dist(values: list[float]) -> dict[str, float]:
         return {"p50": round(pct(values, 50), 3), "p95": round(pct(values, 95), 3)}

@@ -10,6 +10,7 @@ import socket
 import stat
 import subprocess
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -83,10 +84,17 @@ async def test_status_jobs_show_and_metrics_answer_over_the_socket(
         assert code == 0 and [j["id"] for j in json.loads(out)] == [job["id"]]
         code, out, _ = await cli(capsys, "show", "--socket", sock, "--json", job["id"])
         detail = json.loads(out)
-        assert detail["parts"][0]["batch_id"].startswith("batch_")
-        assert detail["parts"][0]["request_counts"]["completed"] == 3
+        part = detail["parts"][0]
+        assert part["batch_id"].startswith("batch_")
+        assert part["request_counts"]["completed"] == 3
+        # Times are Unix seconds; batchd's own in order, the service's kept apart.
+        assert detail["created_at"] <= part["batch_created_at"] <= part["ended_at"]
+        assert part["ended_at"] <= detail["updated_at"]
+        assert part["created_remote_at"] == part["provider_times"]["created_at"] is not None
         code, out, _ = await cli(capsys, "show", "--socket", sock, job["id"])
         assert code == 0 and job["id"] in out
+        for at in (part["batch_created_at"], part["ended_at"]):
+            assert datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%S") in out
         code, _, err = await cli(capsys, "show", "--socket", sock, "nope")
         assert code == 1 and "no job nope" in err
         code, _, err = await cli(capsys, "jobs", "--socket", sock, "--state", "bogus")

@@ -26,7 +26,7 @@ import orjson
 import pytest
 
 from batchd.emulator import Emulator
-from batchd.intake import printable
+from batchd.intake import MAX_NAME_BYTES, printable
 from batchd.logs import configure
 from batchd.store import Store
 from batchd.testing import (
@@ -376,29 +376,21 @@ def _unix_socket_at(folder: Path, name: str) -> Iterator[socket.socket]:
         sock.close()
 
 
-ODD_NAMES: list[bytes] = [
-    b"line\nbreak.jsonl",
-    b"-leading-dash.jsonl",
-    b"up..down.jsonl",
-    b"caf\xe9-latin1.jsonl",  # not UTF-8
-    b"esc\x1b[2Jape.jsonl",
-    b"a" * 249 + b".jsonl",  # 255 bytes
-    "中".encode() * 83 + b".jsonl",  # 255 bytes, 83 characters
-]
-
-
-def _safe_folder_name(name: str) -> bool:
-    raw = os.fsencode(name)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return (
-        text.isprintable()
-        and not text.startswith(("-", "."))
-        and "/" not in text
-        and len(raw) <= 200
-    )
+# Odd but regular inputs, and the outbox folder each one gets (`intake.outbox_name`): the
+# name as given, but for what a folder name must not hold.
+ODD_NAMES: dict[bytes, str] = {
+    "评论 数据.jsonl".encode(): "评论 数据",  # spaces and non-ASCII are kept
+    " spaced　wide .jsonl".encode(): " spaced　wide ",  # an ideographic space too
+    b"line\nbreak.jsonl": "line_break",
+    b"tab\there.jsonl": "tab_here",
+    b"-leading-dash.jsonl": "_leading-dash",
+    b"up..down.jsonl": "up..down",
+    b"caf\xe9-latin1.jsonl": "caf_-latin1",  # not UTF-8
+    b"esc\x1b[2Jape.jsonl": "esc_[2Jape",
+    "invoice\u202egpj.exe.jsonl".encode(): "invoice_gpj.exe",  # a right-to-left override
+    b"a" * 249 + b".jsonl": "a" * 222,  # 255 bytes, cut to 222
+    "中".encode() * 83 + b".jsonl": "中" * 74,  # 255 bytes, cut on a character: 222
+}
 
 
 async def test_hostile_entries_are_never_followed_read_or_blocked_on(
@@ -452,15 +444,21 @@ async def test_hostile_entries_are_never_followed_read_or_blocked_on(
                 os.open(inbox / "fifo.jsonl", os.O_WRONLY | os.O_NONBLOCK)
             assert no_reader.value.errno == 6  # ENXIO
 
-    # Every odd but regular name was claimed and published under a safe folder name.
-    # Recorded as valid UTF-8 text, undecodable bytes as \\xNN.
-    assert sorted(j.inbox_name for j in jobs) == sorted(
-        raw.decode("utf-8", "backslashreplace") for raw in ODD_NAMES
-    )
-    assert len({f.name for f in folders}) == len(ODD_NAMES)
+    # Every odd but regular name was claimed and published under its own name, as safe.
+    assert sorted(f.name for f in folders) == sorted(ODD_NAMES.values())
     for folder in folders:
-        assert _safe_folder_name(folder.name), folder.name
         assert summary(folder)["status"] == "completed"
+        assert len(os.fsencode(folder.name)) <= MAX_NAME_BYTES
+    # The input's name recorded as valid UTF-8 text, undecodable bytes as \\xNN, and
+    # then its bytes beside it: summary.json names the original exactly.
+    by_folder = {Path(j.outbox_path or "").name: j for j in jobs}
+    outbox = settings.paths.folder("outbox")
+    for raw, folder_name in ODD_NAMES.items():
+        job, said = by_folder[folder_name], summary(outbox / folder_name)
+        assert said["folder"] == folder_name and said["follows"] is None
+        assert said["input"]["name"] == job.inbox_name == raw.decode("utf-8", "backslashreplace")
+        utf8 = raw.decode("utf-8", "replace").encode() == raw
+        assert said["input"]["name_hex"] == (None if utf8 else raw.hex()), raw
     # The hostile entries are where they were, as they were, and nothing of them was read.
     assert sorted(_visible(inbox)) == sorted(hostile)
     assert (inbox / "link-to-file.jsonl").is_symlink()

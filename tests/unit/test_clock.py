@@ -11,14 +11,16 @@ import pytest
 
 from batchd.account import AccountState
 from batchd.api import BatchApi
-from batchd.clock import SYSTEM_CLOCK, Clock, FakeClock
+from batchd.clock import SYSTEM_CLOCK, Clock, FakeClock, iso_utc
 from batchd.config import ProviderLimits
 from batchd.intake import Intake
 from batchd.limits import RateLimiter
-from batchd.models import JobState, Part, PartPlan, PartState
+from batchd.merge import MergeStats
+from batchd.models import JobState, Outcome, Part, PartPlan, PartState
 from batchd.poll import Poller
 from batchd.problems import StepPolicy, step_failed
-from batchd.remote import RemoteBatch
+from batchd.publish import build_summary
+from batchd.remote import TIME_KEYS, RemoteBatch
 from batchd.store import Store
 from batchd.submit import Submitter
 
@@ -168,6 +170,88 @@ async def test_a_batch_is_lost_on_our_clock_from_its_intent_whatever_the_server_
     lost = await store.get_part(part.id)
     assert lost is not None and lost.state == PartState.ENDED
     assert (lost.remote_status, lost.ended_at) == ("lost", clock.now())
+
+
+@pytest.mark.parametrize(
+    ("at", "text"),
+    [
+        (0, "1970-01-01T00:00:00.000Z"),
+        (1_700_000_000, "2023-11-14T22:13:20.000Z"),
+        (1_700_000_000.3, "2023-11-14T22:13:20.300Z"),
+        (1_700_000_000.9999, "2023-11-14T22:13:20.999Z"),  # cut, never rounded up
+        (None, None),
+        (-1.0, None),
+        (float("nan"), None),
+        (float("inf"), None),
+        (1e20, None),
+    ],
+)
+def test_a_moment_is_written_as_iso_8601_utc_to_the_millisecond(
+    at: float | None, text: str | None
+) -> None:
+    assert iso_utc(at) == text
+
+
+async def test_summary_timings_are_our_clock_and_the_services_times_are_apart(
+    store: Store, clock: FakeClock, tmp_path: Path
+) -> None:
+    part = await running_job(store, clock)
+    asked_at = clock.now()
+    assert await store.update_part(
+        part.id,
+        state=PartState.RUNNING,
+        batch_id="batch_1",
+        intent_at=asked_at,
+        batch_created_at=asked_at,
+        next_poll_at=clock.now(),
+    )
+    poller = Poller(
+        store,
+        unused_api(),
+        AccountState(clock=clock),
+        interval_s=60.0,
+        jitter=0.0,
+        list_threshold=20,
+        lost_after_s=lambda _part: 24 * HOUR,
+        on_ended=lambda: None,
+        clock=clock,
+    )
+    # The service's clock is a day ahead, and one of its times is garbled.
+    ahead = clock.now() + 24 * HOUR
+    batch = RemoteBatch.parse(
+        {
+            "id": "batch_1",
+            "status": "completed",
+            "created_at": ahead,
+            "completed_at": ahead + 90,
+            "in_progress_at": "soon",
+        }
+    )
+    clock.advance(120.0)
+    current = await store.get_part(part.id)
+    assert current is not None and await poller._apply(current, batch) == 1
+    ended = await store.get_part(part.id)
+    job = await store.get_job("j")
+    assert ended is not None and job is not None
+    assert ended.ended_at == clock.now()
+    clock.advance(5.0)
+    said = build_summary(
+        job, [ended], MergeStats(total=1, completed=1), Outcome.COMPLETED, published_at=clock.now()
+    )
+    start = 1_700_000_000.0  # the FakeClock's start: 2023-11-14T22:13:20Z
+    assert said["timings"] == {
+        "claimed_at": "2023-11-14T22:13:20.000Z",
+        "batches_created_at": ["2023-11-14T22:13:20.000Z"],
+        "batches_ended_at": ["2023-11-14T22:15:20.000Z"],
+        "published_at": "2023-11-14T22:15:25.000Z",
+    }
+    times = said["parts"][0]["provider_times"]
+    assert set(times) == set(TIME_KEYS)
+    assert times["created_at"] == iso_utc(start + 24 * HOUR) == "2023-11-15T22:13:20.000Z"
+    assert times["completed_at"] == "2023-11-15T22:14:50.000Z"
+    assert times["in_progress_at"] is None  # garbled: null, with a note on the part
+    assert "in_progress_at ignored" in (ended.error or "")
+    assert {v for k, v in times.items() if k not in ("created_at", "completed_at")} == {None}
 
 
 async def test_an_inbox_file_is_claimed_once_still_for_the_settle_time_on_the_clock(

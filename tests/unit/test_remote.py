@@ -13,7 +13,16 @@ import pytest
 
 from batchd.models import Part, PartState
 from batchd.problems import StepPolicy
-from batchd.remote import BadAnswer, Page, RemoteBatch, RemoteFile, count, timestamp, valid_id
+from batchd.remote import (
+    TIME_KEYS,
+    BadAnswer,
+    Page,
+    RemoteBatch,
+    RemoteFile,
+    count,
+    timestamp,
+    valid_id,
+)
 from batchd.submit import made_from, past_intents
 
 GOOD = {
@@ -138,6 +147,26 @@ def test_times_are_read_from_every_form_a_server_uses(raw: Any, expected: float 
     notes: list[str] = []
     assert timestamp(raw, "created_at", notes) == expected
     assert bool(notes) == (expected is None and raw is not None)
+
+
+def test_every_timestamp_of_a_batch_is_kept_under_its_name_and_a_garbled_one_is_none() -> None:
+    b = batch(
+        in_progress_at="2023-11-14T22:13:30Z",
+        completed_at=1_700_000_100_000,  # milliseconds
+        failed_at="yesterday",
+        expired_at=[1],
+        cancelled_at=True,
+    )
+    assert b.times is not None and set(b.times) == set(TIME_KEYS)
+    assert b.times["created_at"] == b.created_at == 1_700_000_000.0
+    assert b.times["in_progress_at"] == 1_700_000_010.0
+    assert b.times["completed_at"] == 1_700_000_100.0
+    for garbled in ("failed_at", "expired_at", "cancelled_at"):
+        assert b.times[garbled] is None
+        assert any(note.startswith(f"{garbled} ignored") for note in b.notes)
+    assert b.times["finalizing_at"] is None  # not sent: no note
+    assert not any(note.startswith("finalizing_at") for note in b.notes)
+    assert b.part_fields()["provider_times"] == b.times
 
 
 def test_an_unusable_file_id_is_dropped_with_a_note_never_used_as_a_path() -> None:
