@@ -77,11 +77,18 @@ def take_root(root: Path) -> None:
             if (root / name).exists():
                 shutil.rmtree(root / name)
         (root / MADE_SOCKET).unlink(missing_ok=True)
-    elif any(root.iterdir()):
+    elif names := {p.name for p in root.iterdir()}:
+        # Only the demo's names, the emulator's folder among them (a daemon's root has
+        # none): most likely made by a demo from before the marker.
+        older = (
+            " (it looks like a demo folder from before the marker: if so, remove it once)"
+            if "emulator" in names and names <= {*MADE_FOLDERS, MADE_SOCKET}
+            else ""
+        )
         raise UsageError(
             f"--root {root} is not empty and was not made by `batchd demo` (it holds no"
-            f" {MARKER}); nothing in it was deleted: give a new or empty folder, or leave"
-            " --root out to run in a temporary one"
+            f" {MARKER}){older}; nothing in it was deleted: give a new or empty folder, or"
+            " leave --root out to run in a temporary one"
         )
     (root / MARKER).write_text(
         "Made by `batchd demo`. A later `batchd demo --root` here replaces what the demo"

@@ -32,7 +32,16 @@ async def test_a_folder_the_demo_did_not_make_is_refused_and_left_untouched(
     code, _out, err = await cli(capsys, "demo", "--root", str(root))
     assert code == 2
     assert "not made by `batchd demo`" in err and ".batchd-demo" in err
+    assert "before the marker" not in err  # a daemon's root is never taken for a demo's
     assert tree(root) == before
+
+    # A demo folder from before the marker: refused too, with a word on it.
+    old = tmp_path / "old-demo"
+    (old / "emulator").mkdir(parents=True)
+    (old / "outbox").mkdir()
+    code, _out, err = await cli(capsys, "demo", "--root", str(old))
+    assert code == 2 and "a demo folder from before the marker" in err
+    assert (old / "emulator").is_dir() and (old / "outbox").is_dir()
 
     a_file = tmp_path / "a-file"
     a_file.write_text("mine")
