@@ -42,7 +42,7 @@ async def test_a_gbk_csv_runs_in_its_encoding_and_is_refused_in_another(
             {
                 # The sidecar's encoding wins over jobs.csv_encoding: this one is refused.
                 "declared.meta.json": b'{"encoding": "utf-8"}',
-                "declared.csv": gbk,
+                "declared.csv": gbk + "4,第四条评论\n".encode("gbk"),  # no twin of reviews
                 "reviews.csv": gbk,
             },
         )
