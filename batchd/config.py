@@ -30,6 +30,7 @@ from pydantic_settings import (
 )
 
 from batchd.budget import Caps
+from batchd.csvio import DEFAULT_CSV_ENCODING, encoding_problem
 from batchd.errors import ConfigError
 from batchd.models import completion_hours
 from batchd.prices import PriceTable, table_from
@@ -218,6 +219,8 @@ class JobSettings(BaseModel):
     csv_system_prompt: str | None = None
     # The header names of the custom_id and content columns of CSV inputs.
     csv_columns: CsvColumnSettings = Field(default_factory=CsvColumnSettings)
+    # The text encoding of CSV inputs (a sidecar's "encoding" wins for its file).
+    csv_encoding: str = DEFAULT_CSV_ENCODING
     # Copy the input into its outbox folder.
     keep_input: bool = True
     # Delete the remote input, output and error files once a job is published.
@@ -243,6 +246,14 @@ class JobSettings(BaseModel):
     def _window_form(cls, value: str) -> str:
         if completion_hours(value) is None and value not in ("0h", "0d"):
             raise ValueError(f"{value!r} is not a duration as NNh or NNd")
+        return value
+
+    @field_validator("csv_encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        problem = encoding_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
 

@@ -692,3 +692,8 @@ class _SnapshotCollector:
         yield GaugeMetricFamily(
             "batchd_jobs_held", "Jobs held for the budget or as duplicates", value=spend.held_jobs
         )
+        yield CounterMetricFamily(
+            "batchd_log_lines_dropped",
+            "Log lines no output stream took (a broken pipe, a full disk)",
+            value=s["log_lines_dropped"],
+        )

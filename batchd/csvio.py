@@ -18,6 +18,11 @@ Decisions:
   Blank rows are skipped.
 - Bad rows (wrong column count, empty custom_id or content, duplicate custom_id) are
   reported by row number (1-based, the header counted) and no output is written.
+- A CSV is read in one text encoding: the sidecar's `encoding`, else `jobs.csv_encoding`,
+  else "utf-8-sig" (UTF-8 with or without a BOM). A file that is not in it is refused as
+  `not_text`, naming the first line that is not and the fix; when the file's start reads
+  as another encoding (UTF-16 by its BOM, UTF-8, or GB18030 holding Chinese text, as
+  Chinese Excel's "CSV" export does in GBK, which GB18030 contains), that one is named.
 - The default endpoint follows the model: `batch-test-model` -> /v1/chat/ds-test, a
   model whose name contains "embedding" -> /v1/embeddings (body `input`), any other
   -> /v1/chat/completions (body `messages`).
@@ -38,7 +43,7 @@ Problem codes (`line` is the CSV row or JSONL line, None for the whole file):
   empty_custom_id      CSV: the custom_id cell is empty
   empty_content        CSV: the content cell is empty
   duplicate_custom_id  CSV: custom_id already used on an earlier row
-  not_text             CSV: the file is not in the given encoding
+  not_text             CSV: the file is not in its encoding (the first such line named)
   bad_csv              CSV: the csv module cannot parse the file
   invalid_json         results: a line is not JSON
   not_an_object        results: a line is JSON but not an object
@@ -46,10 +51,12 @@ Problem codes (`line` is the CSV row or JSONL line, None for the whole file):
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any, TextIO
@@ -87,6 +94,9 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 # The names of the two columns (custom_id, content) when none are configured.
 DEFAULT_COLUMNS = ("custom_id", "content")
+
+# The text encoding of CSV inputs when none is configured: UTF-8, a BOM skipped if any.
+DEFAULT_CSV_ENCODING = "utf-8-sig"
 
 
 @dataclass(slots=True)
@@ -180,13 +190,125 @@ def header_fix(row: list[str], columns: tuple[str, str]) -> str:
     )
 
 
+def encoding_problem(value: Any) -> str | None:
+    """PURE: why `value` cannot be a CSV input's encoding, or None: it must be the name
+    of a text encoding Python's codecs know ("gbk", "gb18030", "utf-8", "latin-1")."""
+    if not isinstance(value, str) or not value.strip():
+        return 'must be the name of a text encoding, such as "gb18030"'
+    try:
+        info = codecs.lookup(value)
+    except LookupError:
+        return f"{value!r} is not an encoding Python knows (e.g. utf-8, gb18030, big5, cp1252)"
+    if not getattr(info, "_is_text_encoding", True):
+        return f"{value!r} is not a text encoding"
+    return None
+
+
+def _is_utf8(encoding: str) -> bool:
+    return codecs.lookup(encoding).name in ("utf-8", "utf-8-sig")
+
+
+# Enough of a file's start to tell its encoding: a few hundred rows of text.
+SNIFF_BYTES = 64 * 1024
+_HAN = re.compile(r"[\u4e00-\u9fff]")
+
+
+def guess_encoding(head: bytes, tried: str) -> str | None:
+    """PURE: another encoding that a file starting with `head` reads in, when one is
+    clear, other than `tried`: UTF-16 by its BOM, UTF-8, or GB18030 when the bytes are
+    not UTF-8 but read as Chinese text in it (GB18030 reads every GBK file). None when
+    no guess is safe (a single-byte encoding reads any bytes, so it is never guessed)."""
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    if len(head) >= SNIFF_BYTES and b"\n" in head:
+        head = head[: head.rindex(b"\n")]  # a cut sample: whole lines only
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    else:
+        return None if _is_utf8(tried) or head.isascii() else "utf-8"
+    try:
+        text = head.decode("gb18030")
+    except UnicodeDecodeError:
+        return None
+    if codecs.lookup(tried).name in ("gbk", "gb18030", "gb2312"):
+        return None
+    # Chinese text in GBK is mostly characters of two bytes from 0xA1 up; Western text in
+    # cp1252 also reads as GB18030, but each accented letter pairs with an ASCII one.
+    han = _HAN.findall(text)
+    common = sum(1 for ch in han if min(ch.encode("gb18030")) >= 0xA1)
+    return "gb18030" if han and common >= 0.8 * len(han) else None
+
+
+def first_undecodable(path: str | os.PathLike[str], encoding: str) -> tuple[int, str] | None:
+    """The first line (1-based) of the file at `path` that is not `encoding` text, and
+    why; None when it all is. Read in chunks: bounded memory whatever the line length."""
+    decoder = codecs.getincrementaldecoder(encoding)()
+    line = 1
+    with open(path, "rb") as stream:
+        while chunk := stream.read(SNIFF_BYTES):
+            pending = decoder.getstate()[0]
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                # The error's position counts from the bytes held back from the last
+                # chunk (a character cut in two), then this chunk.
+                return line + (pending + chunk)[: exc.start].count(b"\n"), exc.reason
+            line += chunk.count(b"\n")
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as exc:
+            return line, exc.reason
+    return None
+
+
+def not_text_message(
+    line: int | None, reason: str, encoding: str, guess: str | None, flag: str | None = None
+) -> str:
+    """PURE: the message of `not_text`: which line is not `encoding` text, and the fix: a
+    sidecar's or the configuration's encoding, or the command line's `flag` when given."""
+    shown = "UTF-8" if _is_utf8(encoding) else encoding
+
+    def fix(name: str) -> str:
+        if flag is not None:
+            return f"{flag} {name}"
+        return f'"encoding": "{name}" in NAME.meta.json, or jobs.csv_encoding for every CSV input'
+
+    where = f"line {line} is" if line is not None else "the file is"
+    told = f"{where} not {shown} text ({reason})"
+    if guess == "gb18030":
+        return (
+            f"{told}; if the file is GBK (Chinese Excel's CSV export; its bytes read as"
+            f" Chinese in GB18030, which contains GBK), set {fix(guess)}"
+        )
+    if guess is not None:
+        return f"{told}; its start reads as {guess}: set {fix(guess)}"
+    return (
+        f"{told}; set {fix('ENCODING')} to the file's encoding, e.g. gb18030, big5,"
+        " shift_jis, cp1252"
+    )
+
+
+def _not_text(
+    path: str | os.PathLike[str], encoding: str, exc: UnicodeDecodeError, flag: str | None
+) -> str:
+    found = first_undecodable(path, encoding)
+    line, reason = found if found is not None else (None, exc.reason)
+    with open(path, "rb") as stream:
+        head = stream.read(SNIFF_BYTES)
+    return not_text_message(line, reason, encoding, guess_encoding(head, encoding), flag)
+
+
 @dataclass(frozen=True, slots=True)
 class CsvSource:
-    """How a CSV input becomes requests: the model, system prompt and column names."""
+    """How a CSV input becomes requests: the model, system prompt, column names and the
+    file's text encoding."""
 
     model: str
     system_prompt: str | None = None
     columns: tuple[str, str] = DEFAULT_COLUMNS
+    encoding: str = DEFAULT_CSV_ENCODING
 
 
 NEEDS_MODEL = 'a CSV input needs a model: set jobs.csv_model or "model" in NAME.meta.json'
@@ -198,11 +320,12 @@ def csv_source(
     model: str | None,
     system_prompt: str | None,
     columns: tuple[str, str] = DEFAULT_COLUMNS,
+    encoding: str = DEFAULT_CSV_ENCODING,
 ) -> CsvSource | Problem:
     """PURE: how a CSV input is converted, the same for the daemon and `batchd validate`:
-    its sidecar's `model`, `system_prompt` and `columns` over the configuration's
-    (`jobs.csv_model`, `jobs.csv_system_prompt`, `jobs.csv_columns`); the problem
-    `csv_needs_model` when neither names a model."""
+    its sidecar's `model`, `system_prompt`, `columns` and `encoding` over the
+    configuration's (`jobs.csv_model`, `jobs.csv_system_prompt`, `jobs.csv_columns`,
+    `jobs.csv_encoding`); the problem `csv_needs_model` when neither names a model."""
     chosen = options.get("model") or model
     if not isinstance(chosen, str) or not chosen:
         return Problem(None, "csv_needs_model", NEEDS_MODEL)
@@ -210,7 +333,10 @@ def csv_source(
     named = options.get("columns")
     if isinstance(named, Mapping):
         columns = (str(named["custom_id"]), str(named["content"]))
-    return CsvSource(chosen, prompt if isinstance(prompt, str) else None, columns)
+    own = options.get("encoding")
+    if own is not None and encoding_problem(own) is None:
+        encoding = own
+    return CsvSource(chosen, prompt if isinstance(prompt, str) else None, columns, encoding)
 
 
 def csv_to_jsonl(
@@ -450,12 +576,15 @@ def csv_file_to_jsonl(
     model: str,
     endpoint: str | None = None,
     system_prompt: str | None = None,
-    encoding: str = "utf-8-sig",
+    encoding: str = DEFAULT_CSV_ENCODING,
     max_errors: int = 100,
     columns: tuple[str, str] = DEFAULT_COLUMNS,
+    encoding_flag: str | None = None,
 ) -> Conversion:
     """Convert a CSV file to a JSONL batch input file, written atomically, and only
-    when every row converted. A file that is not in `encoding` is reported, not raised."""
+    when every row converted. A file that is not in `encoding` is reported (`not_text`,
+    naming its first such line and the fix: the sidecar's or configuration's encoding,
+    or the command line's `encoding_flag` when given), not raised."""
     try:
         with atomic_output(target, fsync=False) as out:
             result = csv_to_jsonl(
@@ -474,7 +603,7 @@ def csv_file_to_jsonl(
     except UnicodeDecodeError as exc:
         failed = Conversion()
         failed.problem(
-            None, "not_text", f"not {encoding} text ({exc.reason} at byte {exc.start})", max_errors
+            None, "not_text", _not_text(source, encoding, exc, encoding_flag), max_errors
         )
         return failed
     except csv.Error as exc:

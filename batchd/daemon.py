@@ -543,8 +543,9 @@ class Daemon:
         return {"applied": applied, "needs_restart": needs_restart}
 
     def request_stop(self) -> None:
-        log.info("stop_requested")
+        # The event first: nothing after it (a log line) may keep a signal from stopping.
         self.stopping.set()
+        log.info("stop_requested")
 
 
 async def reload_loop(

@@ -29,7 +29,7 @@ from batchd.config import Settings
 from batchd.fsutil import fsync_dir, write_atomic
 from batchd.intake import Intake
 from batchd.lines import DEFAULT_MAX_LINE_BYTES, input_line_of, iter_lines, read_line
-from batchd.logs import get_logger
+from batchd.logs import get_logger, log_health
 from batchd.models import (
     JOB_ACTIVE,
     JOB_TERMINAL,
@@ -177,12 +177,14 @@ class Operations:
 
     @property
     def healthy(self) -> bool:
-        """Every stage alive, the account usable and the inbox readable."""
+        """Every stage alive, the account usable, the inbox readable and the log lines
+        getting out (a daemon nobody can follow is not left to run unseen)."""
         return (
             self.stages_alive()
             and self.account.paused_reason is None
             and self.account.provider_down is None
             and self.intake.problem is None
+            and log_health().broken is None
         )
 
     async def problems(self, limit: int = 20) -> tuple[int, list[Problem]]:
@@ -190,6 +192,9 @@ class Operations:
         found: list[Problem] = []
         if self.intake.problem is not None:
             found.append(Problem(kind="intake", note=self.intake.problem))
+        logs = log_health()
+        if logs.problem is not None:
+            found.append(Problem(kind="logging", note=logs.problem, since=logs.since))
         for note in self.state_lost:
             found.append(Problem(kind="state_lost", note=note))
         count, parts = await self.store.problem_parts(limit)
@@ -210,7 +215,13 @@ class Operations:
                     kind="job_parked", job_id=job.id, note=job.error or "", since=job.updated_at
                 )
             )
-        total = count + parked_jobs + (self.intake.problem is not None) + len(self.state_lost)
+        total = (
+            count
+            + parked_jobs
+            + (self.intake.problem is not None)
+            + (logs.problem is not None)
+            + len(self.state_lost)
+        )
         return total, found[:limit]
 
     async def status(self) -> StatusResponse:
@@ -248,6 +259,7 @@ class Operations:
             healthy=self.healthy and not parked and not self.state_lost,
             problems=problems,
             problem_count=problem_count,
+            log_lines_dropped=log_health().lines_dropped,
             waiting=await self._waiting(total),
             inbox_waiting=inbox_waiting,
             inbox_refused=inbox_refused,
@@ -621,6 +633,7 @@ class Operations:
             },
             "cost_by_model": await self.store.cost_by_model(),
             "spend": await self.spend(),
+            "log_lines_dropped": log_health().lines_dropped,
         }
 
     async def describe_event(self, raw: dict[str, Any]) -> Event | None:

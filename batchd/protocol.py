@@ -59,9 +59,10 @@ class Caps(_Model, kw_only=True):
 
 class Problem(_Model, kw_only=True):
     """Something that cannot proceed without help, or keeps failing: a parked part or
-    job, a part whose steps fail, an inbox that cannot be read, lost state."""
+    job, a part whose steps fail, an inbox that cannot be read, lost state, log lines
+    that cannot be written."""
 
-    kind: str  # part_parked | part_failing | job_parked | intake | state_lost
+    kind: str  # part_parked | part_failing | job_parked | intake | logging | state_lost
     job_id: str | None = None
     part: int | None = None
     note: str
@@ -108,6 +109,9 @@ class StatusResponse(_Model, kw_only=True):
     # What needs an operator's eye, most pressing first (at most 20), and how many in all.
     problems: list[Problem] = msgspec.field(default_factory=list)
     problem_count: int = 0
+    # Log lines no output stream took since start (a pipe whose reader went away, a full
+    # disk): while lines are being dropped, a `logging` problem says why.
+    log_lines_dropped: int = 0
     # Why work waits just now ("running cap full", "account paused", ...).
     waiting: list[str] = msgspec.field(default_factory=list)
     # Inputs in the inbox not claimed yet, and entries refused, each with why.

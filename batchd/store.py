@@ -984,26 +984,38 @@ class Store:
         self, job_id: str, spend: tuple[str, str, float] | None, **fields: Any
     ) -> bool:
         """Mark a publishing job published and record what it cost (provider, currency,
-        amount) in one transaction: the worst case it held and its spend never both
-        count, nor neither."""
+        amount), both or neither (a savepoint): the worst case it held and its spend
+        never both count, nor neither. Committed with whatever else is waiting."""
         fields = {**fields, "state": JobState.PUBLISHED}
         sql, args = _assignments(
             _JOB_COLUMNS | {"updated_at"}, {**fields, "updated_at": self.clock.now()}
         )
-        async with self._transaction():
-            cur = await self._db.execute(
-                f"UPDATE jobs SET {sql} WHERE id = ? AND state = ?",  # noqa: S608
-                [*args, job_id, JobState.PUBLISHING],
-            )
-            if cur.rowcount != 1:
-                return False
-            if spend is not None:
-                provider, currency, amount = spend
-                await self._db.execute(
-                    "INSERT OR REPLACE INTO spend (job_id, provider, currency, amount, at)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (job_id, provider, currency, amount, self.clock.now()),
+        now = self.clock.now()
+
+        async def both() -> int:
+            await self._db.execute("SAVEPOINT published")
+            try:
+                cur = await self._db.execute(
+                    f"UPDATE jobs SET {sql} WHERE id = ? AND state = ?",  # noqa: S608
+                    [*args, job_id, JobState.PUBLISHING],
                 )
+                changed = cur.rowcount
+                if changed == 1 and spend is not None:
+                    provider, currency, amount = spend
+                    await self._db.execute(
+                        "INSERT OR REPLACE INTO spend (job_id, provider, currency, amount, at)"
+                        " VALUES (?, ?, ?, ?, ?)",
+                        (job_id, provider, currency, amount, now),
+                    )
+            except BaseException:
+                await self._db.execute("ROLLBACK TO published")
+                await self._db.execute("RELEASE published")
+                raise
+            await self._db.execute("RELEASE published")
+            return changed
+
+        if await self._join_commit(both) != 1:
+            return False
         self._emit("job", job_id, fields)
         return True
 

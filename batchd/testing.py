@@ -540,12 +540,16 @@ class DaemonProcess:
         self.log_path = log_path
 
     @classmethod
-    async def start(cls, env: Mapping[str, str], log_path: Path, *args: str) -> DaemonProcess:
+    async def start(
+        cls, env: Mapping[str, str], log_path: Path, *args: str, output: int | None = None
+    ) -> DaemonProcess:
         """Start `batchd run *args` with `env` (see `daemon_env`); returns at once, before
-        it is ready (see `wait_ready`)."""
+        it is ready (see `wait_ready`). With `output` (a file descriptor, such as a pipe's
+        write end), its stdout and stderr go there instead of `log_path`."""
         with log_path.open("ab") as log:
+            out = log.fileno() if output is None else output
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "batchd", "run", *args, env=dict(env), stdout=log, stderr=log
+                sys.executable, "-m", "batchd", "run", *args, env=dict(env), stdout=out, stderr=out
             )
         return cls(proc, log_path)
 
@@ -596,10 +600,12 @@ async def daemon_process(
     *args: str,
     stop_timeout_s: float = 30.0,
     exit_code: int | None = 0,
+    output: int | None = None,
 ) -> AsyncIterator[DaemonProcess]:
-    """`DaemonProcess.start(env, log_path, *args)`, sent SIGTERM when the block ends; then
-    it must exit `exit_code` (None: any) within `stop_timeout_s`, or the block fails."""
-    daemon = await DaemonProcess.start(env, log_path, *args)
+    """`DaemonProcess.start(env, log_path, *args, output=output)`, sent SIGTERM when the
+    block ends; then it must exit `exit_code` (None: any) within `stop_timeout_s`, or the
+    block fails."""
+    daemon = await DaemonProcess.start(env, log_path, *args, output=output)
     failed = False
     try:
         yield daemon

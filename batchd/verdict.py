@@ -11,9 +11,9 @@ in the same order:
 3. What is decided without reading it (`refuse_unread`): over `jobs.max_input_bytes`
    (`input_too_large`), or sparse (`sparse_file`).
 4. A CSV is converted as the daemon converts it (`csvio.csv_source`: the sidecar's model,
-   system prompt and columns over `jobs.csv_model`, `jobs.csv_system_prompt`,
-   `jobs.csv_columns`), then every request line is validated (`validate.validate_file`,
-   with `jobs.split` and `jobs.group_by_model`).
+   system prompt, columns and encoding over `jobs.csv_model`, `jobs.csv_system_prompt`,
+   `jobs.csv_columns`, `jobs.csv_encoding`), then every request line is validated
+   (`validate.validate_file`, with `jobs.split` and `jobs.group_by_model`).
 
 What only the daemon can judge is left to it: an input identical to one it already runs
 or ran (`duplicate_input`) and an input that keeps changing while it is read.
@@ -56,6 +56,8 @@ SIDECAR_KEYS = frozenset(
         "system_prompt",
         # A CSV input's header names: {"custom_id": "id", "content": "text"}.
         "columns",
+        # A CSV input's text encoding ("gb18030" for Chinese Excel's CSV export).
+        "encoding",
         "priority",
         # `batchd submit`'s token: how it finds the job its file became.
         "submit_id",
@@ -104,6 +106,8 @@ def sidecar_options(name: str, raw: bytes) -> dict[str, Any]:
         return {SIDECAR_ERROR: f"{name}: unknown key {', '.join(hints)}; known keys: {known}"}
     if "columns" in data and (problem := columns_problem(data["columns"])) is not None:
         return {SIDECAR_ERROR: f"{name}: columns: {problem}"}
+    if "encoding" in data and (problem := csvio.encoding_problem(data["encoding"])) is not None:
+        return {SIDECAR_ERROR: f"{name}: encoding: {problem}"}
     return dict(data)
 
 
@@ -161,6 +165,7 @@ class Rules:
     csv_model: str | None = None
     csv_system_prompt: str | None = None
     csv_columns: tuple[str, str] = csvio.DEFAULT_COLUMNS
+    csv_encoding: str = csvio.DEFAULT_CSV_ENCODING
     max_errors: int = DEFAULT_MAX_REPORTED_ERRORS
     max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES
     reject_sparse: bool = True
@@ -178,6 +183,7 @@ class Rules:
             csv_model=jobs.csv_model,
             csv_system_prompt=jobs.csv_system_prompt,
             csv_columns=jobs.csv_columns.names,
+            csv_encoding=jobs.csv_encoding,
             max_errors=settings.max_reported_errors,
             max_input_bytes=jobs.max_input_bytes,
             reject_sparse=settings.intake.reject_sparse,
@@ -253,6 +259,7 @@ def convert_csv(
         model=rules.csv_model,
         system_prompt=rules.csv_system_prompt,
         columns=rules.csv_columns,
+        encoding=rules.csv_encoding,
     )
     if isinstance(plan, Problem):
         return refused(str(source), plan)
@@ -261,6 +268,7 @@ def convert_csv(
         target,
         model=plan.model,
         system_prompt=plan.system_prompt,
+        encoding=plan.encoding,
         max_errors=rules.max_errors,
         columns=plan.columns,
     )

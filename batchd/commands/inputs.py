@@ -90,7 +90,12 @@ def register(subparsers: Any) -> None:
         help="the header's names of the custom_id and content columns (default: "
         "custom_id,content; those are known too)",
     )
-    to_jsonl.add_argument("--encoding", default="utf-8-sig", help="CSV encoding (e.g. gbk)")
+    to_jsonl.add_argument(
+        "--encoding",
+        default=csvio.DEFAULT_CSV_ENCODING,
+        help="the CSV's text encoding (default: UTF-8 with or without a BOM; gb18030 reads"
+        " GBK, Chinese Excel's CSV export)",
+    )
     to_jsonl.set_defaults(handler=run_csv2jsonl)
 
     to_csv = subparsers.add_parser(
@@ -315,6 +320,7 @@ def run_csv2jsonl(args: argparse.Namespace) -> int:
             system_prompt=args.system_prompt,
             encoding=args.encoding,
             columns=columns,
+            encoding_flag="--encoding",
         )
     except (ValueError, LookupError) as exc:
         raise UsageError(str(exc)) from None

@@ -139,6 +139,7 @@ class FakeOperator:
                 today=SpendPeriod(spent={"dashscope": 1.25}, cap=10.0, left=8.75),
                 month=SpendPeriod(spent={"dashscope": 1.25}),
             ),
+            "log_lines_dropped": 3,
         }
 
     def subscribe(self, listener: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
@@ -181,6 +182,7 @@ async def test_calls_are_answered_from_the_operations_layer(
     assert "batchd_running_cap 1000.0" in exposed
     assert 'batchd_cost_total{currency="CNY",model="qwen-plus"} 1.25' in exposed
     assert 'batchd_budget_left{currency="CNY",period="day"} 8.75' in exposed
+    assert "batchd_log_lines_dropped_total 3.0" in exposed
     with pytest.raises(RequestFailed) as unknown:
         await client.job("nope")
     assert (unknown.value.status, unknown.value.code) == (404, "unknown_job")
