@@ -32,7 +32,6 @@ from batchd.publish import (
     keep_input_files,
     remote_files_to_delete,
     unread_rejection,
-    write_results_csv,
 )
 
 USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
@@ -158,6 +157,7 @@ def run_merge(folder: Path, parts: list[Part], **kw: Any) -> tuple[Any, list[byt
         out / "result.jsonl",
         out / "error.jsonl",
         out / "unattributed.jsonl",
+        results_csv=out / "result.csv",
         **kw,
     )
     results = (out / "result.jsonl").read_bytes().splitlines(keepends=True)
@@ -269,14 +269,12 @@ def test_lines_over_the_cap_are_copied_in_chunks_with_input_line_added(tmp_path:
     assert errors == [with_input_line(big_failure, 2), with_input_line(cut_failure, 3)]
     assert orjson.loads(errors[0])["input_line"] == 2
     assert orjson.loads(errors[1])["raw"].startswith('{"id":"r-r2"')
-    write_results_csv(
-        [tmp_path / "out" / "result.jsonl", tmp_path / "out" / "error.jsonl"],
-        tmp_path / "out" / "result.csv",
-        4096,
-    )
     rows = list(csv.reader(io.StringIO((tmp_path / "out" / "result.csv").read_text("utf-8-sig"))))
     assert rows[1][0] == "r0" and rows[1][7] == f"[line of {len(big) + 1} bytes: see result.jsonl]"
-    assert rows[2][0] == "r1" and "see error.jsonl" in rows[2][7]
+    # A long failure's row gives the size of its line as published (input_line added).
+    assert rows[2][0] == "r1" and rows[2][7] == f"[line of {len(errors[0])} bytes: see error.jsonl]"
+    # The cut failure was wrapped ({"input_line":3,"raw":...}): its row names its request.
+    assert rows[3][0] == "r2"
     assert len(rows) == 4
 
 
@@ -299,8 +297,8 @@ def test_merging_a_huge_line_holds_the_cap_not_the_line(tmp_path: Path) -> None:
             tmp_path / "error.jsonl",
             tmp_path / "unattributed.jsonl",
             max_line_bytes=64 * 1024,
+            results_csv=tmp_path / "result.csv",
         )
-        write_results_csv([result], tmp_path / "result.csv", 64 * 1024)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
