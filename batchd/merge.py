@@ -4,13 +4,22 @@ failures it finds, publish writes the outbox's files from it.
 
 A success in any part wins over failures; among failures the latest round's wins (a
 follow-up part retries earlier failures). A request without any answer gets an error line
-of batchd's own saying why: it never ran (`NEVER_RUN`, `not_submitted`, `result_missing`)
-or its result file could not be fetched (`RESULT_UNAVAILABLE`; a file given up after
-transient failures is `kept_on_service`). Result lines no request claims (no custom_id,
-an unknown one, a second answer) are `Strays`, copied byte for byte and counted by
-reason. Here too: where a part's result files are (`output_path`), how much of a job's
-input was sent (`sent_bytes`), which part an input line went to (`part_for`) and the
-result-line helpers (`with_input_line`, `numbered`, `terminated`).
+of batchd's own saying why: it never ran (`NEVER_RUN`, `not_submitted`), the service
+ended its batch without a line for it (`result_missing`), or its result file could not
+be fetched (`RESULT_UNAVAILABLE`; a file given up after transient failures is
+`kept_on_service`). Result lines no request claims (no custom_id, an unknown one, a
+second answer) are `Strays`, copied byte for byte and counted by reason. Here too: where
+a part's result files are (`output_path`), how much of a job's input was sent
+(`sent_bytes`), which part an input line went to (`part_for`) and the result-line
+helpers (`with_input_line`, `numbered`, `terminated`).
+
+What the counts say, decided here once for every path: `never_run` counts the failures
+whose code is in `NEVER_RAN_CODES` (`never_ran`), batchd's lines and the service's own
+alike (a batch cancelled while it runs lists its requests not run as `batch_cancelled`);
+a batch the service failed as a whole (`batch_error`) is stated once, in summary.json's
+`error`, and each of its requests' lines refers to it by its code. `merge` writes
+result.csv in the same pass as result.jsonl and error.jsonl, one row per request in
+input order, from the line just written.
 
 Result lines are paid for and never dropped: they are read with `batchd.lines` (NaN,
 1e400, lone surrogates, lines cut short, lines of any length in bounded memory). A line

@@ -5,7 +5,8 @@ Publish: a hidden temp folder `outbox/.NAME.tmp-JOB` receives `result.jsonl` (su
 in input order, the service's lines byte for byte), `error.jsonl` (failures, each with
 its `input_line`; requests that never ran get their own error code), `unattributed.jsonl`
 (result lines no request of the input claims, byte for byte; only when there are any),
-`result.csv`, `summary.json` and a copy of the validated input; each file is fsynced,
+`result.csv` (one row per request, in input order, written with the two files),
+`summary.json` and a copy of the validated input; each file is fsynced,
 then the folder is renamed to `outbox/NAME` and the outbox fsynced. The name is
 committed before the rename, so a crash on either side of it is settled by looking at
 the folder's `summary.json`. A write or fsync that fails (EIO, ENOSPC) removes the temp
@@ -14,9 +15,16 @@ each failure; the daemon carries on.
 
 The merging of results in input order is `batchd.merge`'s; here are this stage's pure
 deciders (`decide_outcome`, `retry_delay_s`, `remote_files_to_delete`,
-`unread_rejection`), what summary.json says (`build_summary`) and the writers of the
-outbox's other files (`write_results_csv`, the rejection's `error.jsonl`, the input's
-copy: `keep_input_files`).
+`unread_rejection`, `rejection_reason`), what summary.json says (`build_summary`, its
+`error`: `job_error`) and the writers of the outbox's other files (a rejected input's
+`write_rejection`, the input's copy: `keep_input_files`).
+
+A rejected input is published with every one of its lines in error.jsonl, in input
+order, each with one reason: the problem the report names for it, or `not_submitted`
+for a line the input was rejected around; all of them count as never run. What failed a
+job as a whole (a batch the service failed, the first problem of a rejected input) is
+stated once: summary.json's `error`, and the job's own `error` (`jobs --json`, `show`,
+the job.ended notification), which the lines of error.jsonl refer to by code.
 """
 
 from __future__ import annotations
