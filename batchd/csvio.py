@@ -30,6 +30,45 @@ Decisions:
   (the service's fields), falling back to `error.error_code`/`error.error_message` and
   then `response.body.error`; `response.body` may arrive as a JSON string; missing
   fields and nulls become empty cells; `usage` is compact JSON.
+- The outbox's `result.csv` has one row per request, in input order, successes and
+  failures alike (`ResultCsv.add_request`, fed by `batchd.merge` and the rejection
+  writer as they write result.jsonl and error.jsonl); `jsonl2csv` converts one file,
+  one row per line.
+
+The columns (`RESULT_COLUMNS`), defined for every endpoint; `body` is `response.body`
+(read also when it came as a JSON string), and a missing or null field is an empty cell:
+
+  custom_id      the line's `custom_id` (the request's own when the line has none that
+                 can be read)
+  model          body.model: the model that answered, as the service names it
+  request_id     response.request_id
+  status_code    response.status_code; empty on batchd's own lines (a request never sent
+                 or never run has no response)
+  error_code     failures: error.code, else error.error_code, body.error.code,
+                 error.type, body.error.type; empty on a success
+  error_message  failures: error.message, else error.error_message, body.error.message
+  created        chat (/v1/chat/completions), the test model (/v1/chat/ds-test) and
+                 completions (/v1/completions): body.created, Unix seconds as sent;
+                 responses (/v1/responses): body.created_at; embeddings (/v1/embeddings):
+                 empty, the service's embedding body has no timestamp; failures: empty
+  content        chat and the test model: choices[0].message.content; completions:
+                 choices[0].text; responses: the text of every `output_text` part of
+                 body.output, joined; embeddings: `N dims: [v0, v1, v2, v3, ...]`
+                 (below); failures: empty, unless the line cannot be shown (below)
+  usage          body.usage as compact JSON, for every endpoint
+
+An embeddings row says what the vector is, not the vector itself: its length and its
+first four values (`1024 dims: [0.0123, -0.0456, 0.0789, 0.0111, ...]`; `3 vectors of
+1024 dims: [...]` for a request of several inputs, the first vector's values; `base64,
+1024 dims` for vectors sent as base64). A whole vector is about 20 KB of text per row
+(a million rows would make a CSV of 20 GB) and a 3072-dim one passes the 32,767
+characters a spreadsheet cell holds; the CSV is for looking at, `result.jsonl` keeps
+every vector byte for byte. So every embeddings row stays under about 120 characters
+of content whatever the dimension.
+
+A row that cannot show its line says so in `content`: `[line of N bytes: see FILE]`
+for a line over `jobs.max_result_line_bytes`, `[line N is not valid JSON: see FILE]`
+for one no parser reads.
 - Result lines are read with `batchd.lines`: NaN, 1e400 and lone surrogates are read
   (a lone surrogate is shown as U+FFFD), a line that is not JSON but names its
   custom_id gets a row saying so, and a line over the line cap is never held: its row
@@ -58,7 +97,9 @@ import json
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Any, TextIO
 
 import orjson
@@ -449,9 +490,12 @@ def _cell(value: Any, safe: bool = True) -> str:
     return neutralised(text) if safe else text
 
 
-def result_row(result: dict[str, Any], *, safe_cells: bool = True) -> list[str]:
-    """The CSV cells (RESULT_COLUMNS) of one result or error line; with `safe_cells`,
-    no cell can run as a spreadsheet formula."""
+def result_row(
+    result: dict[str, Any], *, safe_cells: bool = True, custom_id: str | None = None
+) -> list[str]:
+    """The CSV cells (RESULT_COLUMNS) of one result or error line (`custom_id`: the
+    request's, shown when the line has none); with `safe_cells`, no cell can run as a
+    spreadsheet formula."""
     response = result.get("response")
     body = _dig(response, "body")
     if isinstance(body, str | bytes):
@@ -471,18 +515,89 @@ def result_row(result: dict[str, Any], *, safe_cells: bool = True) -> list[str]:
     message = (
         _dig(error, "message") or _dig(error, "error_message") or _dig(body, "error", "message")
     )
+    cid = result.get("custom_id")
     values = [
-        result.get("custom_id"),
+        cid if isinstance(cid, str) or custom_id is None else custom_id,
         _dig(body, "model"),
         _dig(response, "request_id"),
         _dig(response, "status_code"),
         code,
         message,
-        _dig(body, "created"),
-        _dig(body, "choices", 0, "message", "content"),
+        created_of(body),
+        content_of(body),
         _dig(body, "usage"),
     ]
     return [_cell(v, safe_cells) for v in values]
+
+
+def created_of(body: Any) -> Any:
+    """PURE: the answer's own timestamp, as sent: `created` (chat, completions), or
+    `created_at` (responses); None for a body with neither (embeddings)."""
+    if not isinstance(body, dict):
+        return None
+    created = body.get("created")
+    return created if created is not None else body.get("created_at")
+
+
+def content_of(body: Any) -> Any:
+    """PURE: what the content cell shows of an answer's body, by its shape: a chat
+    message's content, a completion's text, a response's output text, or a summary of
+    embedding vectors (`embedding_summary`); None when the body has none of these."""
+    if not isinstance(body, dict):
+        return None
+    choice = _dig(body, "choices", 0)
+    if isinstance(choice, dict):
+        message = choice.get("message")
+        if isinstance(message, dict):
+            return message.get("content")
+        return choice.get("text")
+    data = body.get("data")
+    if isinstance(data, list) and data and isinstance(data[0], dict) and "embedding" in data[0]:
+        return embedding_summary(data)
+    output = body.get("output")
+    if isinstance(output, list):
+        texts = [
+            part["text"]
+            for item in output
+            if isinstance(item, dict) and isinstance(item.get("content"), list)
+            for part in item["content"]
+            if isinstance(part, dict)
+            and part.get("type") == "output_text"
+            and isinstance(part.get("text"), str)
+        ]
+        return "".join(texts) if texts else None
+    return None
+
+
+# How many of a vector's values an embeddings row shows.
+SHOWN_VALUES = 4
+
+
+def embedding_summary(data: list[Any]) -> str:
+    """PURE: an embeddings answer in a few words, whatever its size: the length of its
+    vectors and the first values of the first one (`1024 dims: [0.0123, -0.0456, ...]`;
+    `3 vectors of 1024 dims: [...]`; `base64, 1024 dims` for a vector sent as base64).
+    Bounded: a cell never holds a whole vector (see the module's docstring)."""
+    first = data[0].get("embedding") if isinstance(data[0], dict) else None
+    if isinstance(first, str):
+        # base64 of float32 values: 4 bytes each.
+        dims = len(first.rstrip("=")) * 3 // 4 // 4
+        shown = f"base64, {dims} dims"
+    elif isinstance(first, list):
+        values = ", ".join(_value(v) for v in first[:SHOWN_VALUES])
+        more = ", ..." if len(first) > SHOWN_VALUES else ""
+        shown = f"{len(first)} dims: [{values}{more}]"
+    else:
+        shown = "no vector"
+    if len(data) > 1:
+        return f"{len(data)} vectors of {shown}"
+    return shown
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return _text(value)[:24]
+    return f"{value:.6g}"
 
 
 def placeholder_row(custom_id: str | None, note: str, *, safe_cells: bool = True) -> list[str]:
@@ -498,7 +613,8 @@ class ResultCsv:
     Lines come as bytes or as `lines.Line` (read in bounded memory). A line over the
     line cap gets a row with its custom_id (read from its start) and a content cell
     `[line of N bytes: see FILE]`; a line that no parser reads but whose custom_id can be
-    found gets a row saying so; a line with neither is a problem (`invalid_json`).
+    found gets a row saying so; a line with neither is a problem (`invalid_json`). A
+    line given with its request's custom_id (`add_request`) always gets its row.
     """
 
     def __init__(self, out: TextIO, *, safe_cells: bool = True, max_errors: int = 100) -> None:
@@ -506,42 +622,75 @@ class ResultCsv:
         self.safe_cells = safe_cells
         self.max_errors = max_errors
         self.result = Conversion()
+        # Lines added so far per file (`add_request`): the line numbers rows refer to.
+        self._numbers: dict[str, int] = {}
         self._writer.writerow(RESULT_COLUMNS)
 
-    def add(self, number: int, line: bytes | Line, shown_in: str) -> None:
-        """One line (`number` is its 1-based line number in `shown_in`)."""
+    def add_request(self, line: bytes | Line, shown_in: str, custom_id: str | None) -> None:
+        """The row of one request, added in input order as its line is written to
+        `shown_in` (result.jsonl or error.jsonl): always one row, with `custom_id` (the
+        request's) when the line has none that can be read."""
+        number = self._numbers.get(shown_in, 0) + 1
+        self._numbers[shown_in] = number
+        self.add(number, line, shown_in, custom_id=custom_id, always=True)
+
+    def add(
+        self,
+        number: int,
+        line: bytes | Line,
+        shown_in: str,
+        *,
+        custom_id: str | None = None,
+        always: bool = False,
+    ) -> None:
+        """One line (`number` is its 1-based line number in `shown_in`); blank lines
+        are skipped. `always`: a line that is blank, not JSON or not an object still gets
+        a row (with `custom_id`), never a problem."""
         if isinstance(line, Line):
             if line.data is None:
                 note = f"[line of {line.size} bytes: see {shown_in}]"
-                self._row(
-                    placeholder_row(custom_id_of(line.head), note, safe_cells=self.safe_cells)
-                )
+                found = custom_id_of(line.head) or custom_id
+                self._row(placeholder_row(found, note, safe_cells=self.safe_cells))
                 return
             raw = line.data
         else:
             raw = line
-        if not raw.strip():
+        if not raw.strip() and not always:
             return
         try:
             parsed = loads(raw)
         except Unreadable as exc:
-            custom_id = custom_id_of(raw[:HEAD_BYTES])
-            if custom_id is None:
+            found = custom_id_of(raw[:HEAD_BYTES]) or custom_id
+            if found is None and not always:
                 self.result.problem(number, "invalid_json", str(exc), self.max_errors)
                 return
             note = f"[line {number} is not valid JSON: see {shown_in}]"
-            self._row(placeholder_row(custom_id, note, safe_cells=self.safe_cells))
+            self._row(placeholder_row(found, note, safe_cells=self.safe_cells))
             return
         if not isinstance(parsed, dict):
+            if always:
+                note = f"[line {number} is not an object: see {shown_in}]"
+                self._row(placeholder_row(custom_id, note, safe_cells=self.safe_cells))
+                return
             self.result.problem(
                 number, "not_an_object", "a result line must be an object", self.max_errors
             )
             return
-        self._row(result_row(parsed, safe_cells=self.safe_cells))
+        self._row(result_row(parsed, safe_cells=self.safe_cells, custom_id=custom_id))
 
     def _row(self, cells: list[str]) -> None:
         self._writer.writerow(cells)
         self.result.rows += 1
+
+
+@contextmanager
+def result_csv(target: Path) -> Iterator[ResultCsv]:
+    """Write `target` (an outbox's result.csv): UTF-8 with a BOM (Excel), every cell
+    neutralised against formulas, flushed and fsynced when the block ends."""
+    with target.open("w", encoding="utf-8-sig", newline="") as out:
+        yield ResultCsv(out, safe_cells=True)
+        out.flush()
+        os.fsync(out.fileno())
 
 
 def jsonl_to_csv(

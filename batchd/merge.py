@@ -4,13 +4,22 @@ failures it finds, publish writes the outbox's files from it.
 
 A success in any part wins over failures; among failures the latest round's wins (a
 follow-up part retries earlier failures). A request without any answer gets an error line
-of batchd's own saying why: it never ran (`NEVER_RUN`, `not_submitted`, `result_missing`)
-or its result file could not be fetched (`RESULT_UNAVAILABLE`; a file given up after
-transient failures is `kept_on_service`). Result lines no request claims (no custom_id,
-an unknown one, a second answer) are `Strays`, copied byte for byte and counted by
-reason. Here too: where a part's result files are (`output_path`), how much of a job's
-input was sent (`sent_bytes`), which part an input line went to (`part_for`) and the
-result-line helpers (`with_input_line`, `numbered`, `terminated`).
+of batchd's own saying why: it never ran (`NEVER_RUN`, `not_submitted`), the service
+ended its batch without a line for it (`result_missing`), or its result file could not
+be fetched (`RESULT_UNAVAILABLE`; a file given up after transient failures is
+`kept_on_service`). Result lines no request claims (no custom_id, an unknown one, a
+second answer) are `Strays`, copied byte for byte and counted by reason. Here too: where
+a part's result files are (`output_path`), how much of a job's input was sent
+(`sent_bytes`), which part an input line went to (`part_for`) and the result-line
+helpers (`with_input_line`, `numbered`, `terminated`).
+
+What the counts say, decided here once for every path: `never_run` counts the failures
+whose code is in `NEVER_RAN_CODES` (`never_ran`), batchd's lines and the service's own
+alike (a batch cancelled while it runs lists its requests not run as `batch_cancelled`);
+a batch the service failed as a whole (`batch_error`) is stated once, in summary.json's
+`error`, and each of its requests' lines refers to it by its code. `merge` writes
+result.csv in the same pass as result.jsonl and error.jsonl, one row per request in
+input order, from the line just written.
 
 Result lines are paid for and never dropped: they are read with `batchd.lines` (NaN,
 1e400, lone surrogates, lines cut short, lines of any length in bounded memory). A line
@@ -27,12 +36,15 @@ from __future__ import annotations
 import codecs
 import os
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import orjson
 
+from batchd.csvio import ResultCsv, result_csv
+from batchd.failures import error_code
 from batchd.lines import (
     CHUNK_BYTES,
     DEFAULT_MAX_LINE_BYTES,
@@ -51,9 +63,19 @@ from batchd.models import Job, Part, PartState, RemoteStatus
 NEVER_RUN = {
     RemoteStatus.EXPIRED: ("batch_expired", "the batch expired before this request ran"),
     RemoteStatus.CANCELLED: ("batch_cancelled", "the batch was cancelled before this request ran"),
-    RemoteStatus.FAILED: ("batch_failed", "the service rejected the batch"),
+    RemoteStatus.FAILED: ("batch_failed", "the batch was rejected: see summary.json error"),
     "lost": ("batch_lost", "the batch did not end within its completion window"),
 }
+# The codes of failed requests the service never ran, whoever wrote the line: batchd's
+# own lines for requests without an answer (above, and `not_submitted`), and the
+# service's own lines for the requests of a batch that expired or was cancelled before
+# they ran (`batch_expired`, `batch_cancelled`). `never_run` in summary.json counts the
+# failures with one of them (`never_ran`). Not here: `result_missing` (the service
+# ended the batch without a line for the request: whether it ran is not known) and
+# `result_unavailable` (the result file could not be fetched: it most likely ran).
+NEVER_RAN_CODES = frozenset(
+    {"batch_expired", "batch_cancelled", "batch_failed", "batch_lost", "not_submitted"}
+)
 # The code of requests whose result file could not be fetched: they most likely ran
 # (and were billed), so they are not resubmitted on their own.
 RESULT_UNAVAILABLE = "result_unavailable"
@@ -75,6 +97,22 @@ def sent_bytes(job: Job) -> int | None:
     `job.bytes` of a JSONL input (a producer may have appended to it since); a CSV job's
     JSONL is batchd's own conversion, read whole."""
     return job.bytes if job.kind == "jsonl" else None
+
+
+def never_ran(code: str | None, *, sent: bool = True) -> bool:
+    """PURE: did the service never run this failed request? Nothing of an input that was
+    never sent ran (a rejected input: `sent` False, whatever each line's code); of a sent
+    one, the failures whose code is in `NEVER_RAN_CODES`."""
+    return not sent or code in NEVER_RAN_CODES
+
+
+def failure_code(item: Merged) -> str | None:
+    """PURE: the code a failed request is published with: batchd's own for a request
+    without an answer, else the service's (`error.code`, or the failed response's
+    `body.error.code`); None when the line cannot be read."""
+    if item.code is not None:
+        return item.code
+    return error_code(item.answer) if item.answer is not None else None
 
 
 def kept_on_service(reason: str) -> bool:
@@ -448,14 +486,20 @@ def merge(
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     input_bytes: int | None = None,
     cost_of: CostOf | None = None,
+    results_csv: Path | None = None,
 ) -> MergeStats:
-    """Write successes and failures in input order into `result` and `errors`, and the
+    """Write successes and failures in input order into `result` and `errors`, the
     result lines no request claims into `unattributed` (created only when there are
-    any); in bounded memory whatever the lines' lengths."""
+    any) and, given `results_csv`, one CSV row per request in input order, each from the
+    line just written; in bounded memory whatever the lines' lengths."""
     stats = MergeStats()
     strays = Strays(unattributed, stats)
     try:
-        with result.open("wb") as res, errors.open("wb") as err:
+        with (
+            result.open("wb") as res,
+            errors.open("wb") as err,
+            result_csv(results_csv) if results_csv is not None else nullcontext() as table,
+        ):
             for item in merged(
                 job_input,
                 parts,
@@ -468,16 +512,18 @@ def merge(
                 if usage is not None:
                     # Failures that report usage were billed too.
                     _add_usage(stats, item.model or "unknown", usage, cost_of)
+                out = res if item.ok else err
+                written = _write(item, out)
+                if table is not None:
+                    _add_row(table, item, written, (result if item.ok else errors).name)
                 if item.ok:
-                    _write(item, res)
                     stats.completed += 1
-                else:
-                    _write(item, err)
-                    stats.failed += 1
-                    if item.code == RESULT_UNAVAILABLE:
-                        stats.unavailable += 1
-                    elif item.never_ran:
-                        stats.never_run += 1
+                    continue
+                stats.failed += 1
+                if item.code == RESULT_UNAVAILABLE:
+                    stats.unavailable += 1
+                elif never_ran(failure_code(item)):
+                    stats.never_run += 1
             for out in (res, err):
                 out.flush()
                 os.fsync(out.fileno())
@@ -486,16 +532,29 @@ def merge(
     return stats
 
 
-def _write(item: Merged, out: IO[bytes]) -> None:
+def _write(item: Merged, out: IO[bytes]) -> int:
+    """Write the item's line to `out`; the bytes written."""
     if item.line is not None:
         out.write(item.line)
-        return
+        return len(item.line)
     assert item.long is not None
+    start = out.tell()
     with item.long.path.open("rb") as fh:
         if item.ok:
             copy_line(fh, item.long.line, out)
         else:
             write_with_input_line(fh, item.long.line, item.number, out)
+    return out.tell() - start
+
+
+def _add_row(table: ResultCsv, item: Merged, written: int, shown_in: str) -> None:
+    """The request's row, from the line as written (a long one: its start and size)."""
+    if item.line is not None:
+        table.add_request(item.line, shown_in, item.custom_id)
+        return
+    assert item.long is not None
+    line = Line(0, written, None, item.long.line.head)
+    table.add_request(line, shown_in, item.custom_id)
 
 
 def terminated(line: bytes) -> bytes:
@@ -543,6 +602,63 @@ def _never_run_reason(part: Part) -> tuple[str, str]:
     if part.state == PartState.CANCELLED:
         return NEVER_RUN[RemoteStatus.CANCELLED]
     code, message = NEVER_RUN.get(part.remote_status or "", ("result_missing", ""))
-    if part.remote_status == RemoteStatus.FAILED and part.remote_errors:
-        message = f"{message}: {orjson.dumps(part.remote_errors).decode()[:1000]}"
+    rejected = batch_error(part)
+    if rejected is not None:
+        # Stated once, in summary.json; each line refers to it by its code.
+        message = f"{message} ({rejected['code']})"
     return code, message
+
+
+# A whole-batch error as summary.json states it: the service's own code and message
+# (this long at most), for a batch the service failed (`errors.data` of the Batch).
+MAX_ERROR_CODE_CHARS = 100
+MAX_ERROR_MESSAGE_CHARS = 500
+BATCH_FAILED = "batch_failed"
+
+
+def batch_error(part: Part) -> dict[str, Any] | None:
+    """PURE: the error of a part whose batch the service failed, stated once: the
+    service's first listed error (`code`, `message`, with its input line when given),
+    how many it listed (`listed`), the part and its batch; None for any other part.
+    The service's `errors` are never trusted: anything but an object with a string
+    code and message gives the code `batch_failed` and a message saying so."""
+    if part.remote_status != RemoteStatus.FAILED:
+        return None
+    items = _error_items(part.remote_errors)
+    first = items[0] if items else {}
+    code = first.get("code")
+    message = first.get("message")
+    line = first.get("line")
+    code = printable(code)[:MAX_ERROR_CODE_CHARS] if isinstance(code, str) and code else None
+    if not isinstance(message, str) or not message:
+        message = (
+            "the service failed the batch without saying why"
+            if part.remote_errors is None
+            else "the service failed the batch; its errors are in the part's errors"
+        )
+    message = printable(message)[:MAX_ERROR_MESSAGE_CHARS]
+    if isinstance(line, int) and not isinstance(line, bool) and line > 0:
+        message = f"{message} (line {line} of part {part.seq})"
+    if len(items) > 1:
+        message = f"{message}; {len(items) - 1} more listed in the part's errors"
+    return {
+        "code": code or BATCH_FAILED,
+        "message": message,
+        "part": part.seq,
+        "batch_id": part.batch_id,
+        "listed": len(items),
+    }
+
+
+def _error_items(errors: Any) -> list[dict[str, Any]]:
+    """The error objects of a Batch's `errors`: `{"data": [...]}` (OpenAI, DashScope),
+    a bare list, or one object with a code."""
+    if isinstance(errors, dict):
+        data = errors.get("data")
+        if isinstance(data, list):
+            errors = data
+        elif "code" in errors or "message" in errors:
+            errors = [errors]
+    if not isinstance(errors, list):
+        return []
+    return [item for item in errors if isinstance(item, dict)]

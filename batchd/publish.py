@@ -5,7 +5,8 @@ Publish: a hidden temp folder `outbox/.NAME.tmp-JOB` receives `result.jsonl` (su
 in input order, the service's lines byte for byte), `error.jsonl` (failures, each with
 its `input_line`; requests that never ran get their own error code), `unattributed.jsonl`
 (result lines no request of the input claims, byte for byte; only when there are any),
-`result.csv`, `summary.json` and a copy of the validated input; each file is fsynced,
+`result.csv` (one row per request, in input order, written with the two files),
+`summary.json` and a copy of the validated input; each file is fsynced,
 then the folder is renamed to `outbox/NAME` and the outbox fsynced. NAME is the job's
 name (the input's stem as `intake.outbox_name` keeps it); when a job or anything else
 holds it, `NAME-2`, `NAME-3`, ..., whose summary.json says which earlier folder (and job)
@@ -17,9 +18,16 @@ each failure; the daemon carries on.
 
 The merging of results in input order is `batchd.merge`'s; here are this stage's pure
 deciders (`decide_outcome`, `retry_delay_s`, `remote_files_to_delete`,
-`unread_rejection`), what summary.json says (`build_summary`) and the writers of the
-outbox's other files (`write_results_csv`, the rejection's `error.jsonl`, the input's
-copy: `keep_input_files`).
+`unread_rejection`, `rejection_reason`), what summary.json says (`build_summary`, its
+`error`: `job_error`) and the writers of the outbox's other files (a rejected input's
+`write_rejection`, the input's copy: `keep_input_files`).
+
+A rejected input is published with every one of its lines in error.jsonl, in input
+order, each with one reason: the problem the report names for it, or `not_submitted`
+for a line the input was rejected around; all of them count as never run. What failed a
+job as a whole (a batch the service failed, the first problem of a rejected input) is
+stated once: summary.json's `error`, and the job's own `error` (`jobs --json`, `show`,
+the job.ended notification), which the lines of error.jsonl refer to by code.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import hashlib
 import os
 import shutil
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -40,9 +48,18 @@ from batchd import csvio
 from batchd.clock import SYSTEM_CLOCK, Clock, iso_utc
 from batchd.failpoints import failpoint
 from batchd.fsutil import fsync_dir, fsync_file
-from batchd.lines import CHUNK_BYTES, DEFAULT_MAX_LINE_BYTES, iter_lines
+from batchd.lines import CHUNK_BYTES, DEFAULT_MAX_LINE_BYTES, printable, read_line
 from batchd.logs import get_logger
-from batchd.merge import MergeStats, file_of, kept_on_service, merge, sent_bytes
+from batchd.merge import (
+    MergeStats,
+    batch_error,
+    file_of,
+    kept_on_service,
+    merge,
+    never_ran,
+    numbered,
+    sent_bytes,
+)
 from batchd.models import Job, JobState, Outcome, Part, RemoteStatus, batch_created_at
 from batchd.prices import PriceTable, table_from
 from batchd.remerge import merge_chain
@@ -255,6 +272,8 @@ class Publisher:
             self.store, job, final, clock=self.clock, max_line_bytes=self.max_line_bytes
         )
         cost = summary.get("cost") if isinstance(summary.get("cost"), dict) else None
+        # What failed the job as a whole, once, where `jobs` and `show` read it.
+        note = error_note(summary.get("error"))
         await self.store.mark_published(
             job.id,
             spend_of(cost, self.provider),
@@ -268,6 +287,7 @@ class Publisher:
             held=None,
             held_note=None,
             held_at=None,
+            **({"error": note} if note is not None else {}),
         )
         log.info(
             "job_published",
@@ -295,7 +315,7 @@ class Publisher:
         spool_input = Path(job.spool_path)
         jsonl_input = spool_input.with_name("input.jsonl")
         if job.report is not None and not job.report.get("valid", True):
-            stats = _write_rejection(job.report, tmp / "result.jsonl", tmp / "error.jsonl")
+            stats = write_rejection(job, tmp, self.max_line_bytes)
             outcome: Outcome = Outcome.REJECTED
         else:
             stats = merge(
@@ -307,12 +327,10 @@ class Publisher:
                 max_line_bytes=self.max_line_bytes,
                 input_bytes=sent_bytes(job),
                 cost_of=self._cost_of,
+                results_csv=tmp / "result.csv",
             )
             outcome = decide_outcome(job, parts, stats)
         failpoint("publish.write", job.inbox_name)
-        write_results_csv(
-            [tmp / "result.jsonl", tmp / "error.jsonl"], tmp / "result.csv", self.max_line_bytes
-        )
         kept = keep_input_files(job, parts, tmp, keep=self.keep_input)
         if kept.get("input_changed"):
             log.warning("input_changed", job_id=job.id, name=job.name, **kept["input_changed"])
@@ -368,39 +386,120 @@ def retry_delay_s(failures: int, base_s: float, cap_s: float) -> float:
     return float(min(cap_s, base_s * 2 ** min(max(0, failures - 1), 30)))
 
 
-def write_results_csv(
-    sources: list[Path], target: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
-) -> None:
-    """The seed's CSV columns over every result and error line, UTF-8 with a BOM (Excel),
-    every cell neutralised against formulas; read in bounded memory (a line over the
-    cap gets a row saying where to find it)."""
-    with target.open("w", encoding="utf-8-sig", newline="") as out:
-        table = csvio.ResultCsv(out, safe_cells=True)
-        for source in sources:
-            with source.open("rb") as fh:
-                for number, line in enumerate(iter_lines(fh, max_line_bytes), start=1):
-                    table.add(number, line, source.name)
+# Rejections whose input is not lines of requests (or was never read): error.jsonl lists
+# the report's problems as they are.
+NOT_LINES_CODES = UNREAD_CODES | {"empty_file", "utf16", "binary_file", "cr_line_endings"}
+
+
+def requests_file(job: Job) -> Path | None:
+    """The file whose lines are a rejected job's requests, or None when there is none to
+    read: the input as validated (a JSONL input), or a CSV input's conversion when its
+    lines are what was validated (the report's problems name its lines, or no line)."""
+    report = job.report or {}
+    problems = [e for e in report.get("errors") or [] if isinstance(e, dict)]
+    if unread_rejection(job) or any(e.get("code") in NOT_LINES_CODES for e in problems):
+        return None
+    spool_input = Path(job.spool_path)
+    if job.kind == "jsonl":
+        return spool_input if spool_input.is_file() else None
+    converted = spool_input.with_name("input.jsonl")
+    validated = bool(report.get("bytes")) or all(e.get("line") is None for e in problems)
+    return converted if validated and converted.is_file() else None
+
+
+def rejection_reason(report: dict[str, Any]) -> tuple[str, str]:
+    """PURE: the code and message of a rejected input's lines that the report names no
+    problem for: not sent, because the input was rejected for what the report lists (a
+    problem of the whole file, or other lines: the first is named). Such a line is said
+    to be valid only when the report lists every problem."""
+    problems = [e for e in report.get("errors") or [] if isinstance(e, dict)]
+    first = problems[0] if problems else {}
+    code = str(first.get("code") or "rejected")
+    line = first.get("line")
+    count = report.get("error_count")
+    count = count if isinstance(count, int) and count >= len(problems) else len(problems)
+    if line is None:
+        return "not_submitted", f"not sent: the input was rejected ({code}): see summary.json error"
+    if count <= len(problems):
+        return (
+            "not_submitted",
+            f"valid, not sent: the input was rejected for other lines (line {line}: {code})",
+        )
+    return (
+        "not_submitted",
+        f"not sent: the input was rejected (line {line}: {code}; {count} problems,"
+        f" report.json lists {len(problems)})",
+    )
+
+
+def write_rejection(job: Job, folder: Path, max_line_bytes: int) -> MergeStats:
+    """The files of a rejected input in `folder`: an empty result.jsonl, and error.jsonl
+    and result.csv with one line (one row) per line of the input, in input order, each
+    with one reason: the first problem the report lists for it, `empty_line` for a blank
+    line, else `not_submitted` (`rejection_reason`). None of them ran. An input that is
+    not lines of requests (never read, binary, a CSV that does not convert) gets the
+    report's problems as they are; only those naming a line count as requests."""
+    report = job.report or {}
+    problems = [e for e in report.get("errors") or [] if isinstance(e, dict)]
+    stats = MergeStats()
+    (folder / "result.jsonl").write_bytes(b"")
+    fsync_file(folder / "result.jsonl")
+    with (
+        (folder / "error.jsonl").open("wb") as out,
+        csvio.result_csv(folder / "result.csv") as table,
+    ):
+        for number, custom_id, code, message in _rejected_lines(job, problems, max_line_bytes):
+            line = orjson.dumps(
+                {
+                    "id": None,
+                    "custom_id": printable(custom_id) if custom_id is not None else None,
+                    "response": None,
+                    "error": {"code": code, "message": message},
+                    "input_line": number,
+                }
+            )
+            out.write(line + b"\n")
+            table.add_request(line, "error.jsonl", custom_id)
+            if number is None:
+                continue  # a problem of the whole file, not a request
+            stats.total += 1
+            stats.failed += 1
+            if never_ran(code, sent=False):
+                stats.never_run += 1
         out.flush()
         os.fsync(out.fileno())
+    return stats
 
 
-def _write_rejection(report: dict[str, Any], result: Path, errors: Path) -> MergeStats:
-    result.write_bytes(b"")
-    with errors.open("wb") as fh:
-        for item in report.get("errors") or []:
-            fh.write(
-                orjson.dumps(
-                    {
-                        "input_line": item.get("line"),
-                        "error": {"code": item.get("code"), "message": item.get("message")},
-                    }
-                )
-                + b"\n"
-            )
-    fsync_file(result)
-    fsync_file(errors)
-    total = int(report.get("requests") or 0)
-    return MergeStats(total=total, failed=total)
+def _rejected_lines(
+    job: Job, problems: list[dict[str, Any]], max_line_bytes: int
+) -> Iterator[tuple[int | None, str | None, str, str]]:
+    """(input line, custom_id, code, message) of each line of a rejected input."""
+    source = requests_file(job)
+    if source is None:
+        for item in problems:
+            line = item.get("line")
+            number = line if isinstance(line, int) and not isinstance(line, bool) else None
+            yield number, None, str(item.get("code")), str(item.get("message"))
+        return
+    by_line: dict[int, dict[str, Any]] = {}
+    for item in problems:
+        line = item.get("line")
+        if isinstance(line, int):
+            by_line.setdefault(line, item)
+    unlisted = rejection_reason(job.report or {})
+    limit = sent_bytes(job) if job.kind == "jsonl" else None
+    for number, raw in numbered(source, max_line_bytes, limit):
+        listed = by_line.get(number)
+        obj = read_line(raw) if raw is not None else None
+        cid = obj.get("custom_id") if obj is not None else None
+        if listed is not None:
+            code, message = str(listed.get("code")), str(listed.get("message"))
+        elif raw is not None and not raw.strip():
+            code, message = "empty_line", "empty line; every line must be one request"
+        else:
+            code, message = unlisted
+        yield number, cid if isinstance(cid, str) else None, code, message
 
 
 # -- the input's copy -------------------------------------------------------------------
@@ -628,7 +727,7 @@ def build_summary(
             },
         },
         "cost": cost_summary(stats, currency),
-        "error": job.error,
+        "error": job_error(job, parts),
         "parts": [
             {
                 "seq": p.seq,
@@ -687,6 +786,42 @@ def copy_number(name: str, folder: str) -> int | None:
         return None
     n = int(digits)
     return n if 2 <= n <= MAX_COPIES else None
+
+
+def job_error(job: Job, parts: list[Part]) -> dict[str, Any] | None:
+    """PURE: what failed the job as a whole, stated once in summary.json (`error`): the
+    whole-batch errors of the batches the service failed (the first one's code and
+    message, then every failed batch under `batches`; their lines in error.jsonl refer to
+    it as `batch_failed`), or the problem a rejected input was rejected for (the first
+    the report lists: `report.json` has them all); else a note of the job's, or None."""
+    failed = [error for error in (batch_error(p) for p in parts) if error is not None]
+    if failed:
+        first = failed[0]
+        return {"code": first["code"], "message": first["message"], "batches": failed}
+    report = job.report or {}
+    if not report.get("valid", True):
+        problems = [e for e in report.get("errors") or [] if isinstance(e, dict)]
+        first = problems[0] if problems else {}
+        line = first.get("line")
+        where = f"line {line}: " if isinstance(line, int) else ""
+        count = report.get("error_count") or len(problems)
+        return {
+            "code": str(first.get("code") or "rejected"),
+            "message": f"the input was rejected: {where}{first.get('message') or ''}"
+            f" ({count} problem{'s' if count != 1 else ''}: see report.json)",
+            "report": "report.json",
+        }
+    if job.error:
+        return {"code": "job_note", "message": job.error}
+    return None
+
+
+def error_note(error: Any) -> str | None:
+    """PURE: summary.json's `error` as one line for the job's record (`jobs --json`,
+    `show`, the job.ended notification): `code: message`; None when there is none."""
+    if isinstance(error, dict) and error.get("code") != "job_note":
+        return f"{error.get('code')}: {error.get('message')}"
+    return None
 
 
 def _outbox_owner(path: Path, job_id: str) -> str | None:

@@ -9,7 +9,8 @@ first) gets `outbox/ROOT/merged/`, rewritten from every published job of the cha
   ROOT's folder), each the line of the job that answered it, byte for byte;
 - `error.jsonl`: the requests still failing, in that order, each the latest failure's
   line with its `input_line` set to the line of ROOT's input;
-- `result.csv`: both, in the guide's CSV columns (`csvio.ResultCsv`), as in a job's folder;
+- `result.csv`: one row per request in that order, success or failure, in the guide's
+  CSV columns (`csvio.ResultCsv`), written beside the two files, as in a job's folder;
 - `merged.json`: the jobs that contributed (and how many answers each), the counts, the
   codes still failing, and when.
 
@@ -431,6 +432,7 @@ def write_merged(
         with (
             (target / "result.jsonl").open("wb") as res,
             (target / "error.jsonl").open("wb") as err,
+            csvio.result_csv(target / "result.csv") as table,
         ):
             for number, cid in _input_requests(root_folder / "input.jsonl", max_line_bytes):
                 # The root's own answer: its next failure (by input line) or success.
@@ -441,24 +443,38 @@ def write_merged(
                     own = successes
                 hit = index.pop(cid, None)
                 data: bytes | None
+                shown: Line | bytes
                 if hit is not None and (hit.ok or own is not successes):
                     if own is not None:
                         own.take(None)
                     fh = handles[(hit.slot, hit.ok)]
                     line = line_at(fh, hit.offset, max_line_bytes)
-                    ok, data = hit.ok, line.data
+                    ok, data, shown = hit.ok, line.data, line
                     answers[hit.slot] += 1
+                    out = res if ok else err
+                    start = out.tell()
                     if ok:
-                        copy_line(fh, line, res)
+                        copy_line(fh, line, out)
                     else:
-                        _write_renumbered(fh, line, number, err)
+                        _write_renumbered(fh, line, number, out)
                 elif own is not None:
                     ok = own is successes
-                    data = own.take(res if ok else err)
+                    assert own.head is not None
+                    shown = own.head
+                    out = res if ok else err
+                    start = out.tell()
+                    data = own.take(out)
                     answers[0] += 1
                 else:
                     ok, data = False, _missing(cid, number)
+                    shown, out = data, err
+                    start = out.tell()
                     err.write(data)
+                # The request's row in result.csv, from the line just written (a line
+                # too long to hold: from its start, with its size as written).
+                if isinstance(shown, Line):
+                    shown = shown.data or Line(0, out.tell() - start, None, shown.head)
+                table.add_request(shown, "result.jsonl" if ok else "error.jsonl", cid)
                 counts["total"] += 1
                 if ok:
                     counts["completed"] += 1
@@ -472,7 +488,6 @@ def write_merged(
     finally:
         for fh in handles.values():
             fh.close()
-    _write_csv(target, max_line_bytes)
     stats = {
         "root": chain[0].job_id,
         "input": str(root_folder / "input.jsonl"),
@@ -493,14 +508,3 @@ def write_merged(
     (target / "merged.json").write_bytes(orjson.dumps(stats, option=orjson.OPT_INDENT_2))
     fsync_file(target / "merged.json")
     return stats
-
-
-def _write_csv(target: Path, max_line_bytes: int) -> None:
-    with (target / "result.csv").open("w", encoding="utf-8-sig", newline="") as out:
-        table = csvio.ResultCsv(out, safe_cells=True)
-        for name in ("result.jsonl", "error.jsonl"):
-            with (target / name).open("rb") as fh:
-                for number, line in enumerate(iter_lines(fh, max_line_bytes), start=1):
-                    table.add(number, line, name)
-        out.flush()
-        os.fsync(out.fileno())

@@ -16,6 +16,7 @@ from batchd.testing import (
     StartEmulator,
     daemon_settings,
     drop,
+    published_jobs,
     read_jsonl,
     requests,
     running_daemon,
@@ -84,17 +85,29 @@ async def test_a_batch_the_service_rejects_ends_failed_with_every_request_report
 ) -> None:
     emulator = await start_emulator(time_scale=3000)
     settings = daemon_settings(tmp_path / "root", emulator)
-    async with running_daemon(settings):
+    async with running_daemon(settings) as daemon:
         drop(settings.paths.folder("inbox"), "unknown.jsonl", requests(5, model="no-such-model"))
         (folder,) = await wait_published(settings.paths.folder("outbox"), 1, emulator)
+        (job,) = await published_jobs(daemon, 1)
+        # `jobs --json` and `show` say it too (the socket's JobInfo).
+        shown = await daemon.ops.job(job.id)
     s = summary(folder)
     assert s["status"] == "failed"
     assert s["parts"][0]["status"] == "failed"
     assert s["parts"][0]["errors"]
+    # Stated once: what the service said, with how many it listed.
+    assert s["error"]["code"] == "model_not_found"
+    assert s["error"]["message"].startswith("model 'no-such-model' does not exist (line 1")
+    assert "4 more listed in the part's errors" in s["error"]["message"]
+    assert shown is not None and shown.error == f"model_not_found: {s['error']['message']}"
+    assert s["never_run"] == 5
     errors = read_jsonl(folder / "error.jsonl")
     assert [e["input_line"] for e in errors] == [1, 2, 3, 4, 5]
+    # Each line refers to it by its code, never repeating the service's list.
     assert {e["error"]["code"] for e in errors} == {"batch_failed"}
-    assert "model_not_found" in errors[0]["error"]["message"]
+    assert {e["error"]["message"] for e in errors} == {
+        "the batch was rejected: see summary.json error (model_not_found)"
+    }
 
 
 async def test_an_expired_batch_keeps_its_partial_output_and_lists_what_never_ran(
@@ -147,8 +160,10 @@ async def test_a_cancelled_job_publishes_what_finished_and_marks_the_rest(
     assert s["parts"][0]["status"] == "cancelled"
     counts = s["request_counts"]
     assert counts["total"] == 10 and counts["completed"] < 10
-    codes = {e["error"]["code"] for e in read_jsonl(folder / "error.jsonl")}
+    codes = [e["error"]["code"] for e in read_jsonl(folder / "error.jsonl")]
     assert "batch_cancelled" in codes
+    # The service's own batch_cancelled lines are requests that never ran (it was 0).
+    assert s["never_run"] == codes.count("batch_cancelled") > 0
 
 
 async def test_faults_do_not_lose_or_duplicate_work(

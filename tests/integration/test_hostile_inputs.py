@@ -91,8 +91,17 @@ async def test_a_bad_line_appended_after_the_claim_is_never_sent(
         (folder,) = await wait_published(settings.paths.folder("outbox"), 1, emulator)
     s = summary(folder)
     assert s["status"] == "rejected"
-    (error,) = read_jsonl(folder / "error.jsonl")
-    assert (error["input_line"], error["error"]["code"]) == (4, "invalid_json")
+    # Every line is listed, the valid ones as not sent for the bad one's sake.
+    errors = read_jsonl(folder / "error.jsonl")
+    assert [(e["input_line"], e["custom_id"], e["error"]["code"]) for e in errors] == [
+        (1, "r0", "not_submitted"),
+        (2, "r1", "not_submitted"),
+        (3, "r2", "not_submitted"),
+        (4, None, "invalid_json"),
+    ]
+    assert "line 4: invalid_json" in errors[0]["error"]["message"]
+    assert s["request_counts"] == {"total": 4, "completed": 0, "failed": 4}
+    assert s["never_run"] == 4
     assert (await emulator.stats())["calls"]["upload"]["served"] == 0
 
 

@@ -167,8 +167,14 @@ async def test_over_budget_a_job_can_be_rejected_before_anything_is_sent(
     for name, says in (("costly", "daily budget"), ("capped", "max_cost")):
         report = summary(outbox / name)
         assert report["status"] == "rejected"
-        (error,) = read_jsonl(outbox / name / "error.jsonl")[:1]
-        assert "over_budget" in str(error) and says in str(error), error
+        # Why, once in summary.json; each line of the input refers to it by its code.
+        assert report["error"]["code"] == "over_budget", report["error"]
+        assert says in report["error"]["message"], report["error"]
+        errors = read_jsonl(outbox / name / "error.jsonl")
+        assert len(errors) == report["request_counts"]["total"] == report["never_run"]
+        for error in errors:
+            assert error["error"]["code"] == "not_submitted"
+            assert "(over_budget)" in error["error"]["message"], error
 
 
 async def test_an_unpriced_model_waits_under_a_cap_and_the_hold_is_announced(

@@ -8,6 +8,7 @@ import hashlib
 import io
 import os
 import tracemalloc
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,10 @@ from batchd.csvio import jsonl_file_to_csv, neutralised
 from batchd.lines import iter_lines
 from batchd.merge import (
     RESULT_UNAVAILABLE,
+    batch_error,
     merge,
     merged,
+    never_ran,
     output_path,
     with_input_line,
     write_with_input_line,
@@ -29,11 +32,14 @@ from batchd.merge import (
 from batchd.models import Job, JobState, Part, PartState
 from batchd.problems import StepPolicy
 from batchd.publish import (
+    error_note,
+    job_error,
     keep_input_files,
     remote_files_to_delete,
     unread_rejection,
-    write_results_csv,
+    write_rejection,
 )
+from batchd.testing import read_jsonl
 
 USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
 
@@ -158,6 +164,7 @@ def run_merge(folder: Path, parts: list[Part], **kw: Any) -> tuple[Any, list[byt
         out / "result.jsonl",
         out / "error.jsonl",
         out / "unattributed.jsonl",
+        results_csv=out / "result.csv",
         **kw,
     )
     results = (out / "result.jsonl").read_bytes().splitlines(keepends=True)
@@ -269,14 +276,12 @@ def test_lines_over_the_cap_are_copied_in_chunks_with_input_line_added(tmp_path:
     assert errors == [with_input_line(big_failure, 2), with_input_line(cut_failure, 3)]
     assert orjson.loads(errors[0])["input_line"] == 2
     assert orjson.loads(errors[1])["raw"].startswith('{"id":"r-r2"')
-    write_results_csv(
-        [tmp_path / "out" / "result.jsonl", tmp_path / "out" / "error.jsonl"],
-        tmp_path / "out" / "result.csv",
-        4096,
-    )
     rows = list(csv.reader(io.StringIO((tmp_path / "out" / "result.csv").read_text("utf-8-sig"))))
     assert rows[1][0] == "r0" and rows[1][7] == f"[line of {len(big) + 1} bytes: see result.jsonl]"
-    assert rows[2][0] == "r1" and "see error.jsonl" in rows[2][7]
+    # A long failure's row gives the size of its line as published (input_line added).
+    assert rows[2][0] == "r1" and rows[2][7] == f"[line of {len(errors[0])} bytes: see error.jsonl]"
+    # The cut failure was wrapped ({"input_line":3,"raw":...}): its row names its request.
+    assert rows[3][0] == "r2"
     assert len(rows) == 4
 
 
@@ -299,8 +304,8 @@ def test_merging_a_huge_line_holds_the_cap_not_the_line(tmp_path: Path) -> None:
             tmp_path / "error.jsonl",
             tmp_path / "unattributed.jsonl",
             max_line_bytes=64 * 1024,
+            results_csv=tmp_path / "result.csv",
         )
-        write_results_csv([result], tmp_path / "result.csv", 64 * 1024)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -518,3 +523,249 @@ def test_jsonl2csv_neutralises_formulas_unless_raw_cells(tmp_path: Path) -> None
     raw_csv = tmp_path / "raw.csv"
     assert main(["jsonl2csv", str(source), "-o", str(raw_csv), "--raw-cells"]) == 0
     assert raw_csv.read_text("utf-8-sig").splitlines()[1].startswith("+1-555,")
+
+
+# -- issue 16: one row per request in input order, never_run, whole-batch errors --------
+
+
+def csv_ids(path: Path) -> list[str]:
+    rows = list(csv.reader(io.StringIO(path.read_text("utf-8-sig"))))
+    assert rows[0][0] == "custom_id"
+    return [row[0] for row in rows[1:]]
+
+
+def test_result_csv_follows_the_input_whatever_fails(tmp_path: Path) -> None:
+    """200 requests, 18 failing among them (the issue's file): row N is line N."""
+    ids = [f"r{n}" for n in range(200)]
+    write_input(tmp_path, ids)
+    part = make_part(tmp_path, requests=200)
+    failing = {f"r{n}" for n in range(2, 200, 11)}
+    assert len(failing) == 18
+    # The service promises no order: its files come reversed.
+    write_results(
+        part,
+        [success(c) for c in reversed(ids) if c not in failing],
+        [failure(c) for c in reversed(ids) if c in failing],
+    )
+    stats, _, _ = run_merge(tmp_path, [part])
+    assert (stats.total, stats.completed, stats.failed) == (200, 182, 18)
+    assert csv_ids(tmp_path / "out" / "result.csv") == ids
+    rows = list(csv.reader(io.StringIO((tmp_path / "out" / "result.csv").read_text("utf-8-sig"))))
+    assert rows[3][0] == "r2" and rows[3][4] == "InvalidParameter"  # line 3: a failure, row 3
+
+
+def not_run(cid: str, code: str) -> bytes:
+    """A line of the service's own for a request it never ran."""
+    return orjson.dumps(
+        {
+            "id": f"r-{cid}",
+            "custom_id": cid,
+            "response": None,
+            "error": {"code": code, "message": "m"},
+        }
+    )
+
+
+def test_never_run_counts_the_services_own_lines_as_batchds(tmp_path: Path) -> None:
+    """Cancelled while running: the service lists what it never ran as batch_cancelled;
+    those count as never run, as batchd's own lines for requests without an answer do."""
+    write_input(tmp_path, ["r0", "r1", "r2", "r3", "r4"])
+    part = make_part(tmp_path, requests=5, remote_status="cancelled")
+    write_results(
+        part,
+        [success("r0")],
+        [failure("r1"), not_run("r2", "batch_cancelled"), not_run("r3", "batch_cancelled")],
+    )
+    stats, _, errors = run_merge(tmp_path, [part])
+    # r4 has no line at all: batchd's own batch_cancelled.
+    codes = [orjson.loads(e)["error"]["code"] for e in errors]
+    assert codes == ["InvalidParameter", "batch_cancelled", "batch_cancelled", "batch_cancelled"]
+    assert (stats.completed, stats.failed, stats.never_run) == (1, 4, 3)
+
+
+@pytest.mark.parametrize(
+    ("code", "sent", "ran"),
+    [
+        ("batch_expired", True, False),
+        ("batch_cancelled", True, False),
+        ("batch_failed", True, False),
+        ("batch_lost", True, False),
+        ("not_submitted", True, False),
+        ("result_missing", True, True),  # not known: the batch ended without its line
+        ("result_unavailable", True, True),  # most likely ran: its file was not fetched
+        ("InvalidParameter", True, True),
+        (None, True, True),
+        ("invalid_json", False, False),  # nothing of a rejected input ran
+        ("not_submitted", False, False),
+    ],
+)
+def test_never_run_is_decided_from_the_code(code: str | None, sent: bool, ran: bool) -> None:
+    assert never_ran(code, sent=sent) is not ran
+
+
+def test_a_batch_the_service_failed_is_stated_once(tmp_path: Path) -> None:
+    """200 lines, each once listed in the batch's errors: summary.json says it once,
+    each line refers to it by its code (the issue's file was 256 KB)."""
+    ids = [f"r{n}" for n in range(200)]
+    write_input(tmp_path, ids)
+    listed = [
+        {
+            "code": "model_not_found",
+            "message": "model 'qwen-plsu' does not exist",
+            "line": n,
+            "param": "body.model",
+        }
+        for n in range(1, 101)
+    ]
+    part = make_part(
+        tmp_path,
+        requests=200,
+        remote_status="failed",
+        output_file_id=None,
+        error_file_id=None,
+        remote_errors={"object": "list", "data": listed},
+    )
+    stats, results, errors = run_merge(tmp_path, [part])
+    assert (stats.failed, stats.never_run, results) == (200, 200, [])
+    assert {orjson.loads(e)["error"]["message"] for e in errors} == {
+        "the batch was rejected: see summary.json error (model_not_found)"
+    }
+    assert sum(len(e) for e in errors) < 200 * 200
+    assert batch_error(part) == {
+        "code": "model_not_found",
+        "message": "model 'qwen-plsu' does not exist (line 1 of part 1); 99 more listed in the"
+        " part's errors",
+        "part": 1,
+        "batch_id": "batch_1",
+        "listed": 100,
+    }
+    job = make_job(tmp_path / "input.jsonl")
+    error = job_error(job, [part])
+    assert error is not None and error["code"] == "model_not_found"
+    assert error_note(error) == f"model_not_found: {error['message']}"
+    assert csv_ids(tmp_path / "out" / "result.csv") == ids
+
+
+@pytest.mark.parametrize(
+    ("errors", "code", "message"),
+    [
+        (None, "batch_failed", "the service failed the batch without saying why"),
+        ({"truncated": '{"data": [{"code": "x"'}, "batch_failed", "the service failed the batch;"),
+        ([{"code": 7, "message": ["no"]}], "batch_failed", "the service failed the batch;"),
+        ({"code": "x" * 500, "message": "y" * 5000}, "x" * 100, "y" * 500),
+        (
+            [{"code": "token_limit_exceeded", "message": "Enqueued token limit"}],
+            "token_limit_exceeded",
+            "Enqueued",
+        ),
+    ],
+)
+def test_a_batch_error_is_read_whatever_the_service_sent(
+    errors: Any, code: str, message: str
+) -> None:
+    error = batch_error(make_part(Path("/s"), remote_status="failed", remote_errors=errors))
+    assert error is not None and error["code"] == code and error["message"].startswith(message)
+    assert len(error["message"]) <= 600
+    assert batch_error(make_part(Path("/s"), remote_status="expired", remote_errors=errors)) is None
+
+
+def rejected_job(folder: Path, content: bytes, errors: list[dict[str, Any]], **report: Any) -> Job:
+    source = folder / "input.jsonl"
+    source.write_bytes(content)
+    full = {
+        "valid": False,
+        "requests": len(content.splitlines()),
+        "errors": errors,
+        "error_count": len(errors),
+    }
+    return make_job(source, report={**full, **report})
+
+
+def test_every_line_of_a_rejected_input_is_listed_with_one_reason(tmp_path: Path) -> None:
+    """The issue's input: five lines, one valid. Each is in error.jsonl, in order."""
+    good = request("ok")
+    content = b"\n".join([b"{bad", good, b"[1]", b'{"custom_id": "x"}', b"nope"]) + b"\n"
+    problems = [
+        {"line": 1, "code": "invalid_json", "message": "not JSON"},
+        {"line": 3, "code": "not_an_object", "message": "an array"},
+        {"line": 4, "code": "invalid_method", "message": "no method"},
+        {"line": 4, "code": "invalid_url", "message": "no url"},
+        {"line": 5, "code": "invalid_json", "message": "not JSON"},
+    ]
+    job = rejected_job(tmp_path, content, problems)
+    out = tmp_path / "out"
+    out.mkdir()
+    stats = write_rejection(job, out, 1 << 20)
+    assert (stats.total, stats.completed, stats.failed, stats.never_run) == (5, 0, 5, 5)
+    assert (out / "result.jsonl").read_bytes() == b""
+    errors = read_jsonl(out / "error.jsonl")
+    assert [(e["input_line"], e["custom_id"], e["error"]["code"]) for e in errors] == [
+        (1, None, "invalid_json"),
+        (2, "ok", "not_submitted"),
+        (3, None, "not_an_object"),
+        (4, "x", "invalid_method"),  # one reason: the first the report names
+        (5, None, "invalid_json"),
+    ]
+    assert errors[1]["error"]["message"] == (
+        "valid, not sent: the input was rejected for other lines (line 1: invalid_json)"
+    )
+    assert csv_ids(out / "result.csv") == ["", "ok", "", "x", ""]
+    error = job_error(job, [])
+    assert error is not None and error["code"] == "invalid_json"
+    assert "line 1: not JSON (5 problems" in error["message"]
+
+
+def test_a_rejected_input_whose_report_lists_only_some_problems_says_so(tmp_path: Path) -> None:
+    content = requests_for(["a", "b", "c"]) + b"\n\n"
+    problems = [{"line": 4, "code": "empty_line", "message": "empty"}]
+    job = rejected_job(tmp_path, content, problems, error_count=7)
+    out = tmp_path / "out"
+    out.mkdir()
+    stats = write_rejection(job, out, 1 << 20)
+    errors = read_jsonl(out / "error.jsonl")
+    # Blank lines are lines of the input too, each listed (the service counts them).
+    assert [(e["input_line"], e["error"]["code"]) for e in errors] == [
+        (1, "not_submitted"),
+        (2, "not_submitted"),
+        (3, "not_submitted"),
+        (4, "empty_line"),
+        (5, "empty_line"),
+    ]
+    assert "7 problems, report.json lists 1" in errors[0]["error"]["message"]
+    assert "valid" not in errors[0]["error"]["message"]
+    assert stats.total == stats.never_run == 5
+
+
+def test_an_input_refused_as_a_whole_lists_its_lines_once_refused(tmp_path: Path) -> None:
+    """Over budget (read, valid, refused whole): each line refers to the reason."""
+    problems = [
+        {"line": None, "code": "over_budget", "message": "not started: over the daily budget"}
+    ]
+    job = rejected_job(tmp_path, requests_for(["a", "b"]), problems, requests=0)
+    out = tmp_path / "out"
+    out.mkdir()
+    stats = write_rejection(job, out, 1 << 20)
+    errors = read_jsonl(out / "error.jsonl")
+    assert [e["error"]["message"] for e in errors] == [
+        "not sent: the input was rejected (over_budget): see summary.json error"
+    ] * 2
+    assert (stats.total, stats.never_run) == (2, 2)
+    error = job_error(job, [])
+    assert error is not None and "over the daily budget" in error["message"]
+
+
+def test_an_input_never_read_lists_its_problem_and_counts_no_request(tmp_path: Path) -> None:
+    problems = [{"line": None, "code": "input_too_large", "message": "over max_input_bytes"}]
+    job = rejected_job(tmp_path, b"x" * 100, problems, requests=0)
+    job = replace(job, sha256=None)
+    out = tmp_path / "out"
+    out.mkdir()
+    stats = write_rejection(job, out, 1 << 20)
+    (error,) = read_jsonl(out / "error.jsonl")
+    assert (error["input_line"], error["error"]["code"]) == (None, "input_too_large")
+    assert (stats.total, stats.failed, stats.never_run) == (0, 0, 0)
+    assert csv_ids(out / "result.csv") == [""]
+
+
+def requests_for(ids: list[str]) -> bytes:
+    return b"".join(request(c) + b"\n" for c in ids)

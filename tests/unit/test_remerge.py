@@ -98,6 +98,10 @@ def test_the_merged_set_follows_the_original_input_with_the_latest_answers(
     assert orjson.loads((target / "merged.json").read_bytes()) == stats
     csv_rows = (target / "result.csv").read_text(encoding="utf-8-sig").splitlines()
     assert csv_rows[0].startswith("custom_id,") and len(csv_rows) == 1 + 5
+    # One row per request in the original input's order, the failure in its place.
+    assert [row.split(",")[0] for row in csv_rows[1:]] == ["r0", "r1", "r2", "r3", "r4"]
+    assert csv_rows[2].split(",")[4] == "DataInspectionFailed"
+    assert csv_rows[4].split(",")[7] == "again"
 
 
 def test_a_success_is_copied_byte_for_byte(chain: list[Contributor], tmp_path: Path) -> None:
