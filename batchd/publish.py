@@ -386,9 +386,17 @@ def retry_delay_s(failures: int, base_s: float, cap_s: float) -> float:
     return float(min(cap_s, base_s * 2 ** min(max(0, failures - 1), 30)))
 
 
-# Rejections whose input is not lines of requests (or was never read): error.jsonl lists
-# the report's problems as they are.
-NOT_LINES_CODES = UNREAD_CODES | {"empty_file", "utf16", "binary_file", "cr_line_endings"}
+# Rejections whose input is not lines of requests (never read, not text, a CSV that
+# could not be converted): error.jsonl lists the report's problems as they are.
+NOT_LINES_CODES = UNREAD_CODES | {
+    "empty_file",
+    "utf16",
+    "binary_file",
+    "cr_line_endings",
+    "not_text",
+    "bad_csv",
+    "csv_needs_model",
+}
 
 
 def requests_file(job: Job) -> Path | None:

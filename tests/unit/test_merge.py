@@ -769,3 +769,32 @@ def test_an_input_never_read_lists_its_problem_and_counts_no_request(tmp_path: P
 
 def requests_for(ids: list[str]) -> bytes:
     return b"".join(request(c) + b"\n" for c in ids)
+
+
+def test_a_rejected_csv_lists_its_conversions_lines_or_its_rows_problems(
+    tmp_path: Path,
+) -> None:
+    """A CSV whose conversion was validated: the conversion's lines, as for JSONL. One
+    that did not convert: only the rows the report names (the others were never read
+    as requests)."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    source = spool / "input.csv"
+    source.write_bytes(b"custom_id,content\na,x\nb,y\n")
+    problems = [{"line": 2, "code": "invalid_thinking", "message": "m"}]
+    (spool / "input.jsonl").write_bytes(requests_for(["a", "b"]))
+    report = {"valid": False, "bytes": 300, "errors": problems, "error_count": 1}
+    out = tmp_path / "out"
+    out.mkdir()
+    stats = write_rejection(make_job(source, report=report), out, 1 << 20)
+    assert [(e["custom_id"], e["error"]["code"]) for e in read_jsonl(out / "error.jsonl")] == [
+        ("a", "not_submitted"),
+        ("b", "invalid_thinking"),
+    ]
+    assert stats.total == 2
+    (spool / "input.jsonl").unlink()
+    rows = [{"line": 3, "code": "bad_row", "message": "3 columns"}]
+    report = {"valid": False, "errors": rows, "error_count": 1}
+    stats = write_rejection(make_job(source, report=report), out, 1 << 20)
+    (error,) = read_jsonl(out / "error.jsonl")
+    assert (error["input_line"], error["error"]["code"], stats.total) == (3, "bad_row", 1)
