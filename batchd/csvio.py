@@ -254,6 +254,15 @@ SNIFF_BYTES = 64 * 1024
 _HAN = re.compile(r"[\u4e00-\u9fff]")
 
 
+def _decodes(data: bytes, encoding: str) -> bool:
+    """PURE: do these bytes read as text in `encoding`?"""
+    try:
+        data.decode(encoding)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def guess_encoding(head: bytes, tried: str) -> str | None:
     """PURE: another encoding that a file starting with `head` reads in, when one is
     clear, other than `tried`: UTF-16 by its BOM, UTF-8, or GB18030 when the bytes are
@@ -263,11 +272,7 @@ def guess_encoding(head: bytes, tried: str) -> str | None:
         return "utf-16"
     if len(head) >= SNIFF_BYTES and b"\n" in head:
         head = head[: head.rindex(b"\n")]  # a cut sample: whole lines only
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError:
-        pass
-    else:
+    if _decodes(head, "utf-8"):
         return None if _is_utf8(tried) or head.isascii() else "utf-8"
     try:
         text = head.decode("gb18030")
