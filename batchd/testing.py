@@ -26,7 +26,7 @@ What it offers, one of each:
   tests (fast intake and polling, the emulator as provider).
 - Around them: `drop` files into an inbox the careful way, `wait_published`, `summary`
   and `read_jsonl` for the outbox, `events` for JSON log lines, `FakeSystemd` for
-  sd_notify.
+  sd_notify, `folder_elsewhere` for a folder on another filesystem.
 
 It needs nothing beyond batchd's own dependencies (no pytest).
 """
@@ -39,13 +39,15 @@ import inspect
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import sqlite3
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
@@ -126,6 +128,49 @@ class Served(Protocol):
 
 
 # -- requests -----------------------------------------------------------------------------
+
+
+# Where a folder on another filesystem may be found, most likely first; then the
+# machine's other mounts (`/proc/self/mounts`). Only a fresh `mkdtemp` folder is made in
+# any of them.
+_SHM = "/dev/shm"  # noqa: S108
+_ELSEWHERE = (_SHM, f"/run/user/{os.getuid()}", "/run/shm", "/var/tmp", "/tmp", "/run")  # noqa: S108
+_NOT_FOLDERS = ("/proc", "/sys", "/dev")
+
+
+def _mount_points() -> list[str]:
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as fh:
+            points = [line.split()[1].replace("\\040", " ") for line in fh if line.strip()]
+    except OSError:
+        return []
+    return [p for p in points if not p.startswith(_NOT_FOLDERS) or p == _SHM]
+
+
+@contextlib.contextmanager
+def folder_elsewhere(than: Path) -> Iterator[Path | None]:
+    """A fresh folder on another filesystem than `than` (renames between the two fail
+    with EXDEV), removed afterwards; None when this machine has none the user can
+    write."""
+    seen: set[int] = {os.stat(than).st_dev}
+    for candidate in (*_ELSEWHERE, *_mount_points()):
+        try:
+            device = os.stat(candidate).st_dev
+        except OSError:
+            continue
+        if device in seen:
+            continue
+        seen.add(device)
+        try:
+            folder = Path(tempfile.mkdtemp(prefix="batchd-test-", dir=candidate))
+        except OSError:
+            continue
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return
+    yield None
 
 
 def requests(

@@ -18,9 +18,22 @@ import pytest
 
 from batchd.emulator import Emulator
 from batchd.logs import configure
-from batchd.testing import Api, StartEmulator, running_emulator
+from batchd.testing import Api, StartEmulator, folder_elsewhere, running_emulator
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture
+def elsewhere(tmp_path: Path) -> Iterator[Path]:
+    """A fresh folder on another filesystem than `tmp_path` (removed after the test)."""
+    with folder_elsewhere(tmp_path) as folder:
+        if folder is None:
+            pytest.skip(
+                "this machine has no folder the test user can write on another filesystem"
+                f" than {tmp_path} (tried /dev/shm, /run/user, /var/tmp, /tmp and every"
+                " mount): crossing filesystems cannot be tried here"
+            )
+        yield folder
 
 
 @pytest.fixture

@@ -242,39 +242,33 @@ async def test_a_lost_database_is_noticed_and_its_running_batch_adopted(
     assert stats["calls"]["upload"]["served"] == 3
 
 
-async def test_an_inbox_on_another_filesystem_is_refused_at_start(tmp_path: Path) -> None:
+async def test_an_inbox_on_another_filesystem_is_refused_at_start(
+    tmp_path: Path, elsewhere: Path
+) -> None:
     """Claiming is a rename into the spool; across filesystems every claim would fail
     forever. `batchd run` refuses to start, exit 2, with a message naming both."""
-    shm = Path("/dev/shm")
-    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
-        pytest.skip("needs /dev/shm on another filesystem than the temp folder")
-    inbox = shm / f"batchd-test-inbox-{tmp_path.name}"
+    inbox = elsewhere / "inbox"
     inbox.mkdir()
-    try:
-        env = {
-            "BATCHD_API_KEY": "sk-test",
-            "BATCHD_PROVIDER": "custom",
-            "BATCHD_BASE_URL": "http://127.0.0.1:9/v1",
-            "BATCHD_PATHS__ROOT": str(tmp_path / "root"),
-            "BATCHD_PATHS__INBOX": str(inbox),
-            "PATH": "/usr/bin:/bin",
-        }
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "batchd",
-            "run",
-            env=env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        _, err = await asyncio.wait_for(process.communicate(), 30)
-        assert process.returncode == 2, err.decode()
-        text = err.decode()
-        assert "different filesystems" in text and str(inbox) in text
-        assert "Traceback" not in text
-        assert not any(p.name.startswith(".batchd-probe") for p in inbox.iterdir())
-    finally:
-        for entry in inbox.iterdir():
-            entry.unlink()
-        inbox.rmdir()
+    env = {
+        "BATCHD_API_KEY": "sk-test",
+        "BATCHD_PROVIDER": "custom",
+        "BATCHD_BASE_URL": "http://127.0.0.1:9/v1",
+        "BATCHD_PATHS__ROOT": str(tmp_path / "root"),
+        "BATCHD_PATHS__INBOX": str(inbox),
+        "PATH": "/usr/bin:/bin",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "batchd",
+        "run",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 2, err.decode()
+    text = err.decode()
+    assert "different filesystems" in text and str(inbox) in text
+    assert "Traceback" not in text
+    assert not any(p.name.startswith(".batchd-probe") for p in inbox.iterdir())

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import os
 import tracemalloc
 from dataclasses import replace
 from pathlib import Path
@@ -492,27 +491,17 @@ def test_an_input_rejected_unread_is_moved_not_copied(tmp_path: Path) -> None:
 
 
 def test_an_input_rejected_unread_stays_in_the_spool_across_filesystems(
-    tmp_path: Path,
+    tmp_path: Path, elsewhere: Path
 ) -> None:
-    shm = Path("/dev/shm")
-    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
-        pytest.skip("needs /dev/shm on a filesystem of its own")
     spool = tmp_path / "spool"
     spool.mkdir()
     source = spool / "input.jsonl"
     source.write_bytes(b"x" * 100)
     report = {"valid": False, "errors": [{"line": None, "code": "sparse_file", "message": "s"}]}
     job = make_job(source, sha256=None, report=report)
-    out = shm / f"batchd-test-{os.getpid()}-{tmp_path.name}"
-    out.mkdir()
-    try:
-        kept = keep_input_files(job, [], out, keep=True)
-        assert kept == {"input_kept_at": str(source)}
-        assert source.exists() and not (out / "input.jsonl").exists()
-    finally:
-        for child in out.iterdir():
-            child.unlink()
-        out.rmdir()
+    kept = keep_input_files(job, [], elsewhere, keep=True)
+    assert kept == {"input_kept_at": str(source)}
+    assert source.exists() and not (elsewhere / "input.jsonl").exists()
 
 
 def test_jsonl2csv_neutralises_formulas_unless_raw_cells(tmp_path: Path) -> None:
