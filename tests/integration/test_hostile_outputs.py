@@ -249,7 +249,10 @@ def peak_rss_bytes(pid: int) -> int:
     raise AssertionError("no VmHWM in /proc/PID/status")
 
 
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+@pytest.mark.skipif(
+    not Path("/proc/self/status").exists(),
+    reason="the daemon's peak memory is read from /proc/PID/status (Linux only)",
+)
 async def test_a_100_mb_result_line_never_enters_the_daemons_memory(
     start_emulator: StartEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

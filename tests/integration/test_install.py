@@ -117,10 +117,13 @@ def test_an_unsafe_instance_name_is_refused(name: str, tmp_path: Path) -> None:
     assert not dest.exists()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="tmpfiles needs root to chown in a staged root")
+@pytest.mark.skipif(
+    os.geteuid() != 0,
+    reason="systemd-tmpfiles needs root to chown the staged folders to their users",
+)
 @pytest.mark.skipif(
     shutil.which("systemd-sysusers") is None or shutil.which("systemd-tmpfiles") is None,
-    reason="systemd-sysusers/systemd-tmpfiles are not installed",
+    reason="systemd-sysusers/systemd-tmpfiles are not installed (apt-get install systemd)",
 )
 def test_sysusers_and_tmpfiles_build_the_shared_folders(tmp_path: Path) -> None:
     """Applied to the staged root: the user and groups exist, and the folders have the
