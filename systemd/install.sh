@@ -7,7 +7,7 @@
 #
 # What lands where (all under $DESTDIR when it is set):
 #   /opt/batchd/venv                      python -m venv + pip install of this checkout
-#   /opt/batchd/README.md
+#   /opt/batchd/README.md, /opt/batchd/docs/*.md
 #   /usr/local/bin/batchd                 a link to the venv's batchd, for operators
 #   /etc/systemd/system/batchd.service, batchd@.service
 #   /usr/lib/sysusers.d/batchd.conf       user batchd, groups batchd and batchd-operators
@@ -111,6 +111,9 @@ if [ "$MAKE_VENV" = yes ]; then
     say "installed $PREFIX/venv ($("$DESTDIR$PREFIX/venv/bin/batchd" --version))"
 fi
 install_file 0644 "$SRC/README.md" "$PREFIX/README.md"
+for page in "$SRC"/docs/*.md; do
+    install_file 0644 "$page" "$PREFIX/docs/$(basename "$page")"
+done
 # On PATH for operators: `batchd status` finds the unit's socket with no flags.
 install -d -m 0755 "$DESTDIR$BINDIR"
 ln -sfn "$PREFIX/venv/bin/batchd" "$DESTDIR$BINDIR/batchd"

@@ -22,6 +22,7 @@ EXPECTED = {
     "etc/batchd/batchd.toml": REPO / "config" / "batchd.toml",
     "etc/batchd/batchd.toml.example": REPO / "config" / "batchd.toml",
     "opt/batchd/README.md": REPO / "README.md",
+    **{f"opt/batchd/docs/{page.name}": page for page in sorted((REPO / "docs").glob("*.md"))},
 }
 SYSTEM_TOOLS = ("systemctl", "systemd-sysusers", "systemd-tmpfiles")
 
