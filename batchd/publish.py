@@ -336,7 +336,8 @@ class Publisher:
             )
             outcome = decide_outcome(job, parts, stats)
         failpoint("publish.write", job.inbox_name)
-        never_sent = outcome == Outcome.CANCELLED and not parts
+        # Cancelled with nothing sent (held, say): the input is all there is of it.
+        never_sent = outcome == Outcome.CANCELLED and not any(p.batch_id for p in parts)
         kept = keep_input_files(job, parts, tmp, keep=self.keep_input or never_sent)
         if kept.get("input_changed"):
             log.warning("input_changed", job_id=job.id, name=job.name, **kept["input_changed"])

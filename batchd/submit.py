@@ -304,7 +304,7 @@ class Submitter:
             queued[part.model] = queued.get(part.model, 0) + (part.input_tokens or 0)
             if total >= self.limits.running_batches and ledger is None:
                 break
-        await self._judge_holds(short, judged)
+        await self._judge_holds(short, judged, capped=ledger is not None)
         if not chosen:
             return False
         # Each job read once per pass: a job of thousands of parts carries a large report,
@@ -353,10 +353,11 @@ class Submitter:
             return True
         return queued[part.model] + (part.input_tokens or 0) <= limit
 
-    async def _judge_holds(self, short: dict[str, Hold], judged: set[str]) -> None:
+    async def _judge_holds(self, short: dict[str, Hold], judged: set[str], capped: bool) -> None:
         """Hold the jobs a part of which does not fit the budget (the note kept current,
         logged once when the hold starts), and release the held ones judged in this pass
-        whose parts now fit. A split job some of whose parts run says how many."""
+        whose parts now fit, or all of them when no cap is set any more (a reload took
+        it away). A split job some of whose parts run says how many."""
         for job_id, refused in short.items():
             started, total = await self.store.created_parts(job_id)
             note = refused.note(job_id)
@@ -365,7 +366,11 @@ class Submitter:
             if await holds.hold(self.store, job_id, refused.reason, note):
                 self.on_held()
         for job in await self.store.held_jobs():
-            if job.held in holds.MONEY and job.id in judged and job.id not in short:
+            if job.held not in holds.MONEY or job.id in short:
+                continue
+            if not capped:
+                await holds.release(self.store, job.id, job.held, by="no_cap")
+            elif job.id in judged:
                 await holds.release(self.store, job.id, job.held, by="fits")
 
     async def _price_unpriced(self) -> None:

@@ -191,8 +191,7 @@ def _spend_lines(spend: Spend) -> list[str]:
         )
     if spend.held_jobs:
         lines.append(
-            f"[yellow]{spend.held_jobs} job(s) held: batchd show JOB says why and what"
-            " ends it[/]"
+            f"[yellow]{spend.held_jobs} job(s) held: batchd show JOB says why and what ends it[/]"
         )
     lines.append(f"(days begin at midnight {spend.timezone}; batch prices of the price table)")
     return lines

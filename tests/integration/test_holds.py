@@ -93,7 +93,10 @@ async def test_over_the_whole_budget_says_so_at_once_and_waits_name_every_hold(
     waits for room (a hold that ends by itself). One of 9 requests is larger than the
     whole day: it says so as soon as it is judged, and waits return with it."""
     emulator = await start_emulator()  # its clock moves only when the test moves it
-    settings = daemon_settings(tmp_path / "r", emulator, prices=PRICES, budget={"daily": 0.5})
+    root = tmp_path / "r"
+    # Inputs are not kept: but one cancelled with nothing sent is all there is of it.
+    jobs = {"keep_input": False}
+    settings = daemon_settings(root, emulator, prices=PRICES, budget={"daily": 0.5}, jobs=jobs)
     inbox, outbox = settings.paths.folder("inbox"), settings.paths.folder("outbox")
     sock = str(settings.socket_path)
     work = tmp_path / "work"
@@ -148,13 +151,24 @@ async def test_over_the_whole_budget_says_so_at_once_and_waits_name_every_hold(
         await wait_for(lambda: (outbox / "large" / "summary.json").exists(), 15, "large published")
         # The first ends: the second gets its room, and its hold ends, said once.
         await wait_published(outbox, 3, emulator)
+        # A reload that takes the cap away ends every money hold.
+        daemon.apply_settings(daemon_settings(root, emulator, prices=PRICES, jobs=jobs))
+        await wait_published(outbox, 4, emulator)
     released = [e for e in events(log_lines, "job_released") if e["job_id"] == second.id]
-    assert len(released) == 1, released
+    assert len(released) == 1 and released[0]["by"] == "fits", released
+    over = [e for e in events(log_lines, "job_released") if e["reason"] == "over_cap"]
+    assert sorted((e["job_id"] == large.id, e["by"]) for e in over) == [
+        (False, "no_cap"),  # huge
+        (True, "cancel"),
+    ]
     assert summary(outbox / "large")["status"] == "cancelled"
     assert summary(outbox / "large")["never_run"] == 9
-    assert summary(outbox / "second")["status"] == "completed"
-    # first, second; large and huge were never created.
-    assert (await emulator.stats())["batches_created"] == 2
+    assert (outbox / "large" / "input.jsonl").read_bytes() == requests(9, prefix="c")
+    assert not (outbox / "first" / "input.jsonl").exists()
+    for name in ("second", "huge"):
+        assert summary(outbox / name)["status"] == "completed"
+    # first, second and huge; large was never created.
+    assert (await emulator.stats())["batches_created"] == 3
 
 
 async def _running(daemon: Any, name: str) -> Any:
