@@ -1029,6 +1029,18 @@ class Store:
             rows = await cur.fetchall()
         return [Job.from_row(r) for r in rows]
 
+    async def held_for(self, reasons: Iterable[str]) -> dict[str, str]:
+        """The jobs held for one of `reasons`, id -> reason, without reading their rows
+        (a split job's report is large, and the submit stage asks at every pass)."""
+        wanted = list(reasons)
+        marks = ", ".join("?" * len(wanted))
+        async with self._db.execute(
+            f"SELECT id, held FROM jobs WHERE held IN ({marks})",  # noqa: S608
+            wanted,
+        ) as cur:
+            rows = await cur.fetchall()
+        return {str(r[0]): str(r[1]) for r in rows}
+
     async def hold(self, job_id: str, reason: str, note: str) -> bool:
         """Hold a job (claimed or running, not being cancelled) for `reason` with `note`.
         True when the hold started or its reason changed (`held_at` is then now); False

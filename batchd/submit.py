@@ -365,13 +365,13 @@ class Submitter:
                 note = f"{started} of {total} parts created; the rest wait: {note}"
             if await holds.hold(self.store, job_id, refused.reason, note):
                 self.on_held()
-        for job in await self.store.held_jobs():
-            if job.held not in holds.MONEY or job.id in short:
+        for job_id, reason in (await self.store.held_for(holds.MONEY)).items():
+            if job_id in short:
                 continue
             if not capped:
-                await holds.release(self.store, job.id, job.held, by="no_cap")
-            elif job.id in judged:
-                await holds.release(self.store, job.id, job.held, by="fits")
+                await holds.release(self.store, job_id, reason, by="no_cap")
+            elif job_id in judged:
+                await holds.release(self.store, job_id, reason, by="fits")
 
     async def _price_unpriced(self) -> None:
         """Price the parts planned while their model had no price, with the table in
