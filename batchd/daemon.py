@@ -271,6 +271,7 @@ class Daemon:
             clock=self.clock,
             provider=s.provider,
             prices=s.price_table,
+            limits=self.limits,
         )
         self.cleanup = RemoteCleanup(self.store, self.api, self.account)
         self.probe = AccountProbe(

@@ -282,16 +282,16 @@ class Operations:
         for bucket, since in ((today, when.day_start), (month, when.month_start)):
             for (provider, currency), amount in (await self.store.spent_since(since)).items():
                 if currency == caps.currency or not currency:
-                    bucket.spent[provider] = round(bucket.spent.get(provider, 0.0) + amount, 6)
+                    bucket.spent[provider] = round(bucket.spent.get(provider, 0.0) + amount, 10)
             if bucket.cap is not None:
                 mine = bucket.spent.get(settings.provider, 0.0)
-                bucket.left = round(max(0.0, bucket.cap - mine - committed), 6)
+                bucket.left = round(max(0.0, bucket.cap - mine - committed), 10)
         return Spend(
             currency=caps.currency,
             timezone=settings.budget.timezone,
             today=today,
             month=month,
-            running_worst_case=round(committed, 6),
+            running_worst_case=round(committed, 10),
             running_unpriced=unpriced,
             held_jobs=held,
         )

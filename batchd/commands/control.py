@@ -488,7 +488,19 @@ def _cost_lines(job: JobInfo) -> list[str]:
             f", {used.get('reasoning_tokens', 0)} reasoning)"
         )
     if cost:
-        lines.append(f"cost in all: {_money(cost.get('amount'), str(cost.get('currency') or ''))}")
+        currency = str(cost.get("currency") or "")
+        lines.append(f"cost in all: {_money(cost.get('amount'), currency)}")
+        estimated = cost.get("estimated") if isinstance(cost.get("estimated"), dict) else {}
+        requests = (estimated or {}).get("requests")
+        if isinstance(requests, int) and requests:
+            reasons = ", ".join(
+                f"{why} {n}" for why, n in sorted(((estimated or {}).get("reasons") or {}).items())
+            )
+            lines.append(
+                f"  of it {_money((estimated or {}).get('amount'), currency)} charged at worst"
+                f" case for {requests} request(s) whose usage could not be used ({reasons}):"
+                " see summary.json cost.estimated"
+            )
     return lines
 
 
