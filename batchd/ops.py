@@ -58,6 +58,7 @@ from batchd.protocol import (
     SpendPeriod,
     StatusResponse,
 )
+from batchd.publish import PUBLISH_FAILED
 from batchd.stages import Stage, Wake
 from batchd.store import Store
 from batchd.verdict import SIDECAR_ERROR
@@ -208,6 +209,16 @@ class Operations:
                     since=part.retry_at,
                 )
             )
+        failing = await self.store.jobs_noted(JobState.PUBLISHING, PUBLISH_FAILED, limit)
+        for job in failing:
+            found.append(
+                Problem(
+                    kind="publish_failing",
+                    job_id=job.id,
+                    note=job.error or "",
+                    since=job.updated_at,
+                )
+            )
         parked_jobs = await self.store.count_jobs([JobState.PARKED])
         for job in await self.store.jobs([JobState.PARKED], limit=limit):
             found.append(
@@ -217,6 +228,7 @@ class Operations:
             )
         total = (
             count
+            + len(failing)
             + parked_jobs
             + (self.intake.problem is not None)
             + (logs.problem is not None)

@@ -80,6 +80,10 @@ UNSENT_NOTE = (
     "these bytes arrived after the file was claimed and were not sent:"
     " drop them again as a new file"
 )
+# How the note of a job whose publishing raised begins (the job's `error` until it is
+# published; `status` lists such jobs as `publish_failing`).
+PUBLISH_FAILED = "publishing failed"
+MAX_NOTE_CHARS = 500
 CHANGED_NOTE = (
     "the file was changed in place after it was claimed; what was validated and sent is"
     " not the current file, which is kept as {name}"
@@ -187,10 +191,31 @@ class Publisher:
                     attempt=failed + 1,
                     retry_in_s=round(delay, 3),
                 )
+            except Exception as exc:
+                # Anything else (a bug, a value nobody foresaw) is this job's problem,
+                # never the stage's: the others go on publishing, and this one is tried
+                # again after a growing pause, its note in `status` and `show`.
+                await self._crashed(job, failed + 1, exc)
             else:
                 if self.backoff.pop(job.id, None) is not None:
                     log.info("publish_recovered", job_id=job.id, attempts=failed + 1)
         return moved
+
+    async def _crashed(self, job: Job, attempt: int, exc: Exception) -> None:
+        """A publish that raised: the job stays in PUBLISHING (its worst case still held
+        against the budget) with a note saying why, tried again after a pause that
+        doubles with each failure, up to `retry_cap_s`."""
+        delay = retry_delay_s(attempt, self.retry_base_s, self.retry_cap_s)
+        self.backoff[job.id] = (attempt, self.clock.monotonic() + delay)
+        error = printable(f"{type(exc).__name__}: {exc}")[:MAX_NOTE_CHARS]
+        note = f"{PUBLISH_FAILED} ({attempt} in a row; tried again in {delay:g} s): {error}"
+        await self.store.update_job(
+            job.id, JobState.PUBLISHING, crash_count=job.crash_count, error=note
+        )
+        asyncio.get_running_loop().call_later(delay, self.on_retry_due)
+        log.exception(
+            "publish_crashed", job_id=job.id, name=job.name, attempt=attempt, retry_in_s=delay
+        )
 
     async def _final_dir(self, job: Job) -> Path:
         """The job's outbox folder: its name, or `NAME-N` (`numbered_name`) when another
@@ -279,6 +304,10 @@ class Publisher:
         cost = summary.get("cost") if isinstance(summary.get("cost"), dict) else None
         # What failed the job as a whole, once, where `jobs` and `show` read it.
         note = error_note(summary.get("error"))
+        if note is None and publish_failed(job):
+            note_field: dict[str, Any] = {"error": None}  # the failures before: over now
+        else:
+            note_field = {"error": note} if note is not None else {}
         await self.store.mark_published(
             job.id,
             spend_of(cost, self.provider),
@@ -292,7 +321,7 @@ class Publisher:
             held=None,
             held_note=None,
             held_at=None,
-            **({"error": note} if note is not None else {}),
+            **note_field,
         )
         log.info(
             "job_published",
@@ -864,9 +893,14 @@ def job_error(job: Job, parts: list[Part]) -> dict[str, Any] | None:
             f" ({count} problem{'s' if count != 1 else ''}: see report.json)",
             "report": "report.json",
         }
-    if job.error:
+    if job.error and not publish_failed(job):
         return {"code": "job_note", "message": job.error}
     return None
+
+
+def publish_failed(job: Job) -> bool:
+    """PURE: is the job's note that of a publish that raised (not a note of its own)?"""
+    return bool(job.error) and str(job.error).startswith(PUBLISH_FAILED)
 
 
 def error_note(error: Any) -> str | None:
