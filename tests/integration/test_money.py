@@ -359,3 +359,38 @@ async def test_embeddings_are_priced_from_their_usage(
     assert cost["unknown_models"] == [] and cost["estimated"]["requests"] == 0
     assert status.spend is not None
     assert status.spend.today.spent["custom"] == pytest.approx(cost["amount"], rel=1e-6)
+
+
+async def test_follow_up_parts_are_planned_and_held_to_the_budget_like_first_parts(
+    start_emulator: StartEmulator, tmp_path: Path
+) -> None:
+    """Retryable failures resubmitted as follow-up parts under a budget (with unpriced
+    models held, the default): each part counted and priced as a first part is, so it
+    runs once it fits, and the job is published with every round."""
+    emulator = await start_emulator(time_scale=3000, request_failure_rate=0.5)
+    settings = daemon_settings(
+        tmp_path / "r",
+        emulator,
+        prices=PRICES,
+        budget={"daily": 10.0},
+        jobs={"resubmit_failed": 1},
+    )
+    inbox, outbox = settings.paths.folder("inbox"), settings.paths.folder("outbox")
+    content = requests(20, max_tokens=50)
+    async with running_daemon(settings) as daemon:
+        drop(inbox, "again.jsonl", content)
+        (folder,) = await wait_published(outbox, 1, emulator)
+        (job,) = await daemon.store.jobs()
+        parts = await daemon.store.parts_of(job.id)
+    follow_ups = [p for p in parts if p.round == 1]
+    assert follow_ups, "the emulator failed no request worth retrying"
+    per_request = [_worst(settings, line + b"\n") for line in content.splitlines()]
+    for part in follow_ups:
+        assert part.input_tokens is not None and part.input_tokens >= 10 * part.requests
+        assert part.output_tokens_max == 50 * part.requests
+        assert part.cost_max is not None
+        assert min(per_request) * part.requests <= part.cost_max
+        assert part.cost_max <= max(per_request) * part.requests
+    report = summary(folder)
+    assert max(p["round"] for p in report["parts"]) == 1
+    assert report["cost"]["amount"] is not None and report["cost"]["amount"] > 0
