@@ -361,6 +361,51 @@ async def test_embeddings_are_priced_from_their_usage(
     assert status.spend.today.spent["custom"] == pytest.approx(cost["amount"], rel=1e-6)
 
 
+async def test_lost_results_are_charged_and_retry_asks_before_paying_again(
+    start_emulator: StartEmulator, tmp_path: Path
+) -> None:
+    """The result file cannot be fetched (404), but the service counted the 3 requests
+    completed: they are charged their worst case (spent, said so in summary.json), and a
+    plain `retry` leaves them out, saying what they probably cost; `--force` sends them."""
+    emulator = await start_emulator(
+        time_scale=3000, faults={"content_missing_rate": 1.0, "batch_match": "gone"}
+    )
+    settings = daemon_settings(tmp_path / "r", emulator, prices=PRICES)
+    inbox, outbox = settings.paths.folder("inbox"), settings.paths.folder("outbox")
+    content = requests(3, max_tokens=50)
+    async with running_daemon(settings) as daemon:
+        drop(inbox, "gone.jsonl", content)
+        (folder,) = await wait_published(outbox, 1, emulator)
+        (job,) = await daemon.store.jobs()
+        status = await daemon.ops.status()
+        plain = await daemon.ops.retry(job.id)
+        assert not (inbox / "gone-retry.jsonl").exists()
+        forced = await daemon.ops.retry(job.id, force=True)
+        again = await daemon.ops.retry(job.id, force=True)
+    report = summary(folder)
+    assert report["result_unavailable"] == 3
+    cost = report["cost"]
+    assert cost["amount"] > 0
+    assert cost["amount"] == pytest.approx(_worst(settings, content), rel=1e-6)
+    estimated = cost["estimated"]
+    assert estimated["requests"] == 3 and estimated["reasons"] == {"result_unavailable": 3}
+    assert estimated["unavailable_parts"] == [
+        {"part": 1, "requests": 3, "completed": 3, "charged": 3}
+    ]
+    assert status.spend is not None
+    assert status.spend.today.spent["custom"] == pytest.approx(cost["amount"], rel=1e-6)
+    assert plain is not None and not plain.ok, plain
+    assert plain.left_out == {"result_unavailable": 3}
+    assert f"probably cost {cost['amount']:.6f} CNY" in plain.message, plain.message
+    assert "--force" in plain.message
+    assert plain.cost is not None and plain.cost["estimated_requests"] == 3
+    assert forced is not None and forced.ok, forced
+    assert "gone-retry-force.jsonl (3 requests)" in forced.message, forced.message
+    assert again is not None and again.message.startswith(
+        "already resubmitted as gone-retry-force.jsonl"
+    )
+
+
 async def test_follow_up_parts_are_planned_and_held_to_the_budget_like_first_parts(
     start_emulator: StartEmulator, tmp_path: Path
 ) -> None:
