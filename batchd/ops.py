@@ -744,7 +744,6 @@ SUFFIXES = {
     RetryScope.FORCE: "-retry-force",
     RetryScope.ALL: "-retry-all",
 }
-ALL_SUFFIX = SUFFIXES[RetryScope.ALL]
 
 
 def takes(scope: RetryScope, verdict: failures.Verdict) -> bool:
@@ -778,14 +777,18 @@ def earlier_cost(job: Job) -> dict[str, Any] | None:
     cost = job.cost
     if not isinstance(cost, dict):
         return None
-    estimated = cost.get("estimated") if isinstance(cost.get("estimated"), dict) else {}
+    estimated = cost.get("estimated")
+    estimated = estimated if isinstance(estimated, dict) else {}
+    reasons = estimated.get("reasons")
     return {
         "amount": cost.get("amount"),
         "known_amount": cost.get("known_amount"),
         "currency": cost.get("currency"),
-        "estimated_amount": (estimated or {}).get("amount"),
-        "estimated_requests": (estimated or {}).get("requests"),
-        "result_unavailable": (estimated or {}).get("reasons", {}).get(RESULT_UNAVAILABLE),
+        "estimated_amount": estimated.get("amount"),
+        "estimated_requests": estimated.get("requests"),
+        "result_unavailable": (reasons if isinstance(reasons, dict) else {}).get(
+            RESULT_UNAVAILABLE
+        ),
     }
 
 
@@ -797,18 +800,26 @@ def cost_note(cost: dict[str, Any] | None) -> str:
     amount = cost.get("amount")
     if not isinstance(amount, int | float):
         known = cost.get("known_amount")
-        shown = f"at least {known:.6f} {currency}" if isinstance(known, int | float) else "unknown"
+        shown = (
+            f"at least {_money(known, currency)}" if isinstance(known, int | float) else "unknown"
+        )
         text = f"; the earlier attempt cost {shown} (a model has no price)"
     else:
-        text = f"; the earlier attempt probably cost {amount:.6f} {currency}".rstrip()
+        text = f"; the earlier attempt probably cost {_money(amount, currency)}"
     estimated = cost.get("estimated_requests")
-    if isinstance(estimated, int) and estimated:
+    part = cost.get("estimated_amount")
+    if isinstance(estimated, int) and estimated and isinstance(part, int | float):
         text += (
-            f", {cost.get('estimated_amount') or 0:.6f} {currency} of it charged at worst case"
-            f" for {estimated} request(s) whose usage could not be read or whose results"
-            " were lost"
+            f", {_money(part, currency)} of it charged at worst case for {estimated}"
+            " request(s) whose usage could not be read or whose results were lost"
         )
     return text
+
+
+def _money(amount: float, currency: str) -> str:
+    """An amount in words: six decimals, or three digits where six decimals show 0."""
+    shown = f"{amount:.6f}" if amount >= 1e-6 or amount == 0 else f"{amount:.3g}"
+    return f"{shown} {currency}".strip()
 
 
 def left_out_note(left_out: dict[str, int]) -> str:
