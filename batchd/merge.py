@@ -254,7 +254,12 @@ class Charges:
             else:
                 self._estimate(item, model, USAGE_REFUSED, counted)
         elif item.ok:
-            why = "no usage on the line" if item.answer is not None else "the line does not parse"
+            if item.long is not None:
+                why = "the line is too long to read whole (jobs.max_result_line_bytes)"
+            elif item.answer is None:
+                why = "the line does not parse"
+            else:
+                why = "no usage on the line"
             self._estimate(item, model, USAGE_MISSING, why)
         elif item.code == RESULT_UNAVAILABLE and item.part is not None:
             self.lost.setdefault(item.part, []).append((self._worst(item, model), model))
