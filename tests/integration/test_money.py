@@ -279,7 +279,7 @@ async def test_a_part_waits_until_it_fits_the_models_enqueued_token_limit(
 # -- every paid token counted (issues 21 and 22) --------------------------------------------
 
 
-def _worst(settings: Any, content: bytes) -> float:
+def _worst_case(settings: Any, content: bytes) -> float:
     """The worst case of each request of `content`, as planning counts it, summed."""
     counter = RequestCounter("custom", settings.profile.limits, settings.price_table)
     total = 0.0
@@ -318,7 +318,7 @@ async def test_absurd_usage_numbers_are_charged_their_worst_case_and_held_to_the
     report = summary(folder)
     assert report["status"] == "completed"
     cost = report["cost"]
-    worst = _worst(settings, content)
+    worst = _worst_case(settings, content)
     assert cost["amount"] == pytest.approx(worst, rel=1e-6)
     assert cost["estimated"]["requests"] == 7
     assert cost["estimated"]["reasons"] == {"usage_refused": 7}
@@ -386,7 +386,7 @@ async def test_lost_results_are_charged_and_retry_asks_before_paying_again(
     assert report["result_unavailable"] == 3
     cost = report["cost"]
     assert cost["amount"] > 0
-    assert cost["amount"] == pytest.approx(_worst(settings, content), rel=1e-6)
+    assert cost["amount"] == pytest.approx(_worst_case(settings, content), rel=1e-6)
     estimated = cost["estimated"]
     assert estimated["requests"] == 3 and estimated["reasons"] == {"result_unavailable": 3}
     assert estimated["unavailable_parts"] == [
@@ -429,7 +429,7 @@ async def test_follow_up_parts_are_planned_and_held_to_the_budget_like_first_par
         parts = await daemon.store.parts_of(job.id)
     follow_ups = [p for p in parts if p.round == 1]
     assert follow_ups, "the emulator failed no request worth retrying"
-    per_request = [_worst(settings, line + b"\n") for line in content.splitlines()]
+    per_request = [_worst_case(settings, line + b"\n") for line in content.splitlines()]
     for part in follow_ups:
         assert part.input_tokens is not None and part.input_tokens >= 10 * part.requests
         assert part.output_tokens_max == 50 * part.requests
