@@ -307,8 +307,9 @@ class _Answers:
         return f"/jobs/{quote(job_id, safe='')}{action}"
 
     @classmethod
-    def _retry_url(cls, job_id: str, everything: bool) -> str:
-        return cls._job_url(job_id, "/retry") + ("?all=1" if everything else "")
+    def _retry_url(cls, job_id: str, everything: bool, force: bool = False) -> str:
+        query = "?all=1" if everything else "?force=1" if force else ""
+        return cls._job_url(job_id, "/retry") + query
 
     def _not_claimed(self, timeout_s: float) -> TimeoutError:
         return TimeoutError(
@@ -531,11 +532,15 @@ class Client(_Answers):
         """Cancel a job; finished requests are kept. `ok` is False when it cannot be."""
         return self._call("POST", self._job_url(job_id, "/cancel"), ActionResponse)
 
-    def retry(self, job_id: str, *, everything: bool = False) -> ActionResponse:
+    def retry(
+        self, job_id: str, *, everything: bool = False, force: bool = False
+    ) -> ActionResponse:
         """Run again what failed or never ran (asked twice, it runs once). Requests the
         service refused for their content or form are left out (`left_out` counts them
-        per code) unless `everything`."""
-        return self._call("POST", self._retry_url(job_id, everything), ActionResponse)
+        per code) unless `everything`; requests whose results were lost (most likely
+        billed already) unless `force` or `everything`. `cost` is what the earlier
+        attempt probably cost."""
+        return self._call("POST", self._retry_url(job_id, everything, force), ActionResponse)
 
     def pause(self) -> ActionResponse:
         return self._call("POST", "/intake/pause", ActionResponse)
@@ -621,8 +626,10 @@ class AsyncClient(_Answers):
     async def cancel(self, job_id: str) -> ActionResponse:
         return await self._call("POST", self._job_url(job_id, "/cancel"), ActionResponse)
 
-    async def retry(self, job_id: str, *, everything: bool = False) -> ActionResponse:
-        return await self._call("POST", self._retry_url(job_id, everything), ActionResponse)
+    async def retry(
+        self, job_id: str, *, everything: bool = False, force: bool = False
+    ) -> ActionResponse:
+        return await self._call("POST", self._retry_url(job_id, everything, force), ActionResponse)
 
     async def pause(self) -> ActionResponse:
         return await self._call("POST", "/intake/pause", ActionResponse)

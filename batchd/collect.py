@@ -50,8 +50,10 @@ from batchd.merge import (
     terminated,
 )
 from batchd.models import Job, JobState, Part, PartPlan, PartState, upload_name
+from batchd.prices import PriceTable, table_from
 from batchd.problems import StepPolicy, step_failed
 from batchd.store import Store
+from batchd.tokens import RequestCounter
 
 log = get_logger(__name__)
 
@@ -150,12 +152,18 @@ class Collector:
         rescan_s: float = 1.0,
         account: AccountState | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        provider: str = "dashscope",
+        prices: PriceTable | None = None,
     ) -> None:
         self.store = store
         self.clock = clock
         self.account = account or AccountState(clock=clock)
         self.api = api
         self.limits = limits
+        # Follow-up parts are counted and priced as first parts are (a reload may
+        # change the table).
+        self.provider = provider
+        self.prices = prices or table_from(None)
         self.resubmit_failed = resubmit_failed
         self.on_ready = on_ready
         self.on_follow_up = on_follow_up
@@ -382,6 +390,7 @@ class Collector:
             job.id,
             max_line_bytes=self.max_line_bytes,
             input_bytes=sent_bytes(job),
+            counter=RequestCounter(self.provider, self.limits, self.prices),
         )
         if not planned:
             return False
@@ -392,6 +401,8 @@ class Collector:
             round=round_,
             parts=len(planned),
             requests=sum(p.requests for p in planned),
+            input_tokens=sum(p.input_tokens or 0 for p in planned),
+            cost_max=worst_of(planned),
         )
         self.on_follow_up()
         return True
@@ -406,9 +417,14 @@ def plan_follow_up(
     *,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     input_bytes: int | None = None,
+    counter: RequestCounter | None = None,
 ) -> list[PartPlan]:
     """Write the input lines of retryable failures into follow-up part files, one model
-    per part and each within the model's limits; returns the parts as planned."""
+    per part and each within the model's limits; returns the parts as planned, each
+    with its input tokens, output bound and worst-case cost counted as a first part's
+    are (`counter`; the shipped prices without one), so that budgets and queue limits
+    hold them as they hold first parts."""
+    counter = counter or RequestCounter("dashscope", limits)
     wanted = {
         m.number
         for m in merged(source, parts, max_line_bytes=max_line_bytes, input_bytes=input_bytes)
@@ -455,15 +471,31 @@ def plan_follow_up(
                 model=model,
                 endpoint=str(request["url"]),
                 upload_name=upload_name(job_id, seq),
+                input_tokens=0,
+                output_tokens_max=0,
+                cost_max=0.0,
             )
             current = (record, path.open("wb"))
             open_parts[model] = current
+        record = current[0]
+        worst = counter.worst(body, record.endpoint)
         current[1].write(line)
-        current[0].requests += 1
-        current[0].bytes += len(line)
+        record.requests += 1
+        record.bytes += len(line)
+        record.input_tokens = (record.input_tokens or 0) + worst.input_tokens
+        record.output_tokens_max = (record.output_tokens_max or 0) + worst.output_tokens
+        record.cost_max = (
+            None if worst.cost is None or record.cost_max is None else record.cost_max + worst.cost
+        )
     for model in list(open_parts):
         close(model)
     return sorted(planned, key=lambda r: r.seq)
+
+
+def worst_of(planned: list[PartPlan]) -> float | None:
+    """PURE: the worst case of planned parts in all (None: one of them has no price)."""
+    costs = [p.cost_max for p in planned]
+    return None if any(c is None for c in costs) else sum(c for c in costs if c is not None)
 
 
 RETRYABLE_NEVER_RUN = frozenset({"batch_expired", "batch_lost", "result_missing"})

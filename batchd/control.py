@@ -538,10 +538,12 @@ class ControlServer:
 
     async def retry(self, request: web.Request) -> web.Response:
         everything = request.query.get("all", "0")
-        if everything not in ("0", "1"):
-            return error(400, "bad_request", "all must be 0 or 1")
+        force = request.query.get("force", "0")
+        if everything not in ("0", "1") or force not in ("0", "1"):
+            return error(400, "bad_request", "all and force must be 0 or 1")
         return await self._action(
-            request, lambda ref: self.ops.retry(ref, everything=everything == "1")
+            request,
+            lambda ref: self.ops.retry(ref, everything=everything == "1", force=force == "1"),
         )
 
     async def _action(

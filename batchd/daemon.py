@@ -260,6 +260,8 @@ class Daemon:
             stopping=self.stopping,
             account=self.account,
             clock=self.clock,
+            provider=s.provider,
+            prices=s.price_table,
         )
         self.publisher = Publisher(
             self.store,
@@ -272,6 +274,7 @@ class Daemon:
             clock=self.clock,
             provider=s.provider,
             prices=s.price_table,
+            limits=self.limits,
         )
         self.cleanup = RemoteCleanup(self.store, self.api, self.account)
         self.probe = AccountProbe(
@@ -533,6 +536,7 @@ class Daemon:
             self.submitter.budget_zone = new.budget.timezone
             self.submitter.prices = new.price_table
             self.publisher.prices = new.price_table
+            self.collector.prices = new.price_table
             self.wake[Stage.SUBMIT].set()
             applied.extend(k for k in ("budget", "prices") if getattr(old, k) != getattr(new, k))
         if old.max_reported_errors != new.max_reported_errors:

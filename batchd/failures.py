@@ -1,13 +1,16 @@
 """Which failed requests `batchd retry` sends again: one table, one pure function.
 
 A retry costs money. A request that failed for a reason that passes (the service was
-busy, the batch expired or was cancelled before the request ran, its result could not
-be fetched) is worth sending again; one that never ran was never billed, so sending it
-again cannot pay twice. A request the service refused for what it says or
-how it is written (400 `DataInspectionFailed`, `InvalidParameter`, a context too long)
-fails again the same way, and may be billed again: `batchd retry JOB` leaves it out and
-says so, per code; `batchd retry JOB --all` sends it anyway (after the user changed the
-model's settings, say).
+busy, the batch expired or was cancelled before the request ran) is worth sending
+again; one that never ran was never billed, so sending it again cannot pay twice. A
+request the service refused for what it says or how it is written (400
+`DataInspectionFailed`, `InvalidParameter`, a context too long) fails again the same
+way, and may be billed again: `batchd retry JOB` leaves it out and says so, per code;
+`batchd retry JOB --all` sends it anyway (after the user changed the model's settings,
+say). A request whose result file could not be fetched (`result_unavailable`) most
+likely ran and was billed (the service counted it completed): a plain retry leaves it
+out too, and says what the earlier attempt probably cost; `--force` (or `--all`) sends
+it again, paying for it a second time.
 
 `classify` reads one line of a published job's error.jsonl and decides, in this order:
 
@@ -40,12 +43,15 @@ from batchd.lines import read_line
 # Categories: why a failure is (or is not) worth sending again.
 TRANSIENT = "transient"  # the service was busy or broken: 429, 5xx, timeouts
 NEVER_RUN = "never_run"  # the request never ran: expired, cancelled, lost, not submitted
-UNFETCHED = "result_unavailable"  # it ran, but its result file could not be fetched
+UNFETCHED = "result_unavailable"  # it most likely ran (billed), its result file is lost
 ACCOUNT = "account"  # the account, not the request: a key, a permission, arrears
 REFUSED = "refused"  # the service refused the request for its content or form
 UNKNOWN = "unknown"  # nothing says a second try would go otherwise
 
-RETRIED = frozenset({TRANSIENT, NEVER_RUN, UNFETCHED, ACCOUNT})
+RETRIED = frozenset({TRANSIENT, NEVER_RUN, ACCOUNT})
+# Left out of a plain retry because the earlier attempt most likely paid for them
+# already: `batchd retry --force` (or `--all`) sends them.
+BILLED = frozenset({UNFETCHED})
 
 # Error codes, as the service (DashScope, OpenAI-style providers) and batchd's own
 # never-run lines (batchd.merge) write them.

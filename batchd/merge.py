@@ -21,6 +21,11 @@ a batch the service failed as a whole (`batch_error`) is stated once, in summary
 result.csv in the same pass as result.jsonl and error.jsonl, one row per request in
 input order, from the line just written.
 
+What each request cost (`Charges`, given the provider's prices): from the service's
+usage where `prices.read_usage` accepts it, else its worst case as planning counts it
+(`tokens.RequestCounter`): a usage refused or missing, and of a part whose result file
+was lost, as many requests as the service counted completed and were not seen.
+
 Result lines are paid for and never dropped: they are read with `batchd.lines` (NaN,
 1e400, lone surrogates, lines cut short, lines of any length in bounded memory). A line
 that a parser cannot read counts as a success when it came from the output file and as
@@ -35,7 +40,7 @@ from __future__ import annotations
 
 import codecs
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +64,9 @@ from batchd.lines import (
     read_line,
 )
 from batchd.models import Job, Part, PartState, RemoteStatus
+from batchd.prices import Usage, read_usage
+from batchd.profiles import ENDPOINT_EMBEDDINGS
+from batchd.tokens import RequestCounter
 
 NEVER_RUN = {
     RemoteStatus.EXPIRED: ("batch_expired", "the batch expired before this request ran"),
@@ -120,10 +128,30 @@ def kept_on_service(reason: str) -> bool:
     return reason.startswith(GAVE_UP)
 
 
-# The batch price of one request from its model and usage (None: the model has no
-# price); see batchd.prices.
-CostOf = Callable[[str, dict[str, Any]], "float | None"]
 USAGE_KEYS = ("prompt_tokens", "completion_tokens", "reasoning_tokens", "total_tokens")
+# Why a request was charged its worst case instead of the service's usage (summary.json's
+# `cost.estimated.reasons`): its line's usage was refused (`read_usage`), it had none (a
+# success line without usage, or one no parser reads), or its result file was lost.
+USAGE_REFUSED = "usage_refused"
+USAGE_MISSING = "usage_missing"
+# The most requests charged their worst case that summary.json lists one by one.
+MAX_LISTED_ESTIMATES = 20
+
+
+@dataclass(slots=True)
+class ModelCost:
+    """What one model's requests cost at batch prices: priced from the service's usage,
+    and charged their worst case where the usage could not be used (`estimated`);
+    `priced` False once the model has no price (its cost is unknown, never 0)."""
+
+    from_usage: float = 0.0
+    estimated: float = 0.0
+    estimated_requests: int = 0
+    priced: bool = True
+
+    @property
+    def amount(self) -> float | None:
+        return self.from_usage + self.estimated if self.priced else None
 
 
 @dataclass(slots=True)
@@ -137,9 +165,15 @@ class MergeStats:
     unattributed_reasons: dict[str, int] = field(default_factory=dict)
     unattributed_lines: list[dict[str, Any]] = field(default_factory=list)
     usage: dict[str, int] = field(default_factory=lambda: dict.fromkeys(USAGE_KEYS, 0))
-    # Per model: the usage of its answered requests and their cost at batch prices
-    # (`cost` None once one of them has no price: unknown, never 0).
+    # Per model: the requests whose usage was counted, and that usage.
     per_model: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Per model: what its requests cost (only when the merge was given prices).
+    costs: dict[str, ModelCost] = field(default_factory=dict)
+    # Requests charged their worst case: counted per reason, the first few listed, and
+    # per part whose result file was lost, how many of its requests were charged.
+    estimated_reasons: dict[str, int] = field(default_factory=dict)
+    estimated_lines: list[dict[str, Any]] = field(default_factory=list)
+    unavailable_parts: list[dict[str, Any]] = field(default_factory=list)
 
 
 def usage_of(answer: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -155,35 +189,169 @@ def usage_of(answer: dict[str, Any] | None) -> dict[str, Any] | None:
     return usage if isinstance(usage, dict) else None
 
 
-def _count(value: Any) -> int:
-    """A token count from the service: a non-negative int, else 0 (never trusted)."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+def completed_count(part: Part) -> int | None:
+    """PURE: how many of the part's requests the service counted completed
+    (`request_counts.completed`), when that is a count within the part; else None."""
+    value = (part.request_counts or {}).get("completed")
+    if type(value) is int and 0 <= value <= part.requests:
+        return value
+    return None
 
 
-def reasoning_tokens(usage: dict[str, Any]) -> int:
-    """PURE: the reasoning tokens a usage object reports (billed within output)."""
-    details = usage.get("completion_tokens_details")
-    return _count(details.get("reasoning_tokens")) if isinstance(details, dict) else 0
+class Charges:
+    """What a job's requests cost, request by request as the merge meets them.
+
+    - A line whose usage `read_usage` accepts (successes and failures alike: a failure
+      that reports usage was billed) is priced from it.
+    - A line whose usage is refused (a string, a negative, a float, NaN, an absurd
+      number, a count missing), and a success line without usage or that no parser
+      reads, is charged the request's worst case: its input tokens counted as planning
+      counts them and its whole output bound, priced in its tier (`RequestCounter`).
+    - Requests whose result file was lost are charged by part: the service counted
+      `completed` of the part's requests; those it completed that were not seen in the
+      part's fetched files are among the lost ones, so that many of them are charged
+      their worst case, the dearest first (all of them when the part's count is missing
+      or makes no sense). A request the service did not complete was not billed. The
+      lost ones of a first part are published as `result_unavailable`; those of a
+      follow-up part keep the earlier round's answer (its file lists them).
+    - A failure without usage was not billed.
+    """
+
+    def __init__(
+        self,
+        stats: MergeStats,
+        counter: RequestCounter | None,
+        parts: list[Part] | None = None,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    ) -> None:
+        self.stats = stats
+        self.counter = counter
+        # part seq -> successes seen from its files; requests without a result, each as
+        # (worst-case cost, model).
+        self.seen: dict[int, int] = {}
+        self.lost: dict[int, list[tuple[float | None, str]]] = {}
+        # custom_id -> seq of the follow-up part it was sent in, for follow-up parts
+        # whose output file was lost (read from their own files, in the spool).
+        self.lost_follow_ups: dict[str, int] = {}
+        for part in parts or []:
+            if part.round > 0 and "output" in (part.unavailable or {}):
+                path = Path(part.path)
+                if path.is_file():
+                    for _, cid, _, _ in _input_lines(path, max_line_bytes, None):
+                        if cid is not None:
+                            self.lost_follow_ups[cid] = part.seq
+
+    def add(self, item: Merged) -> None:
+        """Count what one request cost (see the class's docstring)."""
+        model = item.model or "unknown"
+        if item.ok and item.part is not None:
+            self.seen[item.part] = self.seen.get(item.part, 0) + 1
+        usage = usage_of(item.answer)
+        if usage is not None:
+            counted = read_usage(usage, embeddings=_endpoint(item) == ENDPOINT_EMBEDDINGS)
+            if isinstance(counted, Usage):
+                self._used(model, counted)
+            else:
+                self._estimate(item, model, USAGE_REFUSED, counted)
+        elif item.ok:
+            if item.long is not None:
+                why = "the line is too long to read whole (jobs.max_result_line_bytes)"
+            elif item.answer is None:
+                why = "the line does not parse"
+            else:
+                why = "no usage on the line"
+            self._estimate(item, model, USAGE_MISSING, why)
+        elif item.code == RESULT_UNAVAILABLE and item.part is not None:
+            self.lost.setdefault(item.part, []).append((self._worst(item, model), model))
+        resent = self.lost_follow_ups.get(item.custom_id or "") if not item.ok else None
+        if resent is not None and resent != item.part:
+            self.lost.setdefault(resent, []).append((self._worst(item, model), model))
+
+    def _cost(self, model: str) -> ModelCost | None:
+        if self.counter is None:
+            return None
+        own = self.stats.costs.get(model)
+        if own is None:
+            own = self.stats.costs[model] = ModelCost(priced=self.counter.price(model) is not None)
+        return own
+
+    def _used(self, model: str, usage: Usage) -> None:
+        stats = self.stats
+        seen = {
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "reasoning_tokens": usage.reasoning_tokens,
+            "total_tokens": usage.total_tokens,
+        }
+        own = stats.per_model.setdefault(model, {"requests": 0, **dict.fromkeys(USAGE_KEYS, 0)})
+        own["requests"] += 1
+        for key, value in seen.items():
+            stats.usage[key] += value
+            own[key] += value
+        cost = self._cost(model)
+        if cost is not None and self.counter is not None:
+            price = self.counter.price(model)
+            if price is not None:
+                cost.from_usage += price.usage_cost(usage)
+
+    def _worst(self, item: Merged, model: str) -> float | None:
+        """The request's worst-case cost; None when it cannot be priced."""
+        counter = self.counter
+        request = item.request
+        body = request.get("body") if request is not None else None
+        if counter is None or counter.price(model) is None or not isinstance(body, dict):
+            return None
+        return counter.worst(body, _endpoint(item) or "").cost
+
+    def _charge(self, model: str, amount: float | None, reason: str) -> None:
+        reasons = self.stats.estimated_reasons
+        reasons[reason] = reasons.get(reason, 0) + 1
+        cost = self._cost(model)
+        if cost is None:
+            return
+        cost.estimated_requests += 1
+        if amount is None:
+            cost.priced = False
+        else:
+            cost.estimated += amount
+
+    def _estimate(self, item: Merged, model: str, reason: str, note: str) -> None:
+        self._charge(model, self._worst(item, model), reason)
+        listed = self.stats.estimated_lines
+        if len(listed) < MAX_LISTED_ESTIMATES:
+            listed.append(
+                {
+                    "input_line": item.number,
+                    "custom_id": printable(item.custom_id) if item.custom_id else None,
+                    "reason": reason,
+                    "note": note,
+                }
+            )
+
+    def finish(self, parts: list[Part]) -> None:
+        """Charge the requests of parts whose result file was lost (see the class)."""
+        by_seq = {p.seq: p for p in parts}
+        for seq, lost in sorted(self.lost.items()):
+            completed = completed_count(by_seq[seq]) if seq in by_seq else None
+            charged = len(lost)
+            if completed is not None:
+                charged = min(charged, max(0, completed - self.seen.get(seq, 0)))
+            lost.sort(key=lambda entry: -1.0 if entry[0] is None else entry[0], reverse=True)
+            for amount, model in lost[:charged]:
+                self._charge(model, amount, RESULT_UNAVAILABLE)
+            self.stats.unavailable_parts.append(
+                {
+                    "part": seq,
+                    "requests": len(lost),
+                    "completed": completed,
+                    "charged": charged,
+                }
+            )
 
 
-def _add_usage(
-    stats: MergeStats, model: str, usage: dict[str, Any], cost_of: CostOf | None
-) -> None:
-    seen = {
-        "prompt_tokens": _count(usage.get("prompt_tokens")),
-        "completion_tokens": _count(usage.get("completion_tokens")),
-        "reasoning_tokens": reasoning_tokens(usage),
-        "total_tokens": _count(usage.get("total_tokens")),
-    }
-    own = stats.per_model.setdefault(
-        model, {"requests": 0, **dict.fromkeys(USAGE_KEYS, 0), "cost": 0.0}
-    )
-    own["requests"] += 1
-    for key, value in seen.items():
-        stats.usage[key] += value
-        own[key] += value
-    price = cost_of(model, usage) if cost_of is not None else None
-    own["cost"] = None if price is None or own["cost"] is None else own["cost"] + price
+def _endpoint(item: Merged) -> str | None:
+    url = item.request.get("url") if item.request is not None else None
+    return url if isinstance(url, str) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,8 +476,9 @@ def numbered(
 
 def _input_lines(
     path: Path, max_line_bytes: int, limit: int | None
-) -> Iterator[tuple[int, str | None, str | None]]:
-    """(line number, custom_id, model) of every request of a validated input."""
+) -> Iterator[tuple[int, str | None, str | None, dict[str, Any] | None]]:
+    """(line number, custom_id, model, the line read) of every request of a validated
+    input."""
     for number, raw in numbered(path, max_line_bytes, limit):
         if raw is not None and not raw.strip():
             continue
@@ -321,6 +490,7 @@ def _input_lines(
             number,
             cid if isinstance(cid, str) else None,
             model if isinstance(model, str) else None,
+            obj,
         )
 
 
@@ -398,6 +568,10 @@ class Merged:
     long: LongLine | None = None
     never_ran: bool = False  # no answer at all: the line is batchd's own
     code: str | None = None  # batchd's error code for a request without an answer
+    # The part whose file the answer came from; for a request without an answer, the
+    # part it was sent in.
+    part: int | None = None
+    request: dict[str, Any] | None = None  # the input line, read
 
 
 def merged(
@@ -424,14 +598,15 @@ def merged(
     try:
         # One entry per request of the job (about 100 bytes each).
         index = _index(sources, handles, max_line_bytes, kept)
-        for number, cid, model in _input_lines(job_input, max_line_bytes, input_bytes):
+        for number, cid, model, request in _input_lines(job_input, max_line_bytes, input_bytes):
             hit = index.pop(cid, None) if cid is not None else None
             if hit is not None and cid is not None:
                 source = sources[hit[0]]
                 line = line_at(handles[hit[0]], hit[1], max_line_bytes)
-                yield _answered(number, cid, model, source, line)
+                yield _answered(number, cid, model, source, line, request)
                 continue
-            code, message = reasons[part_for(originals, number, model).seq]
+            sent_in = part_for(originals, number, model).seq
+            code, message = reasons[sent_in]
             error_line = orjson.dumps(
                 {
                     "id": None,
@@ -453,6 +628,8 @@ def merged(
                 None,
                 never_ran=True,
                 code=code or "result_missing",
+                part=sent_in,
+                request=request,
             )
         # Answers for custom_ids the input does not have.
         for cid, (slot, offset) in sorted(index.items(), key=lambda item: item[1]):
@@ -463,17 +640,35 @@ def merged(
             fh.close()
 
 
-def _answered(number: int, cid: str, model: str | None, source: Source, line: Line) -> Merged:
+def _answered(
+    number: int,
+    cid: str,
+    model: str | None,
+    source: Source,
+    line: Line,
+    request: dict[str, Any] | None,
+) -> Merged:
     """PURE: a request's answer from its line: parsed when it can be; a line no parser
     reads (or too long to hold) is a success from the output file, a failure from the
     error file."""
+    seq = source.part.seq
     if line.data is None:
         ok = source.kind == "output"
-        return Merged(number, cid, model, ok, None, None, LongLine(source.path, line))
+        return Merged(
+            number,
+            cid,
+            model,
+            ok,
+            None,
+            None,
+            LongLine(source.path, line),
+            part=seq,
+            request=request,
+        )
     answer = read_line(line.data)
     ok = _is_success(answer) if answer is not None else source.kind == "output"
     raw = terminated(line.data) if ok else with_input_line(line.data, number)
-    return Merged(number, cid, model, ok, raw, answer)
+    return Merged(number, cid, model, ok, raw, answer, part=seq, request=request)
 
 
 def merge(
@@ -485,14 +680,16 @@ def merge(
     *,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     input_bytes: int | None = None,
-    cost_of: CostOf | None = None,
+    counter: RequestCounter | None = None,
     results_csv: Path | None = None,
 ) -> MergeStats:
     """Write successes and failures in input order into `result` and `errors`, the
     result lines no request claims into `unattributed` (created only when there are
     any) and, given `results_csv`, one CSV row per request in input order, each from the
-    line just written; in bounded memory whatever the lines' lengths."""
+    line just written; in bounded memory whatever the lines' lengths. Given `counter`
+    (the provider's prices and limits), what each request cost (`Charges`)."""
     stats = MergeStats()
+    charges = Charges(stats, counter, parts, max_line_bytes)
     strays = Strays(unattributed, stats)
     try:
         with (
@@ -508,10 +705,7 @@ def merge(
                 strays=strays,
             ):
                 stats.total += 1
-                usage = usage_of(item.answer)
-                if usage is not None:
-                    # Failures that report usage were billed too.
-                    _add_usage(stats, item.model or "unknown", usage, cost_of)
+                charges.add(item)
                 out = res if item.ok else err
                 written = _write(item, out)
                 if table is not None:
@@ -527,6 +721,7 @@ def merge(
             for out in (res, err):
                 out.flush()
                 os.fsync(out.fileno())
+        charges.finish(parts)
     finally:
         strays.close()
     return stats

@@ -30,6 +30,7 @@ from batchd.fsutil import fsync_dir, write_atomic
 from batchd.intake import Intake
 from batchd.lines import DEFAULT_MAX_LINE_BYTES, input_line_of, iter_lines, read_line
 from batchd.logs import get_logger, log_health
+from batchd.merge import RESULT_UNAVAILABLE
 from batchd.models import (
     JOB_ACTIVE,
     JOB_TERMINAL,
@@ -58,6 +59,7 @@ from batchd.protocol import (
     SpendPeriod,
     StatusResponse,
 )
+from batchd.publish import PUBLISH_FAILED
 from batchd.stages import Stage, Wake
 from batchd.store import Store
 from batchd.verdict import SIDECAR_ERROR
@@ -230,6 +232,16 @@ class Operations:
                     since=part.retry_at,
                 )
             )
+        failing = await self.store.jobs_noted(JobState.PUBLISHING, PUBLISH_FAILED, limit)
+        for job in failing:
+            found.append(
+                Problem(
+                    kind="publish_failing",
+                    job_id=job.id,
+                    note=job.error or "",
+                    since=job.updated_at,
+                )
+            )
         parked_jobs = await self.store.count_jobs([JobState.PARKED])
         for job in await self.store.jobs([JobState.PARKED], limit=limit):
             found.append(
@@ -239,6 +251,7 @@ class Operations:
             )
         total = (
             count
+            + len(failing)
             + parked_jobs
             + (self.intake.problem is not None)
             + (logs.problem is not None)
@@ -304,16 +317,16 @@ class Operations:
         for bucket, since in ((today, when.day_start), (month, when.month_start)):
             for (provider, currency), amount in (await self.store.spent_since(since)).items():
                 if currency == caps.currency or not currency:
-                    bucket.spent[provider] = round(bucket.spent.get(provider, 0.0) + amount, 6)
+                    bucket.spent[provider] = round(bucket.spent.get(provider, 0.0) + amount, 10)
             if bucket.cap is not None:
                 mine = bucket.spent.get(settings.provider, 0.0)
-                bucket.left = round(max(0.0, bucket.cap - mine - committed), 6)
+                bucket.left = round(max(0.0, bucket.cap - mine - committed), 10)
         return Spend(
             currency=caps.currency,
             timezone=settings.budget.timezone,
             today=today,
             month=month,
-            running_worst_case=round(committed, 6),
+            running_worst_case=round(committed, 10),
             running_unpriced=unpriced,
             held_jobs=held,
         )
@@ -516,16 +529,21 @@ class Operations:
             job=await self.job(job.id, detail=False),
         )
 
-    async def retry(self, ref: str, *, everything: bool = False) -> ActionResponse | None:
+    async def retry(
+        self, ref: str, *, everything: bool = False, force: bool = False
+    ) -> ActionResponse | None:
         """Rerun what failed or never ran: parked jobs are requeued, parked parts resume
         where they stopped, parts that could not be submitted are submitted again, and a
         published job's failed requests become a new input `NAME-retry.jsonl` in the
         inbox (with the job's options and `retry_of`). Only failures worth paying for
         again are sent (`batchd.failures`); requests the service refused for their
-        content or form are left out and counted per code, unless `everything`. Asked
+        content or form are left out and counted per code, unless `everything`; requests
+        whose results were lost (most likely billed already) are left out unless `force`
+        or `everything`. The answer says what the earlier attempt probably cost. Asked
         twice, it answers with what the first did: a script that repeats itself after a
-        timeout never pays for the requests twice; asked again with `everything` after a
-        retry that left some out, it sends those (`NAME-retry-all.jsonl`)."""
+        timeout never pays for the requests twice; asked again with a wider scope after
+        a retry that left some out, it sends those (`NAME-retry-force.jsonl`,
+        `NAME-retry-all.jsonl`)."""
         async with self._retry_lock:
             job = await self.resolve(ref)
             if job is None:
@@ -563,7 +581,14 @@ class Operations:
                 also = f"; the rest stay {held}" if held else ""
                 return ActionResponse(ok=True, message=f"{again} part(s) will be tried again{also}")
             if job.state == JobState.PUBLISHED and job.outcome != "rejected" and job.outbox_path:
-                return await self._retry_published(job, everything)
+                scope = (
+                    RetryScope.ALL
+                    if everything
+                    else RetryScope.FORCE
+                    if force
+                    else RetryScope.RETRYABLE
+                )
+                return await self._retry_published(job, scope)
             return ActionResponse(
                 ok=False,
                 message=f"job is {job.outcome or job.state}: nothing to retry"
@@ -591,34 +616,46 @@ class Operations:
             self.wake[stage].set()
         return again
 
-    async def _retry_published(self, job: Job, everything: bool) -> ActionResponse:
+    async def _retry_published(self, job: Job, scope: RetryScope) -> ActionResponse:
         inbox = self.settings.paths.folder("inbox")
         folder = Path(job.outbox_path or "")
         max_line = self.settings.jobs.max_result_line_bytes
-        scope = RetryScope.ALL if everything else RetryScope.RETRYABLE
-        if job.retried_as is not None:
-            await asyncio.to_thread(finish_retry_input, job.retried_as, inbox)
+        cost = earlier_cost(job)
+        spent = cost_note(cost)
+        already = covered_scope(job)
+        if already is not None:
+            await asyncio.to_thread(finish_retry_input, job.retried_as or "", inbox)
             done = f"already resubmitted as {job.retried_as}"
-            if covers_all(job):
-                return ActionResponse(ok=True, message=f"{done} (retry that job to go again)")
-            left_out = await asyncio.to_thread(failures_left_out, folder, max_line)
-            if not everything:
+            if already == RetryScope.ALL:
+                return ActionResponse(
+                    ok=True, message=f"{done} (retry that job to go again){spent}", cost=cost
+                )
+            if RANK[scope] <= RANK[already]:
+                left_out = await asyncio.to_thread(failures_left_out, folder, max_line, already)
                 return ActionResponse(
                     ok=True,
-                    message=f"{done} (retry that job to go again){left_out_note(left_out)}",
+                    message=f"{done} (retry that job to go again){spent}{left_out_note(left_out)}",
                     left_out=left_out or None,
+                    cost=cost,
                 )
-            if not left_out:
-                return ActionResponse(ok=True, message=f"{done}, and no failure was left out of it")
-            # The first retry left some out; `--all` now sends just those.
-            scope = RetryScope.LEFT_OUT
-        planned = await asyncio.to_thread(write_retry_input, job, folder, inbox, max_line, scope)
+        planned = await asyncio.to_thread(
+            write_retry_input, job, folder, inbox, max_line, scope, already
+        )
         note = left_out_note(planned.left_out)
         if planned.name is None:
+            if already is not None:
+                return ActionResponse(
+                    ok=True,
+                    message=f"already resubmitted as {job.retried_as}, and no failure"
+                    f" `{scope}` sends was left out of it{spent}{note}",
+                    left_out=planned.left_out or None,
+                    cost=cost,
+                )
             return ActionResponse(
                 ok=False,
-                message=f"no failed requests worth retrying, or input not kept{note}",
+                message=f"no failed requests worth retrying, or input not kept{spent}{note}",
                 left_out=planned.left_out or None,
+                cost=cost,
             )
         # Committed before the file appears under its name: a crash in between leaves a
         # hidden temp file that the next `retry` finishes, never a second input.
@@ -628,8 +665,9 @@ class Operations:
         return ActionResponse(
             ok=True,
             message=f"failed requests resubmitted as {planned.name}"
-            f" ({planned.requests} requests){note}",
+            f" ({planned.requests} requests){spent}{note}",
             left_out=planned.left_out or None,
+            cost=cost,
         )
 
     async def status_line(self) -> str:
@@ -724,33 +762,128 @@ def _part_info(p: Part) -> PartInfo:
 
 
 class RetryScope(StrEnum):
-    """Which failures of a published job a retry input holds."""
+    """Which failures of a published job a retry input holds; each takes what the one
+    before it takes, and more."""
 
     RETRYABLE = "retryable"  # those worth paying for again (`failures.classify`)
+    FORCE = "force"  # and those most likely billed already (`batchd retry JOB --force`)
     ALL = "all"  # every failure (`batchd retry JOB --all`)
-    LEFT_OUT = "left_out"  # those a first retry left out (`--all` after a plain retry)
 
 
-# A retry input that holds the refused failures too is named `NAME-retry-all...`: what
-# tells, for `retry JOB --all` asked again, that nothing is left to send.
-ALL_SUFFIX = "-retry-all"
+RANK = {RetryScope.RETRYABLE: 0, RetryScope.FORCE: 1, RetryScope.ALL: 2}
+# A retry input is named after its scope: what tells, for a retry asked again, what the
+# first one sent (`covered_scope`).
+SUFFIXES = {
+    RetryScope.RETRYABLE: "-retry",
+    RetryScope.FORCE: "-retry-force",
+    RetryScope.ALL: "-retry-all",
+}
+
+
+def takes(scope: RetryScope, verdict: failures.Verdict) -> bool:
+    """PURE: does a retry of `scope` send this failure?"""
+    if scope == RetryScope.ALL:
+        return True
+    if scope == RetryScope.FORCE:
+        return verdict.retry or verdict.category in failures.BILLED
+    return verdict.retry
+
+
+def covered_scope(job: Job) -> RetryScope | None:
+    """PURE: the scope of the job's retry (`retried_as`), from its name; None when the
+    job was never retried."""
+    if job.retried_as is None:
+        return None
+    for scope in (RetryScope.ALL, RetryScope.FORCE):
+        if job.retried_as.startswith(f"{job.name}{SUFFIXES[scope]}"):
+            return scope
+    return RetryScope.RETRYABLE
 
 
 def covers_all(job: Job) -> bool:
     """PURE: did the job's retry (`retried_as`) send every failure, refused ones too?"""
-    return job.retried_as is not None and job.retried_as.startswith(f"{job.name}{ALL_SUFFIX}")
+    return covered_scope(job) == RetryScope.ALL
+
+
+def earlier_cost(job: Job) -> dict[str, Any] | None:
+    """PURE: what a published job cost, as its summary.json's `cost` says: `amount`,
+    `currency`, and what of it was `estimated` (amount and requests)."""
+    cost = job.cost
+    if not isinstance(cost, dict):
+        return None
+    estimated = cost.get("estimated")
+    estimated = estimated if isinstance(estimated, dict) else {}
+    reasons = estimated.get("reasons")
+    return {
+        "amount": cost.get("amount"),
+        "known_amount": cost.get("known_amount"),
+        "currency": cost.get("currency"),
+        "estimated_amount": estimated.get("amount"),
+        "estimated_requests": estimated.get("requests"),
+        "result_unavailable": (reasons if isinstance(reasons, dict) else {}).get(
+            RESULT_UNAVAILABLE
+        ),
+    }
+
+
+def cost_note(cost: dict[str, Any] | None) -> str:
+    """PURE: the words for what the earlier attempt probably cost."""
+    if cost is None:
+        return ""
+    currency = cost.get("currency") or ""
+    amount = cost.get("amount")
+    if not isinstance(amount, int | float):
+        known = cost.get("known_amount")
+        shown = (
+            f"at least {_money(known, currency)}" if isinstance(known, int | float) else "unknown"
+        )
+        text = f"; the earlier attempt cost {shown} (a model has no price)"
+    else:
+        text = f"; the earlier attempt probably cost {_money(amount, currency)}"
+    estimated = cost.get("estimated_requests")
+    part = cost.get("estimated_amount")
+    if isinstance(estimated, int) and estimated and isinstance(part, int | float):
+        text += (
+            f", {_money(part, currency)} of it charged at worst case for {estimated}"
+            " request(s) whose usage could not be read or whose results were lost"
+        )
+    return text
+
+
+def _money(amount: float, currency: str) -> str:
+    """An amount in words: six decimals, or three digits where six decimals show 0."""
+    shown = f"{amount:.6f}" if amount >= 1e-6 or amount == 0 else f"{amount:.3g}"
+    return f"{shown} {currency}".strip()
 
 
 def left_out_note(left_out: dict[str, int]) -> str:
-    """PURE: the words for the failures a retry left out, per code."""
+    """PURE: the words for the failures a retry left out, per code: refused ones (they
+    would fail, and cost, again: `--all` sends them) apart from those most likely billed
+    already (their results were lost: `--force` sends them)."""
     if not left_out:
         return ""
-    count = sum(left_out.values())
-    codes = ", ".join(f"{code} {n}" for code, n in sorted(left_out.items()))
-    return (
-        f"; {count} left out ({codes}): refused for their content or form (or a code"
-        " batchd does not know), they would fail, and cost, again (`--all` sends them too)"
-    )
+    billed = {code: n for code, n in left_out.items() if code in BILLED_CODES}
+    refused = {code: n for code, n in left_out.items() if code not in BILLED_CODES}
+    text = ""
+    if refused:
+        count = sum(refused.values())
+        codes = ", ".join(f"{code} {n}" for code, n in sorted(refused.items()))
+        text += (
+            f"; {count} left out ({codes}): refused for their content or form (or a code"
+            " batchd does not know), they would fail, and cost, again (`--all` sends them too)"
+        )
+    if billed:
+        count = sum(billed.values())
+        text += (
+            f"; {count} left out ({RESULT_UNAVAILABLE} {count}): their results were lost but"
+            " the service most likely ran and billed them; sending them again pays again"
+            " (`--force` sends them too)"
+        )
+    return text
+
+
+# The codes of failures the service most likely billed (`failures.BILLED`).
+BILLED_CODES = frozenset({RESULT_UNAVAILABLE})
 
 
 @dataclass(frozen=True, slots=True)
@@ -778,14 +911,18 @@ def _failed_lines(
             yield number, failures.classify(parsed)
 
 
-def failures_left_out(folder: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> dict[str, int]:
-    """The failures of a published job (its outbox `folder`) that a plain retry leaves
-    out, counted per code."""
+def failures_left_out(
+    folder: Path,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    scope: RetryScope = RetryScope.RETRYABLE,
+) -> dict[str, int]:
+    """The failures of a published job (its outbox `folder`) that a retry of `scope`
+    leaves out, counted per code."""
     errors = folder / "error.jsonl"
     left_out: dict[str, int] = {}
     if errors.exists():
         for _, verdict in _failed_lines(errors, max_line_bytes):
-            if not verdict.retry:
+            if not takes(scope, verdict):
                 left_out[verdict.code] = left_out.get(verdict.code, 0) + 1
     return left_out
 
@@ -796,11 +933,13 @@ def write_retry_input(
     inbox: Path,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     scope: RetryScope = RetryScope.RETRYABLE,
+    already: RetryScope | None = None,
 ) -> RetryInput:
     """Copy the input lines listed in a published job's error.jsonl (those `scope`
-    takes) into a hidden temp file in the inbox (fsynced), with the job's options,
-    `retry_of` and what was left out as its sidecar; `finish_retry_input` gives it its
-    name. Failures a plain retry leaves out (`failures.classify`) are counted per code."""
+    takes, less those an earlier retry of scope `already` sent) into a hidden temp file
+    in the inbox (fsynced), with the job's options, `retry_of` and what was left out as
+    its sidecar; `finish_retry_input` gives it its name. The failures `scope` leaves out
+    are counted per code."""
     source = folder / "input.jsonl"
     errors = folder / "error.jsonl"
     if not source.exists() or not errors.exists():
@@ -808,20 +947,16 @@ def write_retry_input(
     wanted: set[int] = set()
     left_out: dict[str, int] = {}
     for number, verdict in _failed_lines(errors, max_line_bytes):
-        take = {
-            RetryScope.RETRYABLE: verdict.retry,
-            RetryScope.ALL: True,
-            RetryScope.LEFT_OUT: not verdict.retry,
-        }[scope]
-        if not take:
-            if scope == RetryScope.RETRYABLE:
-                left_out[verdict.code] = left_out.get(verdict.code, 0) + 1
+        if not takes(scope, verdict):
+            left_out[verdict.code] = left_out.get(verdict.code, 0) + 1
+            continue
+        if already is not None and takes(already, verdict):
             continue
         if number is not None:
             wanted.add(number)
     if not wanted:
         return RetryInput(None, 0, left_out)
-    stem = f"{job.name}{ALL_SUFFIX if scope != RetryScope.RETRYABLE else '-retry'}"
+    stem = f"{job.name}{SUFFIXES[scope]}"
     name, n = stem, 1
     while (inbox / f"{name}.jsonl").exists() or (inbox / f".{name}.jsonl.tmp").exists():
         n += 1

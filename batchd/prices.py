@@ -19,6 +19,10 @@ Decisions:
   configured `cached_input` prices `prompt_tokens_details.cached_tokens` at that rate.
 - `custom` (a DashScope-compatible service, the emulator in tests) reads DashScope's
   (Beijing) defaults unless the configuration gives its own table.
+- Usage: a result line's `usage` is checked once, where it enters (`read_usage`): every
+  number an integer from 0 to `MAX_USAGE_TOKENS`, `completion_tokens` left out only by
+  embeddings (whose usage has none). A usage refused says why; the request is then
+  charged its worst case (batchd.merge), never priced from an absurd number.
 
 Every default carries the page it was read from (`source`) and the day (`as_of`); the
 configuration overrides or extends them (`table_from`), since prices change.
@@ -27,6 +31,7 @@ configuration overrides or extends them (`table_from`), since prices change.
 from __future__ import annotations
 
 import datetime
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -120,17 +125,98 @@ class Price(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
         )
         return amount * self.batch_discount / MILLION
 
+    def usage_cost(self, usage: Usage) -> float:
+        """PURE: the batch price of one request from its checked usage (a request that
+        reports reasoning tokens thought, and pays the reasoning price for its output)."""
+        return self.batch_cost(
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            thinking=usage.reasoning_tokens > 0,
+            cached_tokens=usage.cached_tokens,
+        )
 
-def _count(value: Any) -> int | None:
-    """A token count from a server's usage: a non-negative int, else None."""
-    return value if type(value) is int and value >= 0 else None
+
+# The most tokens one request's usage may report. No model reads or writes within three
+# orders of magnitude of it; a larger number (2^64 + 1, 401 digits) is not a count.
+MAX_USAGE_TOKENS = 1_000_000_000
 
 
-def _detail(usage: dict[str, Any], field: str, key: str) -> int:
-    details = usage.get(field)
-    if not isinstance(details, dict):
-        return 0
-    return _count(details.get(key)) or 0
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """One request's usage as the service reported it, every number checked
+    (`read_usage`): billed input, output (reasoning included) and, within them,
+    reasoning and cached tokens."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    reasoning_tokens: int = 0
+    cached_tokens: int = 0
+
+
+def _refused(name: str, value: Any) -> str:
+    shown = repr(value)
+    if len(shown) > 40:
+        shown = f"{shown[:20]}...({len(shown)} characters)"
+    return f"{name} is not a token count ({shown})"
+
+
+def _sound(value: Any) -> bool:
+    return type(value) is int and 0 <= value <= MAX_USAGE_TOKENS
+
+
+def read_usage(usage: Any, *, embeddings: bool = False) -> Usage | str:
+    """PURE: a result line's `usage` as checked counts, or why it is refused (a note).
+
+    Every number present must be an integer from 0 to `MAX_USAGE_TOKENS` (a string, a
+    float, a negative, NaN or an absurdly large number is refused); `prompt_tokens` is
+    required; `completion_tokens` too, except for an embeddings request or where
+    `total_tokens` equals `prompt_tokens` (the service says there was no output:
+    embeddings' usage has no `completion_tokens`). Reasoning tokens above the output, or
+    cached tokens above the input, are refused as well. A refused usage is never priced:
+    the request's cost is then taken from its estimate."""
+    if not isinstance(usage, dict):
+        return "usage is not an object"
+    prompt = usage.get("prompt_tokens")
+    if prompt is None:
+        return "prompt_tokens missing"
+    if not _sound(prompt):
+        return _refused("prompt_tokens", prompt)
+    total = usage.get("total_tokens")
+    if total is not None and not _sound(total):
+        return _refused("total_tokens", total)
+    completion = usage.get("completion_tokens")
+    if completion is None:
+        if not (embeddings or total == prompt):
+            return "completion_tokens missing"
+        completion = 0
+    elif not _sound(completion):
+        return _refused("completion_tokens", completion)
+    details: dict[str, int] = {}
+    for field, key, within, bound in (
+        ("completion_tokens_details", "reasoning_tokens", "completion_tokens", completion),
+        ("prompt_tokens_details", "cached_tokens", "prompt_tokens", prompt),
+    ):
+        found = usage.get(field)
+        if found is None:
+            continue
+        if not isinstance(found, dict):
+            return f"{field} is not an object"
+        value = found.get(key)
+        if value is None:
+            continue
+        if not _sound(value):
+            return _refused(f"{field}.{key}", value)
+        if value > bound:
+            return f"{field}.{key} ({value}) is more than {within} ({bound})"
+        details[key] = value
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=total if total is not None else prompt + completion,
+        reasoning_tokens=details.get("reasoning_tokens", 0),
+        cached_tokens=details.get("cached_tokens", 0),
+    )
 
 
 class PriceTable:
@@ -159,21 +245,18 @@ class PriceTable:
             return next(iter(table.values())).currency
         return "CNY" if self._provider(provider) == "dashscope" else "USD"
 
-    def request_cost(self, provider: str, model: str, usage: Any) -> float | None:
+    def request_cost(
+        self, provider: str, model: str, usage: Any, *, embeddings: bool = False
+    ) -> float | None:
         """The batch price of ONE request from the service's `usage` (`prompt_tokens`,
         `completion_tokens`, optional `completion_tokens_details.reasoning_tokens` and
         `prompt_tokens_details.cached_tokens`); None when the model has no price or the
-        usage is not counts (a server's field is checked, never trusted)."""
+        usage is refused (`read_usage`: a server's field is checked, never trusted)."""
         price = self.price(provider, model)
-        if price is None or not isinstance(usage, dict):
+        counted = read_usage(usage, embeddings=embeddings)
+        if price is None or isinstance(counted, str):
             return None
-        prompt = _count(usage.get("prompt_tokens"))
-        completion = _count(usage.get("completion_tokens"))
-        if prompt is None or completion is None:
-            return None
-        reasoning = _detail(usage, "completion_tokens_details", "reasoning_tokens")
-        cached = _detail(usage, "prompt_tokens_details", "cached_tokens")
-        return price.batch_cost(prompt, completion, thinking=reasoning > 0, cached_tokens=cached)
+        return price.usage_cost(counted)
 
 
 # --- defaults ---------------------------------------------------------------------------

@@ -62,7 +62,9 @@ class Problem(_Model, kw_only=True):
     job, a part whose steps fail, an inbox that cannot be read, lost state, log lines
     that cannot be written."""
 
-    kind: str  # part_parked | part_failing | job_parked | intake | logging | state_lost
+    # part_parked | part_failing | job_parked | publish_failing | intake | logging |
+    # state_lost
+    kind: str
     job_id: str | None = None
     part: int | None = None
     note: str
@@ -237,8 +239,12 @@ class ActionResponse(_Model, kw_only=True):
     ok: bool
     message: str
     job: JobInfo | None = None
-    # `retry`: the failures left out (refused for their content or form), per code.
+    # `retry`: the failures left out (refused for their content or form, or most likely
+    # billed already), per code; and what the earlier attempt probably cost (`amount`,
+    # `currency`, and what of it was charged at worst case: `estimated_amount`,
+    # `estimated_requests`, `result_unavailable`).
     left_out: dict[str, int] | None = None
+    cost: dict[str, Any] | None = None
 
 
 class Event(_Model, kw_only=True, omit_defaults=True):
@@ -304,8 +310,11 @@ class Operator(Protocol):
 
     async def cancel(self, ref: str) -> ActionResponse | None: ...
 
-    async def retry(self, ref: str, *, everything: bool = False) -> ActionResponse | None:
-        """Run again what failed; `everything`: refused requests too (`retry --all`)."""
+    async def retry(
+        self, ref: str, *, everything: bool = False, force: bool = False
+    ) -> ActionResponse | None:
+        """Run again what failed; `everything`: refused requests too (`retry --all`);
+        `force`: requests whose results were lost, most likely billed (`retry --force`)."""
         ...
 
     async def pause(self) -> ActionResponse: ...

@@ -62,9 +62,11 @@ from batchd.merge import (
 )
 from batchd.models import Job, JobState, Outcome, Part, RemoteStatus, batch_created_at
 from batchd.prices import PriceTable, table_from
+from batchd.profiles import PROFILES, ProviderLimits
 from batchd.remerge import merge_chain
 from batchd.remote import TIME_KEYS
 from batchd.store import Store
+from batchd.tokens import RequestCounter
 
 log = get_logger(__name__)
 
@@ -78,6 +80,10 @@ UNSENT_NOTE = (
     "these bytes arrived after the file was claimed and were not sent:"
     " drop them again as a new file"
 )
+# How the note of a job whose publishing raised begins (the job's `error` until it is
+# published; `status` lists such jobs as `publish_failing`).
+PUBLISH_FAILED = "publishing failed"
+MAX_NOTE_CHARS = 500
 CHANGED_NOTE = (
     "the file was changed in place after it was claimed; what was validated and sent is"
     " not the current file, which is kept as {name}"
@@ -137,13 +143,16 @@ class Publisher:
         clock: Clock = SYSTEM_CLOCK,
         provider: str = "dashscope",
         prices: PriceTable | None = None,
+        limits: ProviderLimits | None = None,
     ) -> None:
         self.store = store
         self.clock = clock
         self.outbox = outbox
-        # Actual cost at batch prices (a reload may change the table).
+        # Actual cost at batch prices (a reload may change the table); the limits give
+        # the output bound of a request charged its worst case.
         self.provider = provider
         self.prices = prices or table_from(None)
+        self.limits = limits or PROFILES[provider].limits
         self.on_retry_due = on_retry_due
         self.keep_input = keep_input
         self.delete_remote_files = delete_remote_files
@@ -182,10 +191,31 @@ class Publisher:
                     attempt=failed + 1,
                     retry_in_s=round(delay, 3),
                 )
+            except Exception as exc:
+                # Anything else (a bug, a value nobody foresaw) is this job's problem,
+                # never the stage's: the others go on publishing, and this one is tried
+                # again after a growing pause, its note in `status` and `show`.
+                await self._crashed(job, failed + 1, exc)
             else:
                 if self.backoff.pop(job.id, None) is not None:
                     log.info("publish_recovered", job_id=job.id, attempts=failed + 1)
         return moved
+
+    async def _crashed(self, job: Job, attempt: int, exc: Exception) -> None:
+        """A publish that raised: the job stays in PUBLISHING (its worst case still held
+        against the budget) with a note saying why, tried again after a pause that
+        doubles with each failure, up to `retry_cap_s`."""
+        delay = retry_delay_s(attempt, self.retry_base_s, self.retry_cap_s)
+        self.backoff[job.id] = (attempt, self.clock.monotonic() + delay)
+        error = printable(f"{type(exc).__name__}: {exc}")[:MAX_NOTE_CHARS]
+        note = f"{PUBLISH_FAILED} ({attempt} in a row; tried again in {delay:g} s): {error}"
+        await self.store.update_job(
+            job.id, JobState.PUBLISHING, crash_count=job.crash_count, error=note
+        )
+        asyncio.get_running_loop().call_later(delay, self.on_retry_due)
+        log.exception(
+            "publish_crashed", job_id=job.id, name=job.name, attempt=attempt, retry_in_s=delay
+        )
 
     async def _final_dir(self, job: Job) -> Path:
         """The job's outbox folder: its name, or `NAME-N` (`numbered_name`) when another
@@ -274,6 +304,10 @@ class Publisher:
         cost = summary.get("cost") if isinstance(summary.get("cost"), dict) else None
         # What failed the job as a whole, once, where `jobs` and `show` read it.
         note = error_note(summary.get("error"))
+        if note is None and publish_failed(job):
+            note_field: dict[str, Any] = {"error": None}  # the failures before: over now
+        else:
+            note_field = {"error": note} if note is not None else {}
         await self.store.mark_published(
             job.id,
             spend_of(cost, self.provider),
@@ -287,7 +321,7 @@ class Publisher:
             held=None,
             held_note=None,
             held_at=None,
-            **({"error": note} if note is not None else {}),
+            **note_field,
         )
         log.info(
             "job_published",
@@ -298,9 +332,6 @@ class Publisher:
         )
         self.on_published()
         return True
-
-    def _cost_of(self, model: str, usage: dict[str, Any]) -> float | None:
-        return self.prices.request_cost(self.provider, model, usage)
 
     def _build(
         self,
@@ -331,10 +362,19 @@ class Publisher:
                 tmp / "unattributed.jsonl",
                 max_line_bytes=self.max_line_bytes,
                 input_bytes=sent_bytes(job),
-                cost_of=self._cost_of,
+                counter=RequestCounter(self.provider, self.limits, self.prices),
                 results_csv=tmp / "result.csv",
             )
             outcome = decide_outcome(job, parts, stats)
+            if stats.estimated_reasons:
+                log.warning(
+                    "cost_estimated",
+                    job_id=job.id,
+                    name=job.name,
+                    reasons=stats.estimated_reasons,
+                    first=stats.estimated_lines[:1],
+                    unavailable_parts=stats.unavailable_parts,
+                )
         failpoint("publish.write", job.inbox_name)
         # Cancelled with nothing sent (held, say): the input is all there is of it.
         never_sent = outcome == Outcome.CANCELLED and not any(p.batch_id for p in parts)
@@ -362,24 +402,64 @@ class Publisher:
         return summary
 
 
+# What summary.json says of requests charged their worst case (`cost.estimated.why`).
+ESTIMATED_WHY = (
+    "charged at their worst case (input tokens counted as when planned, the whole output"
+    " bound, in their price tier), since the service's usage could not be used: refused"
+    " as absurd (usage_refused), missing (usage_missing), or the result file was lost"
+    " (result_unavailable: of each such part, as many requests as the service counted"
+    " completed and were not seen, the dearest first)"
+)
+
+
 def cost_summary(stats: MergeStats, currency: str) -> dict[str, Any]:
-    """PURE: what the job's answers cost at batch prices: in all, and per model (null for
-    a model with no price; then the total is null too, with the known part beside it)."""
-    per_model = {model: own["cost"] for model, own in stats.per_model.items()}
-    unknown = sorted(model for model, cost in per_model.items() if cost is None)
-    known = sum(cost for cost in per_model.values() if cost is not None)
+    """PURE: what the job's requests cost at batch prices: in all (`amount`), priced from
+    the service's usage (`from_usage`) and charged at their worst case (`estimated`,
+    with how many requests, why, and the first of them), and per model (null for a model
+    with no price; then the total is null too, with the known part beside it)."""
+    costs = stats.costs
+    unknown = sorted(model for model, own in costs.items() if not own.priced)
+    priced = [own for own in costs.values() if own.priced]
+    from_usage = sum(own.from_usage for own in priced)
+    estimated = sum(own.estimated for own in priced)
+    known = from_usage + estimated
+    requests = sum(own.estimated_requests for own in costs.values())
     return {
-        "amount": None if unknown else round(known, 6),
+        "amount": None if unknown else _amount(known),
         "currency": currency,
-        "per_model": {m: None if c is None else round(c, 6) for m, c in per_model.items()},
+        "per_model": {
+            model: None if own.amount is None else _amount(own.amount)
+            for model, own in costs.items()
+        },
         "unknown_models": unknown,
-        "known_amount": round(known, 6),
+        "known_amount": _amount(known),
+        "from_usage": _amount(from_usage),
+        "estimated": {
+            "amount": _amount(estimated),
+            "requests": requests,
+            "per_model": {
+                model: own.estimated_requests
+                for model, own in costs.items()
+                if own.estimated_requests
+            },
+            "reasons": dict(stats.estimated_reasons),
+            "lines": stats.estimated_lines,
+            "unavailable_parts": stats.unavailable_parts,
+            "why": ESTIMATED_WHY if requests else None,
+        },
     }
+
+
+def _amount(value: float) -> float:
+    """An amount as summary.json writes it: to 1e-10 of the currency, where float noise
+    goes and the price of a single token stays (never rounded down to 0)."""
+    return round(value, 10)
 
 
 def spend_of(cost: dict[str, Any] | None, provider: str) -> tuple[str, str, float] | None:
     """PURE: the spend a published job records (provider, currency, amount): what is
-    known of its cost (a model with no price adds nothing it could be measured by)."""
+    known of its cost, priced from usage and charged at worst case alike (a model with
+    no price adds nothing it could be measured by)."""
     if not cost:
         return None
     amount = cost.get("known_amount")
@@ -745,13 +825,7 @@ def build_summary(
         "unattributed_lines": stats.unattributed_lines,
         "input_changed": kept.get("input_changed"),
         "input_kept_at": kept.get("input_kept_at"),
-        "usage": {
-            **stats.usage,
-            "per_model": {
-                model: {k: v for k, v in own.items() if k != "cost"}
-                for model, own in stats.per_model.items()
-            },
-        },
+        "usage": {**stats.usage, "per_model": stats.per_model},
         "cost": cost_summary(stats, currency),
         "error": job_error(job, parts),
         "parts": [
@@ -837,9 +911,14 @@ def job_error(job: Job, parts: list[Part]) -> dict[str, Any] | None:
             f" ({count} problem{'s' if count != 1 else ''}: see report.json)",
             "report": "report.json",
         }
-    if job.error:
+    if job.error and not publish_failed(job):
         return {"code": "job_note", "message": job.error}
     return None
+
+
+def publish_failed(job: Job) -> bool:
+    """PURE: is the job's note that of a publish that raised (not a note of its own)?"""
+    return bool(job.error) and str(job.error).startswith(PUBLISH_FAILED)
 
 
 def error_note(error: Any) -> str | None:

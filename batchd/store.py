@@ -539,6 +539,16 @@ class Store:
             rows = await cur.fetchall()
         return [Job.from_row(r) for r in rows]
 
+    async def jobs_noted(self, state: JobState, prefix: str, limit: int) -> list[Job]:
+        """Jobs in `state` whose note (`error`) begins with `prefix`, oldest first."""
+        async with self._db.execute(
+            "SELECT * FROM jobs WHERE state = ? AND substr(error, 1, ?) = ?"
+            " ORDER BY created_at, id LIMIT ?",
+            (state, len(prefix), prefix, limit),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [Job.from_row(r) for r in rows]
+
     async def jobs_to_cancel(self) -> list[Job]:
         """Running jobs an operator asked to cancel."""
         async with self._db.execute(

@@ -942,3 +942,60 @@ def count_file(
     for state in states.values():
         state.finish()
     return result
+
+
+# --- single requests --------------------------------------------------------------------
+
+
+class Worst(msgspec.Struct, frozen=True):
+    """One request's figures as planning counts them: its input tokens, its output bound
+    (reasoning included), whether it thinks, and its worst-case batch price (None: the
+    model has no price)."""
+
+    input_tokens: int
+    output_tokens: int
+    thinks: bool
+    cost: float | None
+
+
+class RequestCounter:
+    """The worst case of single requests, counted exactly as `count_file` counts each
+    line of a file (the same tokenizer, output bound and price tier): follow-up parts are
+    planned with it, and a published request whose usage is refused or whose result is
+    lost is charged its worst case. Tokenizers and prices are looked up once per model."""
+
+    def __init__(
+        self, provider: str, limits: ProviderLimits, prices: PriceTable | None = None
+    ) -> None:
+        if prices is None:
+            from batchd.prices import DEFAULT_PRICES
+
+            prices = DEFAULT_PRICES
+        self.provider = provider
+        self.limits = limits
+        self.prices = prices
+        self._counters: dict[str, _Counter] = {}
+
+    def price(self, model: str) -> Price | None:
+        """The model's price on this provider (None: unknown)."""
+        return self.prices.price(self.provider, model)
+
+    def worst(self, body: dict[str, Any], endpoint: str) -> Worst:
+        """PURE but for its memo: the request `body` sent to `endpoint`, counted."""
+        model = str(body.get("model"))
+        counter = self._counters.get(model)
+        if counter is None:
+            counter = self._counters[model] = _Counter(tokenizer_for(self.provider, model))
+        limits = self.limits.for_model(model)
+        answer, reasoning = output_split(
+            body, limits, self.limits.default_max_output_tokens, endpoint=endpoint
+        )
+        tokens = counter.request(body, endpoint)
+        output = answer + reasoning
+        thinks = reasoning > 0
+        price = self.price(model)
+        cost = None
+        if price is not None:
+            tier = price.tier_of(tokens) if price.tiers else 0
+            cost = price.batch_total(tier, tokens, 0 if thinks else output, output if thinks else 0)
+        return Worst(tokens, output, thinks, cost)

@@ -327,6 +327,20 @@ def cmd_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _left_out_why(left_out: dict[str, int], job_id: str | None) -> str:
+    """Why failures were left out of a retry, and the flag that sends them."""
+    lost = left_out.get("result_unavailable", 0)
+    if lost and lost == sum(left_out.values()):
+        return (
+            "their results were lost, but they were most likely billed; `batchd retry"
+            f" {job_id} --force` sends them (paying again)"
+        )
+    why = "refused for their content or form"
+    if lost:
+        why += " (result_unavailable: most likely billed already)"
+    return f"{why}; `batchd retry {job_id} --all` sends them"
+
+
 def _retry_lines(job: JobInfo) -> list[str]:
     """What `show` says of a job's retries: the job it retries, what that retry left out
     (per code), the jobs that retry it, and where the merged results are."""
@@ -338,8 +352,7 @@ def _retry_lines(job: JobInfo) -> list[str]:
         codes = ", ".join(f"{code} {n}" for code, n in sorted(job.retry_left_out.items()))
         lines.append(
             f"  {count} failure(s) of {job.retry_of} left out of this retry ({codes}):"
-            " refused for their content or form; `batchd retry "
-            f"{job.retry_of} --all` sends them"
+            f" {_left_out_why(job.retry_left_out, job.retry_of)}"
         )
     if job.retried_by:
         lines.append(f"retried by {', '.join(job.retried_by)}")
@@ -347,8 +360,8 @@ def _retry_lines(job: JobInfo) -> list[str]:
         count = sum(job.left_out.values())
         codes = ", ".join(f"{code} {n}" for code, n in sorted(job.left_out.items()))
         lines.append(
-            f"  {count} failure(s) left out of the retry ({codes}): refused for their content"
-            f" or form; `batchd retry {job.id} --all` sends them"
+            f"  {count} failure(s) left out of the retry ({codes}):"
+            f" {_left_out_why(job.left_out, job.id)}"
         )
     if job.merged:
         lines.append(f"merged results (every answer, in the original order): {job.merged}")
@@ -498,7 +511,19 @@ def _cost_lines(job: JobInfo) -> list[str]:
             f", {used.get('reasoning_tokens', 0)} reasoning)"
         )
     if cost:
-        lines.append(f"cost in all: {_money(cost.get('amount'), str(cost.get('currency') or ''))}")
+        currency = str(cost.get("currency") or "")
+        lines.append(f"cost in all: {_money(cost.get('amount'), currency)}")
+        estimated = cost.get("estimated") if isinstance(cost.get("estimated"), dict) else {}
+        requests = (estimated or {}).get("requests")
+        if isinstance(requests, int) and requests:
+            reasons = ", ".join(
+                f"{why} {n}" for why, n in sorted(((estimated or {}).get("reasons") or {}).items())
+            )
+            lines.append(
+                f"  of it {_money((estimated or {}).get('amount'), currency)} charged at worst"
+                f" case for {requests} request(s) whose usage could not be used ({reasons}):"
+                " see summary.json cost.estimated"
+            )
     return lines
 
 
@@ -707,18 +732,29 @@ def register(sub: Any) -> None:
         description="Run again what failed or never ran. For a published job, its failed "
         "requests become a new input JOB-retry.jsonl; requests the service refused for their "
         "content or form (400 DataInspectionFailed, InvalidParameter...) are left out, "
-        "counted per code, unless --all. Once the retry is published, the original job's "
-        "folder holds merged/ with every answer in the original order.",
+        "counted per code, unless --all; requests whose results were lost (most likely "
+        "billed already) are left out unless --force or --all. It says what the earlier "
+        "attempt probably cost. Once the retry is published, the original job's folder "
+        "holds merged/ with every answer in the original order.",
     )
     common(p)
     p.add_argument("job", help=JOB_HELP)
     p.add_argument(
         "--all",
         action="store_true",
-        help="send the refused requests too (they may fail, and cost, again)",
+        help="send every failure: the refused requests (they may fail, and cost, again) "
+        "and those whose results were lost (most likely paid for already) too",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="send the requests whose results were lost too: the service most likely ran "
+        "and billed them, so they are paid for again",
     )
     p.set_defaults(
-        handler=_action(lambda client, args: client.retry(args.job, everything=args.all))
+        handler=_action(
+            lambda client, args: client.retry(args.job, everything=args.all, force=args.force)
+        )
     )
     for name, call in (
         ("pause", Client.pause),

@@ -130,17 +130,21 @@ def _likely_cost(
     count: ModelCount, mean: float, table: PriceTable, checking: Checking, model: str
 ) -> float | None:
     """The input's cost plus the observed mean output of every request (at the thinking
-    price for the share of requests that think)."""
+    price for the share of requests that think), each request's output at most its
+    bound: never above the maximum (a mean observed on jobs with a larger `max_tokens`
+    says nothing of requests that cannot write that much)."""
     price = table.price(checking.provider, model)
-    if price is None or count.cost_min is None:
+    if price is None or count.cost_min is None or count.cost_max is None or not count.requests:
         return None
-    thinking = mean * count.thinking
-    plain = mean * (count.requests - count.thinking)
-    return (
+    per_request = min(mean, count.output_tokens_max / count.requests)
+    thinking = per_request * count.thinking
+    plain = per_request * (count.requests - count.thinking)
+    likely = (
         count.cost_min
         + price.batch_cost(0, round(plain))
         + price.batch_cost(0, round(thinking), thinking=True)
     )
+    return min(likely, count.cost_max)
 
 
 def _model_object(

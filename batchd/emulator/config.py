@@ -60,6 +60,10 @@ class FaultSettings(BaseModel):
     # Share of success lines (fixed per seed, batch and custom_id) written in forms a
     # strict parser refuses: a lone surrogate escape, NaN, 1e400, or a line cut in half.
     odd_lines_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    # Share of success lines (fixed per seed, batch and custom_id) whose usage has one
+    # absurd number, in turn: a string, a negative, a float, a count missing, 2^64 + 1,
+    # a 401-digit integer, 2^64 + 1 beside a NaN. The answer is billed as usual.
+    absurd_usage_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     # Enqueued-token limits per model, as OpenAI sets them per account: a batch whose input
     # tokens, added to those of the model's batches not yet ended, pass its model's limit
     # fails at validation with `token_limit_exceeded`. A model named here takes this

@@ -23,6 +23,8 @@ COUNTERS = (
     "dripped",
     "huge_lines",
     "odd_lines",
+    # Success lines written with an absurd number in their usage (`absurd_usage_rate`).
+    "absurd_usage",
     # Batches failed by an enqueued-token limit (`limits` or `enqueued_tokens`).
     "token_limit_exceeded",
 )

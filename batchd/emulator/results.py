@@ -225,6 +225,8 @@ def _line(
 _MARK = "\x00batchd-fault-marker\x00"
 _MARK_JSON = orjson.dumps(_MARK)  # with its quotes
 _MARK_TEXT = _MARK_JSON[1:-1]  # as it appears inside a longer string
+_MARK_2 = "\x00batchd-fault-marker-2\x00"
+_MARK_2_JSON = orjson.dumps(_MARK_2)
 ODD_VARIANTS = 4
 # What replaces the marker in each odd variant: (marker as dumped, replacement).
 _ODD_SPLICES = {
@@ -286,6 +288,47 @@ def odd_line(record: dict[str, Any], variant: int) -> bytes:
         body["score"] = _MARK
     marker, replacement = _ODD_SPLICES[variant]
     return _splice(_dump(record), marker, replacement) + b"\n"
+
+
+# How many ways `absurd_usage_line` writes a number of a line's usage wrongly.
+ABSURD_VARIANTS = 7
+# Numbers no JSON encoder here writes: spliced in where a marker was dumped.
+_BEYOND_64_BITS = str(2**64 + 1).encode()
+_DIGITS_401 = b"9" * 401
+
+
+def absurd_usage_line(record: dict[str, Any], variant: int) -> bytes:
+    """A success line whose `usage` has a number no service should send, as a sloppy
+    gateway or a broken server might: 0 `prompt_tokens` as a string, 1 a negative
+    `completion_tokens`, 2 `prompt_tokens` as a float, 3 a count missing
+    (`completion_tokens`; for embeddings, `prompt_tokens`), 4 `prompt_tokens` 2^64 + 1,
+    5 `prompt_tokens` a 401-digit integer, 6 `prompt_tokens` 2^64 + 1 with `total_tokens`
+    NaN (the line then only a lenient parser reads). The answer itself is as written
+    (and billed, as `TokenTally` counts it)."""
+    variant %= ABSURD_VARIANTS
+    record = _copy_for_marker(record)
+    body = _response_body(record)
+    usage = dict(body["usage"])
+    body["usage"] = usage
+    splices: list[tuple[bytes, bytes]] = []
+    if variant == 0:
+        usage["prompt_tokens"] = str(usage["prompt_tokens"])
+    elif variant == 1:
+        usage["completion_tokens"] = -1 - int(usage.get("completion_tokens", 0))
+    elif variant == 2:
+        usage["prompt_tokens"] = usage["prompt_tokens"] + 0.5
+    elif variant == 3:
+        usage.pop("completion_tokens" if "completion_tokens" in usage else "prompt_tokens")
+    else:
+        usage["prompt_tokens"] = _MARK
+        splices.append((_MARK_JSON, _DIGITS_401 if variant == 5 else _BEYOND_64_BITS))
+        if variant == 6:
+            usage["total_tokens"] = _MARK_2
+            splices.append((_MARK_2_JSON, b"NaN"))
+    dumped = _dump(record)
+    for marker, replacement in splices:
+        dumped = _splice(dumped, marker, replacement)
+    return dumped + b"\n"
 
 
 def _cut(line: bytes, custom_id: str) -> bytes:

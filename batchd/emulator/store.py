@@ -52,6 +52,7 @@ from batchd.emulator.lifecycle import (
 from batchd.emulator.results import (
     Answerer,
     TokenTally,
+    absurd_usage_line,
     huge_line_parts,
     odd_line,
     success_line,
@@ -131,6 +132,7 @@ class _Written:
     error: tuple[Path, int]
     huge_lines: int = 0
     odd_lines: int = 0
+    absurd_usage: int = 0
     tally: TokenTally = field(default_factory=TokenTally)
 
 
@@ -380,6 +382,7 @@ class Store:
             written = await asyncio.to_thread(self._write_results, batch, phase, faults)
             self.faults.count("huge_lines", written.huge_lines)
             self.faults.count("odd_lines", written.odd_lines)
+            self.faults.count("absurd_usage", written.absurd_usage)
             for kind, (temp, size) in (("output", written.output), ("error", written.error)):
                 if size == 0:
                     temp.unlink(missing_ok=True)
@@ -426,7 +429,7 @@ class Store:
         huge_at = ok_order[0] if faults.huge_line_bytes > 0 and ok_order else -1
         ok: list[bytes | _HugeLine] = []
         bad: list[bytes] = []
-        huge = odd = 0
+        huge = odd = absurd = 0
         tally = TokenTally()
         with batch.input_path.open("rb") as fh:
             for index, raw in enumerate(fh):
@@ -450,13 +453,16 @@ class Store:
                 elif drawn(faults.seed, f"odd:{batch.id}", custom_id, faults.odd_lines_rate):
                     ok.append(odd_line(record, odd))
                     odd += 1
+                elif drawn(faults.seed, f"absurd:{batch.id}", custom_id, faults.absurd_usage_rate):
+                    ok.append(absurd_usage_line(record, absurd))
+                    absurd += 1
                 else:
                     ok.append(success_line(record))
         if len(ok) != successes:  # never expected: every input line is one request
             ok_order = self._order(len(ok), batch.id)
         output = self._write_lines([ok[i] for i in ok_order])
         error = self._write_lines([bad[i] for i in self._order(len(bad), batch.id)])
-        return _Written(output, error, huge, odd, tally)
+        return _Written(output, error, huge, odd, absurd, tally)
 
     def _order(self, count: int, batch_id: str) -> list[int]:
         """The order result lines are written in: the service promises none, so they are

@@ -309,6 +309,43 @@ async def test_odd_lines_are_refused_by_orjson_but_otherwise_readable(
     assert (await api.stats())["faults"]["odd_lines"] == 4
 
 
+async def test_absurd_usage_numbers_are_written_in_turn_and_billed_as_usual(
+    api: Api, emulator: Any
+) -> None:
+    emulator.set_faults(absurd_usage_rate=1.0)
+    done = await _finished(api, emulator, requests(7))
+    assert done["request_counts"] == {"total": 7, "completed": 7, "failed": 0}
+    lines = (await api.content(done["output_file_id"])).splitlines()
+    usages = {}
+    for line in lines:
+        record = json.loads(line)  # NaN and integers of any length: a lenient parser
+        usages[record["custom_id"]] = record["response"]["body"]["usage"]
+    seen = set()
+    for usage in usages.values():
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if isinstance(prompt, str):
+            seen.add("string")
+        elif isinstance(completion, int) and completion < 0:
+            seen.add("negative")
+        elif isinstance(prompt, float):
+            seen.add("float")
+        elif completion is None:
+            seen.add("missing")
+        elif isinstance(usage.get("total_tokens"), float) and math.isnan(usage["total_tokens"]):
+            assert prompt == 2**64 + 1
+            seen.add("nan")
+        elif prompt == 2**64 + 1:
+            seen.add("2^64+1")
+        elif len(str(prompt)) == 401:
+            seen.add("401 digits")
+    assert seen == {"string", "negative", "float", "missing", "2^64+1", "401 digits", "nan"}
+    stats = await api.stats()
+    assert stats["faults"]["absurd_usage"] == 7
+    # The service bills the answers as usual: its tally holds their true usage.
+    tally = stats["tokens_by_model"]["qwen-plus"]
+    assert tally["requests"] == 7 and 0 < tally["prompt_tokens"] < 1000
+
+
 async def test_batch_match_limits_content_faults_to_matching_batches(
     api: Api, emulator: Any
 ) -> None:

@@ -189,3 +189,7 @@ async def test_embeddings_are_deterministic_unit_vectors(api: Api, emulator: Any
     assert len(by_id["r2"]["data"][0]["embedding"]) == 64
     assert by_id["r1"]["data"][0]["embedding"] != item["embedding"]
     assert by_id["r0"]["usage"]["prompt_tokens"] > 0
+    # As the service writes it: no completion_tokens in an embedding's usage.
+    usage = by_id["r0"]["usage"]
+    assert set(usage) == {"prompt_tokens", "total_tokens"}
+    assert usage["total_tokens"] == usage["prompt_tokens"]

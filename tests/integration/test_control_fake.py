@@ -105,8 +105,12 @@ class FakeOperator:
         self.asked.append(f"cancel {job_id}")
         return ActionResponse(ok=False, message="already published") if job_id == JOB.id else None
 
-    async def retry(self, job_id: str, *, everything: bool = False) -> ActionResponse | None:
-        self.asked.append(f"retry {job_id}" + (" --all" if everything else ""))
+    async def retry(
+        self, job_id: str, *, everything: bool = False, force: bool = False
+    ) -> ActionResponse | None:
+        self.asked.append(
+            f"retry {job_id}" + (" --all" if everything else "") + (" --force" if force else "")
+        )
         return ActionResponse(ok=True, message="requeued") if job_id == JOB.id else None
 
     async def pause(self) -> ActionResponse:
@@ -189,6 +193,7 @@ async def test_calls_are_answered_from_the_operations_layer(
     sync = Client(raw.path)
     assert (await asyncio.to_thread(sync.jobs, limit=5)).jobs == [JOB]
     assert (await asyncio.to_thread(sync.retry, JOB.id)).ok
+    assert (await client.retry(JOB.id, force=True)).ok  # `batchd retry --force`
     assert fake.asked == [
         "status",
         "pause",
@@ -196,6 +201,7 @@ async def test_calls_are_answered_from_the_operations_layer(
         f"cancel {JOB.id}",
         f"retry {JOB.id} --all",
         f"retry {JOB.id}",
+        f"retry {JOB.id} --force",
     ]
 
 
@@ -207,6 +213,7 @@ async def test_every_failure_is_a_json_error_envelope(
         ("GET", "/v1/jobs/nope", {}, (404, "unknown_job")),
         ("POST", "/v1/jobs/nope/retry", {}, (404, "unknown_job")),
         ("POST", f"/v1/jobs/{JOB.id}/retry", {"all": "yes"}, (400, "bad_request")),
+        ("POST", f"/v1/jobs/{JOB.id}/retry", {"force": "2"}, (400, "bad_request")),
         ("GET", "/v1/jobs", {"state": "bogus"}, (400, "bad_request")),
         ("GET", "/v1/jobs", {"offset": "9" * 40}, (400, "bad_request")),
         ("GET", "/v1/nothing", {}, (404, "not_found")),

@@ -134,17 +134,15 @@ def test_a_model_that_thinks_by_default_warns(
     assert facts["output_tokens_max"] == 3 * 2 * 32_768
 
 
-async def test_recent_jobs_of_the_model_give_an_observed_mean_and_a_likely_cost(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+async def _observed(tmp_path: Path, jobs: list[tuple[str, int, int]]) -> Path:
+    """A configuration whose state folder holds published jobs of (model, completion
+    tokens, completed requests)."""
     state = tmp_path / "state"
     state.mkdir()
     store = await Store.open(state / "batchd.sqlite3")
     await store.close()
     with sqlite3.connect(state / "batchd.sqlite3") as db:
-        for i, (model, completion, completed) in enumerate(
-            [("qwen-plus", 300, 3), ("qwen-plus", 100, 1), ("qwen-max", 9000, 1)]
-        ):
+        for i, (model, completion, completed) in enumerate(jobs):
             db.execute(
                 "INSERT INTO jobs (id, name, inbox_name, spool_path, kind, state, report, usage,"
                 " completed, created_at, updated_at)"
@@ -172,6 +170,15 @@ async def test_recent_jobs_of_the_model_give_an_observed_mean_and_a_likely_cost(
             )
     config = tmp_path / "batchd.toml"
     config.write_text(f'[paths]\nroot = "{tmp_path}"\n')
+    return config
+
+
+async def test_recent_jobs_of_the_model_give_an_observed_mean_and_a_likely_cost(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = await _observed(
+        tmp_path, [("qwen-plus", 300, 3), ("qwen-plus", 100, 1), ("qwen-max", 9000, 1)]
+    )
     code = main(["estimate", "--json", "--config", str(config), str(SEED)])
     out = capsys.readouterr().out
     assert code == 0
@@ -179,6 +186,36 @@ async def test_recent_jobs_of_the_model_give_an_observed_mean_and_a_likely_cost(
     assert facts["output_tokens_observed_mean"] == 100.0  # 400 tokens over 4 requests
     cost = facts["cost"]
     assert cost["min"] < cost["likely"] < cost["max"]
+
+
+async def test_the_likely_cost_is_never_above_the_maximum(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Recent jobs wrote 3,000 tokens a request; this file's requests may write 20: the
+    likely cost counts each request's output within its bound (issue 21)."""
+    config = await _observed(tmp_path, [("qwen-plus", 9000, 3)])
+    path = tmp_path / "short.jsonl"
+    path.write_bytes(b"".join(chat_line(i, "qwen-plus", f"q {i}", max_tokens=20) for i in range(4)))
+    code = main(["estimate", "--json", "--config", str(config), str(path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    facts = objects(out)[0]["models"]["qwen-plus"]
+    assert facts["output_tokens_observed_mean"] == 3000.0
+    cost = facts["cost"]
+    assert cost["min"] < cost["likely"] <= cost["max"]
+    assert cost["likely"] == pytest.approx(cost["max"])
+    code = main(["estimate", "--config", str(config), str(path)])
+    line = next(x for x in capsys.readouterr().out.splitlines() if "cost:" in x)
+    low, high, likely = (float(x.split()[0]) for x in _amounts(line))
+    assert low < likely <= high, line
+
+
+def _amounts(line: str) -> list[str]:
+    """The three amounts of a `cost: MIN CNY to MAX CNY, likely L CNY` line."""
+    text = line.split("cost:", 1)[1]
+    first, rest = text.split(" to ", 1)
+    high, likely = rest.split(", likely ", 1)
+    return [first.strip(), high.strip(), likely.strip()]
 
 
 def test_the_configurations_prices_and_job_settings_apply(

@@ -9,10 +9,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from batchd.models import Held
 from batchd.testing import (
+    ENDPOINT_EMBEDDINGS,
     StartEmulator,
     daemon_settings,
     drop,
@@ -23,6 +25,7 @@ from batchd.testing import (
     wait_for,
     wait_published,
 )
+from batchd.tokens import RequestCounter
 
 # Prices of the test's own (per million tokens, real time; batch is half), so that the
 # figures do not move with the shipped defaults.
@@ -30,6 +33,7 @@ PRICES = {
     "custom": {
         "qwen-plus": {"input": 2.0, "output": 8.0, "currency": "CNY"},
         "qwen-max": {"input": 6.0, "output": 24.0, "currency": "CNY"},
+        "text-embedding-v3": {"input": 0.5, "output": 0.0, "currency": "CNY"},
     }
 }
 
@@ -284,3 +288,168 @@ async def test_a_part_waits_until_it_fits_the_models_enqueued_token_limit(
     blind, folders = await _queue_run(start_emulator, tmp_path / "blind", daemon_knows=False)
     assert blind["faults"]["token_limit_exceeded"] >= 1
     assert any(summary(f)["status"] != "completed" for f in folders)
+
+
+# -- every paid token counted (issues 21 and 22) --------------------------------------------
+
+
+def _worst_case(settings: Any, content: bytes) -> float:
+    """The worst case of each request of `content`, as planning counts it, summed."""
+    counter = RequestCounter("custom", settings.profile.limits, settings.price_table)
+    total = 0.0
+    for line in content.splitlines():
+        request = orjson.loads(line)
+        cost = counter.worst(request["body"], request["url"]).cost
+        assert cost is not None
+        total += cost
+    return total
+
+
+async def test_absurd_usage_numbers_are_charged_their_worst_case_and_held_to_the_budget(
+    start_emulator: StartEmulator, tmp_path: Path
+) -> None:
+    """Every success line of the first job has one absurd usage number (a string, a
+    negative, a float, a count missing, 2^64 + 1, 401 digits, 2^64 + 1 beside a NaN):
+    the job is published all the same, each request charged its worst case, at least
+    what the service billed, and that spend holds the next job to the daily budget."""
+    emulator = await start_emulator(
+        time_scale=3000, faults={"absurd_usage_rate": 1.0, "batch_match": "absurd"}
+    )
+    settings = daemon_settings(tmp_path / "r", emulator, prices=PRICES, budget={"daily": 0.05})
+    inbox, outbox = settings.paths.folder("inbox"), settings.paths.folder("outbox")
+    content = requests(7, max_tokens=1000)
+    async with running_daemon(settings) as daemon:
+        drop(inbox, "absurd.jsonl", content)
+        (folder,) = await wait_published(outbox, 1, emulator)
+        (job,) = await daemon.store.jobs()
+        drop(inbox, "next.jsonl", requests(7, max_tokens=1000, prefix="n"))
+        (held,) = await wait_for(
+            lambda: daemon.store.held_jobs(Held.BUDGET), what="the next job held"
+        )
+        status = await daemon.ops.status()
+        shown = await daemon.ops.job(job.id)
+    assert (await emulator.stats())["faults"]["absurd_usage"] == 7
+    report = summary(folder)
+    assert report["status"] == "completed"
+    cost = report["cost"]
+    worst = _worst_case(settings, content)
+    assert cost["amount"] == pytest.approx(worst, rel=1e-6)
+    assert cost["estimated"]["requests"] == 7
+    assert cost["estimated"]["reasons"] == {"usage_refused": 7}
+    assert {line["input_line"] for line in cost["estimated"]["lines"]} == set(range(1, 8))
+    assert cost["from_usage"] == 0.0 and report["usage"]["per_model"] == {}
+    # Never less than what the service billed (its own tally of the answers).
+    billed = (await emulator.stats())["tokens_by_model"]["qwen-plus"]
+    rate_in, rate_out = (
+        PRICES["custom"]["qwen-plus"]["input"],
+        PRICES["custom"]["qwen-plus"]["output"],
+    )
+    paid = (billed["prompt_tokens"] * rate_in + billed["completion_tokens"] * rate_out) / 2e6
+    assert cost["amount"] >= paid > 0
+    # The same figure in show and status, and it holds the next job.
+    assert shown is not None and shown.cost == cost
+    assert status.spend is not None
+    assert status.spend.today.spent["custom"] == pytest.approx(cost["amount"], rel=1e-6)
+    assert f"spent {cost['amount']:.4f} CNY" in (held.held_note or ""), held.held_note
+
+
+async def test_embeddings_are_priced_from_their_usage(
+    start_emulator: StartEmulator, tmp_path: Path
+) -> None:
+    """An embedding's usage has no completion_tokens (as the service writes it): its
+    input is priced, never left unknown, and spent."""
+    emulator = await start_emulator(time_scale=3000)
+    settings = daemon_settings(tmp_path / "r", emulator, prices=PRICES)
+    inbox, outbox = settings.paths.folder("inbox"), settings.paths.folder("outbox")
+    async with running_daemon(settings) as daemon:
+        drop(inbox, "vectors.jsonl", requests(3, "text-embedding-v3", ENDPOINT_EMBEDDINGS))
+        (folder,) = await wait_published(outbox, 1, emulator)
+        status = await daemon.ops.status()
+    usages = [line["response"]["body"]["usage"] for line in read_jsonl(folder / "result.jsonl")]
+    assert all("completion_tokens" not in usage for usage in usages)
+    prompt = sum(usage["prompt_tokens"] for usage in usages)
+    cost = summary(folder)["cost"]
+    assert cost["amount"] == pytest.approx(prompt * 0.5 / 2e6, rel=1e-6) and prompt > 0
+    assert cost["unknown_models"] == [] and cost["estimated"]["requests"] == 0
+    assert status.spend is not None
+    assert status.spend.today.spent["custom"] == pytest.approx(cost["amount"], rel=1e-6)
+
+
+async def test_lost_results_are_charged_and_retry_asks_before_paying_again(
+    start_emulator: StartEmulator, tmp_path: Path
+) -> None:
+    """The result file cannot be fetched (404), but the service counted the 3 requests
+    completed: they are charged their worst case (spent, said so in summary.json), and a
+    plain `retry` leaves them out, saying what they probably cost; `--force` sends them."""
+    emulator = await start_emulator(
+        time_scale=3000, faults={"content_missing_rate": 1.0, "batch_match": "gone"}
+    )
+    settings = daemon_settings(tmp_path / "r", emulator, prices=PRICES)
+    inbox, outbox = settings.paths.folder("inbox"), settings.paths.folder("outbox")
+    content = requests(3, max_tokens=50)
+    async with running_daemon(settings) as daemon:
+        drop(inbox, "gone.jsonl", content)
+        (folder,) = await wait_published(outbox, 1, emulator)
+        (job,) = await daemon.store.jobs()
+        status = await daemon.ops.status()
+        plain = await daemon.ops.retry(job.id)
+        assert not (inbox / "gone-retry.jsonl").exists()
+        forced = await daemon.ops.retry(job.id, force=True)
+        again = await daemon.ops.retry(job.id, force=True)
+    report = summary(folder)
+    assert report["result_unavailable"] == 3
+    cost = report["cost"]
+    assert cost["amount"] > 0
+    assert cost["amount"] == pytest.approx(_worst_case(settings, content), rel=1e-6)
+    estimated = cost["estimated"]
+    assert estimated["requests"] == 3 and estimated["reasons"] == {"result_unavailable": 3}
+    assert estimated["unavailable_parts"] == [
+        {"part": 1, "requests": 3, "completed": 3, "charged": 3}
+    ]
+    assert status.spend is not None
+    assert status.spend.today.spent["custom"] == pytest.approx(cost["amount"], rel=1e-6)
+    assert plain is not None and not plain.ok, plain
+    assert plain.left_out == {"result_unavailable": 3}
+    assert f"probably cost {cost['amount']:.6f} CNY" in plain.message, plain.message
+    assert "--force" in plain.message
+    assert plain.cost is not None and plain.cost["estimated_requests"] == 3
+    assert forced is not None and forced.ok, forced
+    assert "gone-retry-force.jsonl (3 requests)" in forced.message, forced.message
+    assert again is not None and again.message.startswith(
+        "already resubmitted as gone-retry-force.jsonl"
+    )
+
+
+async def test_follow_up_parts_are_planned_and_held_to_the_budget_like_first_parts(
+    start_emulator: StartEmulator, tmp_path: Path
+) -> None:
+    """Retryable failures resubmitted as follow-up parts under a budget (with unpriced
+    models held, the default): each part counted and priced as a first part is, so it
+    runs once it fits, and the job is published with every round."""
+    emulator = await start_emulator(time_scale=3000, request_failure_rate=0.5)
+    settings = daemon_settings(
+        tmp_path / "r",
+        emulator,
+        prices=PRICES,
+        budget={"daily": 10.0},
+        jobs={"resubmit_failed": 1},
+    )
+    inbox, outbox = settings.paths.folder("inbox"), settings.paths.folder("outbox")
+    content = requests(20, max_tokens=50)
+    async with running_daemon(settings) as daemon:
+        drop(inbox, "again.jsonl", content)
+        (folder,) = await wait_published(outbox, 1, emulator)
+        (job,) = await daemon.store.jobs()
+        parts = await daemon.store.parts_of(job.id)
+    follow_ups = [p for p in parts if p.round == 1]
+    assert follow_ups, "the emulator failed no request worth retrying"
+    per_request = [_worst_case(settings, line + b"\n") for line in content.splitlines()]
+    for part in follow_ups:
+        assert part.input_tokens is not None and part.input_tokens >= 10 * part.requests
+        assert part.output_tokens_max == 50 * part.requests
+        assert part.cost_max is not None
+        assert min(per_request) * part.requests <= part.cost_max
+        assert part.cost_max <= max(per_request) * part.requests
+    report = summary(folder)
+    assert max(p["round"] for p in report["parts"]) == 1
+    assert report["cost"]["amount"] is not None and report["cost"]["amount"] > 0

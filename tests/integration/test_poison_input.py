@@ -34,6 +34,7 @@ from batchd.testing import (
     requests,
     running_daemon,
     summary,
+    wait_for,
     wait_published,
     wait_ready,
 )
@@ -140,6 +141,50 @@ async def test_an_input_that_fails_validation_each_time_is_parked_without_a_cras
         arm("")
     assert Path(poison.spool_path).read_bytes() == requests(2, prefix="p")
     assert sorted(p.name for p in outbox.iterdir()) == ["good-1", "good-2"]
+
+
+async def test_a_job_whose_publishing_raises_is_that_jobs_problem_and_retried(
+    start_emulator: StartEmulator, tmp_path: Path
+) -> None:
+    """An exception while publishing one job (issue 22: an absurd number in a result line
+    did it) never stops the publish stage or the daemon: the other jobs are published,
+    this one shows the problem in `status` and `show` and is tried again after a pause
+    that grows; once publishing works it is published, its note gone."""
+    emulator = await start_emulator(time_scale=3000)
+    settings = daemon_settings(tmp_path / "root", emulator)
+    inbox, outbox = settings.paths.folder("inbox"), settings.paths.folder("outbox")
+    arm("publish.write=raise:poison")
+    try:
+        async with running_daemon(settings) as daemon:
+            daemon.publisher.retry_base_s = 0.2  # the first pause (1 s by default)
+            drop(inbox, "poison.jsonl", requests(2, prefix="p"))
+            drop(inbox, "good.jsonl", requests(3, prefix="g"))
+            await wait_published(outbox, 1, emulator)
+
+            async def failing_twice() -> list[Any]:
+                problems = (await daemon.ops.status()).problems
+                return [
+                    p for p in problems if p.kind == "publish_failing" and "2 in a row" in p.note
+                ]
+
+            (problem,) = await wait_for(failing_twice, what="the publish tried again")
+            assert "publishing failed" in problem.note and "FailpointError" in problem.note
+            shown = await daemon.ops.job(problem.job_id or "")
+            assert shown is not None and shown.state == "publishing"
+            assert shown.error is not None and "FailpointError" in shown.error
+            assert not daemon.stopping.is_set()  # never crashed
+            arm("")
+            await wait_published(outbox, 2, emulator)
+            published = await daemon.store.get_job(problem.job_id or "")
+            assert not any(
+                p.kind == "publish_failing" for p in (await daemon.ops.status()).problems
+            )
+    finally:
+        arm("")
+    assert published is not None and published.error is None, published
+    report = summary(outbox / "poison")
+    assert report["status"] == "completed" and report["error"] is None
+    assert summary(outbox / "good")["status"] == "completed"
 
 
 async def test_an_input_that_crashes_the_daemon_each_time_is_parked_and_the_rest_go_on(

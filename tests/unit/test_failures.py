@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from batchd.failures import CODES, RETRIED, classify
+from batchd.failures import BILLED, CODES, RETRIED, classify
 
 
 def service_error(status: int | None, code: str | None) -> dict[str, Any]:
@@ -30,9 +30,11 @@ def service_error(status: int | None, code: str | None) -> dict[str, Any]:
         (service_error(None, "batch_expired"), True, "never_run", "batch_expired"),
         (service_error(None, "batch_cancelled"), True, "never_run", "batch_cancelled"),
         (service_error(None, "not_submitted"), True, "never_run", "not_submitted"),
+        # Its result file was lost, but the service most likely ran and billed it: left
+        # out of a plain retry (`--force` sends it).
         (
             service_error(None, "result_unavailable"),
-            True,
+            False,
             "result_unavailable",
             "result_unavailable",
         ),
@@ -69,5 +71,5 @@ def test_a_body_sent_as_a_string_is_read() -> None:
 
 
 def test_every_category_of_the_table_is_known() -> None:
-    known = RETRIED | {"refused"}
+    known = RETRIED | BILLED | {"refused"}
     assert set(CODES.values()) <= known

@@ -29,8 +29,11 @@ from batchd.merge import (
     write_with_input_line,
 )
 from batchd.models import Job, JobState, Part, PartState
+from batchd.prices import table_from
 from batchd.problems import StepPolicy
+from batchd.profiles import PROFILES
 from batchd.publish import (
+    cost_summary,
     error_note,
     job_error,
     keep_input_files,
@@ -39,6 +42,7 @@ from batchd.publish import (
     write_rejection,
 )
 from batchd.testing import read_jsonl
+from batchd.tokens import RequestCounter
 
 USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
 
@@ -190,9 +194,12 @@ def test_lines_a_strict_parser_refuses_are_published_byte_for_byte(tmp_path: Pat
     assert stats.unattributed == 0 and not (tmp_path / "out" / "unattributed.jsonl").exists()
     # Usage is summed from the lines that parse (the cut one does not).
     assert stats.usage == {"reasoning_tokens": 0, **{k: 4 * v for k, v in USAGE.items()}}
-    # And per model, with a cost only where a price is given (none here: unknown).
+    # And per model; no cost where no prices are given. The line cut in half has no
+    # usage to read: it ran, so it is charged its worst case (counted per reason).
     (model,) = stats.per_model
-    assert stats.per_model[model]["requests"] == 4 and stats.per_model[model]["cost"] is None
+    assert stats.per_model[model]["requests"] == 4 and stats.costs == {}
+    assert stats.estimated_reasons == {"usage_missing": 1}
+    assert [e["input_line"] for e in stats.estimated_lines] == [5]
 
 
 def test_a_line_from_the_error_file_that_does_not_parse_is_a_failure(tmp_path: Path) -> None:
@@ -237,6 +244,156 @@ def test_lines_no_request_claims_are_kept_in_unattributed_jsonl(tmp_path: Path) 
     assert [x["line"] for x in listed] == list(range(1, 7))
     assert {x["custom_id"] for x in listed if x["reason"] == "duplicate"} == {"r0", "r1"}
     assert all(x["file_id"] in ("file-out-1", "file-err-1") for x in listed)
+
+
+# -- what requests cost (issues 21 and 22) ------------------------------------------------
+
+PLUS = table_from({"custom": {"qwen-plus": {"input": 2.0, "output": 8.0, "currency": "CNY"}}})
+
+
+def counter() -> RequestCounter:
+    return RequestCounter("custom", PROFILES["custom"].limits, PLUS)
+
+
+def with_usage(cid: str, usage: bytes) -> bytes:
+    """A success line whose usage is written as given (any bytes, NaN included)."""
+    return success(cid).replace(b'"usage":' + orjson.dumps(USAGE), b'"usage":' + usage)
+
+
+def worst_of(folder: Path, cids: list[str]) -> float:
+    """What planning counts as the worst case of these requests of the input."""
+    count = counter()
+    total = 0.0
+    for line in read_jsonl(folder / "input.jsonl"):
+        if line["custom_id"] in cids:
+            cost = count.worst(line["body"], line["url"]).cost
+            assert cost is not None
+            total += cost
+    return total
+
+
+def test_a_line_whose_usage_is_absurd_is_charged_its_worst_case(tmp_path: Path) -> None:
+    """Each absurd number is refused with a note (never raising, never passing into the
+    outbox's files), and its request charged its worst case; sound lines are priced from
+    their usage."""
+    absurd = [
+        b'{"prompt_tokens":"3","completion_tokens":2,"total_tokens":5}',
+        b'{"prompt_tokens":3,"completion_tokens":-2,"total_tokens":5}',
+        b'{"prompt_tokens":3.5,"completion_tokens":2,"total_tokens":5}',
+        b'{"prompt_tokens":3,"total_tokens":5}',
+        b'{"prompt_tokens":18446744073709551617,"completion_tokens":2,"total_tokens":NaN}',
+        b'{"prompt_tokens":' + b"9" * 401 + b',"completion_tokens":2,"total_tokens":5}',
+    ]
+    ids = [f"r{i}" for i in range(len(absurd) + 1)]
+    write_input(tmp_path, ids)
+    part = make_part(tmp_path, requests=len(ids))
+    write_results(
+        part, [success("r0")] + [with_usage(f"r{i + 1}", u) for i, u in enumerate(absurd)], []
+    )
+    stats, results, _ = run_merge(tmp_path, [part], counter=counter())
+    assert stats.completed == len(ids) and len(results) == len(ids)
+    # Usage is the sound line's alone.
+    assert stats.usage == {"reasoning_tokens": 0, **USAGE}
+    plus = PLUS.price("custom", "qwen-plus")
+    assert plus is not None
+    cost = stats.costs["qwen-plus"]
+    assert cost.from_usage == pytest.approx(plus.batch_cost(3, 2))
+    assert cost.estimated_requests == len(absurd)
+    assert cost.estimated == pytest.approx(worst_of(tmp_path, ids[1:]))
+    assert stats.estimated_reasons == {"usage_refused": len(absurd)}
+    notes = [(e["input_line"], e["note"]) for e in stats.estimated_lines]
+    assert notes[0] == (2, "prompt_tokens is not a token count ('3')")
+    assert notes[3] == (5, "completion_tokens missing")
+    summary = cost_summary(stats, "CNY")
+    assert summary["amount"] == pytest.approx(cost.from_usage + cost.estimated, abs=1e-6)
+    assert summary["estimated"]["requests"] == len(absurd)
+    assert summary["estimated"]["why"]
+    # Nothing absurd reaches what summary.json is written from.
+    orjson.dumps({"usage": stats.usage, "per_model": stats.per_model, "cost": summary})
+
+
+def test_requests_whose_results_were_lost_are_charged_as_many_as_the_service_completed(
+    tmp_path: Path,
+) -> None:
+    """A part whose files could not be fetched: the service counted 2 of its 4 requests
+    completed, so the 2 dearest are charged their worst case; with no usable count, all
+    of them."""
+    path = tmp_path / "input.jsonl"
+    lines = []
+    for n, most in enumerate([10, 1000, 100, None]):
+        body: dict[str, Any] = {
+            "model": "qwen-plus",
+            "messages": [{"role": "user", "content": "q"}],
+        }
+        if most is not None:
+            body["max_tokens"] = most
+        line = {"custom_id": f"r{n}", "method": "POST", "url": "/v1/chat/completions", "body": body}
+        lines.append(orjson.dumps(line) + b"\n")
+    path.write_bytes(b"".join(lines))
+    lost = {"output": "HTTP 404", "error": "HTTP 404"}
+    counts = {"total": 4, "completed": 2, "failed": 2}
+    part = make_part(tmp_path, requests=4, unavailable=lost, request_counts=counts)
+    stats, _, errors = run_merge(tmp_path, [part], counter=counter())
+    assert stats.unavailable == 4 and len(errors) == 4
+    cost = stats.costs["qwen-plus"]
+    assert cost.from_usage == 0.0 and cost.estimated_requests == 2
+    # The dearest two: no max_tokens (the model's whole output bound), then 1000.
+    assert cost.estimated == pytest.approx(worst_of(tmp_path, ["r3", "r1"]))
+    assert stats.unavailable_parts == [{"part": 1, "requests": 4, "completed": 2, "charged": 2}]
+    assert stats.estimated_reasons == {RESULT_UNAVAILABLE: 2}
+    # A count that makes no sense (more than the part holds): every request is charged.
+    for garbled in ({"completed": 9}, {"completed": "2"}, None):
+        part = make_part(tmp_path, requests=4, unavailable=lost, request_counts=garbled)
+        stats, _, _ = run_merge(tmp_path, [part], counter=counter())
+        assert stats.costs["qwen-plus"].estimated == pytest.approx(
+            worst_of(tmp_path, ["r0", "r1", "r2", "r3"])
+        )
+
+
+def test_a_lost_output_file_beside_a_fetched_error_file_charges_only_the_completed(
+    tmp_path: Path,
+) -> None:
+    """The error file was fetched (one failure, unbilled); the output file was lost: the
+    service's 2 completed requests are the 2 without an answer, both charged."""
+    write_input(tmp_path, ["r0", "r1", "r2"])
+    counts = {"total": 3, "completed": 2, "failed": 1}
+    part = make_part(
+        tmp_path, requests=3, unavailable={"output": "HTTP 404"}, request_counts=counts
+    )
+    write_results(part, [], [failure("r0")])
+    stats, _, _ = run_merge(tmp_path, [part], counter=counter())
+    assert stats.unavailable == 2
+    cost = stats.costs["qwen-plus"]
+    assert cost.estimated_requests == 2
+    assert cost.estimated == pytest.approx(worst_of(tmp_path, ["r1", "r2"]))
+
+
+def test_a_follow_up_part_whose_output_was_lost_is_charged_too(tmp_path: Path) -> None:
+    """Two failures resent in a follow-up part whose output file was lost, one of them
+    completed by the service's count: they keep the first round's answer, and the one
+    the service completed is charged (the dearer)."""
+    write_input(tmp_path, ["r0", "r1", "r2"])
+    first = make_part(tmp_path, 1, requests=3)
+    resent = tmp_path / "followup-1-002.jsonl"
+    resent.write_bytes(request("r1") + b"\n" + request("r2") + b"\n")
+    again = make_part(
+        tmp_path,
+        2,
+        path=str(resent),
+        requests=2,
+        first_line=2,
+        round=1,
+        unavailable={"output": "HTTP 404"},
+        request_counts={"total": 2, "completed": 1, "failed": 1},
+    )
+    throttled = failure("r1").replace(b"InvalidParameter", b"Throttling")
+    write_results(first, [success("r0")], [throttled, failure("r2")])
+    stats, _, errors = run_merge(tmp_path, [first, again], counter=counter())
+    assert (stats.completed, stats.failed, stats.unavailable) == (1, 2, 0) and len(errors) == 2
+    cost = stats.costs["qwen-plus"]
+    assert cost.estimated_requests == 1
+    assert cost.estimated == pytest.approx(max(worst_of(tmp_path, [c]) for c in ("r1", "r2")))
+    assert stats.unavailable_parts == [{"part": 2, "requests": 2, "completed": 1, "charged": 1}]
 
 
 def test_a_follow_up_answer_replaces_the_failure_it_retried(tmp_path: Path) -> None:

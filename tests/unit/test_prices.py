@@ -7,7 +7,16 @@ import datetime
 
 import pytest
 
-from batchd.prices import DEFAULT_PRICES, Price, PriceTable, Tier, table_from
+from batchd.prices import (
+    DEFAULT_PRICES,
+    MAX_USAGE_TOKENS,
+    Price,
+    PriceTable,
+    Tier,
+    Usage,
+    read_usage,
+    table_from,
+)
 from batchd.profiles import TEST_MODEL
 
 FLASH = Price(
@@ -88,10 +97,45 @@ def test_an_unknown_model_costs_unknown_never_zero() -> None:
         {"prompt_tokens": -1, "completion_tokens": 5},
         {"prompt_tokens": 10},
         {"prompt_tokens": True, "completion_tokens": 5},
+        # Absurd numbers (issue 22): each is refused, none raises.
+        {"prompt_tokens": 10**400, "completion_tokens": 5},  # 401 digits
+        {"prompt_tokens": 2**64 + 1, "completion_tokens": 5},
+        {"prompt_tokens": 10, "completion_tokens": float("nan")},
+        {"prompt_tokens": 10, "completion_tokens": 5.0},
+        {"prompt_tokens": 10, "completion_tokens": float("inf")},
+        {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 2**64 + 1},
+        {
+            "prompt_tokens": 10,
+            "completion_tokens": 5,
+            "completion_tokens_details": {"reasoning_tokens": 6},  # more than the output
+        },
+        {"prompt_tokens": 10, "completion_tokens": 5, "prompt_tokens_details": "cached"},
     ],
 )
 def test_a_servers_usage_that_is_not_counts_gives_no_cost(usage: object) -> None:
     assert DEFAULT_PRICES.request_cost("dashscope", "qwen-plus", usage) is None
+    # Refused with a note that says which number and why.
+    note = read_usage(usage)
+    assert isinstance(note, str) and note
+
+
+def test_embedding_usage_without_completion_tokens_is_priced() -> None:
+    """Embeddings' usage has no completion_tokens (issue 21): its input is billed."""
+    usage = {"prompt_tokens": 13, "total_tokens": 13}
+    cost = DEFAULT_PRICES.request_cost("openai", "text-embedding-3-small", usage)
+    assert cost == pytest.approx(13 * 0.02 / 1e6 / 2)
+    assert read_usage(usage) == Usage(prompt_tokens=13, completion_tokens=0, total_tokens=13)
+    # Told it is an embeddings request, even a usage without total_tokens is read; a
+    # chat usage without completion_tokens whose total says more is not.
+    assert read_usage({"prompt_tokens": 13}, embeddings=True) == Usage(13, 0, 13)
+    assert isinstance(read_usage({"prompt_tokens": 13, "total_tokens": 20}), str)
+
+
+def test_the_largest_sound_usage_is_priced_and_one_more_is_refused() -> None:
+    most = {"prompt_tokens": MAX_USAGE_TOKENS, "completion_tokens": 0}
+    assert DEFAULT_PRICES.request_cost("dashscope", "qwen-plus", most) is not None
+    over = {"prompt_tokens": MAX_USAGE_TOKENS + 1, "completion_tokens": 0}
+    assert read_usage(over) == f"prompt_tokens is not a token count ({MAX_USAGE_TOKENS + 1})"
 
 
 def test_every_default_says_where_and_when_it_was_read() -> None:

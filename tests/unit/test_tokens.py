@@ -231,6 +231,41 @@ def test_count_file_per_model_with_costs(tmp_path: Path) -> None:
     assert counted.cost("max") is None  # one unknown model makes the file's total unknown
 
 
+def test_a_single_requests_worst_case_is_what_planning_counts_for_it(tmp_path: Path) -> None:
+    """`RequestCounter` (follow-up parts, requests charged their worst case at publish)
+    counts each request as `count_file` counts it when a job is planned: the same
+    tokens, output bound, thinking and price tier, so their sums agree."""
+    path = tmp_path / "mixed.jsonl"
+    long = "word " * 130_000  # over qwen-flash's first tier (128,000 tokens)
+    path.write_bytes(
+        b"".join(_line(i, "qwen-flash", f"question {i}", max_tokens=100) for i in range(3))
+        + _line(9, "qwen-flash", long)
+        + b"".join(_line(i, "qwen3-32b", f"thinker {i}") for i in range(2))
+        + b"".join(_line(i, "qwen-plus", f"deep {i}", enable_thinking=True) for i in range(2))
+        + b"".join(_line(i, "no-such-model", "x") for i in range(2))
+    )
+    prices = table_from(None)
+    counted = count_file(path, "dashscope", LIMITS, prices)
+    counter = tokens.RequestCounter("dashscope", LIMITS, prices)
+    sums: dict[str, list[Any]] = {}
+    for raw in path.read_bytes().splitlines():
+        request = orjson.loads(raw)
+        worst = counter.worst(request["body"], request["url"])
+        own = sums.setdefault(request["body"]["model"], [0, 0, 0.0])
+        own[0] += worst.input_tokens
+        own[1] += worst.output_tokens
+        own[2] = None if worst.cost is None or own[2] is None else own[2] + worst.cost
+    for model, (tokens_in, output, cost) in sums.items():
+        planned = counted.models[model]
+        assert (tokens_in, output) == (planned.input_tokens, planned.output_tokens_max), model
+        if planned.cost_max is None:
+            assert cost is None
+        else:
+            assert cost == pytest.approx(planned.cost_max), model
+    flash = prices.price("dashscope", "qwen-flash")
+    assert flash is not None and counted.models["qwen-flash"].input_tokens > 128_000
+
+
 def test_the_memo_of_repeated_strings_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tokens, "_MEMO_MAX_ENTRIES", 10)
     counter = tokens._Counter(APPROX_TOKENIZER)
