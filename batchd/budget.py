@@ -19,12 +19,15 @@ price of that certainty is that requests without `max_tokens` reserve a model's 
 output limit until they end. A part that does not fit waits (`held: budget`, with a note
 of what it needs and what is left) and is created by itself once it fits: the day or
 month rolls over, a job ends cheaper than its worst case, or a reload raises the cap.
-With `budget.on_over = "reject"`, a job whose whole worst case does not fit when it is
-planned is rejected instead, before anything is sent.
+A part larger than the whole cap can never fit by itself: it is held `over_cap` at
+once, saying how far the cap must rise. With `budget.on_over = "reject"`, a job whose
+whole worst case does not fit when it is planned is rejected instead, before anything
+is sent.
 
-A part whose model has no price has an unknown cost: with a cap set it waits
-(`budget.unknown_price = "hold"`, the default) unless told to run (`"allow"`, counted
-as 0 against the cap and said so).
+A part whose model has no price has an unknown cost: with a cap set it waits, held
+`no_price` (`budget.unknown_price = "hold"`, the default), until a price comes (a reload
+or a restart with the model in `[prices]`), unless told to run (`"allow"`, counted as 0
+against the cap and said so). batchd.holds says what ends each hold.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
+
+from batchd.holds import Hold
+from batchd.models import Held
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +49,7 @@ class Caps:
     currency: str = ""
     unknown_price: str = "hold"  # hold | allow
     on_over: str = "wait"  # wait | reject
+    timezone: str = "UTC"  # where its days and months begin
 
     @property
     def active(self) -> bool:
@@ -87,33 +94,59 @@ def _money(amount: float, currency: str) -> str:
     return f"{amount:.4f} {currency}".strip()
 
 
-def refusal(worst: float | None, ledger: Ledger, caps: Caps) -> str | None:
-    """PURE: why a part whose worst-case cost is `worst` (None: unknown) may not be
-    created now, or None when it fits every cap."""
+def refusal(worst: float | None, ledger: Ledger, caps: Caps, model: str = "") -> Hold | None:
+    """PURE: why a part of `model` whose worst-case cost is `worst` (None: unknown) may
+    not be created now, as the hold its job is held with; None when it fits every cap.
+    A part larger than a whole cap is `over_cap` (it never fits by itself), one that
+    does not fit what is left `budget`, one without a price `no_price`."""
     if not caps.active:
         return None
+    money = caps.currency
     if worst is None:
         if caps.unknown_price == "allow":
             return None
-        return (
-            "its model has no price, so its cost cannot be held to the budget; add the"
-            ' model to [prices] or set budget.unknown_price = "allow"'
+        named = model or "its model"
+        return Hold(
+            Held.NO_PRICE,
+            f"{named} has no price, so its cost cannot be held to the budget",
+            f"It starts once {named} has one: add a price for {named} to [prices] and reload"
+            ' (SIGHUP), or set budget.unknown_price = "allow" (counted as 0)',
         )
-    for name, cap, spent in (
-        ("daily", caps.daily, ledger.spent_day),
-        ("monthly", caps.monthly, ledger.spent_month),
-    ):
-        if cap is None:
-            continue
+    caps_set = [
+        (name, cap, spent)
+        for name, cap, spent in (
+            ("daily", caps.daily, ledger.spent_day),
+            ("monthly", caps.monthly, ledger.spent_month),
+        )
+        if cap is not None
+    ]
+    for name, cap, _ in caps_set:
+        if worst > cap:
+            return Hold(
+                Held.OVER_CAP,
+                f"needs up to {_money(worst, money)}, more than the whole {name} budget of"
+                f" {_money(cap, money)}: it cannot start by itself",
+                f"Raise budget.{name} to at least {_money(worst, money)} and reload (SIGHUP),"
+                " or set max_tokens on its requests to lower the worst case and drop it again",
+            )
+    for name, cap, spent in caps_set:
         left = cap - spent - ledger.committed
         if worst > left:
-            return (
-                f"needs up to {_money(worst, caps.currency)}; the {name} budget of"
-                f" {_money(cap, caps.currency)} has {_money(max(left, 0.0), caps.currency)}"
-                f" left (spent {_money(spent, caps.currency)}, running worst case"
-                f" {_money(ledger.committed, caps.currency)})"
+            return Hold(
+                Held.BUDGET,
+                f"needs up to {_money(worst, money)}; the {name} budget of {_money(cap, money)}"
+                f" has {_money(max(left, 0.0), money)} left (spent {_money(spent, money)},"
+                f" running worst case {_money(ledger.committed, money)})",
+                "It starts by itself when running jobs are published (their actual cost"
+                f" replaces their worst case) or when the {name} budget resets"
+                f" ({_reset(name, caps.timezone)}); or raise budget.{name} and reload (SIGHUP)",
             )
     return None
+
+
+def _reset(period: str, zone: str) -> str:
+    """PURE: when a period's budget starts again, in words."""
+    return f"00:00 {zone}" if period == "daily" else f"the 1st, 00:00 {zone}"
 
 
 def job_refusal(
@@ -132,5 +165,6 @@ def job_refusal(
                 " the worst case, or raise max_cost"
             )
     if caps.on_over == "reject":
-        return refusal(worst, ledger, caps)
+        refused = refusal(worst, ledger, caps)
+        return refused.need if refused is not None else None
     return None

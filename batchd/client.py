@@ -25,7 +25,7 @@ import os
 import socket as socketlib
 import time
 import tomllib
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, TypeVar
@@ -63,6 +63,39 @@ ENDED_STATES = frozenset({"published", "parked"})
 
 class ClientError(Exception):
     """A call to the daemon did not get the answer asked for."""
+
+
+class WaitTimeout(TimeoutError):
+    """A wait gave up: `job` is the job as last seen; the message names its hold, if it
+    is held (what it waits for and what ends it)."""
+
+    def __init__(self, job: JobInfo, timeout_s: float) -> None:
+        if job.held:
+            said = f"still held ({job.held}) after {timeout_s:g} s: {job.held_note}"
+        else:
+            said = f"still {job.state} after {timeout_s:g} s"
+        super().__init__(f"job {job.id} is {said}")
+        self.job = job
+
+
+def wait_ends(job: JobInfo) -> bool:
+    """PURE: does a wait for `job` end here? Published, parked, or held by a hold that
+    only an operator ends (a hold that ends by itself is waited out)."""
+    return job.state in ENDED_STATES or (job.held is not None and job.hold_ends_by_itself is False)
+
+
+class _Holds:
+    """Calls `on_held` with a waited-for job each time a hold of it starts."""
+
+    def __init__(self, on_held: Callable[[JobInfo], None] | None) -> None:
+        self.on_held = on_held
+        self.last: tuple[str | None, float | None] = (None, None)
+
+    def look(self, job: JobInfo) -> None:
+        now = (job.held, job.held_at)
+        if job.held is not None and now != self.last and self.on_held is not None:
+            self.on_held(job)
+        self.last = now
 
 
 class Unreachable(ClientError):
@@ -460,17 +493,27 @@ class Client(_Answers):
             time.sleep(pause)
             pause = min(pause * 2, 1.0)
 
-    def wait(self, job_id: str, timeout: float | None = None) -> JobInfo:
-        """The job once it is published (any status) or parked (it needs an operator);
-        `TimeoutError` after `timeout` seconds."""
+    def wait(
+        self,
+        job_id: str,
+        timeout: float | None = None,
+        on_held: Callable[[JobInfo], None] | None = None,
+    ) -> JobInfo:
+        """The job once it is published (any status), parked, or held by a hold only an
+        operator ends (`held` and `held_note` say which and how: a duplicate, a model
+        without a price, a job larger than the whole budget); a hold that ends by itself
+        (`budget`) is waited out, `on_held` called with the job each time one starts.
+        `WaitTimeout` (a TimeoutError naming the hold, if any) after `timeout` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.2
+        seen = _Holds(on_held)
         while True:
             job = self.job(job_id)
-            if job.state in ENDED_STATES:
+            seen.look(job)
+            if wait_ends(job):
                 return job
             if deadline is not None and time.monotonic() + pause > deadline:
-                raise TimeoutError(f"job {job.id} is still {job.state} after {timeout:g} s")
+                raise WaitTimeout(job, timeout or 0.0)
             time.sleep(pause)
             pause = min(pause * 1.5, 2.0)
 
@@ -634,18 +677,26 @@ class AsyncClient(_Answers):
             await asyncio.sleep(pause)
             pause = min(pause * 2, 1.0)
 
-    async def wait(self, job_id: str, timeout: float | None = None) -> JobInfo:
-        """The job once published or parked (see `Client.wait`)."""
+    async def wait(
+        self,
+        job_id: str,
+        timeout: float | None = None,
+        on_held: Callable[[JobInfo], None] | None = None,
+    ) -> JobInfo:
+        """The job once published, parked or held by a hold only an operator ends (see
+        `Client.wait`)."""
         import asyncio
 
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.2
+        seen = _Holds(on_held)
         while True:
             job = await self.job(job_id)
-            if job.state in ENDED_STATES:
+            seen.look(job)
+            if wait_ends(job):
                 return job
             if deadline is not None and time.monotonic() + pause > deadline:
-                raise TimeoutError(f"job {job.id} is still {job.state} after {timeout:g} s")
+                raise WaitTimeout(job, timeout or 0.0)
             await asyncio.sleep(pause)
             pause = min(pause * 1.5, 2.0)
 

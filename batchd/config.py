@@ -440,6 +440,7 @@ class Settings(FileSettings):
             currency=self.price_table.currency(self.provider),
             unknown_price=self.budget.unknown_price,
             on_over=self.budget.on_over,
+            timezone=self.budget.timezone,
         )
 
     @model_validator(mode="after")

@@ -232,6 +232,7 @@ class Daemon:
             budget_zone=s.budget.timezone,
             provider=s.provider,
             on_held=self.wake.poke(Stage.NOTIFY),
+            prices=s.price_table,
         )
         self.poller = Poller(
             self.store,
@@ -301,7 +302,11 @@ class Daemon:
 
     def _after_publish(self) -> None:
         self.wake[Stage.CLEANUP].set()
+        # Spend and the running worst case changed (the money holds), and an earlier job
+        # a duplicate is held on may have ended (the duplicate holds).
         self.wake[Stage.SUBMIT].set()
+        self.preparer.cause_changed()
+        self.wake[Stage.PREPARE].set()
         self.wake[Stage.NOTIFY].set()
 
     def _stages_alive(self) -> bool:
@@ -354,8 +359,12 @@ class Daemon:
             self.wake[Stage.INTAKE].set()
 
     async def _submit_step(self) -> bool:
-        for job in await self.store.jobs_to_cancel():
+        cancelled = await self.store.jobs_to_cancel()
+        for job in cancelled:
             await self.submitter.cancel_job(job)
+        if cancelled:
+            # Parts never created are settled now: the job may be ready to publish.
+            self.wake[Stage.COLLECT].set()
         return await self.submitter.run_once()
 
     def _stages(self) -> dict[Stage, Awaitable[None]]:
@@ -520,10 +529,12 @@ class Daemon:
             self.publisher.max_line_bytes = new.jobs.max_result_line_bytes
             applied.append("jobs")
         if old.budget != new.budget or old.prices != new.prices:
-            # A raised cap releases held parts at the next pass; new prices count for jobs
-            # planned or published from now on.
+            # The money holds are judged again at the next pass: a raised cap releases
+            # held parts, new prices price the parts planned without one (and count for
+            # jobs planned or published from now on).
             self.submitter.caps = new.caps
             self.submitter.budget_zone = new.budget.timezone
+            self.submitter.prices = new.price_table
             self.publisher.prices = new.price_table
             self.collector.prices = new.price_table
             self.wake[Stage.SUBMIT].set()
@@ -535,6 +546,9 @@ class Daemon:
         # Keep what cannot change live as it was, so status stays true to what runs.
         self.settings = new.model_copy(update={key: getattr(old, key) for key in RESTART_KEYS})
         self.preparer.settings = self.settings
+        # `jobs.duplicate_window` may have changed: the duplicate holds are judged again.
+        self.preparer.cause_changed()
+        self.wake[Stage.PREPARE].set()
         if old.intake.watch != new.intake.watch or old.intake.suffixes != new.intake.suffixes:
             self.settings = self.settings.model_copy(
                 update={

@@ -128,12 +128,12 @@ def remote_is_terminal(status: str | None) -> bool:
 
 
 class Held(StrEnum):
-    """Why a job waits with nothing more created: released by itself (budget: the
-    period rolls over or a reload raises the cap) or by an operator (duplicate:
-    `batchd retry`, `submit --force`, or the sidecar's `allow_duplicate`)."""
+    """Why a job waits with nothing more created (batchd.holds declares what ends each)."""
 
-    BUDGET = "budget"
-    DUPLICATE = "duplicate"
+    BUDGET = "budget"  # its worst case does not fit what the budget leaves now
+    NO_PRICE = "no_price"  # its model has no price, so its cost cannot be held to a cap
+    OVER_CAP = "over_cap"  # its worst case is larger than the whole daily or monthly cap
+    DUPLICATE = "duplicate"  # the same input ran (or runs) already
 
 
 class Outcome(StrEnum):

@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from batchd import __version__, failures, remerge
+from batchd import __version__, failures, holds, remerge
 from batchd.account import AccountState
 from batchd.api import BatchApi
 from batchd.budget import periods
@@ -168,12 +168,34 @@ class Operations:
 
     async def request_cancel(self, job_id: str) -> Job | None:
         """Ask for a job to be cancelled: parts not created are dropped, running batches
-        are cancelled on the service; what finished before is still published."""
+        are cancelled on the service; what finished before is still published. A job
+        not yet planned (held as a duplicate, or being validated) is published cancelled
+        with nothing sent. Any hold ends."""
         job = await self.store.get_job(job_id)
         if job is None or job.state in JOB_TERMINAL or job.cancel_requested:
             return job
+        # Held before it was planned, nothing else would move it: published at once, every
+        # request not sent.
+        if (
+            job.state == JobState.CLAIMED
+            and job.held is not None
+            and await self.store.update_job(
+                job_id,
+                JobState.CLAIMED,
+                state=JobState.PUBLISHING,
+                cancel_requested=True,
+                error=f"cancelled while held ({job.held}): nothing was sent",
+            )
+        ):
+            log.info("job_cancel_requested", job_id=job_id)
+            await holds.release(self.store, job_id, job.held, by="cancel")
+            self.wake[Stage.PUBLISH].set()
+            return await self.store.get_job(job_id)
         await self.store.update_job(job_id, cancel_requested=True)
         log.info("job_cancel_requested", job_id=job_id)
+        if job.held is not None:
+            await holds.release(self.store, job_id, job.held, by="cancel")
+        self.wake[Stage.PREPARE].set()
         self.wake[Stage.SUBMIT].set()
         return await self.store.get_job(job_id)
 
@@ -378,6 +400,8 @@ class Operations:
             updated_at=job.updated_at,
             held=job.held,
             held_note=job.held_note,
+            held_at=job.held_at,
+            hold_ends_by_itself=holds.ends_by_itself(job.held),
             estimate=(job.report or {}).get("estimate"),
             usage=job.usage,
             cost=job.cost,
@@ -484,19 +508,20 @@ class Operations:
                 message=f"job {job_id} is already {job.state}",
                 job=await self._job_info(job, False),
             )
-        await self.request_cancel(job_id)
-        return ActionResponse(
-            ok=True,
-            message="cancelling: parts not yet created are dropped, running batches cancelled",
-            job=await self.job(job_id, detail=False),
-        )
+        after = await self.request_cancel(job_id)
+        if after is not None and after.state == JobState.PUBLISHING and job.held is not None:
+            message = f"cancelled while held ({job.held}): nothing was sent; published as cancelled"
+        else:
+            message = "cancelling: parts not yet created are dropped, running batches cancelled"
+            if job.held is not None:
+                message += f"; its hold ({job.held}) ends"
+        return ActionResponse(ok=True, message=message, job=await self.job(job_id, detail=False))
 
     async def _run_duplicate(self, job: Job) -> ActionResponse:
         """An operator lets a job held as a duplicate run (and pay) again."""
         options = {**job.options, "allow_duplicate": True}
         await self.store.update_job(job.id, JobState.CLAIMED, options=options, prepares=0)
-        await self.store.hold(job.id, None)
-        log.warning("duplicate_released", job_id=job.id, name=job.name)
+        await holds.release(self.store, job.id, Held.DUPLICATE, by="retry")
         self.wake[Stage.PREPARE].set()
         return ActionResponse(
             ok=True,
@@ -543,9 +568,18 @@ class Operations:
                 )
             if job.state == JobState.RUNNING:
                 again = await self._resume_parts(job_id)
+                # A hold is no failure: what ends it is said instead.
+                held = f"held ({job.held}), not failed: {job.held_note}" if job.held else None
                 if not again:
-                    return ActionResponse(ok=False, message="nothing has failed (yet) in this job")
-                return ActionResponse(ok=True, message=f"{again} part(s) will be tried again")
+                    return ActionResponse(
+                        ok=False,
+                        message=f"nothing to retry: {held}"
+                        if held
+                        else "nothing has failed (yet) in this job",
+                        job=await self._job_info(job, False),
+                    )
+                also = f"; the rest stay {held}" if held else ""
+                return ActionResponse(ok=True, message=f"{again} part(s) will be tried again{also}")
             if job.state == JobState.PUBLISHED and job.outcome != "rejected" and job.outbox_path:
                 scope = (
                     RetryScope.ALL

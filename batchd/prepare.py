@@ -22,9 +22,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from batchd import holds
 from batchd.budget import Ledger, job_refusal, periods
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import Settings
+from batchd.holds import Hold
 from batchd.logs import get_logger
 from batchd.models import Held, Job, JobState, PartPlan, completion_hours, upload_name
 from batchd.store import Store
@@ -73,15 +75,23 @@ def _rejection(job: Job, code: str, message: str, line: int | None = None) -> di
     }
 
 
-def _twin_note(twin: Job) -> str:
-    """PURE: why an input identical to one already run is held, and how to let it go."""
-    where = f", results in {twin.outbox_path}" if twin.outbox_path else ""
-    return (
-        f"identical to the input of job {twin.id} ({twin.name}, "
-        f"{twin.outcome or twin.state}{where}): running it again would pay for the same "
-        "requests again. To run it anyway: batchd retry JOB (this one), or submit with"
-        ' --force, or a sidecar {"allow_duplicate": true}'
+def twin_note(job_id: str, twin: Job) -> str:
+    """PURE: the note of a job held because its input is identical to `twin`'s: what
+    that job is now, and what ends the hold."""
+    published = twin.state == JobState.PUBLISHED
+    where = f", results in {twin.outbox_path}" if published and twin.outbox_path else ""
+    ends = (
+        ""
+        if published
+        else "; if that job ends with nothing to show (failed, cancelled), this one runs by itself"
     )
+    return Hold(
+        Held.DUPLICATE,
+        f"identical to the input of job {twin.id} ({twin.name}, {twin.outcome or twin.state}"
+        f"{where}): running it again would pay for the same requests again",
+        f"To run it anyway: `batchd retry {job_id}`, or submit with --force, or a sidecar"
+        f' {{"allow_duplicate": true}}{ends}',
+    ).note(job_id)
 
 
 def prepare(job: Job, settings: Settings) -> Prepared:
@@ -207,7 +217,7 @@ class Preparer:
         settings: Settings,
         *,
         on_ready: Callable[[], None],
-        on_rejected: Callable[[], None],
+        on_rejected: Callable[[], None],  # a job goes to publishing without parts
         retry_base_s: float = 1.0,
         clock: Clock = SYSTEM_CLOCK,
         on_held: Callable[[], None] = lambda: None,
@@ -222,15 +232,21 @@ class Preparer:
         # job id -> wall time before which it is not looked at again (an input still
         # changing, or a pause after a failed validation).
         self.not_before: dict[str, float] = {}
+        # The duplicate holds are judged at the first pass (start-up), then after each
+        # publish and reload (`cause_changed`).
+        self._holds_stale = True
 
     async def run_once(self) -> bool:
+        moved = False
+        if self._holds_stale:
+            self._holds_stale = False
+            moved = await self.judge_duplicates()
         now = self.clock.now()
         jobs = [
             j
             for j in await self.store.jobs([JobState.CLAIMED], limit=100, held=False)
             if self.not_before.get(j.id, 0.0) <= now
         ][:10]
-        moved = False
         for job in jobs:
             moved |= await self.prepare_one(job)
         return moved
@@ -303,14 +319,21 @@ class Preparer:
             "crash_count": 0,
             "error": None,
         }
+        fresh = await self.store.get_job(job.id)
+        if fresh is not None and fresh.cancel_requested:
+            # Cancelled before it was planned: published cancelled, nothing sent.
+            recorded["error"] = "cancelled before it was planned: nothing was sent"
+            await self.store.update_job(
+                job.id, JobState.CLAIMED, state=JobState.PUBLISHING, **recorded
+            )
+            log.info("job_cancelled_unplanned", job_id=job.id, name=job.name)
+            self.on_rejected()
+            return True
         if twin is not None:
             # Held, not rejected: an operator may well mean to run it again.
             await self.store.update_job(job.id, JobState.CLAIMED, **recorded)
-            note = _twin_note(twin)
-            if await self.store.hold(job.id, Held.DUPLICATE, note):
-                log.warning(
-                    "job_held", job_id=job.id, name=job.name, reason="duplicate", twin=twin.id
-                )
+            note = twin_note(job.id, twin)
+            if await holds.hold(self.store, job.id, Held.DUPLICATE, note, twin=twin.id):
                 self.on_held()
             return True
         if not prepared.parts:
@@ -342,14 +365,36 @@ class Preparer:
     async def _twin(self, job: Job, prepared: Prepared) -> Job | None:
         """The job that already ran (or runs) this very input within
         `jobs.duplicate_window`, unless the job may run it again."""
+        if not prepared.parts:
+            return None
+        return await self._twin_of(job, prepared.sha256)
+
+    async def _twin_of(self, job: Job, sha256: str | None) -> Job | None:
         hours = completion_hours(self.settings.jobs.duplicate_window) or 0
-        if (
-            not (prepared.parts and prepared.sha256 and hours)
-            or job.options.get("allow_duplicate") is True
-        ):
+        if not (sha256 and hours) or job.options.get("allow_duplicate") is True:
             return None
         since = self.clock.now() - hours * 3600.0
-        return await self.store.paid_twin(prepared.sha256, job.id, since=since)
+        return await self.store.paid_twin(sha256, job.id, since=since)
+
+    def cause_changed(self) -> None:
+        """A job was published or the settings reloaded: the duplicate holds are judged
+        again at the next pass."""
+        self._holds_stale = True
+
+    async def judge_duplicates(self) -> bool:
+        """Judge each job held as a duplicate again: its note says what the earlier job
+        is now (never `running` once it was published); a job whose earlier one ended
+        with nothing to show (or left `jobs.duplicate_window`) is released and planned."""
+        released = False
+        for job in await self.store.held_jobs(Held.DUPLICATE):
+            twin = await self._twin_of(job, job.sha256)
+            if twin is None:
+                released |= await holds.release(
+                    self.store, job.id, Held.DUPLICATE, by="earlier_job_ended"
+                )
+            else:
+                await holds.hold(self.store, job.id, Held.DUPLICATE, twin_note(job.id, twin))
+        return released
 
     async def _spending_problem(self, job: Job, prepared: Prepared) -> tuple[str, str] | None:
         """Why a planned job may not start for money or queue limits, as (code, message):

@@ -203,9 +203,13 @@ class JobInfo(_Model, kw_only=True):
     parts: list[PartInfo] | None = None
     notifications: list[Notification] | None = None  # with `show`
     report: dict[str, Any] | None = None
-    # Why the job waits (budget, duplicate) and what it needs; None when it does not.
+    # Why the job waits (budget, no_price, over_cap, duplicate: batchd.holds), what it
+    # needs and what ends it, since when, and whether it ends without an operator; None
+    # when it does not wait.
     held: str | None = None
     held_note: str | None = None
+    held_at: float | None = None
+    hold_ends_by_itself: bool | None = None
     # Tokens counted when planned and the worst case (`batchd estimate`'s figures).
     estimate: dict[str, Any] | None = None
     # Once published: the actual usage and cost, per model.

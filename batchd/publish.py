@@ -348,6 +348,11 @@ class Publisher:
         if job.report is not None and not job.report.get("valid", True):
             stats = write_rejection(job, tmp, self.max_line_bytes)
             outcome: Outcome = Outcome.REJECTED
+        elif not parts and job.cancel_requested:
+            # Cancelled before it was planned (held, or being validated): nothing was
+            # sent, and its input is kept whatever `keep_input` says.
+            stats = write_rejection(job, tmp, self.max_line_bytes, unsent=CANCELLED_UNSENT)
+            outcome = Outcome.CANCELLED
         else:
             stats = merge(
                 jsonl_input,
@@ -371,7 +376,9 @@ class Publisher:
                     unavailable_parts=stats.unavailable_parts,
                 )
         failpoint("publish.write", job.inbox_name)
-        kept = keep_input_files(job, parts, tmp, keep=self.keep_input)
+        # Cancelled with nothing sent (held, say): the input is all there is of it.
+        never_sent = outcome == Outcome.CANCELLED and not any(p.batch_id for p in parts)
+        kept = keep_input_files(job, parts, tmp, keep=self.keep_input or never_sent)
         if kept.get("input_changed"):
             log.warning("input_changed", job_id=job.id, name=job.name, **kept["input_changed"])
         summary = build_summary(
@@ -520,13 +527,20 @@ def rejection_reason(report: dict[str, Any]) -> tuple[str, str]:
     )
 
 
-def write_rejection(job: Job, folder: Path, max_line_bytes: int) -> MergeStats:
+# Why the requests of a job cancelled before it was planned have no answer.
+CANCELLED_UNSENT = ("not_submitted", "not sent: the job was cancelled before anything was sent")
+
+
+def write_rejection(
+    job: Job, folder: Path, max_line_bytes: int, *, unsent: tuple[str, str] | None = None
+) -> MergeStats:
     """The files of a rejected input in `folder`: an empty result.jsonl, and error.jsonl
     and result.csv with one line (one row) per line of the input, in input order, each
     with one reason: the first problem the report lists for it, `empty_line` for a blank
-    line, else `not_submitted` (`rejection_reason`). None of them ran. An input that is
-    not lines of requests (never read, binary, a CSV that does not convert) gets the
-    report's problems as they are; only those naming a line count as requests."""
+    line, else `not_submitted` (`rejection_reason`; `unsent`, the code and message of a
+    valid input that was never sent). None of them ran. An input that is not lines of
+    requests (never read, binary, a CSV that does not convert) gets the report's
+    problems as they are; only those naming a line count as requests."""
     report = job.report or {}
     problems = [e for e in report.get("errors") or [] if isinstance(e, dict)]
     stats = MergeStats()
@@ -536,7 +550,8 @@ def write_rejection(job: Job, folder: Path, max_line_bytes: int) -> MergeStats:
         (folder / "error.jsonl").open("wb") as out,
         csvio.result_csv(folder / "result.csv") as table,
     ):
-        for number, custom_id, code, message in _rejected_lines(job, problems, max_line_bytes):
+        lines = _rejected_lines(job, problems, max_line_bytes, unsent)
+        for number, custom_id, code, message in lines:
             line = orjson.dumps(
                 {
                     "id": None,
@@ -560,7 +575,10 @@ def write_rejection(job: Job, folder: Path, max_line_bytes: int) -> MergeStats:
 
 
 def _rejected_lines(
-    job: Job, problems: list[dict[str, Any]], max_line_bytes: int
+    job: Job,
+    problems: list[dict[str, Any]],
+    max_line_bytes: int,
+    unsent: tuple[str, str] | None = None,
 ) -> Iterator[tuple[int | None, str | None, str, str]]:
     """(input line, custom_id, code, message) of each line of a rejected input."""
     source = requests_file(job)
@@ -575,7 +593,7 @@ def _rejected_lines(
         line = item.get("line")
         if isinstance(line, int):
             by_line.setdefault(line, item)
-    unlisted = rejection_reason(job.report or {})
+    unlisted = unsent or rejection_reason(job.report or {})
     limit = sent_bytes(job) if job.kind == "jsonl" else None
     for number, raw in numbered(source, max_line_bytes, limit):
         listed = by_line.get(number)

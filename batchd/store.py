@@ -1039,23 +1039,69 @@ class Store:
             rows = await cur.fetchall()
         return [Job.from_row(r) for r in rows]
 
-    async def hold(self, job_id: str, reason: str | None, note: str | None = None) -> bool:
-        """Hold a job for `reason` with a note (None releases it); True when that
-        changed whether, or why, it is held."""
-        if reason is None:
-            changed = await self._write(
-                "UPDATE jobs SET held = NULL, held_note = NULL, held_at = NULL"
-                " WHERE id = ? AND held IS NOT NULL",
-                (job_id,),
-            )
-        else:
-            changed = await self._write(
-                "UPDATE jobs SET held = ?, held_note = ?,"
-                " held_at = CASE WHEN held IS ? THEN held_at ELSE ? END WHERE id = ?",
-                (reason, note, reason, self.clock.now(), job_id),
-            )
+    async def held_for(self, reasons: Iterable[str]) -> dict[str, str]:
+        """The jobs held for one of `reasons`, id -> reason, without reading their rows
+        (a split job's report is large, and the submit stage asks at every pass)."""
+        wanted = list(reasons)
+        marks = ", ".join("?" * len(wanted))
+        async with self._db.execute(
+            f"SELECT id, held FROM jobs WHERE held IN ({marks})",  # noqa: S608
+            wanted,
+        ) as cur:
+            rows = await cur.fetchall()
+        return {str(r[0]): str(r[1]) for r in rows}
+
+    async def hold(self, job_id: str, reason: str, note: str) -> bool:
+        """Hold a job (claimed or running, not being cancelled) for `reason` with `note`.
+        True when the hold started or its reason changed (`held_at` is then now); False
+        when it was held so already (only a changed note is written) or may not be held."""
+        changed = await self._write(
+            "UPDATE jobs SET held = ?, held_note = ?, held_at = ? WHERE id = ?"
+            " AND held IS NOT ? AND cancel_requested = 0 AND state IN (?, ?)",
+            (reason, note, self.clock.now(), job_id, reason, JobState.CLAIMED, JobState.RUNNING),
+        )
         if changed == 1:
             self._emit("job", job_id, {"held": reason})
+            return True
+        await self._write(
+            "UPDATE jobs SET held_note = ? WHERE id = ? AND held = ? AND held_note IS NOT ?",
+            (note, job_id, reason, note),
+        )
+        return False
+
+    async def release(self, job_id: str, reason: str | None = None) -> bool:
+        """End a job's hold for `reason` (any hold: None); True when it was held so."""
+        where = "held IS NOT NULL" if reason is None else "held = ?"
+        changed = await self._write(
+            "UPDATE jobs SET held = NULL, held_note = NULL, held_at = NULL"  # noqa: S608
+            f" WHERE id = ? AND {where}",
+            (job_id,) if reason is None else (job_id, reason),
+        )
+        if changed == 1:
+            self._emit("job", job_id, {"held": None})
+        return changed == 1
+
+    async def unpriced_parts(self) -> list[Part]:
+        """Parts not yet created whose worst case is unknown (no price when planned):
+        a price that came since prices them (`price_part`)."""
+        waiting = [PartState.PENDING, PartState.UPLOADING, PartState.UPLOADED]
+        marks = ", ".join("?" * len(waiting))
+        async with self._db.execute(
+            f"SELECT * FROM parts WHERE cost_max IS NULL AND state IN ({marks})",  # noqa: S608
+            waiting,
+        ) as cur:
+            rows = await cur.fetchall()
+        return [Part.from_row(r) for r in rows]
+
+    async def price_part(
+        self, part_id: int, input_tokens: int, output_tokens_max: int, cost_max: float
+    ) -> bool:
+        """Record the counts and worst case of a part priced after it was planned."""
+        changed = await self._write(
+            "UPDATE parts SET input_tokens = ?, output_tokens_max = ?, cost_max = ?"
+            " WHERE id = ? AND cost_max IS NULL",
+            (input_tokens, output_tokens_max, cost_max, part_id),
+        )
         return changed == 1
 
     async def created_parts(self, job_id: str) -> tuple[int, int]:

@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from batchd import holds
 from batchd.account import AccountState
 from batchd.api import (
     AccountError,
@@ -41,12 +42,16 @@ from batchd.budget import Caps, Ledger, periods, refusal
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import ProviderLimits
 from batchd.failpoints import failpoint
+from batchd.holds import Hold, first_to_show
 from batchd.limits import CallClass
 from batchd.logs import get_logger
-from batchd.models import Held, Job, Part, PartState, RemoteStatus
+from batchd.models import Job, Part, PartState, RemoteStatus
+from batchd.prepare import worst_cost
+from batchd.prices import PriceTable
 from batchd.problems import StepPolicy, step_failed
 from batchd.remote import RemoteBatch, RemoteFile
 from batchd.store import Store
+from batchd.tokens import count_file
 
 log = get_logger(__name__)
 
@@ -146,13 +151,16 @@ class Submitter:
         budget_zone: str = "UTC",
         provider: str = "dashscope",
         on_held: Callable[[], None] = lambda: None,
+        prices: PriceTable | None = None,
     ) -> None:
         self.store = store
         # Budgets (a reload may change them): the caps, where their days begin, and whose
-        # spend they count.
+        # spend they count; the price table parts without a price are priced again with.
         self.caps = caps or Caps()
         self.budget_zone = budget_zone
         self.provider = provider
+        self.prices = prices
+        self._priced_with: PriceTable | None = None
         self.on_held = on_held
         self.clock = clock
         self.api = api
@@ -172,6 +180,7 @@ class Submitter:
         """Upload and create what the caps allow now; True when anything moved."""
         if self.account.paused_reason is not None:
             return False
+        await self._price_unpriced()
         moved = await self._settle_stuck()
         # Uploads and creates overlap: the parts uploaded in one pass are created in the
         # next while the following ones upload, so neither waits for the other's batch.
@@ -266,28 +275,36 @@ class Submitter:
         ledger = await self._ledger()
         queued = await self.store.queued_tokens() if self._queues_tokens() else {}
         chosen: list[Part] = []
-        # job id -> why its next part waits for money (the first part refused says it).
-        short: dict[str, str] = {}
+        # job id -> the hold its note shows (`holds.first_to_show` of its parts' refusals),
+        # and the jobs some part of which was judged against the budget in this pass.
+        short: dict[str, Hold] = {}
+        judged: set[str] = set()
         for part in await self.store.parts_in(
             [PartState.UPLOADED], limit=10_000, ready_at=self.clock.now()
         ):
+            # Every waiting part is judged against the budget, whether or not a slot is
+            # free: a hold is said (and kept) whatever else the part waits for.
+            if ledger is not None:
+                judged.add(part.job_id)
+                refused = refusal(part.cost_max, ledger, self.caps, part.model)
+                if refused is not None:
+                    short[part.job_id] = first_to_show(short.get(part.job_id), refused)
+                    continue
+            if total >= self.limits.running_batches:
+                continue
             if free_slots(self.limits, total, by_model, part.model) <= 0:
                 continue
             if not self._fits_queue(part, queued):
                 continue
             if ledger is not None:
-                refused = refusal(part.cost_max, ledger, self.caps)
-                if refused is not None:
-                    short.setdefault(part.job_id, refused)
-                    continue
                 ledger.add(part.cost_max or 0.0)
             chosen.append(part)
             total += 1
             by_model[part.model] = by_model.get(part.model, 0) + 1
             queued[part.model] = queued.get(part.model, 0) + (part.input_tokens or 0)
-            if total >= self.limits.running_batches:
+            if total >= self.limits.running_batches and ledger is None:
                 break
-        await self._hold_for_budget(short)
+        await self._judge_holds(short, judged, capped=ledger is not None)
         if not chosen:
             return False
         # Each job read once per pass: a job of thousands of parts carries a large report,
@@ -336,20 +353,52 @@ class Submitter:
             return True
         return queued[part.model] + (part.input_tokens or 0) <= limit
 
-    async def _hold_for_budget(self, short: dict[str, str]) -> None:
-        """Say which jobs wait for the budget (and why), and release the ones that no
-        longer do. A split job some of whose parts run says how many."""
-        for job_id, why in short.items():
+    async def _judge_holds(self, short: dict[str, Hold], judged: set[str], capped: bool) -> None:
+        """Hold the jobs a part of which does not fit the budget (the note kept current,
+        logged once when the hold starts), and release the held ones judged in this pass
+        whose parts now fit, or all of them when no cap is set any more (a reload took
+        it away). A split job some of whose parts run says how many."""
+        for job_id, refused in short.items():
             started, total = await self.store.created_parts(job_id)
-            note = (
-                why if not started else f"{started} of {total} parts created; the rest wait: {why}"
-            )
-            if await self.store.hold(job_id, Held.BUDGET, note):
-                log.warning("job_held", job_id=job_id, reason="budget", note=note)
+            note = refused.note(job_id)
+            if started:
+                note = f"{started} of {total} parts created; the rest wait: {note}"
+            if await holds.hold(self.store, job_id, refused.reason, note):
                 self.on_held()
-        for job in await self.store.held_jobs(Held.BUDGET):
-            if job.id not in short and await self.store.hold(job.id, None):
-                log.info("job_released", job_id=job.id, reason="budget")
+        for job_id, reason in (await self.store.held_for(holds.MONEY)).items():
+            if job_id in short:
+                continue
+            if not capped:
+                await holds.release(self.store, job_id, reason, by="no_cap")
+            elif job_id in judged:
+                await holds.release(self.store, job_id, reason, by="fits")
+
+    async def _price_unpriced(self) -> None:
+        """Price the parts planned while their model had no price, with the table in
+        force, once per table: a price added to [prices] (a reload, or a restart) is what
+        ends their `no_price` hold."""
+        table = self.prices
+        if table is None or table is self._priced_with:
+            return
+        for part in await self.store.unpriced_parts():
+            if table.price(self.provider, part.model) is None:
+                continue  # still no price: nothing to count
+            try:
+                count = await asyncio.to_thread(
+                    count_file, part.path, self.provider, self.limits, table
+                )
+            except OSError as exc:
+                log.warning(
+                    "part_pricing_failed", job_id=part.job_id, part=part.seq, error=str(exc)
+                )
+                continue
+            worst = worst_cost(count)  # as when a job is planned
+            if worst is None:
+                continue
+            output = sum(m.output_tokens_max for m in count.models.values())
+            if await self.store.price_part(part.id, count.input_tokens, output, worst):
+                log.info("part_priced", job_id=part.job_id, part=part.seq, cost_max=worst)
+        self._priced_with = table
 
     def next_rollover(self) -> float | None:
         """When the budget's day next begins (a held part may fit then)."""

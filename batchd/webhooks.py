@@ -18,9 +18,10 @@ restart resumes where it stopped.
 
 The command runs without a shell, its environment the daemon's without any secret plus
 BATCHD_EVENT, BATCHD_EVENT_JSON and, for a job, BATCHD_JOB_ID, BATCHD_JOB_NAME,
-BATCHD_JOB_STATUS, BATCHD_JOB_OUTBOX, BATCHD_REQUESTS_TOTAL, _COMPLETED, _FAILED; it
-is killed after `command_timeout_s`; its exit status and the end of its output are
-logged.
+BATCHD_JOB_STATUS (`held` for job.held), BATCHD_JOB_OUTBOX, BATCHD_REQUESTS_TOTAL,
+_COMPLETED, _FAILED (empty when not known, never "None"), and for job.held
+BATCHD_HOLD_REASON and BATCHD_HOLD_NOTE; it is killed after `command_timeout_s`; its
+exit status and the end of its output are logged.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from batchd.account import AccountState
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import NotifySettings
 from batchd.errors import ConfigError
+from batchd.holds import ends_by_itself
 from batchd.logs import get_logger
 from batchd.models import Delivery, Job
 from batchd.store import Store
@@ -109,8 +111,13 @@ def job_event(job: Job, at: float) -> dict[str, Any]:
     }
 
 
-def held_event(job: Job) -> dict[str, Any]:
-    """PURE: the job.held event of a job that waits for money or an operator."""
+def held_event(job: Job, completed: int = 0, failed: int = 0) -> dict[str, Any]:
+    """PURE: the job.held event of a job that waits for money or an operator: its status
+    `held`, the hold's reason, note (what it needs, what ends it) and whether it ends by
+    itself, and its requests: the input's, as planned, with those `completed` and
+    `failed` so far (parts of a split job may have run)."""
+    requests = (job.report or {}).get("requests")
+    total = requests if isinstance(requests, int) and not isinstance(requests, bool) else None
     return {
         "type": "job.held",
         "timestamp": datetime.fromtimestamp(job.held_at or 0.0, UTC).isoformat(),
@@ -118,8 +125,12 @@ def held_event(job: Job) -> dict[str, Any]:
             "id": job.id,
             "name": job.name,
             "inbox_name": job.inbox_name,
+            "status": "held",
             "reason": job.held,
             "note": job.held_note,
+            "ends_by_itself": ends_by_itself(job.held),
+            "request_counts": {"total": total, "completed": completed, "failed": failed},
+            "outbox": None,
         },
     }
 
@@ -216,7 +227,9 @@ class Notifications:
             msg_id = f"msg_{job.id}_held_{int((job.held_at or 0.0) * 1000)}"
             if msg_id in self._announced_holds:
                 continue
-            await self.store.announce(None, self._deliveries(msg_id, held_event(job), job.id))
+            completed, failed = await self.store.request_totals(job.id)
+            event = held_event(job, completed, failed)
+            await self.store.announce(None, self._deliveries(msg_id, event, job.id))
             self._announced_holds.add(msg_id)
 
     async def _announce_pause(self) -> None:
@@ -348,16 +361,25 @@ def command_environment(delivery: Delivery) -> dict[str, str]:
         counts = data.get("request_counts") or {}
         env.update(
             {
-                "BATCHD_JOB_ID": str(data.get("id")),
-                "BATCHD_JOB_NAME": str(data.get("name")),
-                "BATCHD_JOB_STATUS": str(data.get("status")),
-                "BATCHD_JOB_OUTBOX": str(data.get("outbox") or ""),
-                "BATCHD_REQUESTS_TOTAL": str(counts.get("total", 0)),
-                "BATCHD_REQUESTS_COMPLETED": str(counts.get("completed", 0)),
-                "BATCHD_REQUESTS_FAILED": str(counts.get("failed", 0)),
+                "BATCHD_JOB_ID": _text(data.get("id")),
+                "BATCHD_JOB_NAME": _text(data.get("name")),
+                "BATCHD_JOB_STATUS": _text(data.get("status")),
+                "BATCHD_JOB_OUTBOX": _text(data.get("outbox")),
+                "BATCHD_REQUESTS_TOTAL": _text(counts.get("total")),
+                "BATCHD_REQUESTS_COMPLETED": _text(counts.get("completed")),
+                "BATCHD_REQUESTS_FAILED": _text(counts.get("failed")),
             }
         )
+        if event.get("type") == "job.held":
+            env["BATCHD_HOLD_REASON"] = _text(data.get("reason"))
+            env["BATCHD_HOLD_NOTE"] = _text(data.get("note"))
     return env
+
+
+def _text(value: Any) -> str:
+    """PURE: a value as an environment variable holds it: empty when unknown, never
+    "None"."""
+    return "" if value is None else str(value)
 
 
 def _shown(target: str) -> str:

@@ -3,7 +3,8 @@
 They speak to the daemon only through `batchd.client`, and import rich only to print a
 table: a command starts about as fast as Python does. Exit codes scripts can rely on:
 0 ok, 1 the thing asked for failed, 2 usage error, 3 the daemon is not reachable (the
-message names the socket path).
+message names the socket path); `submit --wait` adds 4 (timeout) and 5 (a job held
+until an operator acts).
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ from typing import Any
 
 import orjson
 
-from batchd.client import Client, Queued, RequestFailed, Unreachable, inbox_path, queue_file
+from batchd.client import (
+    ENDED_STATES,
+    Client,
+    Queued,
+    RequestFailed,
+    Unreachable,
+    inbox_path,
+    queue_file,
+)
 from batchd.commands import positive_int, positive_seconds
 from batchd.errors import UsageError
 from batchd.protocol import ActionResponse, JobInfo, Spend, to_builtins
@@ -182,8 +191,7 @@ def _spend_lines(spend: Spend) -> list[str]:
         )
     if spend.held_jobs:
         lines.append(
-            f"[yellow]{spend.held_jobs} job(s) held (budget or duplicate):"
-            " batchd jobs --json shows why[/]"
+            f"[yellow]{spend.held_jobs} job(s) held: batchd show JOB says why and what ends it[/]"
         )
     lines.append(f"(days begin at midnight {spend.timezone}; batch prices of the price table)")
     return lines
@@ -472,6 +480,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 EXIT_TIMEOUT = 4
+# `submit --wait`: a job is held by a hold only an operator ends (printed with its note).
+EXIT_HELD = 5
 
 
 SIDECAR = ".meta.json"
@@ -629,18 +639,35 @@ def _claimed_and_waited(
     code = EXIT_FAILED if failed else EXIT_OK
     if args.wait:
         ended: list[tuple[Queued, JobInfo]] = []
+        held = False
         for q, job in jobs:
+
+            def waiting(j: JobInfo, source: Path = q.source) -> None:
+                if j.hold_ends_by_itself:
+                    print(
+                        f"{source}: job {j.id} held ({j.held}), waiting: {j.held_note}",
+                        file=sys.stderr,
+                    )
+
             try:
-                final = client.wait(job.id, left())
+                final = client.wait(job.id, left(), on_held=waiting)
             except TimeoutError as exc:
                 print(f"batchd submit: {exc}", file=sys.stderr)
                 return EXIT_TIMEOUT
             ended.append((q, final))
+            if final.state not in ENDED_STATES:
+                # Held by a hold only an operator ends: said, and the next job waited for.
+                held = True
+                if not args.json:
+                    print(f"{q.source}: job {final.id} held ({final.held}): {final.held_note}")
+                continue
             if not args.json:
                 print(f"{q.source}: job {final.id} {final.status or final.state}: {final.outbox}")
             if final.status != "completed":
                 code = EXIT_FAILED
         jobs = ended
+        if held:
+            code = EXIT_HELD
     if args.json:
         _print_json(
             [
@@ -651,6 +678,8 @@ def _claimed_and_waited(
                     "state": j.state,
                     "status": j.status,
                     "outbox": j.outbox,
+                    "held": j.held,
+                    "held_note": j.held_note,
                 }
                 for q, j in jobs
             ]
@@ -752,7 +781,10 @@ def register(sub: Any) -> None:
         "ok (with --wait: every job completed), 1 a file was refused or (with --wait) a job "
         "ended otherwise (partial, failed, cancelled, expired, rejected), 2 usage error, "
         "3 the daemon is not reachable (with --wait; without, the files are queued for "
-        "when it starts), 4 --timeout passed.",
+        "when it starts), 4 --timeout passed, 5 (with --wait) a job is held until an "
+        "operator acts (a duplicate, a model without a price, larger than the whole "
+        "budget): its hold and what ends it are printed. A hold that ends by itself "
+        "(budget) is printed and waited out.",
     )
     common(p)
     p.add_argument("--inbox", type=Path, help="the inbox (default: the daemon's)")
@@ -766,7 +798,11 @@ def register(sub: Any) -> None:
         action="store_true",
         help="run it even if the same input ran within jobs.duplicate_window (pays again)",
     )
-    p.add_argument("--wait", action="store_true", help="return when every job is published")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="return when every job is published (or held until an operator acts: exit 5)",
+    )
     p.add_argument(
         "--timeout", type=positive_seconds, help="give up waiting after S seconds (exit 4)"
     )

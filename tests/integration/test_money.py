@@ -4,6 +4,7 @@ inputs identical to one already run held until an operator lets them go."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,9 @@ async def test_a_budget_holds_parts_and_releases_them_when_room_comes(
         assert await held() == []
         # Larger than the whole cap: it waits for a reload that raises the cap.
         drop(inbox, "large.jsonl", requests(9, prefix="c"))
-        (large,) = await wait_for(held, what="the large job held")
+        (large,) = await wait_for(
+            lambda: daemon.store.held_jobs(Held.OVER_CAP), what="the large job held"
+        )
         assert _worst(await daemon.ops.job(large.id)) > 0.5
         daemon.apply_settings(
             daemon_settings(tmp_path / "r", emulator, prices=PRICES, budget={"daily": 10.0})
@@ -187,7 +190,10 @@ async def test_an_unpriced_model_waits_under_a_cap_and_the_hold_is_announced(
     monkeypatch.delenv("BATCHD_WEBHOOK_SECRET", raising=False)
     emulator = await start_emulator(time_scale=3000)
     told = tmp_path / "told.jsonl"
-    script = "import os, sys; open(sys.argv[1], 'a').write(os.environ['BATCHD_EVENT_JSON'] + '\\n')"
+    # The command's whole environment, one JSON object a line.
+    script = (
+        "import json, os, sys; open(sys.argv[1], 'a').write(json.dumps(dict(os.environ)) + '\\n')"
+    )
     settings = daemon_settings(
         tmp_path / "r",
         emulator,
@@ -199,14 +205,22 @@ async def test_an_unpriced_model_waits_under_a_cap_and_the_hold_is_announced(
     async with running_daemon(settings) as daemon:
         drop(inbox, "odd.jsonl", requests(2, "qwen-long"))
         (held,) = await wait_for(
-            lambda: daemon.store.held_jobs(Held.BUDGET), what="the unpriced job held"
+            lambda: daemon.store.held_jobs(Held.NO_PRICE), what="the unpriced job held"
         )
-        assert "no price" in (held.held_note or "")
+        assert "qwen-long has no price" in (held.held_note or "")
         await wait_for(told.exists, what="the job.held notification")
         assert (await emulator.stats())["batches_created"] == 0
-    (event,) = read_jsonl(told)
+    (env,) = read_jsonl(told)
+    event = json.loads(env["BATCHD_EVENT_JSON"])
     assert event["type"] == "job.held" and event["data"]["id"] == held.id
-    assert event["data"]["reason"] == "budget" and "no price" in event["data"]["note"]
+    assert event["data"]["reason"] == "no_price" and "no price" in event["data"]["note"]
+    assert event["data"]["status"] == "held" and event["data"]["ends_by_itself"] is False
+    assert event["data"]["request_counts"] == {"total": 2, "completed": 0, "failed": 0}
+    # The command's variables are the job's real figures: held, 2 requests planned.
+    assert env["BATCHD_EVENT"] == "job.held" and env["BATCHD_JOB_ID"] == held.id
+    assert env["BATCHD_JOB_STATUS"] == "held" and env["BATCHD_REQUESTS_TOTAL"] == "2"
+    assert env["BATCHD_HOLD_REASON"] == "no_price"
+    assert env["BATCHD_HOLD_NOTE"] == held.held_note and env["BATCHD_JOB_OUTBOX"] == ""
 
 
 async def test_an_input_already_run_is_held_until_an_operator_lets_it_go(

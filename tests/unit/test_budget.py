@@ -1,10 +1,13 @@
-"""The budget's pure decisions (batchd.budget): periods, what fits, what a job may start."""
+"""The budget's pure decisions (batchd.budget): periods, what fits, what a job may start,
+and the holds they make (batchd.holds): each says what it needs and what ends it."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
 from batchd.budget import Caps, Ledger, job_refusal, periods, refusal
+from batchd.holds import KINDS, Hold, ends_by_itself, first_to_show
+from batchd.models import Held
 
 
 def _at(text: str) -> float:
@@ -38,18 +41,54 @@ def test_no_cap_refuses_nothing_not_even_an_unknown_price() -> None:
 
 
 def test_a_part_fits_only_beside_what_was_spent_and_what_runs() -> None:
-    caps = Caps(daily=10.0, currency="CNY")
+    caps = Caps(daily=10.0, currency="CNY", timezone="Asia/Shanghai")
     assert refusal(4.0, Ledger(spent_day=3.0, committed=3.0), caps) is None
     why = refusal(4.01, Ledger(spent_day=3.0, committed=3.0), caps)
-    assert why is not None
-    assert "daily budget of 10.0000 CNY has 4.0000 CNY left" in why
-    assert "spent 3.0000 CNY" in why and "running worst case 3.0000 CNY" in why
+    assert why is not None and why.reason == Held.BUDGET
+    assert "daily budget of 10.0000 CNY has 4.0000 CNY left" in why.need
+    assert "spent 3.0000 CNY" in why.need and "running worst case 3.0000 CNY" in why.need
+    # What ends it: it ends by itself, and says when the day resets.
+    assert "running jobs are published" in why.ends
+    assert "resets (00:00 Asia/Shanghai)" in why.ends and "raise budget.daily" in why.ends
+    note = why.note("JOB1")
+    assert note.startswith(why.need) and note.endswith(
+        "`batchd cancel JOB1` drops it (nothing sent)"
+    )
 
 
 def test_the_monthly_cap_binds_when_the_day_has_room() -> None:
     caps = Caps(daily=10.0, monthly=100.0, currency="USD")
     why = refusal(2.0, Ledger(spent_day=0.0, spent_month=99.0), caps)
-    assert why is not None and "monthly" in why
+    assert why is not None and why.reason == Held.BUDGET and "monthly" in why.need
+    assert "the 1st, 00:00 UTC" in why.ends
+
+
+def test_a_part_larger_than_the_whole_cap_says_it_never_fits_by_itself() -> None:
+    caps = Caps(daily=0.5, monthly=100.0, currency="CNY")
+    # However empty the day, 0.6 never fits a cap of 0.5: not a wait for room.
+    why = refusal(0.6, Ledger(), caps)
+    assert why is not None and why.reason == Held.OVER_CAP
+    assert "more than the whole daily budget of 0.5000 CNY" in why.need
+    assert "Raise budget.daily to at least 0.6000 CNY and reload" in why.ends
+    # Even when the day has less left than the cap: said as over the cap, not as a wait.
+    why = refusal(0.6, Ledger(spent_day=0.4), caps)
+    assert why is not None and why.reason == Held.OVER_CAP
+    monthly = refusal(150.0, Ledger(), Caps(monthly=100.0))
+    assert monthly is not None and monthly.reason == Held.OVER_CAP and "monthly" in monthly.need
+    assert refusal(0.5, Ledger(), caps) is None  # exactly the cap fits
+
+
+def test_holds_say_whether_they_end_by_themselves() -> None:
+    assert ends_by_itself("budget") is True
+    for reason in ("no_price", "over_cap", "duplicate", "some_future_reason"):
+        assert ends_by_itself(reason) is False
+    assert ends_by_itself(None) is None
+    assert set(KINDS) == set(Held)  # every reason declared
+    waits = Hold(Held.BUDGET, "b", "x")
+    operator = Hold(Held.OVER_CAP, "o", "y")
+    assert first_to_show(None, waits) is waits
+    assert first_to_show(waits, operator) is operator
+    assert first_to_show(operator, waits) is operator
 
 
 def test_creating_parts_uses_up_the_room() -> None:
@@ -64,8 +103,10 @@ def test_creating_parts_uses_up_the_room() -> None:
 
 
 def test_an_unknown_price_waits_under_a_cap_unless_allowed() -> None:
-    held = refusal(None, Ledger(), Caps(daily=10.0))
-    assert held is not None and "no price" in held and "[prices]" in held
+    held = refusal(None, Ledger(), Caps(daily=10.0), "qwen-max")
+    assert held is not None and held.reason == Held.NO_PRICE
+    assert "qwen-max has no price" in held.need
+    assert "add a price for qwen-max to [prices] and reload (SIGHUP)" in held.ends
     assert refusal(None, Ledger(), Caps(daily=10.0, unknown_price="allow")) is None
 
 
