@@ -4,14 +4,18 @@ measured error, output bounds, the thinking guard, and a file's counts and cost.
 from __future__ import annotations
 
 import json
+import random
 import time
+import unicodedata
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from batchd import tokens
+from batchd import tokenbound, tokens
 from batchd.prices import Price, PriceTable, table_from
 from batchd.profiles import PROFILES, TEST_MODEL, ModelLimits
 from batchd.tokens import (
@@ -34,6 +38,13 @@ needs_qwen = pytest.mark.skipif(
     qwen_vocabulary_path() is None or tokenizer_for("dashscope", "qwen-plus").name != "qwen",
     reason="Qwen's vocabulary ships in the dashscope package (pip install 'batchd[tokens]'), "
     "which is not installed here",
+)
+
+
+needs_openai = pytest.mark.skipif(
+    tokens.openai_ranks("o200k_base") is None or tokens.openai_ranks("cl100k_base") is None,
+    reason="OpenAI's o200k_base and cl100k_base are not in tiktoken's cache here (batchd "
+    "never downloads them); put them there (TIKTOKEN_CACHE_DIR) to run this",
 )
 
 
@@ -89,27 +100,137 @@ def test_counts_equal_dashscopes_own_tokenizer_long_texts_included() -> None:
     assert "".join(tokens._chunks(texts[0], 100_000)) == texts[0]
 
 
-def test_the_approximation_rarely_undercounts_a_mixed_corpus() -> None:
-    """The error stated in APPROX_ERROR, measured on English and Chinese prose, code,
-    JSON, CSV, numbers, other scripts and short prompts."""
-    errors = []
+def test_the_approximation_is_an_upper_bound_and_how_loose_on_the_corpus() -> None:
+    """Never below Qwen's count on English and Chinese prose, code, JSON, CSV, numbers,
+    other scripts and short prompts; the looseness docs/costs.md states (x1.78 in all)."""
+    exact = bound = 0
     for case in corpus():
-        exact = case["qwen_tokens"]
-        errors.append((approx_tokens(case["text"]) - exact) / exact)
-    mean = sum(errors) / len(errors)
-    assert 0.05 <= mean <= 0.30, mean
-    assert min(errors) >= -0.10, min(errors)
-    assert max(errors) <= 0.75, max(errors)
-    assert sum(e < 0 for e in errors) <= len(errors) // 20
+        counted = approx_tokens(case["text"])
+        assert counted >= case["qwen_tokens"], case
+        exact += case["qwen_tokens"]
+        bound += counted
+    assert 1.6 <= bound / exact <= 1.9, bound / exact
 
 
 def test_the_approximation_has_the_templates_structure() -> None:
     body = chat(("system", SYSTEM), ("user", "What is 2+2?"))
-    # 3 per message + role and line break, 3 for the reply: only the contents approximate.
-    expected = 3 + 2 + approx_tokens(SYSTEM) + 3 + 2 + approx_tokens("What is 2+2?") + 3
+    # 3 per message and 3 for the reply; the role, line break and content counted whole.
+    expected = 3 + approx_tokens("system\n" + SYSTEM) + 3 + approx_tokens("user\nWhat is 2+2?") + 3
     assert request_tokens(body, CHAT, APPROX_TOKENIZER) == expected
     assert approx_tokens("") == 0
     assert approx_tokens("1234567890") >= 10  # Qwen splits numbers into digits
+
+
+ADVERSARIAL_ALPHABETS = {
+    "protein": "ACDEFGHIKLMNPQRSTVWY",
+    "dna": "ACGT",
+    "lowercase": "abcdefghijklmnopqrstuvwxyz",
+    "base64": "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=",
+    "cjk": "的一是了我不人在他有这个上们来到时大地为子中你说生国年着就那和要她出也得里后自以会"
+    "鑫龘靐齉爨麤驫鱻羴犇骉厵",
+    "emoji": "😀😂🥲🤖🧬🦀🌏🇨🇳👍🏽👨‍👩‍👧🫠",
+    "combining": "a\u0301\u0316\u0327\u0308e\u0f73\u0344",
+    "mixed": "The cat 猫, it's 3.14 ; don't\n\t  αβγ Привет ا\u200b\u00e9e\u0301 ",
+}
+
+
+@st.composite
+def adversarial_text(draw: st.DrawFn) -> str:
+    """Runs from alphabets the old approximation undercounted up to 20,000x (a run of
+    letters counted as one token), spliced: one long word, DNA, base64, CJK, emoji."""
+    pieces = []
+    for _ in range(draw(st.integers(1, 4))):
+        alphabet = ADVERSARIAL_ALPHABETS[draw(st.sampled_from(sorted(ADVERSARIAL_ALPHABETS)))]
+        pieces.append(draw(st.text(alphabet=alphabet, min_size=1, max_size=400)))
+        pieces.append(draw(st.sampled_from(["", " ", "\n", "'s ", "-", "  "])))
+    return "".join(pieces)
+
+
+@needs_qwen
+@settings(max_examples=300, deadline=None)
+@given(text=st.one_of(adversarial_text(), st.text(max_size=300)))
+def test_the_approximation_never_counts_below_qwen(text: str) -> None:
+    exact = tokenizer_for("dashscope", "qwen-plus").count(text)
+    assert approx_tokens(text) >= exact
+    body = chat(("system", text), ("user", text + "?"))
+    qwen = tokenizer_for("dashscope", "qwen-plus")
+    assert request_tokens(body, CHAT, APPROX_TOKENIZER) >= request_tokens(body, CHAT, qwen)
+
+
+@needs_qwen
+@pytest.mark.parametrize("kind", ["protein", "dna", "lowercase", "base64", "cjk", "emoji"])
+def test_long_runs_the_old_approximation_counted_as_one_token(kind: str) -> None:
+    """Per 100,000 characters Qwen counts about 56,668 tokens of protein; the old
+    approximation said 3. The bound is above and within bytes."""
+    alphabet = ADVERSARIAL_ALPHABETS[kind]
+    rng = random.Random(kind)
+    text = "".join(rng.choice(alphabet) for _ in range(100_000 if len(alphabet) < 60 else 20_000))
+    exact = tokenizer_for("dashscope", "qwen-plus").count(text)
+    assert exact <= approx_tokens(text) <= len(text.encode())
+
+
+@needs_openai
+def test_the_openai_approximation_bounds_o200k_and_cl100k() -> None:
+    """Where OpenAI's encodings are cached (the tests skip elsewhere): the bound that
+    stands in for them is never below either, on the corpus and the adversarial runs."""
+    rng = random.Random(7)
+    texts = [case["text"] for case in corpus()]
+    texts += [
+        "".join(rng.choice(alphabet) for _ in range(3000))
+        for alphabet in ADVERSARIAL_ALPHABETS.values()
+    ]
+    approx = tokenizer_for("openai", "gpt-4o", approx=True)
+    for name in ("gpt-4o", "gpt-4"):
+        exact = tokenizer_for("openai", name)
+        assert exact.exact
+        for text in texts:
+            assert approx.count(text) >= exact.count(text), (name, text[:40])
+
+
+@needs_qwen
+def test_the_shipped_bound_table_is_what_qwens_vocabulary_gives() -> None:
+    """The bound's facts (one-token words, characters BPE never leaves cut, characters
+    a token may join to a neighbour's part) are derived again from the installed
+    vocabulary: the shipped table claims nothing the vocabulary does not say."""
+    ranks = tokens.qwen_ranks()
+    assert ranks is not None
+    assert tokenbound.derive_units([ranks]) == tokenbound.shipped_units()["qwen"]
+
+
+def test_nfc_is_normalize_and_linear_on_combining_runs() -> None:
+    """Issue 22: NFC of "a" + 96,000 acute accents + 96,000 grave-below marks took over a
+    minute (CPython's insertion sort of the marks). Same result, time growing linearly:
+    4x the input costs well under the 16x a quadratic step would."""
+    for text in ["e\u0301", "a" + "\u0301\u0316" * 40, "\u0f73" * 50 + "x", "가\u11a8" * 3]:
+        assert tokens.nfc(text) == unicodedata.normalize("NFC", text)
+
+    def attack(n: int) -> str:
+        return "a" + "\u0301" * n + "\u0316" * n + "b" + "\u0f73" * n
+
+    assert tokens.nfc(attack(500)) == unicodedata.normalize("NFC", attack(500))
+    small, large = attack(8_000), attack(32_000)
+    tokens.nfc(small)  # builds the class of marks once
+
+    def best(text: str) -> float:
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            tokens.nfc(text)
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    assert best(large) / best(small) < 10, (best(small), best(large))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.text(
+        alphabet=st.sampled_from("ae\u0301\u0316\u0327\u0308\u0f73\u0f71\u0344\u1161가\u11a8"),
+        max_size=120,
+    )
+)
+def test_nfc_equals_normalize_on_mark_soup(text: str) -> None:
+    assert tokens.nfc(text) == unicodedata.normalize("NFC", text)
 
 
 def test_content_parts_count_as_their_text() -> None:
