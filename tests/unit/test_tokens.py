@@ -296,6 +296,29 @@ def test_output_bound() -> None:
     assert output_bound(chat(("user", "x"), model=TEST_MODEL), plain, 32768) == 6
 
 
+def test_each_choice_is_billed_its_own_output() -> None:
+    """`n` choices: the answer and the reasoning bounds both count n times (issue 21);
+    a bad `n` is validation's to report and counts one."""
+    plain = ModelLimits(max_output_tokens=8192)
+    thinker = ModelLimits(max_output_tokens=8192, thinks_by_default=True)
+    assert output_bound(chat(("user", "x"), max_tokens=100, n=3), plain, 32768) == 300
+    assert output_bound(chat(("user", "x"), n=2), plain, 32768) == 2 * 8192
+    budgeted = chat(("user", "x"), max_tokens=100, thinking_budget=50, n=4)
+    assert tokens.output_split(budgeted, thinker, 32768) == (400, 200)
+    for bad in (0, -1, True, "3", 2.0):
+        assert output_bound(chat(("user", "x"), max_tokens=100, n=bad), plain, 32768) == 100
+
+
+def test_the_fast_path_counts_n_too(tmp_path: Path) -> None:
+    path = tmp_path / "n.jsonl"
+    path.write_bytes(
+        b"".join(_line(i, "qwen-flash", f"q {i}", max_tokens=10, n=5) for i in range(3))
+    )
+    for approx in (False, True):
+        counted = count_file(path, "dashscope", LIMITS, approx=approx)
+        assert counted.models["qwen-flash"].output_tokens_max == 150
+
+
 def test_thinking_unset() -> None:
     thinker = ModelLimits(thinks_by_default=True)
     assert thinking_unset(chat(("user", "x")), thinker)
@@ -399,9 +422,32 @@ def test_the_fast_approximation_agrees_with_counting_every_text(tmp_path: Path) 
         assert quick.tokenizer == "approx"
         assert (quick.requests, quick.output_tokens_max) == (slow.requests, slow.output_tokens_max)
         assert (quick.thinking, quick.thinking_unset) == (slow.thinking, slow.thinking_unset)
+    assert not fast.bound and general.bound  # the sampled figures are no bound
     # Against approximating every text of every line (the general way, approximated):
     counter = tokens._Counter(APPROX_TOKENIZER)
     every = sum(
         counter.request(orjson.loads(line)["body"], orjson.loads(line)["url"]) for line in lines
     )
     assert abs(fast.input_tokens - every) <= every * 0.05, (fast.input_tokens, every)
+
+
+@needs_qwen
+def test_the_sampled_fast_path_says_it_is_no_bound(tmp_path: Path) -> None:
+    """The decision for `estimate --approx`: a protein sequence among prose is scaled by
+    the prose's ratio (0.5 a byte where Qwen counts 0.57), so the fast path's figures
+    say they are no bound (`bound` false), while the full approximation stays above."""
+    rng = random.Random(3)
+    prose = [case["text"] for case in corpus() if case["kind"] == "english"]
+    lines = [_line(i, "qwen-flash", prose[i % len(prose)] + f" ({i})") for i in range(100)]
+    protein = "".join(rng.choice(ADVERSARIAL_ALPHABETS["protein"]) for _ in range(4000))
+    lines += [_line(900 + i, "qwen-flash", protein + str(i)) for i in range(50)]
+    path = tmp_path / "outlier.jsonl"
+    path.write_bytes(b"".join(lines))
+    qwen = tokenizer_for("dashscope", "qwen-flash")
+    exact = sum(request_tokens(orjson.loads(line)["body"], CHAT, qwen) for line in lines)
+    fast = count_file(path, "dashscope", LIMITS, approx=True)
+    assert not fast.bound and not fast.models["qwen-flash"].bound
+    every = sum(
+        request_tokens(orjson.loads(line)["body"], CHAT, APPROX_TOKENIZER) for line in lines
+    )
+    assert every >= exact
