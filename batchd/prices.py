@@ -261,6 +261,29 @@ DEFAULT_PRICES = PriceTable(
 )
 
 
+# Past this age, `status` warns that the default prices may be out of date.
+STALE_AFTER_DAYS = 90
+
+
+def oldest_as_of(table: PriceTable, provider: str) -> datetime.date | None:
+    """PURE: the oldest `as_of` among `provider`'s prices (None: no dated price)."""
+    dates = [p.as_of for p in table.prices.get(table._provider(provider), {}).values() if p.as_of]
+    return min(dates) if dates else None
+
+
+def stale_note(table: PriceTable, provider: str, today: datetime.date) -> str | None:
+    """PURE: a warning when `provider`'s price table was read more than STALE_AFTER_DAYS
+    before `today`, else None."""
+    oldest = oldest_as_of(table, provider)
+    if oldest is None or (today - oldest).days <= STALE_AFTER_DAYS:
+        return None
+    return (
+        f"the {provider} price table was read on {oldest.isoformat()},"
+        f" {(today - oldest).days} days ago: prices change; check them and set"
+        f" [prices.{provider}.MODEL] (with as_of) in the configuration"
+    )
+
+
 def table_from(raw: dict[str, Any] | None) -> PriceTable:
     """The defaults, overridden and extended by a configuration's `[prices]` table,
     shaped `[prices.<provider>.<model>]` with keys input, output, reasoning,

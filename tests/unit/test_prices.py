@@ -7,6 +7,7 @@ import datetime
 
 import pytest
 
+from batchd import prices
 from batchd.prices import DEFAULT_PRICES, Price, PriceTable, Tier, table_from
 from batchd.profiles import TEST_MODEL
 
@@ -162,3 +163,14 @@ def test_a_bad_key_is_named(raw: dict[str, object], named: str) -> None:
 def test_a_table_without_any_price_falls_back_on_the_regions_currency() -> None:
     assert PriceTable({}).currency("dashscope") == "CNY"
     assert PriceTable({}).currency("openai") == "USD"
+
+
+def test_status_warns_when_the_price_table_is_older_than_90_days() -> None:
+    table = table_from(None)
+    read = prices.oldest_as_of(table, "dashscope")
+    assert read is not None
+    assert prices.stale_note(table, "dashscope", read + datetime.timedelta(days=90)) is None
+    note = prices.stale_note(table, "dashscope", read + datetime.timedelta(days=91))
+    assert note is not None and "91 days ago" in note and "[prices.dashscope." in note
+    undated = PriceTable({"custom": {"m": Price(input=1.0, output=1.0, currency="CNY")}})
+    assert prices.stale_note(undated, "custom", datetime.date(2099, 1, 1)) is None
