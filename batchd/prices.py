@@ -209,6 +209,12 @@ _SPEC = "SPEC.md, What a batch costs (Model Studio's qwen-flash price, Beijing)"
 _ALIYUN = "https://help.aliyun.com/en/document_detail/3023262.html"
 _MODEL_STUDIO_INTL = "https://www.alibabacloud.com/help/en/model-studio/billing-for-model-studio"
 _OPENAI = "https://openai.com/api/pricing/"
+# Model Studio's model data for qwen3-max as a public mirror of it holds it (its
+# qwen-flash entry gives SPEC.md's figures exactly); read 2026-12-06.
+_QWEN3_MAX = (
+    "http://47.109.151.80:15030/Maas2-group/Maas-Model-platform/raw/master/backend/"
+    "parsed_json/qwen3-max.json (Model Studio's model data, mirrored)"
+)
 
 # Beijing, CNY per million tokens (the pages give CNY per thousand: x 1000). Hybrid
 # thinking models: `reasoning` is the output price in thinking mode.
@@ -233,6 +239,14 @@ _DASHSCOPE: dict[str, Price] = {
             (256_000, 2.4, 20.0, 24.0),
             (1_000_000, 4.8, 48.0, 64.0),
         ),
+    ),
+    "qwen3-max": _p(
+        "CNY",
+        2.5,
+        10.0,
+        _QWEN3_MAX,
+        "2026-12-06",
+        tiers=((32_000, 2.5, 10.0), (128_000, 4.0, 16.0), (256_000, 7.0, 28.0)),
     ),
     "qwen3-32b": _p("CNY", 2.0, 8.0, _ALIYUN, READ_ON, reasoning=20.0),
     "qwen3-30b-a3b-instruct-2507": _p("CNY", 0.8, 3.0, _ALIYUN, READ_ON),

@@ -174,3 +174,15 @@ def test_status_warns_when_the_price_table_is_older_than_90_days() -> None:
     assert note is not None and "91 days ago" in note and "[prices.dashscope." in note
     undated = PriceTable({"custom": {"m": Price(input=1.0, output=1.0, currency="CNY")}})
     assert prices.stale_note(undated, "custom", datetime.date(2099, 1, 1)) is None
+
+
+def test_qwen3_max_is_priced_by_its_tiers_with_a_source() -> None:
+    """Issue 21 item 12: qwen3-max was held under a budget for want of a price."""
+    price = DEFAULT_PRICES.price("dashscope", "qwen3-max")
+    assert price is not None and price.source and price.as_of
+    assert price.rates(1_000) == (2.5, 10.0, 10.0)
+    assert price.rates(100_000) == (4.0, 16.0, 16.0)
+    assert price.batch_cost(10_000, 0) == pytest.approx(0.0125)
+    for model in DEFAULT_PRICES.prices["dashscope"]:
+        found = DEFAULT_PRICES.price("dashscope", model)
+        assert found is not None and found.source and found.as_of, model
