@@ -14,10 +14,12 @@ Qwen's vocabulary is installed: chat lines read through a typed schema, most lon
 scaled by a tokens-per-byte ratio measured on a sample of them with the approximation's
 upper bound. The scaled figures are an estimate, not a bound (a text unlike the sample,
 a protein sequence among prose, can count more than its share): the output says so
-(`"bound": false`); the daemon never counts this way. It runs at more than half the
-speed of `batchd validate` (tests/bench/bench_estimate.py); Qwen's own BPE runs at about
-a twentieth of it, however it is fed (threads, batches: measured, no gain on two cores),
-and only the memo of repeated strings (a long system prompt) helps it.
+(`"bound": false`); the daemon never counts this way. It runs at just under half the
+speed of `batchd validate` (0.47 on 101 MB of chat lines, 2026-12-07, on two cores
+shared with other work: tests/bench/bench_estimate.py, docs/benchmarks.md); Qwen's own
+BPE at a twentieth of it (0.06) with unique texts, however it is fed (threads, batches:
+measured, no gain on two cores), and only the memo of repeated strings helps it (0.23
+with a long system prompt repeated).
 
 Light: nothing of the daemon, aiohttp or pydantic is loaded (unless `--config` or a
 BATCHD_* variable asks for the configuration, as for `batchd validate`).
