@@ -11,6 +11,7 @@ store and by waking stages; it never reaches into a stage's insides.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from batchd.models import (
     batch_created_at,
 )
 from batchd.notify import status_text
+from batchd.prices import oldest_as_of, stale_note
 from batchd.protocol import (
     ActionResponse,
     AmbiguousJob,
@@ -62,6 +64,7 @@ from batchd.protocol import (
 from batchd.publish import PUBLISH_FAILED
 from batchd.stages import Stage, Wake
 from batchd.store import Store
+from batchd.tokens import tokenizer_summary
 from batchd.verdict import SIDECAR_ERROR
 
 log = get_logger(__name__)
@@ -260,6 +263,9 @@ class Operations:
         return total, found[:limit]
 
     async def status(self) -> StatusResponse:
+        table = self.settings.price_table
+        oldest = oldest_as_of(table, self.settings.provider)
+        today = datetime.datetime.fromtimestamp(self.clock.now(), datetime.UTC).date()
         total, by_model = await self.store.slot_holders()
         problem_count, problems = await self.problems()
         parked = any(p.kind == "part_parked" for p in problems)
@@ -300,6 +306,10 @@ class Operations:
             inbox_refused=inbox_refused,
             reload=self.last_reload,
             spend=await self.spend(),
+            # The first call may load Qwen's vocabulary (a third of a second): off the loop.
+            tokenizers=await asyncio.to_thread(tokenizer_summary, self.settings.provider),
+            prices_as_of=str(oldest) if oldest else None,
+            prices_stale=stale_note(table, self.settings.provider, today),
         )
 
     async def spend(self) -> Spend:

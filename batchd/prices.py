@@ -292,6 +292,14 @@ _SPEC = "SPEC.md, What a batch costs (Model Studio's qwen-flash price, Beijing)"
 _ALIYUN = "https://help.aliyun.com/en/document_detail/3023262.html"
 _MODEL_STUDIO_INTL = "https://www.alibabacloud.com/help/en/model-studio/billing-for-model-studio"
 _OPENAI = "https://openai.com/api/pricing/"
+# Text embedding prices, Beijing in CNY (per thousand on the page: x 1000) and Singapore
+# in USD; the pages give text-embedding-v3 the same price cell as v4. Read 2026-12-07.
+EMBEDDINGS_READ_ON = "2026-12-07"
+_EMBEDDING_CN = (
+    "https://help.aliyun.com/zh/model-studio/text-embedding-api (and its English page,"
+    " help.aliyun.com/en/model-studio/text-embedding-synchronous-api)"
+)
+_EMBEDDING_INTL = "https://www.alibabacloud.com/help/en/model-studio/text-embedding-synchronous-api"
 
 # Beijing, CNY per million tokens (the pages give CNY per thousand: x 1000). Hybrid
 # thinking models: `reasoning` is the output price in thinking mode.
@@ -320,6 +328,8 @@ _DASHSCOPE: dict[str, Price] = {
     "qwen3-32b": _p("CNY", 2.0, 8.0, _ALIYUN, READ_ON, reasoning=20.0),
     "qwen3-30b-a3b-instruct-2507": _p("CNY", 0.8, 3.0, _ALIYUN, READ_ON),
     "qwen3-30b-a3b-thinking-2507": _p("CNY", 0.8, 7.5, _ALIYUN, READ_ON),
+    "text-embedding-v4": _p("CNY", 0.5, 0.0, _EMBEDDING_CN, EMBEDDINGS_READ_ON),
+    "text-embedding-v3": _p("CNY", 0.5, 0.0, _EMBEDDING_CN, EMBEDDINGS_READ_ON),
 }
 
 # Singapore, USD per million tokens. The page gives qwen-max's only price (no tiers, no
@@ -327,6 +337,8 @@ _DASHSCOPE: dict[str, Price] = {
 # (non-thinking) price, so they are left out rather than priced too low.
 _DASHSCOPE_INTL: dict[str, Price] = {
     "qwen-max": _p("USD", 1.6, 6.4, _MODEL_STUDIO_INTL, READ_ON),
+    "text-embedding-v4": _p("USD", 0.07, 0.0, _EMBEDDING_INTL, EMBEDDINGS_READ_ON),
+    "text-embedding-v3": _p("USD", 0.07, 0.0, _EMBEDDING_INTL, EMBEDDINGS_READ_ON),
 }
 
 # USD per million tokens, standard tier; the Batch API halves them. OpenAI bills
@@ -342,6 +354,80 @@ _OPENAI_PRICES: dict[str, Price] = {
 DEFAULT_PRICES = PriceTable(
     {"dashscope": _DASHSCOPE, "dashscope-intl": _DASHSCOPE_INTL, "openai": _OPENAI_PRICES}
 )
+
+# The models Model Studio's Batch page lists for batch, per region (read 2026-12-07:
+# https://www.alibabacloud.com/help/en/model-studio/batch-interfaces-compatible-with-openai,
+# and help.aliyun.com/en/model-studio/batch-interfaces-compatible-with-openai/, which
+# takes every text embedding model in Beijing), by their stable names; vision models left
+# out (batchd counts no image). Each has a default price above, or is in UNPRICED.
+BATCH_MODELS: dict[str, tuple[str, ...]] = {
+    "dashscope": (
+        "qwen-max",
+        "qwen3-max",
+        "qwen-plus",
+        "qwen-flash",
+        "qwen-long",
+        "qwq-plus",
+        "deepseek-r1",
+        "deepseek-v3",
+        "text-embedding-v3",
+        "text-embedding-v4",
+    ),
+    "dashscope-intl": ("qwen-max", "qwen-plus", "qwen-flash", "qwen-turbo"),
+}
+
+_NOT_READ = (
+    "no official page with its current price could be read when this table was made"
+    " (2026-12-07): set it in the configuration's [prices] table"
+)
+_THINKING_UNREAD = (
+    "its thinking-mode price and tiers could not be read from an official page (2026-12-07);"
+    " a price without them would undercount a thinking request: set it, with reasoning,"
+    " in the configuration's [prices] table"
+)
+# Batch models left without a default price, and why: a budget holds their jobs until
+# the configuration gives one (docs/costs.md lists them).
+UNPRICED: dict[str, dict[str, str]] = {
+    "dashscope": {
+        model: _NOT_READ
+        for model in (
+            "qwen-max",
+            "qwen3-max",
+            "qwen-long",
+            "qwq-plus",
+            "deepseek-r1",
+            "deepseek-v3",
+        )
+    },
+    "dashscope-intl": {
+        "qwen-plus": _THINKING_UNREAD,
+        "qwen-flash": _THINKING_UNREAD,
+        "qwen-turbo": _THINKING_UNREAD,
+    },
+}
+
+
+# Past this age, `status` warns that the default prices may be out of date.
+STALE_AFTER_DAYS = 90
+
+
+def oldest_as_of(table: PriceTable, provider: str) -> datetime.date | None:
+    """PURE: the oldest `as_of` among `provider`'s prices (None: no dated price)."""
+    dates = [p.as_of for p in table.prices.get(table._provider(provider), {}).values() if p.as_of]
+    return min(dates) if dates else None
+
+
+def stale_note(table: PriceTable, provider: str, today: datetime.date) -> str | None:
+    """PURE: a warning when `provider`'s price table was read more than STALE_AFTER_DAYS
+    before `today`, else None."""
+    oldest = oldest_as_of(table, provider)
+    if oldest is None or (today - oldest).days <= STALE_AFTER_DAYS:
+        return None
+    return (
+        f"the {provider} price table was read on {oldest.isoformat()},"
+        f" {(today - oldest).days} days ago: prices change; check them and set"
+        f" [prices.{provider}.MODEL] (with as_of) in the configuration"
+    )
 
 
 def table_from(raw: dict[str, Any] | None) -> PriceTable:

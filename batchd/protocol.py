@@ -123,6 +123,12 @@ class StatusResponse(_Model, kw_only=True):
     # What was spent (published jobs, batch prices) today and this month, per provider,
     # and the budget beside it; days begin at midnight in `budget.timezone`.
     spend: Spend | None = None
+    # How the daemon counts tokens, per family of models ("exact, Qwen vocabulary", or
+    # "approximate: ... (why)"), and when its price table was read (its oldest default
+    # in use) with a warning past 90 days.
+    tokenizers: dict[str, str] = msgspec.field(default_factory=dict)
+    prices_as_of: str | None = None
+    prices_stale: str | None = None
 
 
 class SpendPeriod(_Model, kw_only=True):

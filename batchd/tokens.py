@@ -58,7 +58,9 @@ import base64
 import hashlib
 import importlib.util
 import os
+import re
 import tempfile
+import threading
 import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -68,6 +70,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import orjson
 
+from batchd import tokenbound
 from batchd.profiles import (
     ENDPOINT_EMBEDDINGS,
     ENDPOINT_TEST,
@@ -141,6 +144,8 @@ class Tokenizer:
     exact: bool
     chat: str = "chatml"
     _count: Callable[[str], int] = field(default=lambda text: approx_tokens(text), repr=False)
+    # Why an approximate tokenizer was chosen (for `status` and `estimate`).
+    reason: str = ""
 
     def count(self, text: str) -> int:
         """The tokens of `text` (special-token text in it counts as plain text)."""
@@ -155,13 +160,26 @@ class Tokenizer:
             return "exact, the test model's fixed usage"
         if self.name.startswith("tiktoken:"):
             return f"exact, tiktoken {self.name.split(':', 1)[1]}"
-        return f"approximate: character classes calibrated on Qwen's vocabulary, {APPROX_ERROR}"
+        whose = "OpenAI's o200k_base and cl100k_base" if self.chat == "openai" else "Qwen's"
+        why = f" ({self.reason})" if self.reason else ""
+        return f"approximate: an upper bound of {whose} count, {APPROX_ERROR}{why}"
+
+
+def _approx_openai(text: str) -> int:
+    return tokenbound.bound(tokenbound.OPENAI)(text)
 
 
 APPROX_TOKENIZER = Tokenizer(APPROX, exact=False)
 # The test model's usage is fixed by the service (`request_tokens` gives it whole).
 FIXED_TOKENIZER = Tokenizer(FIXED, exact=True)
-APPROX_OPENAI = Tokenizer(APPROX, exact=False, chat="openai")
+APPROX_OPENAI = Tokenizer(APPROX, exact=False, chat="openai", _count=_approx_openai)
+
+# Why the approximation counts a model (Tokenizer.reason).
+WHY_ASKED = "asked for"
+WHY_NO_QWEN = "dashscope or tiktoken not installed: pip install 'batchd[tokens]'"
+WHY_NOT_CACHED = "the encoding is not in tiktoken's cache, and batchd never downloads it"
+WHY_NO_TIKTOKEN = "tiktoken not installed: pip install 'batchd[tokens]'"
+WHY_OTHER_FAMILY = "a vocabulary batchd does not have: Qwen's bound stands in, unproven for it"
 
 _TOKENIZERS: dict[tuple[str, str, bool], Tokenizer] = {}
 _ENCODINGS: dict[str, Callable[[str], int] | None] = {}
@@ -188,17 +206,42 @@ def _choose(kind: str, model: str, approx: bool) -> Tokenizer:
     if model == TEST_MODEL:
         return FIXED_TOKENIZER
     if kind == "openai":
-        if not approx:
-            encoding = _openai_encoding_name(model)
-            count = _encoding(encoding) if encoding else None
-            if count is not None:
-                return Tokenizer(f"tiktoken:{encoding}", exact=True, chat="openai", _count=count)
-        return APPROX_OPENAI
-    if not approx and model.lower().startswith(_QWEN_FAMILY):
-        count = _encoding(QWEN)
+        if approx:
+            return APPROX_OPENAI
+        encoding = _openai_encoding_name(model)
+        count = _encoding(encoding) if encoding else None
         if count is not None:
-            return Tokenizer(QWEN, exact=True, _count=count)
-    return APPROX_TOKENIZER
+            return Tokenizer(f"tiktoken:{encoding}", exact=True, chat="openai", _count=count)
+        try:
+            import tiktoken  # noqa: F401
+        except ImportError:
+            return Tokenizer(APPROX, False, "openai", _approx_openai, WHY_NO_TIKTOKEN)
+        return Tokenizer(APPROX, False, "openai", _approx_openai, WHY_NOT_CACHED)
+    if approx:
+        return APPROX_TOKENIZER
+    if not model.lower().startswith(_QWEN_FAMILY):
+        return Tokenizer(APPROX, exact=False, reason=WHY_OTHER_FAMILY)
+    count = _encoding(QWEN)
+    if count is not None:
+        return Tokenizer(QWEN, exact=True, _count=count)
+    return Tokenizer(APPROX, exact=False, reason=WHY_NO_QWEN)
+
+
+def tokenizer_summary(provider: str) -> dict[str, str]:
+    """For `status`: how the daemon counts each family of models on `provider`, one
+    line each ("exact, Qwen vocabulary", "approximate: ... (why)")."""
+    if provider_kind(provider) == "openai":
+        return {
+            "gpt-4o, o-series (o200k_base)": tokenizer_for(provider, "gpt-4o").description,
+            "gpt-4, gpt-3.5 (cl100k_base)": tokenizer_for(provider, "gpt-4").description,
+            "other models": tokenizer_for(provider, "some-other-model").description,
+        }
+    return {
+        "qwen, qwq, qvq, text-embedding-v*": tokenizer_for(provider, "qwen-plus").description,
+        "other models (deepseek, kimi, glm, ...)": tokenizer_for(
+            provider, "deepseek-v3"
+        ).description,
+    }
 
 
 def _encoding(name: str) -> Callable[[str], int] | None:
@@ -223,20 +266,44 @@ def qwen_vocabulary_path() -> Path | None:
     return None
 
 
-def _load_qwen() -> Callable[[str], int] | None:
+def _read_ranks(path: Path) -> dict[bytes, int]:
+    return {
+        base64.b64decode(token): int(rank)
+        for token, rank in (line.split() for line in path.read_bytes().splitlines() if line)
+    }
+
+
+def qwen_ranks() -> dict[bytes, int] | None:
+    """Qwen's vocabulary (token bytes -> rank), None when `dashscope` is not installed."""
     path = qwen_vocabulary_path()
     if path is None:
         return None
     try:
+        return _read_ranks(path)
+    except (OSError, ValueError):
+        return None
+
+
+def openai_ranks(name: str) -> dict[bytes, int] | None:
+    """An OpenAI encoding's vocabulary from tiktoken's cache (checked by its sha256), None
+    when it is not there."""
+    url, sha256 = _OPENAI_FILES[name]
+    cached = tiktoken_cache_file(url)
+    try:
+        if cached is None or hashlib.sha256(cached.read_bytes()).hexdigest() != sha256:
+            return None
+        return _read_ranks(cached)
+    except (OSError, ValueError):
+        return None
+
+
+def _load_qwen() -> Callable[[str], int] | None:
+    try:
         import tiktoken
     except ImportError:
         return None
-    try:
-        ranks = {
-            base64.b64decode(token): int(rank)
-            for token, rank in (line.split() for line in path.read_bytes().splitlines() if line)
-        }
-    except (OSError, ValueError):
+    ranks = qwen_ranks()
+    if ranks is None:
         return None
     special = {text: i for i, text in enumerate(_QWEN_SPECIAL, start=_QWEN_SPECIAL_START)}
     encoding = tiktoken.Encoding(
@@ -246,17 +313,65 @@ def _load_qwen() -> Callable[[str], int] | None:
 
 
 def _qwen_counter(encode: Callable[[str], list[int]]) -> Callable[[str], int]:
-    normalize = unicodedata.normalize
     limit = _CHUNK_CHARS
 
     def count(text: str) -> int:
         if not text.isascii():
-            text = normalize("NFC", text)
+            text = nfc(text)
         if len(text) <= limit:
             return len(encode(text))
         return sum(len(encode(chunk)) for chunk in _chunks(text, limit))
 
     return count
+
+
+# NFC in linear time. CPython puts the combining marks after a character in canonical
+# order with an insertion sort: quadratic in the length of a run of them (a 384 KB input
+# of two runs held the GIL for over a minute). A run longer than _RUN_CHARS is put in
+# order first (each mark decomposed, then a stable sort by combining class, which is what
+# canonical ordering is), so that CPython's sort finds it sorted and passes in one sweep.
+# Runs are found with a class of every character whose decomposition is non-starters
+# only, built once (a third of a second), and only when a text is not NFC already.
+_RUN_CHARS = 32
+_runs_lock = threading.Lock()
+_runs: re.Pattern[str] | None = None
+
+
+def _long_runs() -> re.Pattern[str]:
+    global _runs
+    with _runs_lock:
+        if _runs is None:
+            combining, normalize = unicodedata.combining, unicodedata.normalize
+            marks = [
+                char
+                for char in map(chr, range(0x80, 0x110000))
+                if (combining(char) or unicodedata.decomposition(char)[:1] not in ("", "<"))
+                and not 0xD800 <= ord(char) < 0xE000
+                and all(map(combining, normalize("NFD", char)))
+            ]
+            ranges: list[list[str]] = []
+            for char in marks:
+                if ranges and ord(ranges[-1][1]) + 1 == ord(char):
+                    ranges[-1][1] = char
+                else:
+                    ranges.append([char, char])
+            body = "".join(f"{re.escape(a)}-{re.escape(b)}" for a, b in ranges)
+            _runs = re.compile(f"[{body}]{{{_RUN_CHARS},}}")
+        return _runs
+
+
+def _in_order(match: re.Match[str]) -> str:
+    normalize = unicodedata.normalize
+    marks = "".join([normalize("NFD", char) for char in match.group()])
+    return "".join(sorted(marks, key=unicodedata.combining))
+
+
+def nfc(text: str) -> str:
+    """PURE: `unicodedata.normalize("NFC", text)`, in time linear in the text whatever
+    its runs of combining marks (see _RUN_CHARS)."""
+    if text.isascii() or unicodedata.is_normalized("NFC", text):
+        return text
+    return unicodedata.normalize("NFC", _long_runs().sub(_in_order, text))
 
 
 def _chunks(text: str, size: int) -> Iterator[str]:
@@ -320,90 +435,25 @@ def _load_openai(name: str) -> Callable[[str], int] | None:
     return lambda text: len(encode(text))
 
 
-# The approximation (see approx_tokens). Each byte of the text's UTF-8 is mapped to its
-# class in one `bytes.translate` (continuation bytes deleted, so one byte per character),
-# then `bytes.count` counts classes and pairs of them: C speed, no loop over characters.
-_CLASS_OF = bytes(
-    ord(
-        (
-            "a"
-            if chr(b).isalpha()
-            else "0"
-            if chr(b).isdigit()
-            else " "
-            if b in b" \t"
-            else "\n"
-            if b in b"\r\n"
-            else "."
-        )
-        if b < 0x80
-        else "?"
-        if b < 0xC0  # continuation byte (deleted)
-        else "b"
-        if b < 0xE0  # 2 bytes: Latin accents, Greek, Cyrillic, Arabic, Hebrew
-        else "o"
-        if b < 0xE3  # 3 bytes: Indic, Thai, general punctuation and symbols
-        else "k"
-        if b == 0xE3  # CJK punctuation, kana
-        else "h"
-        if b < 0xEA  # CJK ideographs
-        else "g"
-        if b < 0xEE  # Hangul
-        else "f"
-        if b < 0xF0  # full-width forms (，！？), private use
-        else "e"  # 4 bytes: emoji, rare ideographs
-    )
-    for b in range(256)
-)
-_CONTINUATION = bytes(range(0x80, 0xC0))
-_WORD_STARTS = bytes(ord("a") if b == ord("a") else ord("x") for b in range(256))
-# Tokens per class, from a least-squares fit on the calibration corpus, rounded, then
-# scaled by _APPROX_BIAS so that few texts are undercounted. A pair coefficient lowers
-# the cost of runs (BPE merges "...", "\n\n"); none can make a count negative, as pairs
-# are at most half their class.
-_PER_DIGIT = 1.0  # Qwen's pattern splits numbers into single digits
-_PER_WORD = 1.0  # a run of ASCII letters (with the space before it)
-_PER_PUNCT, _PER_PUNCT_PAIR = 1.0, -1.0
-_PER_NEWLINE, _PER_NEWLINE_PAIR = 1.5, -1.3
-_PER_SPACE_DIGIT = 1.0  # a space before a digit is a token of its own
-_PER_CLASS = {b"b": 0.4, b"o": 1.5, b"k": 0.75, b"h": 0.58, b"g": 0.75, b"f": 1.2, b"e": 1.8}
-_APPROX_BIAS = 1.1
-
-# Measured on the calibration corpus (327 texts: English prose, Markdown, Python code,
-# JSON, CSV, numbers, Chinese prose, Chinese Markdown with code, Japanese, Korean,
-# Russian, French, German, Arabic, emoji, short prompts), relative to Qwen's count:
-# mean +17%; per kind, mean (min..max): Chinese +18% (-8..+42), English +18% (-1..+73,
-# the top being ASCII tables of ==== and ----), code +23% (+8..+56), JSON +17%
-# (+12..+23), CSV +13%, numbers +10%, Chinese Markdown +5% (-4..+11), other languages
-# +21% (-5..+66); 14 of 327 texts undercounted, by at most 8% except odd Korean and
-# rare-ideograph test files (-29%, -46%). tests/unit/test_tokens.py holds a corpus and
-# checks the bounds.
-APPROX_ERROR = "+17% on average, -8%..+73%"
+# The approximation: tokenbound's upper bound, on the text as Qwen's tokenizer sees it
+# (NFC, long texts in chunks). How loose it is, measured on tests/fixtures/
+# tokens_corpus.jsonl against the vocabularies' own counts (docs/costs.md): in all x1.78
+# Qwen's count (x1.83 OpenAI's); English prose x1.85, Chinese x2.2, code x2.3, JSON
+# x2.1, CSV x1.2, numbers x1.0 (Qwen counts a token per digit); never below.
+APPROX_ERROR = "never below it, about x1.8 on mixed text"
 
 
 def approx_tokens(text: str) -> int:
-    """PURE: Qwen's token count of `text`, approximated from counts of character classes
-    (digits, ASCII words, punctuation, line breaks, CJK ideographs, kana, Hangul, other
-    scripts, emoji; the coefficients above), biased up so that it rarely undercounts:
-    budgets rely on it. Error: APPROX_ERROR (measured, see above)."""
+    """PURE: an upper bound of Qwen's token count of `text` (tokenbound: never below the
+    exact count, whatever the text; about x1.8 above it on mixed text, see APPROX_ERROR)."""
     if not text:
         return 0
-    classes = text.encode("utf-8", "surrogatepass").translate(_CLASS_OF, _CONTINUATION)
-    count = classes.count
-    tokens = (
-        _PER_DIGIT * count(b"0")
-        + _PER_WORD * classes.translate(_WORD_STARTS).count(b"xa")
-        + (classes[:1] == b"a")
-        + _PER_PUNCT * count(b".")
-        + _PER_PUNCT_PAIR * count(b"..")
-        + _PER_NEWLINE * count(b"\n")
-        + _PER_NEWLINE_PAIR * count(b"\n\n")
-        + _PER_SPACE_DIGIT * count(b" 0")
-    )
     if not text.isascii():
-        for name, per in _PER_CLASS.items():
-            tokens += per * count(name)
-    return int(1 + _APPROX_BIAS * tokens + 0.999)
+        text = nfc(text)
+    counted = tokenbound.bound(tokenbound.QWEN)
+    if len(text) <= _CHUNK_CHARS:
+        return counted(text)
+    return sum(counted(chunk) for chunk in _chunks(text, _CHUNK_CHARS))
 
 
 # --- requests ---------------------------------------------------------------------------
@@ -504,12 +554,9 @@ class _Counter:
         return (length * kind[0] + kind[1] - 1) // kind[1]
 
     def message(self, role: str, content: str) -> int:
-        """The tokens of `role\ncontent`. The approximation counts the role and the line
-        break as the one token each they are in Qwen's vocabulary (system, user,
-        assistant), and approximates the content alone."""
-        if self.tokenizer.exact:
-            return self.text(role + "\n" + content)
-        return 2 + self.text(content)
+        """The tokens of `role\ncontent` (counted whole, by the approximation too: its
+        bound holds for the text the template makes, not for its parts added up)."""
+        return self.text(role + "\n" + content)
 
     def request(self, body: dict[str, Any], endpoint: str) -> int:
         if endpoint == ENDPOINT_TEST or body.get("model") == TEST_MODEL:
@@ -560,7 +607,6 @@ class _Counter:
             tools_text = ""
         # Once per message of every line: locals, type() checks, the usual case first.
         text = self.text
-        exact = self.tokenizer.exact
         for message in messages:
             if type(message) is not dict:
                 continue
@@ -576,7 +622,7 @@ class _Counter:
                 content += tools_text
                 tools_text = ""
             # <|im_start|> role\ncontent <|im_end|> \n; see `message`.
-            total += (3 + text(role + "\n" + content)) if exact else (5 + text(content))
+            total += 3 + text(role + "\n" + content)
         return total
 
     def _openai_chat(self, messages: list[Any], tools: Any) -> int:
@@ -670,7 +716,14 @@ def output_split(
     reasoning = 0
     if thinks(body, limits):
         reasoning = _positive(body.get("thinking_budget")) or most
-    return answer, reasoning
+    choices = choices_of(body)
+    return answer * choices, reasoning * choices
+
+
+def choices_of(body: dict[str, Any]) -> int:
+    """PURE: how many choices a request asks for (`n`, each billed its own output): a
+    positive integer, else 1 (the service's default; a bad `n` is validation's to report)."""
+    return _positive(body.get("n")) or 1
 
 
 def output_bound(
@@ -679,8 +732,9 @@ def output_bound(
     """PURE: the most output tokens one request may be billed for: its `max_tokens` (or
     `max_completion_tokens`) when a positive integer, else the model's
     `max_output_tokens`, else `default_max`; plus, when it thinks, its `thinking_budget`
-    (else the model's maximum again). Embeddings: 0; the test model: 6. Without
-    `endpoint`, an embedding request is told by its body (`input`, an embedding model)."""
+    (else the model's maximum again); all of it times `n`, each choice being billed.
+    Embeddings: 0; the test model: 6. Without `endpoint`, an embedding request is told
+    by its body (`input`, an embedding model)."""
     answer, reasoning = output_split(body, limits, default_max, endpoint=endpoint)
     return answer + reasoning
 
@@ -707,6 +761,10 @@ class ModelCount(msgspec.Struct, kw_only=True):
     currency: str | None = None
     tokenizer: str = APPROX
     exact: bool = False
+    # Whether `input_tokens` is never below the service's count: exact, or the
+    # approximation's bound. False for the sampled fast path (`approx=True`), whose
+    # scaled figures can undercount a text unlike the sample.
+    bound: bool = True
 
 
 class FileCount(msgspec.Struct, kw_only=True):
@@ -731,6 +789,11 @@ class FileCount(msgspec.Struct, kw_only=True):
     @property
     def exact(self) -> bool:
         return all(m.exact for m in self.models.values())
+
+    @property
+    def bound(self) -> bool:
+        """Whether every input figure is at least the service's count (see ModelCount)."""
+        return all(m.bound for m in self.models.values())
 
     def cost(self, which: str) -> float | None:
         """The sum of the models' `cost_min` or `cost_max`; None when any is unknown or
@@ -808,6 +871,7 @@ class _FastBody(msgspec.Struct):
     max_completion_tokens: int | None = None
     enable_thinking: bool | None = None
     thinking_budget: int | None = None
+    n: int | None = None
     tools: msgspec.Raw | None = None
 
 
@@ -851,11 +915,13 @@ def _fast_split(body: _FastBody, most: int, thinks_by_default: bool) -> tuple[in
         answer = body.max_completion_tokens
         if answer is None or answer < 1:
             answer = most
+    choices = body.n if body.n is not None and body.n > 0 else 1
     thinking = body.enable_thinking
     if thinking is True or (thinking is None and thinks_by_default):
         budget = body.thinking_budget
-        return answer, budget if budget is not None and budget > 0 else most
-    return answer, 0
+        reasoning = budget if budget is not None and budget > 0 else most
+        return answer * choices, reasoning * choices
+    return answer * choices, 0
 
 
 def count_file(
@@ -894,6 +960,7 @@ def count_file(
                 currency=price.currency if price else prices.currency(provider),
             )
             counter = _Counter(tokenizer, sampled=approx and not tokenizer.exact)
+            count.bound = not counter.sampled
             state = states[model] = _ModelState(
                 model, count, counter, limits.for_model(model), default_max, price
             )

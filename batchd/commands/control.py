@@ -30,7 +30,7 @@ from batchd.client import (
 )
 from batchd.commands import positive_int, positive_seconds
 from batchd.errors import UsageError
-from batchd.protocol import ActionResponse, JobInfo, Spend, to_builtins
+from batchd.protocol import ActionResponse, JobInfo, Spend, StatusResponse, to_builtins
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 # Jobs a table lists unless told otherwise.
@@ -106,6 +106,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if body.spend is not None:
         for line in _spend_lines(body.spend):
             console.print(line)
+    for line in _counting_lines(body):
+        console.print(line)
     for why in body.waiting:
         console.print(f"[yellow]waiting: {why}[/]")
     if body.reload is not None:
@@ -167,6 +169,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _money(amount: float | None, currency: str) -> str:
     return "unknown" if amount is None else f"{amount:.4f} {currency}".strip()
+
+
+def _counting_lines(body: StatusResponse) -> list[str]:
+    """PURE: status's lines on how tokens are counted and how old the prices are."""
+    from rich.markup import escape
+
+    lines = [escape(f"tokens of {family}: {how}") for family, how in body.tokenizers.items()]
+    if body.prices_stale:
+        lines.append(f"[yellow]warning: {escape(body.prices_stale)}[/]")
+    elif body.prices_as_of:
+        lines.append(f"prices read on {body.prices_as_of}")
+    return lines
 
 
 def _spend_lines(spend: Spend) -> list[str]:

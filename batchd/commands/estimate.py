@@ -11,11 +11,15 @@ cost too (`output_tokens_observed_mean`, `cost.likely`).
 
 `--approx` counts with the fast approximation (`count_file(approx=True)`) even where
 Qwen's vocabulary is installed: chat lines read through a typed schema, most long texts
-scaled by a tokens-per-byte ratio measured on a sample of them with the character-class
-approximation (which overcounts by about a sixth). It runs at more than half the speed
-of `batchd validate` (tests/bench/bench_estimate.py); Qwen's own BPE runs at about a
-twentieth of it, however it is fed (threads, batches: measured, no gain on two cores),
-and only the memo of repeated strings (a long system prompt) helps it.
+scaled by a tokens-per-byte ratio measured on a sample of them with the approximation's
+upper bound. The scaled figures are an estimate, not a bound (a text unlike the sample,
+a protein sequence among prose, can count more than its share): the output says so
+(`"bound": false`); the daemon never counts this way. It runs at just under half the
+speed of `batchd validate` (0.47 on 101 MB of chat lines, 2026-12-07, on two cores
+shared with other work: tests/bench/bench_estimate.py, docs/benchmarks.md); Qwen's own
+BPE at a twentieth of it (0.06) with unique texts, however it is fed (threads, batches:
+measured, no gain on two cores), and only the memo of repeated strings helps it (0.23
+with a long system prompt repeated).
 
 Light: nothing of the daemon, aiohttp or pydantic is loaded (unless `--config` or a
 BATCHD_* variable asks for the configuration, as for `batchd validate`).
@@ -69,8 +73,8 @@ def register(subparsers: Any) -> None:
     estimate.add_argument(
         "--approx",
         action="store_true",
-        help="count with the fast approximation (many times faster; overcounts by about "
-        "a sixth) even where Qwen's vocabulary is installed",
+        help="a quick estimate (many times faster): long texts scaled by a ratio measured "
+        "on a sample, so not a bound, even where Qwen's vocabulary is installed",
     )
     add_check_options(estimate)
     estimate.set_defaults(handler=run_estimate)
@@ -157,6 +161,7 @@ def _model_object(
         "thinking": count.thinking,
         "thinking_unset": count.thinking_unset,
         "tokenizer": count.tokenizer,
+        "bound": count.bound,
         "cost": {"min": count.cost_min, "max": count.cost_max, "currency": count.currency},
     }
     if checking.state_dir is not None:
@@ -179,6 +184,7 @@ def file_object(
         "input_tokens": counted.input_tokens,
         "tokenizer": ",".join(tokenizers),
         "exact": counted.exact,
+        "bound": counted.bound,
         "models": {
             model: _model_object(model, count, table, checking)
             for model, count in counted.models.items()
@@ -204,9 +210,12 @@ def _render(data: dict[str, Any], provider: str, approx: bool) -> list[str]:
         output = f"output at most {facts['output_tokens_max']:,} tokens"
         if observed is not None:
             output += f" (recent jobs: {observed:,.0f} per request)"
+        how = tokenizer.description
+        if not facts["bound"]:
+            how = "sampled estimate, not a bound: a text unlike the sample may count more"
         lines.append(
             f"  {model}: {facts['requests']} requests, {facts['input_tokens']:,} input tokens "
-            f"({tokenizer.description}), {output}"
+            f"({how}), {output}"
         )
         if cost["min"] is None:
             lines.append(

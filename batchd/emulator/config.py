@@ -130,6 +130,17 @@ class EmulatorSettings(FileSettings):
         "qwq-plus",
         "qwq-32b-preview",
         "qwen3-235b-a22b",
+        "qwen3-32b",
+        "qwen3-30b-a3b",
+        "qwen3-14b",
+        "qwen3-8b",
+        "qwen3-4b",
+        "qwen3-1.7b",
+        "qwen3-0.6b",
+        "qwen3-235b-a22b-thinking-2507",
+        "qwen3-30b-a3b-thinking-2507",
+        "qwen3.5-plus",
+        "qwen3.5-flash",
         "deepseek-r1",
         "deepseek-v3",
         "text-embedding-v1",
@@ -140,7 +151,29 @@ class EmulatorSettings(FileSettings):
         "text-embedding-3-small",
     )
     # Models that always think (enable_thinking does not apply to them).
-    thinking_models: tuple[str, ...] = ("qwq-plus", "qwq-32b-preview", "deepseek-r1")
+    thinking_models: tuple[str, ...] = (
+        "qwq-plus",
+        "qwq-32b-preview",
+        "deepseek-r1",
+        "qwen3-235b-a22b-thinking-2507",
+        "qwen3-30b-a3b-thinking-2507",
+    )
+    # Hybrid models that think unless a request sets `enable_thinking: false`, as Model
+    # Studio documents them: the Qwen3 open models and Qwen3.5 (the commercial qwen-plus,
+    # qwen-turbo, qwen-flash think only when asked). A list of the emulator's own, kept
+    # apart from the daemon's (batchd.profiles) so that one cannot hide the other's slip.
+    thinking_by_default: tuple[str, ...] = (
+        "qwen3-235b-a22b",
+        "qwen3-32b",
+        "qwen3-30b-a3b",
+        "qwen3-14b",
+        "qwen3-8b",
+        "qwen3-4b",
+        "qwen3-1.7b",
+        "qwen3-0.6b",
+        "qwen3.5-plus",
+        "qwen3.5-flash",
+    )
     # Vector length per embedding model; a request's `dimensions` overrides it.
     embedding_dimensions: dict[str, int] = Field(
         default_factory=lambda: {

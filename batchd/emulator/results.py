@@ -59,6 +59,7 @@ class Answerer:
     created: int
     thinking_models: frozenset[str]
     embedding_dimensions: dict[str, int]
+    thinking_by_default: frozenset[str] = frozenset()
 
     def _digest(self, *parts: str) -> bytes:
         text = ":".join((str(self.seed), self.batch_id, *parts))
@@ -111,7 +112,7 @@ class Answerer:
                 completion_tokens = max_tokens
             usage = {"completion_tokens": completion_tokens, "prompt_tokens": asked}
             message = {"content": content}
-            if model in self.thinking_models or body.get("enable_thinking") is True:
+            if self._thinks(model, body.get("enable_thinking")):
                 reasoning = f"Thinking about {digest[12:24]}: {prompt[:40]}"
                 budget = body.get("thinking_budget")
                 reasoning_tokens = _tokens(reasoning)
@@ -129,6 +130,13 @@ class Answerer:
             "choices": [{"finish_reason": "stop", "index": 0, "message": message}],
             "object": "chat.completion",
         }
+
+    def _thinks(self, model: str, enable_thinking: Any) -> bool:
+        """Does the request think? Always for a thinking-only model; for a hybrid one
+        when `enable_thinking` is true, or unset on a model that thinks by default."""
+        if model in self.thinking_models or enable_thinking is True:
+            return True
+        return model in self.thinking_by_default and enable_thinking is None
 
     def _embedding(self, request_id: str, body: dict[str, Any]) -> dict[str, Any]:
         model = str(body.get("model"))

@@ -418,6 +418,7 @@ class Store:
             seed=s.seed,
             created=math.floor(phase.events.get("in_progress_at", batch.timeline.created_at)),
             thinking_models=frozenset(s.thinking_models),
+            thinking_by_default=frozenset(s.thinking_by_default),
             embedding_dimensions=dict(s.embedding_dimensions),
         )
         failing = set(batch.scan.failing)

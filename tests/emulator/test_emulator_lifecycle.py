@@ -173,6 +173,50 @@ async def test_thinking_adds_reasoning_content_and_tokens(api: Api, emulator: An
     assert usage["completion_tokens_details"] == {"reasoning_tokens": 3}
 
 
+async def test_qwen3_open_models_think_unless_told_not_to(
+    start_emulator: Any, make_api: Any
+) -> None:
+    """Model Studio's Qwen3 open models (and Qwen3.5) think by default (issue 21): an
+    answer with reasoning_content and reasoning tokens billed as output, unless the
+    request sets enable_thinking false; the commercial qwen-plus thinks only when asked."""
+    asked = {
+        "default": requests(2, "qwen3-235b-a22b"),
+        "off": requests(2, "qwen3-32b", enable_thinking=False),
+        "on": requests(2, "qwen3-8b", enable_thinking=True),
+        "qwen3.5": requests(2, "qwen3.5-plus"),
+        "commercial": requests(2, "qwen-plus"),
+    }
+    emulator = await start_emulator(limits={"upload_per_second": 100})
+    api = make_api(emulator)
+    batches = {
+        name: await api.create_ok(await api.upload_ok(content), ENDPOINT_CHAT)
+        for name, content in asked.items()
+    }
+    emulator.advance(3600)
+    thought = {}
+    for name, batch in batches.items():
+        lines = await api.lines((await api.batch(batch["id"]))["output_file_id"])
+        kinds = set()
+        for line in lines:
+            body = line["response"]["body"]
+            message, usage = body["choices"][0]["message"], body["usage"]
+            reasoning = usage.get("completion_tokens_details", {}).get("reasoning_tokens", 0)
+            assert bool(message.get("reasoning_content")) == (reasoning > 0), line
+            assert usage["completion_tokens"] > reasoning
+            kinds.add(reasoning > 0)
+        (thought[name],) = kinds
+    assert thought == {
+        "default": True,
+        "off": False,
+        "on": True,
+        "qwen3.5": True,
+        "commercial": False,
+    }
+    tally = (await api.stats())["tokens_by_model"]
+    assert tally["qwen3-235b-a22b"]["reasoning_tokens"] > 0
+    assert tally["qwen3-32b"]["reasoning_tokens"] == tally["qwen-plus"]["reasoning_tokens"] == 0
+
+
 async def test_embeddings_are_deterministic_unit_vectors(api: Api, emulator: Any) -> None:
     content = requests(2, "text-embedding-v4", ENDPOINT_EMBEDDINGS) + requests(
         1, "text-embedding-v4", ENDPOINT_EMBEDDINGS, start=2, input="text 0", dimensions=64

@@ -71,8 +71,17 @@ async def test_status_jobs_show_and_metrics_answer_over_the_socket(
         assert status["healthy"] and status["provider"] == "custom"
         assert status["jobs_by_state"] == {"published": 1}
         assert status["caps"]["running_cap"] == 1000
+        # Which tokenizer counts each family (issue 21), and the prices' date.
+        assert status["tokenizers"]["qwen, qwq, qvq, text-embedding-v*"] == (
+            "exact, Qwen vocabulary"
+        )
+        assert status["tokenizers"]["other models (deepseek, kimi, glm, ...)"].startswith(
+            "approximate: an upper bound"
+        )
+        assert status["prices_as_of"] == "2026-11-30" and status["prices_stale"] is None
         code, out, _ = await cli(capsys, "status", "--socket", sock)
         assert code == 0 and "healthy" in out
+        assert "tokens of qwen, qwq, qvq, text-embedding-v*: exact, Qwen vocabulary" in out
         code, out, _ = await cli(capsys, "jobs", "--socket", sock, "--json", "--state", "published")
         listing = json.loads(out)
         assert isinstance(listing, list) and len(listing) == 1

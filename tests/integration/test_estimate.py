@@ -73,7 +73,8 @@ def test_approx_counts_with_the_approximation_and_says_so(
     [data] = objects(out)
     assert data["tokenizer"] == "approx" and data["exact"] is False
     code, out = estimate(capsys, "--approx", str(SEED))
-    assert "approximate: " in out and "CNY" in out
+    assert "sampled estimate, not a bound" in out and "CNY" in out
+    assert data["bound"] is False
 
 
 def test_an_unknown_price_is_unknown_not_zero(capsys: pytest.CaptureFixture[str]) -> None:

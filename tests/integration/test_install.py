@@ -162,3 +162,35 @@ def test_sysusers_and_tmpfiles_build_the_shared_folders(tmp_path: Path) -> None:
         assert stat.S_IMODE(st.st_mode) == want_mode, rel
         assert st.st_gid == groups[group], rel
         assert st.st_uid == int(users["batchd"][2]), rel
+
+
+def test_the_venv_gets_the_tokens_extra(tmp_path: Path) -> None:
+    """Issue 21: the service installed without `tokens` counted with the approximation.
+    A stand-in python records what pip is asked to install into the venv."""
+    fakes = tmp_path / "fakebin"
+    fakes.mkdir()
+    log = tmp_path / "pip-calls"
+    venv_python = f'#!/bin/sh\necho "$*" >> "{log}"\n'
+    (fakes / "python3").write_text(
+        "#!/bin/sh\n"
+        '[ "$1 $2" = "-m venv" ] || exit 1\n'
+        'mkdir -p "$3/bin"\n'
+        f"cat > \"$3/bin/python\" <<'EOF'\n{venv_python}EOF\n"
+        'printf "#!/bin/sh\\necho batchd 0\\n" > "$3/bin/batchd"\n'
+        'chmod 755 "$3/bin/python" "$3/bin/batchd"\n'
+    )
+    (fakes / "python3").chmod(0o755)
+    for tool in SYSTEM_TOOLS:
+        (fakes / tool).write_text("#!/bin/sh\n")
+        (fakes / tool).chmod(0o755)
+    env = {
+        "PATH": f"{fakes}:/usr/bin:/bin",
+        "DESTDIR": str(tmp_path / "dest"),
+        "HOME": str(tmp_path),
+    }
+    result = subprocess.run(
+        ["sh", str(SCRIPT)], capture_output=True, text=True, env=env, timeout=30, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    installs = [line for line in log.read_text().splitlines() if "pip install" in line]
+    assert installs and installs[-1].endswith("[tokens]"), installs

@@ -4,9 +4,11 @@ models (never free), and the configuration's table over the dated defaults."""
 from __future__ import annotations
 
 import datetime
+from pathlib import Path
 
 import pytest
 
+from batchd import prices
 from batchd.prices import (
     DEFAULT_PRICES,
     MAX_USAGE_TOKENS,
@@ -206,3 +208,51 @@ def test_a_bad_key_is_named(raw: dict[str, object], named: str) -> None:
 def test_a_table_without_any_price_falls_back_on_the_regions_currency() -> None:
     assert PriceTable({}).currency("dashscope") == "CNY"
     assert PriceTable({}).currency("openai") == "USD"
+
+
+def test_status_warns_when_the_price_table_is_older_than_90_days() -> None:
+    table = table_from(None)
+    read = prices.oldest_as_of(table, "dashscope")
+    assert read is not None
+    assert prices.stale_note(table, "dashscope", read + datetime.timedelta(days=90)) is None
+    note = prices.stale_note(table, "dashscope", read + datetime.timedelta(days=91))
+    assert note is not None and "91 days ago" in note and "[prices.dashscope." in note
+    undated = PriceTable({"custom": {"m": Price(input=1.0, output=1.0, currency="CNY")}})
+    assert prices.stale_note(undated, "custom", datetime.date(2099, 1, 1)) is None
+
+
+def test_every_default_price_names_its_source_and_the_day_it_was_read() -> None:
+    for provider, table in DEFAULT_PRICES.prices.items():
+        for model, price in table.items():
+            assert price.source and price.as_of, (provider, model)
+            assert price.as_of <= datetime.date(2026, 12, 31), (provider, model)
+
+
+def test_every_batch_model_has_a_price_or_a_stated_reason_why_not() -> None:
+    """Issue 21 item 12: the models Model Studio lists for batch, in Beijing and in
+    Singapore, each priced by default, or named in UNPRICED with why and in docs/costs.md
+    (a budget holds them until a price is configured)."""
+    costs = (Path(__file__).parents[2] / "docs" / "costs.md").read_text()
+    unknown_section = costs[costs.index("Batch models without a default price") :]
+    for provider, models in prices.BATCH_MODELS.items():
+        for model in models:
+            priced = DEFAULT_PRICES.price(provider, model)
+            why = prices.UNPRICED.get(provider, {}).get(model)
+            assert (priced is None) != (why is None), (provider, model)
+            if why is not None:
+                assert f"`{model}`" in unknown_section, (provider, model)
+    # What is unpriced is a batch model (the list does not hide a priced one).
+    for provider, unpriced in prices.UNPRICED.items():
+        assert set(unpriced) <= set(prices.BATCH_MODELS[provider]), provider
+
+
+def test_text_embeddings_are_priced_in_both_regions() -> None:
+    """The pages: v4 and v3 at CNY 0.0005 per thousand input tokens in Beijing (batch
+    0.00025) and USD 0.07 per million in Singapore; embeddings have no output."""
+    for model in ("text-embedding-v4", "text-embedding-v3"):
+        beijing = DEFAULT_PRICES.price("dashscope", model)
+        singapore = DEFAULT_PRICES.price("dashscope-intl", model)
+        assert beijing is not None and beijing.currency == "CNY"
+        assert beijing.batch_cost(1_000, 0) == pytest.approx(0.00025)
+        assert singapore is not None and singapore.currency == "USD"
+        assert singapore.batch_cost(1_000_000, 0) == pytest.approx(0.035)
