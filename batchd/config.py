@@ -32,6 +32,7 @@ from pydantic_settings import (
 from batchd.budget import Caps
 from batchd.csvio import DEFAULT_CSV_ENCODING, encoding_problem
 from batchd.errors import ConfigError
+from batchd.logs import shown_url
 from batchd.models import completion_hours
 from batchd.prices import PriceTable, table_from
 from batchd.profiles import (
@@ -336,7 +337,7 @@ class NotifySettings(BaseModel):
     def _http_only(cls, urls: list[str]) -> list[str]:
         for url in urls:
             if not url.startswith(("http://", "https://")):
-                raise ValueError(f"{url!r} is not an http(s) URL")
+                raise ValueError(f"{shown_url(url)!r} is not an http(s) URL")
         return urls
 
 

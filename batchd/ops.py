@@ -29,7 +29,7 @@ from batchd.config import Settings
 from batchd.fsutil import fsync_dir, write_atomic
 from batchd.intake import Intake
 from batchd.lines import DEFAULT_MAX_LINE_BYTES, input_line_of, iter_lines, read_line
-from batchd.logs import get_logger, log_health
+from batchd.logs import get_logger, log_health, shown_url
 from batchd.models import (
     JOB_ACTIVE,
     JOB_TERMINAL,
@@ -372,7 +372,7 @@ class Operations:
             notifications=(
                 [
                     Notification(
-                        target=d.target.split("?", 1)[0],
+                        target=shown_url(d.target),
                         event=d.event,
                         state=d.state,
                         attempts=d.attempts,
