@@ -381,6 +381,12 @@ class ControlSettings(BaseModel):
     # A request must arrive whole within this long of the connection (or of the previous
     # answer on it); a peer that sends nothing, or sends slowly, is closed.
     request_timeout_s: float = Field(default=10.0, gt=0)
+    # Event streams (`batchd watch`) served at once, counted apart from max_connections:
+    # watchers never lock out a request.
+    max_streams: int = Field(default=16, ge=1)
+    # A stream whose reader leaves what was written unread this long (a watch stopped
+    # with Ctrl-Z) is cut; a quiet stream gets a heartbeat every third of it.
+    stream_timeout_s: float = Field(default=30.0, gt=0)
 
 
 class Settings(FileSettings):

@@ -406,6 +406,8 @@ class Daemon:
                 control.group,
                 max_connections=control.max_connections,
                 request_timeout_s=control.request_timeout_s,
+                max_streams=control.max_streams,
+                stream_timeout_s=control.stream_timeout_s,
             )
             stack.push_async_callback(self.control.stop)
             await self._serve(on_ready)
