@@ -25,6 +25,11 @@ class FaultSettings(BaseModel):
     # Extra latency added to every API call, in seconds (uniform between min and max).
     latency_min_s: float = Field(default=0.0, ge=0.0)
     latency_max_s: float = Field(default=0.0, ge=0.0)
+    # Share of those calls that get the latency (1: every one). Fewer, with a latency
+    # longer than the calls take, model calls that overtake each other on the way (one
+    # waits in a proxy's queue while later ones go straight through); the service counts
+    # each call against its cap when it arrives, after the latency.
+    latency_rate: float = Field(default=1.0, ge=0.0, le=1.0)
     # Share of API calls whose connection is dropped before any answer.
     drop_connection_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     # Share of batch creates that take effect but whose answer is lost (connection dropped).

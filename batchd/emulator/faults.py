@@ -14,6 +14,8 @@ from batchd.emulator.config import FaultSettings
 
 # Counters of the faults decided outside `decide`, as `stats()["faults"]` names them.
 COUNTERS = (
+    # Calls held back by the latency fault before the service saw them.
+    "delayed",
     "lost_create_response",
     "lost_response",
     "list_filters_ignored",
@@ -91,9 +93,12 @@ class FaultInjector:
         if not self._applies(call_class):
             return Decision(0.0, Fault.NONE)
         latency = 0.0
-        if s.latency_max_s > 0:
+        # A draw for the share only when it is one: a run with every call delayed
+        # repeats the draws it made before `latency_rate` existed.
+        if s.latency_max_s > 0 and (s.latency_rate >= 1 or self._rng.random() < s.latency_rate):
             low = min(s.latency_min_s, s.latency_max_s)
             latency = self._rng.uniform(low, s.latency_max_s)
+            self.counts["delayed"] += 1
         fault = Fault.NONE
         for rate, kind in (
             (s.drop_connection_rate, Fault.DROP),
