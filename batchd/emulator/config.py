@@ -39,6 +39,14 @@ class FaultSettings(BaseModel):
     # Share of uploads, creates, cancels and file deletes that take effect but whose
     # answer is lost (connection dropped); `classes` narrows it like the faults above.
     lost_response_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    # A gateway in front of the service whose own client sends a create upstream again
+    # (as LiteLLM's did, whatever `num_retries` said, when its upstream connection was
+    # lost after the batch was made): this share of creates is made `gateway_retries`
+    # more times, same file, same metadata, each counted against the create cap (a retry
+    # the cap refuses ends them). The answer is the last batch made, unless a lost-answer
+    # fault above takes it.
+    gateway_retry_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    gateway_retries: int = Field(default=2, ge=1, le=10)
     # Call classes the faults above apply to; empty means every class.
     classes: tuple[str, ...] = ()
     # The faults below shape answers the way other providers and gateways do; they apply

@@ -18,6 +18,8 @@ COUNTERS = (
     "delayed",
     "lost_create_response",
     "lost_response",
+    # Batches a gateway's retried create made beside the first.
+    "gateway_retried_creates",
     "list_filters_ignored",
     "endless_pages",
     "garbled_fields",
@@ -111,6 +113,13 @@ class FaultInjector:
         if fault is not Fault.NONE:
             self.counts[fault.value] += 1
         return Decision(latency, fault)
+
+    def gateway_retries(self) -> int:
+        """How many more times a gateway sends this create upstream (0: not at all)."""
+        rate = self.settings.gateway_retry_rate
+        if rate > 0 and self._applies("create") and self._rng.random() < rate:
+            return self.settings.gateway_retries
+        return 0
 
     def lose_create_response(self) -> bool:
         """Whether this create, having taken effect, loses its answer."""
