@@ -804,6 +804,15 @@ class _SnapshotCollector:
         yield GaugeMetricFamily(
             "batchd_jobs_held", "Jobs held for the budget or as duplicates", value=spend.held_jobs
         )
+        extras = CounterMetricFamily(
+            "batchd_extra_batches",
+            "Batches made for a part beside the one it follows (a gateway's retried"
+            " create), by where their cancel stands",
+            labels=["cancel"],
+        )
+        for cancel, n in s["extra_batches"].items():
+            extras.add_metric([cancel], n)
+        yield extras
         yield CounterMetricFamily(
             "batchd_log_lines_dropped",
             "Log lines no output stream took (a broken pipe, a full disk)",

@@ -28,6 +28,7 @@ from batchd.collect import Collector
 from batchd.config import Settings
 from batchd.control import ControlServer, check_socket_path, resolve_group
 from batchd.errors import BatchdError, ConfigError
+from batchd.extras import ExtraBatches
 from batchd.intake import Intake
 from batchd.limits import CallClass, RateLimiter
 from batchd.logs import configure, get_logger, register_secret
@@ -215,6 +216,16 @@ class Daemon:
             clock=self.clock,
             on_held=self.wake.poke(Stage.NOTIFY),
         )
+        # A part's extra batches (a gateway's retried create): found by the submit and
+        # poll stages, cancelled and followed by the submit stage.
+        self.extras = ExtraBatches(
+            self.store,
+            self.api,
+            self.account,
+            self.clock,
+            pause_base_s=api.step_retry_base_s,
+            pause_cap_s=api.step_retry_cap_s,
+        )
         self.submitter = Submitter(
             self.store,
             self.api,
@@ -232,6 +243,7 @@ class Daemon:
             budget_zone=s.budget.timezone,
             provider=s.provider,
             on_held=self.wake.poke(Stage.NOTIFY),
+            extras=self.extras,
         )
         self.poller = Poller(
             self.store,
@@ -245,6 +257,7 @@ class Daemon:
             policy=policy,
             max_pages=api.max_list_pages,
             clock=self.clock,
+            extras=self.extras,
         )
         self.collector = Collector(
             self.store,
