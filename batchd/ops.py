@@ -63,6 +63,7 @@ from batchd.protocol import (
 from batchd.stages import Stage, Wake
 from batchd.store import Store
 from batchd.verdict import SIDECAR_ERROR
+from batchd.webhooks import shown_error
 
 log = get_logger(__name__)
 
@@ -378,7 +379,8 @@ class Operations:
                         event=d.event,
                         state=d.state,
                         attempts=d.attempts,
-                        last_error=d.last_error,
+                        # Notes stored before URLs were masked in them are masked here.
+                        last_error=shown_error(d.last_error, d.target) if d.last_error else None,
                         delivered_at=d.delivered_at,
                         next_at=d.next_at if d.state == "pending" else None,
                     )
