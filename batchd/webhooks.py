@@ -359,7 +359,7 @@ async def _tail(stream: asyncio.StreamReader, keep: int) -> bytes:
 
 def redirect_note(status: int, location: str | None) -> str:
     """PURE: the note of a delivery answered with a redirect, which is never followed."""
-    where = f"to {shown_url(location)}" if location else "without a Location"
+    where = f"to {shown_url(location)[:ANSWER_SHOWN]}" if location else "without a Location"
     return (
         f"HTTP {status}: a redirect {where}, not followed (a webhook is POSTed to its"
         " configured URL only: put the final URL in [notify] webhook_urls)"
