@@ -225,6 +225,7 @@ class Daemon:
             self.clock,
             pause_base_s=api.step_retry_base_s,
             pause_cap_s=api.step_retry_cap_s,
+            on_garbage=self.wake.poke(Stage.CLEANUP),
         )
         self.submitter = Submitter(
             self.store,

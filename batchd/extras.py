@@ -20,7 +20,7 @@ cancelled after it started may still bill the requests it ran before the cancel.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from batchd.account import AccountState
 from batchd.api import AccountError, ApiError, BatchApi, NotFoundError
@@ -156,8 +156,11 @@ class ExtraBatches:
         *,
         pause_base_s: float = 5.0,
         pause_cap_s: float = 600.0,
+        on_garbage: Callable[[], None] = lambda: None,
     ) -> None:
         self.store = store
+        # Wakes the remote clean-up when an extra's result files are queued for deletion.
+        self.on_garbage = on_garbage
         self.api = api
         self.account = account
         self.clock = clock
@@ -191,6 +194,7 @@ class ExtraBatches:
             "extra batch",
             now,
         )
+        self.on_garbage()
         for extra in extras:
             log.error(
                 "extra_batch_found",
@@ -322,6 +326,7 @@ class ExtraBatches:
         await self.store.add_garbage(
             [batch.output_file_id, batch.error_file_id], "extra batch", now
         )
+        self.on_garbage()
         await self.store.update_extra_batch(
             extra.batch_id,
             cancel=ExtraCancel.ENDED,
