@@ -247,33 +247,38 @@ class BatchApi:
         timeout: aiohttp.ClientTimeout | None = None,
         sink: Path | None = None,
     ) -> Any:
-        await self.limiter.acquire(cls)
         headers = {"Content-Type": "application/json"} if json is not None else None
         try:
-            with ExitStack() as stack:
-                # A form (an upload) is built afresh for each attempt: it reads a file.
-                body = orjson.dumps(json) if json is not None else form(stack) if form else None
-                async with self.session.request(
-                    method,
-                    f"{self._base}{path}",
-                    params=params,
-                    data=body,
-                    headers=headers,
-                    timeout=timeout or self._timeout,
-                ) as resp:
-                    if resp.status >= 400:
-                        err = _error_from(
-                            resp.status,
-                            self._redact(await resp.read()),
-                            resp.headers,
-                            self.clock.now(),
-                        )
-                        if resp.status == 429:
-                            self.limiter.throttle(cls, err.retry_after_s or self.retry.base_s * 4)
-                        raise err
-                    if sink is not None:
-                        return await _stream_to(resp, sink, self.throughput)
-                    raw = await resp.read()
+            # The call holds its place in the class's window until its answer arrives
+            # (its head: a download's body does not hold it), or until it fails.
+            async with self.limiter.call(cls) as slot:
+                with ExitStack() as stack:
+                    # A form (an upload) is built afresh for each attempt: it reads a file.
+                    body = orjson.dumps(json) if json is not None else form(stack) if form else None
+                    async with self.session.request(
+                        method,
+                        f"{self._base}{path}",
+                        params=params,
+                        data=body,
+                        headers=headers,
+                        timeout=timeout or self._timeout,
+                    ) as resp:
+                        slot.answered()
+                        if resp.status >= 400:
+                            err = _error_from(
+                                resp.status,
+                                self._redact(await resp.read()),
+                                resp.headers,
+                                self.clock.now(),
+                            )
+                            if resp.status == 429:
+                                self.limiter.throttle(
+                                    cls, err.retry_after_s or self.retry.base_s * 4
+                                )
+                            raise err
+                        if sink is not None:
+                            return await _stream_to(resp, sink, self.throughput)
+                        raw = await resp.read()
         except ApiError:
             raise
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:

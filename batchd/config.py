@@ -32,6 +32,7 @@ from pydantic_settings import (
 from batchd.budget import Caps
 from batchd.csvio import DEFAULT_CSV_ENCODING, encoding_problem
 from batchd.errors import ConfigError
+from batchd.logs import shown_url
 from batchd.models import completion_hours
 from batchd.prices import PriceTable, table_from
 from batchd.profiles import (
@@ -336,7 +337,7 @@ class NotifySettings(BaseModel):
     def _http_only(cls, urls: list[str]) -> list[str]:
         for url in urls:
             if not url.startswith(("http://", "https://")):
-                raise ValueError(f"{url!r} is not an http(s) URL")
+                raise ValueError(f"{shown_url(url)!r} is not an http(s) URL")
         return urls
 
 
@@ -380,6 +381,12 @@ class ControlSettings(BaseModel):
     # A request must arrive whole within this long of the connection (or of the previous
     # answer on it); a peer that sends nothing, or sends slowly, is closed.
     request_timeout_s: float = Field(default=10.0, gt=0)
+    # Event streams (`batchd watch`) served at once, counted apart from max_connections:
+    # watchers never lock out a request.
+    max_streams: int = Field(default=16, ge=1)
+    # A stream whose reader leaves what was written unread this long (a watch stopped
+    # with Ctrl-Z) is cut; a quiet stream gets a heartbeat every third of it.
+    stream_timeout_s: float = Field(default=30.0, gt=0)
 
 
 class Settings(FileSettings):

@@ -10,6 +10,13 @@ once; more are answered 503 and closed as they are accepted. A request must arri
 within `control.request_timeout_s` of the accept (or of the previous answer on a kept-
 alive connection), or the connection is closed: an idle or slow peer cannot hold a file
 descriptor. An answer being streamed (`GET /v1/events`) is not cut by that deadline.
+
+Event streams are counted apart: a connection that asks for `/v1/events` leaves the
+request connections' count for the streams' own (`control.max_streams`; past it, 503
+`too_many_streams`), so watchers, however many, never lock an operator's `status` out. A
+stream is written a blank line (a heartbeat, skipped by every client) whenever it has been
+quiet for a third of `control.stream_timeout_s`; a reader that leaves what was written
+unread that long (a `batchd watch` stopped with Ctrl-Z, a script that never reads) is cut.
 A live socket is never taken over: a second daemon probes it by connecting first
 (CPython's unix server would unlink it silently); a stale one left by a kill -9 is
 replaced; the socket is removed on exit.
@@ -20,12 +27,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import grp
 import os
 import pwd
 import socket
 import stat
 import struct
+import termios
 import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -64,6 +73,10 @@ LINGER_S = 0.5
 MAX_LINGERING = 16
 # Running out of these must not turn into a traceback or a dead daemon.
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
+# An event stream is looked at (and written a heartbeat when quiet) this many times per
+# `stream_timeout_s`.
+STREAM_TICKS = 3
+HEARTBEAT = b"\n"
 
 
 class SocketInUseError(BatchdError):
@@ -137,6 +150,27 @@ def claim_socket_path(path: Path) -> None:
     finally:
         probe.close()
     raise SocketInUseError(f"another batchd is already listening on {path}")
+
+
+def unread_bytes(transport: asyncio.BaseTransport) -> int:
+    """Bytes written to a connection that its peer has not read yet (0 = all read):
+    asyncio's own buffer, plus the kernel's send queue (SIOCOUTQ, which on a Unix socket
+    counts what sits unread in the peer's receive queue, in the kernel's units)."""
+    pending = 0
+    if isinstance(transport, asyncio.WriteTransport):
+        pending = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, ValueError):
+            raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4))
+            pending += struct.unpack("i", raw)[0]
+    return pending
+
+
+def reader_stalled(unread: int, now: float, all_read_at: float, timeout_s: float) -> bool:
+    """PURE: has a stream's reader left what was written unread for `timeout_s`? It
+    last had read everything at `all_read_at`."""
+    return unread > 0 and now - all_read_at >= timeout_s
 
 
 def _json(model: Any, status: int = 200) -> web.Response:
@@ -300,6 +334,8 @@ class ControlServer:
         *,
         max_connections: int = 32,
         request_timeout_s: float = 10.0,
+        max_streams: int = 16,
+        stream_timeout_s: float = 30.0,
     ) -> None:
         # First, before anything is opened: a path the kernel cannot bind is a config error.
         check_socket_path(path)
@@ -309,23 +345,34 @@ class ControlServer:
         self.own_uid = os.getuid()
         self.max_connections = max_connections
         self.request_timeout_s = request_timeout_s
+        self.max_streams = max_streams
+        self.stream_timeout_s = stream_timeout_s
         self._unsubscribe: Callable[[], None] | None = None
         self._runner: web.AppRunner | None = None
         self._server: asyncio.AbstractServer | None = None
         self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
-        # The connections being served, by aiohttp's handler for each.
+        # The connections being served, by aiohttp's handler for each: requests, and
+        # event streams (counted apart, each against its own cap).
         self._connections: dict[object, _Connection] = {}
+        self._streams: dict[object, _Connection] = {}
         self._log = _Throttle()
         self.refused = 0  # peers not allowed, closed at accept
         self.dropped = 0  # connections over max_connections, closed at accept
         self.timed_out = 0  # connections closed for want of a whole request in time
         self.lingering = 0  # refused connections waiting for their peer to hang up
+        self.streams_refused = 0  # event streams asked for past max_streams
+        self.streams_cut = 0  # event streams whose reader left them unread too long
         self._inode: int | None = None
 
     @property
     def connections(self) -> int:
-        """Connections being served now."""
+        """Request connections being served now (event streams are counted apart)."""
         return len(self._connections)
+
+    @property
+    def streams(self) -> int:
+        """Event streams being served now."""
+        return len(self._streams)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -374,6 +421,8 @@ class ControlServer:
             path=str(self.path),
             max_connections=self.max_connections,
             request_timeout_s=self.request_timeout_s,
+            max_streams=self.max_streams,
+            stream_timeout_s=self.stream_timeout_s,
         )
 
     async def stop(self) -> None:
@@ -436,8 +485,25 @@ class ControlServer:
         return True
 
     def release(self, conn: _Connection) -> None:
-        if self._connections.get(conn.inner) is conn:
-            del self._connections[conn.inner]
+        for served in (self._connections, self._streams):
+            if served.get(conn.inner) is conn:
+                del served[conn.inner]
+
+    def _as_stream(self, request: web.Request) -> bool:
+        """Move a request's connection from the requests' count to the streams'; False
+        when the streams are at their cap."""
+        if len(self._streams) >= self.max_streams:
+            self.streams_refused += 1
+            self._log.warning(
+                "control_stream_refused",
+                max_streams=self.max_streams,
+                streams_refused=self.streams_refused,
+            )
+            return False
+        conn = self._connections.pop(request.protocol, None)
+        if conn is not None:
+            self._streams[request.protocol] = conn
+        return True
 
     def timed_out_connection(self, conn: _Connection) -> None:
         self.timed_out += 1
@@ -581,25 +647,71 @@ class ControlServer:
                 queue.put_nowait(event)
 
     async def events(self, request: web.Request) -> web.StreamResponse:
+        if not self._as_stream(request):
+            refused = error(
+                503,
+                "too_many_streams",
+                f"the control socket serves {self.max_streams} event streams at once "
+                "(control.max_streams); try again",
+            )
+            refused.force_close()  # its connection holds no place after the answer
+            return refused
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._subscribers.add(queue)
+        tick_s = self.stream_timeout_s / STREAM_TICKS
+        watch = asyncio.create_task(self._watch_reader(request, queue, tick_s))
         try:
             await response.write(encode(Event(type="hello", at=0.0)) + b"\n")
             while True:
-                raw = await queue.get()
-                if raw.get("type") == "bye":
+                try:
+                    raw = await asyncio.wait_for(queue.get(), tick_s)
+                except TimeoutError:
+                    # Quiet: a heartbeat, which a reader that stopped leaves unread.
+                    await response.write(HEARTBEAT)
+                    continue
+                if raw.get("type") in ("bye", "cut"):
                     break
                 event = await self.ops.describe_event(raw)
                 if event is not None:
                     await response.write(encode(event) + b"\n")
-        except (ConnectionResetError, asyncio.CancelledError):
+        except (ConnectionError, asyncio.CancelledError):
             # The watcher went away, or the daemon is stopping: nobody is left to tell.
             return response
         finally:
+            watch.cancel()
             self._subscribers.discard(queue)
         return response
+
+    async def _watch_reader(
+        self, request: web.Request, queue: asyncio.Queue[dict[str, Any]], tick_s: float
+    ) -> None:
+        """Cut the stream when its reader leaves what was written unread for
+        `stream_timeout_s`. A task of its own: the handler may be stuck in a write that
+        waits for that very reader."""
+        transport = request.transport
+        if transport is None:
+            return
+        loop = asyncio.get_running_loop()
+        all_read_at = loop.time()
+        while not transport.is_closing():
+            await asyncio.sleep(tick_s)
+            unread = unread_bytes(transport)
+            now = loop.time()
+            if unread == 0:
+                all_read_at = now
+            elif reader_stalled(unread, now, all_read_at, self.stream_timeout_s):
+                self.streams_cut += 1
+                self._log.warning(
+                    "control_stream_cut",
+                    unread_bytes=unread,
+                    stream_timeout_s=self.stream_timeout_s,
+                    streams_cut=self.streams_cut,
+                )
+                transport.abort()
+                queue.put_nowait({"type": "cut"})
+                return
 
 
 class _SnapshotCollector:
@@ -694,6 +806,15 @@ class _SnapshotCollector:
         yield GaugeMetricFamily(
             "batchd_jobs_held", "Jobs held for the budget or as duplicates", value=spend.held_jobs
         )
+        extras = CounterMetricFamily(
+            "batchd_extra_batches",
+            "Batches made for a part beside the one it follows (a gateway's retried"
+            " create), by where their cancel stands",
+            labels=["cancel"],
+        )
+        for cancel, n in s["extra_batches"].items():
+            extras.add_metric([cancel], n)
+        yield extras
         yield CounterMetricFamily(
             "batchd_log_lines_dropped",
             "Log lines no output stream took (a broken pipe, a full disk)",

@@ -28,6 +28,7 @@ from batchd.collect import Collector
 from batchd.config import Settings
 from batchd.control import ControlServer, check_socket_path, resolve_group
 from batchd.errors import BatchdError, ConfigError
+from batchd.extras import ExtraBatches
 from batchd.intake import Intake
 from batchd.limits import CallClass, RateLimiter
 from batchd.logs import configure, get_logger, register_secret
@@ -215,6 +216,17 @@ class Daemon:
             clock=self.clock,
             on_held=self.wake.poke(Stage.NOTIFY),
         )
+        # A part's extra batches (a gateway's retried create): found by the submit and
+        # poll stages, cancelled and followed by the submit stage.
+        self.extras = ExtraBatches(
+            self.store,
+            self.api,
+            self.account,
+            self.clock,
+            pause_base_s=api.step_retry_base_s,
+            pause_cap_s=api.step_retry_cap_s,
+            on_garbage=self.wake.poke(Stage.CLEANUP),
+        )
         self.submitter = Submitter(
             self.store,
             self.api,
@@ -233,6 +245,7 @@ class Daemon:
             provider=s.provider,
             on_held=self.wake.poke(Stage.NOTIFY),
             prices=s.price_table,
+            extras=self.extras,
         )
         self.poller = Poller(
             self.store,
@@ -246,6 +259,7 @@ class Daemon:
             policy=policy,
             max_pages=api.max_list_pages,
             clock=self.clock,
+            extras=self.extras,
         )
         self.collector = Collector(
             self.store,
@@ -418,6 +432,8 @@ class Daemon:
                 control.group,
                 max_connections=control.max_connections,
                 request_timeout_s=control.request_timeout_s,
+                max_streams=control.max_streams,
+                stream_timeout_s=control.stream_timeout_s,
             )
             stack.push_async_callback(self.control.stop)
             await self._serve(on_ready)

@@ -2,7 +2,9 @@
 
 Secrets never reach a log line: any value whose key looks like a credential is replaced,
 and known secret values registered with `register_secret` are masked wherever they appear,
-tracebacks included (rendered as plain text, without frame locals, before masking).
+tracebacks included (rendered as plain text, without frame locals, before masking). A URL
+in a line is shown without its user, password, query and fragment (`shown_url`): a
+webhook's `?token=`, a receiver's `user:password@` or a presigned link's signature.
 
 Writing a line never raises into the caller. The output stream can break under a running
 daemon: the reader of its pipe goes away (`batchd run | head`, a journald restart: EPIPE),
@@ -36,6 +38,7 @@ import time
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any, Literal, TextIO
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import structlog
@@ -51,12 +54,46 @@ def register_secret(value: str | None) -> None:
         _secrets.add(value)
 
 
+# A URL as it appears in a text: a scheme, `://`, then up to a space, a quote or a bracket.
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
+def shown_url(url: str | None) -> str:
+    """PURE: a URL as logs and answers show it: scheme, host, port and path, with its
+    user and password, query and fragment each replaced by `***` (they may hold a token,
+    a password or a presigned signature). A relative URL (a `Location: /x?t=1`) keeps its
+    path alone; one that cannot be parsed shows its scheme only."""
+    if not url:
+        return ""
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError:  # an unclosed IPv6 bracket
+        scheme = url.split(":", 1)[0] if "://" in url else ""
+        return f"{scheme}://{_MASK}" if scheme.isalnum() else _MASK
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = f"{_MASK}@" + netloc.rpartition("@")[2]
+    shown = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    if parts.query or url.rstrip().endswith("?"):
+        shown += "?" + _MASK
+    if parts.fragment:
+        shown += "#" + _MASK
+    return shown
+
+
+def scrub_urls(text: str) -> str:
+    """PURE: `text` with every absolute URL in it as `shown_url` shows it."""
+    if "://" not in text:
+        return text
+    return _URL.sub(lambda m: shown_url(m.group(0)), text)
+
+
 def _scrub_value(value: Any) -> Any:
     if isinstance(value, str):
         for secret in _secrets:
             if secret in value:
                 value = value.replace(secret, _MASK)
-        return value
+        return scrub_urls(value)
     if isinstance(value, dict):
         return {k: _scrub_pair(k, v) for k, v in value.items()}
     if isinstance(value, list | tuple):

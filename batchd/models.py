@@ -350,3 +350,49 @@ class Delivery:
             created_at=row["created_at"],
             delivered_at=row["delivered_at"],
         )
+
+
+class ExtraCancel(StrEnum):
+    """Where the cancel of an extra batch of a part stands."""
+
+    PENDING = "pending"  # to be sent (again, after a failed try)
+    REQUESTED = "requested"  # accepted; followed until the batch ends
+    ENDED = "ended"  # the batch has ended (cancelled, or ended before the cancel)
+    GONE = "gone"  # the service no longer knows the batch
+    FAILED = "failed"  # the service refused the cancel (see the error)
+
+
+@dataclass(frozen=True, slots=True)
+class ExtraBatch:
+    """A batch made for a part beside the one it follows (a gateway's own client retried
+    the create): cancelled as soon as it is found, and followed until it ends."""
+
+    batch_id: str
+    job_id: str
+    part_seq: int
+    kept_batch_id: str
+    found_by: str  # settle | adopt | sweep
+    found_at: float
+    status: str | None = None
+    request_counts: dict[str, int] | None = None
+    cancel: ExtraCancel = ExtraCancel.PENDING
+    attempts: int = 0
+    retry_at: float | None = None
+    error: str | None = None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> ExtraBatch:
+        return cls(
+            batch_id=row["batch_id"],
+            job_id=row["job_id"],
+            part_seq=row["part_seq"],
+            kept_batch_id=row["kept_batch_id"],
+            found_by=row["found_by"],
+            found_at=row["found_at"],
+            status=row["status"],
+            request_counts=_loads(row["request_counts"]),
+            cancel=ExtraCancel(row["cancel"]),
+            attempts=row["attempts"],
+            retry_at=row["retry_at"],
+            error=row["error"],
+        )

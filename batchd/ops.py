@@ -27,10 +27,11 @@ from batchd.api import BatchApi
 from batchd.budget import periods
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import Settings
+from batchd.extras import extra_note
 from batchd.fsutil import fsync_dir, write_atomic
 from batchd.intake import Intake
 from batchd.lines import DEFAULT_MAX_LINE_BYTES, input_line_of, iter_lines, read_line
-from batchd.logs import get_logger, log_health
+from batchd.logs import get_logger, log_health, shown_url
 from batchd.merge import RESULT_UNAVAILABLE
 from batchd.models import (
     JOB_ACTIVE,
@@ -51,6 +52,7 @@ from batchd.protocol import (
     AmbiguousJob,
     Caps,
     Event,
+    ExtraBatchInfo,
     JobInfo,
     JobList,
     Notification,
@@ -66,6 +68,7 @@ from batchd.stages import Stage, Wake
 from batchd.store import Store
 from batchd.tokens import tokenizer_summary
 from batchd.verdict import SIDECAR_ERROR
+from batchd.webhooks import shown_error
 
 log = get_logger(__name__)
 
@@ -419,11 +422,12 @@ class Operations:
             notifications=(
                 [
                     Notification(
-                        target=d.target.split("?", 1)[0],
+                        target=shown_url(d.target),
                         event=d.event,
                         state=d.state,
                         attempts=d.attempts,
-                        last_error=d.last_error,
+                        # Notes stored before URLs were masked in them are masked here.
+                        last_error=shown_error(d.last_error, d.target) if d.last_error else None,
                         delivered_at=d.delivered_at,
                         next_at=d.next_at if d.state == "pending" else None,
                     )
@@ -438,7 +442,25 @@ class Operations:
             retry_left_out=left_out if isinstance(left_out, dict) else None,
             left_out=await self._left_out_of(job, retried_by) if detail else None,
             merged=await self._merged_of(job) if detail or retried_by else None,
+            extra_batches=await self._extras_of(job) if detail else None,
         )
+
+    async def _extras_of(self, job: Job) -> list[ExtraBatchInfo]:
+        return [
+            ExtraBatchInfo(
+                part=e.part_seq,
+                batch_id=e.batch_id,
+                kept_batch_id=e.kept_batch_id,
+                found_by=e.found_by,
+                found_at=e.found_at,
+                status=e.status,
+                request_counts=e.request_counts,
+                cancel=str(e.cancel),
+                note=extra_note(e),
+                error=e.error,
+            )
+            for e in await self.store.extra_batches_of(job.id)
+        ]
 
     async def _left_out_of(self, job: Job, retried_by: list[str]) -> dict[str, int] | None:
         """The failures of `job` its retries left out and no `--all` retry sent since."""
@@ -716,6 +738,7 @@ class Operations:
             "cost_by_model": await self.store.cost_by_model(),
             "spend": await self.spend(),
             "log_lines_dropped": log_health().lines_dropped,
+            "extra_batches": await self.store.extra_batch_counts(),
         }
 
     async def describe_event(self, raw: dict[str, Any]) -> Event | None:

@@ -6,6 +6,9 @@ are, `list` pages (100 batches each, newest first) answer for all of them, so fo
 Paging stops once every due batch was seen or the pages have gone older than the oldest
 due batch; any due batch a page did not show is retrieved on its own. A list sweep also
 takes the batches coming due within the interval, so that polls stay coalesced.
+Every other batch a sweep reads that carries a part's tag but is not the batch that part
+follows is an extra (a create a gateway sent again): it is recorded and cancelled at once
+(`batchd.extras`), at no extra list call.
 A batch that looks close to its end (finalizing, all requests done, or ending within the
 interval at the rate its request counts moved since the last look) is looked at sooner.
 """
@@ -26,6 +29,7 @@ from batchd.api import (
     parse_items,
 )
 from batchd.clock import SYSTEM_CLOCK, Clock
+from batchd.extras import ExtraBatches
 from batchd.failpoints import failpoint
 from batchd.limits import CallClass
 from batchd.logs import get_logger
@@ -118,8 +122,10 @@ class Poller:
         policy: StepPolicy | None = None,
         max_pages: int = MAX_PAGES,
         clock: Clock = SYSTEM_CLOCK,
+        extras: ExtraBatches | None = None,
     ) -> None:
         self.store = store
+        self.extras = extras or ExtraBatches(store, api, account, clock)
         self.clock = clock
         self.api = api
         self.account = account
@@ -163,11 +169,12 @@ class Poller:
         if not due:
             return False
         seen: dict[str, RemoteBatch] = {}
+        others: list[RemoteBatch] = []
         unusable: dict[str, str] = {}
         gone: set[str] = set()
         try:
             if sweep:
-                seen = await self._list_or_not(due)
+                seen, others = await self._list_or_not(due)
             for part in due:
                 batch_id = part.batch_id or ""
                 if batch_id in seen:
@@ -209,6 +216,11 @@ class Poller:
                 )
         if ended:
             self.on_ended()
+        try:
+            await self.extras.seen(others)
+        except Exception:
+            # Looking for extras never stops the polls.
+            log.exception("extra_batches_check_failed", batches=len(others))
         return True
 
     async def _unusable(self, part: Part, now: float, why: str) -> None:
@@ -222,7 +234,9 @@ class Poller:
             next_poll_at=next_poll(now, self.interval_s, self.jitter, self.rng),
         )
 
-    async def _list_or_not(self, due: list[Part]) -> dict[str, RemoteBatch]:
+    async def _list_or_not(
+        self, due: list[Part]
+    ) -> tuple[dict[str, RemoteBatch], list[RemoteBatch]]:
         """`_by_list`, unless the provider has no list call: then never again, and the
         due batches are retrieved one by one."""
         try:
@@ -234,12 +248,14 @@ class Poller:
                 raise
             log.warning("list_unsupported", error=str(err))
             self.can_list = False
-            return {}
+            return {}, []
 
-    async def _by_list(self, due: list[Part]) -> dict[str, RemoteBatch]:
+    async def _by_list(self, due: list[Part]) -> tuple[dict[str, RemoteBatch], list[RemoteBatch]]:
+        """The due batches the pages showed, by id, and the other batches they showed."""
         wanted = {p.batch_id for p in due if p.batch_id}
         oldest = min((p.created_remote_at or 0.0) for p in due)
         seen: dict[str, RemoteBatch] = {}
+        others: list[RemoteBatch] = []
         # Due batches may be spread over more pages than their number fills (between
         # them sit ended batches and batches not yet due): past that many pages, a page
         # is still read while the last one answered for at least a tenth of a page (a
@@ -257,6 +273,8 @@ class Poller:
                     if batch.id in wanted:
                         seen[batch.id] = batch
                         found += 1
+                    else:
+                        others.append(batch)
                 if len(seen) == len(wanted):
                     break
                 if number >= enough and found < LIST_PAGE // 10:
@@ -267,7 +285,7 @@ class Poller:
         except ListingIncomplete as err:
             # A server whose pages never end: what was seen counts, the rest is retrieved.
             log.warning("list_incomplete", error=str(err), seen=len(seen), due=len(wanted))
-        return seen
+        return seen, others
 
     async def _lost(self, part: Part, now: float, why: str) -> int:
         await self.store.update_part(

@@ -188,6 +188,22 @@ class Notification(_Model, kw_only=True):
     next_at: float | None = None  # when pending: the next try
 
 
+class ExtraBatchInfo(_Model, kw_only=True):
+    """A batch made for one of the job's parts beside the one the part follows (a
+    gateway's own client sent the create again): cancelled as soon as found."""
+
+    part: int
+    batch_id: str
+    kept_batch_id: str
+    found_by: str  # settle | adopt | sweep
+    found_at: float
+    status: str | None
+    request_counts: dict[str, int] | None
+    cancel: str  # pending | requested | ended | gone | failed
+    note: str  # what it means, billing first
+    error: str | None = None
+
+
 class JobInfo(_Model, kw_only=True):
     id: str
     name: str
@@ -230,6 +246,8 @@ class JobInfo(_Model, kw_only=True):
     # With `show`, of a retried job: its failures its retries left out (not sent yet).
     left_out: dict[str, int] | None = None
     merged: str | None = None
+    # With `show`: the job's extra batches (see ExtraBatchInfo); empty when none.
+    extra_batches: list[ExtraBatchInfo] | None = None
 
 
 class JobList(_Model, kw_only=True):

@@ -46,6 +46,7 @@ import orjson
 
 from batchd import csvio
 from batchd.clock import SYSTEM_CLOCK, Clock, iso_utc
+from batchd.extras import extra_note
 from batchd.failpoints import failpoint
 from batchd.fsutil import fsync_dir, fsync_file
 from batchd.lines import CHUNK_BYTES, DEFAULT_MAX_LINE_BYTES, printable, read_line
@@ -60,7 +61,15 @@ from batchd.merge import (
     numbered,
     sent_bytes,
 )
-from batchd.models import Job, JobState, Outcome, Part, RemoteStatus, batch_created_at
+from batchd.models import (
+    ExtraBatch,
+    Job,
+    JobState,
+    Outcome,
+    Part,
+    RemoteStatus,
+    batch_created_at,
+)
 from batchd.prices import PriceTable, table_from
 from batchd.profiles import PROFILES, ProviderLimits
 from batchd.remerge import merge_chain
@@ -262,7 +271,10 @@ class Publisher:
         follows = await self._follows(job, final)
         await self.store.update_job(job.id, JobState.PUBLISHING, crash_count=job.crash_count + 1)
         try:
-            summary = await asyncio.to_thread(self._build, job, parts, tmp, final.name, follows)
+            extras = await self.store.extra_batches_of(job.id)
+            summary = await asyncio.to_thread(
+                self._build, job, parts, tmp, final.name, follows, extras
+            )
             failpoint("publish.before_rename", job.inbox_name)
             await asyncio.to_thread(os.rename, tmp, final)
         except BaseException:
@@ -340,6 +352,7 @@ class Publisher:
         tmp: Path,
         folder: str,
         follows: dict[str, Any] | None,
+        extras: list[ExtraBatch],
     ) -> dict[str, Any]:
         discard_tmp(job, tmp)
         tmp.mkdir(parents=True)
@@ -391,6 +404,7 @@ class Publisher:
             currency=self.prices.currency(self.provider),
             folder=folder,
             follows=follows,
+            extras=extras,
         )
         (tmp / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
         fsync_file(tmp / "summary.json")
@@ -785,10 +799,13 @@ def build_summary(
     currency: str = "",
     folder: str | None = None,
     follows: dict[str, Any] | None = None,
+    extras: list[ExtraBatch] | None = None,
 ) -> dict[str, Any]:
     """PURE: what summary.json says of the job: its input, outcome, counts, parts and
     timings; `kept` is what `keep_input_files` said of the input, `folder` the outbox
-    folder's name (`name`, or `name-N` after a collision, which `follows` an earlier one).
+    folder's name (`name`, or `name-N` after a collision, which `follows` an earlier one);
+    `extras` the batches made for its parts beside the ones they follow (a gateway's
+    retried create), each with what it may have cost (`extra_batches`).
 
     Every timing is batchd's own wall clock (`published_at` too), as `clock.iso_utc`
     text; the service's own timestamps of each batch are apart, in its part's
@@ -849,6 +866,18 @@ def build_summary(
                 "provider_times": provider_times(p),
             }
             for p in parts
+        ],
+        "extra_batches": [
+            {
+                "part": e.part_seq,
+                "batch_id": e.batch_id,
+                "kept_batch_id": e.kept_batch_id,
+                "status": e.status,
+                "request_counts": e.request_counts,
+                "cancel": str(e.cancel),
+                "note": extra_note(e),
+            }
+            for e in extras or []
         ],
         "timings": {
             "claimed_at": iso_utc(job.created_at),

@@ -33,6 +33,8 @@ from batchd.models import (
     PART_HOLDS_SLOT,
     PART_SETTLED,
     Delivery,
+    ExtraBatch,
+    ExtraCancel,
     Job,
     JobState,
     Part,
@@ -926,6 +928,124 @@ class Store:
         async with self._db.execute("SELECT COUNT(*) FROM remote_garbage") as cur:
             garbage = await cur.fetchone()
         return int(row[0] if row else 0) + int(garbage[0] if garbage else 0)
+
+    # -- extra batches: made for a part beside the one it follows ----------------------
+
+    async def add_extra_batches(self, extras: Sequence[ExtraBatch]) -> None:
+        """Record extra batches as found (one already recorded stays as it is)."""
+        await self._write_many(
+            "INSERT OR IGNORE INTO extra_batches (batch_id, job_id, part_seq, kept_batch_id,"
+            " found_by, found_at, status, request_counts, cancel)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    e.batch_id,
+                    e.job_id,
+                    e.part_seq,
+                    e.kept_batch_id,
+                    e.found_by,
+                    e.found_at,
+                    e.status,
+                    _encode("request_counts", e.request_counts),
+                    str(e.cancel),
+                )
+                for e in extras
+            ],
+        )
+
+    async def update_extra_batch(
+        self,
+        batch_id: str,
+        *,
+        cancel: ExtraCancel,
+        attempts: int,
+        retry_at: float | None,
+        error: str | None,
+        status: str | None = None,
+        request_counts: dict[str, int] | None = None,
+    ) -> None:
+        """Where an extra batch's cancel stands; its status and counts when given."""
+        await self._write(
+            "UPDATE extra_batches SET cancel = ?, attempts = ?, retry_at = ?, error = ?,"
+            " status = COALESCE(?, status), request_counts = COALESCE(?, request_counts)"
+            " WHERE batch_id = ?",
+            (
+                str(cancel),
+                attempts,
+                retry_at,
+                error,
+                status,
+                _encode("request_counts", request_counts),
+                batch_id,
+            ),
+        )
+
+    async def extra_batches_due(self, now: float, limit: int = 50) -> list[ExtraBatch]:
+        """Extra batches with a cancel to send or an end to wait for, due at `now`."""
+        async with self._db.execute(
+            "SELECT * FROM extra_batches WHERE cancel IN (?, ?)"
+            " AND (retry_at IS NULL OR retry_at <= ?) ORDER BY found_at LIMIT ?",
+            (ExtraCancel.PENDING, ExtraCancel.REQUESTED, now, limit),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [ExtraBatch.from_row(r) for r in rows]
+
+    async def next_extra_batch_at(self) -> float | None:
+        async with self._db.execute(
+            "SELECT MIN(COALESCE(retry_at, 0)) FROM extra_batches WHERE cancel IN (?, ?)",
+            (ExtraCancel.PENDING, ExtraCancel.REQUESTED),
+        ) as cur:
+            row = await cur.fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    async def extra_batches_of(self, job_id: str) -> list[ExtraBatch]:
+        async with self._db.execute(
+            "SELECT * FROM extra_batches WHERE job_id = ? ORDER BY part_seq, found_at",
+            (job_id,),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [ExtraBatch.from_row(r) for r in rows]
+
+    async def extra_batch_counts(self) -> dict[str, int]:
+        """Extra batches ever found, by where their cancel stands."""
+        async with self._db.execute(
+            "SELECT cancel, COUNT(*) FROM extra_batches GROUP BY cancel"
+        ) as cur:
+            rows = await cur.fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    async def known_batch_ids(self, batch_ids: Sequence[str]) -> set[str]:
+        """Which of these batches batchd knows: one a part follows, or a recorded extra."""
+        known: set[str] = set()
+        for start in range(0, len(batch_ids), 400):  # within SQLite's bound variables
+            chunk = list(batch_ids[start : start + 400])
+            marks = ", ".join("?" * len(chunk))
+            sql = (
+                f"SELECT batch_id FROM parts WHERE batch_id IN ({marks})"  # noqa: S608
+                f" UNION SELECT batch_id FROM extra_batches WHERE batch_id IN ({marks})"
+            )
+            async with self._db.execute(sql, [*chunk, *chunk]) as cur:
+                known.update(r[0] for r in await cur.fetchall())
+        return known
+
+    async def extra_batch_ids(self, batch_ids: Sequence[str]) -> set[str]:
+        """Which of these batches are recorded extras (never a part's own to follow)."""
+        if not batch_ids:
+            return set()
+        marks = ", ".join("?" * len(batch_ids))
+        async with self._db.execute(
+            f"SELECT batch_id FROM extra_batches WHERE batch_id IN ({marks})",  # noqa: S608
+            list(batch_ids),
+        ) as cur:
+            rows = await cur.fetchall()
+        return {r[0] for r in rows}
+
+    async def part_of(self, job_id: str, seq: int) -> Part | None:
+        async with self._db.execute(
+            "SELECT * FROM parts WHERE job_id = ? AND seq = ?", (job_id, seq)
+        ) as cur:
+            row = await cur.fetchone()
+        return Part.from_row(row) if row else None
 
     # -- remote garbage -----------------------------------------------------------------
 

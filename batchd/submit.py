@@ -12,7 +12,10 @@ matched on its own `input_file_id` and on batchd's metadata (`batchd_part`), wha
 the server does with filters (OpenAI's list takes none). Only a listing that reached
 past the intent proves there is no batch; one that could not (too many pages, a server
 that never ends its pages) leaves the part in CREATING with a note, tried again later
-and parked after `max_part_failures`: never a second batch for the same part.
+and parked after `max_part_failures`: never a second batch for the same part from batchd.
+A gateway's own client may still have sent the create more than once: the listing goes
+back past the intent even once a batch is found, keeps every batch of the part, and all
+but the one the part follows are cancelled at once (`batchd.extras`).
 
 The input that is sent is the input that was validated: before each upload of a file
 that a producer may still hold open (an unsplit JSONL input), its size and mtime are
@@ -41,6 +44,7 @@ from batchd.api import (
 from batchd.budget import Caps, Ledger, periods, refusal
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import ProviderLimits
+from batchd.extras import ExtraBatches, keep, tag
 from batchd.failpoints import failpoint
 from batchd.holds import Hold, first_to_show
 from batchd.limits import CallClass
@@ -78,17 +82,12 @@ def free_slots(limits: ProviderLimits, total: int, by_model: dict[str, int], mod
     return max(0, free)
 
 
-def part_tag(part: Part) -> str:
-    """The metadata value that names a part on its batch (`batchd_part`)."""
-    return f"{part.job_id}-{part.seq}"
-
-
 def made_from(batch: RemoteBatch, part: Part) -> bool:
-    """PURE: is this batch the one created for `part`? Its own input file id says so, or
+    """PURE: is this batch one created for `part`? Its own input file id says so, or
     batchd's metadata on it does; a server's filter is never taken on trust."""
     if part.remote_file_id is not None and batch.input_file_id == part.remote_file_id:
         return True
-    return batch.metadata.get("batchd_part") == part_tag(part)
+    return batch.metadata.get("batchd_part") == tag(part)
 
 
 def past_intents(batch: RemoteBatch, oldest_intent: float, skew_s: float) -> bool:
@@ -152,8 +151,10 @@ class Submitter:
         provider: str = "dashscope",
         on_held: Callable[[], None] = lambda: None,
         prices: PriceTable | None = None,
+        extras: ExtraBatches | None = None,
     ) -> None:
         self.store = store
+        self.extras = extras or ExtraBatches(store, api, account, clock)
         # Budgets (a reload may change them): the caps, where their days begin, and whose
         # spend they count; the price table parts without a price are priced again with.
         self.caps = caps or Caps()
@@ -182,6 +183,7 @@ class Submitter:
             return False
         await self._price_unpriced()
         moved = await self._settle_stuck()
+        moved |= await self.extras.run_once()
         # Uploads and creates overlap: the parts uploaded in one pass are created in the
         # next while the following ones upload, so neither waits for the other's batch.
         uploaded, created = await asyncio.gather(self._uploads(), self._creates())
@@ -196,6 +198,7 @@ class Submitter:
         rollover = self.next_rollover()
         if rollover is not None:
             due = rollover if due is None else min(due, rollover)
+        longest_s = await self.extras.idle_s(longest_s)
         if due is None:
             return longest_s
         return min(longest_s, max(0.05, due - self.clock.now()))
@@ -558,7 +561,7 @@ class Submitter:
             return False
         for part, seen in zip(parts, candidates, strict=True):
             others = strays[part.id]
-            batch = found.get(part.id)
+            batch = await self._keep(part, found.get(part.id, []), "adopt")
             if batch is not None:
                 file_id = batch.input_file_id or seen.remote_file_id
                 await self.store.update_part(
@@ -624,7 +627,7 @@ class Submitter:
         assert part.remote_file_id is not None
         metadata = {
             "ds_name": str(job.options.get("ds_name") or job.name)[:100],
-            "batchd_part": part_tag(part),
+            "batchd_part": tag(part),
         }
         if job.options.get("ds_description"):
             metadata["ds_description"] = str(job.options["ds_description"])[:200]
@@ -704,7 +707,7 @@ class Submitter:
             return False
         now = self.clock.now()
         for part in parts:
-            batch = found.get(part.id)
+            batch = await self._keep(part, found.get(part.id, []), "settle")
             if batch is not None:
                 # Asked for at the intent that the crash cut short, whenever it is found.
                 await self._record_created(part, batch, part.intent_at or now)
@@ -725,11 +728,27 @@ class Submitter:
                 )
         return True
 
-    async def _find_batches(self, parts: list[Part]) -> tuple[dict[int, RemoteBatch] | None, bool]:
-        """The batches made from these parts' files, by part id, and whether the listing
-        went back far enough to prove the others were never created (None: no answer)."""
+    async def _keep(
+        self, part: Part, batches: list[RemoteBatch], found_by: str
+    ) -> RemoteBatch | None:
+        """The batch the part follows of those found for it (None: none); the others are
+        recorded as extras and cancelled first (a crash between finds them again)."""
+        if not batches:
+            return None
+        known = await self.store.extra_batch_ids([b.id for b in batches])
+        candidates = [b for b in batches if b.id not in known] or batches
+        kept = keep(candidates)
+        await self.extras.found(part, batches, kept.id, found_by)
+        return kept
+
+    async def _find_batches(
+        self, parts: list[Part]
+    ) -> tuple[dict[int, list[RemoteBatch]] | None, bool]:
+        """Every batch made from these parts' files, by part id (newest first, as listed),
+        and whether the listing went back far enough to prove there are no others: a
+        gateway may have made more than one (None: no answer)."""
         oldest = min((p.intent_at or 0.0) for p in parts)
-        found: dict[int, RemoteBatch] = {}
+        found: dict[int, list[RemoteBatch]] = {}
         previous: float | None = None
         newest_first = True
         try:
@@ -746,12 +765,8 @@ class Submitter:
                             newest_first = False  # the server's order is not ours
                         previous = batch.created_at
                     for part in parts:
-                        if part.id not in found and made_from(batch, part):
-                            # Oldest first within a listing: if there were ever two, the
-                            # first one created is the one to follow.
-                            found[part.id] = batch
-                if len(found) == len(parts):
-                    return found, True
+                        if made_from(batch, part):
+                            found.setdefault(part.id, []).append(batch)
                 if (
                     newest_first
                     and batches

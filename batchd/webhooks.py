@@ -9,6 +9,12 @@ with `webhook-id` (stable per event: retries and restarts send the same one, so 
 receiver can drop repeats), `webhook-timestamp` and `webhook-signature`
 (`v1,` + base64 HMAC-SHA256 of `id.timestamp.body` under the `whsec_` secret).
 
+A webhook is POSTed to the URL configured and nowhere else: a redirect (3xx) is never
+followed (a 301 or 302 would turn the POST into a GET that delivers nothing; a 307 would
+hand the body and its signature to another host or port); it is a failed attempt whose
+note names the `Location`. A URL's user and password, query and fragment (a `?token=`)
+are never logged or shown (`batchd.logs.shown_url`), in notes and `show` alike.
+
 Delivery is at least once. A published job is announced once: its deliveries are queued
 in the same transaction that marks it announced (`Store.announce`). Each delivery is
 tried until a 2xx answer (a command: exit 0), with a pause doubling from
@@ -16,11 +22,13 @@ tried until a 2xx answer (a command: exit 0), with a pause doubling from
 with the last error; `batchd show` lists each). All of it lives in SQLite: a crash or a
 restart resumes where it stopped.
 
-The command runs without a shell, its environment the daemon's without any secret plus
+The command runs without a shell, in a clean environment (`command_base_environment`):
+only PATH, HOME, USER, LOGNAME, LANG, LANGUAGE, the LC_* variables, TZ and TMPDIR pass
+from the daemon's, never CREDENTIALS_DIRECTORY, a key or any other variable; then
 BATCHD_EVENT, BATCHD_EVENT_JSON and, for a job, BATCHD_JOB_ID, BATCHD_JOB_NAME,
 BATCHD_JOB_STATUS (`held` for job.held), BATCHD_JOB_OUTBOX, BATCHD_REQUESTS_TOTAL,
 _COMPLETED, _FAILED (empty when not known, never "None"), and for job.held
-BATCHD_HOLD_REASON and BATCHD_HOLD_NOTE; it is killed after `command_timeout_s`; its
+BATCHD_HOLD_REASON and BATCHD_HOLD_NOTE. It is killed after `command_timeout_s`; its
 exit status and the end of its output are logged.
 """
 
@@ -32,9 +40,11 @@ import binascii
 import hashlib
 import hmac
 import os
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import aiohttp
 import orjson
@@ -44,7 +54,7 @@ from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import NotifySettings
 from batchd.errors import ConfigError
 from batchd.holds import ends_by_itself
-from batchd.logs import get_logger
+from batchd.logs import get_logger, scrub_urls, shown_url
 from batchd.models import Delivery, Job
 from batchd.store import Store
 
@@ -55,9 +65,13 @@ SECRET_PREFIX = "whsec_"  # noqa: S105
 SECRET_VARIABLE = "BATCHD_WEBHOOK_SECRET"  # noqa: S105
 SECRET_CREDENTIAL = "webhook_secret"  # noqa: S105
 COMMAND = "command"
-# Never handed to the command: the keys and the webhook secret.
-_SECRET_VARIABLES = ("BATCHD_API_KEY", "DASHSCOPE_API_KEY", "OPENAI_API_KEY", SECRET_VARIABLE)
+# The only variables of the daemon's environment a command is given (an allow-list: the
+# daemon's may hold CREDENTIALS_DIRECTORY, where systemd keeps the API key, or a key).
+COMMAND_PASSED = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR")
+COMMAND_DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 OUTPUT_TAIL = 2000
+# A receiver's answer is read no further than what a note shows.
+ANSWER_SHOWN = 200
 
 
 def load_webhook_secret(environ: dict[str, str] | None = None) -> bytes | None:
@@ -257,18 +271,20 @@ class Notifications:
                 error = await self._post(delivery)
         except Exception as exc:  # one target's trouble is that delivery's, never the stage's
             error = f"{type(exc).__name__}: {exc}"
+        if error is not None:
+            error = shown_error(error, delivery.target)
         attempts = delivery.attempts + 1
         now = self.clock.now()
         if error is None:
             state, next_at, delivered_at = "delivered", now, now
             log.info(
-                "notification_delivered", target=_shown(delivery.target), msg_id=delivery.msg_id
+                "notification_delivered", target=shown_url(delivery.target), msg_id=delivery.msg_id
             )
         elif attempts >= self.settings.max_attempts:
             state, next_at, delivered_at = "failed", now, None
             log.error(
                 "notification_given_up",
-                target=_shown(delivery.target),
+                target=shown_url(delivery.target),
                 msg_id=delivery.msg_id,
                 attempts=attempts,
                 error=error,
@@ -277,7 +293,7 @@ class Notifications:
             state, next_at, delivered_at = "pending", retry_at(attempts, now, self.settings), None
             log.warning(
                 "notification_failed",
-                target=_shown(delivery.target),
+                target=shown_url(delivery.target),
                 msg_id=delivery.msg_id,
                 attempts=attempts,
                 error=error,
@@ -305,11 +321,14 @@ class Notifications:
             "webhook-signature": sign(self.secret, delivery.msg_id, timestamp, body),
         }
         try:
-            async with self._session.post(delivery.target, data=body, headers=headers) as resp:
+            async with self._session.post(
+                delivery.target, data=body, headers=headers, allow_redirects=False
+            ) as resp:
                 if 200 <= resp.status < 300:
                     return None
-                # A receiver's answer is read no further than what a note shows.
-                text = (await resp.content.read(200)).decode(errors="replace")
+                if 300 <= resp.status < 400:
+                    return redirect_note(resp.status, resp.headers.get("Location"))
+                text = (await resp.content.read(ANSWER_SHOWN)).decode(errors="replace")
                 return f"HTTP {resp.status}: {text}"
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return f"{type(exc).__name__}: {exc}"
@@ -317,7 +336,7 @@ class Notifications:
     async def _run_command(self, delivery: Delivery) -> str | None:
         argv = self.settings.command
         assert argv
-        env = {k: v for k, v in os.environ.items() if k not in _SECRET_VARIABLES}
+        env = command_base_environment(os.environ)
         env.update(command_environment(delivery))
         proc = await asyncio.create_subprocess_exec(
             *argv,
@@ -352,6 +371,45 @@ async def _tail(stream: asyncio.StreamReader, keep: int) -> bytes:
     return kept
 
 
+def redirect_note(status: int, location: str | None) -> str:
+    """PURE: the note of a delivery answered with a redirect, which is never followed."""
+    where = f"to {shown_url(location)[:ANSWER_SHOWN]}" if location else "without a Location"
+    return (
+        f"HTTP {status}: a redirect {where}, not followed (a webhook is POSTed to its"
+        " configured URL only: put the final URL in [notify] webhook_urls)"
+    )
+
+
+def shown_error(error: str, target: str) -> str:
+    """PURE: a delivery's note as it may be logged, stored and shown: every URL in it as
+    `shown_url` shows it, and the target's own user, password and query values masked
+    wherever else they appear (a receiver's answer may echo them)."""
+    text = scrub_urls(error)
+    try:
+        parts = urlsplit(target)
+        hidden = [parts.username, parts.password, parts.query, parts.fragment]
+        hidden += [value for _, value in parse_qsl(parts.query, keep_blank_values=False)]
+    except ValueError:
+        hidden = []
+    for value in sorted({h for h in hidden if h and len(h) >= 3}, key=len, reverse=True):
+        text = text.replace(value, "***")
+    return text
+
+
+def command_base_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """PURE: what a notify command inherits of the daemon's environment: only the
+    variables of COMMAND_PASSED and the locale's LC_* (an allow-list, never a deny-list:
+    CREDENTIALS_DIRECTORY, keys and anything else the daemon was given stay behind). PATH
+    has a default, as a shell's would."""
+    env = {
+        name: value
+        for name, value in environ.items()
+        if name in COMMAND_PASSED or (name.startswith("LC_") and name[3:].isupper())
+    }
+    env.setdefault("PATH", COMMAND_DEFAULT_PATH)
+    return env
+
+
 def command_environment(delivery: Delivery) -> dict[str, str]:
     """PURE: the variables a notify command gets for one event."""
     event = orjson.loads(delivery.payload)
@@ -380,8 +438,3 @@ def _text(value: Any) -> str:
     """PURE: a value as an environment variable holds it: empty when unknown, never
     "None"."""
     return "" if value is None else str(value)
-
-
-def _shown(target: str) -> str:
-    """A target as logs show it: a URL without its query (it may hold a token)."""
-    return target.split("?", 1)[0]

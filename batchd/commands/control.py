@@ -327,6 +327,17 @@ def cmd_show(args: argparse.Namespace) -> int:
             console.print(f"  part {part.seq} ({part.state}): {part.error or ''}")
             for kind, why in (part.unavailable or {}).items():
                 console.print(f"    {kind} file unavailable: {why}")
+    if job.extra_batches:
+        console.print(
+            f"[red]{len(job.extra_batches)} extra batch(es): made beside the ones the parts"
+            " follow (a gateway sent a create again), cancelled as soon as found; a batch"
+            " cancelled after it started may still bill the requests it ran[/]"
+        )
+        for extra in job.extra_batches:
+            console.print(
+                f"  part {extra.part}: {extra.batch_id} (the part follows"
+                f" {extra.kept_batch_id}): {extra.note}"
+            )
     for note in job.notifications or []:
         when = f" {_when(note.delivered_at)} UTC" if note.delivered_at else ""
         why = f": {note.last_error}" if note.last_error and note.state != "delivered" else ""

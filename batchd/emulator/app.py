@@ -441,6 +441,20 @@ async def create_batch(request: web.Request) -> web.StreamResponse:
     store.check_running_cap(scan.model, state.clock.now())
     batch = store.create_batch(input_file, endpoint, completion_window, window_s, metadata, scan)
     log.debug("batch_created", batch_id=batch.id, input_file_id=input_file_id)
+    for _ in range(state.faults.gateway_retries()):
+        # The gateway's client sends the same create again: the service counts it and
+        # makes another batch, unless a cap refuses it (then the gateway stops retrying).
+        if state.windows["create"].admit(state.clock.monotonic()) is not None:
+            break
+        try:
+            store.check_running_cap(scan.model, state.clock.now())
+        except ApiError:
+            break
+        batch = store.create_batch(
+            input_file, endpoint, completion_window, window_s, metadata, scan
+        )
+        state.faults.count("gateway_retried_creates")
+        log.debug("batch_created_again", batch_id=batch.id, input_file_id=input_file_id)
     if state.faults.lose_create_response() or state.faults.lose_response("create"):
         return _drop(request)
     return _json(await _batch_json(state, batch))

@@ -25,6 +25,11 @@ class FaultSettings(BaseModel):
     # Extra latency added to every API call, in seconds (uniform between min and max).
     latency_min_s: float = Field(default=0.0, ge=0.0)
     latency_max_s: float = Field(default=0.0, ge=0.0)
+    # Share of those calls that get the latency (1: every one). Fewer, with a latency
+    # longer than the calls take, model calls that overtake each other on the way (one
+    # waits in a proxy's queue while later ones go straight through); the service counts
+    # each call against its cap when it arrives, after the latency.
+    latency_rate: float = Field(default=1.0, ge=0.0, le=1.0)
     # Share of API calls whose connection is dropped before any answer.
     drop_connection_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     # Share of batch creates that take effect but whose answer is lost (connection dropped).
@@ -34,6 +39,14 @@ class FaultSettings(BaseModel):
     # Share of uploads, creates, cancels and file deletes that take effect but whose
     # answer is lost (connection dropped); `classes` narrows it like the faults above.
     lost_response_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    # A gateway in front of the service whose own client sends a create upstream again
+    # (as LiteLLM's did, whatever `num_retries` said, when its upstream connection was
+    # lost after the batch was made): this share of creates is made `gateway_retries`
+    # more times, same file, same metadata, each counted against the create cap (a retry
+    # the cap refuses ends them). The answer is the last batch made, unless a lost-answer
+    # fault above takes it.
+    gateway_retry_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    gateway_retries: int = Field(default=2, ge=1, le=10)
     # Call classes the faults above apply to; empty means every class.
     classes: tuple[str, ...] = ()
     # The faults below shape answers the way other providers and gateways do; they apply

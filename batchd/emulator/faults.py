@@ -14,8 +14,12 @@ from batchd.emulator.config import FaultSettings
 
 # Counters of the faults decided outside `decide`, as `stats()["faults"]` names them.
 COUNTERS = (
+    # Calls held back by the latency fault before the service saw them.
+    "delayed",
     "lost_create_response",
     "lost_response",
+    # Batches a gateway's retried create made beside the first.
+    "gateway_retried_creates",
     "list_filters_ignored",
     "endless_pages",
     "garbled_fields",
@@ -93,9 +97,12 @@ class FaultInjector:
         if not self._applies(call_class):
             return Decision(0.0, Fault.NONE)
         latency = 0.0
-        if s.latency_max_s > 0:
+        # A draw for the share only when it is one: a run with every call delayed
+        # repeats the draws it made before `latency_rate` existed.
+        if s.latency_max_s > 0 and (s.latency_rate >= 1 or self._rng.random() < s.latency_rate):
             low = min(s.latency_min_s, s.latency_max_s)
             latency = self._rng.uniform(low, s.latency_max_s)
+            self.counts["delayed"] += 1
         fault = Fault.NONE
         for rate, kind in (
             (s.drop_connection_rate, Fault.DROP),
@@ -108,6 +115,13 @@ class FaultInjector:
         if fault is not Fault.NONE:
             self.counts[fault.value] += 1
         return Decision(latency, fault)
+
+    def gateway_retries(self) -> int:
+        """How many more times a gateway sends this create upstream (0: not at all)."""
+        rate = self.settings.gateway_retry_rate
+        if rate > 0 and self._applies("create") and self._rng.random() < rate:
+            return self.settings.gateway_retries
+        return 0
 
     def lose_create_response(self) -> bool:
         """Whether this create, having taken effect, loses its answer."""

@@ -7,6 +7,7 @@ Every connection here is to a Unix socket; the emulator listens on 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -48,6 +49,7 @@ from batchd.testing import (
 pytestmark = pytest.mark.timeout(120)
 
 TIMEOUT_S = 0.3  # control.request_timeout_s in these tests
+STREAM_TIMEOUT_S = 0.6  # control.stream_timeout_s in the tests of streams
 
 
 class Peer:
@@ -323,7 +325,11 @@ async def test_the_event_stream_outlives_the_request_timeout(
     start_emulator: StartEmulator, tmp_path: Path
 ) -> None:
     emulator = await start_emulator(time_scale=3000)
-    settings = daemon_settings(tmp_path / "r", emulator, control={"request_timeout_s": TIMEOUT_S})
+    settings = daemon_settings(
+        tmp_path / "r",
+        emulator,
+        control={"request_timeout_s": TIMEOUT_S, "stream_timeout_s": STREAM_TIMEOUT_S},
+    )
     seen: list[dict[str, Any]] = []
     async with running_daemon(settings) as daemon:
 
@@ -340,7 +346,115 @@ async def test_the_event_stream_outlives_the_request_timeout(
         await wait_published(settings.paths.folder("outbox"), 1, emulator)
         await asyncio.wait_for(listener, 10)
         assert daemon.control.timed_out == 0
+        # Quiet for twice the stream timeout: heartbeats, which a reader reads (and the
+        # clients skip), never a cut.
+        assert daemon.control.streams_cut == 0
     assert seen[0]["type"] == "hello" and seen[-1]["state"] == "published"
+
+
+EVENTS = b"GET /v1/events HTTP/1.1\r\nHost: batchd\r\n\r\n"
+
+
+async def test_event_streams_have_their_own_cap_and_a_reader_that_does_not_read_is_cut(
+    start_emulator: StartEmulator, tmp_path: Path
+) -> None:
+    """Watchers that never read (a `batchd watch` stopped with Ctrl-Z) once held every
+    connection: operators got 503. Streams are counted apart, and each one left unread
+    for the stream timeout is cut, which frees its place."""
+    emulator = await start_emulator()
+    cap, streams = 4, 3
+    settings = daemon_settings(
+        tmp_path / "r",
+        emulator,
+        control={
+            "max_connections": cap,
+            "request_timeout_s": 5.0,
+            "max_streams": streams,
+            "stream_timeout_s": STREAM_TIMEOUT_S,
+        },
+    )
+    path = settings.socket_path
+    async with running_daemon(settings) as daemon:
+        control = daemon.control
+        # As many silent watchers as there are connections, and more, one after another:
+        # plain sockets that never read (an asyncio reader would drain the kernel's
+        # buffer into its own).
+        silent: list[socket.socket] = []
+        for n in range(cap + 2):
+            if n < streams:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.connect(str(path))
+                sock.sendall(EVENTS)
+                silent.append(sock)
+                await wait_for(lambda n=n: control.streams == n + 1, 10, "a stream admitted")
+                continue
+            # Past the streams' own cap, a stream is refused with its own answer.
+            peer = await Peer.open(path)
+            await peer.send(EVENTS)
+            data, after_s = await peer.until_closed(5.0)
+            await peer.close()
+            assert data.startswith(b"HTTP/1.1 503"), data
+            assert b"too_many_streams" in data and b"control.max_streams" in data
+            assert after_s < STREAM_TIMEOUT_S
+        admitted = time.monotonic()
+        assert control.streams_refused == cap + 2 - streams
+        # The operator is served all the same.
+        status, body = await RawControl(path).call("GET", "/v1/status")
+        assert status == 200 and body["healthy"]
+        assert control.streams == streams
+        # Each silent stream is cut once what was written to it has been left unread for
+        # the timeout (and a third of it, the pace it is looked at).
+        await wait_for(lambda: control.streams_cut == streams, 10, "the silent streams cut")
+        after_s = time.monotonic() - admitted
+        assert STREAM_TIMEOUT_S * 0.9 <= after_s < STREAM_TIMEOUT_S * 2 + 2.0, after_s
+        for sock in silent:
+            sock.settimeout(5.0)
+            data = b""
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := sock.recv(65536):
+                    data += chunk
+            sock.close()
+            assert data.startswith(b"HTTP/1.1 200")  # the head and the hello, never read
+        await wait_for(lambda: control.streams == 0, 10, "the cut streams released")
+
+        # The case as it happens: a `batchd watch` stopped with Ctrl-Z is cut; one that
+        # reads is not, though its stream is quiet for several timeouts.
+        reading = asyncio.create_task(_first_events(RawControl(path), 2))
+        await wait_for(lambda: control.streams == 1, 10, "the reading watcher")
+        watch = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "batchd",
+            "watch",
+            "--socket",
+            str(path),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            await wait_for(lambda: control.streams == 2, 30, "the watch's stream")
+            watch.send_signal(signal.SIGSTOP)
+            await wait_for(lambda: control.streams_cut == streams + 1, 10, "the stopped watch cut")
+            assert control.streams == 1 and not reading.done()
+            await asyncio.sleep(2 * STREAM_TIMEOUT_S)  # still quiet: heartbeats only
+            assert control.streams == 1 and control.streams_cut == streams + 1
+            drop(settings.paths.folder("inbox"), "w.jsonl", requests(1))
+            seen = await asyncio.wait_for(reading, 30)
+            assert seen[0]["type"] == "hello" and seen[1]["type"] == "job"
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                watch.send_signal(signal.SIGCONT)
+                watch.kill()
+            await watch.wait()
+
+
+async def _first_events(raw: RawControl, n: int) -> list[dict[str, Any]]:
+    seen: list[dict[str, Any]] = []
+    async for event in raw.stream("/v1/events"):
+        seen.append(event)
+        if len(seen) == n:
+            break
+    return seen
 
 
 # -- 4. a flood past the daemon's file descriptor limit ------------------------------------

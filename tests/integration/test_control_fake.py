@@ -144,6 +144,7 @@ class FakeOperator:
                 month=SpendPeriod(spent={"dashscope": 1.25}),
             ),
             "log_lines_dropped": 3,
+            "extra_batches": {"requested": 2, "ended": 1},
         }
 
     def subscribe(self, listener: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
@@ -187,6 +188,7 @@ async def test_calls_are_answered_from_the_operations_layer(
     assert 'batchd_cost_total{currency="CNY",model="qwen-plus"} 1.25' in exposed
     assert 'batchd_budget_left{currency="CNY",period="day"} 8.75' in exposed
     assert "batchd_log_lines_dropped_total 3.0" in exposed
+    assert 'batchd_extra_batches_total{cancel="requested"} 2.0' in exposed
     with pytest.raises(RequestFailed) as unknown:
         await client.job("nope")
     assert (unknown.value.status, unknown.value.code) == (404, "unknown_job")

@@ -9,6 +9,8 @@ so in `status`.
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import signal
 import sys
 from pathlib import Path
@@ -22,11 +24,14 @@ from batchd.testing import (
     ENDPOINT_CHAT,
     Api,
     DaemonProcess,
+    RawControl,
     StartEmulator,
+    cli,
     daemon_env,
     daemon_process,
     daemon_settings,
     drop,
+    events,
     requests,
     running_daemon,
     summary,
@@ -272,3 +277,80 @@ async def test_an_inbox_on_another_filesystem_is_refused_at_start(
     assert "different filesystems" in text and str(inbox) in text
     assert "Traceback" not in text
     assert not any(p.name.startswith(".batchd-probe") for p in inbox.iterdir())
+
+
+async def _extras_shown(
+    sock: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> tuple[list[dict[str, Any]], str, str]:
+    """The job's extra batches as `show --json` lists them, `show`'s text, and /metrics."""
+    _, out, _ = await cli(capsys, "show", "--socket", str(sock), "--json", name)
+    _, text, _ = await cli(capsys, "show", "--socket", str(sock), name)
+    _, metrics = await RawControl(sock).call("GET", "/metrics")
+    return json.loads(out)["extra_batches"], text, metrics
+
+
+@pytest.mark.parametrize("answer", ["lost", "answered"])
+async def test_every_batch_a_gateway_made_of_one_create_is_found_and_all_but_one_cancelled(
+    start_emulator: StartEmulator,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    log_lines: io.StringIO,
+    answer: str,
+) -> None:
+    """A gateway's own client sends a create upstream three times (LiteLLM's did). With
+    its answer lost, settling the uncertain create lists every batch of the part; with
+    the last batch's answer, the poll's list sweep meets the other two. Either way one is
+    followed and the others are cancelled at once, logged, shown, counted and said to
+    bill what they ran; their files are cleaned up."""
+    emulator = await start_emulator(time_scale=1, validating_s=3600)
+    emulator.set_faults(
+        gateway_retry_rate=1.0,
+        gateway_retries=2,
+        lost_create_response_rate=1.0 if answer == "lost" else 0.0,
+        classes=("create",),
+    )
+    settings = daemon_settings(tmp_path / "root", emulator)
+    sock = settings.socket_path
+    async with running_daemon(settings) as daemon:
+        drop(settings.paths.folder("inbox"), "thrice.jsonl", requests(3))
+
+        def statuses() -> dict[str, str]:
+            now = emulator.clock.now()
+            return {i: b.phase(now).status for i, b in emulator.state.store.batches.items()}
+
+        def cancelled() -> bool:
+            return sum(s in ("cancelling", "cancelled") for s in statuses().values()) == 2
+
+        await wait_for(cancelled, 20, "two of the three batches cancelled")
+        (job,) = await daemon.store.jobs()
+        (part,) = await daemon.store.parts_of(job.id)
+        extras, text, metrics = await _extras_shown(sock, capsys, "thrice")
+        batches = emulator.state.store.batches
+        assert len(batches) == 3 and part.batch_id in batches
+        live = [i for i, status in statuses().items() if status == "validating"]
+        assert live == [part.batch_id]  # the batch the part follows runs on
+        assert sorted(e["batch_id"] for e in extras) == sorted(set(batches) - {part.batch_id})
+        found_by = "settle" if answer == "lost" else "sweep"
+        assert {(e["found_by"], e["kept_batch_id"]) for e in extras} == {(found_by, part.batch_id)}
+        assert all("bill" in e["note"] for e in extras), extras
+        assert "2 extra batch(es)" in text and "may still bill" in text
+        assert metrics.count("batchd_extra_batches_total{") >= 1
+        counted = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("batchd_extra_batches_total{")
+        )
+        assert counted == 2
+        emulator.advance(3600 + 600)
+        (folder,) = await wait_published(settings.paths.folder("outbox"), 1, emulator)
+        # The extras' result files, and the job's, are deleted from the account.
+        await wait_for(lambda: emulator.state.store.files == {}, emulator=emulator)
+    s = summary(folder)
+    assert s["status"] == "completed" and s["request_counts"]["completed"] == 3
+    assert s["parts"][0]["batch_id"] == part.batch_id
+    assert len(s["extra_batches"]) == 2 and all("bill" in e["note"] for e in s["extra_batches"])
+    found = events(log_lines, "extra_batch_found")
+    assert sorted(e["batch_id"] for e in found) == sorted(e["batch_id"] for e in extras)
+    stats = await emulator.stats()
+    assert stats["faults"]["gateway_retried_creates"] == 2
+    assert stats["batches_by_status"] == {"completed": 1, "cancelled": 2}

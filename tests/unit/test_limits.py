@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
+import math
 import random
 
 import pytest
 
-from batchd.limits import CallClass, RateLimiter, SlidingWindow
+from batchd.limits import UNTIL_ANSWER, CallClass, RateLimiter, SlidingWindow
 
 
 def max_in_any_window(times: list[float], window: float) -> int:
@@ -23,10 +25,65 @@ def test_a_burst_up_to_the_cap_goes_at_once_then_waits_a_whole_window() -> None:
     w = SlidingWindow(cap=5, window_s=10.0)
     for _ in range(5):
         assert w.delay(0.0) == 0
-        w.record(0.0)
+        w.answer(w.send(0.0), 0.0)
     assert w.delay(0.0) == pytest.approx(10.0)
     assert w.delay(9.99) == pytest.approx(0.01)
     assert w.delay(10.0) == 0
+
+
+def test_a_slot_is_held_until_a_window_after_the_answer() -> None:
+    w = SlidingWindow(cap=2, window_s=10.0)
+    slow, fast = w.send(0.0), w.send(0.0)
+    assert w.delay(1.0) == UNTIL_ANSWER  # both in flight: only an answer can free one
+    w.answer(fast, 0.1)
+    assert w.delay(1.0) == pytest.approx(9.1)
+    w.answer(slow, 4.0)  # answered late: the service may have counted it just now
+    assert w.delay(10.1) == 0
+    w.send(10.1)
+    assert w.delay(10.2) == pytest.approx(3.8)  # not at send + 10 s
+    w.answer(slow, 20.0)  # a second answer changes nothing
+    assert w.delay(14.0) == 0
+
+
+def _arrivals(window: SlidingWindow, latencies: list[float], stamp_at_send: bool) -> list[float]:
+    """PURE: send calls as fast as `window` allows, each reaching the service after its
+    latency and answered 10 ms later; when each reached the service, sorted."""
+    now, arrivals = 0.0, []
+    answers: list[tuple[float, int]] = []  # (when, token)
+    for latency in latencies:
+        while (wait := window.delay(now)) > 0:
+            if wait == UNTIL_ANSWER:
+                now = max(now, answers[0][0])
+            else:
+                now += wait
+            while answers and answers[0][0] <= now:
+                at, token = heapq.heappop(answers)
+                window.answer(token, at)
+        token = window.send(now)
+        if stamp_at_send:  # as batchd did: the slot counted from the send alone
+            window.answer(token, now)
+        else:
+            heapq.heappush(answers, (now + latency + 0.01, token))
+        arrivals.append(now + latency)
+    return sorted(arrivals)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_calls_that_overtake_each_other_never_reach_the_service_over_the_cap(seed: int) -> None:
+    """The service counts a call when it arrives. A third of the calls wait 0.4 s on the
+    way (a proxy's queue), longer than the margin: stamped at send, later calls land in
+    an earlier one's window at the service; held until a window after their answer,
+    never. And the long-run rate stays close to the cap."""
+    rng = random.Random(seed)
+    latencies = [0.4 if rng.random() < 0.3 else rng.uniform(0.0, 0.02) for _ in range(400)]
+    cap, window_s = 5, 1.0
+    held = _arrivals(SlidingWindow(cap, window_s, margin_s=0.05), latencies, False)
+    assert max_in_any_window(held, window_s) <= cap
+    rate = len(held) / held[-1]
+    mean_latency = sum(latencies) / len(latencies)
+    assert rate > 0.9 * cap / (window_s + 0.05 + mean_latency), rate
+    stamped = _arrivals(SlidingWindow(cap, window_s, margin_s=0.05), latencies, True)
+    assert max_in_any_window(stamped, window_s) > cap
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -39,7 +96,7 @@ def test_no_window_ever_holds_more_than_the_cap_under_random_demand(seed: int) -
         wait = w.delay(now)
         now += wait
         assert w.delay(now) == 0
-        w.record(now)
+        w.answer(w.send(now), now)
         sent.append(now)
     assert max_in_any_window(sent, 3.0) <= 7
     # Saturated demand runs close to cap / (window + margin).
@@ -58,8 +115,8 @@ def test_a_429_blocks_the_class_for_retry_after() -> None:
 async def test_rate_limiter_acquire_waits_on_the_injected_clock() -> None:
     now = [0.0]
     limiter = RateLimiter({CallClass.CREATE: (2, 0.2)}, margin_s=0.0, clock=lambda: now[0])
-    await limiter.acquire(CallClass.CREATE)
-    await limiter.acquire(CallClass.CREATE)
+    (await limiter.acquire(CallClass.CREATE)).answered()
+    (await limiter.acquire(CallClass.CREATE)).answered()
     assert limiter.levels()["create"] == 0
 
     async def later() -> None:
@@ -70,3 +127,17 @@ async def test_rate_limiter_acquire_waits_on_the_injected_clock() -> None:
     await asyncio.wait_for(limiter.acquire(CallClass.CREATE), 5)
     await task
     assert limiter.sent[CallClass.CREATE] == 3
+
+
+async def test_a_call_waits_for_an_answer_when_every_slot_is_in_flight() -> None:
+    now = [0.0]
+    limiter = RateLimiter({CallClass.CREATE: (1, 0.2)}, margin_s=0.0, clock=lambda: now[0])
+    first = await limiter.acquire(CallClass.CREATE)
+    second = asyncio.create_task(limiter.acquire(CallClass.CREATE))
+    await asyncio.sleep(0.3)  # a wall-clock window passes: in flight, it still holds
+    assert not second.done()
+    first.answered()
+    now[0] = 0.2  # and a window after that answer
+    slot = await asyncio.wait_for(second, 5)
+    assert slot.cls == CallClass.CREATE and limiter.sent[CallClass.CREATE] == 2
+    assert math.isinf(UNTIL_ANSWER)

@@ -116,3 +116,37 @@ def test_a_full_device_drops_each_line_through_its_descriptor(
             get_logger("test").info("line", n=n)
         assert log_health().lines_dropped == before + 3
         assert "ENOSPC" in (log_health().broken or "")
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://hooks.example.com/batchd", "https://hooks.example.com/batchd"),
+        ("https://h.example/x?token=t0k", "https://h.example/x?***"),
+        ("http://user:pa55@h.example:8080/x?a=1#frag", "http://***@h.example:8080/x?***#***"),
+        ("http://user@h.example/", "http://***@h.example/"),
+        ("/relative?sig=abc", "/relative?***"),
+        ("http://[::1/x?token=t0k", "http://***"),
+        ("", ""),
+    ],
+)
+def test_a_url_is_shown_without_user_password_query_or_fragment(url: str, shown: str) -> None:
+    from batchd.logs import shown_url
+
+    assert shown_url(url) == shown
+
+
+def test_every_url_in_a_log_line_is_shown_without_its_secrets() -> None:
+    """Library errors quote URLs (aiohttp's `url='...'`): no field of any line keeps a
+    URL's password or query, whatever its name."""
+    buffer = io.StringIO()
+    configure("info", "json", stream=buffer)
+    get_logger("test").warning(
+        "hook_failed",
+        error="ClientResponseError: 301, url='https://u:pa55word@h.example/hook?token=t0ken'",
+        nested={"where": ["see http://h.example/a?sig=s1gnature for more"]},
+    )
+    line = buffer.getvalue()
+    assert "https://***@h.example/hook?***" in line and "http://h.example/a?***" in line
+    for secret in ("pa55word", "t0ken", "s1gnature"):
+        assert secret not in line

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from batchd.models import Part, PartState
+from batchd.extras import extra_note, keep, progress, tagged_part
+from batchd.models import ExtraBatch, ExtraCancel, Part, PartState
 from batchd.problems import StepPolicy
 from batchd.remote import (
     TIME_KEYS,
@@ -223,3 +224,53 @@ def test_a_batch_is_matched_by_its_own_file_id_or_batchd_metadata() -> None:
 def test_step_pauses_double_up_to_the_cap() -> None:
     policy = StepPolicy(max_failures=5, base_s=2, cap_s=10)
     assert [policy.pause_s(n) for n in (1, 2, 3, 4, 50)] == [2, 4, 8, 10, 10]
+
+
+def test_of_a_parts_batches_the_one_followed_then_the_furthest_along_then_the_oldest() -> None:
+    def made(i: str, status: str | None, created: float | None, done: int = 0) -> RemoteBatch:
+        return RemoteBatch.parse(
+            {
+                "id": i,
+                "status": status,
+                "created_at": created,
+                "request_counts": {"total": 9, "completed": done, "failed": 0},
+            }
+        )
+
+    # As a newest-first list shows three made within the same second.
+    a, b, c = (
+        made("b3", "validating", 10),
+        made("b2", "validating", 10),
+        made("b1", "validating", 10),
+    )
+    assert keep([a, b, c]).id == "b1"  # equals: the oldest, the one listed last
+    assert keep([a, b, c], followed="b2").id == "b2"  # the part's own, whatever else
+    running = made("b2", "in_progress", 10, done=4)
+    assert keep([a, running, c]).id == "b2"
+    assert keep([made("x", "completed", 12), running]).id == "x"
+    assert keep([made("late", "in_progress", 20, 5), made("early", "in_progress", 10, 5)]).id == (
+        "early"
+    )
+    # Ended ones that ran nothing are kept only when all did; an unknown status may run.
+    assert keep([made("f", "failed", 1), made("v", "validating", 5)]).id == "v"
+    assert keep([made("f", "failed", 1), made("c", "cancelled", 5)]).id == "f"
+    assert progress(made("u", "queued_upstream", 1)) > progress(made("f", "failed", 1))
+    assert tagged_part("01a24dbd4c90e135a089-3") == ("01a24dbd4c90e135a089", 3)
+    for bad in (None, "", "nodash", "job-", "-3", "job-x", "jo b-3", "j" * 90 + "-1", "job-1e3"):
+        assert tagged_part(bad) is None, bad
+
+
+def test_an_extra_batch_says_what_it_may_cost() -> None:
+    def extra(cancel: ExtraCancel, status: str | None, counts: dict[str, int] | None) -> str:
+        return extra_note(
+            ExtraBatch("b", "j", 1, "k", "settle", 0.0, status, counts, cancel, error="HTTP 400")
+        )
+
+    assert "may still bill" in extra(ExtraCancel.REQUESTED, "validating", None)
+    ran = extra(ExtraCancel.ENDED, "cancelled", {"total": 10, "completed": 3, "failed": 1})
+    assert ran.startswith("cancelled") and "4 of its 10 requests had run (billed" in ran
+    done = extra(ExtraCancel.ENDED, "completed", {"total": 10, "completed": 10, "failed": 0})
+    assert done.startswith("had completed before it could be cancelled") and "10 of its 10" in done
+    assert extra(ExtraCancel.FAILED, "completed", None).startswith(
+        "could not be cancelled: HTTP 400"
+    )
