@@ -404,7 +404,7 @@ def prompt_tokens(body: dict[str, Any], endpoint: str) -> int:
     module's docstring). Nothing else in the emulator counts input tokens."""
     if body.get("model") == TEST_MODEL:
         return TEST_PROMPT_TOKENS
-    encode = _provider_tokenizer()
+    encode = provider_tokenizer()
     if endpoint == ENDPOINT_EMBEDDINGS:
         texts = _embedding_texts(body)
         return sum(len(encode(t)) if encode else _tokens(t) for t in texts)
@@ -428,7 +428,7 @@ def _chat_template(messages: Any) -> str:
 
 
 @functools.cache
-def _provider_tokenizer() -> Callable[[str], list[int]] | None:
+def provider_tokenizer() -> Callable[[str], list[int]] | None:
     """The provider's own tokenizer from the `dashscope` package (special tokens in the
     text count as one each), or None when the package is not installed."""
     try:

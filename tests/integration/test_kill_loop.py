@@ -46,6 +46,7 @@ import orjson
 import pytest
 
 from batchd.emulator import Emulator
+from batchd.emulator.results import provider_tokenizer as emulator_tokenizer
 from batchd.lines import identity, read_line
 from batchd.testing import (
     ENDPOINT_EMBEDDINGS,
@@ -306,6 +307,11 @@ async def run_kill_loop(start_emulator: StartEmulator, tmp_path: Path, plan: Pla
     figures = Figures(seed=plan.seed)
     started = time.monotonic()
     emulator = await start_emulator(time_scale=1000, request_failure_rate=0.15, seed=plan.seed)
+    # The emulator counts a chat input's tokens with the provider's tokenizer, loaded at
+    # its first create (about 2 s, far longer on a loaded machine): a create sent just
+    # before a kill would land at the service seconds after the next daemon had listed
+    # and found nothing. Loaded first, as the real service has it loaded.
+    await asyncio.to_thread(emulator_tokenizer)
     served = record_output_files(emulator)
     root = tmp_path / "root"
     inbox, outbox, spool = root / "inbox", root / "outbox", root / "spool"
@@ -325,6 +331,10 @@ async def run_kill_loop(start_emulator: StartEmulator, tmp_path: Path, plan: Pla
         # (B.12, the poison input, is tested on its own.)
         BATCHD_MAX_JOB_CRASHES="1000000",
         BATCHD_LOG__LEVEL="warning",
+        # A create cut by a kill is looked for this long after its intent, as in
+        # production (10 s there): the harness's 0.05 s is shorter than the emulator
+        # may take to record a batch on a loaded machine.
+        BATCHD_API__SETTLE_AFTER_S="3",
     )
     if plan.hostile:
         env.update(
