@@ -29,34 +29,22 @@ import orjson
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.failpoints import failpoint
 from batchd.fsutil import fsync_dir
+from batchd.inbox import SIDECAR_SUFFIXES, is_ignored_name
 from batchd.logs import get_logger
 from batchd.models import JobState, input_kind
 from batchd.store import Store
-from batchd.verdict import SIDECAR_SUFFIX, read_sidecar, sidecar_options
+from batchd.verdict import read_sidecar, sidecar_options
 
 log = get_logger(__name__)
 
 # The claim's record in the job's spool folder (`recover_orphans` reads it).
 CLAIM_RECORD = "claim.json"
-TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", "~", ".swp")
-SIDECAR_SUFFIXES = (SIDECAR_SUFFIX,)
 # Why an input in the inbox is not claimed yet (`batchd status`).
 SETTLING = "being written: claimed once its size and time stay still for intake.settle_s"
 UNTERMINATED = (
     "no newline after its last line: waits intake.unterminated_settle_s for the rest,"
     " then is judged as it is"
 )
-
-
-def is_ignored_name(name: str) -> bool:
-    """Names the Maildir convention (and common copy tools) use while a file is written."""
-    lower = name.lower()
-    return (
-        name.startswith((".", "~"))
-        or lower.endswith(TEMP_SUFFIXES)
-        or "~syncthing~" in lower
-        or lower.endswith(SIDECAR_SUFFIXES)
-    )
 
 
 def printable(name: str) -> str:

@@ -49,6 +49,9 @@ class Prepared:
     mtime_ns: int | None = None
     # The input changed while it was read: nothing here may be used.
     changed: bool = False
+    # Its requests' digest (`validate.canonical_request`): what the duplicate guard
+    # compares, so that line endings, spacing and key order make no new input.
+    requests_sha256: str | None = None
 
 
 def sha256_of(path: Path) -> tuple[str, int]:
@@ -74,10 +77,11 @@ def _rejection(job: Job, code: str, message: str, line: int | None = None) -> di
 
 
 def _twin_note(twin: Job) -> str:
-    """PURE: why an input identical to one already run is held, and how to let it go."""
+    """PURE: why an input with the requests of one already run is held, and how to let
+    it go."""
     where = f", results in {twin.outbox_path}" if twin.outbox_path else ""
     return (
-        f"identical to the input of job {twin.id} ({twin.name}, "
+        f"the same requests as the input of job {twin.id} ({twin.name}, "
         f"{twin.outcome or twin.state}{where}): running it again would pay for the same "
         "requests again. To run it anyway: batchd retry JOB (this one), or submit with"
         ' --force, or a sidecar {"allow_duplicate": true}'
@@ -99,9 +103,7 @@ def prepare(job: Job, settings: Settings) -> Prepared:
         prepared.bytes != before.st_size
     ):
         return Prepared(prepared.sha256, after.st_size, {}, [], after.st_mtime_ns, changed=True)
-    return Prepared(
-        prepared.sha256, prepared.bytes, prepared.report, prepared.parts, before.st_mtime_ns
-    )
+    return replace(prepared, mtime_ns=before.st_mtime_ns)
 
 
 def _refusal(job: Job, problem: Problem) -> dict[str, Any]:
@@ -111,7 +113,9 @@ def _refusal(job: Job, problem: Problem) -> dict[str, Any]:
 def _prepare(job: Job, rules: Rules, source: Path, settings: Settings) -> Prepared:
     digest, size = sha256_of(source)
     jsonl = source.with_name("input.jsonl")
-    report = judge_content(source, job.kind, job.options, rules, source.parent, job.inbox_name)
+    report = judge_content(
+        source, job.kind, job.options, rules, source.parent, job.inbox_name, requests_digest=True
+    )
     report.path = job.inbox_name
     if not report.valid:
         return Prepared(digest, size, report.to_dict(), [])
@@ -154,7 +158,7 @@ def _prepare(job: Job, rules: Rules, source: Path, settings: Settings) -> Prepar
         )
         for i, (part, path, count) in enumerate(zip(report.parts, paths, counts, strict=True))
     ]
-    return Prepared(digest, size, summary, parts)
+    return Prepared(digest, size, summary, parts, requests_sha256=report.requests_sha256)
 
 
 def count_part(path: Path, settings: Settings) -> FileCount:
@@ -297,6 +301,7 @@ class Preparer:
         twin = await self._twin(job, prepared)
         recorded = {
             "sha256": prepared.sha256,
+            "requests_sha256": prepared.requests_sha256,
             "bytes": prepared.bytes,
             "input_mtime_ns": prepared.mtime_ns,
             "report": prepared.report,
@@ -344,12 +349,14 @@ class Preparer:
         `jobs.duplicate_window`, unless the job may run it again."""
         hours = completion_hours(self.settings.jobs.duplicate_window) or 0
         if (
-            not (prepared.parts and prepared.sha256 and hours)
+            not (prepared.parts and prepared.requests_sha256 and prepared.sha256 and hours)
             or job.options.get("allow_duplicate") is True
         ):
             return None
         since = self.clock.now() - hours * 3600.0
-        return await self.store.paid_twin(prepared.sha256, job.id, since=since)
+        return await self.store.paid_twin(
+            prepared.requests_sha256, prepared.sha256, job.id, since=since
+        )
 
     async def _spending_problem(self, job: Job, prepared: Prepared) -> tuple[str, str] | None:
         """Why a planned job may not start for money or queue limits, as (code, message):

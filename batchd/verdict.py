@@ -36,6 +36,7 @@ import orjson
 
 from batchd import csvio
 from batchd.failpoints import failpoint
+from batchd.inbox import SIDECAR_SUFFIX
 from batchd.models import completion_hours
 from batchd.profiles import DEFAULT_PROVIDER, GB, PROFILES, ProviderLimits
 from batchd.validate import DEFAULT_MAX_REPORTED_ERRORS, Problem, Report, validate_file
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
 
 # -- the sidecar ------------------------------------------------------------------------
 
-SIDECAR_SUFFIX = ".meta.json"
 MAX_SIDECAR_BYTES = 64 * 1024
 SIDECAR_KEYS = frozenset(
     {
@@ -292,10 +292,14 @@ def judge_content(
     rules: Rules,
     work: Path,
     subject: str | None = None,
+    *,
+    requests_digest: bool = False,
 ) -> Report:
     """Read and judge the input `path` (`kind`: "jsonl" or "csv"): a CSV is converted
     into `work/input.jsonl` (a folder the caller owns), then every request is validated
-    and the file planned into parts (step 4). `subject` names the input to fail points."""
+    and the file planned into parts (step 4). `subject` names the input to fail points;
+    `requests_digest` asks for `Report.requests_sha256` (of a CSV: its requests as
+    converted)."""
     jsonl = path
     if kind == "csv":
         jsonl = work / "input.jsonl"
@@ -309,6 +313,7 @@ def judge_content(
         split=rules.split,
         group_by_model=rules.group_by_model,
         max_errors=rules.max_errors,
+        requests_digest=requests_digest,
     )
     report.path = str(path)
     return report
