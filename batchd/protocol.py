@@ -62,7 +62,8 @@ class Problem(_Model, kw_only=True):
     job, a part whose steps fail, an inbox that cannot be read, lost state, log lines
     that cannot be written."""
 
-    kind: str  # part_parked | part_failing | job_parked | intake | logging | state_lost
+    # part_parked | part_failing | job_parked | intake | logging | state_lost | input_grew
+    kind: str
     job_id: str | None = None
     part: int | None = None
     note: str
