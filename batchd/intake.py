@@ -54,7 +54,7 @@ LONE_SIDECAR = (
 )
 # A sidecar that arrives this long after a job of its name was claimed, or sooner, came
 # late for that job: it is never applied, to it or to a later file, and is reported.
-LATE_SIDECAR_S = 300.0
+LATE_SIDECAR_S = 60.0
 # Where a late sidecar is kept in the job's spool folder (and published beside it).
 LATE_SIDECAR = "late.meta.json"
 # The latest notes about late sidecars `batchd status` shows.
