@@ -297,14 +297,14 @@ class Publisher:
         # Bytes that reached the input after its outbox folder was built (a producer that
         # still held it open, where the kernel could not tell): never removed unseen.
         late = await asyncio.to_thread(late_input_bytes, job, summary)
-        if kept_at:
-            # The input could not be moved into the outbox (another filesystem): its
-            # spool folder stays, and summary.json says where it is.
-            log.warning("input_kept_in_spool", job_id=job.id, path=kept_at)
-        elif late is not None:
+        if late is not None:
             log.error("input_grew_after_publish", job_id=job.id, path=job.spool_path, note=late)
             self.inputs_kept[job.id] = late
-        else:
+        if kept_at:
+            # The input could not be moved into the outbox (another filesystem), or its
+            # writer still held it: its spool folder stays, and summary.json says where.
+            log.warning("input_kept_in_spool", job_id=job.id, path=kept_at)
+        elif late is None:
             await asyncio.to_thread(shutil.rmtree, Path(job.spool_path).parent, True)
         # A retry's answers merged into its chain's root folder (idempotent, as the above).
         await merge_chain(
@@ -373,6 +373,10 @@ class Publisher:
             outcome = decide_outcome(job, parts, stats)
         failpoint("publish.write", job.inbox_name)
         kept = keep_input_files(job, parts, tmp, keep=self.keep_input)
+        if input_open_for_writing(spool_input):
+            # Still held open past `writer_wait_s`: the input stays in the spool, where
+            # what its writer adds is kept, and summary.json says where.
+            kept.setdefault("input_kept_at", str(spool_input))
         if kept.get("input_changed"):
             log.warning("input_changed", job_id=job.id, name=job.name, **kept["input_changed"])
         summary = build_summary(

@@ -412,3 +412,4 @@ async def test_an_input_still_open_after_its_job_is_published_is_kept_and_report
     grew = [p for p in status.problems if p.kind == "input_grew"]
     assert [p.job_id for p in grew] == [job.id] and str(kept) in grew[0].note
     assert summary(folder)["request_counts"]["total"] == 3
+    assert summary(folder)["input_kept_at"] == str(kept)
