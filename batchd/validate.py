@@ -24,7 +24,7 @@ Speed (a million short lines) comes from settling most lines on a fast path:
 
 With `requests_digest` (the daemon's duplicate guard), the same pass writes each parsed
 line again in canonical form (`canonical_request`: sorted keys, no spacing) and hashes
-those lines in order, a block at a time: `Report.requests_sha256`, equal for the same
+those lines in order: `Report.requests_sha256`, equal for the same
 requests whatever their line endings, spacing or key order.
 
 Every limit comes from the provider profile (`ProviderLimits`), never from a constant.
@@ -1113,11 +1113,10 @@ def validate_stream(
     run_next, limit_line, limit_offset, run_url, run_model, run_thinking, body_ok, chat = (
         checker.fast
     )
-    # The requests' digest: each parsed line's canonical form, a block at a time (a line
-    # that does not parse makes the file invalid, and its digest unused).
+    # The requests' digest: each parsed line's canonical form, in order (a line that does
+    # not parse makes the file invalid, and its digest unused).
     requests_hash = hashlib.sha256() if requests_digest else None
-    canonical: list[bytes] = []
-    keep_canonical = canonical.append
+    digest_line = requests_hash.update if requests_hash is not None else None
     canonical_line = _CANONICAL | orjson.OPT_APPEND_NEWLINE
     offset = 0
     n = 0
@@ -1136,11 +1135,11 @@ def validate_stream(
                 except decode_error:
                     obj = unparsed
                 if type(obj) is dict:
-                    if requests_hash is not None:
+                    if digest_line is not None:
                         try:
-                            keep_canonical(dumps(obj, None, canonical_line))
+                            digest_line(dumps(obj, None, canonical_line))
                         except encode_error:
-                            keep_canonical(canonical_request(obj) + b"\n")
+                            digest_line(canonical_request(obj) + b"\n")
                     sound = False
                     if n >= compact_from and (size <= compact_max or raw.isascii()):
                         # The line is exactly what orjson writes for what it read: no
@@ -1208,15 +1207,12 @@ def validate_stream(
             run_next, limit_line, limit_offset, run_url, run_model, run_thinking, body_ok, chat = (
                 checker.fast
             )
-        if requests_hash is not None and canonical:
-            requests_hash.update(b"".join(canonical))
-            canonical.clear()
         if odd is not None:
             n += 1
-            if requests_hash is not None and odd.raw is not None:
+            if digest_line is not None and odd.raw is not None:
                 last = _parsed_last_line(odd.raw)
                 if type(last) is dict:
-                    requests_hash.update(canonical_request(last) + b"\n")
+                    digest_line(canonical_request(last) + b"\n")
             start = offset
             offset += odd.size
             checker.end_run(run_next, n, start)
