@@ -416,15 +416,16 @@ class Store:
         return [Job.from_row(r) for r in rows]
 
     async def paid_twin(
-        self, requests_sha256: str, sha256: str, exclude: str, since: float = 0.0
+        self, requests_sha256: str | None, sha256: str, exclude: str, since: float = 0.0
     ) -> Job | None:
         """The newest other job with these requests that runs or has run to results
         (running, publishing, or published completed or partial, since `since`): running
-        this one too would pay for the same requests again. A job validated before
-        requests were digested (`requests_sha256` NULL) matches on its bytes (`sha256`)."""
+        this one too would pay for the same requests again. The same bytes (`sha256`)
+        are the same requests too: so a job validated before requests were digested
+        (`requests_sha256` NULL, on either side) is still found by its bytes."""
         async with self._db.execute(
-            "SELECT * FROM jobs WHERE (requests_sha256 = ?"
-            " OR (requests_sha256 IS NULL AND sha256 = ?)) AND id != ? AND (state IN (?, ?)"
+            "SELECT * FROM jobs WHERE (requests_sha256 = ? OR sha256 = ?)"
+            " AND id != ? AND (state IN (?, ?)"
             " OR (state = ? AND outcome IN ('completed', 'partial') AND updated_at >= ?))"
             " ORDER BY created_at DESC LIMIT 1",
             (

@@ -296,8 +296,9 @@ async def test_the_duplicate_guard_still_knows_jobs_recorded_before_requests_wer
         assert old is not None and old.id == "old"
         new = await store.paid_twin("r" * 64, "crlf-bytes", "this")
         assert new is not None and new.id == "new" and new.requests_sha256 == "r" * 64
-        # The old job's requests are unknown: only its bytes match it; a digested job's
-        # bytes alone never do (its requests decide).
-        assert await store.paid_twin("y" * 64, "new-bytes", "this") is None
+        # The same bytes are the same requests, whichever side lacks a digest.
+        again = await store.paid_twin(None, "new-bytes", "this")
+        assert again is not None and again.id == "new"
+        assert await store.paid_twin("y" * 64, "other-bytes", "this") is None
     finally:
         await store.close()
