@@ -34,6 +34,7 @@ from urllib.parse import quote, urlencode
 import msgspec
 
 from batchd.errors import ConfigError
+from batchd.inbox import SIDECAR_SUFFIX, is_ignored_name
 from batchd.protocol import (
     API_PREFIX,
     ActionResponse,
@@ -211,13 +212,17 @@ def queue_file(
     """Place a file in the inbox as the daemon expects it: first its sidecar (the job's
     options and a fresh `submit_id` token), then the data, each written under a hidden
     name, fsynced and renamed, so the daemon never claims a half-written file and always
-    finds the sidecar with it. `name` renames the job (and its files in the inbox). An
-    existing file of that name is never overwritten (`FileExistsError`); a source that
-    is not an input is a `ValueError`."""
+    finds the sidecar with it. The options are the source's own sidecar (`NAME.meta.json`
+    beside it, read as the daemon reads one) with `options` over them. `name` renames the
+    job (and its files in the inbox). An existing file of that name is never overwritten
+    (`FileExistsError`); a source that is not an input, a name the inbox would ignore
+    (`inbox_name_problem`) and a sidecar beside it that the daemon would refuse are a
+    `ValueError`."""
     import secrets
     import shutil
 
     from batchd.fsutil import atomic_output, write_atomic
+    from batchd.verdict import SIDECAR_ERROR, read_sidecar
 
     src, folder = Path(source), Path(inbox)
     lower = src.name.lower()
@@ -225,15 +230,20 @@ def queue_file(
     if suffix is None:
         raise ValueError(f"{src}: not an input (expected {', '.join(suffixes)})")
     stem = src.name[: -len(suffix)] if name is None else name
-    if not stem or stem.startswith(".") or "/" in stem or "\0" in stem:
-        raise ValueError(f"{stem!r} cannot name a job (no '/', not starting with '.')")
+    problem = inbox_name_problem(stem, suffix)
+    if problem is not None:
+        raise ValueError(problem)
     target = folder / f"{stem}{suffix}"
-    sidecar = folder / f"{stem}.meta.json"
+    sidecar = folder / f"{stem}{SIDECAR_SUFFIX}"
     for path in (target, sidecar):
         if path.exists() or path.is_symlink():
             raise FileExistsError(f"{path} is already in the inbox; give another --name")
+    own = read_sidecar(src.with_name(src.name[: -len(suffix)] + SIDECAR_SUFFIX)) or {}
+    if own.get(SIDECAR_ERROR):
+        raise ValueError(f"its sidecar cannot be used: {own[SIDECAR_ERROR]}")
+    own.pop("submit_id", None)  # a token is the submit's own, never one copied along
     token = secrets.token_hex(16)
-    meta = {**(options or {}), "submit_id": token}
+    meta = {**own, **(options or {}), "submit_id": token}
     write_atomic(sidecar, msgspec.json.encode(meta))
     try:
         with src.open("rb") as fh, atomic_output(target) as out:
@@ -242,6 +252,20 @@ def queue_file(
         sidecar.unlink(missing_ok=True)
         raise
     return Queued(source=src, target=target, sidecar=sidecar, submit_id=token)
+
+
+def inbox_name_problem(stem: str, suffix: str) -> str | None:
+    """PURE: why `stem` + `suffix` cannot be an input's name in the inbox (the intake
+    would ignore it, or it is no file name), or None."""
+    if not stem or "/" in stem or "\0" in stem or stem in (".", ".."):
+        return f"{stem!r} cannot name a job (no '/', not empty)"
+    if is_ignored_name(f"{stem}{suffix}"):
+        return (
+            f"{stem!r} cannot name a job: the inbox ignores {stem}{suffix} (names starting"
+            " with '.' or '~', or holding '~syncthing~', are a writer's temporary files);"
+            " give another --name"
+        )
+    return None
 
 
 class _UnixConnection(http.client.HTTPConnection):

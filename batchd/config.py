@@ -171,7 +171,8 @@ class PathSettings(BaseModel):
 class IntakeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # A dropped file is claimed once its size and mtime have not changed for this long.
+    # A dropped file is claimed once its size and mtime have not changed for this long
+    # (twice this long without a sidecar beside it: one may follow).
     settle_s: float = Field(default=2.0, ge=0)
     # A file whose last line has no newline waits this long before it is judged as is.
     unterminated_settle_s: float = Field(default=60.0, ge=0)

@@ -312,6 +312,7 @@ class Daemon:
             stages_alive=self._stages_alive,
             started_at=self.started_at,
             clock=self.clock,
+            inputs_kept=lambda: self.publisher.inputs_kept,
         )
 
     def _after_publish(self) -> None:

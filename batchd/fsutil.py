@@ -76,3 +76,27 @@ def write_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that a crash leaves the old content or the new one."""
     with atomic_output(path) as fh:
         fh.write(data)
+
+
+def open_for_writing(fd: int) -> bool | None:
+    """Whether any process holds the file of `fd` (opened read-only) open for writing:
+    True, False, or None where the system cannot tell (a file of another user without
+    CAP_LEASE, a filesystem without leases).
+
+    Asked with a read lease (fcntl F_SETLEASE F_RDLCK), which Linux refuses with EAGAIN
+    while the file is open for writing anywhere, and released at once. Hazard: a writer
+    that opens the file in the microseconds the lease is held waits for its release, and
+    the kernel signals the lease holder; the signal is set to SIGURG, which is ignored
+    by default (SIGIO, the kernel's default, would end the process)."""
+    import fcntl
+    import signal
+
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as exc:
+        if exc.errno == errno.EAGAIN:
+            return True
+        return None  # EACCES (not ours, no CAP_LEASE), EINVAL (no leases here), ...
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    return False

@@ -28,35 +28,37 @@ import orjson
 
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.failpoints import failpoint
-from batchd.fsutil import fsync_dir
+from batchd.fsutil import fsync_dir, open_for_writing
+from batchd.inbox import SIDECAR_SUFFIX, SIDECAR_SUFFIXES, is_ignored_name
 from batchd.logs import get_logger
 from batchd.models import JobState, input_kind
 from batchd.store import Store
-from batchd.verdict import SIDECAR_SUFFIX, read_sidecar, sidecar_options
+from batchd.verdict import read_sidecar, sidecar_options
 
 log = get_logger(__name__)
 
 # The claim's record in the job's spool folder (`recover_orphans` reads it).
 CLAIM_RECORD = "claim.json"
-TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", "~", ".swp")
-SIDECAR_SUFFIXES = (SIDECAR_SUFFIX,)
 # Why an input in the inbox is not claimed yet (`batchd status`).
 SETTLING = "being written: claimed once its size and time stay still for intake.settle_s"
 UNTERMINATED = (
     "no newline after its last line: waits intake.unterminated_settle_s for the rest,"
     " then is judged as it is"
 )
-
-
-def is_ignored_name(name: str) -> bool:
-    """Names the Maildir convention (and common copy tools) use while a file is written."""
-    lower = name.lower()
-    return (
-        name.startswith((".", "~"))
-        or lower.endswith(TEMP_SUFFIXES)
-        or "~syncthing~" in lower
-        or lower.endswith(SIDECAR_SUFFIXES)
-    )
+NO_SIDECAR_YET = (
+    "no NAME.meta.json beside it: waits intake.settle_s more for a sidecar that may follow"
+)
+OPEN_FOR_WRITING = "open for writing by a process: claimed once it is closed and settled"
+LONE_SIDECAR = (
+    "a sidecar without its data file: it is the options of the next NAME.jsonl or NAME.csv dropped"
+)
+# A sidecar that arrives this long after a job of its name was claimed, or sooner, came
+# late for that job: it is never applied, to it or to a later file, and is reported.
+LATE_SIDECAR_S = 60.0
+# Where a late sidecar is kept in the job's spool folder (and published beside it).
+LATE_SIDECAR = "late.meta.json"
+# The latest notes about late sidecars `batchd status` shows.
+MAX_LATE_NOTES = 50
 
 
 def printable(name: str) -> str:
@@ -137,6 +139,12 @@ class Intake:
         # Why the inbox cannot be scanned or claimed from just now (EMFILE, EXDEV, ...);
         # None while it works. Shown by `batchd status`, which is then not healthy.
         self.problem: str | None = None
+        # Sidecars without their data file, settled, as (name, stat): looked up once each
+        # (`_judged`) for a job they came too late for.
+        self._lone: list[tuple[str, os.stat_result]] = []
+        self._judged: set[tuple[str, int]] = set()
+        # The latest late sidecars, with what became of them (`batchd status`).
+        self.late: dict[str, str] = {}
 
     def _refuse_once(self, name: str, ino: int, reason: str) -> None:
         if (name, ino) not in self._refused:
@@ -148,6 +156,7 @@ class Intake:
         the entries refused, each with why (names made printable)."""
         waiting = {printable(name): why for name, why in self.waiting.items()}
         refused = {printable(name): why for (name, _ino), why in self._refused.items()}
+        refused.update((printable(name), why) for name, why in self.late.items())
         return waiting, refused
 
     def scan(self) -> list[tuple[str, os.stat_result]]:
@@ -160,10 +169,17 @@ class Intake:
         listed: set[tuple[str, int]] = set()
         waiting: dict[str, str] = {}
         dir_fd = os.open(self.inbox, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        entries = os.scandir(dir_fd)
         try:
-            for entry in entries:
-                name = entry.name
+            with os.scandir(dir_fd) as entries:
+                names = [entry.name for entry in entries]
+            # Sidecars by their input's stem: an input waits for one that may follow it.
+            sidecars = {
+                name[: -len(SIDECAR_SUFFIX)]: name
+                for name in names
+                if name.endswith(SIDECAR_SUFFIX) and not name.startswith(".")
+            }
+            stems: set[str] = set()
+            for name in names:
                 if is_ignored_name(name):
                     continue
                 try:
@@ -174,9 +190,12 @@ class Intake:
                 if not stat.S_ISREG(st.st_mode):
                     self._refuse_once(name, st.st_ino, _kind_of(st.st_mode))
                     continue
-                if input_kind(name, self.suffixes) is None:
+                kind = input_kind(name, self.suffixes)
+                if kind is None:
                     self._refuse_once(name, st.st_ino, "unknown suffix (not an input)")
                     continue
+                stem = name[: -(len(kind) + 1)]
+                stems.add(stem)
                 if st.st_nlink != 1:
                     self._refuse_once(name, st.st_ino, f"hard link ({st.st_nlink} links)")
                     continue
@@ -204,10 +223,34 @@ class Intake:
                     due.append(settles_at(seen, st, now, wall_now, self.unterminated_settle_s))
                     waiting[name] = UNTERMINATED
                     continue
+                # A sidecar dropped just after its data file is still its own.
+                if stem not in sidecars and not settled(seen, st, now, wall_now, 2 * self.settle_s):
+                    due.append(settles_at(seen, st, now, wall_now, 2 * self.settle_s))
+                    waiting[name] = NO_SIDECAR_YET
+                    continue
+                # Settled is a guess; a writer that still holds the file open is a fact.
+                if _open_for_writing(dir_fd, name, st):
+                    due.append(now + max(self.settle_s, 0.05))
+                    waiting[name] = OPEN_FOR_WRITING
+                    continue
                 ready.append((name, st))
+            lone: list[tuple[str, os.stat_result]] = []
+            for stem, name in sidecars.items():
+                if stem in stems:
+                    continue
+                try:
+                    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                listed.add((name, st.st_ino))
+                if stat.S_ISREG(st.st_mode):
+                    waiting[name] = LONE_SIDECAR
+                    if wall_now - st.st_mtime >= self.settle_s:
+                        lone.append((name, st))
         finally:
-            entries.close()
             os.close(dir_fd)
+        self._lone = lone
+        self._judged &= listed
         for gone in set(self._seen) - present:
             del self._seen[gone]
         # What left the inbox is forgotten: the set stays as large as the inbox.
@@ -237,9 +280,79 @@ class Intake:
             except OSError as exc:
                 self._trouble(f"cannot claim from the inbox: {exc}")
                 break
+        for name, st in self._lone:
+            if (name, st.st_ino) not in self._judged:
+                self._judged.add((name, st.st_ino))
+                try:
+                    await self._late_sidecar(name, st)
+                except OSError as exc:
+                    log.warning("sidecar_not_moved", name=printable(name), error=str(exc))
         if claimed:
             self.on_claimed()
         return claimed
+
+    async def _late_sidecar(self, name: str, st: os.stat_result) -> None:
+        """A sidecar whose data file is not in the inbox: if it arrived (its ctime, which
+        a copy cannot set) within LATE_SIDECAR_S after a job of its name was claimed, it
+        came late for that job. It is never applied to it (the job may be validated or
+        sent already) nor left to apply to a later file of that name: it moves into the
+        job's spool folder, is published beside its results (`late.meta.json`, with
+        summary.json's `late_sidecar`) and named in `batchd status`. When that job is
+        published already, it stays, and status says so."""
+        stem = name[: -len(SIDECAR_SUFFIX)]
+        inputs = {storable_name(stem + suffix) for suffix in self.suffixes}
+        jobs = await self.store.find_jobs(outbox_name(stem))
+        job = next(
+            (
+                j
+                for j in jobs
+                if j.inbox_name in inputs
+                and j.created_at <= st.st_ctime <= j.created_at + LATE_SIDECAR_S
+            ),
+            None,
+        )
+        if job is None:
+            return  # the options of a file still to come, as the inbox's rules say
+        after_s = round(st.st_ctime - job.created_at, 1)
+        job_dir = Path(job.spool_path).parent
+        moved = job.state != JobState.PUBLISHED and await asyncio.to_thread(
+            self._keep_late, name, st, job_dir
+        )
+        if moved:
+            why = (
+                f"arrived {after_s} s after {job.inbox_name} was claimed as job {job.id}:"
+                f" not applied (the job runs with the options it was claimed with); moved"
+                f" to its outbox folder as {LATE_SIDECAR}. Drop both again to run with it"
+            )
+        else:
+            why = (
+                f"arrived {after_s} s after {job.inbox_name} was claimed as job {job.id},"
+                f" which is published: not applied to it. It stays, and applies to the next"
+                f" {stem}.jsonl or .csv dropped: remove it if it was meant for job {job.id}"
+            )
+            self._refuse_once(name, st.st_ino, why)
+        log.warning("sidecar_late", name=printable(name), job_id=job.id, after_s=after_s)
+        if moved:
+            self.late[name] = why
+            while len(self.late) > MAX_LATE_NOTES:
+                del self.late[next(iter(self.late))]
+
+    def _keep_late(self, name: str, st: os.stat_result, job_dir: Path) -> bool:
+        """Move the late sidecar `name` into `job_dir`; False when that folder is gone
+        (the job was published meanwhile) or the entry changed."""
+        inbox_fd = os.open(self.inbox, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            now = os.stat(name, dir_fd=inbox_fd, follow_symlinks=False)
+            if now.st_ino != st.st_ino or not job_dir.is_dir():
+                return False
+            os.rename(name, job_dir / LATE_SIDECAR, src_dir_fd=inbox_fd)
+            os.fsync(inbox_fd)
+        except FileNotFoundError:
+            return False
+        finally:
+            os.close(inbox_fd)
+        fsync_dir(job_dir)
+        return True
 
     def _look_again_when_due(self) -> None:
         if self._timer is not None:
@@ -260,7 +373,7 @@ class Intake:
         stem = name[: -(len(kind) + 1)]
         if not await asyncio.to_thread(self._same_file, name, st):
             return False
-        options = await asyncio.to_thread(self._read_sidecar, stem)
+        options = await asyncio.to_thread(self._read_sidecar, stem, st.st_uid)
         raw_name = name_hex(name)
         await self.store.insert_job(
             job_id=job_id,
@@ -339,15 +452,16 @@ class Intake:
             self._refuse_once(name, now.st_ino, "replaced between scan and open")
         return same and now.st_nlink == 1
 
-    def _read_sidecar(self, stem: str) -> dict[str, Any]:
+    def _read_sidecar(self, stem: str, owner: int) -> dict[str, Any]:
         """The job's options from NAME.meta.json. A sidecar that cannot be used as written
         (not JSON, not an object, too large, an unknown key such as a misspelt `modle`,
-        a bad value) is never half-applied: its problem is kept as the option
+        a bad value), or that another user than the input's `owner` wrote (root and
+        batchd excepted), is never half-applied: its problem is kept as the option
         `sidecar_error`, and the prepare stage rejects the job with it, so the owner
         hears of it instead of paying for a run with the defaults (batchd.verdict)."""
         for suffix in SIDECAR_SUFFIXES:
             path = self.inbox / f"{stem}{suffix}"
-            options = read_sidecar(path, printable(path.name))
+            options = read_sidecar(path, printable(path.name), owner=owner)
             if options is not None:
                 return options
         return {}
@@ -576,6 +690,24 @@ def _ends_with_newline(dir_fd: int, name: str, st: os.stat_result) -> bool:
         return os.pread(fd, 1, st.st_size - 1) == b"\n"
     except OSError:
         return False
+    finally:
+        os.close(fd)
+
+
+def _open_for_writing(dir_fd: int, name: str, st: os.stat_result) -> bool:
+    """Is the scanned inode `name` open for writing by any process (where Linux can
+    tell: `fsutil.open_for_writing`; where it cannot, settling alone decides)?"""
+    try:
+        fd = os.open(
+            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
+        )
+    except OSError:
+        return False  # gone or swapped: the claim's own checks see to it
+    try:
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            return False
+        return open_for_writing(fd) is True
     finally:
         os.close(fd)
 

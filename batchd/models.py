@@ -186,6 +186,9 @@ class Job:
     # The inbox name's bytes in hex when they are not UTF-8 (then `inbox_name` shows
     # each undecodable byte as \xNN); None when `inbox_name` is the name exactly.
     inbox_name_hex: str | None = None
+    # The digest of its requests in canonical form (the duplicate guard's); None for a
+    # job validated before batchd kept it, or not validated.
+    requests_sha256: str | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -219,6 +222,7 @@ class Job:
             held_note=row["held_note"],
             held_at=row["held_at"],
             inbox_name_hex=row["inbox_name_hex"],
+            requests_sha256=row["requests_sha256"],
         )
 
 

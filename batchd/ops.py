@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -92,7 +92,10 @@ class Operations:
         stages_alive: Callable[[], bool],
         started_at: float | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        inputs_kept: Callable[[], Mapping[str, str]] = dict,
     ) -> None:
+        # Published jobs whose input stayed in the spool (bytes reached it afterwards).
+        self.inputs_kept = inputs_kept
         self.store = store
         self.clock = clock
         self._settings = settings
@@ -227,6 +230,9 @@ class Operations:
             found.append(Problem(kind="logging", note=logs.problem, since=logs.since))
         for note in self.state_lost:
             found.append(Problem(kind="state_lost", note=note))
+        kept = self.inputs_kept()
+        for job_id, note in kept.items():
+            found.append(Problem(kind="input_grew", job_id=job_id, note=note))
         count, parts = await self.store.problem_parts(limit)
         for part in parts:
             found.append(
@@ -262,6 +268,7 @@ class Operations:
             + (self.intake.problem is not None)
             + (logs.problem is not None)
             + len(self.state_lost)
+            + len(kept)
         )
         return total, found[:limit]
 

@@ -51,6 +51,9 @@ class Prepared:
     mtime_ns: int | None = None
     # The input changed while it was read: nothing here may be used.
     changed: bool = False
+    # Its requests' digest (`validate.canonical_request`): what the duplicate guard
+    # compares, so that line endings, spacing and key order make no new input.
+    requests_sha256: str | None = None
 
 
 def sha256_of(path: Path) -> tuple[str, int]:
@@ -109,9 +112,7 @@ def prepare(job: Job, settings: Settings) -> Prepared:
         prepared.bytes != before.st_size
     ):
         return Prepared(prepared.sha256, after.st_size, {}, [], after.st_mtime_ns, changed=True)
-    return Prepared(
-        prepared.sha256, prepared.bytes, prepared.report, prepared.parts, before.st_mtime_ns
-    )
+    return replace(prepared, mtime_ns=before.st_mtime_ns)
 
 
 def _refusal(job: Job, problem: Problem) -> dict[str, Any]:
@@ -121,7 +122,9 @@ def _refusal(job: Job, problem: Problem) -> dict[str, Any]:
 def _prepare(job: Job, rules: Rules, source: Path, settings: Settings) -> Prepared:
     digest, size = sha256_of(source)
     jsonl = source.with_name("input.jsonl")
-    report = judge_content(source, job.kind, job.options, rules, source.parent, job.inbox_name)
+    report = judge_content(
+        source, job.kind, job.options, rules, source.parent, job.inbox_name, requests_digest=True
+    )
     report.path = job.inbox_name
     if not report.valid:
         return Prepared(digest, size, report.to_dict(), [])
@@ -164,7 +167,7 @@ def _prepare(job: Job, rules: Rules, source: Path, settings: Settings) -> Prepar
         )
         for i, (part, path, count) in enumerate(zip(report.parts, paths, counts, strict=True))
     ]
-    return Prepared(digest, size, summary, parts)
+    return Prepared(digest, size, summary, parts, requests_sha256=report.requests_sha256)
 
 
 def count_part(path: Path, settings: Settings) -> FileCount:
@@ -313,6 +316,7 @@ class Preparer:
         twin = await self._twin(job, prepared)
         recorded = {
             "sha256": prepared.sha256,
+            "requests_sha256": prepared.requests_sha256,
             "bytes": prepared.bytes,
             "input_mtime_ns": prepared.mtime_ns,
             "report": prepared.report,
@@ -367,14 +371,17 @@ class Preparer:
         `jobs.duplicate_window`, unless the job may run it again."""
         if not prepared.parts:
             return None
-        return await self._twin_of(job, prepared.sha256)
+        return await self._twin_of(job, prepared.requests_sha256, prepared.sha256)
 
-    async def _twin_of(self, job: Job, sha256: str | None) -> Job | None:
+    async def _twin_of(
+        self, job: Job, requests_sha256: str | None, sha256: str | None
+    ) -> Job | None:
         hours = completion_hours(self.settings.jobs.duplicate_window) or 0
         if not (sha256 and hours) or job.options.get("allow_duplicate") is True:
             return None
         since = self.clock.now() - hours * 3600.0
-        return await self.store.paid_twin(sha256, job.id, since=since)
+        # The requests' digest (None for a job recorded before it was kept: its bytes).
+        return await self.store.paid_twin(requests_sha256, sha256, job.id, since=since)
 
     def cause_changed(self) -> None:
         """A job was published or the settings reloaded: the duplicate holds are judged
@@ -387,7 +394,7 @@ class Preparer:
         with nothing to show (or left `jobs.duplicate_window`) is released and planned."""
         released = False
         for job in await self.store.held_jobs(Held.DUPLICATE):
-            twin = await self._twin_of(job, job.sha256)
+            twin = await self._twin_of(job, job.requests_sha256, job.sha256)
             if twin is None:
                 released |= await holds.release(
                     self.store, job.id, Held.DUPLICATE, by="earlier_job_ended"

@@ -63,7 +63,7 @@ class Problem(_Model, kw_only=True):
     that cannot be written."""
 
     # part_parked | part_failing | job_parked | publish_failing | intake | logging |
-    # state_lost
+    # state_lost | input_grew
     kind: str
     job_id: str | None = None
     part: int | None = None

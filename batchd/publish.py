@@ -48,7 +48,8 @@ from batchd import csvio
 from batchd.clock import SYSTEM_CLOCK, Clock, iso_utc
 from batchd.extras import extra_note
 from batchd.failpoints import failpoint
-from batchd.fsutil import fsync_dir, fsync_file
+from batchd.fsutil import fsync_dir, fsync_file, open_for_writing
+from batchd.intake import LATE_SIDECAR
 from batchd.lines import CHUNK_BYTES, DEFAULT_MAX_LINE_BYTES, printable, read_line
 from batchd.logs import get_logger
 from batchd.merge import (
@@ -93,6 +94,14 @@ UNSENT_NOTE = (
 # published; `status` lists such jobs as `publish_failing`).
 PUBLISH_FAILED = "publishing failed"
 MAX_NOTE_CHARS = 500
+# How long publishing waits for a process that holds the job's input open for writing
+# (it may still append requests) before it publishes anyway.
+WRITER_WAIT_S = 60.0
+LATE_SIDECAR_NOTE = (
+    "the input's sidecar arrived after the input was claimed: it was not applied (the job"
+    " ran with the options it was claimed with). Drop the input again with it to run with"
+    " it"
+)
 CHANGED_NOTE = (
     "the file was changed in place after it was claimed; what was validated and sent is"
     " not the current file, which is kept as {name}"
@@ -171,6 +180,12 @@ class Publisher:
         self.max_line_bytes = max_line_bytes
         # job id -> (failed attempts in a row, monotonic time of the next attempt)
         self.backoff: dict[str, tuple[int, float]] = {}
+        # job id -> monotonic time since when a process holds its input open for writing
+        self.writer_since: dict[str, float] = {}
+        # job id -> why its input stayed in the spool after it was published (bytes that
+        # reached it later): `batchd status` lists them (since this start).
+        self.inputs_kept: dict[str, str] = {}
+        self.writer_wait_s = WRITER_WAIT_S
 
     async def run_once(self) -> bool:
         moved = False
@@ -260,7 +275,25 @@ class Publisher:
                 return {"folder": before.name, "job_id": owner}
         return {"folder": numbered_name(job.name, n - 1), "job_id": None}
 
+    async def _writer_holds(self, job: Job) -> bool:
+        """Does a process still hold the job's input open for writing (a producer that
+        paused, then goes on)? Then publishing waits for it, `writer_wait_s` at most, so
+        that what it appends is found (as `unsent`), not written into a removed file."""
+        if await asyncio.to_thread(input_open_for_writing, Path(job.spool_path)) is not True:
+            self.writer_since.pop(job.id, None)
+            return False
+        now = self.clock.monotonic()
+        since = self.writer_since.setdefault(job.id, now)
+        if now - since >= self.writer_wait_s:
+            return False
+        if since == now:
+            log.warning("publish_waits_for_writer", job_id=job.id, name=job.name)
+        asyncio.get_running_loop().call_later(min(1.0, self.writer_wait_s), self.on_retry_due)
+        return True
+
     async def publish(self, job: Job) -> bool:
+        if await self._writer_holds(job):
+            return False
         parts = await self.store.parts_of(job.id)
         final = await self._final_dir(job)
         if job.outbox_path != str(final):
@@ -303,11 +336,17 @@ class Publisher:
                 remote_files_to_delete(parts), f"job {job.id} published", self.clock.now()
             )
         kept_at = summary.get("input_kept_at")
+        # Bytes that reached the input after its outbox folder was built (a producer that
+        # still held it open, where the kernel could not tell): never removed unseen.
+        late = await asyncio.to_thread(late_input_bytes, job, summary)
+        if late is not None:
+            log.error("input_grew_after_publish", job_id=job.id, path=job.spool_path, note=late)
+            self.inputs_kept[job.id] = late
         if kept_at:
-            # The input could not be moved into the outbox (another filesystem): its
-            # spool folder stays, and summary.json says where it is.
+            # The input could not be moved into the outbox (another filesystem), or its
+            # writer still held it: its spool folder stays, and summary.json says where.
             log.warning("input_kept_in_spool", job_id=job.id, path=kept_at)
-        else:
+        elif late is None:
             await asyncio.to_thread(shutil.rmtree, Path(job.spool_path).parent, True)
         # A retry's answers merged into its chain's root folder (idempotent, as the above).
         await merge_chain(
@@ -316,6 +355,8 @@ class Publisher:
         cost = summary.get("cost") if isinstance(summary.get("cost"), dict) else None
         # What failed the job as a whole, once, where `jobs` and `show` read it.
         note = error_note(summary.get("error"))
+        if late is not None:
+            note = late if note is None else f"{note}; {late}"
         if note is None and publish_failed(job):
             note_field: dict[str, Any] = {"error": None}  # the failures before: over now
         else:
@@ -392,6 +433,10 @@ class Publisher:
         # Cancelled with nothing sent (held, say): the input is all there is of it.
         never_sent = outcome == Outcome.CANCELLED and not any(p.batch_id for p in parts)
         kept = keep_input_files(job, parts, tmp, keep=self.keep_input or never_sent)
+        if input_open_for_writing(spool_input):
+            # Still held open past `writer_wait_s`: the input stays in the spool, where
+            # what its writer adds is kept, and summary.json says where.
+            kept.setdefault("input_kept_at", str(spool_input))
         if kept.get("input_changed"):
             log.warning("input_changed", job_id=job.id, name=job.name, **kept["input_changed"])
         summary = build_summary(
@@ -676,7 +721,54 @@ def keep_input_files(job: Job, parts: list[Part], tmp: Path, *, keep: bool) -> d
     jsonl_input = spool_input.with_name("input.jsonl")
     if keep and jsonl_input != spool_input and jsonl_input.exists():
         _copy_file(jsonl_input, tmp / jsonl_input.name)
+    late = spool_input.with_name(LATE_SIDECAR)
+    if late.exists():
+        # A sidecar that came after the claim (the intake moved it here): never applied,
+        # published beside the results so that its owner hears of it.
+        _copy_file(late, tmp / LATE_SIDECAR)
+        kept["late_sidecar"] = {"kept_as": LATE_SIDECAR, "note": LATE_SIDECAR_NOTE}
     return kept
+
+
+def input_open_for_writing(path: Path) -> bool | None:
+    """Whether a process holds the input at `path` open for writing (None: cannot tell,
+    or it is gone)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return open_for_writing(fd)
+    finally:
+        os.close(fd)
+
+
+def late_input_bytes(job: Job, summary: dict[str, Any]) -> str | None:
+    """Why the job's input must stay in the spool although the job is published: it is
+    larger now than what the outbox folder accounted for (the validated bytes and any
+    `unsent` ones), or a process still holds it open for writing. None when it may go."""
+    source = Path(job.spool_path)
+    if job.bytes is None or unread_rejection(job):
+        return None
+    try:
+        size = os.stat(source).st_size
+    except FileNotFoundError:
+        return None
+    changed = summary.get("input_changed")
+    seen = changed.get("now", {}).get("bytes") if isinstance(changed, dict) else None
+    accounted = seen if isinstance(seen, int) else job.bytes
+    if size > accounted:
+        return (
+            f"{size - accounted} bytes reached the input after its results were published"
+            f" (a producer still writing it): never sent, kept at {source}; drop them"
+            " again as a new file"
+        )
+    if input_open_for_writing(source):
+        return (
+            f"a process still held the input open for writing when its results were"
+            f" published: kept at {source} so that nothing it writes is lost"
+        )
+    return None
 
 
 def _move_input(source: Path, dest: Path) -> dict[str, Any]:
@@ -842,6 +934,7 @@ def build_summary(
         "unattributed_lines": stats.unattributed_lines,
         "input_changed": kept.get("input_changed"),
         "input_kept_at": kept.get("input_kept_at"),
+        "late_sidecar": kept.get("late_sidecar"),
         "usage": {**stats.usage, "per_model": stats.per_model},
         "cost": cost_summary(stats, currency),
         "error": job_error(job, parts),

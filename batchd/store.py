@@ -47,6 +47,7 @@ _JOB_COLUMNS = frozenset(
         "state",
         "outcome",
         "sha256",
+        "requests_sha256",
         "bytes",
         "options",
         "report",
@@ -416,15 +417,28 @@ class Store:
             rows = await cur.fetchall()
         return [Job.from_row(r) for r in rows]
 
-    async def paid_twin(self, sha256: str, exclude: str, since: float = 0.0) -> Job | None:
-        """The newest other job with this input that runs or has run to results (running,
-        publishing, or published completed or partial, since `since`): running this one
-        too would pay for the same requests again."""
+    async def paid_twin(
+        self, requests_sha256: str | None, sha256: str, exclude: str, since: float = 0.0
+    ) -> Job | None:
+        """The newest other job with these requests that runs or has run to results
+        (running, publishing, or published completed or partial, since `since`): running
+        this one too would pay for the same requests again. The same bytes (`sha256`)
+        are the same requests too: so a job validated before requests were digested
+        (`requests_sha256` NULL, on either side) is still found by its bytes."""
         async with self._db.execute(
-            "SELECT * FROM jobs WHERE sha256 = ? AND id != ? AND (state IN (?, ?)"
+            "SELECT * FROM jobs WHERE (requests_sha256 = ? OR sha256 = ?)"
+            " AND id != ? AND (state IN (?, ?)"
             " OR (state = ? AND outcome IN ('completed', 'partial') AND updated_at >= ?))"
             " ORDER BY created_at DESC LIMIT 1",
-            (sha256, exclude, JobState.RUNNING, JobState.PUBLISHING, JobState.PUBLISHED, since),
+            (
+                requests_sha256,
+                sha256,
+                exclude,
+                JobState.RUNNING,
+                JobState.PUBLISHING,
+                JobState.PUBLISHED,
+                since,
+            ),
         ) as cur:
             row = await cur.fetchone()
         return Job.from_row(row) if row else None

@@ -22,6 +22,11 @@ Speed (a million short lines) comes from settling most lines on a fast path:
   extending that line's part within its limits, is checked inline; anything else goes
   through every rule one at a time (`_Checker`).
 
+With `requests_digest` (the daemon's duplicate guard), the same pass writes each parsed
+line again in canonical form (`canonical_request`: sorted keys, no spacing) and hashes
+those lines in order: `Report.requests_sha256`, equal for the same
+requests whatever their line endings, spacing or key order.
+
 Every limit comes from the provider profile (`ProviderLimits`), never from a constant.
 Two bounds are our own safety limits rather than the service's: nesting deeper than
 `MAX_DEPTH` and integers outside the signed 64-bit range are rejected.
@@ -97,6 +102,7 @@ Warnings (the file stays valid; `warnings` in the report):
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -315,6 +321,9 @@ class Report:
     errors: list[Problem] = field(default_factory=list)
     error_count: int = 0
     warnings: list[Problem] = field(default_factory=list)
+    # With `requests_digest`: the sha256 of the file's requests in canonical form
+    # (`canonical_request`), in order; None for an invalid file (not in `to_dict`).
+    requests_sha256: str | None = None
 
     @property
     def model(self) -> str | None:
@@ -1035,6 +1044,31 @@ def _recorded_id(raw: bytes) -> str | None:
     return custom_id if type(custom_id) is str else None
 
 
+_CANONICAL = orjson.OPT_SORT_KEYS
+
+
+def canonical_request(obj: Any) -> bytes:
+    """PURE: one request as the duplicate guard compares it: its parsed JSON written
+    again with sorted keys, no spacing, non-ASCII as UTF-8 and no newline (so line
+    endings, spacing, key order and escapes such as `\\u00e9` make no difference, while
+    every value does: `1` and `1.0` differ, as they may to the service)."""
+    try:
+        return orjson.dumps(obj, None, _CANONICAL)
+    except orjson.JSONEncodeError:
+        # Deeper than orjson writes (it stops at 254 levels; MAX_DEPTH is 256).
+        return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(
+            "utf-8", "surrogatepass"
+        )
+
+
+def _parsed_last_line(raw: bytes) -> Any:
+    """The last line (no LF) as parsed, for the digest; None when it does not parse."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+
+
 def _show_thinking(value: object) -> str:
     return "absent" if value is _ABSENT else str(value).lower()
 
@@ -1047,6 +1081,7 @@ def validate_stream(
     split: bool = True,
     group_by_model: bool = False,
     max_errors: int = DEFAULT_MAX_REPORTED_ERRORS,
+    requests_digest: bool = False,
 ) -> Report:
     """Validate a seekable binary stream positioned at its start; see `validate_file`."""
     checker = _Checker(path, limits, split, group_by_model, max_errors)
@@ -1078,6 +1113,11 @@ def validate_stream(
     run_next, limit_line, limit_offset, run_url, run_model, run_thinking, body_ok, chat = (
         checker.fast
     )
+    # The requests' digest: each parsed line's canonical form, in order (a line that does
+    # not parse makes the file invalid, and its digest unused).
+    requests_hash = hashlib.sha256() if requests_digest else None
+    digest_line = requests_hash.update if requests_hash is not None else None
+    canonical_line = _CANONICAL | orjson.OPT_APPEND_NEWLINE
     offset = 0
     n = 0
     # The hot loop: what runs here runs once per line (a million times for a million
@@ -1095,6 +1135,11 @@ def validate_stream(
                 except decode_error:
                     obj = unparsed
                 if type(obj) is dict:
+                    if digest_line is not None:
+                        try:
+                            digest_line(dumps(obj, None, canonical_line))
+                        except encode_error:
+                            digest_line(canonical_request(obj) + b"\n")
                     sound = False
                     if n >= compact_from and (size <= compact_max or raw.isascii()):
                         # The line is exactly what orjson writes for what it read: no
@@ -1164,6 +1209,10 @@ def validate_stream(
             )
         if odd is not None:
             n += 1
+            if digest_line is not None and odd.raw is not None:
+                last = _parsed_last_line(odd.raw)
+                if type(last) is dict:
+                    digest_line(canonical_request(last) + b"\n")
             start = offset
             offset += odd.size
             checker.end_run(run_next, n, start)
@@ -1179,7 +1228,10 @@ def validate_stream(
     report.requests += n - checker.slow_lines
     report.bytes = offset
     checker.find_duplicates(stream, cap)
-    return checker.finish()
+    checker.finish()
+    if requests_hash is not None and report.valid:
+        report.requests_sha256 = requests_hash.hexdigest()
+    return report
 
 
 def validate_file(
@@ -1189,6 +1241,7 @@ def validate_file(
     split: bool = True,
     group_by_model: bool = False,
     max_errors: int = DEFAULT_MAX_REPORTED_ERRORS,
+    requests_digest: bool = False,
 ) -> Report:
     """Check every line of a JSONL batch input file against the provider's rules.
 
@@ -1200,6 +1253,8 @@ def validate_file(
     `group_by_model` (only with `split`) accepts a file that mixes models and plans one
     or more parts per model. Reading errors (missing file, EIO) raise OSError: they say
     nothing about the file's content.
+    `requests_digest` adds, for a valid file, `Report.requests_sha256`: the digest of its
+    requests in canonical form, in order (the daemon's duplicate guard), in the same pass.
     """
     with open(path, "rb", buffering=_COPY_CHUNK) as stream:
         return validate_stream(
@@ -1209,6 +1264,7 @@ def validate_file(
             split=split,
             group_by_model=group_by_model,
             max_errors=max_errors,
+            requests_digest=requests_digest,
         )
 
 

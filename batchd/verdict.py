@@ -36,6 +36,7 @@ import orjson
 
 from batchd import csvio
 from batchd.failpoints import failpoint
+from batchd.inbox import SIDECAR_SUFFIX
 from batchd.models import completion_hours
 from batchd.profiles import DEFAULT_PROVIDER, GB, PROFILES, ProviderLimits
 from batchd.validate import DEFAULT_MAX_REPORTED_ERRORS, Problem, Report, validate_file
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
 
 # -- the sidecar ------------------------------------------------------------------------
 
-SIDECAR_SUFFIX = ".meta.json"
 MAX_SIDECAR_BYTES = 64 * 1024
 SIDECAR_KEYS = frozenset(
     {
@@ -124,10 +124,13 @@ def columns_problem(value: Any) -> str | None:
     return None
 
 
-def read_sidecar(path: Path, shown: str | None = None) -> dict[str, Any] | None:
+def read_sidecar(
+    path: Path, shown: str | None = None, *, owner: int | None = None
+) -> dict[str, Any] | None:
     """The options of the sidecar at `path` (None when there is none), read as the
     intake reads it: never through a symlink, never blocking on a FIFO, a small regular
-    file only. `shown` is the name its problems are told under."""
+    file only. `shown` is the name its problems are told under. With `owner` (the uid
+    of its input), a sidecar another user owns is refused (`owner_problem`)."""
     shown = shown or path.name
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -137,10 +140,37 @@ def read_sidecar(path: Path, shown: str | None = None) -> dict[str, Any] | None:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_SIDECAR_BYTES:
             return {SIDECAR_ERROR: f"{shown}: not a small regular file"}
+        if owner is not None and (problem := owner_problem(st.st_uid, owner)) is not None:
+            return {SIDECAR_ERROR: f"{shown}: {problem}"}
         raw = os.read(fd, MAX_SIDECAR_BYTES + 1)
     finally:
         os.close(fd)
     return sidecar_options(shown, raw)
+
+
+def owner_problem(sidecar_uid: int, input_uid: int, daemon_uid: int | None = None) -> str | None:
+    """PURE but for user names: why a sidecar owned by `sidecar_uid` may not set the
+    options of an input owned by `input_uid`, or None. The inbox is writable by the
+    whole drop group: a sidecar counts only when the input's owner wrote it, or root,
+    or the daemon's own user (`daemon_uid`, this process's by default)."""
+    daemon_uid = os.geteuid() if daemon_uid is None else daemon_uid
+    if sidecar_uid in (input_uid, 0, daemon_uid):
+        return None
+    return (
+        f"owned by {user_name(sidecar_uid)} while its input is owned by"
+        f" {user_name(input_uid)}: a sidecar sets a job's options only when the input's"
+        " owner (or root, or batchd) wrote it"
+    )
+
+
+def user_name(uid: int) -> str:
+    """`name (uid N)`, or `uid N` for a uid with no name."""
+    import pwd
+
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
 
 
 def sidecar_path(path: Path, kind: str) -> Path:
@@ -292,10 +322,14 @@ def judge_content(
     rules: Rules,
     work: Path,
     subject: str | None = None,
+    *,
+    requests_digest: bool = False,
 ) -> Report:
     """Read and judge the input `path` (`kind`: "jsonl" or "csv"): a CSV is converted
     into `work/input.jsonl` (a folder the caller owns), then every request is validated
-    and the file planned into parts (step 4). `subject` names the input to fail points."""
+    and the file planned into parts (step 4). `subject` names the input to fail points;
+    `requests_digest` asks for `Report.requests_sha256` (of a CSV: its requests as
+    converted)."""
     jsonl = path
     if kind == "csv":
         jsonl = work / "input.jsonl"
@@ -309,6 +343,7 @@ def judge_content(
         split=rules.split,
         group_by_model=rules.group_by_model,
         max_errors=rules.max_errors,
+        requests_digest=requests_digest,
     )
     report.path = str(path)
     return report

@@ -25,6 +25,7 @@ from batchd.client import (
     Queued,
     RequestFailed,
     Unreachable,
+    inbox_name_problem,
     inbox_path,
     queue_file,
 )
@@ -563,29 +564,41 @@ def _read_meta(path: Path) -> dict[str, Any]:
 
 
 def _submit_plan(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
-    """Each data file with its options: `--meta FILE`, or --model/--window/--priority,
-    or a NAME.meta.json given beside NAME.jsonl (or .csv) on the command line."""
+    """Each data file with the options given for it: `--meta FILE` or
+    --model/--window/--priority (and --force), which `queue_file` lays over the file's
+    own sidecar, NAME.meta.json beside it (named on the command line or not)."""
     told = {"model": args.model, "completion_window": args.window, "priority": args.priority}
     flags = {k: v for k, v in told.items() if v is not None}
     if args.meta is not None and flags:
         raise UsageError("--meta or --model/--window/--priority, not both")
     common = _read_meta(Path(args.meta)) if args.meta is not None else flags
-    sidecars = {f[: -len(SIDECAR)]: f for f in args.files if f.lower().endswith(SIDECAR)}
-    plan: list[tuple[str, dict[str, Any]]] = []
-    for source in args.files:
-        if source in sidecars.values():
-            continue
-        own = next((m for stem, m in sidecars.items() if source.startswith(stem + ".")), None)
-        if own is not None and common:
-            raise UsageError(f"{own}: options twice (a sidecar and --meta or flags)")
-        options = _read_meta(Path(own)) if own is not None else dict(common)
-        if args.force:
-            options["allow_duplicate"] = True
-        plan.append((source, options))
-    used = {m for stem, m in sidecars.items() if any(s.startswith(stem + ".") for s, _ in plan)}
-    for lonely in set(sidecars.values()) - used:
-        raise UsageError(f"{lonely}: a sidecar goes with its data file (NAME.jsonl or NAME.csv)")
+    if args.force:
+        common["allow_duplicate"] = True
+    sidecars = [f for f in args.files if f.lower().endswith(SIDECAR)]
+    plan = [(source, dict(common)) for source in args.files if source not in sidecars]
+    stems = {Path(source).with_suffix("") for source, _ in plan}
+    for lonely in sidecars:
+        if Path(lonely[: -len(SIDECAR)]) not in stems:
+            raise UsageError(
+                f"{lonely}: a sidecar goes with its data file (NAME.jsonl or NAME.csv)"
+            )
     return plan
+
+
+def _refuse_ignored_names(
+    plan: list[tuple[str, dict[str, Any]]], name: str | None, suffixes: list[str]
+) -> None:
+    """A job name the inbox would ignore (`~x`, `.x`) is a usage error: the file would
+    wait there unclaimed for good."""
+    for source, _ in plan:
+        lower = Path(source).name.lower()
+        suffix = next((x for x in suffixes if lower.endswith(x) and len(lower) > len(x)), None)
+        if suffix is None:
+            continue  # not an input: queue_file says so, for this file alone
+        stem = name if name is not None else Path(source).name[: -len(suffix)]
+        problem = inbox_name_problem(stem, suffix)
+        if problem is not None:
+            raise UsageError(f"{source}: {problem}")
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -611,6 +624,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not inbox.is_dir():
         raise UsageError(f"inbox {inbox} does not exist")
     suffixes = status.input_suffixes if status is not None else [".jsonl", ".csv"]
+    _refuse_ignored_names(plan, args.name, suffixes)
     queued: list[Queued] = []
     failed = 0
     for source, options in plan:

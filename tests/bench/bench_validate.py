@@ -1,12 +1,15 @@
 """Validation throughput and memory, beside a bare `orjson.loads` loop over the same file.
 
     python -m tests.bench.bench_validate [--size-mb 500] [--lines 50000]
-        [--split-lines 1000000] [--repeat 1] [--style compact] [--out FILE] [--dir DIR]
+        [--split-lines 1000000] [--repeat 1] [--style compact] [--digest] [--out FILE]
+        [--dir DIR]
 
 Generates the files in a temporary directory, then measures each pass in its own
 subprocess so that the peak RSS (ru_maxrss) is that pass's alone:
 - `orjson`: `for line in file: orjson.loads(line)`, the baseline;
-- `validate`: `validate_file` on the same file (target: >= 0.5x the baseline, < 100 MB);
+- `validate`: `validate_file` on the same file, as `batchd validate` runs it (target:
+  >= 0.5x the baseline, < 100 MB); `--digest` adds the requests' digest of the
+  duplicate guard, as the daemon runs it;
 - `split`: validate and write the parts of a file of `--split-lines` short lines.
 With `--repeat N` each pass runs N times and the fastest run counts (the highest peak
 RSS is kept): on a shared machine that measures the code rather than the neighbours.
@@ -69,7 +72,7 @@ def generate(path: Path, lines: int, total_bytes: int, style: str = "compact") -
     return path.stat().st_size
 
 
-def worker(mode: str, path: Path, out_dir: Path | None) -> dict[str, Any]:
+def worker(mode: str, path: Path, out_dir: Path | None, digest: bool = False) -> dict[str, Any]:
     """One measured pass, run in a fresh process."""
     from batchd.config import PROFILES
     from batchd.validate import validate_file, write_parts
@@ -82,8 +85,9 @@ def worker(mode: str, path: Path, out_dir: Path | None) -> dict[str, Any]:
             for line in stream:
                 orjson.loads(line)
     else:
-        report = validate_file(path, PROFILES["dashscope"].limits)
+        report = validate_file(path, PROFILES["dashscope"].limits, requests_digest=digest)
         assert report.valid, report.render()[:5]
+        assert (report.requests_sha256 is not None) == digest
         result["parts"] = len(report.parts)
         if mode == "split":
             assert out_dir is not None
@@ -97,10 +101,16 @@ def worker(mode: str, path: Path, out_dir: Path | None) -> dict[str, Any]:
     return result
 
 
+# Whether the measured passes digest the requests (`--digest`).
+DIGEST = False
+
+
 def run_once(mode: str, path: Path, out_dir: Path | None = None) -> dict[str, Any]:
     command = [sys.executable, "-m", "tests.bench.bench_validate", "--worker", mode, str(path)]
     if out_dir is not None:
         command.append(str(out_dir))
+    if DIGEST:
+        command.append("--digest")
     done = subprocess.run(command, check=True, capture_output=True, text=True)
     if out_dir is not None:
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -139,13 +149,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--style", choices=["compact", "spaced"], default="compact")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     parser.add_argument("--dir", type=Path, help="where to generate the files")
+    parser.add_argument(
+        "--digest", action="store_true", help="digest the requests too, as the daemon does"
+    )
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         mode, path, *rest = args.worker
         out_dir = Path(rest[0]) if rest else None
-        print(json.dumps(worker(mode, Path(path), out_dir)))
+        print(json.dumps(worker(mode, Path(path), out_dir, digest=args.digest)))
         return 0
+    global DIGEST
+    DIGEST = args.digest
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         big = Path(tmp) / "big.jsonl"
@@ -153,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         run_once("orjson", big)  # warm the page cache so both passes read from memory
         baseline, validation = measure(big, "validate", repeat=args.repeat)
         figures: dict[str, Any] = {
+            "requests_digest": DIGEST,
             "file": {"bytes": size, "lines": args.lines, "style": args.style},
             "orjson_loop": baseline,
             "validate": validation,

@@ -261,6 +261,39 @@ async def test_an_input_already_run_is_held_until_an_operator_lets_it_go(
     assert (await emulator.stats())["batches_created"] == 3
 
 
+async def test_the_same_requests_written_otherwise_are_held_as_the_same_input(
+    start_emulator: StartEmulator, tmp_path: Path
+) -> None:
+    """The duplicate guard compares requests, not bytes: the input already run, again
+    with CRLF line endings, or re-spaced with its keys in another order (as another tool
+    writes the same requests), is held `duplicate` instead of being paid for again."""
+    emulator = await start_emulator(time_scale=3000)
+    settings = daemon_settings(tmp_path / "r", emulator, prices=PRICES)
+    inbox, outbox = settings.paths.folder("inbox"), settings.paths.folder("outbox")
+    content = requests(3, prefix="same-")
+    lines = [orjson.loads(line) for line in content.splitlines()]
+    respaced = b"".join(
+        json.dumps(dict(reversed(list(obj.items()))), indent=None).encode() + b"\n" for obj in lines
+    )
+    assert respaced != content
+    async with running_daemon(settings) as daemon:
+        drop(inbox, "first.jsonl", content)
+        (first,) = await wait_published(outbox, 1, emulator)
+        drop(inbox, "crlf.jsonl", content.replace(b"\n", b"\r\n"))
+        drop(inbox, "respaced.jsonl", respaced)
+        held = await wait_for(
+            lambda: _when_two(daemon.store.held_jobs(Held.DUPLICATE)), what="both copies held"
+        )
+        assert sorted(job.name for job in held) == ["crlf", "respaced"]
+        assert all(summary(first)["job_id"] in (job.held_note or "") for job in held)
+    assert (await emulator.stats())["batches_created"] == 1
+
+
+async def _when_two(found: Any) -> list[Any] | None:
+    jobs = await found
+    return jobs if len(jobs) == 2 else None
+
+
 async def _queue_run(
     start_emulator: StartEmulator, root: Path, daemon_knows: bool
 ) -> tuple[dict[str, Any], list[Path]]:

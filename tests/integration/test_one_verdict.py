@@ -3,8 +3,9 @@ verdict from `batchd validate` as from the daemon with the same configuration fi
 accepted by both, or rejected by both for the same rules on the same lines (issue 15).
 
 One daemon against the emulator, every file dropped at once, each job waited for until
-it is published. Files with the same bytes are dropped once: the daemon refuses an input
-identical to one it runs (`duplicate_input`), which only it can know.
+it is published. Files with the same bytes are dropped once, and the duplicate guard is
+off: the daemon holds an input with the requests of one it runs (the corpus has the same
+requests with CRLF, with spaces, without a final newline), which only it can know.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ root = "{root}"
 [jobs]
 group_by_model = true
 csv_model = "qwen-plus"
+duplicate_window = "0h"
 [intake]
 settle_s = 0.05
 unterminated_settle_s = 0.05

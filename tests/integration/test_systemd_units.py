@@ -122,7 +122,7 @@ def test_unit_runs_the_daemon_the_way_systemd_expects(unit: str) -> None:
     grace_s = inspect.signature(Daemon._stop_tasks).parameters["grace_s"].default
     assert seconds(d["TimeoutStopSec"][0]) >= 2 * grace_s, "stop timeout shorter than the drain"
     assert d["LoadCredential"][0].startswith("api_key:/etc/batchd/")
-    assert d["CapabilityBoundingSet"] == [""]
+    assert d["CapabilityBoundingSet"] == ["CAP_LEASE"]  # and nothing else
     assert d["ProtectSystem"] == ["strict"]
     assert d["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6"]
     assert d["SystemCallFilter"][0] == "@system-service"

@@ -194,3 +194,54 @@ def test_validate_refuses_what_the_daemon_refuses_unread(
     config.write_text("[jobs]\nmax_input_bytes = 100\n")
     assert main(["validate", "--config", str(config), str(GOOD)]) == 1
     assert "input_too_large" in capsys.readouterr().out
+
+
+def _submit(tmp_path: Path, *argv: str) -> int:
+    """`batchd submit` with no daemon answering: the files are queued in `inbox/`."""
+    (tmp_path / "inbox").mkdir(exist_ok=True)
+    base = ["submit", "--inbox", str(tmp_path / "inbox"), "--socket", str(tmp_path / "no.sock")]
+    return main([*base, *argv])
+
+
+def test_submit_takes_the_sidecar_beside_the_file_with_the_flags_over_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`submit f.jsonl` reads f.meta.json beside it, as `validate` does and the inbox
+    would: its `max_cost` is not dropped, a CSV's model is there; flags win over it."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "f.jsonl").write_bytes(GOOD.read_bytes())
+    (work / "f.meta.json").write_text('{"max_cost": 0.5, "completion_window": "24h"}')
+    (work / "rows.csv").write_text("custom_id,content\nc1,hello\n")
+    (work / "rows.meta.json").write_text('{"model": "qwen-plus"}')
+    code = _submit(tmp_path, "--window", "48h", str(work / "f.jsonl"))
+    assert code == 0, capsys.readouterr().err
+    queued = json.loads((tmp_path / "inbox" / "f.meta.json").read_text())
+    assert queued["max_cost"] == 0.5 and queued["completion_window"] == "48h"
+    assert queued["submit_id"]
+    assert _submit(tmp_path, str(work / "rows.csv")) == 0
+    assert json.loads((tmp_path / "inbox" / "rows.meta.json").read_text())["model"] == "qwen-plus"
+    # A sidecar the daemon would refuse is refused here, naming it.
+    (work / "bad.jsonl").write_bytes(GOOD.read_bytes())
+    (work / "bad.meta.json").write_text('{"modle": "qwen-plus"}')
+    capsys.readouterr()
+    assert _submit(tmp_path, str(work / "bad.jsonl")) == 1
+    err = capsys.readouterr().err
+    assert "bad.meta.json" in err and "did you mean 'model'" in err, err
+    assert not (tmp_path / "inbox" / "bad.jsonl").exists()
+
+
+@pytest.mark.parametrize("name", ["~x", ".x", "a~syncthing~b"])
+def test_submit_refuses_a_name_the_inbox_would_ignore(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    """Such a file would wait in the inbox unclaimed for good (`--wait` ended rc 4):
+    a usage error instead, and nothing is queued."""
+    assert _submit(tmp_path, "--name", name, str(GOOD)) == 2
+    err = capsys.readouterr().err
+    assert "the inbox ignores" in err and "--name" in err, err
+    assert list((tmp_path / "inbox").iterdir()) == []
+    tilde = tmp_path / "~data.jsonl"
+    tilde.write_bytes(GOOD.read_bytes())
+    assert _submit(tmp_path, str(tilde)) == 2
+    assert list((tmp_path / "inbox").iterdir()) == []

@@ -278,6 +278,10 @@ async def test_an_inbox_file_is_claimed_once_still_for_the_settle_time_on_the_cl
     clock.advance(4.0)
     assert intake.scan() == []
     clock.advance(1.0)
+    # Settled; without a sidecar it waits settle_s more for one that may follow.
+    assert intake.scan() == [] and "sidecar" in intake.waiting["a.jsonl"]
+    assert intake.next_due == clock.monotonic() + 5.0
+    clock.advance(5.0)
     assert [name for name, _st in intake.scan()] == ["a.jsonl"]
     assert await intake.run_once() == 1
     (job,) = await store.jobs()

@@ -112,3 +112,14 @@ def test_a_batch_close_to_its_end_is_looked_at_sooner(
     status: str, counts: dict[str, int] | None, end_in: float | None, wait: float
 ) -> None:
     assert poll_after(status, counts, end_in, 60.0) == pytest.approx(wait)
+
+
+def test_a_sidecar_counts_only_when_its_inputs_owner_root_or_batchd_wrote_it() -> None:
+    from batchd.verdict import owner_problem
+
+    batchd_uid, owner, neighbour = 990, 1000, 1001
+    assert owner_problem(owner, owner, batchd_uid) is None
+    assert owner_problem(0, owner, batchd_uid) is None  # root's
+    assert owner_problem(batchd_uid, owner, batchd_uid) is None  # the daemon's own
+    problem = owner_problem(neighbour, owner, batchd_uid)
+    assert problem is not None and "uid 1001" in problem and "uid 1000" in problem

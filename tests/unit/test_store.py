@@ -270,3 +270,35 @@ async def test_a_job_end_is_announced_once_with_its_deliveries(tmp_path: Path) -
         assert [d.target for d in await store.due_deliveries(10.0)] == ["command"]
     finally:
         await store.close()
+
+
+async def test_the_duplicate_guard_still_knows_jobs_recorded_before_requests_were_digested(
+    tmp_path: Path,
+) -> None:
+    """A job published before the upgrade has only its bytes' sha256 (the new column is
+    NULL): an input of the same bytes still finds it; a job digested since is found by
+    its requests, whatever its bytes."""
+    store = await Store.open(tmp_path / "db.sqlite3")
+    try:
+        for job_id, requests_sha256 in (("old", None), ("new", "r" * 64)):
+            await _job(store, job_id, 1.0, {})
+            job = await store.get_job(job_id)
+            assert job is not None
+            assert await store.update_job(
+                job_id,
+                job.state,
+                state=JobState.PUBLISHING,
+                sha256=f"{job_id}-bytes",
+                requests_sha256=requests_sha256,
+            )
+            assert await store.mark_published(job_id, None, outcome="completed")
+        old = await store.paid_twin("x" * 64, "old-bytes", "this")
+        assert old is not None and old.id == "old"
+        new = await store.paid_twin("r" * 64, "crlf-bytes", "this")
+        assert new is not None and new.id == "new" and new.requests_sha256 == "r" * 64
+        # The same bytes are the same requests, whichever side lacks a digest.
+        again = await store.paid_twin(None, "new-bytes", "this")
+        assert again is not None and again.id == "new"
+        assert await store.paid_twin("y" * 64, "other-bytes", "this") is None
+    finally:
+        await store.close()

@@ -263,3 +263,40 @@ def test_the_thinking_warning_counts_each_model_of_a_grouped_file(tmp_path: Path
     report = validate_file(write(tmp_path, lines), DASHSCOPE, group_by_model=True)
     assert report.valid
     assert [w.message.split(" request(s)")[0] for w in report.warnings] == ["3"]
+
+
+def _requests_digest(path: Path) -> str | None:
+    return validate_file(path, DASHSCOPE, requests_digest=True).requests_sha256
+
+
+def test_the_requests_digest_ignores_line_endings_spacing_key_order_and_escapes(
+    tmp_path: Path,
+) -> None:
+    """The duplicate guard compares requests, not bytes: the same requests written with
+    CRLF, with spaces, with keys in another order, with \\u escapes, or without a final
+    newline have one digest; a changed value, or the lines in another order, another."""
+    reqs = [request(f"r{n}", f"question {n} é", temperature=0.5) for n in range(300)]
+    compact = [encode(r) for r in reqs]
+    digest = _requests_digest(write(tmp_path, compact, "compact.jsonl"))
+    assert digest is not None and len(digest) == 64
+    spaced = [json.dumps(r).encode() for r in reqs]  # ", " and ": ", non-ASCII as \u00e9
+    reordered = [
+        json.dumps(dict(reversed(list(r.items()))), ensure_ascii=False).encode() for r in reqs
+    ]
+    same = {
+        "crlf": _requests_digest(write(tmp_path, compact, "crlf.jsonl", end=b"\r\n")),
+        "spaced": _requests_digest(write(tmp_path, spaced, "spaced.jsonl")),
+        "reordered": _requests_digest(write(tmp_path, reordered, "reordered.jsonl")),
+        "no final newline": _requests_digest(
+            (tmp_path / "open.jsonl").write_bytes(b"\n".join(compact)) and tmp_path / "open.jsonl"
+        ),
+    }
+    assert same == dict.fromkeys(same, digest)
+    changed = [*compact[:-1], encode(request("r299", "question 299 é", temperature=0.6))]
+    swapped = [compact[1], compact[0], *compact[2:]]
+    assert _requests_digest(write(tmp_path, changed, "changed.jsonl")) != digest
+    assert _requests_digest(write(tmp_path, swapped, "swapped.jsonl")) != digest
+    # Only asked for, and only of a valid file.
+    assert validate_file(tmp_path / "compact.jsonl", DASHSCOPE).requests_sha256 is None
+    broken = write(tmp_path, [*compact, b"{not json"], "broken.jsonl")
+    assert _requests_digest(broken) is None
