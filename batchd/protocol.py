@@ -62,11 +62,32 @@ class Problem(_Model, kw_only=True):
     job, a part whose steps fail, an inbox that cannot be read, lost state, log lines
     that cannot be written."""
 
-    kind: str  # part_parked | part_failing | job_parked | intake | logging | state_lost
+    # part_parked | part_failing | job_parked | intake | logging | state_lost |
+    # local_fault | provider_down | clock_stepped
+    kind: str
     job_id: str | None = None
     part: int | None = None
     note: str
     since: float | None = None
+
+
+class LocalFaultInfo(_Model, kw_only=True):
+    """A fault of this machine in force (batchd.faults): a full or read-only disk, a
+    locked or full database. The work it pauses waits, uncounted, until it heals."""
+
+    key: str  # what it touches: a folder's name (spool, outbox, ...) or "database"
+    what: str  # "disk full", "the database is locked ...", ...
+    detail: str  # the error as met, naming the file
+    pauses: str  # the work that waits for it
+    since: float  # wall time it was first met
+    met: int = 1  # times met since
+
+
+class ClockStepInfo(_Model, kw_only=True):
+    """A step of the wall clock seen in the last hour (+ forward, - back)."""
+
+    seconds: float
+    at: float
 
 
 class Reload(_Model, kw_only=True):
@@ -121,6 +142,10 @@ class StatusResponse(_Model, kw_only=True):
     # What was spent (published jobs, batch prices) today and this month, per provider,
     # and the budget beside it; days begin at midnight in `budget.timezone`.
     spend: Spend | None = None
+    # This machine's faults in force (the daemon is not healthy while there is one), and
+    # the wall clock's steps of the last hour (shown; nothing waits on them).
+    local_faults: list[LocalFaultInfo] = msgspec.field(default_factory=list)
+    clock_steps: list[ClockStepInfo] = msgspec.field(default_factory=list)
 
 
 class SpendPeriod(_Model, kw_only=True):
