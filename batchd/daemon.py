@@ -557,8 +557,7 @@ class Daemon:
 
         async def keep_alive() -> None:
             while not done.is_set():
-                if self.faults.active:
-                    fault = self.faults.pausing()[0]
+                for fault in self.faults.pausing()[:1]:
                     self.notifier.status(f"recovering: waiting for {fault.key}: {fault.what}")
                     self.notifier.extend_timeout(30.0)
                 with contextlib.suppress(TimeoutError):

@@ -253,5 +253,11 @@ class Faults:
         return [s for s in self.steps if now - s.at_mono <= CLOCK_NOTICE_S]
 
     def pausing(self) -> list[Fault]:
-        """The faults in force, oldest first."""
+        """The faults in force, oldest first. One not met again for three of its longest
+        pauses is over: the work it paused has gone through, or nothing tries any more
+        (a job cancelled meanwhile), and nothing waits for it."""
+        now = self.clock.monotonic()
+        for key, fault in list(self.active.items()):
+            if now - fault.last_mono > 3 * self.cap_s:
+                self.healed(key)
         return sorted(self.active.values(), key=lambda f: f.since_mono)

@@ -191,7 +191,7 @@ class Operations:
             self.stages_alive()
             and self.account.paused_reason is None
             and self.account.provider_down is None
-            and not self.faults.active
+            and not self.faults.pausing()
             and self.intake.problem is None
             and log_health().broken is None
         )
@@ -266,7 +266,7 @@ class Operations:
         total = (
             count
             + parked_jobs
-            + len(self.faults.active)
+            + len(self.faults.pausing())
             + (self.account.provider_down is not None)
             + len(self.faults.recent_steps())
             + (self.intake.problem is not None)

@@ -130,6 +130,9 @@ def test_the_register_names_the_folder_grows_the_pause_and_clears_when_healed(
     faults.healed_path(spool / "k" / "error.jsonl")
     assert faults.pausing() == [] and faults.met_total == {"spool": 5}
     assert faults.met(full, "downloads") == 1.0  # a new fault starts from the first pause
+    # Not met again for three of its longest pauses: nothing waits for it any more.
+    clock.advance(3 * faults.cap_s + 1)
+    assert faults.pausing() == []
 
 
 async def test_a_write_waits_out_another_process_holding_the_database(
