@@ -702,9 +702,16 @@ class _SnapshotCollector:
             "A fault of this machine in force (1), by what it touches; the work it pauses waits",
             labels=["key", "what"],
         )
+        since = GaugeMetricFamily(
+            "batchd_local_fault_since_seconds",
+            "When each fault of this machine in force was first met (Unix time)",
+            labels=["key"],
+        )
         for fault in s["local_faults"]:
             faults.add_metric([fault.key, fault.what], 1)
+            since.add_metric([fault.key], fault.since)
         yield faults
+        yield since
         met = CounterMetricFamily(
             "batchd_local_faults_met",
             "Times work met a fault of this machine (and waited), by what it touches",

@@ -36,6 +36,7 @@ from batchd.emulator import Emulator
 from batchd.models import PartState
 from batchd.testing import (
     DaemonProcess,
+    RawControl,
     StartEmulator,
     cli,
     daemon_env,
@@ -140,8 +141,16 @@ async def full_spool(
             assert (fault.key, fault.what) == ("spool", "disk full")
             assert str(root / "spool") in fault.detail and "download" in fault.pauses
             assert any("spool: disk full" in why for why in status.waiting)
-            metrics = await daemon.ops.metrics()
-            assert metrics["local_faults_met"]["spool"] >= 5
+            code, exposed = await RawControl(settings.socket_path).call("GET", "/metrics")
+            assert code == 200
+            assert 'batchd_local_fault{key="spool",what="disk full"} 1.0' in exposed
+            (since,) = [
+                float(line.split()[-1])
+                for line in exposed.splitlines()
+                if line.startswith('batchd_local_fault_since_seconds{key="spool"}')
+            ]
+            assert since == pytest.approx(fault.since)
+            assert 'batchd_local_faults_met_total{key="spool"}' in exposed
             code, _out, err = await cli(capsys, "check", "--socket", str(settings.socket_path))
             assert code == 1 and "spool: disk full" in err, err
 
