@@ -85,11 +85,19 @@ def load_api_key(environ: dict[str, str] | None = None) -> str:
 def check_same_filesystem(inbox: Path, spool: Path) -> None:
     """Claiming is a rename from the inbox into the spool: refuse to start where that
     cannot work (another filesystem, or another mount of the same one), instead of
-    failing every claim forever. Proven by renaming a hidden probe file across."""
+    failing every claim forever. Proven by renaming a hidden probe file across; when
+    the probe cannot even be made (a disk full to its last inode), the daemon starts all
+    the same: a fault of this machine is waited out, never an exit."""
     probe = inbox / f".batchd-probe-{os.getpid()}"
     target = spool / probe.name
     try:
-        probe.touch()
+        try:
+            probe.touch()
+        except OSError as exc:
+            if local_cause(exc) is None:
+                raise
+            log.warning("filesystem_check_skipped", folder=str(inbox), error=str(exc))
+            return
         try:
             os.rename(probe, target)
         except OSError as exc:

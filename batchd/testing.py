@@ -42,6 +42,7 @@ import contextlib
 import errno
 import inspect
 import io
+import itertools
 import json
 import os
 import shutil
@@ -92,6 +93,7 @@ __all__ = [
     "emulator_settings",
     "events",
     "fill_disk",
+    "fill_inodes",
     "job_folders",
     "published_jobs",
     "read_jsonl",
@@ -143,13 +145,18 @@ class Served(Protocol):
 
 
 @contextlib.contextmanager
-def small_disk(folder: Path, size: str = "4m", *, read_only: bool = False) -> Iterator[bool]:
-    """A tmpfs of `size` mounted at `folder` (made if missing) for the block, so that a
-    test can fill it up (`fill_disk`) or have it read-only; unmounted afterwards. Yields
-    False, mounting nothing, where this process may not mount (not root, no
-    CAP_SYS_ADMIN, no `mount`): the caller skips, saying so."""
+def small_disk(
+    folder: Path, size: str = "4m", *, read_only: bool = False, inodes: int | None = None
+) -> Iterator[bool]:
+    """A tmpfs of `size` (and at most `inodes` files and folders) mounted at `folder`
+    (made if missing) for the block, so that a test can fill it up (`fill_disk`,
+    `fill_inodes`) or have it read-only; unmounted afterwards. Yields False, mounting
+    nothing, where this process may not mount (not root, no CAP_SYS_ADMIN, no `mount`):
+    the caller skips, saying so."""
     folder.mkdir(parents=True, exist_ok=True)
     options = f"size={size}" + (",ro" if read_only else "")
+    if inodes is not None:
+        options += f",nr_inodes={inodes}"
     mount = shutil.which("mount")
     umount = shutil.which("umount")
     if mount is None or umount is None:
@@ -189,6 +196,21 @@ def fill_disk(folder: Path, name: str = ".ballast") -> Path:
     finally:
         os.close(fd)
     return ballast
+
+
+def fill_inodes(folder: Path, name: str = ".ballast-files") -> Path:
+    """Make empty files in a new folder under `folder` until its filesystem has no inode
+    left (ENOSPC); returns that folder: remove it (`shutil.rmtree`) to free them."""
+    ballast = folder / name
+    ballast.mkdir()
+    for n in itertools.count():
+        try:
+            os.close(os.open(ballast / str(n), os.O_WRONLY | os.O_CREAT, 0o600))
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            return ballast
+    raise AssertionError("unreachable")
 
 
 _HOLD_LOCK = """

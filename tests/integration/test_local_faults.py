@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ from batchd.testing import (
     drop,
     events,
     fill_disk,
+    fill_inodes,
     job_folders,
     read_jsonl,
     requests,
@@ -521,3 +523,42 @@ async def test_a_read_only_state_folder_is_exit_2_naming_it(
     assert code == 2, said
     assert f"the state folder {state} cannot be written (read-only filesystem" in said, said
     assert "Traceback" not in said
+
+
+async def test_a_spool_disk_without_a_free_inode_at_start_is_waited_out_not_an_exit(
+    start_emulator: StartEmulator, tmp_path: Path, log_lines: io.StringIO
+) -> None:
+    """The start-up check that inbox and spool share a filesystem renames a probe file
+    across: on a disk with no inode left it cannot be made (before: OSError, exit 1 at
+    every start). The daemon starts, the claim waits for the disk, and goes on."""
+    root = tmp_path / "root"
+    with small_disk(root, "2m", inodes=64) as mounted:
+        if not mounted:
+            pytest.skip(NO_MOUNT)
+        for name in ("inbox", "spool"):
+            (root / name).mkdir()
+        emulator = await start_emulator(time_scale=3000)
+        settings = daemon_settings(
+            root,
+            emulator,
+            paths={
+                "root": root,
+                "state": tmp_path / "state",
+                "outbox": tmp_path / "outbox",
+                "runtime": tmp_path,
+            },
+        )
+        inbox = settings.paths.folder("inbox")
+        drop(inbox, "waiting.jsonl", requests(2))
+        ballast = fill_inodes(root)
+        async with running_daemon(settings) as daemon:
+            assert events(log_lines, "filesystem_check_skipped")
+
+            async def said() -> bool:
+                return not (await daemon.ops.status()).healthy
+
+            await wait_for(said, 20, "status unhealthy while nothing can be claimed")
+            shutil.rmtree(ballast)
+            (folder,) = await wait_published(settings.paths.folder("outbox"), 1, emulator)
+            assert (await daemon.ops.status()).healthy
+    assert summary(folder)["status"] == "completed"
