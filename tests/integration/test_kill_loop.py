@@ -130,6 +130,7 @@ class Figures:
         data["mean_recovery_s"] = self.mean_recovery_s
         data["max_recovery_s"] = round(max(self.recovery_s), 3) if self.recovery_s else None
         data["wall_s"] = round(self.wall_s, 1)
+        data["local_fault_s"] = round(self.local_fault_s, 1)
         return data
 
 
