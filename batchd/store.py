@@ -98,6 +98,7 @@ _PART_COLUMNS = frozenset(
         "adopt",
         "batch_created_at",
         "provider_times",
+        "file_created_at",
     }
 )
 _T = TypeVar("_T")

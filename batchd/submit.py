@@ -93,10 +93,23 @@ def made_from(batch: RemoteBatch, part: Part) -> bool:
     return batch.metadata.get("batchd_part") == part_tag(part)
 
 
-def past_intents(batch: RemoteBatch, oldest_intent: float, skew_s: float) -> bool:
-    """PURE: was this batch created before the oldest intent still looked for (with the
-    clocks' possible skew)? Then, in a newest-first list, no later page can hold one."""
-    return batch.created_at is not None and batch.created_at < oldest_intent - skew_s
+def listing_bound(part: Part) -> float:
+    """PURE: the moment a listing must page back past to prove `part` has no batch: when
+    the service stored its input file, on the service's own clock (no batch can be made
+    from a file before it exists); the create intent, on batchd's clock, only for a part
+    whose file's time is not known. Never batchd's clock where the service's is known: a
+    wall clock hours ahead made every batch of the first page look older than the intent,
+    and a batch already made was "proved" absent and created again."""
+    if part.file_created_at is not None:
+        return part.file_created_at
+    return part.intent_at or 0.0
+
+
+def past_intents(batch: RemoteBatch, oldest: float, skew_s: float) -> bool:
+    """PURE: was this batch created before the oldest `listing_bound` still looked for
+    (with the clocks' possible skew)? Then, in a newest-first list, no later page can
+    hold one."""
+    return batch.created_at is not None and batch.created_at < oldest - skew_s
 
 
 def files_by_name(files: list[RemoteFile]) -> dict[str, list[RemoteFile]]:
@@ -114,6 +127,11 @@ def match_upload(named: dict[str, list[RemoteFile]], part: Part) -> tuple[str | 
     mine = named.get(part.upload_name, [])
     whole = next((f.id for f in mine if f.bytes == part.bytes), None)
     return whole, [f.id for f in mine if f.id != whole]
+
+
+def stored_at(named: dict[str, list[RemoteFile]], file_id: str | None) -> float | None:
+    """PURE: when the service stored the file `file_id` (its own clock), if it says."""
+    return next((f.created_at for same in named.values() for f in same if f.id == file_id), None)
 
 
 def input_unchanged(path: Path, job: Job) -> bool:
@@ -464,6 +482,7 @@ class Submitter:
             PartState.UPLOADING,
             state=PartState.UPLOADED,
             remote_file_id=info.id,
+            file_created_at=info.created_at,
             attempts=0,
             retry_at=None,
             error=None,
@@ -503,6 +522,7 @@ class Submitter:
                     PartState.UPLOADING,
                     state=PartState.UPLOADED,
                     remote_file_id=adopted,
+                    file_created_at=stored_at(named, adopted),
                     attempts=0,
                     retry_at=None,
                     error=None,
@@ -543,7 +563,14 @@ class Submitter:
             whole, strays[part.id] = match_upload(named, part)
             job = jobs.get(part.job_id)
             claimed_at = job.created_at if job is not None else 0.0
-            candidates.append(replace(part, remote_file_id=whole, intent_at=claimed_at))
+            candidates.append(
+                replace(
+                    part,
+                    remote_file_id=whole,
+                    intent_at=claimed_at,
+                    file_created_at=stored_at(named, whole),
+                )
+            )
         found, reached, failed = await self._find_batches(candidates)
         if found is None:
             return False
@@ -589,6 +616,7 @@ class Submitter:
                     state=PartState.UPLOADED,
                     adopt=False,
                     remote_file_id=seen.remote_file_id,
+                    file_created_at=seen.file_created_at,
                 )
                 log.warning(
                     "upload_adopted", job_id=part.job_id, part=part.seq, file_id=seen.remote_file_id
@@ -736,7 +764,7 @@ class Submitter:
         back far enough to prove the others were never created (None: the account is
         unusable); and, when a call of the listing failed for a reason that may pass (a
         transport error, a 5xx), that error."""
-        oldest = min((p.intent_at or 0.0) for p in parts)
+        oldest = min(listing_bound(p) for p in parts)
         found: dict[int, RemoteBatch] = {}
         previous: float | None = None
         newest_first = True

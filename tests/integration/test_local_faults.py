@@ -27,6 +27,7 @@ import asyncio
 import io
 import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +37,13 @@ from batchd.clock import SystemClock
 from batchd.emulator import Emulator
 from batchd.models import PartState
 from batchd.testing import (
+    ENDPOINT_CHAT,
     DaemonProcess,
     RawControl,
     StartEmulator,
     cli,
     daemon_env,
+    daemon_process,
     daemon_settings,
     database_locked,
     drop,
@@ -53,9 +56,11 @@ from batchd.testing import (
     running_daemon,
     small_disk,
     step_clock,
+    step_clock_env,
     summary,
     wait_for,
     wait_published,
+    wait_ready,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -257,6 +262,42 @@ async def test_a_wall_clock_stepped_31_hours_declares_nothing_lost_and_pays_noth
     stats = await emulator.stats()
     assert stats["batches_created"] == 1
     assert set(stats["batches_created_per_input_file"].values()) == {1}
+
+
+async def test_a_lost_create_is_found_even_with_the_wall_clock_hours_ahead_of_the_service(
+    start_emulator: StartEmulator, make_api: Any, tmp_path: Path
+) -> None:
+    """The daemon's wall clock is 31 h ahead of the service's (stepped forward, or set
+    wrong); it dies right after a create took effect, and another client of the key
+    fills the newest page of the list. Paging back past batchd's intent stopped at that
+    first page (every batch on it looks 31 h older than the intent), "proved" the batch
+    absent and created it again; paging back past the input file's own time on the
+    service's clock finds it on the second page."""
+    emulator = await start_emulator(time_scale=1, faults={"ignore_list_filters": True})
+    api = make_api(emulator)
+    root = tmp_path / "root"
+    step_file = tmp_path / "clock-step"
+    step_clock(step_file, 31 * HOUR)
+    drop(root / "inbox", "mine.jsonl", requests(3))
+    env = daemon_env(emulator, root, **step_clock_env(step_file))
+    log = tmp_path / "daemon.log"
+    crashing = await DaemonProcess.start(
+        {**env, "BATCHD_FAILPOINTS": "create.after_request=kill"}, log
+    )
+    assert await asyncio.wait_for(crashing.wait(), 30) == -signal.SIGKILL
+    # More than a page (100) of batches newer than the lost one: it is on the second.
+    foreign = await api.upload_ok(requests(2), "other.jsonl")
+    for n in range(110):
+        await api.create_ok(foreign, ENDPOINT_CHAT)
+        if n % 20 == 19:
+            emulator.advance(HOUR)  # ended, so the running cap leaves room
+    async with daemon_process(env, log) as daemon:
+        await wait_ready(root, daemon)
+        (folder,) = await wait_published(root / "outbox", 1, emulator)
+    assert summary(folder)["status"] == "completed"
+    stats = await emulator.stats()
+    mine = {f: n for f, n in stats["batches_created_per_input_file"].items() if f != foreign}
+    assert list(mine.values()) == [1], stats["batches_created_per_input_file"]
 
 
 # -- 5. a provider outage ---------------------------------------------------------------
