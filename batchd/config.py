@@ -301,7 +301,8 @@ class ApiSettings(BaseModel):
     max_list_pages: int = Field(default=100, ge=1)
     # After an upload or create whose answer was lost, wait this long before looking for
     # its effect (a list may lag behind a create), then page back this far before the
-    # intent (the service's clock may differ from ours).
+    # moment the service stored the part's file (or, where that is not known, the
+    # intent: the service's clock may differ from ours).
     settle_after_s: float = Field(default=10.0, ge=0)
     clock_skew_s: float = Field(default=300.0, ge=0)
     # A download must average at least this many bytes a second once `download_grace_s`
