@@ -11,6 +11,19 @@ Retry table (TESTING.md C.13):
   and the caller looks for the effect before trying again. An answer that cannot be used
   (no id) counts as ambiguous too: the call may well have taken effect.
 
+Whether the provider answers at all is tracked here, for every call: an answer (any
+status below 500) clears the count of attempts in a row that got none (a transport
+error, a 5xx); `OUTAGE_AFTER` such attempts in a row tell the daemon the provider is not
+answering (`on_silence`: `status` and `check` say so within seconds, and the stages stop
+calling), and the next answer tells it the provider is back (`on_answer`). A step that
+failed for a transport error or a 5xx asks `answering` before counting the failure as
+its own: while the provider answers nothing at all, the failure is the outage's, and is
+never counted toward parking a part or giving up a file.
+
+An error of this machine met during a call (the spool's disk full while a download is
+written) is raised as `batchd.faults.LocalFault`, never as an `ApiError`: it is not the
+provider's, and must not be retried or counted as if it were.
+
 Every answer is parsed here into the checked types of `batchd.remote`. Nothing that
 follows the server is unbounded: list calls stop after `max_pages` pages or when the
 server repeats a page (`ListingIncomplete`), and a download must keep up a minimum
@@ -20,6 +33,7 @@ throughput after a grace period (`DownloadTooSlow`) instead of having a fixed to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import random
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -33,6 +47,7 @@ import orjson
 
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.errors import BatchdError
+from batchd.faults import LocalFault
 from batchd.fsutil import commit_temp, temp_name
 from batchd.limits import CallClass, RateLimiter
 from batchd.logs import get_logger
@@ -44,6 +59,8 @@ _T = TypeVar("_T")
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 ACCOUNT_CODES = frozenset({"Arrearage", "InvalidApiKey", "invalid_api_key"})
 MAX_RETRY_AFTER_S = 3600.0
+# Attempts in a row without an answer (any call) before the provider counts as down.
+OUTAGE_AFTER = 3
 
 
 class ApiError(BatchdError):
@@ -206,6 +223,12 @@ class BatchApi:
         self.last_error_at: dict[str, float] = {}
         # When the provider last answered a call (clock.now()); None before the first.
         self.last_ok_at: float | None = None
+        # When it last answered anything (a status below 500; clock.monotonic()), and the
+        # attempts in a row since that got no answer; the daemon's hooks for both.
+        self.answered_mono: float | None = None
+        self.unanswered = 0
+        self.on_answer: Callable[[], None] | None = None
+        self.on_silence: Callable[[str], None] | None = None
 
     def __repr__(self) -> str:  # never show the key
         return f"BatchApi(base_url={self._base!r})"
@@ -264,6 +287,8 @@ class BatchApi:
                         timeout=timeout or self._timeout,
                     ) as resp:
                         slot.answered()
+                        if resp.status < 500:
+                            self._heard()
                         if resp.status >= 400:
                             err = _error_from(
                                 resp.status,
@@ -279,7 +304,7 @@ class BatchApi:
                         if sink is not None:
                             return await _stream_to(resp, sink, self.throughput)
                         raw = await resp.read()
-        except ApiError:
+        except (ApiError, LocalFault):
             raise
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             text = f"{method} {path}: {type(exc).__name__}: {exc}"
@@ -310,6 +335,8 @@ class BatchApi:
             except ApiError as err:
                 self.last_error[cls] = str(err)
                 self.last_error_at[cls] = self.clock.now()
+                if err.status is None or err.status >= 500:
+                    self._not_heard(err)
                 if not err.retryable or attempt >= self.retry.max_attempts:
                     raise
                 if not idempotent and err.status != 429 and err.status != 408:
@@ -332,6 +359,33 @@ class BatchApi:
                 self.last_error_at.pop(cls, None)
                 self.last_ok_at = self.clock.now()
                 return answer
+
+    def _heard(self) -> None:
+        self.answered_mono = self.clock.monotonic()
+        self.unanswered = 0
+        if self.on_answer is not None:
+            self.on_answer()
+
+    def _not_heard(self, err: ApiError) -> None:
+        self.unanswered += 1
+        if self.unanswered >= OUTAGE_AFTER and self.on_silence is not None:
+            self.on_silence(str(err))
+
+    async def answering(self, since_mono: float) -> bool:
+        """Does the provider answer at all? True when it answered any call after
+        `since_mono` (the start of the step asking); otherwise one cheap call (a list of
+        one batch, not retried) asks it. A step whose call failed with a transport error
+        or a 5xx counts the failure as its own only when this is True."""
+        if self.answered_mono is not None and self.answered_mono > since_mono:
+            return True
+        try:
+            await self._once(CallClass.LIST, "GET", "/batches", params={"limit": "1"})
+        except ApiError as err:
+            if err.status is None or err.status >= 500:
+                self._not_heard(err)
+                return False
+            return True  # an answer, if not a welcome one
+        return True
 
     async def pages(
         self, cls: CallClass, path: str, params: Mapping[str, str], *, max_pages: int
@@ -490,12 +544,15 @@ def parse_items(page: Page, parse: Callable[[Any], _T]) -> list[_T]:
 async def _stream_to(resp: aiohttp.ClientResponse, dest: Path, throughput: Throughput) -> int:
     """Write a body to `dest` through a temp name (fsync, rename, fsync of the folder),
     chunk by chunk; each chunk must arrive before the throughput deadline
-    (`DownloadTooSlow`)."""
+    (`DownloadTooSlow`). A disk error while writing is this machine's (`LocalFault`)."""
     tmp = temp_name(dest)
     written = 0
     loop = asyncio.get_running_loop()
     started = loop.time()
-    fh = await loop.run_in_executor(None, tmp.open, "wb")
+    try:
+        fh = await loop.run_in_executor(None, tmp.open, "wb")
+    except OSError as exc:
+        raise LocalFault(exc, tmp) from exc
     try:
         chunks = resp.content.iter_chunked(1 << 16).__aiter__()
         while True:
@@ -510,11 +567,19 @@ async def _stream_to(resp: aiohttp.ClientResponse, dest: Path, throughput: Throu
                     f"download too slow: {written} bytes in {elapsed:.0f} s, under"
                     f" {throughput.min_bytes_per_s:.0f} bytes/s after {throughput.grace_s:.0f} s"
                 ) from None
-            await loop.run_in_executor(None, fh.write, chunk)
+            try:
+                await loop.run_in_executor(None, fh.write, chunk)
+            except OSError as exc:
+                raise LocalFault(exc, tmp) from exc
             written += len(chunk)
-        await loop.run_in_executor(None, commit_temp, fh, tmp, dest)
+        try:
+            await loop.run_in_executor(None, commit_temp, fh, tmp, dest)
+        except OSError as exc:
+            raise LocalFault(exc, tmp) from exc
     except BaseException:
-        fh.close()
+        # Closing may fail again (the buffer's last bytes meet the same full disk).
+        with contextlib.suppress(OSError):
+            fh.close()
         tmp.unlink(missing_ok=True)
         raise
     return written

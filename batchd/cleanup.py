@@ -26,6 +26,8 @@ class RemoteCleanup:
         self.account = account
 
     async def run_once(self) -> bool:
+        if self.account.silent:
+            return False  # nothing is called while the provider answers nothing
         moved = False
         for file_id in await self.store.garbage(limit=BATCH):
             try:

@@ -12,6 +12,12 @@ a row. A given-up file is recorded in the part's `unavailable` column and its re
 are published with the error code `result_unavailable`; one given up after transient
 failures is left on the service (it may still be fetchable), and said so.
 
+Only the file's own failures count toward giving it up. A download that fails because
+of this machine (the spool's disk full, read-only or failing: `LocalFault`) waits for
+it, shown in `status` as a local fault, however long that takes; so does one that fails
+while the provider answers nothing at all (an outage, `BatchApi.answering`). Results
+that were paid for are never given up for either.
+
 A job whose parts are all settled moves on to publishing, unless `resubmit_failed` allows
 another round and some of its failures are worth paying for again (`retryable_failure`):
 their input lines are then written into follow-up parts (`plan_follow_up`), one model
@@ -33,6 +39,7 @@ from batchd.api import AccountError, ApiError, BatchApi
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import ProviderLimits
 from batchd.failpoints import failpoint
+from batchd.faults import Faults, LocalFault, describe, local_cause
 from batchd.lines import DEFAULT_MAX_LINE_BYTES, read_line
 from batchd.lines import (
     count_lines as count_file_lines,
@@ -51,7 +58,7 @@ from batchd.merge import (
 )
 from batchd.models import Job, JobState, Part, PartPlan, PartState, upload_name
 from batchd.prices import PriceTable, table_from
-from batchd.problems import StepPolicy, step_failed
+from batchd.problems import StepPolicy, step_trouble, step_waits
 from batchd.store import Store
 from batchd.tokens import RequestCounter
 
@@ -75,7 +82,8 @@ class Fetched:
     permanent: str | None = None  # can never be fetched (404, another 4xx)
     transient: str | None = None  # failed this time (5xx, a reset, too slow)
     account: str | None = None  # the account is unusable: nobody's part is at fault
-    broken: BaseException | None = None  # a disk error or a bug
+    local: OSError | None = None  # this machine's disk failed (full, read-only, I/O)
+    broken: BaseException | None = None  # a bug, or another error of the step
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,15 +98,30 @@ class CollectDecision:
 
 
 def decide_collect(
-    part: Part, fetched: list[Fetched], policy: StepPolicy, expected: dict[str, Any] | None
+    part: Part,
+    fetched: list[Fetched],
+    policy: StepPolicy,
+    expected: dict[str, Any] | None,
+    answering: bool = True,
 ) -> CollectDecision:
-    """PURE: collected, collected with files given up, or a pause before another try."""
+    """PURE: collected, collected with files given up, or a pause before another try.
+    A transient failure counts toward giving a file up only while the provider is
+    `answering` other calls; in an outage it waits, uncounted."""
     notes: list[str] = []
     for item in fetched:
         want = (expected or {}).get("completed" if item.kind == "output" else "failed")
         if item.lines is not None and isinstance(want, int) and want != item.lines:
             notes.append(f"{item.kind} file has {item.lines} lines, request_counts says {want}")
     transient = [f for f in fetched if f.transient is not None]
+    if transient and not answering:
+        why = "; ".join(f"{f.kind} file {f.file_id}: {f.transient}" for f in transient)
+        return CollectDecision(
+            False,
+            {},
+            f"download waits: the provider does not answer ({why})",
+            part.attempts,
+            policy.pause_s(1),
+        )
     failures = part.attempts + 1 if transient else 0
     if transient and failures < policy.max_failures:
         why = "; ".join(f"{f.kind} file {f.file_id}: {f.transient}" for f in transient)
@@ -154,9 +177,11 @@ class Collector:
         clock: Clock = SYSTEM_CLOCK,
         provider: str = "dashscope",
         prices: PriceTable | None = None,
+        faults: Faults | None = None,
     ) -> None:
         self.store = store
         self.clock = clock
+        self.faults = faults if faults is not None else Faults(clock=clock)
         self.account = account or AccountState(clock=clock)
         self.api = api
         self.limits = limits
@@ -181,7 +206,7 @@ class Collector:
         """How long the collect stage may sleep: until a part pausing after a failed
         download is due again, at most `longest_s`."""
         due = await self.store.next_retry_at([PartState.ENDED])
-        now = self.clock.now()
+        now = self.clock.steady()
         if due is None or due <= now:
             return longest_s
         return min(longest_s, max(0.05, due - now))
@@ -199,8 +224,10 @@ class Collector:
         stop = asyncio.ensure_future(self.stopping.wait()) if self.stopping else None
         try:
             while not self._stop_requested():
-                now, tick = self.clock.now(), self.clock.monotonic()
-                if not self._account_trouble and (not tasks or tick - scanned_at >= self.rescan_s):
+                now, tick = self.clock.steady(), self.clock.monotonic()
+                # While the provider does not answer, no new download is started.
+                calling = not self._account_trouble and not self.account.silent
+                if calling and (not tasks or tick - scanned_at >= self.rescan_s):
                     scanned_at = tick
                     for part in await self.store.parts_in([PartState.ENDED], 100, ready_at=now):
                         if part.id not in tasks:
@@ -210,7 +237,7 @@ class Collector:
                             )
                 if not tasks:
                     pause = await self._short_pause(now)
-                    if pause is None or self._account_trouble:
+                    if pause is None or not calling:
                         break
                     if stop is not None:
                         await asyncio.wait({stop}, timeout=pause)
@@ -254,14 +281,21 @@ class Collector:
         return due - now
 
     async def _collect_guarded(self, part: Part, slots: asyncio.Semaphore) -> bool:
-        """`collect`; an unexpected error (a disk error, a bug) fails this part's step
-        only: a note, a pause and, in the end, parking."""
+        """`collect`; an unexpected error fails this part's step only: a note, a pause
+        and, in the end, parking (a fault of this machine only waits)."""
         try:
             return await self.collect(part, slots)
         except Exception as exc:
-            log.exception("part_step_crashed", job_id=part.job_id, part=part.seq)
-            await step_failed(
-                self.store, part, f"{type(exc).__name__}: {exc}", self.policy, self.clock.now()
+            if local_cause(exc) is None:
+                log.exception("part_step_crashed", job_id=part.job_id, part=part.seq)
+            await step_trouble(
+                self.store,
+                part,
+                exc,
+                self.policy,
+                self.clock.steady(),
+                self.faults,
+                "downloads of result files",
             )
             return False
 
@@ -274,18 +308,33 @@ class Collector:
             for kind, file_id in (("output", part.output_file_id), ("error", part.error_file_id))
             if file_id
         ]
+        started = self.clock.monotonic()
         fetched = list(await asyncio.gather(*(self._fetch(part, k, f, slots) for k, f in wanted)))
         for item in fetched:
             if item.broken is not None:
                 raise item.broken
+        local = next((item.local for item in fetched if item.local is not None), None)
+        if local is not None:
+            # This machine's trouble (the spool's disk): the part waits, uncounted, for
+            # as long as it lasts; what was written whole is kept.
+            pause = self.faults.met(local, "downloads of result files")
+            note = f"download waits for this machine: {describe(local)}: {local}"
+            await step_waits(self.store, part, note, pause, self.clock.steady())
+            return False
+        for item in fetched:
+            if item.lines is not None:
+                self.faults.healed_path(output_path(part, item.kind))
         trouble = next((item.account for item in fetched if item.account is not None), None)
         if trouble is not None:
             # The account's trouble, not the part's: submission pauses until it works.
             self.account.failed(trouble)
             self._account_trouble = True
             return False
-        decision = decide_collect(part, fetched, self.policy, part.request_counts)
-        now = self.clock.now()
+        answering = not any(f.transient is not None for f in fetched) or (
+            await self.api.answering(started)
+        )
+        decision = decide_collect(part, fetched, self.policy, part.request_counts, answering)
+        now = self.clock.steady()
         if not decision.done:
             await self.store.update_part(
                 part.id,
@@ -342,10 +391,17 @@ class Collector:
             lines = await asyncio.to_thread(count_lines, dest, self.max_line_bytes)
         except AccountError as err:
             return Fetched(kind, file_id, account=str(err))
+        except LocalFault as fault:
+            return Fetched(kind, file_id, local=fault.cause)
         except ApiError as err:
             if err.retryable:
                 return Fetched(kind, file_id, transient=str(err))
             return Fetched(kind, file_id, permanent=str(err))
+        except OSError as exc:
+            # Reading back what was written (the line count): the disk's, if local.
+            if local_cause(exc) is not None:
+                return Fetched(kind, file_id, local=exc)
+            return Fetched(kind, file_id, broken=exc)
         except Exception as exc:
             return Fetched(kind, file_id, broken=exc)
         log.info(

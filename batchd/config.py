@@ -271,7 +271,9 @@ class PollSettings(BaseModel):
     # as many as the pages a sweep reads (one per 100 running): never more calls than
     # retrieving them one by one.
     list_threshold: int = Field(default=1, ge=1)
-    # A batch still unfinished this long after its completion window is reported lost.
+    # A batch the service still calls running this long after its completion window is
+    # shown as overdue (a note on the part); it is followed until the service ends it. A
+    # batch is declared lost only when the service says it does not know it.
     lost_margin_s: float = Field(default=6 * 3600.0, ge=0)
 
 
@@ -289,8 +291,8 @@ class ApiSettings(BaseModel):
     cap_share: float = Field(default=1.0, gt=0, le=1.0)
     # Uploads and creates in flight at once.
     concurrency: int = Field(default=8, ge=1)
-    # While the account is unusable (bad key, arrears) or the provider does not answer,
-    # probe it this often.
+    # While the account is unusable (bad key, arrears), probe it this often; while the
+    # provider does not answer, probe it after a pause doubling from 1 s up to this.
     account_probe_s: float = Field(default=60.0, gt=0)
     # With no call answered for this long (an idle daemon), one cheap call (a list of one
     # batch) checks that the provider answers and the key works: `status` and `check`
@@ -301,7 +303,8 @@ class ApiSettings(BaseModel):
     max_list_pages: int = Field(default=100, ge=1)
     # After an upload or create whose answer was lost, wait this long before looking for
     # its effect (a list may lag behind a create), then page back this far before the
-    # intent (the service's clock may differ from ours).
+    # moment the service stored the part's file (or, where that is not known, the
+    # intent: the service's clock may differ from ours).
     settle_after_s: float = Field(default=10.0, ge=0)
     clock_skew_s: float = Field(default=300.0, ge=0)
     # A download must average at least this many bytes a second once `download_grace_s`
@@ -416,8 +419,14 @@ class Settings(FileSettings):
     prices: dict[str, Any] = Field(default_factory=dict)
     # Stop and park a job after it was caught mid-step by this many crashes.
     max_job_crashes: int = Field(default=3, ge=1)
-    # Park a part after this many failed steps in a row (`batchd retry` resumes it).
+    # Park a part after this many failed steps in a row (`batchd retry` resumes it). Only
+    # a step's own failures count: never a fault of this machine (a full disk, a locked
+    # database) nor an outage of the provider, which are waited out and shown.
     max_part_failures: int = Field(default=5, ge=1)
+    # A write to the state database waits this long for another process holding it (a
+    # backup, a VACUUM) before the wait is shown as a fault (`status`); it is then tried
+    # again after a short pause, for as long as it takes, never given up.
+    db_busy_timeout_s: float = Field(default=10.0, gt=0)
     # The validator stops listing problems after this many (it still counts them all).
     max_reported_errors: int = Field(default=DEFAULT_MAX_REPORTED_ERRORS, ge=1)
 

@@ -820,3 +820,34 @@ class _SnapshotCollector:
             "Log lines no output stream took (a broken pipe, a full disk)",
             value=s["log_lines_dropped"],
         )
+        faults = GaugeMetricFamily(
+            "batchd_local_fault",
+            "A fault of this machine in force (1), by what it touches; the work it pauses waits",
+            labels=["key", "what"],
+        )
+        since = GaugeMetricFamily(
+            "batchd_local_fault_since_seconds",
+            "When each fault of this machine in force was first met (Unix time)",
+            labels=["key"],
+        )
+        for fault in s["local_faults"]:
+            faults.add_metric([fault.key, fault.what], 1)
+            since.add_metric([fault.key], fault.since)
+        yield faults
+        yield since
+        met = CounterMetricFamily(
+            "batchd_local_faults_met",
+            "Times work met a fault of this machine (and waited), by what it touches",
+            labels=["key"],
+        )
+        for key, n in s["local_faults_met"].items():
+            met.add_metric([key], n)
+        yield met
+        yield CounterMetricFamily(
+            "batchd_clock_steps", "Steps of the wall clock seen", value=s["clock_steps"]
+        )
+        yield GaugeMetricFamily(
+            "batchd_provider_down",
+            "The provider answers no call (1): the stages wait for it",
+            value=1 if s["provider_down"] else 0,
+        )

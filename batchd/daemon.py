@@ -6,6 +6,12 @@ A stage that raises unexpectedly stops the daemon with exit code 1 (systemd rest
 recovery settles whatever the crash interrupted). Stop is an event: stages finish their
 current step within a grace period, then are cancelled. Whatever fails during start-up,
 what was already opened is closed again (exit 2 for a configuration error).
+
+A fault of this machine never stops the daemon (batchd.faults): a full, failing or
+locked state database, a full spool, a stepped clock are waited out and shown, at start
+as while running. Exit 2, which systemd does not restart, is for what a person must fix
+before the daemon can start at all: a folder that cannot be written (read-only, or not
+the daemon's), a bad configuration, no API key.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import errno
 import fcntl
 import os
 import signal
+import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -23,12 +30,13 @@ from batchd import __version__
 from batchd.account import AccountProbe, AccountState
 from batchd.api import BatchApi, RetryPolicy, Throughput
 from batchd.cleanup import RemoteCleanup
-from batchd.clock import SYSTEM_CLOCK, Clock
+from batchd.clock import SYSTEM_CLOCK, Clock, ClockWatch, SystemClock
 from batchd.collect import Collector
 from batchd.config import Settings
 from batchd.control import ControlServer, check_socket_path, resolve_group
 from batchd.errors import BatchdError, ConfigError
 from batchd.extras import ExtraBatches
+from batchd.faults import DATABASE, Faults, describe, local_cause, unusable_folder
 from batchd.intake import Intake
 from batchd.limits import CallClass, RateLimiter
 from batchd.logs import configure, get_logger, register_secret
@@ -78,11 +86,19 @@ def load_api_key(environ: dict[str, str] | None = None) -> str:
 def check_same_filesystem(inbox: Path, spool: Path) -> None:
     """Claiming is a rename from the inbox into the spool: refuse to start where that
     cannot work (another filesystem, or another mount of the same one), instead of
-    failing every claim forever. Proven by renaming a hidden probe file across."""
+    failing every claim forever. Proven by renaming a hidden probe file across; when
+    the probe cannot even be made (a disk full to its last inode), the daemon starts all
+    the same: a fault of this machine is waited out, never an exit."""
     probe = inbox / f".batchd-probe-{os.getpid()}"
     target = spool / probe.name
     try:
-        probe.touch()
+        try:
+            probe.touch()
+        except OSError as exc:
+            if local_cause(exc) is None:
+                raise
+            log.warning("filesystem_check_skipped", folder=str(inbox), error=str(exc))
+            return
         try:
             os.rename(probe, target)
         except OSError as exc:
@@ -132,7 +148,25 @@ class Daemon:
         self._api_key = api_key
         self.stopping = asyncio.Event()
         self.wake = Wake()
-        self.account = AccountState(clock=clock)
+        # This machine's faults in force, shown by status, check and /metrics.
+        api = settings.api
+        self.faults = Faults(
+            folders={
+                "inbox": self.inbox,
+                "spool": self.spool,
+                "outbox": self.outbox,
+                "state": self.state_dir,
+            },
+            clock=clock,
+            base_s=api.step_retry_base_s,
+            cap_s=min(60.0, api.step_retry_cap_s),
+        )
+        self.clock_watch = ClockWatch(clock)
+        self.account = AccountState(
+            clock=clock,
+            on_down=self.wake.poke(Stage.ACCOUNT),
+            on_back=self._provider_back,
+        )
         self.started_at = clock.now()
         self.tasks: dict[Stage, asyncio.Task[None]] = {}
         self.store: Store
@@ -176,12 +210,54 @@ class Daemon:
         window = part.completion_window or self.settings.jobs.completion_window
         return window_hours(window) * 3600.0 + self.settings.poll.lost_margin_s
 
-    async def _open(self, stack: contextlib.AsyncExitStack) -> None:
-        """Open the store and the API client, each closed by `stack` whatever follows."""
-        for folder in (self.inbox, self.spool, self.outbox, self.state_dir):
-            folder.mkdir(parents=True, exist_ok=True)
+    def _check_folders(self) -> None:
+        """Each folder made if missing, and refused (exit 2) when it cannot be written for
+        a reason a person must fix (read-only, not the daemon's); a full disk is not."""
+        for name, folder in self.faults.folders.items():
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                    raise
+                raise ConfigError(
+                    f"the {name} folder {folder} cannot be made ({describe(exc)}:"
+                    f" {exc.strerror}); create it, or make its parent writable (paths.{name})"
+                ) from None
+            unusable_folder(name, folder)
+
+    async def _open_store(self) -> Store | None:
+        """The store, opened once the state database can be: a fault of this machine
+        (a full or failing disk, another process holding the database) is waited out and
+        shown, never an exit. None when a stop came first."""
+        path = self.state_dir / "batchd.sqlite3"
+        while True:
+            try:
+                return await Store.open(
+                    path,
+                    self.clock,
+                    faults=self.faults,
+                    busy_timeout_s=self.settings.db_busy_timeout_s,
+                )
+            except (sqlite3.Error, OSError) as exc:
+                local = local_cause(exc)
+                if local is None:
+                    raise
+                pause = self.faults.met(local, "start-up (opening the state database)", DATABASE)
+                self.notifier.status(f"waiting for the state database: {describe(local)}")
+                self.notifier.extend_timeout(pause + 30.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), pause)
+            if self.stopping.is_set():
+                return None
+
+    async def _open(self, stack: contextlib.AsyncExitStack) -> bool:
+        """Open the store and the API client, each closed by `stack` whatever follows;
+        False when a stop came before the store could be opened."""
         check_same_filesystem(self.inbox, self.spool)
-        self.store = await Store.open(self.state_dir / "batchd.sqlite3", self.clock)
+        store = await self._open_store()
+        if store is None:
+            return False
+        self.store = store
         stack.push_async_callback(self.store.close)
         api = self.settings.api
         self.api = BatchApi(
@@ -193,6 +269,9 @@ class Daemon:
             throughput=Throughput(api.download_min_bytes_per_s, api.download_grace_s),
             clock=self.clock,
         )
+        # Every call tells whether the provider answers at all (an outage pauses calls).
+        self.api.on_answer = self.account.answered
+        self.api.on_silence = self.account.unreachable
         stack.push_async_callback(self.api.close)
         s = self.settings
         policy = StepPolicy(s.max_part_failures, api.step_retry_base_s, api.step_retry_cap_s)
@@ -215,6 +294,7 @@ class Daemon:
             retry_base_s=api.step_retry_base_s,
             clock=self.clock,
             on_held=self.wake.poke(Stage.NOTIFY),
+            faults=self.faults,
         )
         # A part's extra batches (a gateway's retried create): found by the submit and
         # poll stages, cancelled and followed by the submit stage.
@@ -246,6 +326,7 @@ class Daemon:
             on_held=self.wake.poke(Stage.NOTIFY),
             prices=s.price_table,
             extras=self.extras,
+            faults=self.faults,
         )
         self.poller = Poller(
             self.store,
@@ -260,6 +341,7 @@ class Daemon:
             max_pages=api.max_list_pages,
             clock=self.clock,
             extras=self.extras,
+            faults=self.faults,
         )
         self.collector = Collector(
             self.store,
@@ -276,6 +358,7 @@ class Daemon:
             clock=self.clock,
             provider=s.provider,
             prices=s.price_table,
+            faults=self.faults,
         )
         self.publisher = Publisher(
             self.store,
@@ -313,7 +396,14 @@ class Daemon:
             started_at=self.started_at,
             clock=self.clock,
             inputs_kept=lambda: self.publisher.inputs_kept,
+            faults=self.faults,
         )
+        return True
+
+    def _provider_back(self) -> None:
+        """The provider answers again after an outage: every stage that calls it goes on."""
+        for stage in (Stage.SUBMIT, Stage.POLL, Stage.COLLECT, Stage.CLEANUP):
+            self.wake[stage].set()
 
     def _after_publish(self) -> None:
         self.wake[Stage.CLEANUP].set()
@@ -329,6 +419,7 @@ class Daemon:
 
     async def recover(self) -> None:
         """Settle every row a crash caught between an intent and its result."""
+        await self._reschedule()
         await self.ops.restore()
         await self.intake.recover_claims()
         self.ops.state_lost = await self.intake.recover_orphans(self.outbox)
@@ -357,6 +448,24 @@ class Daemon:
         counts = await self.store.part_counts()
         log.info("recovered", parked=parked, parts=counts)
 
+    async def _reschedule(self) -> None:
+        """What the last run scheduled is on its steady clock, which this run anchors to
+        the wall clock afresh: a wall-clock step during the last run shifts it by the
+        step. Nothing is left further ahead than a pause can last (a step back would
+        otherwise hold it for as long), and a part caught between an intent and its
+        result is looked for no sooner than `api.settle_after_s` from now, however long
+        ago the wall clock says the intent was."""
+        s = self.settings
+        now = self.clock.steady()
+        moved = await self.store.reschedule(
+            now,
+            retry_within_s=max(s.api.step_retry_cap_s, s.api.settle_after_s),
+            poll_within_s=max(s.poll.interval_s * (1 + s.poll.jitter), s.poll.first_poll_s),
+            settle_s=s.api.settle_after_s,
+        )
+        if moved:
+            log.info("rescheduled", parts=moved)
+
     # -- stages -------------------------------------------------------------------------
 
     async def _intake_step(self) -> bool:
@@ -372,6 +481,12 @@ class Daemon:
             self.inbox, stop_event=self.stopping, debounce=50, step=50, recursive=False
         ):
             self.wake[Stage.INTAKE].set()
+
+    async def _clock_step(self) -> bool:
+        step = self.clock_watch.check()
+        if step is not None:
+            self.faults.stepped(step)
+        return False
 
     async def _submit_step(self) -> bool:
         cancelled = await self.store.jobs_to_cancel()
@@ -391,7 +506,9 @@ class Daemon:
             interval_s: float,
             idle_s: Callable[[float], Awaitable[float]] | None = None,
         ) -> Awaitable[None]:
-            return run_stage(name, step, interval_s, self.wake, self.stopping, idle_s)
+            return run_stage(
+                name, step, interval_s, self.wake, self.stopping, idle_s, faults=self.faults
+            )
 
         stages: dict[Stage, Awaitable[None]] = {
             Stage.INTAKE: stage(Stage.INTAKE, self._intake_step, s.intake.rescan_interval_s),
@@ -403,11 +520,14 @@ class Daemon:
             ),
             Stage.PUBLISH: stage(Stage.PUBLISH, self.publisher.run_once, 5.0),
             Stage.CLEANUP: stage(Stage.CLEANUP, self.cleanup.run_once, 30.0),
-            Stage.ACCOUNT: stage(Stage.ACCOUNT, self.probe.run_once, s.api.account_probe_s),
+            Stage.ACCOUNT: stage(
+                Stage.ACCOUNT, self.probe.run_once, s.api.account_probe_s, self.probe.idle_s
+            ),
             Stage.DRAIN: stage(Stage.DRAIN, self.ops.drain_watch, 1.0),
             Stage.NOTIFY: stage(
                 Stage.NOTIFY, self.notifications.run_once, 60.0, self.notifications.idle_s
             ),
+            Stage.CLOCK: stage(Stage.CLOCK, self._clock_step, 1.0),
         }
         if s.intake.watch:
             stages[Stage.WATCH] = self._watch()
@@ -423,10 +543,13 @@ class Daemon:
         # group that does not exist are configuration errors (exit 2), not hangs.
         check_socket_path(self.settings.socket_path)
         resolve_group(control.group)
+        self._check_folders()
         async with contextlib.AsyncExitStack() as stack:
             lock = self._lock_state()
             stack.callback(os.close, lock)
-            await self._open(stack)
+            if not await self._open(stack):
+                log.info("daemon_stopped", exit_code=self.exit_code)
+                return self.exit_code
             self.control = ControlServer(
                 self.ops,
                 self.settings.socket_path,
@@ -444,7 +567,9 @@ class Daemon:
     async def _serve(self, on_ready: Callable[[], None] | None) -> None:
         await self.control.start()
         self.notifier.status("recovering")
-        await self.recover()
+        await self._recover_through_faults()
+        if self.stopping.is_set():
+            return
         for name, coro in self._stages().items():
             self.tasks[name] = asyncio.create_task(coro, name=f"batchd.{name}")  # type: ignore[arg-type]
             self.tasks[name].add_done_callback(self._stage_done)
@@ -460,6 +585,38 @@ class Daemon:
         await self.stopping.wait()
         self.notifier.stopping()
         await self._stop_tasks()
+
+    async def _recover_through_faults(self) -> None:
+        """`recover`, waiting out the faults of this machine it meets (its writes wait
+        inside the store; a folder's error ends one try, and recovery is tried again):
+        systemd is asked for more time to start while a fault lasts."""
+        done = asyncio.Event()
+
+        async def keep_alive() -> None:
+            while not done.is_set():
+                for fault in self.faults.pausing()[:1]:
+                    self.notifier.status(f"recovering: waiting for {fault.key}: {fault.what}")
+                    self.notifier.extend_timeout(30.0)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(done.wait(), 10.0)
+
+        alive = asyncio.create_task(keep_alive(), name="batchd.recovering")
+        try:
+            while not self.stopping.is_set():
+                try:
+                    await self.recover()
+                    return
+                except Exception as exc:
+                    local = local_cause(exc)
+                    if local is None:
+                        raise
+                    pause = self.faults.met(local, "start-up recovery")
+                    log.warning("recovery_waits", error=str(local), retry_in_s=pause)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), pause)
+        finally:
+            done.set()
+            await alive
 
     def _lock_state(self) -> int:
         """One daemon per state folder: a second one would double every remote call."""
@@ -615,7 +772,9 @@ def run_daemon(
 
     async def main() -> int:
         notifier = Notifier.from_env()
-        daemon = Daemon(settings, api_key, notifier=notifier)
+        # The system clock (stepped from outside only by the test-only variable
+        # BATCHD_TEST_CLOCK_STEP_FILE, see batchd.clock).
+        daemon = Daemon(settings, api_key, notifier=notifier, clock=SystemClock.from_env())
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, daemon.request_stop)

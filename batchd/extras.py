@@ -228,7 +228,7 @@ class ExtraBatches:
 
     async def run_once(self) -> bool:
         """Send the cancels due, and look at the cancelled extras due; True when any."""
-        due = await self.store.extra_batches_due(self.clock.now(), limit=BATCH)
+        due = await self.store.extra_batches_due(self.clock.steady(), limit=BATCH)
         for extra in due:
             try:
                 if extra.cancel == ExtraCancel.PENDING:
@@ -244,10 +244,11 @@ class ExtraBatches:
         at = await self.store.next_extra_batch_at()
         if at is None:
             return longest_s
-        return min(longest_s, max(0.05, at - self.clock.now()))
+        return min(longest_s, max(0.05, at - self.clock.steady()))
 
     async def _cancel(self, extra: ExtraBatch) -> None:
-        now = self.clock.now()
+        # Its next try is scheduled on the steady clock: a wall-clock step moves it not.
+        now = self.clock.steady()
         attempts = extra.attempts + 1
         try:
             batch = await self.api.cancel_batch(extra.batch_id)
@@ -297,7 +298,7 @@ class ExtraBatches:
 
     async def _follow(self, extra: ExtraBatch) -> None:
         """A cancelled extra, until it ends: then its result files are deleted."""
-        now = self.clock.now()
+        now = self.clock.steady()  # schedules; the garbage's time is a record
         attempts = extra.attempts + 1
         try:
             batch = await self.api.retrieve_batch(extra.batch_id)

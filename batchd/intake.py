@@ -88,16 +88,26 @@ class Seen:
     since: float  # loop time at which this (ino, size, mtime) was first seen
 
 
+# An mtime this far ahead of the wall clock is taken for a clock stepped back, not news.
+FUTURE_MTIME_S = 60.0
+
+
 def settled(seen: Seen, st: os.stat_result, now: float, wall_now: float, settle_s: float) -> bool:
-    """PURE: unchanged since the last scan for `settle_s`, and not modified for as long."""
+    """PURE: unchanged since the last scan for `settle_s`, and not modified for as long.
+    An mtime far ahead of the wall clock (the clock was stepped back since) says nothing:
+    the scans' own (monotonic) count decides alone, instead of waiting for the clock to
+    catch up, hours maybe."""
     same = (seen.ino, seen.size, seen.mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns)
-    return same and now - seen.since >= settle_s and wall_now - st.st_mtime >= settle_s
+    age = wall_now - st.st_mtime
+    return same and now - seen.since >= settle_s and (age >= settle_s or -age > FUTURE_MTIME_S)
 
 
 def settles_at(
     seen: Seen, st: os.stat_result, now: float, wall_now: float, settle_s: float
 ) -> float:
     """PURE: the loop time from which `settled` holds if the entry stays as it is."""
+    if st.st_mtime - wall_now > FUTURE_MTIME_S:
+        return seen.since + settle_s
     return max(seen.since + settle_s, now + st.st_mtime + settle_s - wall_now)
 
 

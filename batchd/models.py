@@ -269,6 +269,9 @@ class Part:
     # The Batch object's timestamps as the provider gave them (`remote.TIME_KEYS`, each
     # checked: None when absent or garbled); shown, never decided on.
     provider_times: dict[str, float | None] | None = None
+    # When the service stored the part's input file, on the service's clock (None when
+    # it was not told): how far back a listing must go to prove the batch absent.
+    file_created_at: float | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Part:
@@ -309,6 +312,7 @@ class Part:
             cost_max=row["cost_max"],
             batch_created_at=row["batch_created_at"],
             provider_times=_loads(row["provider_times"]),
+            file_created_at=row["file_created_at"],
         )
 
 

@@ -28,6 +28,7 @@ from batchd.budget import periods
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import Settings
 from batchd.extras import extra_note
+from batchd.faults import Faults
 from batchd.fsutil import fsync_dir, write_atomic
 from batchd.intake import Intake
 from batchd.lines import DEFAULT_MAX_LINE_BYTES, input_line_of, iter_lines, read_line
@@ -51,10 +52,12 @@ from batchd.protocol import (
     ActionResponse,
     AmbiguousJob,
     Caps,
+    ClockStepInfo,
     Event,
     ExtraBatchInfo,
     JobInfo,
     JobList,
+    LocalFaultInfo,
     Notification,
     PartInfo,
     Problem,
@@ -93,11 +96,14 @@ class Operations:
         started_at: float | None = None,
         clock: Clock = SYSTEM_CLOCK,
         inputs_kept: Callable[[], Mapping[str, str]] = dict,
+        faults: Faults | None = None,
     ) -> None:
         # Published jobs whose input stayed in the spool (bytes reached it afterwards).
         self.inputs_kept = inputs_kept
         self.store = store
         self.clock = clock
+        # This machine's faults in force (a full disk, a locked database, a clock step).
+        self.faults = faults if faults is not None else store.faults
         self._settings = settings
         self.intake = intake
         self.account = account
@@ -106,6 +112,7 @@ class Operations:
         self.stopping = stopping
         self.stages_alive = stages_alive
         self.started_at = clock.now() if started_at is None else started_at
+        self._started_mono = clock.monotonic()
         self.draining = False
         # Said loudly in the log and in `status` when start-up finds state lost (spool
         # folders the database does not know); kept until the daemon restarts.
@@ -210,19 +217,60 @@ class Operations:
 
     @property
     def healthy(self) -> bool:
-        """Every stage alive, the account usable, the inbox readable and the log lines
-        getting out (a daemon nobody can follow is not left to run unseen)."""
+        """Every stage alive, the account usable, the provider answering, no fault of this
+        machine in force, the inbox readable and the log lines getting out (a daemon
+        nobody can follow is not left to run unseen)."""
         return (
             self.stages_alive()
             and self.account.paused_reason is None
             and self.account.provider_down is None
+            and not self.faults.pausing()
             and self.intake.problem is None
             and log_health().broken is None
         )
 
+    def local_faults(self) -> list[LocalFaultInfo]:
+        """This machine's faults in force: what, since when, what they pause."""
+        return [
+            LocalFaultInfo(
+                key=f.key,
+                what=f.what,
+                detail=f.detail,
+                pauses=f.pauses,
+                since=f.since,
+                met=f.count,
+            )
+            for f in self.faults.pausing()
+        ]
+
     async def problems(self, limit: int = 20) -> tuple[int, list[Problem]]:
         """What cannot proceed without help or keeps failing, most pressing first."""
         found: list[Problem] = []
+        for fault in self.faults.pausing():
+            found.append(
+                Problem(
+                    kind="local_fault",
+                    note=f"{fault.key}: {fault.what} ({fault.detail}); pauses {fault.pauses}",
+                    since=fault.since,
+                )
+            )
+        if self.account.provider_down is not None:
+            found.append(
+                Problem(
+                    kind="provider_down",
+                    note=f"the provider does not answer: {self.account.provider_down}",
+                    since=self.account.provider_down_at,
+                )
+            )
+        for step in self.faults.recent_steps():
+            found.append(
+                Problem(
+                    kind="clock_stepped",
+                    note=f"the wall clock stepped {step.seconds:+.1f} s; nothing batchd"
+                    " decides hangs on it, so nothing waits",
+                    since=step.at,
+                )
+            )
         if self.intake.problem is not None:
             found.append(Problem(kind="intake", note=self.intake.problem))
         logs = log_health()
@@ -265,6 +313,9 @@ class Operations:
             count
             + len(failing)
             + parked_jobs
+            + len(self.faults.pausing())
+            + (self.account.provider_down is not None)
+            + len(self.faults.recent_steps())
             + (self.intake.problem is not None)
             + (logs.problem is not None)
             + len(self.state_lost)
@@ -283,7 +334,7 @@ class Operations:
         return StatusResponse(
             version=__version__,
             pid=os.getpid(),
-            uptime_s=round(self.clock.now() - self.started_at, 3),
+            uptime_s=round(self.clock.monotonic() - self._started_mono, 3),
             provider=self.settings.profile.name,
             base_url=self.settings.profile.base_url,
             root=str(self.settings.paths.root),
@@ -320,6 +371,11 @@ class Operations:
             tokenizers=await asyncio.to_thread(tokenizer_summary, self.settings.provider),
             prices_as_of=str(oldest) if oldest else None,
             prices_stale=stale_note(table, self.settings.provider, today),
+            local_faults=self.local_faults(),
+            clock_steps=[
+                ClockStepInfo(seconds=round(s.seconds, 3), at=s.at)
+                for s in self.faults.recent_steps()
+            ],
         )
 
     async def spend(self) -> Spend:
@@ -354,6 +410,8 @@ class Operations:
     async def _waiting(self, running: int) -> list[str]:
         """Why queued work is not moving just now, in words."""
         why: list[str] = []
+        for fault in self.faults.pausing():
+            why.append(f"{fault.pauses} wait for this machine: {fault.key}: {fault.what}")
         if self.account.paused_reason:
             why.append(f"account paused: {self.account.paused_reason}")
         if self.account.provider_down:
@@ -637,7 +695,7 @@ class Operations:
     async def _resume_parts(self, job_id: str) -> int:
         """Failed parts are submitted again; parked parts go back to where they stopped."""
         again = 0
-        now = self.clock.now()
+        now = self.clock.steady()
         for part in await self.store.parts_of(job_id):
             if part.state == PartState.FAILED:
                 fields: dict[str, Any] = {"state": PartState.PENDING}
@@ -746,6 +804,10 @@ class Operations:
             "spend": await self.spend(),
             "log_lines_dropped": log_health().lines_dropped,
             "extra_batches": await self.store.extra_batch_counts(),
+            "local_faults": self.local_faults(),
+            "local_faults_met": dict(self.faults.met_total),
+            "clock_steps": self.faults.steps_total,
+            "provider_down": self.account.provider_down is not None,
         }
 
     async def describe_event(self, raw: dict[str, Any]) -> Event | None:

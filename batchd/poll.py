@@ -11,6 +11,17 @@ follows is an extra (a create a gateway sent again): it is recorded and cancelle
 (`batchd.extras`), at no extra list call.
 A batch that looks close to its end (finalizing, all requests done, or ending within the
 interval at the rate its request counts moved since the last look) is looked at sooner.
+
+A batch is declared lost only on the service's word: a retrieve that answers 404 (the
+batch is not known). Never on a difference of times: a wall clock stepped forward (NTP
+fixing a clock that was hours behind) once made a running batch look past its window,
+and with `jobs.resubmit_failed` its requests were sent and paid for a second time while
+the first batch still ran. A batch the service still calls running past its window and
+`poll.lost_margin_s` is followed all the same, with a note saying it is overdue
+(`overdue`; it decides nothing). Polls are scheduled on the steady clock.
+
+While the provider answers nothing (`AccountState.silent`), no sweep is made; the
+account stage probes it, and the first answer wakes this stage again.
 """
 
 from __future__ import annotations
@@ -31,10 +42,11 @@ from batchd.api import (
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.extras import ExtraBatches
 from batchd.failpoints import failpoint
+from batchd.faults import Faults, local_cause
 from batchd.limits import CallClass
 from batchd.logs import get_logger
 from batchd.models import Part, PartState, remote_is_terminal
-from batchd.problems import StepPolicy, step_failed
+from batchd.problems import StepPolicy, step_failed, step_trouble
 from batchd.remote import BadAnswer, RemoteBatch
 from batchd.store import Store
 
@@ -72,12 +84,14 @@ def expected_end_in(
     return (total - done) / ((done - was) / (now - before_at))
 
 
-def lost_on_our_clock(part: Part, now: float, lost_after_s: float) -> bool:
-    """PURE: has this running batch outlived its window and margin? Counted on our own
-    clock from the create intent, never on the server's timestamps, which may be garbled
-    or far off."""
-    started = part.intent_at or part.created_remote_at or now
-    return now - started > lost_after_s
+def overdue(part: Part, now: float, lost_after_s: float) -> float | None:
+    """PURE: hours this running batch is past its window and margin, counted on our wall
+    clock from the create intent (never the server's timestamps); None when it is not.
+    Only a note: a stepped clock can make it wrong, so nothing is decided on it."""
+    started = part.intent_at or part.created_remote_at
+    if started is None or now - started <= lost_after_s:
+        return None
+    return (now - started - lost_after_s) / 3600.0
 
 
 def poll_after(
@@ -123,10 +137,12 @@ class Poller:
         max_pages: int = MAX_PAGES,
         clock: Clock = SYSTEM_CLOCK,
         extras: ExtraBatches | None = None,
+        faults: Faults | None = None,
     ) -> None:
         self.store = store
         self.extras = extras or ExtraBatches(store, api, account, clock)
         self.clock = clock
+        self.faults = faults if faults is not None else Faults(clock=clock)
         self.api = api
         self.account = account
         self.interval_s = interval_s
@@ -147,10 +163,12 @@ class Poller:
         if due_at is None:
             return longest_s
         tick = self.interval_s / TICKS_PER_INTERVAL
-        return min(longest_s, max(0.0, due_at - self.clock.now()) + tick)
+        return min(longest_s, max(0.0, due_at - self.clock.steady()) + tick)
 
     async def run_once(self) -> bool:
-        now = self.clock.now()
+        if self.account.silent:
+            return False
+        now = self.clock.steady()
         # Counted first (on the index), read once: a sweep reads a wider set than those
         # due now, and their number alone decides whether to sweep.
         due_now = await self.store.count_due_parts(now)
@@ -198,7 +216,7 @@ class Poller:
                 if batch_id in seen:
                     ended += await self._apply(part, seen[batch_id])
                 elif batch_id in gone:
-                    ended += await self._lost(part, now, "the service does not know the batch")
+                    ended += await self._lost(part, "the service does not know the batch")
                 elif batch_id in unusable:
                     await self._unusable(part, now, unusable[batch_id])
                 else:
@@ -210,9 +228,10 @@ class Poller:
                     )
             except Exception as exc:
                 # One part's trouble never stops the others' polls.
-                log.exception("part_step_crashed", job_id=part.job_id, part=part.seq)
-                await step_failed(
-                    self.store, part, f"{type(exc).__name__}: {exc}", self.policy, now
+                if local_cause(exc) is None:
+                    log.exception("part_step_crashed", job_id=part.job_id, part=part.seq)
+                await step_trouble(
+                    self.store, part, exc, self.policy, now, self.faults, "polls of batches"
                 )
         if ended:
             self.on_ended()
@@ -225,7 +244,7 @@ class Poller:
 
     async def _unusable(self, part: Part, now: float, why: str) -> None:
         """The service's answer about this batch cannot be used: a note, a later look,
-        and the part parked if it keeps happening (the lost deadline still holds)."""
+        and the part parked if it keeps happening."""
         if await step_failed(self.store, part, f"unusable answer: {why}", self.policy, now):
             return
         await self.store.update_part(
@@ -287,12 +306,13 @@ class Poller:
             log.warning("list_incomplete", error=str(err), seen=len(seen), due=len(wanted))
         return seen, others
 
-    async def _lost(self, part: Part, now: float, why: str) -> int:
+    async def _lost(self, part: Part, why: str) -> int:
+        """The service says it does not know the batch: it has ended, as lost."""
         await self.store.update_part(
             part.id,
             PartState.RUNNING,
             state=PartState.ENDED,
-            ended_at=now,
+            ended_at=self.clock.now(),
             remote_status="lost",
             error=f"batch {part.batch_id}: {why}",
         )
@@ -307,7 +327,7 @@ class Poller:
         return 1
 
     async def _apply(self, part: Part, batch: RemoteBatch) -> int:
-        now = self.clock.now()
+        now, wall = self.clock.steady(), self.clock.now()
         fields = batch.part_fields()
         status = batch.status
         notes = "; ".join(batch.notes) or None
@@ -316,7 +336,7 @@ class Poller:
                 part.id,
                 PartState.RUNNING,
                 state=PartState.ENDED,
-                ended_at=now,
+                ended_at=wall,
                 attempts=0,
                 retry_at=None,
                 **({"error": notes} if notes else {}),
@@ -331,8 +351,22 @@ class Poller:
                 request_counts=batch.request_counts,
             )
             return 1
-        if lost_on_our_clock(part, now, self.lost_after_s(part)):
-            return await self._lost(part, now, "did not end within its window and margin")
+        late_h = overdue(part, wall, self.lost_after_s(part))
+        if late_h is not None:
+            late = (
+                f"overdue: the service still calls it {status} {late_h:.1f} h past its"
+                " completion window and margin; followed until the service ends it"
+            )
+            notes = f"{notes}; {late}" if notes else late
+            if "overdue:" not in (part.error or ""):
+                log.warning(
+                    "batch_overdue",
+                    job_id=part.job_id,
+                    part=part.seq,
+                    batch_id=part.batch_id,
+                    status=status,
+                    hours_late=round(late_h, 1),
+                )
         if status != part.remote_status:
             log.info(
                 "batch_status",

@@ -26,6 +26,7 @@ from batchd import holds
 from batchd.budget import Ledger, job_refusal, periods
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import Settings
+from batchd.faults import Faults, local_cause
 from batchd.holds import Hold
 from batchd.logs import get_logger
 from batchd.models import Held, Job, JobState, PartPlan, completion_hours, upload_name
@@ -224,15 +225,17 @@ class Preparer:
         retry_base_s: float = 1.0,
         clock: Clock = SYSTEM_CLOCK,
         on_held: Callable[[], None] = lambda: None,
+        faults: Faults | None = None,
     ) -> None:
         self.on_held = on_held
+        self.faults = faults if faults is not None else Faults(clock=clock)
         self.store = store
         self.settings = settings
         self.clock = clock
         self.on_ready = on_ready
         self.on_rejected = on_rejected
         self.retry_base_s = retry_base_s
-        # job id -> wall time before which it is not looked at again (an input still
+        # job id -> steady time before which it is not looked at again (an input still
         # changing, or a pause after a failed validation).
         self.not_before: dict[str, float] = {}
         # The duplicate holds are judged at the first pass (start-up), then after each
@@ -244,7 +247,7 @@ class Preparer:
         if self._holds_stale:
             self._holds_stale = False
             moved = await self.judge_duplicates()
-        now = self.clock.now()
+        now = self.clock.steady()
         jobs = [
             j
             for j in await self.store.jobs([JobState.CLAIMED], limit=100, held=False)
@@ -263,7 +266,7 @@ class Preparer:
         self.not_before = {j: self.not_before[j] for j in waiting if j in self.not_before}
         if not self.not_before:
             return longest_s
-        return min(longest_s, max(0.05, min(self.not_before.values()) - self.clock.now()))
+        return min(longest_s, max(0.05, min(self.not_before.values()) - self.clock.steady()))
 
     def _still_changing(self, job: Job) -> bool:
         """Is the input modified more recently than `intake.settle_s` ago? Then a
@@ -273,8 +276,10 @@ class Preparer:
         except OSError:
             return False
         settle = self.settings.intake.settle_s
-        if self.clock.now() - mtime < settle:
-            self.not_before[job.id] = mtime + settle
+        age = self.clock.now() - mtime
+        # An mtime ahead of the wall clock (a clock stepped back since) tells nothing.
+        if 0 <= age < settle:
+            self.not_before[job.id] = self.clock.steady() + settle - age
             return True
         return False
 
@@ -307,7 +312,7 @@ class Preparer:
                 prepares=job.prepares + 1,
                 error="the input changed while it was validated; validated again once still",
             )
-            self.not_before[job.id] = self.clock.now() + self.settings.intake.settle_s
+            self.not_before[job.id] = self.clock.steady() + self.settings.intake.settle_s
             return False
         if prepared.parts:
             refused = await self._spending_problem(job, prepared)
@@ -436,6 +441,15 @@ class Preparer:
         return ("over_budget", f"not started: {refused}") if refused else None
 
     async def _failed(self, job: Job, exc: Exception) -> None:
+        local = local_cause(exc)
+        if local is not None:
+            # This machine's fault (the spool's disk full while the parts are written):
+            # the job waits, and the try is not counted as a failure of its own.
+            pause = self.faults.met(local, "validation of new inputs")
+            await self.store.update_job(job.id, JobState.CLAIMED, crash_count=job.crash_count)
+            log.warning("prepare_waits", job_id=job.id, name=job.name, error=str(local))
+            self.not_before[job.id] = self.clock.steady() + pause
+            return
         failures = job.crash_count + 1
         error = f"{type(exc).__name__}: {exc}"
         log.error("prepare_failed", job_id=job.id, name=job.name, failures=failures, error=error)
@@ -448,7 +462,7 @@ class Preparer:
             self.not_before.pop(job.id, None)
             return
         await self.store.update_job(job.id, JobState.CLAIMED, error=error)
-        self.not_before[job.id] = self.clock.now() + self.retry_base_s * 2 ** (failures - 1)
+        self.not_before[job.id] = self.clock.steady() + self.retry_base_s * 2 ** (failures - 1)
 
     async def _reject_changing(self, job: Job) -> None:
         """The input kept changing under validation: rejected with what was last seen."""

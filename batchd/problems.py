@@ -7,12 +7,21 @@ growing pause before the next try (`retry_at`), and after `max_failures` failure
 row it is parked: no stage touches it until an operator runs `batchd retry JOB`, which
 puts it back in the state it was parked from. Notes and parked parts show in
 `batchd show` and `batchd status`.
+
+Only a failure that is the part's own counts. One that is not (`step_waits`) gets a note
+and a pause, and leaves the count where it was: a fault of this machine (a full disk, a
+locked database: `batchd.faults`, shown in `status` on its own), or a provider that
+answers nothing at all (an outage: `BatchApi.answering`). `step_trouble` sorts an
+unexpected error into one or the other.
+
+Every time here (`now`, `retry_at`) is on the steady clock (`Clock.steady`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from batchd.faults import Faults, describe, local_cause
 from batchd.logs import get_logger
 from batchd.models import Part, PartState
 from batchd.store import Store
@@ -72,3 +81,41 @@ async def step_failed(store: Store, part: Part, note: str, policy: StepPolicy, n
         error=note,
     )
     return False
+
+
+async def step_waits(store: Store, part: Part, note: str, pause_s: float, now: float) -> None:
+    """A step of `part` could not be done for a reason that is not the part's (this
+    machine's fault, or an outage): a note and a pause, never counted toward parking it."""
+    current = await store.get_part(part.id)
+    if current is None or current.state in (PartState.PARKED, PartState.FAILED):
+        return
+    await store.update_part(part.id, current.state, error=note, retry_at=now + pause_s)
+    log.warning(
+        "part_step_waits",
+        job_id=part.job_id,
+        part=part.seq,
+        state=str(current.state),
+        retry_in_s=round(pause_s, 3),
+        reason=note,
+    )
+
+
+async def step_trouble(
+    store: Store,
+    part: Part,
+    exc: BaseException,
+    policy: StepPolicy,
+    now: float,
+    faults: Faults,
+    pauses: str,
+) -> bool:
+    """An unexpected error ended a step of `part`: a fault of this machine waits (shown
+    in `faults` as pausing `pauses`), anything else is the part's own failure
+    (`step_failed`). True when the part is parked."""
+    local = local_cause(exc)
+    if local is not None:
+        pause = faults.met(local, pauses)
+        note = f"waits for this machine: {describe(local)}: {local}"
+        await step_waits(store, part, note, pause, now)
+        return False
+    return await step_failed(store, part, f"{type(exc).__name__}: {exc}", policy, now)

@@ -63,12 +63,31 @@ class Problem(_Model, kw_only=True):
     that cannot be written."""
 
     # part_parked | part_failing | job_parked | publish_failing | intake | logging |
-    # state_lost | input_grew
+    # state_lost | input_grew | local_fault | provider_down | clock_stepped
     kind: str
     job_id: str | None = None
     part: int | None = None
     note: str
     since: float | None = None
+
+
+class LocalFaultInfo(_Model, kw_only=True):
+    """A fault of this machine in force (batchd.faults): a full or read-only disk, a
+    locked or full database. The work it pauses waits, uncounted, until it heals."""
+
+    key: str  # what it touches: a folder's name (spool, outbox, ...) or "database"
+    what: str  # "disk full", "the database is locked ...", ...
+    detail: str  # the error as met, naming the file
+    pauses: str  # the work that waits for it
+    since: float  # wall time it was first met
+    met: int = 1  # times met since
+
+
+class ClockStepInfo(_Model, kw_only=True):
+    """A step of the wall clock seen in the last hour (+ forward, - back)."""
+
+    seconds: float
+    at: float
 
 
 class Reload(_Model, kw_only=True):
@@ -129,6 +148,10 @@ class StatusResponse(_Model, kw_only=True):
     tokenizers: dict[str, str] = msgspec.field(default_factory=dict)
     prices_as_of: str | None = None
     prices_stale: str | None = None
+    # This machine's faults in force (the daemon is not healthy while there is one), and
+    # the wall clock's steps of the last hour (shown; nothing waits on them).
+    local_faults: list[LocalFaultInfo] = msgspec.field(default_factory=list)
+    clock_steps: list[ClockStepInfo] = msgspec.field(default_factory=list)
 
 
 class SpendPeriod(_Model, kw_only=True):

@@ -3,14 +3,25 @@
 Each stage is a loop that runs one step, then waits for "new work" (its wake event),
 "interval elapsed" or "stop", whichever comes first. A step returns True when it did
 something, and then runs again at once.
+
+A step that raises a fault of this machine (a full disk, a read-only folder, a database
+that cannot be read: batchd.faults) does not end its stage, nor the daemon: the fault is
+shown, the stage waits a growing pause and runs the step again, and the fault is cleared
+once the step goes through. Any other error ends the stage (the daemon stops, exit 1).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+
+from batchd.faults import Faults, local_cause
+from batchd.logs import get_logger
+
+log = get_logger(__name__)
 
 
 class Stage(StrEnum):
@@ -27,6 +38,7 @@ class Stage(StrEnum):
     ACCOUNT = "account"  # probes an account paused by an account-level error
     DRAIN = "drain"  # ends the daemon once a drain has finished the work
     NOTIFY = "notify"  # webhooks and the notify command when a job ends
+    CLOCK = "clock"  # notices steps of the wall clock
 
 
 @dataclass(slots=True)
@@ -59,13 +71,33 @@ async def run_stage(
     wake: Wake,
     stopping: asyncio.Event,
     idle_s: IdleFor | None = None,
+    faults: Faults | None = None,
 ) -> None:
     """Run `step` while it has work; then sleep until woken, stopped, or `interval_s`
-    (or what `idle_s(interval_s)` says, for a stage that knows when it is next due)."""
+    (or what `idle_s(interval_s)` says, for a stage that knows when it is next due).
+    With `faults`, a fault of this machine pauses the stage instead of ending it."""
     event = wake[stage]
+    met: set[str] = set()
     while not stopping.is_set():
         event.clear()
-        if await step():
+        try:
+            did = await step()
+        except Exception as exc:
+            local = local_cause(exc)
+            if faults is None or local is None:
+                raise
+            key = faults.area(local)
+            met.add(key)
+            pause = faults.met(local, f"the {stage} stage", key)
+            log.warning("stage_waits", stage=str(stage), error=str(local), retry_in_s=pause)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), pause)
+            continue
+        if faults is not None:
+            for key in met:
+                faults.healed(key)
+        met.clear()
+        if did:
             await asyncio.sleep(0)
             continue
         timeout = interval_s if idle_s is None else await idle_s(interval_s)

@@ -11,6 +11,13 @@ and each caller resumes only once its own write is durable. With synchronous=FUL
 commit costs a disk flush; one per write would bound the daemon at a few hundred writes
 a second, below what the provider's caps allow. Multi-statement transactions hold the
 same lock, so no statement of another stage can slip into (or be rolled back with) them.
+
+A write never fails for a fault of this machine (batchd.faults): a database another
+process holds (a backup, a VACUUM: SQLITE_BUSY once `busy_timeout_s` has passed), a full
+or failing disk, a folder turned read-only. The transaction is rolled back whole, the
+fault is shown (`Faults`, key "database") and the same writes are tried again after a
+growing pause, until they go through; their callers simply wait, as for a slow disk.
+Reads are not held up by another process's write lock (WAL).
 """
 
 from __future__ import annotations
@@ -18,16 +25,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 import orjson
 
 from batchd.clock import SYSTEM_CLOCK, Clock
+from batchd.faults import DATABASE, Faults, local_cause
 from batchd.models import (
     JOB_TERMINAL,
     PART_HOLDS_SLOT,
@@ -94,8 +101,10 @@ _PART_COLUMNS = frozenset(
         "adopt",
         "batch_created_at",
         "provider_times",
+        "file_created_at",
     }
 )
+_T = TypeVar("_T")
 _EVENT_FIELDS = (
     "state",
     "outcome",
@@ -179,14 +188,29 @@ def _assignments(allowed: frozenset[str], fields: dict[str, Any]) -> tuple[str, 
     return sql, [_encode(name, fields[name]) for name in names]
 
 
+# Pauses between tries of a write that met a local fault: short, since every stage
+# waits on the database, and a busy timeout already waits inside each try.
+WRITE_RETRY_BASE_S = 0.1
+WRITE_RETRY_CAP_S = 2.0
+
+
 class Store:
     """One connection to the daemon's database (WAL, busy timeout, foreign keys)."""
 
-    def __init__(self, db: aiosqlite.Connection, path: Path, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(
+        self,
+        db: aiosqlite.Connection,
+        path: Path,
+        clock: Clock = SYSTEM_CLOCK,
+        faults: Faults | None = None,
+    ) -> None:
         self._db = db
         self.path = path
         # Wall time for the records the store stamps itself (`updated_at`, events' `at`).
         self.clock = clock
+        # Where a write that waits for the database says why (status, check, /metrics).
+        self.faults = faults if faults is not None else Faults(clock=clock)
+        self._closing = asyncio.Event()
         # Called after each committed change of a job's or part's state or progress
         # (the control socket's event stream listens here).
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
@@ -205,36 +229,72 @@ class Store:
                 listener(event)
 
     @classmethod
-    async def open(cls, path: Path, clock: Clock = SYSTEM_CLOCK) -> Store:
+    async def open(
+        cls,
+        path: Path,
+        clock: Clock = SYSTEM_CLOCK,
+        *,
+        faults: Faults | None = None,
+        busy_timeout_s: float = 10.0,
+    ) -> Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         db = await aiosqlite.connect(path, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=FULL")
-        await db.execute("PRAGMA busy_timeout=10000")
-        await db.execute("PRAGMA foreign_keys=ON")
-        store = cls(db, path, clock)
-        await store._migrate()
+        try:
+            db.row_factory = sqlite3.Row
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA synchronous=FULL")
+            await db.execute(f"PRAGMA busy_timeout={max(1, int(busy_timeout_s * 1000))}")
+            await db.execute("PRAGMA foreign_keys=ON")
+            store = cls(db, path, clock, faults)
+            await store._migrate()
+        except BaseException:
+            await db.close()
+            raise
         return store
 
     async def close(self) -> None:
+        # A write still waiting out a local fault is given up (its caller gets the error).
+        self._closing.set()
         if self._flusher is not None:
             await self._flusher
         await self._db.close()
 
     # -- writing ------------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[None]:
-        """BEGIN IMMEDIATE ... COMMIT, with no other writer's statement inside."""
+    async def _wait_out(self, cause: BaseException) -> bool:
+        """A write met `cause`: True (after a pause) when it is a local fault to wait
+        out, False when it is to be raised (not one, or the store is closing)."""
+        local = local_cause(cause)
+        if local is None or self._closing.is_set():
+            return False
+        self.faults.met(local, "every state change (stages wait for the database)", DATABASE)
+        tries = self.faults.active[DATABASE].count
+        pause = min(WRITE_RETRY_CAP_S, WRITE_RETRY_BASE_S * 2 ** min(tries - 1, 30))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closing.wait(), pause)
+        return True
+
+    async def _atomic(self, body: Callable[[], Awaitable[_T]]) -> _T:
+        """BEGIN IMMEDIATE, `body`, COMMIT, with no other writer's statement inside; the
+        whole of it tried again while it meets a local fault (`_wait_out`)."""
         async with self._lock:
-            await self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                await self._db.execute("ROLLBACK")
-                raise
-            await self._db.execute("COMMIT")
+            while True:
+                try:
+                    await self._db.execute("BEGIN IMMEDIATE")
+                    try:
+                        result = await body()
+                        await self._db.execute("COMMIT")
+                    except BaseException:
+                        # After a failed COMMIT there may be nothing left to undo.
+                        with contextlib.suppress(sqlite3.Error):
+                            await self._db.execute("ROLLBACK")
+                        raise
+                except sqlite3.Error as exc:
+                    if await self._wait_out(exc):
+                        continue
+                    raise
+                self.faults.healed(DATABASE)
+                return result
 
     async def _write(self, sql: str, args: Sequence[Any] = ()) -> int:
         """One statement, committed (with whatever else is waiting) before this returns;
@@ -261,26 +321,49 @@ class Store:
         # Shielded: a cancelled caller must not cancel the commit the others wait on.
         return await asyncio.shield(future)
 
+    async def _commit(
+        self, batch: list[tuple[Callable[[], Awaitable[int]], asyncio.Future[int]]]
+    ) -> list[int | BaseException]:
+        """One transaction of the waiting writes; each one's row count or error. A local
+        fault (at BEGIN, in a statement or at COMMIT) rolls all of them back, and they
+        are tried again once it has been waited out."""
+        while True:
+            try:
+                await self._db.execute("BEGIN IMMEDIATE")
+                results: list[int | BaseException] = []
+                for op, _ in batch:
+                    # A statement that fails is undone on its own (SQLite rolls back
+                    # only that statement); its caller gets the error. A local fault
+                    # may have rolled back the whole transaction: all are tried again.
+                    try:
+                        results.append(await op())
+                    except sqlite3.Error as exc:
+                        if local_cause(exc) is not None:
+                            raise
+                        results.append(exc)
+                await self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                # After a failed BEGIN or COMMIT there may be nothing to undo.
+                with contextlib.suppress(sqlite3.Error):
+                    await self._db.execute("ROLLBACK")
+                if await self._wait_out(exc):
+                    continue
+                raise
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    await self._db.execute("ROLLBACK")
+                raise
+            self.faults.healed(DATABASE)
+            return results
+
     async def _flush(self) -> None:
         try:
             while self._waiting:
                 async with self._lock:
                     batch, self._waiting = self._waiting, []
                     try:
-                        await self._db.execute("BEGIN IMMEDIATE")
-                        results: list[int | BaseException] = []
-                        for op, _ in batch:
-                            # A statement that fails is undone on its own (SQLite rolls
-                            # back only that statement); its caller gets the error.
-                            try:
-                                results.append(await op())
-                            except sqlite3.Error as exc:
-                                results.append(exc)
-                        await self._db.execute("COMMIT")
+                        results = await self._commit(batch)
                     except BaseException as exc:
-                        # After a failed BEGIN or COMMIT there may be nothing to undo.
-                        with contextlib.suppress(sqlite3.Error):
-                            await self._db.execute("ROLLBACK")
                         for _, future in batch:
                             if not future.done():
                                 future.set_exception(exc)
@@ -577,7 +660,8 @@ class Store:
 
     async def plan_parts(self, job_id: str, parts: Sequence[PartPlan], now: float) -> bool:
         """Record a job's parts and move it to RUNNING in one transaction."""
-        async with self._transaction():
+
+        async def body() -> bool:
             cur = await self._db.execute(
                 "UPDATE jobs SET state = ?, updated_at = ? WHERE id = ? AND state = ?",
                 (JobState.RUNNING, now, job_id, JobState.CLAIMED),
@@ -592,7 +676,9 @@ class Store:
             # the service already: its parts look for them before sending anything.
             adopt = row is not None and row[0] is not None
             await self._insert_parts(job_id, parts, 0, adopt=adopt)
-        return True
+            return True
+
+        return await self._atomic(body)
 
     async def _insert_parts(
         self, job_id: str, parts: Sequence[PartPlan], round_: int, *, adopt: bool = False
@@ -625,8 +711,7 @@ class Store:
 
     async def add_parts(self, job_id: str, parts: Sequence[PartPlan], round_: int) -> None:
         """Add follow-up parts to a running job (one transaction)."""
-        async with self._transaction():
-            await self._insert_parts(job_id, parts, round_)
+        await self._atomic(lambda: self._insert_parts(job_id, parts, round_))
 
     async def update_part(
         self, part_id: int, expect: PartState | None = None, **fields: Any
@@ -755,7 +840,8 @@ class Store:
     async def replan_job(self, job_id: str, note: str, now: float) -> bool:
         """A running job whose parts were never sent goes back to CLAIMED to be validated
         again (its input changed); False when any part has gone further than PENDING."""
-        async with self._transaction():
+
+        async def body() -> bool:
             async with self._db.execute(
                 "SELECT COUNT(*) FROM parts WHERE job_id = ? AND state != ?",
                 (job_id, PartState.PENDING),
@@ -771,6 +857,10 @@ class Store:
             if cur2.rowcount != 1:
                 return False
             await self._db.execute("DELETE FROM parts WHERE job_id = ?", (job_id,))
+            return True
+
+        if not await self._atomic(body):
+            return False
         self._emit("job", job_id, {"state": JobState.CLAIMED, "error": note})
         return True
 
@@ -797,6 +887,38 @@ class Store:
         ) as cur:
             rows = await cur.fetchall()
         return [Part.from_row(r) for r in rows]
+
+    async def reschedule(
+        self, now: float, *, retry_within_s: float, poll_within_s: float, settle_s: float
+    ) -> int:
+        """At start-up (times on the steady clock): no part waits longer than
+        `retry_within_s` for its next try, or `poll_within_s` for its next poll; a part
+        caught in UPLOADING or CREATING waits `settle_s` before it is looked for; no
+        notification or extra batch waits longer than `retry_within_s`. The number of
+        parts moved."""
+        moved = await self._write(
+            "UPDATE parts SET retry_at = ? WHERE retry_at > ?",
+            (now + retry_within_s, now + retry_within_s),
+        )
+        moved += await self._write(
+            "UPDATE parts SET next_poll_at = ? WHERE state = ? AND next_poll_at > ?",
+            (now + poll_within_s, PartState.RUNNING, now + poll_within_s),
+        )
+        await self._write(
+            "UPDATE parts SET retry_at = ? WHERE state IN (?, ?)"
+            " AND (retry_at IS NULL OR retry_at < ?)",
+            (now + settle_s, PartState.UPLOADING, PartState.CREATING, now + settle_s),
+        )
+        # A notification's next try and an extra batch's next look, likewise.
+        await self._write(
+            "UPDATE deliveries SET next_at = ? WHERE state = 'pending' AND next_at > ?",
+            (now + retry_within_s, now + retry_within_s),
+        )
+        await self._write(
+            "UPDATE extra_batches SET retry_at = ? WHERE retry_at > ?",
+            (now + retry_within_s, now + retry_within_s),
+        )
+        return moved
 
     async def count_due_parts(self, now: float) -> int:
         """How many running parts are due for a poll at `now` (what `due_parts` would
@@ -849,7 +971,8 @@ class Store:
         """Queue deliveries and, for a job, mark its end announced: one transaction, so a
         crash neither loses the announcement nor makes it twice (a delivery already queued
         under the same message id and target is kept as it is)."""
-        async with self._transaction():
+
+        async def body() -> None:
             await self._db.executemany(
                 "INSERT OR IGNORE INTO deliveries (msg_id, target, event, job_id, payload,"
                 " next_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -860,6 +983,8 @@ class Store:
             )
             if job_id is not None:
                 await self._db.execute("UPDATE jobs SET notified = 1 WHERE id = ?", (job_id,))
+
+        await self._atomic(body)
 
     async def due_deliveries(self, now: float, limit: int = 50) -> list[Delivery]:
         async with self._db.execute(

@@ -17,6 +17,12 @@ A gateway's own client may still have sent the create more than once: the listin
 back past the intent even once a batch is found, keeps every batch of the part, and all
 but the one the part follows are cancelled at once (`batchd.extras`).
 
+Each intent also sets the part's `retry_at` `settle_after_s` ahead (on the steady clock):
+a part caught in UPLOADING or CREATING is looked for no sooner, whatever the wall clock
+does, and recovery sets that wait again after a restart. A listing that fails because
+the provider answers nothing at all (an outage) leaves the parts waiting, uncounted; so
+does a fault of this machine (`batchd.faults`).
+
 The input that is sent is the input that was validated: before each upload of a file
 that a producer may still hold open (an unsplit JSONL input), its size and mtime are
 compared with those validated; a change sends the job back to be validated again while
@@ -46,13 +52,14 @@ from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import ProviderLimits
 from batchd.extras import ExtraBatches, keep, tag
 from batchd.failpoints import failpoint
+from batchd.faults import Faults, local_cause
 from batchd.holds import Hold, first_to_show
 from batchd.limits import CallClass
 from batchd.logs import get_logger
 from batchd.models import Job, Part, PartState, RemoteStatus
 from batchd.prepare import worst_cost
 from batchd.prices import PriceTable
-from batchd.problems import StepPolicy, step_failed
+from batchd.problems import StepPolicy, step_failed, step_trouble, step_waits
 from batchd.remote import RemoteBatch, RemoteFile
 from batchd.store import Store
 from batchd.tokens import count_file
@@ -90,10 +97,23 @@ def made_from(batch: RemoteBatch, part: Part) -> bool:
     return batch.metadata.get("batchd_part") == tag(part)
 
 
-def past_intents(batch: RemoteBatch, oldest_intent: float, skew_s: float) -> bool:
-    """PURE: was this batch created before the oldest intent still looked for (with the
-    clocks' possible skew)? Then, in a newest-first list, no later page can hold one."""
-    return batch.created_at is not None and batch.created_at < oldest_intent - skew_s
+def listing_bound(part: Part) -> float:
+    """PURE: the moment a listing must page back past to prove `part` has no batch: when
+    the service stored its input file, on the service's own clock (no batch can be made
+    from a file before it exists); the create intent, on batchd's clock, only for a part
+    whose file's time is not known. Never batchd's clock where the service's is known: a
+    wall clock hours ahead made every batch of the first page look older than the intent,
+    and a batch already made was "proved" absent and created again."""
+    if part.file_created_at is not None:
+        return part.file_created_at
+    return part.intent_at or 0.0
+
+
+def past_intents(batch: RemoteBatch, oldest: float, skew_s: float) -> bool:
+    """PURE: was this batch created before the oldest `listing_bound` still looked for
+    (with the clocks' possible skew)? Then, in a newest-first list, no later page can
+    hold one."""
+    return batch.created_at is not None and batch.created_at < oldest - skew_s
 
 
 def files_by_name(files: list[RemoteFile]) -> dict[str, list[RemoteFile]]:
@@ -111,6 +131,11 @@ def match_upload(named: dict[str, list[RemoteFile]], part: Part) -> tuple[str | 
     mine = named.get(part.upload_name, [])
     whole = next((f.id for f in mine if f.bytes == part.bytes), None)
     return whole, [f.id for f in mine if f.id != whole]
+
+
+def stored_at(named: dict[str, list[RemoteFile]], file_id: str | None) -> float | None:
+    """PURE: when the service stored the file `file_id` (its own clock), if it says."""
+    return next((f.created_at for same in named.values() for f in same if f.id == file_id), None)
 
 
 def input_unchanged(path: Path, job: Job) -> bool:
@@ -152,9 +177,11 @@ class Submitter:
         on_held: Callable[[], None] = lambda: None,
         prices: PriceTable | None = None,
         extras: ExtraBatches | None = None,
+        faults: Faults | None = None,
     ) -> None:
         self.store = store
         self.extras = extras or ExtraBatches(store, api, account, clock)
+        self.faults = faults if faults is not None else Faults(clock=clock)
         # Budgets (a reload may change them): the caps, where their days begin, and whose
         # spend they count; the price table parts without a price are priced again with.
         self.caps = caps or Caps()
@@ -179,7 +206,7 @@ class Submitter:
 
     async def run_once(self) -> bool:
         """Upload and create what the caps allow now; True when anything moved."""
-        if self.account.paused_reason is not None:
+        if self.account.paused_reason is not None or self.account.silent:
             return False
         await self._price_unpriced()
         moved = await self._settle_stuck()
@@ -195,13 +222,14 @@ class Submitter:
         due = await self.store.next_retry_at(
             [PartState.PENDING, PartState.UPLOADING, PartState.UPLOADED, PartState.CREATING]
         )
+        waits = [longest_s]
+        if due is not None:
+            waits.append(max(0.05, due - self.clock.steady()))
         rollover = self.next_rollover()
         if rollover is not None:
-            due = rollover if due is None else min(due, rollover)
-        longest_s = await self.extras.idle_s(longest_s)
-        if due is None:
-            return longest_s
-        return min(longest_s, max(0.05, due - self.clock.now()))
+            # The budget's day begins on the wall clock.
+            waits.append(max(0.05, rollover - self.clock.now()))
+        return await self.extras.idle_s(min(waits))
 
     async def _guarded(self, part: Part, step: Awaitable[bool]) -> bool:
         """Run one part's step; an unexpected error fails that step of that part only."""
@@ -210,14 +238,32 @@ class Submitter:
         except (AccountError, asyncio.CancelledError):
             raise
         except Exception as exc:
-            log.exception("part_step_crashed", job_id=part.job_id, part=part.seq)
-            await step_failed(
-                self.store, part, f"{type(exc).__name__}: {exc}", self.policy, self.clock.now()
+            if local_cause(exc) is None:
+                log.exception("part_step_crashed", job_id=part.job_id, part=part.seq)
+            await step_trouble(
+                self.store,
+                part,
+                exc,
+                self.policy,
+                self.clock.steady(),
+                self.faults,
+                "uploads and creates",
             )
             return False
 
+    async def _outage(self, parts: list[Part], why: str, since_mono: float) -> bool:
+        """True (and the parts left waiting, uncounted) when a listing failed because the
+        provider answers nothing at all: an outage is no part's failure."""
+        if await self.api.answering(since_mono):
+            return False
+        now = self.clock.steady()
+        for part in parts:
+            note = f"waits: the provider does not answer ({why})"
+            await step_waits(self.store, part, note, self.policy.pause_s(1), now)
+        return True
+
     async def _settle_stuck(self) -> bool:
-        now = self.clock.now()
+        now = self.clock.steady()
         moved = False
         adopting = await self.store.parts_to_adopt(now)
         if adopting:
@@ -226,12 +272,9 @@ class Submitter:
             (PartState.UPLOADING, self.settle_uploads),
             (PartState.CREATING, self.settle_creates),
         ):
-            # Looked for once the list can show them: a list may lag behind the call.
-            stuck = [
-                p
-                for p in await self.store.parts_in([state], ready_at=now)
-                if (p.intent_at or 0.0) + self.settling.after_s <= now
-            ]
+            # Looked for once the list can show them (a list may lag behind the call):
+            # the intent set `retry_at` that far ahead, on the steady clock.
+            stuck = await self.store.parts_in([state], ready_at=now)
             if stuck:
                 moved |= await self._guarded(stuck[0], settle(stuck))
         return moved
@@ -252,7 +295,7 @@ class Submitter:
             for p in await self.store.parts_in(
                 [PartState.PENDING],
                 limit=min(room, self.concurrency * UPLOAD_ROUNDS),
-                ready_at=self.clock.now(),
+                ready_at=self.clock.steady(),
             )
             if not p.adopt  # looked for on the service first (`settle_adopted`)
         ]
@@ -283,7 +326,7 @@ class Submitter:
         short: dict[str, Hold] = {}
         judged: set[str] = set()
         for part in await self.store.parts_in(
-            [PartState.UPLOADED], limit=10_000, ready_at=self.clock.now()
+            [PartState.UPLOADED], limit=10_000, ready_at=self.clock.steady()
         ):
             # Every waiting part is judged against the budget, whether or not a slot is
             # free: a hold is said (and kept) whatever else the part waits for.
@@ -429,7 +472,11 @@ class Submitter:
         if job is not None and await self._input_changed(part, job):
             return False
         if not await self.store.update_part(
-            part.id, PartState.PENDING, state=PartState.UPLOADING, intent_at=self.clock.now()
+            part.id,
+            PartState.PENDING,
+            state=PartState.UPLOADING,
+            intent_at=self.clock.now(),
+            retry_at=self.clock.steady() + self.settling.after_s,
         ):
             return False
         failpoint("upload.before_request")
@@ -437,7 +484,9 @@ class Submitter:
             info = await self.api.upload_file(Path(part.path), part.upload_name)
         except AccountError as err:
             self.account.failed(err)
-            await self.store.update_part(part.id, PartState.UPLOADING, state=PartState.PENDING)
+            await self.store.update_part(
+                part.id, PartState.UPLOADING, state=PartState.PENDING, retry_at=None
+            )
             return False
         except MaybeAppliedError as err:
             log.warning("upload_uncertain", job_id=part.job_id, part=part.seq, error=str(err))
@@ -446,7 +495,7 @@ class Submitter:
                 part.id,
                 PartState.UPLOADING,
                 error=str(err),
-                retry_at=self.clock.now() + self.settling.after_s,
+                retry_at=self.clock.steady() + self.settling.after_s,
             )
             return False
         except ApiError as err:
@@ -455,7 +504,11 @@ class Submitter:
                 # no fault of the part: it waits for a later pass.
                 log.warning("upload_deferred", job_id=part.job_id, part=part.seq, error=str(err))
                 await self.store.update_part(
-                    part.id, PartState.UPLOADING, state=PartState.PENDING, error=str(err)
+                    part.id,
+                    PartState.UPLOADING,
+                    state=PartState.PENDING,
+                    error=str(err),
+                    retry_at=None,
                 )
                 return False
             return await self._part_error(part, PartState.UPLOADING, err)
@@ -473,13 +526,14 @@ class Submitter:
             # What arrived is not what was validated: that file is thrown away.
             await self.store.add_garbage([info.id], problem, self.clock.now())
             await self.store.update_part(part.id, PartState.UPLOADING, state=PartState.PENDING)
-            await step_failed(self.store, part, problem, self.policy, self.clock.now())
+            await step_failed(self.store, part, problem, self.policy, self.clock.steady())
             return False
         await self.store.update_part(
             part.id,
             PartState.UPLOADING,
             state=PartState.UPLOADED,
             remote_file_id=info.id,
+            file_created_at=info.created_at,
             attempts=0,
             retry_at=None,
             error=None,
@@ -492,6 +546,7 @@ class Submitter:
     async def settle_uploads(self, parts: list[Part]) -> bool:
         """Parts caught in UPLOADING: adopt each one's remote file if it arrived whole
         (one listing for all of them); otherwise upload again."""
+        started = self.clock.monotonic()
         try:
             # A listing cut short still adopts what it saw; for the rest, uploading again
             # costs storage, never money.
@@ -501,7 +556,9 @@ class Submitter:
             return False
         except ApiError as err:
             log.warning("upload_settle_failed", parts=len(parts), error=str(err))
-            now = self.clock.now()
+            if err.retryable and await self._outage(parts, f"cannot list files: {err}", started):
+                return False
+            now = self.clock.steady()
             for part in parts:
                 await step_failed(self.store, part, f"cannot list files: {err}", self.policy, now)
             return False
@@ -516,6 +573,7 @@ class Submitter:
                     PartState.UPLOADING,
                     state=PartState.UPLOADED,
                     remote_file_id=adopted,
+                    file_created_at=stored_at(named, adopted),
                     attempts=0,
                     retry_at=None,
                     error=None,
@@ -534,7 +592,8 @@ class Submitter:
         each one's remote file is looked for by name, and its batch by batchd's metadata
         or that file, back to the job's claim; found ones are followed, never sent again.
         Nothing is sent for a part until the listings prove it was not."""
-        now = self.clock.now()
+        now, steady = self.clock.now(), self.clock.steady()
+        started = self.clock.monotonic()
         jobs = {j: await self.store.get_job(j) for j in {p.job_id for p in parts}}
         try:
             files, complete = await self.api.list_files(max_pages=self.settling.max_pages)
@@ -555,9 +614,18 @@ class Submitter:
             whole, strays[part.id] = match_upload(named, part)
             job = jobs.get(part.job_id)
             claimed_at = job.created_at if job is not None else 0.0
-            candidates.append(replace(part, remote_file_id=whole, intent_at=claimed_at))
-        found, reached = await self._find_batches(candidates)
+            candidates.append(
+                replace(
+                    part,
+                    remote_file_id=whole,
+                    intent_at=claimed_at,
+                    file_created_at=stored_at(named, whole),
+                )
+            )
+        found, reached, failed = await self._find_batches(candidates)
         if found is None:
+            return False
+        if failed is not None and not reached and await self._outage(parts, failed, started):
             return False
         for part, seen in zip(parts, candidates, strict=True):
             others = strays[part.id]
@@ -576,7 +644,7 @@ class Submitter:
                     # When it was asked for went with the lost database: batchd's first
                     # sight of it is the time on its own clock that it can vouch for.
                     batch_created_at=now,
-                    next_poll_at=now,
+                    next_poll_at=steady,
                     error="found on the service after the state was lost",
                     **batch.part_fields(),
                 )
@@ -589,7 +657,7 @@ class Submitter:
                     "cannot tell whether its batch exists: the batch list could not be"
                     " followed back to the job's claim",
                     self.policy,
-                    now,
+                    steady,
                 )
                 continue
             elif seen.remote_file_id is not None:
@@ -599,6 +667,7 @@ class Submitter:
                     state=PartState.UPLOADED,
                     adopt=False,
                     remote_file_id=seen.remote_file_id,
+                    file_created_at=seen.file_created_at,
                 )
                 log.warning(
                     "upload_adopted", job_id=part.job_id, part=part.seq, file_id=seen.remote_file_id
@@ -622,6 +691,7 @@ class Submitter:
             state=PartState.CREATING,
             completion_window=window,
             intent_at=asked_at,
+            retry_at=self.clock.steady() + self.settling.after_s,
         ):
             return False
         assert part.remote_file_id is not None
@@ -638,7 +708,9 @@ class Submitter:
             )
         except AccountError as err:
             self.account.failed(err)
-            await self.store.update_part(part.id, PartState.CREATING, state=PartState.UPLOADED)
+            await self.store.update_part(
+                part.id, PartState.CREATING, state=PartState.UPLOADED, retry_at=None
+            )
             return False
         except MaybeAppliedError as err:
             # The batch may exist: it is looked for (never created again) once the list
@@ -648,14 +720,18 @@ class Submitter:
                 part.id,
                 PartState.CREATING,
                 error=str(err),
-                retry_at=self.clock.now() + self.settling.after_s,
+                retry_at=self.clock.steady() + self.settling.after_s,
             )
             return False
         except ApiError as err:
             if err.retryable:
                 # 429 quota (someone else filled the running cap) or an outage: try later.
                 await self.store.update_part(
-                    part.id, PartState.CREATING, state=PartState.UPLOADED, error=str(err)
+                    part.id,
+                    PartState.CREATING,
+                    state=PartState.UPLOADED,
+                    error=str(err),
+                    retry_at=None,
                 )
                 return False
             return await self._part_error(part, PartState.CREATING, err)
@@ -667,6 +743,7 @@ class Submitter:
         """Record the batch made for `part`; `asked_at` is when batchd asked for it (its
         create intent, on batchd's clock): the batch's creation time in summary.json."""
         now = self.clock.now()
+        steady = self.clock.steady()
         if batch.input_file_id not in (None, part.remote_file_id):
             log.error(
                 "batch_file_mismatch",
@@ -683,7 +760,7 @@ class Submitter:
             batch_id=batch.id,
             created_remote_at=batch.created_at or now,
             batch_created_at=asked_at,
-            next_poll_at=now + self.first_poll_s,
+            next_poll_at=steady + self.first_poll_s,
             attempts=0,
             retry_at=None,
             error="; ".join(batch.notes) or None,
@@ -702,10 +779,13 @@ class Submitter:
         """Parts caught in CREATING: adopt the batch made from each one's file, found by
         paging the list back past the oldest intent; create again only when the listing
         reached that far and found nothing."""
-        found, reached = await self._find_batches(parts)
+        started = self.clock.monotonic()
+        found, reached, failed = await self._find_batches(parts)
         if found is None:
             return False
-        now = self.clock.now()
+        if failed is not None and not reached and await self._outage(parts, failed, started):
+            return False
+        now = self.clock.steady()
         for part in parts:
             batch = await self._keep(part, found.get(part.id, []), "settle")
             if batch is not None:
@@ -743,11 +823,13 @@ class Submitter:
 
     async def _find_batches(
         self, parts: list[Part]
-    ) -> tuple[dict[int, list[RemoteBatch]] | None, bool]:
-        """Every batch made from these parts' files, by part id (newest first, as listed),
-        and whether the listing went back far enough to prove there are no others: a
-        gateway may have made more than one (None: no answer)."""
-        oldest = min((p.intent_at or 0.0) for p in parts)
+    ) -> tuple[dict[int, list[RemoteBatch]] | None, bool, str | None]:
+        """Every batch made from these parts' files, by part id (newest first, as listed);
+        whether the listing went back far enough to prove there are no others (a gateway
+        may have made more than one; None: the account is unusable); and, when a call of
+        the listing failed for a reason that may pass (a transport error, a 5xx), that
+        error."""
+        oldest = min(listing_bound(p) for p in parts)
         found: dict[int, list[RemoteBatch]] = {}
         previous: float | None = None
         newest_first = True
@@ -772,18 +854,18 @@ class Submitter:
                     and batches
                     and past_intents(batches[-1], oldest, self.settling.clock_skew_s)
                 ):
-                    return found, True
+                    return found, True, None
         except AccountError as err:
             self.account.failed(err)
-            return None, False
+            return None, False, None
         except ListingIncomplete as err:
             log.warning("create_settle_incomplete", parts=len(parts), error=str(err))
-            return found, False
+            return found, False, None
         except ApiError as err:
             log.warning("create_settle_failed", parts=len(parts), error=str(err))
-            return found, False
+            return found, False, str(err) if err.retryable else None
         # The list ended: every batch of the account was seen.
-        return found, True
+        return found, True, None
 
     # -- cancel -------------------------------------------------------------------------
 
@@ -818,7 +900,7 @@ class Submitter:
                 await self.store.update_part(
                     part.id,
                     part.state,
-                    next_poll_at=self.clock.now(),
+                    next_poll_at=self.clock.steady(),
                     **{k: v for k, v in fields.items() if v is not None},
                 )
                 log.info(

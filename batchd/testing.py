@@ -27,6 +27,10 @@ What it offers, one of each:
 - Around them: `drop` files into an inbox the careful way, `wait_published`, `summary`
   and `read_jsonl` for the outbox, `events` for JSON log lines, `FakeSystemd` for
   sd_notify, `folder_elsewhere` for a folder on another filesystem.
+- Faults of the machine, made real: `small_disk` (a small tmpfs mounted for the block,
+  root only), `fill_disk` (a ballast file up to ENOSPC), `database_locked` (another
+  process holding `BEGIN EXCLUSIVE` on a database), `step_clock` (the test-only wall
+  clock offset of batchd.clock).
 
 It needs nothing beyond batchd's own dependencies (no pytest).
 """
@@ -35,14 +39,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import inspect
 import io
+import itertools
 import json
 import os
 import shutil
 import signal
 import socket
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import threading
@@ -57,6 +64,7 @@ from typing import Any, Protocol, Self
 import aiohttp
 import orjson
 
+from batchd.clock import STEP_FILE_VARIABLE, Clock
 from batchd.config import Settings
 from batchd.daemon import Daemon
 from batchd.emulator import Emulator, EmulatorSettings
@@ -78,11 +86,14 @@ __all__ = [
     "daemon_env",
     "daemon_process",
     "daemon_settings",
+    "database_locked",
     "drop",
     "drop_all",
     "emulator_process",
     "emulator_settings",
     "events",
+    "fill_disk",
+    "fill_inodes",
     "job_folders",
     "published_jobs",
     "read_jsonl",
@@ -90,6 +101,9 @@ __all__ = [
     "running_daemon",
     "running_emulator",
     "settings_env",
+    "small_disk",
+    "step_clock",
+    "step_clock_env",
     "summary",
     "wait_for",
     "wait_published",
@@ -125,6 +139,133 @@ class Served(Protocol):
 
     @property
     def base_url(self) -> str: ...
+
+
+# -- faults of the machine ----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def small_disk(
+    folder: Path, size: str = "4m", *, read_only: bool = False, inodes: int | None = None
+) -> Iterator[bool]:
+    """A tmpfs of `size` (and at most `inodes` files and folders) mounted at `folder`
+    (made if missing) for the block, so that a test can fill it up (`fill_disk`,
+    `fill_inodes`) or have it read-only; unmounted afterwards. Yields False, mounting
+    nothing, where this process may not mount (not root, no CAP_SYS_ADMIN, no `mount`):
+    the caller skips, saying so."""
+    folder.mkdir(parents=True, exist_ok=True)
+    options = f"size={size}" + (",ro" if read_only else "")
+    if inodes is not None:
+        options += f",nr_inodes={inodes}"
+    mount = shutil.which("mount")
+    umount = shutil.which("umount")
+    if mount is None or umount is None:
+        yield False
+        return
+    done = subprocess.run(  # noqa: S603
+        [mount, "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        # Lazily: a file the daemon still holds open must not keep the mount.
+        subprocess.run([umount, "-l", str(folder)], capture_output=True, check=False)  # noqa: S603
+
+
+def fill_disk(folder: Path, name: str = ".ballast") -> Path:
+    """Write a file into `folder` until its filesystem is full (ENOSPC); returns it:
+    unlink it to free the space again."""
+    ballast = folder / name
+    block = b"\0" * (1 << 16)
+    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        while True:
+            try:
+                os.write(fd, block)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                if len(block) == 1:
+                    break
+                block = block[: len(block) // 2]
+    finally:
+        os.close(fd)
+    return ballast
+
+
+def fill_inodes(folder: Path, name: str = ".ballast-files") -> Path:
+    """Make empty files in a new folder under `folder` until its filesystem has no inode
+    left (ENOSPC); returns that folder: remove it (`shutil.rmtree`) to free them."""
+    ballast = folder / name
+    ballast.mkdir()
+    for n in itertools.count():
+        try:
+            os.close(os.open(ballast / str(n), os.O_WRONLY | os.O_CREAT, 0o600))
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            return ballast
+    raise AssertionError("unreachable")
+
+
+_HOLD_LOCK = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], timeout=60, isolation_level=None)
+db.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+sys.stdin.readline()
+db.execute("COMMIT")
+"""
+
+
+@asynccontextmanager
+async def database_locked(db_path: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+    """Another process holds `BEGIN EXCLUSIVE` on the SQLite database at `db_path` (as a
+    backup or a VACUUM would) from when the block is entered until it ends."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _HOLD_LOCK,
+        str(db_path),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), 60)
+        if line.strip() != b"locked":
+            raise AssertionError(f"could not lock {db_path}: {line!r}")
+        yield proc
+    finally:
+        with contextlib.suppress(OSError):
+            proc.stdin.write(b"go\n")
+            await proc.stdin.drain()
+        try:
+            await asyncio.wait_for(proc.wait(), 30)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+def step_clock(step_file: Path, seconds: float) -> None:
+    """Step the wall clock of daemons reading `step_file` (`BATCHD_TEST_CLOCK_STEP_FILE`,
+    or a `SystemClock(step_file)`) to `seconds` off the machine's: as NTP stepping it
+    would, without touching the machine's clock. Test-only."""
+    tmp = step_file.with_name(f".{step_file.name}.tmp")
+    tmp.write_text(repr(float(seconds)))
+    os.replace(tmp, step_file)
+
+
+def step_clock_env(step_file: Path) -> dict[str, str]:
+    """The variable that makes a `batchd run` subprocess read `step_file` (starts at 0)."""
+    if not step_file.exists():
+        step_clock(step_file, 0.0)
+    return {STEP_FILE_VARIABLE: str(step_file)}
 
 
 # -- requests -----------------------------------------------------------------------------
@@ -530,10 +671,13 @@ def daemon_settings(root: Path, emulator: Served, **overrides: Any) -> Settings:
 
 
 @asynccontextmanager
-async def running_daemon(settings: Settings, key: str = API_KEY) -> AsyncIterator[Daemon]:
+async def running_daemon(
+    settings: Settings, key: str = API_KEY, clock: Clock | None = None
+) -> AsyncIterator[Daemon]:
     """The daemon running in this process, entered once it is ready (store open, recovery
-    done, control socket listening); stopped when the block ends, which must exit 0."""
-    daemon = Daemon(settings, key)
+    done, control socket listening); stopped when the block ends, which must exit 0.
+    `clock` replaces the system clock (a `SystemClock` with a step file, say)."""
+    daemon = Daemon(settings, key) if clock is None else Daemon(settings, key, clock=clock)
     ready = asyncio.Event()
     task = asyncio.create_task(daemon.run(on_ready=ready.set))
     waiter = asyncio.create_task(ready.wait())

@@ -193,7 +193,7 @@ class Notifications:
         busy = await self._announce_jobs()
         await self._announce_pause()
         await self._announce_held()
-        due = await self.store.due_deliveries(self.clock.now())
+        due = await self.store.due_deliveries(self.clock.steady())
         if due:
             await asyncio.gather(*(self._deliver(d) for d in due))
         return busy or len(due) == 50
@@ -203,12 +203,15 @@ class Notifications:
         next_at = await self.store.next_delivery_at()
         if next_at is None:
             return longest_s
-        return min(longest_s, max(0.05, next_at - self.clock.now()))
+        return min(longest_s, max(0.05, next_at - self.clock.steady()))
 
     # -- queueing -----------------------------------------------------------------------
 
     def _deliveries(self, msg_id: str, event: dict[str, Any], job_id: str | None) -> list[Delivery]:
         now = self.clock.now()
+        # Due at once: on the steady clock `next_at` schedules by, a wall-clock step
+        # moves no delivery (created_at is a record, on the wall clock).
+        due = self.clock.steady()
         payload = orjson.dumps(event).decode()
         return [
             Delivery(
@@ -217,7 +220,7 @@ class Notifications:
                 event=str(event["type"]),
                 job_id=job_id,
                 payload=payload,
-                next_at=now,
+                next_at=due,
                 created_at=now,
             )
             for target in self.targets
@@ -274,14 +277,14 @@ class Notifications:
         if error is not None:
             error = shown_error(error, delivery.target)
         attempts = delivery.attempts + 1
-        now = self.clock.now()
+        now, steady = self.clock.now(), self.clock.steady()
         if error is None:
-            state, next_at, delivered_at = "delivered", now, now
+            state, next_at, delivered_at = "delivered", steady, now
             log.info(
                 "notification_delivered", target=shown_url(delivery.target), msg_id=delivery.msg_id
             )
         elif attempts >= self.settings.max_attempts:
-            state, next_at, delivered_at = "failed", now, None
+            state, next_at, delivered_at = "failed", steady, None
             log.error(
                 "notification_given_up",
                 target=shown_url(delivery.target),
@@ -290,7 +293,8 @@ class Notifications:
                 error=error,
             )
         else:
-            state, next_at, delivered_at = "pending", retry_at(attempts, now, self.settings), None
+            next_at = retry_at(attempts, steady, self.settings)
+            state, delivered_at = "pending", None
             log.warning(
                 "notification_failed",
                 target=shown_url(delivery.target),

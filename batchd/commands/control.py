@@ -103,6 +103,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         flags.append(f"[red]account paused: {body.account_paused}[/]")
     health = "[green]healthy[/]" if body.healthy else "[red]unhealthy[/]"
     console.print("  ".join([health, *flags]))
+    for fault in body.local_faults:
+        console.print(
+            f"[red]local fault since {_when(fault.since)} UTC: {fault.key}: {fault.what}"
+            f" ({fault.detail}); pauses {fault.pauses}[/]"
+        )
+    if body.provider_down:
+        console.print(f"[red]the provider does not answer: {body.provider_down}[/]")
+    for step in body.clock_steps:
+        console.print(
+            f"[yellow]the wall clock stepped {step.seconds:+.1f} s at {_when(step.at)} UTC[/]"
+        )
     console.print(f"running batches {body.caps.running_batches} / {body.caps.running_cap}")
     if body.spend is not None:
         for line in _spend_lines(body.spend):
@@ -434,10 +445,21 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     if body.healthy:
         if not args.quiet:
-            print("ok")
+            steps = "".join(
+                f"; the wall clock stepped {step.seconds:+.1f} s at {_when(step.at)} UTC"
+                for step in body.clock_steps
+            )
+            print(f"ok{steps}")
         return EXIT_OK
+    fault = body.local_faults[0] if body.local_faults else None
     reason = (
-        (f"account paused: {body.account_paused}" if body.account_paused else None)
+        (
+            f"{fault.key}: {fault.what} since {_when(fault.since)} UTC ({fault.detail});"
+            f" pauses {fault.pauses}"
+            if fault is not None
+            else None
+        )
+        or (f"account paused: {body.account_paused}" if body.account_paused else None)
         or (f"the provider does not answer: {body.provider_down}" if body.provider_down else None)
         or (body.problems[0].note if body.problems else None)
         or "a stage has stopped"

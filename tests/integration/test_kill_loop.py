@@ -24,6 +24,13 @@ lines). The end state is checked the same way; what the faults make impossible t
 deliver (a result file that answers 404 for good) must be published as such, with every
 request still accounted for once, and nothing orphaned but the files batchd says it left
 on the service.
+
+Both loops also meet faults of the machine at random (issue 22): in a round, the disk
+under the whole root (a small tmpfs, where this process may mount one) fills up for a
+while, another process holds the state database with `BEGIN EXCLUSIVE` for a while, or
+the daemon's wall clock steps hours forward or back (the test-only step file of
+batchd.clock). A disk or a lock may last past the kill into the next start. The daemon
+must never exit on its own for any of them, and the end state is checked the same way.
 """
 
 from __future__ import annotations
@@ -53,8 +60,13 @@ from batchd.testing import (
     DaemonProcess,
     StartEmulator,
     daemon_env,
+    database_locked,
     drop,
+    fill_disk,
     requests,
+    small_disk,
+    step_clock,
+    step_clock_env,
 )
 
 MAX_REQUESTS_PER_FILE = 10
@@ -74,6 +86,10 @@ class Plan:
     max_delay_s: float = 1.0
     # Switch the emulator's fault modes on at random at each restart (issue 12).
     hostile: bool = False
+    # Meet faults of the machine at random (issue 22): a full disk, a locked database,
+    # a stepped clock; each lasts up to `local_fault_max_s`.
+    local_faults: bool = True
+    local_fault_max_s: float = 2.0
 
 
 @dataclass
@@ -97,6 +113,10 @@ class Figures:
     faults_seen: dict[str, int] = field(default_factory=dict)
     unavailable_requests: int = 0
     parked_retried: int = 0
+    # Rounds that met each fault of the machine (disk_full, database_locked, clock_step).
+    local_faults: dict[str, int] = field(default_factory=dict)
+    local_fault_s: float = 0.0
+    disk_faults_skipped: str | None = None
 
     @property
     def mean_recovery_s(self) -> float | None:
@@ -111,6 +131,7 @@ class Figures:
         data["mean_recovery_s"] = self.mean_recovery_s
         data["max_recovery_s"] = round(max(self.recovery_s), 3) if self.recovery_s else None
         data["wall_s"] = round(self.wall_s, 1)
+        data["local_fault_s"] = round(self.local_fault_s, 1)
         return data
 
 
@@ -299,10 +320,100 @@ def integrity(db_path: Path) -> str:
         return str(db.execute("PRAGMA integrity_check").fetchone()[0])
 
 
+class LocalFaults:
+    """The machine's faults of the loop (issue 22): one drawn per round, at random."""
+
+    KINDS = ("disk_full", "database_locked", "clock_step")
+
+    def __init__(
+        self, rng: random.Random, root: Path, db_path: Path, step_file: Path, plan: Plan
+    ) -> None:
+        self.rng = rng
+        self.root = root
+        self.db_path = db_path
+        self.step_file = step_file
+        self.plan = plan
+        self.disk = False  # the root is a small disk of its own (else no disk faults)
+        self.ballast: Path | None = None
+        self.clock_offset_s = 0.0
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def draw(self, figures: Figures) -> None:
+        """Maybe start one fault for this round (it may outlast the round)."""
+        if not self.plan.local_faults or self.rng.random() < 0.4:
+            return
+        kinds = [k for k in self.KINDS if self.disk or k != "disk_full"]
+        kind = self.rng.choice(kinds)
+        figures.local_faults[kind] = figures.local_faults.get(kind, 0) + 1
+        if kind == "clock_step":
+            # NTP fixing a clock hours off, either way (the offset is kept, as a real
+            # clock's would be, across restarts).
+            self.clock_offset_s += self.rng.choice([-1, 1]) * self.rng.uniform(1, 40) * 3600
+            step_clock(self.step_file, self.clock_offset_s)
+            return
+        start_s = self.rng.uniform(0.0, 0.5)
+        last_s = self.rng.uniform(0.3, self.plan.local_fault_max_s)
+        figures.local_fault_s += last_s
+        work = self._full(start_s, last_s) if kind == "disk_full" else self._lock(start_s, last_s)
+        task = asyncio.create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _full(self, start_s: float, last_s: float) -> None:
+        await asyncio.sleep(start_s)
+        if self.ballast is None:
+            self.ballast = await asyncio.to_thread(fill_disk, self.root)
+            await asyncio.sleep(last_s)
+            self.free()
+
+    async def _lock(self, start_s: float, last_s: float) -> None:
+        await asyncio.sleep(start_s)
+        if not self.db_path.exists():
+            return
+        async with database_locked(self.db_path):
+            await asyncio.sleep(last_s)
+
+    def free(self) -> None:
+        if self.ballast is not None:
+            self.ballast.unlink(missing_ok=True)
+            self.ballast = None
+
+    @contextlib.contextmanager
+    def room(self) -> Any:
+        """Space for the test's own writes (an input dropped into the inbox)."""
+        full = self.ballast is not None
+        self.free()
+        try:
+            yield
+        finally:
+            if full:
+                self.ballast = fill_disk(self.root)
+
+    async def end(self) -> None:
+        """Every fault over: the clean run meets none."""
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.free()
+
+
 # -- the loop -------------------------------------------------------------------------
 
 
 async def run_kill_loop(start_emulator: StartEmulator, tmp_path: Path, plan: Plan) -> Figures:
+    root = tmp_path / "root"
+    with small_disk(root, "64m") as mounted:
+        figures = await _kill_loop(start_emulator, tmp_path, plan, disk=mounted)
+    if not mounted and plan.local_faults:
+        figures.disk_faults_skipped = (
+            "no full-disk faults: mounting a tmpfs needs root (or CAP_SYS_ADMIN)"
+        )
+    return figures
+
+
+async def _kill_loop(
+    start_emulator: StartEmulator, tmp_path: Path, plan: Plan, *, disk: bool
+) -> Figures:
     rng = random.Random(plan.seed)
     figures = Figures(seed=plan.seed)
     started = time.monotonic()
@@ -318,6 +429,9 @@ async def run_kill_loop(start_emulator: StartEmulator, tmp_path: Path, plan: Pla
     db_path = root / "state" / "batchd.sqlite3"
     sock = root / "control.sock"
     inbox.mkdir(parents=True)
+    step_file = tmp_path / "clock-step"
+    local = LocalFaults(random.Random(plan.seed + 1), root, db_path, step_file, plan)
+    local.disk = disk
     env = daemon_env(
         emulator,
         root,
@@ -335,6 +449,7 @@ async def run_kill_loop(start_emulator: StartEmulator, tmp_path: Path, plan: Pla
         # production (10 s there): the harness's 0.05 s is shorter than the emulator
         # may take to record a batch on a loaded machine.
         BATCHD_API__SETTLE_AFTER_S="3",
+        **step_clock_env(step_file),
     )
     if plan.hostile:
         env.update(
@@ -373,7 +488,9 @@ async def run_kill_loop(start_emulator: StartEmulator, tmp_path: Path, plan: Pla
                 break
             if to_drop:
                 name, content = to_drop.pop(0)
-                drop(inbox, name, content)
+                with local.room():
+                    drop(inbox, name, content)
+            local.draw(figures)
             if plan.hostile:
                 faults = random_faults(rng)
                 emulator.set_faults(**faults)
@@ -428,6 +545,7 @@ async def run_kill_loop(start_emulator: StartEmulator, tmp_path: Path, plan: Pla
             assert not twice, f"a part was created twice after kill {figures.kills}: {twice}"
 
         # Whatever is left arrives now; a clean run finishes everything.
+        await local.end()
         emulator.set_faults(**NO_FAULTS)
         for name, content in to_drop:
             drop(inbox, name, content)
@@ -468,6 +586,7 @@ async def run_kill_loop(start_emulator: StartEmulator, tmp_path: Path, plan: Pla
                 code = await asyncio.wait_for(proc.wait(), 30)
                 assert code == 0, f"clean run exited {code}:\n{tail()}"
     finally:
+        await local.end()
         stop_watch.set()
         await watch_task
         if reader is not None:
@@ -591,6 +710,8 @@ def report(figures: Figures, label: str) -> str:
         f" partial_seen={s['partial_seen']} integrity_failures={s['integrity_failures']}"
         f" mean_recovery_s={s['mean_recovery_s']} (n={s['recovery_samples']},"
         f" max={s['max_recovery_s']}) wall_s={s['wall_s']} seed={s['seed']}"
+        f" local_faults={s['local_faults']} ({s['local_fault_s']:.1f} s of disk and lock)"
+        + (f" [{s['disk_faults_skipped']}]" if s["disk_faults_skipped"] else "")
     )
 
 

@@ -260,7 +260,8 @@ async def test_refused_unreachable_and_quoted_keys_never_show(
                 return refused.account.paused_reason is not None
 
             async def unreachable_reported() -> bool:
-                return "upload_settle_failed" in logs.getvalue()
+                # The provider is found not answering (and no call is made while so).
+                return "provider_unreachable" in logs.getvalue()
 
             async def quoted_published() -> bool:
                 return any(cases["quoted"].paths.folder("outbox").iterdir())
@@ -383,7 +384,7 @@ async def test_batchd_run_stderr_never_shows_the_key(
         for n, (url, marker) in enumerate(
             [
                 (refusing.base_url, "account_paused"),
-                (closed_port_url(), "upload_settle_failed"),
+                (closed_port_url(), "provider_unreachable"),
                 (gateway, "part_failed"),
             ]
         ):

@@ -4,6 +4,7 @@ waits for time is tested by moving a FakeClock, never by sleeping."""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,7 +12,15 @@ import pytest
 
 from batchd.account import AccountState
 from batchd.api import BatchApi
-from batchd.clock import SYSTEM_CLOCK, Clock, FakeClock, iso_utc
+from batchd.clock import (
+    STEP_FILE_VARIABLE,
+    SYSTEM_CLOCK,
+    Clock,
+    ClockWatch,
+    FakeClock,
+    SystemClock,
+    iso_utc,
+)
 from batchd.config import ProviderLimits
 from batchd.intake import Intake
 from batchd.limits import RateLimiter
@@ -130,16 +139,19 @@ async def test_a_failed_step_waits_out_its_pause_on_the_injected_clock(
     ]
 
 
-async def test_a_batch_is_lost_on_our_clock_from_its_intent_whatever_the_server_says(
+async def test_a_running_batch_is_never_lost_on_a_clock_difference_only_called_overdue(
     store: Store, clock: FakeClock
 ) -> None:
+    """Issue 22: a wall clock stepped +31 h (NTP fixing a clock that was behind) once
+    declared a running batch lost, and with `resubmit_failed` paid for its requests a
+    second time. Only the service's word ends a batch now; the step moves no schedule."""
     part = await running_job(store, clock)
     assert await store.update_part(
         part.id,
         state=PartState.RUNNING,
         batch_id="batch_1",
         intent_at=clock.now(),
-        next_poll_at=clock.now(),
+        next_poll_at=clock.steady(),
     )
     poller = Poller(
         store,
@@ -148,28 +160,60 @@ async def test_a_batch_is_lost_on_our_clock_from_its_intent_whatever_the_server_
         interval_s=60.0,
         jitter=0.0,
         list_threshold=20,
-        lost_after_s=lambda _part: 24 * HOUR + 600.0,
+        lost_after_s=lambda _part: 24 * HOUR + 6 * HOUR,
         on_ended=lambda: None,
         clock=clock,
     )
     # The server's own created_at is far in the past: it must not decide anything.
     batch = RemoteBatch.parse({"id": "batch_1", "status": "in_progress", "created_at": 1})
 
-    clock.advance(24 * HOUR)  # within the window and its margin
+    clock.advance(60.0)
+    clock.step(31 * HOUR)  # the wall clock alone jumps
     current = await store.get_part(part.id)
     assert current is not None
     assert await poller._apply(current, batch) == 0
     followed = await store.get_part(part.id)
     assert followed is not None and followed.state == PartState.RUNNING
-    assert followed.polled_at == clock.now()
-    assert followed.next_poll_at == clock.now() + 60.0
+    assert followed.remote_status == "in_progress" and followed.ended_at is None
+    # Said, not acted on: overdue by an hour on the stepped wall clock.
+    assert followed.error is not None and "overdue" in followed.error
+    # The next look is an interval away on the steady clock, which the step did not move.
+    assert followed.polled_at == clock.steady()
+    assert followed.next_poll_at == clock.steady() + 60.0
     assert await poller.idle_s(600.0) == pytest.approx(60.0 + 60.0 / 6)
 
-    clock.advance(601.0)  # past the margin: lost, on our clock
-    assert await poller._apply(followed, batch) == 1
-    lost = await store.get_part(part.id)
-    assert lost is not None and lost.state == PartState.ENDED
-    assert (lost.remote_status, lost.ended_at) == ("lost", clock.now())
+    clock.step(-1000 * HOUR)  # and back, far: nothing waits for the wall clock either
+    assert await poller.idle_s(600.0) == pytest.approx(60.0 + 60.0 / 6)
+    clock.advance(61.0)
+    assert [p.id for p in await store.due_parts(clock.steady())] == [part.id]
+
+
+def test_a_clock_watch_sees_steps_of_the_wall_clock_not_its_running() -> None:
+    clock = FakeClock()
+    watch = ClockWatch(clock)
+    clock.advance(30.0)
+    assert watch.check() is None
+    clock.step(31 * HOUR)
+    assert watch.check() == pytest.approx(31 * HOUR)
+    assert watch.check() is None
+    clock.step(-0.5)  # within the tolerance: a slew, not a step
+    assert watch.check() is None
+    clock.step(-2 * HOUR)
+    assert watch.check() == pytest.approx(-2 * HOUR)
+
+
+def test_the_steady_clock_reads_like_wall_time_and_ignores_its_steps(tmp_path: Path) -> None:
+    step_file = tmp_path / "step"
+    clock = SystemClock(step_file)
+    before_wall, before_steady = clock.now(), clock.steady()
+    assert abs(before_wall - before_steady) < 1.0
+    step_file.write_text(str(31 * HOUR))
+    os.utime(step_file, ns=(1, 1))  # the clock re-reads the file when it changes
+    time.sleep(0.05)  # it looks at the file at most every 20 ms
+    assert clock.now() - before_wall == pytest.approx(31 * HOUR, abs=5.0)
+    assert clock.steady() - before_steady < 5.0
+    assert SystemClock.from_env({STEP_FILE_VARIABLE: str(step_file)}).now() > before_wall + HOUR
+    assert abs(SystemClock.from_env({}).now() - time.time()) < 1.0
 
 
 @pytest.mark.parametrize(

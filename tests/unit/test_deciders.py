@@ -14,7 +14,7 @@ import pytest
 from batchd.intake import Seen, settled, settles_at
 from batchd.merge import MergeStats, part_for
 from batchd.models import Job, JobState, Outcome, Part, PartState
-from batchd.poll import lost_on_our_clock, next_poll
+from batchd.poll import next_poll, overdue
 from batchd.publish import decide_outcome, retry_delay_s
 
 
@@ -99,17 +99,17 @@ def test_a_poll_falls_about_an_interval_away_spread_by_its_jitter() -> None:
     assert next_poll(1000.0, 60.0, 0.0, rng) == 1060.0
 
 
-def test_a_batch_is_lost_only_past_its_window_counted_from_our_own_intent() -> None:
+def test_a_batch_past_its_window_is_only_called_overdue_counted_from_our_own_intent() -> None:
     running = replace(part(1, 1), state=PartState.RUNNING, intent_at=1000.0)
-    assert not lost_on_our_clock(running, now=1100.0, lost_after_s=100.0)
-    assert lost_on_our_clock(running, now=1100.5, lost_after_s=100.0)
+    assert overdue(running, now=1100.0, lost_after_s=100.0) is None
+    assert overdue(running, now=1100.0 + 1800.0, lost_after_s=100.0) == 0.5
     # The server's created_at counts only when no intent was recorded (an old row)...
     old = replace(running, intent_at=None, created_remote_at=2000.0)
-    assert not lost_on_our_clock(old, now=2050.0, lost_after_s=100.0)
-    assert lost_on_our_clock(old, now=2101.0, lost_after_s=100.0)
-    # ...and with neither, the batch started now: never lost at once.
+    assert overdue(old, now=2050.0, lost_after_s=100.0) is None
+    assert overdue(old, now=2100.0 + 3600.0, lost_after_s=100.0) == 1.0
+    # ...and with neither, nothing is known: never overdue.
     unknown = replace(running, intent_at=None, created_remote_at=None)
-    assert not lost_on_our_clock(unknown, now=1e12, lost_after_s=0.0)
+    assert overdue(unknown, now=1e12, lost_after_s=0.0) is None
 
 
 def stat_of(ino: int = 1, size: int = 10, mtime: float = 100.0) -> os.stat_result:
@@ -131,6 +131,11 @@ def test_an_entry_settles_once_unchanged_and_unmodified_for_the_settle_time() ->
     # Any change of size or inode starts the wait again.
     assert not settled(seen, stat_of(size=11, mtime=100.0), 60.0, 110.0, 2.0)
     assert not settled(seen, stat_of(ino=2, mtime=100.0), 60.0, 110.0, 2.0)
+    # The wall clock stepped back an hour after the file was written (its mtime is far
+    # ahead of the clock): the scans' own count decides, nobody waits for the clock.
+    assert not settled(seen, st, now=51.0, wall_now=100.0 - 3600 + 1.0, settle_s=2.0)
+    assert settled(seen, st, now=52.0, wall_now=100.0 - 3600 + 2.0, settle_s=2.0)
+    assert settles_at(seen, st, now=51.0, wall_now=100.0 - 3600 + 1.0, settle_s=2.0) == 52.0
 
 
 def test_a_failed_publish_waits_longer_each_time_up_to_the_cap() -> None:
