@@ -20,6 +20,7 @@ from batchd.protocol import (
     Event,
     JobInfo,
     JobList,
+    LocalFaultInfo,
     Operator,
     Spend,
     SpendPeriod,
@@ -145,6 +146,18 @@ class FakeOperator:
             ),
             "log_lines_dropped": 3,
             "extra_batches": {"requested": 2, "ended": 1},
+            "local_faults": [
+                LocalFaultInfo(
+                    key="spool",
+                    what="disk full",
+                    detail="[Errno 28] No space left on device: 'spool/x'",
+                    pauses="downloads",
+                    since=1700000000.0,
+                )
+            ],
+            "local_faults_met": {"spool": 4},
+            "clock_steps": 1,
+            "provider_down": True,
         }
 
     def subscribe(self, listener: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
@@ -189,6 +202,9 @@ async def test_calls_are_answered_from_the_operations_layer(
     assert 'batchd_budget_left{currency="CNY",period="day"} 8.75' in exposed
     assert "batchd_log_lines_dropped_total 3.0" in exposed
     assert 'batchd_extra_batches_total{cancel="requested"} 2.0' in exposed
+    assert 'batchd_local_fault{key="spool",what="disk full"} 1.0' in exposed
+    assert 'batchd_local_faults_met_total{key="spool"} 4.0' in exposed
+    assert "batchd_provider_down 1.0" in exposed
     with pytest.raises(RequestFailed) as unknown:
         await client.job("nope")
     assert (unknown.value.status, unknown.value.code) == (404, "unknown_job")
