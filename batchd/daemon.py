@@ -41,7 +41,6 @@ from batchd.intake import Intake
 from batchd.limits import CallClass, RateLimiter
 from batchd.logs import configure, get_logger, register_secret
 from batchd.models import JobState, Part, window_hours
-from batchd.notify import Notifier, status_loop, watchdog_loop
 from batchd.ops import Operations
 from batchd.poll import Poller
 from batchd.prepare import Preparer
@@ -51,6 +50,7 @@ from batchd.publish import Publisher
 from batchd.stages import Stage, Wake, run_stage
 from batchd.store import Store
 from batchd.submit import Settling, Submitter
+from batchd.systemd import Notifier, status_loop, watchdog_loop
 from batchd.webhooks import Notifications, load_webhook_secret
 
 log = get_logger(__name__)

@@ -46,7 +46,6 @@ from batchd.models import (
     PartState,
     batch_created_at,
 )
-from batchd.notify import status_text
 from batchd.prices import oldest_as_of, stale_note
 from batchd.protocol import (
     ActionResponse,
@@ -69,6 +68,7 @@ from batchd.protocol import (
 from batchd.publish import PUBLISH_FAILED
 from batchd.stages import Stage, Wake
 from batchd.store import Store
+from batchd.systemd import status_text
 from batchd.tokens import tokenizer_summary
 from batchd.verdict import SIDECAR_ERROR
 from batchd.webhooks import shown_error

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from batchd.notify import (
+from batchd.systemd import (
     Notifier,
     notify_address,
     status_loop,
