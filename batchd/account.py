@@ -24,9 +24,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from batchd.api import AccountError, ApiError, BatchApi
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.logs import get_logger
+from batchd.provider.api import AccountError, ApiError, BatchApi
 
 log = get_logger(__name__)
 

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 from batchd.account import AccountState
-from batchd.api import AccountError, ApiError, BatchApi
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import ProviderLimits
 from batchd.failpoints import failpoint
@@ -57,10 +56,11 @@ from batchd.merge import (
     terminated,
 )
 from batchd.models import Job, JobState, Part, PartPlan, PartState, upload_name
-from batchd.prices import PriceTable, table_from
 from batchd.problems import StepPolicy, step_trouble, step_waits
+from batchd.provider.api import AccountError, ApiError, BatchApi
+from batchd.provider.prices import PriceTable, table_from
+from batchd.provider.tokens import RequestCounter
 from batchd.store import Store
-from batchd.tokens import RequestCounter
 
 log = get_logger(__name__)
 

@@ -1,4 +1,4 @@
-"""Configuration, read by pydantic-settings (the provider profiles are batchd.profiles).
+"""Configuration, read by pydantic-settings (the provider profiles are batchd.provider.profiles).
 
 Every setting comes from, in order of precedence: keyword overrides (the CLI), the
 environment (`BATCHD_*`), then one TOML file. Limits are per provider, never constants:
@@ -34,8 +34,8 @@ from batchd.csvio import DEFAULT_CSV_ENCODING, encoding_problem
 from batchd.errors import ConfigError
 from batchd.logs import shown_url
 from batchd.models import completion_hours
-from batchd.prices import PriceTable, table_from
-from batchd.profiles import (
+from batchd.provider.prices import PriceTable, table_from
+from batchd.provider.profiles import (
     DEFAULT_PROVIDER,
     ENDPOINT_CHAT,
     ENDPOINT_EMBEDDINGS,
@@ -414,7 +414,7 @@ class Settings(FileSettings):
     control: ControlSettings = Field(default_factory=ControlSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)
     budget: BudgetSettings = Field(default_factory=BudgetSettings)
-    # Prices per provider and model, over the shipped defaults (batchd.prices):
+    # Prices per provider and model, over the shipped defaults (batchd.provider.prices):
     # [prices.dashscope."qwen-plus"] input = 0.8, output = 2.0, currency = "CNY", ...
     prices: dict[str, Any] = Field(default_factory=dict)
     # Stop and park a job after it was caught mid-step by this many crashes.

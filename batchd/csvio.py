@@ -115,7 +115,7 @@ from batchd.lines import (
     loads,
     printable,
 )
-from batchd.profiles import ENDPOINT_CHAT, ENDPOINT_EMBEDDINGS, ENDPOINT_TEST, TEST_MODEL
+from batchd.provider.profiles import ENDPOINT_CHAT, ENDPOINT_EMBEDDINGS, ENDPOINT_TEST, TEST_MODEL
 from batchd.validate import Problem
 
 RESULT_COLUMNS = (

@@ -28,7 +28,6 @@ from pathlib import Path
 
 from batchd import __version__
 from batchd.account import AccountProbe, AccountState
-from batchd.api import BatchApi, RetryPolicy, Throughput
 from batchd.cleanup import RemoteCleanup
 from batchd.clock import SYSTEM_CLOCK, Clock, ClockWatch, SystemClock
 from batchd.collect import Collector
@@ -38,7 +37,6 @@ from batchd.errors import BatchdError, ConfigError
 from batchd.extras import ExtraBatches
 from batchd.faults import DATABASE, Faults, describe, local_cause, unusable_folder
 from batchd.intake import Intake
-from batchd.limits import CallClass, RateLimiter
 from batchd.logs import configure, get_logger, register_secret
 from batchd.models import JobState, Part, window_hours
 from batchd.ops import Operations
@@ -46,6 +44,8 @@ from batchd.poll import Poller
 from batchd.prepare import Preparer
 from batchd.problems import StepPolicy
 from batchd.protocol import Reload
+from batchd.provider.api import BatchApi, RetryPolicy, Throughput
+from batchd.provider.limits import CallClass, RateLimiter
 from batchd.publish import Publisher
 from batchd.stages import Stage, Wake, run_stage
 from batchd.store import Store

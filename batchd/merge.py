@@ -64,9 +64,9 @@ from batchd.lines import (
     read_line,
 )
 from batchd.models import Job, Part, PartState, RemoteStatus
-from batchd.prices import Usage, read_usage
-from batchd.profiles import ENDPOINT_EMBEDDINGS
-from batchd.tokens import RequestCounter
+from batchd.provider.prices import Usage, read_usage
+from batchd.provider.profiles import ENDPOINT_EMBEDDINGS
+from batchd.provider.tokens import RequestCounter
 
 NEVER_RUN = {
     RemoteStatus.EXPIRED: ("batch_expired", "the batch expired before this request ran"),

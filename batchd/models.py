@@ -70,7 +70,7 @@ class PartPlan:
     model: str
     endpoint: str
     upload_name: str
-    # Counted when planned (batchd.tokens): input tokens, output bounded by each
+    # Counted when planned (batchd.provider.tokens): input tokens, output bounded by each
     # request's max_tokens (or the model's limit), and the worst-case batch price (None:
     # a model of the part has no price).
     input_tokens: int | None = None

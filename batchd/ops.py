@@ -23,7 +23,6 @@ import orjson
 
 from batchd import __version__, failures, holds, remerge
 from batchd.account import AccountState
-from batchd.api import BatchApi
 from batchd.budget import periods
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import Settings
@@ -46,7 +45,6 @@ from batchd.models import (
     PartState,
     batch_created_at,
 )
-from batchd.prices import oldest_as_of, stale_note
 from batchd.protocol import (
     ActionResponse,
     AmbiguousJob,
@@ -65,11 +63,13 @@ from batchd.protocol import (
     SpendPeriod,
     StatusResponse,
 )
+from batchd.provider.api import BatchApi
+from batchd.provider.prices import oldest_as_of, stale_note
+from batchd.provider.tokens import tokenizer_summary
 from batchd.publish import PUBLISH_FAILED
 from batchd.stages import Stage, Wake
 from batchd.store import Store
 from batchd.systemd import status_text
-from batchd.tokens import tokenizer_summary
 from batchd.verdict import SIDECAR_ERROR
 from batchd.webhooks import shown_error
 

@@ -31,7 +31,14 @@ import random
 from collections.abc import Callable
 
 from batchd.account import AccountState
-from batchd.api import (
+from batchd.clock import SYSTEM_CLOCK, Clock
+from batchd.extras import ExtraBatches
+from batchd.failpoints import failpoint
+from batchd.faults import Faults, local_cause
+from batchd.logs import get_logger
+from batchd.models import Part, PartState, remote_is_terminal
+from batchd.problems import StepPolicy, step_failed, step_trouble
+from batchd.provider.api import (
     AccountError,
     ApiError,
     BatchApi,
@@ -39,15 +46,8 @@ from batchd.api import (
     NotFoundError,
     parse_items,
 )
-from batchd.clock import SYSTEM_CLOCK, Clock
-from batchd.extras import ExtraBatches
-from batchd.failpoints import failpoint
-from batchd.faults import Faults, local_cause
-from batchd.limits import CallClass
-from batchd.logs import get_logger
-from batchd.models import Part, PartState, remote_is_terminal
-from batchd.problems import StepPolicy, step_failed, step_trouble
-from batchd.remote import BadAnswer, RemoteBatch
+from batchd.provider.limits import CallClass
+from batchd.provider.remote import BadAnswer, RemoteBatch
 from batchd.store import Store
 
 log = get_logger(__name__)

@@ -30,8 +30,8 @@ from batchd.faults import Faults, local_cause
 from batchd.holds import Hold
 from batchd.logs import get_logger
 from batchd.models import Held, Job, JobState, PartPlan, completion_hours, upload_name
+from batchd.provider.tokens import FileCount, count_file
 from batchd.store import Store
-from batchd.tokens import FileCount, count_file
 from batchd.validate import Problem, write_parts
 from batchd.verdict import Rules, judge_content, judge_unread
 

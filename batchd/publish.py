@@ -71,12 +71,12 @@ from batchd.models import (
     RemoteStatus,
     batch_created_at,
 )
-from batchd.prices import PriceTable, table_from
-from batchd.profiles import PROFILES, ProviderLimits
+from batchd.provider.prices import PriceTable, table_from
+from batchd.provider.profiles import PROFILES, ProviderLimits
+from batchd.provider.remote import TIME_KEYS
+from batchd.provider.tokens import RequestCounter
 from batchd.remerge import merge_chain
-from batchd.remote import TIME_KEYS
 from batchd.store import Store
-from batchd.tokens import RequestCounter
 
 log = get_logger(__name__)
 

@@ -39,14 +39,6 @@ from pathlib import Path
 
 from batchd import holds
 from batchd.account import AccountState
-from batchd.api import (
-    AccountError,
-    ApiError,
-    BatchApi,
-    ListingIncomplete,
-    MaybeAppliedError,
-    parse_items,
-)
 from batchd.budget import Caps, Ledger, periods, refusal
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import ProviderLimits
@@ -54,15 +46,23 @@ from batchd.extras import ExtraBatches, keep, tag
 from batchd.failpoints import failpoint
 from batchd.faults import Faults, local_cause
 from batchd.holds import Hold, first_to_show
-from batchd.limits import CallClass
 from batchd.logs import get_logger
 from batchd.models import Job, Part, PartState, RemoteStatus
 from batchd.prepare import worst_cost
-from batchd.prices import PriceTable
 from batchd.problems import StepPolicy, step_failed, step_trouble, step_waits
-from batchd.remote import RemoteBatch, RemoteFile
+from batchd.provider.api import (
+    AccountError,
+    ApiError,
+    BatchApi,
+    ListingIncomplete,
+    MaybeAppliedError,
+    parse_items,
+)
+from batchd.provider.limits import CallClass
+from batchd.provider.prices import PriceTable
+from batchd.provider.remote import RemoteBatch, RemoteFile
+from batchd.provider.tokens import count_file
 from batchd.store import Store
-from batchd.tokens import count_file
 
 log = get_logger(__name__)
 

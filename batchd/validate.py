@@ -117,7 +117,7 @@ from typing import IO, Any, BinaryIO, NamedTuple
 import orjson
 
 from batchd.fsutil import atomic_output
-from batchd.profiles import ProviderLimits
+from batchd.provider.profiles import ProviderLimits
 
 # A report lists this many problems (it counts them all), unless told otherwise.
 DEFAULT_MAX_REPORTED_ERRORS = 100

@@ -38,7 +38,7 @@ from batchd import csvio
 from batchd.failpoints import failpoint
 from batchd.inbox import SIDECAR_SUFFIX
 from batchd.models import completion_hours
-from batchd.profiles import DEFAULT_PROVIDER, GB, PROFILES, ProviderLimits
+from batchd.provider.profiles import DEFAULT_PROVIDER, GB, PROFILES, ProviderLimits
 from batchd.validate import DEFAULT_MAX_REPORTED_ERRORS, Problem, Report, validate_file
 
 if TYPE_CHECKING:

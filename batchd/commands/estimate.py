@@ -39,9 +39,9 @@ import orjson
 
 from batchd.commands.inputs import add_check_options, checked, configured, rules_for, summary
 from batchd.errors import ConfigError
-from batchd.prices import DEFAULT_PRICES, PriceTable, table_from
-from batchd.profiles import ProviderLimits
-from batchd.tokens import FileCount, ModelCount, count_file, tokenizer_for
+from batchd.provider.prices import DEFAULT_PRICES, PriceTable, table_from
+from batchd.provider.profiles import ProviderLimits
+from batchd.provider.tokens import FileCount, ModelCount, count_file, tokenizer_for
 from batchd.validate import Report
 
 EXIT_OK = 0

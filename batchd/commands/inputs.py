@@ -27,7 +27,7 @@ import orjson
 from batchd import csvio
 from batchd.commands import positive_int
 from batchd.errors import UsageError
-from batchd.profiles import DEFAULT_PROVIDER, PROFILES, merge_limits
+from batchd.provider.profiles import DEFAULT_PROVIDER, PROFILES, merge_limits
 from batchd.validate import Problem, Report, part_file_names, validate_file, write_parts
 from batchd.verdict import Rules, judge, read_sidecar, sidecar_path
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from batchd.account import AccountState
-from batchd.api import BatchApi
 from batchd.clock import (
     STEP_FILE_VARIABLE,
     SYSTEM_CLOCK,
@@ -23,13 +22,14 @@ from batchd.clock import (
 )
 from batchd.config import ProviderLimits
 from batchd.intake import Intake
-from batchd.limits import RateLimiter
 from batchd.merge import MergeStats
 from batchd.models import JobState, Outcome, Part, PartPlan, PartState
 from batchd.poll import Poller
 from batchd.problems import StepPolicy, step_failed
+from batchd.provider.api import BatchApi
+from batchd.provider.limits import RateLimiter
+from batchd.provider.remote import TIME_KEYS, RemoteBatch
 from batchd.publish import build_summary
-from batchd.remote import TIME_KEYS, RemoteBatch
 from batchd.store import Store
 from batchd.submit import Submitter
 

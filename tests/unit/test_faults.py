@@ -15,12 +15,12 @@ import aiohttp
 import pytest
 
 from batchd.account import AccountState
-from batchd.api import ApiError
 from batchd.clock import FakeClock
 from batchd.collect import Fetched, decide_collect
 from batchd.faults import DATABASE, Faults, LocalFault, describe, local_cause
 from batchd.models import JobState, Part, PartPlan, PartState
 from batchd.problems import StepPolicy
+from batchd.provider.api import ApiError
 from batchd.store import Store
 
 

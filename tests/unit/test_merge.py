@@ -29,9 +29,10 @@ from batchd.merge import (
     write_with_input_line,
 )
 from batchd.models import Job, JobState, Part, PartState
-from batchd.prices import table_from
 from batchd.problems import StepPolicy
-from batchd.profiles import PROFILES
+from batchd.provider.prices import table_from
+from batchd.provider.profiles import PROFILES
+from batchd.provider.tokens import RequestCounter
 from batchd.publish import (
     cost_summary,
     error_note,
@@ -42,7 +43,6 @@ from batchd.publish import (
     write_rejection,
 )
 from batchd.testing import read_jsonl
-from batchd.tokens import RequestCounter
 
 USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
 

@@ -14,7 +14,7 @@ import pytest
 from batchd.extras import extra_note, keep, progress, tagged_part
 from batchd.models import ExtraBatch, ExtraCancel, Part, PartState
 from batchd.problems import StepPolicy
-from batchd.remote import (
+from batchd.provider.remote import (
     TIME_KEYS,
     BadAnswer,
     Page,

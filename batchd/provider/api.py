@@ -24,7 +24,7 @@ An error of this machine met during a call (the spool's disk full while a downlo
 written) is raised as `batchd.faults.LocalFault`, never as an `ApiError`: it is not the
 provider's, and must not be retried or counted as if it were.
 
-Every answer is parsed here into the checked types of `batchd.remote`. Nothing that
+Every answer is parsed here into the checked types of `batchd.provider.remote`. Nothing that
 follows the server is unbounded: list calls stop after `max_pages` pages or when the
 server repeats a page (`ListingIncomplete`), and a download must keep up a minimum
 throughput after a grace period (`DownloadTooSlow`) instead of having a fixed total.
@@ -49,9 +49,9 @@ from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.errors import BatchdError
 from batchd.faults import LocalFault
 from batchd.fsutil import commit_temp, temp_name
-from batchd.limits import CallClass, RateLimiter
 from batchd.logs import get_logger
-from batchd.remote import BadAnswer, Page, RemoteBatch, RemoteFile
+from batchd.provider.limits import CallClass, RateLimiter
+from batchd.provider.remote import BadAnswer, Page, RemoteBatch, RemoteFile
 
 log = get_logger(__name__)
 _T = TypeVar("_T")

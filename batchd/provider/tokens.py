@@ -70,8 +70,8 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import orjson
 
-from batchd import tokenbound
-from batchd.profiles import (
+from batchd.provider import tokenbound
+from batchd.provider.profiles import (
     ENDPOINT_EMBEDDINGS,
     ENDPOINT_TEST,
     TEST_MODEL,
@@ -80,7 +80,7 @@ from batchd.profiles import (
 )
 
 if TYPE_CHECKING:
-    from batchd.prices import Price, PriceTable
+    from batchd.provider.prices import Price, PriceTable
 
 QWEN = "qwen"
 APPROX = "approx"
@@ -942,7 +942,7 @@ def count_file(
     scaled by a tokens-per-character ratio measured on a sample of them (see
     _SAMPLE_EVERY); output bounds, thinking and costs are worked out as always."""
     if prices is None:
-        from batchd.prices import DEFAULT_PRICES
+        from batchd.provider.prices import DEFAULT_PRICES
 
         prices = DEFAULT_PRICES
     result = FileCount(path=str(path))
@@ -1035,7 +1035,7 @@ class RequestCounter:
         self, provider: str, limits: ProviderLimits, prices: PriceTable | None = None
     ) -> None:
         if prices is None:
-            from batchd.prices import DEFAULT_PRICES
+            from batchd.provider.prices import DEFAULT_PRICES
 
             prices = DEFAULT_PRICES
         self.provider = provider

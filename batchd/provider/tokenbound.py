@@ -120,8 +120,9 @@ def bound(family: str) -> Bound:
 
 @cache
 def shipped_units() -> dict[str, Units]:
-    """The table shipped in batchd/resources (written by `python -m batchd.tokenbound`)."""
-    raw = resources.files("batchd.resources").joinpath(_RESOURCE).read_bytes()
+    """The table shipped in batchd/provider/resources (written by
+    `python -m batchd.provider.tokenbound`)."""
+    raw = resources.files("batchd.provider.resources").joinpath(_RESOURCE).read_bytes()
     data = json.loads(gzip.decompress(raw))
     return {
         family: Units(
@@ -269,11 +270,11 @@ def _dump(units: dict[str, Units], sources: dict[str, str]) -> bytes:
 
 
 def main() -> None:  # pragma: no cover - a maintainer's tool, run by hand
-    """Write batchd/resources/approx_units.json.gz from Qwen's vocabulary (the
+    """Write batchd/provider/resources/approx_units.json.gz from Qwen's vocabulary (the
     `dashscope` package) and OpenAI's o200k_base and cl100k_base (tiktoken's cache)."""
     from pathlib import Path
 
-    from batchd.tokens import openai_ranks, qwen_ranks
+    from batchd.provider.tokens import openai_ranks, qwen_ranks
 
     qwen = qwen_ranks()
     o200k, cl100k = openai_ranks("o200k_base"), openai_ranks("cl100k_base")

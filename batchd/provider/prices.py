@@ -36,7 +36,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from batchd.profiles import TEST_MODEL, _convert
+from batchd.provider.profiles import TEST_MODEL, _convert
 
 Currency = Literal["CNY", "USD"]
 Money = Annotated[float, msgspec.Meta(ge=0)]
