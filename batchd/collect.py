@@ -39,8 +39,8 @@ from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import ProviderLimits
 from batchd.failpoints import failpoint
 from batchd.faults import Faults, LocalFault, describe, local_cause
-from batchd.lines import DEFAULT_MAX_LINE_BYTES, read_line
-from batchd.lines import (
+from batchd.inputs.lines import DEFAULT_MAX_LINE_BYTES, read_line
+from batchd.inputs.lines import (
     count_lines as count_file_lines,
 )
 from batchd.logs import get_logger

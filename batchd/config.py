@@ -30,8 +30,9 @@ from pydantic_settings import (
 )
 
 from batchd.budget import Caps
-from batchd.csvio import DEFAULT_CSV_ENCODING, encoding_problem
 from batchd.errors import ConfigError
+from batchd.inputs.csvio import DEFAULT_CSV_ENCODING, encoding_problem
+from batchd.inputs.validate import DEFAULT_MAX_REPORTED_ERRORS
 from batchd.logs import shown_url
 from batchd.models import completion_hours
 from batchd.provider.prices import PriceTable, table_from
@@ -50,7 +51,6 @@ from batchd.provider.profiles import (
     ProviderProfile,
     merge_limits,
 )
-from batchd.validate import DEFAULT_MAX_REPORTED_ERRORS
 
 __all__ = [  # the provider profiles, as read through the configuration
     "ENDPOINT_CHAT",

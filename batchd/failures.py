@@ -38,7 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from batchd.lines import read_line
+from batchd.inputs.lines import read_line
 
 # Categories: why a failure is (or is not) worth sending again.
 TRANSIENT = "transient"  # the service was busy or broken: 429, 5xx, timeouts

@@ -29,11 +29,11 @@ import orjson
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.failpoints import failpoint
 from batchd.fsutil import fsync_dir, open_for_writing
-from batchd.inbox import SIDECAR_SUFFIX, SIDECAR_SUFFIXES, is_ignored_name
+from batchd.inputs.inbox import SIDECAR_SUFFIX, SIDECAR_SUFFIXES, is_ignored_name
+from batchd.inputs.verdict import read_sidecar, sidecar_options
 from batchd.logs import get_logger
 from batchd.models import JobState, input_kind
 from batchd.store import Store
-from batchd.verdict import read_sidecar, sidecar_options
 
 log = get_logger(__name__)
 
@@ -468,7 +468,7 @@ class Intake:
         a bad value), or that another user than the input's `owner` wrote (root and
         batchd excepted), is never half-applied: its problem is kept as the option
         `sidecar_error`, and the prepare stage rejects the job with it, so the owner
-        hears of it instead of paying for a run with the defaults (batchd.verdict)."""
+        hears of it instead of paying for a run with the defaults (batchd.inputs.verdict)."""
         for suffix in SIDECAR_SUFFIXES:
             path = self.inbox / f"{stem}{suffix}"
             options = read_sidecar(path, printable(path.name), owner=owner)

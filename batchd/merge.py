@@ -26,7 +26,7 @@ usage where `prices.read_usage` accepts it, else its worst case as planning coun
 (`tokens.RequestCounter`): a usage refused or missing, and of a part whose result file
 was lost, as many requests as the service counted completed and were not seen.
 
-Result lines are paid for and never dropped: they are read with `batchd.lines` (NaN,
+Result lines are paid for and never dropped: they are read with `batchd.inputs.lines` (NaN,
 1e400, lone surrogates, lines cut short, lines of any length in bounded memory). A line
 that a parser cannot read counts as a success when it came from the output file and as
 a failure when it came from the error file; a line over `max_line_bytes` is copied in
@@ -48,9 +48,9 @@ from typing import IO, Any
 
 import orjson
 
-from batchd.csvio import ResultCsv, result_csv
 from batchd.failures import error_code
-from batchd.lines import (
+from batchd.inputs.csvio import ResultCsv, result_csv
+from batchd.inputs.lines import (
     CHUNK_BYTES,
     DEFAULT_MAX_LINE_BYTES,
     Line,

@@ -29,8 +29,9 @@ from batchd.config import Settings
 from batchd.extras import extra_note
 from batchd.faults import Faults
 from batchd.fsutil import fsync_dir, write_atomic
+from batchd.inputs.lines import DEFAULT_MAX_LINE_BYTES, input_line_of, iter_lines, read_line
+from batchd.inputs.verdict import SIDECAR_ERROR
 from batchd.intake import Intake
-from batchd.lines import DEFAULT_MAX_LINE_BYTES, input_line_of, iter_lines, read_line
 from batchd.logs import get_logger, log_health, shown_url
 from batchd.merge import RESULT_UNAVAILABLE
 from batchd.models import (
@@ -70,7 +71,6 @@ from batchd.publish import PUBLISH_FAILED
 from batchd.stages import Stage, Wake
 from batchd.store import Store
 from batchd.systemd import status_text
-from batchd.verdict import SIDECAR_ERROR
 from batchd.webhooks import shown_error
 
 log = get_logger(__name__)

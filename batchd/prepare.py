@@ -28,12 +28,12 @@ from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import Settings
 from batchd.faults import Faults, local_cause
 from batchd.holds import Hold
+from batchd.inputs.validate import Problem, write_parts
+from batchd.inputs.verdict import Rules, judge_content, judge_unread
 from batchd.logs import get_logger
 from batchd.models import Held, Job, JobState, PartPlan, completion_hours, upload_name
 from batchd.provider.tokens import FileCount, count_file
 from batchd.store import Store
-from batchd.validate import Problem, write_parts
-from batchd.verdict import Rules, judge_content, judge_unread
 
 log = get_logger(__name__)
 
@@ -100,7 +100,7 @@ def twin_note(job_id: str, twin: Job) -> str:
 
 def prepare(job: Job, settings: Settings) -> Prepared:
     """PURE but for files: convert, check and plan one claimed input, with the verdict
-    `batchd validate` gives the same file (batchd.verdict)."""
+    `batchd validate` gives the same file (batchd.inputs.verdict)."""
     source = Path(job.spool_path)
     before = os.stat(source)
     rules = Rules.of(settings)

@@ -44,13 +44,13 @@ from typing import IO, Any
 
 import orjson
 
-from batchd import csvio
 from batchd.clock import SYSTEM_CLOCK, Clock, iso_utc
 from batchd.extras import extra_note
 from batchd.failpoints import failpoint
 from batchd.fsutil import fsync_dir, fsync_file, open_for_writing
+from batchd.inputs import csvio
+from batchd.inputs.lines import CHUNK_BYTES, DEFAULT_MAX_LINE_BYTES, printable, read_line
 from batchd.intake import LATE_SIDECAR
-from batchd.lines import CHUNK_BYTES, DEFAULT_MAX_LINE_BYTES, printable, read_line
 from batchd.logs import get_logger
 from batchd.merge import (
     MergeStats,

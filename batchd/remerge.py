@@ -52,11 +52,12 @@ from typing import IO, Any
 
 import orjson
 
-from batchd import csvio, failures
+from batchd import failures
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.failpoints import failpoint
 from batchd.fsutil import fsync_dir, fsync_file
-from batchd.lines import (
+from batchd.inputs import csvio
+from batchd.inputs.lines import (
     DEFAULT_MAX_LINE_BYTES,
     Line,
     copy_line,

@@ -39,10 +39,10 @@ import orjson
 
 from batchd.commands.inputs import add_check_options, checked, configured, rules_for, summary
 from batchd.errors import ConfigError
+from batchd.inputs.validate import Report
 from batchd.provider.prices import DEFAULT_PRICES, PriceTable, table_from
 from batchd.provider.profiles import ProviderLimits
 from batchd.provider.tokens import FileCount, ModelCount, count_file, tokenizer_for
-from batchd.validate import Report
 
 EXIT_OK = 0
 EXIT_FAILED = 1

@@ -1,6 +1,6 @@
 """Commands that work on input and result files, without the daemon.
 
-- `batchd validate FILE...`: the daemon's verdict on each file (batchd.verdict: its
+- `batchd validate FILE...`: the daemon's verdict on each file (batchd.inputs.verdict: its
   sidecar, its options, its content); exit 0 when all are valid, 1 when any is not (a
   missing or unreadable file counts as not valid, with the rule `unreadable`), 2 on a
   usage error.
@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from batchd import csvio
 from batchd.commands import positive_int
 from batchd.errors import UsageError
+from batchd.inputs import csvio
+from batchd.inputs.validate import Problem, Report, part_file_names, validate_file, write_parts
+from batchd.inputs.verdict import Rules, judge, read_sidecar, sidecar_path
 from batchd.provider.profiles import DEFAULT_PROVIDER, PROFILES, merge_limits
-from batchd.validate import Problem, Report, part_file_names, validate_file, write_parts
-from batchd.verdict import Rules, judge, read_sidecar, sidecar_path
 
 if TYPE_CHECKING:
     from batchd.config import Settings
@@ -160,7 +160,7 @@ def configured(args: argparse.Namespace) -> Settings | None:
 
 def rules_for(args: argparse.Namespace, settings: Settings | None = None) -> Rules:
     """The provider's limits and the job settings as the daemon with the same
-    configuration applies them (batchd.verdict), with the command line's `--no-split`,
+    configuration applies them (batchd.inputs.verdict), with the command line's `--no-split`,
     `--group-by-model` and `--max-errors` over them."""
     if settings is None:
         settings = configured(args)
@@ -181,7 +181,7 @@ def rules_for(args: argparse.Namespace, settings: Settings | None = None) -> Rul
 
 @contextmanager
 def checked(path: Path, rules: Rules) -> Iterator[tuple[Report, Path | None]]:
-    """The daemon's verdict on `path` (batchd.verdict): its sidecar NAME.meta.json, its
+    """The daemon's verdict on `path` (batchd.inputs.verdict): its sidecar NAME.meta.json, its
     options, its size, then its content; a CSV is converted as the daemon converts it,
     rows numbered as in the CSV. Also the JSONL file judged: the file itself, or the
     CSV's conversion (kept until the context ends); None when there is none. Not judged

@@ -42,7 +42,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from batchd.lines import identity, read_line
+from batchd.inputs.lines import identity, read_line
 from batchd.merge import never_ran
 from batchd.models import JobState, PartState
 from batchd.stages import Stage

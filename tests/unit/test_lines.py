@@ -1,4 +1,4 @@
-"""The tolerant reader of result lines (batchd.lines): odd lines are read, identity is
+"""The tolerant reader of result lines (batchd.inputs.lines): odd lines are read, identity is
 never taken from a nested object, and a line over the cap is never held whole."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from batchd.lines import (
+from batchd.inputs.lines import (
     HEAD_BYTES,
     copy_line,
     count_lines,

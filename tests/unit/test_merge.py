@@ -16,8 +16,8 @@ import pytest
 
 from batchd.cli import main
 from batchd.collect import Fetched, decide_collect, retryable_failure
-from batchd.csvio import jsonl_file_to_csv, neutralised
-from batchd.lines import iter_lines
+from batchd.inputs.csvio import jsonl_file_to_csv, neutralised
+from batchd.inputs.lines import iter_lines
 from batchd.merge import (
     RESULT_UNAVAILABLE,
     batch_error,

@@ -115,7 +115,7 @@ def test_a_batch_close_to_its_end_is_looked_at_sooner(
 
 
 def test_a_sidecar_counts_only_when_its_inputs_owner_root_or_batchd_wrote_it() -> None:
-    from batchd.verdict import owner_problem
+    from batchd.inputs.verdict import owner_problem
 
     batchd_uid, owner, neighbour = 990, 1000, 1001
     assert owner_problem(owner, owner, batchd_uid) is None

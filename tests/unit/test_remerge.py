@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from batchd import failpoints
-from batchd.lines import iter_lines
+from batchd.inputs.lines import iter_lines
 from batchd.remerge import (
     MERGED,
     Contributor,

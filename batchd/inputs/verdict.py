@@ -34,12 +34,12 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from batchd import csvio
 from batchd.failpoints import failpoint
-from batchd.inbox import SIDECAR_SUFFIX
+from batchd.inputs import csvio
+from batchd.inputs.inbox import SIDECAR_SUFFIX
+from batchd.inputs.validate import DEFAULT_MAX_REPORTED_ERRORS, Problem, Report, validate_file
 from batchd.models import completion_hours
 from batchd.provider.profiles import DEFAULT_PROVIDER, GB, PROFILES, ProviderLimits
-from batchd.validate import DEFAULT_MAX_REPORTED_ERRORS, Problem, Report, validate_file
 
 if TYPE_CHECKING:
     from batchd.config import Settings

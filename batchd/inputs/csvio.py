@@ -69,7 +69,7 @@ of content whatever the dimension.
 A row that cannot show its line says so in `content`: `[line of N bytes: see FILE]`
 for a line over `jobs.max_result_line_bytes`, `[line N is not valid JSON: see FILE]`
 for one no parser reads.
-- Result lines are read with `batchd.lines`: NaN, 1e400 and lone surrogates are read
+- Result lines are read with `batchd.inputs.lines`: NaN, 1e400 and lone surrogates are read
   (a lone surrogate is shown as U+FFFD), a line that is not JSON but names its
   custom_id gets a row saying so, and a line over the line cap is never held: its row
   carries its custom_id and `[line of N bytes: see FILE]`.
@@ -105,7 +105,7 @@ from typing import IO, Any, TextIO
 import orjson
 
 from batchd.fsutil import atomic_output
-from batchd.lines import (
+from batchd.inputs.lines import (
     DEFAULT_MAX_LINE_BYTES,
     HEAD_BYTES,
     Line,
@@ -115,8 +115,8 @@ from batchd.lines import (
     loads,
     printable,
 )
+from batchd.inputs.validate import Problem
 from batchd.provider.profiles import ENDPOINT_CHAT, ENDPOINT_EMBEDDINGS, ENDPOINT_TEST, TEST_MODEL
-from batchd.validate import Problem
 
 RESULT_COLUMNS = (
     "custom_id",
