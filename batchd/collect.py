@@ -22,7 +22,7 @@ A job whose parts are all settled moves on to publishing, unless `resubmit_faile
 another round and some of its failures are worth paying for again (`retryable_failure`):
 their input lines are then written into follow-up parts (`plan_follow_up`), one model
 per part and each within the model's limits. Which request got which answer is
-`batchd.merge`'s to say.
+`batchd.outbox.merge`'s to say.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ from batchd.inputs.lines import (
     count_lines as count_file_lines,
 )
 from batchd.logs import get_logger
-from batchd.merge import (
+from batchd.models import Job, JobState, Part, PartPlan, PartState, upload_name
+from batchd.outbox.merge import (
     GAVE_UP,
     RESULT_UNAVAILABLE,
     Merged,
@@ -55,7 +56,6 @@ from batchd.merge import (
     sent_bytes,
     terminated,
 )
-from batchd.models import Job, JobState, Part, PartPlan, PartState, upload_name
 from batchd.problems import StepPolicy, step_trouble, step_waits
 from batchd.provider.api import AccountError, ApiError, BatchApi
 from batchd.provider.prices import PriceTable, table_from

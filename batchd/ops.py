@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from batchd import __version__, failures, holds, remerge
+from batchd import __version__, holds
 from batchd.account import AccountState
 from batchd.budget import periods
 from batchd.clock import SYSTEM_CLOCK, Clock
@@ -33,7 +33,6 @@ from batchd.inputs.lines import DEFAULT_MAX_LINE_BYTES, input_line_of, iter_line
 from batchd.inputs.verdict import SIDECAR_ERROR
 from batchd.intake import Intake
 from batchd.logs import get_logger, log_health, shown_url
-from batchd.merge import RESULT_UNAVAILABLE
 from batchd.models import (
     JOB_ACTIVE,
     JOB_TERMINAL,
@@ -46,6 +45,8 @@ from batchd.models import (
     PartState,
     batch_created_at,
 )
+from batchd.outbox import failures, remerge
+from batchd.outbox.merge import RESULT_UNAVAILABLE
 from batchd.protocol import (
     ActionResponse,
     AmbiguousJob,
@@ -633,7 +634,7 @@ class Operations:
         where they stopped, parts that could not be submitted are submitted again, and a
         published job's failed requests become a new input `NAME-retry.jsonl` in the
         inbox (with the job's options and `retry_of`). Only failures worth paying for
-        again are sent (`batchd.failures`); requests the service refused for their
+        again are sent (`batchd.outbox.failures`); requests the service refused for their
         content or form are left out and counted per code, unless `everything`; requests
         whose results were lost (most likely billed already) are left out unless `force`
         or `everything`. The answer says what the earlier attempt probably cost. Asked

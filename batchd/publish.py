@@ -16,7 +16,7 @@ the folder's `summary.json`. A write or fsync that fails (EIO, ENOSPC) removes t
 folder, logs `publish_failed` and tries the job again after a pause that doubles with
 each failure; the daemon carries on.
 
-The merging of results in input order is `batchd.merge`'s; here are this stage's pure
+The merging of results in input order is `batchd.outbox.merge`'s; here are this stage's pure
 deciders (`decide_outcome`, `retry_delay_s`, `remote_files_to_delete`,
 `unread_rejection`, `rejection_reason`), what summary.json says (`build_summary`, its
 `error`: `job_error`) and the writers of the outbox's other files (a rejected input's
@@ -52,16 +52,6 @@ from batchd.inputs import csvio
 from batchd.inputs.lines import CHUNK_BYTES, DEFAULT_MAX_LINE_BYTES, printable, read_line
 from batchd.intake import LATE_SIDECAR
 from batchd.logs import get_logger
-from batchd.merge import (
-    MergeStats,
-    batch_error,
-    file_of,
-    kept_on_service,
-    merge,
-    never_ran,
-    numbered,
-    sent_bytes,
-)
 from batchd.models import (
     ExtraBatch,
     Job,
@@ -71,11 +61,21 @@ from batchd.models import (
     RemoteStatus,
     batch_created_at,
 )
+from batchd.outbox.merge import (
+    MergeStats,
+    batch_error,
+    file_of,
+    kept_on_service,
+    merge,
+    never_ran,
+    numbered,
+    sent_bytes,
+)
+from batchd.outbox.remerge import merge_chain
 from batchd.provider.prices import PriceTable, table_from
 from batchd.provider.profiles import PROFILES, ProviderLimits
 from batchd.provider.remote import TIME_KEYS
 from batchd.provider.tokens import RequestCounter
-from batchd.remerge import merge_chain
 from batchd.store import Store
 
 log = get_logger(__name__)

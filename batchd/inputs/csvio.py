@@ -31,7 +31,7 @@ Decisions:
   then `response.body.error`; `response.body` may arrive as a JSON string; missing
   fields and nulls become empty cells; `usage` is compact JSON.
 - The outbox's `result.csv` has one row per request, in input order, successes and
-  failures alike (`ResultCsv.add_request`, fed by `batchd.merge` and the rejection
+  failures alike (`ResultCsv.add_request`, fed by `batchd.outbox.merge` and the rejection
   writer as they write result.jsonl and error.jsonl); `jsonl2csv` converts one file,
   one row per line.
 

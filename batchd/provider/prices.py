@@ -22,7 +22,7 @@ Decisions:
 - Usage: a result line's `usage` is checked once, where it enters (`read_usage`): every
   number an integer from 0 to `MAX_USAGE_TOKENS`, `completion_tokens` left out only by
   embeddings (whose usage has none). A usage refused says why; the request is then
-  charged its worst case (batchd.merge), never priced from an absurd number.
+  charged its worst case (batchd.outbox.merge), never priced from an absurd number.
 
 Every default carries the page it was read from (`source`) and the day (`as_of`); the
 configuration overrides or extends them (`table_from`), since prices change.

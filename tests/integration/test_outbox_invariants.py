@@ -43,8 +43,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from batchd.inputs.lines import identity, read_line
-from batchd.merge import never_ran
 from batchd.models import JobState, PartState
+from batchd.outbox.merge import never_ran
 from batchd.stages import Stage
 from batchd.testing import (
     ENDPOINT_CHAT,

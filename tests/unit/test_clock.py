@@ -22,8 +22,8 @@ from batchd.clock import (
 )
 from batchd.config import ProviderLimits
 from batchd.intake import Intake
-from batchd.merge import MergeStats
 from batchd.models import JobState, Outcome, Part, PartPlan, PartState
+from batchd.outbox.merge import MergeStats
 from batchd.poll import Poller
 from batchd.problems import StepPolicy, step_failed
 from batchd.provider.api import BatchApi

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from batchd.intake import Seen, settled, settles_at
-from batchd.merge import MergeStats, part_for
 from batchd.models import Job, JobState, Outcome, Part, PartState
+from batchd.outbox.merge import MergeStats, part_for
 from batchd.poll import next_poll, overdue
 from batchd.publish import decide_outcome, retry_delay_s
 
@@ -155,7 +155,7 @@ def test_an_input_line_is_found_in_the_part_that_holds_it() -> None:
 
 
 def test_error_code_reads_the_services_error_or_the_failed_response() -> None:
-    from batchd.failures import error_code
+    from batchd.outbox.failures import error_code
 
     assert error_code({"error": {"code": "batch_expired", "message": "x"}}) == "batch_expired"
     refused = {

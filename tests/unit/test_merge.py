@@ -1,5 +1,5 @@
 """Merging result files into the outbox's files, in bounded memory, losing no paid line;
-deciding what becomes of a part's files; copying the validated input (batchd.merge)."""
+deciding what becomes of a part's files; copying the validated input (batchd.outbox.merge)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from batchd.cli import main
 from batchd.collect import Fetched, decide_collect, retryable_failure
 from batchd.inputs.csvio import jsonl_file_to_csv, neutralised
 from batchd.inputs.lines import iter_lines
-from batchd.merge import (
+from batchd.models import Job, JobState, Part, PartState
+from batchd.outbox.merge import (
     RESULT_UNAVAILABLE,
     batch_error,
     merge,
@@ -28,7 +29,6 @@ from batchd.merge import (
     with_input_line,
     write_with_input_line,
 )
-from batchd.models import Job, JobState, Part, PartState
 from batchd.problems import StepPolicy
 from batchd.provider.prices import table_from
 from batchd.provider.profiles import PROFILES

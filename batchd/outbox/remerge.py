@@ -52,7 +52,6 @@ from typing import IO, Any
 
 import orjson
 
-from batchd import failures
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.failpoints import failpoint
 from batchd.fsutil import fsync_dir, fsync_file
@@ -71,8 +70,9 @@ from batchd.inputs.lines import (
     read_line,
 )
 from batchd.logs import get_logger
-from batchd.merge import numbered
 from batchd.models import Job, JobState, Outcome
+from batchd.outbox import failures
+from batchd.outbox.merge import numbered
 from batchd.store import Store
 
 log = get_logger(__name__)
@@ -86,7 +86,7 @@ MAX_CHAIN = 100
 DISK_ERRNOS = frozenset({errno.EIO, errno.ENOSPC, errno.EDQUOT})
 
 # Where batchd puts `input_line` in an error.jsonl line: last in the object, or first in
-# the object that wraps a line that does not end with a brace (batchd.merge).
+# the object that wraps a line that does not end with a brace (batchd.outbox.merge).
 _NUMBER_TAIL = re.compile(rb'"input_line"\s*:\s*([0-9]+)\s*\}\s*\Z')
 _NUMBER_HEAD = re.compile(rb'\A\s*\{\s*"input_line"\s*:\s*([0-9]+)')
 # How much of a long line's end is read to find its `input_line`.
@@ -351,7 +351,7 @@ def renumbered(line: bytes, number: int) -> bytes:
     found = _NUMBER_TAIL.search(body) or _NUMBER_HEAD.match(body)
     if found is not None:
         return body[: found.start(1)] + digits + body[found.end(1) :] + b"\n"
-    from batchd.merge import with_input_line
+    from batchd.outbox.merge import with_input_line
 
     return with_input_line(line, number)
 

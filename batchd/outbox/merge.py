@@ -48,7 +48,6 @@ from typing import IO, Any
 
 import orjson
 
-from batchd.failures import error_code
 from batchd.inputs.csvio import ResultCsv, result_csv
 from batchd.inputs.lines import (
     CHUNK_BYTES,
@@ -64,6 +63,7 @@ from batchd.inputs.lines import (
     read_line,
 )
 from batchd.models import Job, Part, PartState, RemoteStatus
+from batchd.outbox.failures import error_code
 from batchd.provider.prices import Usage, read_usage
 from batchd.provider.profiles import ENDPOINT_EMBEDDINGS
 from batchd.provider.tokens import RequestCounter

@@ -54,7 +54,7 @@ RETRIED = frozenset({TRANSIENT, NEVER_RUN, ACCOUNT})
 BILLED = frozenset({UNFETCHED})
 
 # Error codes, as the service (DashScope, OpenAI-style providers) and batchd's own
-# never-run lines (batchd.merge) write them.
+# never-run lines (batchd.outbox.merge) write them.
 CODES: dict[str, str] = {
     # batchd's own lines for requests without an answer (merge.NEVER_RUN and friends).
     "batch_expired": NEVER_RUN,
