@@ -29,12 +29,12 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from batchd.budget import Caps
 from batchd.errors import ConfigError
 from batchd.inputs.csvio import DEFAULT_CSV_ENCODING, encoding_problem
 from batchd.inputs.validate import DEFAULT_MAX_REPORTED_ERRORS
 from batchd.logs import shown_url
 from batchd.models import completion_hours
+from batchd.pipeline.budget import Caps
 from batchd.provider.prices import PriceTable, table_from
 from batchd.provider.profiles import (
     DEFAULT_PROVIDER,
@@ -346,7 +346,7 @@ class NotifySettings(BaseModel):
 
 
 class BudgetSettings(BaseModel):
-    """Caps on spending, in the price table's currency (batchd.budget says how a part is
+    """Caps on spending, in the price table's currency (batchd.pipeline.budget says how a part is
     held to them). Unset: no cap."""
 
     model_config = ConfigDict(extra="forbid")
@@ -450,7 +450,7 @@ class Settings(FileSettings):
 
     @property
     def caps(self) -> Caps:
-        """The budget as batchd.budget reads it."""
+        """The budget as batchd.pipeline.budget reads it."""
         return Caps(
             daily=self.budget.daily,
             monthly=self.budget.monthly,

@@ -128,7 +128,7 @@ def remote_is_terminal(status: str | None) -> bool:
 
 
 class Held(StrEnum):
-    """Why a job waits with nothing more created (batchd.holds declares what ends each)."""
+    """Why a job waits with nothing more created (batchd.pipeline.holds declares what ends each)."""
 
     BUDGET = "budget"  # its worst case does not fit what the budget leaves now
     NO_PRICE = "no_price"  # its model has no price, so its cost cannot be held to a cap

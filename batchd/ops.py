@@ -21,17 +21,13 @@ from typing import Any
 
 import orjson
 
-from batchd import __version__, holds
-from batchd.account import AccountState
-from batchd.budget import periods
+from batchd import __version__
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import Settings
-from batchd.extras import extra_note
 from batchd.faults import Faults
 from batchd.fsutil import fsync_dir, write_atomic
 from batchd.inputs.lines import DEFAULT_MAX_LINE_BYTES, input_line_of, iter_lines, read_line
 from batchd.inputs.verdict import SIDECAR_ERROR
-from batchd.intake import Intake
 from batchd.logs import get_logger, log_health, shown_url
 from batchd.models import (
     JOB_ACTIVE,
@@ -47,6 +43,14 @@ from batchd.models import (
 )
 from batchd.outbox import failures, remerge
 from batchd.outbox.merge import RESULT_UNAVAILABLE
+from batchd.pipeline import holds
+from batchd.pipeline.account import AccountState
+from batchd.pipeline.budget import periods
+from batchd.pipeline.extras import extra_note
+from batchd.pipeline.intake import Intake
+from batchd.pipeline.notify import shown_error
+from batchd.pipeline.publish import PUBLISH_FAILED
+from batchd.pipeline.stages import Stage, Wake
 from batchd.protocol import (
     ActionResponse,
     AmbiguousJob,
@@ -68,11 +72,8 @@ from batchd.protocol import (
 from batchd.provider.api import BatchApi
 from batchd.provider.prices import oldest_as_of, stale_note
 from batchd.provider.tokens import tokenizer_summary
-from batchd.publish import PUBLISH_FAILED
-from batchd.stages import Stage, Wake
 from batchd.store import Store
 from batchd.systemd import status_text
-from batchd.webhooks import shown_error
 
 log = get_logger(__name__)
 

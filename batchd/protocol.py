@@ -248,7 +248,7 @@ class JobInfo(_Model, kw_only=True):
     parts: list[PartInfo] | None = None
     notifications: list[Notification] | None = None  # with `show`
     report: dict[str, Any] | None = None
-    # Why the job waits (budget, no_price, over_cap, duplicate: batchd.holds), what it
+    # Why the job waits (budget, no_price, over_cap, duplicate: batchd.pipeline.holds), what it
     # needs and what ends it, since when, and whether it ends without an operator; None
     # when it does not wait.
     held: str | None = None

@@ -26,8 +26,8 @@ import orjson
 import pytest
 
 from batchd.emulator import Emulator
-from batchd.intake import MAX_NAME_BYTES, printable
 from batchd.logs import configure
+from batchd.pipeline.intake import MAX_NAME_BYTES, printable
 from batchd.store import Store
 from batchd.testing import (
     StartEmulator,

@@ -45,7 +45,7 @@ from hypothesis import strategies as st
 from batchd.inputs.lines import identity, read_line
 from batchd.models import JobState, PartState
 from batchd.outbox.merge import never_ran
-from batchd.stages import Stage
+from batchd.pipeline.stages import Stage
 from batchd.testing import (
     ENDPOINT_CHAT,
     ENDPOINT_EMBEDDINGS,

@@ -1,13 +1,13 @@
-"""The budget's pure decisions (batchd.budget): periods, what fits, what a job may start,
-and the holds they make (batchd.holds): each says what it needs and what ends it."""
+"""The budget's pure decisions (batchd.pipeline.budget): periods, what fits, what a job may start,
+and the holds they make (batchd.pipeline.holds): each says what it needs and what ends it."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from batchd.budget import Caps, Ledger, job_refusal, periods, refusal
-from batchd.holds import KINDS, Hold, ends_by_itself, first_to_show
 from batchd.models import Held
+from batchd.pipeline.budget import Caps, Ledger, job_refusal, periods, refusal
+from batchd.pipeline.holds import KINDS, Hold, ends_by_itself, first_to_show
 
 
 def _at(text: str) -> float:

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from batchd.intake import Seen, settled, settles_at
 from batchd.models import Job, JobState, Outcome, Part, PartState
 from batchd.outbox.merge import MergeStats, part_for
-from batchd.poll import next_poll, overdue
-from batchd.publish import decide_outcome, retry_delay_s
+from batchd.pipeline.intake import Seen, settled, settles_at
+from batchd.pipeline.poll import next_poll, overdue
+from batchd.pipeline.publish import decide_outcome, retry_delay_s
 
 
 def record(cls: type[Any], **fields: Any) -> Any:

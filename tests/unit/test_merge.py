@@ -15,7 +15,6 @@ import orjson
 import pytest
 
 from batchd.cli import main
-from batchd.collect import Fetched, decide_collect, retryable_failure
 from batchd.inputs.csvio import jsonl_file_to_csv, neutralised
 from batchd.inputs.lines import iter_lines
 from batchd.models import Job, JobState, Part, PartState
@@ -29,11 +28,9 @@ from batchd.outbox.merge import (
     with_input_line,
     write_with_input_line,
 )
-from batchd.problems import StepPolicy
-from batchd.provider.prices import table_from
-from batchd.provider.profiles import PROFILES
-from batchd.provider.tokens import RequestCounter
-from batchd.publish import (
+from batchd.pipeline.collect import Fetched, decide_collect, retryable_failure
+from batchd.pipeline.problems import StepPolicy
+from batchd.pipeline.publish import (
     cost_summary,
     error_note,
     job_error,
@@ -42,6 +39,9 @@ from batchd.publish import (
     unread_rejection,
     write_rejection,
 )
+from batchd.provider.prices import table_from
+from batchd.provider.profiles import PROFILES
+from batchd.provider.tokens import RequestCounter
 from batchd.testing import read_jsonl
 
 USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}

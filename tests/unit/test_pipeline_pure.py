@@ -8,11 +8,11 @@ import orjson
 import pytest
 
 from batchd.config import ProviderLimits
-from batchd.intake import Seen, is_ignored_name, printable, settled
 from batchd.models import input_kind, remote_is_terminal, window_hours
 from batchd.outbox.merge import with_input_line
-from batchd.poll import expected_end_in, poll_after
-from batchd.submit import free_slots
+from batchd.pipeline.intake import Seen, is_ignored_name, printable, settled
+from batchd.pipeline.poll import expected_end_in, poll_after
+from batchd.pipeline.submit import free_slots
 
 
 @pytest.mark.parametrize(

@@ -49,13 +49,13 @@ from urllib.parse import parse_qsl, urlsplit
 import aiohttp
 import orjson
 
-from batchd.account import AccountState
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import NotifySettings
 from batchd.errors import ConfigError
-from batchd.holds import ends_by_itself
 from batchd.logs import get_logger, scrub_urls, shown_url
 from batchd.models import Delivery, Job
+from batchd.pipeline.account import AccountState
+from batchd.pipeline.holds import ends_by_itself
 from batchd.store import Store
 
 log = get_logger(__name__)

@@ -8,9 +8,9 @@ counts as deleted; a failed delete is tried again on a later pass.
 
 from __future__ import annotations
 
-from batchd.account import AccountState
 from batchd.failpoints import failpoint
 from batchd.logs import get_logger
+from batchd.pipeline.account import AccountState
 from batchd.provider.api import AccountError, ApiError, BatchApi
 from batchd.store import Store
 

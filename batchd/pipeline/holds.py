@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 from batchd.logs import get_logger
 from batchd.models import Held
 
-if TYPE_CHECKING:  # the store is only handed in: batchd.budget (pure) imports this module
+if TYPE_CHECKING:  # the store is only handed in: batchd.pipeline.budget (pure) imports this module
     from batchd.store import Store
 
 log = get_logger(__name__)

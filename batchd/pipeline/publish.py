@@ -45,12 +45,10 @@ from typing import IO, Any
 import orjson
 
 from batchd.clock import SYSTEM_CLOCK, Clock, iso_utc
-from batchd.extras import extra_note
 from batchd.failpoints import failpoint
 from batchd.fsutil import fsync_dir, fsync_file, open_for_writing
 from batchd.inputs import csvio
 from batchd.inputs.lines import CHUNK_BYTES, DEFAULT_MAX_LINE_BYTES, printable, read_line
-from batchd.intake import LATE_SIDECAR
 from batchd.logs import get_logger
 from batchd.models import (
     ExtraBatch,
@@ -72,6 +70,8 @@ from batchd.outbox.merge import (
     sent_bytes,
 )
 from batchd.outbox.remerge import merge_chain
+from batchd.pipeline.extras import extra_note
+from batchd.pipeline.intake import LATE_SIDECAR
 from batchd.provider.prices import PriceTable, table_from
 from batchd.provider.profiles import PROFILES, ProviderLimits
 from batchd.provider.remote import TIME_KEYS

@@ -22,16 +22,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from batchd import holds
-from batchd.budget import Ledger, job_refusal, periods
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import Settings
 from batchd.faults import Faults, local_cause
-from batchd.holds import Hold
 from batchd.inputs.validate import Problem, write_parts
 from batchd.inputs.verdict import Rules, judge_content, judge_unread
 from batchd.logs import get_logger
 from batchd.models import Held, Job, JobState, PartPlan, completion_hours, upload_name
+from batchd.pipeline import holds
+from batchd.pipeline.budget import Ledger, job_refusal, periods
+from batchd.pipeline.holds import Hold
 from batchd.provider.tokens import FileCount, count_file
 from batchd.store import Store
 

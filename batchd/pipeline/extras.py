@@ -22,10 +22,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from batchd.account import AccountState
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.logs import get_logger
 from batchd.models import ExtraBatch, ExtraCancel, Part, RemoteStatus, remote_is_terminal
+from batchd.pipeline.account import AccountState
 from batchd.provider.api import AccountError, ApiError, BatchApi, NotFoundError
 from batchd.provider.remote import RemoteBatch
 from batchd.store import Store

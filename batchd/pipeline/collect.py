@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from batchd.account import AccountState
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import ProviderLimits
 from batchd.failpoints import failpoint
@@ -56,7 +55,8 @@ from batchd.outbox.merge import (
     sent_bytes,
     terminated,
 )
-from batchd.problems import StepPolicy, step_trouble, step_waits
+from batchd.pipeline.account import AccountState
+from batchd.pipeline.problems import StepPolicy, step_trouble, step_waits
 from batchd.provider.api import AccountError, ApiError, BatchApi
 from batchd.provider.prices import PriceTable, table_from
 from batchd.provider.tokens import RequestCounter

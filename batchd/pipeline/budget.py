@@ -27,7 +27,7 @@ is sent.
 A part whose model has no price has an unknown cost: with a cap set it waits, held
 `no_price` (`budget.unknown_price = "hold"`, the default), until a price comes (a reload
 or a restart with the model in `[prices]`), unless told to run (`"allow"`, counted as 0
-against the cap and said so). batchd.holds says what ends each hold.
+against the cap and said so). batchd.pipeline.holds says what ends each hold.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from batchd.holds import Hold
 from batchd.models import Held
+from batchd.pipeline.holds import Hold
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ that never ends its pages) leaves the part in CREATING with a note, tried again 
 and parked after `max_part_failures`: never a second batch for the same part from batchd.
 A gateway's own client may still have sent the create more than once: the listing goes
 back past the intent even once a batch is found, keeps every batch of the part, and all
-but the one the part follows are cancelled at once (`batchd.extras`).
+but the one the part follows are cancelled at once (`batchd.pipeline.extras`).
 
 Each intent also sets the part's `retry_at` `settle_after_s` ahead (on the steady clock):
 a part caught in UPLOADING or CREATING is looked for no sooner, whatever the wall clock
@@ -37,19 +37,19 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from batchd import holds
-from batchd.account import AccountState
-from batchd.budget import Caps, Ledger, periods, refusal
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import ProviderLimits
-from batchd.extras import ExtraBatches, keep, tag
 from batchd.failpoints import failpoint
 from batchd.faults import Faults, local_cause
-from batchd.holds import Hold, first_to_show
 from batchd.logs import get_logger
 from batchd.models import Job, Part, PartState, RemoteStatus
-from batchd.prepare import worst_cost
-from batchd.problems import StepPolicy, step_failed, step_trouble, step_waits
+from batchd.pipeline import holds
+from batchd.pipeline.account import AccountState
+from batchd.pipeline.budget import Caps, Ledger, periods, refusal
+from batchd.pipeline.extras import ExtraBatches, keep, tag
+from batchd.pipeline.holds import Hold, first_to_show
+from batchd.pipeline.prepare import worst_cost
+from batchd.pipeline.problems import StepPolicy, step_failed, step_trouble, step_waits
 from batchd.provider.api import (
     AccountError,
     ApiError,

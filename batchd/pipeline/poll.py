@@ -8,7 +8,7 @@ due batch; any due batch a page did not show is retrieved on its own. A list swe
 takes the batches coming due within the interval, so that polls stay coalesced.
 Every other batch a sweep reads that carries a part's tag but is not the batch that part
 follows is an extra (a create a gateway sent again): it is recorded and cancelled at once
-(`batchd.extras`), at no extra list call.
+(`batchd.pipeline.extras`), at no extra list call.
 A batch that looks close to its end (finalizing, all requests done, or ending within the
 interval at the rate its request counts moved since the last look) is looked at sooner.
 
@@ -30,14 +30,14 @@ import math
 import random
 from collections.abc import Callable
 
-from batchd.account import AccountState
 from batchd.clock import SYSTEM_CLOCK, Clock
-from batchd.extras import ExtraBatches
 from batchd.failpoints import failpoint
 from batchd.faults import Faults, local_cause
 from batchd.logs import get_logger
 from batchd.models import Part, PartState, remote_is_terminal
-from batchd.problems import StepPolicy, step_failed, step_trouble
+from batchd.pipeline.account import AccountState
+from batchd.pipeline.extras import ExtraBatches
+from batchd.pipeline.problems import StepPolicy, step_failed, step_trouble
 from batchd.provider.api import (
     AccountError,
     ApiError,
