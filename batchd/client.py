@@ -7,7 +7,7 @@
     for job in client.jobs(states=["running"]).jobs:
         print(job.id, job.name, job.completed, "/", job.requests)
 
-Answers are the typed models of `batchd.protocol`. `Client` speaks HTTP/1.1 over the
+Answers are the typed models of `batchd.operator.protocol`. `Client` speaks HTTP/1.1 over the
 Unix socket with the standard library alone (no event loop, no aiohttp), so that a
 command that asks the daemon something starts about as fast as Python does;
 `AsyncClient` makes the same calls for asyncio code.
@@ -35,7 +35,7 @@ import msgspec
 
 from batchd.errors import ConfigError
 from batchd.inputs.inbox import SIDECAR_SUFFIX, is_ignored_name
-from batchd.protocol import (
+from batchd.operator.protocol import (
     API_PREFIX,
     ActionResponse,
     ErrorResponse,

@@ -29,12 +29,13 @@ from pathlib import Path
 from batchd import __version__
 from batchd.clock import SYSTEM_CLOCK, Clock, ClockWatch, SystemClock
 from batchd.config import Settings
-from batchd.control import ControlServer, check_socket_path, resolve_group
 from batchd.errors import BatchdError, ConfigError
 from batchd.faults import DATABASE, Faults, describe, local_cause, unusable_folder
 from batchd.logs import configure, get_logger, register_secret
 from batchd.models import JobState, Part, window_hours
-from batchd.ops import Operations
+from batchd.operator.control import ControlServer, check_socket_path, resolve_group
+from batchd.operator.ops import Operations
+from batchd.operator.protocol import Reload
 from batchd.pipeline.account import AccountProbe, AccountState
 from batchd.pipeline.cleanup import RemoteCleanup
 from batchd.pipeline.collect import Collector
@@ -47,7 +48,6 @@ from batchd.pipeline.problems import StepPolicy
 from batchd.pipeline.publish import Publisher
 from batchd.pipeline.stages import Stage, Wake, run_stage
 from batchd.pipeline.submit import Settling, Submitter
-from batchd.protocol import Reload
 from batchd.provider.api import BatchApi, RetryPolicy, Throughput
 from batchd.provider.limits import CallClass, RateLimiter
 from batchd.store import Store

@@ -31,7 +31,7 @@ from batchd.client import (
 )
 from batchd.commands import positive_int, positive_seconds
 from batchd.errors import UsageError
-from batchd.protocol import ActionResponse, JobInfo, Spend, StatusResponse, to_builtins
+from batchd.operator.protocol import ActionResponse, JobInfo, Spend, StatusResponse, to_builtins
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 # Jobs a table lists unless told otherwise.

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from batchd.client import AsyncClient, Client, RequestFailed
-from batchd.control import ControlServer
-from batchd.protocol import (
+from batchd.operator.control import ControlServer
+from batchd.operator.protocol import (
     ActionResponse,
     Caps,
     Event,

@@ -329,7 +329,7 @@ JOB_REFERENCE = (
 
 
 class Operator(Protocol):
-    """What the control socket asks of the daemon: the operations layer (batchd/ops.py),
+    """What the control socket asks of the daemon: the operations layer (batchd/operator/ops.py),
     or a fake in the control server's own tests."""
 
     async def status(self) -> StatusResponse: ...

@@ -47,7 +47,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from batchd.errors import BatchdError, ConfigError
 from batchd.logs import get_logger
-from batchd.protocol import (
+from batchd.operator.protocol import (
     API_PREFIX,
     JOB_REFERENCE,
     ActionResponse,

@@ -1,8 +1,8 @@
 """The operations layer: the one place where operator requests are decided and answered.
 
 `batchd status`, `jobs`, `show`, `cancel`, `retry`, `pause`, `resume`, `drain`, the
-metrics and the event stream all come here, over the control socket (batchd/control.py,
-which knows this layer only through the `Operator` interface of batchd/protocol.py) or
+metrics and the event stream all come here, over the control socket (batchd/operator/control.py,
+which knows this layer only through the `Operator` interface of batchd/operator/protocol.py) or
 from tests, which need no socket. The layer reads the store and the daemon's live state
 (the intake's pause, the account, the API client's call counts) and acts through the
 store and by waking stages; it never reaches into a stage's insides.
@@ -41,17 +41,7 @@ from batchd.models import (
     PartState,
     batch_created_at,
 )
-from batchd.outbox import failures, remerge
-from batchd.outbox.merge import RESULT_UNAVAILABLE
-from batchd.pipeline import holds
-from batchd.pipeline.account import AccountState
-from batchd.pipeline.budget import periods
-from batchd.pipeline.extras import extra_note
-from batchd.pipeline.intake import Intake
-from batchd.pipeline.notify import shown_error
-from batchd.pipeline.publish import PUBLISH_FAILED
-from batchd.pipeline.stages import Stage, Wake
-from batchd.protocol import (
+from batchd.operator.protocol import (
     ActionResponse,
     AmbiguousJob,
     Caps,
@@ -69,6 +59,16 @@ from batchd.protocol import (
     SpendPeriod,
     StatusResponse,
 )
+from batchd.outbox import failures, remerge
+from batchd.outbox.merge import RESULT_UNAVAILABLE
+from batchd.pipeline import holds
+from batchd.pipeline.account import AccountState
+from batchd.pipeline.budget import periods
+from batchd.pipeline.extras import extra_note
+from batchd.pipeline.intake import Intake
+from batchd.pipeline.notify import shown_error
+from batchd.pipeline.publish import PUBLISH_FAILED
+from batchd.pipeline.stages import Stage, Wake
 from batchd.provider.api import BatchApi
 from batchd.provider.prices import oldest_as_of, stale_note
 from batchd.provider.tokens import tokenizer_summary
