@@ -129,7 +129,7 @@ _JSON_COLUMNS = frozenset(
 
 
 def _migrations() -> list[tuple[int, str]]:
-    folder = resources.files("batchd") / "sql"
+    folder = resources.files("batchd.store") / "sql"
     found = []
     for entry in folder.iterdir():
         name = entry.name
