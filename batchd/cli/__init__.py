@@ -2,7 +2,7 @@
 
 Only the module of the command being run is imported: `batchd status` loads the light
 control client, not the daemon, the emulator or pydantic, and `batchd --help` loads
-none. Each module under `batchd.commands` exposes `register(subparsers)`, adding its
+none. Each command module of `batchd.cli` exposes `register(subparsers)`, adding its
 commands with a `handler(args) -> int` default; their one-line help lives in COMMANDS
 below. Exit codes: 0 ok, 1 the thing asked for failed, 2 usage error, 3 daemon not
 reachable.
@@ -26,31 +26,31 @@ EXIT_UNREACHABLE = 3
 
 # name: (module, one-line help), in the order `batchd --help` lists them.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "validate": ("batchd.commands.inputs", "check JSONL batch input files"),
-    "estimate": ("batchd.commands.estimate", "what a file will cost"),
-    "split": ("batchd.commands.inputs", "split a JSONL file into batch-sized parts"),
+    "validate": ("batchd.cli.inputs", "check JSONL batch input files"),
+    "estimate": ("batchd.cli.estimate", "what a file will cost"),
+    "split": ("batchd.cli.inputs", "split a JSONL file into batch-sized parts"),
     "csv2jsonl": (
-        "batchd.commands.inputs",
+        "batchd.cli.inputs",
         "turn a CSV of custom_id,content into a JSONL batch file",
     ),
-    "jsonl2csv": ("batchd.commands.inputs", "turn a result JSONL file into CSV"),
-    "emulator": ("batchd.commands.emulator", "serve the Batch API emulator"),
-    "run": ("batchd.commands.daemon", "run the daemon: inbox -> batch jobs -> outbox"),
+    "jsonl2csv": ("batchd.cli.inputs", "turn a result JSONL file into CSV"),
+    "emulator": ("batchd.cli.emulator", "serve the Batch API emulator"),
+    "run": ("batchd.cli.daemon", "run the daemon: inbox -> batch jobs -> outbox"),
     "demo": (
-        "batchd.commands.demo",
+        "batchd.cli.demo",
         "run the daemon end to end against the shipped emulator and show the results",
     ),
-    "status": ("batchd.commands.control", "the daemon's state, caps and errors"),
-    "jobs": ("batchd.commands.control", "list jobs"),
-    "show": ("batchd.commands.control", "one job with its parts"),
-    "cancel": ("batchd.commands.control", "cancel a job (finished requests are kept)"),
-    "retry": ("batchd.commands.control", "rerun what failed or never ran"),
-    "pause": ("batchd.commands.control", "stop taking new files from the inbox"),
-    "resume": ("batchd.commands.control", "take new files again"),
-    "drain": ("batchd.commands.control", "finish what runs, take nothing new, then exit"),
-    "watch": ("batchd.commands.control", "live progress bars of running jobs"),
-    "check": ("batchd.commands.control", "exit 0 when the daemon answers and is healthy"),
-    "submit": ("batchd.commands.control", "copy files into the inbox atomically"),
+    "status": ("batchd.cli.control", "the daemon's state, caps and errors"),
+    "jobs": ("batchd.cli.control", "list jobs"),
+    "show": ("batchd.cli.control", "one job with its parts"),
+    "cancel": ("batchd.cli.control", "cancel a job (finished requests are kept)"),
+    "retry": ("batchd.cli.control", "rerun what failed or never ran"),
+    "pause": ("batchd.cli.control", "stop taking new files from the inbox"),
+    "resume": ("batchd.cli.control", "take new files again"),
+    "drain": ("batchd.cli.control", "finish what runs, take nothing new, then exit"),
+    "watch": ("batchd.cli.control", "live progress bars of running jobs"),
+    "check": ("batchd.cli.control", "exit 0 when the daemon answers and is healthy"),
+    "submit": ("batchd.cli.control", "copy files into the inbox atomically"),
 }
 
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import orjson
 
-from batchd.commands.inputs import add_check_options, checked, configured, rules_for, summary
+from batchd.cli.inputs import add_check_options, checked, configured, rules_for, summary
 from batchd.errors import ConfigError
 from batchd.inputs.validate import Report
 from batchd.provider.prices import DEFAULT_PRICES, PriceTable, table_from

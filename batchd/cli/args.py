@@ -1,5 +1,4 @@
-"""Command-line commands, one module per group; `batchd.cli` assembles them. Here: the
-argument types they share."""
+"""The argument types the command modules of `batchd.cli` share."""
 
 from __future__ import annotations
 

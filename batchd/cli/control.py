@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from batchd.cli.args import positive_int, positive_seconds
 from batchd.client import (
     ENDED_STATES,
     Client,
@@ -29,7 +30,6 @@ from batchd.client import (
     inbox_path,
     queue_file,
 )
-from batchd.commands import positive_int, positive_seconds
 from batchd.errors import UsageError
 from batchd.operator.protocol import ActionResponse, JobInfo, Spend, StatusResponse, to_builtins
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from batchd.commands import positive_int
+from batchd.cli.args import positive_int
 from batchd.errors import UsageError
 from batchd.inputs import csvio
 from batchd.inputs.validate import Problem, Report, part_file_names, validate_file, write_parts
