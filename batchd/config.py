@@ -34,7 +34,7 @@ from batchd.inputs.csvio import DEFAULT_CSV_ENCODING, encoding_problem
 from batchd.inputs.validate import DEFAULT_MAX_REPORTED_ERRORS
 from batchd.logs import shown_url
 from batchd.models import completion_hours
-from batchd.pipeline.budget import Caps
+from batchd.pipeline.budget import BudgetCaps
 from batchd.provider.prices import PriceTable, table_from
 from batchd.provider.profiles import (
     DEFAULT_PROVIDER,
@@ -449,9 +449,9 @@ class Settings(FileSettings):
         return self._price_table
 
     @property
-    def caps(self) -> Caps:
+    def caps(self) -> BudgetCaps:
         """The budget as batchd.pipeline.budget reads it."""
-        return Caps(
+        return BudgetCaps(
             daily=self.budget.daily,
             monthly=self.budget.monthly,
             currency=self.price_table.currency(self.provider),

@@ -27,7 +27,7 @@ import orjson
 from batchd.cli.args import positive_int
 from batchd.errors import UsageError
 from batchd.inputs import csvio
-from batchd.inputs.validate import Problem, Report, part_file_names, validate_file, write_parts
+from batchd.inputs.validate import InputProblem, Report, part_file_names, validate_file, write_parts
 from batchd.inputs.verdict import Rules, judge, read_sidecar, sidecar_path
 from batchd.provider.profiles import DEFAULT_PROVIDER, PROFILES, merge_limits
 
@@ -210,7 +210,7 @@ def _unreadable(path: Path, exc: OSError) -> Report:
     reason = exc.strerror or str(exc)
     return Report(
         path=str(path),
-        errors=[Problem(None, "unreadable", f"cannot read the file: {reason}")],
+        errors=[InputProblem(None, "unreadable", f"cannot read the file: {reason}")],
         error_count=1,
     )
 

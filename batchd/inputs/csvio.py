@@ -115,7 +115,7 @@ from batchd.inputs.lines import (
     loads,
     printable,
 )
-from batchd.inputs.validate import Problem
+from batchd.inputs.validate import InputProblem
 from batchd.provider.profiles import ENDPOINT_CHAT, ENDPOINT_EMBEDDINGS, ENDPOINT_TEST, TEST_MODEL
 
 RESULT_COLUMNS = (
@@ -145,7 +145,7 @@ class Conversion:
     """What a conversion did: rows written, and the problems that stopped it."""
 
     rows: int = 0
-    errors: list[Problem] = field(default_factory=list)
+    errors: list[InputProblem] = field(default_factory=list)
     error_count: int = 0
 
     @property
@@ -155,7 +155,7 @@ class Conversion:
     def problem(self, row: int | None, code: str, message: str, max_errors: int) -> None:
         self.error_count += 1
         if len(self.errors) < max_errors:
-            self.errors.append(Problem(row, code, message))
+            self.errors.append(InputProblem(row, code, message))
 
 
 def default_endpoint(model: str) -> str:
@@ -367,14 +367,14 @@ def csv_source(
     system_prompt: str | None,
     columns: tuple[str, str] = DEFAULT_COLUMNS,
     encoding: str = DEFAULT_CSV_ENCODING,
-) -> CsvSource | Problem:
+) -> CsvSource | InputProblem:
     """PURE: how a CSV input is converted, the same for the daemon and `batchd validate`:
     its sidecar's `model`, `system_prompt`, `columns` and `encoding` over the
     configuration's (`jobs.csv_model`, `jobs.csv_system_prompt`, `jobs.csv_columns`,
     `jobs.csv_encoding`); the problem `csv_needs_model` when neither names a model."""
     chosen = options.get("model") or model
     if not isinstance(chosen, str) or not chosen:
-        return Problem(None, "csv_needs_model", NEEDS_MODEL)
+        return InputProblem(None, "csv_needs_model", NEEDS_MODEL)
     prompt = options.get("system_prompt") or system_prompt
     named = options.get("columns")
     if isinstance(named, Mapping):

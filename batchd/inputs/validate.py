@@ -229,7 +229,7 @@ _COMPACT_BOUNDS_DEPTH = _serializer_bounds_depth()
 
 
 @dataclass(frozen=True, slots=True)
-class Problem:
+class InputProblem:
     """One broken rule: where (`line` is None for the whole file), which rule, and why."""
 
     line: int | None
@@ -246,7 +246,7 @@ class Problem:
 
 
 @dataclass(slots=True)
-class Part:
+class PlannedPart:
     """One planned batch: which lines of the source, where their bytes are, and its model.
 
     `ranges` are the byte ranges [start, end) of the source to copy, in order: a single
@@ -317,10 +317,10 @@ class Report:
     bytes: int = 0
     models: list[str] = field(default_factory=list)
     endpoints: list[str] = field(default_factory=list)
-    parts: list[Part] = field(default_factory=list)
-    errors: list[Problem] = field(default_factory=list)
+    parts: list[PlannedPart] = field(default_factory=list)
+    errors: list[InputProblem] = field(default_factory=list)
     error_count: int = 0
-    warnings: list[Problem] = field(default_factory=list)
+    warnings: list[InputProblem] = field(default_factory=list)
     # With `requests_digest`: the sha256 of the file's requests in canonical form
     # (`canonical_request`), in order; None for an invalid file (not in `to_dict`).
     requests_sha256: str | None = None
@@ -511,22 +511,22 @@ def _structure_problem(content: bytes, obj: dict[str, Any]) -> tuple[str, str] |
     return _strict_parse(content.decode("utf-8"))
 
 
-def _sniff(head: bytes) -> Problem | None:
+def _sniff(head: bytes) -> InputProblem | None:
     """File-level problems visible in the first bytes: not UTF-8 JSONL text at all."""
     if not head:
-        return Problem(None, "empty_file", "the file is empty")
+        return InputProblem(None, "empty_file", "the file is empty")
     if head.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return Problem(None, "utf16", "the file is UTF-16 text (BOM found); save it as UTF-8")
+        return InputProblem(None, "utf16", "the file is UTF-16 text (BOM found); save it as UTF-8")
     for magic, kind in _BINARY_MAGIC:
         if head.startswith(magic):
-            return Problem(None, "binary_file", f"the file is {kind} data, not JSONL text")
+            return InputProblem(None, "binary_file", f"the file is {kind} data, not JSONL text")
     if b"\x00" in head:
         even, odd = head[0::2], head[1::2]
         if even.count(0) > len(even) * 0.4 or odd.count(0) > len(odd) * 0.4:
-            return Problem(None, "utf16", "the file looks like UTF-16 text; save it as UTF-8")
-        return Problem(None, "binary_file", "the file is binary (NUL bytes), not JSONL text")
+            return InputProblem(None, "utf16", "the file looks like UTF-16 text; save it as UTF-8")
+        return InputProblem(None, "binary_file", "the file is binary (NUL bytes), not JSONL text")
     if b"\n" not in head and b"\r" in head.rstrip(b"\r\t "):
-        return Problem(
+        return InputProblem(
             None, "cr_line_endings", "lines end with CR only; use LF (or CRLF) line endings"
         )
     return None
@@ -628,14 +628,14 @@ class _Checker:
         for name, model_limits in limits.models.items():
             for endpoint in model_limits.exclusive_endpoints:
                 self.exclusive.setdefault(endpoint, set()).add(name)
-        self.open_parts: dict[str | None, Part] = {}
-        self.parts: list[Part] = []
+        self.open_parts: dict[str | None, PlannedPart] = {}
+        self.parts: list[PlannedPart] = []
         # (url, model, enable_thinking) of the last line that broke no rule.
         self.clean: tuple[str, str, object] | None = None
         # model -> (max requests, max bytes) per file, resolved once.
         self.caps: dict[str, tuple[int, int]] = {}
         # The run: its part, and the line, part figures and end offset it started from.
-        self.run_part: Part | None = None
+        self.run_part: PlannedPart | None = None
         self.run_line = 0
         self.run_requests = 0
         self.run_bytes = 0
@@ -649,10 +649,10 @@ class _Checker:
         report.error_count += 1
         if line is None:
             # File-level problems are few and the most telling: always listed, first.
-            report.errors.insert(0, Problem(line, code, message))
+            report.errors.insert(0, InputProblem(line, code, message))
             del report.errors[self.max_errors :]
         elif len(report.errors) < self.max_errors:
-            report.errors.append(Problem(line, code, message))
+            report.errors.append(InputProblem(line, code, message))
 
     def too_long(self, n: int, length: int) -> None:
         """A line longer than max_line_bytes: one request, not read any further."""
@@ -889,7 +889,7 @@ class _Checker:
             self.parts.append(part)
             part = None
         if part is None:
-            part = Part(index=0, model=model, endpoint=url, first_line=n, last_line=n)
+            part = PlannedPart(index=0, model=model, endpoint=url, first_line=n, last_line=n)
             self.open_parts[key] = part
         part.add(n, start, size)
         # Start a run: the lines that follow may join this part on the fast path, while
@@ -948,7 +948,7 @@ class _Checker:
         no_ids = iter(self.no_id_lines)
         skip = next(no_ids, 0)
         first_line: dict[str, int] = {}
-        found: list[Problem] = []
+        found: list[InputProblem] = []
         count = 0
         n = 0
         stream.seek(0)
@@ -966,7 +966,7 @@ class _Checker:
                     count += 1
                     if len(found) < self.max_errors:
                         message = f"custom_id {custom_id!r} is already used on line {first}"
-                        found.append(Problem(n, "duplicate_custom_id", message))
+                        found.append(InputProblem(n, "duplicate_custom_id", message))
         if not count:
             return
         # Into line order; on its line, after a bom problem and before the others, as
@@ -978,7 +978,7 @@ class _Checker:
         merged.sort(key=lambda e: (-1, 0) if e.line is None else (e.line, rank.get(e.code, 2)))
         report.errors = merged[: self.max_errors]
 
-    def thinking_warnings(self, parts: list[Part]) -> None:
+    def thinking_warnings(self, parts: list[PlannedPart]) -> None:
         """Warn, per model that thinks by default, of the planned requests that do not
         set enable_thinking (every planned line of a model shares its first line's
         setting: a differing one is `mixed_thinking`, never planned)."""
@@ -993,7 +993,7 @@ class _Checker:
                 unset[part.model] = unset.get(part.model, 0) + part.requests
         for model, count in unset.items():
             self.report.warnings.append(
-                Problem(
+                InputProblem(
                     None,
                     "thinking_default",
                     f"{count} request(s) to {model}, which thinks by default, do not set "

@@ -37,7 +37,7 @@ import orjson
 from batchd.failpoints import failpoint
 from batchd.inputs import csvio
 from batchd.inputs.inbox import SIDECAR_SUFFIX
-from batchd.inputs.validate import DEFAULT_MAX_REPORTED_ERRORS, Problem, Report, validate_file
+from batchd.inputs.validate import DEFAULT_MAX_REPORTED_ERRORS, InputProblem, Report, validate_file
 from batchd.models import completion_hours
 from batchd.provider.profiles import DEFAULT_PROVIDER, GB, PROFILES, ProviderLimits
 
@@ -220,24 +220,24 @@ class Rules:
         )
 
 
-def option_problem(options: Mapping[str, Any], rules: Rules) -> Problem | None:
+def option_problem(options: Mapping[str, Any], rules: Rules) -> InputProblem | None:
     """PURE: why a file's options (its sidecar, or the defaults) cannot be run as they
     are, or None. Checked before anything is read or sent: a sidecar with a misspelt
     key, or a completion window the provider refuses, would otherwise run with other
     options than meant, or fail only once paid-for uploads are made."""
     if options.get(SIDECAR_ERROR):
-        return Problem(None, "sidecar_invalid", str(options[SIDECAR_ERROR]))
+        return InputProblem(None, "sidecar_invalid", str(options[SIDECAR_ERROR]))
     own_cap = options.get("max_cost")
     if own_cap is not None and (
         not isinstance(own_cap, int | float) or isinstance(own_cap, bool) or own_cap <= 0
     ):
-        return Problem(None, "sidecar_invalid", f"max_cost {own_cap!r}: not a positive amount")
+        return InputProblem(None, "sidecar_invalid", f"max_cost {own_cap!r}: not a positive amount")
     window = options.get("completion_window") or rules.completion_window
     lowest, highest = rules.limits.min_completion_window_h, rules.limits.max_completion_window_h
     hours = completion_hours(window)
     if hours is None or not lowest <= hours <= highest:
         told = "the sidecar's" if options.get("completion_window") else "jobs."
-        return Problem(
+        return InputProblem(
             None,
             "completion_window_invalid",
             f"completion_window {window!r} ({told}completion_window): "
@@ -251,17 +251,17 @@ def is_sparse(st: os.stat_result) -> bool:
     return st.st_size >= SPARSE_MIN_BYTES and st.st_blocks * 512 * SPARSE_RATIO < st.st_size
 
 
-def refuse_unread(st: os.stat_result, rules: Rules) -> Problem | None:
+def refuse_unread(st: os.stat_result, rules: Rules) -> InputProblem | None:
     """PURE: why an input must not even be read, or None."""
     limit = rules.max_input_bytes
     if st.st_size > limit:
-        return Problem(
+        return InputProblem(
             None,
             "input_too_large",
             f"the file is {st.st_size} bytes, over jobs.max_input_bytes ({limit}); it was not read",
         )
     if rules.reject_sparse and is_sparse(st):
-        return Problem(
+        return InputProblem(
             None,
             "sparse_file",
             f"the file is sparse ({st.st_size} bytes with {st.st_blocks * 512} on disk):"
@@ -274,7 +274,7 @@ def refuse_unread(st: os.stat_result, rules: Rules) -> Problem | None:
 # -- the verdict ------------------------------------------------------------------------
 
 
-def refused(path: str, problem: Problem, total: int | None = None) -> Report:
+def refused(path: str, problem: InputProblem, total: int | None = None) -> Report:
     """PURE: the report of a file refused for one problem (or several, counted)."""
     return Report(path=path, errors=[problem], error_count=total or 1)
 
@@ -291,7 +291,7 @@ def convert_csv(
         columns=rules.csv_columns,
         encoding=rules.csv_encoding,
     )
-    if isinstance(plan, Problem):
+    if isinstance(plan, InputProblem):
         return refused(str(source), plan)
     conversion = csvio.csv_file_to_jsonl(
         source,
@@ -309,7 +309,9 @@ def convert_csv(
     )
 
 
-def judge_unread(options: Mapping[str, Any], st: os.stat_result, rules: Rules) -> Problem | None:
+def judge_unread(
+    options: Mapping[str, Any], st: os.stat_result, rules: Rules
+) -> InputProblem | None:
     """PURE: why a file is refused before a byte of it is read (steps 2 and 3 of the
     module's docstring), or None."""
     return option_problem(options, rules) or refuse_unread(st, rules)

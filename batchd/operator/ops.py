@@ -44,7 +44,6 @@ from batchd.models import (
 from batchd.operator.protocol import (
     ActionResponse,
     AmbiguousJob,
-    Caps,
     ClockStepInfo,
     Event,
     ExtraBatchInfo,
@@ -55,6 +54,7 @@ from batchd.operator.protocol import (
     PartInfo,
     Problem,
     Reload,
+    RunningCaps,
     Spend,
     SpendPeriod,
     StatusResponse,
@@ -350,7 +350,7 @@ class Operations:
             jobs_by_state=await self.store.job_counts(),
             jobs_by_outcome=await self.store.outcome_counts(),
             parts_by_state=await self.store.part_counts(),
-            caps=Caps(
+            caps=RunningCaps(
                 running_batches=total,
                 running_cap=self.settings.profile.limits.running_batches,
                 running_by_model=by_model,

@@ -51,7 +51,7 @@ class ErrorResponse(_Model, kw_only=True):
     error: ErrorBody
 
 
-class Caps(_Model, kw_only=True):
+class RunningCaps(_Model, kw_only=True):
     running_batches: int
     running_cap: int
     running_by_model: dict[str, int] = msgspec.field(default_factory=dict)
@@ -119,7 +119,7 @@ class StatusResponse(_Model, kw_only=True):
     jobs_by_state: dict[str, int]
     jobs_by_outcome: dict[str, int]
     parts_by_state: dict[str, int]
-    caps: Caps
+    caps: RunningCaps
     bucket_levels: dict[str, int]
     api_calls: dict[str, int]
     throttled: dict[str, int]

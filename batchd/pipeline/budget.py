@@ -41,7 +41,7 @@ from batchd.pipeline.holds import Hold
 
 
 @dataclass(frozen=True, slots=True)
-class Caps:
+class BudgetCaps:
     """The configured caps (`[budget]`), in the price table's currency."""
 
     daily: float | None = None
@@ -94,7 +94,7 @@ def _money(amount: float, currency: str) -> str:
     return f"{amount:.4f} {currency}".strip()
 
 
-def refusal(worst: float | None, ledger: Ledger, caps: Caps, model: str = "") -> Hold | None:
+def refusal(worst: float | None, ledger: Ledger, caps: BudgetCaps, model: str = "") -> Hold | None:
     """PURE: why a part of `model` whose worst-case cost is `worst` (None: unknown) may
     not be created now, as the hold its job is held with; None when it fits every cap.
     A part larger than a whole cap is `over_cap` (it never fits by itself), one that
@@ -150,7 +150,7 @@ def _reset(period: str, zone: str) -> str:
 
 
 def job_refusal(
-    worst: float | None, ledger: Ledger, caps: Caps, own_cap: float | None
+    worst: float | None, ledger: Ledger, caps: BudgetCaps, own_cap: float | None
 ) -> str | None:
     """PURE: why a whole job may not start (checked when it is planned), or None: over
     its own cap (the sidecar's `max_cost`) always; over what the budget leaves only

@@ -25,7 +25,7 @@ from typing import Any
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import Settings
 from batchd.faults import Faults, local_cause
-from batchd.inputs.validate import Problem, write_parts
+from batchd.inputs.validate import InputProblem, write_parts
 from batchd.inputs.verdict import Rules, judge_content, judge_unread
 from batchd.logs import get_logger
 from batchd.models import Held, Job, JobState, PartPlan, completion_hours, upload_name
@@ -116,7 +116,7 @@ def prepare(job: Job, settings: Settings) -> Prepared:
     return replace(prepared, mtime_ns=before.st_mtime_ns)
 
 
-def _refusal(job: Job, problem: Problem) -> dict[str, Any]:
+def _refusal(job: Job, problem: InputProblem) -> dict[str, Any]:
     return _rejection(job, problem.code, problem.message, problem.line)
 
 

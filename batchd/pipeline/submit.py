@@ -45,7 +45,7 @@ from batchd.logs import get_logger
 from batchd.models import Job, Part, PartState, RemoteStatus
 from batchd.pipeline import holds
 from batchd.pipeline.account import AccountState
-from batchd.pipeline.budget import Caps, Ledger, periods, refusal
+from batchd.pipeline.budget import BudgetCaps, Ledger, periods, refusal
 from batchd.pipeline.extras import ExtraBatches, keep, tag
 from batchd.pipeline.holds import Hold, first_to_show
 from batchd.pipeline.prepare import worst_cost
@@ -171,7 +171,7 @@ class Submitter:
         policy: StepPolicy | None = None,
         settling: Settling | None = None,
         clock: Clock = SYSTEM_CLOCK,
-        caps: Caps | None = None,
+        caps: BudgetCaps | None = None,
         budget_zone: str = "UTC",
         provider: str = "dashscope",
         on_held: Callable[[], None] = lambda: None,
@@ -184,7 +184,7 @@ class Submitter:
         self.faults = faults if faults is not None else Faults(clock=clock)
         # Budgets (a reload may change them): the caps, where their days begin, and whose
         # spend they count; the price table parts without a price are priced again with.
-        self.caps = caps or Caps()
+        self.caps = caps or BudgetCaps()
         self.budget_zone = budget_zone
         self.provider = provider
         self.prices = prices
