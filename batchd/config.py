@@ -34,7 +34,6 @@ from batchd.inputs.csvio import DEFAULT_CSV_ENCODING, encoding_problem
 from batchd.inputs.validate import DEFAULT_MAX_REPORTED_ERRORS
 from batchd.logs import shown_url
 from batchd.models import completion_hours
-from batchd.pipeline.budget import BudgetCaps
 from batchd.provider.prices import PriceTable, table_from
 from batchd.provider.profiles import (
     DEFAULT_PROVIDER,
@@ -447,18 +446,6 @@ class Settings(FileSettings):
         if self._price_table is None:
             self._price_table = table_from(self.prices)
         return self._price_table
-
-    @property
-    def caps(self) -> BudgetCaps:
-        """The budget as batchd.pipeline.budget reads it."""
-        return BudgetCaps(
-            daily=self.budget.daily,
-            monthly=self.budget.monthly,
-            currency=self.price_table.currency(self.provider),
-            unknown_price=self.budget.unknown_price,
-            on_over=self.budget.on_over,
-            timezone=self.budget.timezone,
-        )
 
     @model_validator(mode="after")
     def _check_limits(self) -> Self:

@@ -37,6 +37,7 @@ from batchd.operator.control import ControlServer, check_socket_path, resolve_gr
 from batchd.operator.ops import Operations
 from batchd.operator.protocol import Reload
 from batchd.pipeline.account import AccountProbe, AccountState
+from batchd.pipeline.budget import BudgetCaps
 from batchd.pipeline.cleanup import RemoteCleanup
 from batchd.pipeline.collect import Collector
 from batchd.pipeline.extras import ExtraBatches
@@ -320,7 +321,7 @@ class Daemon:
             policy=policy,
             settling=Settling(api.settle_after_s, api.clock_skew_s, api.max_list_pages),
             clock=self.clock,
-            caps=s.caps,
+            caps=BudgetCaps.of(s),
             budget_zone=s.budget.timezone,
             provider=s.provider,
             on_held=self.wake.poke(Stage.NOTIFY),
@@ -706,7 +707,7 @@ class Daemon:
             # The money holds are judged again at the next pass: a raised cap releases
             # held parts, new prices price the parts planned without one (and count for
             # jobs planned or published from now on).
-            self.submitter.caps = new.caps
+            self.submitter.caps = BudgetCaps.of(new)
             self.submitter.budget_zone = new.budget.timezone
             self.submitter.prices = new.price_table
             self.publisher.prices = new.price_table

@@ -63,7 +63,7 @@ from batchd.outbox import failures, remerge
 from batchd.outbox.merge import RESULT_UNAVAILABLE
 from batchd.pipeline import holds
 from batchd.pipeline.account import AccountState
-from batchd.pipeline.budget import periods
+from batchd.pipeline.budget import BudgetCaps, periods
 from batchd.pipeline.extras import extra_note
 from batchd.pipeline.intake import Intake
 from batchd.pipeline.notify import shown_error
@@ -383,7 +383,7 @@ class Operations:
     async def spend(self) -> Spend:
         """Spend today and this month per provider, against the budget."""
         settings = self.settings
-        caps = settings.caps
+        caps = BudgetCaps.of(settings)
         when = periods(self.clock.now(), settings.budget.timezone)
         committed, unpriced = await self.store.committed_cost()
         held = len(await self.store.held_jobs(limit=10_000))

@@ -34,10 +34,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
 from batchd.models import Held
 from batchd.pipeline.holds import Hold
+
+if TYPE_CHECKING:
+    from batchd.config import Settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +54,18 @@ class BudgetCaps:
     unknown_price: str = "hold"  # hold | allow
     on_over: str = "wait"  # wait | reject
     timezone: str = "UTC"  # where its days and months begin
+
+    @classmethod
+    def of(cls, settings: Settings) -> BudgetCaps:
+        """The caps of a loaded configuration, in its price table's currency."""
+        return cls(
+            daily=settings.budget.daily,
+            monthly=settings.budget.monthly,
+            currency=settings.price_table.currency(settings.provider),
+            unknown_price=settings.budget.unknown_price,
+            on_over=settings.budget.on_over,
+            timezone=settings.budget.timezone,
+        )
 
     @property
     def active(self) -> bool:

@@ -30,7 +30,7 @@ from batchd.inputs.verdict import Rules, judge_content, judge_unread
 from batchd.logs import get_logger
 from batchd.models import Held, Job, JobState, PartPlan, completion_hours, upload_name
 from batchd.pipeline import holds
-from batchd.pipeline.budget import Ledger, job_refusal, periods
+from batchd.pipeline.budget import BudgetCaps, Ledger, job_refusal, periods
 from batchd.pipeline.holds import Hold
 from batchd.provider.tokens import FileCount, count_file
 from batchd.store import Store
@@ -426,7 +426,7 @@ class Preparer:
         worst: float | None = 0.0
         for part in prepared.parts:
             worst = None if worst is None or part.cost_max is None else worst + part.cost_max
-        caps = self.settings.caps
+        caps = BudgetCaps.of(self.settings)
         own_cap = job.options.get("max_cost")
         if own_cap is None and not (caps.active and caps.on_over == "reject"):
             return None
