@@ -113,7 +113,7 @@ from batchd.inputs.lines import (
     custom_id_of,
     iter_lines,
     loads,
-    printable,
+    utf8_safe,
 )
 from batchd.inputs.validate import InputProblem
 from batchd.provider.profiles import ENDPOINT_CHAT, ENDPOINT_EMBEDDINGS, ENDPOINT_TEST, TEST_MODEL
@@ -479,7 +479,7 @@ def _text(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, str):
-        return printable(value)
+        return utf8_safe(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
@@ -487,7 +487,7 @@ def _text(value: Any) -> str:
     try:
         return orjson.dumps(value).decode()
     except TypeError:  # orjson refuses lone surrogates: the json module writes them
-        return printable(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
+        return utf8_safe(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
 
 
 def _cell(value: Any, safe: bool = True) -> str:

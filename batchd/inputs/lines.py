@@ -24,6 +24,7 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any
 
 import orjson
@@ -103,7 +104,7 @@ def identity(raw: bytes, parsed: dict[str, Any] | None) -> str | None:
     return custom_id_of(raw[:HEAD_BYTES])
 
 
-def printable(text: str) -> str:
+def utf8_safe(text: str) -> str:
     """`text` with lone surrogates as U+FFFD, so that it can be written as UTF-8."""
     return _SURROGATES.sub("\ufffd", text)
 
@@ -237,6 +238,7 @@ def input_line_of(fh: IO[bytes], line: Line) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def count_lines(fh: IO[bytes], max_line_bytes: int) -> int:
-    """How many lines of `fh` are not blank, in bounded memory."""
-    return sum(1 for line in iter_lines(fh, max_line_bytes) if not line.blank)
+def count_lines(path: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> int:
+    """How many lines of a file are not blank, read in bounded memory."""
+    with path.open("rb") as fh:
+        return sum(1 for line in iter_lines(fh, max_line_bytes) if not line.blank)

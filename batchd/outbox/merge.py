@@ -59,8 +59,8 @@ from batchd.inputs.lines import (
     identity,
     iter_lines,
     line_at,
-    printable,
     read_line,
+    utf8_safe,
 )
 from batchd.models import Job, Part, PartState, RemoteStatus
 from batchd.outbox.failures import error_code
@@ -322,7 +322,7 @@ class Charges:
             listed.append(
                 {
                     "input_line": item.number,
-                    "custom_id": printable(item.custom_id) if item.custom_id else None,
+                    "custom_id": utf8_safe(item.custom_id) if item.custom_id else None,
                     "reason": reason,
                     "note": note,
                 }
@@ -407,7 +407,7 @@ class Strays:
                 {
                     "line": stats.unattributed,
                     "reason": reason,
-                    "custom_id": printable(cid) if cid is not None else None,
+                    "custom_id": utf8_safe(cid) if cid is not None else None,
                     "part": source.part.seq,
                     "file": source.kind,
                     "file_id": (
@@ -610,7 +610,7 @@ def merged(
             error_line = orjson.dumps(
                 {
                     "id": None,
-                    "custom_id": printable(cid) if cid is not None else None,
+                    "custom_id": utf8_safe(cid) if cid is not None else None,
                     "response": None,
                     "error": {
                         "code": code or "result_missing",
@@ -824,14 +824,14 @@ def batch_error(part: Part) -> dict[str, Any] | None:
     code = first.get("code")
     message = first.get("message")
     line = first.get("line")
-    code = printable(code)[:MAX_ERROR_CODE_CHARS] if isinstance(code, str) and code else None
+    code = utf8_safe(code)[:MAX_ERROR_CODE_CHARS] if isinstance(code, str) and code else None
     if not isinstance(message, str) or not message:
         message = (
             "the service failed the batch without saying why"
             if part.remote_errors is None
             else "the service failed the batch; its errors are in the part's errors"
         )
-    message = printable(message)[:MAX_ERROR_MESSAGE_CHARS]
+    message = utf8_safe(message)[:MAX_ERROR_MESSAGE_CHARS]
     if isinstance(line, int) and not isinstance(line, bool) and line > 0:
         message = f"{message} (line {line} of part {part.seq})"
     if len(items) > 1:

@@ -66,8 +66,8 @@ from batchd.inputs.lines import (
     input_line_of,
     iter_lines,
     line_at,
-    printable,
     read_line,
+    utf8_safe,
 )
 from batchd.logs import get_logger
 from batchd.models import Job, JobState, Outcome
@@ -383,7 +383,7 @@ def _missing(cid: str, number: int) -> bytes:
         orjson.dumps(
             {
                 "id": None,
-                "custom_id": printable(cid),
+                "custom_id": utf8_safe(cid),
                 "response": None,
                 "error": {
                     "code": "result_missing",

@@ -38,10 +38,7 @@ from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import ProviderLimits
 from batchd.failpoints import failpoint
 from batchd.faults import Faults, LocalFault, describe, local_cause
-from batchd.inputs.lines import DEFAULT_MAX_LINE_BYTES, read_line
-from batchd.inputs.lines import (
-    count_lines as count_file_lines,
-)
+from batchd.inputs.lines import DEFAULT_MAX_LINE_BYTES, count_lines, read_line
 from batchd.logs import get_logger
 from batchd.models import Job, JobState, Part, PartPlan, PartState, upload_name
 from batchd.outbox.merge import (
@@ -63,12 +60,6 @@ from batchd.provider.tokens import RequestCounter
 from batchd.store import Store
 
 log = get_logger(__name__)
-
-
-def count_lines(path: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> int:
-    """Non-blank lines of a file, read in bounded memory."""
-    with path.open("rb") as fh:
-        return count_file_lines(fh, max_line_bytes)
 
 
 @dataclass(frozen=True, slots=True)

@@ -61,7 +61,7 @@ LATE_SIDECAR = "late.meta.json"
 MAX_LATE_NOTES = 50
 
 
-def printable(name: str) -> str:
+def shown_name(name: str) -> str:
     """A name safe for a log line: control characters and undecodable bytes escaped."""
     return (
         name.encode("utf-8", "surrogateescape")
@@ -159,14 +159,14 @@ class Intake:
     def _refuse_once(self, name: str, ino: int, reason: str) -> None:
         if (name, ino) not in self._refused:
             self._refused[(name, ino)] = reason
-            log.warning("inbox_entry_refused", name=printable(name), reason=reason)
+            log.warning("inbox_entry_refused", name=shown_name(name), reason=reason)
 
     def entries(self) -> tuple[dict[str, str], dict[str, str]]:
         """What `batchd status` shows of the inbox: the inputs waiting to be claimed and
         the entries refused, each with why (names made printable)."""
-        waiting = {printable(name): why for name, why in self.waiting.items()}
-        refused = {printable(name): why for (name, _ino), why in self._refused.items()}
-        refused.update((printable(name), why) for name, why in self.late.items())
+        waiting = {shown_name(name): why for name, why in self.waiting.items()}
+        refused = {shown_name(name): why for (name, _ino), why in self._refused.items()}
+        refused.update((shown_name(name), why) for name, why in self.late.items())
         return waiting, refused
 
     def scan(self) -> list[tuple[str, os.stat_result]]:
@@ -296,7 +296,7 @@ class Intake:
                 try:
                     await self._late_sidecar(name, st)
                 except OSError as exc:
-                    log.warning("sidecar_not_moved", name=printable(name), error=str(exc))
+                    log.warning("sidecar_not_moved", name=shown_name(name), error=str(exc))
         if claimed:
             self.on_claimed()
         return claimed
@@ -341,7 +341,7 @@ class Intake:
                 f" {stem}.jsonl or .csv dropped: remove it if it was meant for job {job.id}"
             )
             self._refuse_once(name, st.st_ino, why)
-        log.warning("sidecar_late", name=printable(name), job_id=job.id, after_s=after_s)
+        log.warning("sidecar_late", name=shown_name(name), job_id=job.id, after_s=after_s)
         if moved:
             self.late[name] = why
             while len(self.late) > MAX_LATE_NOTES:
@@ -410,7 +410,7 @@ class Intake:
             }
             await asyncio.to_thread(self._move, name, stem, job_dir, target, st, record)
         except OSError as exc:
-            log.warning("claim_failed", name=printable(name), error=str(exc))
+            log.warning("claim_failed", name=shown_name(name), error=str(exc))
             await self.store.delete_job(job_id)
             # Only if empty: whatever a failed rename-back left in it is not ours to delete.
             with contextlib.suppress(OSError):
@@ -425,7 +425,7 @@ class Intake:
         failpoint("intake.after_rename")
         await self.store.update_job(job_id, JobState.CLAIMING, state=JobState.CLAIMED)
         self._seen.pop(name, None)
-        log.info("job_claimed", job_id=job_id, name=printable(name), bytes=st.st_size)
+        log.info("job_claimed", job_id=job_id, name=shown_name(name), bytes=st.st_size)
         return True
 
     def _trouble(self, problem: str) -> None:
@@ -471,7 +471,7 @@ class Intake:
         hears of it instead of paying for a run with the defaults (batchd.inputs.verdict)."""
         for suffix in SIDECAR_SUFFIXES:
             path = self.inbox / f"{stem}{suffix}"
-            options = read_sidecar(path, printable(path.name), owner=owner)
+            options = read_sidecar(path, shown_name(path.name), owner=owner)
             if options is not None:
                 return options
         return {}

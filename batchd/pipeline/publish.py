@@ -48,7 +48,7 @@ from batchd.clock import SYSTEM_CLOCK, Clock, iso_utc
 from batchd.failpoints import failpoint
 from batchd.fsutil import fsync_dir, fsync_file, open_for_writing
 from batchd.inputs import csvio
-from batchd.inputs.lines import CHUNK_BYTES, DEFAULT_MAX_LINE_BYTES, printable, read_line
+from batchd.inputs.lines import CHUNK_BYTES, DEFAULT_MAX_LINE_BYTES, read_line, utf8_safe
 from batchd.logs import get_logger
 from batchd.models import (
     ExtraBatch,
@@ -231,7 +231,7 @@ class Publisher:
         doubles with each failure, up to `retry_cap_s`."""
         delay = retry_delay_s(attempt, self.retry_base_s, self.retry_cap_s)
         self.backoff[job.id] = (attempt, self.clock.monotonic() + delay)
-        error = printable(f"{type(exc).__name__}: {exc}")[:MAX_NOTE_CHARS]
+        error = utf8_safe(f"{type(exc).__name__}: {exc}")[:MAX_NOTE_CHARS]
         note = f"{PUBLISH_FAILED} ({attempt} in a row; tried again in {delay:g} s): {error}"
         await self.store.update_job(
             job.id, JobState.PUBLISHING, crash_count=job.crash_count, error=note
@@ -614,7 +614,7 @@ def write_rejection(
             line = orjson.dumps(
                 {
                     "id": None,
-                    "custom_id": printable(custom_id) if custom_id is not None else None,
+                    "custom_id": utf8_safe(custom_id) if custom_id is not None else None,
                     "response": None,
                     "error": {"code": code, "message": message},
                     "input_line": number,

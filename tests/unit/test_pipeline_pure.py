@@ -10,7 +10,7 @@ import pytest
 from batchd.config import ProviderLimits
 from batchd.models import input_kind, remote_is_terminal, window_hours
 from batchd.outbox.merge import with_input_line
-from batchd.pipeline.intake import Seen, is_ignored_name, printable, settled
+from batchd.pipeline.intake import Seen, is_ignored_name, settled, shown_name
 from batchd.pipeline.poll import expected_end_in, poll_after
 from batchd.pipeline.submit import free_slots
 
@@ -43,8 +43,8 @@ def test_real_inputs_are_recognised_by_suffix() -> None:
 
 
 def test_odd_names_are_logged_escaped() -> None:
-    assert printable("a\nb") == "a\\nb"
-    assert "\\x" in printable(os.fsdecode(b"bad\xff.jsonl"))
+    assert shown_name("a\nb") == "a\\nb"
+    assert "\\x" in shown_name(os.fsdecode(b"bad\xff.jsonl"))
 
 
 def test_a_file_is_settled_only_when_unchanged_for_the_settle_time() -> None:
