@@ -7,7 +7,7 @@
     for job in client.jobs(states=["running"]).jobs:
         print(job.id, job.name, job.completed, "/", job.requests)
 
-Answers are the typed models of `batchd.protocol`. `Client` speaks HTTP/1.1 over the
+Answers are the typed models of `batchd.operator.protocol`. `Client` speaks HTTP/1.1 over the
 Unix socket with the standard library alone (no event loop, no aiohttp), so that a
 command that asks the daemon something starts about as fast as Python does;
 `AsyncClient` makes the same calls for asyncio code.
@@ -34,8 +34,8 @@ from urllib.parse import quote, urlencode
 import msgspec
 
 from batchd.errors import ConfigError
-from batchd.inbox import SIDECAR_SUFFIX, is_ignored_name
-from batchd.protocol import (
+from batchd.inputs.inbox import SIDECAR_SUFFIX, is_ignored_name
+from batchd.operator.protocol import (
     API_PREFIX,
     ActionResponse,
     ErrorResponse,
@@ -222,7 +222,7 @@ def queue_file(
     import shutil
 
     from batchd.fsutil import atomic_output, write_atomic
-    from batchd.verdict import SIDECAR_ERROR, read_sidecar
+    from batchd.inputs.verdict import SIDECAR_ERROR, read_sidecar
 
     src, folder = Path(source), Path(inbox)
     lower = src.name.lower()
@@ -833,7 +833,7 @@ def _failure(line: dict[str, Any]) -> dict[str, Any]:
 
 
 def _lines(stack: ExitStack, path: Path) -> Iterator[dict[str, Any]]:
-    from batchd.lines import read_line
+    from batchd.inputs.lines import read_line
 
     if not path.exists():
         return iter(())

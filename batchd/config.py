@@ -1,4 +1,4 @@
-"""Configuration, read by pydantic-settings (the provider profiles are batchd.profiles).
+"""Configuration, read by pydantic-settings (the provider profiles are batchd.provider.profiles).
 
 Every setting comes from, in order of precedence: keyword overrides (the CLI), the
 environment (`BATCHD_*`), then one TOML file. Limits are per provider, never constants:
@@ -29,13 +29,13 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from batchd.budget import Caps
-from batchd.csvio import DEFAULT_CSV_ENCODING, encoding_problem
 from batchd.errors import ConfigError
+from batchd.inputs.csvio import DEFAULT_CSV_ENCODING, encoding_problem
+from batchd.inputs.validate import DEFAULT_MAX_REPORTED_ERRORS
 from batchd.logs import shown_url
 from batchd.models import completion_hours
-from batchd.prices import PriceTable, table_from
-from batchd.profiles import (
+from batchd.provider.prices import PriceTable, table_from
+from batchd.provider.profiles import (
     DEFAULT_PROVIDER,
     ENDPOINT_CHAT,
     ENDPOINT_EMBEDDINGS,
@@ -50,7 +50,6 @@ from batchd.profiles import (
     ProviderProfile,
     merge_limits,
 )
-from batchd.validate import DEFAULT_MAX_REPORTED_ERRORS
 
 __all__ = [  # the provider profiles, as read through the configuration
     "ENDPOINT_CHAT",
@@ -346,7 +345,7 @@ class NotifySettings(BaseModel):
 
 
 class BudgetSettings(BaseModel):
-    """Caps on spending, in the price table's currency (batchd.budget says how a part is
+    """Caps on spending, in the price table's currency (batchd.pipeline.budget says how a part is
     held to them). Unset: no cap."""
 
     model_config = ConfigDict(extra="forbid")
@@ -414,7 +413,7 @@ class Settings(FileSettings):
     control: ControlSettings = Field(default_factory=ControlSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)
     budget: BudgetSettings = Field(default_factory=BudgetSettings)
-    # Prices per provider and model, over the shipped defaults (batchd.prices):
+    # Prices per provider and model, over the shipped defaults (batchd.provider.prices):
     # [prices.dashscope."qwen-plus"] input = 0.8, output = 2.0, currency = "CNY", ...
     prices: dict[str, Any] = Field(default_factory=dict)
     # Stop and park a job after it was caught mid-step by this many crashes.
@@ -447,18 +446,6 @@ class Settings(FileSettings):
         if self._price_table is None:
             self._price_table = table_from(self.prices)
         return self._price_table
-
-    @property
-    def caps(self) -> Caps:
-        """The budget as batchd.budget reads it."""
-        return Caps(
-            daily=self.budget.daily,
-            monthly=self.budget.monthly,
-            currency=self.price_table.currency(self.provider),
-            unknown_price=self.budget.unknown_price,
-            on_over=self.budget.on_over,
-            timezone=self.budget.timezone,
-        )
 
     @model_validator(mode="after")
     def _check_limits(self) -> Self:

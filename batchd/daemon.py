@@ -27,31 +27,32 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from batchd import __version__
-from batchd.account import AccountProbe, AccountState
-from batchd.api import BatchApi, RetryPolicy, Throughput
-from batchd.cleanup import RemoteCleanup
 from batchd.clock import SYSTEM_CLOCK, Clock, ClockWatch, SystemClock
-from batchd.collect import Collector
 from batchd.config import Settings
-from batchd.control import ControlServer, check_socket_path, resolve_group
 from batchd.errors import BatchdError, ConfigError
-from batchd.extras import ExtraBatches
 from batchd.faults import DATABASE, Faults, describe, local_cause, unusable_folder
-from batchd.intake import Intake
-from batchd.limits import CallClass, RateLimiter
 from batchd.logs import configure, get_logger, register_secret
 from batchd.models import JobState, Part, window_hours
-from batchd.notify import Notifier, status_loop, watchdog_loop
-from batchd.ops import Operations
-from batchd.poll import Poller
-from batchd.prepare import Preparer
-from batchd.problems import StepPolicy
-from batchd.protocol import Reload
-from batchd.publish import Publisher
-from batchd.stages import Stage, Wake, run_stage
+from batchd.operator.control import ControlServer, check_socket_path, resolve_group
+from batchd.operator.ops import Operations
+from batchd.operator.protocol import Reload
+from batchd.pipeline.account import AccountProbe, AccountState
+from batchd.pipeline.budget import BudgetCaps
+from batchd.pipeline.cleanup import RemoteCleanup
+from batchd.pipeline.collect import Collector
+from batchd.pipeline.extras import ExtraBatches
+from batchd.pipeline.intake import Intake
+from batchd.pipeline.notify import Notifications, load_webhook_secret
+from batchd.pipeline.poll import Poller
+from batchd.pipeline.prepare import Preparer
+from batchd.pipeline.problems import StepPolicy
+from batchd.pipeline.publish import Publisher
+from batchd.pipeline.stages import Stage, Wake, run_stage
+from batchd.pipeline.submit import Settling, Submitter
+from batchd.provider.api import BatchApi, RetryPolicy, Throughput
+from batchd.provider.limits import CallClass, RateLimiter
 from batchd.store import Store
-from batchd.submit import Settling, Submitter
-from batchd.webhooks import Notifications, load_webhook_secret
+from batchd.systemd import Notifier, status_loop, watchdog_loop
 
 log = get_logger(__name__)
 
@@ -320,7 +321,7 @@ class Daemon:
             policy=policy,
             settling=Settling(api.settle_after_s, api.clock_skew_s, api.max_list_pages),
             clock=self.clock,
-            caps=s.caps,
+            caps=BudgetCaps.of(s),
             budget_zone=s.budget.timezone,
             provider=s.provider,
             on_held=self.wake.poke(Stage.NOTIFY),
@@ -706,7 +707,7 @@ class Daemon:
             # The money holds are judged again at the next pass: a raised cap releases
             # held parts, new prices price the parts planned without one (and count for
             # jobs planned or published from now on).
-            self.submitter.caps = new.caps
+            self.submitter.caps = BudgetCaps.of(new)
             self.submitter.budget_zone = new.budget.timezone
             self.submitter.prices = new.price_table
             self.publisher.prices = new.price_table

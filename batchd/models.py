@@ -70,7 +70,7 @@ class PartPlan:
     model: str
     endpoint: str
     upload_name: str
-    # Counted when planned (batchd.tokens): input tokens, output bounded by each
+    # Counted when planned (batchd.provider.tokens): input tokens, output bounded by each
     # request's max_tokens (or the model's limit), and the worst-case batch price (None:
     # a model of the part has no price).
     input_tokens: int | None = None
@@ -128,7 +128,7 @@ def remote_is_terminal(status: str | None) -> bool:
 
 
 class Held(StrEnum):
-    """Why a job waits with nothing more created (batchd.holds declares what ends each)."""
+    """Why a job waits with nothing more created (batchd.pipeline.holds declares what ends each)."""
 
     BUDGET = "budget"  # its worst case does not fit what the budget leaves now
     NO_PRICE = "no_price"  # its model has no price, so its cost cannot be held to a cap

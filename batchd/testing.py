@@ -68,8 +68,8 @@ from batchd.clock import STEP_FILE_VARIABLE, Clock
 from batchd.config import Settings
 from batchd.daemon import Daemon
 from batchd.emulator import Emulator, EmulatorSettings
-from batchd.intake import Intake
 from batchd.models import Job
+from batchd.pipeline.intake import Intake
 from batchd.store import Store
 
 __all__ = [

@@ -33,14 +33,14 @@ import orjson
 from aiohttp import BodyPartReader, web
 
 from batchd.emulator import errors
-from batchd.emulator.checks import Rules, scan_input
+from batchd.emulator.checks import ServiceRules, scan_input
 from batchd.emulator.clock import ServiceClock
 from batchd.emulator.config import CALL_CLASSES, EmulatorSettings
-from batchd.emulator.errors import ApiError
-from batchd.emulator.faults import Fault, FaultInjector
+from batchd.emulator.errors import EmulatorError
+from batchd.emulator.faults import FaultInjector, FaultMode
 from batchd.emulator.lifecycle import Status
 from batchd.emulator.limits import CallWindow
-from batchd.emulator.store import OUTPUT_PREFIX, Batch, Store, StoredFile
+from batchd.emulator.store import OUTPUT_PREFIX, Batch, EmulatorStore, StoredFile
 from batchd.logs import get_logger
 
 log = get_logger("batchd.emulator")
@@ -65,15 +65,15 @@ class EmulatorState:
 
     settings: EmulatorSettings
     clock: ServiceClock
-    store: Store
+    store: EmulatorStore
     windows: dict[str, CallWindow]
     faults: FaultInjector
     api_key: str
 
     @property
-    def rules(self) -> Rules:
+    def rules(self) -> ServiceRules:
         s = self.settings
-        return Rules(
+        return ServiceRules(
             limits=s.limits,
             models=frozenset(s.models) | frozenset(s.limits.models),
             request_failure_rate=s.request_failure_rate,
@@ -135,7 +135,7 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
     )
 
 
-def _error(exc: ApiError) -> web.Response:
+def _error(exc: EmulatorError) -> web.Response:
     return _json(exc.body(), exc.status, exc.headers())
 
 
@@ -160,30 +160,36 @@ def guarded(call_class: str, handler: Handler) -> Handler:
     async def guard(request: web.Request) -> web.StreamResponse:
         state = request.app[STATE]
         if not _authorised(request, state.api_key):
-            return _error(ApiError(401, "InvalidApiKey", "Invalid API-key provided.", param=None))
+            return _error(
+                EmulatorError(401, "InvalidApiKey", "Invalid API-key provided.", param=None)
+            )
         decision = state.faults.decide(call_class)
         if decision.latency_s > 0:
             await asyncio.sleep(decision.latency_s)
-        if decision.fault is Fault.DROP:
+        if decision.fault is FaultMode.DROP:
             return _drop(request)
-        if decision.fault is Fault.ERROR_5XX:
-            return _error(ApiError(500, "InternalError", "An internal error occurred (injected)."))
-        if decision.fault is Fault.THROTTLE:
+        if decision.fault is FaultMode.ERROR_5XX:
             return _error(
-                ApiError(429, "Throttling", "Requests throttled (injected).", retry_after_s=1.0)
+                EmulatorError(500, "InternalError", "An internal error occurred (injected).")
+            )
+        if decision.fault is FaultMode.THROTTLE:
+            return _error(
+                EmulatorError(
+                    429, "Throttling", "Requests throttled (injected).", retry_after_s=1.0
+                )
             )
         wait = state.windows[call_class].admit(state.clock.monotonic())
         if wait is not None:
             return _error(errors.rate_limited(call_class, wait))
         try:
             return await handler(request)
-        except ApiError as exc:
+        except EmulatorError as exc:
             return _error(exc)
         except (asyncio.CancelledError, ConnectionError):
             raise
         except Exception:
             log.exception("emulator_handler_failed", path=request.path)
-            return _error(ApiError(500, "InternalError", "The emulator failed on this call."))
+            return _error(EmulatorError(500, "InternalError", "The emulator failed on this call."))
 
     return guard
 
@@ -448,7 +454,7 @@ async def create_batch(request: web.Request) -> web.StreamResponse:
             break
         try:
             store.check_running_cap(scan.model, state.clock.now())
-        except ApiError:
+        except EmulatorError:
             break
         batch = store.create_batch(
             input_file, endpoint, completion_window, window_s, metadata, scan
@@ -550,7 +556,7 @@ async def clock_advance(request: web.Request) -> web.StreamResponse:
             raise errors.invalid("the clock only moves forward", "seconds")
     except (TypeError, ValueError):
         return _error(errors.invalid("seconds must be a number", "seconds"))
-    except ApiError as exc:
+    except EmulatorError as exc:
         return _error(exc)
     clock.advance_wall(wall_s)
     clock.advance(service_s)
@@ -566,7 +572,7 @@ async def faults_patch(request: web.Request) -> web.StreamResponse:
     try:
         patch = await _json_body(request)
         injector.update(patch)
-    except ApiError as exc:
+    except EmulatorError as exc:
         return _error(exc)
     except ValueError as exc:
         return _error(errors.invalid(f"invalid fault settings: {exc}"))

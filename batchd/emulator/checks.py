@@ -21,7 +21,7 @@ MAX_LISTED_ERRORS = 100
 
 
 @dataclass(frozen=True)
-class Rules:
+class ServiceRules:
     """What the service accepts, taken from the emulator's settings."""
 
     limits: ProviderLimits
@@ -86,7 +86,7 @@ def _model_limit(limits: ProviderLimits, model: str, name: str) -> Any:
 
 
 class _LineCheck:
-    def __init__(self, endpoint: str, rules: Rules, scan: Scan, salt: str = "") -> None:
+    def __init__(self, endpoint: str, rules: ServiceRules, scan: Scan, salt: str = "") -> None:
         self.salt = salt
         self.endpoint = endpoint
         self.rules = rules
@@ -184,7 +184,7 @@ class _LineCheck:
             )
 
 
-def scan_input(path: Path, endpoint: str, rules: Rules, salt: str = "") -> Scan:
+def scan_input(path: Path, endpoint: str, rules: ServiceRules, salt: str = "") -> Scan:
     """Check an input file against the service's rules in one streaming pass; `salt`
     (the input file id) varies which requests fail from one file to the next."""
     scan = Scan()

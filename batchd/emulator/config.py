@@ -9,7 +9,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt,
 from pydantic_settings import SettingsConfigDict
 
 from batchd.config import FileSettings, LogSettings
-from batchd.profiles import ProviderLimits, limits_from
+from batchd.provider.profiles import ProviderLimits, limits_from
 
 # Call classes: each has its own rate cap and its own line in the stats.
 CALL_CLASSES = ("create", "retrieve", "cancel", "list", "upload", "files", "download")
@@ -174,7 +174,7 @@ class EmulatorSettings(FileSettings):
     # Hybrid models that think unless a request sets `enable_thinking: false`, as Model
     # Studio documents them: the Qwen3 open models and Qwen3.5 (the commercial qwen-plus,
     # qwen-turbo, qwen-flash think only when asked). A list of the emulator's own, kept
-    # apart from the daemon's (batchd.profiles) so that one cannot hide the other's slip.
+    # apart from the daemon's (batchd.provider.profiles) so that one cannot hide the other's slip.
     thinking_by_default: tuple[str, ...] = (
         "qwen3-235b-a22b",
         "qwen3-32b",

@@ -15,7 +15,7 @@ _TYPES = {
 }
 
 
-class ApiError(Exception):
+class EmulatorError(Exception):
     """A call the service refuses; `body()` is what the client receives."""
 
     def __init__(
@@ -54,20 +54,20 @@ class ApiError(Exception):
         }
 
 
-def invalid(message: str, param: str | None = None) -> ApiError:
-    return ApiError(400, "InvalidParameter", message, param=param)
+def invalid(message: str, param: str | None = None) -> EmulatorError:
+    return EmulatorError(400, "InvalidParameter", message, param=param)
 
 
-def not_found(what: str, ident: str) -> ApiError:
-    return ApiError(404, "NotFound", f"no {what} with id {ident!r}", param=None)
+def not_found(what: str, ident: str) -> EmulatorError:
+    return EmulatorError(404, "NotFound", f"no {what} with id {ident!r}", param=None)
 
 
-def quota(message: str, retry_after_s: float | None = None) -> ApiError:
-    return ApiError(429, "Throttling.AllocationQuota", message, retry_after_s=retry_after_s)
+def quota(message: str, retry_after_s: float | None = None) -> EmulatorError:
+    return EmulatorError(429, "Throttling.AllocationQuota", message, retry_after_s=retry_after_s)
 
 
-def rate_limited(call_class: str, retry_after_s: float) -> ApiError:
-    return ApiError(
+def rate_limited(call_class: str, retry_after_s: float) -> EmulatorError:
+    return EmulatorError(
         429,
         "Throttling.RateQuota",
         f"too many {call_class} calls; retry after {retry_after_s:.3f} s",

@@ -50,7 +50,7 @@ TIMESTAMP_FIELDS = (
 GARBLE_VARIANTS = 8
 
 
-class Fault(StrEnum):
+class FaultMode(StrEnum):
     NONE = "none"
     ERROR_5XX = "error_5xx"
     DROP = "dropped_connection"
@@ -62,7 +62,7 @@ class Decision:
     """What happens to one call before it is served."""
 
     latency_s: float
-    fault: Fault
+    fault: FaultMode
 
 
 class FaultInjector:
@@ -76,7 +76,7 @@ class FaultInjector:
         self._reset_counts()
 
     def _reset_counts(self) -> None:
-        self.counts = {f.value: 0 for f in Fault if f is not Fault.NONE}
+        self.counts = {f.value: 0 for f in FaultMode if f is not FaultMode.NONE}
         for name in COUNTERS:
             self.counts[name] = 0
 
@@ -95,7 +95,7 @@ class FaultInjector:
     def decide(self, call_class: str) -> Decision:
         s = self.settings
         if not self._applies(call_class):
-            return Decision(0.0, Fault.NONE)
+            return Decision(0.0, FaultMode.NONE)
         latency = 0.0
         # A draw for the share only when it is one: a run with every call delayed
         # repeats the draws it made before `latency_rate` existed.
@@ -103,16 +103,16 @@ class FaultInjector:
             low = min(s.latency_min_s, s.latency_max_s)
             latency = self._rng.uniform(low, s.latency_max_s)
             self.counts["delayed"] += 1
-        fault = Fault.NONE
+        fault = FaultMode.NONE
         for rate, kind in (
-            (s.drop_connection_rate, Fault.DROP),
-            (s.error_5xx_rate, Fault.ERROR_5XX),
-            (s.throttle_rate, Fault.THROTTLE),
+            (s.drop_connection_rate, FaultMode.DROP),
+            (s.error_5xx_rate, FaultMode.ERROR_5XX),
+            (s.throttle_rate, FaultMode.THROTTLE),
         ):
             if rate > 0 and self._rng.random() < rate:
                 fault = kind
                 break
-        if fault is not Fault.NONE:
+        if fault is not FaultMode.NONE:
             self.counts[fault.value] += 1
         return Decision(latency, fault)
 

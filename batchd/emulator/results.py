@@ -6,7 +6,7 @@ per-model tally of `/_emulator/stats` all agree. Chat requests are counted as Da
 counts them: Qwen's chat template written out here and encoded by the provider's own
 tokenizer (`dashscope.get_tokenizer`, when the `dashscope` package is installed), which
 gives the seed's 26, 26 and 22 prompt tokens. This shares no code with batchd's own
-counter (`batchd.tokens`, which reimplements the vocabulary's use on tiktoken), so a test
+counter (`batchd.provider.tokens`, which reimplements the vocabulary's use on tiktoken), so a test
 that compares batchd's estimate with what the emulator bills checks one against the
 other. Without the package, an approximation shaped like a real tokenizer's (`_tokens`).
 The free test model's answers always show 20 prompt and 6 completion tokens, as the

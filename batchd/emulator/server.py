@@ -16,7 +16,7 @@ from batchd.emulator.app import EmulatorState, build_app, make_windows
 from batchd.emulator.clock import ServiceClock
 from batchd.emulator.config import EmulatorSettings, FaultSettings
 from batchd.emulator.faults import FaultInjector
-from batchd.emulator.store import Store
+from batchd.emulator.store import EmulatorStore
 from batchd.errors import ConfigError
 from batchd.logs import get_logger, register_secret
 
@@ -48,7 +48,7 @@ class Emulator:
         self.state = EmulatorState(
             settings=settings,
             clock=self.clock,
-            store=Store(settings, self.clock, data_dir, faults),
+            store=EmulatorStore(settings, self.clock, data_dir, faults),
             windows=make_windows(settings),
             faults=faults,
             api_key=self.api_key,

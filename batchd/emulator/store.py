@@ -151,7 +151,7 @@ class _HugeLine:
         return len(self.prefix) + self.padding + len(self.suffix)
 
 
-class Store:
+class EmulatorStore:
     """All state of one emulated account."""
 
     def __init__(

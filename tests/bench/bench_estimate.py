@@ -183,7 +183,7 @@ def exact_available() -> bool:
     peak RSS is inherited by the passes it starts)."""
     import importlib.util
 
-    from batchd.tokens import qwen_vocabulary_path
+    from batchd.provider.tokens import qwen_vocabulary_path
 
     return qwen_vocabulary_path() is not None and importlib.util.find_spec("tiktoken") is not None
 

@@ -75,7 +75,7 @@ def generate(path: Path, lines: int, total_bytes: int, style: str = "compact") -
 def worker(mode: str, path: Path, out_dir: Path | None, digest: bool = False) -> dict[str, Any]:
     """One measured pass, run in a fresh process."""
     from batchd.config import PROFILES
-    from batchd.validate import validate_file, write_parts
+    from batchd.inputs.validate import validate_file, write_parts
 
     before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()

@@ -37,6 +37,7 @@ import orjson
 import pytest
 
 from batchd.cli import main
+from batchd.provider.tokens import tokenizer_for
 from batchd.testing import (
     FakeSystemd,
     RawControl,
@@ -50,7 +51,6 @@ from batchd.testing import (
     wait_published,
     wait_ready,
 )
-from batchd.tokens import tokenizer_for
 
 # The attack at full size: the 384 KB of combining marks, 100,000-char runs.
 MARKS = 96_000

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from batchd.cli import main
-from batchd.control import SocketInUseError
 from batchd.daemon import Daemon
 from batchd.errors import BatchdError
+from batchd.operator.control import SocketInUseError
 from batchd.testing import (
     API_KEY,
     RawControl,

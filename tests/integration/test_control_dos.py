@@ -25,13 +25,13 @@ from typing import Any, cast
 import pytest
 
 from batchd.cli import main
-from batchd.control import (
+from batchd.errors import ConfigError
+from batchd.operator.control import (
     MAX_LINGERING,
     UNIX_PATH_MAX,
     ControlServer,
     check_socket_path,
 )
-from batchd.errors import ConfigError
 from batchd.testing import (
     RawControl,
     StartEmulator,

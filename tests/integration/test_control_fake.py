@@ -13,15 +13,15 @@ from typing import Any
 import pytest
 
 from batchd.client import AsyncClient, Client, RequestFailed
-from batchd.control import ControlServer
-from batchd.protocol import (
+from batchd.operator.control import ControlServer
+from batchd.operator.protocol import (
     ActionResponse,
-    Caps,
     Event,
     JobInfo,
     JobList,
     LocalFaultInfo,
     Operator,
+    RunningCaps,
     Spend,
     SpendPeriod,
     StatusResponse,
@@ -73,7 +73,7 @@ class FakeOperator:
             jobs_by_state={"running": 1},
             jobs_by_outcome={},
             parts_by_state={},
-            caps=Caps(running_batches=0, running_cap=1000),
+            caps=RunningCaps(running_batches=0, running_cap=1000),
             bucket_levels={},
             api_calls={},
             throttled={},

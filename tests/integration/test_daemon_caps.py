@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from batchd.api import BatchApi
-from batchd.limits import CallClass, RateLimiter
+from batchd.provider.api import BatchApi
+from batchd.provider.limits import CallClass, RateLimiter
 from batchd.testing import (
     ENDPOINT_CHAT,
     StartEmulator,

@@ -11,7 +11,7 @@ import orjson
 
 from batchd.clock import iso_utc
 from batchd.emulator import Emulator
-from batchd.remote import TIME_KEYS
+from batchd.provider.remote import TIME_KEYS
 from batchd.testing import (
     API_KEY,
     StartEmulator,

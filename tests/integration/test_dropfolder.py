@@ -26,8 +26,8 @@ import orjson
 import pytest
 
 from batchd.emulator import Emulator
-from batchd.intake import MAX_NAME_BYTES, printable
 from batchd.logs import configure
+from batchd.pipeline.intake import MAX_NAME_BYTES, shown_name
 from batchd.store import Store
 from batchd.testing import (
     StartEmulator,
@@ -471,7 +471,7 @@ async def test_hostile_entries_are_never_followed_read_or_blocked_on(
             assert b"SECRET-" not in path.read_bytes()
     # Each refused entry is logged once, with its name escaped.
     refused = log_events("inbox_entry_refused")
-    assert sorted(e["name"] for e in refused) == sorted(printable(n) for n in hostile)
+    assert sorted(e["name"] for e in refused) == sorted(shown_name(n) for n in hostile)
     for event in refused:
         assert event["name"].isprintable() and "\n" not in event["name"]
     for event in log_events("job_claimed"):

@@ -13,9 +13,9 @@ import orjson
 import pytest
 
 from batchd.cli import main
-from batchd.prices import DEFAULT_PRICES
+from batchd.provider.prices import DEFAULT_PRICES
+from batchd.provider.tokens import tokenizer_for
 from batchd.store import Store
-from batchd.tokens import tokenizer_for
 
 EXAMPLES = Path(__file__).parents[2] / "batchd" / "examples"
 SEED = EXAMPLES / "qwen_plus.jsonl"

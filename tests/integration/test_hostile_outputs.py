@@ -26,7 +26,7 @@ import orjson
 import pytest
 
 from batchd.emulator import Emulator
-from batchd.lines import custom_id_of, read_line
+from batchd.inputs.lines import custom_id_of, read_line
 from batchd.models import PartState
 from batchd.testing import (
     DaemonProcess,

@@ -54,7 +54,7 @@ import pytest
 
 from batchd.emulator import Emulator
 from batchd.emulator.results import provider_tokenizer as emulator_tokenizer
-from batchd.lines import identity, read_line
+from batchd.inputs.lines import identity, read_line
 from batchd.testing import (
     ENDPOINT_EMBEDDINGS,
     DaemonProcess,

@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from batchd.models import Held
+from batchd.provider.tokens import RequestCounter
 from batchd.testing import (
     ENDPOINT_EMBEDDINGS,
     StartEmulator,
@@ -25,7 +26,6 @@ from batchd.testing import (
     wait_for,
     wait_published,
 )
-from batchd.tokens import RequestCounter
 
 # Prices of the test's own (per million tokens, real time; batch is half), so that the
 # figures do not move with the shipped defaults.
@@ -299,7 +299,7 @@ async def _queue_run(
 ) -> tuple[dict[str, Any], list[Path]]:
     """Three jobs of one model whose input tokens fit the model's enqueued-token limit
     one at a time, against an emulator that fails a batch past it (as OpenAI does)."""
-    from batchd.tokens import count_file
+    from batchd.provider.tokens import count_file
 
     one = requests(3, prefix="q")
     sample = root / "sample.jsonl"

@@ -19,6 +19,7 @@ from aiohttp import web
 from standardwebhooks import Webhook
 
 from batchd.errors import ConfigError
+from batchd.pipeline.notify import COMMAND_PASSED, load_webhook_secret
 from batchd.testing import (
     StartEmulator,
     cli,
@@ -29,7 +30,6 @@ from batchd.testing import (
     wait_for,
     wait_published,
 )
-from batchd.webhooks import COMMAND_PASSED, load_webhook_secret
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 

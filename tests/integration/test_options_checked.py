@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from batchd.errors import ConfigError
+from batchd.inputs.verdict import SIDECAR_ERROR, sidecar_options
 from batchd.testing import (
     StartEmulator,
     daemon_settings,
@@ -18,7 +19,6 @@ from batchd.testing import (
     summary,
     wait_published,
 )
-from batchd.verdict import SIDECAR_ERROR, sidecar_options
 
 
 def test_a_sidecar_is_used_whole_or_not_at_all() -> None:

@@ -42,10 +42,10 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from batchd.lines import identity, read_line
-from batchd.merge import never_ran
+from batchd.inputs.lines import identity, read_line
 from batchd.models import JobState, PartState
-from batchd.stages import Stage
+from batchd.outbox.merge import never_ran
+from batchd.pipeline.stages import Stage
 from batchd.testing import (
     ENDPOINT_CHAT,
     ENDPOINT_EMBEDDINGS,

@@ -37,10 +37,10 @@ import pytest
 from aiohttp import web
 
 from batchd import failpoints
-from batchd.api import ApiError, BatchApi, RetryPolicy
 from batchd.daemon import Daemon
-from batchd.limits import CallClass, RateLimiter
 from batchd.logs import configure, get_logger
+from batchd.provider.api import ApiError, BatchApi, RetryPolicy
+from batchd.provider.limits import CallClass, RateLimiter
 from batchd.testing import (
     DaemonProcess,
     RawControl,

@@ -2,7 +2,7 @@
 reasoning bound, and the actual cost bills the answers' output at the thinking price.
 
 The emulator thinks by default for the Qwen3 open models from a list of its own (it
-shares no code with batchd.profiles), as Model Studio does: reasoning_content and
+shares no code with batchd.provider.profiles), as Model Studio does: reasoning_content and
 `completion_tokens_details.reasoning_tokens` in every answer of a request that does not
 set `enable_thinking`.
 """

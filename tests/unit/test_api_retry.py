@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from batchd.api import (
+from batchd.provider.api import (
     AccountError,
     ApiError,
     NotFoundError,

@@ -1,13 +1,13 @@
-"""The budget's pure decisions (batchd.budget): periods, what fits, what a job may start,
-and the holds they make (batchd.holds): each says what it needs and what ends it."""
+"""The budget's pure decisions (batchd.pipeline.budget): periods, what fits, what a job may start,
+and the holds they make (batchd.pipeline.holds): each says what it needs and what ends it."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from batchd.budget import Caps, Ledger, job_refusal, periods, refusal
-from batchd.holds import KINDS, Hold, ends_by_itself, first_to_show
 from batchd.models import Held
+from batchd.pipeline.budget import BudgetCaps, Ledger, job_refusal, periods, refusal
+from batchd.pipeline.holds import KINDS, Hold, ends_by_itself, first_to_show
 
 
 def _at(text: str) -> float:
@@ -36,12 +36,12 @@ def test_a_day_of_23_hours_still_rolls_over_at_midnight() -> None:
 
 
 def test_no_cap_refuses_nothing_not_even_an_unknown_price() -> None:
-    assert refusal(None, Ledger(spent_day=1e9), Caps()) is None
-    assert refusal(1e9, Ledger(), Caps()) is None
+    assert refusal(None, Ledger(spent_day=1e9), BudgetCaps()) is None
+    assert refusal(1e9, Ledger(), BudgetCaps()) is None
 
 
 def test_a_part_fits_only_beside_what_was_spent_and_what_runs() -> None:
-    caps = Caps(daily=10.0, currency="CNY", timezone="Asia/Shanghai")
+    caps = BudgetCaps(daily=10.0, currency="CNY", timezone="Asia/Shanghai")
     assert refusal(4.0, Ledger(spent_day=3.0, committed=3.0), caps) is None
     why = refusal(4.01, Ledger(spent_day=3.0, committed=3.0), caps)
     assert why is not None and why.reason == Held.BUDGET
@@ -57,14 +57,14 @@ def test_a_part_fits_only_beside_what_was_spent_and_what_runs() -> None:
 
 
 def test_the_monthly_cap_binds_when_the_day_has_room() -> None:
-    caps = Caps(daily=10.0, monthly=100.0, currency="USD")
+    caps = BudgetCaps(daily=10.0, monthly=100.0, currency="USD")
     why = refusal(2.0, Ledger(spent_day=0.0, spent_month=99.0), caps)
     assert why is not None and why.reason == Held.BUDGET and "monthly" in why.need
     assert "the 1st, 00:00 UTC" in why.ends
 
 
 def test_a_part_larger_than_the_whole_cap_says_it_never_fits_by_itself() -> None:
-    caps = Caps(daily=0.5, monthly=100.0, currency="CNY")
+    caps = BudgetCaps(daily=0.5, monthly=100.0, currency="CNY")
     # However empty the day, 0.6 never fits a cap of 0.5: not a wait for room.
     why = refusal(0.6, Ledger(), caps)
     assert why is not None and why.reason == Held.OVER_CAP
@@ -73,7 +73,7 @@ def test_a_part_larger_than_the_whole_cap_says_it_never_fits_by_itself() -> None
     # Even when the day has less left than the cap: said as over the cap, not as a wait.
     why = refusal(0.6, Ledger(spent_day=0.4), caps)
     assert why is not None and why.reason == Held.OVER_CAP
-    monthly = refusal(150.0, Ledger(), Caps(monthly=100.0))
+    monthly = refusal(150.0, Ledger(), BudgetCaps(monthly=100.0))
     assert monthly is not None and monthly.reason == Held.OVER_CAP and "monthly" in monthly.need
     assert refusal(0.5, Ledger(), caps) is None  # exactly the cap fits
 
@@ -92,7 +92,7 @@ def test_holds_say_whether_they_end_by_themselves() -> None:
 
 
 def test_creating_parts_uses_up_the_room() -> None:
-    caps = Caps(daily=10.0)
+    caps = BudgetCaps(daily=10.0)
     ledger = Ledger()
     fitted = 0
     for _ in range(5):
@@ -103,15 +103,15 @@ def test_creating_parts_uses_up_the_room() -> None:
 
 
 def test_an_unknown_price_waits_under_a_cap_unless_allowed() -> None:
-    held = refusal(None, Ledger(), Caps(daily=10.0), "qwen-max")
+    held = refusal(None, Ledger(), BudgetCaps(daily=10.0), "qwen-max")
     assert held is not None and held.reason == Held.NO_PRICE
     assert "qwen-max has no price" in held.need
     assert "add a price for qwen-max to [prices] and reload (SIGHUP)" in held.ends
-    assert refusal(None, Ledger(), Caps(daily=10.0, unknown_price="allow")) is None
+    assert refusal(None, Ledger(), BudgetCaps(daily=10.0, unknown_price="allow")) is None
 
 
 def test_a_job_over_its_own_cap_never_starts() -> None:
-    caps = Caps(currency="CNY")
+    caps = BudgetCaps(currency="CNY")
     why = job_refusal(5.0, Ledger(), caps, own_cap=4.0)
     assert why is not None and "max_cost" in why and "max_tokens" in why
     assert job_refusal(3.0, Ledger(), caps, own_cap=4.0) is None
@@ -120,6 +120,6 @@ def test_a_job_over_its_own_cap_never_starts() -> None:
 
 def test_over_the_budget_a_job_waits_or_is_rejected_as_configured() -> None:
     ledger = Ledger(spent_day=9.0)
-    assert job_refusal(2.0, ledger, Caps(daily=10.0), own_cap=None) is None  # its parts wait
-    rejected = job_refusal(2.0, ledger, Caps(daily=10.0, on_over="reject"), own_cap=None)
+    assert job_refusal(2.0, ledger, BudgetCaps(daily=10.0), own_cap=None) is None  # its parts wait
+    rejected = job_refusal(2.0, ledger, BudgetCaps(daily=10.0, on_over="reject"), own_cap=None)
     assert rejected is not None and "daily" in rejected

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from batchd.account import AccountState
-from batchd.api import BatchApi
 from batchd.clock import (
     STEP_FILE_VARIABLE,
     SYSTEM_CLOCK,
@@ -22,16 +20,18 @@ from batchd.clock import (
     iso_utc,
 )
 from batchd.config import ProviderLimits
-from batchd.intake import Intake
-from batchd.limits import RateLimiter
-from batchd.merge import MergeStats
 from batchd.models import JobState, Outcome, Part, PartPlan, PartState
-from batchd.poll import Poller
-from batchd.problems import StepPolicy, step_failed
-from batchd.publish import build_summary
-from batchd.remote import TIME_KEYS, RemoteBatch
+from batchd.outbox.merge import MergeStats
+from batchd.pipeline.account import AccountState
+from batchd.pipeline.intake import Intake
+from batchd.pipeline.poll import Poller
+from batchd.pipeline.problems import StepPolicy, step_failed
+from batchd.pipeline.publish import build_summary
+from batchd.pipeline.submit import Submitter
+from batchd.provider.api import BatchApi
+from batchd.provider.limits import RateLimiter
+from batchd.provider.remote import TIME_KEYS, RemoteBatch
 from batchd.store import Store
-from batchd.submit import Submitter
 
 HOUR = 3600.0
 

@@ -176,6 +176,6 @@ def test_the_shipped_config_shows_only_defaults_the_code_has(tmp_path: Path) -> 
 def test_validate_without_a_configuration_judges_with_the_daemons_defaults() -> None:
     """`batchd validate` with no configuration skips loading it (for speed); the rules it
     then uses are those of the daemon with no configuration."""
-    from batchd.verdict import Rules
+    from batchd.inputs.verdict import Rules
 
     assert Rules.of(Settings.load(None)) == Rules()

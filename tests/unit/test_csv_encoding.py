@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from batchd.config import Settings
-from batchd.csvio import (
+from batchd.errors import ConfigError
+from batchd.inputs.csvio import (
     SNIFF_BYTES,
     csv_file_to_jsonl,
     csv_source,
@@ -18,8 +19,7 @@ from batchd.csvio import (
     first_undecodable,
     guess_encoding,
 )
-from batchd.errors import ConfigError
-from batchd.verdict import SIDECAR_ERROR, Rules, sidecar_options
+from batchd.inputs.verdict import SIDECAR_ERROR, Rules, sidecar_options
 
 CHINESE = "custom_id,content\n1,这家餐厅的菜很好吃，服务也很周到。\n2,物流太慢了，包装也破了。\n"
 

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 
 from batchd.config import PROFILES
-from batchd.csvio import (
+from batchd.inputs.csvio import (
     RESULT_COLUMNS,
     csv_file_to_jsonl,
     default_endpoint,
     jsonl_file_to_csv,
     result_row,
 )
-from batchd.validate import validate_file
+from batchd.inputs.validate import validate_file
 
 # The seed's output example (the test model's result line).
 SEED_RESULT = (
@@ -158,7 +158,7 @@ def test_a_header_with_other_names_is_refused_not_sent() -> None:
     """`id,text` is a header, not a request to pay for; data rows are never mistaken."""
     import io as _io
 
-    from batchd.csvio import csv_to_jsonl
+    from batchd.inputs.csvio import csv_to_jsonl
 
     for first in (["id", "text"], ["ID", "Prompt"], ["key", "question", "comment"]):
         out = _io.BytesIO()
@@ -171,7 +171,7 @@ def test_a_header_with_other_names_is_refused_not_sent() -> None:
 
 
 def test_configured_column_names_make_a_header_that_is_never_sent() -> None:
-    from batchd.csvio import csv_to_jsonl
+    from batchd.inputs.csvio import csv_to_jsonl
 
     for header in (["id", "text"], [" ID ", "Text", "notes"], ["custom_id", "content"]):
         out = io.BytesIO()
@@ -194,7 +194,7 @@ def test_configured_column_names_make_a_header_that_is_never_sent() -> None:
 
 
 def test_a_header_that_is_not_the_known_one_names_the_three_fixes() -> None:
-    from batchd.csvio import csv_to_jsonl
+    from batchd.inputs.csvio import csv_to_jsonl
 
     out = io.BytesIO()
     result = csv_to_jsonl([["key", "prompt"], ["a", "hello"]], out, model="qwen-plus")
@@ -213,8 +213,8 @@ def test_a_header_that_is_not_the_known_one_names_the_three_fixes() -> None:
 
 
 def test_a_sidecars_columns_are_checked_and_win_over_the_configuration() -> None:
-    from batchd.csvio import CsvSource, csv_source
-    from batchd.verdict import SIDECAR_ERROR, sidecar_options
+    from batchd.inputs.csvio import CsvSource, csv_source
+    from batchd.inputs.verdict import SIDECAR_ERROR, sidecar_options
 
     options = sidecar_options("a.meta.json", b'{"columns": {"custom_id": "k", "content": "q"}}')
     plan = csv_source(options, model="m", system_prompt=None, columns=("id", "text"))

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from batchd.intake import Seen, settled, settles_at
-from batchd.merge import MergeStats, part_for
 from batchd.models import Job, JobState, Outcome, Part, PartState
-from batchd.poll import next_poll, overdue
-from batchd.publish import decide_outcome, retry_delay_s
+from batchd.outbox.merge import MergeStats, part_for
+from batchd.pipeline.intake import Seen, settled, settles_at
+from batchd.pipeline.poll import next_poll, overdue
+from batchd.pipeline.publish import decide_outcome, retry_delay_s
 
 
 def record(cls: type[Any], **fields: Any) -> Any:
@@ -155,7 +155,7 @@ def test_an_input_line_is_found_in_the_part_that_holds_it() -> None:
 
 
 def test_error_code_reads_the_services_error_or_the_failed_response() -> None:
-    from batchd.failures import error_code
+    from batchd.outbox.failures import error_code
 
     assert error_code({"error": {"code": "batch_expired", "message": "x"}}) == "batch_expired"
     refused = {

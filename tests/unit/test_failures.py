@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from batchd.failures import BILLED, CODES, RETRIED, classify
+from batchd.outbox.failures import BILLED, CODES, RETRIED, classify
 
 
 def service_error(status: int | None, code: str | None) -> dict[str, Any]:

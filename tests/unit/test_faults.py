@@ -14,13 +14,13 @@ from typing import Any
 import aiohttp
 import pytest
 
-from batchd.account import AccountState
-from batchd.api import ApiError
 from batchd.clock import FakeClock
-from batchd.collect import Fetched, decide_collect
 from batchd.faults import DATABASE, Faults, LocalFault, describe, local_cause
 from batchd.models import JobState, Part, PartPlan, PartState
-from batchd.problems import StepPolicy
+from batchd.pipeline.account import AccountState
+from batchd.pipeline.collect import Fetched, decide_collect
+from batchd.pipeline.problems import StepPolicy
+from batchd.provider.api import ApiError
 from batchd.store import Store
 
 

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from batchd.limits import UNTIL_ANSWER, CallClass, RateLimiter, SlidingWindow
+from batchd.provider.limits import UNTIL_ANSWER, CallClass, RateLimiter, SlidingWindow
 
 
 def max_in_any_window(times: list[float], window: float) -> int:

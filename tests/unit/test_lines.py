@@ -1,4 +1,4 @@
-"""The tolerant reader of result lines (batchd.lines): odd lines are read, identity is
+"""The tolerant reader of result lines (batchd.inputs.lines): odd lines are read, identity is
 never taken from a nested object, and a line over the cap is never held whole."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from batchd.lines import (
+from batchd.inputs.lines import (
     HEAD_BYTES,
     copy_line,
     count_lines,
@@ -19,8 +19,8 @@ from batchd.lines import (
     input_line_of,
     iter_lines,
     line_at,
-    printable,
     read_line,
+    utf8_safe,
 )
 
 OK = b'{"id":"r1","custom_id":"a1","response":{"status_code":200,"body":{"x":1}},"error":null}'
@@ -104,7 +104,7 @@ def test_identity_comes_from_the_parsed_line_and_only_a_string_counts() -> None:
 
 
 def test_printable_replaces_lone_surrogates_only() -> None:
-    assert printable("ok \ud83d \U0001f600") == "ok \ufffd \U0001f600"
+    assert utf8_safe("ok \ud83d \U0001f600") == "ok \ufffd \U0001f600"
 
 
 def test_iter_lines_gives_offsets_and_holds_only_lines_within_the_cap() -> None:
@@ -143,9 +143,10 @@ def test_a_long_line_is_copied_byte_for_byte_and_terminated() -> None:
     assert again == line
 
 
-def test_count_lines_skips_blank_lines_and_counts_long_ones() -> None:
-    data = b"a\n\n  \n" + b"x" * 3000 + b"\nb"
-    assert count_lines(io.BytesIO(data), 1024) == 3
+def test_count_lines_skips_blank_lines_and_counts_long_ones(tmp_path: Path) -> None:
+    path = tmp_path / "output.jsonl"
+    path.write_bytes(b"a\n\n  \n" + b"x" * 3000 + b"\nb")
+    assert count_lines(path, 1024) == 3
 
 
 def test_reading_a_huge_line_holds_about_the_cap_not_the_line(tmp_path: Path) -> None:

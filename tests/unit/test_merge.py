@@ -1,5 +1,5 @@
 """Merging result files into the outbox's files, in bounded memory, losing no paid line;
-deciding what becomes of a part's files; copying the validated input (batchd.merge)."""
+deciding what becomes of a part's files; copying the validated input (batchd.outbox.merge)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import orjson
 import pytest
 
 from batchd.cli import main
-from batchd.collect import Fetched, decide_collect, retryable_failure
-from batchd.csvio import jsonl_file_to_csv, neutralised
-from batchd.lines import iter_lines
-from batchd.merge import (
+from batchd.inputs.csvio import jsonl_file_to_csv, neutralised
+from batchd.inputs.lines import iter_lines
+from batchd.models import Job, JobState, Part, PartState
+from batchd.outbox.merge import (
     RESULT_UNAVAILABLE,
     batch_error,
     merge,
@@ -28,11 +28,9 @@ from batchd.merge import (
     with_input_line,
     write_with_input_line,
 )
-from batchd.models import Job, JobState, Part, PartState
-from batchd.prices import table_from
-from batchd.problems import StepPolicy
-from batchd.profiles import PROFILES
-from batchd.publish import (
+from batchd.pipeline.collect import Fetched, decide_collect, retryable_failure
+from batchd.pipeline.problems import StepPolicy
+from batchd.pipeline.publish import (
     cost_summary,
     error_note,
     job_error,
@@ -41,8 +39,10 @@ from batchd.publish import (
     unread_rejection,
     write_rejection,
 )
+from batchd.provider.prices import table_from
+from batchd.provider.profiles import PROFILES
+from batchd.provider.tokens import RequestCounter
 from batchd.testing import read_jsonl
-from batchd.tokens import RequestCounter
 
 USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from batchd.intake import (
+from batchd.pipeline.intake import (
     MAX_NAME_BYTES,
     NAME_MAX_BYTES,
     TEMP_NAME_EXTRA_BYTES,
@@ -18,7 +18,7 @@ from batchd.intake import (
     outbox_name,
     storable_name,
 )
-from batchd.publish import MAX_COPIES, copy_number, numbered_name
+from batchd.pipeline.publish import MAX_COPIES, copy_number, numbered_name
 
 
 @pytest.mark.parametrize(

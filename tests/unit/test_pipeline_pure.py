@@ -8,11 +8,11 @@ import orjson
 import pytest
 
 from batchd.config import ProviderLimits
-from batchd.intake import Seen, is_ignored_name, printable, settled
-from batchd.merge import with_input_line
 from batchd.models import input_kind, remote_is_terminal, window_hours
-from batchd.poll import expected_end_in, poll_after
-from batchd.submit import free_slots
+from batchd.outbox.merge import with_input_line
+from batchd.pipeline.intake import Seen, is_ignored_name, settled, shown_name
+from batchd.pipeline.poll import expected_end_in, poll_after
+from batchd.pipeline.submit import free_slots
 
 
 @pytest.mark.parametrize(
@@ -43,8 +43,8 @@ def test_real_inputs_are_recognised_by_suffix() -> None:
 
 
 def test_odd_names_are_logged_escaped() -> None:
-    assert printable("a\nb") == "a\\nb"
-    assert "\\x" in printable(os.fsdecode(b"bad\xff.jsonl"))
+    assert shown_name("a\nb") == "a\\nb"
+    assert "\\x" in shown_name(os.fsdecode(b"bad\xff.jsonl"))
 
 
 def test_a_file_is_settled_only_when_unchanged_for_the_settle_time() -> None:
@@ -115,7 +115,7 @@ def test_a_batch_close_to_its_end_is_looked_at_sooner(
 
 
 def test_a_sidecar_counts_only_when_its_inputs_owner_root_or_batchd_wrote_it() -> None:
-    from batchd.verdict import owner_problem
+    from batchd.inputs.verdict import owner_problem
 
     batchd_uid, owner, neighbour = 990, 1000, 1001
     assert owner_problem(owner, owner, batchd_uid) is None

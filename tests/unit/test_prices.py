@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from batchd import prices
-from batchd.prices import (
+from batchd.provider import prices
+from batchd.provider.prices import (
     DEFAULT_PRICES,
     MAX_USAGE_TOKENS,
     Price,
@@ -19,7 +19,7 @@ from batchd.prices import (
     read_usage,
     table_from,
 )
-from batchd.profiles import TEST_MODEL
+from batchd.provider.profiles import TEST_MODEL
 
 FLASH = Price(
     input=0.15,

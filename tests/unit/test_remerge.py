@@ -1,5 +1,5 @@
 """A retry chain's answers merged into its root's folder, in the original order, replaced
-atomically (the files side of batchd.remerge; the daemon's side is in
+atomically (the files side of batchd.outbox.remerge; the daemon's side is in
 tests/integration/test_retry_merged.py)."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import orjson
 import pytest
 
 from batchd import failpoints
-from batchd.lines import iter_lines
-from batchd.remerge import (
+from batchd.inputs.lines import iter_lines
+from batchd.outbox.remerge import (
     MERGED,
     Contributor,
     _write_renumbered,

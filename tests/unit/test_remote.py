@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 
-from batchd.extras import extra_note, keep, progress, tagged_part
 from batchd.models import ExtraBatch, ExtraCancel, Part, PartState
-from batchd.problems import StepPolicy
-from batchd.remote import (
+from batchd.pipeline.extras import extra_note, keep, progress, tagged_part
+from batchd.pipeline.problems import StepPolicy
+from batchd.pipeline.submit import made_from, past_intents
+from batchd.provider.remote import (
     TIME_KEYS,
     BadAnswer,
     Page,
@@ -24,7 +25,6 @@ from batchd.remote import (
     timestamp,
     valid_id,
 )
-from batchd.submit import made_from, past_intents
 
 GOOD = {
     "id": "batch_abc-123",

@@ -1,5 +1,5 @@
 """result.csv's columns for every endpoint, and its rows, one per request (the writer
-side of batchd.csvio)."""
+side of batchd.inputs.csvio)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from typing import Any
 import orjson
 import pytest
 
-from batchd.csvio import RESULT_COLUMNS, ResultCsv, result_csv, result_row
-from batchd.lines import Line
+from batchd.inputs.csvio import RESULT_COLUMNS, ResultCsv, result_csv, result_row
+from batchd.inputs.lines import Line
 
 USAGE = {"prompt_tokens": 5, "total_tokens": 5}
 

@@ -17,10 +17,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from batchd import tokenbound, tokens
-from batchd.prices import Price, PriceTable, table_from
-from batchd.profiles import PROFILES, TEST_MODEL, ModelLimits
-from batchd.tokens import (
+from batchd.provider import tokenbound, tokens
+from batchd.provider.prices import Price, PriceTable, table_from
+from batchd.provider.profiles import PROFILES, TEST_MODEL, ModelLimits
+from batchd.provider.tokens import (
     APPROX_TOKENIZER,
     approx_tokens,
     count_file,

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from batchd.config import MB, PROFILES, ProviderLimits, merge_limits
-from batchd.validate import Report, part_file_names, validate_file, write_parts
+from batchd.inputs.validate import Report, part_file_names, validate_file, write_parts
 
 DASHSCOPE = PROFILES["dashscope"].limits
 

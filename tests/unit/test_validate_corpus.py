@@ -1,5 +1,5 @@
 """Every file of tests/corpus gets the verdict its manifest (verdicts.json) records: the
-verdict of batchd.verdict, as `batchd validate` and the daemon give it (its sidecar
+verdict of batchd.inputs.verdict, as `batchd validate` and the daemon give it (its sidecar
 NAME.meta.json read too; a CSV converted with the model qwen-plus unless its sidecar
 names another). tests/integration/test_one_verdict.py proves the daemon agrees."""
 
@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from batchd.config import PROFILES, ProviderLimits, merge_limits
-from batchd.verdict import Rules, judge, read_sidecar, sidecar_path
+from batchd.inputs.verdict import Rules, judge, read_sidecar, sidecar_path
 
 CORPUS = Path(__file__).parent.parent / "corpus"
 VERDICTS: dict[str, dict[str, Any]] = json.loads((CORPUS / "verdicts.json").read_text())

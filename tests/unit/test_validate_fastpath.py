@@ -20,9 +20,9 @@ from typing import Any
 import orjson
 import pytest
 
-from batchd import validate
 from batchd.config import PROFILES, ProviderLimits, merge_limits
-from batchd.validate import Report, validate_file, validate_stream, write_parts
+from batchd.inputs import validate
+from batchd.inputs.validate import Report, validate_file, validate_stream, write_parts
 
 DASHSCOPE = PROFILES["dashscope"].limits
 CORPUS = Path(__file__).parent.parent / "corpus"

@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from batchd.config import PROFILES, ProviderLimits, merge_limits
-from batchd.validate import Report, validate_stream
+from batchd.inputs.validate import Report, validate_stream
 
 CORPUS = Path(__file__).parent.parent / "corpus"
 VERDICTS: dict[str, dict[str, Any]] = json.loads((CORPUS / "verdicts.json").read_text())

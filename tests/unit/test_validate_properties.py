@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from batchd.config import PROFILES
-from batchd.validate import validate_file
+from batchd.inputs.validate import validate_file
 
 LIMITS = PROFILES["dashscope"].limits
 FAST = settings(

@@ -1,1 +1,0 @@
-"""Data files batchd reads at run time (the approximation's table: batchd.tokenbound)."""
