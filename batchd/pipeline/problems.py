@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from batchd.config import Settings
 from batchd.faults import Faults, describe, local_cause
 from batchd.logs import get_logger
 from batchd.models import Part, PartState
@@ -34,6 +35,12 @@ class StepPolicy:
     max_failures: int = 5
     base_s: float = 5.0
     cap_s: float = 600.0
+
+    @classmethod
+    def of(cls, settings: Settings) -> StepPolicy:
+        """The policy of a loaded configuration (`max_part_failures`, `api.step_retry_*`)."""
+        api = settings.api
+        return cls(settings.max_part_failures, api.step_retry_base_s, api.step_retry_cap_s)
 
     def pause_s(self, failures: int) -> float:
         """PURE: the pause before the next try after `failures` failures in a row."""
