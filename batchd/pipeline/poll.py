@@ -38,13 +38,11 @@ from batchd.logs import get_logger
 from batchd.models import Part, PartState, remote_is_terminal
 from batchd.pipeline.account import AccountState
 from batchd.pipeline.extras import ExtraBatches
-from batchd.pipeline.problems import StepPolicy, step_failed, step_trouble
+from batchd.pipeline.problems import CallFailure, StepPolicy, classify, step_failed, step_trouble
 from batchd.provider.api import (
-    AccountError,
     ApiError,
     BatchApi,
     ListingIncomplete,
-    NotFoundError,
     parse_items,
 )
 from batchd.provider.limits import CallClass
@@ -211,14 +209,19 @@ class Poller:
                     continue
                 try:
                     seen[batch_id] = await self.api.retrieve_batch(batch_id)
-                except NotFoundError:
-                    gone.add(batch_id)
-                except BadAnswer as exc:
-                    unusable[batch_id] = str(exc)
-        except AccountError as err:
-            self.account.failed(err)
-            return False
+                except (ApiError, BadAnswer) as exc:
+                    rung = classify(exc)
+                    if rung is CallFailure.GONE:
+                        gone.add(batch_id)
+                    elif rung is CallFailure.UNUSABLE:
+                        unusable[batch_id] = str(exc)
+                    else:
+                        raise
         except ApiError as err:
+            if classify(err) is CallFailure.ACCOUNT:
+                self.account.failed(err)
+                return False
+            # Any other rung: the batches not answered are looked at again later.
             log.warning("poll_failed", error=str(err), due=len(due))
         failpoint("poll.after_request")
         ended = 0
@@ -272,10 +275,8 @@ class Poller:
         due batches are retrieved one by one."""
         try:
             return await self._by_list(due)
-        except AccountError:
-            raise
         except ApiError as err:
-            if err.retryable:
+            if classify(err) in (CallFailure.ACCOUNT, CallFailure.LATER, CallFailure.UNCERTAIN):
                 raise
             log.warning("list_unsupported", error=str(err))
             self.can_list = False

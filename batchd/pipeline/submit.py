@@ -49,13 +49,19 @@ from batchd.pipeline.budget import BudgetCaps, Ledger, periods, refusal
 from batchd.pipeline.extras import ExtraBatches, keep, tag
 from batchd.pipeline.holds import Hold, first_to_show
 from batchd.pipeline.prepare import worst_cost
-from batchd.pipeline.problems import StepPolicy, step_failed, step_trouble, step_waits
+from batchd.pipeline.problems import (
+    CallFailure,
+    StepPolicy,
+    classify,
+    step_failed,
+    step_trouble,
+    step_waits,
+)
 from batchd.provider.api import (
     AccountError,
     ApiError,
     BatchApi,
     ListingIncomplete,
-    MaybeAppliedError,
     parse_items,
 )
 from batchd.provider.limits import CallClass
@@ -507,36 +513,12 @@ class Submitter:
         failpoint("upload.before_request")
         try:
             info = await self.api.upload_file(Path(part.path), part.upload_name)
-        except AccountError as err:
-            self.account.failed(err)
-            await self.store.update_part(
-                part.id, PartState.UPLOADING, state=PartState.PENDING, retry_at=None
-            )
-            return False
-        except MaybeAppliedError as err:
-            log.warning("upload_uncertain", job_id=part.job_id, part=part.seq, error=str(err))
-            # Stays UPLOADING; settled (looked for by name) once the list can show it.
-            await self.store.update_part(
-                part.id,
-                PartState.UPLOADING,
-                error=str(err),
-                retry_at=self.clock.steady() + self.settling.after_s,
-            )
-            return False
         except ApiError as err:
-            if err.retryable:
-                # A full file quota (freed as jobs publish), throttling or an outage is
-                # no fault of the part: it waits for a later pass.
-                log.warning("upload_deferred", job_id=part.job_id, part=part.seq, error=str(err))
-                await self.store.update_part(
-                    part.id,
-                    PartState.UPLOADING,
-                    state=PartState.PENDING,
-                    error=str(err),
-                    retry_at=None,
-                )
-                return False
-            return await self._part_error(part, PartState.UPLOADING, err)
+            # Left UPLOADING when uncertain: settled (looked for by name) once the list
+            # can show it. A full file quota (freed as jobs publish) waits in PENDING.
+            return await self._call_failed(
+                part, err, "upload", PartState.UPLOADING, PartState.PENDING
+            )
         failpoint("upload.after_request")
         problem = None
         if (
@@ -731,35 +713,13 @@ class Submitter:
             batch = await self.api.create_batch(
                 part.remote_file_id, part.endpoint, window, metadata
             )
-        except AccountError as err:
-            self.account.failed(err)
-            await self.store.update_part(
-                part.id, PartState.CREATING, state=PartState.UPLOADED, retry_at=None
-            )
-            return False
-        except MaybeAppliedError as err:
-            # The batch may exist: it is looked for (never created again) once the list
-            # can show it.
-            log.warning("create_uncertain", job_id=part.job_id, part=part.seq, error=str(err))
-            await self.store.update_part(
-                part.id,
-                PartState.CREATING,
-                error=str(err),
-                retry_at=self.clock.steady() + self.settling.after_s,
-            )
-            return False
         except ApiError as err:
-            if err.retryable:
-                # 429 quota (someone else filled the running cap) or an outage: try later.
-                await self.store.update_part(
-                    part.id,
-                    PartState.CREATING,
-                    state=PartState.UPLOADED,
-                    error=str(err),
-                    retry_at=None,
-                )
-                return False
-            return await self._part_error(part, PartState.CREATING, err)
+            # Left CREATING when uncertain: the batch may exist, and is looked for (never
+            # created again) once the list can show it. A 429 quota (someone else filled
+            # the running cap) waits in UPLOADED.
+            return await self._call_failed(
+                part, err, "create", PartState.CREATING, PartState.UPLOADED
+            )
         failpoint("create.after_request")
         await self._record_created(part, batch, asked_at)
         return True
@@ -931,6 +891,35 @@ class Submitter:
                 log.info(
                     "batch_cancel_requested", job_id=job.id, part=part.seq, batch_id=part.batch_id
                 )
+
+    async def _call_failed(
+        self, part: Part, err: ApiError, call: str, state: PartState, back: PartState
+    ) -> bool:
+        """The `call` (upload or create) of `part` failed with `err` while the part was
+        in `state`, its intent committed: what follows is the error ladder's rung
+        (`classify`). An uncertain call leaves the part in `state`, to be settled; a call
+        that did not take (the account, or a reason that may pass) sends it `back`,
+        uncounted; a refusal fails it."""
+        rung = classify(err)
+        if rung is CallFailure.ACCOUNT:
+            self.account.failed(err)
+            await self.store.update_part(part.id, state, state=back, retry_at=None)
+            return False
+        if rung is CallFailure.UNCERTAIN:
+            log.warning(f"{call}_uncertain", job_id=part.job_id, part=part.seq, error=str(err))
+            await self.store.update_part(
+                part.id,
+                state,
+                error=str(err),
+                retry_at=self.clock.steady() + self.settling.after_s,
+            )
+            return False
+        if rung is CallFailure.LATER:
+            if call == "upload":
+                log.warning("upload_deferred", job_id=part.job_id, part=part.seq, error=str(err))
+            await self.store.update_part(part.id, state, state=back, error=str(err), retry_at=None)
+            return False
+        return await self._part_error(part, state, err)
 
     async def _part_error(self, part: Part, state: PartState, err: ApiError) -> bool:
         log.error("part_failed", job_id=part.job_id, part=part.seq, error=str(err))
