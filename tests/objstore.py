@@ -102,10 +102,17 @@ devices = {root}/srv
 mount_check = false
 disable_fallocate = true
 fallocate_reserve = 0
+# Logs go to stderr, into {root}/log (see LAUNCHER). Swift always adds a syslog handler
+# too: with no socket at log_address it sends to UDP 127.0.0.1:514, where syslog daemons do
+# not listen by default; at WARNING that is a few lines a run at most.
 log_level = {log_level}
 log_address = {root}/no-syslog
-log_udp_host =
 recon_cache_path = {root}/cache
+# Patient on a loaded machine: an object server that gives up on its container update
+# leaves the object out of listings until an updater runs, and none does here.
+conn_timeout = 5
+node_timeout = 30
+container_update_timeout = 30
 """
 
 BACKEND_CONF = """\

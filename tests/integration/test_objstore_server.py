@@ -9,6 +9,7 @@ with what is pinned here, and no more."""
 from __future__ import annotations
 
 import hashlib
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -257,3 +258,37 @@ async def test_the_bucket_tells_its_region(s3: Any, s3_server: Any) -> None:
     """GetBucketLocation answers; us-east-1 is spelled as no constraint, as on AWS."""
     location = await s3.get_bucket_location(Bucket=s3_server.bucket)
     assert (location["LocationConstraint"] or "us-east-1") == s3_server.region
+
+
+async def test_virtual_hosted_addressing_reaches_the_bucket(
+    s3_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OSS takes only virtual-hosted requests (`BUCKET.endpoint/KEY`). Swift serves them under
+    its `storage_domain` (localhost); names under .localhost are pointed at 127.0.0.1 here,
+    as not every resolver does it."""
+    resolve = socket.getaddrinfo
+
+    def loopback(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(host, str) and host.endswith(".localhost"):
+            host = "127.0.0.1"
+        return resolve(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", loopback)
+    config = CONFIG.merge(Config(s3={"addressing_style": "virtual"}))
+    async with get_session().create_client(
+        "s3",
+        config=config,
+        endpoint_url=s3_server.endpoint_url.replace("127.0.0.1", "localhost"),
+        region_name=s3_server.region,
+        aws_access_key_id=s3_server.access_key_id,
+        aws_secret_access_key=s3_server.secret_access_key,
+    ) as client:
+        await client.put_object(Bucket=s3_server.bucket, Key="inbox/v.jsonl", Body=b"{}\n")
+        got = await client.get_object(Bucket=s3_server.bucket, Key="inbox/v.jsonl")
+        assert await got["Body"].read() == b"{}\n"
+        listed = await client.list_objects_v2(Bucket=s3_server.bucket)
+        url = await client.generate_presigned_url(
+            "get_object", Params={"Bucket": s3_server.bucket, "Key": "inbox/v.jsonl"}
+        )
+    assert [item["Key"] for item in listed["Contents"]] == ["inbox/v.jsonl"]
+    assert url.startswith(f"http://{s3_server.bucket}.localhost:")
