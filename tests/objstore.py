@@ -10,7 +10,8 @@ worker each, no forking) with its data, rings and config in a temporary folder, 
 
 Registered as a pytest plugin by tests/conftest.py; nothing runs until a test asks for
 `s3_server`. Where Swift is not installed, such tests are skipped, saying how to get it.
-By hand: `python -m tests.objstore` starts one and prints its settings until Ctrl-C.
+By hand: `python -m tests.objstore` starts one and prints its settings (as `export AWS_...`
+lines) until SIGINT or SIGTERM.
 """
 
 from __future__ import annotations
