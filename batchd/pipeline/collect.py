@@ -355,10 +355,10 @@ class Collector:
             )
         # A note of our own from a failed attempt goes; the poller's note stays.
         earlier = part.error if part.attempts == 0 else None
-        return await self.store.update_part(
+        return await self.store.move_part(
             part.id,
             PartState.ENDED,
-            state=PartState.COLLECTED,
+            PartState.COLLECTED,
             unavailable=decision.unavailable or None,
             attempts=0,
             retry_at=None,
@@ -414,7 +414,7 @@ class Collector:
             count, last_round = await self.store.part_rounds(job.id)
             if await self._follow_up(job, (last_round or 0) + 1):
                 continue
-            if await self.store.update_job(job.id, JobState.RUNNING, state=JobState.PUBLISHING):
+            if await self.store.move_job(job.id, JobState.RUNNING, JobState.PUBLISHING):
                 log.info("job_collected", job_id=job.id, parts=count)
                 moved = True
         if moved:

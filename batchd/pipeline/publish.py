@@ -361,7 +361,7 @@ class Publisher:
             note_field: dict[str, Any] = {"error": None}  # the failures before: over now
         else:
             note_field = {"error": note} if note is not None else {}
-        await self.store.mark_published(
+        if not await self.store.mark_published(
             job.id,
             spend_of(cost, self.provider),
             outcome=outcome,
@@ -375,7 +375,8 @@ class Publisher:
             held_note=None,
             held_at=None,
             **note_field,
-        )
+        ):
+            return False  # the publisher is PUBLISHING's one writer: never seen
         log.info(
             "job_published",
             job_id=job.id,
