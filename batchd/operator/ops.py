@@ -620,7 +620,8 @@ class Operations:
     async def _run_duplicate(self, job: Job) -> ActionResponse:
         """An operator lets a job held as a duplicate run (and pay) again."""
         options = {**job.options, "allow_duplicate": True}
-        await self.store.update_job(job.id, JobState.CLAIMED, options=options, prepares=0)
+        if not await self.store.update_job(job.id, JobState.CLAIMED, options=options, prepares=0):
+            return ActionResponse(ok=False, message=f"job {job.id} is no longer held")
         await holds.release(self.store, job.id, Held.DUPLICATE, by="retry")
         self.wake[Stage.PREPARE].set()
         return ActionResponse(

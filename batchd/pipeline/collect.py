@@ -327,13 +327,14 @@ class Collector:
         decision = decide_collect(part, fetched, self.policy, part.request_counts, answering)
         now = self.clock.steady()
         if not decision.done:
-            await self.store.update_part(
+            if not await self.store.update_part(
                 part.id,
                 PartState.ENDED,
                 attempts=decision.failures,
                 error=decision.note,
                 retry_at=now + (decision.retry_in_s or 0.0),
-            )
+            ):
+                return False  # no longer ENDED (parked meanwhile): nothing to note
             log.warning(
                 "download_failed",
                 job_id=part.job_id,

@@ -293,7 +293,10 @@ class Preparer:
         # time it is validated is parked by recovery instead of crashing it forever.
         # (`prepares` counts the changes seen, not the attempts: a validation cut short by
         # a kill says nothing of the producer.)
-        await self.store.update_job(job.id, JobState.CLAIMED, crash_count=job.crash_count + 1)
+        if not await self.store.update_job(
+            job.id, JobState.CLAIMED, crash_count=job.crash_count + 1
+        ):
+            return False  # moved on meanwhile (cancelled while held): not validated
         started = self.clock.monotonic()
         try:
             prepared = await asyncio.to_thread(prepare, job, self.settings)
@@ -341,7 +344,8 @@ class Preparer:
             return True
         if twin is not None:
             # Held, not rejected: an operator may well mean to run it again.
-            await self.store.update_job(job.id, JobState.CLAIMED, **recorded)
+            if not await self.store.update_job(job.id, JobState.CLAIMED, **recorded):
+                return False
             note = twin_note(job.id, twin)
             if await holds.hold(self.store, job.id, Held.DUPLICATE, note, twin=twin.id):
                 self.on_held()
@@ -360,7 +364,8 @@ class Preparer:
             )
             self.on_rejected()
             return True
-        await self.store.update_job(job.id, JobState.CLAIMED, **recorded)
+        if not await self.store.update_job(job.id, JobState.CLAIMED, **recorded):
+            return False
         if not await self.store.plan_parts(job.id, prepared.parts, self.clock.now()):
             return False
         log.info(

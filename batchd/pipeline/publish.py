@@ -302,7 +302,10 @@ class Publisher:
             return await self._done(job, parts, final, None)
         tmp = self.outbox / f".{final.name}.tmp-{job.id}"
         follows = await self._follows(job, final)
-        await self.store.update_job(job.id, JobState.PUBLISHING, crash_count=job.crash_count + 1)
+        if not await self.store.update_job(
+            job.id, JobState.PUBLISHING, crash_count=job.crash_count + 1
+        ):
+            return False  # no longer PUBLISHING (parked at start-up): not published
         try:
             extras = await self.store.extra_batches_of(job.id)
             summary = await asyncio.to_thread(
