@@ -1,10 +1,10 @@
 """The SQLite store: schema, migrations and every query, named in one place.
 
 State changes are compare-and-set (`UPDATE ... WHERE id=? AND state=?`) and report
-whether they took effect, so two stages can never both move the same row; each is one
-that batchd.store.lifecycle declares (`move_job`, `move_part`), any other is refused. Every write
-is committed before the call returns: a committed intent precedes each remote call that
-is not idempotent, and a committed result follows it.
+whether they took effect, so two stages can never both move the same row. Each is one
+that batchd.store.lifecycle declares (`move_job`, `move_part`); any other is refused.
+Every write is committed before the call returns: a committed intent precedes each
+remote call that is not idempotent, and a committed result follows it.
 
 Writes are group-committed: the single-statement writes that arrive while a commit is
 in progress are applied together in the next transaction, one fsync for all of them,
