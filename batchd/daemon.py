@@ -37,7 +37,6 @@ from batchd.operator.control import ControlServer, check_socket_path, resolve_gr
 from batchd.operator.ops import Operations
 from batchd.operator.protocol import Reload
 from batchd.pipeline.account import AccountProbe, AccountState
-from batchd.pipeline.budget import BudgetCaps
 from batchd.pipeline.cleanup import RemoteCleanup
 from batchd.pipeline.collect import Collector
 from batchd.pipeline.extras import ExtraBatches
@@ -45,10 +44,9 @@ from batchd.pipeline.intake import Intake
 from batchd.pipeline.notify import Notifications, load_webhook_secret
 from batchd.pipeline.poll import Poller
 from batchd.pipeline.prepare import Preparer
-from batchd.pipeline.problems import StepPolicy
 from batchd.pipeline.publish import Publisher
 from batchd.pipeline.stages import Stage, Wake, run_stage
-from batchd.pipeline.submit import Settling, Submitter
+from batchd.pipeline.submit import Submitter
 from batchd.provider.api import BatchApi, RetryPolicy, Throughput
 from batchd.provider.limits import CallClass, RateLimiter
 from batchd.store import Store
@@ -56,8 +54,34 @@ from batchd.systemd import Notifier, status_loop, watchdog_loop
 
 log = get_logger(__name__)
 
-# Settings a SIGHUP cannot change: they are named as waiting for a restart.
-RESTART_KEYS = ("provider", "base_url", "limits", "paths", "control", "api", "notify")
+# Settings a SIGHUP cannot change: they are named as waiting for a restart. The state
+# database's busy timeout is set when the store is opened.
+RESTART_KEYS = (
+    "provider",
+    "base_url",
+    "limits",
+    "paths",
+    "control",
+    "api",
+    "notify",
+    "db_busy_timeout_s",
+)
+# Within [intake], what the inbox watcher was started with (named as one).
+RESTART_INTAKE_KEYS = ("watch", "suffixes")
+# Every other key is live: the stages read the settings in force at each use
+# (`Daemon.current_settings`), so a reload is one assignment. A live key that needs an
+# action when it changes has it named in `apply_settings`.
+LIVE_KEYS = (
+    "log",
+    "intake",
+    "poll",
+    "jobs",
+    "budget",
+    "prices",
+    "max_reported_errors",
+    "max_job_crashes",
+    "max_part_failures",
+)
 
 KEY_VARIABLES = ("BATCHD_API_KEY", "DASHSCOPE_API_KEY")
 CREDENTIAL_NAMES = ("api_key", "batchd-api-key")
@@ -274,25 +298,23 @@ class Daemon:
         self.api.on_answer = self.account.answered
         self.api.on_silence = self.account.unreachable
         stack.push_async_callback(self.api.close)
-        s = self.settings
-        policy = StepPolicy(s.max_part_failures, api.step_retry_base_s, api.step_retry_cap_s)
+        # Every stage reads the settings in force through this one callable: a reload
+        # replaces `self.settings` and they read the new values from their next use.
+        settings = self.current_settings
         self.intake = Intake(
             self.store,
             self.inbox,
             self.spool,
-            settle_s=s.intake.settle_s,
-            unterminated_settle_s=s.intake.unterminated_settle_s,
-            suffixes=s.intake.suffixes,
+            settings,
             on_claimed=self.wake.poke(Stage.PREPARE),
             on_pending=self.wake.poke(Stage.INTAKE),
             clock=self.clock,
         )
         self.preparer = Preparer(
             self.store,
-            s,
+            settings,
             on_ready=self.wake.poke(Stage.SUBMIT),
             on_rejected=self.wake.poke(Stage.PUBLISH),
-            retry_base_s=api.step_retry_base_s,
             clock=self.clock,
             on_held=self.wake.poke(Stage.NOTIFY),
             faults=self.faults,
@@ -304,42 +326,29 @@ class Daemon:
             self.api,
             self.account,
             self.clock,
-            pause_base_s=api.step_retry_base_s,
-            pause_cap_s=api.step_retry_cap_s,
+            settings=settings,
             on_garbage=self.wake.poke(Stage.CLEANUP),
         )
         self.submitter = Submitter(
             self.store,
             self.api,
+            settings,
             self.limits,
             self.account,
-            completion_window=s.jobs.completion_window,
-            first_poll_s=s.poll.first_poll_s,
-            concurrency=s.api.concurrency,
             on_created=self.wake.poke(Stage.POLL),
             on_replan=self.wake.poke(Stage.PREPARE),
-            policy=policy,
-            settling=Settling(api.settle_after_s, api.clock_skew_s, api.max_list_pages),
             clock=self.clock,
-            caps=BudgetCaps.of(s),
-            budget_zone=s.budget.timezone,
-            provider=s.provider,
             on_held=self.wake.poke(Stage.NOTIFY),
-            prices=s.price_table,
             extras=self.extras,
             faults=self.faults,
         )
         self.poller = Poller(
             self.store,
             self.api,
+            settings,
             self.account,
-            interval_s=s.poll.interval_s,
-            jitter=s.poll.jitter,
-            list_threshold=s.poll.list_threshold,
             lost_after_s=self._lost_after_s,
             on_ended=self.wake.poke(Stage.COLLECT),
-            policy=policy,
-            max_pages=api.max_list_pages,
             clock=self.clock,
             extras=self.extras,
             faults=self.faults,
@@ -347,47 +356,35 @@ class Daemon:
         self.collector = Collector(
             self.store,
             self.api,
-            limits=self.limits,
-            resubmit_failed=s.jobs.resubmit_failed,
+            settings,
+            self.limits,
             on_ready=self.wake.poke(Stage.PUBLISH),
             on_follow_up=self.wake.poke(Stage.SUBMIT),
-            policy=policy,
-            download_concurrency=s.api.download_concurrency,
-            max_line_bytes=s.jobs.max_result_line_bytes,
             stopping=self.stopping,
             account=self.account,
             clock=self.clock,
-            provider=s.provider,
-            prices=s.price_table,
             faults=self.faults,
         )
         self.publisher = Publisher(
             self.store,
             self.outbox,
-            keep_input=s.jobs.keep_input,
-            delete_remote_files=s.jobs.delete_remote_files,
+            settings,
+            self.limits,
             on_published=self._after_publish,
             on_retry_due=self.wake.poke(Stage.PUBLISH),
-            max_line_bytes=s.jobs.max_result_line_bytes,
             clock=self.clock,
-            provider=s.provider,
-            prices=s.price_table,
-            limits=self.limits,
         )
         self.cleanup = RemoteCleanup(self.store, self.api, self.account)
         self.probe = AccountProbe(
-            self.api,
-            self.account,
-            on_resumed=self.wake.poke(Stage.SUBMIT),
-            idle_probe_s=s.api.provider_probe_s,
+            self.api, self.account, settings, on_resumed=self.wake.poke(Stage.SUBMIT)
         )
         self.notifications = Notifications(
-            self.store, s.notify, self._webhook_secret, self.account, clock=self.clock
+            self.store, settings, self._webhook_secret, self.account, clock=self.clock
         )
         stack.push_async_callback(self.notifications.close)
         self.ops = Operations(
             self.store,
-            lambda: self.settings,
+            settings,
             intake=self.intake,
             account=self.account,
             api=self.api,
@@ -400,6 +397,10 @@ class Daemon:
             faults=self.faults,
         )
         return True
+
+    def current_settings(self) -> Settings:
+        """The settings in force: what every stage reads, replaced whole by a reload."""
+        return self.settings
 
     def _provider_back(self) -> None:
         """The provider answers again after an outage: every stage that calls it goes on."""
@@ -475,6 +476,10 @@ class Daemon:
             return False
         return bool(await self.intake.run_once())
 
+    async def _rescan_s(self, _longest_s: float) -> float:
+        """The intake stage's safety-net rescan interval, as the settings in force say."""
+        return self.settings.intake.rescan_interval_s
+
     async def _watch(self) -> None:
         """inotify through watchfiles: pokes the intake stage on any change in the inbox."""
         import watchfiles
@@ -513,7 +518,9 @@ class Daemon:
             )
 
         stages: dict[Stage, Awaitable[None]] = {
-            Stage.INTAKE: stage(Stage.INTAKE, self._intake_step, s.intake.rescan_interval_s),
+            Stage.INTAKE: stage(
+                Stage.INTAKE, self._intake_step, s.intake.rescan_interval_s, self._rescan_s
+            ),
             Stage.PREPARE: stage(Stage.PREPARE, self.preparer.run_once, 5.0, self.preparer.idle_s),
             Stage.SUBMIT: stage(Stage.SUBMIT, self._submit_step, 2.0, self.submitter.idle_s),
             Stage.POLL: stage(Stage.POLL, self.poller.run_once, 1.0, self.poller.idle_s),
@@ -676,63 +683,32 @@ class Daemon:
     def apply_settings(self, new: Settings) -> dict[str, list[str]]:
         """Apply live-changeable settings; name the ones that need a restart."""
         old = self.settings
-        applied: list[str] = []
-        needs_restart: list[str] = []
-        for key in RESTART_KEYS:
-            if getattr(old, key) != getattr(new, key):
-                needs_restart.append(key)
-        if old.log != new.log:
+        needs_restart = [key for key in RESTART_KEYS if getattr(old, key) != getattr(new, key)]
+        intake_restart = {
+            key: getattr(old.intake, key)
+            for key in RESTART_INTAKE_KEYS
+            if getattr(old.intake, key) != getattr(new.intake, key)
+        }
+        if intake_restart:
+            needs_restart.append("intake.watch/suffixes")
+        applied = [key for key in LIVE_KEYS if getattr(old, key) != getattr(new, key)]
+        # The one assignment: every stage reads `self.settings` at its next use. What
+        # cannot change live is kept as it was, so status stays true to what runs.
+        kept = {key: getattr(old, key) for key in RESTART_KEYS}
+        if intake_restart:
+            kept["intake"] = new.intake.model_copy(update=intake_restart)
+        self.settings = new.model_copy(update=kept)
+        # What a change needs besides being read: named, one by one.
+        if "log" in applied:
             configure(new.log.level, new.log.format)
-            applied.append("log")
-        if old.intake != new.intake:
-            if old.intake.watch != new.intake.watch or old.intake.suffixes != new.intake.suffixes:
-                needs_restart.append("intake.watch/suffixes")
-            self.intake.settle_s = new.intake.settle_s
-            self.intake.unterminated_settle_s = new.intake.unterminated_settle_s
-            applied.append("intake")
-        if old.poll != new.poll:
-            self.poller.interval_s = new.poll.interval_s
-            self.poller.jitter = new.poll.jitter
-            self.poller.list_threshold = new.poll.list_threshold
-            self.submitter.first_poll_s = new.poll.first_poll_s
-            applied.append("poll")
-        if old.jobs != new.jobs:
-            self.submitter.completion_window = new.jobs.completion_window
-            self.publisher.keep_input = new.jobs.keep_input
-            self.publisher.delete_remote_files = new.jobs.delete_remote_files
-            self.collector.resubmit_failed = new.jobs.resubmit_failed
-            self.collector.max_line_bytes = new.jobs.max_result_line_bytes
-            self.publisher.max_line_bytes = new.jobs.max_result_line_bytes
-            applied.append("jobs")
-        if old.budget != new.budget or old.prices != new.prices:
+        if "budget" in applied or "prices" in applied:
             # The money holds are judged again at the next pass: a raised cap releases
             # held parts, new prices price the parts planned without one (and count for
             # jobs planned or published from now on).
-            self.submitter.caps = BudgetCaps.of(new)
-            self.submitter.budget_zone = new.budget.timezone
-            self.submitter.prices = new.price_table
-            self.publisher.prices = new.price_table
-            self.collector.prices = new.price_table
             self.wake[Stage.SUBMIT].set()
-            applied.extend(k for k in ("budget", "prices") if getattr(old, k) != getattr(new, k))
-        if old.max_reported_errors != new.max_reported_errors:
-            applied.append("max_reported_errors")
-        if old.max_job_crashes != new.max_job_crashes:
-            applied.append("max_job_crashes")
-        # Keep what cannot change live as it was, so status stays true to what runs.
-        self.settings = new.model_copy(update={key: getattr(old, key) for key in RESTART_KEYS})
-        self.preparer.settings = self.settings
         # `jobs.duplicate_window` may have changed: the duplicate holds are judged again.
         self.preparer.cause_changed()
         self.wake[Stage.PREPARE].set()
-        if old.intake.watch != new.intake.watch or old.intake.suffixes != new.intake.suffixes:
-            self.settings = self.settings.model_copy(
-                update={
-                    "intake": new.intake.model_copy(
-                        update={"watch": old.intake.watch, "suffixes": old.intake.suffixes}
-                    )
-                }
-            )
         self.wake[Stage.INTAKE].set()
         return {"applied": applied, "needs_restart": needs_restart}
 

@@ -65,7 +65,7 @@ import aiohttp
 import orjson
 
 from batchd.clock import STEP_FILE_VARIABLE, Clock
-from batchd.config import Settings
+from batchd.config import IntakeSettings, Settings
 from batchd.daemon import Daemon
 from batchd.emulator import Emulator, EmulatorSettings
 from batchd.models import Job
@@ -851,15 +851,11 @@ def bare_intake(
     store: Store, inbox: Path, spool: Path, unterminated_settle_s: float = 0.0
 ) -> Intake:
     """The real `Intake` without a daemon around it: files settle at once."""
-    return Intake(
-        store,
-        inbox,
-        spool,
-        settle_s=0.0,
-        unterminated_settle_s=unterminated_settle_s,
-        suffixes=(".jsonl",),
-        on_claimed=lambda: None,
+    intake = IntakeSettings(
+        settle_s=0.0, unterminated_settle_s=unterminated_settle_s, suffixes=(".jsonl",)
     )
+    settings = Settings(intake=intake)
+    return Intake(store, inbox, spool, lambda: settings, on_claimed=lambda: None)
 
 
 # -- inbox and outbox ---------------------------------------------------------------------

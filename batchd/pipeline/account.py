@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from batchd.clock import SYSTEM_CLOCK, Clock
+from batchd.config import Settings
 from batchd.logs import get_logger
 from batchd.provider.api import AccountError, ApiError, BatchApi
 
@@ -103,15 +104,20 @@ class AccountProbe:
         self,
         api: BatchApi,
         account: AccountState,
+        settings: Callable[[], Settings],
         on_resumed: Callable[[], None],
-        idle_probe_s: float = 300.0,
     ):
         self.api = api
         self.account = account
+        # The settings in force, read where they are used (a reload replaces them).
+        self._settings = settings
         self.on_resumed = on_resumed
-        self.idle_probe_s = idle_probe_s
         # Probes in a row that found the provider down (the pause doubles with them).
         self.silent_probes = 0
+
+    @property
+    def idle_probe_s(self) -> float:
+        return self._settings().api.provider_probe_s
 
     def due(self) -> bool:
         """PURE but for the clock: is a probe called for now?"""

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from batchd.clock import SYSTEM_CLOCK, Clock
-from batchd.config import ProviderLimits
+from batchd.config import ProviderLimits, Settings
 from batchd.failpoints import failpoint
 from batchd.faults import Faults, LocalFault, describe, local_cause
 from batchd.inputs.lines import DEFAULT_MAX_LINE_BYTES, count_lines, read_line
@@ -55,7 +55,7 @@ from batchd.outbox.merge import (
 from batchd.pipeline.account import AccountState
 from batchd.pipeline.problems import StepPolicy, step_trouble, step_waits
 from batchd.provider.api import AccountError, ApiError, BatchApi
-from batchd.provider.prices import PriceTable, table_from
+from batchd.provider.prices import PriceTable
 from batchd.provider.tokens import RequestCounter
 from batchd.store import Store
 
@@ -154,20 +154,15 @@ class Collector:
         self,
         store: Store,
         api: BatchApi,
-        *,
+        settings: Callable[[], Settings],
         limits: ProviderLimits,
-        resubmit_failed: int,
+        *,
         on_ready: Callable[[], None],
         on_follow_up: Callable[[], None],
-        policy: StepPolicy | None = None,
-        download_concurrency: int = 4,
-        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
         stopping: asyncio.Event | None = None,
         rescan_s: float = 1.0,
         account: AccountState | None = None,
         clock: Clock = SYSTEM_CLOCK,
-        provider: str = "dashscope",
-        prices: PriceTable | None = None,
         faults: Faults | None = None,
     ) -> None:
         self.store = store
@@ -175,20 +170,40 @@ class Collector:
         self.faults = faults if faults is not None else Faults(clock=clock)
         self.account = account or AccountState(clock=clock)
         self.api = api
+        # The settings in force, read where they are used (a reload replaces them):
+        # follow-up parts are counted and priced as first parts are, with the table in
+        # force. The provider's caps are fixed for the daemon's life.
+        self._settings = settings
         self.limits = limits
-        # Follow-up parts are counted and priced as first parts are (a reload may
-        # change the table).
-        self.provider = provider
-        self.prices = prices or table_from(None)
-        self.resubmit_failed = resubmit_failed
         self.on_ready = on_ready
         self.on_follow_up = on_follow_up
-        self.policy = policy or StepPolicy()
-        self.download_concurrency = download_concurrency
-        self.max_line_bytes = max_line_bytes
         self.stopping = stopping
         self.rescan_s = rescan_s
         self._account_trouble = False
+
+    @property
+    def provider(self) -> str:
+        return self._settings().provider
+
+    @property
+    def prices(self) -> PriceTable:
+        return self._settings().price_table
+
+    @property
+    def resubmit_failed(self) -> int:
+        return self._settings().jobs.resubmit_failed
+
+    @property
+    def policy(self) -> StepPolicy:
+        return StepPolicy.of(self._settings())
+
+    @property
+    def download_concurrency(self) -> int:
+        return self._settings().api.download_concurrency
+
+    @property
+    def max_line_bytes(self) -> int:
+        return self._settings().jobs.max_result_line_bytes
 
     def _stop_requested(self) -> bool:
         return self.stopping is not None and self.stopping.is_set()

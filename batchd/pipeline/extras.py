@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from batchd.clock import SYSTEM_CLOCK, Clock
+from batchd.config import Settings
 from batchd.logs import get_logger
 from batchd.models import ExtraBatch, ExtraCancel, Part, RemoteStatus, remote_is_terminal
 from batchd.pipeline.account import AccountState
@@ -154,8 +155,7 @@ class ExtraBatches:
         account: AccountState,
         clock: Clock = SYSTEM_CLOCK,
         *,
-        pause_base_s: float = 5.0,
-        pause_cap_s: float = 600.0,
+        settings: Callable[[], Settings],
         on_garbage: Callable[[], None] = lambda: None,
     ) -> None:
         self.store = store
@@ -164,13 +164,14 @@ class ExtraBatches:
         self.api = api
         self.account = account
         self.clock = clock
-        # A cancel that failed, and a cancelled extra not yet ended, are looked at again
-        # after a pause doubling from the base up to the cap.
-        self.pause_base_s = pause_base_s
-        self.pause_cap_s = pause_cap_s
+        # The settings in force, read where they are used (a reload replaces them).
+        self._settings = settings
 
     def _pause_s(self, attempts: int) -> float:
-        return float(min(self.pause_cap_s, self.pause_base_s * 2 ** max(0, attempts - 1)))
+        # A cancel that failed, and a cancelled extra not yet ended, are looked at again
+        # after a pause doubling from the base up to the cap (`api.step_retry_*`).
+        api = self._settings().api
+        return float(min(api.step_retry_cap_s, api.step_retry_base_s * 2 ** max(0, attempts - 1)))
 
     async def found(
         self, part: Part, batches: Sequence[RemoteBatch], kept_id: str, found_by: str

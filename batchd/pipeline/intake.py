@@ -27,6 +27,7 @@ from typing import Any
 import orjson
 
 from batchd.clock import SYSTEM_CLOCK, Clock
+from batchd.config import Settings
 from batchd.failpoints import failpoint
 from batchd.fsutil import fsync_dir, open_for_writing
 from batchd.inputs.inbox import SIDECAR_SUFFIX, SIDECAR_SUFFIXES, is_ignored_name
@@ -119,10 +120,8 @@ class Intake:
         store: Store,
         inbox: Path,
         spool: Path,
+        settings: Callable[[], Settings],
         *,
-        settle_s: float,
-        unterminated_settle_s: float,
-        suffixes: tuple[str, ...],
         on_claimed: Callable[[], None],
         on_pending: Callable[[], None] | None = None,
         clock: Clock = SYSTEM_CLOCK,
@@ -130,9 +129,8 @@ class Intake:
         self.store = store
         self.inbox = inbox
         self.spool = spool
-        self.settle_s = settle_s
-        self.unterminated_settle_s = unterminated_settle_s
-        self.suffixes = suffixes
+        # The settings in force, read where they are used (a reload replaces them).
+        self._settings = settings
         self.on_claimed = on_claimed
         # Called when an entry seen but not yet settled may have settled: inotify says
         # nothing more about a file at rest, so without it that file waits for a rescan.
@@ -155,6 +153,18 @@ class Intake:
         self._judged: set[tuple[str, int]] = set()
         # The latest late sidecars, with what became of them (`batchd status`).
         self.late: dict[str, str] = {}
+
+    @property
+    def settle_s(self) -> float:
+        return self._settings().intake.settle_s
+
+    @property
+    def unterminated_settle_s(self) -> float:
+        return self._settings().intake.unterminated_settle_s
+
+    @property
+    def suffixes(self) -> tuple[str, ...]:
+        return self._settings().intake.suffixes
 
     def _refuse_once(self, name: str, ino: int, reason: str) -> None:
         if (name, ino) not in self._refused:

@@ -40,7 +40,7 @@ import binascii
 import hashlib
 import hmac
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,7 @@ import aiohttp
 import orjson
 
 from batchd.clock import SYSTEM_CLOCK, Clock
-from batchd.config import NotifySettings
+from batchd.config import NotifySettings, Settings
 from batchd.errors import ConfigError
 from batchd.logs import get_logger, scrub_urls, shown_url
 from batchd.models import Delivery, Job
@@ -161,24 +161,30 @@ class Notifications:
     def __init__(
         self,
         store: Store,
-        settings: NotifySettings,
+        settings: Callable[[], Settings],
         secret: bytes | None,
         account: AccountState,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        if settings.webhook_urls and secret is None:
+        if settings().notify.webhook_urls and secret is None:
             raise ConfigError(
                 "[notify] webhook_urls needs a signing secret: set BATCHD_WEBHOOK_SECRET or"
                 " give systemd a credential named webhook_secret (whsec_ + base64)"
             )
         self.store = store
-        self.settings = settings
+        # The settings in force, read where they are used. `[notify]` itself needs a
+        # restart: the webhook session is opened once, for the targets named at start.
+        self._settings = settings
         self.secret = secret
         self.account = account
         self.clock = clock
         self._announced_pause: float | None = None
         self._announced_holds: set[str] = set()
         self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def settings(self) -> NotifySettings:
+        return self._settings().notify
 
     @property
     def targets(self) -> list[str]:

@@ -31,19 +31,18 @@ import random
 from collections.abc import Callable
 
 from batchd.clock import SYSTEM_CLOCK, Clock
+from batchd.config import Settings
 from batchd.failpoints import failpoint
 from batchd.faults import Faults, local_cause
 from batchd.logs import get_logger
 from batchd.models import Part, PartState, remote_is_terminal
 from batchd.pipeline.account import AccountState
 from batchd.pipeline.extras import ExtraBatches
-from batchd.pipeline.problems import StepPolicy, step_failed, step_trouble
+from batchd.pipeline.problems import CallFailure, StepPolicy, classify, step_failed, step_trouble
 from batchd.provider.api import (
-    AccountError,
     ApiError,
     BatchApi,
     ListingIncomplete,
-    NotFoundError,
     parse_items,
 )
 from batchd.provider.limits import CallClass
@@ -57,8 +56,6 @@ LIST_PAGE = 100
 # for the sooner looks at batches close to their end, seldom enough that the regular
 # polls of many batches fall due together and one list sweep answers for them.
 TICKS_PER_INTERVAL = 6
-# The most list pages one sweep reads (a minute of the provider's list cap).
-MAX_PAGES = 100
 
 
 def next_poll(now: float, interval_s: float, jitter: float, rng: random.Random) -> float:
@@ -125,35 +122,48 @@ class Poller:
         self,
         store: Store,
         api: BatchApi,
+        settings: Callable[[], Settings],
         account: AccountState,
         *,
-        interval_s: float,
-        jitter: float,
-        list_threshold: int,
         lost_after_s: Callable[[Part], float],
         on_ended: Callable[[], None],
         rng: random.Random | None = None,
-        policy: StepPolicy | None = None,
-        max_pages: int = MAX_PAGES,
         clock: Clock = SYSTEM_CLOCK,
         extras: ExtraBatches | None = None,
         faults: Faults | None = None,
     ) -> None:
         self.store = store
-        self.extras = extras or ExtraBatches(store, api, account, clock)
+        # The settings in force, read where they are used (a reload replaces them).
+        self._settings = settings
+        self.extras = extras or ExtraBatches(store, api, account, clock, settings=settings)
         self.clock = clock
         self.faults = faults if faults is not None else Faults(clock=clock)
         self.api = api
         self.account = account
-        self.interval_s = interval_s
-        self.jitter = jitter
-        self.list_threshold = list_threshold
         self.lost_after_s = lost_after_s
         self.on_ended = on_ended
         self.rng = rng or random.Random()
-        self.policy = policy or StepPolicy()
-        self.max_pages = max_pages
         self.can_list = True  # until the provider answers a list call with a permanent error
+
+    @property
+    def interval_s(self) -> float:
+        return self._settings().poll.interval_s
+
+    @property
+    def jitter(self) -> float:
+        return self._settings().poll.jitter
+
+    @property
+    def list_threshold(self) -> int:
+        return self._settings().poll.list_threshold
+
+    @property
+    def max_pages(self) -> int:
+        return self._settings().api.max_list_pages
+
+    @property
+    def policy(self) -> StepPolicy:
+        return StepPolicy.of(self._settings())
 
     async def idle_s(self, longest_s: float) -> float:
         """How long the poll stage may sleep: a tick past the moment the next part is
@@ -199,14 +209,19 @@ class Poller:
                     continue
                 try:
                     seen[batch_id] = await self.api.retrieve_batch(batch_id)
-                except NotFoundError:
-                    gone.add(batch_id)
-                except BadAnswer as exc:
-                    unusable[batch_id] = str(exc)
-        except AccountError as err:
-            self.account.failed(err)
-            return False
+                except (ApiError, BadAnswer) as exc:
+                    rung = classify(exc)
+                    if rung is CallFailure.GONE:
+                        gone.add(batch_id)
+                    elif rung is CallFailure.UNUSABLE:
+                        unusable[batch_id] = str(exc)
+                    else:
+                        raise
         except ApiError as err:
+            if classify(err) is CallFailure.ACCOUNT:
+                self.account.failed(err)
+                return False
+            # Any other rung: the batches not answered are looked at again later.
             log.warning("poll_failed", error=str(err), due=len(due))
         failpoint("poll.after_request")
         ended = 0
@@ -260,10 +275,8 @@ class Poller:
         due batches are retrieved one by one."""
         try:
             return await self._by_list(due)
-        except AccountError:
-            raise
         except ApiError as err:
-            if err.retryable:
+            if classify(err) in (CallFailure.ACCOUNT, CallFailure.LATER, CallFailure.UNCERTAIN):
                 raise
             log.warning("list_unsupported", error=str(err))
             self.can_list = False

@@ -218,11 +218,10 @@ class Preparer:
     def __init__(
         self,
         store: Store,
-        settings: Settings,
+        settings: Callable[[], Settings],
         *,
         on_ready: Callable[[], None],
         on_rejected: Callable[[], None],  # a job goes to publishing without parts
-        retry_base_s: float = 1.0,
         clock: Clock = SYSTEM_CLOCK,
         on_held: Callable[[], None] = lambda: None,
         faults: Faults | None = None,
@@ -230,17 +229,25 @@ class Preparer:
         self.on_held = on_held
         self.faults = faults if faults is not None else Faults(clock=clock)
         self.store = store
-        self.settings = settings
+        # The settings in force, read where they are used (a reload replaces them).
+        self._settings = settings
         self.clock = clock
         self.on_ready = on_ready
         self.on_rejected = on_rejected
-        self.retry_base_s = retry_base_s
         # job id -> steady time before which it is not looked at again (an input still
         # changing, or a pause after a failed validation).
         self.not_before: dict[str, float] = {}
         # The duplicate holds are judged at the first pass (start-up), then after each
         # publish and reload (`cause_changed`).
         self._holds_stale = True
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings()
+
+    @property
+    def retry_base_s(self) -> float:
+        return self.settings.api.step_retry_base_s
 
     async def run_once(self) -> bool:
         moved = False

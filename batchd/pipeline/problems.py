@@ -14,20 +14,65 @@ locked database: `batchd.faults`, shown in `status` on its own), or a provider t
 answers nothing at all (an outage: `BatchApi.answering`). `step_trouble` sorts an
 unexpected error into one or the other.
 
+The service's own errors are sorted once, by `classify` (the error ladder), for the
+upload and create of the submit stage and the polls of the poll stage alike.
+
 Every time here (`now`, `retry_at`) is on the steady clock (`Clock.steady`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
+from batchd.config import Settings
 from batchd.faults import Faults, describe, local_cause
 from batchd.logs import get_logger
 from batchd.models import Part, PartState
+from batchd.provider.api import AccountError, ApiError, MaybeAppliedError, NotFoundError
+from batchd.provider.remote import BadAnswer
 from batchd.store import Store
 from batchd.store.lifecycle import part_allows
 
 log = get_logger(__name__)
+
+
+class CallFailure(StrEnum):
+    """What an error of the service means for the step that met it (`classify`)."""
+
+    # The account cannot be used (a bad key, arrears): every call pauses and the part
+    # goes back to wait, uncounted (the account stage probes it).
+    ACCOUNT = "account"
+    # A call that is not idempotent (an upload, a create) may have taken effect: its
+    # effect is looked for once a list can show it, never sent again blindly.
+    UNCERTAIN = "uncertain"
+    # Throttling, a full quota, a 5xx, a transport failure: no fault of the part; it is
+    # tried again later, uncounted.
+    LATER = "later"
+    # The service does not know the object (404).
+    GONE = "gone"
+    # The service refused the request for good (a 4xx): sent again, it fails again.
+    REFUSED = "refused"
+    # An answer batchd cannot use: the step's own failure, counted (`step_failed`), and
+    # the part parked after `max_failures` of them.
+    UNUSABLE = "unusable"
+
+
+def classify(err: ApiError | BadAnswer) -> CallFailure:
+    """PURE: the error ladder, in one place: which rung an error of the service is on.
+    Anything else a step raises is not an answer of the service: `step_trouble` sorts
+    it (a fault of this machine waits; anything else is counted)."""
+    if isinstance(err, BadAnswer):
+        return CallFailure.UNUSABLE
+    if isinstance(err, AccountError):
+        return CallFailure.ACCOUNT
+    if isinstance(err, MaybeAppliedError):
+        return CallFailure.UNCERTAIN
+    if err.retryable:
+        return CallFailure.LATER
+    if isinstance(err, NotFoundError):
+        return CallFailure.GONE
+    return CallFailure.REFUSED
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +80,12 @@ class StepPolicy:
     max_failures: int = 5
     base_s: float = 5.0
     cap_s: float = 600.0
+
+    @classmethod
+    def of(cls, settings: Settings) -> StepPolicy:
+        """The policy of a loaded configuration (`max_part_failures`, `api.step_retry_*`)."""
+        api = settings.api
+        return cls(settings.max_part_failures, api.step_retry_base_s, api.step_retry_cap_s)
 
     def pause_s(self, failures: int) -> float:
         """PURE: the pause before the next try after `failures` failures in a row."""

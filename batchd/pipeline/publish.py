@@ -45,10 +45,11 @@ from typing import IO, Any
 import orjson
 
 from batchd.clock import SYSTEM_CLOCK, Clock, iso_utc
+from batchd.config import Settings
 from batchd.failpoints import failpoint
 from batchd.fsutil import fsync_dir, fsync_file, open_for_writing
 from batchd.inputs import csvio
-from batchd.inputs.lines import CHUNK_BYTES, DEFAULT_MAX_LINE_BYTES, read_line, utf8_safe
+from batchd.inputs.lines import CHUNK_BYTES, read_line, utf8_safe
 from batchd.logs import get_logger
 from batchd.models import (
     ExtraBatch,
@@ -72,8 +73,8 @@ from batchd.outbox.merge import (
 from batchd.outbox.remerge import merge_chain
 from batchd.pipeline.extras import extra_note
 from batchd.pipeline.intake import LATE_SIDECAR
-from batchd.provider.prices import PriceTable, table_from
-from batchd.provider.profiles import PROFILES, ProviderLimits
+from batchd.provider.prices import PriceTable
+from batchd.provider.profiles import ProviderLimits
 from batchd.provider.remote import TIME_KEYS
 from batchd.provider.tokens import RequestCounter
 from batchd.store import Store
@@ -150,34 +151,27 @@ class Publisher:
         self,
         store: Store,
         outbox: Path,
+        settings: Callable[[], Settings],
+        limits: ProviderLimits,
         *,
-        keep_input: bool,
-        delete_remote_files: bool,
         on_published: Callable[[], None],
         on_retry_due: Callable[[], None] = lambda: None,
         retry_base_s: float = 1.0,
         retry_cap_s: float = 300.0,
-        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
         clock: Clock = SYSTEM_CLOCK,
-        provider: str = "dashscope",
-        prices: PriceTable | None = None,
-        limits: ProviderLimits | None = None,
     ) -> None:
         self.store = store
         self.clock = clock
         self.outbox = outbox
-        # Actual cost at batch prices (a reload may change the table); the limits give
-        # the output bound of a request charged its worst case.
-        self.provider = provider
-        self.prices = prices or table_from(None)
-        self.limits = limits or PROFILES[provider].limits
+        # The settings in force, read where they are used (a reload replaces them): the
+        # actual cost is at the prices in force. The limits (fixed for the daemon's life)
+        # give the output bound of a request charged its worst case.
+        self._settings = settings
+        self.limits = limits
         self.on_retry_due = on_retry_due
-        self.keep_input = keep_input
-        self.delete_remote_files = delete_remote_files
         self.on_published = on_published
         self.retry_base_s = retry_base_s
         self.retry_cap_s = retry_cap_s
-        self.max_line_bytes = max_line_bytes
         # job id -> (failed attempts in a row, monotonic time of the next attempt)
         self.backoff: dict[str, tuple[int, float]] = {}
         # job id -> monotonic time since when a process holds its input open for writing
@@ -186,6 +180,26 @@ class Publisher:
         # reached it later): `batchd status` lists them (since this start).
         self.inputs_kept: dict[str, str] = {}
         self.writer_wait_s = WRITER_WAIT_S
+
+    @property
+    def provider(self) -> str:
+        return self._settings().provider
+
+    @property
+    def prices(self) -> PriceTable:
+        return self._settings().price_table
+
+    @property
+    def keep_input(self) -> bool:
+        return self._settings().jobs.keep_input
+
+    @property
+    def delete_remote_files(self) -> bool:
+        return self._settings().jobs.delete_remote_files
+
+    @property
+    def max_line_bytes(self) -> int:
+        return self._settings().jobs.max_result_line_bytes
 
     async def run_once(self) -> bool:
         moved = False

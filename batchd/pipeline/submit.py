@@ -38,7 +38,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from batchd.clock import SYSTEM_CLOCK, Clock
-from batchd.config import ProviderLimits
+from batchd.config import ProviderLimits, Settings
 from batchd.failpoints import failpoint
 from batchd.faults import Faults, local_cause
 from batchd.logs import get_logger
@@ -49,13 +49,19 @@ from batchd.pipeline.budget import BudgetCaps, Ledger, periods, refusal
 from batchd.pipeline.extras import ExtraBatches, keep, tag
 from batchd.pipeline.holds import Hold, first_to_show
 from batchd.pipeline.prepare import worst_cost
-from batchd.pipeline.problems import StepPolicy, step_failed, step_trouble, step_waits
+from batchd.pipeline.problems import (
+    CallFailure,
+    StepPolicy,
+    classify,
+    step_failed,
+    step_trouble,
+    step_waits,
+)
 from batchd.provider.api import (
     AccountError,
     ApiError,
     BatchApi,
     ListingIncomplete,
-    MaybeAppliedError,
     parse_items,
 )
 from batchd.provider.limits import CallClass
@@ -160,47 +166,70 @@ class Submitter:
         self,
         store: Store,
         api: BatchApi,
+        settings: Callable[[], Settings],
         limits: ProviderLimits,
         account: AccountState,
         *,
-        completion_window: str,
-        first_poll_s: float,
-        concurrency: int,
         on_created: Callable[[], None],
         on_replan: Callable[[], None] = lambda: None,
-        policy: StepPolicy | None = None,
-        settling: Settling | None = None,
         clock: Clock = SYSTEM_CLOCK,
-        caps: BudgetCaps | None = None,
-        budget_zone: str = "UTC",
-        provider: str = "dashscope",
         on_held: Callable[[], None] = lambda: None,
-        prices: PriceTable | None = None,
         extras: ExtraBatches | None = None,
         faults: Faults | None = None,
     ) -> None:
         self.store = store
-        self.extras = extras or ExtraBatches(store, api, account, clock)
+        # The settings in force, read where they are used (a reload replaces them): the
+        # budget's caps, its time zone and the prices among them.
+        self._settings = settings
+        self.extras = extras or ExtraBatches(store, api, account, clock, settings=settings)
         self.faults = faults if faults is not None else Faults(clock=clock)
-        # Budgets (a reload may change them): the caps, where their days begin, and whose
-        # spend they count; the price table parts without a price are priced again with.
-        self.caps = caps or BudgetCaps()
-        self.budget_zone = budget_zone
-        self.provider = provider
-        self.prices = prices
-        self._priced_with: PriceTable | None = None
+        # The prices the parts planned without one were last priced again with.
+        self._priced_with: dict[str, object] | None = None
         self.on_held = on_held
         self.clock = clock
         self.api = api
+        # The provider's caps: fixed for the daemon's life (`limits` needs a restart).
         self.limits = limits
         self.account = account
-        self.completion_window = completion_window
-        self.first_poll_s = first_poll_s
-        self.concurrency = concurrency
         self.on_created = on_created
         self.on_replan = on_replan
-        self.policy = policy or StepPolicy()
-        self.settling = settling or Settling()
+
+    @property
+    def caps(self) -> BudgetCaps:
+        return BudgetCaps.of(self._settings())
+
+    @property
+    def budget_zone(self) -> str:
+        return self._settings().budget.timezone
+
+    @property
+    def provider(self) -> str:
+        return self._settings().provider
+
+    @property
+    def prices(self) -> PriceTable:
+        return self._settings().price_table
+
+    @property
+    def completion_window(self) -> str:
+        return self._settings().jobs.completion_window
+
+    @property
+    def first_poll_s(self) -> float:
+        return self._settings().poll.first_poll_s
+
+    @property
+    def concurrency(self) -> int:
+        return self._settings().api.concurrency
+
+    @property
+    def policy(self) -> StepPolicy:
+        return StepPolicy.of(self._settings())
+
+    @property
+    def settling(self) -> Settling:
+        api = self._settings().api
+        return Settling(api.settle_after_s, api.clock_skew_s, api.max_list_pages)
 
     # -- one pass -----------------------------------------------------------------------
 
@@ -319,6 +348,7 @@ class Submitter:
     async def _creates(self) -> bool:
         total, by_model = await self.store.slot_holders()
         ledger = await self._ledger()
+        caps = self.caps  # read once for the pass: thousands of parts may be judged
         queued = await self.store.queued_tokens() if self._queues_tokens() else {}
         chosen: list[Part] = []
         # job id -> the hold its note shows (`holds.first_to_show` of its parts' refusals),
@@ -332,7 +362,7 @@ class Submitter:
             # free: a hold is said (and kept) whatever else the part waits for.
             if ledger is not None:
                 judged.add(part.job_id)
-                refused = refusal(part.cost_max, ledger, self.caps, part.model)
+                refused = refusal(part.cost_max, ledger, caps, part.model)
                 if refused is not None:
                     short[part.job_id] = first_to_show(short.get(part.job_id), refused)
                     continue
@@ -423,8 +453,9 @@ class Submitter:
         """Price the parts planned while their model had no price, with the table in
         force, once per table: a price added to [prices] (a reload, or a restart) is what
         ends their `no_price` hold."""
-        table = self.prices
-        if table is None or table is self._priced_with:
+        settings = self._settings()
+        table = settings.price_table
+        if settings.prices == self._priced_with:
             return
         for part in await self.store.unpriced_parts():
             if table.price(self.provider, part.model) is None:
@@ -444,7 +475,7 @@ class Submitter:
             output = sum(m.output_tokens_max for m in count.models.values())
             if await self.store.price_part(part.id, count.input_tokens, output, worst):
                 log.info("part_priced", job_id=part.job_id, part=part.seq, cost_max=worst)
-        self._priced_with = table
+        self._priced_with = settings.prices
 
     def next_rollover(self) -> float | None:
         """When the budget's day next begins (a held part may fit then)."""
@@ -482,36 +513,12 @@ class Submitter:
         failpoint("upload.before_request")
         try:
             info = await self.api.upload_file(Path(part.path), part.upload_name)
-        except AccountError as err:
-            self.account.failed(err)
-            await self.store.move_part(
-                part.id, PartState.UPLOADING, PartState.PENDING, retry_at=None
-            )
-            return False
-        except MaybeAppliedError as err:
-            log.warning("upload_uncertain", job_id=part.job_id, part=part.seq, error=str(err))
-            # Stays UPLOADING; settled (looked for by name) once the list can show it.
-            await self.store.update_part(
-                part.id,
-                PartState.UPLOADING,
-                error=str(err),
-                retry_at=self.clock.steady() + self.settling.after_s,
-            )
-            return False
         except ApiError as err:
-            if err.retryable:
-                # A full file quota (freed as jobs publish), throttling or an outage is
-                # no fault of the part: it waits for a later pass.
-                log.warning("upload_deferred", job_id=part.job_id, part=part.seq, error=str(err))
-                await self.store.move_part(
-                    part.id,
-                    PartState.UPLOADING,
-                    PartState.PENDING,
-                    error=str(err),
-                    retry_at=None,
-                )
-                return False
-            return await self._part_error(part, PartState.UPLOADING, err)
+            # Left UPLOADING when uncertain: settled (looked for by name) once the list
+            # can show it. A full file quota (freed as jobs publish) waits in PENDING.
+            return await self._call_failed(
+                part, err, "upload", PartState.UPLOADING, PartState.PENDING
+            )
         failpoint("upload.after_request")
         problem = None
         if (
@@ -713,35 +720,13 @@ class Submitter:
             batch = await self.api.create_batch(
                 part.remote_file_id, part.endpoint, window, metadata
             )
-        except AccountError as err:
-            self.account.failed(err)
-            await self.store.move_part(
-                part.id, PartState.CREATING, PartState.UPLOADED, retry_at=None
-            )
-            return False
-        except MaybeAppliedError as err:
-            # The batch may exist: it is looked for (never created again) once the list
-            # can show it.
-            log.warning("create_uncertain", job_id=part.job_id, part=part.seq, error=str(err))
-            await self.store.update_part(
-                part.id,
-                PartState.CREATING,
-                error=str(err),
-                retry_at=self.clock.steady() + self.settling.after_s,
-            )
-            return False
         except ApiError as err:
-            if err.retryable:
-                # 429 quota (someone else filled the running cap) or an outage: try later.
-                await self.store.move_part(
-                    part.id,
-                    PartState.CREATING,
-                    PartState.UPLOADED,
-                    error=str(err),
-                    retry_at=None,
-                )
-                return False
-            return await self._part_error(part, PartState.CREATING, err)
+            # Left CREATING when uncertain: the batch may exist, and is looked for (never
+            # created again) once the list can show it. A 429 quota (someone else filled
+            # the running cap) waits in UPLOADED.
+            return await self._call_failed(
+                part, err, "create", PartState.CREATING, PartState.UPLOADED
+            )
         failpoint("create.after_request")
         return await self._record_created(part, batch, asked_at)
 
@@ -918,6 +903,35 @@ class Submitter:
                 log.info(
                     "batch_cancel_requested", job_id=job.id, part=part.seq, batch_id=part.batch_id
                 )
+
+    async def _call_failed(
+        self, part: Part, err: ApiError, call: str, state: PartState, back: PartState
+    ) -> bool:
+        """The `call` (upload or create) of `part` failed with `err` while the part was
+        in `state`, its intent committed: what follows is the error ladder's rung
+        (`classify`). An uncertain call leaves the part in `state`, to be settled; a call
+        that did not take (the account, or a reason that may pass) sends it `back`,
+        uncounted; a refusal fails it."""
+        rung = classify(err)
+        if rung is CallFailure.ACCOUNT:
+            self.account.failed(err)
+            await self.store.move_part(part.id, state, back, retry_at=None)
+            return False
+        if rung is CallFailure.UNCERTAIN:
+            log.warning(f"{call}_uncertain", job_id=part.job_id, part=part.seq, error=str(err))
+            await self.store.update_part(
+                part.id,
+                state,
+                error=str(err),
+                retry_at=self.clock.steady() + self.settling.after_s,
+            )
+            return False
+        if rung is CallFailure.LATER:
+            if call == "upload":
+                log.warning("upload_deferred", job_id=part.job_id, part=part.seq, error=str(err))
+            await self.store.move_part(part.id, state, back, error=str(err), retry_at=None)
+            return False
+        return await self._part_error(part, state, err)
 
     async def _part_error(self, part: Part, state: PartState, err: ApiError) -> bool:
         if not await self.store.move_part(

@@ -19,7 +19,7 @@ from batchd.clock import (
     SystemClock,
     iso_utc,
 )
-from batchd.config import ProviderLimits
+from batchd.config import ApiSettings, IntakeSettings, PollSettings, ProviderLimits, Settings
 from batchd.models import JobState, Outcome, Part, PartPlan, PartState
 from batchd.outbox.merge import MergeStats
 from batchd.pipeline.account import AccountState
@@ -34,6 +34,8 @@ from batchd.provider.remote import TIME_KEYS, RemoteBatch
 from batchd.store import Store
 
 HOUR = 3600.0
+# A poll stage that polls every minute, without jitter, retrieving batches one by one.
+POLL_SETTINGS = Settings(poll=PollSettings(interval_s=60.0, jitter=0.0, list_threshold=20))
 
 
 @pytest.fixture
@@ -112,18 +114,20 @@ async def test_a_failed_step_waits_out_its_pause_on_the_injected_clock(
 ) -> None:
     part = await running_job(store, clock)
     policy = StepPolicy(max_failures=5, base_s=10.0, cap_s=600.0)
+    settings = Settings(
+        max_part_failures=5,
+        api=ApiSettings(concurrency=1, step_retry_base_s=10.0, step_retry_cap_s=600.0),
+    )
     submitter = Submitter(
         store,
         unused_api(),
+        lambda: settings,
         ProviderLimits(),
         AccountState(clock=clock),
-        completion_window="24h",
-        first_poll_s=30.0,
-        concurrency=1,
         on_created=lambda: None,
-        policy=policy,
         clock=clock,
     )
+    assert submitter.policy == policy
     assert not await step_failed(store, part, "a listing failed", policy, clock.now())
     paused = await store.get_part(part.id)
     assert paused is not None and paused.retry_at == clock.now() + 10.0
@@ -157,10 +161,8 @@ async def test_a_running_batch_is_never_lost_on_a_clock_difference_only_called_o
     poller = Poller(
         store,
         unused_api(),
+        lambda: POLL_SETTINGS,
         AccountState(clock=clock),
-        interval_s=60.0,
-        jitter=0.0,
-        list_threshold=20,
         lost_after_s=lambda _part: 24 * HOUR + 6 * HOUR,
         on_ended=lambda: None,
         clock=clock,
@@ -254,10 +256,8 @@ async def test_summary_timings_are_our_clock_and_the_services_times_are_apart(
     poller = Poller(
         store,
         unused_api(),
+        lambda: POLL_SETTINGS,
         AccountState(clock=clock),
-        interval_s=60.0,
-        jitter=0.0,
-        list_threshold=20,
         lost_after_s=lambda _part: 24 * HOUR,
         on_ended=lambda: None,
         clock=clock,
@@ -306,16 +306,10 @@ async def test_an_inbox_file_is_claimed_once_still_for_the_settle_time_on_the_cl
     inbox, spool = tmp_path / "inbox", tmp_path / "spool"
     inbox.mkdir()
     spool.mkdir()
-    intake = Intake(
-        store,
-        inbox,
-        spool,
-        settle_s=5.0,
-        unterminated_settle_s=30.0,
-        suffixes=(".jsonl",),
-        on_claimed=lambda: None,
-        clock=clock,
+    settings = Settings(
+        intake=IntakeSettings(settle_s=5.0, unterminated_settle_s=30.0, suffixes=(".jsonl",))
     )
+    intake = Intake(store, inbox, spool, lambda: settings, on_claimed=lambda: None, clock=clock)
     dropped = inbox / "a.jsonl"
     dropped.write_bytes(b'{"custom_id": "1"}\n')
     os.utime(dropped, (clock.now(), clock.now()))  # written "now" on the fake wall clock
