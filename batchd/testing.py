@@ -69,6 +69,7 @@ from batchd.config import Settings
 from batchd.daemon import Daemon
 from batchd.emulator import Emulator, EmulatorSettings
 from batchd.models import Job
+from batchd.outbox.folder import OutboxFolder
 from batchd.pipeline.intake import Intake
 from batchd.store import Store
 
@@ -951,7 +952,9 @@ async def published_jobs(daemon: Daemon, count: int, timeout_s: float = 10.0) ->
 
 def summary(folder: Path) -> dict[str, Any]:
     """A job folder's summary.json."""
-    data: dict[str, Any] = orjson.loads((folder / "summary.json").read_bytes())
+    data = OutboxFolder(folder).summary()
+    if data is None:
+        raise FileNotFoundError(f"{folder} has no summary.json (not published?)")
     return data
 
 

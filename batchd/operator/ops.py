@@ -60,14 +60,14 @@ from batchd.operator.protocol import (
     StatusResponse,
 )
 from batchd.outbox import failures, remerge
+from batchd.outbox.folder import ERRORS, INPUT_REQUESTS, MERGED, OutboxFolder
 from batchd.outbox.merge import RESULT_UNAVAILABLE
+from batchd.outbox.writer import PUBLISH_FAILED, extra_note
 from batchd.pipeline import holds
 from batchd.pipeline.account import AccountState
 from batchd.pipeline.budget import BudgetCaps, periods
-from batchd.pipeline.extras import extra_note
 from batchd.pipeline.intake import Intake
 from batchd.pipeline.notify import shown_error
-from batchd.pipeline.publish import PUBLISH_FAILED
 from batchd.pipeline.stages import Stage, Wake
 from batchd.provider.api import BatchApi
 from batchd.provider.prices import oldest_as_of, stale_note
@@ -545,7 +545,7 @@ class Operations:
         root = await remerge.chain_root(self.store, job)
         if root is None or not root.outbox_path:
             return None
-        where = Path(root.outbox_path) / remerge.MERGED
+        where = Path(root.outbox_path) / MERGED
         return str(where) if await asyncio.to_thread(where.exists) else None
 
     async def jobs(
@@ -717,7 +717,7 @@ class Operations:
 
     async def _retry_published(self, job: Job, scope: RetryScope) -> ActionResponse:
         inbox = self.settings.paths.folder("inbox")
-        folder = Path(job.outbox_path or "")
+        folder = OutboxFolder(Path(job.outbox_path or ""))
         max_line = self.settings.jobs.max_result_line_bytes
         cost = earlier_cost(job)
         spent = cost_note(cost)
@@ -1016,16 +1016,15 @@ def _failed_lines(
 
 
 def failures_left_out(
-    folder: Path,
+    folder: OutboxFolder,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     scope: RetryScope = RetryScope.RETRYABLE,
 ) -> dict[str, int]:
     """The failures of a published job (its outbox `folder`) that a retry of `scope`
     leaves out, counted per code."""
-    errors = folder / "error.jsonl"
     left_out: dict[str, int] = {}
-    if errors.exists():
-        for _, verdict in _failed_lines(errors, max_line_bytes):
+    if folder.exists(ERRORS):
+        for _, verdict in _failed_lines(folder.member(ERRORS), max_line_bytes):
             if not takes(scope, verdict):
                 left_out[verdict.code] = left_out.get(verdict.code, 0) + 1
     return left_out
@@ -1033,7 +1032,7 @@ def failures_left_out(
 
 def write_retry_input(
     job: Job,
-    folder: Path,
+    folder: OutboxFolder,
     inbox: Path,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     scope: RetryScope = RetryScope.RETRYABLE,
@@ -1044,10 +1043,9 @@ def write_retry_input(
     in the inbox (fsynced), with the job's options, `retry_of` and what was left out as
     its sidecar; `finish_retry_input` gives it its name. The failures `scope` leaves out
     are counted per code."""
-    source = folder / "input.jsonl"
-    errors = folder / "error.jsonl"
-    if not source.exists() or not errors.exists():
+    if not folder.exists(INPUT_REQUESTS) or not folder.exists(ERRORS):
         return RetryInput(None)
+    source, errors = folder.member(INPUT_REQUESTS), folder.member(ERRORS)
     wanted: set[int] = set()
     left_out: dict[str, int] = {}
     for number, verdict in _failed_lines(errors, max_line_bytes):

@@ -62,6 +62,7 @@ from batchd.inputs.lines import (
     read_line,
     utf8_safe,
 )
+from batchd.inputs.spool import SpoolFolder
 from batchd.models import Job, Part, PartState, RemoteStatus
 from batchd.outbox.failures import error_code
 from batchd.provider.prices import Usage, read_usage
@@ -97,7 +98,7 @@ MAX_LISTED_STRAYS = 100
 def output_path(part: Part, kind: str) -> Path:
     """PURE: where the collect stage puts a part's `kind` ("output" or "error") result
     file, beside the part's input in the spool."""
-    return Path(part.path).with_name(f"part-{part.seq:03d}.{kind}.jsonl")
+    return SpoolFolder.of_input(part.path).result(part.seq, kind)
 
 
 def sent_bytes(job: Job) -> int | None:

@@ -22,11 +22,11 @@ from batchd.clock import (
 from batchd.config import ProviderLimits
 from batchd.models import JobState, Outcome, Part, PartPlan, PartState
 from batchd.outbox.merge import MergeStats
+from batchd.outbox.writer import build_summary
 from batchd.pipeline.account import AccountState
 from batchd.pipeline.intake import Intake
 from batchd.pipeline.poll import Poller
 from batchd.pipeline.problems import StepPolicy, step_failed
-from batchd.pipeline.publish import build_summary
 from batchd.pipeline.submit import Submitter
 from batchd.provider.api import BatchApi
 from batchd.provider.limits import RateLimiter
