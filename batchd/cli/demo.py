@@ -156,17 +156,15 @@ def _show(console: Console, outbox: Path) -> None:
     folders = sorted(p for p in outbox.iterdir() if not p.name.startswith("."))
     for job in folders:
         s = OutboxFolder(job).summary()
-        if s is None:
-            raise FileNotFoundError(f"{job} has no summary.json")
-        counts = s["request_counts"]
+        counts = s.request_counts
         table.add_row(
             job.name,
-            s["status"],
-            str(counts["total"]),
-            str(counts["completed"]),
-            str(counts["failed"]),
-            str(s["usage"]["total_tokens"]),
-            ", ".join(p["batch_id"] or "-" for p in s["parts"]) or "-",
+            s.status,
+            str(counts.total),
+            str(counts.completed),
+            str(counts.failed),
+            str(s.usage.total_tokens),
+            ", ".join(p.batch_id or "-" for p in s.parts) or "-",
         )
     console.print(table)
     for job in folders:

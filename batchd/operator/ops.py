@@ -24,6 +24,7 @@ import orjson
 from batchd import __version__
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import Settings
+from batchd.documents import to_json
 from batchd.faults import Faults
 from batchd.fsutil import fsync_dir, write_atomic
 from batchd.inputs.lines import DEFAULT_MAX_LINE_BYTES, input_line_of, iter_lines, read_line
@@ -483,8 +484,8 @@ class Operations:
             held_at=job.held_at,
             hold_ends_by_itself=holds.ends_by_itself(job.held),
             estimate=(job.report or {}).get("estimate"),
-            usage=job.usage,
-            cost=job.cost,
+            usage=to_json(job.usage) if job.usage is not None else None,
+            cost=to_json(job.cost) if job.cost is not None else None,
             parts=[_part_info(p) for p in parts] if parts is not None else None,
             notifications=(
                 [
@@ -913,20 +914,15 @@ def earlier_cost(job: Job) -> dict[str, Any] | None:
     """PURE: what a published job cost, as its summary.json's `cost` says: `amount`,
     `currency`, and what of it was `estimated` (amount and requests)."""
     cost = job.cost
-    if not isinstance(cost, dict):
+    if cost is None:
         return None
-    estimated = cost.get("estimated")
-    estimated = estimated if isinstance(estimated, dict) else {}
-    reasons = estimated.get("reasons")
     return {
-        "amount": cost.get("amount"),
-        "known_amount": cost.get("known_amount"),
-        "currency": cost.get("currency"),
-        "estimated_amount": estimated.get("amount"),
-        "estimated_requests": estimated.get("requests"),
-        "result_unavailable": (reasons if isinstance(reasons, dict) else {}).get(
-            RESULT_UNAVAILABLE
-        ),
+        "amount": cost.amount,
+        "known_amount": cost.known_amount,
+        "currency": cost.currency,
+        "estimated_amount": cost.estimated.amount,
+        "estimated_requests": cost.estimated.requests,
+        "result_unavailable": cost.estimated.reasons.get(RESULT_UNAVAILABLE),
     }
 
 

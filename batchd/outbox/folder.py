@@ -35,10 +35,10 @@ import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import orjson
+import msgspec
 
+from batchd.documents import Summary, SummaryHead, decode_summary, encode_summary
 from batchd.fsutil import fsync_dir, fsync_file, write_atomic
 from batchd.inputs.lines import CHUNK_BYTES
 from batchd.inputs.spool import LATE_SIDECAR, REQUESTS, input_name
@@ -155,22 +155,26 @@ class OutboxFolder:
         """Is this a job's published folder (its summary.json, written last, is there)?"""
         return self.exists(SUMMARY)
 
-    def write_summary(self, summary: Any) -> None:
+    def write_summary(self, summary: Summary) -> None:
         """Write summary.json, the last member (its presence says the folder is whole)."""
-        self.write(SUMMARY, orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+        self.write(SUMMARY, encode_summary(summary))
 
-    def summary(self) -> dict[str, Any] | None:
-        """The folder's summary.json as written, or None when it is not there or is not
-        a JSON object. A disk error reading it raises."""
+    def summary(self) -> Summary:
+        """The folder's summary.json, decoded. Raises OSError when it cannot be read,
+        `msgspec.ValidationError` (a ValueError) when it is not a summary."""
+        return decode_summary(self.read(SUMMARY))
+
+    def head(self) -> SummaryHead | None:
+        """Whose folder this is, from its summary.json of any version; None when there is
+        none or it is not one. A disk error reading it raises."""
         try:
             raw = self.read(SUMMARY)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
         try:
-            summary = orjson.loads(raw)
-        except orjson.JSONDecodeError:
+            return msgspec.json.decode(raw, type=SummaryHead)
+        except msgspec.DecodeError:
             return None
-        return summary if isinstance(summary, dict) else None
 
     def job_id(self) -> str | None:
         """The id of the job that published this folder (never through a symlink); None
@@ -178,11 +182,10 @@ class OutboxFolder:
         try:
             if not stat.S_ISDIR(os.lstat(self.path).st_mode):
                 return None
-            summary = self.summary()
+            head = self.head()
         except OSError:
             return None
-        job_id = summary.get("job_id") if summary is not None else None
-        return job_id if isinstance(job_id, str) else None
+        return head.job_id if head is not None else None
 
 
 class Outbox:
@@ -226,8 +229,8 @@ class Outbox:
             return None
         if not stat.S_ISDIR(st.st_mode):
             return "other"
-        summary = folder.summary()
-        return "self" if summary is not None and summary.get("job_id") == job_id else "other"
+        head = folder.head()
+        return "self" if head is not None and head.job_id == job_id else "other"
 
     def published(self) -> Iterator[tuple[str, str]]:
         """(folder name, job id) of every published folder (hidden ones skipped)."""

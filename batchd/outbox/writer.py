@@ -36,6 +36,21 @@ from typing import IO, Any
 import orjson
 
 from batchd.clock import Clock, iso_utc
+from batchd.documents import (
+    Cost,
+    EstimatedCost,
+    ExtraBatchOf,
+    Follows,
+    InputOf,
+    JobError,
+    LateSidecar,
+    ModelUsage,
+    PartOf,
+    RequestCounts,
+    Summary,
+    Timings,
+    TokenUsage,
+)
 from batchd.failpoints import failpoint
 from batchd.fsutil import fsync_dir, open_for_writing
 from batchd.inputs import csvio
@@ -86,14 +101,14 @@ def write_job_folder(
     staging: OutboxFolder,
     *,
     folder: str,
-    follows: dict[str, Any] | None,
+    follows: Follows | None,
     extras: list[ExtraBatch],
     keep_input: bool,
     max_line_bytes: int,
     counter: RequestCounter,
     currency: str,
     clock: Clock,
-) -> dict[str, Any]:
+) -> Summary:
     """Write job's folder into `staging` (emptied first), summary.json last, every
     member and the folder fsynced; returns what summary.json says. `folder` is the name
     it will be published under (which `follows` an earlier one)."""
@@ -207,7 +222,7 @@ ESTIMATED_WHY = (
 )
 
 
-def cost_summary(stats: MergeStats, currency: str) -> dict[str, Any]:
+def cost_summary(stats: MergeStats, currency: str) -> Cost:
     """PURE: what the job's requests cost at batch prices: in all (`amount`), priced from
     the service's usage (`from_usage`) and charged at their worst case (`estimated`,
     with how many requests, why, and the first of them), and per model (null for a model
@@ -219,30 +234,30 @@ def cost_summary(stats: MergeStats, currency: str) -> dict[str, Any]:
     estimated = sum(own.estimated for own in priced)
     known = from_usage + estimated
     requests = sum(own.estimated_requests for own in costs.values())
-    return {
-        "amount": None if unknown else _amount(known),
-        "currency": currency,
-        "per_model": {
+    return Cost(
+        amount=None if unknown else _amount(known),
+        currency=currency,
+        per_model={
             model: None if own.amount is None else _amount(own.amount)
             for model, own in costs.items()
         },
-        "unknown_models": unknown,
-        "known_amount": _amount(known),
-        "from_usage": _amount(from_usage),
-        "estimated": {
-            "amount": _amount(estimated),
-            "requests": requests,
-            "per_model": {
+        unknown_models=unknown,
+        known_amount=_amount(known),
+        from_usage=_amount(from_usage),
+        estimated=EstimatedCost(
+            amount=_amount(estimated),
+            requests=requests,
+            per_model={
                 model: own.estimated_requests
                 for model, own in costs.items()
                 if own.estimated_requests
             },
-            "reasons": dict(stats.estimated_reasons),
-            "lines": stats.estimated_lines,
-            "unavailable_parts": stats.unavailable_parts,
-            "why": ESTIMATED_WHY if requests else None,
-        },
-    }
+            reasons=dict(stats.estimated_reasons),
+            lines=stats.estimated_lines,
+            unavailable_parts=stats.unavailable_parts,
+            why=ESTIMATED_WHY if requests else None,
+        ),
+    )
 
 
 def _amount(value: float) -> float:
@@ -462,7 +477,7 @@ def input_open_for_writing(path: Path) -> bool | None:
         os.close(fd)
 
 
-def late_input_bytes(job: Job, summary: dict[str, Any]) -> str | None:
+def late_input_bytes(job: Job, summary: Summary) -> str | None:
     """Why the job's input must stay in the spool although the job is published: it is
     larger now than what the outbox folder accounted for (the validated bytes and any
     `unsent` ones), or a process still holds it open for writing. None when it may go."""
@@ -473,7 +488,7 @@ def late_input_bytes(job: Job, summary: dict[str, Any]) -> str | None:
         size = os.stat(source).st_size
     except FileNotFoundError:
         return None
-    changed = summary.get("input_changed")
+    changed = summary.input_changed
     seen = changed.get("now", {}).get("bytes") if isinstance(changed, dict) else None
     accounted = seen if isinstance(seen, int) else job.bytes
     if size > accounted:
@@ -600,9 +615,9 @@ def build_summary(
     published_at: float,
     currency: str = "",
     folder: str | None = None,
-    follows: dict[str, Any] | None = None,
+    follows: Follows | None = None,
     extras: list[ExtraBatch] | None = None,
-) -> dict[str, Any]:
+) -> Summary:
     """PURE: what summary.json says of the job: its input, outcome, counts, parts and
     timings; `kept` is what `keep_input_files` said of the input, `folder` the outbox
     folder's name (`name`, or `name-N` after a collision, which `follows` an earlier one);
@@ -613,82 +628,82 @@ def build_summary(
     text; the service's own timestamps of each batch are apart, in its part's
     `provider_times`, under the Batch object's names."""
     kept = kept or {}
-    return {
-        "job_id": job.id,
-        "name": job.name,
-        "folder": folder if folder is not None else job.name,
-        "follows": follows,
-        "input": {
-            "name": job.inbox_name,
-            "name_hex": job.inbox_name_hex,
-            "sha256": job.sha256,
-            "bytes": job.bytes,
-            "kind": job.kind,
-        },
-        "status": str(outcome),
+    late = kept.get("late_sidecar")
+    return Summary(
+        job_id=job.id,
+        name=job.name,
+        folder=folder if folder is not None else job.name,
+        follows=follows,
+        input=InputOf(
+            name=job.inbox_name,
+            name_hex=job.inbox_name_hex,
+            sha256=job.sha256,
+            bytes=job.bytes,
+            kind=job.kind,
+        ),
+        status=str(outcome),
         # The sidecar's options as the job ran with them (the rest: the daemon's defaults).
-        "options": {
-            k: v for k, v in job.options.items() if k not in ("submit_id", "sidecar_error")
-        },
+        options={k: v for k, v in job.options.items() if k not in ("submit_id", "sidecar_error")},
         # A `batchd retry` of another job: which one.
-        "retry_of": job.options.get("retry_of"),
-        "request_counts": {
-            "total": stats.total,
-            "completed": stats.completed,
-            "failed": stats.failed,
-        },
-        "never_run": stats.never_run,
-        "result_unavailable": stats.unavailable,
-        "unattributed": stats.unattributed,
-        "unattributed_reasons": stats.unattributed_reasons,
-        "unattributed_lines": stats.unattributed_lines,
-        "input_changed": kept.get("input_changed"),
-        "input_kept_at": kept.get("input_kept_at"),
-        "late_sidecar": kept.get("late_sidecar"),
-        "usage": {**stats.usage, "per_model": stats.per_model},
-        "cost": cost_summary(stats, currency),
-        "error": job_error(job, parts),
-        "parts": [
-            {
-                "seq": p.seq,
-                "round": p.round,
-                "requests": p.requests,
-                "model": p.model,
-                "endpoint": p.endpoint,
-                "state": str(p.state),
-                "batch_id": p.batch_id,
-                "status": p.remote_status,
-                "input_file_id": p.remote_file_id,
-                "output_file_id": p.output_file_id,
-                "error_file_id": p.error_file_id,
-                "request_counts": p.request_counts,
-                "errors": p.remote_errors,
-                "unavailable": p.unavailable,
-                "kept_on_service": _kept_files(p),
-                "note": p.error,
-                "provider_times": provider_times(p),
-            }
+        retry_of=job.options.get("retry_of"),
+        request_counts=RequestCounts(
+            total=stats.total, completed=stats.completed, failed=stats.failed
+        ),
+        never_run=stats.never_run,
+        result_unavailable=stats.unavailable,
+        unattributed=stats.unattributed,
+        unattributed_reasons=stats.unattributed_reasons,
+        unattributed_lines=stats.unattributed_lines,
+        input_changed=kept.get("input_changed"),
+        input_kept_at=kept.get("input_kept_at"),
+        late_sidecar=LateSidecar(**late) if late is not None else None,
+        usage=TokenUsage(
+            **stats.usage,
+            per_model={model: ModelUsage(**own) for model, own in stats.per_model.items()},
+        ),
+        cost=cost_summary(stats, currency),
+        error=job_error(job, parts),
+        parts=[
+            PartOf(
+                seq=p.seq,
+                round=p.round,
+                requests=p.requests,
+                model=p.model,
+                endpoint=p.endpoint,
+                state=str(p.state),
+                batch_id=p.batch_id,
+                status=p.remote_status,
+                input_file_id=p.remote_file_id,
+                output_file_id=p.output_file_id,
+                error_file_id=p.error_file_id,
+                request_counts=p.request_counts,
+                errors=p.remote_errors,
+                unavailable=p.unavailable,
+                kept_on_service=_kept_files(p),
+                note=p.error,
+                provider_times=provider_times(p),
+            )
             for p in parts
         ],
-        "extra_batches": [
-            {
-                "part": e.part_seq,
-                "batch_id": e.batch_id,
-                "kept_batch_id": e.kept_batch_id,
-                "status": e.status,
-                "request_counts": e.request_counts,
-                "cancel": str(e.cancel),
-                "note": extra_note(e),
-            }
+        extra_batches=[
+            ExtraBatchOf(
+                part=e.part_seq,
+                batch_id=e.batch_id,
+                kept_batch_id=e.kept_batch_id,
+                status=e.status,
+                request_counts=e.request_counts,
+                cancel=str(e.cancel),
+                note=extra_note(e),
+            )
             for e in extras or []
         ],
-        "timings": {
-            "claimed_at": iso_utc(job.created_at),
-            "batches_created_at": [iso_utc(batch_created_at(p)) for p in parts],
-            "batches_ended_at": [iso_utc(p.ended_at) for p in parts],
-            "published_at": iso_utc(published_at),
-        },
-    }
+        timings=Timings(
+            claimed_at=iso_utc(job.created_at),
+            batches_created_at=[iso_utc(batch_created_at(p)) for p in parts],
+            batches_ended_at=[iso_utc(p.ended_at) for p in parts],
+            published_at=iso_utc(published_at),
+        ),
+    )
 
 
 def provider_times(part: Part) -> dict[str, str | None] | None:
@@ -705,7 +720,7 @@ def provider_times(part: Part) -> dict[str, str | None] | None:
     return times
 
 
-def job_error(job: Job, parts: list[Part]) -> dict[str, Any] | None:
+def job_error(job: Job, parts: list[Part]) -> JobError | None:
     """PURE: what failed the job as a whole, stated once in summary.json (`error`): the
     whole-batch errors of the batches the service failed (the first one's code and
     message, then every failed batch under `batches`; their lines in error.jsonl refer to
@@ -714,7 +729,7 @@ def job_error(job: Job, parts: list[Part]) -> dict[str, Any] | None:
     failed = [error for error in (batch_error(p) for p in parts) if error is not None]
     if failed:
         first = failed[0]
-        return {"code": first["code"], "message": first["message"], "batches": failed}
+        return JobError(code=first["code"], message=first["message"], batches=failed)
     report = job.report or {}
     if not report.get("valid", True):
         problems = [e for e in report.get("errors") or [] if isinstance(e, dict)]
@@ -722,14 +737,14 @@ def job_error(job: Job, parts: list[Part]) -> dict[str, Any] | None:
         line = first.get("line")
         where = f"line {line}: " if isinstance(line, int) else ""
         count = report.get("error_count") or len(problems)
-        return {
-            "code": str(first.get("code") or "rejected"),
-            "message": f"the input was rejected: {where}{first.get('message') or ''}"
+        return JobError(
+            code=str(first.get("code") or "rejected"),
+            message=f"the input was rejected: {where}{first.get('message') or ''}"
             f" ({count} problem{'s' if count != 1 else ''}: see report.json)",
-            "report": REPORT,
-        }
+            report=REPORT,
+        )
     if job.error and not publish_failed(job):
-        return {"code": "job_note", "message": job.error}
+        return JobError(code="job_note", message=job.error)
     return None
 
 

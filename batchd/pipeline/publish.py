@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from batchd.clock import SYSTEM_CLOCK, Clock
+from batchd.documents import Cost, Follows, JobError, Summary, to_json
 from batchd.failpoints import failpoint
 from batchd.inputs.lines import DEFAULT_MAX_LINE_BYTES, utf8_safe
 from batchd.inputs.spool import SpoolFolder
@@ -188,7 +189,7 @@ class Publisher:
         # A publish failure like a full disk: logged, and tried again after a pause.
         raise OSError(errno.EEXIST, f"outbox names {job.name} to {job.name}-{MAX_COPIES} taken")
 
-    async def _follows(self, job: Job, final: Path) -> dict[str, Any] | None:
+    async def _follows(self, job: Job, final: Path) -> Follows | None:
         """What a numbered folder `NAME-N` follows: the nearest earlier folder of its name
         (`NAME-(N-1)`, ..., `NAME`) that another job owns, with that job's id; when no
         job owns one (a user's own file took the name), the folder just before it, with
@@ -202,8 +203,8 @@ class Publisher:
             if owner is None:
                 owner = await asyncio.to_thread(OutboxFolder(before).job_id)
             if owner is not None and owner != job.id:
-                return {"folder": before.name, "job_id": owner}
-        return {"folder": numbered_name(job.name, n - 1), "job_id": None}
+                return Follows(folder=before.name, job_id=owner)
+        return Follows(folder=numbered_name(job.name, n - 1), job_id=None)
 
     async def _writer_holds(self, job: Job) -> bool:
         """Does a process still hold the job's input open for writing (a producer that
@@ -251,12 +252,12 @@ class Publisher:
         return await self._done(job, parts, final, summary)
 
     async def _done(
-        self, job: Job, parts: list[Part], final: Path, summary: dict[str, Any] | None
+        self, job: Job, parts: list[Part], final: Path, summary: Summary | None
     ) -> bool:
         if summary is None:
-            summary = OutboxFolder(final).summary() or {}
-        outcome = str(summary.get("status"))
-        counts = summary.get("request_counts") or {}
+            summary = await asyncio.to_thread(OutboxFolder(final).summary)
+        outcome = summary.status
+        counts = summary.request_counts
         # Crash hazard: the remote clean-up is queued and the spool removed *before* the
         # job is marked published. Once published it is never looked at again, so a kill
         # between the two would leave its remote files and spool folder behind for good;
@@ -265,7 +266,7 @@ class Publisher:
             await self.store.add_garbage(
                 remote_files_to_delete(parts), f"job {job.id} published", self.clock.now()
             )
-        kept_at = summary.get("input_kept_at")
+        kept_at = summary.input_kept_at
         # Bytes that reached the input after its outbox folder was built (a producer that
         # still held it open, where the kernel could not tell): never removed unseen.
         late = await asyncio.to_thread(late_input_bytes, job, summary)
@@ -282,9 +283,9 @@ class Publisher:
         await merge_chain(
             self.store, job, final, clock=self.clock, max_line_bytes=self.max_line_bytes
         )
-        cost = summary.get("cost") if isinstance(summary.get("cost"), dict) else None
+        cost = summary.cost
         # What failed the job as a whole, once, where `jobs` and `show` read it.
-        note = error_note(summary.get("error"))
+        note = error_note(summary.error)
         if late is not None:
             note = late if note is None else f"{note}; {late}"
         if note is None and publish_failed(job):
@@ -297,10 +298,10 @@ class Publisher:
             outcome=outcome,
             crash_count=0,
             outbox_path=str(final),
-            completed=int(counts.get("completed") or 0),
-            failed=int(counts.get("failed") or 0),
-            usage=summary.get("usage"),
-            cost=cost,
+            completed=counts.completed,
+            failed=counts.failed,
+            usage=to_json(summary.usage),
+            cost=to_json(cost),
             held=None,
             held_note=None,
             held_at=None,
@@ -311,7 +312,7 @@ class Publisher:
             job_id=job.id,
             outbox=str(final),
             status=outcome,
-            request_counts=summary.get("request_counts"),
+            request_counts=to_json(summary.request_counts),
         )
         self.on_published()
         return True
@@ -326,9 +327,9 @@ class Publisher:
         parts: list[Part],
         tmp: OutboxFolder,
         folder: str,
-        follows: dict[str, Any] | None,
+        follows: Follows | None,
         extras: list[ExtraBatch],
-    ) -> dict[str, Any]:
+    ) -> Summary:
         return write_job_folder(
             job,
             parts,
@@ -344,16 +345,13 @@ class Publisher:
         )
 
 
-def spend_of(cost: dict[str, Any] | None, provider: str) -> tuple[str, str, float] | None:
+def spend_of(cost: Cost | None, provider: str) -> tuple[str, str, float] | None:
     """PURE: the spend a published job records (provider, currency, amount): what is
     known of its cost, priced from usage and charged at worst case alike (a model with
     no price adds nothing it could be measured by)."""
-    if not cost:
+    if cost is None or cost.known_amount <= 0:
         return None
-    amount = cost.get("known_amount")
-    if not isinstance(amount, int | float) or isinstance(amount, bool) or amount <= 0:
-        return None
-    return provider, str(cost.get("currency") or ""), float(amount)
+    return provider, cost.currency, float(cost.known_amount)
 
 
 def retry_delay_s(failures: int, base_s: float, cap_s: float) -> float:
@@ -379,17 +377,17 @@ def copy_number(name: str, folder: str) -> int | None:
     return n if 2 <= n <= MAX_COPIES else None
 
 
-def error_note(error: Any) -> str | None:
+def error_note(error: JobError | None) -> str | None:
     """PURE: summary.json's `error` as one line for the job's record (`jobs --json`,
     `show`, the job.ended notification): `code: message`; None when there is none."""
-    if isinstance(error, dict) and error.get("code") != "job_note":
-        return f"{error.get('code')}: {error.get('message')}"
+    if error is not None and error.code != "job_note":
+        return f"{error.code}: {error.message}"
     return None
 
 
 def _published_by(final: OutboxFolder, job_id: str) -> bool:
     try:
-        summary = final.summary()
+        head = final.head()
     except OSError:
         return False
-    return summary is not None and summary.get("job_id") == job_id
+    return head is not None and head.job_id == job_id

@@ -15,6 +15,7 @@ import orjson
 import pytest
 
 from batchd.cli import main
+from batchd.documents import to_json
 from batchd.inputs.csvio import jsonl_file_to_csv, neutralised
 from batchd.inputs.lines import iter_lines
 from batchd.models import Job, JobState, Part, PartState
@@ -305,11 +306,11 @@ def test_a_line_whose_usage_is_absurd_is_charged_its_worst_case(tmp_path: Path) 
     assert notes[0] == (2, "prompt_tokens is not a token count ('3')")
     assert notes[3] == (5, "completion_tokens missing")
     summary = cost_summary(stats, "CNY")
-    assert summary["amount"] == pytest.approx(cost.from_usage + cost.estimated, abs=1e-6)
-    assert summary["estimated"]["requests"] == len(absurd)
-    assert summary["estimated"]["why"]
+    assert summary.amount == pytest.approx(cost.from_usage + cost.estimated, abs=1e-6)
+    assert summary.estimated.requests == len(absurd)
+    assert summary.estimated.why
     # Nothing absurd reaches what summary.json is written from.
-    orjson.dumps({"usage": stats.usage, "per_model": stats.per_model, "cost": summary})
+    orjson.dumps({"usage": stats.usage, "per_model": stats.per_model, "cost": to_json(summary)})
 
 
 def test_requests_whose_results_were_lost_are_charged_as_many_as_the_service_completed(
@@ -787,8 +788,8 @@ def test_a_batch_the_service_failed_is_stated_once(tmp_path: Path) -> None:
     }
     job = make_job(tmp_path / "input.jsonl")
     error = job_error(job, [part])
-    assert error is not None and error["code"] == "model_not_found"
-    assert error_note(error) == f"model_not_found: {error['message']}"
+    assert error is not None and error.code == "model_not_found"
+    assert error_note(error) == f"model_not_found: {error.message}"
     assert csv_ids(tmp_path / "out" / "result.csv") == ids
 
 
@@ -857,8 +858,8 @@ def test_every_line_of_a_rejected_input_is_listed_with_one_reason(tmp_path: Path
     )
     assert csv_ids(out / "result.csv") == ["", "ok", "", "x", ""]
     error = job_error(job, [])
-    assert error is not None and error["code"] == "invalid_json"
-    assert "line 1: not JSON (5 problems" in error["message"]
+    assert error is not None and error.code == "invalid_json"
+    assert "line 1: not JSON (5 problems" in error.message
 
 
 def test_a_rejected_input_whose_report_lists_only_some_problems_says_so(tmp_path: Path) -> None:
@@ -897,7 +898,7 @@ def test_an_input_refused_as_a_whole_lists_its_lines_once_refused(tmp_path: Path
     ] * 2
     assert (stats.total, stats.never_run) == (2, 2)
     error = job_error(job, [])
-    assert error is not None and "over the daily budget" in error["message"]
+    assert error is not None and "over the daily budget" in error.message
 
 
 def test_an_input_never_read_lists_its_problem_and_counts_no_request(tmp_path: Path) -> None:
