@@ -22,8 +22,13 @@ import orjson
 # The version of summary.json's schema this batchd writes.
 SUMMARY_VERSION = 1
 
-# A JSON object whose keys are fixed by someone else (the service, a user): kept as sent.
+# A JSON value whose shape someone else fixes (the service, a user): kept as sent.
 FreeJson = Any
+# A JSON object on the wire or in a user's file, whose keys the service or the user fix: a
+# request line and its body, a result line, an answer of the Batch API. Read with care
+# (never trusted to have a key or a type), never a document of batchd's own, which is a
+# struct here.
+JsonObject = dict[str, Any]
 
 
 class ModelUsage(msgspec.Struct, kw_only=True):
