@@ -167,9 +167,10 @@ def write_job_folder(
         follows=follows,
         extras=extras,
     )
-    staging.write_summary(summary)
     if job.report is not None:
         staging.write(REPORT, orjson.dumps(job.report, option=orjson.OPT_INDENT_2))
+    # Last: a folder with its summary.json is whole (what a store without renames needs).
+    staging.write_summary(summary)
     failpoint("publish.fsync", job.inbox_name)
     staging.seal()
     return summary
