@@ -429,12 +429,13 @@ class Daemon:
             [JobState.CLAIMED, JobState.PUBLISHING], self.settings.max_job_crashes
         )
         for job in crashed:
-            await self.store.update_job(
+            if not await self.store.move_job(
                 job.id,
                 job.state,
-                state=JobState.PARKED,
+                JobState.PARKED,
                 error=f"parked after {job.crash_count} crashes while working on it",
-            )
+            ):
+                continue
             log.error(
                 "job_parked",
                 job_id=job.id,

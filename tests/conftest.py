@@ -22,6 +22,10 @@ from batchd.testing import Api, StartEmulator, folder_elsewhere, running_emulato
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
+# The `s3_server` fixture: a real S3-compatible server (OpenStack Swift) on loopback, started
+# only when a test asks for it. A plugin module until it can move into `batchd.testing`.
+pytest_plugins = ("tests.objstore",)
+
 
 @pytest.fixture
 def elsewhere(tmp_path: Path) -> Iterator[Path]:

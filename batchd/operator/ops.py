@@ -74,6 +74,7 @@ from batchd.provider.api import BatchApi
 from batchd.provider.prices import oldest_as_of, stale_note
 from batchd.provider.tokens import tokenizer_summary
 from batchd.store import Store
+from batchd.store.lifecycle import part_allows
 from batchd.systemd import status_text
 
 log = get_logger(__name__)
@@ -198,10 +199,10 @@ class Operations:
         if (
             job.state == JobState.CLAIMED
             and job.held is not None
-            and await self.store.update_job(
+            and await self.store.move_job(
                 job_id,
                 JobState.CLAIMED,
-                state=JobState.PUBLISHING,
+                JobState.PUBLISHING,
                 cancel_requested=True,
                 error=f"cancelled while held ({job.held}): nothing was sent",
             )
@@ -620,7 +621,8 @@ class Operations:
     async def _run_duplicate(self, job: Job) -> ActionResponse:
         """An operator lets a job held as a duplicate run (and pay) again."""
         options = {**job.options, "allow_duplicate": True}
-        await self.store.update_job(job.id, JobState.CLAIMED, options=options, prepares=0)
+        if not await self.store.update_job(job.id, JobState.CLAIMED, options=options, prepares=0):
+            return ActionResponse(ok=False, message=f"job {job.id} is no longer held")
         await holds.release(self.store, job.id, Held.DUPLICATE, by="retry")
         self.wake[Stage.PREPARE].set()
         return ActionResponse(
@@ -654,14 +656,14 @@ class Operations:
             if job.state == JobState.PARKED:
                 if not Path(job.spool_path).exists():
                     return ActionResponse(ok=False, message="the parked job's input is gone")
-                await self.store.update_job(
-                    job_id,
-                    JobState.PARKED,
-                    state=JobState.CLAIMED,
-                    crash_count=0,
-                    prepares=0,
-                    error=None,
-                )
+                if not await self.store.move_job(
+                    job_id, JobState.PARKED, JobState.CLAIMED, crash_count=0, prepares=0, error=None
+                ):
+                    return ActionResponse(
+                        ok=False,
+                        message="the job is no longer parked",
+                        job=await self.job(job_id, detail=False),
+                    )
                 self.wake[Stage.PREPARE].set()
                 return ActionResponse(
                     ok=True, message="requeued", job=await self.job(job_id, detail=False)
@@ -700,16 +702,22 @@ class Operations:
         again = 0
         now = self.clock.steady()
         for part in await self.store.parts_of(job_id):
+            fields: dict[str, Any] = {}
             if part.state == PartState.FAILED:
-                fields: dict[str, Any] = {"state": PartState.PENDING}
+                back = PartState.PENDING
             elif part.state == PartState.PARKED and part.parked_from:
-                fields = {"state": PartState(part.parked_from), "parked_from": None}
+                back = PartState(part.parked_from)
+                fields["parked_from"] = None
                 if part.parked_from == PartState.RUNNING:
                     fields["next_poll_at"] = now
             else:
                 continue
-            if await self.store.update_part(
-                part.id, part.state, attempts=0, retry_at=None, error=None, **fields
+            if not part_allows(part.state, back):
+                log.warning("part_not_retried", job_id=job_id, part=part.seq, back_to=str(back))
+                continue
+            # Not taken: a stage moved the part meanwhile (a cancel): it is not retried.
+            if await self.store.move_part(
+                part.id, part.state, back, attempts=0, retry_at=None, error=None, **fields
             ):
                 again += 1
         for stage in (Stage.SUBMIT, Stage.POLL, Stage.COLLECT):

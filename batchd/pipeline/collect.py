@@ -328,13 +328,14 @@ class Collector:
         decision = decide_collect(part, fetched, self.policy, part.request_counts, answering)
         now = self.clock.steady()
         if not decision.done:
-            await self.store.update_part(
+            if not await self.store.update_part(
                 part.id,
                 PartState.ENDED,
                 attempts=decision.failures,
                 error=decision.note,
                 retry_at=now + (decision.retry_in_s or 0.0),
-            )
+            ):
+                return False  # no longer ENDED (parked meanwhile): nothing to note
             log.warning(
                 "download_failed",
                 job_id=part.job_id,
@@ -356,10 +357,10 @@ class Collector:
             )
         # A note of our own from a failed attempt goes; the poller's note stays.
         earlier = part.error if part.attempts == 0 else None
-        return await self.store.update_part(
+        return await self.store.move_part(
             part.id,
             PartState.ENDED,
-            state=PartState.COLLECTED,
+            PartState.COLLECTED,
             unavailable=decision.unavailable or None,
             attempts=0,
             retry_at=None,
@@ -415,7 +416,7 @@ class Collector:
             count, last_round = await self.store.part_rounds(job.id)
             if await self._follow_up(job, (last_round or 0) + 1):
                 continue
-            if await self.store.update_job(job.id, JobState.RUNNING, state=JobState.PUBLISHING):
+            if await self.store.move_job(job.id, JobState.RUNNING, JobState.PUBLISHING):
                 log.info("job_collected", job_id=job.id, parts=count)
                 moved = True
         if moved:

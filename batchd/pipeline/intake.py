@@ -421,8 +421,9 @@ class Intake:
         if self.problem is not None and self.problem.startswith("cannot claim"):
             self._resolved()
         failpoint("intake.after_rename")
-        await self.store.update_job(job_id, JobState.CLAIMING, state=JobState.CLAIMED)
         self._seen.pop(name, None)
+        if not await self.store.move_job(job_id, JobState.CLAIMING, JobState.CLAIMED):
+            return False  # the intake is the claim's one writer: never seen
         log.info("job_claimed", job_id=job_id, name=shown_name(name), bytes=st.st_size)
         return True
 
@@ -607,8 +608,8 @@ class Intake:
         for job, _ino, _dev in await self.store.claiming_jobs():
             target = Path(job.spool_path)
             if target.exists():
-                await self.store.update_job(job.id, JobState.CLAIMING, state=JobState.CLAIMED)
-                log.info("claim_recovered", job_id=job.id, outcome="claimed")
+                if await self.store.move_job(job.id, JobState.CLAIMING, JobState.CLAIMED):
+                    log.info("claim_recovered", job_id=job.id, outcome="claimed")
             else:
                 # The rename never happened: the file is still in the inbox and will be
                 # claimed afresh by the next scan.

@@ -308,14 +308,15 @@ class Poller:
 
     async def _lost(self, part: Part, why: str) -> int:
         """The service says it does not know the batch: it has ended, as lost."""
-        await self.store.update_part(
+        if not await self.store.move_part(
             part.id,
             PartState.RUNNING,
-            state=PartState.ENDED,
+            PartState.ENDED,
             ended_at=self.clock.now(),
             remote_status="lost",
             error=f"batch {part.batch_id}: {why}",
-        )
+        ):
+            return 0
         log.error(
             "batch_lost",
             job_id=part.job_id,
@@ -332,16 +333,17 @@ class Poller:
         status = batch.status
         notes = "; ".join(batch.notes) or None
         if remote_is_terminal(status):
-            await self.store.update_part(
+            if not await self.store.move_part(
                 part.id,
                 PartState.RUNNING,
-                state=PartState.ENDED,
+                PartState.ENDED,
                 ended_at=wall,
                 attempts=0,
                 retry_at=None,
                 **({"error": notes} if notes else {}),
                 **fields,
-            )
+            ):
+                return 0
             log.info(
                 "batch_ended",
                 job_id=part.job_id,

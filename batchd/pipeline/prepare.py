@@ -295,7 +295,10 @@ class Preparer:
         # time it is validated is parked by recovery instead of crashing it forever.
         # (`prepares` counts the changes seen, not the attempts: a validation cut short by
         # a kill says nothing of the producer.)
-        await self.store.update_job(job.id, JobState.CLAIMED, crash_count=job.crash_count + 1)
+        if not await self.store.update_job(
+            job.id, JobState.CLAIMED, crash_count=job.crash_count + 1
+        ):
+            return False  # moved on meanwhile (cancelled while held): not validated
         started = self.clock.monotonic()
         try:
             prepared = await asyncio.to_thread(prepare, job, self.settings)
@@ -334,23 +337,26 @@ class Preparer:
         if fresh is not None and fresh.cancel_requested:
             # Cancelled before it was planned: published cancelled, nothing sent.
             recorded["error"] = "cancelled before it was planned: nothing was sent"
-            await self.store.update_job(
-                job.id, JobState.CLAIMED, state=JobState.PUBLISHING, **recorded
-            )
+            if not await self.store.move_job(
+                job.id, JobState.CLAIMED, JobState.PUBLISHING, **recorded
+            ):
+                return False
             log.info("job_cancelled_unplanned", job_id=job.id, name=job.name)
             self.on_rejected()
             return True
         if twin is not None:
             # Held, not rejected: an operator may well mean to run it again.
-            await self.store.update_job(job.id, JobState.CLAIMED, **recorded)
+            if not await self.store.update_job(job.id, JobState.CLAIMED, **recorded):
+                return False
             note = twin_note(job.id, twin)
             if await holds.hold(self.store, job.id, Held.DUPLICATE, note, twin=twin.id):
                 self.on_held()
             return True
         if not prepared.parts:
-            await self.store.update_job(
-                job.id, JobState.CLAIMED, state=JobState.PUBLISHING, **recorded
-            )
+            if not await self.store.move_job(
+                job.id, JobState.CLAIMED, JobState.PUBLISHING, **recorded
+            ):
+                return False
             log.warning(
                 "job_rejected",
                 job_id=job.id,
@@ -360,8 +366,10 @@ class Preparer:
             )
             self.on_rejected()
             return True
-        await self.store.update_job(job.id, JobState.CLAIMED, **recorded)
-        await self.store.plan_parts(job.id, prepared.parts, self.clock.now())
+        if not await self.store.update_job(job.id, JobState.CLAIMED, **recorded):
+            return False
+        if not await self.store.plan_parts(job.id, prepared.parts, self.clock.now()):
+            return False
         log.info(
             "job_planned",
             job_id=job.id,
@@ -457,11 +465,9 @@ class Preparer:
         log.error("prepare_failed", job_id=job.id, name=job.name, failures=failures, error=error)
         if failures >= self.settings.max_job_crashes:
             reason = f"parked after {failures} failures validating it: {error}"
-            await self.store.update_job(
-                job.id, JobState.CLAIMED, state=JobState.PARKED, error=reason
-            )
-            log.error("job_parked", job_id=job.id, name=job.name, reason=reason)
             self.not_before.pop(job.id, None)
+            if await self.store.move_job(job.id, JobState.CLAIMED, JobState.PARKED, error=reason):
+                log.error("job_parked", job_id=job.id, name=job.name, reason=reason)
             return
         await self.store.update_job(job.id, JobState.CLAIMED, error=error)
         self.not_before[job.id] = self.clock.steady() + self.retry_base_s * 2 ** (failures - 1)
@@ -480,14 +486,15 @@ class Preparer:
             f"the file changed {job.prepares} times while batchd validated or sent it (a"
             " producer still writing it?); drop it again once it is complete",
         )
-        await self.store.update_job(
+        if not await self.store.move_job(
             job.id,
             JobState.CLAIMED,
-            state=JobState.PUBLISHING,
+            JobState.PUBLISHING,
             bytes=size,
             input_mtime_ns=mtime,
             report=report,
             crash_count=0,
-        )
+        ):
+            return
         log.warning("job_rejected", job_id=job.id, name=job.name, errors=1, reason="changing")
         self.on_rejected()

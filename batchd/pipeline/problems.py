@@ -25,6 +25,7 @@ from batchd.faults import Faults, describe, local_cause
 from batchd.logs import get_logger
 from batchd.models import Part, PartState
 from batchd.store import Store
+from batchd.store.lifecycle import part_allows
 
 log = get_logger(__name__)
 
@@ -46,12 +47,13 @@ async def step_failed(store: Store, part: Part, note: str, policy: StepPolicy, n
     if current is None or current.state in (PartState.PARKED, PartState.FAILED):
         return False
     failures = current.attempts + 1
-    if failures >= policy.max_failures:
+    # A part that settled meanwhile is never parked (the lifecycle has no way there).
+    if failures >= policy.max_failures and part_allows(current.state, PartState.PARKED):
         reason = f"parked after {failures} failures in a row: {note}"
-        parked = await store.update_part(
+        parked = await store.move_part(
             part.id,
             current.state,
-            state=PartState.PARKED,
+            PartState.PARKED,
             parked_from=current.state,
             attempts=failures,
             error=reason,
@@ -68,9 +70,10 @@ async def step_failed(store: Store, part: Part, note: str, policy: StepPolicy, n
             )
         return parked
     pause = policy.pause_s(failures)
-    await store.update_part(
+    if not await store.update_part(
         part.id, current.state, attempts=failures, error=note, retry_at=now + pause
-    )
+    ):
+        return False  # moved on meanwhile: the failure was of a step it no longer takes
     log.warning(
         "part_step_failed",
         job_id=part.job_id,
@@ -89,7 +92,8 @@ async def step_waits(store: Store, part: Part, note: str, pause_s: float, now: f
     current = await store.get_part(part.id)
     if current is None or current.state in (PartState.PARKED, PartState.FAILED):
         return
-    await store.update_part(part.id, current.state, error=note, retry_at=now + pause_s)
+    if not await store.update_part(part.id, current.state, error=note, retry_at=now + pause_s):
+        return  # moved on meanwhile: nothing waits
     log.warning(
         "part_step_waits",
         job_id=part.job_id,

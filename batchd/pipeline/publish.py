@@ -233,7 +233,10 @@ class Publisher:
             return await self._done(job, parts, final, None)
         tmp = self._box.staging(final.name, job.id)
         follows = await self._follows(job, final)
-        await self.store.update_job(job.id, JobState.PUBLISHING, crash_count=job.crash_count + 1)
+        if not await self.store.update_job(
+            job.id, JobState.PUBLISHING, crash_count=job.crash_count + 1
+        ):
+            return False  # no longer PUBLISHING (parked at start-up): not published
         try:
             extras = await self.store.extra_batches_of(job.id)
             summary = await asyncio.to_thread(
@@ -292,7 +295,7 @@ class Publisher:
             note_field: dict[str, Any] = {"error": None}  # the failures before: over now
         else:
             note_field = {"error": note} if note is not None else {}
-        await self.store.mark_published(
+        if not await self.store.mark_published(
             job.id,
             spend_of(cost, self.provider),
             outcome=outcome,
@@ -306,7 +309,8 @@ class Publisher:
             held_note=None,
             held_at=None,
             **note_field,
-        )
+        ):
+            return False  # the publisher is PUBLISHING's one writer: never seen
         log.info(
             "job_published",
             job_id=job.id,

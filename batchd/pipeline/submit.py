@@ -472,10 +472,10 @@ class Submitter:
         """Upload one part; `job` is given when the part is the claimed input itself."""
         if job is not None and await self._input_changed(part, job):
             return False
-        if not await self.store.update_part(
+        if not await self.store.move_part(
             part.id,
             PartState.PENDING,
-            state=PartState.UPLOADING,
+            PartState.UPLOADING,
             intent_at=self.clock.now(),
             retry_at=self.clock.steady() + self.settling.after_s,
         ):
@@ -485,8 +485,8 @@ class Submitter:
             info = await self.api.upload_file(Path(part.path), part.upload_name)
         except AccountError as err:
             self.account.failed(err)
-            await self.store.update_part(
-                part.id, PartState.UPLOADING, state=PartState.PENDING, retry_at=None
+            await self.store.move_part(
+                part.id, PartState.UPLOADING, PartState.PENDING, retry_at=None
             )
             return False
         except MaybeAppliedError as err:
@@ -504,10 +504,10 @@ class Submitter:
                 # A full file quota (freed as jobs publish), throttling or an outage is
                 # no fault of the part: it waits for a later pass.
                 log.warning("upload_deferred", job_id=part.job_id, part=part.seq, error=str(err))
-                await self.store.update_part(
+                await self.store.move_part(
                     part.id,
                     PartState.UPLOADING,
-                    state=PartState.PENDING,
+                    PartState.PENDING,
                     error=str(err),
                     retry_at=None,
                 )
@@ -526,19 +526,20 @@ class Submitter:
         if problem is not None:
             # What arrived is not what was validated: that file is thrown away.
             await self.store.add_garbage([info.id], problem, self.clock.now())
-            await self.store.update_part(part.id, PartState.UPLOADING, state=PartState.PENDING)
-            await step_failed(self.store, part, problem, self.policy, self.clock.steady())
+            if await self.store.move_part(part.id, PartState.UPLOADING, PartState.PENDING):
+                await step_failed(self.store, part, problem, self.policy, self.clock.steady())
             return False
-        await self.store.update_part(
+        if not await self.store.move_part(
             part.id,
             PartState.UPLOADING,
-            state=PartState.UPLOADED,
+            PartState.UPLOADED,
             remote_file_id=info.id,
             file_created_at=info.created_at,
             attempts=0,
             retry_at=None,
             error=None,
-        )
+        ):
+            return False
         log.info(
             "part_uploaded", job_id=part.job_id, part=part.seq, file_id=info.id, bytes=part.bytes
         )
@@ -569,23 +570,23 @@ class Submitter:
             adopted, strays = match_upload(named, part)
             await self.store.add_garbage(strays, "stray upload", now)
             if adopted:
-                await self.store.update_part(
+                if await self.store.move_part(
                     part.id,
                     PartState.UPLOADING,
-                    state=PartState.UPLOADED,
+                    PartState.UPLOADED,
                     remote_file_id=adopted,
                     file_created_at=stored_at(named, adopted),
                     attempts=0,
                     retry_at=None,
                     error=None,
-                )
-                log.info("upload_adopted", job_id=part.job_id, part=part.seq, file_id=adopted)
+                ):
+                    log.info("upload_adopted", job_id=part.job_id, part=part.seq, file_id=adopted)
             else:
                 note = None if complete else "files could not all be listed; uploaded again"
-                await self.store.update_part(
-                    part.id, PartState.UPLOADING, state=PartState.PENDING, error=note
-                )
-                log.info("upload_retry", job_id=part.job_id, part=part.seq)
+                if await self.store.move_part(
+                    part.id, PartState.UPLOADING, PartState.PENDING, error=note
+                ):
+                    log.info("upload_retry", job_id=part.job_id, part=part.seq)
         return True
 
     async def settle_adopted(self, parts: list[Part]) -> bool:
@@ -633,10 +634,10 @@ class Submitter:
             batch = await self._keep(part, found.get(part.id, []), "adopt")
             if batch is not None:
                 file_id = batch.input_file_id or seen.remote_file_id
-                await self.store.update_part(
+                adopted_batch = await self.store.move_part(
                     part.id,
                     PartState.PENDING,
-                    state=PartState.RUNNING,
+                    PartState.RUNNING,
                     adopt=False,
                     remote_file_id=file_id,
                     batch_id=batch.id,
@@ -650,7 +651,10 @@ class Submitter:
                     **batch.part_fields(),
                 )
                 others = [f for f in others if f != file_id]
-                log.warning("batch_adopted", job_id=part.job_id, part=part.seq, batch_id=batch.id)
+                if adopted_batch:
+                    log.warning(
+                        "batch_adopted", job_id=part.job_id, part=part.seq, batch_id=batch.id
+                    )
             elif not reached:
                 await step_failed(
                     self.store,
@@ -662,17 +666,20 @@ class Submitter:
                 )
                 continue
             elif seen.remote_file_id is not None:
-                await self.store.update_part(
+                if await self.store.move_part(
                     part.id,
                     PartState.PENDING,
-                    state=PartState.UPLOADED,
+                    PartState.UPLOADED,
                     adopt=False,
                     remote_file_id=seen.remote_file_id,
                     file_created_at=seen.file_created_at,
-                )
-                log.warning(
-                    "upload_adopted", job_id=part.job_id, part=part.seq, file_id=seen.remote_file_id
-                )
+                ):
+                    log.warning(
+                        "upload_adopted",
+                        job_id=part.job_id,
+                        part=part.seq,
+                        file_id=seen.remote_file_id,
+                    )
             else:
                 await self.store.update_part(part.id, PartState.PENDING, adopt=False)
             await self.store.add_garbage(others, "stray upload (state lost)", now)
@@ -686,10 +693,10 @@ class Submitter:
             return False
         window = str(job.options.get("completion_window") or self.completion_window)
         asked_at = self.clock.now()
-        if not await self.store.update_part(
+        if not await self.store.move_part(
             part.id,
             PartState.UPLOADED,
-            state=PartState.CREATING,
+            PartState.CREATING,
             completion_window=window,
             intent_at=asked_at,
             retry_at=self.clock.steady() + self.settling.after_s,
@@ -709,8 +716,8 @@ class Submitter:
             )
         except AccountError as err:
             self.account.failed(err)
-            await self.store.update_part(
-                part.id, PartState.CREATING, state=PartState.UPLOADED, retry_at=None
+            await self.store.move_part(
+                part.id, PartState.CREATING, PartState.UPLOADED, retry_at=None
             )
             return False
         except MaybeAppliedError as err:
@@ -727,22 +734,22 @@ class Submitter:
         except ApiError as err:
             if err.retryable:
                 # 429 quota (someone else filled the running cap) or an outage: try later.
-                await self.store.update_part(
+                await self.store.move_part(
                     part.id,
                     PartState.CREATING,
-                    state=PartState.UPLOADED,
+                    PartState.UPLOADED,
                     error=str(err),
                     retry_at=None,
                 )
                 return False
             return await self._part_error(part, PartState.CREATING, err)
         failpoint("create.after_request")
-        await self._record_created(part, batch, asked_at)
-        return True
+        return await self._record_created(part, batch, asked_at)
 
-    async def _record_created(self, part: Part, batch: RemoteBatch, asked_at: float) -> None:
+    async def _record_created(self, part: Part, batch: RemoteBatch, asked_at: float) -> bool:
         """Record the batch made for `part`; `asked_at` is when batchd asked for it (its
-        create intent, on batchd's clock): the batch's creation time in summary.json."""
+        create intent, on batchd's clock): the batch's creation time in summary.json.
+        False when the part was no longer CREATING (nothing recorded)."""
         now = self.clock.now()
         steady = self.clock.steady()
         if batch.input_file_id not in (None, part.remote_file_id):
@@ -754,10 +761,10 @@ class Submitter:
                 sent=part.remote_file_id,
                 answered=batch.input_file_id,
             )
-        await self.store.update_part(
+        if not await self.store.move_part(
             part.id,
             PartState.CREATING,
-            state=PartState.RUNNING,
+            PartState.RUNNING,
             batch_id=batch.id,
             created_remote_at=batch.created_at or now,
             batch_created_at=asked_at,
@@ -766,7 +773,8 @@ class Submitter:
             retry_at=None,
             error="; ".join(batch.notes) or None,
             **batch.part_fields(),
-        )
+        ):
+            return False
         log.info(
             "batch_created",
             job_id=part.job_id,
@@ -775,6 +783,7 @@ class Submitter:
             file_id=part.remote_file_id,
             status=batch.status,
         )
+        return True
 
     async def settle_creates(self, parts: list[Part]) -> bool:
         """Parts caught in CREATING: adopt the batch made from each one's file, found by
@@ -791,13 +800,13 @@ class Submitter:
             batch = await self._keep(part, found.get(part.id, []), "settle")
             if batch is not None:
                 # Asked for at the intent that the crash cut short, whenever it is found.
-                await self._record_created(part, batch, part.intent_at or now)
-                log.info("batch_adopted", job_id=part.job_id, part=part.seq, batch_id=batch.id)
+                if await self._record_created(part, batch, part.intent_at or now):
+                    log.info("batch_adopted", job_id=part.job_id, part=part.seq, batch_id=batch.id)
             elif reached:
-                await self.store.update_part(
-                    part.id, PartState.CREATING, state=PartState.UPLOADED, error=None
-                )
-                log.info("create_retry", job_id=part.job_id, part=part.seq)
+                if await self.store.move_part(
+                    part.id, PartState.CREATING, PartState.UPLOADED, error=None
+                ):
+                    log.info("create_retry", job_id=part.job_id, part=part.seq)
             else:
                 await step_failed(
                     self.store,
@@ -880,13 +889,16 @@ class Submitter:
                 and part.parked_from in (PartState.PENDING, PartState.UPLOADED)
             )
             if never_created:
-                await self.store.update_part(
+                # Not taken: the part moved on meanwhile; the next pass sees where it is.
+                if await self.store.move_part(
                     part.id,
                     part.state,
-                    state=PartState.CANCELLED,
+                    PartState.CANCELLED,
                     remote_status=RemoteStatus.CANCELLED,
-                )
-                await self.store.add_garbage([part.remote_file_id], "cancelled", self.clock.now())
+                ):
+                    await self.store.add_garbage(
+                        [part.remote_file_id], "cancelled", self.clock.now()
+                    )
             elif (
                 (part.state == PartState.RUNNING or part.parked_from == PartState.RUNNING)
                 and part.batch_id
@@ -909,8 +921,9 @@ class Submitter:
                 )
 
     async def _part_error(self, part: Part, state: PartState, err: ApiError) -> bool:
+        if not await self.store.move_part(
+            part.id, state, PartState.FAILED, error=str(err), attempts=part.attempts + 1
+        ):
+            return False
         log.error("part_failed", job_id=part.job_id, part=part.seq, error=str(err))
-        await self.store.update_part(
-            part.id, state, state=PartState.FAILED, error=str(err), attempts=part.attempts + 1
-        )
         return True

@@ -1,9 +1,10 @@
 """The SQLite store: schema, migrations and every query, named in one place.
 
 State changes are compare-and-set (`UPDATE ... WHERE id=? AND state=?`) and report
-whether they took effect, so two stages can never both move the same row. Every write
-is committed before the call returns: a committed intent precedes each remote call that
-is not idempotent, and a committed result follows it.
+whether they took effect, so two stages can never both move the same row. Each is one
+that batchd.store.lifecycle declares (`move_job`, `move_part`); any other is refused.
+Every write is committed before the call returns: a committed intent precedes each
+remote call that is not idempotent, and a committed result follows it.
 
 Writes are group-committed: the single-statement writes that arrive while a commit is
 in progress are applied together in the next transaction, one fsync for all of them,
@@ -35,6 +36,7 @@ import orjson
 
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.faults import DATABASE, Faults, local_cause
+from batchd.logs import get_logger
 from batchd.models import (
     JOB_TERMINAL,
     PART_HOLDS_SLOT,
@@ -48,6 +50,9 @@ from batchd.models import (
     PartPlan,
     PartState,
 )
+from batchd.store import lifecycle
+
+log = get_logger(__name__)
 
 _JOB_COLUMNS = frozenset(
     {
@@ -423,6 +428,8 @@ class Store:
         error: str | None = None,
         inbox_name_hex: str | None = None,
     ) -> None:
+        """Record a job, in one of the states a job starts in (`lifecycle.JOB_INITIAL`)."""
+        lifecycle.check_job_initial(state)
         encoded = orjson.dumps(options).decode()
         await self._write(
             "INSERT INTO jobs (id, name, inbox_name, inbox_name_hex, inbox_inode, inbox_dev,"
@@ -464,7 +471,27 @@ class Store:
         return [(Job.from_row(r), r["inbox_inode"], r["inbox_dev"]) for r in rows]
 
     async def update_job(self, job_id: str, expect: JobState | None = None, **fields: Any) -> bool:
-        """Set fields of a job; with `expect`, only if it is still in that state."""
+        """Set fields of a job (not its state: `move_job`); with `expect`, only if it is
+        still in that state."""
+        if "state" in fields:
+            raise lifecycle.IllegalTransition("a job's state changes through move_job")
+        return await self._update_job(job_id, expect, fields)
+
+    async def move_job(
+        self, job_id: str, source: JobState, target: JobState, **fields: Any
+    ) -> bool:
+        """Move a job from `source` to `target` (a transition the lifecycle declares,
+        else `IllegalTransition`), setting `fields` with it; False when it was no longer
+        in `source` (another stage moved it first: the caller does nothing more)."""
+        lifecycle.check_job(source, target)
+        if await self._update_job(job_id, source, {**fields, "state": target}):
+            return True
+        log.info("transition_not_taken", job_id=job_id, source=str(source), target=str(target))
+        return False
+
+    async def _update_job(
+        self, job_id: str, expect: JobState | None, fields: dict[str, Any]
+    ) -> bool:
         fields["updated_at"] = fields.get("updated_at", self.clock.now())
         sql, args = _assignments(_JOB_COLUMNS | {"updated_at"}, fields)
         where = "id = ?"
@@ -677,6 +704,7 @@ class Store:
 
     async def plan_parts(self, job_id: str, parts: Sequence[PartPlan], now: float) -> bool:
         """Record a job's parts and move it to RUNNING in one transaction."""
+        lifecycle.check_job(JobState.CLAIMED, JobState.RUNNING)
 
         async def body() -> bool:
             cur = await self._db.execute(
@@ -684,6 +712,7 @@ class Store:
                 (JobState.RUNNING, now, job_id, JobState.CLAIMED),
             )
             if cur.rowcount != 1:
+                log.info("transition_not_taken", job_id=job_id, source="claimed", target="running")
                 return False
             async with self._db.execute(
                 "SELECT recovered_at FROM jobs WHERE id = ?", (job_id,)
@@ -733,7 +762,27 @@ class Store:
     async def update_part(
         self, part_id: int, expect: PartState | None = None, **fields: Any
     ) -> bool:
-        """Set fields of a part; with `expect`, only if it is still in that state."""
+        """Set fields of a part (not its state: `move_part`); with `expect`, only if it is
+        still in that state."""
+        if "state" in fields:
+            raise lifecycle.IllegalTransition("a part's state changes through move_part")
+        return await self._update_part(part_id, expect, fields)
+
+    async def move_part(
+        self, part_id: int, source: PartState, target: PartState, **fields: Any
+    ) -> bool:
+        """Move a part from `source` to `target` (a transition the lifecycle declares,
+        else `IllegalTransition`), setting `fields` with it; False when it was no longer
+        in `source` (another stage moved it first: the caller does nothing more)."""
+        lifecycle.check_part(source, target)
+        if await self._update_part(part_id, source, {**fields, "state": target}):
+            return True
+        log.info("transition_not_taken", part_id=part_id, source=str(source), target=str(target))
+        return False
+
+    async def _update_part(
+        self, part_id: int, expect: PartState | None, fields: dict[str, Any]
+    ) -> bool:
         sql, args = _assignments(_PART_COLUMNS, fields)
         where = "id = ?"
         args.append(part_id)
@@ -857,6 +906,7 @@ class Store:
     async def replan_job(self, job_id: str, note: str, now: float) -> bool:
         """A running job whose parts were never sent goes back to CLAIMED to be validated
         again (its input changed); False when any part has gone further than PENDING."""
+        lifecycle.check_job(JobState.RUNNING, JobState.CLAIMED)
 
         async def body() -> bool:
             async with self._db.execute(
@@ -1272,6 +1322,7 @@ class Store:
         """Mark a publishing job published and record what it cost (provider, currency,
         amount), both or neither (a savepoint): the worst case it held and its spend
         never both count, nor neither. Committed with whatever else is waiting."""
+        lifecycle.check_job(JobState.PUBLISHING, JobState.PUBLISHED)
         fields = {**fields, "state": JobState.PUBLISHED}
         sql, args = _assignments(
             _JOB_COLUMNS | {"updated_at"}, {**fields, "updated_at": self.clock.now()}
@@ -1301,6 +1352,7 @@ class Store:
             return changed
 
         if await self._join_commit(both) != 1:
+            log.info("transition_not_taken", job_id=job_id, source="publishing", target="published")
             return False
         self._emit("job", job_id, fields)
         return True

@@ -147,9 +147,10 @@ async def test_a_running_batch_is_never_lost_on_a_clock_difference_only_called_o
     declared a running batch lost, and with `resubmit_failed` paid for its requests a
     second time. Only the service's word ends a batch now; the step moves no schedule."""
     part = await running_job(store, clock)
-    assert await store.update_part(
+    assert await store.move_part(
         part.id,
-        state=PartState.RUNNING,
+        PartState.PENDING,
+        PartState.RUNNING,
         batch_id="batch_1",
         intent_at=clock.now(),
         next_poll_at=clock.steady(),
@@ -242,9 +243,10 @@ async def test_summary_timings_are_our_clock_and_the_services_times_are_apart(
 ) -> None:
     part = await running_job(store, clock)
     asked_at = clock.now()
-    assert await store.update_part(
+    assert await store.move_part(
         part.id,
-        state=PartState.RUNNING,
+        PartState.PENDING,
+        PartState.RUNNING,
         batch_id="batch_1",
         intent_at=asked_at,
         batch_created_at=asked_at,

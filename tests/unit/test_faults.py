@@ -219,10 +219,18 @@ async def test_a_restart_pulls_in_what_a_step_back_pushed_far_ahead(
     one, two, three = await store.parts_of("j")
     now = clock.steady()
     # Scheduled by a run whose steady clock was 50 h ahead of this one's.
-    await store.update_part(one.id, state=PartState.RUNNING, next_poll_at=now + 50 * 3600)
-    await store.update_part(two.id, state=PartState.PENDING, retry_at=now + 50 * 3600)
+    await store.move_part(
+        one.id, PartState.PENDING, PartState.RUNNING, next_poll_at=now + 50 * 3600
+    )
+    await store.update_part(two.id, PartState.PENDING, retry_at=now + 50 * 3600)
     # Caught mid-create by a run whose clock was behind: looked for after a settle wait.
-    await store.update_part(three.id, state=PartState.CREATING, retry_at=now - 50 * 3600)
+    for source, target in (
+        (PartState.PENDING, PartState.UPLOADING),
+        (PartState.UPLOADING, PartState.UPLOADED),
+        (PartState.UPLOADED, PartState.CREATING),
+    ):
+        assert await store.move_part(three.id, source, target)
+    await store.update_part(three.id, PartState.CREATING, retry_at=now - 50 * 3600)
     moved = await store.reschedule(now, retry_within_s=600, poll_within_s=66, settle_s=10)
     assert moved == 2
     one, two, three = await store.parts_of("j")

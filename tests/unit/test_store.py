@@ -27,7 +27,7 @@ async def _job(store: Store, job_id: str, now: float, options: dict[str, object]
         options=options,
         now=now,
     )
-    assert await store.update_job(job_id, JobState.CLAIMING, state=JobState.CLAIMED)
+    assert await store.move_job(job_id, JobState.CLAIMING, JobState.CLAIMED)
     part = PartPlan(
         seq=1,
         path="p",
@@ -61,9 +61,9 @@ async def test_transitions_are_compare_and_set(tmp_path: Path) -> None:
     try:
         await _job(store, "a", 1.0, {})
         (part,) = await store.parts_of("a")
-        assert await store.update_part(part.id, PartState.PENDING, state=PartState.UPLOADING)
+        assert await store.move_part(part.id, PartState.PENDING, PartState.UPLOADING)
         # A second stage holding the old state cannot move the row again.
-        assert not await store.update_part(part.id, PartState.PENDING, state=PartState.UPLOADING)
+        assert not await store.move_part(part.id, PartState.PENDING, PartState.UPLOADING)
         assert not await store.plan_parts("a", [], 2.0)  # the job is no longer CLAIMED
     finally:
         await store.close()
@@ -87,8 +87,13 @@ async def test_slot_holders_count_creating_and_running_per_model(tmp_path: Path)
         for name in ("a", "b", "c"):
             await _job(store, name, 1.0, {})
         parts = await store.parts_in([PartState.PENDING])
-        await store.update_part(parts[0].id, state=PartState.CREATING)
-        await store.update_part(parts[1].id, state=PartState.RUNNING)
+        for source, target in (
+            (PartState.PENDING, PartState.UPLOADING),
+            (PartState.UPLOADING, PartState.UPLOADED),
+            (PartState.UPLOADED, PartState.CREATING),
+        ):
+            assert await store.move_part(parts[0].id, source, target)
+        assert await store.move_part(parts[1].id, PartState.PENDING, PartState.RUNNING)
         assert await store.slot_holders() == (2, {"qwen-plus": 2})
     finally:
         await store.close()
@@ -111,7 +116,7 @@ async def test_concurrent_writes_share_commits_and_each_is_durable_when_it_retur
         commits.clear()
 
         async def move(part_id: int) -> None:
-            assert await store.update_part(part_id, PartState.PENDING, state=PartState.UPLOADING)
+            assert await store.move_part(part_id, PartState.PENDING, PartState.UPLOADING)
             # Durable before the call returns: another connection sees it at once.
             with sqlite3.connect(tmp_path / "db.sqlite3") as other:
                 row = other.execute("SELECT state FROM parts WHERE id = ?", (part_id,)).fetchone()
@@ -135,7 +140,7 @@ async def test_a_failing_write_fails_alone_and_a_transaction_is_never_entered_by
         # A duplicate key fails its own statement; the write beside it still commits.
         results = await asyncio.gather(
             _job(store, "a", 2.0, {}),
-            store.update_part(part.id, PartState.PENDING, state=PartState.UPLOADING),
+            store.move_part(part.id, PartState.PENDING, PartState.UPLOADING),
             return_exceptions=True,
         )
         assert isinstance(results[0], sqlite3.IntegrityError)
@@ -143,7 +148,7 @@ async def test_a_failing_write_fails_alone_and_a_transaction_is_never_entered_by
         # A plan that is refused (the job is not CLAIMED) rolls back only itself.
         refused, moved = await asyncio.gather(
             store.plan_parts("a", [], 3.0),
-            store.update_part(part.id, PartState.UPLOADING, state=PartState.UPLOADED),
+            store.move_part(part.id, PartState.UPLOADING, PartState.UPLOADED),
         )
         assert (refused, moved) == (False, True)
         assert (await store.parts_of("a"))[0].state == PartState.UPLOADED
@@ -181,7 +186,8 @@ async def test_any_jobs_says_whether_some_job_is_in_the_given_states(store: Stor
     await _job(store, "a", 1.0, {})
     assert await store.any_jobs(JOB_ACTIVE)
     assert not await store.any_jobs([JobState.PUBLISHED, JobState.PARKED])
-    assert await store.update_job("a", JobState.RUNNING, state=JobState.PUBLISHED)
+    assert await store.move_job("a", JobState.RUNNING, JobState.PUBLISHING)
+    assert await store.mark_published("a", None)
     assert not await store.any_jobs(JOB_ACTIVE)
     assert await store.any_jobs([JobState.PUBLISHED])
 
@@ -229,8 +235,8 @@ async def test_count_due_parts_counts_what_due_parts_would_read(store: Store) ->
     for name in ("a", "b", "c"):
         await _job(store, name, 1.0, {})
     a, b, c = [p for name in ("a", "b", "c") for p in await store.parts_of(name)]
-    await store.update_part(a.id, state=PartState.RUNNING, next_poll_at=10.0)
-    await store.update_part(b.id, state=PartState.RUNNING, next_poll_at=20.0)
+    await store.move_part(a.id, PartState.PENDING, PartState.RUNNING, next_poll_at=10.0)
+    await store.move_part(b.id, PartState.PENDING, PartState.RUNNING, next_poll_at=20.0)
     await store.update_part(c.id, next_poll_at=0.0)  # pending: never polled
     assert [await store.count_due_parts(t) for t in (5.0, 10.0, 25.0)] == [0, 1, 2]
     assert len(await store.due_parts(25.0)) == await store.count_due_parts(25.0)
@@ -245,7 +251,8 @@ async def test_a_job_end_is_announced_once_with_its_deliveries(tmp_path: Path) -
     try:
         await _job(store, "a", 1.0, {})
         assert await store.jobs_to_announce() == []  # not published yet
-        assert await store.update_job("a", JobState.RUNNING, state=JobState.PUBLISHED)
+        assert await store.move_job("a", JobState.RUNNING, JobState.PUBLISHING)
+        assert await store.mark_published("a", None)
         (job,) = await store.jobs_to_announce()
         rows = [
             Delivery("msg_a_ended", target, "job.ended", "a", "{}", 5.0, 5.0)
@@ -286,10 +293,10 @@ async def test_the_duplicate_guard_still_knows_jobs_recorded_before_requests_wer
             await _job(store, job_id, 1.0, {})
             job = await store.get_job(job_id)
             assert job is not None
-            assert await store.update_job(
+            assert await store.move_job(
                 job_id,
                 job.state,
-                state=JobState.PUBLISHING,
+                JobState.PUBLISHING,
                 sha256=f"{job_id}-bytes",
                 requests_sha256=requests_sha256,
             )
