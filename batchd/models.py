@@ -13,6 +13,8 @@ from typing import Any
 
 import orjson
 
+from batchd.documents import Cost, TokenUsage, decode_cost, decode_usage
+
 
 class JobState(StrEnum):
     CLAIMING = "claiming"  # row written, rename into the spool not yet confirmed
@@ -174,12 +176,12 @@ class Job:
     updated_at: float
     completed: int
     failed: int
-    usage: dict[str, int] | None
+    usage: TokenUsage | None
     input_mtime_ns: int | None
     prepares: int
     retried_as: str | None
     recovered_at: float | None
-    cost: dict[str, Any] | None = None
+    cost: Cost | None = None
     held: str | None = None
     held_note: str | None = None
     held_at: float | None = None
@@ -212,12 +214,12 @@ class Job:
             updated_at=row["updated_at"],
             completed=row["completed"],
             failed=row["failed"],
-            usage=_loads(row["usage"]),
+            usage=decode_usage(_loads(row["usage"])),
             input_mtime_ns=row["input_mtime_ns"],
             prepares=row["prepares"],
             retried_as=row["retried_as"],
             recovered_at=row["recovered_at"],
-            cost=_loads(row["cost"]),
+            cost=decode_cost(_loads(row["cost"])),
             held=row["held"],
             held_note=row["held_note"],
             held_at=row["held_at"],

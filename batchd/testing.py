@@ -67,8 +67,10 @@ import orjson
 from batchd.clock import STEP_FILE_VARIABLE, Clock
 from batchd.config import IntakeSettings, Settings
 from batchd.daemon import Daemon
+from batchd.documents import JsonObject, decode_summary
 from batchd.emulator import Emulator, EmulatorSettings
 from batchd.models import Job
+from batchd.outbox.folder import SUMMARY, OutboxFolder
 from batchd.pipeline.intake import Intake
 from batchd.store import Store
 
@@ -330,7 +332,7 @@ def requests(
     lines = []
     for n in range(start, start + count):
         if url == ENDPOINT_EMBEDDINGS:
-            payload: dict[str, Any] = {"model": model, "input": f"text {n}"}
+            payload: JsonObject = {"model": model, "input": f"text {n}"}
         else:
             messages = [{"role": "user", "content": f"question {n}"}]
             payload = {"model": model, "messages": messages}
@@ -378,7 +380,7 @@ async def wait_for(
 def emulator_settings(data_dir: Path | None = None, **overrides: Any) -> EmulatorSettings:
     """Settings for a test emulator: loopback, a free port, `API_KEY`, its own data folder
     (a temporary one without `data_dir`); `overrides` as for `EmulatorSettings`."""
-    values: dict[str, Any] = {
+    values: JsonObject = {
         "host": "127.0.0.1",
         "port": 0,
         "api_key": API_KEY,
@@ -469,7 +471,7 @@ class EmulatorProcess:
         `log` as BATCHD_EMULATOR_LOG__*). Returns once it answers."""
         port = _free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHD_")}
-        values: dict[str, Any] = {
+        values: JsonObject = {
             "data_dir": str(folder / "emulator"),
             "log": {"level": "warning"},
         }
@@ -511,15 +513,15 @@ class EmulatorProcess:
             return False
         return True
 
-    async def _get(self, path: str) -> dict[str, Any]:
+    async def _get(self, path: str) -> JsonObject:
         async with aiohttp.ClientSession() as session, session.get(self.root_url + path) as resp:
-            data: dict[str, Any] = await resp.json()
+            data: JsonObject = await resp.json()
             return data
 
-    async def stats(self) -> dict[str, Any]:
+    async def stats(self) -> JsonObject:
         return await self._get("/_emulator/stats")
 
-    async def clock(self) -> dict[str, Any]:
+    async def clock(self) -> JsonObject:
         return await self._get("/_emulator/clock")
 
     def cpu_s(self) -> float:
@@ -563,7 +565,7 @@ class Api:
         path: str,
         *,
         json: Any = None,
-        params: dict[str, Any] | None = None,
+        params: JsonObject | None = None,
         key: str | None = API_KEY,
         data: Any = None,
         raw: bool = False,
@@ -607,16 +609,16 @@ class Api:
         status, body, _ = await self.call("POST", "/batches", json=payload)
         return status, body
 
-    async def create_ok(self, file_id: str, endpoint: str, **extra: Any) -> dict[str, Any]:
+    async def create_ok(self, file_id: str, endpoint: str, **extra: Any) -> JsonObject:
         status, body = await self.create(file_id, endpoint, **extra)
         _expect_ok(status, body)
-        batch: dict[str, Any] = body
+        batch: JsonObject = body
         return batch
 
-    async def batch(self, batch_id: str) -> dict[str, Any]:
+    async def batch(self, batch_id: str) -> JsonObject:
         status, body, _ = await self.call("GET", f"/batches/{batch_id}")
         _expect_ok(status, body)
-        batch: dict[str, Any] = body
+        batch: JsonObject = body
         return batch
 
     async def content(self, file_id: str) -> bytes:
@@ -625,20 +627,20 @@ class Api:
         content: bytes = body
         return content
 
-    async def lines(self, file_id: str) -> list[dict[str, Any]]:
+    async def lines(self, file_id: str) -> list[JsonObject]:
         return [orjson.loads(line) for line in (await self.content(file_id)).splitlines()]
 
-    async def stats(self) -> dict[str, Any]:
+    async def stats(self) -> JsonObject:
         status, body, _ = await self.call("GET", "/_emulator/stats", key=None)
         _expect_ok(status, body)
-        stats: dict[str, Any] = body
+        stats: JsonObject = body
         return stats
 
 
 # -- the daemon ---------------------------------------------------------------------------
 
 # Fast intake, polling and retries, so that a test takes a second, not a minute.
-_FAST: dict[str, dict[str, Any]] = {
+_FAST: dict[str, JsonObject] = {
     "intake": {"settle_s": 0.05, "rescan_interval_s": 0.1, "watch": False},
     "poll": {"first_poll_s": 0.05, "interval_s": 0.1, "jitter": 0.0},
     "api": {
@@ -656,7 +658,7 @@ _FAST: dict[str, dict[str, Any]] = {
 def daemon_settings(root: Path, emulator: Served, **overrides: Any) -> Settings:
     """Settings tuned for tests: fast intake and polling, `emulator` as the provider, all
     folders under `root`. A table in `overrides` is merged into the one it names."""
-    values: dict[str, Any] = {
+    values: JsonObject = {
         "provider": "custom",
         "base_url": emulator.base_url,
         "paths": {"root": root},
@@ -825,13 +827,13 @@ async def cli(capture: Captured, *argv: str) -> tuple[int, str, str]:
 
 async def wait_ready(
     root: Path, process: Running | None = None, timeout_s: float = 30.0
-) -> dict[str, Any]:
+) -> JsonObject:
     """Wait until the daemon under `root` answers on its control socket (it is ready:
     store open, recovery done); with `process`, the answer must come from that one.
     Returns its status. A stale socket left by a killed daemon does not count."""
     client = RawControl(root / "control.sock", timeout_s=2.0)
 
-    async def answer() -> dict[str, Any] | None:
+    async def answer() -> JsonObject | None:
         if process is not None and process.returncode is not None:
             raise AssertionError(f"the daemon exited {process.returncode} before it was ready")
         try:
@@ -839,11 +841,11 @@ async def wait_ready(
         except OSError:
             return None
         if status_code == 200 and (process is None or body["pid"] == process.pid):
-            status: dict[str, Any] = body
+            status: JsonObject = body
             return status
         return None
 
-    status: dict[str, Any] = await wait_for(answer, timeout_s, f"the daemon under {root} ready")
+    status: JsonObject = await wait_for(answer, timeout_s, f"the daemon under {root} ready")
     return status
 
 
@@ -947,7 +949,9 @@ async def published_jobs(daemon: Daemon, count: int, timeout_s: float = 10.0) ->
 
 def summary(folder: Path) -> dict[str, Any]:
     """A job folder's summary.json."""
-    data: dict[str, Any] = orjson.loads((folder / "summary.json").read_bytes())
+    raw = OutboxFolder(folder).member(SUMMARY).read_bytes()
+    decode_summary(raw)  # every summary a test reads is one of the schema
+    data: dict[str, Any] = orjson.loads(raw)
     return data
 
 
@@ -956,7 +960,7 @@ def seconds_of(timing: str) -> float:
     return datetime.fromisoformat(timing).timestamp()
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path) -> list[JsonObject]:
     """The objects of a JSONL file (results, errors), blank lines skipped."""
     return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
 
@@ -964,7 +968,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 # -- logs and systemd ---------------------------------------------------------------------
 
 
-def events(buffer: io.StringIO, name: str) -> list[dict[str, Any]]:
+def events(buffer: io.StringIO, name: str) -> list[JsonObject]:
     """The JSON log records of one event (`job_published`, ...) written to `buffer` (see
     `batchd.logs.configure(..., "json", stream=buffer)`)."""
     return [

@@ -33,6 +33,7 @@ from rich.table import Table
 from batchd.config import Settings
 from batchd.errors import UsageError
 from batchd.logs import configure
+from batchd.outbox.folder import REPORT, RESULTS, OutboxFolder
 
 EXAMPLES = ("test_model.jsonl", "qwen_plus.jsonl", "bad_input.jsonl")
 
@@ -154,25 +155,25 @@ def _show(console: Console, outbox: Path) -> None:
         table.add_column(column)
     folders = sorted(p for p in outbox.iterdir() if not p.name.startswith("."))
     for job in folders:
-        s: dict[str, Any] = orjson.loads((job / "summary.json").read_bytes())
-        counts = s["request_counts"]
+        s = OutboxFolder(job).summary()
+        counts = s.request_counts
         table.add_row(
             job.name,
-            s["status"],
-            str(counts["total"]),
-            str(counts["completed"]),
-            str(counts["failed"]),
-            str(s["usage"]["total_tokens"]),
-            ", ".join(p["batch_id"] or "-" for p in s["parts"]) or "-",
+            s.status,
+            str(counts.total),
+            str(counts.completed),
+            str(counts.failed),
+            str(s.usage.total_tokens),
+            ", ".join(p.batch_id or "-" for p in s.parts) or "-",
         )
     console.print(table)
     for job in folders:
         console.print(f"\n[bold]{job.name}/[/] {' '.join(sorted(p.name for p in job.iterdir()))}")
-        for line in (job / "result.jsonl").read_bytes().splitlines()[:2]:
+        for line in OutboxFolder(job).read(RESULTS).splitlines()[:2]:
             obj = orjson.loads(line)
             answer = obj["response"]["body"]["choices"][0]["message"]["content"]
             console.print(f"  result {obj['custom_id']}: {answer}")
-        report = job / "report.json"
+        report = OutboxFolder(job).member(REPORT)
         if report.exists() and not orjson.loads(report.read_bytes()).get("valid", True):
             for err in orjson.loads(report.read_bytes())["errors"]:
                 console.print(f"  [red]line {err['line']}[/]: {err['code']}: {err['message']}")

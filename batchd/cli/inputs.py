@@ -27,6 +27,7 @@ import orjson
 from batchd.cli.args import positive_int
 from batchd.errors import UsageError
 from batchd.inputs import csvio
+from batchd.inputs.spool import SpoolFolder
 from batchd.inputs.validate import InputProblem, Report, part_file_names, validate_file, write_parts
 from batchd.inputs.verdict import Rules, judge, read_sidecar, sidecar_path
 from batchd.provider.profiles import DEFAULT_PROVIDER, PROFILES, merge_limits
@@ -202,7 +203,7 @@ def checked(path: Path, rules: Rules) -> Iterator[tuple[Report, Path | None]]:
         except OSError as exc:
             yield _unreadable(path, exc), None
             return
-        converted = Path(tmp) / "input.jsonl"
+        converted = SpoolFolder(Path(tmp)).requests
         yield report, converted if converted.is_file() else None
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import orjson
 from aiohttp import BodyPartReader, web
 
+from batchd.documents import JsonObject
 from batchd.emulator import errors
 from batchd.emulator.checks import ServiceRules, scan_input
 from batchd.emulator.clock import ServiceClock
@@ -80,7 +81,7 @@ class EmulatorState:
             seed=s.seed,
         )
 
-    async def stats(self) -> dict[str, Any]:
+    async def stats(self) -> JsonObject:
         """The exact figures tests and benchmarks prove the daemon's behaviour from."""
         await self.store.settle_all()
         now = self.clock.now()
@@ -197,7 +198,7 @@ def guarded(call_class: str, handler: Handler) -> Handler:
 # ---- request parsing
 
 
-async def _json_body(request: web.Request) -> dict[str, Any]:
+async def _json_body(request: web.Request) -> JsonObject:
     try:
         body = orjson.loads(await request.read())
     except orjson.JSONDecodeError:
@@ -207,7 +208,7 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def _required_str(body: dict[str, Any], name: str) -> str:
+def _required_str(body: JsonObject, name: str) -> str:
     value = body.get(name)
     if not isinstance(value, str) or not value:
         raise errors.invalid(f"{name} is required and must be a string", name)
@@ -288,9 +289,7 @@ def _page(
     return page, has_more
 
 
-def _listing(
-    data: list[dict[str, Any]], has_more: bool, empty_id: str | None = None
-) -> dict[str, Any]:
+def _listing(data: list[JsonObject], has_more: bool, empty_id: str | None = None) -> JsonObject:
     """A list page; `empty_id` stands for first_id/last_id when the page is empty (the
     contract's file list requires strings there, its batch list allows null)."""
     return {
@@ -466,7 +465,7 @@ async def create_batch(request: web.Request) -> web.StreamResponse:
     return _json(await _batch_json(state, batch))
 
 
-async def _batch_json(state: EmulatorState, batch: Batch) -> dict[str, Any]:
+async def _batch_json(state: EmulatorState, batch: Batch) -> JsonObject:
     """The Batch object as answered: rendered now, garbled if `garbled_fields_rate` says."""
     return state.faults.garble(await state.store.render(batch))
 

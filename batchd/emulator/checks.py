@@ -14,6 +14,7 @@ from typing import Any, BinaryIO
 import orjson
 
 from batchd.config import ENDPOINT_EMBEDDINGS, ProviderLimits
+from batchd.documents import JsonObject
 from batchd.emulator.results import prompt_tokens
 
 # The service lists at most this many problems in a failed batch's `errors`.
@@ -36,7 +37,7 @@ class Scan:
 
     total: int = 0
     model: str | None = None
-    errors: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[JsonObject] = field(default_factory=list)
     error_count: int = 0
     # File positions (0-based) of the requests that will fail, in order.
     failing: list[int] = field(default_factory=list)
@@ -130,7 +131,7 @@ class _LineCheck:
             scan.failing.append(scan.total)
         scan.total += 1
 
-    def _check_body(self, number: int, body: dict[str, Any]) -> None:
+    def _check_body(self, number: int, body: JsonObject) -> None:
         scan = self.scan
         model = body.get("model")
         if not isinstance(model, str) or not model:
@@ -145,7 +146,7 @@ class _LineCheck:
         elif not isinstance(body.get("messages"), list) or not body["messages"]:
             scan.add("invalid_request", "body.messages must be a list", number, "body.messages")
 
-    def _check_model(self, number: int, model: str, body: dict[str, Any]) -> None:
+    def _check_model(self, number: int, model: str, body: JsonObject) -> None:
         scan = self.scan
         limits = self.rules.limits
         served_on = _model_limit(limits, model, "endpoints")

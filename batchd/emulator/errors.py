@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+
+from batchd.documents import JsonObject
 
 _TYPES = {
     400: "invalid_request_error",
@@ -34,7 +35,7 @@ class EmulatorError(Exception):
         self.param = param
         self.retry_after_s = retry_after_s
 
-    def body(self) -> dict[str, Any]:
+    def body(self) -> JsonObject:
         return {
             "error": {
                 "code": self.code,

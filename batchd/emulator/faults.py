@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+from batchd.documents import JsonObject
 from batchd.emulator.config import FaultSettings
 
 # Counters of the faults decided outside `decide`, as `stats()["faults"]` names them.
@@ -80,7 +81,7 @@ class FaultInjector:
         for name in COUNTERS:
             self.counts[name] = 0
 
-    def update(self, patch: dict[str, Any]) -> FaultSettings:
+    def update(self, patch: JsonObject) -> FaultSettings:
         """Apply a partial change; a new `seed` restarts the sequence of draws."""
         merged = self.settings.model_dump() | patch
         self.settings = FaultSettings.model_validate(merged)
@@ -148,7 +149,7 @@ class FaultInjector:
     def count(self, name: str, n: int = 1) -> None:
         self.counts[name] += n
 
-    def garble(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def garble(self, batch: JsonObject) -> JsonObject:
         """The Batch object as a sloppy gateway renders it, for `garbled_fields_rate` of
         them; the object itself when not drawn. Identity fields are never touched."""
         rate = self.settings.garbled_fields_rate
@@ -181,7 +182,7 @@ def _iso(value: Any) -> Any:
     return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def garbled(batch: dict[str, Any], variant: int, rng: random.Random) -> dict[str, Any]:
+def garbled(batch: JsonObject, variant: int, rng: random.Random) -> JsonObject:
     """A copy of a Batch object with its counts or timestamps rendered in one odd way."""
     out = dict(batch)
     raw = batch.get("request_counts") or {}

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+
+from batchd.documents import JsonObject
 
 
 @dataclass
@@ -43,7 +44,7 @@ class CallWindow:
         self.served = self.refused_429 = self.max_in_window = 0
         self._times.clear()
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> JsonObject:
         return {
             "served": self.served,
             "refused_429": self.refused_429,

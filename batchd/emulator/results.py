@@ -28,6 +28,7 @@ from typing import Any, BinaryIO
 import orjson
 
 from batchd.config import ENDPOINT_EMBEDDINGS, TEST_MODEL
+from batchd.documents import JsonObject
 
 TEST_ANSWER = "This is a test result."
 # The test model's usage, whatever it is asked (the seed's sample output).
@@ -68,7 +69,7 @@ class Answerer:
     def request_id(self, custom_id: str) -> str:
         return str(uuid.UUID(bytes=self._digest("request", custom_id)[:16]))
 
-    def success_record(self, custom_id: str, body: dict[str, Any], endpoint: str) -> dict[str, Any]:
+    def success_record(self, custom_id: str, body: JsonObject, endpoint: str) -> JsonObject:
         """The success line as a record: id and custom_id first, as the service writes."""
         request_id = self.request_id(custom_id)
         if endpoint == ENDPOINT_EMBEDDINGS:
@@ -90,12 +91,12 @@ class Answerer:
         request_id = self.request_id(custom_id)
         return _line(request_id, custom_id, None, {"code": code, "message": message})
 
-    def _chat(self, request_id: str, body: dict[str, Any], endpoint: str) -> dict[str, Any]:
+    def _chat(self, request_id: str, body: JsonObject, endpoint: str) -> JsonObject:
         model = str(body.get("model"))
-        message: dict[str, Any]
+        message: JsonObject
         asked = prompt_tokens(body, endpoint)
         if model == TEST_MODEL:
-            usage: dict[str, Any] = {
+            usage: JsonObject = {
                 "completion_tokens": TEST_COMPLETION_TOKENS,
                 "prompt_tokens": asked,
                 "total_tokens": asked + TEST_COMPLETION_TOKENS,
@@ -138,7 +139,7 @@ class Answerer:
             return True
         return model in self.thinking_by_default and enable_thinking is None
 
-    def _embedding(self, request_id: str, body: dict[str, Any]) -> dict[str, Any]:
+    def _embedding(self, request_id: str, body: JsonObject) -> JsonObject:
         model = str(body.get("model"))
         texts = _embedding_texts(body)
         wanted = body.get("dimensions")
@@ -177,7 +178,7 @@ class TokenTally:
             row = self.by_model[model] = dict.fromkeys(TALLY_FIELDS, 0)
         return row
 
-    def success(self, record: dict[str, Any]) -> None:
+    def success(self, record: JsonObject) -> None:
         """Count a success record from `Answerer.success_record`."""
         body = _response_body(record)
         usage = body["usage"]
@@ -206,23 +207,23 @@ class TokenTally:
         return {model: dict(self.by_model[model]) for model in sorted(self.by_model)}
 
 
-def success_line(record: dict[str, Any]) -> bytes:
+def success_line(record: JsonObject) -> bytes:
     """A success record as the line the output file holds."""
     return _dump(record) + b"\n"
 
 
 def _record(
-    request_id: str, custom_id: str, response: dict[str, Any] | None, error: dict[str, Any] | None
-) -> dict[str, Any]:
+    request_id: str, custom_id: str, response: JsonObject | None, error: JsonObject | None
+) -> JsonObject:
     return {"id": request_id, "custom_id": custom_id, "response": response, "error": error}
 
 
-def _dump(record: dict[str, Any]) -> bytes:
+def _dump(record: JsonObject) -> bytes:
     return orjson.dumps(record)
 
 
 def _line(
-    request_id: str, custom_id: str, response: dict[str, Any] | None, error: dict[str, Any] | None
+    request_id: str, custom_id: str, response: JsonObject | None, error: JsonObject | None
 ) -> bytes:
     return _dump(_record(request_id, custom_id, response, error)) + b"\n"
 
@@ -247,7 +248,7 @@ _PAD_UNIT = b" and so on, at great length."
 PAD_CHUNK_BYTES = 1 << 20
 
 
-def _response_body(record: dict[str, Any]) -> dict[str, Any]:
+def _response_body(record: JsonObject) -> JsonObject:
     response = record["response"]
     assert isinstance(response, dict)
     body = response["body"]
@@ -255,7 +256,7 @@ def _response_body(record: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
-def _message(record: dict[str, Any]) -> dict[str, Any] | None:
+def _message(record: JsonObject) -> JsonObject | None:
     """The chat message of a success record; None for embeddings."""
     choices = _response_body(record).get("choices")
     if isinstance(choices, list) and choices and isinstance(choices[0], dict):
@@ -271,7 +272,7 @@ def _splice(dumped: bytes, marker: bytes, replacement: bytes) -> bytes:
     return dumped[:at] + replacement + dumped[at + len(marker) :]
 
 
-def odd_line(record: dict[str, Any], variant: int) -> bytes:
+def odd_line(record: JsonObject, variant: int) -> bytes:
     """A success line in a form a strict parser refuses but that is otherwise readable:
     0 content ends in a lone surrogate escape, 1 a NaN field, 2 a number written as 1e400,
     3 the first half of the line only (custom_id still near its start)."""
@@ -305,7 +306,7 @@ _BEYOND_64_BITS = str(2**64 + 1).encode()
 _DIGITS_401 = b"9" * 401
 
 
-def absurd_usage_line(record: dict[str, Any], variant: int) -> bytes:
+def absurd_usage_line(record: JsonObject, variant: int) -> bytes:
     """A success line whose `usage` has a number no service should send, as a sloppy
     gateway or a broken server might: 0 `prompt_tokens` as a string, 1 a negative
     `completion_tokens`, 2 `prompt_tokens` as a float, 3 a count missing
@@ -351,7 +352,7 @@ def _cut(line: bytes, custom_id: str) -> bytes:
     return line[:cut]
 
 
-def _copy_for_marker(record: dict[str, Any]) -> dict[str, Any]:
+def _copy_for_marker(record: JsonObject) -> JsonObject:
     """A copy deep enough that adding a marker leaves `record` as it was."""
     copy = dict(record)
     response = dict(record["response"])
@@ -367,7 +368,7 @@ def _copy_for_marker(record: dict[str, Any]) -> dict[str, Any]:
     return copy
 
 
-def huge_line_parts(record: dict[str, Any], size: int) -> tuple[bytes, int, bytes]:
+def huge_line_parts(record: JsonObject, size: int) -> tuple[bytes, int, bytes]:
     """(prefix, padding bytes, suffix with its newline) of a success line at least `size`
     bytes long: the chat content (for embeddings an added `padding` field) followed by
     padding text. The caller writes the padding with `write_padding`."""
@@ -398,7 +399,7 @@ def write_padding(out: BinaryIO, count: int) -> int:
 # ---- token counts
 
 
-def prompt_tokens(body: dict[str, Any], endpoint: str) -> int:
+def prompt_tokens(body: JsonObject, endpoint: str) -> int:
     """PURE: the input tokens of one request body sent to `endpoint`, as its result line's
     `usage.prompt_tokens` shows them and the enqueued-token limit counts them (see the
     module's docstring). Nothing else in the emulator counts input tokens."""
@@ -461,7 +462,7 @@ def provider_tokenizer() -> Callable[[str], list[int]] | None:
     return lambda text: list(tokenizer.encode(text))
 
 
-def _embedding_texts(body: dict[str, Any]) -> list[str]:
+def _embedding_texts(body: JsonObject) -> list[str]:
     raw = body.get("input")
     return [raw] if isinstance(raw, str) else [str(t) for t in raw or []]
 
@@ -470,7 +471,7 @@ def _count(value: Any) -> int:
     return len(value) if isinstance(value, list) else 0
 
 
-def _message_text(message: dict[str, Any]) -> str:
+def _message_text(message: JsonObject) -> str:
     content = message.get("content")
     if isinstance(content, str):
         return content

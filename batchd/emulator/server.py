@@ -12,6 +12,7 @@ from typing import Any, Self
 
 from aiohttp import web
 
+from batchd.documents import JsonObject
 from batchd.emulator.app import EmulatorState, build_app, make_windows
 from batchd.emulator.clock import ServiceClock
 from batchd.emulator.config import EmulatorSettings, FaultSettings
@@ -110,7 +111,7 @@ class Emulator:
         """Change fault settings at run time (the same as POST /_emulator/faults)."""
         return self.state.faults.update(patch)
 
-    async def stats(self) -> dict[str, Any]:
+    async def stats(self) -> JsonObject:
         return await self.state.stats()
 
 

@@ -32,10 +32,11 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import orjson
 
+from batchd.documents import JsonObject
 from batchd.emulator import errors
 from batchd.emulator.checks import Scan
 from batchd.emulator.clock import ServiceClock
@@ -86,7 +87,7 @@ class StoredFile:
     # The batch a result file belongs to; None for uploads.
     batch_id: str | None = None
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         return {
             "id": self.id,
             "bytes": self.bytes,
@@ -485,7 +486,7 @@ class EmulatorStore:
                     size += len(line)
         return temp, size
 
-    def batch_json(self, batch: Batch, phase: Phase) -> dict[str, Any]:
+    def batch_json(self, batch: Batch, phase: Phase) -> JsonObject:
         t = batch.timeline
         if phase.status in (Status.VALIDATING, Status.FAILED):
             counts = {"total": 0, "completed": 0, "failed": 0}
@@ -523,7 +524,7 @@ class EmulatorStore:
             "metadata": batch.metadata or {},
         }
 
-    async def render(self, batch: Batch) -> dict[str, Any]:
+    async def render(self, batch: Batch) -> JsonObject:
         """The Batch object as the service returns it now, result files written if due."""
         phase = batch.phase(self.clock.now())
         await self.settle(batch, phase)

@@ -104,6 +104,7 @@ from typing import IO, Any, TextIO
 
 import orjson
 
+from batchd.documents import JsonObject
 from batchd.fsutil import atomic_output
 from batchd.inputs.lines import (
     DEFAULT_MAX_LINE_BYTES,
@@ -169,9 +170,9 @@ def default_endpoint(model: str) -> str:
 
 def build_request(
     custom_id: str, content: str, *, model: str, endpoint: str, system_prompt: str | None
-) -> dict[str, Any]:
+) -> JsonObject:
     """One batch request line for `content`, shaped for its endpoint."""
-    body: dict[str, Any] = {"model": model}
+    body: JsonObject = {"model": model}
     if endpoint == ENDPOINT_EMBEDDINGS:
         body["input"] = content
     else:
@@ -496,7 +497,7 @@ def _cell(value: Any, safe: bool = True) -> str:
 
 
 def result_row(
-    result: dict[str, Any], *, safe_cells: bool = True, custom_id: str | None = None
+    result: JsonObject, *, safe_cells: bool = True, custom_id: str | None = None
 ) -> list[str]:
     """The CSV cells (RESULT_COLUMNS) of one result or error line (`custom_id`: the
     request's, shown when the line has none); with `safe_cells`, no cell can run as a

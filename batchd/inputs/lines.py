@@ -29,6 +29,8 @@ from typing import IO, Any
 
 import orjson
 
+from batchd.documents import JsonObject
+
 # The start of a line that is kept for a line too long to hold: its custom_id is
 # looked for there (the service writes it among the first keys).
 HEAD_BYTES = 64 * 1024
@@ -69,7 +71,7 @@ def loads(raw: bytes | str) -> Any:
         raise Unreadable(str(exc)) from None
 
 
-def read_line(raw: bytes) -> dict[str, Any] | None:
+def read_line(raw: bytes) -> JsonObject | None:
     """One result line as an object, however oddly written; None when it is not a JSON
     object at all (not JSON, cut short, an array...)."""
     if not raw.strip():
@@ -95,7 +97,7 @@ def custom_id_of(raw_head: bytes) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def identity(raw: bytes, parsed: dict[str, Any] | None) -> str | None:
+def identity(raw: bytes, parsed: JsonObject | None) -> str | None:
     """PURE: the custom_id of a line: from its parsed object when it has one (a string
     only), else from its start."""
     if parsed is not None:

@@ -116,6 +116,7 @@ from typing import IO, Any, BinaryIO, NamedTuple
 
 import orjson
 
+from batchd.documents import JsonObject
 from batchd.fsutil import atomic_output
 from batchd.provider.profiles import ProviderLimits
 
@@ -176,7 +177,7 @@ _ABSENT = object()
 _UNPARSED = object()  # a line the fast path could not parse: the slow path parses it
 
 
-def _messages_ok(body: dict[str, Any]) -> bool:
+def _messages_ok(body: JsonObject) -> bool:
     value = body.get("messages")
     if type(value) is not list or not value:
         return False
@@ -187,23 +188,23 @@ def _messages_ok(body: dict[str, Any]) -> bool:
     return True
 
 
-def _input_ok(body: dict[str, Any]) -> bool:
+def _input_ok(body: JsonObject) -> bool:
     value = body.get("input")
     return (type(value) is str or type(value) is list) and bool(value)
 
 
-def _prompt_ok(body: dict[str, Any]) -> bool:
+def _prompt_ok(body: JsonObject) -> bool:
     value = body.get("prompt")
     return (type(value) is str or type(value) is list) and bool(value)
 
 
-def _no_field(body: dict[str, Any]) -> bool:
+def _no_field(body: JsonObject) -> bool:
     return True
 
 
 # Whether the body holds what its endpoint needs (see _BODY_FIELD); unlisted endpoints
 # need nothing in particular.
-_BODY_OK: dict[str, Callable[[dict[str, Any]], bool]] = {
+_BODY_OK: dict[str, Callable[[JsonObject], bool]] = {
     url: {"messages": _messages_ok, "input": _input_ok, "prompt": _prompt_ok}[needed]
     for url, needed in _BODY_FIELD.items()
 }
@@ -416,7 +417,7 @@ def _count_keys(container: Any, depth: int, suspects: list[int]) -> int:
     return keys
 
 
-def _pairs_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def _pairs_without_duplicates(pairs: list[tuple[str, Any]]) -> JsonObject:
     result = dict(pairs)
     if len(result) != len(pairs):
         seen: set[str] = set()
@@ -481,7 +482,7 @@ def _classify_parse_error(content: bytes, error: orjson.JSONDecodeError) -> tupl
     return "invalid_json", f"{error.msg} at column {error.colno}"
 
 
-def _structure_sound(content: bytes, obj: dict[str, Any]) -> bool:
+def _structure_sound(content: bytes, obj: JsonObject) -> bool:
     """Whether a parsed line surely has no duplicate key, no integer outside 64 bits and
     no nesting deeper than MAX_DEPTH, judged by walking what orjson made of it (orjson
     keeps the last of duplicate keys and turns integers beyond 64 bits into floats).
@@ -500,7 +501,7 @@ def _structure_sound(content: bytes, obj: dict[str, Any]) -> bool:
     )
 
 
-def _structure_problem(content: bytes, obj: dict[str, Any]) -> tuple[str, str] | None:
+def _structure_problem(content: bytes, obj: JsonObject) -> tuple[str, str] | None:
     """The rule a parsed line breaks in its JSON text that orjson let through, if any."""
     if _structure_sound(content, obj):
         return None
@@ -592,7 +593,7 @@ def _blocks(stream: BinaryIO, cap: int) -> Iterator[tuple[list[bytes], _Odd | No
 # body, and whether that body is a chat one (whose usual one or two messages are checked
 # inline).
 _FastState = tuple[
-    int, int, int, str | None, str | None, object, Callable[[dict[str, Any]], bool], bool
+    int, int, int, str | None, str | None, object, Callable[[JsonObject], bool], bool
 ]
 _NO_RUN: _FastState = (0, -1, -1, None, None, _ABSENT, _no_field, False)
 
@@ -720,14 +721,14 @@ class _Checker:
             return False
         return self._check_request(n, obj, start, size)
 
-    def request(self, n: int, obj: dict[str, Any], start: int, size: int) -> None:
+    def request(self, n: int, obj: JsonObject, start: int, size: int) -> None:
         """The request rules of line `n`, whose JSON text broke no rule."""
         self.slow_lines += 1
         self.report.requests += 1
         if not self._check_request(n, obj, start, size):
             self.no_id_lines.append(n)
 
-    def _check_request(self, n: int, obj: dict[str, Any], start: int, size: int) -> bool:
+    def _check_request(self, n: int, obj: JsonObject, start: int, size: int) -> bool:
         """The request rules of one parsed line; plans the line into a part when clean.
 
         True when the line's custom_id was recorded (to be checked for uniqueness later).
@@ -807,7 +808,7 @@ class _Checker:
                 )
         return model
 
-    def _check_body_field(self, n: int, body: dict[str, Any], url: str) -> None:
+    def _check_body_field(self, n: int, body: JsonObject, url: str) -> None:
         needed = _BODY_FIELD.get(url)
         if needed is None or _BODY_OK[url](body):
             return

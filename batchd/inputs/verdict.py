@@ -37,6 +37,7 @@ import orjson
 from batchd.failpoints import failpoint
 from batchd.inputs import csvio
 from batchd.inputs.inbox import SIDECAR_SUFFIX
+from batchd.inputs.spool import SpoolFolder
 from batchd.inputs.validate import DEFAULT_MAX_REPORTED_ERRORS, InputProblem, Report, validate_file
 from batchd.models import completion_hours
 from batchd.provider.profiles import DEFAULT_PROVIDER, GB, PROFILES, ProviderLimits
@@ -334,7 +335,7 @@ def judge_content(
     converted)."""
     jsonl = path
     if kind == "csv":
-        jsonl = work / "input.jsonl"
+        jsonl = SpoolFolder(work).requests
         rejection = convert_csv(path, jsonl, options, rules)
         if rejection is not None:
             return rejection

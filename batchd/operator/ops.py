@@ -24,6 +24,7 @@ import orjson
 from batchd import __version__
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import Settings
+from batchd.documents import to_json
 from batchd.faults import Faults
 from batchd.fsutil import fsync_dir, write_atomic
 from batchd.inputs.lines import DEFAULT_MAX_LINE_BYTES, input_line_of, iter_lines, read_line
@@ -60,14 +61,14 @@ from batchd.operator.protocol import (
     StatusResponse,
 )
 from batchd.outbox import failures, remerge
+from batchd.outbox.folder import ERRORS, INPUT_REQUESTS, MERGED, OutboxFolder
 from batchd.outbox.merge import RESULT_UNAVAILABLE
+from batchd.outbox.writer import PUBLISH_FAILED, extra_note
 from batchd.pipeline import holds
 from batchd.pipeline.account import AccountState
 from batchd.pipeline.budget import BudgetCaps, periods
-from batchd.pipeline.extras import extra_note
 from batchd.pipeline.intake import Intake
 from batchd.pipeline.notify import shown_error
-from batchd.pipeline.publish import PUBLISH_FAILED
 from batchd.pipeline.stages import Stage, Wake
 from batchd.provider.api import BatchApi
 from batchd.provider.prices import oldest_as_of, stale_note
@@ -484,8 +485,8 @@ class Operations:
             held_at=job.held_at,
             hold_ends_by_itself=holds.ends_by_itself(job.held),
             estimate=(job.report or {}).get("estimate"),
-            usage=job.usage,
-            cost=job.cost,
+            usage=to_json(job.usage) if job.usage is not None else None,
+            cost=to_json(job.cost) if job.cost is not None else None,
             parts=[_part_info(p) for p in parts] if parts is not None else None,
             notifications=(
                 [
@@ -546,7 +547,7 @@ class Operations:
         root = await remerge.chain_root(self.store, job)
         if root is None or not root.outbox_path:
             return None
-        where = Path(root.outbox_path) / remerge.MERGED
+        where = Path(root.outbox_path) / MERGED
         return str(where) if await asyncio.to_thread(where.exists) else None
 
     async def jobs(
@@ -725,7 +726,7 @@ class Operations:
 
     async def _retry_published(self, job: Job, scope: RetryScope) -> ActionResponse:
         inbox = self.settings.paths.folder("inbox")
-        folder = Path(job.outbox_path or "")
+        folder = OutboxFolder(Path(job.outbox_path or ""))
         max_line = self.settings.jobs.max_result_line_bytes
         cost = earlier_cost(job)
         spent = cost_note(cost)
@@ -921,20 +922,15 @@ def earlier_cost(job: Job) -> dict[str, Any] | None:
     """PURE: what a published job cost, as its summary.json's `cost` says: `amount`,
     `currency`, and what of it was `estimated` (amount and requests)."""
     cost = job.cost
-    if not isinstance(cost, dict):
+    if cost is None:
         return None
-    estimated = cost.get("estimated")
-    estimated = estimated if isinstance(estimated, dict) else {}
-    reasons = estimated.get("reasons")
     return {
-        "amount": cost.get("amount"),
-        "known_amount": cost.get("known_amount"),
-        "currency": cost.get("currency"),
-        "estimated_amount": estimated.get("amount"),
-        "estimated_requests": estimated.get("requests"),
-        "result_unavailable": (reasons if isinstance(reasons, dict) else {}).get(
-            RESULT_UNAVAILABLE
-        ),
+        "amount": cost.amount,
+        "known_amount": cost.known_amount,
+        "currency": cost.currency,
+        "estimated_amount": cost.estimated.amount,
+        "estimated_requests": cost.estimated.requests,
+        "result_unavailable": cost.estimated.reasons.get(RESULT_UNAVAILABLE),
     }
 
 
@@ -1024,16 +1020,15 @@ def _failed_lines(
 
 
 def failures_left_out(
-    folder: Path,
+    folder: OutboxFolder,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     scope: RetryScope = RetryScope.RETRYABLE,
 ) -> dict[str, int]:
     """The failures of a published job (its outbox `folder`) that a retry of `scope`
     leaves out, counted per code."""
-    errors = folder / "error.jsonl"
     left_out: dict[str, int] = {}
-    if errors.exists():
-        for _, verdict in _failed_lines(errors, max_line_bytes):
+    if folder.exists(ERRORS):
+        for _, verdict in _failed_lines(folder.member(ERRORS), max_line_bytes):
             if not takes(scope, verdict):
                 left_out[verdict.code] = left_out.get(verdict.code, 0) + 1
     return left_out
@@ -1041,7 +1036,7 @@ def failures_left_out(
 
 def write_retry_input(
     job: Job,
-    folder: Path,
+    folder: OutboxFolder,
     inbox: Path,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     scope: RetryScope = RetryScope.RETRYABLE,
@@ -1052,10 +1047,9 @@ def write_retry_input(
     in the inbox (fsynced), with the job's options, `retry_of` and what was left out as
     its sidecar; `finish_retry_input` gives it its name. The failures `scope` leaves out
     are counted per code."""
-    source = folder / "input.jsonl"
-    errors = folder / "error.jsonl"
-    if not source.exists() or not errors.exists():
+    if not folder.exists(INPUT_REQUESTS) or not folder.exists(ERRORS):
         return RetryInput(None)
+    source, errors = folder.member(INPUT_REQUESTS), folder.member(ERRORS)
     wanted: set[int] = set()
     left_out: dict[str, int] = {}
     for number, verdict in _failed_lines(errors, max_line_bytes):

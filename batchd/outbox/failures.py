@@ -36,8 +36,8 @@ results that could not be fetched (they most likely ran, and were billed).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
+from batchd.documents import JsonObject
 from batchd.inputs.lines import read_line
 
 # Categories: why a failure is (or is not) worth sending again.
@@ -112,13 +112,13 @@ class Verdict:
     code: str  # the error code, else "status NNN", else "unreadable": what it is counted as
 
 
-def _status(line: dict[str, Any]) -> int | None:
+def _status(line: JsonObject) -> int | None:
     response = line.get("response")
     status = response.get("status_code") if isinstance(response, dict) else None
     return status if isinstance(status, int) and not isinstance(status, bool) else None
 
 
-def error_code(line: dict[str, Any]) -> str | None:
+def error_code(line: JsonObject) -> str | None:
     """PURE: the code of an error.jsonl line: the service's `error.code`, or the failed
     response's `body.error.code` (a body sent as a JSON string is read too)."""
     error = line.get("error")
@@ -134,7 +134,7 @@ def error_code(line: dict[str, Any]) -> str | None:
     return None
 
 
-def classify(line: dict[str, Any] | None) -> Verdict:
+def classify(line: JsonObject | None) -> Verdict:
     """PURE: is this failed request (one parsed line of error.jsonl; None for a line that
     cannot be read) worth sending again? See the module's docstring for the order of the
     rules; unknown codes are left out."""

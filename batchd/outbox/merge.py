@@ -48,6 +48,7 @@ from typing import IO, Any
 
 import orjson
 
+from batchd.documents import JsonObject
 from batchd.inputs.csvio import ResultCsv, result_csv
 from batchd.inputs.lines import (
     CHUNK_BYTES,
@@ -62,6 +63,7 @@ from batchd.inputs.lines import (
     read_line,
     utf8_safe,
 )
+from batchd.inputs.spool import SpoolFolder
 from batchd.models import Job, Part, PartState, RemoteStatus
 from batchd.outbox.failures import error_code
 from batchd.provider.prices import Usage, read_usage
@@ -97,7 +99,7 @@ MAX_LISTED_STRAYS = 100
 def output_path(part: Part, kind: str) -> Path:
     """PURE: where the collect stage puts a part's `kind` ("output" or "error") result
     file, beside the part's input in the spool."""
-    return Path(part.path).with_name(f"part-{part.seq:03d}.{kind}.jsonl")
+    return SpoolFolder.of_input(part.path).result(part.seq, kind)
 
 
 def sent_bytes(job: Job) -> int | None:
@@ -176,7 +178,7 @@ class MergeStats:
     unavailable_parts: list[dict[str, Any]] = field(default_factory=list)
 
 
-def usage_of(answer: dict[str, Any] | None) -> dict[str, Any] | None:
+def usage_of(answer: JsonObject | None) -> JsonObject | None:
     """PURE: the `usage` object of a result line, whatever shape its body came in (an
     object, or a JSON string from some gateways); None when it has none."""
     if answer is None:
@@ -476,7 +478,7 @@ def numbered(
 
 def _input_lines(
     path: Path, max_line_bytes: int, limit: int | None
-) -> Iterator[tuple[int, str | None, str | None, dict[str, Any] | None]]:
+) -> Iterator[tuple[int, str | None, str | None, JsonObject | None]]:
     """(line number, custom_id, model, the line read) of every request of a validated
     input."""
     for number, raw in numbered(path, max_line_bytes, limit):
@@ -564,14 +566,14 @@ class Merged:
     # The line to publish (successes as sent; failures with input_line); None for a
     # line too long to hold, copied from `long` instead.
     line: bytes | None
-    answer: dict[str, Any] | None  # the parsed line; None when unread or never run
+    answer: JsonObject | None  # the parsed line; None when unread or never run
     long: LongLine | None = None
     never_ran: bool = False  # no answer at all: the line is batchd's own
     code: str | None = None  # batchd's error code for a request without an answer
     # The part whose file the answer came from; for a request without an answer, the
     # part it was sent in.
     part: int | None = None
-    request: dict[str, Any] | None = None  # the input line, read
+    request: JsonObject | None = None  # the input line, read
 
 
 def merged(
@@ -646,7 +648,7 @@ def _answered(
     model: str | None,
     source: Source,
     line: Line,
-    request: dict[str, Any] | None,
+    request: JsonObject | None,
 ) -> Merged:
     """PURE: a request's answer from its line: parsed when it can be; a line no parser
     reads (or too long to hold) is a success from the output file, a failure from the
@@ -757,7 +759,7 @@ def terminated(line: bytes) -> bytes:
     return line if line.endswith(b"\n") else line + b"\n"
 
 
-def _is_success(obj: dict[str, Any]) -> bool:
+def _is_success(obj: JsonObject) -> bool:
     if obj.get("error"):
         return False
     response = obj.get("response")
@@ -845,7 +847,7 @@ def batch_error(part: Part) -> dict[str, Any] | None:
     }
 
 
-def _error_items(errors: Any) -> list[dict[str, Any]]:
+def _error_items(errors: Any) -> list[JsonObject]:
     """The error objects of a Batch's `errors`: `{"data": [...]}` (OpenAI, DashScope),
     a bare list, or one object with a code."""
     if isinstance(errors, dict):

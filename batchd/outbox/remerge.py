@@ -72,12 +72,19 @@ from batchd.inputs.lines import (
 from batchd.logs import get_logger
 from batchd.models import Job, JobState, Outcome
 from batchd.outbox import failures
+from batchd.outbox.folder import (
+    ERRORS,
+    INPUT_REQUESTS,
+    MERGED,
+    MERGED_SUMMARY,
+    RESULTS,
+    RESULTS_CSV,
+)
 from batchd.outbox.merge import numbered
 from batchd.store import Store
 
 log = get_logger(__name__)
 
-MERGED = "merged"
 # Hidden folders holding merged sets; `merged` links to one of them.
 HIDDEN_PREFIX = ".merged-"
 # The longest retry chain followed (a loop of `retry_of` options cannot keep it going).
@@ -181,12 +188,12 @@ async def merge_chain(
             log.warning("merged_skipped", job_id=job.id, reason="the retry chain's root is unknown")
             return None
         root_folder = Path(root.outbox_path)
-        if not (root_folder / "input.jsonl").is_file():
+        if not (root_folder / INPUT_REQUESTS).is_file():
             log.warning(
                 "merged_skipped",
                 job_id=job.id,
                 root=root.id,
-                reason=f"{root_folder}/input.jsonl is not there (jobs.keep_input off?)",
+                reason=f"{root_folder}/{INPUT_REQUESTS} is not there (jobs.keep_input off?)",
             )
             return None
         chain = await chain_of(store, root, job, folder)
@@ -423,7 +430,7 @@ def write_merged(
     still_failing: dict[str, int] = {}
     try:
         for slot, member in enumerate(chain):
-            for ok, name in ((True, "result.jsonl"), (False, "error.jsonl")):
+            for ok, name in ((True, RESULTS), (False, ERRORS)):
                 fh = _open(member.folder, name)
                 if fh is not None:
                     handles[(slot, ok)] = fh
@@ -431,11 +438,11 @@ def write_merged(
         successes = _Stream(handles.get((0, True)), max_line_bytes, numbered=False)
         errors = _Stream(handles.get((0, False)), max_line_bytes, numbered=True)
         with (
-            (target / "result.jsonl").open("wb") as res,
-            (target / "error.jsonl").open("wb") as err,
-            csvio.result_csv(target / "result.csv") as table,
+            (target / RESULTS).open("wb") as res,
+            (target / ERRORS).open("wb") as err,
+            csvio.result_csv(target / RESULTS_CSV) as table,
         ):
-            for number, cid in _input_requests(root_folder / "input.jsonl", max_line_bytes):
+            for number, cid in _input_requests(root_folder / INPUT_REQUESTS, max_line_bytes):
                 # The root's own answer: its next failure (by input line) or success.
                 own: _Stream | None = None
                 if errors.head is not None and errors.key == number:
@@ -475,7 +482,7 @@ def write_merged(
                 # too long to hold: from its start, with its size as written).
                 if isinstance(shown, Line):
                     shown = shown.data or Line(0, out.tell() - start, None, shown.head)
-                table.add_request(shown, "result.jsonl" if ok else "error.jsonl", cid)
+                table.add_request(shown, RESULTS if ok else ERRORS, cid)
                 counts["total"] += 1
                 if ok:
                     counts["completed"] += 1
@@ -491,7 +498,7 @@ def write_merged(
             fh.close()
     stats = {
         "root": chain[0].job_id,
-        "input": str(root_folder / "input.jsonl"),
+        "input": str(root_folder / INPUT_REQUESTS),
         "jobs": [
             {
                 "job_id": m.job_id,
@@ -506,6 +513,6 @@ def write_merged(
         "still_failing": dict(sorted(still_failing.items())),
         "merged_at": merged_at,
     }
-    (target / "merged.json").write_bytes(orjson.dumps(stats, option=orjson.OPT_INDENT_2))
-    fsync_file(target / "merged.json")
+    (target / MERGED_SUMMARY).write_bytes(orjson.dumps(stats, option=orjson.OPT_INDENT_2))
+    fsync_file(target / MERGED_SUMMARY)
     return stats

@@ -39,6 +39,7 @@ from batchd.config import ProviderLimits, Settings
 from batchd.failpoints import failpoint
 from batchd.faults import Faults, LocalFault, describe, local_cause
 from batchd.inputs.lines import DEFAULT_MAX_LINE_BYTES, count_lines, read_line
+from batchd.inputs.spool import SpoolFolder
 from batchd.logs import get_logger
 from batchd.models import Job, JobState, Part, PartPlan, PartState, upload_name
 from batchd.outbox.merge import (
@@ -443,7 +444,7 @@ class Collector:
         if job.cancel_requested or round_ > self.resubmit_failed:
             return False
         parts = await self.store.parts_of(job.id)
-        source = Path(job.spool_path).with_name("input.jsonl")
+        source = SpoolFolder.of_input(job.spool_path).requests
         planned = await asyncio.to_thread(
             plan_follow_up,
             source,
@@ -524,7 +525,7 @@ def plan_follow_up(
             current = None
         if current is None:
             seq += 1
-            path = source.with_name(f"followup-{round_}-{seq:03d}.jsonl")
+            path = SpoolFolder.of_input(source).followup(round_, seq)
             record = PartPlan(
                 seq=seq,
                 path=str(path),

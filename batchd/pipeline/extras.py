@@ -120,31 +120,6 @@ def extras_of(
     ]
 
 
-def extra_note(extra: ExtraBatch) -> str:
-    """PURE: what `show` and summary.json say of an extra batch, billing first."""
-    counts = extra.request_counts or {}
-    ran = counts.get("completed", 0) + counts.get("failed", 0)
-    seen = f"{ran} of its {counts['total']} requests had run" if "total" in counts else ""
-    if extra.cancel == ExtraCancel.PENDING:
-        head = "to be cancelled (the cancel is tried again)"
-    elif extra.cancel == ExtraCancel.REQUESTED:
-        head = "cancel requested; followed until it ends"
-    elif extra.cancel == ExtraCancel.GONE:
-        head = "the service no longer knows it"
-    elif extra.cancel == ExtraCancel.FAILED:
-        head = f"could not be cancelled: {extra.error}"
-    elif extra.status == RemoteStatus.CANCELLED:
-        head = "cancelled"
-    else:
-        head = f"had {extra.status or 'ended'} before it could be cancelled"
-    bill = (
-        f"; {seen} (billed, results not used)"
-        if seen
-        else "; it may still bill the requests it ran before the cancel"
-    )
-    return head + bill
-
-
 class ExtraBatches:
     """Record, cancel and follow to their end the extra batches of parts."""
 

@@ -31,15 +31,15 @@ from batchd.config import Settings
 from batchd.failpoints import failpoint
 from batchd.fsutil import fsync_dir, open_for_writing
 from batchd.inputs.inbox import SIDECAR_SUFFIX, SIDECAR_SUFFIXES, is_ignored_name
+from batchd.inputs.spool import CLAIM_RECORD, INPUT_KINDS, LATE_SIDECAR, RESULT_KINDS, SpoolFolder
 from batchd.inputs.verdict import read_sidecar, sidecar_options
 from batchd.logs import get_logger
 from batchd.models import JobState, input_kind
+from batchd.outbox.folder import Outbox
 from batchd.store import Store
 
 log = get_logger(__name__)
 
-# The claim's record in the job's spool folder (`recover_orphans` reads it).
-CLAIM_RECORD = "claim.json"
 # Why an input in the inbox is not claimed yet (`batchd status`).
 SETTLING = "being written: claimed once its size and time stay still for intake.settle_s"
 UNTERMINATED = (
@@ -56,8 +56,6 @@ LONE_SIDECAR = (
 # A sidecar that arrives this long after a job of its name was claimed, or sooner, came
 # late for that job: it is never applied, to it or to a later file, and is reported.
 LATE_SIDECAR_S = 60.0
-# Where a late sidecar is kept in the job's spool folder (and published beside it).
-LATE_SIDECAR = "late.meta.json"
 # The latest notes about late sidecars `batchd status` shows.
 MAX_LATE_NOTES = 50
 
@@ -334,7 +332,7 @@ class Intake:
         if job is None:
             return  # the options of a file still to come, as the inbox's rules say
         after_s = round(st.st_ctime - job.created_at, 1)
-        job_dir = Path(job.spool_path).parent
+        job_dir = SpoolFolder.of_input(job.spool_path).path
         moved = job.state != JobState.PUBLISHED and await asyncio.to_thread(
             self._keep_late, name, st, job_dir
         )
@@ -365,7 +363,7 @@ class Intake:
             now = os.stat(name, dir_fd=inbox_fd, follow_symlinks=False)
             if now.st_ino != st.st_ino or not job_dir.is_dir():
                 return False
-            os.rename(name, job_dir / LATE_SIDECAR, src_dir_fd=inbox_fd)
+            os.rename(name, SpoolFolder(job_dir).late_sidecar, src_dir_fd=inbox_fd)
             os.fsync(inbox_fd)
         except FileNotFoundError:
             return False
@@ -389,7 +387,7 @@ class Intake:
         now = self.clock.now()
         job_id = new_job_id(now)
         job_dir = self.spool / job_id
-        target = job_dir / f"input.{kind}"
+        target = SpoolFolder(job_dir).input(kind)
         stem = name[: -(len(kind) + 1)]
         if not await asyncio.to_thread(self._same_file, name, st):
             return False
@@ -424,7 +422,7 @@ class Intake:
             await self.store.delete_job(job_id)
             # Only if empty: whatever a failed rename-back left in it is not ours to delete.
             with contextlib.suppress(OSError):
-                await asyncio.to_thread((job_dir / CLAIM_RECORD).unlink, True)
+                await asyncio.to_thread(SpoolFolder(job_dir).claim_record.unlink, True)
                 await asyncio.to_thread(os.rmdir, job_dir)
             if exc.errno in (errno.EXDEV, errno.EMFILE, errno.ENFILE, errno.ENOSPC, errno.EROFS):
                 # Not this file's fault: every claim would fail the same way.
@@ -497,11 +495,12 @@ class Intake:
         record: dict[str, Any],
     ) -> None:
         job_dir.mkdir(parents=True, exist_ok=True)
+        folder = SpoolFolder(job_dir)
         # What the database knows of the claim, kept beside the input: should the
         # database be lost, start-up re-creates the job from its spool folder. Not
         # fsynced on its own (a claim would cost one flush more); the folder's fsync
         # below makes the entry durable, and a torn record only costs the job its name.
-        (job_dir / CLAIM_RECORD).write_bytes(orjson.dumps(record))
+        folder.claim_record.write_bytes(orjson.dumps(record))
         inbox_fd = os.open(self.inbox, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             os.rename(name, target, src_dir_fd=inbox_fd)
@@ -513,7 +512,7 @@ class Intake:
             try:
                 for suffix in SIDECAR_SUFFIXES:
                     try:
-                        os.rename(f"{stem}{suffix}", job_dir / f"meta{suffix}", src_dir_fd=inbox_fd)
+                        os.rename(f"{stem}{suffix}", folder.sidecar(suffix), src_dir_fd=inbox_fd)
                     except OSError as exc:
                         # No such sidecar (a name too long for one cannot exist either).
                         if exc.errno not in (errno.ENOENT, errno.ENAMETOOLONG):
@@ -524,7 +523,7 @@ class Intake:
                 # left it, or it would sit in the spool with no job to own it.
                 for suffix in SIDECAR_SUFFIXES:
                     with contextlib.suppress(OSError):
-                        os.rename(job_dir / f"meta{suffix}", f"{stem}{suffix}", dst_dir_fd=inbox_fd)
+                        os.rename(folder.sidecar(suffix), f"{stem}{suffix}", dst_dir_fd=inbox_fd)
                 os.rename(target, name, dst_dir_fd=inbox_fd)
                 raise
         finally:
@@ -551,9 +550,10 @@ class Intake:
                 log.warning("spool_leftover_removed", job_id=job_id)
                 continue
             record = await asyncio.to_thread(read_claim_record, folder)
+            spool = SpoolFolder(folder)
             kind = str(record.get("kind") or "")
-            if kind not in ("jsonl", "csv") or not (folder / f"input.{kind}").is_file():
-                kind = next((k for k in ("jsonl", "csv") if (folder / f"input.{k}").is_file()), "")
+            if kind not in INPUT_KINDS or not spool.input(kind).is_file():
+                kind = next((k for k in INPUT_KINDS if spool.input(k).is_file()), "")
             if not kind:
                 if await asyncio.to_thread(remove_cut_claim, folder):
                     # A claim cut before its rename (the input is still in the inbox, or
@@ -564,8 +564,8 @@ class Intake:
                 continue
             # Result files fetched before the loss may belong to batches the re-planned
             # parts do not find again: fetched afresh, never taken for theirs.
-            for kind_of_result in ("output", "error"):
-                for stale in folder.glob(f"part-*.{kind_of_result}.jsonl"):
+            for kind_of_result in RESULT_KINDS:
+                for stale in spool.results(kind_of_result):
                     stale.unlink(missing_ok=True)
             recorded = record.get("options")
             options: dict[str, Any] = (
@@ -578,11 +578,11 @@ class Intake:
                 job_id=job_id,
                 # The record is a file anyone could have edited: its name is made safe again.
                 name=outbox_name(name) if isinstance(name, str) and name else f"recovered-{job_id}",
-                inbox_name=str(record.get("inbox_name") or f"input.{kind}"),
+                inbox_name=str(record.get("inbox_name") or spool.input(kind).name),
                 inbox_name_hex=_hex_or_none(record.get("inbox_name_hex")),
                 inode=0,
                 dev=0,
-                spool_path=str(folder / f"input.{kind}"),
+                spool_path=str(spool.input(kind)),
                 kind=kind,
                 options=options,
                 now=float(record.get("created_at") or now),
@@ -608,10 +608,10 @@ class Intake:
 
     def _read_options(self, folder: Path) -> dict[str, Any]:
         try:
-            raw = (folder / "meta.meta.json").read_bytes()
+            raw = SpoolFolder(folder).sidecar(".meta.json").read_bytes()
         except OSError:
             return {}
-        return sidecar_options("meta.meta.json", raw)
+        return sidecar_options(SpoolFolder(folder).sidecar(".meta.json").name, raw)
 
     async def recover_claims(self) -> None:
         """Settle claims a crash cut short: finish the rename's record, or forget the row."""
@@ -624,7 +624,7 @@ class Intake:
                 # The rename never happened: the file is still in the inbox and will be
                 # claimed afresh by the next scan.
                 await self.store.delete_job(job.id)
-                await asyncio.to_thread(remove_cut_claim, target.parent)
+                await asyncio.to_thread(remove_cut_claim, SpoolFolder.of_input(target).path)
                 log.info("claim_recovered", job_id=job.id, outcome="left_in_inbox")
 
 
@@ -638,7 +638,7 @@ def remove_cut_claim(folder: Path) -> bool:
     if set(names) - {CLAIM_RECORD}:
         return False
     with contextlib.suppress(FileNotFoundError):
-        (folder / CLAIM_RECORD).unlink()
+        SpoolFolder(folder).claim_record.unlink()
     try:
         os.rmdir(folder)
     except OSError:
@@ -648,18 +648,7 @@ def remove_cut_claim(folder: Path) -> bool:
 
 def published_job_ids(outbox: Path) -> set[str]:
     """The job ids of every folder published in the outbox (from their summary.json)."""
-    ids: set[str] = set()
-    with contextlib.suppress(OSError), os.scandir(outbox) as entries:
-        for entry in entries:
-            if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
-                continue
-            with contextlib.suppress(OSError, orjson.JSONDecodeError, AttributeError):
-                job_id = orjson.loads((Path(entry.path) / "summary.json").read_bytes()).get(
-                    "job_id"
-                )
-                if isinstance(job_id, str):
-                    ids.add(job_id)
-    return ids
+    return {job_id for _, job_id in Outbox(outbox).published()}
 
 
 def orphan_folders(spool: Path, known: set[str]) -> list[Path]:
@@ -679,7 +668,7 @@ def orphan_folders(spool: Path, known: set[str]) -> list[Path]:
 def read_claim_record(folder: Path) -> dict[str, Any]:
     """The claim's record kept in a spool folder, or {} when it is missing or torn."""
     try:
-        record = orjson.loads((folder / CLAIM_RECORD).read_bytes())
+        record = orjson.loads(SpoolFolder(folder).claim_record.read_bytes())
     except (OSError, orjson.JSONDecodeError):
         return {}
     return record if isinstance(record, dict) else {}

@@ -51,6 +51,7 @@ import orjson
 
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import NotifySettings, Settings
+from batchd.documents import to_json
 from batchd.errors import ConfigError
 from batchd.logs import get_logger, scrub_urls, shown_url
 from batchd.models import Delivery, Job
@@ -120,7 +121,7 @@ def job_event(job: Job, at: float) -> dict[str, Any]:
             "request_counts": {"total": total, "completed": job.completed, "failed": job.failed},
             "outbox": job.outbox_path,
             "error": job.error,
-            "cost": job.cost,
+            "cost": to_json(job.cost) if job.cost is not None else None,
         },
     }
 

@@ -25,6 +25,7 @@ from typing import Any
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import Settings
 from batchd.faults import Faults, local_cause
+from batchd.inputs.spool import SpoolFolder
 from batchd.inputs.validate import InputProblem, write_parts
 from batchd.inputs.verdict import Rules, judge_content, judge_unread
 from batchd.logs import get_logger
@@ -122,14 +123,15 @@ def _refusal(job: Job, problem: InputProblem) -> dict[str, Any]:
 
 def _prepare(job: Job, rules: Rules, source: Path, settings: Settings) -> Prepared:
     digest, size = sha256_of(source)
-    jsonl = source.with_name("input.jsonl")
+    folder = SpoolFolder.of_input(source)
+    jsonl = folder.requests
     report = judge_content(
-        source, job.kind, job.options, rules, source.parent, job.inbox_name, requests_digest=True
+        source, job.kind, job.options, rules, folder.path, job.inbox_name, requests_digest=True
     )
     report.path = job.inbox_name
     if not report.valid:
         return Prepared(digest, size, report.to_dict(), [])
-    written = write_parts(report, jsonl, source.parent, fsync=True)
+    written = write_parts(report, jsonl, folder.path, fsync=True)
     paths = written or [jsonl]
     summary = report.to_dict()
     # Byte ranges of every part are for writing the parts, not for keeping.

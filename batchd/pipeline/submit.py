@@ -41,6 +41,7 @@ from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import ProviderLimits, Settings
 from batchd.failpoints import failpoint
 from batchd.faults import Faults, local_cause
+from batchd.inputs.spool import REQUESTS
 from batchd.logs import get_logger
 from batchd.models import Job, Part, PartState, RemoteStatus
 from batchd.pipeline import holds
@@ -334,7 +335,7 @@ class Submitter:
         # still write: only its job is read (a split job's report is large).
         jobs = {
             job_id: await self.store.get_job(job_id)
-            for job_id in {p.job_id for p in pending if Path(p.path).name == "input.jsonl"}
+            for job_id in {p.job_id for p in pending if Path(p.path).name == REQUESTS}
         }
         sem = asyncio.Semaphore(self.concurrency)
 

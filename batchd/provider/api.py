@@ -46,6 +46,7 @@ import aiohttp
 import orjson
 
 from batchd.clock import SYSTEM_CLOCK, Clock
+from batchd.documents import JsonObject
 from batchd.errors import BatchdError
 from batchd.faults import LocalFault
 from batchd.fsutil import commit_temp, temp_name
@@ -165,7 +166,7 @@ def _error_from(
         parsed = None
     if isinstance(parsed, dict):
         inner = parsed.get("error")
-        err: dict[str, Any] = inner if isinstance(inner, dict) else parsed
+        err: JsonObject = inner if isinstance(inner, dict) else parsed
         raw_code = err.get("code") or err.get("type")
         code = str(raw_code) if raw_code is not None else None
         message = str(err.get("message") or message)
@@ -486,7 +487,7 @@ class BatchApi:
     ) -> RemoteBatch:
         """Create a batch. An answer without a usable batch id raises
         `MaybeAppliedError`: the batch may exist and be billed all the same."""
-        body: dict[str, Any] = {
+        body: JsonObject = {
             "input_file_id": input_file_id,
             "endpoint": endpoint,
             "completion_window": completion_window,

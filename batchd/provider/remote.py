@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from batchd.documents import JsonObject
 from batchd.errors import BatchdError
 
 # Ids are path segments of later calls (`/batches/{id}`, `/files/{id}/content`): nothing
@@ -266,7 +267,7 @@ class Page:
     """One page of a list call: its items (still raw, each parsed by the caller's type),
     whether the server says more follow, and the cursor for the next page."""
 
-    items: list[dict[str, Any]]
+    items: list[JsonObject]
     has_more: bool
     last_id: str | None
 

@@ -70,6 +70,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import orjson
 
+from batchd.documents import JsonObject
 from batchd.provider import tokenbound
 from batchd.provider.profiles import (
     ENDPOINT_EMBEDDINGS,
@@ -558,7 +559,7 @@ class _Counter:
         bound holds for the text the template makes, not for its parts added up)."""
         return self.text(role + "\n" + content)
 
-    def request(self, body: dict[str, Any], endpoint: str) -> int:
+    def request(self, body: JsonObject, endpoint: str) -> int:
         if endpoint == ENDPOINT_TEST or body.get("model") == TEST_MODEL:
             return TEST_MODEL_INPUT_TOKENS
         if endpoint in _CHAT_ENDPOINTS:
@@ -667,7 +668,7 @@ def _tools_text(tools: Any) -> str:
     return _TOOLS_HEAD + listed + _TOOLS_TAIL
 
 
-def request_tokens(body: dict[str, Any], endpoint: str, tokenizer: Tokenizer) -> int:
+def request_tokens(body: JsonObject, endpoint: str, tokenizer: Tokenizer) -> int:
     """PURE: the input tokens the service counts for one request `body` sent to
     `endpoint` (chat template included; see the module's docstring)."""
     return _Counter(tokenizer, memo=False).request(body, endpoint)
@@ -677,21 +678,21 @@ def _positive(value: Any) -> int | None:
     return value if type(value) is int and value > 0 else None
 
 
-def thinks(body: dict[str, Any], limits: ModelLimits) -> bool:
+def thinks(body: JsonObject, limits: ModelLimits) -> bool:
     """PURE: whether the request produces reasoning tokens: `enable_thinking: true`, or
     unset on a model that thinks by default."""
     setting = body.get("enable_thinking")
     return setting is True or (setting is None and limits.thinks_by_default)
 
 
-def thinking_unset(body: dict[str, Any], limits: ModelLimits) -> bool:
+def thinking_unset(body: JsonObject, limits: ModelLimits) -> bool:
     """PURE: the request goes to a model that thinks by default and does not set
     `enable_thinking`: it will think, and reasoning tokens are billed as output."""
     return limits.thinks_by_default and "enable_thinking" not in body
 
 
 def output_split(
-    body: dict[str, Any], limits: ModelLimits, default_max: int, *, endpoint: str | None = None
+    body: JsonObject, limits: ModelLimits, default_max: int, *, endpoint: str | None = None
 ) -> tuple[int, int]:
     """PURE: (answer, reasoning) bounds of one request's output tokens; see output_bound."""
     model = body.get("model")
@@ -720,14 +721,14 @@ def output_split(
     return answer * choices, reasoning * choices
 
 
-def choices_of(body: dict[str, Any]) -> int:
+def choices_of(body: JsonObject) -> int:
     """PURE: how many choices a request asks for (`n`, each billed its own output): a
     positive integer, else 1 (the service's default; a bad `n` is validation's to report)."""
     return _positive(body.get("n")) or 1
 
 
 def output_bound(
-    body: dict[str, Any], limits: ModelLimits, default_max: int, *, endpoint: str | None = None
+    body: JsonObject, limits: ModelLimits, default_max: int, *, endpoint: str | None = None
 ) -> int:
     """PURE: the most output tokens one request may be billed for: its `max_tokens` (or
     `max_completion_tokens`) when a positive integer, else the model's
@@ -1047,7 +1048,7 @@ class RequestCounter:
         """The model's price on this provider (None: unknown)."""
         return self.prices.price(self.provider, model)
 
-    def worst(self, body: dict[str, Any], endpoint: str) -> Worst:
+    def worst(self, body: JsonObject, endpoint: str) -> Worst:
         """PURE but for its memo: the request `body` sent to `endpoint`, counted."""
         model = str(body.get("model"))
         counter = self._counters.get(model)

@@ -184,13 +184,26 @@ _ID_CHARS = frozenset("0123456789abcdef")
 MIN_ID_PREFIX = 6
 
 
+# The job's columns copied from its options (017_retry_priority.sql), set from the
+# options' JSON as SQLite reads it, so that each holds what json_extract held before.
+OPTION_COLUMNS_SET = (
+    "retry_of = json_extract(?, '$.retry_of'), priority = json_extract(?, '$.priority')"
+)
+
+
 def _assignments(allowed: frozenset[str], fields: dict[str, Any]) -> tuple[str, list[Any]]:
     unknown = set(fields) - allowed
     if unknown:
         raise ValueError(f"not updatable columns: {sorted(unknown)}")
     names = sorted(fields)
     sql = ", ".join(f"{name} = ?" for name in names)
-    return sql, [_encode(name, fields[name]) for name in names]
+    args = [_encode(name, fields[name]) for name in names]
+    if "options" in fields:
+        # The columns that hold what is queried of the options, from the same JSON.
+        options = _encode("options", fields["options"])
+        sql = f"{sql}, {OPTION_COLUMNS_SET}"
+        args.extend([options, options])
+    return sql, args
 
 
 # Pauses between tries of a write that met a local fault: short, since every stage
@@ -417,10 +430,12 @@ class Store:
     ) -> None:
         """Record a job, in one of the states a job starts in (`lifecycle.JOB_INITIAL`)."""
         lifecycle.check_job_initial(state)
+        encoded = orjson.dumps(options).decode()
         await self._write(
             "INSERT INTO jobs (id, name, inbox_name, inbox_name_hex, inbox_inode, inbox_dev,"
             " spool_path, kind, state, options, created_at, updated_at, recovered_at, error,"
-            " notified) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
+            " notified, retry_of, priority) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0,"
+            " json_extract(?, '$.retry_of'), json_extract(?, '$.priority'))",
             (
                 job_id,
                 name,
@@ -431,11 +446,13 @@ class Store:
                 spool_path,
                 kind,
                 state,
-                orjson.dumps(options).decode(),
+                encoded,
                 now,
                 now,
                 recovered_at,
                 error,
+                encoded,
+                encoded,
             ),
         )
 
@@ -825,7 +842,7 @@ class Store:
         async with self._db.execute(
             f"SELECT parts.* FROM parts JOIN jobs ON jobs.id = parts.job_id"  # noqa: S608
             f" WHERE parts.state IN ({marks}) AND jobs.state = ?{ready}"
-            " ORDER BY COALESCE(json_extract(jobs.options, '$.priority'), 0) DESC,"
+            " ORDER BY COALESCE(jobs.priority, 0) DESC,"
             " jobs.created_at, parts.job_id, parts.seq LIMIT ?",
             [*args, limit],
         ) as cur:
@@ -1446,11 +1463,9 @@ class Store:
 
     async def retries_of(self, job_id: str) -> list[Job]:
         """The jobs made by `batchd retry` of `job_id` (their `retry_of` option), oldest
-        first. A scan of the jobs table: asked once per job shown, or per link of a
-        retry chain when a retry is published, never per request."""
+        first (the `retry_of` column's index)."""
         async with self._db.execute(
-            "SELECT * FROM jobs WHERE json_extract(options, '$.retry_of') = ?"
-            " ORDER BY created_at, id",
+            "SELECT * FROM jobs WHERE retry_of = ? ORDER BY created_at, id",
             (job_id,),
         ) as cur:
             rows = await cur.fetchall()
@@ -1464,9 +1479,8 @@ class Store:
         for start in range(0, len(wanted), 500):  # within SQLite's variable limit
             chunk = wanted[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            where = f"json_extract(options, '$.retry_of') IN ({marks})"
             async with self._db.execute(
-                f"SELECT id, json_extract(options, '$.retry_of') FROM jobs WHERE {where}"  # noqa: S608
+                f"SELECT id, retry_of FROM jobs WHERE retry_of IN ({marks})"  # noqa: S608
                 " ORDER BY created_at, id",
                 chunk,
             ) as cur:

@@ -20,13 +20,14 @@ from batchd.clock import (
     iso_utc,
 )
 from batchd.config import ApiSettings, IntakeSettings, PollSettings, ProviderLimits, Settings
+from batchd.documents import to_json
 from batchd.models import JobState, Outcome, Part, PartPlan, PartState
 from batchd.outbox.merge import MergeStats
+from batchd.outbox.writer import build_summary
 from batchd.pipeline.account import AccountState
 from batchd.pipeline.intake import Intake
 from batchd.pipeline.poll import Poller
 from batchd.pipeline.problems import StepPolicy, step_failed
-from batchd.pipeline.publish import build_summary
 from batchd.pipeline.submit import Submitter
 from batchd.provider.api import BatchApi
 from batchd.provider.limits import RateLimiter
@@ -281,8 +282,14 @@ async def test_summary_timings_are_our_clock_and_the_services_times_are_apart(
     assert ended is not None and job is not None
     assert ended.ended_at == clock.now()
     clock.advance(5.0)
-    said = build_summary(
-        job, [ended], MergeStats(total=1, completed=1), Outcome.COMPLETED, published_at=clock.now()
+    said = to_json(
+        build_summary(
+            job,
+            [ended],
+            MergeStats(total=1, completed=1),
+            Outcome.COMPLETED,
+            published_at=clock.now(),
+        )
     )
     start = 1_700_000_000.0  # the FakeClock's start: 2023-11-14T22:13:20Z
     assert said["timings"] == {

@@ -13,9 +13,10 @@ import pytest
 
 from batchd.models import Job, JobState, Outcome, Part, PartState
 from batchd.outbox.merge import MergeStats, part_for
+from batchd.outbox.writer import decide_outcome
 from batchd.pipeline.intake import Seen, settled, settles_at
 from batchd.pipeline.poll import next_poll, overdue
-from batchd.pipeline.publish import decide_outcome, retry_delay_s
+from batchd.pipeline.publish import retry_delay_s
 
 
 def record(cls: type[Any], **fields: Any) -> Any:

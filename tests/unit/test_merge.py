@@ -15,9 +15,11 @@ import orjson
 import pytest
 
 from batchd.cli import main
+from batchd.documents import to_json
 from batchd.inputs.csvio import jsonl_file_to_csv, neutralised
 from batchd.inputs.lines import iter_lines
 from batchd.models import Job, JobState, Part, PartState
+from batchd.outbox.folder import OutboxFolder
 from batchd.outbox.merge import (
     RESULT_UNAVAILABLE,
     batch_error,
@@ -28,17 +30,16 @@ from batchd.outbox.merge import (
     with_input_line,
     write_with_input_line,
 )
-from batchd.pipeline.collect import Fetched, decide_collect, retryable_failure
-from batchd.pipeline.problems import StepPolicy
-from batchd.pipeline.publish import (
+from batchd.outbox.writer import (
     cost_summary,
-    error_note,
     job_error,
     keep_input_files,
-    remote_files_to_delete,
     unread_rejection,
     write_rejection,
 )
+from batchd.pipeline.collect import Fetched, decide_collect, retryable_failure
+from batchd.pipeline.problems import StepPolicy
+from batchd.pipeline.publish import error_note, remote_files_to_delete
 from batchd.provider.prices import table_from
 from batchd.provider.profiles import PROFILES
 from batchd.provider.tokens import RequestCounter
@@ -305,11 +306,11 @@ def test_a_line_whose_usage_is_absurd_is_charged_its_worst_case(tmp_path: Path) 
     assert notes[0] == (2, "prompt_tokens is not a token count ('3')")
     assert notes[3] == (5, "completion_tokens missing")
     summary = cost_summary(stats, "CNY")
-    assert summary["amount"] == pytest.approx(cost.from_usage + cost.estimated, abs=1e-6)
-    assert summary["estimated"]["requests"] == len(absurd)
-    assert summary["estimated"]["why"]
+    assert summary.amount == pytest.approx(cost.from_usage + cost.estimated, abs=1e-6)
+    assert summary.estimated.requests == len(absurd)
+    assert summary.estimated.why
     # Nothing absurd reaches what summary.json is written from.
-    orjson.dumps({"usage": stats.usage, "per_model": stats.per_model, "cost": summary})
+    orjson.dumps({"usage": stats.usage, "per_model": stats.per_model, "cost": to_json(summary)})
 
 
 def test_requests_whose_results_were_lost_are_charged_as_many_as_the_service_completed(
@@ -586,7 +587,7 @@ def test_the_outbox_input_is_a_copy_of_the_validated_bytes(tmp_path: Path) -> No
         fh.write(request("late") + b"\n")
     out = tmp_path / "tmp"
     out.mkdir()
-    kept = keep_input_files(job, [], out, keep=True)
+    kept = keep_input_files(job, [], OutboxFolder(out), keep=True)
     assert (out / "input.jsonl").read_bytes() == validated
     assert (out / "input.jsonl").stat().st_ino != source.stat().st_ino
     assert (out / "unsent.jsonl").read_bytes() == request("late") + b"\n"
@@ -597,7 +598,7 @@ def test_the_outbox_input_is_a_copy_of_the_validated_bytes(tmp_path: Path) -> No
     # Without keep_input the validated copy is not made, but the unsent bytes still are.
     bare = tmp_path / "bare"
     bare.mkdir()
-    keep_input_files(job, [], bare, keep=False)
+    keep_input_files(job, [], OutboxFolder(bare), keep=False)
     assert sorted(p.name for p in bare.iterdir()) == ["unsent.jsonl"]
 
 
@@ -617,7 +618,7 @@ def test_an_input_changed_in_place_is_kept_beside_the_parts_that_were_sent(
     source.write_bytes(request("other") + b"\n")
     out = tmp_path / "tmp"
     out.mkdir()
-    changed = keep_input_files(job, parts, out, keep=True)["input_changed"]
+    changed = keep_input_files(job, parts, OutboxFolder(out), keep=True)["input_changed"]
     assert changed["modified_in_place"] and changed["kept_as"] == "input.changed.jsonl"
     assert sorted(p.name for p in out.iterdir()) == [
         "input.changed.jsonl",
@@ -643,7 +644,7 @@ def test_an_input_rejected_unread_is_moved_not_copied(tmp_path: Path) -> None:
     inode = source.stat().st_ino
     out = tmp_path / "tmp"
     out.mkdir()
-    assert keep_input_files(job, [], out, keep=True) == {}
+    assert keep_input_files(job, [], OutboxFolder(out), keep=True) == {}
     assert not source.exists() and (out / "input.jsonl").stat().st_ino == inode
 
 
@@ -656,7 +657,7 @@ def test_an_input_rejected_unread_stays_in_the_spool_across_filesystems(
     source.write_bytes(b"x" * 100)
     report = {"valid": False, "errors": [{"line": None, "code": "sparse_file", "message": "s"}]}
     job = make_job(source, sha256=None, report=report)
-    kept = keep_input_files(job, [], elsewhere, keep=True)
+    kept = keep_input_files(job, [], OutboxFolder(elsewhere), keep=True)
     assert kept == {"input_kept_at": str(source)}
     assert source.exists() and not (elsewhere / "input.jsonl").exists()
 
@@ -787,8 +788,8 @@ def test_a_batch_the_service_failed_is_stated_once(tmp_path: Path) -> None:
     }
     job = make_job(tmp_path / "input.jsonl")
     error = job_error(job, [part])
-    assert error is not None and error["code"] == "model_not_found"
-    assert error_note(error) == f"model_not_found: {error['message']}"
+    assert error is not None and error.code == "model_not_found"
+    assert error_note(error) == f"model_not_found: {error.message}"
     assert csv_ids(tmp_path / "out" / "result.csv") == ids
 
 
@@ -841,7 +842,7 @@ def test_every_line_of_a_rejected_input_is_listed_with_one_reason(tmp_path: Path
     job = rejected_job(tmp_path, content, problems)
     out = tmp_path / "out"
     out.mkdir()
-    stats = write_rejection(job, out, 1 << 20)
+    stats = write_rejection(job, OutboxFolder(out), 1 << 20)
     assert (stats.total, stats.completed, stats.failed, stats.never_run) == (5, 0, 5, 5)
     assert (out / "result.jsonl").read_bytes() == b""
     errors = read_jsonl(out / "error.jsonl")
@@ -857,8 +858,8 @@ def test_every_line_of_a_rejected_input_is_listed_with_one_reason(tmp_path: Path
     )
     assert csv_ids(out / "result.csv") == ["", "ok", "", "x", ""]
     error = job_error(job, [])
-    assert error is not None and error["code"] == "invalid_json"
-    assert "line 1: not JSON (5 problems" in error["message"]
+    assert error is not None and error.code == "invalid_json"
+    assert "line 1: not JSON (5 problems" in error.message
 
 
 def test_a_rejected_input_whose_report_lists_only_some_problems_says_so(tmp_path: Path) -> None:
@@ -867,7 +868,7 @@ def test_a_rejected_input_whose_report_lists_only_some_problems_says_so(tmp_path
     job = rejected_job(tmp_path, content, problems, error_count=7)
     out = tmp_path / "out"
     out.mkdir()
-    stats = write_rejection(job, out, 1 << 20)
+    stats = write_rejection(job, OutboxFolder(out), 1 << 20)
     errors = read_jsonl(out / "error.jsonl")
     # Blank lines are lines of the input too, each listed (the service counts them).
     assert [(e["input_line"], e["error"]["code"]) for e in errors] == [
@@ -890,14 +891,14 @@ def test_an_input_refused_as_a_whole_lists_its_lines_once_refused(tmp_path: Path
     job = rejected_job(tmp_path, requests_for(["a", "b"]), problems, requests=0)
     out = tmp_path / "out"
     out.mkdir()
-    stats = write_rejection(job, out, 1 << 20)
+    stats = write_rejection(job, OutboxFolder(out), 1 << 20)
     errors = read_jsonl(out / "error.jsonl")
     assert [e["error"]["message"] for e in errors] == [
         "not sent: the input was rejected (over_budget): see summary.json error"
     ] * 2
     assert (stats.total, stats.never_run) == (2, 2)
     error = job_error(job, [])
-    assert error is not None and "over the daily budget" in error["message"]
+    assert error is not None and "over the daily budget" in error.message
 
 
 def test_an_input_never_read_lists_its_problem_and_counts_no_request(tmp_path: Path) -> None:
@@ -906,7 +907,7 @@ def test_an_input_never_read_lists_its_problem_and_counts_no_request(tmp_path: P
     job = replace(job, sha256=None)
     out = tmp_path / "out"
     out.mkdir()
-    stats = write_rejection(job, out, 1 << 20)
+    stats = write_rejection(job, OutboxFolder(out), 1 << 20)
     (error,) = read_jsonl(out / "error.jsonl")
     assert (error["input_line"], error["error"]["code"]) == (None, "input_too_large")
     assert (stats.total, stats.failed, stats.never_run) == (0, 0, 0)
@@ -932,7 +933,7 @@ def test_a_rejected_csv_lists_its_conversions_lines_or_its_rows_problems(
     report = {"valid": False, "bytes": 300, "errors": problems, "error_count": 1}
     out = tmp_path / "out"
     out.mkdir()
-    stats = write_rejection(make_job(source, report=report), out, 1 << 20)
+    stats = write_rejection(make_job(source, report=report), OutboxFolder(out), 1 << 20)
     assert [(e["custom_id"], e["error"]["code"]) for e in read_jsonl(out / "error.jsonl")] == [
         ("a", "not_submitted"),
         ("b", "invalid_thinking"),
@@ -941,6 +942,6 @@ def test_a_rejected_csv_lists_its_conversions_lines_or_its_rows_problems(
     (spool / "input.jsonl").unlink()
     rows = [{"line": 3, "code": "bad_row", "message": "3 columns"}]
     report = {"valid": False, "errors": rows, "error_count": 1}
-    stats = write_rejection(make_job(source, report=report), out, 1 << 20)
+    stats = write_rejection(make_job(source, report=report), OutboxFolder(out), 1 << 20)
     (error,) = read_jsonl(out / "error.jsonl")
     assert (error["input_line"], error["error"]["code"], stats.total) == (3, "bad_row", 1)

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from batchd.models import ExtraBatch, ExtraCancel, Part, PartState
-from batchd.pipeline.extras import extra_note, keep, progress, tagged_part
+from batchd.outbox.writer import extra_note
+from batchd.pipeline.extras import keep, progress, tagged_part
 from batchd.pipeline.problems import StepPolicy
 from batchd.pipeline.submit import made_from, past_intents
 from batchd.provider.remote import (

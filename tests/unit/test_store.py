@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from batchd import store as store_module
 from batchd.models import JOB_ACTIVE, JobState, PartPlan, PartState
 from batchd.store import Store
 
@@ -307,5 +309,54 @@ async def test_the_duplicate_guard_still_knows_jobs_recorded_before_requests_wer
         again = await store.paid_twin(None, "new-bytes", "this")
         assert again is not None and again.id == "new"
         assert await store.paid_twin("y" * 64, "other-bytes", "this") is None
+    finally:
+        await store.close()
+
+
+async def test_an_old_database_gets_retry_of_and_priority_columns_from_its_options(
+    tmp_path: Path,
+) -> None:
+    """Migration 017 copies each job's `retry_of` and `priority` out of its options; the
+    queries that read them then answer as they did from the JSON."""
+    path = tmp_path / "db.sqlite3"
+    with sqlite3.connect(path) as db:
+        for number, script in store_module._migrations():
+            if number <= 16:
+                db.executescript(script)
+        db.execute("PRAGMA user_version = 16")
+        rows = [
+            ("root", {"priority": 1}),
+            ("retry", {"retry_of": "root", "priority": 9}),
+            ("plain", {}),
+        ]
+        for i, (job_id, options) in enumerate(rows):
+            db.execute(
+                "INSERT INTO jobs (id, name, inbox_name, spool_path, kind, state, options,"
+                " created_at, updated_at) VALUES (?, ?, ?, '/x', 'jsonl', 'running', ?, ?, ?)",
+                (job_id, job_id, f"{job_id}.jsonl", json.dumps(options), float(i), float(i)),
+            )
+    store = await Store.open(path)
+    try:
+        async with store._db.execute("SELECT id, retry_of, priority FROM jobs ORDER BY id") as cur:
+            columns = [tuple(r) for r in await cur.fetchall()]
+        assert columns == [("plain", None, None), ("retry", "root", 9), ("root", None, 1)]
+        assert [j.id for j in await store.retries_of("root")] == ["retry"]
+        assert await store.retried_by(["root", "plain"]) == {"root": ["retry"]}
+        # Written with the options from then on, on insert and on update alike.
+        await store.insert_job(
+            job_id="new",
+            name="new",
+            inbox_name="new.jsonl",
+            inode=1,
+            dev=1,
+            spool_path="/spool/new/input.jsonl",
+            kind="jsonl",
+            options={"retry_of": "plain", "priority": 2},
+            now=5.0,
+        )
+        assert await store.retried_by(["plain"]) == {"plain": ["new"]}
+        assert await store.update_job("new", JobState.CLAIMING, options={"priority": 7})
+        async with store._db.execute("SELECT retry_of, priority FROM jobs WHERE id='new'") as cur:
+            assert tuple(await cur.fetchone() or ()) == (None, 7)
     finally:
         await store.close()
