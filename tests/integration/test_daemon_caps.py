@@ -16,6 +16,7 @@ from batchd.testing import (
     requests,
     running_daemon,
     summary,
+    wait_for,
     wait_published,
 )
 
@@ -108,10 +109,11 @@ async def test_following_many_running_batches_costs_a_list_page_per_hundred_per_
     async with running_daemon(settings):
         for i in range(n):
             drop(settings.paths.folder("inbox"), f"r{i:03d}.jsonl", requests(1, prefix=f"{i}-"))
-        for _ in range(600):
-            if (await emulator.stats())["batches_created"] >= n:
-                break
-            await asyncio.sleep(0.05)
+
+        async def created() -> bool:
+            return bool((await emulator.stats())["batches_created"] >= n)
+
+        await wait_for(created, 30, f"{n} batches created")
         await asyncio.sleep(2 * interval)  # first polls done, the parts fall into step
         before = (await emulator.stats())["calls"]
         intervals = 8

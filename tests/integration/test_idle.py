@@ -16,6 +16,7 @@ from batchd.testing import (
     idle,
     requests,
     running_daemon,
+    wait_for,
     wait_published,
 )
 
@@ -76,8 +77,7 @@ async def test_idle_waits_for_a_pass_that_is_under_way() -> None:
     task = asyncio.create_task(
         run_stage(Stage.PUBLISH, step, 30.0, wake, stopping, None, None, activity)
     )
-    await asyncio.sleep(0)
-    assert activity[Stage.PUBLISH].busy
+    await wait_for(lambda: activity[Stage.PUBLISH].busy, 5, "the pass under way")
     release.set()
     await activity.changed()
     assert activity[Stage.PUBLISH].did and activity.progress == 1
