@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from batchd.models import PartState
 from batchd.provider.api import BatchApi
 from batchd.provider.limits import CallClass, RateLimiter
 from batchd.testing import (
@@ -106,7 +107,7 @@ async def test_following_many_running_batches_costs_a_list_page_per_hundred_per_
         poll={"interval_s": interval, "first_poll_s": 0.1, "jitter": 0.1},
     )
     n = 250
-    async with running_daemon(settings):
+    async with running_daemon(settings) as daemon:
         for i in range(n):
             drop(settings.paths.folder("inbox"), f"r{i:03d}.jsonl", requests(1, prefix=f"{i}-"))
 
@@ -114,7 +115,12 @@ async def test_following_many_running_batches_costs_a_list_page_per_hundred_per_
             return bool((await emulator.stats())["batches_created"] >= n)
 
         await wait_for(created, 30, f"{n} batches created")
-        await asyncio.sleep(2 * interval)  # first polls done, the parts fall into step
+
+        async def polled() -> bool:
+            parts = await daemon.store.parts_in([PartState.RUNNING])
+            return len(parts) == n and all(p.polled_at is not None for p in parts)
+
+        await wait_for(polled, 30, "every part polled once")  # then they fall into step
         before = (await emulator.stats())["calls"]
         intervals = 8
         await asyncio.sleep(intervals * interval)
