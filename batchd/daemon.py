@@ -45,7 +45,7 @@ from batchd.pipeline.notify import Notifications, load_webhook_secret
 from batchd.pipeline.poll import Poller
 from batchd.pipeline.prepare import Preparer
 from batchd.pipeline.publish import Publisher
-from batchd.pipeline.stages import Stage, Wake, run_stage
+from batchd.pipeline.stages import Activity, Stage, Wake, run_stage
 from batchd.pipeline.submit import Submitter
 from batchd.provider.api import BatchApi, RetryPolicy, Throughput
 from batchd.provider.limits import CallClass, RateLimiter
@@ -173,6 +173,8 @@ class Daemon:
         self._api_key = api_key
         self.stopping = asyncio.Event()
         self.wake = Wake()
+        # Each stage's passes, for tests to wait until the work has run out.
+        self.activity = Activity()
         # This machine's faults in force, shown by status, check and /metrics.
         api = settings.api
         self.faults = Faults(
@@ -514,7 +516,14 @@ class Daemon:
             idle_s: Callable[[float], Awaitable[float]] | None = None,
         ) -> Awaitable[None]:
             return run_stage(
-                name, step, interval_s, self.wake, self.stopping, idle_s, faults=self.faults
+                name,
+                step,
+                interval_s,
+                self.wake,
+                self.stopping,
+                idle_s,
+                faults=self.faults,
+                activity=self.activity,
             )
 
         stages: dict[Stage, Awaitable[None]] = {

@@ -19,6 +19,8 @@ What it offers, one of each:
 - `API_KEY`, the key test emulators accept and test daemons send; `ENDPOINT_*`.
 - `requests(count, ...)`: well-formed JSONL request lines.
 - `wait_for(check, ...)`: poll until something holds, or fail saying what did not.
+- `idle(daemon)`: wait until an in-process daemon has run out of work, the place to
+  assert that something did not happen (never a sleep: it proves nothing when slow).
 - The emulator: `running_emulator` (in-process) and `emulator_process` (`batchd emulator`
   in a subprocess), both context managers; `Api`, a thin HTTP client for its routes.
 - The daemon: `running_daemon` (in-process) and `daemon_process` (`batchd run` in a
@@ -72,6 +74,7 @@ from batchd.emulator import Emulator, EmulatorSettings
 from batchd.models import Job
 from batchd.outbox.folder import SUMMARY, OutboxFolder
 from batchd.pipeline.intake import Intake
+from batchd.pipeline.stages import Stage
 from batchd.store import Store
 
 __all__ = [
@@ -96,6 +99,7 @@ __all__ = [
     "events",
     "fill_disk",
     "fill_inodes",
+    "idle",
     "job_folders",
     "published_jobs",
     "read_jsonl",
@@ -372,6 +376,76 @@ async def wait_for(
         if emulator is not None:
             emulator.advance(advance_s)
         await asyncio.sleep(step_s)
+
+
+async def idle(daemon: Daemon, timeout_s: float = 20.0, horizon_s: float = 0.25) -> None:
+    """Return once the in-process daemon has run out of work: every stage, woken for a
+    fresh look, ran a pass that did nothing; none is mid-pass or woken again; no pass
+    did anything since; nothing any stage or the intake knows of is due within
+    `horizon_s` (a retry, a poll, a file still settling). A stage waiting out a fault of
+    this machine for longer than `horizon_s` counts as out of work. The place to assert
+    that something did not happen: it happened by then if the daemon would do it.
+    Fails (AssertionError) after `timeout_s`, saying which stages were still at work."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    activity = daemon.activity
+    stages: list[Stage] = [stage for stage in daemon.tasks if stage is not Stage.WATCH]
+    blocking: list[str] = []
+
+    def soon(at: float) -> bool:
+        return at - loop.time() <= horizon_s
+
+    def looked_again(looked: dict[Stage, int]) -> bool:
+        # A stage waiting out a fault does not answer a wake: its pause is its look.
+        blocking[:] = [
+            str(stage)
+            for stage in stages
+            if activity[stage].finished <= looked[stage]
+            and not (
+                activity[stage].faulted
+                and not activity[stage].busy
+                and not soon(activity[stage].due_at)
+            )
+        ]
+        return not blocking
+
+    while True:
+        progress = activity.progress
+        looked = {stage: activity[stage].started for stage in stages}
+        daemon.wake.all()
+        while not looked_again(looked):
+            if daemon.stopping.is_set():
+                raise AssertionError("the daemon stopped: it will never be idle")
+            left = deadline - loop.time()
+            if left <= 0:
+                raise AssertionError(
+                    f"the daemon not idle within {timeout_s:g} s: {', '.join(blocking)}"
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(activity.changed(), min(left, horizon_s))
+        blocking[:] = [
+            str(stage)
+            for stage in stages
+            if activity[stage].busy
+            or activity[stage].did
+            or daemon.wake[stage].is_set()
+            or soon(activity[stage].due_at)
+        ]
+        due = daemon.intake.next_due
+        if due is not None and due - daemon.clock.monotonic() <= horizon_s:
+            blocking.append(f"intake (waiting: {sorted(daemon.intake.waiting)})")
+        if activity.progress == progress and not blocking:
+            return
+        if activity.progress == progress:
+            # Something is due soon, or woken: wait for the next pass, then look again.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(activity.changed(), horizon_s)
+        else:
+            blocking.append("work was done meanwhile")
+        if loop.time() >= deadline:
+            raise AssertionError(
+                f"the daemon not idle within {timeout_s:g} s: {', '.join(blocking)}"
+            )
 
 
 # -- the emulator -------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from batchd.testing import (
     requests,
     running_daemon,
     summary,
+    wait_for,
     wait_published,
 )
 
@@ -247,11 +248,11 @@ async def test_daemon_and_emulator_traffic_meets_the_contract(
         async with running_daemon(settings):
             drop(root / "inbox", "contract.jsonl", requests(10))
             (folder,) = await wait_published(root / "outbox", 1, emulator, timeout_s=120)
-            for _ in range(400):
-                if (await emulator.stats())["files_stored"]["count"] == 0:
-                    break
-                emulator.advance(60)
-                await asyncio.sleep(0.05)
+
+            async def cleaned() -> bool:
+                return bool((await emulator.stats())["files_stored"]["count"] == 0)
+
+            await wait_for(cleaned, 20, "the remote files deleted", emulator=emulator, advance_s=60)
         s = summary(folder)
         assert s["request_counts"]["total"] == 10
         assert len(s["parts"]) == 3

@@ -27,9 +27,11 @@ from batchd.testing import (
     cli,
     daemon_settings,
     drop,
+    idle,
     published_jobs,
     requests,
     running_daemon,
+    wait_for,
     wait_published,
 )
 
@@ -126,8 +128,9 @@ async def test_pause_resume_cancel_retry_and_drain(
         code, out, _ = await cli(capsys, "pause", "--socket", sock)
         assert code == 0 and "paused" in out
         drop(inbox, "held.jsonl", requests(10))
-        await asyncio.sleep(0.5)
+        await idle(daemon)
         assert (inbox / "held.jsonl").exists()  # not claimed while paused
+        assert await daemon.store.count_jobs() == 0
         await cli(capsys, "resume", "--socket", sock)
         await wait_published(outbox, 1, emulator)
         (job,) = await published_jobs(daemon, 1)
@@ -165,11 +168,9 @@ async def test_event_stream_reports_state_changes_and_progress(
                     return
 
         listener = asyncio.create_task(listen())
-        await asyncio.sleep(0.2)
+        await wait_for(lambda: events, 10.0, "the stream's hello")  # subscribed
         drop(settings.paths.folder("inbox"), "e.jsonl", requests(4))
-        while not listener.done():
-            emulator.advance(60)
-            await asyncio.sleep(0.05)
+        await wait_for(listener.done, 30.0, "the job published", emulator=emulator, advance_s=60)
         await listener
     states = [e.get("state") for e in events if e.get("type") == "job"]
     assert states[-1] == "published"

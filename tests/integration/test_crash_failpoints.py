@@ -126,12 +126,13 @@ async def _crash_then_finish(
     async with daemon_process(env, log) as clean:
         await wait_ready(root, clean)
         (folder,) = await wait_published(root / "outbox", 1, emulator, timeout_s=60)
+
         # Let the remote clean-up finish: nothing stored, nothing left to delete.
-        for _ in range(200):
+        async def cleaned() -> bool:
             stats = await emulator.stats()
-            if stats["files_stored"]["count"] == 0 and _garbage(root) == 0:
-                break
-            await asyncio.sleep(0.05)
+            return stats["files_stored"]["count"] == 0 and _garbage(root) == 0
+
+        await wait_for(cleaned, 10, "the remote clean-up done")
     stats = await emulator.stats()
     with sqlite3.connect(root / "state" / "batchd.sqlite3") as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

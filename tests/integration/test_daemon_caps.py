@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from batchd.models import PartState
 from batchd.provider.api import BatchApi
 from batchd.provider.limits import CallClass, RateLimiter
 from batchd.testing import (
@@ -16,6 +17,7 @@ from batchd.testing import (
     requests,
     running_daemon,
     summary,
+    wait_for,
     wait_published,
 )
 
@@ -105,14 +107,20 @@ async def test_following_many_running_batches_costs_a_list_page_per_hundred_per_
         poll={"interval_s": interval, "first_poll_s": 0.1, "jitter": 0.1},
     )
     n = 250
-    async with running_daemon(settings):
+    async with running_daemon(settings) as daemon:
         for i in range(n):
             drop(settings.paths.folder("inbox"), f"r{i:03d}.jsonl", requests(1, prefix=f"{i}-"))
-        for _ in range(600):
-            if (await emulator.stats())["batches_created"] >= n:
-                break
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(2 * interval)  # first polls done, the parts fall into step
+
+        async def created() -> bool:
+            return bool((await emulator.stats())["batches_created"] >= n)
+
+        await wait_for(created, 30, f"{n} batches created")
+
+        async def polled() -> bool:
+            parts = await daemon.store.parts_in([PartState.RUNNING])
+            return len(parts) == n and all(p.polled_at is not None for p in parts)
+
+        await wait_for(polled, 30, "every part polled once")  # then they fall into step
         before = (await emulator.stats())["calls"]
         intervals = 8
         await asyncio.sleep(intervals * interval)

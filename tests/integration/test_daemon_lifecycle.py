@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +15,13 @@ from batchd.testing import (
     StartEmulator,
     daemon_settings,
     drop,
+    idle,
     published_jobs,
     read_jsonl,
     requests,
     running_daemon,
     summary,
+    wait_for,
     wait_published,
 )
 
@@ -146,14 +147,15 @@ async def test_a_cancelled_job_publishes_what_finished_and_marks_the_rest(
     settings = daemon_settings(tmp_path / "root", emulator)
     async with running_daemon(settings) as daemon:
         drop(settings.paths.folder("inbox"), "stop.jsonl", requests(10))
-        for _ in range(200):
+
+        async def created() -> str | None:
             jobs = await daemon.store.jobs()
             parts = await daemon.store.parts_of(jobs[0].id) if jobs else []
-            if parts and parts[0].batch_id:
-                break
-            await asyncio.sleep(0.05)
+            return jobs[0].id if parts and parts[0].batch_id else None
+
+        job_id = await wait_for(created, 10, "the job's batch created")
         emulator.advance(20 + 120 + 3 * 600)  # validated, three requests done
-        await daemon.ops.request_cancel(jobs[0].id)
+        await daemon.ops.request_cancel(job_id)
         (folder,) = await wait_published(settings.paths.folder("outbox"), 1, emulator, advance_s=5)
     s = summary(folder)
     assert s["status"] == "cancelled"
@@ -191,10 +193,11 @@ async def test_faults_do_not_lose_or_duplicate_work(
         emulator.set_faults(
             error_5xx_rate=0, drop_connection_rate=0, lost_create_response_rate=0, throttle_rate=0
         )
-        for _ in range(200):
-            if (await emulator.stats())["files_stored"]["count"] == 0:
-                break
-            await asyncio.sleep(0.05)
+
+        async def cleaned() -> bool:
+            return (await emulator.stats())["files_stored"]["count"] == 0
+
+        await wait_for(cleaned, 10, "the remote files deleted")
     for folder in folders:
         s = summary(folder)
         assert s["status"] == "completed", s
@@ -213,19 +216,11 @@ async def test_a_bad_key_pauses_submission_without_failing_jobs(
     settings = daemon_settings(tmp_path / "root", emulator, api={"account_probe_s": 0.1})
     async with running_daemon(settings, key="sk-wrong") as daemon:
         drop(settings.paths.folder("inbox"), "wait.jsonl", requests(3))
-        for _ in range(200):
-            if daemon.account.paused_reason:
-                break
-            await asyncio.sleep(0.05)
+        await wait_for(lambda: daemon.account.paused_reason, 10, "the account paused")
         # Paused by the start-up probe, maybe before the file was even planned.
         assert "InvalidApiKey" in (daemon.account.paused_reason or "")
 
-        for _ in range(200):
-            parts = await daemon.store.parts_in(["pending", "uploading"])  # type: ignore[list-item]
-            if parts:
-                break
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.3)  # a paused account: nothing moves on
+        await idle(daemon)  # a paused account: nothing moves on
         parts = await daemon.store.parts_in(["pending", "uploading"])  # type: ignore[list-item]
         assert parts and all(p.state == "pending" for p in parts)
         # The operator fixes the account (here: the emulator accepts the daemon's key).

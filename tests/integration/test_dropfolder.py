@@ -25,15 +25,18 @@ from typing import Any
 import orjson
 import pytest
 
+from batchd.daemon import Daemon
 from batchd.emulator import Emulator
 from batchd.logs import configure
-from batchd.pipeline.intake import MAX_NAME_BYTES, shown_name
+from batchd.pipeline.intake import MAX_NAME_BYTES, UNTERMINATED, shown_name
+from batchd.pipeline.stages import Stage
 from batchd.store import Store
 from batchd.testing import (
     StartEmulator,
     bare_intake,
     daemon_settings,
     drop,
+    idle,
     requests,
     running_daemon,
     summary,
@@ -79,6 +82,19 @@ def _uploaded(emulator: Emulator) -> list[bytes]:
         for f in emulator.state.store.files.values()
         if f.filename.startswith("batchd-") and f.path.exists()
     ]
+
+
+async def _watching(daemon: Daemon) -> None:
+    """Until the inotify watcher is up: a change to an ignored name wakes the intake."""
+    probe = daemon.inbox / ".probe"
+    looked = daemon.activity[Stage.INTAKE].started
+
+    def woken() -> bool:
+        probe.write_bytes(b"")
+        return daemon.activity[Stage.INTAKE].started > looked
+
+    await wait_for(woken, 10.0, "the intake woken by the inotify watcher")
+    probe.unlink()
 
 
 def _visible(folder: Path) -> list[str]:
@@ -158,13 +174,13 @@ async def test_temp_names_are_ignored_until_renamed_then_claimed_once(
         for i, name in enumerate(TEMP_NAMES):
             (inbox / name).write_bytes(requests(2, prefix=f"t{i}-"))
             _backdate(inbox / name)
-        await asyncio.sleep(0.8)  # many rescans and settle times
+        await idle(daemon)  # the intake has looked at them, settled, and let them be
         assert await daemon.store.count_jobs() == 0
         assert sorted(p.name for p in inbox.iterdir()) == sorted(TEMP_NAMES)
         for i, name in enumerate(TEMP_NAMES):
             (inbox / name).rename(inbox / f"real-{i}.jsonl")
         folders = await wait_published(outbox, len(TEMP_NAMES), emulator)
-        await asyncio.sleep(0.5)  # later scans must not claim anything again
+        await idle(daemon)  # later scans must not claim anything again
         jobs = await daemon.store.jobs()
     assert len(folders) == len(TEMP_NAMES) == len(jobs)
     assert sorted(j.inbox_name for j in jobs) == sorted(
@@ -222,7 +238,9 @@ async def test_copy_pausing_mid_line_is_claimed_whole_once_it_completes(
         with path.open("wb") as fh:
             fh.write(content[:cut])
             fh.flush()
-            await asyncio.sleep(0.6)  # longer than settle_s, shorter than the grace
+            # Settled for settle_s, then judged: it ends mid-line, so it waits for the grace.
+            await idle(daemon)
+            assert daemon.intake.waiting == {"copy.jsonl": UNTERMINATED}
             assert await daemon.store.count_jobs() == 0
             fh.write(content[cut:])
         (folder,) = await wait_published(settings.paths.folder("outbox"), 1, emulator)
@@ -264,7 +282,7 @@ async def test_watcher_claims_a_dropped_file_long_before_the_rescan_interval(
     )
     inbox = settings.paths.folder("inbox")
     async with running_daemon(settings) as daemon:
-        await asyncio.sleep(0.3)  # the watcher's first inotify watch
+        await _watching(daemon)
         # As a user drops a file: written under a temp name, renamed, mtime of now.
         (inbox / ".fresh.jsonl.tmp").write_bytes(requests(2))
         started = time.monotonic()
@@ -445,7 +463,8 @@ async def test_hostile_entries_are_never_followed_read_or_blocked_on(
             folders = await wait_published(
                 settings.paths.folder("outbox"), len(ODD_NAMES), emulator
             )
-            await asyncio.sleep(0.5)  # many more scans over the hostile entries
+            for _ in range(3):
+                await idle(daemon)  # more scans over the hostile entries: none blocks
             jobs = await daemon.store.jobs()
             # Nobody connected to the socket, nobody holds the FIFO open for reading.
             with pytest.raises(BlockingIOError):
@@ -506,7 +525,7 @@ async def test_device_node_in_inbox_is_never_opened(
     async with running_daemon(settings) as daemon:
         drop(inbox, "good.jsonl", requests(2))
         await wait_published(settings.paths.folder("outbox"), 1, emulator)
-        await asyncio.sleep(0.3)
+        await idle(daemon)  # more scans: the device is neither opened nor claimed
         assert await daemon.store.count_jobs() == 1
     assert stat.S_ISCHR(os.lstat(inbox / "zero.jsonl").st_mode)
     (event,) = log_events("inbox_entry_refused")

@@ -32,6 +32,7 @@ from batchd.testing import (
     daemon_settings,
     drop,
     events,
+    idle,
     requests,
     running_daemon,
     summary,
@@ -188,7 +189,7 @@ async def test_retry_twice_resubmits_once(start_emulator: StartEmulator, tmp_pat
         answers = await asyncio.gather(daemon.ops.retry(job.id), daemon.ops.retry(job.id))
         third = await daemon.ops.retry(job.id)
         await wait_published(outbox, 2, emulator)
-        await asyncio.sleep(0.3)  # more scans: nothing else may be claimed
+        await idle(daemon)  # more scans: nothing else may be claimed
         names = sorted(j.name for j in await daemon.store.jobs())
     messages = sorted(a.message for a in answers if a is not None)
     assert all(a is not None and a.ok for a in [*answers, third])

@@ -67,6 +67,7 @@ from batchd.testing import (
     small_disk,
     step_clock,
     step_clock_env,
+    wait_for,
 )
 
 MAX_REQUESTS_PER_FILE = 10
@@ -556,30 +557,41 @@ async def _kill_loop(
         try:
             done_by = time.monotonic() + 90
             # The clean run must get going (listening, recovered) before it may end.
-            while socket_identity(sock) in (None, old_sock):
+
+            def listening() -> bool:
                 assert proc.returncode is None, f"daemon exited {proc.returncode}:\n{tail()}"
-                assert time.monotonic() < done_by, "the clean run never listened"
-                await asyncio.sleep(0.01)
-            while True:
+                return socket_identity(sock) not in (None, old_sock)
+
+            await wait_for(listening, 90, "the clean run listening", step_s=0.01)
+            remote_left = -1
+
+            async def finished() -> bool:
+                nonlocal remote_left
                 stats = await emulator.stats()
+                remote_left = stats["files_stored"]["count"]
                 if plan.hostile:
                     figures.parked_retried += await retry_parked(sock)
                     if (
                         all_published()
                         and garbage_left(db_path) == 0
-                        and stats["files_stored"]["count"] == len(kept_on_service(outbox))
+                        and remote_left == len(kept_on_service(outbox))
                     ):
-                        break
-                elif all_published() and stats["files_stored"]["count"] == 0:
-                    break
+                        return True
+                elif all_published() and remote_left == 0:
+                    return True
                 assert proc.returncode is None, f"daemon exited {proc.returncode}:\n{tail()}"
-                assert time.monotonic() < done_by, (
+                return False
+
+            await wait_for(
+                finished,
+                max(0.0, done_by - time.monotonic()),
+                lambda: (
                     f"not finished: {len(os.listdir(outbox)) if outbox.exists() else 0}"
-                    f" of {len(inputs)} published, {stats['files_stored']['count']} remote"
-                    f" files left\n{tail()}"
-                )
-                emulator.advance(60)
-                await asyncio.sleep(0.05)
+                    f" of {len(inputs)} published, {remote_left} remote files left\n{tail()}"
+                ),
+                emulator=emulator,
+                advance_s=60,
+            )
         finally:
             if proc.returncode is None:
                 proc.send_signal(signal.SIGTERM)

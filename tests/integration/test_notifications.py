@@ -4,7 +4,6 @@ and a command run with the job's facts."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import json
@@ -25,6 +24,7 @@ from batchd.testing import (
     cli,
     daemon_settings,
     drop,
+    idle,
     requests,
     running_daemon,
     wait_for,
@@ -138,9 +138,9 @@ async def test_a_delivery_pending_at_a_restart_is_made_after_it_once(
     up = Receiver()
     await up.start(port)
     try:
-        async with running_daemon(settings):
+        async with running_daemon(settings) as daemon:
             await wait_for(lambda: len(up.received) >= 1, 20, "the delivery after the restart")
-            await asyncio.sleep(0.5)
+            await idle(daemon)  # a second delivery would have been made by now
         assert len(up.received) == 1
         event = _verified(*up.received[0])
         assert event["data"]["name"] == "late"
@@ -259,11 +259,10 @@ async def test_the_command_gets_the_jobs_facts_and_no_secret(
     settings = daemon_settings(
         tmp_path / "r", emulator, notify={"command": [sys.executable, "-c", script, str(seen)]}
     )
-    async with running_daemon(settings):
+    async with running_daemon(settings) as daemon:
         drop(settings.paths.folder("inbox"), "facts.jsonl", requests(2))
         (folder,) = await wait_published(settings.paths.folder("outbox"), 1, emulator)
-        await wait_for(seen.exists, 20, "the command run")
-        await asyncio.sleep(0.2)
+        await idle(daemon)  # the command has run and exited: what it wrote is whole
     env = json.loads(seen.read_text())
     assert env["BATCHD_EVENT"] == "job.ended" and env["BATCHD_JOB_NAME"] == "facts"
     assert env["BATCHD_JOB_STATUS"] == "completed" and env["BATCHD_JOB_OUTBOX"] == str(folder)

@@ -16,6 +16,7 @@ from batchd.testing import (
     cli,
     daemon_settings,
     drop,
+    idle,
     published_jobs,
     requests,
     running_daemon,
@@ -117,7 +118,7 @@ async def test_a_pause_outlives_a_restart_and_resume_calls_off_a_drain(
         status = await asyncio.to_thread(client.status)
         assert status.intake_paused
         drop(inbox, "held.jsonl", requests(2))
-        await asyncio.sleep(0.5)
+        await idle(daemon)
         assert (inbox / "held.jsonl").exists()  # still paused after the restart
         await cli(capsys, "resume", "--socket", sock)
 
@@ -130,7 +131,7 @@ async def test_a_pause_outlives_a_restart_and_resume_calls_off_a_drain(
         code, out, _ = await cli(capsys, "resume", "--socket", sock)
         assert code == 0 and "called off" in out
         await wait_published(outbox, 1, emulator)
-        await asyncio.sleep(0.5)
+        await idle(daemon)  # the drain stage has looked again since
         assert not daemon.stopping.is_set()  # the drain was called off: it keeps running
         status = await asyncio.to_thread(client.status)
         assert not status.intake_paused and not status.draining

@@ -23,6 +23,7 @@ import pytest
 
 from batchd.emulator import Emulator
 from batchd.failpoints import arm
+from batchd.models import Job
 from batchd.testing import (
     DaemonProcess,
     RawControl,
@@ -124,11 +125,13 @@ async def test_an_input_that_fails_validation_each_time_is_parked_without_a_cras
             drop(inbox, "poison.jsonl", requests(2, prefix="p"))
             drop(inbox, "good-2.jsonl", requests(4, prefix="b"))
             await wait_published(outbox, 2, emulator)
-            for _ in range(200):
-                jobs = {j.name: j for j in await daemon.store.jobs()}
-                if jobs["poison"].state == "parked":
-                    break
-                await asyncio.sleep(0.05)
+            jobs: dict[str, Job] = {}
+
+            async def parked() -> bool:
+                jobs.update((j.name, j) for j in await daemon.store.jobs())
+                return jobs["poison"].state == "parked"
+
+            await wait_for(parked, 10, lambda: f"the poison input parked: {jobs}")
             poison = jobs["poison"]
             assert poison.state == "parked", poison
             assert poison.error is not None

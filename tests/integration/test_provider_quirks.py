@@ -9,7 +9,6 @@ publish the right results and never treat the unknown status as finished.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from batchd.testing import (
     requests,
     running_daemon,
     summary,
+    wait_for,
     wait_published,
 )
 
@@ -178,11 +178,8 @@ async def test_quirks_of_real_servers_are_tolerated(tmp_path: Path) -> None:
             drop(settings.paths.folder("inbox"), "mixed.jsonl", requests(3))  # r1 fails
             drop(settings.paths.folder("inbox"), "clean.jsonl", requests(1, prefix="c"))
             folders = await wait_published(settings.paths.folder("outbox"), 2, None)
-            # Remote clean-up follows publishing; give it a bounded moment.
-            for _ in range(200):
-                if not provider.files:
-                    break
-                await asyncio.sleep(0.025)
+            # Remote clean-up follows publishing.
+            await wait_for(lambda: not provider.files, 10, "the remote files deleted")
     finally:
         await runner.cleanup()
     by_name = {f.name: f for f in folders}

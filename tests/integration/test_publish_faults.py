@@ -9,7 +9,6 @@ again. A disk error is not the job's fault: it never counts towards parking the 
 
 from __future__ import annotations
 
-import asyncio
 import io
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,11 +85,21 @@ async def test_a_failing_disk_publishes_nothing_partial_and_the_job_once_it_clea
 
         # Several attempts fail; between them nothing of `stuck` is in the outbox.
         samples = 0
-        while len(events(log_lines, "publish_failed")) < 5:
+
+        def failed_five_times() -> bool:
+            nonlocal samples
             assert visible(outbox) == ["fine"]
             samples += 1
-            emulator.advance(60)
-            await asyncio.sleep(0.01)
+            return len(events(log_lines, "publish_failed")) >= 5
+
+        await wait_for(
+            failed_five_times,
+            60,
+            "five failed publishes",
+            step_s=0.01,
+            emulator=emulator,
+            advance_s=60,
+        )
         assert samples > 10
         assert daemon.ops.healthy, "a stage died"
         failed = events(log_lines, "publish_failed")
@@ -138,9 +147,14 @@ async def test_disk_errors_are_not_crashes_so_a_restart_does_not_park_the_job(
     async with running_daemon(settings) as daemon:
         fast_retries(daemon)
         drop(settings.paths.folder("inbox"), "a.jsonl", requests(2))
-        while len(events(log_lines, "publish_failed")) < 4:
-            emulator.advance(60)
-            await asyncio.sleep(0.01)
+        await wait_for(
+            lambda: len(events(log_lines, "publish_failed")) >= 4,
+            60,
+            "four failed publishes",
+            step_s=0.01,
+            emulator=emulator,
+            advance_s=60,
+        )
         assert visible(outbox) == []
     assert hidden(outbox) == []
     failpoints.arm("")

@@ -152,7 +152,7 @@ async def events_of(socket_path: Path) -> AsyncIterator[list[bytes]]:
             lines.append(orjson.dumps(event))
 
     task = asyncio.create_task(read())
-    await asyncio.sleep(0.1)
+    await wait_for(lambda: lines, 10, "the stream's hello")  # subscribed
     try:
         yield lines
     finally:

@@ -34,10 +34,11 @@ async def test_sigterm_during_uploads_exits_cleanly_and_a_restart_finishes(
     )
     log = tmp_path / "daemon.log"
     proc = await DaemonProcess.start(env, log)
-    for _ in range(400):  # until the uploads are under way
-        if (await emulator.stats())["calls"]["upload"]["served"] >= 1:
-            break
-        await asyncio.sleep(0.02)
+
+    async def uploading() -> bool:
+        return bool((await emulator.stats())["calls"]["upload"]["served"] >= 1)
+
+    await wait_for(uploading, 8, "the uploads under way", step_s=0.02)
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     code = await asyncio.wait_for(proc.wait(), 30)

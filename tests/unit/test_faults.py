@@ -22,6 +22,7 @@ from batchd.pipeline.collect import Fetched, decide_collect
 from batchd.pipeline.problems import StepPolicy
 from batchd.provider.api import ApiError
 from batchd.store import Store
+from batchd.testing import wait_for
 
 
 @pytest.fixture
@@ -143,10 +144,7 @@ async def test_a_write_waits_out_another_process_holding_the_database(
     other = sqlite3.connect(tmp_path / "db.sqlite3", isolation_level=None)
     other.execute("BEGIN EXCLUSIVE")
     write = asyncio.create_task(store.set_flag("backup", "held"))
-    for _ in range(200):
-        if DATABASE in store.faults.active:
-            break
-        await asyncio.sleep(0.01)
+    await wait_for(lambda: DATABASE in store.faults.active, 10, "the write waiting")
     (fault,) = store.faults.pausing()
     assert "locked" in fault.what and not write.done()
     # Reads go on meanwhile (WAL).
@@ -165,8 +163,7 @@ async def test_a_write_waiting_for_the_database_gives_up_only_when_the_store_clo
     other = sqlite3.connect(tmp_path / "db.sqlite3", isolation_level=None)
     other.execute("BEGIN EXCLUSIVE")
     write = asyncio.create_task(opened.set_flag("x", "1"))
-    while DATABASE not in opened.faults.active:
-        await asyncio.sleep(0.01)
+    await wait_for(lambda: DATABASE in opened.faults.active, 10, "the write waiting")
     await asyncio.wait_for(opened.close(), 10)  # a stop: the write is given up, not hung
     with pytest.raises(sqlite3.OperationalError, match="locked"):
         await write

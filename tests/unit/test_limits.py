@@ -9,7 +9,9 @@ import random
 
 import pytest
 
+from batchd.clock import FakeClock
 from batchd.provider.limits import UNTIL_ANSWER, CallClass, RateLimiter, SlidingWindow
+from batchd.testing import wait_for
 
 
 def max_in_any_window(times: list[float], window: float) -> int:
@@ -112,32 +114,38 @@ def test_a_429_blocks_the_class_for_retry_after() -> None:
     assert w.delay(17.0) == 0
 
 
+def _waiting(limiter: RateLimiter, cls: CallClass) -> bool:
+    """A call of `cls` is waiting for its slot (it holds the class's turn meanwhile)."""
+    return limiter._locks[cls].locked()
+
+
 async def test_rate_limiter_acquire_waits_on_the_injected_clock() -> None:
-    now = [0.0]
-    limiter = RateLimiter({CallClass.CREATE: (2, 0.2)}, margin_s=0.0, clock=lambda: now[0])
+    clock = FakeClock(monotonic=0.0)
+    limiter = RateLimiter({CallClass.CREATE: (2, 0.2)}, margin_s=0.0, clock=clock.monotonic)
     (await limiter.acquire(CallClass.CREATE)).answered()
     (await limiter.acquire(CallClass.CREATE)).answered()
     assert limiter.levels()["create"] == 0
-
-    async def later() -> None:
-        await asyncio.sleep(0.01)
-        now[0] = 0.2
-
-    task = asyncio.create_task(later())
-    await asyncio.wait_for(limiter.acquire(CallClass.CREATE), 5)
-    await task
+    third = asyncio.create_task(limiter.acquire(CallClass.CREATE))
+    await wait_for(lambda: _waiting(limiter, CallClass.CREATE), 5, "the third call waiting")
+    assert limiter.sent[CallClass.CREATE] == 2
+    clock.advance(0.2)  # the window has passed on the limiter's clock
+    await asyncio.wait_for(third, 5)
     assert limiter.sent[CallClass.CREATE] == 3
 
 
 async def test_a_call_waits_for_an_answer_when_every_slot_is_in_flight() -> None:
-    now = [0.0]
-    limiter = RateLimiter({CallClass.CREATE: (1, 0.2)}, margin_s=0.0, clock=lambda: now[0])
+    clock = FakeClock(monotonic=0.0)
+    limiter = RateLimiter({CallClass.CREATE: (1, 0.2)}, margin_s=0.0, clock=clock.monotonic)
     first = await limiter.acquire(CallClass.CREATE)
     second = asyncio.create_task(limiter.acquire(CallClass.CREATE))
-    await asyncio.sleep(0.3)  # a wall-clock window passes: in flight, it still holds
+    await wait_for(lambda: _waiting(limiter, CallClass.CREATE), 5, "the second call waiting")
+    # Windows pass: in flight, the first call still holds its slot (no timer would free it).
+    clock.advance(0.3)
+    window = limiter.windows[CallClass.CREATE]
+    assert window.delay(clock.monotonic()) == UNTIL_ANSWER
     assert not second.done()
     first.answered()
-    now[0] = 0.2  # and a window after that answer
+    clock.advance(0.2)  # and a window after that answer
     slot = await asyncio.wait_for(second, 5)
     assert slot.cls == CallClass.CREATE and limiter.sent[CallClass.CREATE] == 2
     assert math.isinf(UNTIL_ANSWER)

@@ -22,7 +22,7 @@ from batchd.systemd import (
     watchdog_interval_s,
     watchdog_loop,
 )
-from batchd.testing import FakeSystemd
+from batchd.testing import FakeSystemd, wait_for
 
 
 @pytest.fixture
@@ -122,6 +122,14 @@ def test_watchdog_interval_is_half_of_watchdog_usec() -> None:
     assert watchdog_interval_s({"WATCHDOG_USEC": "200000", "WATCHDOG_PID": str(pid)}) == 0.1
 
 
+async def _all_read(notifier: Notifier, systemd: FakeSystemd) -> list[str]:
+    """What systemd has heard once everything sent so far is read: a last message sent
+    now arrives after the others (datagrams on one socket keep their order)."""
+    notifier.status("end")
+    await wait_for(lambda: "STATUS=end" in systemd.texts(), 5, "the last message read")
+    return systemd.texts()
+
+
 def test_no_watchdog_for_a_foreign_pid_or_without_a_timeout() -> None:
     pid = os.getpid()
     assert watchdog_interval_s({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(pid + 1)}) is None
@@ -138,17 +146,16 @@ async def test_watchdog_pings_at_half_of_watchdog_usec_until_stopped(
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
     stop = asyncio.Event()
     task = asyncio.create_task(watchdog_loop(notifier, stop))
-    await asyncio.sleep(0.55)
+    await wait_for(lambda: len(systemd.times("WATCHDOG=1")) >= 5, 5, "five pings")
+    notifier.status("stop")
     stop.set()
     await asyncio.wait_for(task, 1)
-    systemd.wait_for(1)
     pings = systemd.times("WATCHDOG=1")
-    assert 4 <= len(pings) <= 8, pings
     gaps = sorted(b - a for a, b in itertools.pairwise(pings))
     assert 0.07 <= gaps[len(gaps) // 2] <= 0.2, gaps
-    count = len(pings)
-    await asyncio.sleep(0.25)
-    assert len(systemd.times("WATCHDOG=1")) == count, "pinged after stop"
+    # Datagrams arrive in order: once the last one is read, every ping sent before it is.
+    texts = await _all_read(notifier, systemd)
+    assert "WATCHDOG=1" not in texts[texts.index("STATUS=stop") :], "pinged after stop"
 
 
 async def test_no_pings_when_watchdog_pid_is_another_process(
@@ -159,8 +166,7 @@ async def test_no_pings_when_watchdog_pid_is_another_process(
     stop = asyncio.Event()
     # Returns at once: there is nothing to ping for.
     await asyncio.wait_for(watchdog_loop(notifier, stop), 0.5)
-    await asyncio.sleep(0.15)
-    assert systemd.texts() == []
+    assert await _all_read(notifier, systemd) == ["STATUS=end"]
 
 
 async def test_a_blocked_event_loop_stops_the_pings(
@@ -168,11 +174,15 @@ async def test_a_blocked_event_loop_stops_the_pings(
 ) -> None:
     stop = asyncio.Event()
     task = asyncio.create_task(watchdog_loop(notifier, stop, interval_s=0.05))
-    await asyncio.sleep(0.2)
+    await wait_for(lambda: len(systemd.times("WATCHDOG=1")) >= 2, 5, "pings before the block")
     blocked_at = time.monotonic()
     time.sleep(0.5)  # noqa: ASYNC251 - the point: a loop blocked as a stuck daemon's
     unblocked_at = time.monotonic()
-    await asyncio.sleep(0.2)
+
+    def resumed() -> bool:
+        return sum(at > unblocked_at for at in systemd.times("WATCHDOG=1")) >= 2
+
+    await wait_for(resumed, 5, "pings after the block")
     stop.set()
     await asyncio.wait_for(task, 1)
     pings = systemd.times("WATCHDOG=1")
