@@ -13,7 +13,14 @@ from typing import Any
 
 import orjson
 
-from batchd.documents import Cost, TokenUsage, decode_cost, decode_usage
+from batchd.documents import (
+    Cost,
+    JobOptions,
+    TokenUsage,
+    decode_cost,
+    decode_options,
+    decode_usage,
+)
 
 
 class JobState(StrEnum):
@@ -166,7 +173,7 @@ class Job:
     outcome: str | None
     sha256: str | None
     bytes: int | None
-    options: dict[str, Any]
+    options: JobOptions
     report: dict[str, Any] | None
     error: str | None
     outbox_path: str | None
@@ -204,7 +211,7 @@ class Job:
             outcome=row["outcome"],
             sha256=row["sha256"],
             bytes=row["bytes"],
-            options=_loads(row["options"]) or {},
+            options=decode_options(_loads(row["options"])),
             report=_loads(row["report"]),
             error=row["error"],
             outbox_path=row["outbox_path"],

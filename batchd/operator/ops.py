@@ -19,16 +19,15 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import orjson
+import msgspec
 
 from batchd import __version__
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import Settings
-from batchd.documents import to_json
+from batchd.documents import encode_options, given, to_json
 from batchd.faults import Faults
 from batchd.fsutil import fsync_dir, write_atomic
 from batchd.inputs.lines import DEFAULT_MAX_LINE_BYTES, input_line_of, iter_lines, read_line
-from batchd.inputs.verdict import SIDECAR_ERROR
 from batchd.logs import get_logger, log_health, shown_url
 from batchd.models import (
     JOB_ACTIVE,
@@ -453,8 +452,8 @@ class Operations:
         parts = await self.store.parts_of(job.id) if detail else None
         if retried_by is None:
             retried_by = (await self.store.retried_by([job.id])).get(job.id, [])
-        retry_of = job.options.get("retry_of")
-        left_out = job.options.get("retry_left_out")
+        retry_of = given(job.options.retry_of)
+        left_out = given(job.options.retry_left_out)
         requests = (job.report or {}).get("requests")
         completed, failed = job.completed, job.failed
         if job.state != JobState.PUBLISHED and parts is not None:
@@ -537,7 +536,7 @@ class Operations:
             return None
         for child_id in retried_by:
             child = await self.store.get_job(child_id)
-            left_out = child.options.get("retry_left_out") if child is not None else None
+            left_out = given(child.options.retry_left_out) if child is not None else None
             if isinstance(left_out, dict) and left_out:
                 return left_out
         return None
@@ -620,7 +619,7 @@ class Operations:
 
     async def _run_duplicate(self, job: Job) -> ActionResponse:
         """An operator lets a job held as a duplicate run (and pay) again."""
-        options = {**job.options, "allow_duplicate": True}
+        options = msgspec.structs.replace(job.options, allow_duplicate=True)
         if not await self.store.update_job(job.id, JobState.CLAIMED, options=options, prepares=0):
             return ActionResponse(ok=False, message=f"job {job.id} is no longer held")
         await holds.release(self.store, job.id, Held.DUPLICATE, by="retry")
@@ -1067,14 +1066,17 @@ def write_retry_input(
     while (inbox / f"{name}.jsonl").exists() or (inbox / f".{name}.jsonl.tmp").exists():
         n += 1
         name = f"{stem}{n}"
-    options = {k: v for k, v in job.options.items() if k not in RETRY_OWN_OPTIONS}
     # Linked to what it retries (summary.json and `show` say so); the same lines may run
     # again; what was left out is said where the retry is shown.
-    options["retry_of"] = job.id
-    options["allow_duplicate"] = True
-    if left_out:
-        options["retry_left_out"] = left_out
-    write_atomic(inbox / f"{name}.meta.json", orjson.dumps(options))
+    options = msgspec.structs.replace(
+        job.options,
+        submit_id=msgspec.UNSET,
+        sidecar_error=msgspec.UNSET,
+        retry_of=job.id,
+        allow_duplicate=True,
+        retry_left_out=left_out if left_out else msgspec.UNSET,
+    )
+    write_atomic(inbox / f"{name}.meta.json", encode_options(options))
     tmp = inbox / f".{name}.jsonl.tmp"
     with source.open("rb") as src, tmp.open("wb") as out:
         for number, request in enumerate(src, start=1):
@@ -1091,10 +1093,6 @@ def write_retry_input(
         left_out=left_out,
     )
     return RetryInput(f"{name}.jsonl", len(wanted), left_out)
-
-
-# Options of a job that are its own, never handed on to its retry.
-RETRY_OWN_OPTIONS = frozenset({"submit_id", "retry_of", "retry_left_out", SIDECAR_ERROR})
 
 
 def finish_retry_input(name: str, inbox: Path) -> None:

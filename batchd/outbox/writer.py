@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+import msgspec
 import orjson
 
 from batchd.clock import Clock, iso_utc
@@ -50,6 +51,8 @@ from batchd.documents import (
     Summary,
     Timings,
     TokenUsage,
+    given,
+    to_json,
 )
 from batchd.failpoints import failpoint
 from batchd.fsutil import fsync_dir, open_for_writing
@@ -644,9 +647,13 @@ def build_summary(
         ),
         status=str(outcome),
         # The sidecar's options as the job ran with them (the rest: the daemon's defaults).
-        options={k: v for k, v in job.options.items() if k not in ("submit_id", "sidecar_error")},
+        options=to_json(
+            msgspec.structs.replace(
+                job.options, submit_id=msgspec.UNSET, sidecar_error=msgspec.UNSET
+            )
+        ),
         # A `batchd retry` of another job: which one.
-        retry_of=job.options.get("retry_of"),
+        retry_of=given(job.options.retry_of),
         request_counts=RequestCounts(
             total=stats.total, completed=stats.completed, failed=stats.failed
         ),

@@ -24,6 +24,7 @@ from typing import Any
 
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import Settings
+from batchd.documents import given
 from batchd.faults import Faults, local_cause
 from batchd.inputs.spool import SpoolFolder
 from batchd.inputs.validate import InputProblem, write_parts
@@ -399,7 +400,7 @@ class Preparer:
         self, job: Job, requests_sha256: str | None, sha256: str | None
     ) -> Job | None:
         hours = completion_hours(self.settings.jobs.duplicate_window) or 0
-        if not (sha256 and hours) or job.options.get("allow_duplicate") is True:
+        if not (sha256 and hours) or job.options.allow_duplicate is True:
             return None
         since = self.clock.now() - hours * 3600.0
         # The requests' digest (None for a job recorded before it was kept: its bytes).
@@ -444,7 +445,7 @@ class Preparer:
         for part in prepared.parts:
             worst = None if worst is None or part.cost_max is None else worst + part.cost_max
         caps = BudgetCaps.of(self.settings)
-        own_cap = job.options.get("max_cost")
+        own_cap = given(job.options.max_cost)
         if own_cap is None and not (caps.active and caps.on_over == "reject"):
             return None
         ledger = Ledger()
