@@ -1,6 +1,6 @@
 """The documents that cross stages and reach users, as typed structs (msgspec, as the
-control protocol is): a job's options, what it cost, its token usage, and the outbox's
-`summary.json`.
+control protocol is): a job's options, its validation report, what it cost, its token
+usage, and the outbox's `summary.json`.
 
 `summary.json` is the outbox's contract with its readers: its schema is versioned
 (`version`, `SUMMARY_VERSION`) and documented field by field in docs/folders.md
@@ -88,6 +88,75 @@ def decode_options(value: object) -> JobOptions:
 def encode_options(options: JobOptions) -> bytes:
     """A job's options as stored: a JSON object of the keys given."""
     return msgspec.json.encode(options)
+
+
+class ReportProblem(msgspec.Struct, kw_only=True):
+    """One broken rule of an input (`validate.InputProblem`): `line` None for the file."""
+
+    line: int | None = None
+    code: str = ""
+    message: str = ""
+
+
+class ReportPart(msgspec.Struct, kw_only=True):
+    """One planned part of a valid input: its lines and their bytes in the input."""
+
+    index: int = 0
+    model: str | None = None
+    endpoint: str | None = None
+    first_line: int = 0
+    last_line: int = 0
+    requests: int = 0
+    bytes: int = 0
+    start: int = 0
+    end: int = 0
+
+
+class ModelEstimate(msgspec.Struct, kw_only=True):
+    """One model's counted tokens and worst case (None: the model has no price)."""
+
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens_max: int = 0
+    cost_max: int | float | None = 0.0
+    thinking_unset: int = 0
+
+
+class Estimate(msgspec.Struct, kw_only=True):
+    """A valid input's counted tokens and worst case, in all and per model."""
+
+    tokenizer: list[str] = msgspec.field(default_factory=list)
+    exact: bool = True
+    currency: str = ""
+    cost_max: int | float | None = None
+    models: dict[str, ModelEstimate] = msgspec.field(default_factory=dict)
+
+
+class JobReport(msgspec.Struct, kw_only=True):
+    """A job's validation report, as stored (the job's `report` column), written to the
+    outbox as report.json and shown by `show --json`: `validate.Report`'s verdict without
+    the parts' byte ranges, with the `estimate` of a valid input. A rejection batchd
+    decides by itself (a refusal before reading, a budget) has only the path, the counts
+    and its one problem: the fields it does not have are UNSET and not written."""
+
+    path: str = ""
+    # A report without the key counts as valid, as it always did.
+    valid: bool = True
+    requests: int = 0
+    bytes: int = 0
+    model: str | msgspec.UnsetType | None = msgspec.UNSET
+    models: list[str] | msgspec.UnsetType = msgspec.UNSET
+    endpoint: str | msgspec.UnsetType | None = msgspec.UNSET
+    parts: list[ReportPart] = msgspec.field(default_factory=list)
+    errors: list[ReportProblem] = msgspec.field(default_factory=list)
+    error_count: int = 0
+    warnings: list[ReportProblem] | msgspec.UnsetType = msgspec.UNSET
+    estimate: Estimate | msgspec.UnsetType = msgspec.UNSET
+
+
+def decode_report(value: object) -> JobReport | None:
+    """A job's recorded report (from its row), or None when it has none."""
+    return None if value is None else msgspec.convert(value, JobReport)
 
 
 class ModelUsage(msgspec.Struct, kw_only=True):

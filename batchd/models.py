@@ -16,9 +16,11 @@ import orjson
 from batchd.documents import (
     Cost,
     JobOptions,
+    JobReport,
     TokenUsage,
     decode_cost,
     decode_options,
+    decode_report,
     decode_usage,
 )
 
@@ -174,7 +176,7 @@ class Job:
     sha256: str | None
     bytes: int | None
     options: JobOptions
-    report: dict[str, Any] | None
+    report: JobReport | None
     error: str | None
     outbox_path: str | None
     cancel_requested: bool
@@ -212,7 +214,7 @@ class Job:
             sha256=row["sha256"],
             bytes=row["bytes"],
             options=decode_options(_loads(row["options"])),
-            report=_loads(row["report"]),
+            report=decode_report(_loads(row["report"])),
             error=row["error"],
             outbox_path=row["outbox_path"],
             cancel_requested=bool(row["cancel_requested"]),

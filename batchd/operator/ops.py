@@ -454,7 +454,7 @@ class Operations:
             retried_by = (await self.store.retried_by([job.id])).get(job.id, [])
         retry_of = given(job.options.retry_of)
         left_out = given(job.options.retry_left_out)
-        requests = (job.report or {}).get("requests")
+        requests = job.report.requests if job.report is not None else None
         completed, failed = job.completed, job.failed
         if job.state != JobState.PUBLISHED and parts is not None:
             completed = sum((p.request_counts or {}).get("completed", 0) for p in parts)
@@ -483,7 +483,11 @@ class Operations:
             held_note=job.held_note,
             held_at=job.held_at,
             hold_ends_by_itself=holds.ends_by_itself(job.held),
-            estimate=(job.report or {}).get("estimate"),
+            estimate=(
+                to_json(job.report.estimate)
+                if job.report is not None and job.report.estimate is not msgspec.UNSET
+                else None
+            ),
             usage=to_json(job.usage) if job.usage is not None else None,
             cost=to_json(job.cost) if job.cost is not None else None,
             parts=[_part_info(p) for p in parts] if parts is not None else None,
@@ -504,7 +508,7 @@ class Operations:
                 if detail
                 else None
             ),
-            report=job.report if detail else None,
+            report=to_json(job.report) if detail and job.report is not None else None,
             retry_of=retry_of if isinstance(retry_of, str) else None,
             retried_by=retried_by,
             retry_left_out=left_out if isinstance(left_out, dict) else None,
@@ -826,7 +830,7 @@ class Operations:
             job = await self.store.get_job(str(raw.get("id")))
             if job is not None:
                 event.name = job.name
-                requests = (job.report or {}).get("requests")
+                requests = job.report.requests if job.report is not None else None
                 event.requests = requests if isinstance(requests, int) else None
             return event
         if raw.get("type") == "part":

@@ -181,7 +181,7 @@ async def merge_chain(
     there is nothing to merge. Idempotent: a publish step done again writes it again."""
     if not isinstance(given(job.options.retry_of), str):
         return None
-    if job.report is not None and not job.report.get("valid", True):
+    if job.report is not None and not job.report.valid:
         return None  # a rejected retry answered nothing: the set stays as it is
     try:
         root = await chain_root(store, job)
