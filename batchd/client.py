@@ -221,8 +221,9 @@ def queue_file(
     import secrets
     import shutil
 
+    from batchd.documents import to_json
     from batchd.fsutil import atomic_output, write_atomic
-    from batchd.inputs.verdict import SIDECAR_ERROR, read_sidecar
+    from batchd.inputs.verdict import read_sidecar
 
     src, folder = Path(source), Path(inbox)
     lower = src.name.lower()
@@ -238,12 +239,13 @@ def queue_file(
     for path in (target, sidecar):
         if path.exists() or path.is_symlink():
             raise FileExistsError(f"{path} is already in the inbox; give another --name")
-    own = read_sidecar(src.with_name(src.name[: -len(suffix)] + SIDECAR_SUFFIX)) or {}
-    if own.get(SIDECAR_ERROR):
-        raise ValueError(f"its sidecar cannot be used: {own[SIDECAR_ERROR]}")
-    own.pop("submit_id", None)  # a token is the submit's own, never one copied along
+    own = read_sidecar(src.with_name(src.name[: -len(suffix)] + SIDECAR_SUFFIX))
+    if own is not None and own.sidecar_error:
+        raise ValueError(f"its sidecar cannot be used: {own.sidecar_error}")
+    # A token is the submit's own, never one copied along.
+    mine = {} if own is None else to_json(msgspec.structs.replace(own, submit_id=msgspec.UNSET))
     token = secrets.token_hex(16)
-    meta = {**own, **(options or {}), "submit_id": token}
+    meta = {**mine, **(options or {}), "submit_id": token}
     write_atomic(sidecar, msgspec.json.encode(meta))
     try:
         with src.open("rb") as fh, atomic_output(target) as out:

@@ -1,5 +1,6 @@
 """The documents that cross stages and reach users, as typed structs (msgspec, as the
-control protocol is): what a job cost, its token usage, and the outbox's `summary.json`.
+control protocol is): a job's options, its validation report, what it cost, its token
+usage, and the outbox's `summary.json`.
 
 `summary.json` is the outbox's contract with its readers: its schema is versioned
 (`version`, `SUMMARY_VERSION`) and documented field by field in docs/folders.md
@@ -14,7 +15,7 @@ service's batch errors, a line as the service sent it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import orjson
@@ -29,6 +30,133 @@ FreeJson = Any
 # (never trusted to have a key or a type), never a document of batchd's own, which is a
 # struct here.
 JsonObject = dict[str, Any]
+
+T = TypeVar("T")
+
+
+class JobOptions(msgspec.Struct, kw_only=True):
+    """A job's options: its sidecar's (`inputs.verdict.SIDECAR_KEYS`, checked there) and
+    what batchd adds for itself (`submit_id`, the `batchd retry` links, `sidecar_error`).
+
+    Stored as the job's `options` column and in its spool record, written as a retry's
+    sidecar. A key the sidecar did not give is UNSET, and is not written: a key given as
+    null stays null, so the JSON is the one read (in this field order). The values a user
+    writes and nothing checks (`priority`, `model`, ...) are free JSON, as they always
+    were (`option_problem` judges `max_cost` and `completion_window`); `columns` and
+    `encoding` are checked when the sidecar is read. An unknown key is ignored on decode.
+    """
+
+    completion_window: FreeJson | msgspec.UnsetType = msgspec.UNSET
+    ds_name: FreeJson | msgspec.UnsetType = msgspec.UNSET
+    ds_description: FreeJson | msgspec.UnsetType = msgspec.UNSET
+    model: FreeJson | msgspec.UnsetType = msgspec.UNSET
+    system_prompt: FreeJson | msgspec.UnsetType = msgspec.UNSET
+    # A CSV input's header names: {"custom_id": "id", "content": "text"}.
+    columns: dict[str, str] | msgspec.UnsetType = msgspec.UNSET
+    # A CSV input's text encoding ("gb18030" for Chinese Excel's CSV export).
+    encoding: str | msgspec.UnsetType = msgspec.UNSET
+    priority: FreeJson | msgspec.UnsetType = msgspec.UNSET
+    # `batchd submit`'s token: how it finds the job its file became.
+    submit_id: FreeJson | msgspec.UnsetType = msgspec.UNSET
+    # Run an input identical to one already run (and pay for it again) when `True`.
+    allow_duplicate: FreeJson | msgspec.UnsetType = msgspec.UNSET
+    # The job a `batchd retry` input retries, and the failures of that job the retry left
+    # out (refused for their content), per code.
+    retry_of: FreeJson | msgspec.UnsetType = msgspec.UNSET
+    retry_left_out: FreeJson | msgspec.UnsetType = msgspec.UNSET
+    # The most this job may cost (worst case, in the price table's currency).
+    max_cost: FreeJson | msgspec.UnsetType = msgspec.UNSET
+    # Why its sidecar cannot be used (then the only option): the prepare stage rejects it.
+    sidecar_error: str | msgspec.UnsetType = msgspec.UNSET
+
+
+def given(value: T | msgspec.UnsetType) -> T | None:
+    """An option's value, None when it was not given (as `dict.get` said)."""
+    return None if value is msgspec.UNSET else value
+
+
+def decode_options(value: object) -> JobOptions:
+    """A job's options as stored (a column's JSON text or the object it holds; none is
+    no options); raises `msgspec.ValidationError` (a `ValueError`) when it is not one."""
+    if value is None:
+        return JobOptions()
+    if isinstance(value, str | bytes):
+        return msgspec.json.decode(value, type=JobOptions)
+    return msgspec.convert(value, JobOptions)
+
+
+def encode_options(options: JobOptions) -> bytes:
+    """A job's options as stored: a JSON object of the keys given."""
+    return msgspec.json.encode(options)
+
+
+class ReportProblem(msgspec.Struct, kw_only=True):
+    """One broken rule of an input (`validate.InputProblem`): `line` None for the file."""
+
+    line: int | None = None
+    code: str = ""
+    message: str = ""
+
+
+class ReportPart(msgspec.Struct, kw_only=True):
+    """One planned part of a valid input: its lines and their bytes in the input."""
+
+    index: int = 0
+    model: str | None = None
+    endpoint: str | None = None
+    first_line: int = 0
+    last_line: int = 0
+    requests: int = 0
+    bytes: int = 0
+    start: int = 0
+    end: int = 0
+
+
+class ModelEstimate(msgspec.Struct, kw_only=True):
+    """One model's counted tokens and worst case (None: the model has no price)."""
+
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens_max: int = 0
+    cost_max: int | float | None = 0.0
+    thinking_unset: int = 0
+
+
+class Estimate(msgspec.Struct, kw_only=True):
+    """A valid input's counted tokens and worst case, in all and per model."""
+
+    tokenizer: list[str] = msgspec.field(default_factory=list)
+    exact: bool = True
+    currency: str = ""
+    cost_max: int | float | None = None
+    models: dict[str, ModelEstimate] = msgspec.field(default_factory=dict)
+
+
+class JobReport(msgspec.Struct, kw_only=True):
+    """A job's validation report, as stored (the job's `report` column), written to the
+    outbox as report.json and shown by `show --json`: `validate.Report`'s verdict without
+    the parts' byte ranges, with the `estimate` of a valid input. A rejection batchd
+    decides by itself (a refusal before reading, a budget) has only the path, the counts
+    and its one problem: the fields it does not have are UNSET and not written."""
+
+    path: str = ""
+    # A report without the key counts as valid, as it always did.
+    valid: bool = True
+    requests: int = 0
+    bytes: int = 0
+    model: str | msgspec.UnsetType | None = msgspec.UNSET
+    models: list[str] | msgspec.UnsetType = msgspec.UNSET
+    endpoint: str | msgspec.UnsetType | None = msgspec.UNSET
+    parts: list[ReportPart] = msgspec.field(default_factory=list)
+    errors: list[ReportProblem] = msgspec.field(default_factory=list)
+    error_count: int = 0
+    warnings: list[ReportProblem] | msgspec.UnsetType = msgspec.UNSET
+    estimate: Estimate | msgspec.UnsetType = msgspec.UNSET
+
+
+def decode_report(value: object) -> JobReport | None:
+    """A job's recorded report (from its row), or None when it has none."""
+    return None if value is None else msgspec.convert(value, JobReport)
 
 
 class ModelUsage(msgspec.Struct, kw_only=True):

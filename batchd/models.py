@@ -13,7 +13,16 @@ from typing import Any
 
 import orjson
 
-from batchd.documents import Cost, TokenUsage, decode_cost, decode_usage
+from batchd.documents import (
+    Cost,
+    JobOptions,
+    JobReport,
+    TokenUsage,
+    decode_cost,
+    decode_options,
+    decode_report,
+    decode_usage,
+)
 
 
 class JobState(StrEnum):
@@ -166,8 +175,8 @@ class Job:
     outcome: str | None
     sha256: str | None
     bytes: int | None
-    options: dict[str, Any]
-    report: dict[str, Any] | None
+    options: JobOptions
+    report: JobReport | None
     error: str | None
     outbox_path: str | None
     cancel_requested: bool
@@ -204,8 +213,8 @@ class Job:
             outcome=row["outcome"],
             sha256=row["sha256"],
             bytes=row["bytes"],
-            options=_loads(row["options"]) or {},
-            report=_loads(row["report"]),
+            options=decode_options(_loads(row["options"])),
+            report=decode_report(_loads(row["report"])),
             error=row["error"],
             outbox_path=row["outbox_path"],
             cancel_requested=bool(row["cancel_requested"]),

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from batchd.cli.args import positive_int
+from batchd.documents import JobOptions
 from batchd.errors import UsageError
 from batchd.inputs import csvio
 from batchd.inputs.spool import SpoolFolder
@@ -188,9 +189,9 @@ def checked(path: Path, rules: Rules) -> Iterator[tuple[Report, Path | None]]:
     CSV's conversion (kept until the context ends); None when there is none. Not judged
     here: whether the daemon already ran the same file (a `duplicate` hold)."""
     kind = "csv" if path.name.lower().endswith(".csv") else "jsonl"
-    options: dict[str, Any] = {}
+    options = JobOptions()
     if path.name.lower().endswith(f".{kind}"):
-        options = read_sidecar(sidecar_path(path, kind)) or {}
+        options = read_sidecar(sidecar_path(path, kind)) or JobOptions()
     if kind == "jsonl":
         try:
             yield judge(path, kind, options, rules, path.parent), path

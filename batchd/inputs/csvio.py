@@ -96,7 +96,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,7 +104,7 @@ from typing import IO, Any, TextIO
 
 import orjson
 
-from batchd.documents import JsonObject
+from batchd.documents import JobOptions, JsonObject, given
 from batchd.fsutil import atomic_output
 from batchd.inputs.lines import (
     DEFAULT_MAX_LINE_BYTES,
@@ -362,7 +362,7 @@ NEEDS_MODEL = 'a CSV input needs a model: set jobs.csv_model or "model" in NAME.
 
 
 def csv_source(
-    options: Mapping[str, Any],
+    options: JobOptions,
     *,
     model: str | None,
     system_prompt: str | None,
@@ -373,14 +373,14 @@ def csv_source(
     its sidecar's `model`, `system_prompt`, `columns` and `encoding` over the
     configuration's (`jobs.csv_model`, `jobs.csv_system_prompt`, `jobs.csv_columns`,
     `jobs.csv_encoding`); the problem `csv_needs_model` when neither names a model."""
-    chosen = options.get("model") or model
+    chosen = given(options.model) or model
     if not isinstance(chosen, str) or not chosen:
         return InputProblem(None, "csv_needs_model", NEEDS_MODEL)
-    prompt = options.get("system_prompt") or system_prompt
-    named = options.get("columns")
-    if isinstance(named, Mapping):
-        columns = (str(named["custom_id"]), str(named["content"]))
-    own = options.get("encoding")
+    prompt = given(options.system_prompt) or system_prompt
+    named = given(options.columns)
+    if named is not None:
+        columns = (named["custom_id"], named["content"])
+    own = given(options.encoding)
     if own is not None and encoding_problem(own) is None:
         encoding = own
     return CsvSource(chosen, prompt if isinstance(prompt, str) else None, columns, encoding)

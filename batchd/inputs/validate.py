@@ -116,7 +116,7 @@ from typing import IO, Any, BinaryIO, NamedTuple
 
 import orjson
 
-from batchd.documents import JsonObject
+from batchd.documents import JobReport, JsonObject, ReportPart, ReportProblem
 from batchd.fsutil import atomic_output
 from batchd.provider.profiles import ProviderLimits
 
@@ -245,6 +245,9 @@ class InputProblem:
     def to_dict(self) -> dict[str, Any]:
         return {"line": self.line, "code": self.code, "message": self.message}
 
+    def stored(self) -> ReportProblem:
+        return ReportProblem(line=self.line, code=self.code, message=self.message)
+
 
 @dataclass(slots=True)
 class PlannedPart:
@@ -355,6 +358,36 @@ class Report:
             "error_count": self.error_count,
             "warnings": [w.to_dict() for w in self.warnings],
         }
+
+    def stored(self) -> JobReport:
+        """The report a job keeps (`documents.JobReport`): `to_dict`'s, without the
+        parts' byte ranges (they are for writing the parts, not for keeping)."""
+        return JobReport(
+            path=self.path,
+            valid=self.valid,
+            requests=self.requests,
+            bytes=self.bytes,
+            model=self.model,
+            models=list(self.models),
+            endpoint=self.endpoint,
+            parts=[
+                ReportPart(
+                    index=p.index,
+                    model=p.model,
+                    endpoint=p.endpoint,
+                    first_line=p.first_line,
+                    last_line=p.last_line,
+                    requests=p.requests,
+                    bytes=p.bytes,
+                    start=p.start,
+                    end=p.end,
+                )
+                for p in self.parts
+            ],
+            errors=[e.stored() for e in self.errors],
+            error_count=self.error_count,
+            warnings=[w.stored() for w in self.warnings],
+        )
 
     def render(self) -> list[str]:
         """Readable lines: one per reported problem, `path:line: code: message`, then

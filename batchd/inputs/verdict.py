@@ -27,13 +27,14 @@ from __future__ import annotations
 import difflib
 import os
 import stat
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import orjson
 
+from batchd.documents import JobOptions, given
 from batchd.failpoints import failpoint
 from batchd.inputs import csvio
 from batchd.inputs.inbox import SIDECAR_SUFFIX
@@ -87,15 +88,19 @@ SPARSE_MIN_BYTES = 64 * 1024 * 1024
 SPARSE_RATIO = 16
 
 
-def sidecar_options(name: str, raw: bytes) -> dict[str, Any]:
+def _error(why: str) -> JobOptions:
+    return JobOptions(sidecar_error=why)
+
+
+def sidecar_options(name: str, raw: bytes) -> JobOptions:
     """PURE: a sidecar's options, or `{SIDECAR_ERROR: why}` naming the file and the key
     (with the known keys, and the closest one to a misspelt key) or the bad value."""
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        return {SIDECAR_ERROR: f"{name}: not JSON: {exc}"}
+        return _error(f"{name}: not JSON: {exc}")
     if not isinstance(data, dict):
-        return {SIDECAR_ERROR: f"{name}: not a JSON object"}
+        return _error(f"{name}: not a JSON object")
     unknown = sorted(set(data) - SIDECAR_KEYS)
     if unknown:
         hints = [
@@ -104,12 +109,12 @@ def sidecar_options(name: str, raw: bytes) -> dict[str, Any]:
             for close in [difflib.get_close_matches(key, sorted(SIDECAR_KEYS), 1)]
         ]
         known = ", ".join(sorted(SIDECAR_KEYS - _OWN_KEYS))
-        return {SIDECAR_ERROR: f"{name}: unknown key {', '.join(hints)}; known keys: {known}"}
+        return _error(f"{name}: unknown key {', '.join(hints)}; known keys: {known}")
     if "columns" in data and (problem := columns_problem(data["columns"])) is not None:
-        return {SIDECAR_ERROR: f"{name}: columns: {problem}"}
+        return _error(f"{name}: columns: {problem}")
     if "encoding" in data and (problem := csvio.encoding_problem(data["encoding"])) is not None:
-        return {SIDECAR_ERROR: f"{name}: encoding: {problem}"}
-    return dict(data)
+        return _error(f"{name}: encoding: {problem}")
+    return msgspec.convert(data, JobOptions)
 
 
 def columns_problem(value: Any) -> str | None:
@@ -127,7 +132,7 @@ def columns_problem(value: Any) -> str | None:
 
 def read_sidecar(
     path: Path, shown: str | None = None, *, owner: int | None = None
-) -> dict[str, Any] | None:
+) -> JobOptions | None:
     """The options of the sidecar at `path` (None when there is none), read as the
     intake reads it: never through a symlink, never blocking on a FIFO, a small regular
     file only. `shown` is the name its problems are told under. With `owner` (the uid
@@ -140,9 +145,9 @@ def read_sidecar(
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_SIDECAR_BYTES:
-            return {SIDECAR_ERROR: f"{shown}: not a small regular file"}
+            return _error(f"{shown}: not a small regular file")
         if owner is not None and (problem := owner_problem(st.st_uid, owner)) is not None:
-            return {SIDECAR_ERROR: f"{shown}: {problem}"}
+            return _error(f"{shown}: {problem}")
         raw = os.read(fd, MAX_SIDECAR_BYTES + 1)
     finally:
         os.close(fd)
@@ -221,23 +226,23 @@ class Rules:
         )
 
 
-def option_problem(options: Mapping[str, Any], rules: Rules) -> InputProblem | None:
+def option_problem(options: JobOptions, rules: Rules) -> InputProblem | None:
     """PURE: why a file's options (its sidecar, or the defaults) cannot be run as they
     are, or None. Checked before anything is read or sent: a sidecar with a misspelt
     key, or a completion window the provider refuses, would otherwise run with other
     options than meant, or fail only once paid-for uploads are made."""
-    if options.get(SIDECAR_ERROR):
-        return InputProblem(None, "sidecar_invalid", str(options[SIDECAR_ERROR]))
-    own_cap = options.get("max_cost")
+    if options.sidecar_error:
+        return InputProblem(None, "sidecar_invalid", options.sidecar_error)
+    own_cap = given(options.max_cost)
     if own_cap is not None and (
         not isinstance(own_cap, int | float) or isinstance(own_cap, bool) or own_cap <= 0
     ):
         return InputProblem(None, "sidecar_invalid", f"max_cost {own_cap!r}: not a positive amount")
-    window = options.get("completion_window") or rules.completion_window
+    window = given(options.completion_window) or rules.completion_window
     lowest, highest = rules.limits.min_completion_window_h, rules.limits.max_completion_window_h
     hours = completion_hours(window)
     if hours is None or not lowest <= hours <= highest:
-        told = "the sidecar's" if options.get("completion_window") else "jobs."
+        told = "the sidecar's" if given(options.completion_window) else "jobs."
         return InputProblem(
             None,
             "completion_window_invalid",
@@ -280,9 +285,7 @@ def refused(path: str, problem: InputProblem, total: int | None = None) -> Repor
     return Report(path=path, errors=[problem], error_count=total or 1)
 
 
-def convert_csv(
-    source: Path, target: Path, options: Mapping[str, Any], rules: Rules
-) -> Report | None:
+def convert_csv(source: Path, target: Path, options: JobOptions, rules: Rules) -> Report | None:
     """Convert the CSV input `source` into the JSONL file `target` as the daemon does;
     the report of its rejection, or None when it converted."""
     plan = csvio.csv_source(
@@ -310,9 +313,7 @@ def convert_csv(
     )
 
 
-def judge_unread(
-    options: Mapping[str, Any], st: os.stat_result, rules: Rules
-) -> InputProblem | None:
+def judge_unread(options: JobOptions, st: os.stat_result, rules: Rules) -> InputProblem | None:
     """PURE: why a file is refused before a byte of it is read (steps 2 and 3 of the
     module's docstring), or None."""
     return option_problem(options, rules) or refuse_unread(st, rules)
@@ -321,7 +322,7 @@ def judge_unread(
 def judge_content(
     path: Path,
     kind: str,
-    options: Mapping[str, Any],
+    options: JobOptions,
     rules: Rules,
     work: Path,
     subject: str | None = None,
@@ -352,7 +353,7 @@ def judge_content(
     return report
 
 
-def judge(path: Path, kind: str, options: Mapping[str, Any], rules: Rules, work: Path) -> Report:
+def judge(path: Path, kind: str, options: JobOptions, rules: Rules, work: Path) -> Report:
     """The verdict on the input `path` with its `options` (its sidecar's), as the daemon
     gives it, but for what only the daemon knows (see the module's docstring)."""
     problem = judge_unread(options, os.stat(path), rules)

@@ -19,16 +19,15 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import orjson
+import msgspec
 
 from batchd import __version__
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import Settings
-from batchd.documents import to_json
+from batchd.documents import encode_options, given, to_json
 from batchd.faults import Faults
 from batchd.fsutil import fsync_dir, write_atomic
 from batchd.inputs.lines import DEFAULT_MAX_LINE_BYTES, input_line_of, iter_lines, read_line
-from batchd.inputs.verdict import SIDECAR_ERROR
 from batchd.logs import get_logger, log_health, shown_url
 from batchd.models import (
     JOB_ACTIVE,
@@ -453,9 +452,9 @@ class Operations:
         parts = await self.store.parts_of(job.id) if detail else None
         if retried_by is None:
             retried_by = (await self.store.retried_by([job.id])).get(job.id, [])
-        retry_of = job.options.get("retry_of")
-        left_out = job.options.get("retry_left_out")
-        requests = (job.report or {}).get("requests")
+        retry_of = given(job.options.retry_of)
+        left_out = given(job.options.retry_left_out)
+        requests = job.report.requests if job.report is not None else None
         completed, failed = job.completed, job.failed
         if job.state != JobState.PUBLISHED and parts is not None:
             completed = sum((p.request_counts or {}).get("completed", 0) for p in parts)
@@ -484,7 +483,11 @@ class Operations:
             held_note=job.held_note,
             held_at=job.held_at,
             hold_ends_by_itself=holds.ends_by_itself(job.held),
-            estimate=(job.report or {}).get("estimate"),
+            estimate=(
+                to_json(job.report.estimate)
+                if job.report is not None and job.report.estimate is not msgspec.UNSET
+                else None
+            ),
             usage=to_json(job.usage) if job.usage is not None else None,
             cost=to_json(job.cost) if job.cost is not None else None,
             parts=[_part_info(p) for p in parts] if parts is not None else None,
@@ -505,7 +508,7 @@ class Operations:
                 if detail
                 else None
             ),
-            report=job.report if detail else None,
+            report=to_json(job.report) if detail and job.report is not None else None,
             retry_of=retry_of if isinstance(retry_of, str) else None,
             retried_by=retried_by,
             retry_left_out=left_out if isinstance(left_out, dict) else None,
@@ -537,7 +540,7 @@ class Operations:
             return None
         for child_id in retried_by:
             child = await self.store.get_job(child_id)
-            left_out = child.options.get("retry_left_out") if child is not None else None
+            left_out = given(child.options.retry_left_out) if child is not None else None
             if isinstance(left_out, dict) and left_out:
                 return left_out
         return None
@@ -620,7 +623,7 @@ class Operations:
 
     async def _run_duplicate(self, job: Job) -> ActionResponse:
         """An operator lets a job held as a duplicate run (and pay) again."""
-        options = {**job.options, "allow_duplicate": True}
+        options = msgspec.structs.replace(job.options, allow_duplicate=True)
         if not await self.store.update_job(job.id, JobState.CLAIMED, options=options, prepares=0):
             return ActionResponse(ok=False, message=f"job {job.id} is no longer held")
         await holds.release(self.store, job.id, Held.DUPLICATE, by="retry")
@@ -827,7 +830,7 @@ class Operations:
             job = await self.store.get_job(str(raw.get("id")))
             if job is not None:
                 event.name = job.name
-                requests = (job.report or {}).get("requests")
+                requests = job.report.requests if job.report is not None else None
                 event.requests = requests if isinstance(requests, int) else None
             return event
         if raw.get("type") == "part":
@@ -1067,14 +1070,17 @@ def write_retry_input(
     while (inbox / f"{name}.jsonl").exists() or (inbox / f".{name}.jsonl.tmp").exists():
         n += 1
         name = f"{stem}{n}"
-    options = {k: v for k, v in job.options.items() if k not in RETRY_OWN_OPTIONS}
     # Linked to what it retries (summary.json and `show` say so); the same lines may run
     # again; what was left out is said where the retry is shown.
-    options["retry_of"] = job.id
-    options["allow_duplicate"] = True
-    if left_out:
-        options["retry_left_out"] = left_out
-    write_atomic(inbox / f"{name}.meta.json", orjson.dumps(options))
+    options = msgspec.structs.replace(
+        job.options,
+        submit_id=msgspec.UNSET,
+        sidecar_error=msgspec.UNSET,
+        retry_of=job.id,
+        allow_duplicate=True,
+        retry_left_out=left_out if left_out else msgspec.UNSET,
+    )
+    write_atomic(inbox / f"{name}.meta.json", encode_options(options))
     tmp = inbox / f".{name}.jsonl.tmp"
     with source.open("rb") as src, tmp.open("wb") as out:
         for number, request in enumerate(src, start=1):
@@ -1091,10 +1097,6 @@ def write_retry_input(
         left_out=left_out,
     )
     return RetryInput(f"{name}.jsonl", len(wanted), left_out)
-
-
-# Options of a job that are its own, never handed on to its retry.
-RETRY_OWN_OPTIONS = frozenset({"submit_id", "retry_of", "retry_left_out", SIDECAR_ERROR})
 
 
 def finish_retry_input(name: str, inbox: Path) -> None:

@@ -53,6 +53,7 @@ from typing import IO, Any
 import orjson
 
 from batchd.clock import SYSTEM_CLOCK, Clock
+from batchd.documents import given
 from batchd.failpoints import failpoint
 from batchd.fsutil import fsync_dir, fsync_file
 from batchd.inputs import csvio
@@ -119,7 +120,7 @@ async def chain_root(store: Store, job: Job) -> Job | None:
     seen = {job.id}
     current = job
     for _ in range(MAX_CHAIN):
-        parent_id = current.options.get("retry_of")
+        parent_id = given(current.options.retry_of)
         if not isinstance(parent_id, str):
             return current
         parent = await store.get_job(parent_id)
@@ -160,7 +161,7 @@ async def chain_of(store: Store, root: Job, publishing: Job, folder: Path) -> li
             where = Path(job.outbox_path or "")
         else:
             continue
-        parent = job.options.get("retry_of")
+        parent = given(job.options.retry_of)
         chain.append(
             Contributor(job.id, job.name, where, parent if isinstance(parent, str) else None)
         )
@@ -178,9 +179,9 @@ async def merge_chain(
     """Called as a job's publication completes (`folder`: its outbox folder): when the
     job is a retry, rewrite the merged set of its chain's root; its path, or None when
     there is nothing to merge. Idempotent: a publish step done again writes it again."""
-    if not isinstance(job.options.get("retry_of"), str):
+    if not isinstance(given(job.options.retry_of), str):
         return None
-    if job.report is not None and not job.report.get("valid", True):
+    if job.report is not None and not job.report.valid:
         return None  # a rejected retry answered nothing: the set stays as it is
     try:
         root = await chain_root(store, job)

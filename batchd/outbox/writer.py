@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+import msgspec
 import orjson
 
 from batchd.clock import Clock, iso_utc
@@ -43,13 +44,17 @@ from batchd.documents import (
     Follows,
     InputOf,
     JobError,
+    JobReport,
     LateSidecar,
     ModelUsage,
     PartOf,
+    ReportProblem,
     RequestCounts,
     Summary,
     Timings,
     TokenUsage,
+    given,
+    to_json,
 )
 from batchd.failpoints import failpoint
 from batchd.fsutil import fsync_dir, open_for_writing
@@ -115,7 +120,7 @@ def write_job_folder(
     discard_tmp(job, staging)
     staging.path.mkdir(parents=True)
     spool_input = Path(job.spool_path)
-    if job.report is not None and not job.report.get("valid", True):
+    if job.report is not None and not job.report.valid:
         stats = write_rejection(job, staging, max_line_bytes)
         outcome: Outcome = Outcome.REJECTED
     elif not parts and job.cancel_requested:
@@ -168,7 +173,7 @@ def write_job_folder(
         extras=extras,
     )
     if job.report is not None:
-        staging.write(REPORT, orjson.dumps(job.report, option=orjson.OPT_INDENT_2))
+        staging.write(REPORT, orjson.dumps(to_json(job.report), option=orjson.OPT_INDENT_2))
     # Last: a folder with its summary.json is whole (what a store without renames needs).
     staging.write_summary(summary)
     failpoint("publish.fsync", job.inbox_name)
@@ -284,29 +289,28 @@ def requests_file(job: Job) -> Path | None:
     """The file whose lines are a rejected job's requests, or None when there is none to
     read: the input as validated (a JSONL input), or a CSV input's conversion when its
     lines are what was validated (the report's problems name its lines, or no line)."""
-    report = job.report or {}
-    problems = [e for e in report.get("errors") or [] if isinstance(e, dict)]
-    if unread_rejection(job) or any(e.get("code") in NOT_LINES_CODES for e in problems):
+    report = job.report or JobReport()
+    problems = report.errors
+    if unread_rejection(job) or any(e.code in NOT_LINES_CODES for e in problems):
         return None
     spool_input = Path(job.spool_path)
     if job.kind == "jsonl":
         return spool_input if spool_input.is_file() else None
     converted = SpoolFolder.of_input(spool_input).requests
-    validated = bool(report.get("bytes")) or all(e.get("line") is None for e in problems)
+    validated = bool(report.bytes) or all(e.line is None for e in problems)
     return converted if validated and converted.is_file() else None
 
 
-def rejection_reason(report: dict[str, Any]) -> tuple[str, str]:
+def rejection_reason(report: JobReport) -> tuple[str, str]:
     """PURE: the code and message of a rejected input's lines that the report names no
     problem for: not sent, because the input was rejected for what the report lists (a
     problem of the whole file, or other lines: the first is named). Such a line is said
     to be valid only when the report lists every problem."""
-    problems = [e for e in report.get("errors") or [] if isinstance(e, dict)]
-    first = problems[0] if problems else {}
-    code = str(first.get("code") or "rejected")
-    line = first.get("line")
-    count = report.get("error_count")
-    count = count if isinstance(count, int) and count >= len(problems) else len(problems)
+    problems = report.errors
+    first = problems[0] if problems else ReportProblem(code="")
+    code = first.code or "rejected"
+    line = first.line
+    count = report.error_count if report.error_count >= len(problems) else len(problems)
     if line is None:
         return "not_submitted", f"not sent: the input was rejected ({code}): see summary.json error"
     if count <= len(problems):
@@ -335,8 +339,7 @@ def write_rejection(
     valid input that was never sent). None of them ran. An input that is not lines of
     requests (never read, binary, a CSV that does not convert) gets the report's
     problems as they are; only those naming a line count as requests."""
-    report = job.report or {}
-    problems = [e for e in report.get("errors") or [] if isinstance(e, dict)]
+    problems = (job.report or JobReport()).errors
     stats = MergeStats()
     folder.write(RESULTS, b"")
     with (
@@ -369,7 +372,7 @@ def write_rejection(
 
 def _rejected_lines(
     job: Job,
-    problems: list[dict[str, Any]],
+    problems: list[ReportProblem],
     max_line_bytes: int,
     unsent: tuple[str, str] | None = None,
 ) -> Iterator[tuple[int | None, str | None, str, str]]:
@@ -377,23 +380,20 @@ def _rejected_lines(
     source = requests_file(job)
     if source is None:
         for item in problems:
-            line = item.get("line")
-            number = line if isinstance(line, int) and not isinstance(line, bool) else None
-            yield number, None, str(item.get("code")), str(item.get("message"))
+            yield item.line, None, item.code, item.message
         return
-    by_line: dict[int, dict[str, Any]] = {}
+    by_line: dict[int, ReportProblem] = {}
     for item in problems:
-        line = item.get("line")
-        if isinstance(line, int):
-            by_line.setdefault(line, item)
-    unlisted = unsent or rejection_reason(job.report or {})
+        if item.line is not None:
+            by_line.setdefault(item.line, item)
+    unlisted = unsent or rejection_reason(job.report or JobReport())
     limit = sent_bytes(job) if job.kind == "jsonl" else None
     for number, raw in numbered(source, max_line_bytes, limit):
         listed = by_line.get(number)
         obj = read_line(raw) if raw is not None else None
         cid = obj.get("custom_id") if obj is not None else None
         if listed is not None:
-            code, message = str(listed.get("code")), str(listed.get("message"))
+            code, message = listed.code, listed.message
         elif raw is not None and not raw.strip():
             code, message = "empty_line", "empty line; every line must be one request"
         else:
@@ -404,9 +404,9 @@ def _rejected_lines(
 def unread_rejection(job: Job) -> bool:
     """PURE: was the input rejected on its size or blocks alone, never read (so never
     hashed)? Such an input is moved into the outbox, not copied."""
-    if job.sha256 is not None or job.report is None or job.report.get("valid", True):
+    if job.sha256 is not None or job.report is None or job.report.valid:
         return False
-    codes = {e.get("code") for e in job.report.get("errors") or [] if isinstance(e, dict)}
+    codes = {e.code for e in job.report.errors}
     return bool(codes & UNREAD_CODES)
 
 
@@ -644,9 +644,13 @@ def build_summary(
         ),
         status=str(outcome),
         # The sidecar's options as the job ran with them (the rest: the daemon's defaults).
-        options={k: v for k, v in job.options.items() if k not in ("submit_id", "sidecar_error")},
+        options=to_json(
+            msgspec.structs.replace(
+                job.options, submit_id=msgspec.UNSET, sidecar_error=msgspec.UNSET
+            )
+        ),
         # A `batchd retry` of another job: which one.
-        retry_of=job.options.get("retry_of"),
+        retry_of=given(job.options.retry_of),
         request_counts=RequestCounts(
             total=stats.total, completed=stats.completed, failed=stats.failed
         ),
@@ -729,18 +733,17 @@ def job_error(job: Job, parts: list[Part]) -> JobError | None:
     the report lists: `report.json` has them all); else a note of the job's, or None."""
     failed = [error for error in (batch_error(p) for p in parts) if error is not None]
     if failed:
-        first = failed[0]
-        return JobError(code=first["code"], message=first["message"], batches=failed)
-    report = job.report or {}
-    if not report.get("valid", True):
-        problems = [e for e in report.get("errors") or [] if isinstance(e, dict)]
-        first = problems[0] if problems else {}
-        line = first.get("line")
-        where = f"line {line}: " if isinstance(line, int) else ""
-        count = report.get("error_count") or len(problems)
+        head = failed[0]
+        return JobError(code=head["code"], message=head["message"], batches=failed)
+    report = job.report or JobReport()
+    if not report.valid:
+        problems = report.errors
+        first = problems[0] if problems else ReportProblem()
+        where = f"line {first.line}: " if first.line is not None else ""
+        count = report.error_count or len(problems)
         return JobError(
-            code=str(first.get("code") or "rejected"),
-            message=f"the input was rejected: {where}{first.get('message') or ''}"
+            code=first.code or "rejected",
+            message=f"the input was rejected: {where}{first.message}"
             f" ({count} problem{'s' if count != 1 else ''}: see report.json)",
             report=REPORT,
         )

@@ -24,10 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import orjson
 
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import Settings
+from batchd.documents import JobOptions, decode_options, to_json
 from batchd.failpoints import failpoint
 from batchd.fsutil import fsync_dir, open_for_writing
 from batchd.inputs.inbox import SIDECAR_SUFFIX, SIDECAR_SUFFIXES, is_ignored_name
@@ -413,7 +415,7 @@ class Intake:
                 "inbox_name": storable_name(name),
                 "inbox_name_hex": raw_name,
                 "kind": kind,
-                "options": options,
+                "options": to_json(options),
                 "created_at": now,
             }
             await asyncio.to_thread(self._move, name, stem, job_dir, target, st, record)
@@ -471,7 +473,7 @@ class Intake:
             self._refuse_once(name, now.st_ino, "replaced between scan and open")
         return same and now.st_nlink == 1
 
-    def _read_sidecar(self, stem: str, owner: int) -> dict[str, Any]:
+    def _read_sidecar(self, stem: str, owner: int) -> JobOptions:
         """The job's options from NAME.meta.json. A sidecar that cannot be used as written
         (not JSON, not an object, too large, an unknown key such as a misspelt `modle`,
         a bad value), or that another user than the input's `owner` wrote (root and
@@ -483,7 +485,7 @@ class Intake:
             options = read_sidecar(path, shown_name(path.name), owner=owner)
             if options is not None:
                 return options
-        return {}
+        return JobOptions()
 
     def _move(
         self,
@@ -567,12 +569,9 @@ class Intake:
             for kind_of_result in RESULT_KINDS:
                 for stale in spool.results(kind_of_result):
                     stale.unlink(missing_ok=True)
-            recorded = record.get("options")
-            options: dict[str, Any] = (
-                recorded
-                if isinstance(recorded, dict)
-                else await asyncio.to_thread(self._read_options, folder)
-            )
+            options = _recorded_options(record.get("options"))
+            if options is None:
+                options = await asyncio.to_thread(self._read_options, folder)
             name = record.get("name")
             await self.store.insert_job(
                 job_id=job_id,
@@ -606,11 +605,11 @@ class Intake:
         log.error("state_lost", adopted=adopted, empty=empty)
         return notes
 
-    def _read_options(self, folder: Path) -> dict[str, Any]:
+    def _read_options(self, folder: Path) -> JobOptions:
         try:
             raw = SpoolFolder(folder).sidecar(".meta.json").read_bytes()
         except OSError:
-            return {}
+            return JobOptions()
         return sidecar_options(SpoolFolder(folder).sidecar(".meta.json").name, raw)
 
     async def recover_claims(self) -> None:
@@ -801,3 +800,14 @@ def name_hex(name: str) -> str | None:
     except UnicodeDecodeError:
         return raw.hex()
     return None
+
+
+def _recorded_options(recorded: object) -> JobOptions | None:
+    """PURE: the options a spool record holds (a file anyone could have edited), or None
+    when it holds none that decode."""
+    if not isinstance(recorded, dict):
+        return None
+    try:
+        return decode_options(recorded)
+    except msgspec.ValidationError:
+        return None

@@ -131,7 +131,7 @@ def held_event(job: Job, completed: int = 0, failed: int = 0) -> dict[str, Any]:
     `held`, the hold's reason, note (what it needs, what ends it) and whether it ends by
     itself, and its requests: the input's, as planned, with those `completed` and
     `failed` so far (parts of a split job may have run)."""
-    requests = (job.report or {}).get("requests")
+    requests = job.report.requests if job.report is not None else None
     total = requests if isinstance(requests, int) and not isinstance(requests, bool) else None
     return {
         "type": "job.held",

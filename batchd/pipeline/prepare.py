@@ -20,10 +20,12 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+
+import msgspec
 
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import Settings
+from batchd.documents import Estimate, JobReport, ModelEstimate, ReportProblem, given
 from batchd.faults import Faults, local_cause
 from batchd.inputs.spool import SpoolFolder
 from batchd.inputs.validate import InputProblem, write_parts
@@ -48,7 +50,7 @@ MAX_PREPARES = 5
 class Prepared:
     sha256: str | None
     bytes: int
-    report: dict[str, Any]
+    report: JobReport
     parts: list[PartPlan]
     mtime_ns: int | None = None
     # The input changed while it was read: nothing here may be used.
@@ -68,16 +70,16 @@ def sha256_of(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def _rejection(job: Job, code: str, message: str, line: int | None = None) -> dict[str, Any]:
-    return {
-        "path": job.inbox_name,
-        "valid": False,
-        "requests": 0,
-        "bytes": 0,
-        "parts": [],
-        "errors": [{"line": line, "code": code, "message": message}],
-        "error_count": 1,
-    }
+def _rejection(job: Job, code: str, message: str, line: int | None = None) -> JobReport:
+    return JobReport(
+        path=job.inbox_name,
+        valid=False,
+        requests=0,
+        bytes=0,
+        parts=[],
+        errors=[ReportProblem(line=line, code=code, message=message)],
+        error_count=1,
+    )
 
 
 def twin_note(job_id: str, twin: Job) -> str:
@@ -113,11 +115,13 @@ def prepare(job: Job, settings: Settings) -> Prepared:
     if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or (
         prepared.bytes != before.st_size
     ):
-        return Prepared(prepared.sha256, after.st_size, {}, [], after.st_mtime_ns, changed=True)
+        return Prepared(
+            prepared.sha256, after.st_size, JobReport(), [], after.st_mtime_ns, changed=True
+        )
     return replace(prepared, mtime_ns=before.st_mtime_ns)
 
 
-def _refusal(job: Job, problem: InputProblem) -> dict[str, Any]:
+def _refusal(job: Job, problem: InputProblem) -> JobReport:
     return _rejection(job, problem.code, problem.message, problem.line)
 
 
@@ -130,14 +134,11 @@ def _prepare(job: Job, rules: Rules, source: Path, settings: Settings) -> Prepar
     )
     report.path = job.inbox_name
     if not report.valid:
-        return Prepared(digest, size, report.to_dict(), [])
+        return Prepared(digest, size, report.stored(), [])
     written = write_parts(report, jsonl, folder.path, fsync=True)
     paths = written or [jsonl]
-    summary = report.to_dict()
-    # Byte ranges of every part are for writing the parts, not for keeping.
-    summary["parts"] = [{k: v for k, v in p.items() if k != "ranges"} for p in summary["parts"]]
     counts = [count_part(path, settings) for path in paths]
-    summary["estimate"] = estimate_of(counts, settings)
+    summary = msgspec.structs.replace(report.stored(), estimate=estimate_of(counts, settings))
     thinking = sum(m.thinking_unset for c in counts for m in c.models.values())
     if thinking and settings.jobs.thinking == "refuse":
         models = sorted({name for c in counts for name, m in c.models.items() if m.thinking_unset})
@@ -188,32 +189,27 @@ def worst_cost(count: FileCount) -> float | None:
     return total
 
 
-def estimate_of(counts: list[FileCount], settings: Settings) -> dict[str, Any]:
+def estimate_of(counts: list[FileCount], settings: Settings) -> Estimate:
     """PURE: the job's counted tokens and worst case, per model, for its report."""
-    models: dict[str, dict[str, Any]] = {}
+    models: dict[str, ModelEstimate] = {}
     for count in counts:
         for name, m in count.models.items():
-            own = models.setdefault(
-                name,
-                {"requests": 0, "input_tokens": 0, "output_tokens_max": 0, "cost_max": 0.0},
-            )
-            own["requests"] += m.requests
-            own["input_tokens"] += m.input_tokens
-            own["output_tokens_max"] += m.output_tokens_max
-            own["thinking_unset"] = own.get("thinking_unset", 0) + m.thinking_unset
-            own["cost_max"] = (
-                None
-                if m.cost_max is None or own["cost_max"] is None
-                else own["cost_max"] + m.cost_max
+            own = models.setdefault(name, ModelEstimate())
+            own.requests += m.requests
+            own.input_tokens += m.input_tokens
+            own.output_tokens_max += m.output_tokens_max
+            own.thinking_unset += m.thinking_unset
+            own.cost_max = (
+                None if m.cost_max is None or own.cost_max is None else own.cost_max + m.cost_max
             )
     worst = [c for c in (worst_cost(count) for count in counts)]
-    return {
-        "tokenizer": sorted({name for count in counts for name in count.tokenizers}),
-        "exact": all(count.exact for count in counts),
-        "currency": settings.price_table.currency(settings.provider),
-        "cost_max": None if any(w is None for w in worst) else sum(w for w in worst if w),
-        "models": models,
-    }
+    return Estimate(
+        tokenizer=sorted({name for count in counts for name in count.tokenizers}),
+        exact=all(count.exact for count in counts),
+        currency=settings.price_table.currency(settings.provider),
+        cost_max=None if any(w is None for w in worst) else sum(w for w in worst if w),
+        models=models,
+    )
 
 
 class Preparer:
@@ -368,7 +364,7 @@ class Preparer:
                 "job_rejected",
                 job_id=job.id,
                 name=job.name,
-                errors=prepared.report.get("error_count"),
+                errors=prepared.report.error_count,
                 elapsed_s=elapsed,
             )
             self.on_rejected()
@@ -382,7 +378,7 @@ class Preparer:
             job_id=job.id,
             name=job.name,
             parts=len(prepared.parts),
-            requests=prepared.report.get("requests"),
+            requests=prepared.report.requests,
             elapsed_s=elapsed,
         )
         self.on_ready()
@@ -399,7 +395,7 @@ class Preparer:
         self, job: Job, requests_sha256: str | None, sha256: str | None
     ) -> Job | None:
         hours = completion_hours(self.settings.jobs.duplicate_window) or 0
-        if not (sha256 and hours) or job.options.get("allow_duplicate") is True:
+        if not (sha256 and hours) or job.options.allow_duplicate is True:
             return None
         since = self.clock.now() - hours * 3600.0
         # The requests' digest (None for a job recorded before it was kept: its bytes).
@@ -444,7 +440,7 @@ class Preparer:
         for part in prepared.parts:
             worst = None if worst is None or part.cost_max is None else worst + part.cost_max
         caps = BudgetCaps.of(self.settings)
-        own_cap = job.options.get("max_cost")
+        own_cap = given(job.options.max_cost)
         if own_cap is None and not (caps.active and caps.on_over == "reject"):
             return None
         ledger = Ledger()

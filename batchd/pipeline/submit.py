@@ -39,6 +39,7 @@ from pathlib import Path
 
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import ProviderLimits, Settings
+from batchd.documents import given
 from batchd.failpoints import failpoint
 from batchd.faults import Faults, local_cause
 from batchd.inputs.spool import REQUESTS
@@ -698,7 +699,7 @@ class Submitter:
         """Create the batch of one uploaded part of `job` (read in this pass)."""
         if job is None or job.cancel_requested:
             return False
-        window = str(job.options.get("completion_window") or self.completion_window)
+        window = str(given(job.options.completion_window) or self.completion_window)
         asked_at = self.clock.now()
         if not await self.store.move_part(
             part.id,
@@ -711,11 +712,11 @@ class Submitter:
             return False
         assert part.remote_file_id is not None
         metadata = {
-            "ds_name": str(job.options.get("ds_name") or job.name)[:100],
+            "ds_name": str(given(job.options.ds_name) or job.name)[:100],
             "batchd_part": tag(part),
         }
-        if job.options.get("ds_description"):
-            metadata["ds_description"] = str(job.options["ds_description"])[:200]
+        if given(job.options.ds_description):
+            metadata["ds_description"] = str(job.options.ds_description)[:200]
         failpoint("create.before_request")
         try:
             batch = await self.api.create_batch(

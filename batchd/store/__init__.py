@@ -32,9 +32,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiosqlite
+import msgspec
 import orjson
 
 from batchd.clock import SYSTEM_CLOCK, Clock
+from batchd.documents import JobOptions, encode_options
 from batchd.faults import DATABASE, Faults, local_cause
 from batchd.logs import get_logger
 from batchd.models import (
@@ -144,6 +146,8 @@ def _migrations() -> list[tuple[int, str]]:
 
 
 def _encode(column: str, value: Any) -> Any:
+    if isinstance(value, msgspec.Struct):
+        return msgspec.json.encode(value).decode()
     if column in _JSON_COLUMNS and value is not None and not isinstance(value, str):
         return orjson.dumps(value).decode()
     if isinstance(value, bool):
@@ -421,7 +425,7 @@ class Store:
         dev: int,
         spool_path: str,
         kind: str,
-        options: dict[str, Any],
+        options: JobOptions,
         now: float,
         state: JobState = JobState.CLAIMING,
         recovered_at: float | None = None,
@@ -430,7 +434,7 @@ class Store:
     ) -> None:
         """Record a job, in one of the states a job starts in (`lifecycle.JOB_INITIAL`)."""
         lifecycle.check_job_initial(state)
-        encoded = orjson.dumps(options).decode()
+        encoded = encode_options(options).decode()
         await self._write(
             "INSERT INTO jobs (id, name, inbox_name, inbox_name_hex, inbox_inode, inbox_dev,"
             " spool_path, kind, state, options, created_at, updated_at, recovered_at, error,"

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from batchd.config import Settings
+from batchd.documents import to_json
 from batchd.testing import StartEmulator, cli, drop_all, running_daemon, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -111,7 +112,9 @@ async def test_validate_and_the_daemon_give_every_corpus_file_the_same_verdict(
 
         await wait_for(all_published, 90, "every corpus file published", emulator=emulator)
         jobs = await daemon.store.jobs()
-    by_daemon = {j.inbox_name: _verdict(j.report or {}) for j in jobs}
+    by_daemon = {
+        j.inbox_name: _verdict(to_json(j.report) if j.report is not None else {}) for j in jobs
+    }
     outcomes = {j.inbox_name: j.outcome for j in jobs}
     for name, (valid, _) in by_daemon.items():
         assert (outcomes[name] == "rejected") is (not valid), (name, outcomes[name])

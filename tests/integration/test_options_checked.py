@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from batchd.documents import JobOptions
 from batchd.errors import ConfigError
-from batchd.inputs.verdict import SIDECAR_ERROR, sidecar_options
+from batchd.inputs.verdict import sidecar_options
 from batchd.testing import (
     StartEmulator,
     daemon_settings,
@@ -22,16 +23,15 @@ from batchd.testing import (
 
 
 def test_a_sidecar_is_used_whole_or_not_at_all() -> None:
-    assert sidecar_options("a.meta.json", b'{"model": "qwen-plus", "priority": 2}') == {
-        "model": "qwen-plus",
-        "priority": 2,
-    }
-    misspelt = sidecar_options("a.meta.json", b'{"modle": "qwen-max", "priorty": 1}')[SIDECAR_ERROR]
+    assert sidecar_options("a.meta.json", b'{"model": "qwen-plus", "priority": 2}') == JobOptions(
+        model="qwen-plus", priority=2
+    )
+    misspelt = sidecar_options("a.meta.json", b'{"modle": "qwen-max", "priorty": 1}').sidecar_error
     assert "a.meta.json" in misspelt
     assert "'modle' (did you mean 'model'?)" in misspelt
     assert "'priorty' (did you mean 'priority'?)" in misspelt
-    assert "not JSON" in sidecar_options("a.meta.json", b'{"model": ')[SIDECAR_ERROR]
-    assert "object" in sidecar_options("a.meta.json", b"[1, 2]")[SIDECAR_ERROR]
+    assert "not JSON" in sidecar_options("a.meta.json", b'{"model": ').sidecar_error
+    assert "object" in sidecar_options("a.meta.json", b"[1, 2]").sidecar_error
 
 
 async def test_a_bad_sidecar_or_window_rejects_the_job_and_sends_nothing(

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from batchd.documents import JobOptions
 from batchd.emulator import Emulator
 from batchd.failpoints import arm
 from batchd.models import Job
@@ -331,7 +332,7 @@ async def test_recovery_parks_every_crashed_job_however_many(
                 dev=0,
                 spool_path=str(tmp_path / "gone" / job_id / "input.jsonl"),
                 kind="jsonl",
-                options={},
+                options=JobOptions(),
                 now=float(n),
                 state=JobState.CLAIMED,
             )

@@ -20,7 +20,7 @@ from batchd.clock import (
     iso_utc,
 )
 from batchd.config import ApiSettings, IntakeSettings, PollSettings, ProviderLimits, Settings
-from batchd.documents import to_json
+from batchd.documents import JobOptions, to_json
 from batchd.models import JobState, Outcome, Part, PartPlan, PartState
 from batchd.outbox.merge import MergeStats
 from batchd.outbox.writer import build_summary
@@ -63,7 +63,7 @@ async def running_job(store: Store, clock: Clock) -> Part:
         dev=1,
         spool_path="/spool/j/input.jsonl",
         kind="jsonl",
-        options={},
+        options=JobOptions(),
         now=clock.now(),
         state=JobState.CLAIMED,
     )

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from batchd.config import Settings
+from batchd.documents import JobOptions
 from batchd.errors import ConfigError
 from batchd.inputs.csvio import (
     SNIFF_BYTES,
@@ -19,7 +20,7 @@ from batchd.inputs.csvio import (
     first_undecodable,
     guess_encoding,
 )
-from batchd.inputs.verdict import SIDECAR_ERROR, Rules, sidecar_options
+from batchd.inputs.verdict import Rules, sidecar_options
 
 CHINESE = "custom_id,content\n1,这家餐厅的菜很好吃，服务也很周到。\n2,物流太慢了，包装也破了。\n"
 
@@ -95,12 +96,12 @@ def test_an_encoding_must_be_a_text_encoding_python_knows() -> None:
 
 
 def test_the_sidecar_encoding_is_checked_and_wins_over_the_configuration() -> None:
-    bad = sidecar_options("reviews.meta.json", b'{"encoding": "gbkk"}')[SIDECAR_ERROR]
+    bad = sidecar_options("reviews.meta.json", b'{"encoding": "gbkk"}').sidecar_error
     assert bad.startswith("reviews.meta.json: encoding: 'gbkk'")
     own = sidecar_options("reviews.meta.json", b'{"encoding": "gbk", "model": "qwen-plus"}')
     plan = csv_source(own, model=None, system_prompt=None, encoding="utf-8-sig")
     assert not isinstance(plan, Exception) and getattr(plan, "encoding", None) == "gbk"
-    plan = csv_source({}, model="qwen-plus", system_prompt=None, encoding="gb18030")
+    plan = csv_source(JobOptions(), model="qwen-plus", system_prompt=None, encoding="gb18030")
     assert getattr(plan, "encoding", None) == "gb18030"
 
 

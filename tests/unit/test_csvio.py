@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from batchd.config import PROFILES
+from batchd.documents import JobOptions
 from batchd.inputs.csvio import (
     RESULT_COLUMNS,
     csv_file_to_jsonl,
@@ -214,18 +215,18 @@ def test_a_header_that_is_not_the_known_one_names_the_three_fixes() -> None:
 
 def test_a_sidecars_columns_are_checked_and_win_over_the_configuration() -> None:
     from batchd.inputs.csvio import CsvSource, csv_source
-    from batchd.inputs.verdict import SIDECAR_ERROR, sidecar_options
+    from batchd.inputs.verdict import sidecar_options
 
     options = sidecar_options("a.meta.json", b'{"columns": {"custom_id": "k", "content": "q"}}')
     plan = csv_source(options, model="m", system_prompt=None, columns=("id", "text"))
     assert plan == CsvSource("m", None, ("k", "q"))
-    assert csv_source({}, model="m", system_prompt=None, columns=("id", "text")) == CsvSource(
-        "m", None, ("id", "text")
-    )
+    assert csv_source(
+        JobOptions(), model="m", system_prompt=None, columns=("id", "text")
+    ) == CsvSource("m", None, ("id", "text"))
     for bad in (
         b'{"columns": ["k", "q"]}',
         b'{"columns": {"custom_id": "k"}}',
         b'{"columns": {"custom_id": "k", "content": ""}}',
         b'{"columns": {"custom_id": "K", "content": "k"}}',
     ):
-        assert "columns" in sidecar_options("a.meta.json", bad)[SIDECAR_ERROR], bad
+        assert "columns" in sidecar_options("a.meta.json", bad).sidecar_error, bad

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from batchd.documents import JobOptions
 from batchd.models import Job, JobState, Outcome, Part, PartState
 from batchd.outbox.merge import MergeStats, part_for
 from batchd.outbox.writer import decide_outcome
@@ -34,7 +35,7 @@ JOB: Job = record(
     spool_path="s",
     kind="jsonl",
     state=JobState.PUBLISHING,
-    options={},
+    options=JobOptions(),
     cancel_requested=False,
     crash_count=0,
     created_at=0.0,

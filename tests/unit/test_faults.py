@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 
 from batchd.clock import FakeClock
+from batchd.documents import JobOptions
 from batchd.faults import DATABASE, Faults, LocalFault, describe, local_cause
 from batchd.models import JobState, Part, PartPlan, PartState
 from batchd.pipeline.account import AccountState
@@ -195,7 +196,7 @@ async def test_a_restart_pulls_in_what_a_step_back_pushed_far_ahead(
         dev=1,
         spool_path="/spool/j/input.jsonl",
         kind="jsonl",
-        options={},
+        options=JobOptions(),
         now=clock.now(),
         state=JobState.CLAIMED,
     )

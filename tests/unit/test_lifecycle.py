@@ -15,6 +15,7 @@ import pytest
 import batchd
 from batchd.clock import FakeClock
 from batchd.config import PollSettings, Settings
+from batchd.documents import JobOptions
 from batchd.models import JOB_TERMINAL, JobState, PartPlan, PartState
 from batchd.pipeline.account import AccountState
 from batchd.pipeline.poll import Poller
@@ -188,7 +189,7 @@ async def planned(store: Store, clock: FakeClock) -> int:
         dev=1,
         spool_path="/spool/j/input.jsonl",
         kind="jsonl",
-        options={},
+        options=JobOptions(),
         now=clock.now(),
         state=JobState.CLAIMED,
     )
@@ -221,7 +222,7 @@ async def test_the_store_refuses_a_transition_the_table_does_not_allow(
             dev=1,
             spool_path="/spool/k/input.jsonl",
             kind="jsonl",
-            options={},
+            options=JobOptions(),
             now=clock.now(),
             state=JobState.RUNNING,
         )

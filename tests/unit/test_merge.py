@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from batchd.cli import main
-from batchd.documents import to_json
+from batchd.documents import JobOptions, JobReport, decode_report, to_json
 from batchd.inputs.csvio import jsonl_file_to_csv, neutralised
 from batchd.inputs.lines import iter_lines
 from batchd.models import Job, JobState, Part, PartState
@@ -99,8 +99,8 @@ def make_job(spool_input: Path, **fields: Any) -> Job:
         "outcome": None,
         "sha256": hashlib.sha256(data).hexdigest(),
         "bytes": len(data),
-        "options": {},
-        "report": {"valid": True, "requests": data.count(b"\n")},
+        "options": JobOptions(),
+        "report": JobReport(valid=True, requests=data.count(b"\n")),
         "error": None,
         "outbox_path": None,
         "cancel_requested": False,
@@ -116,6 +116,9 @@ def make_job(spool_input: Path, **fields: Any) -> Job:
         "recovered_at": None,
     }
     values.update(fields)
+    # A report given as the JSON the store keeps, decoded as the store decodes it.
+    if isinstance(values["report"], dict):
+        values["report"] = decode_report(values["report"])
     return Job(**values)
 
 

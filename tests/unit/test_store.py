@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from batchd import store as store_module
+from batchd.documents import JobOptions, decode_options
 from batchd.models import JOB_ACTIVE, JobState, PartPlan, PartState
 from batchd.store import Store
 
@@ -24,7 +25,7 @@ async def _job(store: Store, job_id: str, now: float, options: dict[str, object]
         dev=1,
         spool_path=f"/spool/{job_id}/input.jsonl",
         kind="jsonl",
-        options=options,
+        options=decode_options(options),
         now=now,
     )
     assert await store.move_job(job_id, JobState.CLAIMING, JobState.CLAIMED)
@@ -351,11 +352,11 @@ async def test_an_old_database_gets_retry_of_and_priority_columns_from_its_optio
             dev=1,
             spool_path="/spool/new/input.jsonl",
             kind="jsonl",
-            options={"retry_of": "plain", "priority": 2},
+            options=JobOptions(retry_of="plain", priority=2),
             now=5.0,
         )
         assert await store.retried_by(["plain"]) == {"plain": ["new"]}
-        assert await store.update_job("new", JobState.CLAIMING, options={"priority": 7})
+        assert await store.update_job("new", JobState.CLAIMING, options=JobOptions(priority=7))
         async with store._db.execute("SELECT retry_of, priority FROM jobs WHERE id='new'") as cur:
             assert tuple(await cur.fetchone() or ()) == (None, 7)
     finally:

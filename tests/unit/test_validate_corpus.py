@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from batchd.config import PROFILES, ProviderLimits, merge_limits
+from batchd.documents import JobOptions
 from batchd.inputs.verdict import Rules, judge, read_sidecar, sidecar_path
 
 CORPUS = Path(__file__).parent.parent / "corpus"
@@ -34,7 +35,9 @@ def test_corpus_file_gets_its_recorded_verdict(name: str, tmp_path: Path) -> Non
     kind = name.rsplit(".", 1)[1]
     path = CORPUS / name
     rules = Rules(limits=limits, csv_model="qwen-plus", **case.get("options", {}))
-    report = judge(path, kind, read_sidecar(sidecar_path(path, kind)) or {}, rules, tmp_path)
+    report = judge(
+        path, kind, read_sidecar(sidecar_path(path, kind)) or JobOptions(), rules, tmp_path
+    )
     got = [[e.line, e.code] for e in report.errors]
     assert got == case["errors"], [e.render(name) for e in report.errors]
     assert report.valid is case["valid"]
