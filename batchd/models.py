@@ -7,10 +7,12 @@ service says). An unknown remote status is never treated as finished.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
+import msgspec
 import orjson
 
 from batchd.documents import (
@@ -23,6 +25,10 @@ from batchd.documents import (
     decode_report,
     decode_usage,
 )
+from batchd.logs import get_logger
+
+log = get_logger(__name__)
+T = TypeVar("T")
 
 
 class JobState(StrEnum):
@@ -164,6 +170,17 @@ def _loads(value: Any) -> Any:
     return orjson.loads(value)
 
 
+def _document(row: sqlite3.Row, column: str, decode: Callable[[Any], T], fallback: T) -> T:
+    """A document column of a job's row, decoded; one that does not decode (a database
+    edited by hand, or written by a batchd that shaped it otherwise) is logged and read
+    as `fallback`, so that one odd row never stops every query that reads jobs."""
+    try:
+        return decode(_loads(row[column]))
+    except (msgspec.ValidationError, orjson.JSONDecodeError) as exc:
+        log.error("job_column_unreadable", job_id=row["id"], column=column, error=str(exc))
+        return fallback
+
+
 @dataclass(frozen=True, slots=True)
 class Job:
     id: str
@@ -213,8 +230,8 @@ class Job:
             outcome=row["outcome"],
             sha256=row["sha256"],
             bytes=row["bytes"],
-            options=decode_options(_loads(row["options"])),
-            report=decode_report(_loads(row["report"])),
+            options=_document(row, "options", decode_options, JobOptions()),
+            report=_document(row, "report", decode_report, None),
             error=row["error"],
             outbox_path=row["outbox_path"],
             cancel_requested=bool(row["cancel_requested"]),
@@ -223,12 +240,12 @@ class Job:
             updated_at=row["updated_at"],
             completed=row["completed"],
             failed=row["failed"],
-            usage=decode_usage(_loads(row["usage"])),
+            usage=_document(row, "usage", decode_usage, None),
             input_mtime_ns=row["input_mtime_ns"],
             prepares=row["prepares"],
             retried_as=row["retried_as"],
             recovered_at=row["recovered_at"],
-            cost=decode_cost(_loads(row["cost"])),
+            cost=_document(row, "cost", decode_cost, None),
             held=row["held"],
             held_note=row["held_note"],
             held_at=row["held_at"],

@@ -4,6 +4,7 @@ back as written."""
 
 from __future__ import annotations
 
+import io
 import json
 import sqlite3
 from pathlib import Path
@@ -16,6 +17,7 @@ from batchd import store as store_module
 from batchd.documents import JobOptions, decode_options, encode_options, given, to_json
 from batchd.inputs.verdict import sidecar_options
 from batchd.store import Store
+from batchd.testing import events
 
 # The options rows as the code before JobOptions wrote them (a dict through orjson, in
 # the sidecar's own key order), each with what it decodes to.
@@ -130,3 +132,38 @@ def test_a_sidecar_read_is_its_json_and_an_option_not_given_is_none() -> None:
     assert options.model is None and given(options.model) is None
     assert options.retry_of is msgspec.UNSET and given(options.retry_of) is None
     assert given(options.max_cost) == 2
+
+
+async def test_a_document_column_that_does_not_decode_is_logged_and_the_rest_still_read(
+    tmp_path: Path, log_lines: io.StringIO
+) -> None:
+    """A row edited by hand (or shaped by another batchd) spoils that column of that job
+    only: the job reads with no report, cost or usage (default options), the other jobs
+    as stored, and the log names the job and the column."""
+    path = tmp_path / "db.sqlite3"
+    with sqlite3.connect(path) as db:
+        for _number, script in store_module._migrations():
+            db.executescript(script)
+        db.execute(f"PRAGMA user_version = {max(n for n, _ in store_module._migrations())}")
+        rows = [
+            ("odd", '{"priority": 1, "columns": 7}', '{"errors": 5}', '"x"', "[1]"),
+            ("fine", '{"priority": 2}', None, None, None),
+        ]
+        for i, (job_id, options, report, cost, usage) in enumerate(rows):
+            db.execute(
+                "INSERT INTO jobs (id, name, inbox_name, spool_path, kind, state, options,"
+                " report, cost, usage, created_at, updated_at)"
+                " VALUES (?, ?, ?, '/x', 'jsonl', 'running', ?, ?, ?, ?, ?, ?)",
+                (job_id, job_id, f"{job_id}.jsonl", options, report, cost, usage, i, i),
+            )
+    store = await Store.open(path)
+    try:
+        jobs = {job.id: job for job in await store.jobs()}
+    finally:
+        await store.close()
+    odd, fine = jobs["odd"], jobs["fine"]
+    assert (odd.options, odd.report, odd.cost, odd.usage) == (JobOptions(), None, None, None)
+    assert fine.options == JobOptions(priority=2)
+    logged = events(log_lines, "job_column_unreadable")
+    assert {e["job_id"] for e in logged} == {"odd"}, logged
+    assert sorted(e["column"] for e in logged) == ["cost", "options", "report", "usage"], logged
