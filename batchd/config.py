@@ -10,13 +10,15 @@ from __future__ import annotations
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Self
+from typing import Annotated, Any, ClassVar, Literal, Self
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     PrivateAttr,
     ValidationError,
     field_validator,
@@ -34,6 +36,7 @@ from batchd.inputs.csvio import DEFAULT_CSV_ENCODING, encoding_problem
 from batchd.inputs.validate import DEFAULT_MAX_REPORTED_ERRORS
 from batchd.logs import shown_url
 from batchd.models import completion_hours
+from batchd.objstore.location import BucketUrl, parse_location
 from batchd.provider.prices import PriceTable, table_from
 from batchd.provider.profiles import (
     DEFAULT_PROVIDER,
@@ -146,25 +149,52 @@ class LogSettings(BaseModel):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+# A folder that may be a bucket: a local path, or `oss://BUCKET/PREFIX/` / `s3://...`.
+Location = Annotated[
+    Path | BucketUrl, BeforeValidator(parse_location), PlainSerializer(str, when_used="json")
+]
+FolderName = Literal["inbox", "spool", "outbox", "state", "runtime"]
+BUCKET_FOLDERS = ("inbox", "spool", "outbox")
+
+
 class PathSettings(BaseModel):
-    """Folders; each defaults to a child of `root` and may be set on its own."""
+    """Folders; each defaults to a child of `root` and may be set on its own. The inbox,
+    the spool and the outbox may each be a bucket folder (batchd.objstore); the state and
+    the runtime folder (the control socket) are always this machine's."""
 
     model_config = ConfigDict(extra="forbid")
 
     root: Path = Path("/var/lib/batchd")
-    inbox: Path | None = None
-    spool: Path | None = None
-    outbox: Path | None = None
+    inbox: Location | None = None
+    spool: Location | None = None
+    outbox: Location | None = None
     state: Path | None = None
     # The control socket's folder (systemd's RuntimeDirectory); the root itself when
     # unset, so that the socket is `ROOT/control.sock`.
     runtime: Path | None = None
 
-    def folder(self, name: Literal["inbox", "spool", "outbox", "state", "runtime"]) -> Path:
-        own: Path | None = getattr(self, name)
+    def location(self, name: FolderName) -> Path | BucketUrl:
+        """Where folder `name` lives: a local path or a bucket folder."""
+        own: Path | BucketUrl | None = getattr(self, name)
         if own is not None:
             return own
         return self.root if name == "runtime" else self.root / name
+
+    def bucket(self, name: FolderName) -> BucketUrl | None:
+        """The bucket folder `name` is, or None when it is a local folder."""
+        own = self.location(name)
+        return own if isinstance(own, BucketUrl) else None
+
+    def buckets(self) -> dict[str, BucketUrl]:
+        """The folders that are bucket folders, by name."""
+        return {n: b for n in BUCKET_FOLDERS if (b := self.bucket(n)) is not None}  # type: ignore[arg-type]
+
+    def folder(self, name: FolderName) -> Path:
+        """Folder `name` on this machine. For a bucket folder, the local folder beside the
+        others (`ROOT/NAME`) where batchd works on its objects: the spool's working copies,
+        the outbox's folders before they are written to the bucket."""
+        own = self.location(name)
+        return own if isinstance(own, Path) else self.root / name
 
 
 class IntakeSettings(BaseModel):
@@ -372,6 +402,44 @@ class BudgetSettings(BaseModel):
         return value
 
 
+class StorageSettings(BaseModel):
+    """The object store of the folders given as `oss://` or `s3://` URLs (batchd.objstore).
+    Credentials are never read from here: see batchd.objstore.credentials."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # The S3-compatible endpoint. Unset: OSS's for oss:// folders
+    # (https://oss-REGION.aliyuncs.com), AWS's for s3:// folders.
+    endpoint_url: str | None = None
+    # The buckets' region. Unset: cn-beijing for oss:// (where Model Studio reads OSS
+    # inputs), else AWS_DEFAULT_REGION or us-east-1.
+    region: str | None = None
+    # How a request names the bucket: "virtual" (BUCKET.host: what OSS requires), "path"
+    # (host/BUCKET: what most self-hosted stores want), or "auto": virtual for oss:// and
+    # for AWS, path for an s3:// folder on a custom endpoint.
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    # V4 signatures; "s3" (V2) only for an old store that takes nothing else.
+    signature_version: Literal["s3v4", "s3"] = "s3v4"
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    # A read that brings nothing for this long is cut (and tried again).
+    read_timeout_s: float = Field(default=60.0, gt=0)
+    # Tries of one request that met a 5xx, throttling or a cut connection.
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    # A listing of one folder stops with a named failure past this many pages (of up to
+    # 1000 keys each): a store that never ends a listing cannot hold a stage.
+    max_list_pages: int = Field(default=1000, ge=1)
+    # Objects larger than this are written in parts of `part_size_mb` (multipart upload).
+    multipart_threshold_mb: int = Field(default=64, ge=5, le=5120)
+    part_size_mb: int = Field(default=16, ge=5, le=5120)
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint_is_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"{value!r} is not an http:// or https:// URL")
+        return value
+
+
 class ControlSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -413,6 +481,7 @@ class Settings(FileSettings):
     control: ControlSettings = Field(default_factory=ControlSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)
     budget: BudgetSettings = Field(default_factory=BudgetSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
     # Prices per provider and model, over the shipped defaults (batchd.provider.prices):
     # [prices.dashscope."qwen-plus"] input = 0.8, output = 2.0, currency = "CNY", ...
     prices: dict[str, Any] = Field(default_factory=dict)

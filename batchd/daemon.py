@@ -64,6 +64,7 @@ RESTART_KEYS = (
     "control",
     "api",
     "notify",
+    "storage",
     "db_busy_timeout_s",
 )
 # Within [intake], what the inbox watcher was started with (named as one).

@@ -88,6 +88,21 @@ class LocalFault(BatchdError):
         self.cause = cause
 
 
+class StorageFault(OSError):
+    """The object store holding a folder (batchd.objstore) cannot be used just now: it
+    cannot be reached, answers 5xx or throttles, refuses the credentials, or the bucket is
+    missing. Like a full disk it is this side's trouble, never the provider's, a part's or
+    a request's: the work waits and the fault is shown under its folder's name."""
+
+    def __init__(self, what: str, where: str, detail: str, area: str = "storage") -> None:
+        super().__init__(errno.EREMOTEIO, f"{what}: {detail}", where)
+        self.what = what
+        self.area = area
+
+    def __str__(self) -> str:
+        return f"{self.filename}: {self.strerror}"
+
+
 def _chain(exc: BaseException) -> list[BaseException]:
     seen: list[BaseException] = []
     current: BaseException | None = exc
@@ -105,6 +120,8 @@ def local_cause(exc: BaseException) -> OSError | sqlite3.Error | None:
     for item in _chain(exc):
         if isinstance(item, LocalFault):
             return item.cause
+        if isinstance(item, StorageFault):
+            return item
         if isinstance(item, sqlite3.Error):
             code = getattr(item, "sqlite_errorcode", None)
             if isinstance(code, int) and code & 0xFF in SQLITE_LOCAL:
@@ -119,6 +136,8 @@ def describe(cause: OSError | sqlite3.Error) -> str:
     if isinstance(cause, sqlite3.Error):
         code = getattr(cause, "sqlite_errorcode", 0)
         return SQLITE_LOCAL.get(int(code or 0) & 0xFF, "database error")
+    if isinstance(cause, StorageFault):
+        return cause.what
     return _ERRNO_WORDS.get(cause.errno or 0, "disk error")
 
 
@@ -184,6 +203,8 @@ class Faults:
         """PURE but for the folders: the folder (or the database) an error is about."""
         if isinstance(cause, sqlite3.Error):
             return DATABASE
+        if isinstance(cause, StorageFault):
+            return cause.area
         named = cause.filename
         if isinstance(named, str | bytes | os.PathLike):
             path = Path(os.fsdecode(named))
@@ -199,7 +220,7 @@ class Faults:
         now_mono = self.clock.monotonic()
         detail = str(cause)
         folder = self.folders.get(key)
-        if folder is not None and str(folder) not in detail:
+        if folder is not None and str(folder) not in detail and not isinstance(cause, StorageFault):
             detail = f"{folder}: {detail}"
         fault = self.active.get(key)
         if fault is None:

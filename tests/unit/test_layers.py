@@ -34,7 +34,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "batchd.models",
         "batchd.systemd",
     ),
-    ("batchd.provider",),  # the Batch API: client, answers, profiles, prices, tokens
+    # the remote services: the Batch API (client, answers, profiles, prices, tokens) and
+    # the object store of bucket folders
+    ("batchd.provider", "batchd.objstore"),
     ("batchd.inputs",),  # PURE: judged alike by `batchd validate` and the daemon
     # The settings check themselves against the provider's profiles and prices and the
     # inputs' rules (a CSV encoding, the errors a report keeps): config sits above both,
@@ -50,6 +52,13 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 
 # Imports that point up, each with why it is right.
 UPWARD_ALLOWED = {
+    ("batchd.objstore", "batchd.config"): (
+        "a type only (under TYPE_CHECKING): `open_store(settings.storage)` is given the"
+        " settings, which name bucket folders (`objstore.location`) and so sit above"
+    ),
+    ("batchd.objstore.bucket", "batchd.config"): (
+        "a type only (under TYPE_CHECKING), as for batchd.objstore"
+    ),
     ("batchd.inputs.verdict", "batchd.config"): (
         "a type only (under TYPE_CHECKING): `Rules.of(settings)` reads a loaded"
         " configuration, while `batchd validate` without one must not load pydantic"
