@@ -25,6 +25,7 @@ import signal
 import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from batchd import __version__
 from batchd.clock import SYSTEM_CLOCK, Clock, ClockWatch, SystemClock
@@ -33,6 +34,7 @@ from batchd.errors import BatchdError, ConfigError
 from batchd.faults import DATABASE, Faults, describe, local_cause, unusable_folder
 from batchd.logs import configure, get_logger, register_secret
 from batchd.models import JobState, Part, window_hours
+from batchd.objstore import open_store
 from batchd.operator.control import ControlServer, check_socket_path, resolve_group
 from batchd.operator.ops import Operations
 from batchd.operator.protocol import Reload
@@ -51,6 +53,9 @@ from batchd.provider.api import BatchApi, RetryPolicy, Throughput
 from batchd.provider.limits import CallClass, RateLimiter
 from batchd.store import Store
 from batchd.systemd import Notifier, status_loop, watchdog_loop
+
+if TYPE_CHECKING:
+    from batchd.objstore.bucket import Bucket, ObjectStore
 
 log = get_logger(__name__)
 
@@ -171,6 +176,15 @@ class Daemon:
         self.spool = paths.folder("spool")
         self.outbox = paths.folder("outbox")
         self.state_dir = paths.folder("state")
+        # The folders that are bucket folders (oss://, s3://), by name; for each, the
+        # local folder above is where batchd works on its objects. The object store's
+        # client is opened with the rest (`_open`); its credentials are read now, so
+        # that half a key pair is a configuration error (exit 2) before anything starts.
+        self.bucket_urls = paths.buckets()
+        self.objects: ObjectStore | None = (
+            open_store(settings.storage) if self.bucket_urls else None
+        )
+        self.buckets: dict[str, Bucket] = {}
         self._api_key = api_key
         self.stopping = asyncio.Event()
         self.wake = Wake()
@@ -281,7 +295,13 @@ class Daemon:
     async def _open(self, stack: contextlib.AsyncExitStack) -> bool:
         """Open the store and the API client, each closed by `stack` whatever follows;
         False when a stop came before the store could be opened."""
-        check_same_filesystem(self.inbox, self.spool)
+        if "inbox" not in self.bucket_urls and "spool" not in self.bucket_urls:
+            check_same_filesystem(self.inbox, self.spool)
+        if self.objects is not None:
+            stack.push_async_callback(self.objects.close)
+            self.buckets = {
+                name: self.objects.bucket(url, area=name) for name, url in self.bucket_urls.items()
+            }
         store = await self._open_store()
         if store is None:
             return False
