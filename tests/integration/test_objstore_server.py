@@ -255,7 +255,7 @@ async def test_wrong_credentials_are_refused(s3_server: Any) -> None:
 
 
 async def test_the_bucket_tells_its_region(s3: Any, s3_server: Any) -> None:
-    """GetBucketLocation answers; us-east-1 is spelled as no constraint, as on AWS."""
+    """GetBucketLocation answers (us-east-1 would be spelled as no constraint, as on AWS)."""
     location = await s3.get_bucket_location(Bucket=s3_server.bucket)
     assert (location["LocationConstraint"] or "us-east-1") == s3_server.region
 
