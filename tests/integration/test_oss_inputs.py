@@ -71,7 +71,6 @@ async def reading_emulator(
         "object_store_url": s3_server.endpoint_url,
         "object_store_region": s3_server.region,
         "oss_require_tag": False,
-        "oss_read_timeout_s": 5.0,
     }
     values.update(overrides)
     return await start_emulator(**values)
