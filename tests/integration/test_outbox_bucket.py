@@ -95,9 +95,21 @@ async def test_a_job_and_a_rejected_input_are_published_to_a_bucket_outbox(
     root = tmp_path / "root"
     settings = daemon_settings(root, emulator, **_bucket_settings(s3_server, root))
     async with running_daemon(settings) as daemon, _bucket(s3_server) as bucket:
+        # A name is taken on a bucket when its summary.json exists; objects under a name
+        # without one are a publication cut short, and do not take it.
+        await bucket.put_bytes("outbox/taken/summary.json", b'{"job_id": "someone-else"}')
+        await bucket.put_bytes("outbox/free/result.jsonl", b"stale\n")
         drop(daemon.inbox, "good.jsonl", requests(12))
         drop(daemon.inbox, "bad.jsonl", b'{"custom_id": "a"}\nnot json\n')
-        await wait_for(lambda: _published(root) >= 2, 60, "two jobs published", emulator=emulator)
+        drop(daemon.inbox, "taken.jsonl", requests(2))
+        drop(daemon.inbox, "free.jsonl", requests(2, prefix="f"))
+        await wait_for(lambda: _published(root) >= 4, 60, "four jobs published", emulator=emulator)
+        second = await _json(bucket, "outbox/taken-2/summary.json")
+        assert second["follows"] == {"folder": "taken", "job_id": "someone-else"}
+        free = await _json(bucket, "outbox/free/summary.json")
+        assert free["folder"] == "free" and free["request_counts"]["total"] == 2
+        written = await bucket.get_bytes("outbox/free/result.jsonl", max_bytes=1 << 20)
+        assert written is not None and b"stale" not in written
         keys = await _keys(bucket)
         assert [k for k in keys if k.startswith("outbox/good/")] == [
             f"outbox/good/{m}" for m in sorted([*MEMBERS, "summary.json"])
@@ -124,6 +136,9 @@ async def test_a_job_and_a_rejected_input_are_published_to_a_bucket_outbox(
         assert await bucket_published_ids(daemon.buckets["outbox"]) == {
             good["job_id"],
             bad["job_id"],
+            second["job_id"],
+            free["job_id"],
+            "someone-else",
         }
 
         # Nothing is left in the local working outbox, nor in the spool.
