@@ -188,6 +188,9 @@ class ObjectStore:
 class Bucket:
     """One bucket folder: its objects listed, read, written, copied and removed."""
 
+    # Keys asked for per page of a listing (S3's and OSS's most).
+    page_keys = PAGE_KEYS
+
     def __init__(self, store: ObjectStore, url: BucketUrl, area: str = "storage") -> None:
         self.store = store
         self.url = url
@@ -263,7 +266,7 @@ class Bucket:
         max_pages = self.store.settings.max_list_pages
         token: str | None = None
         for _page in range(max_pages):
-            kwargs: dict[str, Any] = {"Prefix": prefix, "MaxKeys": PAGE_KEYS}
+            kwargs: dict[str, Any] = {"Prefix": prefix, "MaxKeys": self.page_keys}
             if not recursive:
                 kwargs["Delimiter"] = "/"
             if token is not None:
