@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Literal
 
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.logs import get_logger
+from batchd.models import OSS_ID_PREFIX, is_oss_id
 from batchd.objstore.location import BucketUrl
 
 if TYPE_CHECKING:
@@ -52,9 +53,10 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
+__all__ = ["OSS_ID_PREFIX", "is_oss_id"]
+
 InputVia = Literal["upload", "oss"]
 
-OSS_ID_PREFIX = "oss:"
 ACCESS_TAG = "bailian-datahub-access"
 ACCESS_TAG_VALUE = "read"
 SERVICE_ROLE = "AliyunServiceRoleForSFMDataHubOSSImport"
@@ -66,11 +68,6 @@ PREFLIGHT_AGAIN_S = 600.0
 def oss_id(region: str, bucket: str, key: str) -> str:
     """PURE: the name the service reads an OSS object by: `oss:{region}:{bucket}/{key}`."""
     return f"{OSS_ID_PREFIX}{region}:{bucket}/{key}"
-
-
-def is_oss_id(file_id: str | None) -> bool:
-    """PURE: does this input id name an OSS object (not one of the account's files)?"""
-    return file_id is not None and file_id.startswith(OSS_ID_PREFIX)
 
 
 def part_key(spool: BucketUrl, job_id: str, part_path: str | Path) -> str:
@@ -227,6 +224,11 @@ class OssInputs:
         self.clock = clock
         self.checked: Preflight | None = None
         self._said: set[str] = set()
+
+    @property
+    def area(self) -> str:
+        """The name the spool bucket's store faults are shown under."""
+        return self.bucket.area if self.bucket is not None else "spool"
 
     @property
     def spool(self) -> BucketUrl | None:
