@@ -350,7 +350,10 @@ def summary_of_merged(folder: Path) -> dict[str, Any]:
 
 
 async def test_a_kill_between_a_part_write_and_its_record_creates_once(
-    start_emulator: StartEmulator, tmp_path: Path, s3_server: Any
+    start_emulator: StartEmulator,
+    tmp_path: Path,
+    s3_server: Any,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """With the spool on a bucket and parts read from it, the daemon is killed once a
     part is written to the bucket but before its oss: id is recorded
@@ -363,6 +366,10 @@ async def test_a_kill_between_a_part_write_and_its_record_creates_once(
     from batchd.objstore.location import BucketUrl
 
     reads_oss = "object_store_url" in EmulatorSettings.model_fields
+    # The emulator (in this process) reads the store with the credentials of the
+    # environment, as the daemon does.
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
     store_settings = {"endpoint_url": s3_server.endpoint_url, "region": s3_server.region}
     if reads_oss:
         emulator = await start_emulator(
