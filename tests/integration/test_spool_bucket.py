@@ -26,6 +26,7 @@ from batchd.objstore.bucket import Bucket, ObjectStore
 from batchd.objstore.location import BucketUrl
 from batchd.testing import (
     StartEmulator,
+    cli,
     daemon_settings,
     drop,
     requests,
@@ -168,7 +169,11 @@ async def test_a_refused_oss_create_fails_that_part_and_the_daemon_goes_on(
 
 
 async def test_auto_uploads_when_the_preflight_finds_the_tag_missing(
-    tmp_path: Path, start_emulator: StartEmulator, store_env: Any, objects: ObjectStore
+    tmp_path: Path,
+    start_emulator: StartEmulator,
+    store_env: Any,
+    objects: ObjectStore,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     # An oss:// spool (the loopback store playing OSS, path-style): auto would read the
     # parts from it, but the bucket lacks the tag the service's role needs.
@@ -192,6 +197,12 @@ async def test_auto_uploads_when_the_preflight_finds_the_tag_missing(
         assert oss is not None and oss.setting == "auto" and oss.via == "upload"
         assert oss.why_upload is not None and "bailian-datahub-access: read" in oss.why_upload
         assert oss.missing and oss.checked_at is not None
+        # `batchd status` says which way parts go, why, and how to fix it.
+        code, out, _ = await cli(capsys, "status", "--socket", str(settings.socket_path))
+        text = " ".join(out.split())
+        assert code == 0 and "parts are uploaded (jobs.input_via = auto)" in text
+        assert f"ossutil bucket-tagging --method put oss://{store_env.bucket}" in text
+        assert "AliyunServiceRoleForSFMDataHubOSSImport" in text
 
 
 @pytest.mark.skipif(
