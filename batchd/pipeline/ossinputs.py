@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from batchd.clock import SYSTEM_CLOCK, Clock
+from batchd.faults import StorageFault
 from batchd.logs import get_logger
 from batchd.models import OSS_ID_PREFIX, is_oss_id
 from batchd.objstore.location import BucketUrl
@@ -60,8 +61,8 @@ InputVia = Literal["upload", "oss"]
 ACCESS_TAG = "bailian-datahub-access"
 ACCESS_TAG_VALUE = "read"
 SERVICE_ROLE = "AliyunServiceRoleForSFMDataHubOSSImport"
-# A pre-flight that found something missing is made again this often: a tag added or a
-# role granted is noticed without a restart.
+# A pre-flight that found something missing, or could not check something, is made again
+# this often: a tag added or a store back is noticed without a restart.
 PREFLIGHT_AGAIN_S = 600.0
 
 
@@ -126,12 +127,22 @@ def preflight_findings(
     tags: Mapping[str, str] | None,
     *,
     at: float = 0.0,
+    region_known: bool = True,
 ) -> Preflight:
-    """PURE: what is missing for the service to read objects of `bucket` (in `region`),
-    from what the store said of its tags (None: it would not say)."""
+    """PURE: what is missing for the service to read objects of `bucket` (in `region`,
+    or, when the store would not say, the region it is addressed in), from what the
+    store said of its tags (None: it would not say)."""
     missing: list[Finding] = []
     unchecked: list[Finding] = []
-    if region != service_region:
+    if not region_known:
+        unchecked.append(
+            Finding(
+                f"the region of the bucket {bucket} could not be read (taken to be {region});"
+                f" the service reads OSS inputs only from {service_region}",
+                f"check it by hand (ossutil stat oss://{bucket} shows its Location)",
+            )
+        )
+    elif region != service_region:
         missing.append(
             Finding(
                 f"the bucket {bucket} is in {region}, the service reads OSS inputs only from"
@@ -259,9 +270,11 @@ class OssInputs:
 
     def _due(self) -> bool:
         """Should the pre-flight be made (again) before choosing?"""
-        if self.checked is None:
+        checked = self.checked
+        if checked is None:
             return True
-        return not self.checked.ok and self.clock.now() - self.checked.at >= PREFLIGHT_AGAIN_S
+        settled = checked.ok and not checked.unchecked
+        return not settled and self.clock.now() - checked.at >= PREFLIGHT_AGAIN_S
 
     async def preflight(self) -> Preflight:
         """Check the spool bucket as the service will need it (once, and again every
@@ -272,14 +285,27 @@ class OssInputs:
         if self.checked is not None and not self._due():
             return self.checked
         url = self.bucket.url
-        location = await self.bucket.location()
+        unread: StorageFault | None = None
+        try:
+            location = await self.bucket.location()
+        except StorageFault as exc:
+            # Keys allowed to write objects may not read the bucket's location, and a
+            # store may not answer it: unchecked, and looked at again later.
+            location, unread = None, exc
         tags = await self.bucket.tags()
+        if unread is not None:
+            if tags is None:
+                # Neither answered: the store cannot be used just now (this machine's
+                # trouble: the parts wait), rather than a bucket that checks out.
+                raise unread
+            log.warning("oss_preflight_location_unread", bucket=url.bucket, error=str(unread))
         found = preflight_findings(
             url.bucket,
             region_of(location, self.bucket.store.region(url.scheme)),
             service_region,
             tags,
             at=self.clock.now(),
+            region_known=unread is None,
         )
         self.checked = found
         for finding in (*found.missing, *found.unchecked):

@@ -47,7 +47,7 @@ from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import ProviderLimits, Settings
 from batchd.documents import given
 from batchd.failpoints import failpoint
-from batchd.faults import Faults, local_cause
+from batchd.faults import Faults, describe, local_cause
 from batchd.inputs.spool import REQUESTS
 from batchd.logs import get_logger
 from batchd.models import Job, Part, PartState, RemoteStatus
@@ -349,8 +349,18 @@ class Submitter:
             for job_id in {p.job_id for p in pending if Path(p.path).name == REQUESTS}
         }
         # One way for the pass: the pre-flight of the spool bucket comes first when it
-        # may be the way (its store fault pauses the stage, as a full disk does).
-        via = await self.oss.via() if self.oss is not None else "upload"
+        # may be the way; a fault of its store is this machine's: the parts wait for it.
+        try:
+            via = await self.oss.via() if self.oss is not None else "upload"
+        except Exception as exc:
+            local = local_cause(exc)
+            if local is None:
+                raise
+            pause = self.faults.met(local, "uploads and creates")
+            note = f"waits for this machine: {describe(local)}: {local}"
+            for part in pending:
+                await step_waits(self.store, part, note, pause, self.clock.steady())
+            return False
         sem = asyncio.Semaphore(self.concurrency)
 
         async def one(part: Part) -> bool:

@@ -5,14 +5,19 @@ where it cannot work."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from batchd.clock import FakeClock
 from batchd.config import PROFILES, Settings
 from batchd.errors import ConfigError
+from batchd.faults import StorageFault
 from batchd.objstore.location import BucketUrl
 from batchd.pipeline.ossinputs import (
     ACCESS_TAG,
+    PREFLIGHT_AGAIN_S,
+    OssInputs,
     Preflight,
     choose_via,
     is_oss_id,
@@ -171,3 +176,81 @@ def test_oss_and_auto_are_taken_where_they_can_work(tmp_path: Path) -> None:
     # auto never refuses: it uploads where the bucket cannot be the way
     for provider in ("openai", "dashscope-intl"):
         assert Settings.load(None, provider=provider, paths=spool).jobs.input_via == "auto"
+
+
+class FakeStore:
+    def region(self, scheme: str) -> str:
+        return BEIJING
+
+
+class FakeBucket:
+    """The spool bucket's answers, as `OssInputs` reads them (a narrow seam)."""
+
+    def __init__(self, location: str | None = BEIJING, tags: dict[str, str] | None = None) -> None:
+        self.url = OSS
+        self.area = "spool"
+        self.store = FakeStore()
+        self.location_answer: str | StorageFault | None = location
+        self.tags_answer = tags
+        self.asked = 0
+
+    async def location(self) -> str | None:
+        self.asked += 1
+        if isinstance(self.location_answer, StorageFault):
+            raise self.location_answer
+        return self.location_answer
+
+    async def tags(self) -> dict[str, str] | None:
+        return self.tags_answer
+
+
+def inputs(bucket: FakeBucket, clock: FakeClock, **jobs: Any) -> OssInputs:
+    settings = Settings.load(
+        None, paths={"root": "/tmp/unused", "spool": str(OSS)}, jobs=jobs or None
+    )
+    return OssInputs(bucket, lambda: settings, clock=clock)  # type: ignore[arg-type]
+
+
+async def test_auto_checks_the_bucket_once_and_again_while_something_is_missing() -> None:
+    clock = FakeClock()
+    bucket = FakeBucket(tags={})
+    oss = inputs(bucket, clock)
+    assert await oss.via() == "upload" and bucket.asked == 1
+    report = oss.report()
+    assert report is not None and report.why_upload is not None
+    assert "lacks the tag" in report.why_upload
+    clock.advance(60)
+    assert await oss.via() == "upload" and bucket.asked == 1  # not asked again yet
+    bucket.tags_answer = {ACCESS_TAG: "read"}
+    clock.advance(PREFLIGHT_AGAIN_S)
+    assert await oss.via() == "oss" and bucket.asked == 2  # the tag was added meanwhile
+    clock.advance(PREFLIGHT_AGAIN_S)
+    assert await oss.via() == "oss" and bucket.asked == 2  # all well: never asked again
+    assert oss.input_id("spool/J/x.jsonl") == f"oss:{BEIJING}:my-bucket/spool/J/x.jsonl"
+
+
+async def test_a_location_the_keys_may_not_read_is_unchecked_and_the_region_assumed() -> None:
+    denied = StorageFault("the object store denied access", "oss://my-bucket/", "403")
+    bucket = FakeBucket(tags={ACCESS_TAG: "read"})
+    bucket.location_answer = denied
+    oss = inputs(bucket, FakeClock())
+    assert await oss.via() == "oss"
+    assert oss.checked is not None and oss.checked.region == BEIJING
+    (note,) = oss.checked.unchecked
+    assert "region of the bucket my-bucket could not be read" in note.what
+
+
+async def test_a_store_that_answers_nothing_is_a_fault_not_a_bucket_that_checks_out() -> None:
+    down = StorageFault("the object store cannot be reached", "oss://my-bucket/", "refused")
+    bucket = FakeBucket(tags=None)
+    bucket.location_answer = down
+    oss = inputs(bucket, FakeClock())
+    with pytest.raises(StorageFault):
+        await oss.via()
+    assert oss.checked is None
+
+
+async def test_upload_never_asks_the_bucket() -> None:
+    bucket = FakeBucket(tags={})
+    oss = inputs(bucket, FakeClock(), input_via="upload")
+    assert await oss.via() == "upload" and bucket.asked == 0
