@@ -224,6 +224,8 @@ async def test_parts_read_from_the_spool_bucket_are_never_uploaded(
         parts = await daemon.store.parts_of(job.id)
         assert len(parts) == 2
         assert all(p.remote_file_id and p.remote_file_id.startswith("oss:") for p in parts)
+        # The service's batch names its input as sent: no note that it was not understood.
+        assert not any("input_file_id" in (p.error or "") for p in parts)
         assert summary(folder)["request_counts"]["completed"] == 5
         stats = await emulator.stats()
         assert stats["calls"]["upload"]["served"] == 0
@@ -306,3 +308,33 @@ async def test_follow_up_parts_are_read_from_the_spool_bucket_too(
     assert stats["inputs"]["oss"] == len(parts)
     assert summary(folder)["request_counts"]["total"] == 30
     assert await keys(spool_bucket(objects, store_env)) == []
+
+
+@pytest.mark.skipif(
+    not EMULATOR_READS_OSS,
+    reason="the emulator cannot read oss: inputs yet (no object_store_url in"
+    " EmulatorSettings: branch i24-emu); runs once it can",
+)
+async def test_a_lost_create_of_an_oss_part_is_found_by_its_oss_name(
+    tmp_path: Path, start_emulator: StartEmulator, store_env: Any
+) -> None:
+    # Every create's answer is lost: each part is looked for in the batch list, found by
+    # its oss: name, and followed; none is created twice.
+    emulator = await start_emulator(
+        time_scale=3000,
+        lost_create_response_rate=1.0,
+        object_store_url=store_env.endpoint_url,
+        oss_require_tag=False,
+    )
+    settings = bucket_settings(tmp_path, emulator, store_env)
+    async with running_daemon(settings) as daemon:
+        drop(settings.paths.folder("inbox"), "big.jsonl", requests(5))
+        (folder,) = await wait_published(settings.paths.folder("outbox"), 1, emulator)
+        parts = await daemon.store.parts_of((await one_job(daemon)).id)
+    stats = await emulator.stats()
+    assert stats["faults"]["lost_create_response"] == 2
+    assert sorted(stats["batches_created_per_input_file"]) == sorted(
+        p.remote_file_id for p in parts
+    )
+    assert sorted(stats["batches_created_per_input_file"].values()) == [1, 1]
+    assert summary(folder)["request_counts"]["completed"] == 5
