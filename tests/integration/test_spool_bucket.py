@@ -322,7 +322,7 @@ async def test_a_lost_create_of_an_oss_part_is_found_by_its_oss_name(
     # its oss: name, and followed; none is created twice.
     emulator = await start_emulator(
         time_scale=3000,
-        lost_create_response_rate=1.0,
+        faults={"lost_create_response_rate": 1.0},
         object_store_url=store_env.endpoint_url,
         oss_require_tag=False,
     )
