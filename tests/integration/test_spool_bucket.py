@@ -19,7 +19,6 @@ import pytest
 from batchd.config import Settings, StorageSettings
 from batchd.emulator import Emulator
 from batchd.emulator.config import EmulatorSettings
-from batchd.faults import StorageFault
 from batchd.models import Job, Part, PartState
 from batchd.objstore import open_store
 from batchd.objstore.bucket import Bucket, ObjectStore
@@ -235,26 +234,16 @@ async def test_parts_read_from_the_spool_bucket_are_never_uploaded(
 
 
 async def test_a_store_fault_while_writing_a_part_pauses_it_uncounted(
-    tmp_path: Path,
-    start_emulator: StartEmulator,
-    store_env: Any,
-    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, start_emulator: StartEmulator, s3_faulty: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The store refuses the part's PUT for a while (a 503 after its retries): the part
-    # waits, never counted as its failure, the fault shows under "spool", and once the
-    # store answers the part is written and created once, never uploaded.
-    faults = {"left": 3}
-    real_put = Bucket.put_file
-
-    async def failing_put(self: Bucket, key: str, path: Path, **kwargs: Any) -> str:
-        if faults["left"] > 0:
-            faults["left"] -= 1
-            raise StorageFault("the object store failed", key, "put_object: 503", area=self.area)
-        return await real_put(self, key, path, **kwargs)
-
-    monkeypatch.setattr(Bucket, "put_file", failing_put)
+    # The store answers every PUT 503 for a while (the fault proxy): the part waits, never
+    # counted as its failure, the fault shows under "spool"; once the store answers the
+    # part is written and created once, never uploaded.
+    for name, value in s3_faulty.env().items():
+        monkeypatch.setenv(name, value)
+    s3_faulty.set_faults(error_rate=1.0, error_status=503, methods=["PUT"])
     emulator = await start_emulator()
-    settings = bucket_settings(tmp_path, emulator, store_env)
+    settings = bucket_settings(tmp_path, emulator, s3_faulty, storage={"max_attempts": 1})
     async with running_daemon(settings) as daemon:
         drop(settings.paths.folder("inbox"), "small.jsonl", requests(2))
         job = await one_job(daemon)
@@ -268,12 +257,74 @@ async def test_a_store_fault_while_writing_a_part_pauses_it_uncounted(
         (part,) = await daemon.store.parts_of(job.id)
         assert part.state == PartState.PENDING and part.attempts == 0
         assert part.error is not None and "waits for this machine" in part.error
+        assert (await emulator.stats())["calls"]["create"]["served"] == 0
+        s3_faulty.set_faults(error_rate=0.0)
         await wait_published(settings.paths.folder("outbox"), 1, emulator)
-        assert faults["left"] == 0
         stats = await emulator.stats()
         assert stats["calls"]["create"]["served"] == 1
         assert stats["calls"]["upload"]["served"] == 0
         assert not any(f.key == "spool" for f in (await daemon.ops.status()).local_faults)
+    assert s3_faulty.stats()["faults"]
+
+
+async def test_auto_reads_from_a_bucket_tagged_in_the_service_region(
+    tmp_path: Path, start_emulator: StartEmulator, s3_faulty: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The proxy serves the tag Swift cannot keep: auto takes the bucket, nothing missing.
+    for name, value in s3_faulty.env().items():
+        monkeypatch.setenv(name, value)
+    s3_faulty.set_faults(tags={"bailian-datahub-access": "read"}, location=BEIJING)
+    emulator = await start_emulator()
+    settings = bucket_settings(
+        tmp_path,
+        emulator,
+        s3_faulty,
+        spool=f"oss://{s3_faulty.bucket}/spool/",
+        jobs={"input_via": "auto"},
+        storage={"addressing_style": "path"},
+        budget={"daily": 0.0},  # held before the create, written and recorded
+    )
+    async with running_daemon(settings) as daemon:
+        drop(settings.paths.folder("inbox"), "small.jsonl", requests(2))
+        job = await one_job(daemon)
+        (part,) = await parts_in(daemon, job.id, PartState.UPLOADED, 1)
+        assert part.remote_file_id == (
+            f"oss:{BEIJING}:{s3_faulty.bucket}/spool/{job.id}/{Path(part.path).name}"
+        )
+        oss = (await daemon.ops.status()).oss_inputs
+        assert oss is not None and oss.via == "oss" and oss.why_upload is None
+        assert oss.missing == [] and oss.bucket_region == BEIJING
+        assert (await emulator.stats())["calls"]["upload"]["served"] == 0
+
+
+async def test_a_bucket_in_another_region_is_named_with_both_regions(
+    tmp_path: Path, start_emulator: StartEmulator, s3_faulty: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in s3_faulty.env().items():
+        monkeypatch.setenv(name, value)
+    s3_faulty.set_faults(tags={"bailian-datahub-access": "read"}, location="oss-ap-southeast-1")
+    emulator = await start_emulator(time_scale=3000)
+    settings = bucket_settings(
+        tmp_path,
+        emulator,
+        s3_faulty,
+        spool=f"oss://{s3_faulty.bucket}/spool/",
+        jobs={"input_via": "auto"},
+        storage={"addressing_style": "path"},
+    )
+    async with running_daemon(settings) as daemon:
+        drop(settings.paths.folder("inbox"), "small.jsonl", requests(2))
+        (folder,) = await wait_published(settings.paths.folder("outbox"), 1, emulator)
+        assert summary(folder)["request_counts"]["completed"] == 2
+        oss = (await daemon.ops.status()).oss_inputs
+        assert oss is not None and oss.via == "upload" and oss.bucket_region == "ap-southeast-1"
+        assert oss.why_upload is not None
+        assert f"is in ap-southeast-1, the service reads OSS inputs only from {BEIJING}" in (
+            oss.why_upload
+        )
+        (missing,) = oss.missing
+        assert "paths.spool" in missing
+        assert (await emulator.stats())["calls"]["upload"]["served"] == 1
 
 
 @pytest.mark.skipif(
