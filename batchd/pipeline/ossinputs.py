@@ -242,6 +242,11 @@ class OssInputs:
         return self.bucket.area if self.bucket is not None else "spool"
 
     @property
+    def setting(self) -> str:
+        """`jobs.input_via` in force (a reload changes it)."""
+        return self._settings().jobs.input_via
+
+    @property
     def spool(self) -> BucketUrl | None:
         return self.bucket.url if self.bucket is not None else None
 
