@@ -37,6 +37,7 @@ in batchd's records; the oss: name carries no secret.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -336,11 +337,19 @@ class OssInputs:
         )
         return oss_id(region, url.bucket, key)
 
-    async def write(self, job_id: str, path: Path) -> str:
+    async def write(self, job_id: str, path: Path, *, claimed_input: bool = False) -> str:
         """Write the part file at `path` of job `job_id` to the spool bucket (a PUT that
-        can be made again: the same bytes under the same key); its oss: id."""
+        can be made again: the same bytes under the same key); its oss: id. A part that
+        is the claimed input itself (`claimed_input`: an unsplit JSONL input) is at
+        `JOB/input.jsonl`, where a claim from a bucket inbox already copied it: that copy
+        is used as it is (the claim owns it); only where there is none is it written."""
         assert self.bucket is not None
         key = part_key(self.bucket.url, job_id, path)
+        if claimed_input:
+            there = await self.bucket.head(key)
+            size = await asyncio.to_thread(lambda: path.stat().st_size)
+            if there is not None and there.size == size:
+                return self.input_id(key)
         await self.bucket.put_file(key, path)
         return self.input_id(key)
 

@@ -586,7 +586,8 @@ class Submitter:
         assert self.oss is not None
         if job is not None and await self._input_changed(part, job):
             return False
-        file_id = await self.oss.write(part.job_id, Path(part.path))
+        claimed = job is not None and producer_writable(part, job)
+        file_id = await self.oss.write(part.job_id, Path(part.path), claimed_input=claimed)
         failpoint("spool.after_write")
         if (
             job is not None

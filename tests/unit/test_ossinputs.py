@@ -193,6 +193,8 @@ class FakeBucket:
         self.location_answer: str | StorageFault | None = location
         self.tags_answer = tags
         self.asked = 0
+        self.objects: dict[str, int] = {}
+        self.written: list[str] = []
 
     async def location(self) -> str | None:
         self.asked += 1
@@ -202,6 +204,15 @@ class FakeBucket:
 
     async def tags(self) -> dict[str, str] | None:
         return self.tags_answer
+
+    async def head(self, key: str) -> Any:
+        size = self.objects.get(key)
+        return None if size is None else type("Info", (), {"size": size})()
+
+    async def put_file(self, key: str, path: Path) -> str:
+        self.objects[key] = path.stat().st_size
+        self.written.append(key)
+        return "etag"
 
 
 def inputs(bucket: FakeBucket, clock: FakeClock, **jobs: Any) -> OssInputs:
@@ -254,3 +265,22 @@ async def test_upload_never_asks_the_bucket() -> None:
     bucket = FakeBucket(tags={})
     oss = inputs(bucket, FakeClock(), input_via="upload")
     assert await oss.via() == "upload" and bucket.asked == 0
+
+
+async def test_the_claimed_input_copied_by_its_claim_is_not_written_again(
+    tmp_path: Path,
+) -> None:
+    bucket = FakeBucket(tags={ACCESS_TAG: "read"})
+    oss = inputs(bucket, FakeClock())
+    local = tmp_path / "input.jsonl"
+    local.write_bytes(b'{"custom_id": "a"}\n')
+    # A claim from a bucket inbox copied it to JOB/input.jsonl: used as it is.
+    bucket.objects["spool/J1/input.jsonl"] = local.stat().st_size
+    ident = await oss.write("J1", local, claimed_input=True)
+    assert ident == f"oss:{BEIJING}:my-bucket/spool/J1/input.jsonl" and bucket.written == []
+    # From a local inbox nobody copied it: written; and a part of batchd's own always is.
+    assert await oss.write("J2", local, claimed_input=True) and bucket.written == [
+        "spool/J2/input.jsonl"
+    ]
+    await oss.write("J1", tmp_path / "input.jsonl")
+    assert bucket.written[-1] == "spool/J1/input.jsonl"
