@@ -91,7 +91,7 @@ def _oss_lines(body: StatusResponse) -> list[str]:
     else:
         why = f": {oss.why_upload}" if oss.why_upload else ""
         lines = [f"parts are uploaded (jobs.input_via = {oss.setting}){why}"]
-    if oss.checked_at is None and oss.setting != "upload":
+    if oss.checked_at is None and oss.via == "oss":
         lines.append("the spool bucket is checked before the first part goes by it")
     lines += [f"[red]missing for oss: inputs: {what}[/]" for what in oss.missing]
     lines += [f"[yellow]note: {what}[/]" for what in oss.notes]
