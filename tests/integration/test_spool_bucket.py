@@ -10,6 +10,9 @@ that part and nothing else."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -389,3 +392,37 @@ async def test_a_lost_create_of_an_oss_part_is_found_by_its_oss_name(
     )
     assert sorted(stats["batches_created_per_input_file"].values()) == [1, 1]
     assert summary(folder)["request_counts"]["completed"] == 5
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ({}, "paths.spool"),
+        (
+            {"BATCHD_PROVIDER": "dashscope-intl", "BATCHD_PATHS__SPOOL": "oss://my-bucket/s/"},
+            "provider 'dashscope-intl'",
+        ),
+    ],
+)
+def test_batchd_run_with_oss_where_it_cannot_work_exits_2(
+    tmp_path: Path, extra: dict[str, str], named: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BATCHD_", "DASHSCOPE_"))}
+    env |= {
+        "BATCHD_API_KEY": "sk-test",
+        "BATCHD_PATHS__ROOT": str(tmp_path / "r"),
+        "BATCHD_JOBS__INPUT_VIA": "oss",
+        "BATCHD_LOG__FORMAT": "json",
+        **extra,
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "batchd", "run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "jobs.input_via" in result.stderr and named in result.stderr
+    assert "Traceback" not in result.stderr
