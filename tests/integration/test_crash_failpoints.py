@@ -366,28 +366,22 @@ async def test_a_kill_between_a_part_write_and_its_record_creates_once(
 ) -> None:
     """With the spool on a bucket and parts read from it, the daemon is killed once a
     part is written to the bucket but before its oss: id is recorded
-    (`spool.after_write`): after a restart the part is written again (the same object)
-    and its batch is created once; nothing is uploaded, and the job's objects go with
-    its publication."""
+    (`spool.after_write`): after a restart the part's object is found whole (an input
+    sent unsplit, whose object is the claimed input's) or written again, and its batch
+    is created once; nothing is uploaded, and the job's objects go with its
+    publication."""
     from batchd.config import StorageSettings
-    from batchd.emulator.config import EmulatorSettings
     from batchd.objstore import open_store
     from batchd.objstore.location import BucketUrl
 
-    reads_oss = "object_store_url" in EmulatorSettings.model_fields
     # The emulator (in this process) reads the store with the credentials of the
     # environment, as the daemon does.
     for name, value in s3_server.env().items():
         monkeypatch.setenv(name, value)
     store_settings = {"endpoint_url": s3_server.endpoint_url, "region": s3_server.region}
-    if reads_oss:
-        emulator = await start_emulator(
-            time_scale=3000, object_store_url=s3_server.endpoint_url, oss_require_tag=False
-        )
-    else:
-        # Without an object store the emulator refuses oss: inputs (400): each create is
-        # still counted, once per part.
-        emulator = await start_emulator(time_scale=3000)
+    emulator = await start_emulator(
+        time_scale=3000, object_store_url=s3_server.endpoint_url, oss_require_tag=False
+    )
     root = tmp_path / "root"
     drop(root / "inbox", "small.jsonl", requests(2))
     spool = f"s3://{s3_server.bucket}/spool/"
@@ -410,9 +404,8 @@ async def test_a_kill_between_a_part_write_and_its_record_creates_once(
         stats = await emulator.stats()
         assert stats["calls"]["create"]["served"] == 1
         assert stats["calls"]["upload"]["served"] == 0
-        if reads_oss:
-            assert list(stats["batches_created_per_input_file"].values()) == [1]
-            assert summary(folder)["request_counts"]["completed"] == 2
+        assert list(stats["batches_created_per_input_file"].values()) == [1]
+        assert summary(folder)["request_counts"]["completed"] == 2
         assert [info.key async for info in bucket.list(recursive=True)] == []
 
 

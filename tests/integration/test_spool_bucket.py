@@ -21,7 +21,6 @@ import pytest
 
 from batchd.config import Settings, StorageSettings
 from batchd.emulator import Emulator
-from batchd.emulator.config import EmulatorSettings
 from batchd.models import Job, Part, PartState
 from batchd.objstore import open_store
 from batchd.objstore.bucket import Bucket, ObjectStore
@@ -41,7 +40,6 @@ from batchd.testing import (
 pytestmark = pytest.mark.timeout(120)
 
 BEIJING = "cn-beijing"
-EMULATOR_READS_OSS = "object_store_url" in EmulatorSettings.model_fields
 
 
 @pytest.fixture
@@ -207,11 +205,6 @@ async def test_auto_uploads_when_the_preflight_finds_the_tag_missing(
         assert "AliyunServiceRoleForSFMDataHubOSSImport" in text
 
 
-@pytest.mark.skipif(
-    not EMULATOR_READS_OSS,
-    reason="the emulator cannot read oss: inputs yet (no object_store_url in"
-    " EmulatorSettings: branch i24-emu); runs once it can",
-)
 async def test_parts_read_from_the_spool_bucket_are_never_uploaded(
     tmp_path: Path, start_emulator: StartEmulator, store_env: Any, objects: ObjectStore
 ) -> None:
@@ -330,11 +323,6 @@ async def test_a_bucket_in_another_region_is_named_with_both_regions(
         assert (await emulator.stats())["calls"]["upload"]["served"] == 1
 
 
-@pytest.mark.skipif(
-    not EMULATOR_READS_OSS,
-    reason="the emulator cannot read oss: inputs yet (no object_store_url in"
-    " EmulatorSettings: branch i24-emu); runs once it can",
-)
 async def test_follow_up_parts_are_read_from_the_spool_bucket_too(
     tmp_path: Path, start_emulator: StartEmulator, store_env: Any, objects: ObjectStore
 ) -> None:
@@ -364,11 +352,6 @@ async def test_follow_up_parts_are_read_from_the_spool_bucket_too(
     assert await keys(spool_bucket(objects, store_env)) == []
 
 
-@pytest.mark.skipif(
-    not EMULATOR_READS_OSS,
-    reason="the emulator cannot read oss: inputs yet (no object_store_url in"
-    " EmulatorSettings: branch i24-emu); runs once it can",
-)
 async def test_a_lost_create_of_an_oss_part_is_found_by_its_oss_name(
     tmp_path: Path, start_emulator: StartEmulator, store_env: Any
 ) -> None:
