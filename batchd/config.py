@@ -271,6 +271,12 @@ class JobSettings(BaseModel):
     # Requests to a model that thinks by default, without enable_thinking: "warn" (in the
     # report), "refuse" (reject the job) or "allow".
     thinking: Literal["warn", "refuse", "allow"] = "warn"
+    # How the service gets a part's requests: "upload" (the files API), "oss" (written to
+    # the spool's bucket and named by `oss:{region}:{bucket}/{key}`: no upload call, no
+    # upload cap, no input file in the account's quota), or "auto": oss when the spool
+    # is an oss:// bucket, the provider reads OSS inputs and the pre-flight check of the
+    # bucket finds nothing missing, else upload (batchd.pipeline.ossinputs).
+    input_via: Literal["auto", "upload", "oss"] = "auto"
 
     @field_validator("duplicate_window")
     @classmethod
@@ -532,6 +538,23 @@ class Settings(FileSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _check_input_via(self) -> Self:
+        if self.jobs.input_via != "oss":
+            return self
+        if self.paths.bucket("spool") is None:
+            raise ValueError(
+                'jobs.input_via = "oss" needs the spool on a bucket: set paths.spool to'
+                ' oss://BUCKET/PREFIX/ (or s3://...), or jobs.input_via to "auto" or "upload"'
+            )
+        if not PROFILES[self.provider].reads_oss_inputs:
+            raise ValueError(
+                f'jobs.input_via = "oss": provider {self.provider!r} does not read batch'
+                ' inputs from OSS (Model Studio in China (Beijing), provider "dashscope",'
+                ' does); set jobs.input_via to "auto" or "upload", or change provider'
+            )
+        return self
+
     @property
     def socket_path(self) -> Path:
         return self.control.socket or self.paths.folder("runtime") / "control.sock"
@@ -543,4 +566,5 @@ class Settings(FileSettings):
             name=base.name,
             base_url=self.base_url or base.base_url,
             limits=merge_limits(base.limits, self.limits),
+            oss_inputs_region=base.oss_inputs_region,
         )

@@ -44,6 +44,7 @@ from batchd.pipeline.collect import Collector
 from batchd.pipeline.extras import ExtraBatches
 from batchd.pipeline.intake import Intake
 from batchd.pipeline.notify import Notifications, load_webhook_secret
+from batchd.pipeline.ossinputs import OssInputs
 from batchd.pipeline.poll import Poller
 from batchd.pipeline.prepare import Preparer
 from batchd.pipeline.publish import Publisher
@@ -352,6 +353,9 @@ class Daemon:
             settings=settings,
             on_garbage=self.wake.poke(Stage.CLEANUP),
         )
+        # The spool bucket as the submit and publish stages see it: parts the service
+        # reads from it instead of an upload, removed once their job is published.
+        self.oss_inputs = OssInputs(self.buckets.get("spool"), settings, clock=self.clock)
         self.submitter = Submitter(
             self.store,
             self.api,
@@ -364,6 +368,7 @@ class Daemon:
             on_held=self.wake.poke(Stage.NOTIFY),
             extras=self.extras,
             faults=self.faults,
+            oss=self.oss_inputs,
         )
         self.poller = Poller(
             self.store,
@@ -398,6 +403,7 @@ class Daemon:
             clock=self.clock,
             bucket=self.buckets.get("outbox"),
             faults=self.faults,
+            remove_spool_objects=self.oss_inputs.remove_job if "spool" in self.buckets else None,
         )
         self.cleanup = RemoteCleanup(self.store, self.api, self.account)
         self.probe = AccountProbe(
@@ -421,6 +427,7 @@ class Daemon:
             inputs_kept=lambda: self.publisher.inputs_kept,
             faults=self.faults,
             outbox_bucket=self.buckets.get("outbox"),
+            oss_inputs=self.oss_inputs.report,
         )
         return True
 

@@ -47,6 +47,8 @@ NAMES = frozenset(
         # A retry's answers merged into its root's folder: written, not yet linked.
         "publish.merged",
         "cleanup.after_request",
+        # A part written to the spool bucket (an oss: input), its id not yet recorded.
+        "spool.after_write",
     }
 )
 ACTIONS = frozenset({"kill", "raise", "eio", "enospc"})

@@ -344,6 +344,16 @@ class Part:
         )
 
 
+# A part's input named as an OSS object (`oss:{region}:{bucket}/{key}`) rather than one of
+# the account's files: the service reads it from the spool's bucket (batchd.pipeline.ossinputs).
+OSS_ID_PREFIX = "oss:"
+
+
+def is_oss_id(file_id: str | None) -> bool:
+    """PURE: does this input id name an OSS object (not one of the account's files)?"""
+    return file_id is not None and file_id.startswith(OSS_ID_PREFIX)
+
+
 def batch_created_at(part: Part) -> float | None:
     """PURE: when batchd asked for the part's batch, on its own clock; None when it has
     none. A part created before this was recorded has its create intent's time."""

@@ -80,6 +80,24 @@ def _guard(func: Handler) -> Handler:
     return wrapper
 
 
+def _oss_lines(body: StatusResponse) -> list[str]:
+    """How parts reach the service with the spool on a bucket, and what is missing."""
+    oss = body.oss_inputs
+    if oss is None:
+        return []
+    if oss.via == "oss":
+        where = f", bucket in {oss.bucket_region}" if oss.bucket_region else ""
+        lines = [f"parts reach the service from the spool bucket (oss: inputs{where})"]
+    else:
+        why = f": {oss.why_upload}" if oss.why_upload else ""
+        lines = [f"parts are uploaded (jobs.input_via = {oss.setting}){why}"]
+    if oss.checked_at is None and oss.via == "oss":
+        lines.append("the spool bucket is checked before the first part goes by it")
+    lines += [f"[red]missing for oss: inputs: {what}[/]" for what in oss.missing]
+    lines += [f"[yellow]note: {what}[/]" for what in oss.notes]
+    return lines
+
+
 @_guard
 def cmd_status(args: argparse.Namespace) -> int:
     """Show the daemon's state: queue, running batches vs cap, rate levels, errors."""
@@ -114,6 +132,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         console.print(
             f"[yellow]the wall clock stepped {step.seconds:+.1f} s at {_when(step.at)} UTC[/]"
         )
+    for line in _oss_lines(body):
+        console.print(line)
     console.print(f"running batches {body.caps.running_batches} / {body.caps.running_cap}")
     if body.spend is not None:
         for line in _spend_lines(body.spend):

@@ -52,6 +52,7 @@ from batchd.operator.protocol import (
     JobList,
     LocalFaultInfo,
     Notification,
+    OssInputsInfo,
     PartInfo,
     Problem,
     Reload,
@@ -70,6 +71,7 @@ from batchd.pipeline.account import AccountState
 from batchd.pipeline.budget import BudgetCaps, periods
 from batchd.pipeline.intake import Intake
 from batchd.pipeline.notify import shown_error
+from batchd.pipeline.ossinputs import OssReport
 from batchd.pipeline.stages import Stage, Wake
 from batchd.provider.api import BatchApi
 from batchd.provider.prices import oldest_as_of, stale_note
@@ -106,9 +108,12 @@ class Operations:
         inputs_kept: Callable[[], Mapping[str, str]] = dict,
         faults: Faults | None = None,
         outbox_bucket: Bucket | None = None,
+        oss_inputs: Callable[[], OssReport | None] = lambda: None,
     ) -> None:
         # The outbox's bucket, when it is one: published folders are read through it.
         self.outbox_bucket = BucketOutbox(outbox_bucket) if outbox_bucket is not None else None
+        # How parts reach the service with the spool on a bucket (None: a local spool).
+        self.oss_inputs = oss_inputs
         # Published jobs whose input stayed in the spool (bytes reached it afterwards).
         self.inputs_kept = inputs_kept
         self.store = store
@@ -387,6 +392,24 @@ class Operations:
                 ClockStepInfo(seconds=round(s.seconds, 3), at=s.at)
                 for s in self.faults.recent_steps()
             ],
+            oss_inputs=self.oss_info(),
+        )
+
+    def oss_info(self) -> OssInputsInfo | None:
+        """How parts reach the service with the spool on a bucket, and what the
+        pre-flight of the bucket found (None: a local spool)."""
+        report = self.oss_inputs()
+        if report is None:
+            return None
+        checked = report.preflight
+        return OssInputsInfo(
+            setting=report.setting,
+            via=report.via,
+            why_upload=report.why_upload,
+            bucket_region=checked.region if checked is not None else None,
+            checked_at=checked.at if checked is not None else None,
+            missing=[str(f) for f in checked.missing] if checked is not None else [],
+            notes=report.notes,
         )
 
     async def spend(self) -> Spend:

@@ -83,6 +83,21 @@ class LocalFaultInfo(_Model, kw_only=True):
     met: int = 1  # times met since
 
 
+class OssInputsInfo(_Model, kw_only=True):
+    """How parts reach the service with the spool on a bucket (batchd.pipeline.ossinputs):
+    `via` "oss" (read from the bucket, no upload) or "upload", with why not the bucket;
+    what the pre-flight of the bucket found missing (each with its fix) and what it could
+    not check. `checked_at` is None before the first pre-flight."""
+
+    setting: str  # jobs.input_via
+    via: str
+    why_upload: str | None = None
+    bucket_region: str | None = None
+    checked_at: float | None = None
+    missing: list[str] = msgspec.field(default_factory=list)
+    notes: list[str] = msgspec.field(default_factory=list)
+
+
 class ClockStepInfo(_Model, kw_only=True):
     """A step of the wall clock seen in the last hour (+ forward, - back)."""
 
@@ -152,6 +167,8 @@ class StatusResponse(_Model, kw_only=True):
     # the wall clock's steps of the last hour (shown; nothing waits on them).
     local_faults: list[LocalFaultInfo] = msgspec.field(default_factory=list)
     clock_steps: list[ClockStepInfo] = msgspec.field(default_factory=list)
+    # With the spool on a bucket: how parts reach the service (None: a local spool).
+    oss_inputs: OssInputsInfo | None = None
 
 
 class SpendPeriod(_Model, kw_only=True):

@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import shutil
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -105,8 +105,11 @@ class Publisher:
         clock: Clock = SYSTEM_CLOCK,
         bucket: Bucket | None = None,
         faults: Faults | None = None,
+        remove_spool_objects: Callable[[str], Awaitable[int]] | None = None,
     ) -> None:
         self.store = store
+        # Removes a published job's prefix from the spool bucket (batchd.pipeline.ossinputs).
+        self.remove_spool_objects = remove_spool_objects
         self.clock = clock
         # The local outbox: the outbox itself, or (`bucket` given) where folders are
         # written before they are put into the bucket.
@@ -354,6 +357,11 @@ class Publisher:
             await self.store.add_garbage(
                 remote_files_to_delete(parts), f"job {job.id} published", self.clock.now()
             )
+        if self.remove_spool_objects is not None:
+            # The parts the service read from the spool bucket (and the claimed input's
+            # copy there): a store fault raises a StorageFault, an OSError, and the job is
+            # published again after a pause, as for a full disk.
+            await self.remove_spool_objects(job.id)
         kept_at = summary.input_kept_at
         # Bytes that reached the input after its outbox folder was built (a producer that
         # still held it open, where the kernel could not tell): never removed unseen.

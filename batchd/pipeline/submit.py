@@ -23,6 +23,12 @@ does, and recovery sets that wait again after a restart. A listing that fails be
 the provider answers nothing at all (an outage) leaves the parts waiting, uncounted; so
 does a fault of this machine (`batchd.faults`).
 
+With the spool on a bucket and parts going that way (`jobs.input_via`, decided by
+`batchd.pipeline.ossinputs`), a part is not uploaded: PENDING -> written to the spool
+bucket (an idempotent PUT) -> UPLOADED with its `oss:` id, then created as any other;
+a lost create is found by that id. A crash between the write and its record writes it
+again; a store fault is this machine's (the part waits, uncounted).
+
 The input that is sent is the input that was validated: before each upload of a file
 that a producer may still hold open (an unsplit JSONL input), its size and mtime are
 compared with those validated; a change sends the job back to be validated again while
@@ -41,7 +47,7 @@ from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import ProviderLimits, Settings
 from batchd.documents import given
 from batchd.failpoints import failpoint
-from batchd.faults import Faults, local_cause
+from batchd.faults import Faults, describe, local_cause
 from batchd.inputs.spool import REQUESTS
 from batchd.logs import get_logger
 from batchd.models import Job, Part, PartState, RemoteStatus
@@ -50,6 +56,7 @@ from batchd.pipeline.account import AccountState
 from batchd.pipeline.budget import BudgetCaps, Ledger, periods, refusal
 from batchd.pipeline.extras import ExtraBatches, keep, tag
 from batchd.pipeline.holds import Hold, first_to_show
+from batchd.pipeline.ossinputs import OssInputs
 from batchd.pipeline.prepare import worst_cost
 from batchd.pipeline.problems import (
     CallFailure,
@@ -178,8 +185,11 @@ class Submitter:
         on_held: Callable[[], None] = lambda: None,
         extras: ExtraBatches | None = None,
         faults: Faults | None = None,
+        oss: OssInputs | None = None,
     ) -> None:
         self.store = store
+        # The spool bucket, when parts may reach the service through it.
+        self.oss = oss
         # The settings in force, read where they are used (a reload replaces them): the
         # budget's caps, its time zone and the prices among them.
         self._settings = settings
@@ -338,11 +348,26 @@ class Submitter:
             job_id: await self.store.get_job(job_id)
             for job_id in {p.job_id for p in pending if Path(p.path).name == REQUESTS}
         }
+        # One way for the pass: the pre-flight of the spool bucket comes first when it
+        # may be the way; a fault of its store is this machine's: the parts wait for it.
+        try:
+            via = await self.oss.via() if self.oss is not None else "upload"
+        except Exception as exc:
+            local = local_cause(exc)
+            if local is None:
+                raise
+            pause = self.faults.met(local, "uploads and creates")
+            note = f"waits for this machine: {describe(local)}: {local}"
+            for part in pending:
+                await step_waits(self.store, part, note, pause, self.clock.steady())
+            return False
         sem = asyncio.Semaphore(self.concurrency)
 
         async def one(part: Part) -> bool:
             async with sem:
-                return await self._guarded(part, self.upload(part, jobs.get(part.job_id)))
+                job = jobs.get(part.job_id)
+                step = self.to_bucket(part, job) if via == "oss" else self.upload(part, job)
+                return await self._guarded(part, step)
 
         results = await asyncio.gather(*(one(p) for p in pending))
         return any(results)
@@ -550,6 +575,42 @@ class Submitter:
             return False
         log.info(
             "part_uploaded", job_id=part.job_id, part=part.seq, file_id=info.id, bytes=part.bytes
+        )
+        return True
+
+    async def to_bucket(self, part: Part, job: Job | None) -> bool:
+        """Write one part to the spool bucket, then record its oss: id (UPLOADED): the
+        create names the object, nothing is uploaded. `job` is given when the part is the
+        claimed input itself. A kill before the record writes it again (the same bytes
+        under the same key)."""
+        assert self.oss is not None
+        if job is not None and await self._input_changed(part, job):
+            return False
+        claimed = job is not None and producer_writable(part, job)
+        file_id = await self.oss.write(part.job_id, Path(part.path), claimed_input=claimed)
+        failpoint("spool.after_write")
+        if (
+            job is not None
+            and producer_writable(part, job)
+            and not await asyncio.to_thread(input_unchanged, Path(part.path), job)
+        ):
+            # What the bucket holds is not what was validated: written again next time.
+            problem = "the input changed while it was written to the spool bucket"
+            await step_failed(self.store, part, problem, self.policy, self.clock.steady())
+            return False
+        if not await self.store.move_part(
+            part.id,
+            PartState.PENDING,
+            PartState.UPLOADED,
+            remote_file_id=file_id,
+            attempts=0,
+            retry_at=None,
+            error=None,
+        ):
+            return False
+        self.faults.healed(self.oss.area)
+        log.info(
+            "part_written", job_id=part.job_id, part=part.seq, file_id=file_id, bytes=part.bytes
         )
         return True
 

@@ -132,10 +132,22 @@ def _dashscope_models() -> dict[str, ModelLimits]:
 _DASHSCOPE_LIMITS = ProviderLimits(models=_dashscope_models())
 
 
+# Model Studio in China (Beijing) reads a batch's input straight from an OSS bucket of its
+# own region (`input_file_id = "oss:{region}:{bucket}/{key}"`, SPEC.md "Inputs from OSS").
+MODEL_STUDIO_OSS_REGION = "cn-beijing"
+
+
 class ProviderProfile(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     base_url: str
     limits: ProviderLimits = msgspec.field(default_factory=ProviderLimits)
+    # The region of the OSS buckets the service reads batch inputs from (`oss:` ids);
+    # None: it reads none, every input is uploaded.
+    oss_inputs_region: str | None = None
+
+    @property
+    def reads_oss_inputs(self) -> bool:
+        return self.oss_inputs_region is not None
 
 
 _OPENAI_LIMITS = ProviderLimits(
@@ -155,6 +167,7 @@ PROFILES: dict[str, ProviderProfile] = {
         name="dashscope",
         base_url="https://dashscope.aliyuncs.com/compatible-mode/v1",
         limits=_DASHSCOPE_LIMITS,
+        oss_inputs_region=MODEL_STUDIO_OSS_REGION,
     ),
     "dashscope-intl": ProviderProfile(
         name="dashscope-intl",
@@ -164,8 +177,13 @@ PROFILES: dict[str, ProviderProfile] = {
     "openai": ProviderProfile(
         name="openai", base_url="https://api.openai.com/v1", limits=_OPENAI_LIMITS
     ),
+    # A DashScope-compatible service (the emulator in tests), taken to read OSS inputs as
+    # Model Studio in Beijing does: `jobs.input_via = "upload"` for one that does not.
     "custom": ProviderProfile(
-        name="custom", base_url="http://127.0.0.1:8765/v1", limits=_DASHSCOPE_LIMITS
+        name="custom",
+        base_url="http://127.0.0.1:8765/v1",
+        limits=_DASHSCOPE_LIMITS,
+        oss_inputs_region=MODEL_STUDIO_OSS_REGION,
     ),
 }
 

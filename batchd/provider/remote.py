@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -29,6 +30,10 @@ from batchd.errors import BatchdError
 # Ids are path segments of later calls (`/batches/{id}`, `/files/{id}/content`): nothing
 # that could leave the segment (`/`, `?`, `#`, `%`, spaces, `..`) is accepted.
 _ID = re.compile(r"[A-Za-z0-9_.:~+=@-]{1,256}", re.ASCII)
+# A batch input named as an OSS object (SPEC.md "Inputs from OSS"), as batchd sends it
+# with the spool on a bucket: `oss:REGION:BUCKET/KEY`, a key of printable characters.
+_OSS_NAME = re.compile(r"oss:[a-z0-9-]{1,64}:[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/[^\x00-\x1f\x7f]+")
+_MAX_OSS_NAME_BYTES = 1200
 _DIGITS = re.compile(r"[0-9]{1,15}", re.ASCII)
 # Seconds since 1970 before the year 5138; larger values are taken for milliseconds.
 _MAX_SECONDS = 1e11
@@ -61,6 +66,17 @@ def valid_id(value: Any) -> bool:
     return isinstance(value, str) and _ID.fullmatch(value) is not None and ".." not in value
 
 
+def valid_input_id(value: Any) -> bool:
+    """PURE: is this a usable batch input: a file's id, or an OSS object's name?"""
+    if valid_id(value):
+        return True
+    return (
+        isinstance(value, str)
+        and len(value.encode("utf-8", "surrogatepass")) <= _MAX_OSS_NAME_BYTES
+        and _OSS_NAME.fullmatch(value) is not None
+    )
+
+
 def _id(value: Any, what: str) -> str:
     if not valid_id(value):
         shown = repr(value)[:80]
@@ -68,10 +84,12 @@ def _id(value: Any, what: str) -> str:
     return str(value)
 
 
-def _optional_id(value: Any, name: str, notes: list[str]) -> str | None:
+def _optional_id(
+    value: Any, name: str, notes: list[str], valid: Callable[[Any], bool] = valid_id
+) -> str | None:
     if value is None or value == "":
         return None
-    if valid_id(value):
+    if valid(value):
         return str(value)
     notes.append(f"{name} ignored: not a usable id ({repr(value)[:60]})")
     return None
@@ -214,7 +232,9 @@ class RemoteBatch:
         return cls(
             id=_id(raw.get("id"), "a batch"),
             status=_status(raw.get("status"), notes),
-            input_file_id=_optional_id(raw.get("input_file_id"), "input_file_id", notes),
+            input_file_id=_optional_id(
+                raw.get("input_file_id"), "input_file_id", notes, valid_input_id
+            ),
             output_file_id=_optional_id(raw.get("output_file_id"), "output_file_id", notes),
             error_file_id=_optional_id(raw.get("error_file_id"), "error_file_id", notes),
             request_counts=request_counts(raw.get("request_counts"), notes),

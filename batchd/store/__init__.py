@@ -41,6 +41,7 @@ from batchd.faults import DATABASE, Faults, local_cause
 from batchd.logs import get_logger
 from batchd.models import (
     JOB_TERMINAL,
+    OSS_ID_PREFIX,
     PART_HOLDS_SLOT,
     PART_SETTLED,
     Delivery,
@@ -51,6 +52,7 @@ from batchd.models import (
     Part,
     PartPlan,
     PartState,
+    is_oss_id,
 )
 from batchd.store import lifecycle
 
@@ -1124,8 +1126,10 @@ class Store:
         those of unpublished jobs, two result files to come per unfinished batch, and
         those waiting to be deleted."""
         marks = ", ".join("?" * len(PART_HOLDS_SLOT))
+        # An input named as an OSS object is not one of the account's files.
         held = (
-            "(p.remote_file_id IS NOT NULL) + (p.output_file_id IS NOT NULL)"
+            f"(p.remote_file_id IS NOT NULL AND p.remote_file_id NOT LIKE '{OSS_ID_PREFIX}%')"
+            " + (p.output_file_id IS NOT NULL)"
             f" + (p.error_file_id IS NOT NULL) + 2 * (p.state IN ({marks}))"
         )
         sql = (
@@ -1262,7 +1266,9 @@ class Store:
     async def add_garbage(self, file_ids: Iterable[str | None], reason: str, now: float) -> None:
         await self._write_many(
             "INSERT OR IGNORE INTO remote_garbage (file_id, reason, created_at) VALUES (?, ?, ?)",
-            [(f, reason, now) for f in file_ids if f],
+            # An OSS object named as an input is the spool bucket's, never the account's:
+            # it goes with the job's spool prefix once the job is published.
+            [(f, reason, now) for f in file_ids if f and not is_oss_id(f)],
         )
 
     async def garbage(self, limit: int = 100) -> list[str]:

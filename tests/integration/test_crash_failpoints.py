@@ -70,6 +70,8 @@ SOAK_RUNS = 10
 # Fail points a plain run never reaches, each with the test that kills there.
 ELSEWHERE = {
     "publish.merged": "test_a_kill_while_merging_a_retry_leaves_the_old_set_whole",
+    # Reached only with the spool on a bucket and parts read from it (oss: inputs).
+    "spool.after_write": "test_a_kill_between_a_part_write_and_its_record_creates_once",
     # The outbox on a bucket (a plain run here has a local outbox).
     "publish.after_member": "test_a_kill_between_bucket_members_publishes_once_and_whole",
     "publish.before_summary": "test_a_kill_between_bucket_members_publishes_once_and_whole",
@@ -354,6 +356,57 @@ async def test_a_kill_while_merging_a_retry_leaves_the_old_set_whole(
 def summary_of_merged(folder: Path) -> dict[str, Any]:
     data: dict[str, Any] = orjson.loads((folder / "merged.json").read_bytes())
     return data
+
+
+async def test_a_kill_between_a_part_write_and_its_record_creates_once(
+    start_emulator: StartEmulator,
+    tmp_path: Path,
+    s3_server: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the spool on a bucket and parts read from it, the daemon is killed once a
+    part is written to the bucket but before its oss: id is recorded
+    (`spool.after_write`): after a restart the part's object is found whole (an input
+    sent unsplit, whose object is the claimed input's) or written again, and its batch
+    is created once; nothing is uploaded, and the job's objects go with its
+    publication."""
+    from batchd.config import StorageSettings
+    from batchd.objstore import open_store
+    from batchd.objstore.location import BucketUrl
+
+    # The emulator (in this process) reads the store with the credentials of the
+    # environment, as the daemon does.
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    store_settings = {"endpoint_url": s3_server.endpoint_url, "region": s3_server.region}
+    emulator = await start_emulator(
+        time_scale=3000, object_store_url=s3_server.endpoint_url, oss_require_tag=False
+    )
+    root = tmp_path / "root"
+    drop(root / "inbox", "small.jsonl", requests(2))
+    spool = f"s3://{s3_server.bucket}/spool/"
+    settings = {"paths": {"spool": spool}, "storage": store_settings, "jobs": {"input_via": "oss"}}
+    env = {**daemon_env(emulator, root, settings), **s3_server.env()}
+    log = tmp_path / "daemon.log"
+    crashing = await DaemonProcess.start(
+        {**env, "BATCHD_FAILPOINTS": "spool.after_write=kill"}, log
+    )
+    code = await asyncio.wait_for(crashing.wait(), 60)
+    assert code == -signal.SIGKILL, f"spool.after_write was not reached: {log.read_text()[-2000:]}"
+    async with open_store(StorageSettings(**store_settings), s3_server.env()) as objects:
+        bucket = objects.bucket(BucketUrl("s3", s3_server.bucket, "spool/"), area="spool")
+        written = [info.key async for info in bucket.list(recursive=True)]
+        assert len(written) == 1 and written[0].endswith("/input.jsonl")
+        assert (await emulator.stats())["calls"]["create"]["served"] == 0
+        async with daemon_process(env, log) as clean:
+            await wait_ready(root, clean)
+            (folder,) = await wait_published(root / "outbox", 1, emulator)
+        stats = await emulator.stats()
+        assert stats["calls"]["create"]["served"] == 1
+        assert stats["calls"]["upload"]["served"] == 0
+        assert list(stats["batches_created_per_input_file"].values()) == [1]
+        assert summary(folder)["request_counts"]["completed"] == 2
+        assert [info.key async for info in bucket.list(recursive=True)] == []
 
 
 # -- the outbox on a bucket --------------------------------------------------------------

@@ -86,6 +86,7 @@ LIVE = [
     ),
     Live("jobs.duplicate_window", "2d", lambda d: d.preparer.settings.jobs.duplicate_window),
     Live("jobs.thinking", "refuse", lambda d: d.preparer.settings.jobs.thinking),
+    Live("jobs.input_via", "upload", lambda d: d.oss_inputs.setting),
     Live("poll.first_poll_s", 12.0, lambda d: d.submitter.first_poll_s),
     Live("poll.interval_s", 45.0, lambda d: d.poller.interval_s),
     Live("poll.jitter", 0.3, lambda d: d.poller.jitter),

@@ -275,3 +275,17 @@ def test_an_extra_batch_says_what_it_may_cost() -> None:
     assert extra(ExtraCancel.FAILED, "completed", None).startswith(
         "could not be cancelled: HTTP 400"
     )
+
+
+def test_a_batch_read_from_oss_keeps_its_oss_name_and_is_matched_by_it() -> None:
+    name = "oss:cn-beijing:my-bucket/spool/J1/input.part-001.jsonl"
+    read = batch(input_file_id=name, metadata={})
+    assert read.input_file_id == name and not read.notes
+    # A lost create is found by that name alone, whatever the metadata says.
+    assert made_from(read, part_like(job_id="other", seq=9, remote_file_id=name))
+    assert not made_from(
+        batch(input_file_id=name + "x", metadata={}), part_like(remote_file_id=name)
+    )
+    for bad in ("oss:cn-beijing:my-bucket/", "oss:cn-beijing:A_B/k", "oss:x:bucket/a\nb"):
+        odd = batch(input_file_id=bad)
+        assert odd.input_file_id is None and odd.notes
