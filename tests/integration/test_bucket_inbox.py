@@ -1,0 +1,220 @@
+"""The inbox on a bucket (batchd.pipeline.bucket_intake): the drop-folder promises kept
+for objects (each input in exactly one job, sidecars with it, ignored names left alone,
+a rejected input published with its report), and the claim's steps crash-safe and
+race-safe (an object deleted or overwritten while it is claimed).
+
+The real daemon against the emulator and a real S3-compatible store (Swift) on loopback.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batchd.config import StorageSettings
+from batchd.emulator import Emulator
+from batchd.objstore import open_store
+from batchd.objstore.bucket import Bucket, ObjectStore
+from batchd.objstore.location import BucketUrl
+from batchd.testing import (
+    daemon_settings,
+    idle,
+    read_jsonl,
+    requests,
+    running_daemon,
+    summary,
+    wait_for,
+    wait_published,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+NO_CAPS: dict[str, Any] = {
+    "upload_per_second": 100_000,
+    "file_calls_per_second": 100_000,
+    "create_per_minute": 1_000_000,
+    "retrieve_per_minute": 1_000_000,
+    "list_per_minute": 1_000_000,
+    "max_stored_files": 1_000_000,
+}
+
+
+@pytest.fixture
+async def store(s3_server: Any) -> AsyncIterator[ObjectStore]:
+    settings = StorageSettings(endpoint_url=s3_server.endpoint_url, region=s3_server.region)
+    async with open_store(settings, s3_server.env()) as opened:
+        yield opened
+
+
+@pytest.fixture
+def inbox(store: ObjectStore, s3_server: Any) -> Bucket:
+    """The bucket inbox as a producer sees it."""
+    return store.bucket(BucketUrl("s3", s3_server.bucket, "inbox/"), area="inbox")
+
+
+def bucket_paths(root: Path, s3_server: Any, **more: str) -> dict[str, Any]:
+    return {"root": root, "inbox": f"s3://{s3_server.bucket}/inbox/", **more}
+
+
+def storage(s3_server: Any) -> dict[str, Any]:
+    return {"endpoint_url": s3_server.endpoint_url, "region": s3_server.region}
+
+
+@pytest.fixture
+def settings_for(s3_server: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
+    """Settings for an in-process daemon with the bucket inbox (more paths on top)."""
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+
+    def make(emulator: Emulator, **overrides: Any) -> Any:
+        paths = bucket_paths(tmp_path / "root", s3_server, **overrides.pop("paths", {}))
+        return daemon_settings(
+            tmp_path / "root",
+            emulator,
+            paths=paths,
+            storage=storage(s3_server),
+            intake={"rescan_interval_s": 0.2, **overrides.pop("intake", {})},
+            limits={**NO_CAPS, **overrides.pop("limits", {})},
+            **overrides,
+        )
+
+    return make
+
+
+async def names_in(bucket: Bucket) -> list[str]:
+    return sorted([bucket.url.name(info.key) async for info in bucket.list()])
+
+
+def jobs_of(root: Path) -> list[tuple[str, str]]:
+    with sqlite3.connect(root / "state" / "batchd.sqlite3") as db:
+        return sorted(db.execute("SELECT inbox_name, state FROM jobs").fetchall())
+
+
+def claims_of(root: Path) -> list[tuple[str, str]]:
+    with sqlite3.connect(root / "state" / "batchd.sqlite3") as db:
+        return sorted(db.execute("SELECT inbox_key, step FROM inbox_claims").fetchall())
+
+
+# -- the drop-folder promises ------------------------------------------------------------
+
+
+async def test_jsonl_and_csv_objects_are_claimed_once_each_and_published(
+    emulator: Emulator, settings_for: Any, inbox: Bucket, tmp_path: Path
+) -> None:
+    await inbox.put_bytes("inbox/a.jsonl", requests(3))
+    await inbox.put_bytes("inbox/b.csv", b"custom_id,content\nc1,hello\nc2,world\n")
+    await inbox.put_bytes(
+        "inbox/b.meta.json", b'{"model": "qwen-plus", "completion_window": "24h"}'
+    )
+    async with running_daemon(settings_for(emulator)) as daemon:
+        folders = await wait_published(daemon.outbox, 2, emulator)
+        assert [f.name for f in folders] == ["a", "b"]
+        assert summary(folders[0])["request_counts"]["completed"] == 3
+        b = summary(folders[1])
+        assert b["request_counts"]["completed"] == 2
+        assert b["options"]["model"] == "qwen-plus"
+        # Claimed: gone from the inbox, sidecar too; one job and one finished claim each.
+        assert await names_in(inbox) == []
+        root = tmp_path / "root"
+        assert claims_of(root) == [
+            ("inbox/a.jsonl", "claimed"),
+            ("inbox/b.csv", "claimed"),
+        ]
+        await idle(daemon)
+        assert [name for name, _ in jobs_of(root)] == ["a.jsonl", "b.csv"]
+
+
+async def test_ignored_names_and_folders_stay_in_the_inbox_untouched(
+    emulator: Emulator, settings_for: Any, inbox: Bucket
+) -> None:
+    ignored = [
+        ".hidden.jsonl",
+        "x.jsonl.tmp",
+        "y.jsonl.part",
+        "z.jsonl.partial",
+        "w.jsonl~",
+        "notes.txt",
+        "sub/inner.jsonl",
+        "folder/",
+    ]
+    for name in ignored:
+        await inbox.put_bytes(inbox.url.key(name), b"" if name.endswith("/") else requests(1))
+    await inbox.put_bytes("inbox/real.jsonl", requests(1))
+    async with running_daemon(settings_for(emulator)) as daemon:
+        (folder,) = await wait_published(daemon.outbox, 1, emulator)
+        assert folder.name == "real"
+        await idle(daemon)
+        listed = sorted([info.key async for info in inbox.list(recursive=True)])
+        assert listed == sorted(inbox.url.key(n) for n in ignored)
+        _waiting, refused = daemon.intake.entries()
+        assert refused == {"notes.txt": "unknown suffix (not an input)"}
+
+
+async def test_a_rejected_input_is_published_with_its_report_and_its_copy(
+    emulator: Emulator, settings_for: Any, inbox: Bucket
+) -> None:
+    bad = b'{"custom_id": "a", "method": "POST"}\nnot json\n'
+    await inbox.put_bytes("inbox/bad.jsonl", bad)
+    async with running_daemon(settings_for(emulator)) as daemon:
+        (folder,) = await wait_published(daemon.outbox, 1, emulator)
+        assert summary(folder)["status"] == "rejected"
+        assert (folder / "report.json").exists()
+        # The owner has the input back, beside its report.
+        assert (folder / "input.jsonl").read_bytes() == bad
+        assert await names_in(inbox) == []
+
+
+async def test_an_input_over_the_size_limit_stays_in_the_inbox_and_is_shown_refused(
+    emulator: Emulator, settings_for: Any, inbox: Bucket
+) -> None:
+    await inbox.put_bytes("inbox/huge.jsonl", requests(50))
+    async with running_daemon(settings_for(emulator, jobs={"max_input_bytes": 1000})) as daemon:
+        await idle(daemon)
+        assert await names_in(inbox) == ["huge.jsonl"]
+        _waiting, refused = daemon.intake.entries()
+        assert "over jobs.max_input_bytes" in refused["huge.jsonl"]
+        assert await daemon.store.job_ids() == set()
+
+
+async def test_a_big_input_is_split_into_parts_like_a_dropped_file(
+    emulator: Emulator, settings_for: Any, inbox: Bucket
+) -> None:
+    await inbox.put_bytes("inbox/big.jsonl", requests(50))
+    settings = settings_for(emulator, limits={"max_requests_per_file": 20})
+    async with running_daemon(settings) as daemon:
+        (folder,) = await wait_published(daemon.outbox, 1, emulator)
+        s = summary(folder)
+        assert len(s["parts"]) == 3
+        assert [r["custom_id"] for r in read_jsonl(folder / "result.jsonl")] == [
+            f"r{i}" for i in range(50)
+        ]
+
+
+async def test_a_late_sidecar_is_kept_beside_its_job_never_applied(
+    emulator: Emulator, settings_for: Any, inbox: Bucket
+) -> None:
+    async with running_daemon(settings_for(emulator)) as daemon:
+        await inbox.put_bytes("inbox/late.jsonl", requests(1))
+
+        async def claimed() -> bool:
+            return bool(await daemon.store.job_ids()) and await names_in(inbox) == []
+
+        await wait_for(claimed, 10, "the input claimed")
+        # The emulator's clock stands still: the job is not published before the sidecar
+        # is seen.
+        await inbox.put_bytes("inbox/late.meta.json", b'{"model": "qwen-max"}')
+
+        async def moved() -> bool:
+            return await names_in(inbox) == []
+
+        await wait_for(moved, 10, "the late sidecar moved beside its job")
+        (folder,) = await wait_published(daemon.outbox, 1, emulator)
+        s = summary(folder)
+        assert s["options"].get("model") != "qwen-max"
+        assert s["late_sidecar"] is not None
+        assert (folder / "late.meta.json").read_bytes() == b'{"model": "qwen-max"}'
+        assert "late.meta.json" in daemon.intake.entries()[1]
