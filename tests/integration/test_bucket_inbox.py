@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from batchd import failpoints
 from batchd.config import StorageSettings
 from batchd.emulator import Emulator
 from batchd.objstore import open_store
@@ -218,3 +219,107 @@ async def test_a_late_sidecar_is_kept_beside_its_job_never_applied(
         assert s["late_sidecar"] is not None
         assert (folder / "late.meta.json").read_bytes() == b'{"model": "qwen-max"}'
         assert "late.meta.json" in daemon.intake.entries()[1]
+
+
+# -- races with producers ----------------------------------------------------------------
+
+
+@pytest.fixture
+async def bare(store: ObjectStore, inbox: Bucket, tmp_path: Path) -> AsyncIterator[Any]:
+    """The real `BucketIntake` on a real store and database, without a daemon."""
+    from batchd.config import IntakeSettings, Settings
+    from batchd.pipeline.bucket_intake import BucketIntake
+    from batchd.store import Store
+
+    db = await Store.open(tmp_path / "state" / "batchd.sqlite3")
+    settings = Settings(intake=IntakeSettings(suffixes=(".jsonl",)))
+    intake = BucketIntake(
+        db,
+        tmp_path / "inbox",
+        tmp_path / "spool",
+        lambda: settings,
+        bucket=inbox,
+        on_claimed=lambda: None,
+    )
+    try:
+        yield intake
+    finally:
+        failpoints.arm("")
+        await db.close()
+
+
+async def spooled(intake: Any) -> dict[str, bytes]:
+    """Each claimed job's input in the spool, by the inbox name it was claimed under."""
+    jobs = await intake.store.jobs()
+    return {
+        job.id: (job.inbox_name, Path(job.spool_path).read_bytes())
+        for job in jobs
+        if job.state == "claimed"
+    }
+
+
+async def test_an_object_deleted_between_the_listing_and_its_claim_is_no_job(
+    bare: Any, inbox: Bucket
+) -> None:
+    await inbox.put_bytes("inbox/gone.jsonl", requests(1))
+    ((info, kind),), _sidecars, _lone = await bare.list_inbox()
+    await inbox.delete("inbox/gone.jsonl")
+    assert await bare.claim_object(info, kind, None) is False
+    assert await bare.store.job_ids() == set()
+    assert await bare.store.open_inbox_claims() == []
+    assert list((bare.spool).iterdir()) == []
+
+
+async def test_an_object_overwritten_before_its_copy_is_claimed_as_it_is_now(
+    bare: Any, inbox: Bucket
+) -> None:
+    await inbox.put_bytes("inbox/x.jsonl", requests(1))
+    ((info, kind),), _sidecars, _lone = await bare.list_inbox()
+    await inbox.put_bytes("inbox/x.jsonl", requests(2))
+    # The copy's If-Match fails: the intent is dropped, the next listing sees the new one.
+    assert await bare.claim_object(info, kind, None) is False
+    assert await bare.store.job_ids() == set()
+    assert await bare.run_once() == 1
+    assert list((await spooled(bare)).values()) == [("x.jsonl", requests(2))]
+    assert await names_in(inbox) == []
+
+
+async def test_a_put_overwriting_an_object_being_claimed_stays_and_is_its_own_job(
+    bare: Any, inbox: Bucket
+) -> None:
+    """Between the copy and the delete a producer PUTs the same name again: the claim
+    takes the version it copied, the delete (If-Match) leaves the new one, and the next
+    pass claims that as a job of its own."""
+    await inbox.put_bytes("inbox/x.jsonl", requests(1))
+    failpoints.arm("intake.bucket.after_copy=raise")
+    with pytest.raises(failpoints.FailpointError):
+        await bare.run_once()
+    failpoints.arm("")
+    await inbox.put_bytes("inbox/x.jsonl", requests(3))
+    # The cut claim is settled first (its delete finds another ETag and keeps it)...
+    await bare.run_once()
+    # ...and the new version claimed, now or at the next pass.
+    await bare.run_once()
+    assert sorted((await spooled(bare)).values()) == [
+        ("x.jsonl", requests(1)),
+        ("x.jsonl", requests(3)),
+    ]
+    assert await names_in(inbox) == []
+    assert await bare.store.open_inbox_claims() == []
+
+
+async def test_a_claim_cut_by_a_store_fault_is_finished_by_the_next_pass(
+    bare: Any, inbox: Bucket
+) -> None:
+    """A fault after the intent (here a raise at the fail point, as a 500 would) leaves an
+    open claim; the next pass settles it before listing: one job, never two."""
+    await inbox.put_bytes("inbox/y.jsonl", requests(1))
+    failpoints.arm("intake.bucket.after_record=raise")
+    with pytest.raises(failpoints.FailpointError):
+        await bare.run_once()
+    failpoints.arm("")
+    assert len(await bare.store.open_inbox_claims()) == 1
+    await bare.run_once()
+    assert list((await spooled(bare)).values()) == [("y.jsonl", requests(1))]
+    assert await bare.store.open_inbox_claims() == []
+    assert await names_in(inbox) == []
