@@ -8,20 +8,25 @@ The real daemon against the emulator and a real S3-compatible store (Swift) on l
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from batchd import failpoints
+from batchd.client import Client
 from batchd.config import StorageSettings
 from batchd.emulator import Emulator
 from batchd.objstore import open_store
 from batchd.objstore.bucket import Bucket, ObjectStore
 from batchd.objstore.location import BucketUrl
 from batchd.testing import (
+    StartEmulator,
+    cli,
     daemon_settings,
     idle,
     read_jsonl,
@@ -323,3 +328,53 @@ async def test_a_claim_cut_by_a_store_fault_is_finished_by_the_next_pass(
     assert list((await spooled(bare)).values()) == [("y.jsonl", requests(1))]
     assert await bare.store.open_inbox_claims() == []
     assert await names_in(inbox) == []
+
+
+# -- batchd submit ------------------------------------------------------------------------
+
+
+async def test_submit_puts_the_file_into_the_bucket_inbox_sidecar_first_and_waits(
+    start_emulator: StartEmulator,
+    settings_for: Any,
+    inbox: Bucket,
+    s3_server: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The client reads [storage] as `batchd run` does (here from the environment).
+    monkeypatch.setenv("BATCHD_STORAGE__ENDPOINT_URL", s3_server.endpoint_url)
+    monkeypatch.setenv("BATCHD_STORAGE__REGION", s3_server.region)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "reviews.jsonl").write_bytes(requests(4))
+    (work / "reviews.meta.json").write_text('{"completion_window": "48h"}')
+    (work / "more.jsonl").write_bytes(requests(2))
+    emulator = await start_emulator(time_scale=3000)
+    settings = settings_for(emulator)
+    sock = str(settings.socket_path)
+    async with running_daemon(settings) as daemon:
+        status = await asyncio.to_thread(Client(sock).status)
+        assert status.inbox == f"s3://{s3_server.bucket}/inbox/"
+        code, out, err = await cli(
+            capsys, "submit", "--socket", sock, "--wait", "--json", str(work / "reviews.jsonl")
+        )
+        (done,) = orjson.loads(out)
+        assert code == 0 and done["status"] == "completed", err
+        assert Path(done["outbox"]).parent == daemon.outbox
+        assert summary(Path(done["outbox"]))["options"]["completion_window"] == "48h"
+        # The Python client too.
+        client = Client(sock)
+        job = await asyncio.to_thread(
+            client.submit, work / "more.jsonl", storage=settings.storage, name="other"
+        )
+        final = await asyncio.to_thread(client.wait, job.id, 60)
+        assert final.state == "published" and final.name == "other"
+        assert await names_in(inbox) == []
+    # An input already in the bucket inbox under that name is never overwritten.
+    await inbox.put_bytes("inbox/taken.jsonl", b"theirs\n")
+    code, _out, err = await cli(
+        capsys, "submit", "--inbox", str(inbox.url), str(work / "more.jsonl"), "--name", "taken"
+    )
+    assert code != 0 and "already in the inbox" in err
+    assert await inbox.get_bytes("inbox/taken.jsonl", max_bytes=100) == b"theirs\n"
