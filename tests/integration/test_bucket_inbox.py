@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -253,6 +254,29 @@ async def bare(store: ObjectStore, inbox: Bucket, tmp_path: Path) -> AsyncIterat
         await db.close()
 
 
+async def test_with_a_spool_bucket_the_claimed_input_is_copied_there_marked_with_its_job(
+    bare: Any, inbox: Bucket, store: ObjectStore, s3_server: Any
+) -> None:
+    """The copy inside the store, under SPOOL/JOB/input.EXT, says which job owns it and
+    which version of the inbox object it is; a claim cut after the copy does not copy
+    again (the mark says it is done), and one cut before it copies once."""
+    spool = store.bucket(BucketUrl("s3", s3_server.bucket, "spool/"), area="spool")
+    bare.spool_bucket = spool
+    etag = await inbox.put_bytes("inbox/s.jsonl", requests(2))
+    failpoints.arm("intake.bucket.after_copy=raise")
+    with pytest.raises(failpoints.FailpointError):
+        await bare.run_once()
+    failpoints.arm("")
+    await bare.run_once()
+    ((job_id, (name, content)),) = (await spooled(bare)).items()
+    assert (name, content) == ("s.jsonl", requests(2))
+    copy = await spool.head(f"spool/{job_id}/input.jsonl")
+    assert copy is not None
+    assert copy.metadata == {"batchd-job": job_id, "batchd-source-etag": etag}
+    assert await spool.get_bytes(copy.key, max_bytes=10_000) == requests(2)
+    assert await names_in(inbox) == []
+
+
 async def spooled(intake: Any) -> dict[str, bytes]:
     """Each claimed job's input in the spool, by the inbox name it was claimed under."""
     jobs = await intake.store.jobs()
@@ -378,3 +402,19 @@ async def test_submit_puts_the_file_into_the_bucket_inbox_sidecar_first_and_wait
     )
     assert code != 0 and "already in the inbox" in err
     assert await inbox.get_bytes("inbox/taken.jsonl", max_bytes=100) == b"theirs\n"
+
+
+async def test_a_hundred_objects_are_claimed_once_each_and_the_rate_is_said(
+    bare: Any, inbox: Bucket
+) -> None:
+    count = 100
+    names = [f"n{i:03d}.jsonl" for i in range(count)]
+    await asyncio.gather(*(inbox.put_bytes(inbox.url.key(n), requests(1, prefix=n)) for n in names))
+    started = time.monotonic()
+    claimed = await bare.run_once()
+    elapsed = time.monotonic() - started
+    print(f"\nbucket inbox: {count} objects claimed in {elapsed:.2f} s ({count / elapsed:.0f}/s)")
+    assert claimed == count
+    jobs = await spooled(bare)
+    assert sorted(name for name, _ in jobs.values()) == names
+    assert await names_in(inbox) == []
