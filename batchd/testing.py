@@ -539,12 +539,16 @@ class EmulatorProcess:
         self.base_url = f"{self.root_url}/compatible-mode/v1"
 
     @classmethod
-    async def start(cls, folder: Path, **settings: Any) -> EmulatorProcess:
+    async def start(
+        cls, folder: Path, env: Mapping[str, str] | None = None, **settings: Any
+    ) -> EmulatorProcess:
         """Start one with its data in `folder`/emulator and its log in
         `folder`/emulator.log; `settings` as for `EmulatorSettings` (tables go as JSON,
-        `log` as BATCHD_EMULATOR_LOG__*). Returns once it answers."""
+        `log` as BATCHD_EMULATOR_LOG__*), `env` added to its environment (an object
+        store's credentials). Returns once it answers."""
         port = _free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHD_")}
+        extra = dict(env or {})
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHD_")} | extra
         values: JsonObject = {
             "data_dir": str(folder / "emulator"),
             "log": {"level": "warning"},

@@ -7,7 +7,7 @@
 #
 # What lands where (all under $DESTDIR when it is set):
 #   /opt/batchd/venv                      python -m venv + pip install of this checkout,
-#                                         with the `tokens` extra (exact token counts)
+#                                         with the `tokens` and `storage` extras
 #   /opt/batchd/README.md, /opt/batchd/docs/*.md
 #   /usr/local/bin/batchd                 a link to the venv's batchd, for operators
 #   /etc/systemd/system/batchd.service, batchd@.service
@@ -104,11 +104,12 @@ if [ "$MAKE_VENV" = yes ]; then
     "$DESTDIR$PREFIX/venv/bin/python" -m pip install --quiet --upgrade pip
     # Built from a copy: setuptools would leave build/ and *.egg-info in the checkout.
     # With the `tokens` extra: without it the daemon counts tokens with an upper bound
-    # (about twice the real count) instead of Qwen's own vocabulary.
+    # (about twice the real count) instead of Qwen's own vocabulary; with `storage`, so
+    # that any folder may be a bucket (oss://, s3://) without another install.
     stage=$(mktemp -d)
     trap 'rm -rf "$stage"' EXIT
     cp -R "$SRC/pyproject.toml" "$SRC/README.md" "$SRC/batchd" "$stage/"
-    "$DESTDIR$PREFIX/venv/bin/python" -m pip install --quiet --upgrade "$stage[tokens]"
+    "$DESTDIR$PREFIX/venv/bin/python" -m pip install --quiet --upgrade "$stage[tokens,storage]"
     rm -rf "$stage"
     trap - EXIT
     say "installed $PREFIX/venv ($("$DESTDIR$PREFIX/venv/bin/batchd" --version))"

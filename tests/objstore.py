@@ -28,7 +28,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -431,6 +431,34 @@ def s3_server(swift_s3: SwiftS3, request: pytest.FixtureRequest) -> S3Server:
         secret_access_key=SECRET_ACCESS_KEY,
         root=swift_s3.root,
     )
+
+
+@dataclass(frozen=True)
+class FaultyS3Server(S3Server):
+    """`S3Server` seen through the store fault proxy (batchd.emulator.storeproxy): its
+    `endpoint_url` is the proxy's; `set_faults(...)` and `stats()` drive and read it."""
+
+    proxy: Any = None
+
+    def set_faults(self, **changes: Any) -> None:
+        self.proxy.set_faults(**changes)
+
+    def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.proxy.proxy.stats()
+        return result
+
+
+@pytest.fixture
+async def s3_faulty(s3_server: S3Server) -> AsyncIterator[FaultyS3Server]:
+    """`s3_server` behind a fault proxy on 127.0.0.1: 500s, slow or cut reads, latency,
+    and bucket tags or a location served by the proxy (see batchd.emulator.storeproxy)."""
+    from batchd.emulator.storeproxy import start_proxy
+
+    running = await start_proxy(s3_server.endpoint_url)
+    try:
+        yield FaultyS3Server(**{**vars(s3_server), "endpoint_url": running.url}, proxy=running)
+    finally:
+        await running.close()
 
 
 def main() -> None:

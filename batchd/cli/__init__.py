@@ -35,6 +35,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "jsonl2csv": ("batchd.cli.inputs", "turn a result JSONL file into CSV"),
     "emulator": ("batchd.cli.emulator", "serve the Batch API emulator"),
+    "store-proxy": (
+        "batchd.cli.storeproxy",
+        "a fault proxy in front of an object store, for dry runs of bucket folders",
+    ),
     "run": ("batchd.cli.daemon", "run the daemon: inbox -> batch jobs -> outbox"),
     "demo": (
         "batchd.cli.demo",

@@ -36,13 +36,13 @@ ENV_NAMES = (
 class Credentials:
     """An access key pair (and an STS token), with where it came from."""
 
-    access_key_id: str
+    access_key_id: str = field(repr=False)
     secret: str = field(repr=False)
     session_token: str | None = field(default=None, repr=False)
     source: str = ""
 
     def __str__(self) -> str:
-        return f"access key {self.access_key_id[:4]}... from {self.source}"
+        return f"an access key from {self.source}"
 
 
 def _read(folder: Path, name: str) -> str | None:

@@ -37,6 +37,7 @@ BENCHES: dict[str, tuple[str, list[str], list[str], float]] = {
     "intake": ("tests.bench.bench_intake", [], ["--quick"], 400),
     "latency": ("tests.bench.bench_latency", [], ["--quick"], 300),
     "startup": ("tests.bench.bench_startup", [], ["--quick"], 300),
+    "buckets": ("tests.bench.bench_buckets", [], ["--quick"], 900),
 }
 
 

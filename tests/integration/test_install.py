@@ -193,4 +193,4 @@ def test_the_venv_gets_the_tokens_extra(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     installs = [line for line in log.read_text().splitlines() if "pip install" in line]
-    assert installs and installs[-1].endswith("[tokens]"), installs
+    assert installs and installs[-1].endswith("[tokens,storage]"), installs
