@@ -22,6 +22,7 @@ from batchd import failpoints
 from batchd.client import Client
 from batchd.config import StorageSettings
 from batchd.emulator import Emulator
+from batchd.faults import StorageFault
 from batchd.objstore import open_store
 from batchd.objstore.bucket import Bucket, ObjectStore
 from batchd.objstore.location import BucketUrl
@@ -230,25 +231,30 @@ async def test_a_late_sidecar_is_kept_beside_its_job_never_applied(
 # -- races with producers ----------------------------------------------------------------
 
 
-@pytest.fixture
-async def bare(store: ObjectStore, inbox: Bucket, tmp_path: Path) -> AsyncIterator[Any]:
-    """The real `BucketIntake` on a real store and database, without a daemon."""
+def bare_bucket_intake(db: Any, bucket: Bucket, folder: Path) -> Any:
+    """The real `BucketIntake` on `bucket` and the store `db`, without a daemon."""
     from batchd.config import IntakeSettings, Settings
     from batchd.pipeline.bucket_intake import BucketIntake
+
+    settings = Settings(intake=IntakeSettings(suffixes=(".jsonl",)))
+    return BucketIntake(
+        db,
+        folder / "inbox",
+        folder / "spool",
+        lambda: settings,
+        bucket=bucket,
+        on_claimed=lambda: None,
+    )
+
+
+@pytest.fixture
+async def bare(inbox: Bucket, tmp_path: Path) -> AsyncIterator[Any]:
+    """The real `BucketIntake` on a real store and database, without a daemon."""
     from batchd.store import Store
 
     db = await Store.open(tmp_path / "state" / "batchd.sqlite3")
-    settings = Settings(intake=IntakeSettings(suffixes=(".jsonl",)))
-    intake = BucketIntake(
-        db,
-        tmp_path / "inbox",
-        tmp_path / "spool",
-        lambda: settings,
-        bucket=inbox,
-        on_claimed=lambda: None,
-    )
     try:
-        yield intake
+        yield bare_bucket_intake(db, inbox, tmp_path)
     finally:
         failpoints.arm("")
         await db.close()
@@ -417,4 +423,112 @@ async def test_a_hundred_objects_are_claimed_once_each_and_the_rate_is_said(
     assert claimed == count
     jobs = await spooled(bare)
     assert sorted(name for name, _ in jobs.values()) == names
+    assert await names_in(inbox) == []
+
+
+# -- store faults (the fault proxy in front of the store) ---------------------------------
+
+
+@pytest.fixture
+async def faulty(s3_faulty: Any, tmp_path: Path) -> AsyncIterator[Any]:
+    """A bare `BucketIntake` that reads the inbox through the fault proxy, without
+    botocore's retries (each fault reaches batchd)."""
+    from batchd.store import Store
+
+    settings = StorageSettings(
+        endpoint_url=s3_faulty.endpoint_url,
+        region=s3_faulty.region,
+        max_attempts=1,
+        read_timeout_s=0.5,
+    )
+    db = await Store.open(tmp_path / "state" / "batchd.sqlite3")
+    async with open_store(settings, s3_faulty.env()) as opened:
+        bucket = opened.bucket(BucketUrl("s3", s3_faulty.bucket, "inbox/"), area="inbox")
+        try:
+            yield bare_bucket_intake(db, bucket, tmp_path)
+        finally:
+            await db.close()
+
+
+async def test_store_errors_at_a_rate_never_lose_or_double_claim_an_input(
+    faulty: Any, inbox: Bucket, s3_faulty: Any
+) -> None:
+    """A third of the store's answers are 500s while twenty objects are claimed: every
+    pass a fault ends is taken up by the next, each input in exactly one job."""
+    names = [f"f{i:02d}.jsonl" for i in range(20)]
+    for n in names:
+        await inbox.put_bytes(inbox.url.key(n), requests(1, prefix=n))
+    s3_faulty.set_faults(error_rate=0.3, error_status=500, seed=5)
+    faults = 0
+    for _ in range(300):
+        try:
+            await faulty.run_once()
+        except StorageFault as exc:
+            assert exc.area == "inbox"
+            faults += 1
+            continue
+        if await names_in(inbox) == [] and not await faulty.store.open_inbox_claims():
+            break
+    s3_faulty.set_faults(error_rate=0.0)
+    await faulty.run_once()
+    assert faults > 0 and s3_faulty.stats()["injected"]["error_500"] >= faults
+    jobs = await spooled(faulty)
+    assert sorted(jobs.values()) == [(n, requests(1, prefix=n)) for n in names]
+    assert await faulty.store.open_inbox_claims() == []
+    assert await names_in(inbox) == []
+
+
+async def test_a_read_cut_by_a_slow_store_is_claimed_whole_once_the_store_recovers(
+    faulty: Any, inbox: Bucket, s3_faulty: Any
+) -> None:
+    big = requests(2000)  # about 300 KB: several slow chunks
+    await inbox.put_bytes("inbox/big.jsonl", big)
+    s3_faulty.set_faults(slow_read_s=1.0, methods=["GET"], key_contains="big.jsonl")
+    with pytest.raises(StorageFault):
+        await faulty.run_once()
+    # Cut mid-copy: the claim is open, nothing half-written in the spool.
+    (claim,) = await faulty.store.open_inbox_claims()
+    assert claim.step == "copying"
+    job = await faulty.store.get_job(claim.job_id)
+    assert [p.name for p in Path(job.spool_path).parent.iterdir()] == ["claim.json"]
+    s3_faulty.set_faults(slow_read_s=0.0)
+    assert await faulty.run_once() == 0  # the open claim is settled first; nothing new
+    assert list((await spooled(faulty)).values()) == [("big.jsonl", big)]
+    assert await names_in(inbox) == []
+
+
+async def test_a_store_outage_pauses_the_intake_and_shows_then_every_input_is_claimed_once(
+    start_emulator: StartEmulator,
+    s3_faulty: Any,
+    inbox: Bucket,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name, value in s3_faulty.env().items():
+        monkeypatch.setenv(name, value)
+    emulator = await start_emulator(time_scale=3000)
+    root = tmp_path / "root"
+    settings = daemon_settings(
+        root,
+        emulator,
+        paths=bucket_paths(root, s3_faulty),
+        storage={
+            "endpoint_url": s3_faulty.endpoint_url,
+            "region": s3_faulty.region,
+            "max_attempts": 1,
+        },
+        intake={"rescan_interval_s": 0.2},
+        limits=NO_CAPS,
+    )
+    for n in ("a.jsonl", "b.jsonl", "c.jsonl"):
+        await inbox.put_bytes(inbox.url.key(n), requests(2, prefix=n))
+    s3_faulty.set_faults(error_rate=1.0, error_status=503)
+    async with running_daemon(settings) as daemon:
+        await wait_for(lambda: "inbox" in daemon.faults.active, 20, "the store fault shown")
+        assert await daemon.store.job_ids() == set()
+        s3_faulty.set_faults(error_rate=0.0)
+        folders = await wait_published(daemon.outbox, 3, emulator, timeout_s=60)
+        assert [f.name for f in folders] == ["a", "b", "c"]
+        await wait_for(lambda: "inbox" not in daemon.faults.active, 20, "the fault healed")
+    assert jobs_of(root) == [(n, "published") for n in ("a.jsonl", "b.jsonl", "c.jsonl")]
     assert await names_in(inbox) == []
