@@ -52,7 +52,7 @@ from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import Settings
 from batchd.documents import JobOptions, to_json
 from batchd.failpoints import failpoint
-from batchd.faults import StorageFault
+from batchd.faults import StorageFault, local_cause
 from batchd.inputs.inbox import SIDECAR_SUFFIX, is_ignored_name
 from batchd.inputs.spool import SpoolFolder, input_name
 from batchd.inputs.verdict import MAX_SIDECAR_BYTES, sidecar_options
@@ -185,6 +185,7 @@ class BucketIntake(Intake):
         ready, sidecars, lone = await self.list_inbox()
         url = self.bucket.url
         claimed = 0
+        failed = False
         try:
             for info, kind in ready:
                 name = url.name(info.key)
@@ -192,17 +193,16 @@ class BucketIntake(Intake):
                 try:
                     if await self.claim_object(info, kind, sidecars.get(stem)):
                         claimed += 1
-                except StorageFault:
-                    raise
                 except OSError as exc:
-                    # This machine's trouble with one object (a disk error in the spool):
-                    # the claim stays open and is settled at the next pass.
+                    if local_cause(exc) is not None:
+                        raise  # the store's or this machine's fault: the stage pauses
+                    # Trouble with this one object: its claim stays open, settled at the
+                    # next pass; the others are claimed meanwhile.
                     log.warning("claim_failed", name=shown_name(name), error=str(exc))
-                    self._trouble(f"cannot claim from the inbox: {exc}")
-                    break
-            else:
-                if self.problem is not None and self.problem.startswith("cannot claim"):
-                    self._resolved()
+                    self._trouble(f"cannot claim {shown_name(name)} from the inbox: {exc}")
+                    failed = True
+            if not failed and self.problem is not None and self.problem.startswith("cannot claim"):
+                self._resolved()
             for info in lone:
                 key = (url.name(info.key), info.etag)
                 if key not in self._judged_objects:
