@@ -180,13 +180,19 @@ class BucketIntake(Intake):
         A store fault ends the pass (the stage pauses and shows it)."""
         if self.paused:
             return 0
-        for claim in await self.store.open_inbox_claims():
-            await self._settle(claim)
-        ready, sidecars, lone = await self.list_inbox()
         url = self.bucket.url
         claimed = 0
         failed = False
         try:
+            for claim in await self.store.open_inbox_claims():
+                try:
+                    claimed += await self._settle(claim)
+                except OSError as exc:
+                    if local_cause(exc) is not None:
+                        raise
+                    failed = True
+                    self._one_failed(url.name(claim.inbox_key), exc)
+            ready, sidecars, lone = await self.list_inbox()
             for info, kind in ready:
                 name = url.name(info.key)
                 stem = name[: -(len(kind) + 1)]
@@ -196,11 +202,8 @@ class BucketIntake(Intake):
                 except OSError as exc:
                     if local_cause(exc) is not None:
                         raise  # the store's or this machine's fault: the stage pauses
-                    # Trouble with this one object: its claim stays open, settled at the
-                    # next pass; the others are claimed meanwhile.
-                    log.warning("claim_failed", name=shown_name(name), error=str(exc))
-                    self._trouble(f"cannot claim {shown_name(name)} from the inbox: {exc}")
                     failed = True
+                    self._one_failed(name, exc)
             if not failed and self.problem is not None and self.problem.startswith("cannot claim"):
                 self._resolved()
             for info in lone:
@@ -212,6 +215,12 @@ class BucketIntake(Intake):
             if claimed:
                 self.on_claimed()
         return claimed
+
+    def _one_failed(self, name: str, exc: OSError) -> None:
+        """Trouble with one object, neither the store's nor this machine's: its claim
+        stays open, settled at the next pass; the others are claimed meanwhile."""
+        log.warning("claim_failed", name=shown_name(name), error=str(exc))
+        self._trouble(f"cannot claim {shown_name(name)} from the inbox: {exc}")
 
     # -- claiming ------------------------------------------------------------------------
 
@@ -398,9 +407,12 @@ class BucketIntake(Intake):
         for claim in opened:
             try:
                 outcome = "claimed" if await self._settle(claim) else "left_in_inbox"
-            except StorageFault as exc:
+            except OSError as exc:
+                # The store's fault (or one object's trouble): the first pass settles it.
                 log.warning("claim_recovery_waits", job_id=claim.job_id, error=str(exc))
-                break
+                if isinstance(exc, StorageFault):
+                    break
+                continue
             log.info("claim_recovered", job_id=claim.job_id, outcome=outcome)
         ours = {claim.job_id for claim in opened}
         for job, _ino, _dev in await self.store.claiming_jobs():
