@@ -15,6 +15,12 @@ command that asks the daemon something starts about as fast as Python does;
 Failures are two exceptions: `Unreachable` when no daemon answers (nobody listening,
 a connection closed before the answer, no answer in time: the CLI's exit code 3) and
 `RequestFailed` when the daemon answered with an error (its status, code and message).
+
+`results` reads a published job's folder: in the outbox on this machine, or, when the
+outbox is a bucket (`paths.outbox = "s3://..."` or `"oss://..."`), through the object
+store, with the daemon's `[storage]` settings (from `config` and BATCHD_STORAGE__*, or
+`storage=` given) and the same credentials (systemd credentials, OSS_*, AWS_*). The
+object store's library (aiobotocore) is imported only then.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import http.client
 import itertools
 import os
 import socket as socketlib
+import tempfile
 import time
 import tomllib
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -398,9 +405,24 @@ class _Answers:
         root: str | os.PathLike[str] | None = None,
         config: str | os.PathLike[str] | None = None,
         timeout_s: float = 10.0,
+        storage: StorageSettings | None = None,
     ) -> None:
         self.path = socket_path(socket=socket, root=root, config=config)
         self.timeout_s = timeout_s
+        self.config = config
+        self._storage = storage
+
+    @property
+    def storage(self) -> StorageSettings:
+        """The object store's settings for a bucket outbox: as given, else the daemon's
+        (`[storage]` of `config`, BATCHD_STORAGE__* in the environment)."""
+        if self._storage is None:
+            from batchd.config import Settings
+
+            self._storage = Settings.load(
+                Path(self.config) if self.config is not None else None
+            ).storage
+        return self._storage
 
     @staticmethod
     def _jobs_url(
@@ -660,6 +682,8 @@ class Client(_Answers):
         job = self.job(job_id)
         if job.state != "published" or not job.outbox:
             raise RequestFailed(409, "not_published", f"job {job.id} is {job.state}")
+        if is_bucket_url(job.outbox):
+            return _bucket_results(job.outbox, self.storage)
         return read_results(Path(job.outbox))
 
     # -- actions ------------------------------------------------------------------------
@@ -845,14 +869,19 @@ class AsyncClient(_Answers):
             raise RequestFailed(409, "not_published", f"job {job.id} is {job.state}")
         import asyncio
 
-        rows = read_results(Path(job.outbox))
-        while True:
-            # Read off the event loop, a thousand rows at a time.
-            batch = await asyncio.to_thread(lambda: list(itertools.islice(rows, 1000)))
-            if not batch:
-                return
-            for row in batch:
-                yield row
+        with tempfile.TemporaryDirectory(prefix="batchd-results-") as copy:
+            if is_bucket_url(job.outbox):
+                await fetch_results(job.outbox, Path(copy), self.storage)
+                rows = read_results(copy)
+            else:
+                rows = read_results(Path(job.outbox))
+            while True:
+                # Read off the event loop, a thousand rows at a time.
+                batch = await asyncio.to_thread(lambda: list(itertools.islice(rows, 1000)))
+                if not batch:
+                    return
+                for row in batch:
+                    yield row
 
     async def events(self, *, seconds: float | None = None) -> AsyncGenerator[Event, None]:
         """The daemon's events as they happen (see `Client.events`)."""
@@ -903,6 +932,43 @@ class AsyncClient(_Answers):
                 return resp.status, await resp.read()
         except (OSError, aiohttp.ClientError) as exc:
             raise self._unreachable(exc) from None
+
+
+# The files `results` reads from a job's folder.
+RESULT_FILES = ("result.jsonl", "error.jsonl")
+
+
+async def fetch_results(
+    location: str, dest: Path, storage: StorageSettings, environ: Mapping[str, str] | None = None
+) -> None:
+    """Copy the result files of the job folder at `location` (a bucket folder's URL) into
+    the local folder `dest`, through the object store (`storage`, credentials as the
+    daemon reads them from `environ`). `ConfigError` when the `storage` extra is missing;
+    a `StorageFault` (an OSError) when the store cannot be read."""
+    from batchd.objstore import open_store
+    from batchd.objstore.location import parse_bucket_url
+
+    url = parse_bucket_url(location)
+    async with open_store(storage, environ) as store:
+        bucket = store.bucket(url, area="outbox")
+        for name in RESULT_FILES:
+            # A folder is complete once its summary.json is there: a job the daemon
+            # says is published has every file in place. No cap but the disk's: these
+            # are the user's own results, asked for whole.
+            await bucket.get_file(url.key(name), dest / name, max_bytes=MAX_RESULT_BYTES)
+
+
+# The largest result file `results` copies from a bucket (S3's largest object).
+MAX_RESULT_BYTES = 5 * 1024**4
+
+
+def _bucket_results(location: str, storage: StorageSettings) -> Iterator[dict[str, Any]]:
+    """`read_results` of a job folder on a bucket, read from a temporary local copy."""
+    import asyncio
+
+    with tempfile.TemporaryDirectory(prefix="batchd-results-") as copy:
+        asyncio.run(fetch_results(location, Path(copy), storage))
+        yield from read_results(copy)
 
 
 def read_results(folder: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:

@@ -414,6 +414,8 @@ class Daemon:
             on_published=self._after_publish,
             on_retry_due=self.wake.poke(Stage.PUBLISH),
             clock=self.clock,
+            bucket=self.buckets.get("outbox"),
+            faults=self.faults,
         )
         self.cleanup = RemoteCleanup(self.store, self.api, self.account)
         self.probe = AccountProbe(
@@ -436,6 +438,7 @@ class Daemon:
             clock=self.clock,
             inputs_kept=lambda: self.publisher.inputs_kept,
             faults=self.faults,
+            outbox_bucket=self.buckets.get("outbox"),
         )
         return True
 
@@ -465,7 +468,9 @@ class Daemon:
         await self._reschedule()
         await self.ops.restore()
         await self.intake.recover_claims()
-        self.ops.state_lost = await self.intake.recover_orphans(self.outbox)
+        self.ops.state_lost = await self.intake.recover_orphans(
+            self.outbox, self.buckets.get("outbox")
+        )
         parked = 0
         crashed = await self.store.crashed_jobs(
             [JobState.CLAIMED, JobState.PUBLISHING], self.settings.max_job_crashes

@@ -45,6 +45,9 @@ NAMES = frozenset(
         "publish.fsync",
         "publish.before_rename",
         "publish.after_rename",
+        # The outbox on a bucket: after each member's PUT, and before summary.json's.
+        "publish.after_member",
+        "publish.before_summary",
         # A retry's answers merged into its root's folder: written, not yet linked.
         "publish.merged",
         "cleanup.after_request",

@@ -22,9 +22,10 @@ from batchd.testing import Api, StartEmulator, folder_elsewhere, running_emulato
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
-# The `s3_server` fixture: a real S3-compatible server (OpenStack Swift) on loopback, started
-# only when a test asks for it. A plugin module until it can move into `batchd.testing`.
-pytest_plugins = ("tests.objstore",)
+# The `s3_server` fixture: a real S3-compatible server (OpenStack Swift) on loopback, and
+# `pg_database`: a real PostgreSQL server with a fresh database, each started only when a
+# test asks for it. Plugin modules until they can move into `batchd.testing`.
+pytest_plugins = ("tests.objstore", "tests.pg")
 
 
 @pytest.fixture

@@ -31,19 +31,46 @@ def register(sub: Any) -> None:
         type=float,
         help="run the service's clock this many times faster than wall time (default 1)",
     )
+    parser.add_argument(
+        "--object-store-url",
+        metavar="URL",
+        help=(
+            "an S3-compatible object store (OSS: https://oss-cn-beijing.aliyuncs.com) to read"
+            " oss:{region}:{bucket}/{key} and presigned-URL inputs from; credentials from"
+            " OSS_ACCESS_KEY_ID/OSS_ACCESS_KEY_SECRET, else AWS_ACCESS_KEY_ID/"
+            "AWS_SECRET_ACCESS_KEY (default: such inputs are refused)"
+        ),
+    )
+    parser.add_argument(
+        "--oss-require-tag",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=(
+            "whether an oss: input's bucket must be tagged bailian-datahub-access: read, as"
+            " the service requires (default: yes; --no-oss-require-tag for stores that keep"
+            " no bucket tags)"
+        ),
+    )
     parser.add_argument("--config", type=Path, help="TOML file with an [emulator] table")
     parser.set_defaults(handler=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Serve until a signal; configuration errors surface as usage errors."""
-    settings = EmulatorSettings.load(
+def settings_from(args: argparse.Namespace) -> EmulatorSettings:
+    """The emulator's settings: the TOML table and environment, under the flags given."""
+    return EmulatorSettings.load(
         args.config,
         host=args.host,
         port=args.port,
         api_key=args.api_key,
         time_scale=args.time_scale,
+        object_store_url=args.object_store_url,
+        oss_require_tag=args.oss_require_tag,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until a signal; configuration errors surface as usage errors."""
+    settings = settings_from(args)
     configure(settings.log.level, settings.log.format)
     Emulator(settings)  # refuses a missing key before anything is bound
     asyncio.run(serve(settings))

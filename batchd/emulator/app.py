@@ -15,6 +15,10 @@ own count. `enqueued_tokens` gives, per model, the input tokens of the batches n
 ended that the enqueued-token limit counts (store.py); `faults.token_limit_exceeded`
 the batches that limit failed. Like the rest of the account, the figures live in memory
 only; `/_emulator/stats/reset` starts the tally again with the other counts.
+
+`inputs` counts the batches created per kind of input (`uploaded`, `oss` for
+`oss:{region}:{bucket}/{key}` names, `presigned` for object URLs), with the bytes read from
+the object store and the reads that failed per remote kind (emulator/oss.py).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -34,15 +39,25 @@ from aiohttp import BodyPartReader, web
 
 from batchd.documents import JsonObject
 from batchd.emulator import errors
-from batchd.emulator.checks import ServiceRules, scan_input
+from batchd.emulator.checks import Scan, ServiceRules, scan_input
 from batchd.emulator.clock import ServiceClock
 from batchd.emulator.config import CALL_CLASSES, EmulatorSettings
 from batchd.emulator.errors import EmulatorError
 from batchd.emulator.faults import FaultInjector, FaultMode
 from batchd.emulator.lifecycle import Status
 from batchd.emulator.limits import CallWindow
-from batchd.emulator.store import OUTPUT_PREFIX, Batch, EmulatorStore, StoredFile
-from batchd.logs import get_logger
+from batchd.emulator.oss import (
+    InputKind,
+    ObjectReader,
+    ObjectUnreadable,
+    OssName,
+    is_remote,
+    parse_oss_name,
+    read_input,
+    store_url_allowed,
+)
+from batchd.emulator.store import OUTPUT_PREFIX, Batch, BatchInput, EmulatorStore, StoredFile
+from batchd.logs import get_logger, shown_url
 
 log = get_logger("batchd.emulator")
 
@@ -70,6 +85,8 @@ class EmulatorState:
     windows: dict[str, CallWindow]
     faults: FaultInjector
     api_key: str
+    # Reads `oss:` and URL inputs; None when no object store is configured.
+    objects: ObjectReader | None = None
 
     @property
     def rules(self) -> ServiceRules:
@@ -95,6 +112,7 @@ class EmulatorState:
             "batches_created_per_input_file": dict(store.created_per_input_file),
             "batches_by_status": dict(by_status),
             "files_stored": {"count": len(store.files), "bytes": store.stored_bytes()},
+            "inputs": store.inputs(),
             "tokens_by_model": store.tokens_by_model.to_json(),
             "enqueued_tokens": store.enqueued_tokens(now),
             "faults": dict(self.faults.counts),
@@ -106,6 +124,7 @@ class EmulatorState:
             window.reset()
         self.faults.reset_counts()
         self.store.created_per_input_file.clear()
+        self.store.reset_inputs()
         self.store.tokens_by_model.clear()
         self.store.max_unfinished = len(self.store.unfinished(self.clock.now()))
 
@@ -431,8 +450,48 @@ async def create_batch(request: web.Request) -> web.StreamResponse:
         raise errors.invalid(f"endpoint {endpoint!r} is not supported", "endpoint")
     window_s = _window_s(completion_window, state.settings)
     metadata = _metadata(body.get("metadata"))
-    if input_file_id.startswith(("http://", "https://", "oss:")):
-        raise errors.invalid("OSS input files are not supported by the emulator", "input_file_id")
+    source, scan, temp = await _batch_input(state, input_file_id, endpoint)
+    try:
+        store.check_running_cap(scan.model, state.clock.now())
+        batch = store.create_batch(source, endpoint, completion_window, window_s, metadata, scan)
+        log.debug("batch_created", batch_id=batch.id, input_file_id=source.shown)
+        for _ in range(state.faults.gateway_retries()):
+            # The gateway's client sends the same create again: the service counts it and
+            # makes another batch, unless a cap refuses it (then the gateway stops retrying).
+            if state.windows["create"].admit(state.clock.monotonic()) is not None:
+                break
+            try:
+                store.check_running_cap(scan.model, state.clock.now())
+            except EmulatorError:
+                break
+            batch = store.create_batch(
+                source, endpoint, completion_window, window_s, metadata, scan
+            )
+            state.faults.count("gateway_retried_creates")
+            log.debug("batch_created_again", batch_id=batch.id, input_file_id=source.shown)
+    finally:
+        # A read object's copy: each batch made from it holds its own link.
+        if temp is not None:
+            temp.unlink(missing_ok=True)
+    if state.faults.lose_create_response() or state.faults.lose_response("create"):
+        return _drop(request)
+    return _json(await _batch_json(state, batch))
+
+
+async def _batch_input(
+    state: EmulatorState, input_file_id: str, endpoint: str
+) -> tuple[BatchInput, Scan, Path | None]:
+    """The input a create names, checked: an uploaded file, or an object read from the
+    object store (then the local copy to remove once the batches hold their links)."""
+    store = state.store
+    if is_remote(input_file_id):
+        if state.objects is None:
+            raise errors.invalid(
+                "OSS input files are not supported by the emulator (start it with"
+                " --object-store-url to read them)",
+                "input_file_id",
+            )
+        return await _read_remote(state, state.objects, input_file_id, endpoint)
     input_file = store.files.get(input_file_id)
     if input_file is None or input_file.purpose != "batch":
         raise errors.invalid(f"input file {input_file_id!r} does not exist", "input_file_id")
@@ -443,26 +502,65 @@ async def create_batch(request: web.Request) -> web.StreamResponse:
     # the batch is recorded, so the caps checked are the caps applied.
     if store.files.get(input_file_id) is not input_file:
         raise errors.invalid(f"input file {input_file_id!r} does not exist", "input_file_id")
-    store.check_running_cap(scan.model, state.clock.now())
-    batch = store.create_batch(input_file, endpoint, completion_window, window_s, metadata, scan)
-    log.debug("batch_created", batch_id=batch.id, input_file_id=input_file_id)
-    for _ in range(state.faults.gateway_retries()):
-        # The gateway's client sends the same create again: the service counts it and
-        # makes another batch, unless a cap refuses it (then the gateway stops retrying).
-        if state.windows["create"].admit(state.clock.monotonic()) is not None:
-            break
+    source = BatchInput(input_file_id, input_file.path, InputKind.UPLOADED, input_file_id)
+    return source, scan, None
+
+
+def _remote_source(state: EmulatorState, input_file_id: str) -> tuple[OssName | str, InputKind]:
+    """PURE but for settings: what an `oss:` or URL input_file_id names, or a 400 saying
+    why the service would refuse it at create."""
+    settings = state.settings
+    if input_file_id.startswith("oss:"):
         try:
-            store.check_running_cap(scan.model, state.clock.now())
-        except EmulatorError:
-            break
-        batch = store.create_batch(
-            input_file, endpoint, completion_window, window_s, metadata, scan
+            name = parse_oss_name(input_file_id)
+        except ValueError as exc:
+            raise errors.invalid(str(exc), "input_file_id") from None
+        if name.region != settings.service_region:
+            raise errors.invalid(
+                f"{input_file_id!r} names a bucket in {name.region}; this endpoint reads only"
+                f" buckets in its own region, {settings.service_region}",
+                "input_file_id",
+            )
+        return name, InputKind.OSS
+    assert settings.object_store_url is not None
+    if not store_url_allowed(input_file_id, settings.object_store_url):
+        raise errors.invalid(
+            f"{shown_url(input_file_id)} is not the URL of an OSS object", "input_file_id"
         )
-        state.faults.count("gateway_retried_creates")
-        log.debug("batch_created_again", batch_id=batch.id, input_file_id=input_file_id)
-    if state.faults.lose_create_response() or state.faults.lose_response("create"):
-        return _drop(request)
-    return _json(await _batch_json(state, batch))
+    return input_file_id, InputKind.PRESIGNED
+
+
+async def _read_remote(
+    state: EmulatorState, reader: ObjectReader, input_file_id: str, endpoint: str
+) -> tuple[BatchInput, Scan, Path]:
+    """Read an OSS input now and check it; an input that cannot be read gives a scan with
+    the reason, so that the batch fails validation as the service's does (emulator/oss.py)."""
+    what, kind = _remote_source(state, input_file_id)
+    shown = input_file_id if kind is InputKind.OSS else shown_url(input_file_id)
+    store = state.store
+    # A create the running cap refuses reads nothing (the model's own cap is checked after).
+    store.check_running_cap(None, state.clock.now())
+    temp = store.temp_path()
+    try:
+        size = await read_input(reader, what, temp, state.settings.limits.max_file_bytes)
+    except ObjectUnreadable as problem:
+        store.input_reads_failed[kind] += 1
+        log.info("input_unreadable", input_file_id=shown, code=problem.code)
+        temp.write_bytes(b"")
+        scan = Scan()
+        scan.add(problem.code, problem.message, None, "input_file_id")
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    else:
+        store.input_bytes_read[kind] += size
+        log.debug("input_read", input_file_id=shown, kind=kind.value, bytes=size)
+        try:
+            scan = await asyncio.to_thread(scan_input, temp, endpoint, state.rules, shown)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+    return BatchInput(input_file_id, temp, kind, shown), scan, temp
 
 
 async def _batch_json(state: EmulatorState, batch: Batch) -> JsonObject:

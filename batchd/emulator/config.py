@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt, SecretStr
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    SecretStr,
+    field_validator,
+)
 from pydantic_settings import SettingsConfigDict
 
 from batchd.config import FileSettings, LogSettings
@@ -199,3 +208,36 @@ class EmulatorSettings(FileSettings):
     )
     faults: FaultSettings = Field(default_factory=FaultSettings)
     seed: int = 0
+    # The region of this endpoint: an `oss:{region}:...` input must name it, as the service
+    # reads only buckets in its own region.
+    service_region: str = "cn-beijing"
+    # An S3-compatible object store (OSS's `https://oss-cn-beijing.aliyuncs.com`, or Swift or
+    # MinIO on loopback) that `oss:` and URL inputs are read from (emulator/oss.py); unset,
+    # such inputs are refused. Credentials come from the environment: OSS_ACCESS_KEY_ID /
+    # OSS_ACCESS_KEY_SECRET (/ OSS_SESSION_TOKEN), else AWS_ACCESS_KEY_ID /
+    # AWS_SECRET_ACCESS_KEY (/ AWS_SESSION_TOKEN), else botocore's own chain.
+    object_store_url: str | None = None
+    # The region requests to the store are signed for; unset, botocore's (AWS_REGION,
+    # AWS_DEFAULT_REGION, the profile), else us-east-1.
+    object_store_region: str | None = None
+    # Bucket addressing: "auto" is path-style for an http:// loopback store, virtual-hosted
+    # (`BUCKET.host`, the only style OSS takes) otherwise.
+    object_store_addressing: Literal["auto", "path", "virtual"] = "auto"
+    # An `oss:` input needs its bucket tagged `bailian-datahub-access: read`, as the service
+    # does; off for stores that keep no bucket tags (Swift). URL inputs never need it.
+    oss_require_tag: bool = True
+    # A read of an input object that brings no byte for this long (wall seconds) is cut
+    # and the batch fails validation with `file_read_timeout`.
+    oss_read_timeout_s: float = Field(default=30.0, gt=0)
+
+    @field_validator("object_store_url")
+    @classmethod
+    def _store_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{value!r} is not an http:// or https:// URL")
+        if parts.query or parts.fragment or parts.username:
+            raise ValueError("the object store URL takes no user, query or fragment")
+        return value.rstrip("/")

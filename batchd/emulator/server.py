@@ -17,6 +17,7 @@ from batchd.emulator.app import EmulatorState, build_app, make_windows
 from batchd.emulator.clock import ServiceClock
 from batchd.emulator.config import EmulatorSettings, FaultSettings
 from batchd.emulator.faults import FaultInjector
+from batchd.emulator.oss import ObjectReader, ReaderSettings
 from batchd.emulator.store import EmulatorStore
 from batchd.errors import ConfigError
 from batchd.logs import get_logger, register_secret
@@ -46,6 +47,17 @@ class Emulator:
         data_dir = settings.data_dir or Path(tempfile.mkdtemp(prefix="batchd-emulator-"))
         self.data_dir = data_dir
         faults = FaultInjector(settings.faults)
+        objects = None
+        if settings.object_store_url is not None:
+            objects = ObjectReader(
+                ReaderSettings(
+                    store_url=settings.object_store_url,
+                    region=settings.object_store_region,
+                    addressing=settings.object_store_addressing,
+                    require_tag=settings.oss_require_tag,
+                    stall_s=settings.oss_read_timeout_s,
+                )
+            )
         self.state = EmulatorState(
             settings=settings,
             clock=self.clock,
@@ -53,6 +65,7 @@ class Emulator:
             windows=make_windows(settings),
             faults=faults,
             api_key=self.api_key,
+            objects=objects,
         )
         self._runner: web.AppRunner | None = None
         self.host = settings.host
@@ -84,6 +97,8 @@ class Emulator:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self.state.objects is not None:
+            await self.state.objects.close()
         if self._own_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 

@@ -50,6 +50,7 @@ from batchd.emulator.lifecycle import (
     derive,
     ends_at,
 )
+from batchd.emulator.oss import InputKind
 from batchd.emulator.results import (
     Answerer,
     TokenTally,
@@ -98,6 +99,18 @@ class StoredFile:
             "status": "processed",
             "status_details": None,
         }
+
+
+@dataclass(frozen=True)
+class BatchInput:
+    """What a batch is made from: the id the client gave (kept as given), the local file
+    holding its requests, where it came from, and the id as stats show it (a URL without
+    its query, which is a credential)."""
+
+    id: str
+    path: Path
+    kind: InputKind
+    shown: str
 
 
 @dataclass
@@ -177,6 +190,11 @@ class EmulatorStore:
         self._ids = 0
         self.max_unfinished = 0
         self.created_per_input_file: Counter[str] = Counter()
+        # Batches created per input kind (uploaded, oss, presigned), and the bytes read
+        # from the object store and the reads that failed, per kind.
+        self.inputs_by_kind: Counter[str] = Counter()
+        self.input_bytes_read: Counter[str] = Counter()
+        self.input_reads_failed: Counter[str] = Counter()
         # The usage of every result line written, per model (counted once, at settle).
         self.tokens_by_model = TokenTally()
 
@@ -191,6 +209,18 @@ class EmulatorStore:
         return self.tmp_dir / f"{uuid.uuid4().hex}.part"
 
     # ---- files
+
+    def inputs(self) -> JsonObject:
+        """Batches created per input kind, and what the object store gave (stats' `inputs`)."""
+        out: JsonObject = {kind.value: self.inputs_by_kind[kind] for kind in InputKind}
+        remote = (InputKind.OSS, InputKind.PRESIGNED)
+        out["bytes_read"] = {kind.value: self.input_bytes_read[kind] for kind in remote}
+        out["reads_failed"] = {kind.value: self.input_reads_failed[kind] for kind in remote}
+        return out
+
+    def reset_inputs(self) -> None:
+        for counter in (self.inputs_by_kind, self.input_bytes_read, self.input_reads_failed):
+            counter.clear()
 
     def stored_bytes(self) -> int:
         return sum(f.bytes for f in self.files.values())
@@ -306,7 +336,7 @@ class EmulatorStore:
 
     def create_batch(
         self,
-        input_file: StoredFile,
+        source: BatchInput,
         endpoint: str,
         completion_window: str,
         window_s: float,
@@ -322,9 +352,9 @@ class EmulatorStore:
         link = self.tmp_dir / f"{batch_id}.input.jsonl"
         # The batch keeps its own link to the input, so deleting the file does not stop it.
         try:
-            os.link(input_file.path, link)
+            os.link(source.path, link)
         except OSError:
-            shutil.copyfile(input_file.path, link)
+            shutil.copyfile(source.path, link)
         timeline = Timeline(
             created_at=now,
             total=scan.total if scan.valid else 0,
@@ -336,12 +366,13 @@ class EmulatorStore:
             window_s=window_s,
         )
         batch = Batch(
-            batch_id, endpoint, input_file.id, completion_window, metadata, timeline, scan, link
+            batch_id, endpoint, source.id, completion_window, metadata, timeline, scan, link
         )
         self.batches[batch_id] = batch
         self._active[batch_id] = (ends_at(timeline), scan.model)
         self.max_unfinished = max(self.max_unfinished, len(self.unfinished(now)))
-        self.created_per_input_file[input_file.id] += 1
+        self.created_per_input_file[source.shown] += 1
+        self.inputs_by_kind[source.kind] += 1
         return batch
 
     def get_batch(self, batch_id: str) -> Batch:

@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import datetime
 import os
+import shutil
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -25,7 +26,7 @@ from batchd import __version__
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import Settings
 from batchd.documents import encode_options, given, to_json
-from batchd.faults import Faults
+from batchd.faults import Faults, StorageFault
 from batchd.fsutil import fsync_dir, write_atomic
 from batchd.inputs.lines import DEFAULT_MAX_LINE_BYTES, input_line_of, iter_lines, read_line
 from batchd.logs import get_logger, log_health, shown_url
@@ -60,7 +61,8 @@ from batchd.operator.protocol import (
     StatusResponse,
 )
 from batchd.outbox import failures, remerge
-from batchd.outbox.folder import ERRORS, INPUT_REQUESTS, MERGED, OutboxFolder
+from batchd.outbox.bucket import BucketOutbox, folder_url, read_cap
+from batchd.outbox.folder import ERRORS, INPUT_REQUESTS, MERGED, MERGED_SUMMARY, OutboxFolder
 from batchd.outbox.merge import RESULT_UNAVAILABLE
 from batchd.outbox.writer import PUBLISH_FAILED, extra_note
 from batchd.pipeline import holds
@@ -75,6 +77,9 @@ from batchd.provider.tokens import tokenizer_summary
 from batchd.store import Store
 from batchd.store.lifecycle import part_allows
 from batchd.systemd import status_text
+
+if TYPE_CHECKING:
+    from batchd.objstore.bucket import Bucket
 
 log = get_logger(__name__)
 
@@ -100,7 +105,10 @@ class Operations:
         clock: Clock = SYSTEM_CLOCK,
         inputs_kept: Callable[[], Mapping[str, str]] = dict,
         faults: Faults | None = None,
+        outbox_bucket: Bucket | None = None,
     ) -> None:
+        # The outbox's bucket, when it is one: published folders are read through it.
+        self.outbox_bucket = BucketOutbox(outbox_bucket) if outbox_bucket is not None else None
         # Published jobs whose input stayed in the spool (bytes reached it afterwards).
         self.inputs_kept = inputs_kept
         self.store = store
@@ -342,7 +350,7 @@ class Operations:
             base_url=self.settings.profile.base_url,
             root=str(self.settings.paths.root),
             inbox=str(self.settings.paths.location("inbox")),
-            outbox=str(self.settings.paths.folder("outbox")),
+            outbox=str(self.settings.paths.location("outbox")),
             input_suffixes=list(self.settings.intake.suffixes),
             intake_paused=self.intake.paused,
             draining=self.draining,
@@ -550,6 +558,15 @@ class Operations:
         root = await remerge.chain_root(self.store, job)
         if root is None or not root.outbox_path:
             return None
+        url = folder_url(root.outbox_path)
+        if url is not None:
+            if self.outbox_bucket is None:
+                return None
+            try:
+                found = await self.outbox_bucket.bucket.head(url.key(f"{MERGED}/{MERGED_SUMMARY}"))
+            except StorageFault:
+                return None
+            return f"{url}{MERGED}/" if found is not None else None
         where = Path(root.outbox_path) / MERGED
         return str(where) if await asyncio.to_thread(where.exists) else None
 
@@ -728,8 +745,33 @@ class Operations:
         return again
 
     async def _retry_published(self, job: Job, scope: RetryScope) -> ActionResponse:
+        url = folder_url(job.outbox_path or "")
+        if url is None:
+            return await self._retry_from(job, scope, OutboxFolder(Path(job.outbox_path or "")))
+        if self.outbox_bucket is None:
+            return ActionResponse(
+                ok=False, message=f"the job's folder {url} is on a bucket the outbox no longer is"
+            )
+        # The earlier folder on the bucket: its input's copy and error.jsonl, read here.
+        local = self.settings.paths.folder("outbox") / f".retry-{job.id}"
+        try:
+            folder = await self.outbox_bucket.fetch(
+                url,
+                [INPUT_REQUESTS, ERRORS],
+                local,
+                max_bytes=read_cap(self.settings.jobs.max_input_bytes),
+            )
+            return await self._retry_from(job, scope, folder)
+        except StorageFault as exc:
+            return ActionResponse(ok=False, message=f"the outbox's bucket cannot be read: {exc}")
+        finally:
+            await asyncio.to_thread(shutil.rmtree, local, True)
+
+    async def _retry_from(
+        self, job: Job, scope: RetryScope, folder: OutboxFolder
+    ) -> ActionResponse:
+        """`retry` of a published job whose folder (or its local copy) is `folder`."""
         inbox = self.settings.paths.folder("inbox")
-        folder = OutboxFolder(Path(job.outbox_path or ""))
         max_line = self.settings.jobs.max_result_line_bytes
         cost = earlier_cost(job)
         spent = cost_note(cost)

@@ -33,6 +33,11 @@ retry's own folder is all there is. A disk that fails (EIO, ENOSPC) fails the pu
 of the retry, which the publish stage tries again as for its own files; any other problem
 is logged (`merged_failed`) and never holds up the retry's publication.
 
+On a bucket outbox (`batchd.outbox.bucket`) the set is merged the same way from local
+copies of the chain's files (`merge_chain_bucket`), then put into `ROOT/merged/`, one
+object at a time, `merged.json` last: each object is replaced whole, and a reader that
+waits for `merged.json` to change reads the new set.
+
 PURE but for files: `write_merged` reads the folders it is given and writes only into
 the folder it is given; `chain_root`/`chain_of` read the store; `merge_chain` is the shell.
 """
@@ -48,13 +53,14 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.documents import given
 from batchd.failpoints import failpoint
+from batchd.faults import StorageFault
 from batchd.fsutil import fsync_dir, fsync_file
 from batchd.inputs import csvio
 from batchd.inputs.lines import (
@@ -83,6 +89,9 @@ from batchd.outbox.folder import (
 )
 from batchd.outbox.merge import numbered
 from batchd.store import Store
+
+if TYPE_CHECKING:
+    from batchd.outbox.bucket import BucketOutbox
 
 log = get_logger(__name__)
 
@@ -218,6 +227,101 @@ async def merge_chain(
         request_counts=stats["request_counts"],
     )
     return root_folder / MERGED
+
+
+async def merge_chain_bucket(
+    store: Store,
+    job: Job,
+    where: str,
+    outbox: BucketOutbox,
+    work: Path,
+    *,
+    clock: Clock = SYSTEM_CLOCK,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    max_bytes: int,
+) -> str | None:
+    """`merge_chain` for an outbox on a bucket: the chain's files are copied into a
+    hidden folder of the local outbox `work` (each at most `max_bytes`), merged there, and
+    the set put into the root's `merged/`. A store that fails raises (the publish step is
+    tried again); the URL of the set, or None when there is nothing to merge."""
+    from batchd.outbox.bucket import folder_name, folder_url
+
+    if not isinstance(given(job.options.retry_of), str):
+        return None
+    if job.report is not None and not job.report.valid:
+        return None
+    local = work / f".merge-{job.id}"
+    try:
+        root = await chain_root(store, job)
+        root_url = folder_url(root.outbox_path or "") if root is not None else None
+        if root is None or root_url is None:
+            log.warning("merged_skipped", job_id=job.id, reason="the retry chain's root is unknown")
+            return None
+        root_name = folder_name(root_url)
+        if root_url != outbox.url(root_name):
+            log.warning(
+                "merged_skipped", job_id=job.id, reason=f"the chain's root is in {root_url}"
+            )
+            return None
+        if not await outbox.has(root_name, INPUT_REQUESTS):
+            log.warning(
+                "merged_skipped",
+                job_id=job.id,
+                root=root.id,
+                reason=f"{root_url}{INPUT_REQUESTS} is not there (jobs.keep_input off?)",
+            )
+            return None
+        chain = await chain_of(store, root, job, Path(where))
+        shown: list[str] = []
+        copied: list[Contributor] = []
+        for slot, member in enumerate(chain):
+            own = where if member.job_id == job.id else None
+            if own is None:
+                found = await store.get_job(member.job_id)
+                own = found.outbox_path if found is not None else None
+            url = folder_url(own or "")
+            if url is None:
+                continue  # published before the outbox was a bucket: not merged here
+            wanted = [RESULTS, ERRORS] + ([INPUT_REQUESTS] if slot == 0 else [])
+            folder = await outbox.fetch(url, wanted, local / str(slot), max_bytes=max_bytes)
+            copied.append(Contributor(member.job_id, member.name, folder.path, member.retry_of))
+            shown.append(str(url))
+        target = local / "set"
+        stats = await asyncio.to_thread(
+            _write_set, copied, target, clock.now(), max_line_bytes, shown
+        )
+        await outbox.put_merged(root_name, target)
+    except StorageFault:
+        raise  # the store's trouble: the publish step waits and is tried again
+    except OSError as exc:
+        if exc.errno in DISK_ERRNOS:
+            raise
+        log.error("merged_failed", job_id=job.id, error=f"{type(exc).__name__}: {exc}")
+        return None
+    except Exception as exc:
+        log.exception("merged_failed", job_id=job.id, error=f"{type(exc).__name__}: {exc}")
+        return None
+    finally:
+        await asyncio.to_thread(shutil.rmtree, local, True)
+    log.info(
+        "merged_written",
+        job_id=job.id,
+        root=root.id,
+        jobs=len(copied),
+        request_counts=stats["request_counts"],
+    )
+    return f"{root_url}{MERGED}/"
+
+
+def _write_set(
+    chain: list[Contributor],
+    target: Path,
+    merged_at: float,
+    max_line_bytes: int,
+    shown: list[str],
+) -> dict[str, Any]:
+    target.mkdir(parents=True)
+    return write_merged(chain[0].folder, chain, target, merged_at, max_line_bytes, places=shown)
 
 
 # -- the files --------------------------------------------------------------------------
@@ -421,10 +525,14 @@ def write_merged(
     target: Path,
     merged_at: float,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    *,
+    places: list[str] | None = None,
 ) -> dict[str, Any]:
     """Write result.jsonl, error.jsonl, result.csv and merged.json of the chain (`chain[0]`
     is the root, in `root_folder`) into the empty folder `target`, each fsynced; returns
-    what merged.json says. Memory: one entry per request the retries answered."""
+    what merged.json says. Memory: one entry per request the retries answered. `places`:
+    where merged.json says each job's folder is (when the chain was read from copies of
+    bucket folders: their URLs), in the chain's order."""
     handles: dict[tuple[int, bool], IO[bytes]] = {}
     answers = [0] * len(chain)
     counts = {"total": 0, "completed": 0, "failed": 0}
@@ -497,14 +605,15 @@ def write_merged(
     finally:
         for fh in handles.values():
             fh.close()
+    shown_at = places if places is not None else [str(m.folder) for m in chain]
     stats = {
         "root": chain[0].job_id,
-        "input": str(root_folder / INPUT_REQUESTS),
+        "input": f"{places[0]}{INPUT_REQUESTS}" if places else str(root_folder / INPUT_REQUESTS),
         "jobs": [
             {
                 "job_id": m.job_id,
                 "name": m.name,
-                "outbox": str(m.folder),
+                "outbox": shown_at[slot],
                 "retry_of": m.retry_of,
                 "answers": answers[slot],
             }

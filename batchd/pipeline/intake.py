@@ -22,7 +22,7 @@ import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import orjson
@@ -31,14 +31,19 @@ from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import Settings
 from batchd.documents import JobOptions, decode_options, to_json
 from batchd.failpoints import failpoint
+from batchd.faults import StorageFault
 from batchd.fsutil import fsync_dir, open_for_writing
 from batchd.inputs.inbox import SIDECAR_SUFFIX, SIDECAR_SUFFIXES, is_ignored_name
 from batchd.inputs.spool import CLAIM_RECORD, INPUT_KINDS, LATE_SIDECAR, RESULT_KINDS, SpoolFolder
 from batchd.inputs.verdict import read_sidecar, sidecar_options
 from batchd.logs import get_logger
 from batchd.models import Job, JobState, input_kind
+from batchd.outbox.bucket import BucketOutbox
 from batchd.outbox.folder import Outbox
 from batchd.store import Store
+
+if TYPE_CHECKING:
+    from batchd.objstore.bucket import Bucket
 
 log = get_logger(__name__)
 
@@ -532,15 +537,29 @@ class Intake:
             os.close(inbox_fd)
         fsync_dir(job_dir)
 
-    async def recover_orphans(self, outbox: Path) -> list[str]:
+    async def recover_orphans(self, outbox: Path, bucket: Bucket | None = None) -> list[str]:
         """Spool folders the database does not know (it was lost, or rolled back): each
         one with an input becomes a job again, whose parts look for their remote files
         and batches before sending anything (`Submitter.settle_adopted`); one already
-        published is cleared away. Returns what an operator must be told."""
+        published (in `outbox`, or in the outbox's `bucket`: a folder with its
+        summary.json) is cleared away. Returns what an operator must be told."""
         orphans = await asyncio.to_thread(orphan_folders, self.spool, await self.store.job_ids())
         if not orphans:
             return []
-        published = await asyncio.to_thread(published_job_ids, outbox)
+        if bucket is not None:
+            try:
+                published = await bucket_published_ids(bucket)
+            except StorageFault as exc:
+                # Which of them were published cannot be told: adopting one that was
+                # would publish it twice, so all wait for the next start.
+                log.error("state_lost_unchecked", error=str(exc), orphans=len(orphans))
+                return [
+                    f"{len(orphans)} spool folder(s) unknown to the database were left alone:"
+                    f" the outbox's bucket could not be listed ({exc}); restart once it"
+                    " answers"
+                ]
+        else:
+            published = await asyncio.to_thread(published_job_ids, outbox)
         now = self.clock.now()
         adopted: list[str] = []
         empty: list[str] = []
@@ -652,6 +671,12 @@ def remove_cut_claim(folder: Path) -> bool:
 def published_job_ids(outbox: Path) -> set[str]:
     """The job ids of every folder published in the outbox (from their summary.json)."""
     return {job_id for _, job_id in Outbox(outbox).published()}
+
+
+async def bucket_published_ids(bucket: Bucket) -> set[str]:
+    """The job ids of every folder published in an outbox on a bucket (each
+    `NAME/summary.json`)."""
+    return {job_id async for _, job_id in BucketOutbox(bucket).published()}
 
 
 def orphan_folders(spool: Path, known: set[str]) -> list[Path]:

@@ -13,6 +13,14 @@ rename, so a crash on either side of it is settled by looking at the folder's
 `publish_failed` and tries the job again after a pause that doubles with each failure;
 the daemon carries on.
 
+On a bucket outbox (`paths.outbox = "s3://B/P/"`) the folder is written the same way in
+the local working outbox, then put into the bucket member by member, summary.json last
+(`batchd.outbox.bucket`); the local copy is removed once summary.json is there. A name
+is taken on a bucket when its summary.json exists; the job records the folder's URL. A
+store that fails (`StorageFault`) pauses the job's publishing as a failing disk does,
+with the fault shown under `outbox`, and nothing is removed from the spool before the
+folder is whole in the bucket.
+
 Here are the stage and its pure deciders (`retry_delay_s`, `remote_files_to_delete`,
 `spend_of`, `numbered_name`, `error_note`); what the folder holds and says is the
 outbox's (`batchd.outbox.writer`, `batchd.outbox.folder`).
@@ -25,19 +33,21 @@ import errno
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batchd.clock import SYSTEM_CLOCK, Clock
 from batchd.config import Settings
 from batchd.documents import Cost, Follows, JobError, Summary, to_json
 from batchd.failpoints import failpoint
+from batchd.faults import Faults, StorageFault
 from batchd.inputs.lines import utf8_safe
 from batchd.inputs.spool import SpoolFolder
 from batchd.logs import get_logger
 from batchd.models import ExtraBatch, Job, JobState, Part
+from batchd.outbox.bucket import BucketOutbox, folder_name, folder_url, read_cap
 from batchd.outbox.folder import Outbox, OutboxFolder
 from batchd.outbox.merge import file_of, kept_on_service
-from batchd.outbox.remerge import merge_chain
+from batchd.outbox.remerge import merge_chain, merge_chain_bucket
 from batchd.outbox.writer import (
     PUBLISH_FAILED,
     discard_tmp,
@@ -50,6 +60,9 @@ from batchd.provider.prices import PriceTable
 from batchd.provider.profiles import ProviderLimits
 from batchd.provider.tokens import RequestCounter
 from batchd.store import Store
+
+if TYPE_CHECKING:
+    from batchd.objstore.bucket import Bucket
 
 log = get_logger(__name__)
 
@@ -90,10 +103,16 @@ class Publisher:
         retry_base_s: float = 1.0,
         retry_cap_s: float = 300.0,
         clock: Clock = SYSTEM_CLOCK,
+        bucket: Bucket | None = None,
+        faults: Faults | None = None,
     ) -> None:
         self.store = store
         self.clock = clock
+        # The local outbox: the outbox itself, or (`bucket` given) where folders are
+        # written before they are put into the bucket.
         self.outbox = outbox
+        self.bucket = BucketOutbox(bucket) if bucket is not None else None
+        self.faults = faults if faults is not None else Faults(clock=clock)
         # The settings in force, read where they are used (a reload replaces them): the
         # actual cost is at the prices in force. The limits (fixed for the daemon's life)
         # give the output bound of a request charged its worst case.
@@ -132,6 +151,11 @@ class Publisher:
     def max_line_bytes(self) -> int:
         return self._settings().jobs.max_result_line_bytes
 
+    @property
+    def max_read_bytes(self) -> int:
+        """The most bytes of one member read back from a bucket outbox (`merged/`)."""
+        return read_cap(self._settings().jobs.max_input_bytes)
+
     async def run_once(self) -> bool:
         moved = False
         loop = asyncio.get_running_loop()
@@ -145,6 +169,9 @@ class Publisher:
                 # EIO, ENOSPC...: the temp folder is gone and nothing partial is visible.
                 # A disk error is not the job's fault: it must not count towards parking
                 # it, and it is tried again after a growing pause, not in a tight loop.
+                # The object store of a bucket outbox failing is shown as a local fault.
+                if isinstance(exc, StorageFault):
+                    self.faults.met(exc, "publishing to the outbox")
                 await self.store.update_job(
                     job.id, JobState.PUBLISHING, crash_count=job.crash_count
                 )
@@ -168,6 +195,8 @@ class Publisher:
             else:
                 if self.backoff.pop(job.id, None) is not None:
                     log.info("publish_recovered", job_id=job.id, attempts=failed + 1)
+                if self.bucket is not None:
+                    self.faults.healed("outbox")
         return moved
 
     async def _crashed(self, job: Job, attempt: int, exc: Exception) -> None:
@@ -186,38 +215,62 @@ class Publisher:
             "publish_crashed", job_id=job.id, name=job.name, attempt=attempt, retry_in_s=delay
         )
 
-    async def _final_dir(self, job: Job) -> Path:
-        """The job's outbox folder: its name, or `NAME-N` (`numbered_name`) when another
-        job has it or anything at all (a folder, a file, a symlink, even a dangling one)
-        is there."""
+    def _location(self, name: str) -> str:
+        """What a job records as its outbox folder `name` (`outbox_path`): its path, or
+        on a bucket its URL."""
+        if self.bucket is not None:
+            return self.bucket.location(name)
+        return str(self.outbox / name)
+
+    async def _holder(self, name: str, job_id: str) -> str | None:
+        if self.bucket is not None:
+            return await self.bucket.holder(name, job_id)
+        return self._box.holder(name, job_id)
+
+    async def _taken(self, name: str) -> bool:
+        if self.bucket is not None:
+            return await self.bucket.taken(name)
+        return self._box.taken(name)
+
+    async def _folder_job(self, name: str) -> str | None:
+        if self.bucket is not None:
+            return await self.bucket.job_id(name)
+        return await asyncio.to_thread(OutboxFolder(self.outbox / name).job_id)
+
+    async def _final_name(self, job: Job) -> str:
+        """The job's outbox folder's name: its own, or `NAME-N` (`numbered_name`) when
+        another job has it or anything at all (a folder, a file, a symlink, even a
+        dangling one; on a bucket, a summary.json) is there."""
         if job.outbox_path:
-            chosen = Path(job.outbox_path)
-            if self._box.holder(chosen.name, job.id) in (None, "self"):
+            chosen = _name_of(job.outbox_path)
+            if await self._holder(chosen, job.id) in (None, "self"):
                 return chosen
             # Taken since the name was chosen (by hand, say): this job takes another.
-            log.warning("outbox_name_taken", job_id=job.id, outbox=str(chosen))
+            log.warning("outbox_name_taken", job_id=job.id, outbox=job.outbox_path)
         for n in range(1, MAX_COPIES + 1):
-            path = self.outbox / numbered_name(job.name, n)
-            if not await self.store.outbox_path_taken(str(path)) and not self._box.taken(path.name):
-                return path
+            name = numbered_name(job.name, n)
+            if not await self.store.outbox_path_taken(
+                self._location(name)
+            ) and not await self._taken(name):
+                return name
         # A publish failure like a full disk: logged, and tried again after a pause.
         raise OSError(errno.EEXIST, f"outbox names {job.name} to {job.name}-{MAX_COPIES} taken")
 
-    async def _follows(self, job: Job, final: Path) -> Follows | None:
+    async def _follows(self, job: Job, final: str) -> Follows | None:
         """What a numbered folder `NAME-N` follows: the nearest earlier folder of its name
         (`NAME-(N-1)`, ..., `NAME`) that another job owns, with that job's id; when no
         job owns one (a user's own file took the name), the folder just before it, with
         `job_id` null. None for a folder under the job's own name."""
-        n = copy_number(job.name, final.name)
+        n = copy_number(job.name, final)
         if n is None:
             return None
         for k in range(n - 1, 0, -1):
-            before = self.outbox / numbered_name(job.name, k)
-            owner = await self.store.outbox_path_owner(str(before))
+            before = numbered_name(job.name, k)
+            owner = await self.store.outbox_path_owner(self._location(before))
             if owner is None:
-                owner = await asyncio.to_thread(OutboxFolder(before).job_id)
+                owner = await self._folder_job(before)
             if owner is not None and owner != job.id:
-                return Follows(folder=before.name, job_id=owner)
+                return Follows(folder=before, job_id=owner)
         return Follows(folder=numbered_name(job.name, n - 1), job_id=None)
 
     async def _writer_holds(self, job: Job) -> bool:
@@ -240,12 +293,16 @@ class Publisher:
         if await self._writer_holds(job):
             return False
         parts = await self.store.parts_of(job.id)
-        final = await self._final_dir(job)
-        if job.outbox_path != str(final):
-            await self.store.update_job(job.id, JobState.PUBLISHING, outbox_path=str(final))
-        if _published_by(OutboxFolder(final), job.id):
+        final = await self._final_name(job)
+        where = self._location(final)
+        if job.outbox_path != where:
+            await self.store.update_job(job.id, JobState.PUBLISHING, outbox_path=where)
+        tmp = self._box.staging(final, job.id)
+        if await self._published_by(final, job.id):
+            if self.bucket is not None:
+                # Killed after summary.json went up: the local copy is all that was left.
+                await asyncio.to_thread(shutil.rmtree, tmp.path, True)
             return await self._done(job, parts, final, None)
-        tmp = self._box.staging(final.name, job.id)
         follows = await self._follows(job, final)
         if not await self.store.update_job(
             job.id, JobState.PUBLISHING, crash_count=job.crash_count + 1
@@ -253,26 +310,40 @@ class Publisher:
             return False  # no longer PUBLISHING (parked at start-up): not published
         try:
             extras = await self.store.extra_batches_of(job.id)
-            summary = await asyncio.to_thread(
-                self._build, job, parts, tmp, final.name, follows, extras
-            )
+            summary = await asyncio.to_thread(self._build, job, parts, tmp, final, follows, extras)
             failpoint("publish.before_rename", job.inbox_name)
-            await asyncio.to_thread(self._box.publish, tmp, OutboxFolder(final))
+            if self.bucket is not None:
+                # Member by member, summary.json last: complete only once it is there.
+                await self.bucket.publish(tmp, final, job.inbox_name)
+            else:
+                await asyncio.to_thread(self._box.publish, tmp, OutboxFolder(self.outbox / final))
         except BaseException:
-            # Whatever failed (a full or failing disk), the half-written folder goes: it
-            # holds space the next attempt needs, and it was never visible under `final`.
+            # Whatever failed (a full or failing disk, a store that stopped answering),
+            # the half-written folder goes: it holds space the next attempt needs, and it
+            # was never visible under `final` (on a bucket: never with its summary.json).
             # An input moved into it goes back to the spool first.
             await asyncio.to_thread(discard_tmp, job, tmp)
             raise
         failpoint("publish.after_rename", job.inbox_name)
-        await asyncio.to_thread(self._box.sync)
+        if self.bucket is not None:
+            # Every member is in the bucket (an input moved into the folder too).
+            await asyncio.to_thread(shutil.rmtree, tmp.path, True)
+        else:
+            await asyncio.to_thread(self._box.sync)
         return await self._done(job, parts, final, summary)
 
-    async def _done(
-        self, job: Job, parts: list[Part], final: Path, summary: Summary | None
-    ) -> bool:
+    async def _published_by(self, name: str, job_id: str) -> bool:
+        if self.bucket is not None:
+            return await self.bucket.holder(name, job_id) == "self"
+        return _published_by(OutboxFolder(self.outbox / name), job_id)
+
+    async def _done(self, job: Job, parts: list[Part], final: str, summary: Summary | None) -> bool:
+        where = self._location(final)
         if summary is None:
-            summary = await asyncio.to_thread(OutboxFolder(final).summary)
+            if self.bucket is not None:
+                summary = await self.bucket.summary(final)
+            else:
+                summary = await asyncio.to_thread(OutboxFolder(self.outbox / final).summary)
         outcome = summary.status
         counts = summary.request_counts
         # Crash hazard: the remote clean-up is queued and the spool removed *before* the
@@ -297,9 +368,25 @@ class Publisher:
         elif late is None:
             await asyncio.to_thread(shutil.rmtree, SpoolFolder.of_input(job.spool_path).path, True)
         # A retry's answers merged into its chain's root folder (idempotent, as the above).
-        await merge_chain(
-            self.store, job, final, clock=self.clock, max_line_bytes=self.max_line_bytes
-        )
+        if self.bucket is not None:
+            await merge_chain_bucket(
+                self.store,
+                job,
+                where,
+                self.bucket,
+                self.outbox,
+                clock=self.clock,
+                max_line_bytes=self.max_line_bytes,
+                max_bytes=self.max_read_bytes,
+            )
+        else:
+            await merge_chain(
+                self.store,
+                job,
+                self.outbox / final,
+                clock=self.clock,
+                max_line_bytes=self.max_line_bytes,
+            )
         cost = summary.cost
         # What failed the job as a whole, once, where `jobs` and `show` read it.
         note = error_note(summary.error)
@@ -314,7 +401,7 @@ class Publisher:
             spend_of(cost, self.provider),
             outcome=outcome,
             crash_count=0,
-            outbox_path=str(final),
+            outbox_path=where,
             completed=counts.completed,
             failed=counts.failed,
             usage=to_json(summary.usage),
@@ -328,7 +415,7 @@ class Publisher:
         log.info(
             "job_published",
             job_id=job.id,
-            outbox=str(final),
+            outbox=where,
             status=outcome,
             request_counts=to_json(summary.request_counts),
         )
@@ -401,6 +488,12 @@ def error_note(error: JobError | None) -> str | None:
     if error is not None and error.code != "job_note":
         return f"{error.code}: {error.message}"
     return None
+
+
+def _name_of(location: str) -> str:
+    """PURE: the folder name in a job's `outbox_path` (a local path or a bucket URL)."""
+    url = folder_url(location)
+    return folder_name(url) if url is not None else Path(location).name
 
 
 def _published_by(final: OutboxFolder, job_id: str) -> bool:

@@ -532,3 +532,21 @@ async def test_a_store_outage_pauses_the_intake_and_shows_then_every_input_is_cl
         await wait_for(lambda: "inbox" not in daemon.faults.active, 20, "the fault healed")
     assert jobs_of(root) == [(n, "published") for n in ("a.jsonl", "b.jsonl", "c.jsonl")]
     assert await names_in(inbox) == []
+
+
+async def test_inbox_and_outbox_both_on_the_bucket_an_object_in_gives_a_folder_out(
+    start_emulator: StartEmulator, settings_for: Any, inbox: Bucket, store: ObjectStore
+) -> None:
+    emulator = await start_emulator(time_scale=3000)
+    outbox = store.bucket(BucketUrl("s3", inbox.url.bucket, "outbox/"), area="outbox")
+    await inbox.put_bytes("inbox/both.jsonl", requests(3))
+    settings = settings_for(emulator, paths={"outbox": str(outbox.url)})
+    async with running_daemon(settings):
+
+        async def published() -> bool:
+            return await outbox.head("outbox/both/summary.json") is not None
+
+        await wait_for(published, 60, "both/summary.json in the outbox bucket")
+    results = await outbox.get_bytes("outbox/both/result.jsonl", max_bytes=1_000_000)
+    assert results is not None and len(results.splitlines()) == 3
+    assert await names_in(inbox) == []

@@ -11,18 +11,24 @@ end state with a clean run of the same input.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
+from batchd.config import StorageSettings
 from batchd.emulator import Emulator
 from batchd.failpoints import NAMES
+from batchd.objstore import open_store
+from batchd.objstore.bucket import Bucket
+from batchd.objstore.location import BucketUrl
 from batchd.testing import (
     DaemonProcess,
     StartEmulator,
@@ -68,6 +74,9 @@ ELSEWHERE = {
     "intake.bucket.after_record": "test_a_kill_at_each_bucket_claim_step_claims_every_input_once",
     "intake.bucket.after_copy": "test_a_kill_at_each_bucket_claim_step_claims_every_input_once",
     "intake.bucket.after_delete": "test_a_kill_at_each_bucket_claim_step_claims_every_input_once",
+    # The outbox on a bucket (a plain run here has a local outbox).
+    "publish.after_member": "test_a_kill_between_bucket_members_publishes_once_and_whole",
+    "publish.before_summary": "test_a_kill_between_bucket_members_publishes_once_and_whole",
 }
 
 
@@ -409,3 +418,85 @@ async def test_a_kill_at_each_bucket_claim_step_claims_every_input_once(
     assert claims == [(url.key(n), "claimed") for n in ("a.jsonl", "b.jsonl", "c.csv")]
     # Nothing left in the spool: no copy of a dropped claim, no folder of a second one.
     assert [p.name for p in (root / "spool").iterdir()] == []
+
+
+# -- the outbox on a bucket --------------------------------------------------------------
+
+BUCKET_MEMBERS = ["error.jsonl", "input.jsonl", "report.json", "result.csv", "result.jsonl"]
+
+
+@contextlib.asynccontextmanager
+async def _outbox_bucket(server: Any) -> AsyncIterator[Bucket]:
+    settings = StorageSettings(endpoint_url=server.endpoint_url, region=server.region)
+    async with open_store(settings, server.env()) as store:
+        yield store.bucket(BucketUrl("s3", server.bucket, "outbox/"), area="outbox")
+
+
+async def _keys(bucket: Bucket) -> list[str]:
+    return [info.key async for info in bucket.list(recursive=True)]
+
+
+async def _object(bucket: Bucket, key: str) -> bytes:
+    raw = await bucket.get_bytes(key, max_bytes=1 << 24)
+    assert raw is not None, f"{key} is not in the bucket"
+    return raw
+
+
+def _published(root: Path) -> int:
+    with contextlib.closing(sqlite3.connect(root / "state" / "batchd.sqlite3")) as db:
+        return int(db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'published'").fetchone()[0])
+
+
+def _spool_jobs(root: Path) -> list[Path]:
+    return [p for p in (root / "spool").iterdir() if not p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("point", ["publish.after_member=kill@2", "publish.before_summary=kill"])
+async def test_a_kill_between_bucket_members_publishes_once_and_whole(
+    start_emulator: StartEmulator, s3_server: Any, tmp_path: Path, point: str
+) -> None:
+    """The outbox on a bucket: killed after a member's PUT, or with every member but
+    summary.json in the bucket, the folder has no summary.json (a reader takes it as not
+    there) and the job's spool folder is kept; after a restart the folder is whole,
+    under the same name, once."""
+    emulator = await start_emulator(time_scale=3000, seed=3)
+    root = tmp_path / "root"
+    drop(root / "inbox", "big.jsonl", requests(20))
+    env = {
+        **daemon_env(emulator, root),
+        **s3_server.env(),
+        "BATCHD_PATHS__OUTBOX": f"s3://{s3_server.bucket}/outbox/",
+        "BATCHD_STORAGE__ENDPOINT_URL": s3_server.endpoint_url,
+        "BATCHD_STORAGE__REGION": s3_server.region,
+    }
+    log = tmp_path / "daemon.log"
+    crashing = await DaemonProcess.start({**env, "BATCHD_FAILPOINTS": point}, log)
+
+    async def advance_until_exit() -> int:
+        while crashing.returncode is None:
+            emulator.advance(60)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(crashing.wait(), 0.05)
+        return crashing.returncode
+
+    code = await asyncio.wait_for(advance_until_exit(), 90)
+    assert code == -signal.SIGKILL, f"{point} was not reached: {crashing.log_tail()}"
+    async with _outbox_bucket(s3_server) as bucket:
+        cut = await _keys(bucket)
+        # Cut short: some members, never summary.json; the job's input still in the spool.
+        assert cut and all(k.startswith("outbox/big/") for k in cut)
+        assert "outbox/big/summary.json" not in cut
+        if point.startswith("publish.before_summary"):
+            assert cut == [f"outbox/big/{m}" for m in BUCKET_MEMBERS]
+        assert _spool_jobs(root)  # the job's spool folder (its results) is still there
+        async with daemon_process(env, log) as clean:
+            await wait_ready(root, clean)
+            await wait_for(lambda: _published(root) >= 1, 60, "published", emulator=emulator)
+            keys = await _keys(bucket)
+        # One folder, whole, under the name it was given first.
+        assert keys == [f"outbox/big/{m}" for m in sorted([*BUCKET_MEMBERS, "summary.json"])]
+        done = orjson.loads(await _object(bucket, "outbox/big/summary.json"))
+        assert done["request_counts"] == {"total": 20, "completed": 20, "failed": 0}
+        assert (await _object(bucket, "outbox/big/result.jsonl")).count(b"\n") == 20
+    assert _spool_jobs(root) == []
+    assert list((root / "outbox").iterdir()) == []

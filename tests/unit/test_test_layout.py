@@ -2,7 +2,9 @@
 
 No test module imports from conftest.py (fixtures reach tests through pytest) or from
 another test module; the benchmark scripts under tests/bench may also share
-tests/bench/common.py. A helper two test files need goes into the harness."""
+tests/bench/common.py and start the real servers the tests start (the launchers of the
+pytest plugins tests/objstore.py and tests/pg.py). A helper two test files need goes into
+the harness."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).resolve().parents[1]
-BENCH_SHARED = "tests.bench.common"
+BENCH_SHARED = ("tests.bench.common", "tests.objstore", "tests.pg")
 
 
 def module_name(path: Path) -> str:
@@ -43,8 +45,8 @@ def imported(source: str, module: str, is_package: bool = False) -> Iterator[tup
 
 def forbidden(name: str, importer: str) -> bool:
     """Whether a test-tree module `importer` may not import `name`."""
-    if importer.startswith("tests.bench.") and (
-        name == BENCH_SHARED or name.startswith(BENCH_SHARED + ".")
+    if importer.startswith("tests.bench.") and any(
+        name == shared or name.startswith(shared + ".") for shared in BENCH_SHARED
     ):
         return False
     parts = name.split(".")
