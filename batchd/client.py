@@ -42,7 +42,7 @@ import msgspec
 
 from batchd.errors import ConfigError
 from batchd.inputs.inbox import SIDECAR_SUFFIX, is_ignored_name
-from batchd.objstore.location import is_bucket_url
+from batchd.objstore.location import BucketUrl, is_bucket_url, parse_bucket_url, parse_location
 from batchd.operator.protocol import (
     API_PREFIX,
     ActionResponse,
@@ -192,6 +192,21 @@ def inbox_path(
     return Path(str(found or DEFAULT_ROOT)) / "inbox"
 
 
+def inbox_location(
+    *,
+    root: str | os.PathLike[str] | None = None,
+    config: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Path | BucketUrl:
+    """The inbox as `inbox_path` finds it, or the bucket folder it is (`oss://`, `s3://`)."""
+    env = {k.upper(): v for k, v in (os.environ if environ is None else environ).items()}
+    table = _toml(Path(config)) if config is not None else {}
+    own = env.get("BATCHD_PATHS__INBOX") or (table.get("paths") or {}).get("inbox")
+    if own and is_bucket_url(str(own)):
+        return parse_bucket_url(str(own))
+    return inbox_path(root=root, config=config, environ=environ)
+
+
 def _toml(path: Path) -> dict[str, dict[str, object]]:
     try:
         with path.open("rb") as fh:
@@ -204,12 +219,44 @@ def _toml(path: Path) -> dict[str, dict[str, object]]:
 
 
 class Queued(msgspec.Struct, frozen=True, kw_only=True):
-    """A file placed in the inbox by `queue_file`."""
+    """A file placed in the inbox by `queue_file` (or `queue_object`, in a bucket inbox:
+    then `target` and `sidecar` are the objects' URLs)."""
 
     source: Path
-    target: Path  # the data file in the inbox
-    sidecar: Path  # its NAME.meta.json (options, and the token)
+    target: Path | str  # the data file in the inbox
+    sidecar: Path | str  # its NAME.meta.json (options, and the token)
     submit_id: str  # the token the job will carry (`Client.jobs(submit_id=...)`)
+
+
+def _queue_plan(
+    src: Path,
+    name: str | None,
+    options: Mapping[str, object] | None,
+    suffixes: Sequence[str],
+) -> tuple[str, str, bytes, str]:
+    """What `queue_file` and `queue_object` place: the input's name and its sidecar's in
+    the inbox, the sidecar's bytes and the token in it (see `queue_file`)."""
+    import secrets
+
+    from batchd.documents import to_json
+    from batchd.inputs.verdict import read_sidecar
+
+    lower = src.name.lower()
+    suffix = next((x for x in suffixes if lower.endswith(x) and len(lower) > len(x)), None)
+    if suffix is None:
+        raise ValueError(f"{src}: not an input (expected {', '.join(suffixes)})")
+    stem = src.name[: -len(suffix)] if name is None else name
+    problem = inbox_name_problem(stem, suffix)
+    if problem is not None:
+        raise ValueError(problem)
+    own = read_sidecar(src.with_name(src.name[: -len(suffix)] + SIDECAR_SUFFIX))
+    if own is not None and own.sidecar_error:
+        raise ValueError(f"its sidecar cannot be used: {own.sidecar_error}")
+    # A token is the submit's own, never one copied along.
+    mine = {} if own is None else to_json(msgspec.structs.replace(own, submit_id=msgspec.UNSET))
+    token = secrets.token_hex(16)
+    meta = {**mine, **(options or {}), "submit_id": token}
+    return f"{stem}{suffix}", f"{stem}{SIDECAR_SUFFIX}", msgspec.json.encode(meta), token
 
 
 def queue_file(
@@ -229,35 +276,18 @@ def queue_file(
     (`FileExistsError`); a source that is not an input, a name the inbox would ignore
     (`inbox_name_problem`) and a sidecar beside it that the daemon would refuse are a
     `ValueError`."""
-    import secrets
     import shutil
 
-    from batchd.documents import to_json
     from batchd.fsutil import atomic_output, write_atomic
-    from batchd.inputs.verdict import read_sidecar
 
     src, folder = Path(source), Path(inbox)
-    lower = src.name.lower()
-    suffix = next((x for x in suffixes if lower.endswith(x) and len(lower) > len(x)), None)
-    if suffix is None:
-        raise ValueError(f"{src}: not an input (expected {', '.join(suffixes)})")
-    stem = src.name[: -len(suffix)] if name is None else name
-    problem = inbox_name_problem(stem, suffix)
-    if problem is not None:
-        raise ValueError(problem)
-    target = folder / f"{stem}{suffix}"
-    sidecar = folder / f"{stem}{SIDECAR_SUFFIX}"
+    input_name, sidecar_name, meta, token = _queue_plan(src, name, options, suffixes)
+    target = folder / input_name
+    sidecar = folder / sidecar_name
     for path in (target, sidecar):
         if path.exists() or path.is_symlink():
             raise FileExistsError(f"{path} is already in the inbox; give another --name")
-    own = read_sidecar(src.with_name(src.name[: -len(suffix)] + SIDECAR_SUFFIX))
-    if own is not None and own.sidecar_error:
-        raise ValueError(f"its sidecar cannot be used: {own.sidecar_error}")
-    # A token is the submit's own, never one copied along.
-    mine = {} if own is None else to_json(msgspec.structs.replace(own, submit_id=msgspec.UNSET))
-    token = secrets.token_hex(16)
-    meta = {**mine, **(options or {}), "submit_id": token}
-    write_atomic(sidecar, msgspec.json.encode(meta))
+    write_atomic(sidecar, meta)
     try:
         with src.open("rb") as fh, atomic_output(target) as out:
             shutil.copyfileobj(fh, out, 1 << 20)
@@ -265,6 +295,74 @@ def queue_file(
         sidecar.unlink(missing_ok=True)
         raise
     return Queued(source=src, target=target, sidecar=sidecar, submit_id=token)
+
+
+def queue_input(
+    source: str | os.PathLike[str],
+    inbox: str | os.PathLike[str] | BucketUrl,
+    *,
+    storage: StorageSettings | None = None,
+    name: str | None = None,
+    options: Mapping[str, object] | None = None,
+    suffixes: Sequence[str] = (".jsonl", ".csv"),
+) -> Queued:
+    """`queue_file` into a local inbox, `queue_object` into a bucket inbox (`oss://`,
+    `s3://`; with `storage`, else the default [storage] settings)."""
+    where = parse_location(inbox if isinstance(inbox, BucketUrl) else str(inbox))
+    if isinstance(where, BucketUrl):
+        if storage is None:
+            from batchd.config import StorageSettings
+
+            storage = StorageSettings()
+        return queue_object(source, where, storage, name=name, options=options, suffixes=suffixes)
+    return queue_file(source, where, name=name, options=options, suffixes=suffixes)
+
+
+def queue_object(
+    source: str | os.PathLike[str],
+    inbox: BucketUrl,
+    storage: StorageSettings,
+    *,
+    name: str | None = None,
+    options: Mapping[str, object] | None = None,
+    suffixes: Sequence[str] = (".jsonl", ".csv"),
+) -> Queued:
+    """`queue_file` for an inbox on a bucket: the sidecar PUT first, then the data (one
+    PUT, or a multipart upload, each atomic: the daemon never lists half an object), with
+    the credentials `batchd run` would read (batchd.objstore.credentials). An object of
+    either name already there is never overwritten (`FileExistsError`); the store's
+    faults are an OSError (`StorageFault`)."""
+    import asyncio
+
+    from batchd.objstore import open_store
+
+    src = Path(source)
+    input_name, sidecar_name, meta, token = _queue_plan(src, name, options, suffixes)
+    if not src.is_file():
+        raise FileNotFoundError(f"{src}: no such file")
+
+    async def put() -> None:
+        async with open_store(storage) as store:
+            bucket = store.bucket(inbox, area="inbox")
+            for key in (inbox.key(input_name), inbox.key(sidecar_name)):
+                if await bucket.head(key) is not None:
+                    raise FileExistsError(
+                        f"{inbox.url_of(key)} is already in the inbox; give another --name"
+                    )
+            await bucket.put_bytes(inbox.key(sidecar_name), meta)
+            try:
+                await bucket.put_file(inbox.key(input_name), src)
+            except BaseException:
+                await bucket.delete(inbox.key(sidecar_name))
+                raise
+
+    asyncio.run(put())
+    return Queued(
+        source=src,
+        target=inbox.url_of(inbox.key(input_name)),
+        sidecar=inbox.url_of(inbox.key(sidecar_name)),
+        submit_id=token,
+    )
 
 
 def inbox_name_problem(stem: str, suffix: str) -> str | None:
@@ -521,14 +619,22 @@ class Client(_Answers):
         name: str | None = None,
         options: Mapping[str, object] | None = None,
         timeout_s: float = 60.0,
+        storage: StorageSettings | None = None,
     ) -> JobInfo:
         """Queue a file in the daemon's inbox (see `queue_file`) and return its job once
         the daemon has claimed it. `options` are the sidecar's (`model`,
         `completion_window`, `priority`, ...). `TimeoutError` when no claim came within
-        `timeout_s` (is the intake paused?); the file stays queued."""
+        `timeout_s` (is the intake paused?); the file stays queued. A bucket inbox is
+        written with `storage` (the object store's settings; credentials as `batchd run`
+        reads them)."""
         status = self.status()
-        queued = queue_file(
-            path, status.inbox, name=name, options=options, suffixes=status.input_suffixes
+        queued = queue_input(
+            path,
+            status.inbox,
+            storage=storage,
+            name=name,
+            options=options,
+            suffixes=status.input_suffixes,
         )
         return self.claimed(queued.submit_id, timeout_s)
 
@@ -701,15 +807,17 @@ class AsyncClient(_Answers):
         name: str | None = None,
         options: Mapping[str, object] | None = None,
         timeout_s: float = 60.0,
+        storage: StorageSettings | None = None,
     ) -> JobInfo:
         """Queue a file and return its job once claimed (see `Client.submit`)."""
         import asyncio
 
         status = await self.status()
         queued = await asyncio.to_thread(
-            queue_file,
+            queue_input,
             path,
             status.inbox,
+            storage=storage,
             name=name,
             options=options,
             suffixes=status.input_suffixes,

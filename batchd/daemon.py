@@ -325,15 +325,33 @@ class Daemon:
         # Every stage reads the settings in force through this one callable: a reload
         # replaces `self.settings` and they read the new values from their next use.
         settings = self.current_settings
-        self.intake = Intake(
-            self.store,
-            self.inbox,
-            self.spool,
-            settings,
-            on_claimed=self.wake.poke(Stage.PREPARE),
-            on_pending=self.wake.poke(Stage.INTAKE),
-            clock=self.clock,
-        )
+        inbox_bucket = self.buckets.get("inbox")
+        self.intake: Intake
+        if inbox_bucket is not None:
+            # Needs the storage extra, there when a bucket is opened.
+            from batchd.pipeline.bucket_intake import BucketIntake
+
+            # Listed every intake.rescan_interval_s: a bucket has no inotify.
+            self.intake = BucketIntake(
+                self.store,
+                self.inbox,
+                self.spool,
+                settings,
+                bucket=inbox_bucket,
+                spool_bucket=self.buckets.get("spool"),
+                on_claimed=self.wake.poke(Stage.PREPARE),
+                clock=self.clock,
+            )
+        else:
+            self.intake = Intake(
+                self.store,
+                self.inbox,
+                self.spool,
+                settings,
+                on_claimed=self.wake.poke(Stage.PREPARE),
+                on_pending=self.wake.poke(Stage.INTAKE),
+                clock=self.clock,
+            )
         self.preparer = Preparer(
             self.store,
             settings,
@@ -580,7 +598,7 @@ class Daemon:
             ),
             Stage.CLOCK: stage(Stage.CLOCK, self._clock_step, 1.0),
         }
-        if s.intake.watch:
+        if s.intake.watch and "inbox" not in self.bucket_urls:
             stages[Stage.WATCH] = self._watch()
         return stages
 

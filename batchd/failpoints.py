@@ -30,6 +30,10 @@ NAMES = frozenset(
     {
         "intake.before_rename",
         "intake.after_rename",
+        # A claim from a bucket inbox (batchd.pipeline.bucket_intake), after each step.
+        "intake.bucket.after_record",
+        "intake.bucket.after_copy",
+        "intake.bucket.after_delete",
         "prepare.before_validate",
         "upload.before_request",
         "upload.after_request",

@@ -442,3 +442,39 @@ class ExtraBatch:
             retry_at=row["retry_at"],
             error=row["error"],
         )
+
+
+class ClaimStep(StrEnum):
+    """How far the claim of an object from a bucket inbox went (`InboxClaim`)."""
+
+    COPYING = "copying"  # the intent is recorded; the spool may hold part of the copy
+    COPIED = "copied"  # the spool holds the whole object; it is deleted from the inbox next
+    CLAIMED = "claimed"  # done: the job owns its input
+
+
+@dataclass(frozen=True, slots=True)
+class InboxClaim:
+    """The claim of one version (`etag`) of an object of a bucket inbox by job `job_id`,
+    with its sidecar's version when one was claimed with it."""
+
+    job_id: str
+    inbox_key: str
+    etag: str
+    size: int
+    step: ClaimStep
+    created_at: float
+    sidecar_key: str | None = None
+    sidecar_etag: str | None = None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> InboxClaim:
+        return cls(
+            job_id=row["job_id"],
+            inbox_key=row["inbox_key"],
+            etag=row["etag"],
+            size=row["size"],
+            step=ClaimStep(row["step"]),
+            created_at=row["created_at"],
+            sidecar_key=row["sidecar_key"],
+            sidecar_etag=row["sidecar_etag"],
+        )

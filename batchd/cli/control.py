@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -26,12 +26,16 @@ from batchd.client import (
     Queued,
     RequestFailed,
     Unreachable,
+    inbox_location,
     inbox_name_problem,
-    inbox_path,
-    queue_file,
+    queue_input,
 )
 from batchd.errors import UsageError
+from batchd.objstore.location import BucketUrl, parse_location
 from batchd.operator.protocol import ActionResponse, JobInfo, Spend, StatusResponse, to_builtins
+
+if TYPE_CHECKING:
+    from batchd.config import StorageSettings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 # Jobs a table lists unless told otherwise.
@@ -643,6 +647,14 @@ def _refuse_ignored_names(
             raise UsageError(f"{source}: {problem}")
 
 
+def _storage_settings(args: argparse.Namespace) -> StorageSettings:
+    """The object store's settings ([storage] and BATCHD_STORAGE__*), as `batchd run`
+    reads them, for a bucket inbox."""
+    from batchd.config import Settings
+
+    return Settings.load(args.config).storage
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     """Queue files in the inbox (sidecar first, each atomically) and print the job each
     became; with --wait, wait until every one is published."""
@@ -657,14 +669,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
             print(f"batchd submit: {exc}", file=sys.stderr)
             return EXIT_UNREACHABLE
         status = None
+    inbox: Path | BucketUrl
     if args.inbox:
-        inbox = Path(args.inbox)
+        inbox = parse_location(args.inbox)
     elif status is not None:
-        inbox = Path(status.inbox)
+        inbox = parse_location(status.inbox)
     else:
-        inbox = inbox_path(root=args.root, config=args.config)
-    if not inbox.is_dir():
+        inbox = inbox_location(root=args.root, config=args.config)
+    if isinstance(inbox, Path) and not inbox.is_dir():
         raise UsageError(f"inbox {inbox} does not exist")
+    storage = _storage_settings(args) if isinstance(inbox, BucketUrl) else None
     suffixes = status.input_suffixes if status is not None else [".jsonl", ".csv"]
     _refuse_ignored_names(plan, args.name, suffixes)
     queued: list[Queued] = []
@@ -672,7 +686,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
     for source, options in plan:
         try:
             queued.append(
-                queue_file(source, inbox, name=args.name, options=options, suffixes=suffixes)
+                queue_input(
+                    source,
+                    inbox,
+                    storage=storage,
+                    name=args.name,
+                    options=options,
+                    suffixes=suffixes,
+                )
             )
         except (ValueError, OSError) as exc:
             print(f"batchd submit: {source}: {exc}", file=sys.stderr)
@@ -868,7 +889,9 @@ def register(sub: Any) -> None:
         "(budget) is printed and waited out.",
     )
     common(p)
-    p.add_argument("--inbox", type=Path, help="the inbox (default: the daemon's)")
+    p.add_argument(
+        "--inbox", help="the inbox: a folder, or oss://B/P/ or s3://B/P/ (default: the daemon's)"
+    )
     p.add_argument("--name", help="the job's name (one FILE only; default: the file's)")
     p.add_argument("--meta", type=Path, help="a JSON file of job options (the sidecar's)")
     p.add_argument("--model", help="model for a CSV input (sidecar option)")

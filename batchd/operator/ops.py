@@ -354,7 +354,7 @@ class Operations:
             provider=self.settings.profile.name,
             base_url=self.settings.profile.base_url,
             root=str(self.settings.paths.root),
-            inbox=str(self.settings.paths.folder("inbox")),
+            inbox=str(self.settings.paths.location("inbox")),
             outbox=str(self.settings.paths.location("outbox")),
             input_suffixes=list(self.settings.intake.suffixes),
             intake_paused=self.intake.paused,

@@ -37,7 +37,7 @@ from batchd.inputs.inbox import SIDECAR_SUFFIX, SIDECAR_SUFFIXES, is_ignored_nam
 from batchd.inputs.spool import CLAIM_RECORD, INPUT_KINDS, LATE_SIDECAR, RESULT_KINDS, SpoolFolder
 from batchd.inputs.verdict import read_sidecar, sidecar_options
 from batchd.logs import get_logger
-from batchd.models import JobState, input_kind
+from batchd.models import Job, JobState, input_kind
 from batchd.outbox.bucket import BucketOutbox
 from batchd.outbox.folder import Outbox
 from batchd.store import Store
@@ -634,16 +634,20 @@ class Intake:
     async def recover_claims(self) -> None:
         """Settle claims a crash cut short: finish the rename's record, or forget the row."""
         for job, _ino, _dev in await self.store.claiming_jobs():
-            target = Path(job.spool_path)
-            if target.exists():
-                if await self.store.move_job(job.id, JobState.CLAIMING, JobState.CLAIMED):
-                    log.info("claim_recovered", job_id=job.id, outcome="claimed")
-            else:
-                # The rename never happened: the file is still in the inbox and will be
-                # claimed afresh by the next scan.
-                await self.store.delete_job(job.id)
-                await asyncio.to_thread(remove_cut_claim, SpoolFolder.of_input(target).path)
-                log.info("claim_recovered", job_id=job.id, outcome="left_in_inbox")
+            await self.recover_local_claim(job)
+
+    async def recover_local_claim(self, job: Job) -> None:
+        """Settle one claim from the inbox folder that a crash cut short."""
+        target = Path(job.spool_path)
+        if target.exists():
+            if await self.store.move_job(job.id, JobState.CLAIMING, JobState.CLAIMED):
+                log.info("claim_recovered", job_id=job.id, outcome="claimed")
+        else:
+            # The rename never happened: the file is still in the inbox and will be
+            # claimed afresh by the next scan.
+            await self.store.delete_job(job.id)
+            await asyncio.to_thread(remove_cut_claim, SpoolFolder.of_input(target).path)
+            log.info("claim_recovered", job_id=job.id, outcome="left_in_inbox")
 
 
 def remove_cut_claim(folder: Path) -> bool:

@@ -44,9 +44,11 @@ from batchd.models import (
     OSS_ID_PREFIX,
     PART_HOLDS_SLOT,
     PART_SETTLED,
+    ClaimStep,
     Delivery,
     ExtraBatch,
     ExtraCancel,
+    InboxClaim,
     Job,
     JobState,
     Part,
@@ -216,6 +218,50 @@ def _assignments(allowed: frozenset[str], fields: dict[str, Any]) -> tuple[str, 
 # waits on the database, and a busy timeout already waits inside each try.
 WRITE_RETRY_BASE_S = 0.1
 WRITE_RETRY_CAP_S = 2.0
+
+
+def _job_insert(
+    *,
+    job_id: str,
+    name: str,
+    inbox_name: str,
+    inbox_name_hex: str | None,
+    inode: int,
+    dev: int,
+    spool_path: str,
+    kind: str,
+    options: JobOptions,
+    now: float,
+    state: JobState,
+    recovered_at: float | None,
+    error: str | None,
+) -> tuple[str, tuple[Any, ...]]:
+    """PURE: the statement recording a new job, and its arguments."""
+    encoded = encode_options(options).decode()
+    return (
+        "INSERT INTO jobs (id, name, inbox_name, inbox_name_hex, inbox_inode, inbox_dev,"
+        " spool_path, kind, state, options, created_at, updated_at, recovered_at, error,"
+        " notified, retry_of, priority) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0,"
+        " json_extract(?, '$.retry_of'), json_extract(?, '$.priority'))",
+        (
+            job_id,
+            name,
+            inbox_name,
+            inbox_name_hex,
+            inode,
+            dev,
+            spool_path,
+            kind,
+            state,
+            encoded,
+            now,
+            now,
+            recovered_at,
+            error,
+            encoded,
+            encoded,
+        ),
+    )
 
 
 class Store:
@@ -436,30 +482,22 @@ class Store:
     ) -> None:
         """Record a job, in one of the states a job starts in (`lifecycle.JOB_INITIAL`)."""
         lifecycle.check_job_initial(state)
-        encoded = encode_options(options).decode()
         await self._write(
-            "INSERT INTO jobs (id, name, inbox_name, inbox_name_hex, inbox_inode, inbox_dev,"
-            " spool_path, kind, state, options, created_at, updated_at, recovered_at, error,"
-            " notified, retry_of, priority) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0,"
-            " json_extract(?, '$.retry_of'), json_extract(?, '$.priority'))",
-            (
-                job_id,
-                name,
-                inbox_name,
-                inbox_name_hex,
-                inode,
-                dev,
-                spool_path,
-                kind,
-                state,
-                encoded,
-                now,
-                now,
-                recovered_at,
-                error,
-                encoded,
-                encoded,
-            ),
+            *_job_insert(
+                job_id=job_id,
+                name=name,
+                inbox_name=inbox_name,
+                inbox_name_hex=inbox_name_hex,
+                inode=inode,
+                dev=dev,
+                spool_path=spool_path,
+                kind=kind,
+                options=options,
+                now=now,
+                state=state,
+                recovered_at=recovered_at,
+                error=error,
+            )
         )
 
     async def job_ids(self) -> set[str]:
@@ -475,6 +513,118 @@ class Store:
         ) as cur:
             rows = await cur.fetchall()
         return [(Job.from_row(r), r["inbox_inode"], r["inbox_dev"]) for r in rows]
+
+    # -- claims from a bucket inbox (batchd.pipeline.bucket_intake) ----------------------
+
+    async def begin_inbox_claim(
+        self,
+        claim: InboxClaim,
+        *,
+        name: str,
+        inbox_name: str,
+        spool_path: str,
+        kind: str,
+        options: JobOptions,
+    ) -> bool:
+        """Record the intent to claim one version of an inbox object: the job (CLAIMING)
+        and its claim (COPYING), in one transaction. False when that version has a claim
+        not finished already (it is never claimed twice)."""
+
+        async def body() -> bool:
+            async with self._db.execute(
+                "SELECT 1 FROM inbox_claims WHERE inbox_key = ? AND etag = ? AND step != ?",
+                (claim.inbox_key, claim.etag, ClaimStep.CLAIMED),
+            ) as cur:
+                if await cur.fetchone() is not None:
+                    return False
+            await self._db.execute(
+                *_job_insert(
+                    job_id=claim.job_id,
+                    name=name,
+                    inbox_name=inbox_name,
+                    inbox_name_hex=None,
+                    inode=0,
+                    dev=0,
+                    spool_path=spool_path,
+                    kind=kind,
+                    options=options,
+                    now=claim.created_at,
+                    state=JobState.CLAIMING,
+                    recovered_at=None,
+                    error=None,
+                )
+            )
+            await self._db.execute(
+                "INSERT INTO inbox_claims (job_id, inbox_key, etag, size, sidecar_key,"
+                " sidecar_etag, step, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    claim.job_id,
+                    claim.inbox_key,
+                    claim.etag,
+                    claim.size,
+                    claim.sidecar_key,
+                    claim.sidecar_etag,
+                    ClaimStep.COPYING,
+                    claim.created_at,
+                ),
+            )
+            return True
+
+        return await self._atomic(body)
+
+    async def open_inbox_claims(self) -> list[InboxClaim]:
+        """The claims a crash or a store fault cut short, oldest first."""
+        async with self._db.execute(
+            "SELECT * FROM inbox_claims WHERE step != ? ORDER BY created_at, job_id",
+            (ClaimStep.CLAIMED,),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [InboxClaim.from_row(r) for r in rows]
+
+    async def inbox_claim_copied(self, job_id: str) -> None:
+        """The spool holds the whole object: what is left is its deletion from the inbox."""
+        await self._write(
+            "UPDATE inbox_claims SET step = ? WHERE job_id = ? AND step = ?",
+            (ClaimStep.COPIED, job_id, ClaimStep.COPYING),
+        )
+
+    async def finish_inbox_claim(self, job_id: str) -> bool:
+        """The claim is done: its job moves CLAIMING -> CLAIMED with it, in one
+        transaction. False when the job was not CLAIMING (never seen: the intake is the
+        claim's one writer)."""
+        lifecycle.check_job(JobState.CLAIMING, JobState.CLAIMED)
+        now = self.clock.now()
+
+        async def body() -> bool:
+            cur = await self._db.execute(
+                "UPDATE jobs SET state = ?, updated_at = ? WHERE id = ? AND state = ?",
+                (JobState.CLAIMED, now, job_id, JobState.CLAIMING),
+            )
+            moved = cur.rowcount == 1
+            await self._db.execute(
+                "UPDATE inbox_claims SET step = ? WHERE job_id = ?", (ClaimStep.CLAIMED, job_id)
+            )
+            return moved
+
+        moved = await self._atomic(body)
+        if moved:
+            self._emit("job", job_id, {"state": JobState.CLAIMED})
+        return moved
+
+    async def drop_inbox_claim(self, job_id: str) -> None:
+        """Forget a claim that did not happen (the object changed or went before it was
+        copied): its claim and its job, which never left CLAIMING."""
+
+        async def body() -> None:
+            await self._db.execute(
+                "DELETE FROM inbox_claims WHERE job_id = ? AND step = ?",
+                (job_id, ClaimStep.COPYING),
+            )
+            await self._db.execute(
+                "DELETE FROM jobs WHERE id = ? AND state = ?", (job_id, JobState.CLAIMING)
+            )
+
+        await self._atomic(body)
 
     async def update_job(self, job_id: str, expect: JobState | None = None, **fields: Any) -> bool:
         """Set fields of a job (not its state: `move_job`); with `expect`, only if it is

@@ -72,6 +72,10 @@ ELSEWHERE = {
     "publish.merged": "test_a_kill_while_merging_a_retry_leaves_the_old_set_whole",
     # Reached only with the spool on a bucket and parts read from it (oss: inputs).
     "spool.after_write": "test_a_kill_between_a_part_write_and_its_record_creates_once",
+    # Reached only with a bucket inbox.
+    "intake.bucket.after_record": "test_a_kill_at_each_bucket_claim_step_claims_every_input_once",
+    "intake.bucket.after_copy": "test_a_kill_at_each_bucket_claim_step_claims_every_input_once",
+    "intake.bucket.after_delete": "test_a_kill_at_each_bucket_claim_step_claims_every_input_once",
     # The outbox on a bucket (a plain run here has a local outbox).
     "publish.after_member": "test_a_kill_between_bucket_members_publishes_once_and_whole",
     "publish.before_summary": "test_a_kill_between_bucket_members_publishes_once_and_whole",
@@ -407,6 +411,66 @@ async def test_a_kill_between_a_part_write_and_its_record_creates_once(
         assert list(stats["batches_created_per_input_file"].values()) == [1]
         assert summary(folder)["request_counts"]["completed"] == 2
         assert [info.key async for info in bucket.list(recursive=True)] == []
+
+
+BUCKET_CLAIM_STEPS = sorted(name for name in NAMES if name.startswith("intake.bucket."))
+
+
+@pytest.mark.parametrize("failpoint", BUCKET_CLAIM_STEPS)
+async def test_a_kill_at_each_bucket_claim_step_claims_every_input_once(
+    start_emulator: StartEmulator, tmp_path: Path, s3_server: Any, failpoint: str
+) -> None:
+    """A bucket inbox's claim killed after each of its steps (intent recorded, object
+    copied into the spool, deleted from the inbox): after a restart every input is in
+    exactly one job and published once, none is left in the inbox, none lost."""
+    from batchd.config import StorageSettings
+    from batchd.objstore import open_store
+    from batchd.objstore.location import BucketUrl
+
+    emulator = await start_emulator(time_scale=3000)
+    root = tmp_path / "root"
+    url = BucketUrl("s3", s3_server.bucket, "inbox/")
+    settings = StorageSettings(endpoint_url=s3_server.endpoint_url, region=s3_server.region)
+    inputs = {
+        "a.jsonl": requests(3),
+        "b.jsonl": requests(2),
+        "b.meta.json": b'{"completion_window": "48h"}',
+        "c.csv": b"custom_id,content\nc1,hello\n",
+    }
+    env = daemon_env(
+        emulator,
+        root,
+        {
+            "paths": {"inbox": str(url)},
+            "storage": {"endpoint_url": s3_server.endpoint_url, "region": s3_server.region},
+            "intake": {"rescan_interval_s": 0.2},
+            "jobs": {"csv_model": "qwen-plus"},
+        },
+        **s3_server.env(),
+    )
+    log = tmp_path / "daemon.log"
+    async with open_store(settings, s3_server.env()) as store:
+        inbox = store.bucket(url)
+        for name, content in inputs.items():
+            await inbox.put_bytes(url.key(name), content)
+        crashing = await DaemonProcess.start({**env, "BATCHD_FAILPOINTS": f"{failpoint}=kill"}, log)
+        code = await asyncio.wait_for(crashing.wait(), 60)
+        assert code == -signal.SIGKILL, f"{failpoint} was not reached: {log.read_text()[-2000:]}"
+        async with daemon_process(env, log) as clean:
+            await wait_ready(root, clean)
+            folders = await wait_published(root / "outbox", 3, emulator, timeout_s=60)
+        left = [info.key async for info in inbox.list(recursive=True)]
+    assert [f.name for f in folders] == ["a", "b", "c"]
+    assert summary(folders[1])["options"]["completion_window"] == "48h"
+    assert [len(read_jsonl(f / "result.jsonl")) for f in folders] == [3, 2, 1]
+    assert left == []
+    with sqlite3.connect(root / "state" / "batchd.sqlite3") as db:
+        jobs = sorted(db.execute("SELECT inbox_name, state FROM jobs").fetchall())
+        claims = sorted(db.execute("SELECT inbox_key, step FROM inbox_claims").fetchall())
+    assert jobs == [(n, "published") for n in ("a.jsonl", "b.jsonl", "c.csv")]
+    assert claims == [(url.key(n), "claimed") for n in ("a.jsonl", "b.jsonl", "c.csv")]
+    # Nothing left in the spool: no copy of a dropped claim, no folder of a second one.
+    assert [p.name for p in (root / "spool").iterdir()] == []
 
 
 # -- the outbox on a bucket --------------------------------------------------------------

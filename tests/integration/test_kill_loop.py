@@ -136,6 +136,15 @@ class Figures:
         return data
 
 
+@dataclass
+class BucketInbox:
+    """The inbox on a bucket (issue 24): the producer's view of it, and the daemon's
+    environment for it (paths.inbox, [storage], the store's credentials)."""
+
+    inbox: Any  # batchd.objstore.bucket.Bucket
+    env: dict[str, str]
+
+
 # -- inputs ---------------------------------------------------------------------------
 
 
@@ -401,10 +410,12 @@ class LocalFaults:
 # -- the loop -------------------------------------------------------------------------
 
 
-async def run_kill_loop(start_emulator: StartEmulator, tmp_path: Path, plan: Plan) -> Figures:
+async def run_kill_loop(
+    start_emulator: StartEmulator, tmp_path: Path, plan: Plan, bucket: BucketInbox | None = None
+) -> Figures:
     root = tmp_path / "root"
     with small_disk(root, "64m") as mounted:
-        figures = await _kill_loop(start_emulator, tmp_path, plan, disk=mounted)
+        figures = await _kill_loop(start_emulator, tmp_path, plan, disk=mounted, bucket=bucket)
     if not mounted and plan.local_faults:
         figures.disk_faults_skipped = (
             "no full-disk faults: mounting a tmpfs needs root (or CAP_SYS_ADMIN)"
@@ -413,7 +424,12 @@ async def run_kill_loop(start_emulator: StartEmulator, tmp_path: Path, plan: Pla
 
 
 async def _kill_loop(
-    start_emulator: StartEmulator, tmp_path: Path, plan: Plan, *, disk: bool
+    start_emulator: StartEmulator,
+    tmp_path: Path,
+    plan: Plan,
+    *,
+    disk: bool,
+    bucket: BucketInbox | None = None,
 ) -> Figures:
     rng = random.Random(plan.seed)
     figures = Figures(seed=plan.seed)
@@ -451,7 +467,15 @@ async def _kill_loop(
         # may take to record a batch on a loaded machine.
         BATCHD_API__SETTLE_AFTER_S="3",
         **step_clock_env(step_file),
+        **(bucket.env if bucket is not None else {}),
     )
+
+    async def place(name: str, content: bytes) -> None:
+        if bucket is None:
+            drop(inbox, name, content)
+        else:
+            await bucket.inbox.put_bytes(bucket.inbox.url.key(name), content)
+
     if plan.hostile:
         env.update(
             {
@@ -467,7 +491,7 @@ async def _kill_loop(
     to_drop = list(inputs.items())
     # Most inputs arrive while the kills go on, a few before the first start.
     for name, content in to_drop[:2]:
-        drop(inbox, name, content)
+        await place(name, content)
     to_drop = to_drop[2:]
 
     watcher = OutboxWatcher(outbox)
@@ -490,7 +514,7 @@ async def _kill_loop(
             if to_drop:
                 name, content = to_drop.pop(0)
                 with local.room():
-                    drop(inbox, name, content)
+                    await place(name, content)
             local.draw(figures)
             if plan.hostile:
                 faults = random_faults(rng)
@@ -549,7 +573,7 @@ async def _kill_loop(
         await local.end()
         emulator.set_faults(**NO_FAULTS)
         for name, content in to_drop:
-            drop(inbox, name, content)
+            await place(name, content)
         to_drop = []
         old_sock = socket_identity(sock)
         proc = await DaemonProcess.start(env, log)
@@ -615,6 +639,8 @@ async def _kill_loop(
     assert not watcher.partial, watcher.partial
     # Nothing left behind on disk either: inbox, spool and hidden outbox temp folders.
     assert sorted(os.listdir(inbox)) == []
+    if bucket is not None:
+        assert [info.key async for info in bucket.inbox.list(recursive=True)] == []
     assert sorted(os.listdir(spool)) == []
     assert [n for n in os.listdir(outbox) if n.startswith(".")] == []
     return figures
@@ -795,3 +821,34 @@ async def test_kill_9_soak_against_a_hostile_service(
         print(report(figures, "kill-loop hostile soak"), figures.faults_seen)
     record_soak_figures("kill_loop_hostile", figures)
     assert figures.kills >= min(kills, 100), figures.summary()
+
+
+@pytest.mark.timeout(240)
+async def test_kill_9_loop_on_a_bucket_inbox_claims_each_object_once(
+    start_emulator: StartEmulator,
+    tmp_path: Path,
+    s3_server: Any,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The kill loop with the inbox in a bucket (issue 24): objects PUT while the daemon
+    is killed at random, also in the middle of claims; each one in exactly one job."""
+    from batchd.config import StorageSettings
+    from batchd.objstore import open_store
+    from batchd.objstore.location import BucketUrl
+
+    url = BucketUrl("s3", s3_server.bucket, "inbox/")
+    env = {
+        "BATCHD_PATHS__INBOX": str(url),
+        "BATCHD_STORAGE__ENDPOINT_URL": s3_server.endpoint_url,
+        "BATCHD_STORAGE__REGION": s3_server.region,
+        "BATCHD_INTAKE__RESCAN_INTERVAL_S": "0.2",
+        **s3_server.env(),
+    }
+    settings = StorageSettings(endpoint_url=s3_server.endpoint_url, region=s3_server.region)
+    plan = Plan(kills=15, inputs=16, time_limit_s=50, seed=_seed(20261207))
+    async with open_store(settings, s3_server.env()) as store:
+        bucket = BucketInbox(store.bucket(url), env)
+        figures = await run_kill_loop(start_emulator, tmp_path, plan, bucket)
+    with capsys.disabled():
+        print(report(figures, "kill-loop bucket inbox"))
+    assert figures.kills >= 10, figures.summary()
