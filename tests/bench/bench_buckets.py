@@ -37,19 +37,25 @@ LATENCY = {"latency_min_s": 0.25, "latency_max_s": 0.35}
 def _created(db: Path) -> list[float]:
     if not db.exists():
         return []
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
-        rows = conn.execute(
-            "SELECT batch_created_at FROM parts WHERE batch_created_at IS NOT NULL"
-            " ORDER BY batch_created_at"
-        ).fetchall()
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+            rows = conn.execute(
+                "SELECT batch_created_at FROM parts WHERE batch_created_at IS NOT NULL"
+                " ORDER BY batch_created_at"
+            ).fetchall()
+    except sqlite3.OperationalError:  # the daemon is still making its schema
+        return []
     return [float(r[0]) for r in rows]
 
 
 def _claimed(db: Path) -> int:
     if not db.exists():
         return 0
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
-        row = conn.execute("SELECT COUNT(*) FROM jobs WHERE state != 'claiming'").fetchone()
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+            row = conn.execute("SELECT COUNT(*) FROM jobs WHERE state != 'claiming'").fetchone()
+    except sqlite3.OperationalError:  # the daemon is still making its schema
+        return 0
     return int(row[0])
 
 
@@ -64,6 +70,7 @@ async def _creates(
 ) -> dict[str, Any]:
     """Drop `n` one-line files into a local inbox; batches created per minute."""
     s3_env = store.env(bucket)
+    (tmp / name).mkdir(parents=True, exist_ok=True)
     emulator = await EmulatorProcess.start(
         tmp / name,
         **LATENCY,
@@ -104,6 +111,7 @@ async def _claims(tmp: Path, n: int, store: Any, bucket: str) -> dict[str, Any]:
     from aiobotocore.session import get_session
 
     s3_env = store.env(bucket)
+    (tmp / "claims").mkdir(parents=True, exist_ok=True)
     emulator = await EmulatorProcess.start(tmp / "claims", **LATENCY)
     root = tmp / "claims" / "root"
     settings = {
