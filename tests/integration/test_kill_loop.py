@@ -139,10 +139,52 @@ class Figures:
 @dataclass
 class BucketInbox:
     """The inbox on a bucket (issue 24): the producer's view of it, and the daemon's
-    environment for it (paths.inbox, [storage], the store's credentials)."""
+    environment for it (paths.inbox, [storage], the store's credentials); optionally
+    the outbox on the bucket too (the reader's view of it) and the spool (`spool`: its
+    bucket folder, whose objects must all be gone at the end)."""
 
     inbox: Any  # batchd.objstore.bucket.Bucket
     env: dict[str, str]
+    outbox: Any = None  # batchd.objstore.bucket.Bucket
+    spool: Any = None  # batchd.objstore.bucket.Bucket
+
+
+class BucketOutboxWatcher:
+    """Samples a bucket outbox all through the run: a folder whose summary.json is there
+    (it is written last) must be whole; and counts the folders so published."""
+
+    WHOLE = ("summary.json", "result.jsonl", "error.jsonl", "result.csv")
+
+    def __init__(self, outbox: Any) -> None:
+        self.outbox = outbox
+        self.samples = 0
+        self.published = 0
+        self.partial: list[str] = []
+
+    async def sample(self) -> None:
+        members: dict[str, set[str]] = {}
+        async for info in self.outbox.list(recursive=True):
+            name, _, member = self.outbox.url.name(info.key).partition("/")
+            members.setdefault(name, set()).add(member)
+        done = [name for name, have in members.items() if "summary.json" in have]
+        for name in done:
+            if not set(self.WHOLE) <= members[name]:
+                self.partial.append(f"{name}: {sorted(members[name])}")
+        self.published = len(done)
+        self.samples += 1
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self.sample()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.05)
+
+    async def mirror(self, into: Path) -> None:
+        """Copy the published folders into `into`, as a reader would take them."""
+        async for info in self.outbox.list(recursive=True):
+            path = into / self.outbox.url.name(info.key)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            await self.outbox.get_file(info.key, path, max_bytes=1 << 30)
 
 
 # -- inputs ---------------------------------------------------------------------------
@@ -494,13 +536,22 @@ async def _kill_loop(
         await place(name, content)
     to_drop = to_drop[2:]
 
-    watcher = OutboxWatcher(outbox)
+    on_bucket = bucket is not None and bucket.outbox is not None
+    watcher: OutboxWatcher | BucketOutboxWatcher = (
+        BucketOutboxWatcher(bucket.outbox)
+        if bucket is not None and on_bucket
+        else OutboxWatcher(outbox)
+    )
     stop_watch = asyncio.Event()
     watch_task = asyncio.create_task(watcher.run(stop_watch))
     reader: sqlite3.Connection | None = None
 
     def all_published() -> bool:
-        if to_drop or not outbox.exists():
+        if to_drop:
+            return False
+        if isinstance(watcher, BucketOutboxWatcher):
+            return watcher.published >= len(inputs)
+        if not outbox.exists():
             return False
         return len([n for n in os.listdir(outbox) if not n.startswith(".")]) >= len(inputs)
 
@@ -611,6 +662,7 @@ async def _kill_loop(
                 max(0.0, done_by - time.monotonic()),
                 lambda: (
                     f"not finished: {len(os.listdir(outbox)) if outbox.exists() else 0}"
+                    f" (bucket: {getattr(watcher, 'published', '-')})"
                     f" of {len(inputs)} published, {remote_left} remote files left\n{tail()}"
                 ),
                 emulator=emulator,
@@ -634,13 +686,25 @@ async def _kill_loop(
     figures.partial_seen = len(watcher.partial)
 
     stats = await emulator.stats()
-    check_end_state(figures, inputs, root, stats, served, hostile=plan.hostile)
-    assert watcher.samples > 100, "the outbox watcher hardly ran"
+    published = outbox
+    if isinstance(watcher, BucketOutboxWatcher):
+        await watcher.sample()
+        published = tmp_path / "outbox-read-from-the-bucket"
+        await watcher.mirror(published)
+    check_end_state(figures, inputs, root, stats, served, hostile=plan.hostile, outbox=published)
+    assert watcher.samples > (10 if on_bucket else 100), "the outbox watcher hardly ran"
     assert not watcher.partial, watcher.partial
     # Nothing left behind on disk either: inbox, spool and hidden outbox temp folders.
     assert sorted(os.listdir(inbox)) == []
     if bucket is not None:
         assert [info.key async for info in bucket.inbox.list(recursive=True)] == []
+    if bucket is not None and bucket.spool is not None:
+        assert [info.key async for info in bucket.spool.list(recursive=True)] == []
+        # Every part was read by the service from the spool bucket: nothing uploaded.
+        assert stats["calls"]["upload"]["served"] == 0, stats["calls"]["upload"]
+        assert stats["inputs"]["oss"] >= figures.parts > 0, (stats["inputs"], figures.parts)
+    if on_bucket:
+        assert [n for n in os.listdir(outbox) if not n.startswith(".")] == []
     assert sorted(os.listdir(spool)) == []
     assert [n for n in os.listdir(outbox) if n.startswith(".")] == []
     return figures
@@ -654,8 +718,9 @@ def check_end_state(
     served: dict[str, bytes],
     *,
     hostile: bool = False,
+    outbox: Path | None = None,
 ) -> None:
-    outbox = root / "outbox"
+    outbox = outbox or root / "outbox"
     folders = sorted(n for n in os.listdir(outbox) if not n.startswith("."))
     expected = sorted(name.removesuffix(".jsonl") for name in inputs)
     extra = sorted(set(folders) - set(expected))
@@ -823,15 +888,17 @@ async def test_kill_9_soak_against_a_hostile_service(
     assert figures.kills >= min(kills, 100), figures.summary()
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.soak
+@pytest.mark.timeout(900)
 async def test_kill_9_loop_on_a_bucket_inbox_claims_each_object_once(
     start_emulator: StartEmulator,
     tmp_path: Path,
     s3_server: Any,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """The kill loop with the inbox in a bucket (issue 24): objects PUT while the daemon
-    is killed at random, also in the middle of claims; each one in exactly one job."""
+    """The kill loop with the inbox alone in a bucket (issue 24): objects PUT while the
+    daemon is killed at random, also in the middle of claims; each one in exactly one job.
+    (`make test` runs the loop with every folder on a bucket, below.)"""
     from batchd.config import StorageSettings
     from batchd.objstore import open_store
     from batchd.objstore.location import BucketUrl
@@ -845,10 +912,100 @@ async def test_kill_9_loop_on_a_bucket_inbox_claims_each_object_once(
         **s3_server.env(),
     }
     settings = StorageSettings(endpoint_url=s3_server.endpoint_url, region=s3_server.region)
-    plan = Plan(kills=15, inputs=16, time_limit_s=50, seed=_seed(20261207))
+    plan = Plan(kills=60, inputs=40, time_limit_s=600, seed=_seed(20261207))
     async with open_store(settings, s3_server.env()) as store:
         bucket = BucketInbox(store.bucket(url), env)
         figures = await run_kill_loop(start_emulator, tmp_path, plan, bucket)
     with capsys.disabled():
         print(report(figures, "kill-loop bucket inbox"))
     assert figures.kills >= 10, figures.summary()
+
+
+@pytest.mark.timeout(300)
+async def test_kill_9_loop_with_every_folder_on_a_bucket_and_oss_inputs(
+    start_emulator: StartEmulator,
+    tmp_path: Path,
+    s3_server: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The kill loop with the inbox, the spool and the outbox all in a bucket and every
+    part read by the service from the spool bucket (`oss:` ids, no upload) (issue 24):
+    each object in exactly one folder of the bucket outbox, a folder never seen with its
+    summary.json but without the rest, every request once, one batch per part, nothing
+    left in the inbox or the spool."""
+    await _every_folder_on_a_bucket(
+        start_emulator,
+        tmp_path,
+        s3_server,
+        monkeypatch,
+        capsys,
+        Plan(kills=15, inputs=16, time_limit_s=60, seed=_seed(20261208)),
+    )
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(3600)
+async def test_kill_9_soak_with_every_folder_on_a_bucket(
+    start_emulator: StartEmulator,
+    tmp_path: Path,
+    s3_server: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The loop above, long: hundreds of kills with every folder on a bucket."""
+    kills = int(os.environ.get("BATCHD_SOAK_KILLS", "200"))
+    figures = await _every_folder_on_a_bucket(
+        start_emulator,
+        tmp_path,
+        s3_server,
+        monkeypatch,
+        capsys,
+        Plan(kills=kills, inputs=max(40, kills // 3), time_limit_s=3000, seed=_seed(20261209)),
+    )
+    record_soak_figures("kill_loop_buckets", figures)
+
+
+async def _every_folder_on_a_bucket(
+    start_emulator: StartEmulator,
+    tmp_path: Path,
+    s3_server: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    plan: Plan,
+) -> Figures:
+    from batchd.config import StorageSettings
+    from batchd.objstore import open_store
+    from batchd.objstore.location import BucketUrl
+
+    # The emulator (in this process) reads the parts from the store as the service would.
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    folders = {n: BucketUrl("s3", s3_server.bucket, f"{n}/") for n in ("inbox", "spool", "outbox")}
+    env = {
+        **{f"BATCHD_PATHS__{n.upper()}": str(url) for n, url in folders.items()},
+        "BATCHD_STORAGE__ENDPOINT_URL": s3_server.endpoint_url,
+        "BATCHD_STORAGE__REGION": s3_server.region,
+        "BATCHD_INTAKE__RESCAN_INTERVAL_S": "0.2",
+        "BATCHD_JOBS__INPUT_VIA": "oss",
+        **s3_server.env(),
+    }
+    settings = StorageSettings(endpoint_url=s3_server.endpoint_url, region=s3_server.region)
+
+    async def reading_oss(**settings: Any) -> Any:
+        return await start_emulator(
+            **settings, object_store_url=s3_server.endpoint_url, oss_require_tag=False
+        )
+
+    async with open_store(settings, s3_server.env()) as store:
+        bucket = BucketInbox(
+            store.bucket(folders["inbox"]),
+            env,
+            outbox=store.bucket(folders["outbox"]),
+            spool=store.bucket(folders["spool"]),
+        )
+        figures = await run_kill_loop(reading_oss, tmp_path, plan, bucket)
+    with capsys.disabled():
+        print(report(figures, "kill-loop every folder on a bucket"))
+    assert figures.kills >= min(plan.kills, 10), figures.summary()
+    return figures
